@@ -1,0 +1,29 @@
+"""Backbone factory: timm models with ImageNet weights that work offline.
+
+One public entry, :func:`create_backbone`, over ``timm.create_model``.
+Preprocessing always comes from the model's ``pretrained_cfg``
+(:func:`resolve_preprocessing`), never from the caller.
+"""
+
+from vision_tl.backbones._embedded import EMBEDDED_WEIGHTS, embedded_weights_path
+from vision_tl.backbones._factory import (
+    DEFAULT_BACKBONE,
+    BackboneWeightsError,
+    Preprocessing,
+    create_backbone,
+    resolve_preprocessing,
+    weights_identity,
+)
+from vision_tl.backbones._stages import backbone_stages
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "EMBEDDED_WEIGHTS",
+    "BackboneWeightsError",
+    "Preprocessing",
+    "backbone_stages",
+    "create_backbone",
+    "embedded_weights_path",
+    "resolve_preprocessing",
+    "weights_identity",
+]

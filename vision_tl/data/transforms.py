@@ -1,0 +1,87 @@
+"""Augmentation presets named for inspection work, built on albumentations.
+
+A preset is a list of ``{"name": <albumentations class>, **kwargs}`` dicts, so
+the same structure can be edited in YAML (``--data.augment``) instead of code.
+Resizing and normalisation are not part of a preset: they come from the
+backbone's ``pretrained_cfg`` and are applied identically at train, eval and
+deploy time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+
+from vision_tl.backbones import Preprocessing
+from vision_tl.imaging import resize
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "none": [],
+    "light": [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5},
+    ],
+    # Surfaces have no "up": flips and 90-degree turns are label-preserving, lighting
+    # drifts on the line, and cameras add a little noise and defocus.
+    "inspection": [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "RandomRotate90", "p": 0.5},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.15, "contrast_limit": 0.15, "p": 0.7},
+        {"name": "RandomGamma", "gamma_limit": (85, 115), "p": 0.3},
+        {"name": "GaussNoise", "std_range": (0.01, 0.03), "p": 0.2},
+        {"name": "GaussianBlur", "blur_limit": (3, 3), "p": 0.1},
+    ],
+}
+
+AugmentSpec = str | list[dict[str, Any]]
+
+
+def build_augmentation(spec: AugmentSpec) -> A.Compose:
+    """An albumentations pipeline from a preset name or a list of transform dicts."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {spec!r}; expected one of: {', '.join(PRESETS)}")
+        spec = PRESETS[spec]
+    steps = []
+    for item in spec:
+        item = dict(item)
+        name = item.pop("name", None)
+        cls = getattr(A, str(name), None)
+        if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform):
+            raise ValueError(
+                f"unknown albumentations transform {name!r} in augment list; use a class name "
+                "from albumentations, e.g. {'name': 'HorizontalFlip', 'p': 0.5}"
+            )
+        try:
+            steps.append(cls(**item))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad arguments for albumentations.{name}: {item} ({exc})") from exc
+    return A.Compose(steps)
+
+
+class ImageTransform:
+    """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise."""
+
+    def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none") -> None:
+        self.preprocessing = preprocessing
+        self.augment = build_augmentation(augment)
+        self._mean = np.asarray(preprocessing.mean, np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(preprocessing.std, np.float32) * 255.0)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        p = self.preprocessing
+        image = resize(image, p.input_size, p.interpolation)
+        if self.augment.transforms:
+            image = self.augment(image=image)["image"]
+        x = (image.astype(np.float32) - self._mean) * self._inv_std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def eval_transform(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
+    """The deterministic transform used for validation, test, predict and export parity."""
+    return ImageTransform(preprocessing, "none")

@@ -1,0 +1,28 @@
+"""Turning user errors into one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print ``error: <message>`` and exit with status 2 for errors caused by user input.
+
+    Set ``VISION_TL_DEBUG=1`` to see the full traceback.
+    """
+    from vision_tl.backbones import BackboneWeightsError
+
+    # ValueError covers DatasetError, ImageLoadError, CheckpointError and bad arguments;
+    # OSError covers missing, unreadable or existing files.
+    expected: tuple[type[BaseException], ...] = (ValueError, OSError, BackboneWeightsError)
+    try:
+        yield
+    except expected as exc:
+        if os.environ.get("VISION_TL_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

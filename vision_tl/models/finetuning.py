@@ -1,0 +1,74 @@
+"""Freezing, partial unfreezing and BatchNorm handling, in one place.
+
+``frozen``: the whole backbone is frozen and in eval mode; only the head trains.
+``partial``: the last ``trainable_stages`` stages of the backbone train; earlier
+stages are frozen and held in eval mode (their BatchNorm statistics never move).
+``full``: everything trains; ``freeze_bn=True`` keeps every BatchNorm's statistics fixed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vision_tl.backbones import backbone_stages
+from vision_tl.models.classifier import ClassifierNet
+
+MODES = ("frozen", "partial", "full")
+
+
+def _set_frozen(modules: list[nn.Module], frozen: bool) -> None:
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad = not frozen
+
+
+def _bn_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_bn: bool = False) -> None:
+    """Set which parameters train and which modules stay in eval mode.
+
+    Args:
+        net: the network to change in place.
+        mode: ``frozen``, ``partial`` or ``full``.
+        trainable_stages: for ``partial``, how many of the last backbone stages train.
+        freeze_bn: keep BatchNorm statistics of *trainable* stages fixed too.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+    stages = backbone_stages(net.backbone) if mode == "partial" else []
+    if mode == "partial" and not 1 <= trainable_stages <= len(stages):
+        raise ValueError(
+            f"trainable_stages must be between 1 and {len(stages)} for {type(net.backbone).__name__}, "
+            f"got {trainable_stages}"
+        )
+    _set_frozen([net.backbone], mode == "frozen")
+    _set_frozen([net.head], False)
+    net.eval_modules = [net.backbone] if mode == "frozen" else []
+    if mode == "partial":
+        frozen = [m for stage in stages[:-trainable_stages] for m in stage]
+        _set_frozen(frozen, True)
+        # Norm layers outside any stage (rare) follow the stage logic: frozen with the stem.
+        net.eval_modules = frozen
+    if freeze_bn and mode != "frozen":
+        net.eval_modules = net.eval_modules + _bn_modules(net.backbone)
+    net.train(net.training)
+
+
+def unfreeze_stages(net: ClassifierNet, n_last: int, freeze_bn: bool = False) -> list[nn.Parameter]:
+    """Make the last ``n_last`` stages trainable; returns the parameters that became trainable."""
+    stages = backbone_stages(net.backbone)
+    n_last = min(n_last, len(stages))
+    newly = [p for stage in stages[-n_last:] for m in stage for p in m.parameters() if not p.requires_grad]
+    if n_last < len(stages):
+        apply_mode(net, "partial", n_last, freeze_bn)
+    else:
+        apply_mode(net, "full", freeze_bn=freeze_bn)
+    return newly
+
+
+def count_trainable(module: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,125 @@
+"""Callbacks: the run directory's artifacts and gradual unfreezing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+
+from vision_tl.models.finetuning import unfreeze_stages
+from vision_tl.utils.files import atomic_write_text
+
+
+class RunArtifacts(L.Callback):
+    """Writes ``labels.json``, ``split.json``, ``metrics.json``, a confusion-matrix PNG
+    and (for ``predict``) ``predictions.csv`` into the run directory (``trainer.log_dir``).
+
+    Args:
+        monitor: validation metric that picks the best epoch (must match the checkpoint's).
+    """
+
+    def __init__(self, monitor: str = "val/balanced_acc") -> None:
+        self.monitor = monitor
+        self.history: list[dict] = []
+        self._predictions: list[torch.Tensor] = []
+
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> Path:
+        path = Path(trainer.log_dir or trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        run = self.run_dir(trainer)
+        atomic_write_text(run / "labels.json", json.dumps(pl_module.classes, indent=1))
+        datamodule = trainer.datamodule
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "save_split"):
+            datamodule.setup(stage)
+            datamodule.save_split(run / "split.json")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and "val" in pl_module.eval_results:
+            self.history.append(dict(pl_module.eval_results["val"]))
+
+    def best_epoch(self) -> dict | None:
+        key = self.monitor.split("/", 1)[-1]
+        if not self.history:
+            return None
+        return max(self.history, key=lambda r: (r.get(key, float("-inf")), -r["epoch"]))
+
+    def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict) -> None:
+        from vision_tl.reports import plot_confusion_matrix
+
+        run = self.run_dir(trainer)
+        path = run / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics.update({"classes": pl_module.classes, stage: result})
+        if stage == "val":
+            metrics["val_last"] = self.history[-1]
+            metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                                  for r in self.history]
+        atomic_write_text(path, json.dumps(metrics, indent=1))
+        plot_confusion_matrix(result["confusion_matrix"], pl_module.classes,
+                              run / f"confusion_matrix_{stage}.png", title=f"{stage} (epoch {result['epoch']})")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = self.best_epoch()
+        if trainer.is_global_zero and best is not None:
+            self._write_metrics(trainer, pl_module, "val", best)
+            summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
+            pl_module.print(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and "test" in pl_module.eval_results:
+            self._write_metrics(trainer, pl_module, "test", pl_module.eval_results["test"])
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._predictions.append(outputs["probabilities"].cpu())
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self._predictions:
+            return
+        probs = torch.cat(self._predictions).numpy()
+        samples = trainer.predict_dataloaders.dataset.samples
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in pl_module.classes]])
+        for sample, p in zip(samples, probs):
+            k = int(p.argmax())
+            writer.writerow([str(sample.path), pl_module.classes[sample.label], pl_module.classes[k],
+                             f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]])
+        path = self.run_dir(trainer) / "predictions.csv"
+        atomic_write_text(path, out.getvalue())
+        pl_module.print(f"vision_tl: wrote {len(probs)} predictions to {path}")
+        self._predictions.clear()
+
+
+class GradualUnfreezing(BaseFinetuning):
+    """Unfreeze more backbone stages at epoch milestones, e.g. ``{3: 2, 6: 4}``.
+
+    Newly trainable stages join the optimiser as a parameter group at
+    ``lr * backbone_lr_factor`` of the module's hyperparameters.
+    """
+
+    def __init__(self, milestones: dict[int, int]) -> None:
+        super().__init__()
+        self.milestones = {int(k): int(v) for k, v in milestones.items()}
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        """The module's ``mode`` already froze what must start frozen."""
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+        if epoch not in self.milestones:
+            return
+        params = unfreeze_stages(pl_module.net, self.milestones[epoch], pl_module.hparams.freeze_bn)
+        if params:
+            lr = pl_module.hparams.lr * pl_module.hparams.backbone_lr_factor
+            optimizer.add_param_group({"params": params, "lr": lr, "name": f"unfrozen@{epoch}"})
+            pl_module.print(f"vision_tl: epoch {epoch}: unfroze {sum(p.numel() for p in params):,} parameters")

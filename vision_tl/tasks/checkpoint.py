@@ -1,0 +1,66 @@
+"""Load vision_tl checkpoints safely (``weights_only=True``) with clear errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from vision_tl import __version__
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unsafe, from another tool, or does not fit."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file and the cause."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; expected a .ckpt file (e.g. {path}/checkpoints/best.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain data, which "
+            f"could run code when unpickled (weights_only=True rejected it: {str(exc).splitlines()[0]})"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - zip/EOF/pickle errors all mean "not a checkpoint"
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    if "vision_tl" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(
+            f"{path} was not written by vision_tl (no 'vision_tl' section); train with `vision-tl fit` "
+            "or load raw backbone weights with --model.weights instead"
+        )
+    return ckpt
+
+
+def load_classifier(path: str | Path, map_location: str = "cpu"):
+    """Rebuild an :class:`ImageClassifier` from a vision_tl checkpoint, in eval mode.
+
+    The backbone is built without pretrained weights (the checkpoint has them), so
+    this works offline for any backbone.
+    """
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    ckpt = read_checkpoint(path)
+    meta = ckpt["vision_tl"]
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams.update(pretrained=False, weights=None)
+    if meta.get("kit_version") != __version__:
+        import warnings
+
+        warnings.warn(f"{path} was written by vision_tl {meta.get('kit_version')}, this is {__version__}", stacklevel=2)
+    try:
+        model = ImageClassifier(**hparams)
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit an ImageClassifier of this version: {exc}") from exc
+    model.threshold = meta.get("threshold")
+    model.eval()
+    return model.to(map_location), meta

@@ -1,0 +1,224 @@
+"""``ImageClassifier``: the LightningModule that trains a ``ClassifierNet``.
+
+It only wires steps, optimiser, scheduler and metrics; the network and the
+freezing logic live in :mod:`vision_tl.models`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from vision_tl import __version__
+from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing, weights_identity
+from vision_tl.models import ClassifierNet, apply_mode, count_trainable
+
+CLASS_WEIGHTS = ("none", "sqrt", "inverse")
+
+
+def class_weights_from_counts(counts: list[int], kind: str) -> torch.Tensor | None:
+    """Loss weights from class frequencies, normalised to mean 1 (``sqrt`` is the stable default)."""
+    if kind not in CLASS_WEIGHTS:
+        raise ValueError(f"unknown class_weights {kind!r}; expected one of: {', '.join(CLASS_WEIGHTS)}")
+    if kind == "none":
+        return None
+    freq = torch.tensor(counts, dtype=torch.float32).clamp_min(1.0)
+    weights = 1.0 / (freq.sqrt() if kind == "sqrt" else freq)
+    return weights * len(counts) / weights.sum()
+
+
+def _metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "balanced_acc": MulticlassRecall(num_classes, average="macro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        "precision_per_class": MulticlassPrecision(num_classes, average=None),
+        "recall_per_class": MulticlassRecall(num_classes, average=None),
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+    })
+
+
+class ImageClassifier(L.LightningModule):
+    """Transfer-learning classifier over a timm backbone, in ``frozen``, ``partial`` or ``full`` mode.
+
+    Args:
+        classes: class names in index order (on the CLI, linked from ``data.classes``).
+        backbone: timm model name.
+        pretrained: start from ImageNet weights (offline: bundled or cached); False = random init.
+        weights: local ``.safetensors``/``.pth`` weights for the backbone (wins over ``pretrained``).
+        image_size: input size override; default from the backbone's ``pretrained_cfg``.
+        mode: ``frozen`` (head only), ``partial`` (last stages + head) or ``full``.
+        trainable_stages: stages trained in ``partial`` mode, counted from the end.
+        freeze_bn: keep BatchNorm statistics fixed in trainable stages too (stable on small data).
+        head: ``linear`` or ``mlp``.
+        dropout: dropout before the head's linear layer(s).
+        lr: head learning rate (AdamW).
+        backbone_lr_factor: backbone learning rate = ``lr * backbone_lr_factor``.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of steps with linear warm-up before cosine decay.
+        class_weights: ``none``, ``sqrt`` (inverse square-root frequency) or ``inverse``.
+        class_counts: training images per class; read from the datamodule when omitted.
+        label_smoothing: cross-entropy label smoothing.
+        good_class: the defect-free class, if any (used by reports and export).
+        channels_last: train in channels-last memory format (faster on GPUs).
+
+    Example:
+        >>> model = ImageClassifier(["good", "scratch"], mode="frozen")
+    """
+
+    def __init__(
+        self,
+        classes: list[str],
+        backbone: str = DEFAULT_BACKBONE,
+        pretrained: bool = True,
+        weights: str | None = None,
+        image_size: int | None = None,
+        mode: str = "partial",
+        trainable_stages: int = 2,
+        freeze_bn: bool = True,
+        head: str = "linear",
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        backbone_lr_factor: float = 0.1,
+        weight_decay: float = 1e-4,
+        warmup_fraction: float = 0.05,
+        class_weights: str = "sqrt",
+        class_counts: list[int] | None = None,
+        label_smoothing: float = 0.0,
+        good_class: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
+            raise ValueError(
+                f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "
+                f"backbone_lr_factor={backbone_lr_factor}, weight_decay={weight_decay}"
+            )
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        class_weights_from_counts([1, 1], class_weights)  # validates the name early
+        self.save_hyperparameters()
+        self.classes = list(classes)
+        self.preprocessing = resolve_preprocessing(backbone, image_size)
+        net_backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.net = ClassifierNet(net_backbone, len(self.classes), head, dropout)
+        apply_mode(self.net, mode, trainable_stages, freeze_bn)
+        self.val_metrics = _metrics(len(self.classes))
+        self.test_metrics = _metrics(len(self.classes))
+        self.eval_results: dict[str, dict] = {}
+        self.register_buffer("loss_weights", torch.ones(len(self.classes)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a normalised ``[N, 3, H, W]`` batch."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        counts = self.hparams.class_counts
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if counts is None and datamodule is not None and hasattr(datamodule, "class_counts"):
+            counts = datamodule.class_counts("train")
+        weights = class_weights_from_counts(counts, self.hparams.class_weights) if counts else None
+        if weights is not None:
+            self.loss_weights = weights.to(self.loss_weights.device)
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        trainable, total = count_trainable(self.net)
+        if stage == "fit":
+            self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, weight=self.loss_weights,
+                               label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch
+        if len(y) == 0:
+            return None
+        loss = self._loss(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        if len(y) == 0:
+            return
+        logits = self(x)
+        self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y))
+        metrics.update(logits.float().softmax(-1), y)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _eval_epoch_end(self, metrics: MetricCollection, stage: str) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        for name in ("acc", "balanced_acc", "f1_macro"):
+            self.log(f"{stage}/{name}", values[name], prog_bar=name != "f1_macro")
+        self.eval_results[stage] = {
+            "epoch": self.current_epoch,
+            **{k: float(values[k]) for k in ("acc", "balanced_acc", "f1_macro")},
+            "precision_per_class": dict(zip(self.classes, values["precision_per_class"].tolist())),
+            "recall_per_class": dict(zip(self.classes, values["recall_per_class"].tolist())),
+            "confusion_matrix": values["confusion_matrix"].int().tolist(),
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(x).float().softmax(-1)
+        return {"probabilities": probs, "predicted": probs.argmax(-1)}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        head = [p for p in self.net.head.parameters() if p.requires_grad]
+        body = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        groups = [{"params": head, "lr": hp.lr, "name": "head"}]
+        if body:
+            groups.append({"params": body, "lr": hp.lr * hp.backbone_lr_factor, "name": "backbone"})
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * hp.warmup_fraction)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything export and deployment need, in plain types (loadable with weights_only=True).
+        checkpoint["vision_tl"] = {
+            "kit_version": __version__,
+            "classes": self.classes,
+            "backbone": self.hparams.backbone,
+            "weights": weights_identity(self.net.backbone),
+            "preprocessing": self.preprocessing.to_dict(),
+            "good_class": self.hparams.good_class,
+            "threshold": getattr(self, "threshold", None),
+            "metrics": {k: {m: v for m, v in r.items() if not isinstance(v, (list, dict))}
+                        for k, r in self.eval_results.items()},
+        }

@@ -1,0 +1,53 @@
+"""LightningCLI for ``fit``, ``validate``, ``test`` and ``predict``."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vision_tl.data import ImageFolderDataModule
+from vision_tl.tasks.callbacks import RunArtifacts
+from vision_tl.tasks.classifier import ImageClassifier
+
+
+class VisionTLCLI(LightningCLI):
+    """Links the model's backbone to the data's preprocessing, and the data's classes to the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/balanced_acc",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": True,
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.link_arguments("checkpoint.monitor", "artifacts.monitor")
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.image_size", "data.image_size")
+        parser.link_arguments("data.good_class", "model.good_class")
+        parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+
+
+def run_lightning_cli(argv: list[str]) -> int:
+    """Run LightningCLI on ``argv`` (``fit ...``); user errors print one line, not a traceback."""
+    from vision_tl.errors import user_errors
+
+    with user_errors():
+        VisionTLCLI(
+            ImageClassifier,
+            ImageFolderDataModule,
+            args=argv,
+            save_config_kwargs={"overwrite": False},
+            trainer_defaults={"default_root_dir": "runs"},
+            parser_kwargs={"default_env": False},
+            auto_configure_optimizers=False,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_lightning_cli(sys.argv[1:]))
