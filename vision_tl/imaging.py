@@ -100,6 +100,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if path.is_dir():
         raise ImageLoadError(f"{path}: is a directory, expected an image file")
     try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{path}: empty file (0 bytes), not an image")
         with Image.open(path) as img:
             pixels = img.width * img.height
             if pixels > _max_pixels:

@@ -41,7 +41,9 @@ class Preprocessing:
 
 def _check_name(name: str) -> None:
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise ValueError(f"unknown backbone {name!r}: not a timm model.{hint}")
 
@@ -147,6 +149,13 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     head_keys = {k for k in state if classifier and k.startswith(classifier + ".")}
     state = {k: v for k, v in state.items() if k not in head_keys or (
         k in target and target[k].shape == v.shape)}
+    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise BackboneWeightsError(
+            f"{source} does not fit {model.pretrained_cfg.get('architecture')}: {len(mismatched)} "
+            f"tensor(s) have other shapes, e.g. {k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
     if missing or result.unexpected_keys:

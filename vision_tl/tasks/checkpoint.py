@@ -50,7 +50,11 @@ def load_classifier(path: str | Path, map_location: str = "cpu"):
 
     ckpt = read_checkpoint(path)
     meta = ckpt["vision_tl"]
-    hparams = dict(ckpt["hyper_parameters"])
+    import inspect
+
+    accepted = inspect.signature(ImageClassifier.__init__).parameters
+    # LightningCLI adds private keys (_instantiator, _class_path); keep the init arguments only.
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}
     hparams.update(pretrained=False, weights=None)
     if meta.get("kit_version") != __version__:
         import warnings

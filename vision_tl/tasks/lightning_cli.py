@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.tasks.callbacks import RunArtifacts
 from vision_tl.tasks.classifier import ImageClassifier
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config; refuses, with a clear error, to reuse an existing run directory."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if log_dir is not None and (Path(log_dir) / self.config_filename).exists() and not self.overwrite:
+            raise FileExistsError(
+                f"run directory {log_dir} already holds a run; pick a new one with "
+                "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
+                "(or leave version unset to get the next free one)"
+            )
+        super().setup(trainer, pl_module, stage)
 
 
 class VisionTLCLI(LightningCLI):
@@ -41,6 +56,7 @@ def run_lightning_cli(argv: list[str]) -> int:
             ImageClassifier,
             ImageFolderDataModule,
             args=argv,
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": False},
             trainer_defaults={"default_root_dir": "runs"},
             parser_kwargs={"default_env": False},

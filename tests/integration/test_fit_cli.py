@@ -1,0 +1,97 @@
+"""End-to-end `vision-tl` runs on a synthetic folder with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vision_tl.cli import main
+from vision_tl.tasks import CheckpointError, load_classifier
+
+TINY_ARGS = ["--model.backbone", "test_efficientnet", "--model.pretrained", "false", "--model.image_size", "32",
+             "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_epochs", "2",
+             "--trainer.enable_progress_bar", "false"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _fit(run_root: Path, data: Path, *extra: str, config: str = "partial.yaml") -> Path:
+    code = main(["fit", "--config", str(CONFIGS / config), "--data.root", str(data), *TINY_ARGS,
+                 "--trainer.logger.init_args.save_dir", str(run_root), *extra])
+    assert code == 0
+    return run_root / Path(config).stem / "version_0"
+
+
+@pytest.fixture(scope="module")
+def trained_run(inspection_folder, tmp_path_factory) -> Path:
+    return _fit(tmp_path_factory.mktemp("runs"), inspection_folder, "--data.good_class", "good")
+
+
+def test_fit_writes_a_complete_run_directory(trained_run, inspection_folder):
+    for name in ("config.yaml", "labels.json", "split.json", "metrics.json", "confusion_matrix_val.png",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (trained_run / name).is_file(), name
+    labels = json.loads((trained_run / "labels.json").read_text())
+    assert labels == ["crack", "good", "scratch", "spot"]
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["balanced_acc"] <= 1.0 and len(metrics["history"]) == 2
+    assert sum(map(sum, metrics["val"]["confusion_matrix"])) == len(json.loads(
+        (trained_run / "split.json").read_text())["val"])
+
+
+def test_checkpoint_loads_with_weights_only_and_predicts(trained_run):
+    model, meta = load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    assert meta["classes"] == ["crack", "good", "scratch", "spot"] and meta["good_class"] == "good"
+    assert meta["preprocessing"]["input_size"] == [32, 32]
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(trained_run / "checkpoints/best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(["test", *args]) == 0
+    assert "test" in json.loads((tmp_path / "partial" / "version_0" / "metrics.json").read_text())
+    assert main(["predict", *args]) == 0
+    lines = (tmp_path / "partial" / "version_1" / "predictions.csv").read_text().splitlines()
+    assert lines[0].startswith("path,true,predicted,probability,p_crack")
+
+
+def test_existing_run_directory_is_never_overwritten(trained_run, inspection_folder):
+    before = (trained_run / "config.yaml").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder), *TINY_ARGS,
+              "--trainer.logger.init_args.save_dir", str(trained_run.parents[1]),
+              "--trainer.logger.init_args.version", "0"])
+    assert (trained_run / "config.yaml").read_bytes() == before
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_tl.cli", "fit", "--config", str(CONFIGS / "frozen.yaml"),
+         "--data.root", str(tmp_path / "missing"), *TINY_ARGS],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="not written by vision_tl"):
+        load_classifier(path)
+
+
+def test_demo_runs_and_learns(tmp_path):
+    from vision_tl import demo
+
+    args = demo._parser().parse_args(["--data", str(tmp_path / "demo"), "--runs", str(tmp_path / "runs"),
+                                      "--epochs", "3", "--size", "64", "--mode", "frozen"])
+    best = demo.run(args)
+    assert best["balanced_acc"] > 0.5  # chance is 0.25 for 4 classes
+    assert (tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt").is_file()

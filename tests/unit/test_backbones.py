@@ -1,0 +1,107 @@
+"""Offline backbones: the embedded Lite0 mapping, local weights files, clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vision_tl.backbones import (
+    BackboneWeightsError,
+    backbone_stages,
+    create_backbone,
+    embedded_weights_path,
+    resolve_preprocessing,
+)
+from vision_tl.backbones._embedded import map_state_dict_by_order
+from vision_tl.imaging import resize
+
+TINY = "test_efficientnet"
+
+
+def _imagenet_top1(model, image: np.ndarray) -> int:
+    pre = resolve_preprocessing("tf_efficientnet_lite0")
+    x = resize(image, pre.input_size, pre.interpolation).astype(np.float32) / 255.0
+    x = (x - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
+    with torch.no_grad():
+        return int(model(torch.from_numpy(x.transpose(2, 0, 1))[None]).argmax())
+
+
+def test_embedded_lite0_classifies_cat_and_espresso():
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
+    model = create_backbone("tf_efficientnet_lite0", num_classes=1000).eval()
+    assert model.vision_tl_weights.startswith("embedded:tf_efficientnet_lite0")
+    assert _imagenet_top1(model, skimage_data.chelsea()) in range(281, 286)  # the five cat classes
+    assert _imagenet_top1(model, skimage_data.coffee()) == 967  # espresso
+
+
+def test_preprocessing_comes_from_pretrained_cfg():
+    pre = resolve_preprocessing("tf_efficientnet_lite0")
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    assert pre.interpolation == "bicubic" and pre.input_size == (224, 224)
+    assert resolve_preprocessing("resnet18", 64).mean == pytest.approx((0.485, 0.456, 0.406))
+    assert resolve_preprocessing("resnet18", (48, 64)).input_size == (48, 64)
+
+
+def test_order_mapping_refuses_any_shape_mismatch():
+    source = {"a.w": torch.zeros(3, 2), "a.b": torch.zeros(3)}
+    with pytest.raises(ValueError, match="shape"):
+        map_state_dict_by_order(source, {"x.w": torch.zeros(2, 3), "x.b": torch.zeros(3)}, "src.pth")
+    with pytest.raises(ValueError, match="2 tensors"):
+        map_state_dict_by_order(source, {"x.w": torch.zeros(3, 2)}, "src.pth")
+    assert list(map_state_dict_by_order(source, {"x.w": torch.ones(3, 2), "x.b": torch.ones(3)}, "s")) == [
+        "x.w", "x.b"]
+
+
+def test_missing_weights_fail_fast_with_instructions(monkeypatch):
+    monkeypatch.delenv("VISION_TL_ALLOW_DOWNLOAD", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(BackboneWeightsError) as info:
+        create_backbone("resnet10t")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "resnet10t" in message and "weights=PATH" in message and "pretrained=False" in message
+
+
+def test_unknown_backbone_lists_similar_names():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5000'.*resnet"):
+        create_backbone("resnet5000", pretrained=False)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_is_loaded(tmp_path, suffix):
+    source = create_backbone(TINY, pretrained=False)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    loaded = create_backbone(TINY, weights=path)
+    assert loaded.vision_tl_weights.startswith(f"file:w{suffix}:")
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(create_backbone("resnet10t", pretrained=False).state_dict(), path)
+    with pytest.raises(BackboneWeightsError, match="does not fit"):
+        create_backbone(TINY, weights=path)
+
+
+def test_pickled_objects_in_weights_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "obj": object()}, path)
+    with pytest.raises(BackboneWeightsError, match="cannot read weights file"):
+        create_backbone(TINY, weights=path)
+
+
+def test_embedded_weights_path_and_stages():
+    assert embedded_weights_path("tf_efficientnet_lite0").suffix == ".pth"
+    assert embedded_weights_path("resnet50") is None
+    stages = backbone_stages(create_backbone(TINY, pretrained=False))
+    assert len(stages) >= 3

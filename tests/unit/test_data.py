@@ -1,0 +1,135 @@
+"""Image-folder scanning, seeded stratified splits and the bad-input messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_tl.data import DatasetError, ImageFolderDataModule, build_augmentation, scan_folder, stratified_split
+
+TINY = "test_efficientnet"
+
+
+def _folder(root, counts: dict[str, int], size: int = 16):
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _dm(root, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(str(root), backbone=TINY, image_size=32, num_workers=0, **kwargs)
+
+
+def test_split_is_stratified_seeded_and_recorded(tmp_path):
+    root = _folder(tmp_path / "d", {"ok": 30, "dent": 10})
+    dm = _dm(root, val_fraction=0.2, seed=3)
+    dm.setup("fit")
+    assert dm.class_counts("val") == [2, 6]  # classes sorted: dent, ok
+    again = _dm(root, val_fraction=0.2, seed=3)
+    again.setup("fit")
+    assert [s.path for s in again.splits["val"]] == [s.path for s in dm.splits["val"]]
+    other = _dm(root, val_fraction=0.2, seed=4)
+    other.setup("fit")
+    assert [s.path for s in other.splits["val"]] != [s.path for s in dm.splits["val"]]
+    dm.save_split(tmp_path / "split.json")
+    record = json.loads((tmp_path / "split.json").read_text())
+    assert len(record["val"]) == 8 and {"path", "label", "sha256"} <= set(record["val"][0])
+
+
+def test_byte_identical_files_stay_on_one_side(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 20, "b": 20})
+    for i in range(1, 6):
+        shutil.copy(root / "a" / "0.png", root / "a" / f"dup{i}.png")
+    for seed in range(5):
+        index = scan_folder(root)
+        train, val = stratified_split(index, 0.3, seed)
+        sides = {("val" if i in val else "train") for i, s in enumerate(index.samples)
+                 if s.sha256 == index.samples[0].sha256}
+        assert len(sides) == 1
+
+
+def test_train_val_folders_and_cross_duplicates_warn(tmp_path):
+    _folder(tmp_path / "d" / "train", {"a": 4, "b": 4})
+    _folder(tmp_path / "d" / "val", {"a": 2, "b": 2})  # same rng seed: val files equal train's first ones
+    dm = _dm(tmp_path / "d")
+    with pytest.warns(UserWarning, match="byte-identical"):
+        dm.setup("fit")
+    assert dm.class_counts("train") == [4, 4] and dm.class_counts("val") == [2, 2]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: r.mkdir(), "no class folders"),
+        (lambda r: _folder(r, {"only": 3}), "single class"),
+        (lambda r: (_folder(r, {"a": 3}), (r / "b").mkdir()), "has no images"),
+        (lambda r: None, "does not exist"),
+        (lambda r: (r.write_text("x")), "is a file"),
+        (lambda r: _folder(r / "val", {"a": 2, "b": 2}), "no train/ folder"),
+    ],
+)
+def test_bad_folders_get_clear_errors(tmp_path, make, message):
+    root = tmp_path / "root"
+    make(root)
+    with pytest.raises(DatasetError, match=message):
+        _dm(root).setup("fit")
+
+
+def test_corrupt_files_are_named_or_skipped(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 6, "b": 6})
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    (root / "b" / "notes.txt").write_text("operator notes")
+    (root / "b" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(DatasetError, match="broken.png") as info:
+        _dm(root).setup("fit")
+    assert "empty.jpg" in str(info.value) and "skip_bad_images" in str(info.value)
+    dm = _dm(root, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="notes.txt"):
+        dm.setup("fit")
+    assert sum(dm.class_counts("train")) + sum(dm.class_counts("val")) == 12
+
+
+def test_loader_gives_backbone_sized_normalised_tensors(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 6, "b": 6}, size=20)
+    dm = _dm(root, batch_size=4)
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert x.min() < 0 < x.max()  # normalised with the backbone's mean/std
+
+
+def test_balanced_sampler_draws_classes_equally(tmp_path):
+    root = _folder(tmp_path / "d", {"ok": 40, "rare": 6}, size=8)
+    dm = _dm(root, batch_size=1000, sampler="balanced", augment="none")
+    dm.setup("fit")
+    labels = torch.cat([y for _, y in dm.train_dataloader()])
+    share = (labels == 1).float().mean().item()
+    assert 0.35 < share < 0.65  # about half "rare" although it is 13 % of the files
+
+
+def test_augment_presets_and_yaml_lists():
+    assert len(build_augmentation("inspection").transforms) >= 6
+    custom = build_augmentation([{"name": "HorizontalFlip", "p": 1.0}])
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert (custom(image=img)["image"] == img[:, ::-1]).all()
+    with pytest.raises(ValueError, match="expected one of: none, light, inspection"):
+        build_augmentation("heavy")
+    with pytest.raises(ValueError, match="unknown albumentations transform 'Flop'"):
+        build_augmentation([{"name": "Flop"}])
+
+
+def test_bad_options_are_rejected(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    with pytest.raises(ValueError, match="sampler"):
+        _dm(root, sampler="oversample")
+    with pytest.raises(ValueError, match="good_class 'ok'"):
+        _dm(root, good_class="ok")

@@ -1,0 +1,101 @@
+"""Freezing modes: what trains, and frozen BatchNorm statistics that never move."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vision_tl.backbones import backbone_stages
+from vision_tl.models import count_trainable
+from vision_tl.models.finetuning import unfreeze_stages
+from vision_tl.tasks import ImageClassifier, class_weights_from_counts
+
+TINY = "test_efficientnet"
+
+
+def _model(mode: str, **kwargs) -> ImageClassifier:
+    return ImageClassifier(["a", "b", "c"], backbone=TINY, pretrained=False, image_size=32, mode=mode,
+                           class_counts=[4, 4, 4], **kwargs)
+
+
+def _bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+
+def _fit_one_epoch(model: ImageClassifier, tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g) * 3 + 1, torch.randint(0, 3, (16,), generator=g))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=8))
+
+
+def test_partial_mode_frozen_bn_is_bit_identical_after_training(tmp_path):
+    model = _model("partial", trainable_stages=2, freeze_bn=False)
+    stages = backbone_stages(model.net.backbone)
+    frozen = nn.ModuleList([m for stage in stages[:-2] for m in stage])
+    trained = nn.ModuleList([m for stage in stages[-2:] for m in stage])
+    frozen_before, trained_before = _bn_state(frozen), _bn_state(trained)
+    weights_before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    _fit_one_epoch(model, tmp_path)
+    for key, value in _bn_state(frozen).items():
+        assert torch.equal(value, frozen_before[key]), key
+    for key, value in frozen.state_dict().items():
+        assert torch.equal(value, weights_before[key]), key
+    # The trainable stages' statistics did move (freeze_bn=False), so the check above can fail.
+    assert any(not torch.equal(v, trained_before[k]) for k, v in _bn_state(trained).items())
+
+
+def test_freeze_bn_keeps_statistics_of_trainable_stages(tmp_path):
+    model = _model("full", freeze_bn=True)
+    before = _bn_state(model.net.backbone)
+    _fit_one_epoch(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in _bn_state(model.net.backbone).items())
+
+
+def test_frozen_mode_trains_only_the_head():
+    model = _model("frozen")
+    trainable, total = count_trainable(model.net)
+    assert trainable == sum(p.numel() for p in model.net.head.parameters()) < total
+    model.train()
+    assert not model.net.backbone.training and model.net.head.training
+
+
+def test_optimizer_sees_only_trainable_parameters_with_discriminative_lr(tmp_path):
+    model = _model("partial", lr=1e-2, backbone_lr_factor=0.1)
+    model.trainer = L.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path)
+    model.trainer.fit_loop.epoch_loop.max_steps = 10
+    groups = {g["name"]: g for g in model.configure_optimizers()["optimizer"].param_groups}
+    optimised = {id(p) for g in groups.values() for p in g["params"]}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+    assert groups["backbone"]["lr"] == pytest.approx(groups["head"]["lr"] * 0.1)
+
+
+def test_unfreeze_stages_grows_the_trainable_set():
+    model = _model("partial", trainable_stages=1)
+    before, _ = count_trainable(model.net)
+    newly = unfreeze_stages(model.net, 3)
+    after, _ = count_trainable(model.net)
+    assert newly and after == before + sum(p.numel() for p in newly)
+
+
+def test_invalid_mode_and_settings_list_valid_choices():
+    with pytest.raises(ValueError, match="unknown mode 'half'; expected one of: frozen, partial, full"):
+        _model("half")
+    with pytest.raises(ValueError, match="trainable_stages must be between 1 and"):
+        _model("partial", trainable_stages=99)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        _model("frozen", lr=-1.0)
+    with pytest.raises(ValueError, match="class_weights"):
+        _model("frozen", class_weights="log")
+
+
+def test_class_weights():
+    assert class_weights_from_counts([1, 1], "none") is None
+    w = class_weights_from_counts([100, 25], "sqrt")
+    assert w[1] / w[0] == pytest.approx(2.0) and w.mean() == pytest.approx(1.0)
+    w = class_weights_from_counts([100, 25], "inverse")
+    assert w[1] / w[0] == pytest.approx(4.0)

@@ -1,0 +1,89 @@
+"""Every supported image kind arrives as H x W x 3 uint8; bad files raise ImageLoadError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_tl import imaging
+from vision_tl.imaging import ImageLoadError, load_rgb, resize
+
+
+def test_grayscale_is_repeated_to_three_channels(tmp_path):
+    Image.fromarray(np.full((5, 7), 100, np.uint8), "L").save(tmp_path / "g.png")
+    arr = load_rgb(tmp_path / "g.png")
+    assert arr.shape == (5, 7, 3) and arr.dtype == np.uint8 and (arr == 100).all()
+
+
+def test_rgba_is_composited_on_black(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 128  # half transparent red
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    arr = load_rgb(tmp_path / "a.png")
+    assert arr.shape == (4, 4, 3)
+    assert 95 <= arr[0, 0, 0] <= 105 and arr[0, 0, 1] == 0
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path, suffix):
+    values = np.array([[0, 65535], [32768, 1000]], np.uint16)
+    Image.fromarray(values).save(tmp_path / f"d{suffix}")
+    arr = load_rgb(tmp_path / f"d{suffix}")
+    assert arr[0, 0, 0] == 0 and arr[0, 1, 0] == 255 and 127 <= arr[1, 0, 0] <= 128
+    assert arr[1, 1, 0] == 4  # 1000 / 65535 * 255, not clipped to 255
+
+
+def test_float_tiff_in_unit_range(tmp_path):
+    Image.fromarray(np.array([[0.0, 1.0], [0.5, 0.25]], np.float32), "F").save(tmp_path / "f.tif")
+    arr = load_rgb(tmp_path / "f.tif")
+    assert arr[0, 1, 0] == 255 and arr[1, 0, 0] == 128
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    arr = load_rgb(tmp_path / "c.jpg")
+    assert arr.shape == (8, 8, 3) and arr[0, 0, 0] > 200 and arr[0, 0, 1] < 60
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty file"), (b"not an image at all", "not a recognised image"), (None, "not found")],
+)
+def test_bad_files_name_the_path(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason) as info:
+        load_rgb(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="t.jpg"):
+        load_rgb(tmp_path / "t.jpg")
+
+
+def test_decompression_bomb_guard_and_setting(tmp_path, monkeypatch):
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(imaging, "_max_pixels", 10_000)
+    with pytest.raises(ImageLoadError, match="VISION_TL_MAX_IMAGE_PIXELS"):
+        load_rgb(tmp_path / "big.png")
+    imaging.set_max_image_pixels(100_000)
+    assert load_rgb(tmp_path / "big.png").shape == (300, 300, 3)
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_rgb(tmp_path)
+
+
+def test_resize_is_plain_and_validates_interpolation():
+    img = np.zeros((10, 20, 3), np.uint8)
+    assert resize(img, (6, 8), "bilinear").shape == (6, 8, 3)
+    with pytest.raises(ValueError, match="expected one of"):
+        resize(img, (6, 8), "cubic")
