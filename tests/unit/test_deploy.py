@@ -1,0 +1,513 @@
+"""Tests for vision_tl.deploy: metadata contract, torch-free Predictor and predict-onnx CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from vision_tl.deploy import (
+    KEYS,
+    PREFIX,
+    REQUIRED_KEYS,
+    DeployError,
+    MetadataError,
+    ModelMetadata,
+    Prediction,
+    Predictor,
+    list_images,
+    read_metadata,
+)
+from vision_tl.deploy.cli import main
+from vision_tl.imaging import load_rgb, resize
+
+CLASSES = ["good", "scratch", "dent"]
+SIZE = (8, 8)
+MEAN = (0.5, 0.45, 0.4)
+STD = (0.25, 0.2, 0.3)
+# Feature (per-channel mean of the normalised image) -> logits; large enough to spread the
+# probabilities, so a wrong pixel shows up in the comparison.
+WEIGHTS = np.array([[3.0, -1.0, 0.5], [-2.0, 2.5, 0.0], [0.5, -0.5, 2.0]], np.float32)
+BIAS = np.array([0.1, -0.2, 0.05], np.float32)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def make_metadata(**changes) -> ModelMetadata:
+    fields = {"classes": CLASSES, "input_size": SIZE, "mean": MEAN, "std": STD,
+              "interpolation": "bicubic", "backbone": "tiny", "kit_version": "0.1.0",
+              "metrics": {"val_acc": 0.97}}
+    fields.update(changes)
+    return ModelMetadata(**fields)
+
+
+def build_model(path: Path, *, uint8: bool = True, size: tuple | None = SIZE,
+                meta: ModelMetadata | None = None, softmax: bool = True,
+                n_classes: int = 3, batch: int | str = "N") -> Path:
+    """uint8 NHWC -> Cast -> /255 -> -mean -> /std -> NCHW, or float NCHW input; then
+    ReduceMean(H, W) -> MatMul -> Add -> Softmax."""
+    h, w = size if size is not None else ("H", "W")
+    weights, bias = WEIGHTS[:, :n_classes], BIAS[:n_classes]
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")]
+    nodes = []
+    if uint8:
+        inp = helper.make_tensor_value_info("image", TensorProto.UINT8, [batch, h, w, 3])
+        inits += [
+            numpy_helper.from_array(np.array(255.0, np.float32), "s255"),
+            numpy_helper.from_array(np.array(MEAN, np.float32).reshape(1, 1, 1, 3), "mean"),
+            numpy_helper.from_array(np.array(STD, np.float32).reshape(1, 1, 1, 3), "std"),
+        ]
+        nodes += [
+            helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["xf", "s255"], ["x01"]),
+            helper.make_node("Sub", ["x01", "mean"], ["xc"]),
+            helper.make_node("Div", ["xc", "std"], ["xn"]),
+            helper.make_node("Transpose", ["xn"], ["nchw"], perm=[0, 3, 1, 2]),
+        ]
+    else:
+        inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, h, w])
+        nodes.append(helper.make_node("Identity", ["image"], ["nchw"]))
+    last = "probabilities" if softmax else "logits"
+    nodes += [
+        helper.make_node("ReduceMean", ["nchw"], ["feat"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["feat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], ["z" if softmax else last]),
+    ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["z"], [last], axis=-1))
+    out = helper.make_tensor_value_info(last, TensorProto.FLOAT, [batch, n_classes])
+    graph = helper.make_graph(nodes, "tiny", [inp], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta is not None:
+        helper.set_model_props(model, meta.to_props())
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def reference(image: np.ndarray, normalize: bool = True, softmax: bool = True) -> np.ndarray:
+    """The tiny graph reimplemented in numpy, on the same resize as the predictor."""
+    x = resize(image, SIZE, "bicubic").astype(np.float32)
+    x = (x / np.float32(255.0) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    z = x.mean(axis=(0, 1)) @ WEIGHTS + BIAS
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return build_model(tmp_path / "model.onnx", meta=make_metadata())
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(13, 17), (8, 8), (20, 11), (5, 9)]):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        arr[..., i % 3] = np.clip(arr[..., i % 3].astype(int) + 120, 0, 255).astype(np.uint8)
+        paths.append(write_png(tmp_path / "imgs" / f"img_{i}.png", arr))
+    return paths
+
+
+# ----------------------------------------------------------------- metadata
+
+
+def test_metadata_round_trip():
+    meta = make_metadata(good_class="good", threshold=0.7)
+    props = meta.to_props()
+    assert all(isinstance(v, str) for v in props.values())
+    assert all(k.startswith(PREFIX) for k in props)
+    assert set(props) == {PREFIX + k for k in KEYS}
+    assert json.loads(props["vision_tl.classes"]) == CLASSES
+    assert json.loads(props["vision_tl.input_size"]) == list(SIZE)
+    assert props["vision_tl.layout"] == "NHWC" and props["vision_tl.input_dtype"] == "uint8"
+    assert props["vision_tl.normalize_in_graph"] == "true"
+    assert props["vision_tl.resize"] == "direct" and props["vision_tl.format_version"] == "1"
+    assert ModelMetadata.from_props(props, "x.onnx") == meta
+    # Optional keys are omitted when unset and default back.
+    plain = make_metadata().to_props()
+    assert "vision_tl.good_class" not in plain and "vision_tl.threshold" not in plain
+    assert ModelMetadata.from_props(plain, "x.onnx").threshold is None
+
+
+def test_read_metadata_from_onnx(model: Path):
+    meta = read_metadata(model)
+    assert meta == make_metadata()
+
+
+def test_missing_and_malformed_keys_are_listed():
+    props = make_metadata().to_props()
+    del props["vision_tl.classes"], props["vision_tl.mean"]
+    props["vision_tl.input_size"] = "[224]"
+    props["vision_tl.interpolation"] = "area"
+    props["other.tool"] = "ignored"
+    with pytest.raises(MetadataError) as info:
+        ModelMetadata.from_props(props, "line3/model.onnx")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.missing == ["classes", "mean"]
+    assert set(err.malformed) == {"input_size", "interpolation"}
+    msg = str(err)
+    assert "line3/model.onnx" in msg
+    for key in ("vision_tl.classes", "vision_tl.mean", "input_size", "interpolation"):
+        assert key in msg
+    assert "vision_tl.std" not in msg and "layout" not in msg
+
+
+def test_no_metadata_lists_every_required_key():
+    with pytest.raises(MetadataError) as info:
+        ModelMetadata.from_props({}, "foreign.onnx")
+    assert info.value.missing == list(REQUIRED_KEYS)
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("format_version", "2", "upgrade"),
+    ("mean", "[123.7, 116.3, 103.5]", "0..1"),
+    ("std", "[0.2, 0.0, 0.2]", "std"),
+    ("classes", '["a", "a"]', "duplicate"),
+    ("good_class", "missing_class", "not one of"),
+    ("threshold", "1.5", "between 0 and 1"),
+    ("normalize_in_graph", "false", "uint8"),
+    ("resize", "center_crop", "direct"),
+])
+def test_malformed_values(key: str, value: str, needle: str):
+    props = make_metadata().to_props()
+    props[PREFIX + key] = value
+    with pytest.raises(MetadataError, match=needle) as info:
+        ModelMetadata.from_props(props, "m.onnx")
+    assert key in info.value.malformed
+
+
+def test_to_props_refuses_invalid_metadata():
+    with pytest.raises(MetadataError, match="layout"):
+        make_metadata(layout="CHW").to_props()
+
+
+# ---------------------------------------------------------------- predictor
+
+
+def test_predictions_match_numpy_reference(model: Path, images: list[Path]):
+    predictor = Predictor(model, threads=1)
+    assert predictor.classes == CLASSES
+    results = predictor.predict_paths(images, batch_size=3)
+    assert [r.path for r in results] == [str(p) for p in images]
+    for path, result in zip(images, results):
+        expected = reference(load_rgb(path))
+        got = np.array([result.probabilities[c] for c in CLASSES])
+        assert np.max(np.abs(got - expected)) < 1e-5
+        assert result.error is None and result.is_defect is None
+        assert result.predicted == CLASSES[int(np.argmax(expected))]
+        assert result.probability == pytest.approx(float(expected.max()), abs=1e-5)
+    assert len({r.predicted for r in results}) > 1  # the fixture spreads the classes
+    arrays = predictor.predict_arrays([load_rgb(p) for p in images], batch_size=2)
+    assert arrays.shape == (len(images), 3) and arrays.dtype == np.float32
+    assert np.max(np.abs(arrays - np.stack([reference(load_rgb(p)) for p in images]))) < 1e-5
+    assert predictor.predict_arrays([]).shape == (0, 3)
+
+
+def test_float_nchw_model_is_normalised_outside_the_graph(tmp_path: Path, images: list[Path]):
+    meta = make_metadata(layout="NCHW", input_dtype="float32", normalize_in_graph=False)
+    predictor = Predictor(build_model(tmp_path / "f.onnx", uint8=False, meta=meta))
+    x = predictor.preprocess(load_rgb(images[0]))
+    assert x.shape == (3, *SIZE) and x.dtype == np.float32
+    probs = predictor.predict_arrays([load_rgb(p) for p in images])
+    expected = np.stack([reference(load_rgb(p)) for p in images])
+    assert np.max(np.abs(probs - expected)) < 1e-5
+
+
+def test_grayscale_and_rgba_images(tmp_path: Path, model: Path):
+    rng = np.random.default_rng(1)
+    gray = write_png(tmp_path / "g.png", rng.integers(0, 256, (10, 12), dtype=np.uint8))
+    rgba = write_png(tmp_path / "a.png", rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")
+    predictor = Predictor(model)
+    for result, path in zip(predictor.predict_paths([gray, rgba]), [gray, rgba]):
+        assert result.error is None
+        got = np.array([result.probabilities[c] for c in CLASSES])
+        assert np.max(np.abs(got - reference(load_rgb(path)))) < 1e-5
+    arr = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    rgb = np.repeat(arr[:, :, None], 3, axis=2)
+    assert np.array_equal(predictor.preprocess(arr), predictor.preprocess(rgb))
+    assert np.array_equal(predictor.preprocess(arr[:, :, None]), predictor.preprocess(rgb))
+    with pytest.raises(DeployError, match=r"\(6, 5, 4\)"):
+        predictor.preprocess(np.zeros((6, 5, 4), np.uint8))
+    with pytest.raises(DeployError, match="uint8"):
+        predictor.preprocess(np.zeros((6, 5, 3), np.float32))
+
+
+def test_corrupt_image_becomes_error_row(tmp_path: Path, model: Path, images: list[Path]):
+    bad = tmp_path / "imgs" / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    truncated = tmp_path / "imgs" / "truncated.png"
+    truncated.write_bytes(images[0].read_bytes()[:60])
+    paths = [images[0], bad, images[1], truncated, images[2]]
+    results = Predictor(model).predict_paths(paths, batch_size=2)
+    assert [r.path for r in results] == [str(p) for p in paths]
+    for result in (results[1], results[3]):
+        assert result.error is not None and Path(result.path).name in result.error
+        assert result.predicted is None and result.probabilities == {}
+    for result, path in ((results[0], images[0]), (results[2], images[1]),
+                         (results[4], images[2])):
+        assert result.error is None
+        got = np.array([result.probabilities[c] for c in CLASSES])
+        assert np.max(np.abs(got - reference(load_rgb(path)))) < 1e-5
+
+
+def test_is_defect_uses_good_class_threshold(tmp_path: Path):
+    red = write_png(tmp_path / "red.png", np.full((8, 8, 3), (255, 0, 0), np.uint8))
+    green = write_png(tmp_path / "green.png", np.full((8, 8, 3), (0, 255, 0), np.uint8))
+    mixed = write_png(tmp_path / "mixed.png", np.full((8, 8, 3), (170, 140, 110), np.uint8))
+    paths = [red, green, mixed]
+    p_good = [float(reference(load_rgb(p))[0]) for p in paths]
+    assert p_good[0] > 0.9 > p_good[2] > 0.5 > p_good[1]
+    for threshold, expected in ((0.5, [False, True, False]), (0.9, [False, True, True])):
+        meta = make_metadata(good_class="good", threshold=threshold)
+        model = build_model(tmp_path / f"m{threshold}.onnx", meta=meta)
+        results = Predictor(model).predict_paths(paths)
+        assert [r.is_defect for r in results] == expected
+        assert all(r.is_defect == (r.probabilities["good"] < threshold) for r in results)
+
+
+def test_missing_and_invalid_model_files(tmp_path: Path):
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(DeployError, match="not found") as info:
+        Predictor(missing)
+    assert str(missing) in str(info.value)
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model")
+    with pytest.raises(DeployError, match="not a loadable ONNX model") as info:
+        Predictor(text)
+    assert str(text) in str(info.value)
+    with pytest.raises(DeployError, match="not a loadable ONNX model"):
+        read_metadata(text)
+    with pytest.raises(DeployError, match="directory"):
+        Predictor(tmp_path)
+
+
+def test_model_without_metadata_needs_explicit_preprocessing(tmp_path: Path,
+                                                             images: list[Path]):
+    foreign = build_model(tmp_path / "foreign.onnx", size=None)  # dynamic H, W; no metadata
+    with pytest.raises(DeployError) as info:
+        Predictor(foreign)
+    msg = str(info.value)
+    assert str(foreign) in msg and "no vision_tl metadata" in msg
+    assert "missing classes" in msg and "missing input_size" in msg
+    assert "--classes" in msg and "input_size=(H, W)" in msg
+    assert "mean" not in msg  # a uint8 graph normalises itself
+    predictor = Predictor(foreign, classes="good,scratch,dent", input_size=SIZE)
+    assert predictor.has_vision_tl_metadata is False
+    results = predictor.predict_paths(images)
+    for result, path in zip(results, images):
+        got = np.array([result.probabilities[c] for c in CLASSES])
+        assert np.max(np.abs(got - reference(load_rgb(path)))) < 1e-5
+
+
+def test_float_model_without_metadata_needs_mean_and_std(tmp_path: Path, images: list[Path]):
+    foreign = build_model(tmp_path / "foreign_f.onnx", uint8=False)  # static 8x8
+    with pytest.raises(DeployError) as info:
+        Predictor(foreign, classes=CLASSES)
+    msg = str(info.value)
+    assert "missing mean" in msg and "missing std" in msg and "input_size" not in msg
+    predictor = Predictor(foreign, classes=CLASSES, mean=MEAN, std=STD)
+    assert predictor.metadata.input_size == SIZE  # read from the graph
+    probs = predictor.predict_arrays([load_rgb(p) for p in images])
+    assert np.max(np.abs(probs - np.stack([reference(load_rgb(p)) for p in images]))) < 1e-5
+
+
+def test_foreign_logits_are_softmaxed_with_a_warning(tmp_path: Path, images: list[Path]):
+    logits = build_model(tmp_path / "logits.onnx", softmax=False)
+    predictor = Predictor(logits, classes=CLASSES)
+    with pytest.warns(UserWarning, match="softmax"):
+        probs = predictor.predict_arrays([load_rgb(p) for p in images])
+    assert np.max(np.abs(probs - np.stack([reference(load_rgb(p)) for p in images]))) < 1e-5
+
+
+def test_class_count_and_shape_mismatches(tmp_path: Path, model: Path):
+    with pytest.raises(DeployError, match="outputs 3 classes but 2 class names"):
+        Predictor(model, classes=["a", "b"])
+    with pytest.raises(DeployError, match="does not match"):
+        Predictor(model, input_size=(16, 16))  # the graph is fixed to 8 x 8
+    with pytest.raises(DeployError, match="invalid mean .*argument"):
+        Predictor(model, mean=(120.0, 110.0, 100.0))
+    bad_meta = build_model(tmp_path / "two.onnx", n_classes=2,
+                           meta=make_metadata(classes=["good", "bad", "ugly"]))
+    with pytest.raises(DeployError, match="outputs 2 classes"):
+        Predictor(bad_meta)
+
+
+def test_fixed_batch_model_runs_in_pieces(tmp_path: Path, images: list[Path]):
+    fixed = build_model(tmp_path / "b1.onnx", meta=make_metadata(), batch=1)
+    probs = Predictor(fixed).predict_arrays([load_rgb(p) for p in images])
+    assert np.max(np.abs(probs - np.stack([reference(load_rgb(p)) for p in images]))) < 1e-5
+
+
+def test_list_images(tmp_path: Path):
+    root = tmp_path / "data"
+    img = np.zeros((4, 4, 3), np.uint8)
+    for rel in ("b.png", "a/z.jpg", "a/c.PNG", ".hidden/x.png", "a/.x.png"):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, format="PNG")
+    (root / "notes.txt").write_text("x")
+    found = [p.relative_to(root).as_posix() for p in list_images(root)]
+    assert found == ["a/c.PNG", "a/z.jpg", "b.png"]
+    assert list_images(root / "b.png") == [root / "b.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeployError, match=r"no images found .*\.png") as info:
+        list_images(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(info.value)
+    with pytest.raises(DeployError, match="no such file or folder"):
+        list_images(tmp_path / "missing")
+
+
+def test_predict_paths_accepts_a_folder(model: Path, images: list[Path]):
+    results = Predictor(model).predict_paths(images[0].parent)
+    assert [r.path for r in results] == [str(p) for p in sorted(images)]
+    assert all(isinstance(r, Prediction) and r.error is None for r in results)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_cli_csv(tmp_path: Path, model: Path, images: list[Path], capsys):
+    (images[0].parent / "broken.png").write_bytes(b"garbage")
+    out = tmp_path / "predictions.csv"
+    assert main([str(model), str(images[0].parent), "--out", str(out), "--batch-size", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "5 images, 1 error," in printed.out and "images/s" in printed.out
+    assert "broken.png" in printed.err
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "predicted", "probability", "is_defect", "error",
+                             "p_good", "p_scratch", "p_dent"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["predicted"] == ""
+    for path in images:
+        row = by_name[path.name]
+        got = np.array([float(row[f"p_{c}"]) for c in CLASSES])
+        assert np.max(np.abs(got - reference(load_rgb(path)))) < 1e-5
+        assert row["error"] == "" and row["is_defect"] == ""
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_cli_json_with_defects(tmp_path: Path, images: list[Path]):
+    model = build_model(tmp_path / "m.onnx", meta=make_metadata(good_class="good", threshold=0.5))
+    out = tmp_path / "p.json"
+    assert main([str(model), *map(str, images), str(images[0]), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [Path(d["path"]).name for d in data] == [p.name for p in images]  # repeat dropped
+    for item in data:
+        assert set(item) == {"path", "predicted", "probability", "probabilities", "is_defect",
+                             "error"}
+        assert item["is_defect"] == (item["probabilities"]["good"] < 0.5)
+
+
+def test_cli_refuses_overwrite_and_missing_folder(tmp_path: Path, model: Path,
+                                                  images: list[Path], capsys):
+    out = tmp_path / "p.csv"
+    out.write_text("keep me")
+    args = [str(model), str(images[0]), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already exists" in err and "--overwrite" in err
+    assert "Traceback" not in err and out.read_text() == "keep me"
+    assert main([*args, "--overwrite"]) == 0
+    assert out.read_text().startswith("path,predicted")
+    missing = tmp_path / "no_such_dir"
+    assert main([str(model), str(images[0]), "--out", str(missing / "p.csv")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert main([str(model), str(images[0]), "--out", str(tmp_path / "p.xlsx")]) == 2
+    assert ".csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--batch-size", "0"], ["--input-size", "a,b"],
+                                   ["--mean", "1,2"], ["--interpolation", "area"]])
+def test_cli_bad_arguments_exit_2(tmp_path: Path, model: Path, images: list[Path],
+                                  extra: list[str], capsys):
+    args = [str(model), str(images[0]), "--out", str(tmp_path / "p.csv"), *extra]
+    assert main(args) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_bad_inputs_exit_2(tmp_path: Path, model: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(model), str(tmp_path / "empty"), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "no images found" in err and ".png" in err
+    not_onnx = tmp_path / "x.onnx"
+    not_onnx.write_text("nope")
+    img = write_png(tmp_path / "i.png", np.zeros((4, 4, 3), np.uint8))
+    assert main([str(not_onnx), str(img), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert str(not_onnx) in err and "Traceback" not in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_progress_falls_back_without_tqdm(tmp_path: Path, model: Path,
+                                              images: list[Path], monkeypatch):
+    class FakeTTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes ``import tqdm`` fail
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    assert main([str(model), str(images[0]), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").exists()
+
+
+def test_cli_help_has_an_example(capsys):
+    assert main(["--help"]) == 0
+    assert "vision-tl predict-onnx model.onnx" in capsys.readouterr().out
+
+
+def test_cli_overrides_run_a_foreign_model(tmp_path: Path, images: list[Path]):
+    foreign = build_model(tmp_path / "foreign.onnx", uint8=False, size=None)
+    out = tmp_path / "p.csv"
+    args = [str(foreign), str(images[0]), "--out", str(out), "--classes", "good,scratch,dent",
+            "--input-size", "8,8", "--mean", ",".join(map(str, MEAN)),
+            "--std", ",".join(map(str, STD))]
+    assert main(args) == 0
+    with out.open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    got = np.array([float(row[f"p_{c}"]) for c in CLASSES])
+    assert np.max(np.abs(got - reference(load_rgb(images[0])))) < 1e-5
+
+
+# ---------------------------------------------------------------- torch-free
+
+
+def test_deploy_never_imports_torch(tmp_path: Path, model: Path, images: list[Path]):
+    code = textwrap.dedent(f"""
+        import sys
+        from vision_tl.deploy import Predictor
+        from vision_tl.deploy.cli import main
+        result = Predictor({str(model)!r}).predict_paths([{str(images[0])!r}])[0]
+        assert result.error is None and result.predicted, result
+        assert main([{str(model)!r}, {str(images[1])!r}, "--out", {str(tmp_path / "s.csv")!r}]) == 0
+        heavy = [m for m in ("torch", "torchvision", "lightning", "pytorch_lightning", "timm",
+                             "onnx") if m in sys.modules]
+        assert not heavy, heavy
+        print("torch-free ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch-free ok" in proc.stdout

@@ -1,0 +1,268 @@
+"""``vision-tl predict-onnx``: classify image files with an exported ONNX model, without torch.
+
+The package's command dispatcher calls :func:`main` with the arguments that
+follow ``predict-onnx``; it can also be run as ``python -m vision_tl.deploy.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from vision_tl.deploy.metadata import DeployError
+from vision_tl.deploy.predictor import Prediction, Predictor, list_images
+from vision_tl.imaging import INTERPOLATIONS
+
+FORMATS = (".csv", ".json")
+_EPILOG = """\
+examples:
+  vision-tl predict-onnx model.onnx line3/2024-06-01/ --out predictions.csv
+  vision-tl predict-onnx model.onnx a.png b.png --out preds.json --threads 4
+  # an ONNX model exported by another tool (no vision_tl metadata):
+  vision-tl predict-onnx other.onnx images/ --out p.csv --classes ok,scratch,dent \\
+      --input-size 224,224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+
+The CSV has the columns path, predicted, probability, is_defect, error and one
+p_<class> column per class; is_defect is filled only when the model carries a
+good class and a threshold. Unreadable images become rows with an error instead
+of stopping the run. Exit status: 0 on success, 2 on bad input.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``vision-tl predict-onnx``."""
+    parser = argparse.ArgumentParser(
+        prog="vision-tl predict-onnx",
+        description="Classify images with an exported ONNX model (onnxruntime, no torch).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="the exported ONNX model")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+",
+                        help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="output file; the format follows the extension: .csv or .json")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                        help="images per inference batch (default: 32)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
+                        help="class names in output order (overrides the model metadata)")
+    parser.add_argument("--input-size", type=_input_size, default=None, metavar="H,W",
+                        help="model input height,width (overrides the model metadata)")
+    parser.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",
+                        help="normalisation mean on the 0..1 scale (overrides the metadata)")
+    parser.add_argument("--std", type=_triple, default=None, metavar="R,G,B",
+                        help="normalisation std on the 0..1 scale (overrides the metadata)")
+    parser.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default=None,
+                        help="resize interpolation (overrides the model metadata)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it already exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vision-tl predict-onnx``; returns the exit status (0 ok, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return _predict(args)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _predict(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_output(out, args.overwrite)
+    images = _collect_images(args.inputs)
+    predictor = Predictor(
+        args.model, classes=args.classes, input_size=args.input_size, mean=args.mean,
+        std=args.std, interpolation=args.interpolation, threads=args.threads,
+    )
+    start = time.perf_counter()
+    with _progress(len(images)) as update:
+        predictions = predictor.predict_paths(images, args.batch_size, on_progress=update)
+    elapsed = time.perf_counter() - start
+    writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
+    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes))
+    _print_summary(predictions, predictor, elapsed, out)
+    return 0
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any inference when the output cannot be written."""
+    if out.suffix.lower() not in FORMATS:
+        raise DeployError(
+            f"--out {out}: unknown output format {out.suffix or '(no extension)'!r}; "
+            f"use one of {', '.join(FORMATS)}"
+        )
+    folder = out.parent
+    if not folder.is_dir():
+        raise DeployError(f"output folder {folder} does not exist; create it first")
+    if out.is_dir():
+        raise DeployError(f"--out {out} is a folder; give a file name such as {out / 'p.csv'}")
+    if out.exists() and not overwrite:
+        raise DeployError(f"{out} already exists; pass --overwrite to replace it")
+    if not os.access(folder, os.W_OK):
+        raise DeployError(f"output folder {folder} is not writable")
+
+
+def _collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Expand files and folders, keeping order and dropping repeats."""
+    seen: set[Path] = set()
+    images: list[Path] = []
+    for item in inputs:
+        for path in list_images(item):
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                images.append(path)
+    return images
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
+    """A tqdm bar on an interactive stderr; nothing when piped or when tqdm is absent."""
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+    try:
+        yield bar.update if bar is not None else None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _write_atomic(out: Path, write: Callable[[IO[str]], None]) -> None:
+    """Write via a temporary file in the same folder, then ``os.replace`` it into place."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    done = False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        done = True
+    except OSError as exc:
+        raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
+    finally:
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:
+    writer = csv.writer(fh)
+    writer.writerow(["path", "predicted", "probability", "is_defect", "error"]
+                    + [f"p_{name}" for name in classes])
+    for p in predictions:
+        flag = "" if p.is_defect is None else str(p.is_defect).lower()
+        row = [p.path, p.predicted or "", _fmt(p.probability), flag, p.error or ""]
+        writer.writerow(row + [_fmt(p.probabilities.get(name)) for name in classes])
+
+
+def _write_json(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:
+    del classes  # each object carries its own probabilities mapping
+    json.dump([p.to_dict() for p in predictions], fh, indent=2)
+    fh.write("\n")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed: float,
+                   out: Path) -> None:
+    errors = [p for p in predictions if p.error is not None]
+    counts = Counter(p.predicted for p in predictions if p.predicted is not None)
+    rate = len(predictions) / elapsed if elapsed > 0 else float("inf")
+    print(f"{_plural(len(predictions), 'image')}, {_plural(len(errors), 'error')}, {elapsed:.2f} s "
+          f"({rate:.1f} images/s)")
+    width = max(len(name) for name in predictor.classes)
+    for name in predictor.classes:
+        print(f"  {name:<{width}}  {counts[name]}")
+    meta = predictor.metadata
+    if meta.good_class is not None and meta.threshold is not None:
+        defects = sum(1 for p in predictions if p.is_defect)
+        print(f"  defects (P({meta.good_class}) < {meta.threshold:g}): {defects}")
+    for p in errors[:5]:
+        print(f"skipped: {p.error}", file=sys.stderr)
+    if len(errors) > 5:
+        print(f"skipped: ... and {len(errors) - 5} more (see the error column)", file=sys.stderr)
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------ argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not names or any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
+
+
+def _input_size(text: str) -> tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 224,224), got {text!r}") from exc
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 224,224), got {text!r}")
+    return values[0], values[1]
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected 3 numbers R,G,B, got {text!r}") from exc
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 numbers R,G,B, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

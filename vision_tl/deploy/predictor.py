@@ -1,0 +1,459 @@
+"""Torch-free inference on exported ONNX classifiers (onnxruntime + numpy + Pillow).
+
+Images are decoded with :func:`vision_tl.imaging.load_rgb` and resized with
+:func:`vision_tl.imaging.resize`, the same two functions training uses, so the
+model sees on the line exactly the pixels it was validated on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_tl.deploy.metadata import (
+    PREFIX,
+    DeployError,
+    MetadataError,
+    ModelMetadata,
+    open_session,
+    ort_errors,
+)
+from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, is_image_file, load_rgb, resize
+
+_ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+# How a missing/invalid key can be supplied: (Python argument, command-line option).
+_ARG_HINTS = {
+    "classes": ("classes=['good', 'scratch', ...]", "--classes good,scratch,..."),
+    "input_size": ("input_size=(H, W)", "--input-size H,W"),
+    "mean": ("mean=(r, g, b)", "--mean 0.485,0.456,0.406"),
+    "std": ("std=(r, g, b)", "--std 0.229,0.224,0.225"),
+    "interpolation": ("interpolation='bicubic'", "--interpolation bicubic"),
+}
+
+
+@dataclass
+class Prediction:
+    """The result for one image.
+
+    Attributes:
+        path: the image path, as given.
+        predicted: the most probable class, or None when the image failed.
+        probability: the probability of ``predicted`` (None when failed).
+        probabilities: class name -> probability (empty when failed).
+        is_defect: ``P(good_class) < threshold`` when the model metadata has
+            both ``good_class`` and ``threshold``; otherwise None.
+        error: why the image could not be used (None when it was predicted).
+    """
+
+    path: str
+    predicted: str | None = None
+    probability: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    is_defect: bool | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """All supported images under ``folder``, recursively, in sorted order.
+
+    Hidden files and folders (name starting with ".") are skipped. A path to a
+    file is returned as a one-element list, whatever its extension, so a bad
+    file shows up as an error row rather than being silently ignored.
+
+    Raises:
+        DeployError: the path does not exist, or the folder holds no image.
+    """
+    root = Path(folder)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise DeployError(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise DeployError(f"{root}: not a regular file or folder")
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, name) for name in filenames if is_image_file(name))
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise DeployError(
+            f"{root}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class Predictor:
+    """Classify images with an exported ONNX model, without torch.
+
+    The preprocessing (input size, interpolation, normalisation, layout) comes
+    from the model's ``vision_tl.*`` metadata. Keyword arguments override it,
+    or supply it for an ONNX model exported by another tool.
+
+    Example:
+        >>> predictor = Predictor("model.onnx", threads=4)  # doctest: +SKIP
+        >>> for p in predictor.predict_paths("line3/today/"):  # doctest: +SKIP
+        ...     print(p.path, p.predicted, f"{p.probability:.3f}", p.is_defect, p.error)
+
+    Args:
+        model_path: the ``.onnx`` file.
+        classes: class names in output-column order (a list, or "a,b,c").
+        input_size: ``(height, width)``, or one int for a square input.
+        mean: per-channel mean on the 0..1 scale (used when the graph expects
+            normalised float input).
+        std: per-channel standard deviation on the 0..1 scale.
+        interpolation: "bicubic", "bilinear", "nearest" or "lanczos".
+        threads: onnxruntime ``intra_op_num_threads`` (None: its default).
+        providers: onnxruntime execution providers (default: CPU only).
+
+    Raises:
+        DeployError: the file is missing or not ONNX, required information is
+            missing (the message says which arguments supply it), or the
+            metadata disagrees with the graph.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        classes: Sequence[str] | str | None = None,
+        input_size: int | Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        threads: int | None = None,
+        providers: Sequence[Any] | None = None,
+    ):
+        self.model_path = Path(model_path)
+        self._session = open_session(self.model_path, threads=threads, providers=providers)
+        props = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.has_vision_tl_metadata = any(key.startswith(PREFIX) for key in props)
+        self._input = self._single_input()
+        overrides = _override_props(classes, input_size, mean, std, interpolation)
+        if not self.has_vision_tl_metadata:
+            props = {**_graph_defaults(self._input), **props}
+        props.update(overrides)
+        self.metadata = self._parse_metadata(props, set(overrides))
+        self._max_batch = self._check_input()
+        self._output_name = self._check_output()
+        self._warned_softmax = False
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in output-column order."""
+        return list(self.metadata.classes)
+
+    def __repr__(self) -> str:
+        meta = self.metadata
+        return (
+            f"Predictor({str(self.model_path)!r}, classes={meta.classes}, "
+            f"input_size={meta.input_size}, input={meta.input_dtype} {meta.layout})"
+        )
+
+    # ----------------------------------------------------------- prediction
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Turn one decoded image into one graph input (without the batch axis).
+
+        Args:
+            image: ``H x W x 3`` uint8 RGB; grayscale ``H x W`` or ``H x W x 1``
+                is repeated to three channels.
+
+        Returns:
+            ``H x W x 3`` uint8 for the default (NHWC, uint8) graph, or a
+            normalised ``3 x H x W`` float32 array for a float NCHW graph.
+
+        Raises:
+            DeployError: wrong dtype or channel count (the message names the shape).
+        """
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            raise DeployError(
+                f"expected a uint8 image, got dtype {arr.dtype} with shape {arr.shape}; "
+                "decode image files with vision_tl.imaging.load_rgb"
+            )
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3) or 0 in arr.shape:
+            raise DeployError(
+                f"expected an H x W x 3 RGB image (or H x W / H x W x 1 grayscale), "
+                f"got shape {tuple(np.shape(image))}"
+            )
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        meta = self.metadata
+        x: np.ndarray = resize(np.ascontiguousarray(arr), meta.input_size, meta.interpolation)
+        if not meta.normalize_in_graph:
+            mean = np.asarray(meta.mean, dtype=np.float32)
+            std = np.asarray(meta.std, dtype=np.float32)
+            x = (x.astype(np.float32) / np.float32(255.0) - mean) / std
+        x = x.astype(np.uint8 if meta.input_dtype == "uint8" else np.float32, copy=False)
+        if meta.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x)
+
+    def predict_arrays(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities for decoded images.
+
+        Args:
+            images: ``H x W x 3`` uint8 arrays (any size; each is resized).
+            batch_size: images per onnxruntime call.
+
+        Returns:
+            float32 array ``[len(images), len(classes)]``, columns in
+            :attr:`classes` order.
+        """
+        _check_batch_size(batch_size)
+        rows = [np.zeros((0, len(self.metadata.classes)), np.float32)]
+        for start in range(0, len(images), batch_size):
+            batch = np.stack([self.preprocess(img) for img in images[start:start + batch_size]])
+            rows.append(self._run(batch))
+        return np.concatenate(rows, axis=0)
+
+    def predict_paths(
+        self,
+        paths: Iterable[str | Path] | str | Path,
+        batch_size: int = 32,
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[Prediction]:
+        """Predict image files; an unreadable image becomes an error row, never a crash.
+
+        Args:
+            paths: image paths, or one folder / file (expanded with :func:`list_images`).
+            batch_size: images decoded and run together.
+            on_progress: called with the number of images done after each batch.
+
+        Returns:
+            One :class:`Prediction` per path, in input order.
+        """
+        _check_batch_size(batch_size)
+        if isinstance(paths, (str, os.PathLike)):
+            paths = list_images(paths)
+        paths = list(paths)
+        results: list[Prediction | None] = [None] * len(paths)
+        for start in range(0, len(paths), batch_size):
+            indices, inputs = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    inputs.append(self.preprocess(load_rgb(paths[i])))
+                except ImageLoadError as exc:
+                    results[i] = Prediction(path=str(paths[i]), error=str(exc))
+                    continue
+                indices.append(i)
+            if inputs:
+                for i, row in zip(indices, self._run(np.stack(inputs))):
+                    results[i] = self._prediction(str(paths[i]), row)
+            if on_progress is not None:
+                on_progress(min(batch_size, len(paths) - start))
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------- internals
+
+    def _prediction(self, path: str, row: np.ndarray) -> Prediction:
+        meta = self.metadata
+        probabilities = {name: float(p) for name, p in zip(meta.classes, row)}
+        best = int(np.argmax(row))
+        is_defect = None
+        if meta.good_class is not None and meta.threshold is not None:
+            is_defect = bool(probabilities[meta.good_class] < meta.threshold)
+        return Prediction(path, meta.classes[best], float(row[best]), probabilities, is_defect)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a stacked batch, in pieces when the graph has a fixed batch size."""
+        step = self._max_batch or len(batch)
+        outs = [self._run_once(batch[i:i + step]) for i in range(0, len(batch), step)]
+        return np.concatenate(outs, axis=0)
+
+    def _run_once(self, batch: np.ndarray) -> np.ndarray:
+        if self._max_batch is not None and len(batch) < self._max_batch:
+            pad = np.repeat(batch[-1:], self._max_batch - len(batch), axis=0)
+            return self._run_once(np.concatenate([batch, pad]))[: len(batch)]
+        try:
+            out = self._session.run([self._output_name], {self._input.name: batch})[0]
+        except ort_errors() as exc:
+            raise DeployError(
+                f"{self.model_path}: inference failed on input of shape {batch.shape} "
+                f"({batch.dtype}): {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
+            ) from exc
+        out = np.asarray(out, dtype=np.float32)
+        n_classes = len(self.metadata.classes)
+        if out.ndim != 2 or out.shape != (len(batch), n_classes):
+            raise DeployError(
+                f"{self.model_path}: output {self._output_name!r} has shape {out.shape}, expected "
+                f"({len(batch)}, {n_classes}) for {n_classes} classes {self.metadata.classes}"
+            )
+        if not self.has_vision_tl_metadata and not _looks_like_probabilities(out):
+            out = self._softmax_foreign(out)
+        return out
+
+    def _softmax_foreign(self, logits: np.ndarray) -> np.ndarray:
+        if not self._warned_softmax:
+            warnings.warn(
+                f"{self.model_path}: the model outputs do not sum to 1 (logits?); applying "
+                "softmax so that probabilities are comparable",
+                stacklevel=4,
+            )
+            self._warned_softmax = True
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def _single_input(self) -> Any:
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise DeployError(
+                f"{self.model_path}: expected a graph with exactly one image input, found "
+                f"{len(inputs)}: {names}"
+            )
+        return inputs[0]
+
+    def _parse_metadata(self, props: dict[str, str], overridden: set[str]) -> ModelMetadata:
+        try:
+            return ModelMetadata.from_props(props, str(self.model_path))
+        except MetadataError as exc:
+            raise DeployError(self._metadata_message(exc, overridden)) from exc
+
+    def _metadata_message(self, exc: MetadataError, overridden: set[str]) -> str:
+        problems = [f"missing {key}" for key in exc.missing]
+        for key, reason in exc.malformed.items():
+            origin = f"the {key}= argument" if PREFIX + key in overridden else "the file"
+            if key == "good_class" and PREFIX + "classes" in overridden:
+                origin = "the file, checked against the classes= argument"
+            problems.append(f"invalid {key} (from {origin}): {reason}")
+        if self.has_vision_tl_metadata:
+            head = f"{self.model_path}: the vision_tl metadata is incomplete or invalid"
+        else:
+            head = (
+                f"{self.model_path}: this ONNX model has no vision_tl metadata (it was not "
+                "exported by vision_tl), so its preprocessing must be given explicitly"
+            )
+        keys = exc.missing + list(exc.malformed)
+        hints = [_ARG_HINTS[k] for k in keys if k in _ARG_HINTS]
+        message = f"{head}; " + "; ".join(problems) + "."
+        if hints:
+            message += (
+                " Supply them as Predictor(" + ", ".join(h[0] for h in hints) + ") or on the "
+                "command line with " + " ".join(h[1] for h in hints) + "."
+            )
+        if any(k not in _ARG_HINTS for k in keys):
+            message += " Other keys cannot be overridden: re-export the model with vision_tl."
+        return message
+
+    def _check_input(self) -> int | None:
+        """Check the graph input against the metadata; return its fixed batch size, if any."""
+        meta, inp, path = self.metadata, self._input, self.model_path
+        if inp.type != _ORT_TYPES[meta.input_dtype]:
+            raise DeployError(
+                f"{path}: metadata says the input is {meta.input_dtype} but graph input "
+                f"{inp.name!r} is {inp.type}"
+            )
+        shape = list(inp.shape)
+        if len(shape) != 4:
+            raise DeployError(
+                f"{path}: graph input {inp.name!r} has shape {shape}; expected 4 dimensions "
+                f"({meta.layout})"
+            )
+        axes = {"N": 0, "H": 1, "W": 2, "C": 3} if meta.layout == "NHWC" else {
+            "N": 0, "C": 1, "H": 2, "W": 3}
+        fixed = {k: shape[a] for k, a in axes.items() if isinstance(shape[a], int) and shape[a] > 0}
+        expected = {"C": 3, "H": meta.input_size[0], "W": meta.input_size[1]}
+        wrong = [k for k, v in expected.items() if k in fixed and fixed[k] != v]
+        if wrong:
+            raise DeployError(
+                f"{path}: graph input {inp.name!r} has fixed shape {shape} ({meta.layout}), which "
+                f"does not match 3 channels and input_size {list(meta.input_size)}"
+            )
+        return fixed.get("N")
+
+    def _check_output(self) -> str:
+        outputs = self._session.get_outputs()
+        named = [o for o in outputs if o.name == "probabilities"]
+        out = named[0] if named else outputs[0]
+        shape = list(out.shape)
+        n_classes = len(self.metadata.classes)
+        if len(shape) != 2:
+            raise DeployError(
+                f"{self.model_path}: output {out.name!r} has shape {shape}; expected "
+                f"[N, {n_classes}] (one column per class)"
+            )
+        if isinstance(shape[1], int) and shape[1] != n_classes:
+            raise DeployError(
+                f"{self.model_path}: the model outputs {shape[1]} classes but {n_classes} class "
+                f"names were given: {self.metadata.classes}"
+            )
+        return out.name
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeployError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _looks_like_probabilities(out: np.ndarray) -> bool:
+    return bool(np.all(out >= -1e-6) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _override_props(
+    classes: Sequence[str] | str | None,
+    input_size: int | Sequence[int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    interpolation: str | None,
+) -> dict[str, str]:
+    """Explicit arguments as ``vision_tl.*`` props, so they are validated like metadata."""
+    props: dict[str, Any] = {}
+    if classes is not None:
+        names = classes.split(",") if isinstance(classes, str) else classes
+        props["classes"] = [str(c).strip() for c in names]
+    if input_size is not None:
+        size = [input_size, input_size] if isinstance(input_size, int) else list(input_size)
+        props["input_size"] = [int(v) if isinstance(v, (int, np.integer)) else v for v in size]
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            try:
+                props[key] = [float(v) for v in value]
+            except (TypeError, ValueError) as exc:
+                raise DeployError(f"{key} must be 3 numbers, got {value!r}") from exc
+    out = {PREFIX + k: json.dumps(v) for k, v in props.items()}
+    if interpolation is not None:
+        out[PREFIX + "interpolation"] = str(interpolation)
+    return out
+
+
+def _graph_defaults(inp: Any) -> dict[str, str]:
+    """Metadata implied by the graph input, for a model exported by another tool."""
+    shape = list(inp.shape)
+    defaults = {"format_version": "1", "interpolation": "bicubic", "resize": "direct"}
+    if len(shape) != 4:
+        return {PREFIX + k: v for k, v in defaults.items()}
+    if inp.type == "tensor(uint8)" and shape[3] == 3:
+        # Normalisation happens in the graph: mean/std are not used.
+        defaults.update(layout="NHWC", input_dtype="uint8", normalize_in_graph="true",
+                        mean="[0.0, 0.0, 0.0]", std="[1.0, 1.0, 1.0]")
+        spatial = shape[1:3]
+    elif inp.type == "tensor(float)" and shape[3] == 3 and shape[1] != 3:
+        defaults.update(layout="NHWC", input_dtype="float32", normalize_in_graph="false")
+        spatial = shape[1:3]
+    else:
+        defaults.update(layout="NCHW", input_dtype="float32", normalize_in_graph="false")
+        spatial = shape[2:4]
+    if all(isinstance(v, int) and v > 0 for v in spatial):
+        defaults["input_size"] = json.dumps(spatial)
+    return {PREFIX + k: v for k, v in defaults.items()}
