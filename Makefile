@@ -1,0 +1,25 @@
+# Two commands do all set-up:  `make demo` (train on generated data) and `make test`.
+# Each creates .venv with the project and its test tools on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/vision-tl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/vision-tl
+	$(BIN)/vision-tl demo
+
+test: $(BIN)/vision-tl
+	$(BIN)/pytest -q tests
+
+lint: $(BIN)/vision-tl
+	$(BIN)/ruff check vision_tl tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs data/demo
