@@ -1,0 +1,102 @@
+"""Batch augmentation on tensors, for use after the batch reaches the device.
+
+``BatchAugment`` mirrors the ``inspection`` albumentations preset in
+distribution (same probabilities and parameter ranges, same pixel arithmetic
+on the 0..255 scale, with clipping) but works on whole ``[N, 3, H, W]`` uint8
+or float batches, on a GPU or a CPU. Decoding and resizing stay on the CPU;
+augmenting and normalising move to the device, so the GPU is not starved by
+per-image CPU work. Normalisation uses the backbone's mean and std.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vision_tl.backbones import Preprocessing
+
+
+def _coin(n: int, p: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=generator) < p
+
+
+def _uniform(n: int, low: float, high: float, device, generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, device=device, generator=generator)
+
+
+class BatchAugment(nn.Module):
+    """Flips, 90° turns, brightness/contrast, gamma, noise and blur on a batch, then normalise.
+
+    Args:
+        preprocessing: the backbone's mean/std (0..1 scale).
+        augment: apply the random part (False: normalise only, for evaluation).
+        brightness, contrast: albumentations ``RandomBrightnessContrast`` limits, ``p_bc`` its p.
+        gamma: ``RandomGamma`` limits in percent, ``p_gamma`` its p.
+        noise_std: ``GaussNoise`` std range as a share of 255, ``p_noise`` its p.
+        p_blur: ``GaussianBlur`` (3x3, sigma 0.5..3) probability.
+
+    Example:
+        >>> aug = BatchAugment(resolve_preprocessing("tf_efficientnet_lite0"))
+        >>> x = aug(torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8))
+    """
+
+    def __init__(self, preprocessing: Preprocessing, augment: bool = True, brightness: float = 0.15,
+                 contrast: float = 0.15, p_bc: float = 0.7, gamma: tuple[float, float] = (85, 115),
+                 p_gamma: float = 0.3, noise_std: tuple[float, float] = (0.01, 0.03), p_noise: float = 0.2,
+                 p_blur: float = 0.1) -> None:
+        super().__init__()
+        self.augment = augment
+        self.brightness, self.contrast, self.p_bc = brightness, contrast, p_bc
+        self.gamma, self.p_gamma = gamma, p_gamma
+        self.noise_std, self.p_noise, self.p_blur = noise_std, p_noise, p_blur
+        mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[N, 3, H, W]`` uint8 (or float on the 0..255 scale) -> normalised float32."""
+        x = x.float()
+        if self.augment and len(x):
+            x = self._geometry(x, generator)
+            x = self._photometric(x, generator)
+        return (x - self.mean) / self.std
+
+    def _geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
+        n, dev = len(x), x.device
+        x = torch.where(_coin(n, 0.5, dev, generator).view(n, 1, 1, 1), x.flip(3), x)
+        x = torch.where(_coin(n, 0.5, dev, generator).view(n, 1, 1, 1), x.flip(2), x)
+        if x.shape[2] == x.shape[3]:  # 90-degree turns keep the shape only for square inputs
+            k = torch.randint(0, 4, (n,), device=dev, generator=generator)
+            k = torch.where(_coin(n, 0.5, dev, generator), k, torch.zeros_like(k))
+            for turns in (1, 2, 3):
+                x = torch.where((k == turns).view(n, 1, 1, 1), torch.rot90(x, turns, (2, 3)), x)
+        return x
+
+    def _photometric(self, x: torch.Tensor, generator) -> torch.Tensor:
+        n, dev = len(x), x.device
+        shape = (n, 1, 1, 1)
+        on = _coin(n, self.p_bc, dev, generator).view(shape)
+        alpha = 1.0 + _uniform(n, -self.contrast, self.contrast, dev, generator).view(shape)
+        beta = 255.0 * _uniform(n, -self.brightness, self.brightness, dev, generator).view(shape)
+        x = torch.where(on, (x * alpha + beta).clamp(0, 255), x)
+        on = _coin(n, self.p_gamma, dev, generator).view(shape)
+        g = _uniform(n, self.gamma[0] / 100, self.gamma[1] / 100, dev, generator).view(shape)
+        x = torch.where(on, (x / 255.0).clamp_min(0).pow(g) * 255.0, x)
+        on = _coin(n, self.p_noise, dev, generator).view(shape)
+        std = 255.0 * _uniform(n, *self.noise_std, dev, generator).view(shape)
+        noise = torch.randn(x.shape, device=dev, generator=generator) * std
+        x = torch.where(on, (x + noise).clamp(0, 255), x)
+        if self.p_blur > 0:
+            x = torch.where(_coin(n, self.p_blur, dev, generator).view(shape), self._blur(x, generator), x)
+        return x
+
+    def _blur(self, x: torch.Tensor, generator) -> torch.Tensor:
+        sigma = float(_uniform(1, 0.5, 3.0, x.device, generator))
+        t = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+        k1 = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
+        weight = kernel.expand(3, 1, 3, 3).contiguous()
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        return nn.functional.conv2d(padded, weight, groups=3)
