@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     from vision_tl.data import ImageFolderDataModule
     from vision_tl.tasks import ImageClassifier
     from vision_tl.tasks.callbacks import RunArtifacts
+    from vision_tl.tasks.resume import RunCheckpoint
 
     if args.epochs < 1 or args.size < 32:
         raise ValueError(f"--epochs must be >= 1 and --size >= 32, got {args.epochs} and {args.size}")
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     model = ImageClassifier(data.classes, backbone=args.backbone, image_size=args.size, mode=args.mode,
                             lr=2e-3, backbone_lr_factor=0.3, good_class="good")
     artifacts = RunArtifacts()
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(monitor="val/balanced_acc", mode="max", filename="best",
+    checkpoint = RunCheckpoint(monitor="val/balanced_acc", mode="max", filename="best",
                                                      save_last=True)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1,
                         logger=CSVLogger(args.runs, name="demo"), callbacks=[checkpoint, artifacts],

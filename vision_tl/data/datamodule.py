@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.folder import (
@@ -58,6 +58,31 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return default_collate(kept)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles (or, with ``weights``, draws with replacement) from ``(seed, epoch)`` alone.
+
+    The order never depends on the global random state, so a run resumed from a
+    checkpoint sees exactly the batches the uninterrupted run would have seen.
+    Lightning calls :meth:`set_epoch` before every epoch.
+    """
+
+    def __init__(self, n: int, seed: int, weights: list[float] | None = None) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist())
 
 
 def default_num_workers() -> int:
@@ -118,6 +143,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.preprocessing: Preprocessing = resolve_preprocessing(backbone, image_size)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
+        self._feature_data: dict[str, Dataset] = {}  # see use_features
         self._classes = list_classes(self.layout.get("train", self.root))
         if good_class is not None and good_class not in self._classes:
             raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
@@ -183,22 +209,31 @@ class ImageFolderDataModule(L.LightningDataModule):
         transform = ImageTransform(self.preprocessing, self.hparams.augment if augment else "none")
         return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
 
+    def use_features(self, datasets: dict[str, Dataset] | None) -> None:
+        """Serve these ``(features, label)`` datasets instead of images for their splits.
+
+        Frozen-mode training sets cached backbone features here
+        (:func:`vision_tl.features.cached_feature_datasets`); ``None`` restores images.
+        """
+        self._feature_data = dict(datasets or {})
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        dataset = self.dataset(split, augment=train)
-        sampler, shuffle = None, train
-        if train and self.hparams.sampler == "balanced":
-            counts = np.maximum(np.array(self.class_counts(split)), 1)
-            weights = [1.0 / counts[s.label] for s in dataset.samples]
-            generator = torch.Generator().manual_seed(self.hparams.seed)
-            sampler = WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
-            shuffle = False
+        features = self._feature_data.get(split)
+        dataset = features if features is not None else self.dataset(split, augment=train)
+        sampler = None
+        if train:
+            weights = None
+            if self.hparams.sampler == "balanced":
+                counts = np.maximum(np.array(self.class_counts(split)), 1)
+                labels = dataset.labels if features is not None else [s.label for s in dataset.samples]
+                weights = [1.0 / counts[label] for label in labels]
+            sampler = EpochSampler(len(dataset), self.hparams.seed, weights)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=0 if features is not None else self.num_workers,  # tensors: no decoding
+            persistent_workers=features is None and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping_bad,
             drop_last=train and len(dataset) > self.hparams.batch_size,

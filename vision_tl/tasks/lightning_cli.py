@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.tasks.callbacks import RunArtifacts
 from vision_tl.tasks.classifier import ImageClassifier
+from vision_tl.tasks.resume import ResumableRandomState, RunCheckpoint, find_last_checkpoint, run_dir_of
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -31,7 +31,7 @@ class VisionTLCLI(LightningCLI):
     """Links the model's backbone to the data's preprocessing, and the data's classes to the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/balanced_acc",
             "checkpoint.mode": "max",
@@ -40,11 +40,34 @@ class VisionTLCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.add_lightning_class_args(ResumableRandomState, "resume_state")
         parser.link_arguments("checkpoint.monitor", "artifacts.monitor")
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.image_size", "data.image_size")
         parser.link_arguments("data.good_class", "model.good_class")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path last|RUN/checkpoints/last.ckpt`` resumes *into* that run directory."""
+        if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
+            return
+        cfg = self.config.fit
+        logger = cfg.trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        ckpt = cfg.ckpt_path
+        if ckpt == "last":
+            if init is None:
+                raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
+            ckpt = str(find_last_checkpoint(init.save_dir, init.name))
+        path = Path(ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        cfg.ckpt_path = str(path)
+        run = run_dir_of(path)
+        if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
+            init.version = run.name  # continue in the same run directory
+            self.save_config_kwargs["overwrite"] = True
+            print(f"vision_tl: resuming {run} from {path.name}")
 
 
 def run_lightning_cli(argv: list[str]) -> int:

@@ -1,0 +1,59 @@
+"""A real SIGTERM mid-training leaves a resumable run that ends exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vision_tl.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EPOCHS = 4
+
+
+def _args(data: Path, save_dir: Path) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(data),
+            "--model.backbone", "test_efficientnet", "--model.pretrained", "false", "--model.image_size", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.augment", "none",
+            "--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(save_dir)]
+
+
+def _final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_path):
+    assert main(_args(inspection_folder, tmp_path / "a")) == 0
+    reference = tmp_path / "a" / "partial" / "version_0"
+
+    run = tmp_path / "b" / "partial" / "version_0"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vision_tl.cli", *_args(inspection_folder, tmp_path / "b")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    interrupted_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    assert interrupted_at < EPOCHS - 1, f"training finished before the signal arrived:\n{output}"
+    assert "resume" in output, output
+
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]) == 0
+    assert not (tmp_path / "b" / "partial" / "version_1").exists()  # resumed into the same run
+    resumed, expected = _final_state(run), _final_state(reference)
+    for key, value in expected.items():
+        assert torch.allclose(resumed[key].float(), value.float(), atol=1e-5), key
+    a = json.loads((reference / "metrics.json").read_text())["val_last"]
+    b = json.loads((run / "metrics.json").read_text())["val_last"]
+    assert a["acc"] == pytest.approx(b["acc"]) and a["confusion_matrix"] == b["confusion_matrix"]

@@ -1,0 +1,101 @@
+"""Resuming interrupted runs exactly: random state in checkpoints, ``--ckpt_path last``.
+
+A SIGTERM or Ctrl-C stops training at the next batch boundary; the ``last.ckpt``
+written at the end of the previous epoch is the resume point. Lightning restores
+weights, optimiser, scheduler and loop counters from it; this callback adds the
+random number generators, so a resumed CPU run with a fixed seed continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        # Python's random state is a tuple of ints: plain data, safe for weights_only=True.
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class ResumableRandomState(L.Callback):
+    """Saves the RNG states with every checkpoint and restores them when training resumes.
+
+    They are restored at the first ``on_train_epoch_start`` after resuming (after the
+    sanity check and loop set-up), so the next epoch's augmentation and dropout match.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            _set_rng_state(self._pending)
+            self._pending = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        last = Path(trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+        if trainer.is_global_zero and last.exists():
+            pl_module.print(
+                f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
+                f"finished epoch with: vision-tl fit --config {Path(trainer.log_dir) / 'config.yaml'} "
+                f"--ckpt_path {last}"
+            )
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed after every validation.
+
+    Lightning 2.6 only rewrites ``last.ckpt`` in a step where a top-k checkpoint was
+    saved, which leaves it stale when the monitored metric stops improving; a resume
+    point must be the latest epoch, not the best one.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path:
+    """The newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt``."""
+    base = Path(save_dir) / name
+    candidates = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no run under {base} has checkpoints/last.ckpt; give the checkpoint path "
+            "explicitly, e.g. --ckpt_path runs/partial/version_0/checkpoints/last.ckpt"
+        )
+    return candidates[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """``RUN`` for ``RUN/checkpoints/x.ckpt`` when RUN looks like a vision_tl run directory."""
+    run = checkpoint.resolve().parent.parent
+    return run if checkpoint.parent.name == "checkpoints" and (run / "config.yaml").exists() else None
