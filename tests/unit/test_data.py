@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vision_tl.data import DatasetError, ImageFolderDataModule, build_augmentation, scan_folder, stratified_split
+from vision_tl.data import (
+    DatasetError,
+    ImageFolderDataModule,
+    build_augmentation,
+    scan_folder,
+    stratified_split,
+)
 
 TINY = "test_efficientnet"
 

@@ -43,9 +43,10 @@ class BatchAugment(nn.Module):
     def __init__(self, preprocessing: Preprocessing, augment: bool = True, brightness: float = 0.15,
                  contrast: float = 0.15, p_bc: float = 0.7, gamma: tuple[float, float] = (85, 115),
                  p_gamma: float = 0.3, noise_std: tuple[float, float] = (0.01, 0.03), p_noise: float = 0.2,
-                 p_blur: float = 0.1) -> None:
+                 p_blur: float = 0.1, p_vflip: float = 0.5, p_rot90: float = 0.5) -> None:
         super().__init__()
         self.augment = augment
+        self.p_vflip, self.p_rot90 = p_vflip, p_rot90
         self.brightness, self.contrast, self.p_bc = brightness, contrast, p_bc
         self.gamma, self.p_gamma = gamma, p_gamma
         self.noise_std, self.p_noise, self.p_blur = noise_std, p_noise, p_blur
@@ -53,6 +54,21 @@ class BatchAugment(nn.Module):
         std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+
+    @classmethod
+    def from_preset(cls, preset: str, preprocessing: Preprocessing, train: bool = True) -> BatchAugment:
+        """The batch twin of an albumentations preset (``none``, ``light``, ``inspection``)."""
+        if preset == "inspection":
+            return cls(preprocessing, augment=train)
+        if preset == "light":
+            return cls(preprocessing, augment=train, brightness=0.1, contrast=0.1, p_bc=0.5, p_gamma=0.0,
+                       p_noise=0.0, p_blur=0.0, p_vflip=0.0, p_rot90=0.0)
+        if preset == "none":
+            return cls(preprocessing, augment=False)
+        raise ValueError(
+            f"on-device augmentation supports the presets none, light and inspection, not {preset!r}; "
+            "use --data.pipeline cpu for a custom albumentations list"
+        )
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -66,10 +82,10 @@ class BatchAugment(nn.Module):
     def _geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
         n, dev = len(x), x.device
         x = torch.where(_coin(n, 0.5, dev, generator).view(n, 1, 1, 1), x.flip(3), x)
-        x = torch.where(_coin(n, 0.5, dev, generator).view(n, 1, 1, 1), x.flip(2), x)
-        if x.shape[2] == x.shape[3]:  # 90-degree turns keep the shape only for square inputs
+        x = torch.where(_coin(n, self.p_vflip, dev, generator).view(n, 1, 1, 1), x.flip(2), x)
+        if x.shape[2] == x.shape[3] and self.p_rot90 > 0:  # 90-degree turns keep only square shapes
             k = torch.randint(0, 4, (n,), device=dev, generator=generator)
-            k = torch.where(_coin(n, 0.5, dev, generator), k, torch.zeros_like(k))
+            k = torch.where(_coin(n, self.p_rot90, dev, generator), k, torch.zeros_like(k))
             for turns in (1, 2, 3):
                 x = torch.where((k == turns).view(n, 1, 1, 1), torch.rot90(x, turns, (2, 3)), x)
         return x

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
+from vision_tl.data.batch_augment import BatchAugment
+from vision_tl.data.decoded_cache import DecodedImageDataset, decoded_images
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -23,10 +25,11 @@ from vision_tl.data.folder import (
     warn_cross_duplicates,
     write_split,
 )
-from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, ResizeOnly
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 SAMPLERS = ("none", "balanced")
+PIPELINES = ("auto", "cpu", "device")
 
 
 class ImageDataset(Dataset):
@@ -53,7 +56,13 @@ class ImageDataset(Dataset):
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default collate after dropping samples that failed to decode (``None``)."""
+    """Default collate after dropping samples that failed to decode (``None``).
+
+    A single item whose image is 4-D is a batch a dataset already assembled
+    (``DecodedImageDataset.__getitems__``) and passes through unchanged.
+    """
+    if len(batch) == 1 and batch[0] is not None and batch[0][0].ndim == 4:
+        return batch[0]
     kept = [b for b in batch if b is not None]
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
@@ -111,6 +120,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         sampler: ``none`` or ``balanced`` (each class drawn equally often).
         skip_bad_images: train past unreadable images instead of stopping.
         good_class: name of the defect-free class, for reports and export.
+        pipeline: ``cpu`` (albumentations per image in the loader), ``device``
+            (decode + resize in the loader, augment + normalise the batch on the
+            accelerator) or ``auto`` (``device`` when training on a GPU).
+        decoded_cache: keep resized uint8 pixels in a memory-mapped file so JPEGs are
+            decoded once (``true``: ``~/.cache/vision_tl/decoded`` or
+            ``$VISION_TL_DECODED_CACHE``; a path: that directory; ``false``: decode every epoch).
 
     Example:
         >>> dm = ImageFolderDataModule("data/demo", backbone="tf_efficientnet_lite0")
@@ -131,8 +146,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         sampler: str = "none",
         skip_bad_images: bool = False,
         good_class: str | None = None,
+        pipeline: str = "auto",
+        decoded_cache: bool | str = False,
     ) -> None:
         super().__init__()
+        if pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r}; expected one of: {', '.join(PIPELINES)}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if batch_size < 1:
@@ -144,6 +163,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
         self._feature_data: dict[str, Dataset] = {}  # see use_features
+        self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._classes = list_classes(self.layout.get("train", self.root))
         if good_class is not None and good_class not in self._classes:
             raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
@@ -205,9 +225,49 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DatasetError(f"{self.root} has no {name}/ split; available: {', '.join(self.splits)}")
         return self.splits[name]
 
-    def dataset(self, split: str, augment: bool = False) -> ImageDataset:
-        transform = ImageTransform(self.preprocessing, self.hparams.augment if augment else "none")
-        return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
+    def device_pipeline(self) -> bool:
+        """True when batches are augmented and normalised on the device, not in the loader."""
+        if self.hparams.pipeline == "auto":
+            trainer = self.trainer
+            return trainer is not None and trainer.strategy.root_device.type == "cuda" and isinstance(
+                self.hparams.augment, str)
+        return self.hparams.pipeline == "device"
+
+    def dataset(self, split: str, augment: bool = False) -> Dataset:
+        """The split as a dataset of ``(image tensor, label)``.
+
+        In the device pipeline images are resized uint8 ``[3, H, W]``; otherwise they are
+        augmented (``augment=True``) and normalised float tensors.
+        """
+        on_device = self.device_pipeline()
+        transform = (ResizeOnly(self.preprocessing) if on_device else
+                     ImageTransform(self.preprocessing, self.hparams.augment if augment else "none"))
+        if not self.hparams.decoded_cache:
+            return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
+        samples = self._split(split)
+        cache_dir = None if self.hparams.decoded_cache is True else self.hparams.decoded_cache
+        pixels, bad = decoded_images([s.path for s in samples], [s.sha256 for s in samples],
+                                     self.preprocessing.input_size, self.preprocessing.interpolation,
+                                     cache_dir, self.num_workers)
+        if bad and not self.hparams.skip_bad_images:
+            names = ", ".join(str(samples[i].path) for i in bad[:5])
+            raise ImageLoadError(f"{len(bad)} image(s) could not be decoded: {names}. "
+                                 "Pass --data.skip_bad_images true to skip such files.")
+        bad_rows = set(bad)
+        keep = [i for i in range(len(samples)) if i not in bad_rows]
+        return DecodedImageDataset(pixels, [s.label for s in samples], keep, None if on_device else transform)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Device pipeline: augment (training only) and normalise uint8 image batches on the device."""
+        x, y = batch
+        if x.dtype != torch.uint8:
+            return batch
+        train = bool(self.trainer is not None and self.trainer.training)
+        if train not in self._batch_augment:
+            self._batch_augment[train] = BatchAugment.from_preset(
+                self.hparams.augment if train else "none", self.preprocessing, train)
+        augment = self._batch_augment[train].to(x.device)
+        return augment(x), y
 
     def use_features(self, datasets: dict[str, Dataset] | None) -> None:
         """Serve these ``(features, label)`` datasets instead of images for their splits.
@@ -225,7 +285,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             weights = None
             if self.hparams.sampler == "balanced":
                 counts = np.maximum(np.array(self.class_counts(split)), 1)
-                labels = dataset.labels if features is not None else [s.label for s in dataset.samples]
+                labels = dataset.labels if hasattr(dataset, "labels") else [s.label for s in dataset.samples]
                 weights = [1.0 / counts[label] for label in labels]
             sampler = EpochSampler(len(dataset), self.hparams.seed, weights)
         return DataLoader(

@@ -85,3 +85,16 @@ class ImageTransform:
 def eval_transform(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
     """The deterministic transform used for validation, test, predict and export parity."""
     return ImageTransform(preprocessing, "none")
+
+
+class ResizeOnly:
+    """uint8 RGB array -> resized uint8 ``[3, H, W]`` tensor; augmentation and
+    normalisation happen later, on the device (:class:`~vision_tl.data.batch_augment.BatchAugment`)."""
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        p = self.preprocessing
+        image = resize(image, p.input_size, p.interpolation)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -10,7 +10,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.tasks.callbacks import RunArtifacts
 from vision_tl.tasks.classifier import ImageClassifier
-from vision_tl.tasks.resume import ResumableRandomState, RunCheckpoint, find_last_checkpoint, run_dir_of
+from vision_tl.tasks.resume import (
+    ResumableRandomState,
+    RunCheckpoint,
+    find_last_checkpoint,
+    run_dir_of,
+)
 
 
 class SaveRunConfig(SaveConfigCallback):

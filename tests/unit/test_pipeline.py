@@ -1,0 +1,97 @@
+"""Input pipelines: CPU vs on-device augmentation, with and without the decoded-image cache."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_tl.data import ImageFolderDataModule
+from vision_tl.data import decoded_cache as dc
+from vision_tl.tasks import ImageClassifier
+
+TINY = "test_efficientnet"
+
+
+def _dm(root, **kwargs) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(str(root), backbone=TINY, image_size=40, num_workers=0, batch_size=8, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("pipeline, cached", [("cpu", True), ("device", False), ("device", True)])
+def test_every_pipeline_gives_identical_validation_batches(inspection_folder, tmp_path, pipeline, cached):
+    reference = _dm(inspection_folder, pipeline="cpu")
+    other = _dm(inspection_folder, pipeline=pipeline, decoded_cache=str(tmp_path) if cached else False)
+    for ref_batch, batch in zip(reference.val_dataloader(), other.val_dataloader(), strict=True):
+        x, y = other.on_after_batch_transfer(batch, 0)
+        assert torch.equal(y, ref_batch[1])
+        assert torch.allclose(x, ref_batch[0], atol=1e-5)
+
+
+def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 12, 3), i * 40, np.uint8)).save(paths[-1])
+    cache = tmp_path / "cache"
+    pixels, bad = dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
+    assert pixels.shape == (3, 8, 8, 3) and bad == [] and int(pixels[2].mean()) == 80
+    files = sorted(cache.glob("*.npy"))
+    stamp = files[0].stat().st_mtime_ns
+    dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    dc.decoded_images(paths, ["a", "b", "CHANGED"], (8, 8), "bilinear", cache)
+    dc.decoded_images(paths, ["a", "b", "c"], (16, 16), "bilinear", cache)
+    assert len(list(cache.glob("*.npy"))) == 3  # new content or new size: new entries
+
+
+def test_killed_cache_build_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for p in paths:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
+    calls = {"n": 0}
+
+    def dying_load(path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return np.zeros((8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(dc, "load_rgb", dying_load)
+    with pytest.raises(KeyboardInterrupt):
+        dc.decoded_images(paths, list("abcd"), (8, 8), "bilinear", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_bad_images_in_the_cache_are_named_or_skipped(inspection_folder, tmp_path, monkeypatch):
+    real_load = dc.load_rgb
+
+    def load(path):  # a file that passed the folder scan but fails to decode (e.g. changed on a share)
+        if path.name == "good_0003.png":
+            raise dc.ImageLoadError(f"{path}: corrupt or truncated image")
+        return real_load(path)
+
+    monkeypatch.setattr(dc, "load_rgb", load)
+    dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="could not be decoded: .*good_0003.png"):
+        dm.dataset("train"), dm.dataset("val")
+    dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c2"), skip_bad_images=True)
+    assert len(dm.dataset("train")) + len(dm.dataset("val")) == 4 * 12 - 1
+
+
+def test_device_pipeline_trains_end_to_end_on_cpu(inspection_folder, tmp_path):
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0,
+                               batch_size=8, pipeline="device", decoded_cache=str(tmp_path / "c"))
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="full")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.state.finished and "val" in model.eval_results
+
+
+def test_unknown_pipeline_is_rejected(inspection_folder):
+    with pytest.raises(ValueError, match="expected one of: auto, cpu, device"):
+        ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="gpu")
