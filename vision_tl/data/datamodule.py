@@ -288,6 +288,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                 labels = dataset.labels if hasattr(dataset, "labels") else [s.label for s in dataset.samples]
                 weights = [1.0 / counts[label] for label in labels]
             sampler = EpochSampler(len(dataset), self.hparams.seed, weights)
+            # A resumed run may draw its first batches before Lightning calls set_epoch.
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -297,6 +299,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping_bad,
             drop_last=train and len(dataset) > self.hparams.batch_size,
+            # Worker seeds come from this generator, not the global one, so creating an
+            # iterator never shifts the random stream that dropout and augmentation use.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

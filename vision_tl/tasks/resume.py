@@ -76,11 +76,22 @@ class RunCheckpoint(ModelCheckpoint):
     point must be the latest epoch, not the best one.
     """
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
+    def _refresh_last(self, trainer: L.Trainer) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
                 and self._last_global_step_saved != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # Lightning saves either at the end of the training epoch or after validation; the
+    # refresh runs after whichever of the two did the saving, never before it.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path:
