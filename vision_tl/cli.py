@@ -16,6 +16,10 @@ OTHER_COMMANDS = {
     "probe": ("vision_tl.features.cli", "cross-validate quick heads on frozen features per backbone"),
     "export": ("vision_tl.export.cli", "export a checkpoint to ONNX with preprocessing and class names"),
     "predict-onnx": ("vision_tl.deploy.cli", "predict a folder with an exported ONNX model (no torch)"),
+    # "module:function" when one module serves several commands (default function: main).
+    "report": ("vision_tl.reports.cli:report_main", "evaluate a run: HTML report, curves, good/defect threshold"),
+    "compare": ("vision_tl.reports.cli:compare_main", "compare runs side by side (table, HTML)"),
+    "explain": ("vision_tl.reports.cli:explain_main", "Grad-CAM heat maps for images"),
 }
 
 USAGE = """usage: vision-tl COMMAND [options]   (vision-tl COMMAND --help for details)
@@ -54,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in OTHER_COMMANDS:
         import importlib
 
-        module = importlib.import_module(OTHER_COMMANDS[command][0])
-        return int(module.main(argv if module.__name__.endswith("features.cli") else rest) or 0)
+        module_name, _, function = OTHER_COMMANDS[command][0].partition(":")
+        module = importlib.import_module(module_name)
+        entry = getattr(module, function or "main")
+        return int(entry(argv if module.__name__.endswith("features.cli") else rest) or 0)
     print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -44,7 +44,9 @@ class RunArtifacts(L.Callback):
             datamodule.setup(stage)
             datamodule.save_split(run / "split.json")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks before the
+        # module's, so eval_results would still hold the previous epoch (or the sanity check).
         if not trainer.sanity_checking and "val" in pl_module.eval_results:
             self.history.append(dict(pl_module.eval_results["val"]))
 
@@ -79,6 +81,23 @@ class RunArtifacts(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and "test" in pl_module.eval_results:
             self._write_metrics(trainer, pl_module, "test", pl_module.eval_results["test"])
+            self._write_test_report(trainer, pl_module)
+
+    def _write_test_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The HTML report from the probabilities collected during test (no second pass)."""
+        from vision_tl.reports.report import write_report
+
+        outputs = getattr(pl_module, "eval_outputs", {}).get("test")
+        if outputs is None:
+            return
+        samples = getattr(trainer.test_dataloaders, "dataset", None)
+        samples = getattr(samples, "samples", None)
+        paths = [str(s.path) for s in samples] if samples and len(samples) == len(outputs["labels"]) else None
+        result = write_report(self.run_dir(trainer), outputs["probabilities"], outputs["labels"], pl_module.classes,
+                              paths=paths, good_class=pl_module.hparams.get("good_class"),
+                              threshold=getattr(pl_module, "threshold", None), split="test",
+                              info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone")})
+        pl_module.print(f"vision_tl: test report {result.html}")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._predictions.append(outputs["probabilities"].cpu())

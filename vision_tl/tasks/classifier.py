@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -23,6 +25,7 @@ from torchmetrics.classification import (
 from vision_tl import __version__
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing, weights_identity
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable
+from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 
@@ -72,6 +75,15 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         good_class: the defect-free class, if any (used by reports and export).
         channels_last: train in channels-last memory format (faster on GPUs).
+        feature_cache: ``frozen`` mode only: run the backbone once per image and train the
+            head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
+            ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
+            directory; ``None`` runs the backbone on every batch as before.
+        cached_views: ``frozen`` + cache: views per training image, view 0 clean and the
+            others augmented with the datamodule's ``augment`` (1 = clean features only).
+        threshold_target: choose the good/defect threshold on P(good) after every validation
+            epoch, e.g. ``"false_reject:0.01"`` (at most 1 % of good images rejected) or
+            ``"escape:0.005"``; needs ``good_class``. Saved as ``threshold`` in the checkpoint.
 
     Example:
         >>> model = ImageClassifier(["good", "scratch"], mode="frozen")
@@ -98,6 +110,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         good_class: str | None = None,
         channels_last: bool = False,
+        feature_cache: str | None = "auto",
+        cached_views: int = 1,
+        threshold_target: str | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
@@ -108,6 +123,11 @@ class ImageClassifier(L.LightningModule):
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         class_weights_from_counts([1, 1], class_weights)  # validates the name early
+        if threshold_target is not None:
+            parse_threshold_target(threshold_target)
+            if good_class is None:
+                raise ValueError(f"threshold_target {threshold_target!r} needs good_class "
+                                 "(--data.good_class NAME on the command line)")
         self.save_hyperparameters()
         self.classes = list(classes)
         self.preprocessing = resolve_preprocessing(backbone, image_size)
@@ -117,6 +137,10 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = _metrics(len(self.classes))
         self.test_metrics = _metrics(len(self.classes))
         self.eval_results: dict[str, dict] = {}
+        # Per-image probabilities and labels of the last val/test epoch (numpy), for reports.
+        self.eval_outputs: dict[str, dict[str, np.ndarray]] = {}
+        self._eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.threshold: float | None = None
         self.register_buffer("loss_weights", torch.ones(len(self.classes)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +162,30 @@ class ImageClassifier(L.LightningModule):
         trainable, total = count_trainable(self.net)
         if stage == "fit":
             self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
+            self._use_feature_cache(datamodule)
+
+    def _use_feature_cache(self, datamodule) -> None:
+        """Frozen mode: switch the datamodule's train/val loaders to cached backbone features."""
+        cache = self.hparams.feature_cache
+        if self.hparams.mode != "frozen" or cache is None or not hasattr(datamodule, "use_features"):
+            return
+        from vision_tl.features.training import cached_feature_datasets
+
+        device = self.trainer.strategy.root_device
+        datasets = cached_feature_datasets(
+            self.net.backbone.to(device), self.hparams.backbone, datamodule,
+            cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device)
+        datamodule.use_features(datasets)
+        self.print(f"vision_tl: training the head on cached features ({self.hparams.cached_views} view(s))")
+
+    def teardown(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage == "fit" and hasattr(datamodule, "use_features"):
+            datamodule.use_features(None)  # validate/test/predict read images again
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for an image batch ``[N, 3, H, W]`` or a cached-feature batch ``[N, F]``."""
+        return self.net.forward_head(x) if x.ndim == 2 else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, weight=self.loss_weights,
@@ -147,7 +195,7 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         if len(y) == 0:
             return None
-        loss = self._loss(self(x), y)
+        loss = self._loss(self._logits(x), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -155,9 +203,11 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         if len(y) == 0:
             return
-        logits = self(x)
+        logits = self._logits(x)
         self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y))
-        metrics.update(logits.float().softmax(-1), y)
+        probs = logits.float().softmax(-1)
+        metrics.update(probs, y)
+        self._eval_batches.setdefault(stage, []).append((probs.detach().cpu(), y.detach().cpu()))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -177,6 +227,25 @@ class ImageClassifier(L.LightningModule):
             "recall_per_class": dict(zip(self.classes, values["recall_per_class"].tolist())),
             "confusion_matrix": values["confusion_matrix"].int().tolist(),
         }
+        batches = self._eval_batches.pop(stage, [])
+        if batches:
+            self.eval_outputs[stage] = {"probabilities": torch.cat([p for p, _ in batches]).numpy(),
+                                        "labels": torch.cat([y for _, y in batches]).numpy()}
+        if stage == "val" and self.hparams.threshold_target and batches:
+            self._choose_threshold(self.eval_outputs["val"])
+
+    def _choose_threshold(self, outputs: dict[str, np.ndarray]) -> None:
+        """Set ``self.threshold`` to meet ``threshold_target`` on this validation epoch."""
+        k = self.classes.index(self.hparams.good_class)
+        try:
+            choice = select_threshold(outputs["probabilities"][:, k], outputs["labels"] == k,
+                                      self.hparams.threshold_target)
+        except ThresholdError as exc:
+            rank_zero_warn(f"vision_tl: no threshold this epoch: {exc}")
+            return
+        self.threshold = choice["threshold"]
+        self.eval_results["val"].update(threshold=choice["threshold"], escape_rate=choice["escape_rate"],
+                                        false_reject_rate=choice["false_reject_rate"])
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end(self.val_metrics, "val")
@@ -209,6 +278,10 @@ class ImageClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # `vision-tl test --ckpt_path` and resumed fits keep the chosen good/defect threshold.
+        self.threshold = (checkpoint.get("vision_tl") or {}).get("threshold")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export and deployment need, in plain types (loadable with weights_only=True).
         checkpoint["vision_tl"] = {
@@ -219,6 +292,7 @@ class ImageClassifier(L.LightningModule):
             "preprocessing": self.preprocessing.to_dict(),
             "good_class": self.hparams.good_class,
             "threshold": getattr(self, "threshold", None),
+            "threshold_target": self.hparams.get("threshold_target"),
             "metrics": {k: {m: v for m, v in r.items() if not isinstance(v, (list, dict))}
                         for k, r in self.eval_results.items()},
         }

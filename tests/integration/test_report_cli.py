@@ -1,0 +1,130 @@
+"""`vision-tl report | compare | explain` and the test-time report, on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vision_tl.cli import main
+from vision_tl.tasks import load_classifier
+from vision_tl.tasks.checkpoint import read_checkpoint
+
+TINY_ARGS = ["--model.backbone", "test_efficientnet", "--model.pretrained", "false", "--model.image_size", "32",
+             "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_epochs", "2",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FIGURES = ("confusion_matrix_val.png", "per_class_val.png", "roc_pr_val.png", "reliability_val.png",
+           "threshold_val.png", "operating_curve_val.png", "error_gallery_val.png")
+
+
+@pytest.fixture(scope="module")
+def run(inspection_folder, tmp_path_factory) -> Path:
+    """A fitted run whose threshold is chosen during fit (false_reject:0.5), then reported."""
+    root = tmp_path_factory.mktemp("report_runs")
+    assert main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder),
+                 *TINY_ARGS, "--trainer.logger.init_args.save_dir", str(root), "--data.good_class", "good",
+                 "--model.threshold_target", "false_reject:0.5"]) == 0
+    run = root / "partial" / "version_0"
+    assert main(["report", str(run), "--target-escape", "0.2"]) == 0
+    return run
+
+
+def test_fit_stores_the_threshold_it_chose_on_validation(run):
+    meta = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]
+    assert meta["threshold_target"] == "false_reject:0.5" and 0.0 <= meta["threshold"] <= 1.0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["threshold"] == pytest.approx(meta["threshold"])  # the best epoch's own threshold
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+
+def test_report_writes_everything_and_keeps_metrics_json(run):
+    for name in ("report.html", "predictions.csv", *FIGURES):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "history" in metrics and "val" in metrics  # fit's keys survive the read-modify-write
+    report = metrics["report"]["val"]
+    assert set(metrics["figures"].values()) >= {*FIGURES, "report.html"}
+    assert report["summary"]["images"] == len(json.loads((run / "split.json").read_text())["val"])
+    assert report["good_vs_defect"]["escape_rate"] <= 0.2
+    json.dumps(metrics, allow_nan=False)
+    header = (run / "predictions.csv").read_text().splitlines()[0]
+    assert header == "path,true,predicted,probability,p_crack,p_good,p_scratch,p_spot,decision"
+
+
+def test_report_saves_the_threshold_into_a_copy_that_loads_weights_only(run):
+    original = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
+    model, meta = load_classifier(run / "checkpoints" / "best.thresholded.ckpt")  # weights_only=True inside
+    report = json.loads((run / "metrics.json").read_text())["report"]["val"]
+    assert meta["threshold"] == pytest.approx(report["good_vs_defect"]["threshold"])
+    assert meta["threshold_choice"]["target"] == "escape:0.2" and model.threshold == meta["threshold"]
+    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"] == original
+
+
+def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path):
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(["test", *args]) == 0
+    test_dir = tmp_path / "partial" / "version_0"
+    assert (test_dir / "report_test.html").is_file() and (test_dir / "threshold_test.png").is_file()
+    metrics = json.loads((test_dir / "metrics.json").read_text())
+    threshold = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
+    assert metrics["report"]["test"]["good_vs_defect"]["threshold"] == pytest.approx(threshold)
+
+
+def test_compare_prints_and_writes(run, tmp_path, capsys):
+    assert main(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "macro AUC" in out and out.count("partial/version_0") == 2
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.html", "compare.json", "compare.png"}
+
+
+def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
+    image = min((inspection_folder / "scratch").iterdir())
+    assert main(["explain", str(run / "checkpoints/best.ckpt"), str(image), "--class", "scratch",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{image.stem}.gradcam.png").stat().st_size > 0
+    assert "Grad-CAM of scratch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["report", "{tmp}/nope"], "does not exist"),
+    (["report", "{run}", "--in-place"], "--in-place only applies"),
+    (["compare", "{tmp}"], "no metrics.json"),
+    (["explain", "{run}/checkpoints/best.ckpt", "{tmp}/missing.png"], "does not exist"),
+    (["explain", "{run}/checkpoints/best.ckpt", "{run}/report.html", "--class", "nope"], "crack, good"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(run, tmp_path, capsys, argv, message):
+    # In-process (a subprocess costs ~10 s of imports): an escaping exception would fail the test.
+    assert main([a.format(run=run, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHECK_IMAGES = ("<script>window.addEventListener('load',()=>{const w=[...document.images].map(i=>i.naturalWidth);"
+                "document.body.insertAdjacentHTML('beforeend','<pre id=\"imgcheck\">'+w.join(',')+'</pre>')});"
+                "</script></body>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    html = (run / "report.html").read_text()
+    assert "<script" not in html  # the report itself is static; the check script is added to a copy
+    page = tmp_path / "page.html"
+    page.write_text(html.replace("</body>", CHECK_IMAGES))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, check=False,
+                         timeout=90).stdout
+    widths = re.search(r'<pre id="imgcheck">([\d,]*)</pre>', dom)
+    assert widths, f"the check script did not run; DOM starts: {dom[:300]!r}"
+    sizes = [int(w) for w in widths.group(1).split(",") if w]
+    assert len(sizes) == html.count("<img") >= len(FIGURES) and min(sizes) > 0
+    for name in ("crack", "good", "scratch", "spot"):
+        assert f'<td class="l">{name}</td>' in dom

@@ -1,0 +1,125 @@
+"""Report metrics on small fixed predictions, checked against values computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vision_tl.reports import metrics as M
+
+CLASSES = ["good", "dent", "scratch"]
+# true: good, good, good, dent, dent, scratch
+LABELS = np.array([0, 0, 0, 1, 1, 2])
+PROBS = np.array([
+    [0.85, 0.10, 0.05],  # good    -> good     (conf .85)
+    [0.65, 0.25, 0.10],  # good    -> good     (conf .65)
+    [0.30, 0.65, 0.05],  # good    -> dent     (conf .65, wrong)
+    [0.20, 0.75, 0.05],  # dent    -> dent     (conf .75)
+    [0.55, 0.40, 0.05],  # dent    -> good     (conf .55, wrong)
+    [0.10, 0.15, 0.75],  # scratch -> scratch  (conf .75)
+])
+
+
+def test_confusion_matrix_and_per_class_values():
+    matrix = M.confusion_matrix(LABELS, PROBS.argmax(1), 3)
+    assert matrix.tolist() == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    good, dent, scratch = M.per_class_metrics(matrix, CLASSES)
+    assert good["precision"] == pytest.approx(2 / 3) and good["recall"] == pytest.approx(2 / 3)
+    assert good["f1"] == pytest.approx(2 / 3) and good["support"] == 3 and good["predicted"] == 3
+    assert (dent["precision"], dent["recall"], dent["f1"]) == (0.5, 0.5, 0.5)
+    assert (scratch["precision"], scratch["recall"], scratch["f1"]) == (1.0, 1.0, 1.0)
+    summary = M.summary_metrics(matrix, [good, dent, scratch])
+    assert summary["acc"] == pytest.approx(4 / 6)
+    assert summary["balanced_acc"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+
+
+def test_one_vs_rest_auc_and_average_precision():
+    good, dent, scratch = M.one_vs_rest_curves(PROBS, LABELS, CLASSES)
+    assert good["roc_auc"] == pytest.approx(8 / 9)  # 8 of 9 (good, other) pairs ranked right
+    assert dent["roc_auc"] == pytest.approx(7 / 8)
+    assert scratch["roc_auc"] == pytest.approx(1.0)
+    # good ranked: .85 P, .65 P, .55 N, .30 P -> precision at each hit 1, 1, 3/4
+    assert good["average_precision"] == pytest.approx((1 + 1 + 0.75) / 3)
+    assert good["roc"]["fpr"][0] == 0.0 and good["roc"]["tpr"][-1] == 1.0
+
+
+def test_expected_calibration_error():
+    cal = M.calibration(PROBS, LABELS, bins=10)
+    # bins: .55 (acc 0), .65 x2 (acc .5), .75 x2 (acc 1), .85 (acc 1)
+    assert cal["ece"] == pytest.approx((0.55 + 2 * 0.15 + 2 * 0.25 + 0.15) / 6)
+    counts = [b["count"] for b in cal["bins"]]
+    assert counts == [0, 0, 0, 0, 0, 1, 2, 2, 1, 0]
+    assert cal["bins"][0]["accuracy"] is None and cal["bins"][0]["confidence"] is None
+
+
+@pytest.mark.parametrize(("target", "threshold", "escapes", "rejects"), [
+    ("false_reject:0", 0.30, 1, 0),      # keep every good image: the .55 defect passes
+    ("false_reject:0.34", 0.65, 0, 1),   # one of three good images may go
+    ("escape:0", 0.60, 0, 1),            # midway between the .55 defect and the .65 good
+    ("escape:0.34", 0.25, 1, 0),         # one of three defects may pass: midway .20 -> .30
+])
+def test_threshold_selection_meets_its_target(target, threshold, escapes, rejects):
+    p_good, is_good = PROBS[:, 0], LABELS == 0
+    choice = M.select_threshold(p_good, is_good, target)
+    assert choice["threshold"] == pytest.approx(threshold)
+    assert (choice["escapes"], choice["false_rejects"]) == (escapes, rejects)
+    assert choice["escape_rate"] == pytest.approx(escapes / 3)
+    assert choice["target"] == target
+
+
+def test_threshold_target_errors_name_the_problem():
+    with pytest.raises(M.ThresholdError, match="false_reject, escape"):
+        M.parse_threshold_target("recall:0.1")
+    with pytest.raises(M.ThresholdError, match=r"\[0, 1\)"):
+        M.parse_threshold_target("escape:1.5")
+    with pytest.raises(M.ThresholdError, match="no good images"):
+        M.select_threshold(np.array([0.2, 0.4]), np.array([False, False]), "false_reject:0.1")
+    assert M.parse_threshold_target("false-reject:0.01") == M.ThresholdTarget("false_reject", 0.01)
+
+
+def test_class_absent_from_validation_is_none_with_a_reason_never_nan():
+    labels = np.array([0, 0, 1, 1])  # no scratch at all, and scratch never predicted
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.5, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    scratch = result["per_class"][2]
+    for key in ("precision", "recall", "f1", "roc_auc", "average_precision"):
+        assert scratch[key] is None and scratch["undefined"][key]
+    assert "absent" in scratch["undefined"]["recall"]
+    assert result["summary"]["balanced_acc"] == pytest.approx((0.5 + 1.0) / 2)
+    assert "scratch" in result["summary"]["notes"][0]
+    json.dumps(result, allow_nan=False)  # raises on any NaN or inf
+
+
+def test_precision_of_a_class_never_predicted_is_undefined():
+    rows = M.per_class_metrics(np.array([[2, 0], [1, 0]]), ["good", "dent"])
+    assert rows[1]["precision"] is None and rows[1]["recall"] == 0.0 and rows[1]["f1"] == 0.0
+    assert rows[1]["undefined"] == {"precision": "class never predicted"}
+
+
+def test_perfect_classifier():
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    assert result["summary"]["acc"] == 1.0 and result["summary"]["balanced_acc"] == 1.0
+    assert result["summary"]["f1_macro"] == 1.0 and result["summary"]["roc_auc_macro"] == 1.0
+    assert all(r["average_precision"] == 1.0 for r in result["per_class"])
+    gvd = result["good_vs_defect"]
+    assert gvd["escape_rate"] == 0.0 and gvd["false_reject_rate"] == 0.0
+    assert result["calibration"]["ece"] == pytest.approx(abs(1.0 - (0.9 + 0.1 / 3)))
+
+
+def test_auc_with_one_class_present_is_undefined():
+    curves = M.one_vs_rest_curves(np.array([[0.7, 0.3], [0.6, 0.4]]), np.array([0, 0]), ["good", "dent"])
+    assert curves[0]["roc_auc"] is None and "no images of other classes" in curves[0]["undefined"]["roc_auc"]
+    assert curves[1]["roc_auc"] is None and "absent" in curves[1]["undefined"]["roc_auc"]
+
+
+def test_good_vs_defect_without_threshold_uses_argmax_and_sweep_is_monotone():
+    gvd = M.good_vs_defect(PROBS, LABELS, CLASSES, "good", None)
+    assert gvd["threshold"] is None and gvd["escapes"] == 1 and gvd["false_rejects"] == 1
+    assert np.all(np.diff(gvd["sweep"]["escape_rate"]) <= 0)
+    assert np.all(np.diff(gvd["sweep"]["false_reject_rate"]) >= 0)
+    with pytest.raises(ValueError, match="not a class"):
+        M.good_vs_defect(PROBS, LABELS, CLASSES, "ok", None)

@@ -1,0 +1,220 @@
+"""``extract``: one embedding per image of a folder, as arrays and/or an ``.npz`` / Parquet file."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
+from vision_tl.data.folder import SPLIT_NAMES, DatasetError, FolderIndex, file_sha256, scan_folder
+from vision_tl.features.cache import CacheReport, FeatureCache
+from vision_tl.features.extractor import FeatureExtractor
+from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
+from vision_tl.imaging import is_image_file
+
+WRITE_CHUNK = 2048  # rows per streamed write
+
+
+@dataclass
+class ImageList:
+    """The images of a folder: class-per-folder (labels) or flat (label -1)."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def drop(self, bad_paths: set[Path]) -> None:
+        keep = [i for i, p in enumerate(self.paths) if p not in bad_paths]
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.hashes = [self.hashes[i] for i in keep]
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
+    """Index ``root``: ``<class>/`` folders, ``train/ val/ test/`` split folders, or flat images.
+
+    Raises:
+        DatasetError: the folder is missing or empty, or holds unreadable images
+            (listed by name) and ``skip_bad`` is False.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a directory")
+    dirs = _visible_dirs(root)
+    splits = [d for d in dirs if d.name in SPLIT_NAMES]
+    images = ImageList(root, [])
+    if not dirs:
+        _add_flat(images, root)
+    else:
+        folders = splits if (root / "train").is_dir() else [root]
+        images.classes = [d.name for d in _visible_dirs(folders[0])]
+        if not images.classes:
+            raise DatasetError(f"{folders[0]} has no class folders; expected <class>/ sub-folders")
+        for folder in folders:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="skipped .* unreadable")
+                index = scan_folder(folder, images.classes, skip_bad=True)
+            _add_index(images, index)
+    if images.bad and not skip_bad:
+        lines = "\n".join(f"  {p}: {why}" for p, why in images.bad[:20])
+        raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{lines}\n"
+                           "Fix or remove them, or pass --skip-bad (skip_bad=True) to leave them out.")
+    if not images.paths:
+        raise DatasetError(f"{root} holds no readable images")
+    return images
+
+
+def _add_index(images: ImageList, index: FolderIndex) -> None:
+    images.paths += [s.path for s in index.samples]
+    images.labels += [s.label for s in index.samples]
+    images.hashes += [s.sha256 for s in index.samples]
+    images.bad += index.bad_files
+
+
+def _add_flat(images: ImageList, root: Path) -> None:
+    from vision_tl.data.folder import _check_header  # the same cheap header check as scan_folder
+
+    for path in sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)):
+        problem = _check_header(path)
+        if problem:
+            images.bad.append((path, problem))
+            continue
+        images.paths.append(path)
+        images.labels.append(-1)
+        images.hashes.append(file_sha256(path))
+
+
+def _chunks(cache: FeatureCache, extractor: FeatureExtractor, images: ImageList) -> Iterator[tuple]:
+    for start in range(0, len(images.paths), WRITE_CHUNK):
+        part = slice(start, start + WRITE_CHUNK)
+        feats = cache.read(extractor, images.hashes[part])
+        yield (feats, [images.relative(p) for p in images.paths[part]],
+               np.asarray(images.labels[part], np.int64), images.hashes[part])
+
+
+def _metadata(extractor: FeatureExtractor, images: ImageList, report: CacheReport) -> dict:
+    return {**extractor.identity(), "root": str(images.root), "classes": images.classes,
+            "rows": len(images.paths), "images_per_second": report.images_per_second}
+
+
+def extract(
+    root: str | Path,
+    backbone: str = DEFAULT_BACKBONE,
+    out: str | Path | None = None,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    stages: str | Sequence[str | int] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    return_features: bool = True,
+) -> FeatureSet | None:
+    """Embed every image under ``root`` with a frozen backbone; optionally write ``out``.
+
+    Work is streamed through a content-keyed :class:`FeatureCache`, shard by shard:
+    a re-run (or a run after a kill) only computes images whose hash is not stored
+    yet. With ``use_cache=False`` the shards go to ``.<out>.partial/`` beside the
+    output instead and are removed once the output is written.
+
+    Args:
+        root: image folder (``<class>/`` sub-folders, ``train/ val/`` splits, or flat).
+        backbone: timm model name.
+        out: ``.npz`` or ``.parquet`` file to write (atomically); ``None`` writes nothing.
+        weights: local backbone weights (``.safetensors`` / ``.pth``).
+        pretrained: use ImageNet weights (offline); False = random init.
+        stages: ``"pooled"`` (default), stage numbers ``"3,4"``, or both ``"3,4,pooled"``.
+        image_size: input size override (default from the backbone's ``pretrained_cfg``).
+        batch_size: images per forward pass.
+        num_workers: image-decoding processes (0 = decode in this process).
+        cache_dir: feature cache root (default ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``).
+        use_cache: keep the features in the cache for later runs.
+        overwrite: replace an existing ``out``.
+        skip_bad: leave unreadable images out instead of stopping.
+        device: ``"cpu"``, ``"cuda"``...; default cuda when available.
+        progress: show a tqdm bar.
+        return_features: also return the arrays (False keeps memory flat for huge folders).
+
+    Returns:
+        A :class:`FeatureSet` (features ``[N, F]``, relative paths, labels, hashes, metadata),
+        or None when ``return_features`` is False.
+
+    Example:
+        >>> fs = extract("../shared/datasets/neu", "tf_efficientnet_lite0", "neu.parquet")
+        >>> fs.features.shape
+        (1800, 1280)
+    """
+    out_path = check_output_path(out, overwrite) if out is not None else None
+    images = scan_images(root, skip_bad)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
+    extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages)
+    with _work_dir(out_path, use_cache, cache_dir) as cache_root:
+        cache = FeatureCache(cache_root)
+        report = cache.ensure(extractor, images.paths, images.hashes, batch_size, num_workers, device,
+                              progress)
+        _handle_failures(images, report, skip_bad)
+        metadata = _metadata(extractor, images, report)
+        if out_path is not None:
+            write_features(out_path, _chunks(cache, extractor, images), len(images.paths), metadata,
+                           overwrite=overwrite)
+        if not return_features:
+            return None
+        feats = cache.read(extractor, images.hashes)
+    return FeatureSet(feats, [images.relative(p) for p in images.paths],
+                      np.asarray(images.labels, np.int64), images.classes, images.hashes, metadata)
+
+
+def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:
+    if not report.failed:
+        return
+    if not skip_bad:
+        lines = "\n".join(f"  {p}: {why}" for p, why in report.failed[:20])
+        raise DatasetError(f"{len(report.failed)} image(s) could not be decoded:\n{lines}\n"
+                           "Fix or remove them, or pass --skip-bad to leave them out.")
+    warnings.warn(f"left out {len(report.failed)} undecodable image(s)", stacklevel=3)
+    images.drop({p for p, _ in report.failed})
+
+
+@contextlib.contextmanager
+def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None) -> Iterator[Path | None]:
+    """The cache root, or a partial-shards folder beside ``out`` when the cache is off."""
+    if use_cache:
+        yield Path(cache_dir).expanduser() if cache_dir else None
+    elif out is None:
+        with tempfile.TemporaryDirectory(prefix="vision_tl_features_") as tmp:
+            yield Path(tmp)
+    else:
+        path = partial_dir(out)
+        yield path  # an exception leaves the finished shards for the next run to resume from
+        if path.exists():
+            remove_store(path)  # done: the output holds everything
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a cache-less extraction keeps its finished shards until the output is written."""
+    return out.parent / f".{out.name}.partial"

@@ -1,0 +1,140 @@
+"""``FeatureCache``: backbone features keyed by file content, reused across runs.
+
+Layout: ``<root>/<backbone>/<key>/`` is one :class:`ShardStore`, where ``key`` is a
+hash of everything the features depend on (backbone, weights identity and a
+digest of the actual weights, preprocessing, stages, augmentation view, timm
+version), and rows inside it are keyed by the image's sha256. So:
+
+* changing an image's bytes changes its key: the row is recomputed;
+* changing the input size, weights or stages picks another store directory;
+* a store whose ``meta.json`` does not match what is asked is refused, never used.
+
+The root defaults to ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``.
+A root that is itself a store (has ``meta.json``) is used only for the exact
+settings that wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
+from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
+from vision_tl.utils.files import atomic_write_text
+
+CACHE_ENV = "VISION_TL_CACHE"
+SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images
+
+
+class FeatureCacheError(FeatureStoreError):
+    """A cache that cannot be used for the features asked for; the message names it."""
+
+
+def default_cache_dir() -> Path:
+    """``$VISION_TL_CACHE`` if set, else ``~/.cache/vision_tl/features``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vision_tl" / "features"
+
+
+@dataclass
+class CacheReport:
+    """What one :meth:`FeatureCache.ensure` call did."""
+
+    requested: int
+    computed: int
+    failed: list[tuple[Path, str]]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.computed and self.seconds > 0 else float("nan")
+
+
+class FeatureCache:
+    """Content-keyed features on disk; computes only what is missing.
+
+    Args:
+        root: cache directory; ``None`` uses :func:`default_cache_dir`.
+
+    Example:
+        >>> cache = FeatureCache("/tmp/feature-cache")
+        >>> fx = FeatureExtractor(create_backbone("tf_efficientnet_lite0"), "tf_efficientnet_lite0", prep)
+        >>> feats = cache.features(fx, [s.path for s in index.samples], [s.sha256 for s in index.samples])
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise FeatureCacheError(f"feature cache {self.root} is a file; expected a directory")
+
+    @staticmethod
+    def key(identity: dict) -> str:
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+    def store(self, extractor: FeatureExtractor) -> ShardStore:
+        """The store for this extractor's settings; refuses a store written by other settings."""
+        identity = extractor.identity()
+        pinned = (self.root / "meta.json").is_file()
+        path = self.root if pinned else self.root / extractor.backbone / self.key(identity)
+        try:
+            return ShardStore(path, identity)
+        except FeatureStoreError as exc:
+            raise FeatureCacheError(str(exc)) from exc
+        except OSError as exc:
+            raise FeatureCacheError(f"cannot use feature cache {path}: {exc}") from exc
+
+    def ensure(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
+               batch_size: int = 16, num_workers: int = 0, device=None,
+               progress: bool | str = True) -> CacheReport:
+        """Compute and store the features of every image whose hash is not cached yet."""
+        if len(paths) != len(hashes):
+            raise ValueError(f"{len(paths)} paths but {len(hashes)} hashes")
+        store = self.store(extractor)
+        todo: dict[str, Path] = {}
+        for path, key in zip(paths, hashes):
+            if key not in store and key not in todo:
+                todo[key] = Path(path)
+        keys, files = list(todo), list(todo.values())
+        failed: list[tuple[Path, str]] = []
+        pending_keys: list[str] = []
+        pending: list[np.ndarray] = []
+        start = time.perf_counter()
+        for batch in iter_embeddings(extractor, files, batch_size, num_workers, device, progress):
+            pending_keys += [keys[i] for i in batch.positions]
+            pending.append(batch.features)
+            failed += [(files[i], why) for i, why in batch.failures]
+            if len(pending_keys) >= SHARD_ROWS:
+                store.append(pending_keys, np.concatenate(pending))
+                pending_keys, pending = [], []
+        store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
+        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start)
+        if report.computed:
+            atomic_write_text(store.path / "stats.json", json.dumps(
+                {"images_per_second": report.images_per_second, "images": report.computed}))
+        return report
+
+    def throughput(self, extractor: FeatureExtractor) -> float:
+        """Images/s of the last run that computed features into this store (nan if unknown)."""
+        stats = self.store(extractor).path / "stats.json"
+        return float(read_json(stats)["images_per_second"]) if stats.is_file() else float("nan")
+
+    def read(self, extractor: FeatureExtractor, hashes: Sequence[str]) -> np.ndarray:
+        """``[len(hashes), num_features]`` from the store (every hash must be cached)."""
+        return self.store(extractor).read(list(hashes))
+
+    def features(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
+                 **kwargs) -> np.ndarray:
+        """:meth:`ensure` then :meth:`read`; raises if an image could not be decoded."""
+        report = self.ensure(extractor, paths, hashes, **kwargs)
+        if report.failed:
+            lines = "\n".join(f"  {p}: {why}" for p, why in report.failed[:20])
+            raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{lines}")
+        return self.read(extractor, hashes)

@@ -1,0 +1,134 @@
+"""``vision-tl extract`` and ``vision-tl probe``: argparse front-ends over :mod:`vision_tl.features`.
+
+``main(argv)`` receives the command name as ``argv[0]`` (``extract`` or ``probe``).
+Bad input prints ``error: <message>`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXTRACT_EXAMPLES = """examples:
+  vision-tl extract data/neu --backbone tf_efficientnet_lite0 --out neu_lite0.parquet
+  vision-tl extract data/neu --backbone resnet50 --weights resnet50.safetensors --out r50.npz
+  vision-tl extract data/neu --backbone tf_efficientnet_lite0 --stages 3,4,pooled --out multi.npz
+
+A killed or interrupted run resumes: images whose content hash is already in the
+feature cache ($VISION_TL_CACHE or ~/.cache/vision_tl/features) are skipped.
+"""
+
+PROBE_EXAMPLES = """examples:
+  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --backbone resnet18
+  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --shots 1 5 10 --draws 10
+  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --plot-dir runs/probe
+
+Features come from the feature cache, so a second probe of the same folder takes seconds.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("root", help="image folder: <class>/ sub-folders, train/ val/ splits, or flat")
+    parser.add_argument("--stages", default="pooled",
+                        help="'pooled' (default), stage numbers into the model's feature_info such as "
+                             "'3,4', or both: '3,4,pooled' (each stage average-pooled, concatenated)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input size (default: the backbone's pretrained_cfg)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per forward pass (16: keeps a CPU run under ~1.3 GB)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (0)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="use randomly initialised backbones (no ImageNet weights), on purpose")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser for ``extract`` or ``probe``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    if command == "extract":
+        parser = argparse.ArgumentParser(
+            prog="vision-tl extract", formatter_class=fmt, epilog=EXTRACT_EXAMPLES,
+            description="Write one embedding per image (relative path, label, sha256, features) "
+                        "to .npz or .parquet, with the backbone, weights identity and preprocessing.")
+        _common(parser)
+        parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
+        parser.add_argument("--weights", default=None, help="local .safetensors/.pth backbone weights")
+        parser.add_argument("--out", required=True, help="output file, .npz or .parquet")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+        parser.add_argument("--no-cache", action="store_true",
+                            help="keep nothing in the cache (partial shards live beside --out until done)")
+        return parser
+    parser = argparse.ArgumentParser(
+        prog="vision-tl probe", formatter_class=fmt, epilog=PROBE_EXAMPLES,
+        description="Cross-validate quick heads (logistic regression, k-NN) on frozen features of "
+                    "each backbone and print accuracy ± std, balanced accuracy and features/s.")
+    _common(parser)
+    parser.add_argument("--backbone", action="append", required=True, dest="backbones",
+                        help="timm model name; repeat to compare several")
+    parser.add_argument("--weights", default=None, help="local weights (only with a single --backbone)")
+    parser.add_argument("--heads", default="logreg,knn", help="comma list of logreg, knn, logreg-l2")
+    parser.add_argument("--folds", type=int, default=5, help="k of stratified k-fold (0 skips it)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[],
+                        help="few-shot: N training images per class, the rest test (several allowed)")
+    parser.add_argument("--draws", type=int, default=10, help="random draws per few-shot setting (10)")
+    parser.add_argument("--views", type=int, default=1,
+                        help="cached views per image: 1 clean + K-1 augmented, used for training rows")
+    parser.add_argument("--augment", default="inspection", help="augmentation preset of extra views")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws")
+    parser.add_argument("--plot-dir", default=None, help="write pca_<backbone>.png scatters here")
+    return parser
+
+
+def _run_extract(args: argparse.Namespace) -> None:
+    from vision_tl.features.api import extract
+
+    extract(args.root, args.backbone, args.out, weights=args.weights, pretrained=not args.random_init,
+            stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
+            num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+            overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
+            progress=not args.no_progress, return_features=False)
+    print(f"vision_tl: wrote {args.out}")
+
+
+def _run_probe(args: argparse.Namespace) -> None:
+    from vision_tl.features.probe import format_table, probe
+
+    if args.weights is not None and len(args.backbones) != 1:
+        raise ValueError("--weights applies to one backbone; pass a single --backbone with it")
+    results = probe(args.root, args.backbones, heads=[h.strip() for h in args.heads.split(",") if h.strip()],
+                    folds=args.folds, shots=args.shots, draws=args.draws, seed=args.seed,
+                    plot_dir=args.plot_dir, skip_bad=args.skip_bad, weights=args.weights,
+                    pretrained=not args.random_init, stages=args.stages, image_size=args.image_size,
+                    views=args.views, augment=args.augment, cache_dir=args.cache_dir,
+                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                    progress=not args.no_progress)
+    print(format_table(results, args.folds))
+    if args.plot_dir:
+        print(f"vision_tl: PCA scatters in {args.plot_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``extract ...`` or ``probe ...`` (``argv[0]`` is the command name).
+
+    Example:
+        >>> main(["extract", "data/neu", "--backbone", "tf_efficientnet_lite0", "--out", "neu.npz"])
+        0
+    """
+    from vision_tl.errors import user_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("extract", "probe"):
+        print("usage: vision-tl {extract,probe} ... (vision-tl extract --help)", file=sys.stderr)
+        return 2
+    args = build_parser(argv[0]).parse_args(argv[1:])
+    with user_errors():
+        _run_extract(args) if argv[0] == "extract" else _run_probe(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Turning images into embeddings with a frozen timm backbone.
+
+:class:`FeatureExtractor` wraps a backbone, its preprocessing and the choice of
+features: the pooled output (``"pooled"``, what ``num_classes=0`` returns) and/or
+intermediate stages, each global-average-pooled and concatenated in the order
+given. Stage numbers index the model's ``feature_info`` (timm's
+``forward_intermediates``), so nothing is guessed from the architecture's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vision_tl.backbones import Preprocessing, weights_identity
+from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.imaging import ImageLoadError, load_rgb
+
+POOLED = "pooled"
+FORMAT_VERSION = 1  # bump when the meaning of stored features changes
+
+
+def parse_stages(spec: str | Sequence[str | int] | None) -> tuple[str, ...]:
+    """``"pooled"``, ``"3,4"``, ``"3,4,pooled"`` or a list of the same -> normalised tuple.
+
+    Example:
+        >>> parse_stages("3, 4, pooled")
+        ('3', '4', 'pooled')
+    """
+    if spec is None:
+        return (POOLED,)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    stages = tuple(str(s).strip().lower() for s in items if str(s).strip())
+    if not stages:
+        raise ValueError("stages is empty; use 'pooled', stage numbers like '3,4', or both")
+    for stage in stages:
+        if stage != POOLED and not stage.lstrip("-").isdigit():
+            raise ValueError(f"unknown stage {stage!r}; use 'pooled' or a stage number such as 3")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"stages {','.join(stages)} lists a stage twice")
+    return stages
+
+
+def state_digest(model: nn.Module) -> str:
+    """Hash of every parameter and buffer: changes whenever the weights change at all."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+class FeatureExtractor:
+    """A frozen backbone that maps ``[N, 3, H, W]`` batches to ``[N, num_features]`` embeddings.
+
+    Args:
+        model: a timm model with ``num_classes=0`` (as :func:`create_backbone` returns).
+        backbone: its timm name (recorded in every output and cache key).
+        preprocessing: resize + normalisation applied to every image.
+        stages: ``("pooled",)`` (default), stage numbers into ``feature_info``, or both.
+        augment: augmentation applied before normalisation (``"none"`` for clean views).
+        view: index of an augmented view (0 = clean); part of the cache key.
+
+    Example:
+        >>> net = create_backbone("tf_efficientnet_lite0")
+        >>> fx = FeatureExtractor(net, "tf_efficientnet_lite0", resolve_preprocessing("tf_efficientnet_lite0"))
+        >>> fx.num_features
+        1280
+    """
+
+    def __init__(self, model: nn.Module, backbone: str, preprocessing: Preprocessing,
+                 stages: str | Sequence[str | int] | None = None, augment: AugmentSpec = "none",
+                 view: int = 0) -> None:
+        self.model = model
+        self.backbone = backbone
+        self.preprocessing = preprocessing
+        self.stages = parse_stages(stages)
+        self.augment = augment if view > 0 else "none"
+        self.view = int(view)
+        info = [int(f["num_chs"]) for f in getattr(model, "feature_info", [])]
+        self._indices: list[int] = []
+        for stage in self.stages:
+            if stage == POOLED:
+                continue
+            k = int(stage)
+            if not info or not -len(info) <= k < len(info):
+                raise ValueError(
+                    f"stage {k} does not exist in {backbone}: it has {len(info)} feature stages "
+                    f"(0..{len(info) - 1}, widths {info}); use 'pooled' or one of those numbers"
+                )
+            self._indices.append(k % len(info))
+        widths = {str(k): info[k % len(info)] for k in self._indices} if info else {}
+        self.widths = [int(model.num_features) if s == POOLED else widths[str(int(s) % len(info))]
+                       for s in self.stages]
+        self.num_features = int(sum(self.widths))
+        self._identity: dict | None = None
+
+    def identity(self) -> dict:
+        """Everything the embeddings depend on; the cache key and the output metadata."""
+        if self._identity is None:
+            import timm
+
+            self._identity = {
+                "format": FORMAT_VERSION,
+                "backbone": self.backbone,
+                "weights": weights_identity(self.model),
+                "state_digest": state_digest(self.model),
+                "preprocessing": self.preprocessing.to_dict(),
+                "stages": list(self.stages),
+                "num_features": self.num_features,
+                "augment": json.loads(json.dumps(self.augment)),
+                "view": self.view,
+                "timm": timm.__version__,
+            }
+        return self._identity
+
+    def transform(self) -> ImageTransform:
+        return ImageTransform(self.preprocessing, self.augment)
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings for a normalised batch; the model is run in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if not self._indices:
+                return self.model(x).flatten(1).float()
+            final, inter = self.model.forward_intermediates(x, indices=sorted(set(self._indices)))
+            by_index = dict(zip(sorted(set(self._indices)), inter))
+            parts = []
+            for stage in self.stages:
+                if stage == POOLED:
+                    parts.append(self.model.forward_head(final, pre_logits=True).flatten(1))
+                else:
+                    parts.append(by_index[int(stage) % len(self.model.feature_info)].mean((2, 3)))
+            return torch.cat(parts, 1).float()
+        finally:
+            self.model.train(was_training)
+
+
+class _ImageFiles(Dataset):
+    """Decoded, transformed images; an undecodable file yields its error instead."""
+
+    def __init__(self, paths: list[Path], transform: ImageTransform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(self.paths[i])), None
+        except ImageLoadError as exc:
+            return i, None, str(exc)
+
+
+def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    ok = [(i, x) for i, x, err in batch if err is None]
+    bad = [(i, err) for i, x, err in batch if err is not None]
+    x = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], x, bad
+
+
+@dataclass
+class BatchResult:
+    positions: list[int]  # indices into the list of paths given to ``iter_embeddings``
+    features: np.ndarray
+    failures: list[tuple[int, str]]
+
+
+def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: int = 16,
+                    num_workers: int = 0, device: torch.device | str | None = None,
+                    progress: bool | str = True) -> Iterator[BatchResult]:
+    """Embed ``paths`` batch by batch (decode, transform, forward), with a tqdm bar.
+
+    Only one batch of images is in memory at a time (plus what loader workers prefetch).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
+    loader = DataLoader(_ImageFiles(paths, extractor.transform()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
+        for positions, x, bad in loader:
+            feats = np.zeros((0, extractor.num_features), np.float32)
+            if x is not None:
+                feats = extractor.embed(x.to(device)).cpu().numpy()
+            bar.update(len(positions) + len(bad))
+            yield BatchResult(positions, feats, bad)

@@ -1,0 +1,137 @@
+"""``vision-tl compare``: runs side by side, from their ``metrics.json`` and ``config.yaml``.
+
+A run that has a report (``vision-tl report RUN``) contributes AUC, ECE and the
+good/defect rates too; otherwise only the validation metrics written by ``fit``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vision_tl.reports.report import ReportError
+
+COLUMNS = (("acc", "accuracy"), ("balanced_acc", "balanced acc."), ("f1_macro", "macro F1"),
+           ("roc_auc_macro", "macro AUC"), ("ece", "ECE"), ("escape_rate", "escape"),
+           ("false_reject_rate", "false reject"), ("threshold", "threshold"))
+
+
+@dataclass
+class RunSummary:
+    """One row of the comparison."""
+
+    name: str
+    path: Path
+    backbone: str | None
+    mode: str | None
+    classes: list[str]
+    values: dict[str, float | None]
+    recall: dict[str, float | None]
+    val_hashes: frozenset[str] | None
+    has_report: bool
+
+
+@dataclass
+class Comparison:
+    runs: list[RunSummary]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"runs": [{"name": r.name, "path": str(r.path), "backbone": r.backbone, "mode": r.mode,
+                          "has_report": r.has_report, **r.values, "recall": r.recall} for r in self.runs],
+                "notes": self.notes}
+
+
+def _config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
+    """Read a run directory's metrics (report section first) and its backbone / mode."""
+    run = Path(run).expanduser()
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
+                          "(runs/<name>/version_N)")
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc})") from exc
+    report = metrics.get("report", {}).get(split)
+    if report is not None:
+        values = dict(report["summary"])
+        values.update({k: report.get("good_vs_defect", {}).get(k)
+                       for k in ("escape_rate", "false_reject_rate", "threshold")})
+        recall = {r["class"]: r["recall"] for r in report["per_class"]}
+    elif split in metrics:
+        values = dict(metrics[split])
+        recall = dict(metrics[split].get("recall_per_class", {}))
+    else:
+        raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}` first")
+    config = _config(run)
+    model = config.get("model") or {}
+    hashes = None
+    if (run / "split.json").is_file():
+        hashes = frozenset(item["sha256"] for item in json.loads((run / "split.json").read_text()).get(split, []))
+    return RunSummary(name=f"{run.parent.name}/{run.name}", path=run, backbone=model.get("backbone"),
+                      mode=model.get("mode"), classes=list(metrics.get("classes", [])),
+                      values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
+                      val_hashes=hashes or None, has_report=report is not None)
+
+
+def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
+    """Summaries of several runs, with notes when they are not strictly comparable."""
+    if len(runs) < 1:
+        raise ReportError("give at least one run directory")
+    summaries = [summarise_run(r, split) for r in runs]
+    notes = []
+    if len({tuple(s.classes) for s in summaries}) > 1:
+        notes.append("the runs have different classes; per-class recall is shown for shared classes only")
+    hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}
+    if len(hashes) > 1:
+        notes.append(f"the runs were evaluated on different {split} images; differences may reflect the split")
+    missing = [s.name for s in summaries if not s.has_report]
+    if missing:
+        notes.append(f"no report yet for {', '.join(missing)}: AUC, ECE and escape rates need "
+                     "`vision-tl report RUN`")
+    return Comparison(summaries, notes)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def format_table(comparison: Comparison) -> str:
+    """A plain-text table for the terminal."""
+    header = ["run", "backbone", "mode", *[label for _, label in COLUMNS]]
+    rows = [[r.name, r.backbone or "?", r.mode or "?", *[_fmt(r.values[k]) for k, _ in COLUMNS]]
+            for r in comparison.runs]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + [f"note: {n}" for n in comparison.notes])
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``compare.json``, ``compare.png`` and a self-contained ``compare.html`` into ``out_dir``."""
+    from vision_tl.reports.html import render_comparison
+    from vision_tl.reports.plots import plot_comparison
+    from vision_tl.utils.files import atomic_write_text
+
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = comparison.to_dict()
+    paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
+    atomic_write_text(paths["json"], json.dumps(data, indent=1))
+    keys = [k for k, _ in COLUMNS[:4]]
+    plot_comparison([r.name for r in comparison.runs], {label: [r.values[k] for r in comparison.runs]
+                                                        for k, label in COLUMNS if k in keys}, paths["png"])
+    shared = [c for c in comparison.runs[0].classes if all(c in r.classes for r in comparison.runs)]
+    atomic_write_text(paths["html"], render_comparison(data, COLUMNS, shared, paths["png"]))
+    return paths

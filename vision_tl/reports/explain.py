@@ -1,0 +1,166 @@
+"""Grad-CAM heat maps: which part of an image drove a class score.
+
+Uses the ``grad-cam`` package (``pytorch_grad_cam``). The target layer is the
+backbone's last feature stage as timm reports it in ``feature_info`` (its
+``module`` entry), so it works for any timm CNN without guessing from names.
+
+Example:
+    >>> from vision_tl.reports.explain import explain_checkpoint
+    >>> explain_checkpoint("runs/partial/version_0/checkpoints/best.ckpt",
+    ...                    ["data/demo/scratch/scratch_0001.png"], out_dir="explain")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DISPLAY_SIZE = 256
+
+
+class ExplainError(ValueError):
+    """A model, class name or image that Grad-CAM cannot use; the message says which."""
+
+
+@dataclass
+class Explanation:
+    """One image's Grad-CAM for one class."""
+
+    path: Path
+    image: np.ndarray  # H x W x 3 uint8, as decoded
+    cam: np.ndarray  # H x W float in [0, 1], at the model's input size
+    predicted: str
+    probability: float
+    explained: str
+    p_explained: float
+
+
+def target_layer(backbone):
+    """The module of the backbone's last ``feature_info`` entry (the deepest feature map).
+
+    Raises:
+        ExplainError: the backbone has no ``feature_info`` (e.g. not a timm model).
+    """
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ExplainError(f"backbone {type(backbone).__name__} has no timm feature_info; Grad-CAM needs "
+                           "a timm model with feature stages")
+    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
+    try:
+        return backbone.get_submodule(last["module"])
+    except AttributeError as exc:
+        raise ExplainError(f"feature_info names module {last['module']!r}, which the backbone lacks") from exc
+
+
+def _class_index(classes: list[str], name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name not in classes:
+        raise ExplainError(f"unknown class {name!r}; the model's classes are: {', '.join(classes)}")
+    return classes.index(name)
+
+
+def explain_images(model, paths: list[str | Path], class_name: str | None = None) -> list[Explanation]:
+    """Grad-CAM of ``class_name`` (default: each image's predicted class) for image files.
+
+    Args:
+        model: an :class:`~vision_tl.tasks.ImageClassifier` (e.g. from ``load_classifier``).
+        paths: image files.
+        class_name: the class to explain; ``None`` explains the predicted class.
+    """
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from vision_tl.data.transforms import eval_transform
+    from vision_tl.imaging import load_rgb
+
+    classes = list(model.classes)
+    wanted = _class_index(classes, class_name)
+    net = model.net.to("cpu").eval()
+    transform = eval_transform(model.preprocessing)
+    results = []
+    with GradCAM(model=net, target_layers=[target_layer(net.backbone)]) as cam:
+        for path in paths:
+            image = load_rgb(path)
+            x = transform(image)[None].requires_grad_(True)  # gradients reach frozen stages too
+            with torch.no_grad():
+                probs = net(x).float().softmax(-1)[0].numpy()
+            k = int(probs.argmax()) if wanted is None else wanted
+            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+            results.append(Explanation(Path(path), image, np.nan_to_num(heat), classes[int(probs.argmax())],
+                                       float(probs.max()), classes[k], float(probs[k])))
+    return results
+
+
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if array.dtype == np.uint8:
+        return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(array.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+
+
+def save_explanation(item: Explanation, path: str | Path) -> Path:
+    """A PNG with the image, the heat map and the overlay side by side."""
+    from vision_tl.reports.plots import _pyplot, _save
+
+    plt = _pyplot()
+    h, w = item.image.shape[:2]
+    scale = DISPLAY_SIZE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image, heat = _resize(item.image, size), np.clip(_resize(item.cam, size), 0.0, 1.0)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.9), constrained_layout=True)
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=10)
+    shown = axes[1].imshow(heat, cmap="jet", vmin=0, vmax=1)
+    axes[1].set_title(f"Grad-CAM for '{item.explained}'", fontsize=10)
+    axes[2].imshow(image)
+    axes[2].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[2].set_title("overlay", fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes[1], shrink=0.8, label="relevance")
+    fig.suptitle(f"{item.path.name}: predicted {item.predicted} ({item.probability:.2f}); "
+                 f"P({item.explained}) = {item.p_explained:.2f}", fontsize=11)
+    return _save(fig, path)
+
+
+def expand_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files from files and folders (folders searched recursively)."""
+    from vision_tl.imaging import is_image_file
+
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise ExplainError(f"folder {item} holds no images")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise ExplainError(f"image {item} does not exist")
+    return paths
+
+
+def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
+                       class_name: str | None = None) -> list[tuple[Explanation, Path]]:
+    """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files."""
+    from vision_tl.tasks.checkpoint import load_classifier
+
+    paths = expand_images(images)
+    model, _ = load_classifier(checkpoint)
+    _class_index(list(model.classes), class_name)  # fail before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, used = [], set()
+    for item in explain_images(model, paths, class_name):
+        name = f"{item.path.stem}.gradcam.png"
+        if name in used:  # same file name in two folders
+            name = f"{item.path.parent.name}_{name}"
+        used.add(name)
+        written.append((item, save_explanation(item, out_dir / name)))
+    return written

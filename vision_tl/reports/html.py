@@ -1,0 +1,181 @@
+"""A self-contained HTML report: one file, images inlined as base64, no scripts or network."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;margin:0;background:#f6f8fa}
+main{max-width:1100px;margin:0 auto;padding:24px 28px 48px;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:32px 0 10px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.meta{color:#57606a;font-size:13px}.meta b{color:#1f2328;font-weight:600}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:16px 0}
+.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
+.card .v{font-size:20px;font-weight:600}.card .k{color:#57606a;font-size:12px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
+th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:right}
+th{background:#f6f8fa}td.l,th.l{text-align:left}
+td.na{color:#8c959f;font-style:italic}
+img.fig{max-width:100%;border:1px solid #eaeef2;margin:6px 0}
+img.thumb{width:72px;height:72px;object-fit:contain;image-rendering:pixelated;background:#000}
+.note{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:6px 10px;margin:8px 0;font-size:13px}
+.small{color:#57606a;font-size:12px}
+"""
+
+FIGURE_TITLES = {
+    "confusion_matrix": "Confusion matrix",
+    "per_class": "Precision, recall and F1 per class",
+    "roc_pr": "ROC and precision-recall curves (one class vs the rest)",
+    "reliability": "Calibration: is a 90 % confidence right 90 % of the time?",
+    "threshold": "Good vs defect: the threshold trade-off",
+    "operating_curve": "Operating curve: escape rate vs false-reject rate",
+    "error_gallery": "Gallery of the most confident mistakes",
+}
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: float | None, reason: str | None = None, pct: bool = False) -> str:
+    """A table cell: the number, or 'n/a' with the reason as tooltip."""
+    if value is None:
+        return f'<td class="na" title="{_esc(reason or "undefined")}">n/a</td>'
+    return f"<td>{value:.1%}</td>" if pct else f"<td>{value:.3f}</td>"
+
+
+def png_data_uri(path: str | Path) -> str:
+    """``data:image/png;base64,...`` for a PNG file."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _thumbnail(path: str | None, size: int = 96) -> str:
+    if not path:
+        return ""
+    from PIL import Image
+
+    from vision_tl.imaging import ImageLoadError, load_rgb
+
+    try:
+        image = Image.fromarray(load_rgb(path))
+    except ImageLoadError:
+        return ""
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img class="thumb" alt="{_esc(Path(path).name)}" src="{uri}">'
+
+
+def _cards(summary: dict, gvd: dict | None) -> str:
+    items = [("accuracy", summary["acc"]), ("balanced accuracy", summary["balanced_acc"]),
+             ("macro F1", summary["f1_macro"]), ("macro ROC AUC", summary["roc_auc_macro"]),
+             ("ECE (lower is better)", summary["ece"])]
+    if gvd is not None:
+        items += [("escape rate", gvd["escape_rate"]), ("false-reject rate", gvd["false_reject_rate"])]
+    cells = "".join(f'<div class="card"><div class="v">{"n/a" if v is None else f"{v:.3f}"}</div>'
+                    f'<div class="k">{_esc(k)}</div></div>' for k, v in items)
+    return f'<div class="cards">{cells}</div>'
+
+
+def _per_class_table(rows: list[dict]) -> str:
+    head = ("<tr><th class=l>class</th><th>images</th><th>predicted</th><th>precision</th><th>recall</th>"
+            "<th>F1</th><th>ROC AUC</th><th>avg. precision</th></tr>")
+    body = []
+    for r in rows:
+        why = r["undefined"]
+        body.append(f'<tr><td class="l">{_esc(r["class"])}</td><td>{r["support"]}</td><td>{r["predicted"]}</td>'
+                    + "".join(_num(r[k], why.get(k)) for k in
+                              ("precision", "recall", "f1", "roc_auc", "average_precision")) + "</tr>")
+    return f'<table id="per-class">{head}{"".join(body)}</table>'
+
+
+def _undefined_notes(result: dict) -> str:
+    items = [f"{_esc(r['class'])}: {_esc(k)} — {_esc(v)}" for r in result["per_class"]
+             for k, v in r["undefined"].items()]
+    items += [_esc(n) for n in result["summary"].get("notes", [])]
+    if not items:
+        return ""
+    return '<div class="note"><b>Undefined metrics</b> (n/a above, null in metrics.json):<br>' + \
+        "<br>".join(items) + "</div>"
+
+
+def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
+    if gvd is None:
+        return ('<h2>Good vs defect</h2><p class="small">No good class set for this run; train with '
+                "<code>--data.good_class NAME</code> to get escape and false-reject rates.</p>")
+    thr = "argmax decision (no threshold set)" if gvd["threshold"] is None else f"{gvd['threshold']:.4f}"
+    how = f" — chosen for target <b>{_esc(choice['target'])}</b>" if choice and choice.get("target") else ""
+    why = gvd["undefined"]
+    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{_esc(gvd['good_class'])}</b> iff "
+            f"P({_esc(gvd['good_class'])}) ≥ threshold. Threshold: <b>{thr}</b>{how}.</p>"
+            '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th></tr>'
+            f'<tr><td class="l">escape rate (defective images passed as good)</td>'
+            f'{_num(gvd["escape_rate"], why.get("escape_rate"), pct=True)}'
+            f'<td>{gvd["escapes"]} of {gvd["defect_images"]}</td></tr>'
+            f'<tr><td class="l">false-reject rate (good images rejected)</td>'
+            f'{_num(gvd["false_reject_rate"], why.get("false_reject_rate"), pct=True)}'
+            f'<td>{gvd["false_rejects"]} of {gvd["good_images"]}</td></tr></table>')
+
+
+def _errors_table(errors: list[dict]) -> str:
+    if not errors:
+        return "<h2>Most confident mistakes</h2><p>None: every image was classified correctly.</p>"
+    rows = "".join(
+        f'<tr><td class="l">{_thumbnail(e["path"])}</td><td class="l">{_esc(Path(e["path"]).name if e["path"] else "")}'
+        f'</td><td class="l">{_esc(e["true"])}</td><td class="l">{_esc(e["predicted"])}</td>'
+        f'<td>{e["probability"]:.3f}</td><td>{e["p_true"]:.3f}</td></tr>' for e in errors)
+    return ("<h2>Most confident mistakes</h2>"
+            '<table id="errors"><tr><th class=l>image</th><th class=l>file</th><th class=l>true</th>'
+            f"<th class=l>predicted</th><th>P(predicted)</th><th>P(true)</th></tr>{rows}</table>")
+
+
+def render_report(result: dict, figures: dict[str, Path], *, split: str, info: dict,
+                  errors: list[dict], threshold_choice: dict | None = None) -> str:
+    """The whole report as one HTML string (figures embedded)."""
+    notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in info.get("notes", []))
+    meta = " · ".join(f"<b>{_esc(k)}</b> {_esc(v)}" for k, v in info.items() if k != "notes" and v is not None)
+    figs = "".join(f"<h2>{_esc(FIGURE_TITLES.get(name, name))}</h2>"
+                   f'<img class="fig" alt="{_esc(name)}" src="{png_data_uri(path)}">'
+                   for name, path in figures.items())
+    summary = result["summary"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>vision_tl report ({_esc(split)})</title><style>{CSS}</style></head>
+<body><main>
+<h1>Evaluation report: {_esc(split)} split, {summary["images"]} images</h1>
+<div class="meta">{meta}</div>{notes}
+{_cards(summary, result.get("good_vs_defect"))}
+<h2>Per class</h2>{_per_class_table(result["per_class"])}{_undefined_notes(result)}
+{_good_vs_defect(result.get("good_vs_defect"), threshold_choice)}
+{figs}
+{_errors_table(errors)}
+<p class="small">ECE: expected calibration error of the top-1 confidence over 10 equal-width bins.
+Escape and false-reject rates are measured on these images only; expect them to move on new data.</p>
+</main></body></html>
+"""
+
+
+def render_comparison(data: dict, columns: tuple, shared_classes: list[str], figure: Path) -> str:
+    """The comparison table, per-class recall and the bar chart as one HTML page."""
+    head = "".join(f"<th>{_esc(label)}</th>" for _, label in columns)
+    rows = "".join(
+        f'<tr><td class="l">{_esc(r["name"])}</td><td class="l">{_esc(r["backbone"])}</td>'
+        f'<td class="l">{_esc(r["mode"])}</td>' + "".join(_num(r[k]) for k, _ in columns) + "</tr>"
+        for r in data["runs"])
+    recall_head = "".join(f"<th>{_esc(c)}</th>" for c in shared_classes)
+    recall_rows = "".join(f'<tr><td class="l">{_esc(r["name"])}</td>'
+                          + "".join(_num(r["recall"].get(c), "class absent") for c in shared_classes) + "</tr>"
+                          for r in data["runs"])
+    notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in data["notes"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vision_tl: runs compared</title><style>{CSS}</style></head>
+<body><main><h1>Runs compared</h1>{notes}
+<table id="compare"><tr><th class=l>run</th><th class=l>backbone</th><th class=l>mode</th>{head}</tr>{rows}</table>
+<h2>Recall per class</h2><table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>
+<img class="fig" alt="comparison" src="{png_data_uri(figure)}">
+</main></body></html>
+"""

@@ -1,0 +1,348 @@
+"""``vision-tl report``: evaluate a run's checkpoint and write an HTML report.
+
+The pieces, usable from Python:
+
+* :func:`write_report` turns probabilities and labels into ``predictions.csv``,
+  PNG figures, ``report.html`` and a ``report`` section in ``metrics.json``;
+* :func:`report_run` does it for a run directory: it loads
+  ``checkpoints/best.ckpt``, rebuilds the validation (or test) images from
+  ``split.json`` / the data root, predicts them on CPU with the evaluation
+  transform, optionally chooses the good/defect threshold and saves it into a
+  copy of the checkpoint.
+
+Example:
+    >>> from vision_tl.reports.report import report_run
+    >>> result = report_run("runs/partial/version_0", target="false_reject:0.01")  # doctest: +SKIP
+    >>> result.html  # doctest: +SKIP
+    PosixPath('runs/partial/version_0/report.html')
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from vision_tl.reports import metrics as M
+from vision_tl.utils.files import atomic_write_text
+
+SPLITS = ("val", "test")
+
+
+class ReportError(ValueError):
+    """A run directory, split or option the report cannot use; the message says what to fix."""
+
+
+@dataclass
+class ReportResult:
+    """What a report wrote, and its metrics (JSON-ready)."""
+
+    html: Path
+    predictions: Path
+    figures: dict[str, Path]
+    metrics: dict
+    threshold: dict | None = None
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def output_name(stem: str, split: str, suffix: str) -> str:
+    """``report.html`` / ``predictions.csv`` for val, ``report_test.html`` etc. otherwise."""
+    return f"{stem}{suffix}" if split == "val" else f"{stem}_{split}{suffix}"
+
+
+def _predictions_csv(probs: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str] | None,
+                     good_class: str | None, threshold: float | None) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    decide = good_class is not None and threshold is not None
+    writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in classes],
+                     *(["decision"] if decide else [])])
+    for i, (p, y) in enumerate(zip(probs, labels)):
+        k = int(p.argmax())
+        row = [paths[i] if paths else "", classes[y], classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]]
+        if decide:
+            row.append("good" if p[classes.index(good_class)] >= threshold else "defect")
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _figures(result: dict, probs: np.ndarray, labels: np.ndarray, classes: list[str], out_dir: Path,
+             split: str) -> dict[str, Path]:
+    from vision_tl.reports import plots
+
+    figures = {
+        "confusion_matrix": plots.plot_confusion_matrix(
+            result["confusion_matrix"], classes, out_dir / f"confusion_matrix_{split}.png", title=split),
+        "per_class": plots.plot_per_class(result["per_class"], out_dir / f"per_class_{split}.png",
+                                          title=f"{split}: precision, recall, F1 per class"),
+        "roc_pr": plots.plot_roc_pr(result["curves"], out_dir / f"roc_pr_{split}.png", title=split),
+        "reliability": plots.plot_reliability(result["calibration"], out_dir / f"reliability_{split}.png",
+                                              title=f"{split}: calibration"),
+    }
+    gvd = result.get("good_vs_defect")
+    if gvd is not None:
+        k = classes.index(gvd["good_class"])
+        figures["threshold"] = plots.plot_threshold(
+            probs[:, k], labels == k, gvd["sweep"], out_dir / f"threshold_{split}.png",
+            threshold=gvd["threshold"], good_class=gvd["good_class"])
+        figures["operating_curve"] = plots.plot_operating_curve(
+            gvd["sweep"], out_dir / f"operating_curve_{split}.png", threshold=gvd["threshold"],
+            good_class=gvd["good_class"])
+    return figures
+
+
+def _compact(result: dict) -> dict:
+    """The report's metrics without curves and sweeps (those are in the figures)."""
+    out = {k: v for k, v in result.items() if k not in ("curves", "good_vs_defect")}
+    out["calibration"] = {k: v for k, v in result["calibration"].items()}
+    if "good_vs_defect" in result:
+        out["good_vs_defect"] = {k: v for k, v in result["good_vs_defect"].items() if k != "sweep"}
+    return out
+
+
+def _update_metrics_json(out_dir: Path, split: str, compact: dict, figures: dict[str, Path],
+                         extra: dict) -> None:
+    """Read-modify-write ``metrics.json`` atomically; other keys are kept as they are."""
+    path = out_dir / "metrics.json"
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
+    data.setdefault("report", {})[split] = {**compact, **extra}
+    data.setdefault("figures", {}).update({f"{name}_{split}": p.name for name, p in figures.items()})
+    data["figures"][f"report_{split}"] = output_name("report", split, ".html")
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], *,
+                 paths: list[str] | None = None, good_class: str | None = None,
+                 threshold: float | None = None, split: str = "val", info: dict | None = None,
+                 threshold_choice: dict | None = None) -> ReportResult:
+    """Write predictions, figures, ``metrics.json`` (``report`` section) and the HTML report.
+
+    Args:
+        out_dir: the run directory (must exist).
+        probs: ``[N, C]`` probabilities; ``labels``: ``[N]`` true class indices.
+        classes: class names in index order.
+        paths: image paths, one per row (optional; shown in the CSV and the error table).
+        good_class: the defect-free class (adds escape / false-reject rates).
+        threshold: threshold on ``P(good)``; ``None`` reports the argmax decision.
+        split: ``val`` or ``test``; names the outputs.
+        info: header facts for the HTML (checkpoint, backbone ...).
+        threshold_choice: how ``threshold`` was chosen (shown and stored).
+    """
+    from vision_tl.reports.html import render_report
+
+    out_dir = Path(out_dir)
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    if not len(labels):
+        raise ReportError(f"no images to report on in the {split} split")
+    result = M.evaluate(probs, labels, classes, good_class=good_class, threshold=threshold)
+    predictions = out_dir / output_name("predictions", split, ".csv")
+    atomic_write_text(predictions, _predictions_csv(probs, labels, classes, paths, good_class, threshold))
+    figures = _figures(result, probs, labels, classes, out_dir, split)
+    errors = _worst_errors(probs, labels, classes, paths)
+    if paths:
+        from vision_tl.reports.plots import plot_error_gallery
+
+        figures["error_gallery"] = plot_error_gallery(errors, out_dir / f"error_gallery_{split}.png")
+    extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "threshold_choice": threshold_choice, "predictions": predictions.name}
+    _update_metrics_json(out_dir, split, _compact(result), figures, extra)
+    html = out_dir / output_name("report", split, ".html")
+    atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
+                                          threshold_choice=threshold_choice))
+    return ReportResult(html=html, predictions=predictions, figures=figures, metrics=_compact(result),
+                        threshold=threshold_choice)
+
+
+def _worst_errors(probs: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str] | None,
+                  limit: int = 12) -> list[dict]:
+    """The most confident mistakes first."""
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="mergesort")][:limit]
+    return [{"path": paths[i] if paths else None, "true": classes[labels[i]], "predicted": classes[predicted[i]],
+             "probability": float(probs[i, predicted[i]]),
+             "p_true": float(probs[i, labels[i]])} for i in wrong]
+
+
+# ------------------------------------------------------------------ run directories
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _config_data_root(run_dir: Path) -> Path | None:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    root = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("root")
+    return Path(root).expanduser() if root else None
+
+
+def split_images(run_dir: Path, classes: list[str], split: str = "val",
+                 data_root: str | Path | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Image paths and labels of a run's ``val`` or ``test`` split, and notes about them.
+
+    ``val`` comes from ``split.json`` when the run made its own split, otherwise from
+    ``<root>/val/``; ``test`` from ``<root>/test/``. ``data_root`` overrides the root
+    recorded in the run (for data that moved).
+    """
+    from vision_tl.data.folder import file_sha256, scan_folder
+
+    if split not in SPLITS:
+        raise ReportError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+    record_path = run_dir / "split.json"
+    record = _read_json(record_path) if record_path.is_file() else None
+    root = Path(data_root).expanduser() if data_root else (
+        Path(record["root"]) if record else _config_data_root(run_dir))
+    if root is None or not root.is_dir():
+        raise ReportError(f"data root {root} of run {run_dir} not found; pass --data ROOT "
+                          "(the folder given to fit as --data.root)")
+    if split == "val" and record is not None and record.get("val"):
+        paths = [root / item["path"] for item in record["val"]]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise ReportError(f"{len(missing)} validation image(s) listed in {record_path} are missing under "
+                              f"{root}, e.g. {missing[0]}; pass --data ROOT if the data moved")
+        labels = [classes.index(item["label"]) for item in record["val"]]
+        changed = sum(file_sha256(p) != item["sha256"] for p, item in zip(paths, record["val"]))
+        notes = [f"{changed} validation image(s) changed since training (sha256 differs)"] if changed else []
+        return paths, labels, notes
+    folder = root / split
+    if not folder.is_dir():
+        raise ReportError(f"{root} has no {split}/ folder; available splits: val"
+                          + (", test" if (root / "test").is_dir() else ""))
+    index = scan_folder(folder, classes)
+    return [s.path for s in index.samples], [s.label for s in index.samples], []
+
+
+def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.ndarray:
+    """``[N, C]`` probabilities of ``model`` (an ImageClassifier) on CPU, evaluation transform."""
+    import torch
+
+    from vision_tl.data.transforms import eval_transform
+    from vision_tl.imaging import load_rgb
+
+    transform = eval_transform(model.preprocessing)
+    model = model.to("cpu").eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]])
+            chunks.append(model(batch).float().softmax(-1).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.classes)))
+
+
+def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False) -> Path:
+    """Store ``choice["threshold"]`` in the checkpoint's ``vision_tl`` section.
+
+    Writes ``<name>.thresholded.ckpt`` beside the original, or with ``in_place`` rewrites
+    the original atomically. Only plain types are added, so ``weights_only=True`` still loads it.
+    """
+    import torch
+
+    from vision_tl.tasks.checkpoint import read_checkpoint
+    from vision_tl.utils.files import atomic_path
+
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
+    ckpt["vision_tl"]["threshold"] = float(choice["threshold"])
+    ckpt["vision_tl"]["threshold_choice"] = {
+        k: v for k, v in choice.items() if isinstance(v, (str, int, float, type(None)))}
+    target = checkpoint if in_place else checkpoint.with_name(f"{checkpoint.stem}.thresholded.ckpt")
+    with atomic_path(target) as tmp:
+        torch.save(ckpt, tmp)
+    return target
+
+
+def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    path = Path(checkpoint).expanduser() if checkpoint else run_dir / "checkpoints" / "best.ckpt"
+    if not path.is_file():
+        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+        raise ReportError(f"checkpoint {path} not found" + (f"; the run has: {', '.join(found)} (pick one with "
+                                                            "--checkpoint)" if found else
+                                                            "; is this a run directory written by vision-tl fit?"))
+    return path
+
+
+def _choose_threshold(probs, labels, meta, split, target) -> dict | None:
+    if target is None:
+        return None
+    good = meta.get("good_class")
+    if good is None:
+        raise ReportError("a threshold target needs a good class, but this run has none; train with "
+                          "--data.good_class NAME")
+    if split != "val":
+        raise ReportError("thresholds are chosen on validation images; drop --split test or the target")
+    k = meta["classes"].index(good)
+    return M.select_threshold(probs[:, k], labels == k, target)
+
+
+def _stored_choice(meta: dict) -> dict | None:
+    """How the checkpoint's threshold was chosen: by an earlier report, or during fit."""
+    if meta.get("threshold_choice"):
+        return meta["threshold_choice"]
+    if meta.get("threshold") is not None and meta.get("threshold_target"):
+        return {"target": meta["threshold_target"], "threshold": meta["threshold"], "chosen_on": "val during fit"}
+    return None
+
+
+def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Path | None = None,
+               data_root: str | Path | None = None, target: str | None = None, in_place: bool = False,
+               batch_size: int = 32) -> ReportResult:
+    """Evaluate a run's checkpoint on its validation (or test) images and write the report.
+
+    Args:
+        run_dir: a directory written by ``vision-tl fit`` (``runs/<name>/version_N``).
+        split: ``val`` (default) or ``test``.
+        checkpoint: defaults to ``RUN_DIR/checkpoints/best.ckpt``.
+        data_root: the image folder, when it moved since training.
+        target: choose the good/defect threshold on validation, e.g. ``"false_reject:0.01"``
+            or ``"escape:0.005"`` (see :func:`vision_tl.reports.metrics.select_threshold`).
+        in_place: store the chosen threshold in the checkpoint itself instead of
+            ``<name>.thresholded.ckpt``.
+        batch_size: images per forward pass.
+    """
+    from vision_tl.tasks.checkpoint import load_classifier
+
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory {run_dir} does not exist")
+    if target is not None:
+        M.parse_threshold_target(target)  # fail before the slow part
+    ckpt_path = _run_checkpoint(run_dir, checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # version notes; the report states the version itself
+        model, meta = load_classifier(ckpt_path)
+    classes = list(meta["classes"])
+    paths, labels, notes = split_images(run_dir, classes, split, data_root)
+    probs = predict_probabilities(model, paths, batch_size)
+    labels = np.asarray(labels, np.int64)
+    choice = _choose_threshold(probs, labels, meta, split, target)
+    threshold = choice["threshold"] if choice else meta.get("threshold")
+    saved = save_threshold(ckpt_path, choice, in_place) if choice else None
+    info = {"run": str(run_dir), "checkpoint": str(ckpt_path), "backbone": meta.get("backbone"),
+            "mode": model.hparams.get("mode"), "kit_version": meta.get("kit_version"),
+            "images": f"{len(paths)} ({split})", "notes": notes}
+    if saved is not None:
+        info["threshold saved to"] = str(saved)
+    result = write_report(run_dir, probs, labels, classes, paths=[str(p) for p in paths],
+                          good_class=meta.get("good_class"), threshold=threshold, split=split,
+                          info=info, threshold_choice=choice or _stored_choice(meta))
+    result.checkpoint, result.notes = saved, notes
+    return result
