@@ -57,3 +57,26 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     a = json.loads((reference / "metrics.json").read_text())["val_last"]
     b = json.loads((run / "metrics.json").read_text())["val_last"]
     assert a["acc"] == pytest.approx(b["acc"]) and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(inspection_folder, tmp_path, monkeypatch):
+    import errno
+
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    assert main(_args(inspection_folder, tmp_path)[:-4] + ["--trainer.max_epochs", "1",
+                                                           "--trainer.logger.init_args.save_dir", str(tmp_path)]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+
+    def full_disk(checkpoint, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info.value.code == 2
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

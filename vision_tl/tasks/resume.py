@@ -9,8 +9,10 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -69,12 +71,33 @@ class ResumableRandomState(L.Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed after every validation.
+    """``ModelCheckpoint`` that writes atomically and refreshes ``last.ckpt`` every epoch.
 
     Lightning 2.6 only rewrites ``last.ckpt`` in a step where a top-k checkpoint was
     saved, which leaves it stale when the monitored metric stops improving; a resume
     point must be the latest epoch, not the best one.
     """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
+        mid-write never leaves a partial checkpoint under the final name."""
+        path = Path(filepath)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
+                          "checkpoint, if any, is unchanged") from exc
+        finally:
+            if trainer.is_global_zero and tmp.exists():
+                tmp.unlink()
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
