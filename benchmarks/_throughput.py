@@ -1,0 +1,100 @@
+"""Shared pieces of the training-throughput benchmarks (CPU and GPU)."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from vision_tl.backbones import create_backbone
+from vision_tl.models import ClassifierNet, apply_mode
+
+
+class ThroughputMeter(L.Callback):
+    """Images per second of training steps, from ``skip_epochs`` on (the first builds caches)."""
+
+    def __init__(self, skip_epochs: int = 1) -> None:
+        self.skip_epochs, self.images, self.seconds = skip_epochs, 0, 0.0
+        self._start = 0.0
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        if trainer.current_epoch >= self.skip_epochs:
+            self.images += self._images
+            self.seconds += time.perf_counter() - self._start
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def plain_net(backbone: str, num_classes: int, mode: str, device: str, channels_last: bool) -> nn.Module:
+    net = ClassifierNet(create_backbone(backbone, pretrained=False), num_classes)
+    apply_mode(net, mode, trainable_stages=2, freeze_bn=True)
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def plain_train_rate(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                     amp_dtype: torch.dtype | None, lr: float = 1e-3) -> float:
+    """Images/s of a plain PyTorch loop: forward, loss, backward, AdamW step, over ready tensors."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    net.train()
+    device = batches[0][0].device
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for x, y in batches[:3]:  # warm-up
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, images = time.perf_counter(), 0
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        images += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def plain_inference_rate(net: nn.Module, batches: list[torch.Tensor], steps: int,
+                         amp_dtype: torch.dtype | None) -> float:
+    net.eval()
+    device = batches[0].device
+    for x in batches[:3]:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            net(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, images = time.perf_counter(), 0
+    for i in range(steps):
+        x = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            net(x)
+        images += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)

@@ -1,0 +1,103 @@
+"""``vision-tl extract`` / ``vision-tl probe`` end to end, through the top-level dispatcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_tl.cli import main
+from vision_tl.features.store import read_features
+
+NEU = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "neu"
+TINY = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32", "--no-progress"]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("ok", "scratch")):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 100, (36, 36, 3), dtype=np.uint8)
+            pixels[..., k] += 150
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_extract_cli_writes_and_refuses_overwrite(tmp_path, folder, capsys) -> None:
+    out = tmp_path / "f.parquet"
+    argv = ["extract", str(folder), *TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    assert read_features(out).features.shape[0] == 10
+    err = _error(capsys, argv)
+    assert err.startswith("error: ") and str(out) in err and "--overwrite" in err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_extract_cli_bad_inputs_are_named(tmp_path, folder, capsys) -> None:
+    missing = tmp_path / "nope" / "f.npz"
+    err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(missing)])
+    assert str(missing.parent) in err and "does not exist" in err
+    (folder / "ok" / "broken.png").write_bytes(b"garbage")
+    err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(tmp_path / "f.npz"),
+                          "--cache-dir", str(tmp_path / "c")])
+    assert "broken.png" in err and "--skip-bad" in err
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_extract_cli_refuses_cache_of_another_backbone(tmp_path, folder, capsys) -> None:
+    cache = tmp_path / "c"
+    main(["extract", str(folder), *TINY, "--out", str(tmp_path / "a.npz"), "--cache-dir", str(cache)])
+    (store,) = (cache / "test_efficientnet").iterdir()
+    err = _error(capsys, ["extract", str(folder), "--backbone", "resnet10t", "--random-init",
+                          "--image-size", "32", "--no-progress", "--out", str(tmp_path / "b.npz"),
+                          "--cache-dir", str(store)])
+    assert str(store) in err and "resnet10t" in err and "test_efficientnet" in err
+
+
+def test_probe_cli_prints_table_and_scatter(tmp_path, folder, capsys) -> None:
+    argv = ["probe", str(folder), *TINY, "--folds", "2", "--shots", "1", "2", "--draws", "2",
+            "--cache-dir", str(tmp_path / "c"), "--plot-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2-fold acc" in out and "2-shot bal. acc" in out and "features/s" in out
+    assert out.count("test_efficientnet") >= 2  # one row per head
+    assert (tmp_path / "pca_test_efficientnet.png").stat().st_size > 1000
+    err = _error(capsys, ["probe", str(folder), *TINY, "--shots", "5"])
+    assert "--shots 5" in err
+
+
+def test_help_has_examples(capsys) -> None:
+    for command in ("extract", "probe"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_probe_on_neu_subset(tmp_path, capsys) -> None:
+    if not NEU.is_dir():
+        pytest.skip(f"NEU surface-defect set not found at {NEU}")
+    subset = tmp_path / "neu"
+    for cls in sorted(p for p in NEU.iterdir() if p.is_dir()):
+        (subset / cls.name).mkdir(parents=True)
+        for src in sorted(cls.glob("*.jpg"))[:5]:
+            (subset / cls.name / src.name).symlink_to(src)  # read-only data: link, never copy
+    argv = ["probe", str(subset), "--backbone", "tf_efficientnet_lite0", "--image-size", "128",
+            "--folds", "5", "--heads", "logreg", "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main(argv) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "tf_efficientnet_lite0" in line)
+    acc = float(row.split()[3].rstrip("%")) / 100
+    assert acc > 0.5  # 6 classes from 4 images each: chance is 1/6

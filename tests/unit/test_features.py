@@ -1,0 +1,287 @@
+"""Feature extraction, the content-keyed cache, outputs and probe heads (tiny models, tmp folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_tl.backbones import create_backbone, resolve_preprocessing
+from vision_tl.data.folder import DatasetError
+from vision_tl.features import cache as cache_mod
+from vision_tl.features.api import extract, partial_dir, scan_images
+from vision_tl.features.cache import FeatureCache, FeatureCacheError
+from vision_tl.features.extractor import FeatureExtractor, parse_stages
+from vision_tl.features.probe import cross_validate, few_shot, format_table, pca_scatter, probe
+from vision_tl.features.store import FeatureStoreError, ShardStore, read_features
+
+TINY = "test_efficientnet"
+SIZE = 32
+
+
+def _write_image(path: Path, seed: int, tint: int) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 120, (40, 40, 3), dtype=np.uint8)
+    pixels[..., tint % 3] += 120
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three classes x five 40x40 PNGs, each class tinted a different colour."""
+    root = tmp_path / "images"
+    for k, name in enumerate(("crack", "good", "spot")):
+        for i in range(5):
+            _write_image(root / name / f"{name}_{i}.png", seed=10 * k + i, tint=k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_backbone(TINY, pretrained=False)
+
+
+def _extractor(net, size: int = SIZE, stages=None) -> FeatureExtractor:
+    return FeatureExtractor(net, TINY, resolve_preprocessing(TINY, size), stages)
+
+
+def _index(root: Path):
+    images = scan_images(root)
+    return images.paths, images.hashes
+
+
+def test_parse_stages() -> None:
+    assert parse_stages(None) == ("pooled",)
+    assert parse_stages("3, 4,pooled") == ("3", "4", "pooled")
+    assert parse_stages([2, "pooled"]) == ("2", "pooled")
+    for bad in ("", "top", "3,3"):
+        with pytest.raises(ValueError):
+            parse_stages(bad)
+
+
+def test_multi_stage_width_and_values(tiny_net) -> None:
+    widths = [f["num_chs"] for f in tiny_net.feature_info]
+    fx = _extractor(tiny_net, stages="2,4,pooled")
+    assert fx.num_features == widths[2] + widths[4] + tiny_net.num_features
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out = fx.embed(x)
+    assert out.shape == (2, fx.num_features)
+    torch.testing.assert_close(out[:, -tiny_net.num_features:], tiny_net.eval()(x))
+    with pytest.raises(ValueError, match="stage 9 does not exist"):
+        _extractor(tiny_net, stages="9")
+
+
+def test_shard_store_ignores_unfinished_shard(tmp_path: Path) -> None:
+    identity = {"backbone": "x", "num_features": 3}
+    store = ShardStore(tmp_path / "s", identity)
+    store.append(["a", "b"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.save(tmp_path / "s" / "dead.feats.npy", np.ones((1, 3), np.float32))  # killed before its keys
+    again = ShardStore(tmp_path / "s", identity)
+    assert set(again.index()) == {"a", "b"}
+    np.testing.assert_array_equal(again.read(["b", "a"])[0], [3, 4, 5])
+    with pytest.raises(FeatureStoreError, match="different settings"):
+        ShardStore(tmp_path / "s", {"backbone": "y", "num_features": 3})
+
+
+def test_cache_computes_once_and_recomputes_changed_bytes(tmp_path, folder, tiny_net) -> None:
+    cache, fx = FeatureCache(tmp_path / "cache"), _extractor(tiny_net)
+    paths, hashes = _index(folder)
+    first = cache.ensure(fx, paths, hashes, progress=False)
+    assert first.computed == len(paths) == 15
+    assert cache.ensure(fx, paths, hashes, progress=False).computed == 0
+    before = cache.read(fx, hashes)
+    _write_image(paths[0], seed=999, tint=2)  # new bytes under the same name
+    paths2, hashes2 = _index(folder)
+    assert hashes2[0] != hashes[0] and hashes2[1:] == hashes[1:]
+    assert cache.ensure(fx, paths2, hashes2, progress=False).computed == 1
+    after = cache.read(fx, hashes2)
+    expected = fx.embed(fx.transform()(np.asarray(Image.open(paths2[0]).convert("RGB")))[None])
+    np.testing.assert_allclose(after[0], expected[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after[0], before[0])
+    np.testing.assert_array_equal(after[1:], before[1:])
+
+
+def test_cache_keyed_by_input_size_weights_and_stages(tmp_path, folder, tiny_net) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    paths, hashes = _index(folder)
+    cache.ensure(_extractor(tiny_net), paths, hashes, progress=False)
+    assert cache.ensure(_extractor(tiny_net, size=48), paths, hashes, progress=False).computed == 15
+    assert cache.ensure(_extractor(tiny_net, stages="3"), paths, hashes, progress=False).computed == 15
+    torch.manual_seed(1)
+    other = create_backbone(TINY, pretrained=False)  # same "random-init" identity, other weights
+    assert cache.ensure(_extractor(other), paths, hashes, progress=False).computed == 15
+    assert len(list((tmp_path / "cache" / TINY).iterdir())) == 4
+
+
+def test_cache_written_by_another_backbone_is_refused(tmp_path, folder, tiny_net) -> None:
+    paths, hashes = _index(folder)
+    FeatureCache(tmp_path / "c").ensure(_extractor(tiny_net), paths, hashes, progress=False)
+    (store_dir,) = (tmp_path / "c" / TINY).iterdir()
+    other = create_backbone("resnet10t", pretrained=False)
+    fx = FeatureExtractor(other, "resnet10t", resolve_preprocessing("resnet10t", SIZE))
+    with pytest.raises(FeatureCacheError, match=r"resnet10t") as err:
+        FeatureCache(store_dir).ensure(fx, paths, hashes, progress=False)  # a store dir as cache root
+    assert str(store_dir) in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_extract_writes_rows_and_metadata(tmp_path, folder, suffix) -> None:
+    out = tmp_path / f"feats{suffix}"
+    fs = extract(folder, TINY, out, pretrained=False, image_size=SIZE, stages="3,pooled",
+                 cache_dir=tmp_path / "cache", progress=False)
+    back = read_features(out)
+    assert back.features.shape == fs.features.shape == (15, fs.metadata["num_features"])
+    np.testing.assert_array_equal(back.features, fs.features)
+    assert back.paths[0] == "crack/crack_0.png" and back.classes == ["crack", "good", "spot"]
+    assert back.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert back.sha256 == fs.sha256 and len(back.sha256[0]) == 64
+    meta = back.metadata
+    assert meta["backbone"] == TINY and meta["weights"] == "random-init"
+    assert meta["preprocessing"]["input_size"] == [SIZE, SIZE] and meta["stages"] == ["3", "pooled"]
+
+
+def test_extract_refuses_bad_outputs(tmp_path, folder) -> None:
+    kwargs = {"pretrained": False, "image_size": SIZE, "cache_dir": tmp_path / "c", "progress": False}
+    with pytest.raises(FeatureStoreError, match="does not exist"):
+        extract(folder, TINY, tmp_path / "missing" / "f.npz", **kwargs)
+    with pytest.raises(FeatureStoreError, match="expected one of: .npz, .parquet"):
+        extract(folder, TINY, tmp_path / "f.csv", **kwargs)
+    (tmp_path / "f.npz").write_bytes(b"keep me")
+    with pytest.raises(FeatureStoreError, match="already exists; pass --overwrite"):
+        extract(folder, TINY, tmp_path / "f.npz", **kwargs)
+    assert (tmp_path / "f.npz").read_bytes() == b"keep me"
+    extract(folder, TINY, tmp_path / "f.npz", overwrite=True, **kwargs)
+    assert read_features(tmp_path / "f.npz").features.shape[0] == 15
+
+
+def test_killed_extraction_resumes_and_leaves_no_final_file(tmp_path, folder, monkeypatch) -> None:
+    out = tmp_path / "f.parquet"
+    monkeypatch.setattr(cache_mod, "SHARD_ROWS", 4)
+    calls = {"n": 0}
+    real_embed = FeatureExtractor.embed
+
+    def dying_embed(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if killed during the third batch
+        return real_embed(self, x)
+
+    monkeypatch.setattr(FeatureExtractor, "embed", dying_embed)
+    kwargs = {"pretrained": False, "image_size": SIZE, "batch_size": 4, "use_cache": False,
+              "progress": False}
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        extract(folder, TINY, out, **kwargs)
+    assert not out.exists() and partial_dir(out).is_dir()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".f.parquet.*.tmp"))
+    monkeypatch.setattr(FeatureExtractor, "embed", real_embed)
+    calls["n"] = 0
+    seen = []
+    monkeypatch.setattr(FeatureExtractor, "embed", lambda self, x: seen.append(len(x)) or real_embed(self, x))
+    torch.manual_seed(0)  # same random weights: same cache key
+    extract(folder, TINY, out, **kwargs)
+    assert sum(seen) == 15 - 8  # the two finished batches were not recomputed
+    assert out.exists() and not partial_dir(out).exists()
+
+
+def test_unreadable_image_is_named(tmp_path, folder) -> None:
+    bad = folder / "good" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DatasetError, match="broken.png"):
+        extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+    fs = extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+                 progress=False, skip_bad=True)
+    assert len(fs.paths) == 15 and "good/broken.png" not in fs.paths
+
+
+def test_flat_folder_has_no_labels(tmp_path) -> None:
+    for i in range(3):
+        _write_image(tmp_path / "flat" / f"{i}.png", seed=i, tint=i)
+    fs = extract(tmp_path / "flat", TINY, pretrained=False, image_size=SIZE,
+                 cache_dir=tmp_path / "c", progress=False)
+    assert fs.classes == [] and fs.labels.tolist() == [-1, -1, -1]
+
+
+def _blobs(n_per_class: int = 30, classes: int = 3, dim: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    centers = rng.normal(0, 4, (classes, dim))
+    return (centers[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float32), labels
+
+
+def test_probe_heads_on_separable_features(tmp_path) -> None:
+    x, y = _blobs()
+    for head in ("logreg", "knn", "logreg-l2"):
+        assert cross_validate(x, y, head, folds=5).acc > 0.95
+    score = few_shot(x, y, shots=2, draws=4)
+    assert score.balanced > 0.8 and score.balanced_std >= 0.0
+    views = np.stack([x, x + 0.01], 1)  # [N, K, F]: training uses both views
+    assert cross_validate(views, y, "logreg", folds=3).acc > 0.95
+    with pytest.raises(ValueError, match="more than 30 images"):
+        few_shot(x, y, shots=30)
+    with pytest.raises(ValueError, match="unknown head"):
+        cross_validate(x, y, "svm")
+    png = pca_scatter(x, y, ["a", "b", "c"], tmp_path / "pca.png", title="blobs")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_end_to_end_tiny(tmp_path, folder) -> None:
+    rows = probe(folder, [TINY], heads=["logreg", "knn"], folds=2, shots=[1], draws=2,
+                 plot_dir=tmp_path, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+                 progress=False)
+    assert [r.head for r in rows] == ["logreg", "knn"]
+    assert 0.0 <= rows[0].cv.acc <= 1.0 and 1 in rows[0].few_shot
+    assert rows[0].images_per_second > 0
+    table = format_table(rows, folds=2)
+    assert "2-fold acc" in table and "1-shot bal. acc" in table
+    assert (tmp_path / f"pca_{TINY}.png").exists()
+
+
+def _frozen_run(root: Path, tmp_path: Path, feature_cache: str | None, views: int = 1):
+    import lightning as L
+
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    L.seed_everything(0, verbose=False)
+    dm = ImageFolderDataModule(str(root), backbone=TINY, image_size=SIZE, val_fraction=0.4,
+                               batch_size=4, num_workers=0, augment="light")
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=SIZE,
+                            mode="frozen", feature_cache=feature_cache, cached_views=views)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    return trainer, model, dm
+
+
+def test_frozen_fit_trains_head_on_cached_features(tmp_path, folder) -> None:
+    cache_dir = tmp_path / "cache"
+    trainer, model, dm = _frozen_run(folder, tmp_path, str(cache_dir), views=2)
+    assert len(list((cache_dir / TINY).iterdir())) == 2  # one store per view (clean, augmented)
+    assert dm._feature_data == {}  # images again after fit
+    fit_val = dict(model.eval_results["val"])
+    trainer.validate(model, datamodule=dm, verbose=False)  # image path, same weights
+    image_val = model.eval_results["val"]
+    for key in ("acc", "balanced_acc", "f1_macro"):
+        assert fit_val[key] == pytest.approx(image_val[key], abs=1e-6)
+    assert fit_val["confusion_matrix"] == image_val["confusion_matrix"]
+
+
+def test_frozen_fit_without_cache_keeps_image_path(tmp_path, folder, monkeypatch) -> None:
+    from vision_tl.features import training
+
+    monkeypatch.setattr(training, "cached_feature_datasets",
+                        lambda *a, **k: pytest.fail("cache used although feature_cache=None"))
+    _, model, _ = _frozen_run(folder, tmp_path, None)
+    assert "val" in model.eval_results
+
+
+def test_default_cache_dir_env(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("VISION_TL_CACHE", str(tmp_path / "envcache"))
+    assert FeatureCache().root == tmp_path / "envcache"
