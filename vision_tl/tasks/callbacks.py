@@ -28,13 +28,18 @@ class RunArtifacts(L.Callback):
         self.history: list[dict] = []
         self._predictions: list[torch.Tensor] = []
 
-    @staticmethod
-    def run_dir(trainer: L.Trainer) -> Path:
-        path = Path(trainer.log_dir or trainer.default_root_dir)
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        """The run directory, resolved once in :meth:`setup`.
+
+        ``trainer.log_dir`` is a collective call under DDP (it broadcasts from rank 0),
+        so it must run on every rank at the same point, never inside a rank-0-only branch.
+        """
+        path = getattr(self, "_run_dir", None) or Path(trainer.default_root_dir)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank
         if not trainer.is_global_zero:
             return
         run = self.run_dir(trainer)

@@ -172,10 +172,16 @@ class ImageClassifier(L.LightningModule):
         from vision_tl.features.training import cached_feature_datasets
 
         device = self.trainer.strategy.root_device
-        datasets = cached_feature_datasets(
-            self.net.backbone.to(device), self.hparams.backbone, datamodule,
-            cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device)
-        datamodule.use_features(datasets)
+
+        def compute():
+            return cached_feature_datasets(
+                self.net.backbone.to(device), self.hparams.backbone, datamodule,
+                cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device)
+
+        # Under DDP rank 0 fills the shared cache first; the other ranks then only read it.
+        datasets = compute() if self.trainer.is_global_zero else None
+        self.trainer.strategy.barrier("vision_tl-feature-cache")
+        datamodule.use_features(datasets if datasets is not None else compute())
         self.print(f"vision_tl: training the head on cached features ({self.hparams.cached_views} view(s))")
 
     def teardown(self, stage: str) -> None:
@@ -279,8 +285,21 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning loads the weights: a checkpoint for other classes fails here with
+        # both class lists, not with a tensor size mismatch from load_state_dict.
+        from vision_tl.tasks.checkpoint import CheckpointError
+
+        meta = checkpoint.get("vision_tl") or {}
+        saved = meta.get("classes")
+        if saved is not None and list(saved) != self.classes:
+            source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            raise CheckpointError(
+                f"checkpoint {source or ''} was trained on {len(saved)} classes {list(saved)}, but the data "
+                f"has {len(self.classes)} classes {self.classes}; use the data it was trained on "
+                "(--data.root) or train a new model without --ckpt_path"
+            )
         # `vision-tl test --ckpt_path` and resumed fits keep the chosen good/defect threshold.
-        self.threshold = (checkpoint.get("vision_tl") or {}).get("threshold")
+        self.threshold = meta.get("threshold")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export and deployment need, in plain types (loadable with weights_only=True).

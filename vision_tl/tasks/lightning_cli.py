@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.tasks.callbacks import RunArtifacts
+from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
 from vision_tl.tasks.resume import (
     ResumableRandomState,
@@ -23,7 +25,10 @@ class SaveRunConfig(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir
-        if log_dir is not None and (Path(log_dir) / self.config_filename).exists() and not self.overwrite:
+        exists = False
+        if trainer.is_global_zero and log_dir is not None and not self.overwrite:
+            exists = (Path(log_dir) / self.config_filename).exists()
+        if trainer.strategy.broadcast(exists):  # every rank stops, not only rank 0
             raise FileExistsError(
                 f"run directory {log_dir} already holds a run; pick a new one with "
                 "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
@@ -65,8 +70,7 @@ class VisionTLCLI(LightningCLI):
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
             ckpt = str(find_last_checkpoint(init.save_dir, init.name))
         path = Path(ckpt)
-        if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
         run = run_dir_of(path)
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
@@ -74,12 +78,23 @@ class VisionTLCLI(LightningCLI):
             self.save_config_kwargs["overwrite"] = True
             print(f"vision_tl: resuming {run} from {path.name}")
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
+        2.x, private hook); a truncated or foreign checkpoint must fail first, with its path
+        named, instead of with a traceback from ``torch.load``."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+            read_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run LightningCLI on ``argv`` (``fit ...``); user errors print one line, not a traceback."""
     from vision_tl.errors import user_errors
 
-    with user_errors():
+    # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
+    with user_errors(extra=(MisconfigurationException,)):
         VisionTLCLI(
             ImageClassifier,
             ImageFolderDataModule,

@@ -52,6 +52,9 @@ class ResumableRandomState(L.Callback):
     def state_dict(self) -> dict:
         return {"rng": _rng_state()}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._log_dir = Path(trainer.log_dir or ".")  # collective under DDP: every rank calls it
+
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict.get("rng")
 
@@ -61,11 +64,12 @@ class ResumableRandomState(L.Callback):
             self._pending = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        last = Path(trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+        log_dir = getattr(self, "_log_dir", Path("."))
+        last = log_dir / "checkpoints" / "last.ckpt"
         if trainer.is_global_zero and last.exists():
             pl_module.print(
                 f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
-                f"finished epoch with: vision-tl fit --config {Path(trainer.log_dir) / 'config.yaml'} "
+                f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} "
                 f"--ckpt_path {last}"
             )
 

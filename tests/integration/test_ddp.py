@@ -1,0 +1,66 @@
+"""Two-process CPU DDP (gloo): one run directory, and metrics gathered across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Lightning's DDP launcher re-runs sys.argv for rank 1, so run a real script, not this process.
+    return subprocess.run([sys.executable, "-m", "vision_tl.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def even_folder(tmp_path_factory) -> Path:
+    """10 images per class: the 20 % validation split has 8 images, an even share per rank."""
+    from vision_tl.data.synthetic import make_inspection_dataset
+
+    root = tmp_path_factory.mktemp("ddp_data")
+    make_inspection_dataset(root, 10, size=32, seed=3, overwrite=True)
+    return root
+
+
+def _common(data: Path, save_dir: Path) -> list[str]:
+    return ["--config", str(CONFIGS / "frozen.yaml"), "--data.root", str(data),
+            "--model.backbone", "test_efficientnet", "--model.pretrained", "false", "--model.image_size", "32",
+            "--model.feature_cache", str(save_dir / "cache"), "--data.batch_size", "8",
+            "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(save_dir)]
+
+
+def _validate_metrics(result: subprocess.CompletedProcess, run: Path) -> dict:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder, tmp_path):
+    fit = _cli("fit", *_common(even_folder, tmp_path), "--trainer.max_epochs", "3",
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
+    runs = sorted((tmp_path / "frozen").iterdir())
+    assert [r.name for r in runs] == ["version_0"]  # one run directory, not one per rank
+    ckpt = runs[0] / "checkpoints" / "best.ckpt"
+    assert ckpt.is_file() and (runs[0] / "metrics.json").is_file()
+
+    # The same checkpoint validated by 2 ranks and by 1 process gives the same figures.
+    two = _cli("test", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt),
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+    one = _cli("test", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt),
+               "--trainer.devices", "1", cwd=tmp_path)
+    a = _validate_metrics(two, tmp_path / "frozen" / "version_1")["test"]
+    b = _validate_metrics(one, tmp_path / "frozen" / "version_2")["test"]
+    for key in ("acc", "balanced_acc", "f1_macro"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    assert sum(map(sum, a["confusion_matrix"])) == 8  # every validation image counted once
