@@ -30,10 +30,18 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _make_readable(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _make_readable(path: Path) -> None:
+    """Give the temporary file (created 0600 by mkstemp) the permissions of a normal new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:

@@ -1,0 +1,209 @@
+"""End to end: `vision-tl fit` (tiny model) -> `vision-tl export` -> onnxruntime / `predict-onnx`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from vision_tl import __version__
+from vision_tl.cli import main as vision_tl
+from vision_tl.deploy import Predictor, read_metadata
+from vision_tl.export import export_onnx
+from vision_tl.export import parity as parity_module
+from vision_tl.export.cli import main as export_main
+from vision_tl.export.parity import split_images
+from vision_tl.imaging import load_rgb, resize
+from vision_tl.tasks.checkpoint import load_classifier
+
+pytestmark = pytest.mark.slow
+TINY = "test_efficientnet"
+
+
+@pytest.fixture(scope="session")
+def trained_run(inspection_folder, tmp_path_factory) -> Path:
+    """A one-epoch tiny-model run directory (checkpoints/best.ckpt, split.json)."""
+    runs = tmp_path_factory.mktemp("runs")
+    rc = vision_tl([
+        "fit", "--config", str(Path(__file__).parents[2] / "configs" / "frozen.yaml"),
+        "--data.root", str(inspection_folder), "--data.num_workers", "0",
+        "--data.batch_size", "16", "--model.backbone", TINY, "--model.pretrained", "false",
+        "--model.image_size", "32", "--model.lr", "0.05", "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(runs),
+    ])
+    assert rc in (0, None)
+    (ckpt,) = runs.glob("frozen/version_*/checkpoints/best.ckpt")
+    return ckpt.parents[1]
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_writes_a_checked_model_with_metadata(exported, trained_run):
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model, full_check=True)
+    _, meta = load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    m = read_metadata(exported)
+    assert m.classes == meta["classes"] == ["crack", "good", "scratch", "spot"]
+    assert m.input_size == (32, 32) and m.layout == "NHWC" and m.input_dtype == "uint8"
+    assert m.normalize_in_graph and m.interpolation == meta["preprocessing"]["interpolation"]
+    assert list(m.mean) == pytest.approx(meta["preprocessing"]["mean"])
+    assert m.backbone == TINY and m.kit_version == __version__
+    assert m.metrics == meta["metrics"]
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(inp.shape[0], str) and out.name == "probabilities"
+    for batch in (1, 5):  # dynamic batch axis
+        x = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        probs = session.run(None, {"image": x})[0]
+        assert probs.shape == (batch, 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_report_beside_the_model(exported):
+    report = json.loads(exported.with_name("model.parity.json").read_text())
+    assert report["passed"] is True and report["max_abs_diff"] <= 1e-4
+    assert report["top1_agreement"] == 1.0 and report["n_images"] == 8
+    assert "val split" in report["images"]
+
+
+def test_predict_onnx_round_trip_matches_pytorch(exported, trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    model, meta = load_classifier(ckpt)
+    val = split_images(ckpt, "val", meta["classes"])
+    out = tmp_path / "p.csv"
+    assert vision_tl(["predict-onnx", str(exported), *map(str, val.paths), "--out", str(out)]) == 0
+    rows = {r["path"]: r["predicted"] for r in csv.DictReader(out.open())}
+    pre = read_metadata(exported)
+    x = torch.stack([
+        torch.from_numpy(
+            ((resize(load_rgb(p), pre.input_size, pre.interpolation) / 255.0 - pre.mean) / pre.std)
+            .astype(np.float32).transpose(2, 0, 1))
+        for p in val.paths
+    ])
+    with torch.no_grad():
+        torch_pred = model(x).argmax(dim=1).tolist()
+    assert [rows[str(p)] for p in val.paths] == [meta["classes"][i] for i in torch_pred]
+
+
+def test_float_input_variant(trained_run, tmp_path):
+    out = tmp_path / "f.onnx"
+    rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out),
+                      "--no-normalize-in-graph", "--opset", "17"])
+    assert rc == 0
+    m = read_metadata(out)
+    assert (m.layout, m.input_dtype, m.normalize_in_graph) == ("NCHW", "float32", False)
+    assert Predictor(out).predict_arrays([np.zeros((40, 50, 3), np.uint8)]).shape == (1, 4)
+
+
+def test_int8_and_fp16_variants_report_accuracy_and_speed(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out),
+                      "--int8", "--fp16", "--calibration-images", "16", "--threads", "1",
+                      "--max-accuracy-drop", "100"])
+    assert rc == 0, capsys.readouterr().err
+    for variant in ("int8", "fp16"):
+        report = json.loads((tmp_path / f"m.{variant}.parity.json").read_text())
+        assert report["accuracy_change_points"] is not None
+        assert set(report["speed"]["variant"]) == {"latency_b1_ms", "throughput_b32_ips"}
+        assert read_metadata(tmp_path / f"m.{variant}.onnx").classes == read_metadata(out).classes
+    int8 = onnx.load(str(tmp_path / "m.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    details = json.loads((tmp_path / "m.int8.parity.json").read_text())["details"]
+    assert details["calibration_images_used"] == 16 and "train split" in capsys.readouterr().err
+
+
+def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
+    real = parity_module.onnx_probabilities
+
+    def skewed(path, pixels, batch_size=32):
+        probs = real(path, pixels, batch_size)
+        return probs[:, ::-1].copy()  # what a channel-order or class-order bug would look like
+
+    monkeypatch.setattr(parity_module, "onnx_probabilities", skewed)
+    out = tmp_path / "bad.onnx"
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "parity check failed" in err and "top-1 agreement" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parity-failed.json"]
+
+
+def test_interrupted_export_leaves_no_file(trained_run, tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vision_tl.export.pipeline.check_parity", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(trained_run / "checkpoints" / "best.ckpt", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_from_another_kit_version(trained_run, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["vision_tl"]["kit_version"] = "0.0.1"
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    rc = export_main([str(old), "--out", str(tmp_path / "m.onnx"), "--parity-images",
+                      str(split_images(trained_run / "checkpoints" / "best.ckpt", "val",
+                                       ckpt["vision_tl"]["classes"]).paths[0].parent)])
+    assert rc == 0
+    assert f"{old} was written by vision_tl 0.0.1, this is vision_tl {__version__}" in (
+        capsys.readouterr().err)
+    assert read_metadata(tmp_path / "m.onnx").kit_version == "0.0.1"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not_a_checkpoint", "is not a readable PyTorch checkpoint"),
+    ("missing", "does not exist"),
+    ("no_split", "--parity-images DIR"),
+    ("empty_folder", "no images found"),
+    ("exists", "pass --overwrite"),
+    ("opset", "expected an integer from 13 to 20"),
+])
+def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run, tmp_path, capsys):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    out, extra = tmp_path / "m.onnx", []
+    if case == "not_a_checkpoint":
+        ckpt = tmp_path / "notes.ckpt"
+        ckpt.write_text("hello")
+    elif case == "missing":
+        ckpt = tmp_path / "nope.ckpt"
+    elif case == "no_split":
+        ckpt = Path(shutil.copy(ckpt, tmp_path / "lonely.ckpt"))
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        extra = ["--parity-images", str(tmp_path / "empty")]
+    elif case == "exists":
+        out.write_bytes(b"keep me")
+    else:
+        extra = ["--opset", "9"]
+    assert export_main([str(ckpt), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
+    if case in ("not_a_checkpoint", "missing", "no_split"):
+        assert str(ckpt) in err
+    assert not out.exists() or out.read_bytes() == b"keep me"
+
+
+def test_parity_none_skips_loudly(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out),
+                        "--parity-images", "none"]) == 0
+    assert "NOT checked" in capsys.readouterr().err
+    assert out.exists() and not (tmp_path / "m.parity.json").exists()
+
+
+def test_help_has_an_example(capsys):
+    assert export_main(["--help"]) == 0
+    assert "vision-tl export runs/" in capsys.readouterr().out

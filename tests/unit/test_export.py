@@ -1,0 +1,174 @@
+"""Fast tests of vision_tl.export pieces that need no trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from vision_tl.backbones import Preprocessing
+from vision_tl.data import eval_transform
+from vision_tl.export.onnx_export import (
+    DeployableClassifier,
+    ExportError,
+    check_opset,
+    check_output_path,
+    sibling,
+)
+from vision_tl.export.parity import (
+    DecodedImages,
+    ImageSet,
+    compare,
+    resolve_parity_images,
+    split_images,
+)
+from vision_tl.export.quantize import Int8Config, float_nodes
+from vision_tl.models.classifier import ClassifierOutput
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class MeanPoolNet(torch.nn.Module):
+    """Logits = a linear map of the per-channel means: sensitive to every pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_wrapper_matches_training_eval_transform():
+    torch.manual_seed(0)
+    net = MeanPoolNet().eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 20, 3), dtype=np.uint8)
+    transform = eval_transform(Preprocessing((16, 20), MEAN, STD, "bicubic"))
+    reference = torch.softmax(net(torch.stack([transform(p) for p in pixels])), dim=1)
+    out = DeployableClassifier(net, MEAN, STD)(torch.from_numpy(pixels))
+    assert isinstance(out, ClassifierOutput)
+    assert torch.allclose(out.probabilities, reference, atol=1e-6)
+    assert torch.allclose(out.probabilities.sum(dim=1), torch.ones(3))
+
+
+def test_wrapper_without_normalisation_takes_float_nchw():
+    net = MeanPoolNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = DeployableClassifier(net, MEAN, STD, normalize_in_graph=False)(x)
+    assert torch.allclose(out.probabilities, torch.softmax(net(x), dim=1))
+
+
+@pytest.mark.parametrize("opset", [12, 21, "17", True])
+def test_bad_opset_lists_the_valid_range(opset):
+    with pytest.raises(ExportError, match="expected an integer from 13 to 20"):
+        check_opset(opset)
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        check_output_path(tmp_path / "model.pt", overwrite=False)
+    with pytest.raises(ExportError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "m.onnx", overwrite=False)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(ExportError, match="--overwrite"):
+        check_output_path(tmp_path / "m.onnx", overwrite=False)
+    assert check_output_path(tmp_path / "m.onnx", overwrite=True) == tmp_path / "m.onnx"
+    assert sibling(tmp_path / "m.onnx", "int8") == tmp_path / "m.int8.onnx"
+    assert sibling(tmp_path / "m.onnx", "parity", ".json") == tmp_path / "m.parity.json"
+
+
+def _decoded(labels):
+    return DecodedImages([np.zeros((1, 1, 3), np.uint8)] * len(labels),
+                         [Path(f"{i}.png") for i in range(len(labels))], list(labels))
+
+
+def test_compare_and_judge():
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    same = compare(ref, ref.copy(), _decoded([0, 1, 1]), model="m", reference_name="r", source="s")
+    assert same.judge(max_abs_diff=1e-4, min_agreement=1.0)
+    assert same.accuracy_reference == pytest.approx(2 / 3)
+    flipped = ref.copy()
+    flipped[2] = [0.4, 0.6]
+    report = compare(ref, flipped, _decoded([0, 1, 1]), model="m", reference_name="r", source="s")
+    assert not report.judge(max_abs_diff=1e-4, min_agreement=1.0)
+    assert len(report.failures) == 2 and report.disagreements[0]["path"] == "2.png"
+    assert report.accuracy_change_points == pytest.approx(100 / 3)
+    assert report.judge(max_accuracy_drop=0.5)  # it got better, not worse
+    json.dumps(report.to_dict())
+    assert "FAILED" not in report.summary()
+
+
+def test_unlabelled_drop_counts_disagreements():
+    ref = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    report = compare(ref, ref[:, ::-1].copy(), _decoded([None, None]), model="m",
+                     reference_name="r", source="s")
+    assert report.accuracy_model is None
+    assert not report.judge(max_accuracy_drop=0.5)
+
+
+def test_subsample_is_even_and_deterministic():
+    images = ImageSet([Path(str(i)) for i in range(100)], list(range(100)), "x")
+    picked = images.subsample(10)
+    assert len(picked.paths) == 10 and picked.paths[0] == Path("0") and picked.paths[-1] == Path("99")
+    assert images.subsample(1000) is images
+
+
+def _write_split(run: Path, root: str, files: list[str]) -> Path:
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    entries = [{"path": f, "label": f.split("/")[0], "sha256": ""} for f in files]
+    (run / "split.json").write_text(json.dumps({"root": root, "classes": ["a", "b"],
+                                                "train": entries, "val": entries}))
+    return ckpt
+
+
+def test_split_root_relative_to_the_run_directory(tmp_path, monkeypatch):
+    for name in ("a/1.png", "b/2.png"):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"")
+    ckpt = _write_split(tmp_path / "runs" / "x" / "version_0", "data", ["a/1.png", "b/2.png"])
+    monkeypatch.chdir(tmp_path / "runs")  # not where training ran
+    found = split_images(ckpt, "val", ["a", "b"])
+    assert found.paths == [tmp_path / "data" / "a/1.png", tmp_path / "data" / "b/2.png"]
+    assert found.labels == [0, 1]
+
+
+def test_split_with_a_vanished_root_says_how_to_give_images(tmp_path):
+    ckpt = _write_split(tmp_path / "run", "/nonexistent/data", ["a/1.png"])
+    with pytest.raises(ExportError, match="--parity-images DIR"):
+        split_images(ckpt, "val", ["a", "b"])
+
+
+def test_auto_without_split_explains_the_options(tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ExportError, match="--parity-images none"):
+        resolve_parity_images(ckpt, "auto", ["a", "b"])
+    assert resolve_parity_images(ckpt, "none", ["a", "b"]) is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no images found"):
+        resolve_parity_images(ckpt, tmp_path / "empty", ["a", "b"])
+
+
+def test_float_nodes_keep_normalisation_stem_and_head():
+    nodes = [
+        helper.make_node("Cast", ["image"], ["c"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["c"], ["t"], name="transpose", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "w1"], ["x1"], name="stem"),
+        helper.make_node("Conv", ["x1", "w2"], ["x2"], name="body"),
+        helper.make_node("Gemm", ["x2", "w3"], ["l"], name="fc"),
+        helper.make_node("Softmax", ["l"], ["p"], name="softmax"),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    assert float_nodes(model, "none") == ["cast", "transpose", "softmax"]
+    assert set(float_nodes(model, "stem+head")) == {"cast", "transpose", "softmax", "stem", "fc"}
+    with pytest.raises(ExportError, match="expected one of"):
+        Int8Config(keep_float="everything")
+    with pytest.raises(ExportError, match="expected one of: percentile"):
+        Int8Config(method="kl")
+    assert isinstance(onnx.helper.printable_graph(model.graph), str)

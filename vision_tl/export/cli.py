@@ -1,0 +1,134 @@
+"""``vision-tl export``: checkpoint -> ONNX, with a parity check against PyTorch.
+
+The package's command dispatcher calls :func:`main` with the arguments that
+follow ``export``; it can also be run as ``python -m vision_tl.export.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vision_tl.deploy import DeployError
+from vision_tl.export.onnx_export import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    ExportError,
+    ParityError,
+)
+from vision_tl.export.pipeline import DEFAULT_MAX_ACCURACY_DROP, ExportOptions, export_onnx
+from vision_tl.export.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    KEEP_FLOAT_CHOICES,
+    Int8Config,
+)
+
+_EPILOG = """\
+examples:
+  vision-tl export runs/frozen/version_0/checkpoints/best.ckpt --out model.onnx
+  vision-tl export best.ckpt --out model.onnx --parity-images data/neu_val/
+  vision-tl export best.ckpt --out model.onnx --int8 --fp16 --threads 2
+
+The model's input is 'image', uint8 [N, H, W, 3] RGB after a plain resize to the
+training size; normalisation is inside the graph. The output 'probabilities' is
+float32 [N, classes]. Class names, input size, mean/std, interpolation, threshold,
+backbone, kit version and training metrics are stored in the ONNX metadata_props.
+
+Parity: by default the run's validation images (split.json beside the checkpoint's
+run directory) are predicted by PyTorch and onnxruntime; max |Δprob| must be
+<= 1e-4 and top-1 agreement 100 %. The report is printed and saved as
+<name>.parity.json. --int8 / --fp16 also write <name>.int8.onnx / <name>.fp16.onnx,
+each with its accuracy change on the same images and its latency/throughput.
+
+Exit status: 0 ok, 1 parity failed (nothing written under --out), 2 bad input.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``vision-tl export``."""
+    p = argparse.ArgumentParser(
+        prog="vision-tl export", epilog=_EPILOG,
+        description="Export a vision_tl checkpoint to ONNX (uint8 NHWC in, probabilities out).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt written by vision-tl fit")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: {DEFAULT_OPSET})")
+    p.add_argument("--parity-images", default="auto", metavar="DIR|auto|none",
+                   help="images for the PyTorch-vs-ONNX check: 'auto' = the run's val split "
+                        "(default), a folder (labels from class sub-folders), or 'none' to skip")
+    p.add_argument("--no-normalize-in-graph", dest="normalize_in_graph", action="store_false",
+                   help="take normalised float32 NCHW input instead of uint8 NHWC pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    q = p.add_argument_group("smaller and faster variants")
+    q.add_argument("--int8", action="store_true",
+                   help="also write <name>.int8.onnx (static QDQ, calibrated on training images)")
+    q.add_argument("--calibration-images", type=_positive_int, default=None,
+                   metavar="N", help=f"calibration images (default: {DEFAULT_CALIBRATION_IMAGES})")
+    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
+                   default=None, help=f"default: {Int8Config.method}")
+    q.add_argument("--keep-float", choices=KEEP_FLOAT_CHOICES, default=None,
+                   help=f"layers left in fp32 (default: {Int8Config.keep_float})")
+    q.add_argument("--calibration-dir", metavar="DIR", default=None,
+                   help="calibration images when the run has no split.json (training images only)")
+    q.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx")
+    q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
+                   metavar="POINTS", help="fail a variant that loses more accuracy "
+                   f"(percentage points, default: {DEFAULT_MAX_ACCURACY_DROP})")
+    q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="onnxruntime threads for the speed numbers (default: its choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vision-tl export``; returns 0 (ok), 1 (parity failed) or 2 (bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    int8_only = {"--calibration-images": args.calibration_images, "--keep-float": args.keep_float,
+                 "--calibration-method": args.calibration_method,
+                 "--calibration-dir": args.calibration_dir}
+    given = [name for name, value in int8_only.items() if value is not None]
+    if given and not args.int8:
+        print(f"error: {', '.join(given)} apply only with --int8", file=sys.stderr)
+        return 2
+    try:
+        options = ExportOptions(
+            opset=args.opset, parity_images=args.parity_images,
+            normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
+            int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
+            max_accuracy_drop=args.max_accuracy_drop, threads=args.threads,
+            int8_config=Int8Config(
+                method=args.calibration_method or Int8Config.method,
+                calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
+                keep_float=args.keep_float or Int8Config.keep_float),
+        )
+        export_onnx(args.checkpoint, args.out, options)
+    except ParityError as exc:
+        print(f"error: parity check failed: {exc}", file=sys.stderr)
+        return 1
+    except (ExportError, DeployError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing written under the final names", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Which images check an export, and how: PyTorch vs onnxruntime on the same pixels.
+
+Images come from the training run's ``split.json`` (its ``val`` list, or
+``train`` for INT8 calibration) or from a folder. Both sides see the output of
+:func:`vision_tl.imaging.load_rgb` followed by :func:`vision_tl.imaging.resize`;
+PyTorch then normalises with training's eval transform, onnxruntime gets the
+uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
+from vision_tl.export.onnx_export import ExportError
+from vision_tl.imaging import ImageLoadError, load_rgb, resize
+
+AUTO, NONE = "auto", "none"
+DEFAULT_MAX_IMAGES = 1000
+PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
+
+
+@dataclass
+class ImageSet:
+    """Image paths with optional integer labels (index into the model's classes)."""
+
+    paths: list[Path]
+    labels: list[int | None]
+    source: str
+
+    def subsample(self, limit: int | None) -> ImageSet:
+        """At most ``limit`` images, evenly spread (deterministic, keeps every class present)."""
+        if limit is None or len(self.paths) <= limit:
+            return self
+        keep = np.linspace(0, len(self.paths) - 1, num=limit).round().astype(int)
+        return ImageSet([self.paths[i] for i in keep], [self.labels[i] for i in keep],
+                        f"{self.source} (every {len(self.paths) / limit:.1f}th, {limit} images)")
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """``runs/NAME/version_N/checkpoints/best.ckpt`` -> ``runs/NAME/version_N``."""
+    parent = Path(checkpoint).expanduser().resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> ImageSet | None:
+    """The ``split`` list ("val" or "train") of the run's ``split.json``, or None when absent.
+
+    The split stores paths relative to the data root it names; a relative root
+    is looked up from the current folder and from the run directory's parents.
+
+    Raises:
+        ExportError: ``split.json`` exists but is unreadable, or its images are gone.
+    """
+    split_path = run_dir_of(checkpoint) / "split.json"
+    if not split_path.is_file():
+        return None
+    try:
+        payload = json.loads(split_path.read_text(encoding="utf-8"))
+        entries = payload[split]
+        rel = [Path(e["path"]) for e in entries]
+        names = [e.get("label") for e in entries]
+        root_text = str(payload["root"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{split_path}: not a readable split file with a {split!r} list ({exc!r})") from exc
+    if not rel:
+        return None
+    root = _find_root(Path(root_text), rel[0], split_path.parent)
+    if root is None:
+        raise ExportError(
+            f"{split_path}: its data root {root_text!r} is not found (looked from {Path.cwd()} and "
+            f"the run directory); pass the images with --parity-images DIR"
+        )
+    labels = [classes.index(n) if n in classes else None for n in names]
+    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} ({len(rel)} images)")
+
+
+def _find_root(root: Path, first: Path, run_dir: Path) -> Path | None:
+    candidates = [root] if root.is_absolute() else [Path.cwd() / root] + [
+        parent / root for parent in run_dir.parents
+    ]
+    return next((c for c in candidates if (c / first).is_file()), None)
+
+
+def folder_images(folder: str | Path, classes: Sequence[str]) -> ImageSet:
+    """Every image under ``folder``; an image's label is its parent folder's name, if a class.
+
+    Raises:
+        ExportError: the folder is missing or holds no image.
+    """
+    try:
+        paths = list_images(folder)
+    except DeployError as exc:
+        raise ExportError(f"--parity-images: {exc}") from exc
+    labels = [classes.index(p.parent.name) if p.parent.name in classes else None for p in paths]
+    return ImageSet(paths, labels, f"folder {folder} ({len(paths)} images)")
+
+
+def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
+                          classes: Sequence[str]) -> ImageSet | None:
+    """Images for the parity check: ``"auto"`` (the run's val split), a folder, or ``"none"``.
+
+    Returns:
+        The image set, or None for ``"none"`` (the caller warns loudly).
+
+    Raises:
+        ExportError: ``"auto"`` without a usable ``split.json``; the message says
+            how to give images instead.
+    """
+    spec = AUTO if spec is None else str(spec)
+    if spec.lower() == NONE:
+        return None
+    if spec.lower() != AUTO:
+        return folder_images(spec, classes)
+    found = split_images(checkpoint, "val", classes)
+    if found is None:
+        raise ExportError(
+            f"{checkpoint}: no validation images to check the export with: there is no "
+            f"{run_dir_of(checkpoint) / 'split.json'} with a val list. Pass --parity-images DIR "
+            "(a folder of images, optionally one sub-folder per class), or --parity-images none "
+            "to skip the check (not recommended)"
+        )
+    return found
+
+
+@dataclass
+class DecodedImages:
+    """Resized uint8 images ready for both runtimes, and what could not be read."""
+
+    pixels: list[np.ndarray]
+    paths: list[Path]
+    labels: list[int | None]
+    unreadable: list[str] = field(default_factory=list)
+
+
+def decode(images: ImageSet, metadata: ModelMetadata) -> DecodedImages:
+    """``load_rgb`` + ``resize`` every image once; unreadable ones are listed, not fatal."""
+    out = DecodedImages([], [], [])
+    for path, label in zip(images.paths, images.labels):
+        try:
+            rgb = load_rgb(path)
+        except ImageLoadError as exc:
+            out.unreadable.append(str(exc))
+            continue
+        out.pixels.append(resize(rgb, metadata.input_size, metadata.interpolation))
+        out.paths.append(path)
+        out.labels.append(label)
+    if not out.pixels:
+        raise ExportError(
+            f"{images.source}: none of the {len(images.paths)} images could be read; first "
+            f"error: {out.unreadable[0] if out.unreadable else 'no images'}"
+        )
+    return out
+
+
+def torch_probabilities(net: Any, metadata: ModelMetadata, pixels: Sequence[np.ndarray],
+                        batch_size: int = 32) -> np.ndarray:
+    """Softmax of ``net`` on training's eval transform of already resized uint8 images."""
+    import torch
+
+    from vision_tl.backbones import Preprocessing
+    from vision_tl.data import eval_transform
+
+    transform = eval_transform(Preprocessing(metadata.input_size, metadata.mean, metadata.std,
+                                             metadata.interpolation))
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = torch.stack([transform(p) for p in pixels[start:start + batch_size]])
+            rows.append(torch.softmax(net(x).float(), dim=1).numpy())
+    return np.concatenate(rows, axis=0)
+
+
+def onnx_probabilities(model_path: str | Path, pixels: Sequence[np.ndarray],
+                       batch_size: int = 32) -> np.ndarray:
+    """Probabilities from onnxruntime through the deploy :class:`Predictor` (the line's path)."""
+    return Predictor(model_path).predict_arrays(list(pixels), batch_size=batch_size)
+
+
+@dataclass
+class ParityReport:
+    """How closely ``model`` reproduces ``reference`` on the same images.
+
+    ``passed`` is decided by :meth:`judge`; ``failures`` says which criterion failed.
+    """
+
+    model: str
+    reference: str
+    images: str
+    n_images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    accuracy_reference: float | None
+    accuracy_model: float | None
+    n_labelled: int
+    unreadable: list[str] = field(default_factory=list)
+    disagreements: list[dict[str, Any]] = field(default_factory=list)
+    criteria: dict[str, float] = field(default_factory=dict)
+    passed: bool | None = None
+    failures: list[str] = field(default_factory=list)
+    speed: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def accuracy_change_points(self) -> float | None:
+        """Model accuracy minus reference accuracy, in percentage points."""
+        if self.accuracy_model is None or self.accuracy_reference is None:
+            return None
+        return 100.0 * (self.accuracy_model - self.accuracy_reference)
+
+    def judge(self, *, max_abs_diff: float | None = None, min_agreement: float | None = None,
+              max_accuracy_drop: float | None = None) -> bool:
+        """Apply the criteria (``None`` = not checked), set ``passed`` and ``failures``."""
+        self.criteria = {k: v for k, v in (("max_abs_diff", max_abs_diff),
+                                           ("min_top1_agreement", min_agreement),
+                                           ("max_accuracy_drop_points", max_accuracy_drop))
+                         if v is not None}
+        self.failures = []
+        if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
+            self.failures.append(f"max |Δprob| {self.max_abs_diff:.2e} > {max_abs_diff:.0e}")
+        if min_agreement is not None and self.top1_agreement < min_agreement:
+            self.failures.append(
+                f"top-1 agreement {100 * self.top1_agreement:.2f}% < {100 * min_agreement:.2f}%")
+        if max_accuracy_drop is not None:
+            drop = self._drop_points()
+            if drop > max_accuracy_drop:
+                self.failures.append(f"accuracy drop {drop:.2f} points > {max_accuracy_drop:.2f}")
+        self.passed = not self.failures
+        return self.passed
+
+    def _drop_points(self) -> float:
+        change = self.accuracy_change_points
+        if change is not None:
+            return -change
+        return 100.0 * (1.0 - self.top1_agreement)  # unlabelled: disagreement counts as error
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (with the derived accuracy change)."""
+        return {**asdict(self), "accuracy_change_points": self.accuracy_change_points}
+
+    def summary(self) -> str:
+        """A few human-readable lines for the terminal."""
+        verdict = {True: "PASSED", False: "FAILED", None: "not judged"}[self.passed]
+        lines = [
+            f"parity {verdict}: {self.model} vs {self.reference}",
+            f"  images: {self.n_images} from {self.images}"
+            + (f"; {len(self.unreadable)} unreadable, skipped" if self.unreadable else ""),
+            (f"  max |Δprob| {self.max_abs_diff:.2e}, mean {self.mean_abs_diff:.2e}, "
+             f"top-1 agreement {100 * self.top1_agreement:.2f}%"),
+        ]
+        if self.accuracy_model is not None:
+            lines.append(f"  accuracy on {self.n_labelled} labelled images: reference "
+                         f"{100 * self.accuracy_reference:.2f}%, model {100 * self.accuracy_model:.2f}% "
+                         f"({self.accuracy_change_points:+.2f} points)")
+        if self.speed:
+            base, new = self.speed["fp32"], self.speed["variant"]
+            lines.append("  speed (fp32 -> this model, " + str(self.speed["threads"]) + " threads): "
+                         + ", ".join(f"{k} {base[k]} -> {new[k]}" for k in base))
+        lines += [f"  FAILED: {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, decoded: DecodedImages, *,
+            model: str, reference_name: str, source: str) -> ParityReport:
+    """Differences, top-1 agreement and accuracies of two probability matrices."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    ref_top, got_top = reference.argmax(axis=1), candidate.argmax(axis=1)
+    labelled = [i for i, lab in enumerate(decoded.labels) if lab is not None]
+    y = np.asarray([decoded.labels[i] for i in labelled], dtype=int)
+    acc_ref = float(np.mean(ref_top[labelled] == y)) if labelled else None
+    acc_got = float(np.mean(got_top[labelled] == y)) if labelled else None
+    disagreements = [
+        {"path": str(decoded.paths[i]), "reference": int(ref_top[i]), "model": int(got_top[i]),
+         "max_abs_diff": float(diff[i].max())}
+        for i in np.flatnonzero(ref_top != got_top)[:20]
+    ]
+    return ParityReport(
+        model=model, reference=reference_name, images=source, n_images=len(reference),
+        max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+        top1_agreement=float(np.mean(ref_top == got_top)), accuracy_reference=acc_ref,
+        accuracy_model=acc_got, n_labelled=len(labelled), unreadable=decoded.unreadable[:20],
+        disagreements=disagreements,
+    )
+
+
+def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, images: ImageSet,
+                 *, tolerance: float = PROB_TOLERANCE,
+                 batch_size: int = 32) -> tuple[ParityReport, DecodedImages, np.ndarray]:
+    """PyTorch ``net`` vs the ONNX file on ``images``; fp32 criteria applied.
+
+    Returns:
+        The judged report, the decoded images and the ONNX probabilities (reused
+        as the reference for INT8/FP16 variants).
+    """
+    start = time.perf_counter()
+    decoded = decode(images, metadata)
+    reference = torch_probabilities(net, metadata, decoded.pixels, batch_size)
+    candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
+    report = compare(reference, candidate, decoded, model=str(model_path),
+                     reference_name="PyTorch checkpoint", source=images.source)
+    report.judge(max_abs_diff=tolerance, min_agreement=1.0)
+    report.seconds = round(time.perf_counter() - start, 2)
+    return report, decoded, candidate

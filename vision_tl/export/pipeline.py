@@ -1,0 +1,208 @@
+"""``export_onnx``: checkpoint -> checked fp32 ONNX (+ optional INT8/FP16), all writes atomic."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vision_tl.export.onnx_export import (
+    DEFAULT_OPSET,
+    ExportError,
+    LoadedCheckpoint,
+    ParityError,
+    build_metadata,
+    check_opset,
+    check_output_path,
+    load_checkpoint,
+    sibling,
+    write_json_atomic,
+    write_onnx,
+)
+from vision_tl.export.parity import (
+    DecodedImages,
+    ImageSet,
+    ParityReport,
+    check_parity,
+    compare,
+    folder_images,
+    onnx_probabilities,
+    resolve_parity_images,
+    split_images,
+)
+from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
+from vision_tl.export.speed import onnx_speed
+from vision_tl.utils.files import atomic_path
+
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
+
+
+@dataclass
+class ExportOptions:
+    """Everything :func:`export_onnx` can be told, with the CLI's defaults.
+
+    Attributes:
+        opset: ONNX opset (13..20).
+        parity_images: ``"auto"`` (the run's val split), a folder, or ``"none"``.
+        normalize_in_graph: uint8 NHWC input with normalisation in the graph
+            (default), or normalised float32 NCHW input.
+        overwrite: replace existing output files.
+        int8: also write ``<name>.int8.onnx`` (static QDQ quantization).
+        int8_config: calibration settings.
+        calibration_dir: calibration images when the run has no ``split.json``.
+        fp16: also write ``<name>.fp16.onnx``.
+        max_accuracy_drop: INT8/FP16 fail when they lose more (percentage points).
+        threads: onnxruntime threads for the latency/throughput numbers.
+    """
+
+    opset: int = DEFAULT_OPSET
+    parity_images: str | Path = "auto"
+    normalize_in_graph: bool = True
+    overwrite: bool = False
+    int8: bool = False
+    int8_config: Int8Config = field(default_factory=Int8Config)
+    calibration_dir: str | Path | None = None
+    fp16: bool = False
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    threads: int | None = None
+
+
+@dataclass
+class ExportResult:
+    """Paths written and their parity reports (``None`` when the check was skipped)."""
+
+    model: Path
+    report: ParityReport | None
+    variants: dict[str, tuple[Path, ParityReport | None]] = field(default_factory=dict)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None,
+                *, log: Callable[[str], None] = _say) -> ExportResult:
+    """Export a vision_tl checkpoint to ONNX and prove it reproduces PyTorch.
+
+    Writes ``out`` and ``<out stem>.parity.json`` (plus ``.int8.onnx`` /
+    ``.fp16.onnx`` and their reports when asked). Every file goes through a
+    temporary file and ``os.replace``: a failed or killed export never leaves
+    a file under a final name.
+
+    Example:
+        >>> from vision_tl.export import export_onnx
+        >>> result = export_onnx("runs/frozen/version_0/checkpoints/best.ckpt",
+        ...                      "model.onnx")  # doctest: +SKIP
+        >>> result.report.max_abs_diff < 1e-4  # doctest: +SKIP
+        True
+
+    Raises:
+        ExportError: bad checkpoint, output path, option or images (message names it).
+        ParityError: the ONNX model disagrees with PyTorch; nothing was written
+            under ``out`` and the report is saved as ``<stem>.parity-failed.json``.
+    """
+    opts = options or ExportOptions()
+    check_opset(opts.opset)
+    out = check_output_path(out, opts.overwrite)
+    targets = [sibling(out, v) for v in ("int8", "fp16") if getattr(opts, v)]
+    for target in targets:
+        check_output_path(target, opts.overwrite)
+    ckpt = load_checkpoint(checkpoint)
+    for note in ckpt.notes:
+        log(f"note: {note}")
+    metadata = build_metadata(ckpt, opts.normalize_in_graph)
+    images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes)
+    calibration = _calibration_images(ckpt, opts) if opts.int8 else None
+    if images is None:
+        log("WARNING: --parity-images none: the ONNX model is NOT checked against PyTorch")
+    report, decoded, fp32_probs = None, None, None
+    with atomic_path(out, overwrite=opts.overwrite) as tmp:
+        write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
+        log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
+        if images is not None:
+            report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images)
+            report.model = str(out)
+            _publish(report, out, log)
+    log(f"wrote {out}")
+    # The fp32 model is committed once it passed; each variant is a separate, atomic file.
+    result = ExportResult(out, report)
+    for variant in ("int8", "fp16"):
+        if getattr(opts, variant):
+            result.variants[variant] = _write_variant(
+                variant, out, metadata, opts, calibration, decoded, fp32_probs, log)
+    return result
+
+
+def _input_text(metadata) -> str:
+    h, w = metadata.input_size
+    if metadata.normalize_in_graph:
+        return f"'image' uint8 [N, {h}, {w}, 3] RGB 0..255"
+    return f"'image' float32 [N, 3, {h}, {w}] normalised"
+
+
+def _publish(report: ParityReport, model_path: Path, log: Callable[[str], None]) -> None:
+    """Print the report and save it; raise :class:`ParityError` when it failed."""
+    log(report.summary())
+    if report.passed is False:
+        failed = sibling(model_path, "parity-failed", ".json")
+        write_json_atomic(failed, report.to_dict())
+        raise ParityError(
+            f"{model_path}: the export does not reproduce the reference ({'; '.join(report.failures)}); "
+            f"nothing was written under {model_path.name}. Report: {failed}", report)
+    write_json_atomic(sibling(model_path, "parity", ".json"), report.to_dict())
+
+
+def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet:
+    if opts.calibration_dir is not None:
+        found = folder_images(opts.calibration_dir, ckpt.classes)
+    else:
+        found = split_images(ckpt.path, "train", ckpt.classes)
+    if found is None:
+        raise ExportError(
+            f"{ckpt.path}: --int8 needs calibration images from the training data, but the run has "
+            "no split.json with a train list; pass --calibration-dir DIR (training images)"
+        )
+    return found.subsample(opts.int8_config.calibration_images)
+
+
+def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
+                   calibration: ImageSet | None, decoded: DecodedImages | None,
+                   fp32_probs: np.ndarray | None, log: Callable[[str], None]):
+    """Write one INT8/FP16 variant atomically, judge it against the fp32 model, time both."""
+    target = sibling(out, variant)
+    with atomic_path(target, overwrite=opts.overwrite) as tmp:
+        if variant == "int8":
+            log(f"quantizing to INT8 with {len(calibration.paths)} calibration images from "
+                f"{calibration.source} ({opts.int8_config.method}, per_channel="
+                f"{opts.int8_config.per_channel}, keep_float={opts.int8_config.keep_float})")
+            details = quantize_int8(out, tmp, calibration.paths, metadata, opts.int8_config)
+        else:
+            details = convert_fp16(out, tmp, metadata)
+        report = None
+        if decoded is not None:
+            probs = onnx_probabilities(tmp, decoded.pixels)
+            report = compare(fp32_probs, probs, decoded, model=str(target),
+                             reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
+            report.judge(max_accuracy_drop=opts.max_accuracy_drop)
+            report.speed = _speeds(out, tmp, metadata, opts.threads)
+            report.details = details
+            _publish(report, target, log)
+        else:
+            log(f"WARNING: {target.name} was not checked (no parity images)")
+    log(f"wrote {target}")
+    return target, report
+
+
+def opts_source(decoded: DecodedImages) -> str:
+    return "the fp32 parity check's images"
+
+
+def _speeds(fp32: Path, variant: Path, metadata, threads: int | None) -> dict[str, object]:
+    base = onnx_speed(fp32, metadata, threads=threads)
+    new = onnx_speed(variant, metadata, threads=threads)
+    ratio = {k: round(new[k] / base[k], 3) for k in base}
+    return {"fp32": base, "variant": new, "variant_over_fp32": ratio,
+            "threads": threads or "onnxruntime default"}

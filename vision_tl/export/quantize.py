@@ -1,0 +1,215 @@
+"""Smaller, faster variants of an exported fp32 model: static INT8 (QDQ) and FP16.
+
+INT8 uses ``onnxruntime.quantization.quantize_static`` with calibration images
+from the training split, fed exactly as on the line (uint8 after the training
+resize). The defaults in :class:`Int8Config` were chosen by measurement on NEU
+(``benchmarks/int8_accuracy.py``; numbers in ``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from vision_tl.deploy import ModelMetadata, Predictor
+from vision_tl.export.onnx_export import ExportError, check_model, set_metadata
+from vision_tl.imaging import ImageLoadError, load_rgb
+
+CALIBRATION_METHODS = ("percentile", "minmax", "entropy", "distribution")
+KEEP_FLOAT_CHOICES = ("none", "stem", "head", "stem+head")
+DEFAULT_CALIBRATION_IMAGES = 400
+
+
+@dataclass
+class Int8Config:
+    """How to quantize; the defaults are the measured best on NEU (see benchmarks/RESULTS.md).
+
+    On NEU (frozen Lite0, 224 px, 360 val images) Percentile 99.999 beat MinMax and
+    Entropy by about a point; keeping the stem conv in float did not help, keeping
+    the classifier head in float cost nothing, so only the head stays in float;
+    400 calibration images agreed with fp32 on one image more than 100 or 200.
+    Calibration runs one batch at a time, so memory stays ~2 GB at 224 px.
+
+    Attributes:
+        method: calibration method, one of :data:`CALIBRATION_METHODS`.
+        percentile: activation range percentile for ``method="percentile"``.
+        calibration_images: images drawn (evenly) from the training split.
+        per_channel: per-output-channel weight scales (recommended for depthwise convs).
+        keep_float: layers left in fp32: ``stem`` (the first conv, which sees the raw
+            image), ``head`` (classifier Gemm/MatMul), both, or none. The input
+            normalisation and the softmax always stay in float.
+        batch_size: images per calibration batch.
+    """
+
+    method: str = "percentile"
+    percentile: float = 99.999
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    per_channel: bool = True
+    keep_float: str = "head"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ExportError(f"unknown calibration method {self.method!r}; expected one of: "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        if self.keep_float not in KEEP_FLOAT_CHOICES:
+            raise ExportError(f"unknown keep_float {self.keep_float!r}; expected one of: "
+                              f"{', '.join(KEEP_FLOAT_CHOICES)}")
+        if isinstance(self.calibration_images, bool) or self.calibration_images < 1:
+            raise ExportError(f"calibration images must be a positive integer, got "
+                              f"{self.calibration_images!r}")
+        if not 90.0 < self.percentile <= 100.0:
+            raise ExportError(f"percentile must be in (90, 100], got {self.percentile}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImageCalibrationReader:
+    """Feeds calibration images to ``quantize_static``, preprocessed by the deploy Predictor.
+
+    Implements onnxruntime's ``CalibrationDataReader`` protocol (``get_next``,
+    ``rewind``); unreadable images are skipped.
+    """
+
+    def __init__(self, fp32_model: str | Path, paths: Sequence[Path], batch_size: int = 16):
+        predictor = Predictor(fp32_model)
+        self.input_name = predictor._input.name
+        pixels, self.skipped = [], []
+        for path in paths:
+            try:
+                pixels.append(predictor.preprocess(load_rgb(path)))
+            except ImageLoadError as exc:
+                self.skipped.append(str(exc))
+        if not pixels:
+            raise ExportError(f"no readable calibration image among {len(paths)} "
+                              f"(first error: {self.skipped[0] if self.skipped else 'none given'})")
+        self.count = len(pixels)
+        # Equal-sized batches: onnxruntime's histogram calibrators stack per-batch outputs and
+        # fail on a short last batch, so it is topped up with the first images again.
+        batch_size = min(batch_size, len(pixels))
+        padded = pixels + pixels[: -len(pixels) % batch_size]
+        self._batches = [np.stack(padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
+        self._iter: Iterator[np.ndarray] = iter(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Restrict to batches ``start_index:end_index`` (onnxruntime's chunked calibration)."""
+        self._iter = iter(self._batches[start_index:end_index])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iter, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
+    """Names of nodes to leave in fp32: the input normalisation, softmax, and ``keep_float``.
+
+    The normalisation is everything before the first Conv (Cast, Sub, Mul,
+    Transpose on the raw uint8 image); ``stem`` is that first Conv; ``head``
+    is every Gemm/MatMul after the last Conv, plus the softmax.
+    """
+    nodes = list(model.graph.node)
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    if not convs:
+        raise ExportError("the model has no Conv layer; INT8 export supports CNN backbones only")
+    first, last = convs[0], convs[-1]
+    names = [n.name for n in nodes[:first]]
+    names += [n.name for n in nodes[last + 1:] if n.op_type == "Softmax"]
+    if "stem" in keep_float:
+        names.append(nodes[first].name)
+    if "head" in keep_float:
+        names += [n.name for n in nodes[last + 1:] if n.op_type in ("Gemm", "MatMul")]
+    return names
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return model
+
+
+def quantize_int8(fp32_model: str | Path, out: str | Path, calibration: Sequence[Path],
+                  metadata: ModelMetadata, config: Int8Config | None = None) -> dict[str, Any]:
+    """Write a static INT8 QDQ model (``out`` is overwritten; callers make it atomic).
+
+    Example:
+        >>> quantize_int8("model.onnx", "model.int8.onnx", train_paths, meta)  # doctest: +SKIP
+
+    Returns:
+        What was done: the config, images used and skipped, nodes kept in float.
+
+    Raises:
+        ExportError: no usable calibration image, or onnxruntime failed.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    config = config or Int8Config()
+    reader = ImageCalibrationReader(fp32_model, calibration, config.batch_size)
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile,
+               "distribution": CalibrationMethod.Distribution}
+    with tempfile.TemporaryDirectory(prefix="vision_tl_int8_") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
+            model = _named(onnx.load(str(prepared)))
+            onnx.save(model, str(prepared))
+            keep = float_nodes(model, config.keep_float)
+            try:
+                quantize_static(
+                    str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+                    per_channel=config.per_channel, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[config.method],
+                    nodes_to_exclude=keep,
+                    # One batch per collection step: the histogram calibrators otherwise keep
+                    # every activation of every image (~55 MB per 224 px Lite0 image) in memory.
+                    extra_options={"CalibPercentile": config.percentile,
+                                   "CalibTensorRangeSymmetric": False,
+                                   "CalibStridedMinMax": 1},
+                )
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ExportError(f"{fp32_model}: INT8 quantization failed: {exc}") from exc
+    _finish(out, metadata, "int8")
+    return {"config": config.to_dict(), "calibration_images_used": reader.count,
+            "calibration_images_skipped": reader.skipped[:20], "float_nodes": keep}
+
+
+def convert_fp16(fp32_model: str | Path, out: str | Path, metadata: ModelMetadata) -> dict[str, Any]:
+    """Write an FP16 copy (weights and activations); input and output types stay as they were."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(half, str(out))
+    _finish(out, metadata, "fp16")
+    return {"keep_io_types": True}
+
+
+def _finish(path: str | Path, metadata: ModelMetadata, variant: str,
+            shown: str | Path | None = None) -> None:
+    """Restore the metadata (quantizers drop or keep it unpredictably) and re-check the graph."""
+    model = onnx.load(str(path))
+    set_metadata(model, metadata)
+    model.doc_string = f"[{variant}] " + model.doc_string
+    onnx.save(model, str(path))
+    check_model(path, shown)
