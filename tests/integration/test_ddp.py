@@ -64,3 +64,36 @@ def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert sum(map(sum, a["confusion_matrix"])) == 8  # every validation image counted once
+
+
+def test_two_process_extract_writes_the_same_file_as_one_process(even_folder, tmp_path):
+    import numpy as np
+    import torch
+
+    from vision_tl.backbones import create_backbone
+
+    torch.manual_seed(0)
+    torch.save(create_backbone("test_efficientnet", pretrained=False).state_dict(), tmp_path / "w.pth")
+    common = ["extract", str(even_folder), "--backbone", "test_efficientnet", "--weights", str(tmp_path / "w.pth"),
+              "--image-size", "32", "--batch-size", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "vision_tl.cli", *common,
+                          "--out", str(tmp_path / "two.npz"), "--cache-dir", str(tmp_path / "cache2")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = _cli(*common, "--out", str(tmp_path / "one.npz"), "--cache-dir", str(tmp_path / "cache1"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        if a[key].dtype.kind == "U" and a[key].ndim == 0:  # the metadata: equal but for the speed
+            meta_a, meta_b = json.loads(str(a[key])), json.loads(str(b[key]))
+            meta_a.pop("images_per_second"), meta_b.pop("images_per_second")
+            assert meta_a == meta_b
+        elif a[key].dtype.kind == "f":
+            assert np.allclose(a[key], b[key], atol=1e-5), key
+        else:
+            assert (a[key] == b[key]).all(), key
+    # Both ranks really worked: the shared cache holds shards written by two processes.
+    assert len(list((tmp_path / "cache2").rglob("*.keys.npy"))) >= 2

@@ -166,27 +166,43 @@ def extract(
         >>> fs.features.shape
         (1800, 1280)
     """
+    from vision_tl.features.distributed import current_ranks
+
+    ranks = current_ranks()  # torchrun: this process embeds every world-th image
     out_path = check_output_path(out, overwrite) if out is not None else None
     images = scan_images(root, skip_bad)
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     model = create_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
+    ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages)
-    with _work_dir(out_path, use_cache, cache_dir) as cache_root:
+    with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
         cache = FeatureCache(cache_root)
-        report = cache.ensure(extractor, images.paths, images.hashes, batch_size, num_workers, device,
-                              progress)
+        share = slice(ranks.rank, None, ranks.world)
+        report = cache.ensure(extractor, images.paths[share], images.hashes[share], batch_size, num_workers,
+                              device, progress and ranks.is_main)
+        report = _merge_reports(ranks.gather(report))
+        ranks.barrier()  # every share is in the cache before anyone reads it
         _handle_failures(images, report, skip_bad)
         metadata = _metadata(extractor, images, report)
-        if out_path is not None:
+        if out_path is not None and ranks.is_main:
             write_features(out_path, _chunks(cache, extractor, images), len(images.paths), metadata,
                            overwrite=overwrite)
+        ranks.barrier()  # the output is written before rank 0 clears partial shards
         if not return_features:
             return None
         feats = cache.read(extractor, images.hashes)
     return FeatureSet(feats, [images.relative(p) for p in images.paths],
                       np.asarray(images.labels, np.int64), images.classes, images.hashes, metadata)
+
+
+def _merge_reports(reports: list[CacheReport]) -> CacheReport:
+    if len(reports) == 1:
+        return reports[0]
+    return CacheReport(sum(r.requested for r in reports), sum(r.computed for r in reports),
+                       [f for r in reports for f in r.failed], max(r.seconds for r in reports))
 
 
 def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:
@@ -201,8 +217,12 @@ def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> 
 
 
 @contextlib.contextmanager
-def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None) -> Iterator[Path | None]:
-    """The cache root, or a partial-shards folder beside ``out`` when the cache is off."""
+def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None,
+              owner: bool = True) -> Iterator[Path | None]:
+    """The cache root, or a partial-shards folder beside ``out`` when the cache is off.
+
+    Only the ``owner`` (rank 0) removes the partial shards once the output is written.
+    """
     if use_cache:
         yield Path(cache_dir).expanduser() if cache_dir else None
     elif out is None:
@@ -211,7 +231,7 @@ def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None) -
     else:
         path = partial_dir(out)
         yield path  # an exception leaves the finished shards for the next run to resume from
-        if path.exists():
+        if owner and path.exists():
             remove_store(path)  # done: the output holds everything
 
 
