@@ -9,8 +9,11 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Print ``error: <message>`` and exit with status 2 for errors caused by user input.
+
+    Args:
+        extra: more exception types that mean bad input in the caller's context.
 
     Set ``VISION_TL_DEBUG=1`` to see the full traceback.
     """
@@ -18,7 +21,7 @@ def user_errors() -> Iterator[None]:
 
     # ValueError covers DatasetError, ImageLoadError, CheckpointError and bad arguments;
     # OSError covers missing, unreadable or existing files.
-    expected: tuple[type[BaseException], ...] = (ValueError, OSError, BackboneWeightsError)
+    expected: tuple[type[BaseException], ...] = (ValueError, OSError, BackboneWeightsError, *extra)
     try:
         yield
     except expected as exc:

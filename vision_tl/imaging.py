@@ -7,7 +7,10 @@ the pixels it was validated on. This module imports only numpy and Pillow.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -24,7 +27,8 @@ INTERPOLATIONS = {
 # Pillow's own default guard is ~89 Mpx with a warning and 2x that as an error; we
 # make it one clear error. Raise it with VISION_TL_MAX_IMAGE_PIXELS or set_max_image_pixels.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-_max_pixels = int(os.environ.get("VISION_TL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+MAX_PIXELS_ENV = "VISION_TL_MAX_IMAGE_PIXELS"
+_max_pixels: int | None = None  # set_max_image_pixels(); None: the environment variable or the default
 
 
 class ImageLoadError(ValueError):
@@ -34,9 +38,38 @@ class ImageLoadError(ValueError):
 def set_max_image_pixels(limit: int) -> None:
     """Raise (or lower) the decompression-bomb guard, in pixels (width x height)."""
     global _max_pixels
-    if limit <= 0:
-        raise ValueError(f"max image pixels must be positive, got {limit}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"max image pixels must be a positive integer, got {limit!r}")
     _max_pixels = int(limit)
+
+
+def max_image_pixels() -> int:
+    """The decompression-bomb limit in pixels: set_max_image_pixels(), else $VISION_TL_MAX_IMAGE_PIXELS.
+
+    The variable is read on every call (not at import), so a bad value is reported
+    where it is used, with the variable's name, instead of breaking ``import vision_tl``.
+    """
+    if _max_pixels is not None:
+        return _max_pixels
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={text!r} is not valid; expected a positive integer number "
+                         f"of pixels, e.g. {MAX_PIXELS_ENV}=400000000 (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    return value
+
+
+def _too_large(path: Path, detail: str, limit: int) -> ImageLoadError:
+    return ImageLoadError(
+        f"{path}: {detail} exceeds the limit of {limit:,} pixels (decompression-bomb guard); "
+        f"if the image is genuine, raise the limit with the environment variable {MAX_PIXELS_ENV} "
+        "or vision_tl.imaging.set_max_image_pixels()"
+    )
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -86,6 +119,28 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def open_image(path: Path, limit: int | None = None) -> Image.Image:
+    """``Image.open`` (lazy: header only) with the decompression-bomb guard applied.
+
+    Raises:
+        ImageLoadError: the image has more than ``limit`` (default :func:`max_image_pixels`) pixels.
+        OSError, UnidentifiedImageError, Image.DecompressionBombError: as ``Image.open``.
+    """
+    limit = max_image_pixels() if limit is None else limit
+    # Pillow's own guard fires at 2x its limit inside Image.open, with a message that
+    # names neither the file nor our setting; keep it above ours so ours decides.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our check follows
+        img = Image.open(path)
+    pixels = img.width * img.height
+    if pixels > limit:
+        img.close()
+        raise _too_large(path, f"{img.width}x{img.height} = {pixels:,} pixels", limit)
+    return img
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Decode any supported image to an ``H x W x 3`` uint8 RGB array.
 
@@ -99,35 +154,66 @@ def load_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise ImageLoadError(f"{path}: is a directory, expected an image file")
+    limit = max_image_pixels()
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(f"{path}: empty file (0 bytes), not an image")
-        with Image.open(path) as img:
-            pixels = img.width * img.height
-            if pixels > _max_pixels:
-                raise ImageLoadError(
-                    f"{path}: {img.width}x{img.height} = {pixels:,} pixels exceeds the limit of "
-                    f"{_max_pixels:,} (decompression-bomb guard); raise it with the environment "
-                    "variable VISION_TL_MAX_IMAGE_PIXELS or vision_tl.imaging.set_max_image_pixels()"
-                )
+        with open_image(path, limit) as img:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
+            img.load()
             return _pil_to_rgb(img)
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit) from exc
     except FileNotFoundError as exc:
-        raise ImageLoadError(f"{path}: file not found") from exc
+        raise ImageLoadError(f"{path}: file not found (or a broken symbolic link)") from exc
     except PermissionError as exc:
         raise ImageLoadError(f"{path}: permission denied, the file is not readable") from exc
     except UnidentifiedImageError as exc:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _load_tiff_fallback(path, limit, exc)
         raise ImageLoadError(
             f"{path}: not a recognised image (supported: {', '.join(IMAGE_EXTENSIONS)})"
         ) from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, MemoryError, EOFError, TypeError, IndexError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageLoadError(f"{path}: symbolic link loop; point the link at an image file") from exc
         raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
+    except (ValueError, SyntaxError, MemoryError, EOFError, TypeError, IndexError,
+            KeyError, struct.error, ZeroDivisionError, OverflowError) as exc:
+        # Pillow's decoders raise all of these on malformed headers (found by fuzzing).
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
+    """TIFFs Pillow cannot read (float RGB, 16-bit RGB planar ...) via the optional tifffile package."""
+    try:
+        import tifffile
+    except ImportError:
+        raise ImageLoadError(
+            f"{path}: a TIFF variant Pillow cannot decode (e.g. float or multi-sample 16-bit); "
+            "install tifffile (pip install tifffile) or convert it to 8/16-bit PNG"
+        ) from cause
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            pixels = int(np.prod(page.shape[:2]))
+            if pixels > limit:
+                raise _too_large(path, f"{page.shape[1]}x{page.shape[0]} = {pixels:,} pixels", limit)
+            arr = page.asarray()
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types; all mean "unreadable TIFF"
+        raise ImageLoadError(f"{path}: corrupt or unsupported TIFF ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = _to_uint8(arr[:, :, :3])
+    elif arr.ndim == 2:
+        arr = np.repeat(_to_uint8(arr)[:, :, None], 3, axis=2)
+    else:
+        raise ImageLoadError(f"{path}: unsupported TIFF layout {arr.shape}; expected H x W or H x W x 3/4")
+    return np.ascontiguousarray(arr)
 
 
 def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:

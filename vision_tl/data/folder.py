@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import UnidentifiedImageError
 
-from vision_tl.imaging import IMAGE_EXTENSIONS, is_image_file
+from vision_tl.imaging import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    is_image_file,
+    load_rgb,
+    max_image_pixels,
+    open_image,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -89,11 +98,28 @@ def file_sha256(path: Path) -> str:
 
 def _check_header(path: Path) -> str | None:
     """Cheap validity check (header + structure) without decoding all pixels."""
+    if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop; point the link at an image file"
+        return f"broken symbolic link (to {os.readlink(path)!r}, which does not exist)"
+    limit = max_image_pixels()  # a bad $VISION_TL_MAX_IMAGE_PIXELS is the user's error, not the file's
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as img:
+        with open_image(path, limit) as img:
             img.verify()
+    except ImageLoadError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    except UnidentifiedImageError:
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            return f"not a recognised image (supported: {', '.join(IMAGE_EXTENSIONS)})"
+        try:  # float or multi-sample TIFFs that Pillow cannot open: load_rgb has a fallback
+            load_rgb(path)
+        except ImageLoadError as exc:
+            return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # noqa: BLE001 - every reader failure means "not a usable image"
         return f"not a readable image ({type(exc).__name__}: {exc})"
     return None
@@ -113,7 +139,11 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
         folder = root / name
         if not folder.is_dir():
             raise DatasetError(f"class folder {folder} is missing; expected classes {classes}")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Symbolic links
+        # that lead nowhere (broken, or a loop) are kept so they are reported, not silently dropped.
+        files = sorted(p for p in folder.rglob("*")
+                       if (p.is_file() or p.is_symlink() and not p.exists())
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         images = [p for p in files if is_image_file(p)]
         ignored += [p for p in files if not is_image_file(p)]
         if not images:

@@ -107,6 +107,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """Fail before any inference when the output cannot be written."""
+    if out.is_dir():
+        raise DeployError(f"--out {out} is a folder; give a file name such as {out / 'p.csv'}")
     if out.suffix.lower() not in FORMATS:
         raise DeployError(
             f"--out {out}: unknown output format {out.suffix or '(no extension)'!r}; "
@@ -115,8 +117,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
     folder = out.parent
     if not folder.is_dir():
         raise DeployError(f"output folder {folder} does not exist; create it first")
-    if out.is_dir():
-        raise DeployError(f"--out {out} is a folder; give a file name such as {out / 'p.csv'}")
     if out.exists() and not overwrite:
         raise DeployError(f"{out} already exists; pass --overwrite to replace it")
     if not os.access(folder, os.W_OK):

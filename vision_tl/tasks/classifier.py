@@ -23,7 +23,12 @@ from torchmetrics.classification import (
 )
 
 from vision_tl import __version__
-from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing, weights_identity
+from vision_tl.backbones import (
+    DEFAULT_BACKBONE,
+    create_backbone,
+    resolve_preprocessing,
+    weights_identity,
+)
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
 

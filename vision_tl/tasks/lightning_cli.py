@@ -58,6 +58,26 @@ class VisionTLCLI(LightningCLI):
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        self._resume_into_run()
+        self._refuse_existing_run()
+
+    def _refuse_existing_run(self) -> None:
+        """An explicit ``--trainer.logger.init_args.version`` naming an existing run fails *before*
+        the logger exists: once created, its teardown would rewrite that run's metrics.csv."""
+        logger = self.config[self.subcommand].trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is None or init.get("version") is None or self.save_config_kwargs.get("overwrite"):
+            return
+        version = init.version if isinstance(init.version, str) else f"version_{init.version}"
+        run = Path(init.get("save_dir") or ".") / (init.get("name") or "") / version
+        if (run / "config.yaml").exists():
+            raise FileExistsError(
+                f"run directory {run} already holds a run; pick a new one with "
+                "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
+                "(or leave version unset to get the next free one)"
+            )
+
+    def _resume_into_run(self) -> None:
         """``fit --ckpt_path last|RUN/checkpoints/last.ckpt`` resumes *into* that run directory."""
         if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
             return
