@@ -80,3 +80,17 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(inspection_
     assert info.value.code == 2
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_same_seed_gives_identical_split_and_frozen_metrics(inspection_folder, tmp_path):
+    runs = []
+    for name in ("one", "two"):
+        args = _args(inspection_folder, tmp_path / name)
+        args[args.index(str(CONFIGS / "partial.yaml"))] = str(CONFIGS / "frozen.yaml")
+        args += ["--model.feature_cache", str(tmp_path / name / "cache"), "--trainer.max_epochs", "3"]
+        assert main(args) == 0
+        runs.append(tmp_path / name / "frozen" / "version_0")
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    assert a["history"] == b["history"] and a["val"] == b["val"]
+    split_a, split_b = (json.loads((r / "split.json").read_text()) for r in runs)
+    assert split_a["train"] == split_b["train"] and split_a["val"] == split_b["val"]

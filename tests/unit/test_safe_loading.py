@@ -1,0 +1,56 @@
+"""Checkpoints and weights load with weights_only=True: a pickle payload never runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vision_tl.backbones import BackboneWeightsError, create_backbone
+from vision_tl.tasks import CheckpointError, load_classifier
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): executing it would create a file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _malicious(path, marker) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"classes": ["a", "b"]},
+                "vision_tl": {"classes": ["a", "b"]}, "payload": Payload(str(marker))}, path)
+
+
+def test_checkpoint_with_a_payload_is_refused_and_never_executed(tmp_path):
+    marker, ckpt = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    _malicious(ckpt, marker)
+    with pytest.raises(CheckpointError, match="refusing to load .*evil.ckpt"):
+        load_classifier(ckpt)
+    assert not marker.exists()
+
+
+def test_weights_file_with_a_payload_is_refused(tmp_path):
+    marker, weights = tmp_path / "pwned", tmp_path / "evil.pth"
+    _malicious(weights, marker)
+    with pytest.raises(BackboneWeightsError, match="evil.pth"):
+        create_backbone("test_efficientnet", weights=weights)
+    assert not marker.exists()
+
+
+def test_cli_ckpt_path_with_a_payload_is_refused(tmp_path, inspection_folder):
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    marker, ckpt = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    _malicious(ckpt, marker)
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["test", "--config", str(config), "--data.root", str(inspection_folder),
+              "--model.backbone", "test_efficientnet", "--model.pretrained", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
+    assert info.value.code == 2
+    assert not marker.exists()
