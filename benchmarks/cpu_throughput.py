@@ -23,19 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _throughput import ThroughputMeter, plain_net, plain_train_rate  # noqa: E402
+from feature_cache import make_subset  # noqa: E402
 
 from vision_tl.data import ImageFolderDataModule  # noqa: E402
 from vision_tl.tasks import ImageClassifier  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
-
-
-def subset(root: Path, per_class: int, dest: Path) -> Path:
-    for cls in sorted(p for p in root.iterdir() if p.is_dir()):
-        (dest / cls.name).mkdir(parents=True)
-        for src in sorted(cls.iterdir())[:per_class]:
-            (dest / cls.name / src.name).symlink_to(src.resolve())
-    return dest
 
 
 def kit_rate(root: Path, cache: Path, args) -> float:
@@ -74,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        root = subset(args.data, args.per_class, Path(tmp) / "data")
+        root = make_subset(args.data, args.per_class, Path(tmp) / "data")
         cache = Path(tmp) / "decoded"
         ratios = []
         for r in range(args.rounds):

@@ -118,7 +118,9 @@ def run_lightning_cli(argv: list[str]) -> int:
         VisionTLCLI(
             ImageClassifier,
             ImageFolderDataModule,
-            args=argv,
+            # From the console script argv is sys.argv[1:]: let Lightning read it (and rebuild it
+            # for DDP ranks); from Python, pass it explicitly.
+            args=None if list(argv) == sys.argv[1:] else argv,
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": False},
             trainer_defaults={"default_root_dir": "runs"},
