@@ -54,9 +54,12 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     resumed, expected = _final_state(run), _final_state(reference)
     for key, value in expected.items():
         assert torch.allclose(resumed[key].float(), value.float(), atol=1e-5), key
-    a = json.loads((reference / "metrics.json").read_text())["val_last"]
-    b = json.loads((run / "metrics.json").read_text())["val_last"]
-    assert a["acc"] == pytest.approx(b["acc"]) and a["confusion_matrix"] == b["confusion_matrix"]
+    a = json.loads((reference / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert a["val_last"]["acc"] == pytest.approx(b["val_last"]["acc"])
+    assert a["val_last"]["confusion_matrix"] == b["val_last"]["confusion_matrix"]
+    assert a["history"] == b["history"]  # the epochs before the stop are kept too
+    assert (run / "metrics.before_resume_1.csv").is_file()  # the step log is not lost
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(inspection_folder, tmp_path, monkeypatch):

@@ -38,6 +38,13 @@ class RunArtifacts(L.Callback):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def state_dict(self) -> dict:
+        # Saved in checkpoints, so a resumed run's metrics.json keeps the epochs before the stop.
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank
         if not trainer.is_global_zero:

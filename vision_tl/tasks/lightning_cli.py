@@ -96,6 +96,7 @@ class VisionTLCLI(LightningCLI):
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
+            _keep_metrics_csv(run)
             print(f"vision_tl: resuming {run} from {path.name}")
 
     def _parse_ckpt_path(self) -> None:
@@ -107,6 +108,17 @@ class VisionTLCLI(LightningCLI):
         if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
             read_checkpoint(ckpt)
         super()._parse_ckpt_path()
+
+
+def _keep_metrics_csv(run: Path) -> None:
+    """Lightning's CSVLogger deletes ``metrics.csv`` when it reopens a run; keep it under a new name."""
+    csv = run / "metrics.csv"
+    if csv.exists():
+        n = 1
+        while (run / f"metrics.before_resume_{n}.csv").exists():
+            n += 1
+        csv.rename(run / f"metrics.before_resume_{n}.csv")
+        print(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
 
 
 def run_lightning_cli(argv: list[str]) -> int:
