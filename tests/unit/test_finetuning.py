@@ -99,3 +99,18 @@ def test_class_weights():
     assert w[1] / w[0] == pytest.approx(2.0) and w.mean() == pytest.approx(1.0)
     w = class_weights_from_counts([100, 25], "inverse")
     assert w[1] / w[0] == pytest.approx(4.0)
+
+
+def test_compile_is_opt_in_and_keeps_checkpoint_keys(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_compile(module):
+        calls.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plain = _model("frozen")
+    compiled = _model("frozen", compile=True)
+    plain.setup("validate"), compiled.setup("validate")
+    assert calls == [compiled.net]
+    assert list(compiled.state_dict()) == list(plain.state_dict())

@@ -80,6 +80,8 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         good_class: the defect-free class, if any (used by reports and export).
         channels_last: train in channels-last memory format (faster on GPUs).
+        compile: run the network through ``torch.compile`` (opt-in: compiling takes a while
+            on the first batches and needs a C++ compiler; worth it for long GPU runs).
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
@@ -118,6 +120,7 @@ class ImageClassifier(L.LightningModule):
         feature_cache: str | None = "auto",
         cached_views: int = 1,
         threshold_target: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
@@ -152,7 +155,9 @@ class ImageClassifier(L.LightningModule):
         """Logits for a normalised ``[N, 3, H, W]`` batch."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        # The compiled wrapper lives outside the module tree, so checkpoints keep plain keys.
+        net = self.__dict__.get("_compiled_net") or self.net
+        return net(x)
 
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
@@ -164,6 +169,8 @@ class ImageClassifier(L.LightningModule):
             self.loss_weights = weights.to(self.loss_weights.device)
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
+            self.__dict__["_compiled_net"] = torch.compile(self.net)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
             self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
