@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help=f"calibration images (default: {DEFAULT_CALIBRATION_IMAGES})")
     q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                    default=None, help=f"default: {Int8Config.method}")
+    q.add_argument("--calibration-percentile", type=float, default=None, metavar="P",
+                   help=f"activation range percentile for the percentile method "
+                        f"(default: {Int8Config.percentile})")
     q.add_argument("--keep-float", choices=KEEP_FLOAT_CHOICES, default=None,
                    help=f"layers left in fp32 (default: {Int8Config.keep_float})")
     q.add_argument("--calibration-dir", metavar="DIR", default=None,
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     int8_only = {"--calibration-images": args.calibration_images, "--keep-float": args.keep_float,
                  "--calibration-method": args.calibration_method,
+                 "--calibration-percentile": args.calibration_percentile,
                  "--calibration-dir": args.calibration_dir}
     given = [name for name, value in int8_only.items() if value is not None]
     if given and not args.int8:
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             max_accuracy_drop=args.max_accuracy_drop, threads=args.threads,
             int8_config=Int8Config(
                 method=args.calibration_method or Int8Config.method,
+                percentile=args.calibration_percentile or Int8Config.percentile,
                 calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
                 keep_float=args.keep_float or Int8Config.keep_float),
         )
