@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -17,6 +16,7 @@ from vision_tl.backbones._embedded import (
     embedded_weights_path,
     map_state_dict_by_order,
 )
+from vision_tl.utils.files import file_sha256
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ALLOW_DOWNLOAD_ENV = "VISION_TL_ALLOW_DOWNLOAD"
@@ -85,11 +85,7 @@ def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = 
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def weights_identity(model: nn.Module) -> str:

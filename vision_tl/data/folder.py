@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import warnings
@@ -22,6 +21,7 @@ from vision_tl.imaging import (
     max_image_pixels,
     open_image,
 )
+from vision_tl.utils.files import file_sha256  # noqa: F401 - re-exported for callers
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -86,14 +86,6 @@ def list_classes(root: str | Path) -> list[str]:
             f"{root} has a single class folder ({classes[0]!r}); a classifier needs at least two classes"
         )
     return classes
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_header(path: Path) -> str | None:

@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from typing import IO
 from vision_tl.deploy.metadata import DeployError
 from vision_tl.deploy.predictor import Prediction, Predictor, list_images
 from vision_tl.imaging import INTERPOLATIONS
+from vision_tl.utils.files import atomic_path
 
 FORMATS = (".csv", ".json")
 _EPILOG = """\
@@ -155,25 +155,12 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
 
 
 def _write_atomic(out: Path, write: Callable[[IO[str]], None]) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    done = False
+    """Write through a temporary file in the same folder, renamed into place when complete."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        done = True
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
-    finally:
-        if not done:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:

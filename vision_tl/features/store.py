@@ -178,9 +178,6 @@ def write_features(path: Path, chunks: Iterator[RowChunk], n_rows: int, metadata
     writer = _write_parquet if path.suffix.lower() == ".parquet" else _write_npz
     with atomic_path(path, overwrite=overwrite) as tmp:
         writer(tmp, chunks, n_rows, metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a normal user file, not mkstemp's private 0600
 
 
 def _npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype):

@@ -6,6 +6,7 @@ A killed or failing writer therefore never leaves a partial file under the final
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,3 +52,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
