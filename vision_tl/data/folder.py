@@ -21,7 +21,7 @@ from vision_tl.imaging import (
     max_image_pixels,
     open_image,
 )
-from vision_tl.utils.files import file_sha256  # noqa: F401 - re-exported for callers
+from vision_tl.utils.files import file_sha256
 
 SPLIT_NAMES = ("train", "val", "test")
 
