@@ -499,9 +499,12 @@ def test_deploy_never_imports_torch(tmp_path: Path, model: Path, images: list[Pa
         import sys
         from vision_tl.deploy import Predictor
         from vision_tl.deploy.cli import main
+        from vision_tl.deploy import read_metadata
+        from vision_tl.deploy.speed import onnx_speed
         result = Predictor({str(model)!r}).predict_paths([{str(images[0])!r}])[0]
         assert result.error is None and result.predicted, result
         assert main([{str(model)!r}, {str(images[1])!r}, "--out", {str(tmp_path / "s.csv")!r}]) == 0
+        assert onnx_speed({str(model)!r}, read_metadata({str(model)!r}), threads=1, batch=2, repeats=1)
         heavy = [m for m in ("torch", "torchvision", "lightning", "pytorch_lightning", "timm",
                              "onnx") if m in sys.modules]
         assert not heavy, heavy

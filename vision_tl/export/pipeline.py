@@ -34,7 +34,7 @@ from vision_tl.export.parity import (
     split_images,
 )
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
-from vision_tl.export.speed import onnx_speed
+from vision_tl.deploy.speed import onnx_speed
 from vision_tl.utils.files import atomic_path
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
