@@ -22,7 +22,7 @@ EPOCHS = 4
 def _args(data: Path, save_dir: Path) -> list[str]:
     return ["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(data),
             "--model.backbone", "test_efficientnet", "--model.pretrained", "false", "--model.image_size", "32",
-            "--data.batch_size", "4", "--data.num_workers", "0", "--data.augment", "none",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.augment", "inspection",
             "--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(save_dir)]
 

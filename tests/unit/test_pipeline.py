@@ -95,3 +95,26 @@ def test_device_pipeline_trains_end_to_end_on_cpu(inspection_folder, tmp_path):
 def test_unknown_pipeline_is_rejected(inspection_folder):
     with pytest.raises(ValueError, match="expected one of: auto, cpu, device"):
         ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="gpu")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_cpu_augmentation_follows_the_seed_whatever_the_workers(inspection_folder, tmp_path, cached):
+    """albumentations ignores the global seeds; each draw of the sampler carries its own
+    augmentation seed, so the same seed augments every image the same way, in any number
+    of loader workers, and another seed does not."""
+    def first_batches(seed: int, workers: int, epoch: int = 0) -> list[torch.Tensor]:
+        dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=40, batch_size=8,
+                                   pipeline="cpu", augment="inspection", seed=seed, num_workers=workers,
+                                   decoded_cache=str(tmp_path / "cache") if cached else False)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        batches = iter(loader)
+        return [next(batches)[0] for _ in range(2)]
+
+    a, b, c = first_batches(0, workers=0), first_batches(0, workers=2), first_batches(1, workers=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+    # a resumed run starting at epoch 1 sees what the uninterrupted run saw in epoch 1
+    assert all(torch.equal(x, y) for x, y in zip(first_batches(0, 0, epoch=1), first_batches(0, 2, epoch=1),
+                                                 strict=True))

@@ -52,7 +52,7 @@ class ImageDataset(Dataset):
                 warnings.warn(f"skipping {exc}", stacklevel=2)
                 return None
             raise ImageLoadError(f"{exc}. Pass --data.skip_bad_images true to skip such files.") from exc
-        return self.transform(image), sample.label
+        return self.transform(image, seed=getattr(i, "seed", None)), sample.label
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +69,28 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return default_collate(kept)
 
 
+class Draw(int):
+    """A dataset index that also carries the seed of its sample's augmentation."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> Draw:
+        draw = super().__new__(cls, index)
+        draw.seed = seed
+        return draw
+
+    def __reduce__(self):  # crosses to loader workers with its seed
+        return Draw, (int(self), self.seed)
+
+
 class EpochSampler(Sampler[int]):
     """Shuffles (or, with ``weights``, draws with replacement) from ``(seed, epoch)`` alone.
 
-    The order never depends on the global random state, so a run resumed from a
-    checkpoint sees exactly the batches the uninterrupted run would have seen.
-    Lightning calls :meth:`set_epoch` before every epoch.
+    The order never depends on the global random state, and every draw carries the
+    seed of its augmentation (:class:`Draw`), so a run resumed from a checkpoint sees
+    exactly the batches, augmented the same way, that the uninterrupted run would have
+    seen, whatever the number of loader workers. Lightning calls :meth:`set_epoch`
+    before every epoch.
     """
 
     def __init__(self, n: int, seed: int, weights: list[float] | None = None) -> None:
@@ -90,8 +106,11 @@ class EpochSampler(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is None:
-            return iter(torch.randperm(self.n, generator=generator).tolist())
-        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist())
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2**32, (self.n,), generator=generator, dtype=torch.int64)
+        return iter([Draw(i, s) for i, s in zip(order.tolist(), seeds.tolist(), strict=True)])
 
 
 def default_num_workers() -> int:
@@ -287,9 +306,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 counts = np.maximum(np.array(self.class_counts(split)), 1)
                 labels = dataset.labels if hasattr(dataset, "labels") else [s.label for s in dataset.samples]
                 weights = [1.0 / counts[label] for label in labels]
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
             sampler = EpochSampler(len(dataset), self.hparams.seed, weights)
             # A resumed run may draw its first batches before Lightning calls set_epoch.
-            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+            sampler.set_epoch(epoch)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

@@ -117,8 +117,8 @@ class DecodedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = np.asarray(self.pixels[self.indices[i]])
-        if self.transform is not None:
-            return self.transform(image), int(self.labels[i])
+        if self.transform is not None:  # a Draw from the sampler carries the augmentation seed
+            return self.transform(image, seed=getattr(i, "seed", None)), int(self.labels[i])
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[i])
 
     def __getitems__(self, batch: list[int]):

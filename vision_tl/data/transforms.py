@@ -73,10 +73,13 @@ class ImageTransform:
         self._mean = np.asarray(preprocessing.mean, np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(preprocessing.std, np.float32) * 255.0)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        """``seed`` fixes this image's augmentation; albumentations ignores the global seeds."""
         p = self.preprocessing
         image = resize(image, p.input_size, p.interpolation)
         if self.augment.transforms:
+            if seed is not None:
+                self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
@@ -94,7 +97,7 @@ class ResizeOnly:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         p = self.preprocessing
         image = resize(image, p.input_size, p.interpolation)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
