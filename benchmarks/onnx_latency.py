@@ -64,7 +64,7 @@ def _serve(conn, kind: str, path: str, fp32_path: str, threads: int, batch: int)
         conn.send(f"onnxruntime {ort.__version__}, torch imported: {'torch' in sys.modules}")
     while (request := conn.recv()) is not None:
         n, repeats = request
-        conn.send(time_call(lambda: run(n), warmup=1, repeats=repeats, budget_s=10.0))
+        conn.send(time_call(lambda n=n: run(n), warmup=1, repeats=repeats, budget_s=10.0))
 
 
 class _Worker:

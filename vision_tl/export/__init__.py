@@ -51,6 +51,7 @@ uint8 contract above), max ``|Δprob|`` <= 1e-4 and 100 % top-1 agreement, or
 the export fails and nothing is written under the model's name.
 """
 
+from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
     DEFAULT_OPSET,
     DeployableClassifier,
@@ -63,7 +64,6 @@ from vision_tl.export.onnx_export import (
 from vision_tl.export.parity import ImageSet, ParityReport, check_parity, resolve_parity_images
 from vision_tl.export.pipeline import ExportOptions, ExportResult, export_onnx
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
-from vision_tl.deploy.speed import onnx_speed
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
     DEFAULT_OPSET,
     ExportError,
@@ -34,7 +35,6 @@ from vision_tl.export.parity import (
     split_images,
 )
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
-from vision_tl.deploy.speed import onnx_speed
 from vision_tl.utils.files import atomic_path
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
