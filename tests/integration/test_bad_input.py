@@ -467,7 +467,14 @@ def export_over_existing(w: World, tmp: Path) -> Result:
 def cli_unknown_config_key(w: World, tmp: Path) -> Result:
     config = tmp / "typo.yaml"
     config.write_text("model:\n  learning_rate: 0.01\n")
-    return cli_error(w.fit_args(w.data, tmp / "runs", "--config", str(config)), "model.learning_rate")
+    # names the key, the file it is in, the likely intended key, and what the valid keys are
+    return cli_error(w.fit_args(w.data, tmp / "runs", "--config", str(config)), "model.learning_rate",
+                     str(config), "valid keys under 'model'", " lr,", "trainable_stages")
+
+
+def cli_mistyped_option(w: World, tmp: Path) -> Result:
+    return cli_error(w.fit_args(w.data, tmp / "runs", "--model.lrr", "0.1"), "model.lrr",
+                     "did you mean 'model.lr'")
 
 
 def cli_wrong_type(w: World, tmp: Path) -> Result:
@@ -610,6 +617,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("garbage-features", "corrupt feature file (.npz)", "API", garbage_feature_file),
     ("export-exists", "export onto an existing model.onnx", "API", export_over_existing),
     ("cli-unknown-key", "config with an unknown key (model.learning_rate)", "CLI", cli_unknown_config_key),
+    ("cli-mistyped-option", "mistyped option (--model.lrr)", "CLI", cli_mistyped_option),
     ("cli-wrong-type", "wrong type (--model.lr fast)", "CLI", cli_wrong_type),
     ("cli-negative-lr", "negative learning rate", "CLI", cli_negative_learning_rate),
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -35,6 +38,60 @@ class SaveRunConfig(SaveConfigCallback):
                 "(or leave version unset to get the next free one)"
             )
         super().setup(trainer, pl_module, stage)
+
+
+_UNKNOWN_KEY = (
+    re.compile(r"does not accept options? '?([\w.]+)"),
+    re.compile(r"unrecognized arguments: --([\w.]+)"),
+    re.compile(r"Key '([\w.]+)' is not expected"),
+)
+
+
+class _Parser(LightningArgumentParser):
+    """Says what an unknown option or config key should have been, in two lines instead of
+    a screenful of usage."""
+
+    _argv: list[str] = []
+
+    def parse_args(self, args=None, *pargs, **kwargs):
+        _Parser._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, *pargs, **kwargs)
+
+    @staticmethod
+    def _config_holding(key: str) -> str | None:
+        """The ``--config`` file (of the parsed command line) in which ``key`` is written."""
+        argv = _Parser._argv
+        files = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("-c", "--config")]
+        files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+        for name in files:
+            try:
+                node = yaml.safe_load(Path(name).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                return name
+        return None
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        key = next((m.group(1) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
+        if key is None or not self.exit_on_error:
+            return super().error(message, ex)
+        source = self._config_holding(key)
+        keys = sorted({a.dest for a in parser._actions if "." in a.dest and not a.dest.startswith("__")})
+        section = key.split(".")[0] + "."
+        in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
+        hint = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        lines = [f"error: unknown option or config key {key!r}" + (f" in {source}" if source else "")
+                 + (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")]
+        if in_section:
+            lines.append(f"valid keys under {section[:-1]!r}: {', '.join(k[len(section):] for k in in_section)}")
+        lines.append(f"all options: {parser.prog.replace(' [options]', '')} --help")
+        sys.stderr.write("\n".join(lines) + "\n")
+        self.exit(2)
 
 
 class VisionTLCLI(LightningCLI):
@@ -137,6 +194,7 @@ def run_lightning_cli(argv: list[str]) -> int:
             save_config_kwargs={"overwrite": False},
             trainer_defaults={"default_root_dir": "runs"},
             parser_kwargs={"default_env": False},
+            parser_class=_Parser,
             auto_configure_optimizers=False,
         )
     return 0
