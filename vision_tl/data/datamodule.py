@@ -93,8 +93,8 @@ class EpochSampler(Sampler[int]):
     before every epoch.
     """
 
-    def __init__(self, n: int, seed: int, weights: list[float] | None = None) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, weights: list[float] | None = None, augment_seeds: bool = True) -> None:
+        self.n, self.seed, self.epoch, self.augment_seeds = n, seed, 0, augment_seeds
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
 
     def set_epoch(self, epoch: int) -> None:
@@ -109,6 +109,8 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        if not self.augment_seeds:  # plain ints are cheaper to send to the loader workers
+            return iter(order.tolist())
         seeds = torch.randint(0, 2**32, (self.n,), generator=generator, dtype=torch.int64)
         return iter([Draw(i, s) for i, s in zip(order.tolist(), seeds.tolist(), strict=True)])
 
@@ -307,7 +309,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                 labels = dataset.labels if hasattr(dataset, "labels") else [s.label for s in dataset.samples]
                 weights = [1.0 / counts[label] for label in labels]
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            sampler = EpochSampler(len(dataset), self.hparams.seed, weights)
+            cpu_augment = features is None and not self.device_pipeline() and self.hparams.augment != "none"
+            sampler = EpochSampler(len(dataset), self.hparams.seed, weights, augment_seeds=cpu_augment)
             # A resumed run may draw its first batches before Lightning calls set_epoch.
             sampler.set_epoch(epoch)
         return DataLoader(
