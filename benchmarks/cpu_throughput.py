@@ -7,6 +7,7 @@ gets ready-made normalised tensors. Runs alternate, and the script prints the me
 of the per-round ratios (this machine is noisy).
 
     python benchmarks/cpu_throughput.py --data ../shared/datasets/neu --per-class 30
+    python benchmarks/cpu_throughput.py --compile     # the kit with torch.compile vs the eager plain loop
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def kit_rate(root: Path, cache: Path, args) -> float:
     L.seed_everything(0, verbose=False)
     dm = ImageFolderDataModule(str(root), backbone=BACKBONE, image_size=args.size, batch_size=args.batch,
                                num_workers=0, augment=args.augment, pipeline="cpu", decoded_cache=str(cache))
-    model = ImageClassifier(dm.classes, backbone=BACKBONE, image_size=args.size, mode="partial")
+    model = ImageClassifier(dm.classes, backbone=BACKBONE, image_size=args.size, mode="partial",
+                            compile=args.compile)
     meter = ThroughputMeter(skip_epochs=1)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--augment", default="none", help="kit augmentation preset (default: none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the kit runs --model.compile true (the first epoch, which compiles, is not timed)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +80,8 @@ def main() -> None:
             print(f"round {r}: kit {kit:.1f} img/s, plain loop {plain:.1f} img/s, ratio {kit / plain:.3f}",
                   flush=True)
     print(f"\nmedian ratio kit/plain over {args.rounds} rounds: {statistics.median(ratios):.3f} "
-          f"(threads={torch.get_num_threads()}, batch={args.batch}, size={args.size}, augment={args.augment})")
+          f"(threads={torch.get_num_threads()}, batch={args.batch}, size={args.size}, augment={args.augment}, "
+          f"kit compiled={args.compile})")
 
 
 if __name__ == "__main__":
