@@ -12,7 +12,7 @@
 4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
-``--device cpu --images 256 --size 64 --batch 32 --backbone test_efficientnet``.
+``--device cpu --images 256 --size 64 --batch 32 --backbone test_efficientnet [--pipeline device]``.
 
     python benchmarks/gpu_throughput.py                      # on a GPU machine
 """
@@ -86,7 +86,7 @@ def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
     """Steady-state training images/s of ``fit`` and the peak GPU memory in GiB."""
     L.seed_everything(0, verbose=False)
     dm = ImageFolderDataModule(str(root), backbone=args.backbone, image_size=args.size, batch_size=args.batch,
-                               augment="inspection", pipeline="device" if args.device == "cuda" else "cpu",
+                               augment="inspection", pipeline=args.pipeline,
                                decoded_cache=str(args.cache), val_fraction=0.05, num_workers=args.workers)
     # Frozen mode without the feature cache: the backbone runs on every batch, so this
     # measures the inference-bound path; with the cache (the default) epochs cost ~nothing.
@@ -129,8 +129,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pipeline", choices=("device", "cpu"), default=None,
+                        help="the kit's input pipeline (default: device on a GPU, cpu otherwise)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
+    args.pipeline = args.pipeline or ("device" if args.device == "cuda" else "cpu")
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     root = prepare(args.data, args.images, args.size)
