@@ -156,8 +156,9 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # The compiled wrapper lives outside the module tree, so checkpoints keep plain keys.
-        net = self.__dict__.get("_compiled_net") or self.net
-        return net(x)
+        # (``or`` would call len() on the wrapper, which an nn.Module has not.)
+        net = self.__dict__.get("_compiled_net")
+        return (self.net if net is None else net)(x)
 
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
