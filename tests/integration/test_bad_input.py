@@ -469,7 +469,7 @@ def cli_unknown_config_key(w: World, tmp: Path) -> Result:
     config.write_text("model:\n  learning_rate: 0.01\n")
     # names the key, the file it is in, the likely intended key, and what the valid keys are
     return cli_error(w.fit_args(w.data, tmp / "runs", "--config", str(config)), "model.learning_rate",
-                     str(config), "valid keys under 'model'", " lr,", "trainable_stages")
+                     str(config), "did you mean 'model.lr'", "valid keys under 'model'", " lr,", "trainable_stages")
 
 
 def cli_mistyped_option(w: World, tmp: Path) -> Result:

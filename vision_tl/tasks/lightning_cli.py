@@ -47,6 +47,17 @@ _UNKNOWN_KEY = (
 )
 
 
+# What other training tools call some of our keys.
+_ALIASES = {
+    "learning_rate": "model.lr", "lr0": "model.lr", "epochs": "trainer.max_epochs",
+    "num_epochs": "trainer.max_epochs", "max_epochs": "trainer.max_epochs", "batch": "data.batch_size",
+    "batch_size": "data.batch_size", "imgsz": "model.image_size", "img_size": "model.image_size",
+    "input_size": "model.image_size", "arch": "model.backbone", "model_name": "model.backbone",
+    "workers": "data.num_workers", "num_workers": "data.num_workers", "augmentation": "data.augment",
+    "seed": "seed_everything", "data_dir": "data.root", "root": "data.root", "freeze": "model.mode",
+}
+
+
 class _Parser(LightningArgumentParser):
     """Says what an unknown option or config key should have been, in two lines instead of
     a screenful of usage."""
@@ -84,7 +95,8 @@ class _Parser(LightningArgumentParser):
         keys = sorted({a.dest for a in parser._actions if "." in a.dest and not a.dest.startswith("__")})
         section = key.split(".")[0] + "."
         in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
-        hint = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        alias = _ALIASES.get(key.split(".")[-1])
+        hint = [alias] if alias else difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
         lines = [f"error: unknown option or config key {key!r}" + (f" in {source}" if source else "")
                  + (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")]
         if in_section:
