@@ -122,7 +122,7 @@ def extract(
     pretrained: bool = True,
     stages: str | Sequence[str | int] | None = None,
     image_size: int | tuple[int, int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
     num_workers: int = 0,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,

@@ -178,7 +178,7 @@ class BatchResult:
     failures: list[tuple[int, str]]
 
 
-def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: int = 16,
+def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: int = 8,
                     num_workers: int = 0, device: torch.device | str | None = None,
                     progress: bool | str = True) -> Iterator[BatchResult]:
     """Embed ``paths`` batch by batch (decode, transform, forward), with a tqdm bar.
