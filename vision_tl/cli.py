@@ -16,6 +16,7 @@ OTHER_COMMANDS = {
     "probe": ("vision_tl.features.cli", "cross-validate quick heads on frozen features per backbone"),
     "export": ("vision_tl.export.cli", "export a checkpoint to ONNX with preprocessing and class names"),
     "predict-onnx": ("vision_tl.deploy.cli", "predict a folder with an exported ONNX model (no torch)"),
+    "deploy-wheel": ("vision_tl.deploy.package", "build vision-tl-deploy, the torch-free predictor, as a small wheel"),
     # "module:function" when one module serves several commands (default function: main).
     "report": ("vision_tl.reports.cli:report_main", "evaluate a run: HTML report, curves, good/defect threshold"),
     "compare": ("vision_tl.reports.cli:compare_main", "compare runs side by side (table, HTML)"),
@@ -51,19 +52,27 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"vision-tl {__version__}")
         return 0
-    if command in LIGHTNING_COMMANDS:
-        from vision_tl.tasks.lightning_cli import run_lightning_cli
+    if command not in LIGHTNING_COMMANDS and command not in OTHER_COMMANDS:
+        print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        if command in LIGHTNING_COMMANDS:
+            from vision_tl.tasks.lightning_cli import run_lightning_cli
 
-        return run_lightning_cli(argv)
-    if command in OTHER_COMMANDS:
+            return run_lightning_cli(argv)
         import importlib
 
         module_name, _, function = OTHER_COMMANDS[command][0].partition(":")
         module = importlib.import_module(module_name)
-        entry = getattr(module, function or "main")
-        return int(entry(argv if module.__name__.endswith("features.cli") else rest) or 0)
-    print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    except ModuleNotFoundError as exc:
+        # The torch-free predictor install (vision-tl-deploy, or the kit with --no-deps)
+        # has only predict-onnx; say so instead of a traceback.
+        print(f"error: vision-tl {command} needs the full kit, which is not installed here "
+              f"(no module {exc.name!r}): pip install vision-tl. This install runs "
+              "vision-tl predict-onnx.", file=sys.stderr)
+        return 2
+    entry = getattr(module, function or "main")
+    return int(entry(argv if module.__name__.endswith("features.cli") else rest) or 0)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -514,3 +516,46 @@ def test_deploy_never_imports_torch(tmp_path: Path, model: Path, images: list[Pa
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "torch-free ok" in proc.stdout
+
+
+# ---------------------------------------------------------------- deploy wheel
+
+
+def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Path, images: list[Path]):
+    """pip accepts the small wheel; from it alone (the kit's own modules out of reach) the
+    predictor and ``vision-tl predict-onnx`` run, torch is never imported, and training
+    commands say the full kit is needed."""
+    from vision_tl.deploy.package import REQUIRES, build_deploy_wheel
+
+    wheel = build_deploy_wheel(tmp_path / "dist")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_deploy_wheel(tmp_path / "dist")
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                          "--target", str(target), str(wheel)], capture_output=True, text=True, check=False)
+    assert pip.returncode == 0, pip.stderr
+    metadata = next(target.glob("vision_tl_deploy-*.dist-info")) / "METADATA"
+    assert sorted(line.split(": ", 1)[1] for line in metadata.read_text().splitlines()
+                  if line.startswith("Requires-Dist")) == sorted(REQUIRES)
+    code = textwrap.dedent(f"""
+        import sys
+        import vision_tl
+        assert vision_tl.__file__.startswith({str(target)!r}), vision_tl.__file__
+        from vision_tl.cli import main
+        from vision_tl.deploy import Predictor
+        assert Predictor({str(model)!r}).predict_paths([{str(images[0])!r}])[0].error is None
+        assert main(["predict-onnx", {str(model)!r}, {str(images[1])!r}, "--out", {str(tmp_path / "p.csv")!r}]) == 0
+        assert main(["fit", "--config", "x.yaml"]) == 2
+        assert "torch" not in sys.modules
+        print("wheel ok")
+    """)
+    # -S: no site processing, so the kit's editable install (a .pth hook) is out of reach;
+    # numpy, Pillow and onnxruntime still come from site-packages. Run outside the checkout,
+    # which would otherwise be first on sys.path.
+    paths = [str(target), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wheel ok" in proc.stdout
+    assert "needs the full kit" in proc.stderr and "pip install vision-tl" in proc.stderr
