@@ -205,7 +205,7 @@ def open_session(path: str | Path, *, threads: int | None = None,
         import onnxruntime as ort
     except ImportError as exc:
         raise DeployError(
-            "onnxruntime is not installed; install it with: pip install 'vision-tl[deploy]'"
+            "onnxruntime is not installed; install it with: pip install onnxruntime"
         ) from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no optimiser chatter on a line PC
