@@ -8,7 +8,8 @@
 3. Runs the kit's ``fit`` (device pipeline: decoded-image cache, pinned memory,
    on-device augmentation, bf16-mixed, channels_last) per mode and reports steady-state
    images/s (epochs after the first, which fills the decoded cache), the ratio to the
-   bound, and peak GPU memory.
+   bound, and peak GPU memory; then ``extract`` over the JPEGs (bf16, no feature cache)
+   against the inference bound.
 4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
@@ -104,16 +105,35 @@ def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
     return meter.rate, peak
 
 
+def extract_rate(args, root: Path) -> tuple[float, float]:
+    """images/s of ``extract`` over the JPEG folder (decode on workers, uint8 to the device,
+    bf16 on a GPU; no feature cache) and the peak GPU memory in GiB."""
+    import tempfile
+
+    from vision_tl.features import extract
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        fs = extract(root, args.backbone, Path(tmp) / "features.npz", batch_size=args.batch,
+                     num_workers=args.workers, use_cache=False, device=args.device, image_size=args.size,
+                     precision="bf16" if args.device == "cuda" else "32", progress=False,
+                     pretrained=args.backbone != "test_efficientnet")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    return float(fs.metadata["images_per_second"]), peak
+
+
 def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float]]) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
              f"`python benchmarks/gpu_throughput.py --images {args.images} --batch {args.batch} "
              f"--epochs {args.epochs}` — {args.backbone}, {args.size} px, batch {args.batch}, bf16, channels_last.", "",
              "| mode | plain-loop bound (img/s) | kit fit (img/s) | ratio | peak GPU memory (GiB) |",
              "| --- | --- | --- | --- | --- |"]
-    for mode in ("frozen", "partial", "full"):
+    for mode in ("frozen", "partial", "full", "extract"):
         rate, peak = kit[mode]
-        kind = "inference" if mode == "frozen" else "train"
-        lines.append(f"| {mode} | {bound[mode]:,.0f} ({kind}) | {rate:,.0f} | {rate / bound[mode]:.2f} | {peak:.1f} |")
+        kind = "inference" if mode in ("frozen", "extract") else "train"
+        bound_rate = bound["frozen" if mode == "extract" else mode]
+        lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +163,8 @@ def main() -> None:
     for mode in ("frozen", "partial", "full"):
         kit[mode] = kit_rate(args, root, mode)
         print(f"kit {mode}: {kit[mode][0]:,.0f} img/s (ratio {kit[mode][0] / bound[mode]:.2f})", flush=True)
+    kit["extract"] = extract_rate(args, root)
+    print(f"extract: {kit['extract'][0]:,.0f} img/s (ratio {kit['extract'][0] / bound['frozen']:.2f})", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = report(args, name, bound, kit)
     print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -76,6 +76,32 @@ def test_multi_stage_width_and_values(tiny_net) -> None:
         _extractor(tiny_net, stages="9")
 
 
+def test_uint8_batches_are_normalised_on_the_device_exactly_as_on_the_workers(tiny_net) -> None:
+    """Workers send uint8 (4x less to move); ``embed`` normalises it bit-identically to the
+    float path, so features and cache entries do not depend on where normalisation ran."""
+    from vision_tl.data.transforms import ImageTransform
+
+    fx = _extractor(tiny_net, stages="2,pooled")
+    images = [np.random.default_rng(i).integers(0, 256, (50, 45, 3), dtype=np.uint8) for i in range(3)]
+    as_uint8 = torch.stack([fx.transform()(im) for im in images])
+    as_float = torch.stack([ImageTransform(fx.preprocessing)(im) for im in images])
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == as_float.shape
+    assert torch.equal(fx.embed(as_uint8), fx.embed(as_float))
+
+
+def test_bf16_precision_is_its_own_cache_identity(tiny_net) -> None:
+    fp32, bf16 = _extractor(tiny_net), FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE),
+                                                        precision="bf16")
+    assert "precision" not in fp32.identity()  # fp32 cache keys stay those of earlier versions
+    assert bf16.identity()["precision"] == "bf16" and bf16.identity() != fp32.identity()
+    x = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    a, b = fp32.embed(x), bf16.embed(x)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="unknown precision"):
+        FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE), precision="fp8")
+
+
 def test_shard_store_ignores_unfinished_shard(tmp_path: Path) -> None:
     identity = {"backbone": "x", "num_features": 3}
     store = ShardStore(tmp_path / "s", identity)

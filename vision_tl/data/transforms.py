@@ -64,14 +64,31 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
     return A.Compose(steps)
 
 
-class ImageTransform:
-    """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise."""
+def _normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``mean * 255`` and ``1 / (std * 255)``: one definition for every normalising path."""
+    mean = np.asarray(preprocessing.mean, np.float32) * np.float32(255.0)
+    inv_std = np.float32(1.0) / (np.asarray(preprocessing.std, np.float32) * np.float32(255.0))
+    return mean, inv_std
 
-    def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none") -> None:
+
+def normalize_uint8_batch(x: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float32, on ``x``'s device, bit-identical to :class:`ImageTransform`."""
+    mean, inv_std = (torch.from_numpy(a).to(x.device).view(1, 3, 1, 1) for a in _normalisation(preprocessing))
+    return (x.float() - mean) * inv_std
+
+
+class ImageTransform:
+    """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise.
+
+    With ``normalize=False`` the result stays a uint8 ``[3, H, W]`` tensor (4x less to
+    move between processes and to the GPU); :func:`normalize_uint8_batch` finishes it.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none", normalize: bool = True) -> None:
         self.preprocessing = preprocessing
         self.augment = build_augmentation(augment)
-        self._mean = np.asarray(preprocessing.mean, np.float32) * 255.0
-        self._inv_std = 1.0 / (np.asarray(preprocessing.std, np.float32) * 255.0)
+        self.normalize = normalize
+        self._mean, self._inv_std = _normalisation(preprocessing)
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         """``seed`` fixes this image's augmentation; albumentations ignores the global seeds."""
@@ -81,6 +98,8 @@ class ImageTransform:
             if seed is not None:
                 self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
+        if not self.normalize:
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 

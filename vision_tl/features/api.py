@@ -123,12 +123,13 @@ def extract(
     stages: str | Sequence[str | int] | None = None,
     image_size: int | tuple[int, int] | None = None,
     batch_size: int = 8,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     overwrite: bool = False,
     skip_bad: bool = False,
     device: str | None = None,
+    precision: str = "32",
     progress: bool = True,
     return_features: bool = True,
 ) -> FeatureSet | None:
@@ -148,12 +149,15 @@ def extract(
         stages: ``"pooled"`` (default), stage numbers ``"3,4"``, or both ``"3,4,pooled"``.
         image_size: input size override (default from the backbone's ``pretrained_cfg``).
         batch_size: images per forward pass.
-        num_workers: image-decoding processes (0 = decode in this process).
+        num_workers: image-decoding processes (0 = decode in this process; default: one per
+            core but one, up to 8, and none on a 1-2 core machine).
         cache_dir: feature cache root (default ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``).
         use_cache: keep the features in the cache for later runs.
         overwrite: replace an existing ``out``.
         skip_bad: leave unreadable images out instead of stopping.
-        device: ``"cpu"``, ``"cuda"``...; default cuda when available.
+        device: ``"cpu"``, ``"cuda"``...; default cuda when available. Images travel as
+            uint8 and are normalised on the device (pinned memory, channels_last on a GPU).
+        precision: ``"32"`` or ``"bf16"`` (autocast; for GPUs; cached separately from fp32).
         progress: show a tqdm bar.
         return_features: also return the arrays (False keeps memory flat for huge folders).
 
@@ -177,7 +181,8 @@ def extract(
         device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     model = create_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
     ranks.sync_module(model)
-    extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages)
+    extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
+                                 precision=precision)
     with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)

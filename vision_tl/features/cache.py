@@ -92,7 +92,7 @@ class FeatureCache:
             raise FeatureCacheError(f"cannot use feature cache {path}: {exc}") from exc
 
     def ensure(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
-               batch_size: int = 8, num_workers: int = 0, device=None,
+               batch_size: int = 8, num_workers: int | None = 0, device=None,
                progress: bool | str = True) -> CacheReport:
         """Compute and store the features of every image whose hash is not cached yet."""
         if len(paths) != len(hashes):

@@ -36,7 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="square input size (default: the backbone's pretrained_cfg)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per forward pass (8: about 1.1 GB peak on a CPU, and no slower than 16)")
-    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (0)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="image-decoding processes (default: one per core but one, up to 8; none on 1-2 cores)")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
     parser.add_argument("--random-init", action="store_true",
@@ -58,6 +59,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
         parser.add_argument("--weights", default=None, help="local .safetensors/.pth backbone weights")
         parser.add_argument("--out", required=True, help="output file, .npz or .parquet")
+        parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                            help="32 (default) or bf16 autocast, for GPUs (cached apart from fp32)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         parser.add_argument("--no-cache", action="store_true",
                             help="keep nothing in the cache (partial shards live beside --out until done)")
@@ -89,7 +92,7 @@ def _run_extract(args: argparse.Namespace) -> None:
     extract(args.root, args.backbone, args.out, weights=args.weights, pretrained=not args.random_init,
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-            overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
+            overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
             progress=not args.no_progress, return_features=False)
     print(f"vision_tl: wrote {args.out}")
 

@@ -21,11 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
-from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, normalize_uint8_batch
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
+PRECISIONS = ("32", "bf16")
 
 
 def parse_stages(spec: str | Sequence[str | int] | None) -> tuple[str, ...]:
@@ -69,6 +70,7 @@ class FeatureExtractor:
         stages: ``("pooled",)`` (default), stage numbers into ``feature_info``, or both.
         augment: augmentation applied before normalisation (``"none"`` for clean views).
         view: index of an augmented view (0 = clean); part of the cache key.
+        precision: ``"32"`` (default) or ``"bf16"`` autocast, for GPUs; part of the cache key.
 
     Example:
         >>> net = create_backbone("tf_efficientnet_lite0")
@@ -79,7 +81,10 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, backbone: str, preprocessing: Preprocessing,
                  stages: str | Sequence[str | int] | None = None, augment: AugmentSpec = "none",
-                 view: int = 0) -> None:
+                 view: int = 0, precision: str = "32") -> None:
+        if str(precision) not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        self.precision = str(precision)
         self.model = model
         self.backbone = backbone
         self.preprocessing = preprocessing
@@ -121,30 +126,44 @@ class FeatureExtractor:
                 "view": self.view,
                 "timm": timm.__version__,
             }
+            if self.precision != "32":  # fp32 keys stay those of earlier versions
+                self._identity["precision"] = self.precision
         return self._identity
 
     def transform(self) -> ImageTransform:
-        return ImageTransform(self.preprocessing, self.augment)
+        """Resize (and augment) to a uint8 ``[3, H, W]`` tensor; :meth:`embed` normalises on the device."""
+        return ImageTransform(self.preprocessing, self.augment, normalize=False)
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings for a normalised batch; the model is run in eval mode."""
+        """Embeddings for a batch: uint8 from :meth:`transform` (normalised here, on ``x``'s
+        device) or already normalised float; the model is run in eval mode."""
+        if x.dtype == torch.uint8:
+            x = normalize_uint8_batch(x, self.preprocessing)
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)
+        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         was_training = self.model.training
         self.model.eval()
         try:
-            if not self._indices:
-                return self.model(x).flatten(1).float()
-            final, inter = self.model.forward_intermediates(x, indices=sorted(set(self._indices)))
-            by_index = dict(zip(sorted(set(self._indices)), inter))
-            parts = []
-            for stage in self.stages:
-                if stage == POOLED:
-                    parts.append(self.model.forward_head(final, pre_logits=True).flatten(1))
-                else:
-                    parts.append(by_index[int(stage) % len(self.model.feature_info)].mean((2, 3)))
-            return torch.cat(parts, 1).float()
+            with autocast:
+                return self._embed(x)
         finally:
             self.model.train(was_training)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._indices:
+            return self.model(x).flatten(1).float()
+        final, inter = self.model.forward_intermediates(x, indices=sorted(set(self._indices)))
+        by_index = dict(zip(sorted(set(self._indices)), inter))
+        parts = []
+        for stage in self.stages:
+            if stage == POOLED:
+                parts.append(self.model.forward_head(final, pre_logits=True).flatten(1))
+            else:
+                parts.append(by_index[int(stage) % len(self.model.feature_info)].float().mean((2, 3)))
+        return torch.cat([p.float() for p in parts], 1)
 
 
 class _ImageFiles(Dataset):
@@ -179,24 +198,33 @@ class BatchResult:
 
 
 def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: int = 8,
-                    num_workers: int = 0, device: torch.device | str | None = None,
+                    num_workers: int | None = 0, device: torch.device | str | None = None,
                     progress: bool | str = True) -> Iterator[BatchResult]:
     """Embed ``paths`` batch by batch (decode, transform, forward), with a tqdm bar.
 
     Only one batch of images is in memory at a time (plus what loader workers prefetch).
+    ``num_workers=None`` picks one decoding process per core but one (up to 8; none on
+    a 1-2 core machine).
     """
     from tqdm.auto import tqdm
+
+    from vision_tl.data.datamodule import default_num_workers
+
+    if num_workers is None:
+        num_workers = default_num_workers()
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
+    cuda = device.type == "cuda"
     loader = DataLoader(_ImageFiles(paths, extractor.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=cuda,
+                        prefetch_factor=4 if cuda and num_workers > 0 else None)
     desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
         for positions, x, bad in loader:
             feats = np.zeros((0, extractor.num_features), np.float32)
             if x is not None:
-                feats = extractor.embed(x.to(device)).cpu().numpy()
+                feats = extractor.embed(x.to(device, non_blocking=True)).cpu().numpy()
             bar.update(len(positions) + len(bad))
             yield BatchResult(positions, feats, bad)

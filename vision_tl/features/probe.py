@@ -187,7 +187,7 @@ def format_table(results: list[ProbeResult], folds: int) -> str:
 def backbone_features(images, backbone: str, *, weights: str | Path | None = None,
                       pretrained: bool = True, stages=None, image_size=None, views: int = 1,
                       augment="inspection", cache_dir: str | Path | None = None, batch_size: int = 8,
-                      num_workers: int = 0, device: str | None = None,
+                      num_workers: int | None = None, device: str | None = None,
                       progress: bool = True) -> tuple[np.ndarray, float, str]:
     """Cached features of every image for one backbone: ``[N, F]``, or ``[N, K, F]`` for K views.
 
