@@ -108,6 +108,7 @@ class FeatureExtractor:
                        for s in self.stages]
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None
+        self._channels_last = False
 
     def identity(self) -> dict:
         """Everything the embeddings depend on; the cache key and the output metadata."""
@@ -142,7 +143,9 @@ class FeatureExtractor:
             x = normalize_uint8_batch(x, self.preprocessing)
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-            self.model.to(memory_format=torch.channels_last)
+            if not self._channels_last:  # once: converting walks every parameter
+                self.model.to(memory_format=torch.channels_last)
+                self._channels_last = True
         autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         was_training = self.model.training
         self.model.eval()
