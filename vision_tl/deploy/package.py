@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="dist", help="folder for the wheel (default: dist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing wheel of this version")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file; give the folder the wheel should go into", file=sys.stderr)
+        return 2
     try:
         path = build_deploy_wheel(args.out, overwrite=args.overwrite)
     except (FileExistsError, OSError) as exc:
