@@ -55,14 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in LIGHTNING_COMMANDS and command not in OTHER_COMMANDS:
         print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    try:
-        if command in LIGHTNING_COMMANDS:
-            from vision_tl.tasks.lightning_cli import run_lightning_cli
+    import importlib
 
-            return run_lightning_cli(argv)
-        import importlib
-
-        module_name, _, function = OTHER_COMMANDS[command][0].partition(":")
+    module_name, _, function = (OTHER_COMMANDS[command][0] if command in OTHER_COMMANDS
+                                else "vision_tl.tasks.lightning_cli:run_lightning_cli").partition(":")
+    try:  # only the import: a missing module while a command runs is that command's error
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         # The torch-free predictor install (vision-tl-deploy, or the kit with --no-deps)
@@ -72,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
               "vision-tl predict-onnx.", file=sys.stderr)
         return 2
     entry = getattr(module, function or "main")
-    return int(entry(argv if module.__name__.endswith("features.cli") else rest) or 0)
+    # LightningCLI and the extract/probe parser take the command name too.
+    takes_command = command in LIGHTNING_COMMANDS or module.__name__.endswith("features.cli")
+    return int(entry(argv if takes_command else rest) or 0)
 
 
 if __name__ == "__main__":

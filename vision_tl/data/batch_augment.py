@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vision_tl.backbones import Preprocessing
+from vision_tl.data.transforms import normalisation
 
 
 def _coin(n: int, p: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -50,10 +51,9 @@ class BatchAugment(nn.Module):
         self.brightness, self.contrast, self.p_bc = brightness, contrast, p_bc
         self.gamma, self.p_gamma = gamma, p_gamma
         self.noise_std, self.p_noise, self.p_blur = noise_std, p_noise, p_blur
-        mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
+        mean, inv_std = (torch.from_numpy(a).view(1, 3, 1, 1) for a in normalisation(preprocessing))
         self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        self.register_buffer("inv_std", inv_std, persistent=False)
 
     @classmethod
     def from_preset(cls, preset: str, preprocessing: Preprocessing, train: bool = True) -> BatchAugment:
@@ -77,7 +77,7 @@ class BatchAugment(nn.Module):
         if self.augment and len(x):
             x = self._geometry(x, generator)
             x = self._photometric(x, generator)
-        return (x - self.mean) / self.std
+        return (x - self.mean) * self.inv_std
 
     def _geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
         n, dev = len(x), x.device

@@ -25,7 +25,7 @@ from vision_tl.data.folder import (
     warn_cross_duplicates,
     write_split,
 )
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, ResizeOnly
+from vision_tl.data.transforms import AugmentSpec, ImageTransform
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 SAMPLERS = ("none", "balanced")
@@ -261,7 +261,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         augmented (``augment=True``) and normalised float tensors.
         """
         on_device = self.device_pipeline()
-        transform = (ResizeOnly(self.preprocessing) if on_device else
+        transform = (ImageTransform(self.preprocessing, normalize=False) if on_device else
                      ImageTransform(self.preprocessing, self.hparams.augment if augment else "none"))
         if not self.hparams.decoded_cache:
             return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
@@ -308,11 +308,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 counts = np.maximum(np.array(self.class_counts(split)), 1)
                 labels = dataset.labels if hasattr(dataset, "labels") else [s.label for s in dataset.samples]
                 weights = [1.0 / counts[label] for label in labels]
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
             cpu_augment = features is None and not self.device_pipeline() and self.hparams.augment != "none"
             sampler = EpochSampler(len(dataset), self.hparams.seed, weights, augment_seeds=cpu_augment)
             # A resumed run may draw its first batches before Lightning calls set_epoch.
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

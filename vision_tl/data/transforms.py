@@ -64,31 +64,27 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
     return A.Compose(steps)
 
 
-def _normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``mean * 255`` and ``1 / (std * 255)``: one definition for every normalising path."""
+def normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``mean * 255`` and ``1 / (std * 255)``; every normalising path computes
+    ``(x - mean) * inv_std`` with these, so CPU and device results are bit-identical."""
     mean = np.asarray(preprocessing.mean, np.float32) * np.float32(255.0)
     inv_std = np.float32(1.0) / (np.asarray(preprocessing.std, np.float32) * np.float32(255.0))
     return mean, inv_std
-
-
-def normalize_uint8_batch(x: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """uint8 ``[N, 3, H, W]`` -> float32, on ``x``'s device, bit-identical to :class:`ImageTransform`."""
-    mean, inv_std = (torch.from_numpy(a).to(x.device).view(1, 3, 1, 1) for a in _normalisation(preprocessing))
-    return (x.float() - mean) * inv_std
 
 
 class ImageTransform:
     """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise.
 
     With ``normalize=False`` the result stays a uint8 ``[3, H, W]`` tensor (4x less to
-    move between processes and to the GPU); :func:`normalize_uint8_batch` finishes it.
+    move between processes and to the GPU); :class:`~vision_tl.data.batch_augment.BatchAugment`
+    finishes it on the device.
     """
 
     def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none", normalize: bool = True) -> None:
         self.preprocessing = preprocessing
         self.augment = build_augmentation(augment)
         self.normalize = normalize
-        self._mean, self._inv_std = _normalisation(preprocessing)
+        self._mean, self._inv_std = normalisation(preprocessing)
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         """``seed`` fixes this image's augmentation; albumentations ignores the global seeds."""
@@ -107,16 +103,3 @@ class ImageTransform:
 def eval_transform(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
     """The deterministic transform used for validation, test, predict and export parity."""
     return ImageTransform(preprocessing, "none")
-
-
-class ResizeOnly:
-    """uint8 RGB array -> resized uint8 ``[3, H, W]`` tensor; augmentation and
-    normalisation happen later, on the device (:class:`~vision_tl.data.batch_augment.BatchAugment`)."""
-
-    def __init__(self, preprocessing: Preprocessing) -> None:
-        self.preprocessing = preprocessing
-
-    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
-        p = self.preprocessing
-        image = resize(image, p.input_size, p.interpolation)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

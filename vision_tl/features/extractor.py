@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, normalize_uint8_batch
+from vision_tl.data.batch_augment import BatchAugment
+from vision_tl.data.transforms import AugmentSpec, ImageTransform
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 POOLED = "pooled"
@@ -109,6 +110,7 @@ class FeatureExtractor:
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None
         self._channels_last = False
+        self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
 
     def identity(self) -> dict:
         """Everything the embeddings depend on; the cache key and the output metadata."""
@@ -140,7 +142,7 @@ class FeatureExtractor:
         """Embeddings for a batch: uint8 from :meth:`transform` (normalised here, on ``x``'s
         device) or already normalised float; the model is run in eval mode."""
         if x.dtype == torch.uint8:
-            x = normalize_uint8_batch(x, self.preprocessing)
+            x = self._normalise.to(x.device)(x)
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             if not self._channels_last:  # once: converting walks every parameter
@@ -163,10 +165,10 @@ class FeatureExtractor:
         parts = []
         for stage in self.stages:
             if stage == POOLED:
-                parts.append(self.model.forward_head(final, pre_logits=True).flatten(1))
-            else:
+                parts.append(self.model.forward_head(final, pre_logits=True).flatten(1).float())
+            else:  # pooled in fp32 also under bf16 autocast
                 parts.append(by_index[int(stage) % len(self.model.feature_info)].float().mean((2, 3)))
-        return torch.cat([p.float() for p in parts], 1)
+        return torch.cat(parts, 1)
 
 
 class _ImageFiles(Dataset):
