@@ -217,9 +217,10 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
 
     if num_workers is None:
         num_workers = default_num_workers()
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {num_workers}")
     device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
     cuda = device.type == "cuda"
     loader = DataLoader(_ImageFiles(paths, extractor.transform()), batch_size=batch_size,
