@@ -57,3 +57,56 @@ def test_without_augmentation_it_only_normalises():
 def test_non_square_batches_skip_turns_but_keep_shape():
     aug = BatchAugment(PRE)
     assert aug(torch.zeros(4, 3, 8, 12, dtype=torch.uint8)).shape == (4, 3, 8, 12)
+
+
+def _orientation_counts(out: torch.Tensor, grid: torch.Tensor) -> dict[tuple[int, int, int], float]:
+    """Share of each of the 8 turns/mirrors of ``grid`` (a 1x3xSxS image) in ``out``."""
+    variants = {}
+    for t in (0, 1):
+        for fw in (0, 1):
+            for fh in (0, 1):
+                y = grid.transpose(2, 3) if t else grid
+                y = y.flip(3) if fw else y
+                variants[(t, fw, fh)] = y.flip(2) if fh else y
+    counts = dict.fromkeys(variants, 0)
+    for image in out:
+        match = [key for key, y in variants.items() if torch.equal(image, y[0])]
+        assert len(match) == 1, "every output must be one of the 8 turns/mirrors of the input"
+        counts[match[0]] += 1
+    return {key: c / len(out) for key, c in counts.items()}
+
+
+def test_flips_and_turns_follow_the_albumentations_probabilities():
+    # hflip 0.5, vflip 0.5, then with p=0.5 a uniform 0-3 quarter turns: the four images
+    # reachable by flips alone come out 3/16 each, the four that need an odd turn 1/16 each.
+    aug = BatchAugment(PRE, p_bc=0, p_gamma=0, p_noise=0, p_blur=0)
+    grid = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    out = aug._geometry(grid.repeat(4000, 1, 1, 1), torch.Generator().manual_seed(1))
+    shares = _orientation_counts(out, grid)
+    for (t, _, _), share in shares.items():
+        assert share == pytest.approx(1 / 16 if t else 3 / 16, abs=0.02)
+
+
+@pytest.mark.parametrize("step", ["p_bc", "p_gamma", "p_noise", "p_blur"])
+def test_images_a_step_skips_come_out_bit_identical(step):
+    # A photometric step that does not fire must not touch a pixel: with geometry off and
+    # only this step possible (p=0.5), each image is exactly the normalised input or changed.
+    probs = {"p_bc": 0, "p_gamma": 0, "p_noise": 0, "p_blur": 0, "p_vflip": 0, "p_rot90": 0, step: 0.5}
+    aug = BatchAugment(PRE, **probs)
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    normalise = BatchAugment(PRE, augment=False)
+    plain, flipped = normalise(x), normalise(x.flip(3))  # horizontal flips always stay on
+    out = aug(x, generator=torch.Generator().manual_seed(0))
+    same = [torch.equal(out[i], plain[i]) or torch.equal(out[i], flipped[i]) for i in range(64)]
+    assert 16 < sum(same) < 48  # about half untouched, bit for bit; the rest changed
+
+
+def test_layout_and_inputs_are_respected():
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as loaders send
+    out = BatchAugment(PRE)(x)
+    assert out.is_contiguous()  # on a CPU: plain NCHW for CPU convolutions
+    assert torch.equal(BatchAugment(PRE, augment=False)(x), BatchAugment(PRE, augment=False)(x.contiguous()))
+    f = x.float()
+    before = f.clone()
+    BatchAugment(PRE, augment=False)(f)
+    assert torch.equal(f, before)  # the caller's float batch is not normalised in place

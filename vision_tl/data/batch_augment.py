@@ -72,47 +72,93 @@ class BatchAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``[N, 3, H, W]`` uint8 (or float on the 0..255 scale) -> normalised float32."""
-        x = x.float()
+        """``[N, 3, H, W]`` uint8 (or float on the 0..255 scale) -> normalised float32.
+
+        The result keeps the batch's memory layout (channels_last batches from the
+        loaders stay channels_last for the GPU), except on a CPU, where it is contiguous
+        NCHW as CPU convolutions expect. Nothing here waits for the device, so on a GPU
+        the next batch is augmented while the previous step still runs.
+        """
+        if x.device.type == "cpu":
+            x = x.contiguous()
         if self.augment and len(x):
-            x = self._geometry(x, generator)
+            x = self._geometry(x, generator)  # on uint8: a quarter of the memory traffic
             x = self._photometric(x, generator)
-        return (x - self.mean) * self.inv_std
+        else:
+            x = x.to(torch.float32, copy=True)  # never normalise the caller's tensor in place
+        return x.sub_(self.mean).mul_(self.inv_std)  # = (x - mean) * inv_std, bit for bit
 
     def _geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
+        """Horizontal flip, vertical flip, then 0-3 quarter turns (the albumentations order and
+        probabilities), applied as the equivalent transpose + flips: three passes instead of ten."""
         n, dev = len(x), x.device
-        x = torch.where(_coin(n, 0.5, dev, generator).view(n, 1, 1, 1), x.flip(3), x)
-        x = torch.where(_coin(n, self.p_vflip, dev, generator).view(n, 1, 1, 1), x.flip(2), x)
-        if x.shape[2] == x.shape[3] and self.p_rot90 > 0:  # 90-degree turns keep only square shapes
+        h = _coin(n, 0.5, dev, generator).long()
+        v = _coin(n, self.p_vflip, dev, generator).long()
+        square = x.shape[2] == x.shape[3] and self.p_rot90 > 0  # turns keep only square shapes
+        k = torch.zeros(n, dtype=torch.long, device=dev)
+        if square:
             k = torch.randint(0, 4, (n,), device=dev, generator=generator)
             k = torch.where(_coin(n, self.p_rot90, dev, generator), k, torch.zeros_like(k))
-            for turns in (1, 2, 3):
-                x = torch.where((k == turns).view(n, 1, 1, 1), torch.rot90(x, turns, (2, 3)), x)
-        return x
+        table = _DIHEDRAL.to(dev)[h + 2 * v + 4 * k]  # [n, 3]: transpose, flip W, flip H
+        shape = (n, 1, 1, 1)
+        if square:
+            x = torch.where(~table[:, 0].view(shape), x, x.transpose(2, 3))  # keeps x's layout
+        x = torch.where(table[:, 1].view(shape), x.flip(3), x)
+        return torch.where(table[:, 2].view(shape), x.flip(2), x)
 
     def _photometric(self, x: torch.Tensor, generator) -> torch.Tensor:
+        """Brightness/contrast, gamma, noise, blur; ``x`` uint8 or float on the 0..255 scale.
+
+        Samples a step skips get identity parameters (contrast 1, brightness 0, noise 0),
+        which leave them bit-for-bit unchanged, so most steps need no masked copy.
+        """
         n, dev = len(x), x.device
         shape = (n, 1, 1, 1)
         on = _coin(n, self.p_bc, dev, generator).view(shape)
         alpha = 1.0 + _uniform(n, -self.contrast, self.contrast, dev, generator).view(shape)
         beta = 255.0 * _uniform(n, -self.brightness, self.brightness, dev, generator).view(shape)
-        x = torch.where(on, (x * alpha + beta).clamp(0, 255), x)
+        alpha, beta = torch.where(on, alpha, 1.0), torch.where(on, beta, 0.0)
+        x = torch.addcmul(beta, x, alpha).clamp_(0, 255)  # also the conversion to float32
         on = _coin(n, self.p_gamma, dev, generator).view(shape)
         g = _uniform(n, self.gamma[0] / 100, self.gamma[1] / 100, dev, generator).view(shape)
-        x = torch.where(on, (x / 255.0).clamp_min(0).pow(g) * 255.0, x)
+        x = torch.where(on, x.div(255.0).pow_(g).mul_(255.0), x)
         on = _coin(n, self.p_noise, dev, generator).view(shape)
-        std = 255.0 * _uniform(n, *self.noise_std, dev, generator).view(shape)
-        noise = torch.randn(x.shape, device=dev, generator=generator) * std
-        x = torch.where(on, (x + noise).clamp(0, 255), x)
+        std = torch.where(on, 255.0 * _uniform(n, *self.noise_std, dev, generator).view(shape), 0.0)
+        x.addcmul_(torch.empty_like(x).normal_(generator=generator), std).clamp_(0, 255)
         if self.p_blur > 0:
             x = torch.where(_coin(n, self.p_blur, dev, generator).view(shape), self._blur(x, generator), x)
         return x
 
     def _blur(self, x: torch.Tensor, generator) -> torch.Tensor:
-        sigma = float(_uniform(1, 0.5, 3.0, x.device, generator))
+        """3x3 Gaussian blur, sigma uniform in 0.5..3 (one draw per batch), reflected borders."""
+        sigma = _uniform(1, 0.5, 3.0, x.device, generator)  # a tensor: no wait for the device
         t = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
         k1 = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
         weight = kernel.expand(3, 1, 3, 3).contiguous()
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         return nn.functional.conv2d(padded, weight, groups=3)
+
+
+def _dihedral_table() -> torch.Tensor:
+    """For each (hflip, vflip, turns) code ``h + 2v + 4k``: the (transpose, flip W, flip H)
+    that gives the same image, found by applying both to a 3x3 grid of distinct values."""
+    grid = torch.arange(9).view(1, 1, 3, 3)
+    candidates = {}
+    for t in (0, 1):
+        for fw in (0, 1):
+            for fh in (0, 1):
+                y = grid.transpose(2, 3) if t else grid
+                y = y.flip(3) if fw else y
+                y = y.flip(2) if fh else y
+                candidates[tuple(y.flatten().tolist())] = (t, fw, fh)
+    rows = []
+    for code in range(16):
+        h, v, k = code & 1, (code >> 1) & 1, code >> 2
+        y = grid.flip(3) if h else grid
+        y = y.flip(2) if v else y
+        rows.append(candidates[tuple(torch.rot90(y, k, (2, 3)).flatten().tolist())])
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+_DIHEDRAL = _dihedral_table()
