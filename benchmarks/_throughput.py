@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -13,11 +15,17 @@ from vision_tl.models import ClassifierNet, apply_mode
 
 
 class ThroughputMeter(L.Callback):
-    """Images per second of training steps, from ``skip_epochs`` on (the first builds caches)."""
+    """Images per second of training steps, from ``skip_epochs`` on (the first builds caches).
 
-    def __init__(self, skip_epochs: int = 1) -> None:
-        self.skip_epochs, self.images, self.seconds = skip_epochs, 0, 0.0
-        self._start = 0.0
+    Times each epoch from its start to the start of validation (or to its end when there
+    is none), so validation, checkpoints and run artifacts are left out, as the plain loop
+    has none. With ``out`` set, the rate is written there as JSON when training ends (for
+    runs through the ``vision-tl fit`` command line, where the callback is built by name).
+    """
+
+    def __init__(self, skip_epochs: int = 1, out: str | None = None) -> None:
+        self.skip_epochs, self.out, self.images, self.seconds = skip_epochs, out, 0, 0.0
+        self._start, self._images, self._timing = 0.0, 0, False
 
     def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -25,17 +33,29 @@ class ThroughputMeter(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
-        self._start = time.perf_counter()
-        self._images = 0
+        self._start, self._images, self._timing = time.perf_counter(), 0, True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += len(batch[1])
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _stop(self, trainer, pl_module) -> None:
+        if not self._timing:
+            return
         self._sync(pl_module)
+        self._timing = False
         if trainer.current_epoch >= self.skip_epochs:
             self.images += self._images
             self.seconds += time.perf_counter() - self._start
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.out:
+            Path(self.out).write_text(json.dumps({"images_per_second": self.rate, "images": self.images}))
 
     @property
     def rate(self) -> float:

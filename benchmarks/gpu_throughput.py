@@ -21,23 +21,21 @@ Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _throughput import ThroughputMeter, plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
-
-from vision_tl.data import ImageFolderDataModule  # noqa: E402
-from vision_tl.tasks import ImageClassifier  # noqa: E402
+from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _render(job: tuple[str, int, int, str]) -> None:
@@ -68,6 +66,46 @@ def prepare(root: Path, images: int, size: int) -> Path:
     return root
 
 
+def checks(args, root: Path) -> None:
+    """Before timing: the fast paths give the CPU paths' numbers (exits if not).
+
+    A device-pipeline batch, copied on the side stream and normalised on the device, equals
+    the CPU pipeline's; ``extract``'s embeddings on the device (several batches in flight)
+    match the CPU's, allowing for TF32 convolutions.
+    """
+    import copy
+
+    from vision_tl.backbones import create_backbone, resolve_preprocessing
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
+
+    device = torch.device(args.device)
+    common = {"image_size": args.size, "batch_size": 64, "val_fraction": 0.05, "num_workers": 2}
+    fast = ImageFolderDataModule(str(root), pipeline="device", decoded_cache=str(args.cache), **common)
+    slow = ImageFolderDataModule(str(root), pipeline="cpu", **common)
+    fast.setup("fit")
+    slow.setup("fit")
+    batch, (x_ref, y_ref) = next(iter(fast.val_dataloader())), next(iter(slow.val_dataloader()))
+    x, y = fast.on_after_batch_transfer(fast.transfer_batch_to_device(batch, device, 0), 0)
+    pixel_error = float((x.cpu() - x_ref).abs().max())
+    if not torch.equal(y.cpu(), y_ref) or pixel_error > 1e-5:
+        raise SystemExit(f"device pipeline differs from the CPU pipeline (max error {pixel_error:g})")
+    model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").eval()
+    pre = resolve_preprocessing(args.backbone, args.size)
+    paths = sorted(root.rglob("*.jpg"))[:96]
+    feats = {}
+    for name, net in (("cpu", model), (args.device, copy.deepcopy(model).to(device))):
+        runs = iter_embeddings(FeatureExtractor(net, args.backbone, pre), paths, batch_size=32, num_workers=2,
+                               device=name, progress=False)
+        feats[name] = np.concatenate([r.features for r in runs])
+    a, b = feats["cpu"], feats[args.device]
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    if len(a) != len(paths) or len(b) != len(paths) or cosine.min() < 0.999:
+        raise SystemExit(f"extract on {args.device} differs from the CPU (min cosine {cosine.min():.5f})")
+    print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
+          f"extract on {args.device} vs CPU: min cosine {cosine.min():.6f}", flush=True)
+
+
 def bounds(args, num_classes: int) -> dict[str, float]:
     amp = torch.bfloat16 if args.device == "cuda" else None
     g = torch.Generator().manual_seed(0)
@@ -84,25 +122,37 @@ def bounds(args, num_classes: int) -> dict[str, float]:
 
 
 def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
-    """Steady-state training images/s of ``fit`` and the peak GPU memory in GiB."""
-    L.seed_everything(0, verbose=False)
-    dm = ImageFolderDataModule(str(root), backbone=args.backbone, image_size=args.size, batch_size=args.batch,
-                               augment="inspection", pipeline=args.pipeline,
-                               decoded_cache=str(args.cache), val_fraction=0.05, num_workers=args.workers)
-    # Frozen mode without the feature cache: the backbone runs on every batch, so this
-    # measures the inference-bound path; with the cache (the default) epochs cost ~nothing.
-    model = ImageClassifier(dm.classes, backbone=args.backbone, image_size=args.size, mode=mode,
-                            channels_last=True, feature_cache=None, pretrained=args.backbone != "test_efficientnet")
-    meter = ThroughputMeter(skip_epochs=1)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                        precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[meter])
-    trainer.fit(model, datamodule=dm)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    return meter.rate, peak
+    """Steady-state training images/s of the user's ``vision-tl fit`` command and the peak
+    GPU memory in GiB: the mode's recipe plus ``configs/gpu.yaml`` (on a GPU), run in this
+    process with a throughput meter added to the trainer's callbacks."""
+    import tempfile
+
+    from vision_tl.cli import main as vision_tl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rate.json"
+        meter = {"class_path": "_throughput.ThroughputMeter", "init_args": {"skip_epochs": 1, "out": str(out)}}
+        argv = ["fit", "--config", str(CONFIGS / f"{mode}.yaml")]
+        if args.device == "cuda":
+            argv += ["--config", str(CONFIGS / "gpu.yaml"), "--data.pipeline", args.pipeline]
+        else:
+            argv += ["--trainer.accelerator", "cpu", "--data.pipeline", args.pipeline]
+        argv += ["--data.root", str(root), "--data.decoded_cache", str(args.cache), "--data.batch_size",
+                 str(args.batch), "--data.val_fraction", "0.05", "--data.augment", "inspection",
+                 "--model.backbone", args.backbone, "--model.image_size", str(args.size),
+                 "--model.pretrained", str(args.backbone != "test_efficientnet").lower(),
+                 # frozen without the feature cache: the backbone runs on every batch (the
+                 # inference-bound path); with the cache (the default) epochs cost ~nothing
+                 "--model.feature_cache", "null", "--trainer.max_epochs", str(args.epochs),
+                 "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}"]
+        if args.workers is not None:
+            argv += ["--data.num_workers", str(args.workers)]
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if vision_tl(argv) != 0:
+            raise SystemExit(f"fit failed: vision-tl {' '.join(argv)}")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+        return json.loads(out.read_text())["images_per_second"], peak
 
 
 def extract_rate(args, root: Path) -> tuple[float, float]:
@@ -146,7 +196,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of the plain-loop bound")
-    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader processes (default: the kit's choice from the machine's cores)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pipeline", choices=("device", "cpu"), default=None,
@@ -157,6 +208,7 @@ def main() -> None:
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     root = prepare(args.data, args.images, args.size)
+    checks(args, root)
     bound = bounds(args, num_classes=4)
     print("plain-loop bounds:", {k: round(v) for k, v in bound.items()}, flush=True)
     kit = {}

@@ -2,7 +2,8 @@
 through the device pipeline (batched augmentation after the transfer) and through the
 CPU pipeline (albumentations per image in the loader), on several seeds.
 
-Each run is the user's command, ``vision-tl fit --config configs/partial.yaml`` with
+Each run is the user's command, ``vision-tl fit --config configs/partial.yaml`` (plus
+``--config configs/gpu.yaml`` on a GPU) with
 ``--data.pipeline device|cpu``, ``--data.seed S --seed_everything S`` and the given
 epochs; the table lists the best and the last validation accuracy of every run, and
 is appended to benchmarks/RESULTS.md with the device name (unless --no-write).
@@ -37,9 +38,8 @@ def run(data: Path, pipeline: str, seed: int, args, save_dir: Path) -> dict:
             "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(save_dir),
             "--trainer.logger.init_args.name", f"{pipeline}_seed{seed}"]
-    if gpu:
-        argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
-                 "--model.channels_last", "true", "--data.decoded_cache", "true"]
+    if gpu:  # the GPU overlay (bf16, decoded cache), then this run's pipeline again
+        argv += ["--config", str(ROOT / "configs" / "gpu.yaml"), "--data.pipeline", pipeline]
     argv += args.extra
     start = time.perf_counter()
     if vision_tl(argv) != 0:

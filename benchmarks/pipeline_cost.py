@@ -67,7 +67,7 @@ def feed_rate(root: Path, cache: Path | None, workers: int, batch: int, size: in
     rates = []
     for _ in range(rounds + (1 if cache else 0)):  # the first pass over a new cache fills it
         start, images = time.perf_counter(), 0
-        for x, y in loader:
+        for _x, y in loader:
             images += len(y)
         rates.append(images / (time.perf_counter() - start))
     return statistics.median(rates[1:] if cache else rates)
@@ -76,8 +76,8 @@ def feed_rate(root: Path, cache: Path | None, workers: int, batch: int, size: in
 def extract_feed_rate(root: Path, workers: int, batch: int, size: int, rounds: int) -> float:
     from torch.utils.data import DataLoader
 
-    from vision_tl.features.extractor import _collate, _ImageFiles
     from vision_tl.data.transforms import ImageTransform
+    from vision_tl.features.extractor import _collate, _ImageFiles
 
     paths = sorted(root.rglob("*.jpg"))
     dataset = _ImageFiles(paths, ImageTransform(resolve_preprocessing("tf_efficientnet_lite0", size),

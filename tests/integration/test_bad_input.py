@@ -489,6 +489,13 @@ def cli_negative_epochs(w: World, tmp: Path) -> Result:
     return cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "-3"), "max_epochs", "-3")
 
 
+def cli_gpu_config_without_gpu(w: World, tmp: Path) -> Result:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return cli_error(w.fit_args(w.data, tmp / "runs", "--config", str(CONFIGS / "gpu.yaml")),
+                     "--trainer.accelerator gpu", "sees none", "leave out configs/gpu.yaml")
+
+
 def cli_file_as_data_root(w: World, tmp: Path) -> Result:
     image = next((w.data / "good").iterdir())
     return cli_error(w.fit_args(image, tmp / "runs"), str(image), "one sub-folder per class")
@@ -621,6 +628,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-wrong-type", "wrong type (--model.lr fast)", "CLI", cli_wrong_type),
     ("cli-negative-lr", "negative learning rate", "CLI", cli_negative_learning_rate),
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
+    ("cli-gpu-without-gpu", "configs/gpu.yaml on a machine without a GPU", "CLI", cli_gpu_config_without_gpu),
     ("cli-file-as-root", "image file where the data folder is expected", "CLI", cli_file_as_data_root),
     ("cli-truncated-in-data", "truncated image inside the training data", "CLI", cli_truncated_image_in_data),
     ("cli-ckpt-other-classes", "checkpoint trained on 4 classes, data with 3", "CLI", cli_checkpoint_other_classes),

@@ -95,3 +95,20 @@ def test_demo_runs_and_learns(tmp_path):
     best = demo.run(args)
     assert best["balanced_acc"] > 0.5  # chance is 0.25 for 4 classes
     assert (tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeypatch):
+    """`vision-tl fit` swaps Lightning's every-batch progress bar (each redraw waits for the
+    GPU) for the time-throttled one."""
+    from vision_tl.tasks.callbacks import ThrottledProgressBar
+
+    seen = []
+    original = ThrottledProgressBar.on_train_batch_end
+
+    def spy(self, *args):
+        seen.append(self.min_interval)
+        return original(self, *args)
+
+    monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
+    _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1")
+    assert seen and set(seen) == {0.5}

@@ -118,3 +118,42 @@ def test_cpu_augmentation_follows_the_seed_whatever_the_workers(inspection_folde
     # a resumed run starting at epoch 1 sees what the uninterrupted run saw in epoch 1
     assert all(torch.equal(x, y) for x, y in zip(first_batches(0, 0, epoch=1), first_batches(0, 2, epoch=1),
                                                  strict=True))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_device_pipeline_sends_channels_last_uint8_from_workers(inspection_folder, tmp_path, cached):
+    """Loader workers batch the device pipeline's images channels-last (no transposing copy,
+    in shared memory); on the device they normalise to exactly the CPU pipeline's tensors."""
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=40, num_workers=1, batch_size=8,
+                               pipeline="device", decoded_cache=str(tmp_path) if cached else False)
+    dm.setup("fit")
+    reference = _dm(inspection_folder, pipeline="cpu")
+    for batch, ref in zip(dm.val_dataloader(), reference.val_dataloader(), strict=True):
+        assert batch[0].dtype == torch.uint8 and batch[0].is_contiguous(memory_format=torch.channels_last)
+        x, y = dm.on_after_batch_transfer(batch, 0)
+        assert torch.equal(y, ref[1]) and torch.equal(x, ref[0])
+    # training batches hold exactly the sampler's draws, read from the cache in file order
+    loader = dm.train_dataloader()
+    draws = list(loader.sampler)[:8]
+    x, y = next(iter(loader))
+    labels = [dm.dataset("train").labels[i] for i in draws] if cached else [
+        dm.splits["train"][i].label for i in draws]
+    assert sorted(y.tolist()) == sorted(int(v) for v in labels)
+
+
+def test_fit_progress_bar_redraws_by_time_not_every_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from vision_tl.tasks import callbacks
+
+    drawn = []
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: drawn.append(i))
+    clock = iter([0.0, 0.1, 0.2, 0.7, 0.8, 0.9])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    bar = callbacks.ThrottledProgressBar(min_interval=0.5)
+    bar.train_progress_bar = SimpleNamespace(total=6)
+    for i in range(6):
+        bar.on_train_batch_end(None, None, None, None, i)
+    assert drawn == [0, 3, 5]  # the first, one after 0.5 s, and always the last

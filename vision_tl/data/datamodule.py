@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decoded_cache import DecodedImageDataset, decoded_images
+from vision_tl.data.device import copy_on_side_stream
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -25,7 +26,7 @@ from vision_tl.data.folder import (
     warn_cross_duplicates,
     write_split,
 )
-from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 SAMPLERS = ("none", "balanced")
@@ -56,7 +57,7 @@ class ImageDataset(Dataset):
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default collate after dropping samples that failed to decode (``None``).
+    """Collate ``(image, label)`` pairs after dropping samples that failed to decode (``None``).
 
     A single item whose image is 4-D is a batch a dataset already assembled
     (``DecodedImageDataset.__getitems__``) and passes through unchanged.
@@ -66,6 +67,8 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     kept = [b for b in batch if b is not None]
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
+    if kept[0][0].dtype == torch.uint8:
+        return stack_images([x for x, _ in kept]), torch.tensor([int(y) for _, y in kept])
     return default_collate(kept)
 
 
@@ -278,6 +281,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         keep = [i for i in range(len(samples)) if i not in bad_rows]
         return DecodedImageDataset(pixels, [s.label for s in samples], keep, None if on_device else transform)
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """On a GPU the copy runs on a side stream, while the previous step still computes."""
+        move = super().transfer_batch_to_device
+        if device.type != "cuda":
+            return move(batch, device, dataloader_idx)
+        return copy_on_side_stream(lambda: move(batch, device, dataloader_idx), device)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Device pipeline: augment (training only) and normalise uint8 image batches on the device."""
         x, y = batch
@@ -337,3 +347,4 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test" if "test" in self.splits else "val")
+

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.utils.files import atomic_path, atomic_write_text
@@ -116,17 +116,23 @@ class DecodedImageDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = np.asarray(self.pixels[self.indices[i]])
+        image = np.array(self.pixels[self.indices[i]])  # a copy: the mapped file is read-only
         if self.transform is not None:  # a Draw from the sampler carries the augmentation seed
             return self.transform(image, seed=getattr(i, "seed", None)), int(self.labels[i])
-        return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[i])
+        return torch.from_numpy(image).permute(2, 0, 1), int(self.labels[i])  # channels-last
 
     def __getitems__(self, batch: list[int]):
+        """The device pipeline's whole batch in one read: rows in file order (sequential on
+        disk; the order within a batch does not matter to training), into a channels-last
+        ``[N, 3, H, W]`` uint8 tensor (in a loader worker, in shared memory)."""
         if self.transform is not None:
             return [self[i] for i in batch]
-        rows = self.indices[batch]
-        order = np.argsort(rows)  # sorted reads are sequential on disk
-        pixels = np.empty((len(rows), *self.pixels.shape[1:]), np.uint8)
-        pixels[order] = self.pixels[rows[order]]
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-        return [(x, torch.from_numpy(self.labels[batch]))]  # one pre-collated batch
+        positions = np.asarray(batch, dtype=np.int64)
+        order = np.argsort(self.indices[positions], kind="stable")
+        rows, labels = self.indices[positions[order]], self.labels[positions[order]]
+        out = torch.empty(0, dtype=torch.uint8)
+        if get_worker_info() is not None:  # straight into the memory the batch is sent in
+            out = out.new(out._typed_storage()._new_shared(len(rows) * int(np.prod(self.pixels.shape[1:]))))
+        out = out.resize_(len(rows), *self.pixels.shape[1:])
+        np.take(self.pixels, rows, axis=0, out=out.numpy())
+        return [(out.permute(0, 3, 1, 2), torch.from_numpy(labels))]  # one pre-collated batch

@@ -15,6 +15,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from vision_tl.backbones import Preprocessing
 from vision_tl.imaging import resize
@@ -76,8 +77,9 @@ class ImageTransform:
     """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise.
 
     With ``normalize=False`` the result stays a uint8 ``[3, H, W]`` tensor (4x less to
-    move between processes and to the GPU); :class:`~vision_tl.data.batch_augment.BatchAugment`
-    finishes it on the device.
+    move between processes and to the GPU), laid out channels-last (a view of the
+    ``H x W x 3`` pixels); :func:`stack_images` batches such
+    tensors and :class:`~vision_tl.data.batch_augment.BatchAugment` finishes them on the device.
     """
 
     def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none", normalize: bool = True) -> None:
@@ -94,10 +96,33 @@ class ImageTransform:
             if seed is not None:
                 self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
-        if not self.normalize:
-            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
+            if not (image.flags.writeable and image.flags.c_contiguous):  # e.g. a view of a PIL image
+                image = np.array(image)
+            return torch.from_numpy(image).permute(2, 0, 1)
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Batch ``[3, H, W]`` tensors; uint8 ones into one channels-last ``[N, 3, H, W]`` tensor.
+
+    uint8 images (the device pipeline's and ``extract``'s) are copied pixel row by pixel
+    row, never transposed, into an ``N x H x W x 3`` buffer -- in a loader worker, straight
+    into shared memory, so handing the batch to the training process copies nothing more.
+    The GPU wants channels-last anyway; a CPU consumer makes it contiguous itself.
+    """
+    first = images[0]
+    if first.dtype != torch.uint8 or first.ndim != 3:
+        return torch.stack(images)
+    channels, height, width = first.shape
+    out = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is not None:  # as default_collate does
+        out = out.new(out._typed_storage()._new_shared(len(images) * channels * height * width))
+    out = out.resize_(len(images), height, width, channels)
+    for row, image in zip(out, images, strict=True):
+        row.copy_(image.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)
 
 
 def eval_transform(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:

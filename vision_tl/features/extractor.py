@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
-from vision_tl.data.transforms import AugmentSpec, ImageTransform
+from vision_tl.data.device import copy_on_side_stream
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 POOLED = "pooled"
@@ -191,7 +192,7 @@ class _ImageFiles(Dataset):
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     ok = [(i, x) for i, x, err in batch if err is None]
     bad = [(i, err) for i, x, err in batch if err is not None]
-    x = torch.stack([x for _, x in ok]) if ok else None
+    x = stack_images([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], x, bad
 
 
@@ -227,10 +228,37 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
                         num_workers=num_workers, collate_fn=_collate, pin_memory=cuda,
                         prefetch_factor=4 if cuda and num_workers > 0 else None)
     desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
+
+    def launch(x: torch.Tensor | None):
+        """Start a batch on the device; on a GPU nothing here waits for it to finish."""
+        if x is None:
+            return np.zeros((0, extractor.num_features), np.float32), None
+        if not cuda:
+            return extractor.embed(x.to(device)).numpy(), None
+        x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
+        feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
+        done = torch.cuda.Event()
+        done.record()
+        return feats, done
+
+    pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
         for positions, x, bad in loader:
-            feats = np.zeros((0, extractor.num_features), np.float32)
-            if x is not None:
-                feats = extractor.embed(x.to(device, non_blocking=True)).cpu().numpy()
-            bar.update(len(positions) + len(bad))
-            yield BatchResult(positions, feats, bad)
+            started = (positions, *launch(x), bad)
+            if not cuda:
+                yield _finish(started, bar)
+                continue
+            if pending is not None:
+                yield _finish(pending, bar)
+            pending = started
+        if pending is not None:
+            yield _finish(pending, bar)
+
+
+def _finish(pending, bar) -> BatchResult:
+    positions, feats, done, bad = pending
+    if done is not None:
+        done.synchronize()
+        feats = feats.numpy()
+    bar.update(len(positions) + len(bad))
+    return BatchResult(positions, feats, bad)

@@ -79,7 +79,8 @@ class ImageClassifier(L.LightningModule):
         class_counts: training images per class; read from the datamodule when omitted.
         label_smoothing: cross-entropy label smoothing.
         good_class: the defect-free class, if any (used by reports and export).
-        channels_last: train in channels-last memory format (faster on GPUs).
+        channels_last: run in channels-last memory format, as GPU convolutions prefer;
+            ``None`` (default): on when training on a GPU, off on a CPU.
         compile: run the network through ``torch.compile`` (opt-in: compiling takes a while
             on the first batches and needs a C++ compiler; worth it for long GPU runs).
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
@@ -116,7 +117,7 @@ class ImageClassifier(L.LightningModule):
         class_counts: list[int] | None = None,
         label_smoothing: float = 0.0,
         good_class: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         feature_cache: str | None = "auto",
         cached_views: int = 1,
         threshold_target: str | None = None,
@@ -153,12 +154,16 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a normalised ``[N, 3, H, W]`` batch."""
-        if self.hparams.channels_last:
+        if self._channels_last(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         # The compiled wrapper lives outside the module tree, so checkpoints keep plain keys.
         # (``or`` would call len() on the wrapper, which an nn.Module has not.)
         net = self.__dict__.get("_compiled_net")
         return (self.net if net is None else net)(x)
+
+    def _channels_last(self, device: torch.device) -> bool:
+        flag = self.hparams.get("channels_last")
+        return device.type == "cuda" if flag is None else bool(flag)
 
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
@@ -168,7 +173,7 @@ class ImageClassifier(L.LightningModule):
         weights = class_weights_from_counts(counts, self.hparams.class_weights) if counts else None
         if weights is not None:
             self.loss_weights = weights.to(self.loss_weights.device)
-        if self.hparams.channels_last:
+        if self._channels_last(self.trainer.strategy.root_device if self._trainer else self.device):
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
             self.__dict__["_compiled_net"] = torch.compile(self.net)

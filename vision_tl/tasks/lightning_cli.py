@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from vision_tl.data import ImageFolderDataModule
-from vision_tl.tasks.callbacks import RunArtifacts
+from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
 from vision_tl.tasks.resume import (
@@ -126,9 +127,33 @@ class VisionTLCLI(LightningCLI):
         parser.link_arguments("data.good_class", "model.good_class")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, with its default progress bar swapped for one that does not
+        make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) is TQDMProgressBar and callback.refresh_rate == 1:
+                trainer.callbacks[i] = ThrottledProgressBar()
+        return trainer
+
     def before_instantiate_classes(self) -> None:
+        self._check_gpu()
         self._resume_into_run()
         self._refuse_existing_run()
+
+    def _check_gpu(self) -> None:
+        """``--trainer.accelerator gpu`` (e.g. from configs/gpu.yaml) on a machine where PyTorch
+        sees no GPU: say so and what to do, instead of Lightning's 'No supported gpu backend'."""
+        import torch
+
+        accelerator = self.config[self.subcommand].trainer.get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+            raise ValueError(
+                f"--trainer.accelerator {accelerator} asks for a GPU, but PyTorch {torch.__version__} "
+                f"({build}) sees none; on this machine leave out configs/gpu.yaml or pass "
+                "--trainer.accelerator auto (uses a GPU when there is one) or cpu"
+            )
 
     def _refuse_existing_run(self) -> None:
         """An explicit ``--trainer.logger.init_args.version`` naming an existing run fails *before*

@@ -1,0 +1,46 @@
+"""Moving batches to a GPU without stalling it.
+
+A batch copied on the compute stream waits for the previous step to finish and then
+holds the next one up for as long as the copy takes (a few ms for 256 images at
+224 px). Copied on a side stream, the copy engine moves it while the previous step
+still computes. Used by ``fit`` (``ImageFolderDataModule.transfer_batch_to_device``)
+and by ``extract``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+
+Batch = TypeVar("Batch")
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_on_side_stream(move: Callable[[], Batch], device: torch.device) -> Batch:
+    """Run ``move`` (copies of pinned CPU tensors to ``device``, ``non_blocking=True``) on a
+    side CUDA stream; the compute stream's next kernels wait for the copy to finish."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    stream, compute = _STREAMS[device], torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        batch = move()
+    compute.wait_stream(stream)
+    for tensor in _cuda_tensors(batch):  # made on the side stream, used on the compute one
+        tensor.record_stream(compute)
+    return batch
+
+
+def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        if batch.is_cuda:
+            yield batch
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from _cuda_tensors(item)
+    elif isinstance(batch, dict):
+        for item in batch.values():
+            yield from _cuda_tensors(item)
