@@ -9,6 +9,7 @@ deploy time.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -97,9 +98,14 @@ class ImageTransform:
                 self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
         if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
-            if not (image.flags.writeable and image.flags.c_contiguous):  # e.g. a view of a PIL image
-                image = np.array(image)
-            return torch.from_numpy(image).permute(2, 0, 1)
+            image = np.ascontiguousarray(image)
+            if image.flags.writeable:
+                return torch.from_numpy(image).permute(2, 0, 1)
+            # Pixels straight from Pillow are read-only; copying them here costs as much as
+            # decoding's overhead. The tensor is only read: stack_images copies it into the batch.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(image).permute(2, 0, 1)
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
