@@ -157,3 +157,14 @@ def test_fit_progress_bar_redraws_by_time_not_every_batch(monkeypatch):
     for i in range(6):
         bar.on_train_batch_end(None, None, None, None, i)
     assert drawn == [0, 3, 5]  # the first, one after 0.5 s, and always the last
+
+
+@pytest.mark.parametrize("cores, gpu, expected", [(2, True, 0), (4, False, 3), (16, False, 8), (16, True, 15),
+                                                  (64, True, 16)])
+def test_loader_processes_follow_the_cores_and_the_gpu(monkeypatch, cores, gpu, expected):
+    """A GPU gets every core but one for decoding (it has nothing else for them to do);
+    CPU training keeps cores for the model; a 2-core machine decodes in-process."""
+    from vision_tl.data.datamodule import default_num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(gpu=gpu) == expected

@@ -118,10 +118,16 @@ class EpochSampler(Sampler[int]):
         return iter([Draw(i, s) for i, s in zip(order.tolist(), seeds.tolist(), strict=True)])
 
 
-def default_num_workers() -> int:
-    """Leave one core for the training process; none at all on a 1-2 core machine."""
+def default_num_workers(gpu: bool | None = None) -> int:
+    """Loader processes for this machine: every core but one (none on a 1-2 core machine),
+    up to 8 when the CPU also trains and up to 16 when a GPU does (``gpu=None``: whether
+    PyTorch sees one). Feeding a GPU is all the CPU has to do there, and JPEG decoding
+    runs at roughly 2,000 images/s per core against the GPU's ~20,000 images/s of inference.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, max(0, cores - 1)) if cores > 2 else 0
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0
 
 
 class ImageFolderDataModule(L.LightningDataModule):
