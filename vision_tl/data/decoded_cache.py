@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
+from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.utils.files import atomic_path, atomic_write_text
 
@@ -116,10 +117,11 @@ class DecodedImageDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = np.array(self.pixels[self.indices[i]])  # a copy: the mapped file is read-only
+        image = self.pixels[self.indices[i]]
         if self.transform is not None:  # a Draw from the sampler carries the augmentation seed
-            return self.transform(image, seed=getattr(i, "seed", None)), int(self.labels[i])
-        return torch.from_numpy(image).permute(2, 0, 1), int(self.labels[i])  # channels-last
+            return self.transform(np.asarray(image), seed=getattr(i, "seed", None)), int(self.labels[i])
+        # a copy (the mapped file is read-only), served channels-last like every uint8 image
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1), int(self.labels[i])
 
     def __getitems__(self, batch: list[int]):
         """The device pipeline's whole batch in one read: rows in file order (sequential on
@@ -130,9 +132,6 @@ class DecodedImageDataset(Dataset):
         positions = np.asarray(batch, dtype=np.int64)
         order = np.argsort(self.indices[positions], kind="stable")
         rows, labels = self.indices[positions[order]], self.labels[positions[order]]
-        out = torch.empty(0, dtype=torch.uint8)
-        if get_worker_info() is not None:  # straight into the memory the batch is sent in
-            out = out.new(out._typed_storage()._new_shared(len(rows) * int(np.prod(self.pixels.shape[1:]))))
-        out = out.resize_(len(rows), *self.pixels.shape[1:])
+        out = pixel_batch_buffer((len(rows), *self.pixels.shape[1:]))
         np.take(self.pixels, rows, axis=0, out=out.numpy())
         return [(out.permute(0, 3, 1, 2), torch.from_numpy(labels))]  # one pre-collated batch

@@ -122,13 +122,19 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     if first.dtype != torch.uint8 or first.ndim != 3:
         return torch.stack(images)
     channels, height, width = first.shape
-    out = torch.empty(0, dtype=torch.uint8)
-    if get_worker_info() is not None:  # as default_collate does
-        out = out.new(out._typed_storage()._new_shared(len(images) * channels * height * width))
-    out = out.resize_(len(images), height, width, channels)
+    out = pixel_batch_buffer((len(images), height, width, channels))
     for row, image in zip(out, images, strict=True):
         row.copy_(image.permute(1, 2, 0))
     return out.permute(0, 3, 1, 2)
+
+
+def pixel_batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor for a batch of pixels; in a loader worker it lives in shared
+    memory (as ``default_collate`` does it), so sending it to the trainer copies nothing."""
+    out = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out = out.new(out._typed_storage()._new_shared(int(np.prod(shape))))
+    return out.resize_(*shape)
 
 
 def eval_transform(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
