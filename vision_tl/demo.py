@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from vision_tl.data import ImageFolderDataModule
     from vision_tl.tasks import ImageClassifier
-    from vision_tl.tasks.callbacks import RunArtifacts
+    from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
     from vision_tl.tasks.resume import RunCheckpoint
 
     if args.epochs < 1 or args.size < 32:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint = RunCheckpoint(monitor="val/balanced_acc", mode="max", filename="best",
                                                      save_last=True)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1,
-                        logger=CSVLogger(args.runs, name="demo"), callbacks=[checkpoint, artifacts],
+                        logger=CSVLogger(args.runs, name="demo"), callbacks=[checkpoint, artifacts, ThrottledProgressBar()],
                         log_every_n_steps=5, deterministic=False)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
