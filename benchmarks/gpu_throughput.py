@@ -90,6 +90,7 @@ def checks(args, root: Path) -> None:
     pixel_error = float((x.cpu() - x_ref).abs().max())
     if not torch.equal(y.cpu(), y_ref) or pixel_error > 1e-5:
         raise SystemExit(f"device pipeline differs from the CPU pipeline (max error {pixel_error:g})")
+    syncs = host_syncs(fast, batch, device) if args.device == "cuda" else []
     model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").eval()
     pre = resolve_preprocessing(args.backbone, args.size)
     paths = sorted(root.rglob("*.jpg"))[:96]
@@ -103,7 +104,28 @@ def checks(args, root: Path) -> None:
     if len(a) != len(paths) or len(b) != len(paths) or cosine.min() < 0.999:
         raise SystemExit(f"extract on {args.device} differs from the CPU (min cosine {cosine.min():.5f})")
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
-          f"extract on {args.device} vs CPU: min cosine {cosine.min():.6f}", flush=True)
+          f"extract on {args.device} vs CPU: min cosine {cosine.min():.6f}; "
+          f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}", flush=True)
+
+
+def host_syncs(dm, batch, device: torch.device) -> list[str]:
+    """Operations that make the CPU wait for the GPU while a training batch is copied and
+    augmented (none expected): PyTorch's sync debug mode reports each one as a warning."""
+    import warnings
+
+    from vision_tl.data.batch_augment import BatchAugment
+
+    augment = BatchAugment.from_preset("inspection", dm.preprocessing).to(device)
+    augment(dm.transfer_batch_to_device(batch, device, 0)[0])  # warm-up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            augment(dm.transfer_batch_to_device(batch, device, 0)[0])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message).splitlines()[0] for w in caught]
 
 
 def bounds(args, num_classes: int) -> dict[str, float]:

@@ -54,6 +54,10 @@ class BatchAugment(nn.Module):
         mean, inv_std = (torch.from_numpy(a).view(1, 3, 1, 1) for a in normalisation(preprocessing))
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", inv_std, persistent=False)
+        # Constants live on the module's device: a tensor built from host data inside forward
+        # would be a blocking copy, i.e. a wait for the GPU on every batch.
+        self.register_buffer("dihedral", _DIHEDRAL.clone(), persistent=False)
+        self.register_buffer("taps", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
 
     @classmethod
     def from_preset(cls, preset: str, preprocessing: Preprocessing, train: bool = True) -> BatchAugment:
@@ -99,7 +103,7 @@ class BatchAugment(nn.Module):
         if square:
             k = torch.randint(0, 4, (n,), device=dev, generator=generator)
             k = torch.where(_coin(n, self.p_rot90, dev, generator), k, torch.zeros_like(k))
-        table = _DIHEDRAL.to(dev)[h + 2 * v + 4 * k]  # [n, 3]: transpose, flip W, flip H
+        table = self.dihedral.to(dev)[h + 2 * v + 4 * k]  # [n, 3]: transpose, flip W, flip H
         shape = (n, 1, 1, 1)
         if square:
             x = torch.where(~table[:, 0].view(shape), x, x.transpose(2, 3))  # keeps x's layout
@@ -132,7 +136,7 @@ class BatchAugment(nn.Module):
     def _blur(self, x: torch.Tensor, generator) -> torch.Tensor:
         """3x3 Gaussian blur, sigma uniform in 0.5..3 (one draw per batch), reflected borders."""
         sigma = _uniform(1, 0.5, 3.0, x.device, generator)  # a tensor: no wait for the device
-        t = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+        t = self.taps.to(x.device)
         k1 = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
         weight = kernel.expand(3, 1, 3, 3).contiguous()
