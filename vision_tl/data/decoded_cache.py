@@ -42,11 +42,20 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, str]:
         try:
-            return i, torch.from_numpy(resize(load_rgb(self.paths[i]), self.size, self.interpolation).copy()), ""
+            return i, resize(load_rgb(self.paths[i]), self.size, self.interpolation), ""
         except ImageLoadError as exc:
-            return i, torch.zeros((*self.size, 3), dtype=torch.uint8), str(exc)
+            return i, np.zeros((*self.size, 3), np.uint8), str(exc)
+
+
+def _collate_pixels(items: list[tuple[int, np.ndarray, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    """One ``[N, H, W, 3]`` tensor per batch (in shared memory in a worker): sending 64
+    separate images between processes cost more than decoding them."""
+    pixels = pixel_batch_buffer((len(items), *items[0][1].shape))
+    for row, (_, image, _) in zip(pixels.numpy(), items, strict=True):
+        row[...] = image
+    return [i for i, _, _ in items], pixels, [error for _, _, error in items]
 
 
 def _key(shas: list[str], size: tuple[int, int], interpolation: str) -> str:
@@ -80,18 +89,16 @@ def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: 
     from tqdm.auto import tqdm
 
     loader = DataLoader(_Decode(paths, size, interpolation), batch_size=64, num_workers=num_workers,
-                        collate_fn=lambda items: items)
+                        collate_fn=_collate_pixels)
     bad: list[int] = []
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
         with tqdm(total=len(paths), desc="decoding images (once)", unit="img") as bar:
-            for items in loader:
-                for i, pixels, error in items:
-                    out[i] = pixels.numpy()
-                    if error:
-                        bad.append(i)
-                bar.update(len(items))
+            for rows, pixels, errors in loader:  # rows come in order: one slice per batch
+                out[rows[0]:rows[-1] + 1] = pixels.numpy()
+                bad += [i for i, error in zip(rows, errors, strict=True) if error]
+                bar.update(len(rows))
         out.flush()
         del out
     return sorted(bad)
