@@ -690,7 +690,7 @@ def test_bad_input(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def write_table(path: Path) -> None:
     """Markdown table of the outcomes of this run (only cases that ran and passed appear)."""
     def short(text: str) -> str:
-        text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/", "…/", " ".join(text.split()))
+        text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s`]+/?", "…/", " ".join(text.split()))
         text = text.replace("|", "\\|")
         return text if len(text) <= 160 else text[:157] + "..."
 
