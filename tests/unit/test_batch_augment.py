@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vision_tl.backbones import resolve_preprocessing
-from vision_tl.data.batch_augment import BatchAugment
+from vision_tl.data.batch_augment import BatchAugment, orientations
 from vision_tl.data.transforms import build_augmentation
 
 PRE = resolve_preprocessing("tf_efficientnet_lite0", 16)
@@ -61,13 +61,7 @@ def test_non_square_batches_skip_turns_but_keep_shape():
 
 def _orientation_counts(out: torch.Tensor, grid: torch.Tensor) -> dict[tuple[int, int, int], float]:
     """Share of each of the 8 turns/mirrors of ``grid`` (a 1x3xSxS image) in ``out``."""
-    variants = {}
-    for t in (0, 1):
-        for fw in (0, 1):
-            for fh in (0, 1):
-                y = grid.transpose(2, 3) if t else grid
-                y = y.flip(3) if fw else y
-                variants[(t, fw, fh)] = y.flip(2) if fh else y
+    variants = orientations(grid)
     counts = dict.fromkeys(variants, 0)
     for image in out:
         match = [key for key, y in variants.items() if torch.equal(image, y[0])]

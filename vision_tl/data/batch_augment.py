@@ -144,18 +144,23 @@ class BatchAugment(nn.Module):
         return nn.functional.conv2d(padded, weight, groups=3)
 
 
+def orientations(image: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+    """The 8 turns and mirrors of ``[..., S, S]`` images, keyed by (transpose, flip W, flip H)."""
+    out = {}
+    for t in (0, 1):
+        for fw in (0, 1):
+            for fh in (0, 1):
+                y = image.transpose(-2, -1) if t else image
+                y = y.flip(-1) if fw else y
+                out[(t, fw, fh)] = y.flip(-2) if fh else y
+    return out
+
+
 def _dihedral_table() -> torch.Tensor:
     """For each (hflip, vflip, turns) code ``h + 2v + 4k``: the (transpose, flip W, flip H)
     that gives the same image, found by applying both to a 3x3 grid of distinct values."""
     grid = torch.arange(9).view(1, 1, 3, 3)
-    candidates = {}
-    for t in (0, 1):
-        for fw in (0, 1):
-            for fh in (0, 1):
-                y = grid.transpose(2, 3) if t else grid
-                y = y.flip(3) if fw else y
-                y = y.flip(2) if fh else y
-                candidates[tuple(y.flatten().tolist())] = (t, fw, fh)
+    candidates = {tuple(y.flatten().tolist()): key for key, y in orientations(grid).items()}
     rows = []
     for code in range(16):
         h, v, k = code & 1, (code >> 1) & 1, code >> 2

@@ -98,14 +98,11 @@ class ImageTransform:
                 self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
         if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
-            image = np.ascontiguousarray(image)
-            if image.flags.writeable:
-                return torch.from_numpy(image).permute(2, 0, 1)
-            # Pixels straight from Pillow are read-only; copying them here costs as much as
-            # decoding's overhead. The tensor is only read: stack_images copies it into the batch.
+            # Pixels straight from Pillow are read-only (torch warns); copying them here would cost
+            # as much as decoding's overhead. The tensor is only read: stack_images copies it.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(image).permute(2, 0, 1)
+                return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
