@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -13,10 +14,22 @@ from PIL import Image
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples on every run, so a test run never fails by luck of the draw.
+# VISION_TL_FUZZ_RANDOM=1 draws new examples (a wider search, for hunting new failures).
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=not os.environ.get("VISION_TL_FUZZ_RANDOM"))
+# Found by the random search: a TIFF that Pillow refuses and tifffile (2026.11) reads as 0x0 pixels.
+EMPTY_TIFF = bytes.fromhex(
+    "49492a000800000000000001040001000000070000000101040001000000090000000201030001000000100000000301"
+    "0300010000000100000006010300010000000100000011010400010000007a0000001601040001000000090000001701"
+    "0400010000007e0000001c01030001000000010000000000000060d2c095017a9241991294047894ec30bbf9831bbb73"
+    "0865783badbfc9a4cab932154d5a13853d6d650aab31ecf19e291fda76d22b647e77f0d240ae41d6f1c1f6b0b7e9a2d2"
+    "d62d8abf3016046d9165c13319f043184101aa52a0fdc243a7d4512c1c9659f56cb701fb1593bafb47d63ac773e3a8a1"
+    "3a5b3c87fb390cc7"
+)
 # One file per example, reused: tmp_path is function-scoped and Hypothesis runs many examples per call.
 _DIR = Path(tempfile.mkdtemp(prefix="vision_tl_fuzz_"))
 
@@ -100,5 +113,6 @@ def test_valid_magic_then_garbage_never_escapes(header: bytes, body: bytes):
 
 @FUZZ
 @given(sample=mutated())
+@example(sample=(EMPTY_TIFF, ".tif"))
 def test_mutated_images_never_escape(sample: tuple[bytes, str]):
     _decode(*sample)
