@@ -16,6 +16,7 @@ Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 ``--device cpu --images 256 --size 64 --batch 32 --backbone test_efficientnet [--pipeline device]``.
 
     python benchmarks/gpu_throughput.py                      # on a GPU machine
+    python benchmarks/gpu_throughput.py --compile            # the kit's fit with torch.compile
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
                  "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}"]
         if args.workers is not None:
             argv += ["--data.num_workers", str(args.workers)]
+        if args.compile:  # compiling happens in the first epoch, which is not timed
+            argv += ["--model.compile", "true"]
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if vision_tl(argv) != 0:
@@ -224,7 +227,9 @@ def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
 def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float]]) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
              f"`python benchmarks/gpu_throughput.py --images {args.images} --batch {args.batch} "
-             f"--epochs {args.epochs}` — {args.backbone}, {args.size} px, batch {args.batch}, bf16, channels_last.", "",
+             f"--epochs {args.epochs}{' --compile' if args.compile else ''}` — {args.backbone}, {args.size} px, "
+             f"batch {args.batch}, bf16, channels_last{'; the kit with torch.compile, the bound eager' if args.compile else ''}.",
+             "",
              "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) |",
              "| --- | --- | --- | --- | --- |"]
     for mode in ("frozen", "partial", "full", "extract", "extract, steady state"):
@@ -250,6 +255,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pipeline", choices=("device", "cpu"), default=None,
                         help="the kit's input pipeline (default: device on a GPU, cpu otherwise)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the kit's fit runs with --model.compile true (the plain-loop bound stays eager)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     args.pipeline = args.pipeline or ("device" if args.device == "cuda" else "cpu")
