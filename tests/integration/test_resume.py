@@ -32,7 +32,7 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_path):
+def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_path, capsys):
     assert main(_args(inspection_folder, tmp_path / "a")) == 0
     reference = tmp_path / "a" / "partial" / "version_0"
 
@@ -48,9 +48,19 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     interrupted_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
     assert interrupted_at < EPOCHS - 1, f"training finished before the signal arrived:\n{output}"
     assert "resume" in output, output
+    assert proc.returncode == 143, output  # stopped, not finished: a job script must see it failed
 
+    # A newer run beside it: `--ckpt_path last` with this run's config still means this run.
+    newer = tmp_path / "b" / "partial" / "version_5" / "checkpoints"
+    newer.mkdir(parents=True)
+    (newer / "last.ckpt").write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes())
+    capsys.readouterr()
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
     assert not (tmp_path / "b" / "partial" / "version_1").exists()  # resumed into the same run
+    # The resumed run's config still serves the evaluation commands (it must not pin the run directory).
+    assert main(["validate", "--config", str(run / "config.yaml"),
+                 "--ckpt_path", str(run / "checkpoints" / "best.ckpt")]) == 0
     resumed, expected = _final_state(run), _final_state(reference)
     for key, value in expected.items():
         assert torch.allclose(resumed[key].float(), value.float(), atol=1e-5), key

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
@@ -22,6 +22,8 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -38,6 +40,13 @@ class SaveRunConfig(SaveConfigCallback):
                 "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
                 "(or leave version unset to get the next free one)"
             )
+        # The saved config says how to train, not where: with a fixed version in it,
+        # `validate/test/predict --config RUN/config.yaml` would point at this same, occupied
+        # run directory (as after a resume, which pins the version) and be refused.
+        logger = self.config.get("trainer", {}).get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is not None and init.get("version") is not None:
+            init.version = None
         super().setup(trainer, pl_module, stage)
 
 
@@ -180,9 +189,16 @@ class VisionTLCLI(LightningCLI):
         init = logger.get("init_args") if hasattr(logger, "get") else None
         ckpt = cfg.ckpt_path
         if ckpt == "last":
-            if init is None:
+            # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
+            # even when a newer run has been started since.
+            own = [Path(str(c)).parent / "checkpoints" / "last.ckpt" for c in cfg.get("config") or []]
+            own = [c for c in own if c.is_file()]
+            if own:
+                ckpt = str(own[-1])
+            elif init is None:
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
-            ckpt = str(find_last_checkpoint(init.save_dir, init.name))
+            else:
+                ckpt = str(find_last_checkpoint(init.save_dir, init.name))
         path = Path(ckpt)
         read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
@@ -220,21 +236,30 @@ def run_lightning_cli(argv: list[str]) -> int:
     from vision_tl.errors import user_errors
 
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
-    with user_errors(extra=(MisconfigurationException,)):
-        VisionTLCLI(
-            ImageClassifier,
-            ImageFolderDataModule,
-            # From the console script argv is sys.argv[1:]: let Lightning read it (and rebuild it
-            # for DDP ranks); from Python, pass it explicitly.
-            args=None if list(argv) == sys.argv[1:] else argv,
-            save_config_callback=SaveRunConfig,
-            save_config_kwargs={"overwrite": False},
-            trainer_defaults={"default_root_dir": "runs"},
-            parser_kwargs={"default_env": False},
-            parser_class=_Parser,
-            auto_configure_optimizers=False,
-        )
+    try:
+        with user_errors(extra=(MisconfigurationException,)):
+            _run_cli(argv)
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
+        # stopped half-way would pass for a finished one in `fit && export` or a job script.
+        return SIGTERM_EXIT
     return 0
+
+
+def _run_cli(argv: list[str]) -> None:
+    VisionTLCLI(
+        ImageClassifier,
+        ImageFolderDataModule,
+        # From the console script argv is sys.argv[1:]: let Lightning read it (and rebuild it
+        # for DDP ranks); from Python, pass it explicitly.
+        args=None if list(argv) == sys.argv[1:] else argv,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": False},
+        trainer_defaults={"default_root_dir": "runs"},
+        parser_kwargs={"default_env": False},
+        parser_class=_Parser,
+        auto_configure_optimizers=False,
+    )
 
 
 if __name__ == "__main__":
