@@ -164,7 +164,8 @@ def test_checkpoint_from_another_kit_version(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("not_a_checkpoint", "is not a readable PyTorch checkpoint"),
+    ("not_a_checkpoint", "is not a PyTorch checkpoint"),
+    ("onnx_as_checkpoint", "is not a PyTorch checkpoint (an ONNX model"),
     ("missing", "does not exist"),
     ("no_split", "--parity-images DIR"),
     ("empty_folder", "no images found"),
@@ -177,6 +178,9 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
     if case == "not_a_checkpoint":
         ckpt = tmp_path / "notes.ckpt"
         ckpt.write_text("hello")
+    elif case == "onnx_as_checkpoint":  # a model exported earlier, handed back by mistake
+        ckpt = tmp_path / "model.onnx"
+        ckpt.write_bytes(b"\x08\x08\x12\x07pytorch")  # a protobuf start, as ONNX files have
     elif case == "missing":
         ckpt = tmp_path / "nope.ckpt"
     elif case == "no_split":
@@ -191,7 +195,7 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
     assert export_main([str(ckpt), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
-    if case in ("not_a_checkpoint", "missing", "no_split"):
+    if case in ("not_a_checkpoint", "onnx_as_checkpoint", "missing", "no_split"):
         assert str(ckpt) in err
     assert not out.exists() or out.read_bytes() == b"keep me"
 

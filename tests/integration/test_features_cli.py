@@ -68,12 +68,13 @@ def test_extract_cli_refuses_cache_of_another_backbone(tmp_path, folder, capsys)
 
 def test_probe_cli_prints_table_and_scatter(tmp_path, folder, capsys) -> None:
     argv = ["probe", str(folder), *TINY, "--folds", "2", "--shots", "1", "2", "--draws", "2",
-            "--cache-dir", str(tmp_path / "c"), "--plot-dir", str(tmp_path)]
+            "--cache-dir", str(tmp_path / "c"), "--plot-dir", str(tmp_path / "plots" / "probe")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "2-fold acc" in out and "2-shot bal. acc" in out and "features/s" in out
     assert out.count("test_efficientnet") >= 2  # one row per head
-    assert (tmp_path / "pca_test_efficientnet.png").stat().st_size > 1000
+    # the plot folder is made when missing, as in the README's example
+    assert (tmp_path / "plots" / "probe" / "pca_test_efficientnet.png").stat().st_size > 1000
     err = _error(capsys, ["probe", str(folder), *TINY, "--shots", "5"])
     assert "--shots 5" in err
 

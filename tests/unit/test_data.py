@@ -139,3 +139,6 @@ def test_bad_options_are_rejected(tmp_path):
         _dm(root, sampler="oversample")
     with pytest.raises(ValueError, match="good_class 'ok'"):
         _dm(root, good_class="ok")
+    # refused up front, not only when a CPU-pipeline loader is built (frozen mode never builds one)
+    with pytest.raises(ValueError, match="unknown augmentation preset 'heavy'"):
+        _dm(root, augment="heavy")

@@ -26,7 +26,7 @@ from vision_tl.data.folder import (
     warn_cross_duplicates,
     write_split,
 )
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, build_augmentation, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 SAMPLERS = ("none", "balanced")
@@ -186,6 +186,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        build_augmentation(augment)  # a bad preset or transform fails here, in every mode (frozen too)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.layout = detect_layout(self.root)

@@ -244,8 +244,10 @@ def probe(root: str | Path, backbones: Sequence[str], *, heads: Sequence[str] = 
 
     for head in heads:
         make_head(head)  # validate names before the slow part
-    if plot_dir is not None and not Path(plot_dir).is_dir():
-        raise ValueError(f"plot directory {plot_dir} does not exist; create it first")
+    if plot_dir is not None:
+        if Path(plot_dir).exists() and not Path(plot_dir).is_dir():
+            raise ValueError(f"plot directory {plot_dir} is a file; give a directory for the PCA plots")
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
     images = scan_images(root, skip_bad)
     if len(images.classes) < 2:
         raise ValueError(f"{root}: probing needs at least two class folders, found {images.classes}")

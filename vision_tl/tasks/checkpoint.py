@@ -21,6 +21,16 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; expected a .ckpt file (e.g. {path}/checkpoints/best.ckpt)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle): anything else is
+    # some other file, which torch.load would report as an unsafe pickle.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = "an ONNX model; " if path.suffix.lower() == ".onnx" else ""
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({kind}expected a .ckpt written by `vision-tl fit`, "
+            "e.g. runs/partial/version_0/checkpoints/best.ckpt)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
