@@ -65,12 +65,15 @@ def test_report_saves_the_threshold_into_a_copy_that_loads_weights_only(run):
     assert read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"] == original
 
 
-def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path):
+def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, capsys):
     args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/best.ckpt"),
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     assert main(["test", *args]) == 0
+    # no test/ folder: the val images are evaluated, and both the console and the report say so
+    assert "has no test/ folder, so `test` evaluates the val split" in capsys.readouterr().err
     test_dir = tmp_path / "partial" / "version_0"
     assert (test_dir / "report_test.html").is_file() and (test_dir / "threshold_test.png").is_file()
+    assert "the val split (the folder has no test/ split)" in (test_dir / "report_test.html").read_text()
     metrics = json.loads((test_dir / "metrics.json").read_text())
     threshold = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
     assert metrics["report"]["test"]["good_vs_defect"]["threshold"] == pytest.approx(threshold)

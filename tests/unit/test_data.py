@@ -62,6 +62,20 @@ def test_byte_identical_files_stay_on_one_side(tmp_path):
         assert len(sides) == 1
 
 
+def test_copies_in_different_classes_stay_on_one_side_and_are_flagged(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 20, "b": 20})
+    for i in range(5):  # the same image filed under both classes: a labelling error
+        shutil.copy(root / "a" / f"{i}.png", root / "b" / f"copy{i}.png")
+    for seed in range(10):
+        index = scan_folder(root)
+        with pytest.warns(UserWarning, match=r"5 image\(s\) are filed under more than one class.*a/0.png == b/copy0.png"):
+            train, val = stratified_split(index, 0.3, seed)
+        for i in range(5):
+            sha = (root / "a" / f"{i}.png").read_bytes()
+            sides = {j in val for j, s in enumerate(index.samples) if s.path.read_bytes() == sha}
+            assert len(sides) == 1, (seed, i)
+
+
 def test_train_val_folders_and_cross_duplicates_warn(tmp_path):
     _folder(tmp_path / "d" / "train", {"a": 4, "b": 4})
     _folder(tmp_path / "d" / "val", {"a": 2, "b": 2})  # same rng seed: val files equal train's first ones

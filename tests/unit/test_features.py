@@ -311,3 +311,17 @@ def test_frozen_fit_without_cache_keeps_image_path(tmp_path, folder, monkeypatch
 def test_default_cache_dir_env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("VISION_TL_CACHE", str(tmp_path / "envcache"))
     assert FeatureCache().root == tmp_path / "envcache"
+
+
+def test_probe_scores_do_not_count_copies_of_training_images():
+    """Random labels on random features score chance; with every image present twice,
+    ungrouped folds let 1-NN find each test image's copy in training (92.5 % here)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    rng.shuffle(y)
+    features, labels = np.concatenate([x, x]), np.concatenate([y, y])
+    shas = np.concatenate([np.arange(40)] * 2).astype(str)
+    assert cross_validate(features, labels, "knn", folds=4).acc > 0.9  # what grouping prevents
+    assert cross_validate(features, labels, "knn", folds=4, groups=shas).acc < 0.7
+    assert few_shot(features, labels, 5, "knn", draws=5, groups=shas).acc < 0.7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -349,7 +350,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    def has_test_split(self) -> bool:
+        """Whether the folder has a ``test/`` split (else ``test`` evaluates ``val``)."""
+        return "test" in self.splits if self.splits else "test" in self.layout
+
     def test_dataloader(self) -> DataLoader:
+        if not self.has_test_split():
+            print(f"vision_tl: {self.root} has no test/ folder, so `test` evaluates the val split. That split "
+                  "chose the best checkpoint: expect an optimistic score; hold out ROOT/test/<class>/ for an "
+                  "unbiased one.", file=sys.stderr)
         return self._loader("test" if "test" in self.splits else "val")
 
     def predict_dataloader(self) -> DataLoader:

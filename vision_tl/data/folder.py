@@ -168,8 +168,9 @@ def stratified_split(
 ) -> tuple[list[int], list[int]]:
     """Seeded stratified split of sample indices into (train, val).
 
-    Byte-identical files are kept on the same side, so a duplicate can never
-    leak from training into validation.
+    Byte-identical files are kept on the same side, also when they sit in different
+    class folders, so a duplicate can never leak from training into validation. Copies
+    that carry different labels are a labelling error and are warned about.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -177,23 +178,40 @@ def stratified_split(
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
     for i, s in enumerate(index.samples):
         groups[(s.label, s.sha256)].append(i)
+    _warn_conflicting_labels(index)
     train, val = [], []
+    side_of: dict[str, bool] = {}  # sha256 -> in val, for copies in later classes
     for label, name in enumerate(index.classes):
         keys = sorted(k for k in groups if k[0] == label)
         n_items = sum(len(groups[k]) for k in keys)
         target = min(max(1, round(n_items * val_fraction)), n_items - 1)
         taken = 0
         for j in rng.permutation(len(keys)):
-            members = groups[keys[j]]
-            side = val if taken < target else train
-            side += members
-            taken += len(members) if side is val else 0
+            members, sha = groups[keys[j]], keys[j][1]
+            to_val = side_of.setdefault(sha, taken < target)
+            (val if to_val else train).extend(members)
+            taken += len(members) if to_val else 0
         if len(keys) < 2 or taken >= n_items:
             raise DatasetError(
                 f"class {name!r} has too few distinct images ({len(keys)}) to split into train "
                 "and val; add images or provide a val/ folder"
             )
     return sorted(train), sorted(val)
+
+
+def _warn_conflicting_labels(index: FolderIndex) -> None:
+    """Warn about byte-identical files filed under more than one class."""
+    by_hash: dict[str, list[Sample]] = defaultdict(list)
+    for s in index.samples:
+        by_hash[s.sha256].append(s)
+    clashes = [copies for copies in by_hash.values() if len({s.label for s in copies}) > 1]
+    if clashes:
+        shown = "; ".join(" == ".join(str(s.path.relative_to(index.root)) for s in copies) for copies in clashes[:5])
+        warnings.warn(
+            f"{len(clashes)} image(s) are filed under more than one class (byte-identical files with "
+            f"different labels; each set is kept on one side of the split): {shown}. Check their labels.",
+            stacklevel=3,
+        )
 
 
 def warn_cross_duplicates(a: FolderIndex, b: FolderIndex, a_name: str, b_name: str) -> list[tuple[Path, Path]]:

@@ -84,26 +84,38 @@ def _test_rows(features: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return features[idx] if features.ndim == 2 else features[idx, 0]  # view 0 is the clean image
 
 
+def _has_copies(groups: np.ndarray | None) -> bool:
+    return groups is not None and len(np.unique(groups)) < len(groups)
+
+
 def cross_validate(features: np.ndarray, labels: np.ndarray, head: str = "logreg", folds: int = 5,
-                   seed: int = 0) -> Score:
+                   seed: int = 0, groups: np.ndarray | None = None) -> Score:
     """Stratified k-fold accuracy and balanced accuracy of ``head``.
 
     ``features`` is ``[N, F]``, or ``[N, K, F]`` with K cached views (view 0 clean):
-    training folds then use every view, test folds only the clean one.
+    training folds then use every view, test folds only the clean one. ``groups``
+    (e.g. each image's sha256) keeps byte-identical copies in one fold, so a copy in
+    the training folds cannot score the test fold.
 
     Example:
         >>> cross_validate(fs.features, fs.labels, "logreg", folds=5).acc
         0.996
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     counts = np.bincount(labels)
-    if folds < 2 or counts[counts > 0].min() < folds:
-        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} images per class and "
-                         f"folds >= 2; the smallest class has {counts[counts > 0].min()}")
+    if folds < 2:
+        raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
+    if counts[counts > 0].min() < folds:
+        raise ValueError(f"--folds {folds}: every class needs at least {folds} images; the smallest "
+                         f"class has {counts[counts > 0].min()}")
     accs, bals = [], []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, test in splitter.split(np.zeros(len(labels)), labels):
+    if _has_copies(groups):
+        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels, groups)
+    else:  # the same folds as before grouping existed
+        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    for train, test in splits:
         x_train, y_train = _train_rows(features, train, labels)
         acc, bal = _fit_score(head, x_train, y_train, _test_rows(features, test), labels[test])
         accs.append(acc)
@@ -112,10 +124,15 @@ def cross_validate(features: np.ndarray, labels: np.ndarray, head: str = "logreg
 
 
 def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "logreg",
-             draws: int = 10, seed: int = 0) -> Score:
-    """Train on ``shots`` random images per class, test on all the others; repeat ``draws`` times."""
+             draws: int = 10, seed: int = 0, groups: np.ndarray | None = None) -> Score:
+    """Train on ``shots`` random images per class, test on all the others; repeat ``draws`` times.
+
+    With ``groups`` (each image's sha256), copies of a training image are left out of the test set.
+    """
     counts = np.bincount(labels)
-    if shots < 1 or counts[counts > 0].min() <= shots:
+    if shots < 1:
+        raise ValueError(f"--shots {shots}: the number of training images per class must be at least 1")
+    if counts[counts > 0].min() <= shots:
         raise ValueError(f"--shots {shots}: every class needs more than {shots} images (one left to "
                          f"test); the smallest class has {counts[counts > 0].min()}")
     rng = np.random.default_rng(seed)
@@ -124,6 +141,8 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
         train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
                                 for c in np.unique(labels)])
         test = np.setdiff1d(np.arange(len(labels)), train)
+        if _has_copies(groups):
+            test = test[~np.isin(groups[test], groups[train])]
         x_train, y_train = _train_rows(features, train, labels)
         acc, bal = _fit_score(head, x_train, y_train, _test_rows(features, test), labels[test], shots)
         accs.append(acc)
@@ -252,13 +271,14 @@ def probe(root: str | Path, backbones: Sequence[str], *, heads: Sequence[str] = 
     if len(images.classes) < 2:
         raise ValueError(f"{root}: probing needs at least two class folders, found {images.classes}")
     labels = np.asarray(images.labels)
+    groups = np.asarray(images.hashes)  # byte-identical copies never sit on both sides of a fold
     results = []
     for backbone in backbones:
         feats, speed, stages = backbone_features(images, backbone, **feature_kwargs)
         for head in heads:
             row = ProbeResult(backbone, head, stages, feats.shape[-1], speed)
-            row.cv = cross_validate(feats, labels, head, folds, seed) if folds else None
-            row.few_shot = {n: few_shot(feats, labels, n, head, draws, seed) for n in shots}
+            row.cv = cross_validate(feats, labels, head, folds, seed, groups) if folds else None
+            row.few_shot = {n: few_shot(feats, labels, n, head, draws, seed, groups) for n in shots}
             results.append(row)
         if plot_dir is not None:
             pca_scatter(feats, labels, images.classes, Path(plot_dir) / f"pca_{backbone}.png",

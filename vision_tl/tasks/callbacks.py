@@ -109,8 +109,17 @@ class RunArtifacts(L.Callback):
         result = write_report(self.run_dir(trainer), outputs["probabilities"], outputs["labels"], pl_module.classes,
                               paths=paths, good_class=pl_module.hparams.get("good_class"),
                               threshold=getattr(pl_module, "threshold", None), split="test",
-                              info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone")})
+                              info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone"),
+                                    **self._test_images_note(trainer)})
         pl_module.print(f"vision_tl: test report {result.html}")
+
+    @staticmethod
+    def _test_images_note(trainer: L.Trainer) -> dict[str, str]:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "has_test_split") or datamodule.has_test_split():
+            return {}
+        return {"images": "the val split (the folder has no test/ split); it chose the best checkpoint, "
+                          "so this score is optimistic"}
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._predictions.append(outputs["probabilities"].cpu())
