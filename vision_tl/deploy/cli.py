@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="output file; the format follows the extension: .csv or .json")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                         help="images per inference batch (default: 32)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
                         help="class names in output order (overrides the model metadata)")
@@ -211,7 +211,8 @@ def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed:
 # ------------------------------------------------------------ argument types
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (also used by the export and report commands)."""
     try:
         value = int(text)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from vision_tl.deploy import DeployError
+from vision_tl.deploy.cli import positive_int
 from vision_tl.export.onnx_export import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("smaller and faster variants")
     q.add_argument("--int8", action="store_true",
                    help="also write <name>.int8.onnx (static QDQ, calibrated on training images)")
-    q.add_argument("--calibration-images", type=_positive_int, default=None,
+    q.add_argument("--calibration-images", type=positive_int, default=None,
                    metavar="N", help=f"calibration images (default: {DEFAULT_CALIBRATION_IMAGES})")
     q.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                    default=None, help=f"default: {Int8Config.method}")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    metavar="POINTS", help="fail a variant that loses more accuracy "
                    f"(percentage points, default: {DEFAULT_MAX_ACCURACY_DROP})")
-    q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    q.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads for the speed numbers (default: its choice)")
     return p
 
@@ -124,15 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":

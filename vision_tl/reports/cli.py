@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from vision_tl.deploy.cli import positive_int
+
 FMT = argparse.RawDescriptionHelpFormatter
 
 REPORT_EPILOG = """examples:
@@ -66,7 +68,7 @@ def report_parser() -> argparse.ArgumentParser:
                         help="choose the threshold so at most E (e.g. 0.005) of defective images pass")
     p.add_argument("--in-place", action="store_true",
                    help="store the chosen threshold in the checkpoint itself (atomic rewrite)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (32)")
     return p
 
 
