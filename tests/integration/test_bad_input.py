@@ -355,6 +355,20 @@ def hidden_files_ignored(w: World, tmp: Path) -> Result:
     return Result("works", "ignored: .DS_Store, ._*, .ipynb_checkpoints/, .Trash-0/")
 
 
+def same_image_in_two_classes(w: World, tmp: Path) -> Result:
+    from vision_tl.data import stratified_split
+
+    data = small_dataset(tmp / "data")
+    shutil.copy(data / "good" / "good_0000.png", data / "scratch" / "copy_of_good_0000.png")
+    index = scan_folder(data)
+    with pytest.warns(UserWarning, match="filed under more than one class") as caught:
+        train, val = stratified_split(index, 0.34, seed=0)
+    copies = [i for i, s in enumerate(index.samples) if s.path.name in ("good_0000.png", "copy_of_good_0000.png")]
+    assert len({i in val for i in copies}) == 1  # both on one side of the split
+    message = str(caught[0].message)
+    return Result("works", "split kept the copies together; warning: " + message[:message.index(":")])
+
+
 def class_names_spaces_non_ascii(w: World, tmp: Path) -> Result:
     labels = (w.run / "labels.json").read_text(encoding="utf-8")
     import json
@@ -542,6 +556,11 @@ def cli_export_over_existing(w: World, tmp: Path) -> Result:
     return Result("protected", result.message)
 
 
+def cli_onnx_as_checkpoint(w: World, tmp: Path) -> Result:
+    return cli_error(["export", str(w.onnx), "--out", str(tmp / "again.onnx")], str(w.onnx),
+                     "not a PyTorch checkpoint (an ONNX model")
+
+
 def cli_foreign_onnx(w: World, tmp: Path) -> Result:
     path = foreign_onnx(tmp / "other.onnx")
     return cli_error(["predict-onnx", str(path), str(w.data), "--out", str(tmp / "p.csv")], str(path), "--classes")
@@ -610,6 +629,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("dir-as-image", "directory where an image file is expected", "API", directory_as_image),
     ("hidden-files", "hidden files, .DS_Store, ._*, .ipynb_checkpoints/", "API", hidden_files_ignored),
     ("class-names-unicode", "class folders with spaces and non-ASCII names", "CLI", class_names_spaces_non_ascii),
+    ("same-image-two-classes", "the same image filed under two classes", "API", same_image_in_two_classes),
     ("empty-class", "class folder with no images", "API", empty_class_folder),
     ("single-class", "data root with a single class folder", "API", single_class),
     ("missing-root", "data root that does not exist", "API", missing_data_root),
@@ -636,6 +656,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-resume-truncated", "resume from a truncated checkpoint", "CLI", cli_resume_from_truncated_checkpoint),
     ("cli-dir-as-ckpt", "run directory where a checkpoint file is expected", "CLI", cli_directory_as_checkpoint),
     ("cli-export-exists", "export onto an existing model.onnx", "CLI", cli_export_over_existing),
+    ("cli-onnx-as-ckpt", "exported ONNX model given to export as the checkpoint", "CLI", cli_onnx_as_checkpoint),
     ("cli-foreign-onnx", "predict-onnx with another tool's ONNX", "CLI", cli_foreign_onnx),
     ("cli-out-is-dir", "predict-onnx --out is a directory", "CLI", cli_predict_out_is_directory),
     ("cli-refit-run", "fit into an existing run directory", "CLI", cli_refit_into_existing_run),
