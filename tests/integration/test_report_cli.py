@@ -84,6 +84,12 @@ def test_compare_prints_and_writes(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "macro AUC" in out and out.count("partial/version_0") == 2
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.html", "compare.json", "compare.png"}
+    before = (tmp_path / "cmp" / "compare.html").read_bytes()
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 2  # never replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "compare.html").read_bytes() == before
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp"), "--overwrite"]) == 0
+    assert (tmp_path / "cmp" / "compare.html").read_bytes() != before
 
 
 def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
@@ -92,6 +98,9 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / f"{image.stem}.gradcam.png").stat().st_size > 0
     assert "Grad-CAM of scratch" in capsys.readouterr().out
+    again = ["explain", str(run / "checkpoints/best.ckpt"), str(image), "--out", str(tmp_path)]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err  # never replaced silently
+    assert main([*again, "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize(("argv", "message"), [

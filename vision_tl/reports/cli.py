@@ -78,6 +78,7 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which metrics (default: val)")
     p.add_argument("--out", metavar="DIR", help="also write compare.html, compare.json and compare.png here")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
     return p
 
 
@@ -88,6 +89,7 @@ def explain_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: predicted)")
     p.add_argument("--out", metavar="DIR", default="explain", help="output folder (default: ./explain)")
+    p.add_argument("--overwrite", action="store_true", help="replace heat maps already in --out")
     return p
 
 
@@ -158,13 +160,14 @@ def _compare(args: argparse.Namespace) -> None:
     comparison = compare_runs(args.runs, args.split)
     print(format_table(comparison))
     if args.out:
-        print(f"wrote {write_comparison(comparison, args.out)['html']}")
+        print(f"wrote {write_comparison(comparison, args.out, args.overwrite)['html']}")
 
 
 def _explain(args: argparse.Namespace) -> None:
     from vision_tl.reports.explain import explain_checkpoint
 
-    for item, path in explain_checkpoint(args.checkpoint, args.images, args.out, args.class_name):
+    for item, path in explain_checkpoint(args.checkpoint, args.images, args.out, args.class_name,
+                                          args.overwrite):
         print(f"{item.path}: predicted {item.predicted} ({item.probability:.3f}); "
               f"Grad-CAM of {item.explained} -> {path}")
 

@@ -118,16 +118,24 @@ def format_table(comparison: Comparison) -> str:
     return "\n".join(lines + [f"note: {n}" for n in comparison.notes])
 
 
-def write_comparison(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``compare.json``, ``compare.png`` and a self-contained ``compare.html`` into ``out_dir``."""
+def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``compare.json``, ``compare.png`` and a self-contained ``compare.html`` into ``out_dir``.
+
+    Raises:
+        FileExistsError: one of them exists and ``overwrite`` is False (nothing is written).
+    """
     from vision_tl.reports.html import render_comparison
     from vision_tl.reports.plots import plot_comparison
     from vision_tl.utils.files import atomic_write_text
 
     out_dir = Path(out_dir).expanduser()
+    paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out_dir}: {', '.join(existing)} already exist(s) from an earlier comparison; "
+                              "pass --overwrite to replace them or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = comparison.to_dict()
-    paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
     atomic_write_text(paths["json"], json.dumps(data, indent=1))
     keys = [k for k, _ in COLUMNS[:4]]
     plot_comparison([r.name for r in comparison.runs], {label: [r.values[k] for r in comparison.runs]

@@ -147,20 +147,29 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                       class_name: str | None = None) -> list[tuple[Explanation, Path]]:
-    """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files."""
+                       class_name: str | None = None, overwrite: bool = False) -> list[tuple[Explanation, Path]]:
+    """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work).
+    """
     from vision_tl.tasks.checkpoint import load_classifier
 
     paths = expand_images(images)
+    out_dir = Path(out_dir)
+    names, used = {}, set()
+    for path in paths:
+        name = f"{path.stem}.gradcam.png"
+        if name in used:  # same file name in two folders
+            name = f"{path.parent.name}_{name}"
+        used.add(name)
+        names[path] = name
+    existing = [n for n in names.values() if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out_dir}: {len(existing)} heat map(s) already exist there (e.g. {existing[0]}); "
+                              "pass --overwrite to replace them or choose another --out")
     model, _ = load_classifier(checkpoint)
     _class_index(list(model.classes), class_name)  # fail before any work
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, used = [], set()
-    for item in explain_images(model, paths, class_name):
-        name = f"{item.path.stem}.gradcam.png"
-        if name in used:  # same file name in two folders
-            name = f"{item.path.parent.name}_{name}"
-        used.add(name)
-        written.append((item, save_explanation(item, out_dir / name)))
-    return written
+    return [(item, save_explanation(item, out_dir / names[item.path]))
+            for item in explain_images(model, paths, class_name)]
