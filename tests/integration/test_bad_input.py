@@ -503,6 +503,16 @@ def cli_negative_epochs(w: World, tmp: Path) -> Result:
     return cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "-3"), "max_epochs", "-3")
 
 
+def cli_linked_option(w: World, tmp: Path) -> Result:
+    return cli_error(w.fit_args(w.data, tmp / "runs", "--data.image_size", "48"), "--model.image_size")
+
+
+def cli_zero_epochs(w: World, tmp: Path) -> Result:
+    result = cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "0"), "max_epochs 0", "at least 1")
+    assert not (tmp / "runs").exists()  # refused before a run directory was made
+    return result
+
+
 def cli_gpu_config_without_gpu(w: World, tmp: Path) -> Result:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -648,6 +658,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-wrong-type", "wrong type (--model.lr fast)", "CLI", cli_wrong_type),
     ("cli-negative-lr", "negative learning rate", "CLI", cli_negative_learning_rate),
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
+    ("cli-linked-option", "--data.image_size (follows --model.image_size)", "CLI", cli_linked_option),
+    ("cli-zero-epochs", "--trainer.max_epochs 0", "CLI", cli_zero_epochs),
     ("cli-gpu-without-gpu", "configs/gpu.yaml on a machine without a GPU", "CLI", cli_gpu_config_without_gpu),
     ("cli-file-as-root", "image file where the data folder is expected", "CLI", cli_file_as_data_root),
     ("cli-truncated-in-data", "truncated image inside the training data", "CLI", cli_truncated_image_in_data),

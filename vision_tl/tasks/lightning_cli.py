@@ -98,6 +98,11 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
+        linked = re.search(r"argument ([\w.]+) --> ([\w.]+)", message)
+        if linked and self.exit_on_error:  # e.g. --data.image_size, which follows --model.image_size
+            source, target = linked.groups()
+            print(f"error: {target} is set from {source}; pass --{source} instead of --{target}", file=sys.stderr)
+            raise SystemExit(2)
         key = next((m.group(1) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
@@ -147,6 +152,9 @@ class VisionTLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._check_gpu()
+        if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
+            raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
+                             "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
         self._resume_into_run()
         self._refuse_existing_run()
 
@@ -208,6 +216,9 @@ class VisionTLCLI(LightningCLI):
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
             print(f"vision_tl: resuming {run} from {path.name}")
+            if any(run.glob("report*.html")):
+                print(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
+                      f"run `vision-tl report {run}` again when training ends")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
