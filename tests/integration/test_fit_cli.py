@@ -112,3 +112,12 @@ def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeyp
     monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
     _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1")
     assert seen and set(seen) == {0.5}
+
+
+def test_failed_fit_leaves_no_empty_run_directory(inspection_folder, tmp_path):
+    (tmp_path / "partial" / "version_0").mkdir(parents=True)  # the user's own empty folder stays
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder), *TINY_ARGS,
+              "--data.val_fraction", "1.5", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["version_0"]

@@ -151,6 +151,11 @@ class VisionTLCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
+        logger = self.config[self.subcommand].trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
+            parent = Path(init.save_dir) / (init.get("name") or "")
+            _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))
         self._check_gpu()
         if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
             raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
@@ -242,10 +247,25 @@ def _keep_metrics_csv(run: Path) -> None:
         print(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
 
 
+# (runs folder, version directories in it before this command), for _remove_empty_new_runs
+_WATCHED_RUNS: list[tuple[Path, set[str]]] = []
+
+
+def _remove_empty_new_runs() -> None:
+    """A command that failed before writing anything leaves no empty ``version_N`` behind.
+    Only directories that this command created and that are still empty are removed."""
+    for parent, before in _WATCHED_RUNS:
+        for run in parent.glob("version_*"):
+            if run.name not in before and run.is_dir() and not any(run.iterdir()):
+                run.rmdir()
+    _WATCHED_RUNS.clear()
+
+
 def run_lightning_cli(argv: list[str]) -> int:
     """Run LightningCLI on ``argv`` (``fit ...``); user errors print one line, not a traceback."""
     from vision_tl.errors import user_errors
 
+    _WATCHED_RUNS.clear()
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
     try:
         with user_errors(extra=(MisconfigurationException,)):
@@ -254,6 +274,10 @@ def run_lightning_cli(argv: list[str]) -> int:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
         # stopped half-way would pass for a finished one in `fit && export` or a job script.
         return SIGTERM_EXIT
+    except BaseException:
+        _remove_empty_new_runs()
+        raise
+    _WATCHED_RUNS.clear()
     return 0
 
 
