@@ -55,8 +55,8 @@ def test_expected_calibration_error():
 
 
 @pytest.mark.parametrize(("target", "threshold", "escapes", "rejects"), [
-    ("false_reject:0", 0.30, 1, 0),      # keep every good image: the .55 defect passes
-    ("false_reject:0.34", 0.65, 0, 1),   # one of three good images may go
+    ("false_reject:0", 0.25, 1, 0),      # keep every good image (lowest .30): the .55 defect passes; midway .20 -> .30
+    ("false_reject:0.34", 0.60, 0, 1),   # one of three good images may go: midway .55 -> .65
     ("escape:0", 0.60, 0, 1),            # midway between the .55 defect and the .65 good
     ("escape:0.34", 0.25, 1, 0),         # one of three defects may pass: midway .20 -> .30
 ])

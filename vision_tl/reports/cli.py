@@ -28,8 +28,10 @@ threshold_val.png (with a good class), and a "report" / "figures" section in
 metrics.json (other keys are kept). --split test writes report_test.html etc.
 
 Thresholds: an image is good iff P(good) >= threshold. --target-false-reject R
-picks the highest threshold that rejects at most R of the good validation images;
---target-escape E the lowest that passes at most E of the defective ones. It is
+keeps the fewest defects passing while rejecting at most R of the good validation
+images; --target-escape E rejects the fewest good images while passing at most E of
+the defective ones. The threshold sits midway between two observed scores, so no
+validation image lies on it. It is
 saved to checkpoints/best.thresholded.ckpt (the original is kept), or into
 best.ckpt itself with --in-place; `vision-tl export` then carries it into ONNX.
 """

@@ -220,9 +220,10 @@ def good_defect_rates(p_good: np.ndarray, is_good: np.ndarray, threshold: float)
 def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | ThresholdTarget) -> dict:
     """The threshold on ``P(good)`` that meets ``target`` on these images, and its rates.
 
-    ``false_reject:R`` picks the highest threshold that rejects at most ``R`` of the good
-    images (so the fewest defects escape); ``escape:E`` picks the lowest threshold that
-    passes at most ``E`` of the defective images (so the fewest good images are rejected).
+    ``false_reject:R`` rejects at most ``R`` of the good images with the fewest defects
+    escaping; ``escape:E`` passes at most ``E`` of the defective images with the fewest good
+    images rejected. Either threshold is placed midway between the two observed scores
+    around it (same counts, a margin on both sides), so no image sits exactly on it.
 
     Raises:
         ThresholdError: the target is malformed, or the images lack the class it is about.
@@ -233,7 +234,12 @@ def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | Thre
         good = np.sort(p_good[is_good])
         if not good.size:
             raise ThresholdError("cannot meet a false-reject target: no good images in this split")
-        threshold = float(good[int(np.floor(target.rate * good.size + 1e-9))])
+        last_kept = good[int(np.floor(target.rate * good.size + 1e-9))]
+        below = p_good[p_good < last_kept]
+        # Midway to the next lower observed score, as for escapes: the same counts here, and a
+        # good image scored exactly at the threshold cannot flip to a reject on the line
+        # (ONNX Runtime's probabilities differ from PyTorch's in the 7th decimal).
+        threshold = float((last_kept + below.max()) / 2) if below.size else float(np.nextafter(last_kept, -1.0))
     else:
         defect = np.sort(p_good[~is_good])[::-1]
         if not defect.size:
