@@ -156,3 +156,9 @@ def test_bad_options_are_rejected(tmp_path):
     # refused up front, not only when a CPU-pipeline loader is built (frozen mode never builds one)
     with pytest.raises(ValueError, match="unknown augmentation preset 'heavy'"):
         _dm(root, augment="heavy")
+    # 90-degree turns of a non-square input would give batches of mixed shapes
+    with pytest.raises(ValueError, match="non-square input size 32x48"):
+        ImageFolderDataModule(str(root), backbone=TINY, image_size=(32, 48), augment="inspection")
+    wide = ImageFolderDataModule(str(root), backbone=TINY, image_size=(32, 48), augment="light", num_workers=0)
+    wide.setup("fit")
+    assert next(iter(wide.train_dataloader()))[0].shape[-2:] == (32, 48)

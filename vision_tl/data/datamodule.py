@@ -187,11 +187,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        build_augmentation(augment)  # a bad preset or transform fails here, in every mode (frozen too)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.layout = detect_layout(self.root)
         self.preprocessing: Preprocessing = resolve_preprocessing(backbone, image_size)
+        height, width = self.preprocessing.input_size
+        # A bad preset or transform fails here, in every mode (frozen mode never builds a CPU loader).
+        turns = [t for t in build_augmentation(augment).transforms
+                 if type(t).__name__ in ("RandomRotate90", "Transpose", "D4", "SquareSymmetry")]
+        if height != width and turns:
+            raise ValueError(
+                f"augment {augment!r} turns images by 90 degrees ({type(turns[0]).__name__}), which swaps height "
+                f"and width of the non-square input size {height}x{width}; use a square image_size, or "
+                "augment 'light', 'none' or a list without 90-degree turns")
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
         self._feature_data: dict[str, Dataset] = {}  # see use_features
