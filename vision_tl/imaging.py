@@ -208,7 +208,7 @@ def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types; all mean "unreadable TIFF"
         raise ImageLoadError(f"{path}: corrupt or unsupported TIFF ({type(exc).__name__}: {exc})") from exc
     if arr.ndim in (2, 3) and 0 in arr.shape[:2]:
-        raise ImageLoadError(f"{path}: the TIFF holds no pixels ({arr.shape[1] if arr.ndim > 1 else 0}x{arr.shape[0]}); "
+        raise ImageLoadError(f"{path}: the TIFF holds no pixels ({arr.shape[1]}x{arr.shape[0]}); "
                              "expected an image of at least 1x1 pixels")
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         arr = _to_uint8(arr[:, :, :3])

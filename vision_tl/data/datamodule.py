@@ -367,7 +367,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             print(f"vision_tl: {self.root} has no test/ folder, so `test` evaluates the val split. That split "
                   "chose the best checkpoint: expect an optimistic score; hold out ROOT/test/<class>/ for an "
                   "unbiased one.", file=sys.stderr)
-        return self._loader("test" if "test" in self.splits else "val")
+        return self._loader("test" if self.has_test_split() else "val")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.splits else "val")
+        return self._loader("test" if self.has_test_split() else "val")

@@ -136,12 +136,13 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
         raise ValueError(f"--shots {shots}: every class needs more than {shots} images (one left to "
                          f"test); the smallest class has {counts[counts > 0].min()}")
     rng = np.random.default_rng(seed)
+    copies = _has_copies(groups)
     accs, bals = [], []
     for _ in range(draws):
         train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
                                 for c in np.unique(labels)])
         test = np.setdiff1d(np.arange(len(labels)), train)
-        if _has_copies(groups):
+        if copies:
             test = test[~np.isin(groups[test], groups[train])]
         x_train, y_train = _train_rows(features, train, labels)
         acc, bal = _fit_score(head, x_train, y_train, _test_rows(features, test), labels[test], shots)

@@ -26,6 +26,12 @@ from vision_tl.tasks.resume import (
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
 
+def _logger_init(config):
+    """The logger's ``init_args`` in a subcommand's config, or None (no logger, or ``logger: false``)."""
+    logger = config.get("trainer", {}).get("logger")
+    return logger.get("init_args") if hasattr(logger, "get") else None
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config; refuses, with a clear error, to reuse an existing run directory."""
 
@@ -43,8 +49,7 @@ class SaveRunConfig(SaveConfigCallback):
         # The saved config says how to train, not where: with a fixed version in it,
         # `validate/test/predict --config RUN/config.yaml` would point at this same, occupied
         # run directory (as after a resume, which pins the version) and be refused.
-        logger = self.config.get("trainer", {}).get("logger")
-        init = logger.get("init_args") if hasattr(logger, "get") else None
+        init = _logger_init(self.config)
         if init is not None and init.get("version") is not None:
             init.version = None
         super().setup(trainer, pl_module, stage)
@@ -151,8 +156,7 @@ class VisionTLCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        logger = self.config[self.subcommand].trainer.get("logger")
-        init = logger.get("init_args") if hasattr(logger, "get") else None
+        init = _logger_init(self.config[self.subcommand])
         if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
             parent = Path(init.save_dir) / (init.get("name") or "")
             _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))
@@ -180,8 +184,7 @@ class VisionTLCLI(LightningCLI):
     def _refuse_existing_run(self) -> None:
         """An explicit ``--trainer.logger.init_args.version`` naming an existing run fails *before*
         the logger exists: once created, its teardown would rewrite that run's metrics.csv."""
-        logger = self.config[self.subcommand].trainer.get("logger")
-        init = logger.get("init_args") if hasattr(logger, "get") else None
+        init = _logger_init(self.config[self.subcommand])
         if init is None or init.get("version") is None or self.save_config_kwargs.get("overwrite"):
             return
         version = init.version if isinstance(init.version, str) else f"version_{init.version}"
@@ -198,8 +201,7 @@ class VisionTLCLI(LightningCLI):
         if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
             return
         cfg = self.config.fit
-        logger = cfg.trainer.get("logger")
-        init = logger.get("init_args") if hasattr(logger, "get") else None
+        init = _logger_init(cfg)
         ckpt = cfg.ckpt_path
         if ckpt == "last":
             # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
