@@ -211,3 +211,27 @@ def test_parity_none_skips_loudly(trained_run, tmp_path, capsys):
 def test_help_has_an_example(capsys):
     assert export_main(["--help"]) == 0
     assert "vision-tl export runs/" in capsys.readouterr().out
+
+
+def test_non_square_input_from_the_command_line_reaches_the_onnx_model(inspection_folder, tmp_path):
+    """`--model.image_size [H, W]` trains, checkpoints, exports and predicts at H x W (not W x H)."""
+    rc = vision_tl([
+        "fit", "--config", str(Path(__file__).parents[2] / "configs" / "frozen.yaml"),
+        "--data.root", str(inspection_folder), "--data.num_workers", "0", "--data.batch_size", "16",
+        "--model.backbone", TINY, "--model.pretrained", "false", "--model.image_size", "[32, 48]",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ])
+    assert rc in (0, None)
+    ckpt = tmp_path / "runs" / "frozen" / "version_0" / "checkpoints" / "best.ckpt"
+    _, meta = load_classifier(ckpt)
+    assert meta["preprocessing"]["input_size"] == [32, 48]
+    out = tmp_path / "wide.onnx"
+    assert export_main([str(ckpt), "--out", str(out)]) == 0
+    predictor = Predictor(out)
+    assert read_metadata(out).input_size == (32, 48)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [32, 48, 3]
+    image = next(inspection_folder.glob("good/*.png"))
+    (pred,) = predictor.predict_paths([image])
+    assert pred.error is None and pred.predicted in meta["classes"]

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
                         help="class names in output order (overrides the model metadata)")
-    parser.add_argument("--input-size", type=_input_size, default=None, metavar="H,W",
+    parser.add_argument("--input-size", type=input_size_arg, default=None, metavar="H,W",
                         help="model input height,width (overrides the model metadata)")
     parser.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",
                         help="normalisation mean on the 0..1 scale (overrides the metadata)")
@@ -229,7 +229,8 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _input_size(text: str) -> tuple[int, int]:
+def input_size_arg(text: str) -> tuple[int, int]:
+    """``argparse`` type for an input size: ``H,W``, ``HxW`` or one int for a square."""
     parts = text.replace("x", ",").split(",")
     try:
         values = [int(p) for p in parts]

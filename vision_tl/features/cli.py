@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vision_tl.deploy.cli import input_size_arg, positive_int
+
 EXTRACT_EXAMPLES = """examples:
   vision-tl extract data/neu --backbone tf_efficientnet_lite0 --out neu_lite0.parquet
   vision-tl extract data/neu --backbone resnet50 --weights resnet50.safetensors --out r50.npz
@@ -32,9 +34,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", default="pooled",
                         help="'pooled' (default), stage numbers into the model's feature_info such as "
                              "'3,4', or both: '3,4,pooled' (each stage average-pooled, concatenated)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="square input size (default: the backbone's pretrained_cfg)")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--image-size", type=input_size_arg, default=None, metavar="H,W",
+                        help="input size: one int for a square, or H,W (default: the backbone's pretrained_cfg)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="images per forward pass (8: about 1.1 GB peak on a CPU, and no slower than 16)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="image-decoding processes (default: one per core but one, up to 8, or 16 on a GPU; none on 1-2 cores)")

@@ -7,6 +7,7 @@ freezing logic live in :mod:`vision_tl.models`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -33,6 +34,10 @@ from vision_tl.models import ClassifierNet, apply_mode, count_trainable
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
+
+# Frozen backbone stages are kept in eval mode on purpose (their BatchNorm statistics must not
+# move), so Lightning's "Found N module(s) in eval mode at the start of training" is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def class_weights_from_counts(counts: list[int], kind: str) -> torch.Tensor | None:
@@ -103,7 +108,7 @@ class ImageClassifier(L.LightningModule):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: bool = True,
         weights: str | None = None,
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         mode: str = "partial",
         trainable_stages: int = 2,
         freeze_bn: bool = True,
