@@ -7,6 +7,7 @@ the other sub-commands are small argparse front-ends.
 
 from __future__ import annotations
 
+import os
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -30,6 +31,7 @@ Train:
   validate   evaluate on the val split     vision-tl validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
   test       evaluate on test/ (or val)    vision-tl test --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
   predict    write predictions.csv         vision-tl predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt
+             (of new images: add --data.predict_root DIR; default: the run's test/ or val split)
 
 Other:
 {other}
@@ -74,5 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     return int(entry(argv if takes_command else rest) or 0)
 
 
+def console_main() -> int:
+    """The ``vision-tl`` console script: :func:`main`, quiet when its reader goes away
+    (``vision-tl --help | head``, ``predict-onnx ... | head``)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

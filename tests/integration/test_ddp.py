@@ -65,6 +65,22 @@ def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert sum(map(sum, a["confusion_matrix"])) == 8  # every validation image counted once
 
+    # Predicting 7 new images (uneven shares) on 2 ranks writes the same rows as 1 process.
+    new = tmp_path / "new"
+    new.mkdir()
+    for i, src in enumerate(sorted(even_folder.glob("*/*.png"))[:7]):
+        (new / f"img_{i}.png").write_bytes(src.read_bytes())
+    tables = []
+    for devices in ("2", "1"):
+        pred = _cli("predict", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt), "--data.predict_root",
+                    str(new), "--trainer.devices", devices, *(["--trainer.strategy", "ddp"] * (devices == "2")),
+                    cwd=tmp_path)
+        assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]
+        (path,) = [p for p in (tmp_path / "frozen").glob("version_*/predictions.csv") if p not in tables]
+        tables.append(path)
+    two_rows, one_rows = (p.read_text().splitlines() for p in tables)
+    assert len(one_rows) == 8 and two_rows == one_rows
+
 
 def test_two_process_extract_writes_the_same_file_as_one_process(even_folder, tmp_path):
     import numpy as np

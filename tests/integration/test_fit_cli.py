@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,43 @@ def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
     assert main(["predict", *args]) == 0
     lines = (tmp_path / "partial" / "version_1" / "predictions.csv").read_text().splitlines()
     assert lines[0].startswith("path,true,predicted,probability,p_crack")
+
+
+def test_predict_new_images_from_a_folder_without_classes(trained_run, inspection_folder, tmp_path):
+    """`--data.predict_root` predicts any folder (nested, unlabelled); an unreadable image gets a
+    row with its error, every other row keeps its own file's prediction."""
+    new = tmp_path / "line3" / "today"
+    new.mkdir(parents=True)
+    originals = sorted(inspection_folder.glob("*/*.png"))[::6]
+    for i, src in enumerate(originals):
+        shutil.copy(src, new / f"part_{i:02d}.png")
+    (new / "part_99.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(trained_run / "checkpoints/best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.predict_root", str(tmp_path / "line3")]
+    with pytest.raises(SystemExit) as info:  # an unreadable image stops it by default, naming the file
+        main(["predict", *args])
+    assert info.value.code == 2
+    assert not (tmp_path / "runs" / "partial").exists() or not any((tmp_path / "runs" / "partial").iterdir())
+    assert main(["predict", *args, "--data.skip_bad_images", "true"]) == 0
+    (csv_path,) = (tmp_path / "runs").glob("partial/version_*/predictions.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [Path(r["path"]).name for r in rows] == [f"part_{i:02d}.png" for i in range(len(originals))] + ["part_99.png"]
+    assert rows[-1]["error"] and rows[-1]["predicted"] == ""
+    model, _ = load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    classes = json.loads((trained_run / "labels.json").read_text())
+    for row, src in zip(rows, originals):  # each row is its own image's prediction
+        assert row["true"] == "" and row["error"] == ""
+        with torch.no_grad():
+            expected = model(_eval_tensor(src, model))[0].softmax(-1)
+        assert row["predicted"] == classes[int(expected.argmax())]
+        assert float(row[f"p_{classes[0]}"]) == pytest.approx(float(expected[0]), abs=1e-4)
+
+
+def _eval_tensor(path: Path, model) -> torch.Tensor:
+    from vision_tl.data.transforms import ImageTransform
+    from vision_tl.imaging import load_rgb
+
+    return ImageTransform(model.preprocessing, "none")(load_rgb(path))[None]
 
 
 def test_existing_run_directory_is_never_overwritten(trained_run, inspection_folder):

@@ -23,6 +23,7 @@ from vision_tl.data.folder import (
     detect_layout,
     list_classes,
     scan_folder,
+    scan_unlabelled,
     stratified_split,
     warn_cross_duplicates,
     write_split,
@@ -157,6 +158,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         decoded_cache: keep resized uint8 pixels in a memory-mapped file so JPEGs are
             decoded once (``true``: ``~/.cache/vision_tl/decoded`` or
             ``$VISION_TL_DECODED_CACHE``; a path: that directory; ``false``: decode every epoch).
+        predict_root: new images for ``predict`` (a folder, searched recursively, no class
+            sub-folders needed; or one image). Default: the test split, else val.
 
     Example:
         >>> dm = ImageFolderDataModule("data/demo", backbone="tf_efficientnet_lite0")
@@ -179,6 +182,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         good_class: str | None = None,
         pipeline: str = "auto",
         decoded_cache: bool | str = False,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -218,8 +222,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         return len(self._classes)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if self.splits or stage == "predict" and self.hparams.predict_root is not None:
+            return  # new images to predict: the training folder need not be scanned
         skip = self.hparams.skip_bad_images
         if "all" in self.layout:
             index = scan_folder(self.root, self._classes, skip)
@@ -273,8 +277,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.hparams.augment, str)
         return self.hparams.pipeline == "device"
 
-    def dataset(self, split: str, augment: bool = False) -> Dataset:
-        """The split as a dataset of ``(image tensor, label)``.
+    def dataset(self, split: str | list[Sample], augment: bool = False) -> Dataset:
+        """The split (a name, or the samples themselves) as a dataset of ``(image tensor, label)``.
 
         In the device pipeline images are resized uint8 ``[3, H, W]``; otherwise they are
         augmented (``augment=True``) and normalised float tensors.
@@ -282,9 +286,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_device = self.device_pipeline()
         transform = (ImageTransform(self.preprocessing, normalize=False) if on_device else
                      ImageTransform(self.preprocessing, self.hparams.augment if augment else "none"))
+        samples = self._split(split) if isinstance(split, str) else split
         if not self.hparams.decoded_cache:
-            return ImageDataset(self._split(split), transform, self.hparams.skip_bad_images)
-        samples = self._split(split)
+            return ImageDataset(samples, transform, self.hparams.skip_bad_images)
         cache_dir = None if self.hparams.decoded_cache is True else self.hparams.decoded_cache
         pixels, bad = decoded_images([s.path for s in samples], [s.sha256 for s in samples],
                                      self.preprocessing.input_size, self.preprocessing.interpolation,
@@ -324,8 +328,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         """
         self._feature_data = dict(datasets or {})
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        features = self._feature_data.get(split)
+    def _loader(self, split: str | list[Sample], train: bool = False) -> DataLoader:
+        features = self._feature_data.get(split) if isinstance(split, str) else None
         dataset = features if features is not None else self.dataset(split, augment=train)
         sampler = None
         if train:
@@ -370,4 +374,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test" if self.has_test_split() else "val")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if self.has_test_split() else "val")
+        """Images of ``predict_root`` (or the test split, else val); each batch's labels are the
+        images' positions in :attr:`predict_samples`, so a skipped image never shifts a row."""
+        self.predict_bad: list[tuple[Path, str]] = []
+        if self.hparams.predict_root is not None:
+            index = scan_unlabelled(self.hparams.predict_root, self.hparams.skip_bad_images)
+            self.predict_samples, self.predict_bad = index.samples, index.bad_files
+        else:
+            self.predict_samples = self._split("test" if self.has_test_split() else "val")
+        return self._loader([Sample(s.path, i, s.sha256) for i, s in enumerate(self.predict_samples)])

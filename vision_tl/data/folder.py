@@ -117,6 +117,39 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
+def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(images, other files)`` under ``folder``, recursively, sorted.
+
+    Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Symbolic links
+    that lead nowhere (broken, or a loop) are kept so they are reported, not silently dropped.
+    """
+    files = sorted(p for p in folder.rglob("*")
+                   if (p.is_file() or p.is_symlink() and not p.exists())
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
+
+
+def _add_images(index: FolderIndex, images: list[Path], label: int) -> None:
+    for path in images:
+        problem = _check_header(path)
+        if problem:
+            index.bad_files.append((path, problem))
+        else:
+            index.samples.append(Sample(path, label, file_sha256(path)))
+
+
+def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice: str) -> FolderIndex:
+    if ignored:
+        shown = ", ".join(str(p) for p in ignored[:5])
+        warnings.warn(f"ignoring {len(ignored)} non-image file(s) under {index.root}: {shown}", stacklevel=3)
+    if index.bad_files and not skip_bad:
+        lines = "\n".join(f"  {p}: {why}" for p, why in index.bad_files[:20])
+        raise DatasetError(f"{len(index.bad_files)} unreadable image(s) under {index.root}:\n{lines}\n{advice}")
+    if index.bad_files:
+        warnings.warn(f"skipped {len(index.bad_files)} unreadable image(s) under {index.root}", stacklevel=3)
+    return index
+
+
 def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bool = False) -> FolderIndex:
     """Index every image under ``root/<class>/`` (recursively), hashing each file.
 
@@ -131,36 +164,37 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
         folder = root / name
         if not folder.is_dir():
             raise DatasetError(f"class folder {folder} is missing; expected classes {classes}")
-        # Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Symbolic links
-        # that lead nowhere (broken, or a loop) are kept so they are reported, not silently dropped.
-        files = sorted(p for p in folder.rglob("*")
-                       if (p.is_file() or p.is_symlink() and not p.exists())
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        images = [p for p in files if is_image_file(p)]
-        ignored += [p for p in files if not is_image_file(p)]
+        images, others = _image_files(folder)
+        ignored += others
         if not images:
             raise DatasetError(
                 f"class folder {folder} has no images (supported: {', '.join(IMAGE_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
-        for path in images:
-            problem = _check_header(path)
-            if problem:
-                index.bad_files.append((path, problem))
-                continue
-            index.samples.append(Sample(path, label, file_sha256(path)))
-    if ignored:
-        shown = ", ".join(str(p) for p in ignored[:5])
-        warnings.warn(f"ignoring {len(ignored)} non-image file(s) under {root}: {shown}", stacklevel=2)
-    if index.bad_files and not skip_bad:
-        lines = "\n".join(f"  {p}: {why}" for p, why in index.bad_files[:20])
-        raise DatasetError(
-            f"{len(index.bad_files)} unreadable image(s) under {root}:\n{lines}\n"
-            "Fix or remove them, or pass --data.skip_bad_images true to train without them."
-        )
-    if index.bad_files:
-        warnings.warn(f"skipped {len(index.bad_files)} unreadable image(s) under {root}", stacklevel=2)
-    return index
+        _add_images(index, images, label)
+    return _finish_scan(index, ignored, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true "
+                                                  "to train without them.")
+
+
+def scan_unlabelled(root: str | Path, skip_bad: bool = False) -> FolderIndex:
+    """Index every image under ``root`` (any nesting, no classes) with label ``-1``, for prediction.
+
+    ``root`` may also be one image file. Unreadable images raise :class:`DatasetError`
+    naming them unless ``skip_bad``, which keeps them in ``bad_files``.
+    """
+    root = Path(root).expanduser()
+    index = FolderIndex(root=root, classes=[])
+    if root.is_file():
+        _add_images(index, [root], -1)
+        return _finish_scan(index, [], skip_bad, "Pass --data.skip_bad_images true to predict the rest.")
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; give a folder of images (any nesting) or one image")
+    images, others = _image_files(root)
+    if not images:
+        raise DatasetError(f"{root} holds no images (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    _add_images(index, images, -1)
+    return _finish_scan(index, others, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true to "
+                                                 "predict the rest (they get a row with the error).")
 
 
 def stratified_split(

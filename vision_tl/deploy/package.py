@@ -65,7 +65,7 @@ def build_deploy_wheel(out_dir: str | Path, *, overwrite: bool = False) -> Path:
         (f"{dist_info}/METADATA", _metadata(version).encode()),
         (f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: vision_tl.deploy.package\n"
                                b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
-        (f"{dist_info}/entry_points.txt", b"[console_scripts]\nvision-tl = vision_tl.cli:main\n"),
+        (f"{dist_info}/entry_points.txt", b"[console_scripts]\nvision-tl = vision_tl.cli:console_main\n"),
         (f"{dist_info}/top_level.txt", b"vision_tl\n"),
     ]
     record = [f"{name},{_record_hash(data)},{len(data)}" for name, data in files]

@@ -122,24 +122,55 @@ class RunArtifacts(L.Callback):
                           "so this score is optimistic"}
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._predictions.append(outputs["probabilities"].cpu())
+        if "index" in outputs:
+            self._predictions.append(torch.cat([outputs["index"].reshape(-1, 1).to(outputs["probabilities"]),
+                                                outputs["probabilities"].float()], dim=1))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self._predictions:
+        samples = getattr(trainer.datamodule, "predict_samples", None)
+        if samples is None:  # not the kit's data module: no file names to write rows for
             return
-        probs = torch.cat(self._predictions).numpy()
-        samples = trainer.predict_dataloaders.dataset.samples
+        rows = torch.cat(self._predictions) if self._predictions else torch.zeros(0, 1 + len(pl_module.classes))
+        self._predictions.clear()
+        rows = _gather_rows(pl_module, rows) if trainer.world_size > 1 else rows  # on every rank
+        if not trainer.is_global_zero:
+            return
+        by_index = {int(r[0]): r[1:].numpy() for r in rows}
+        classes, good = pl_module.classes, pl_module.hparams.get("good_class")
+        threshold = getattr(pl_module, "threshold", None)
+        decide = good in classes and threshold is not None
+        table = []
+        for i, sample in enumerate(samples):
+            true = classes[sample.label] if sample.label >= 0 else ""
+            p = by_index.get(i)
+            if p is None:
+                table.append((str(sample.path), [true, "", "", *[""] * len(classes), "", "could not be decoded"]))
+                continue
+            k = int(p.argmax())
+            defect = [str(bool(p[classes.index(good)] < threshold)).lower()] if decide else [""]
+            table.append((str(sample.path), [true, classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p],
+                                             *defect, ""]))
+        for path, why in getattr(trainer.datamodule, "predict_bad", []):
+            table.append((str(path), ["", "", "", *[""] * len(classes), "", why]))
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in pl_module.classes]])
-        for sample, p in zip(samples, probs):
-            k = int(p.argmax())
-            writer.writerow([str(sample.path), pl_module.classes[sample.label], pl_module.classes[k],
-                             f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]])
+        writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in classes],
+                         "is_defect", "error"])
+        writer.writerows([path, *row] for path, row in sorted(table))
         path = self.run_dir(trainer) / "predictions.csv"
         atomic_write_text(path, out.getvalue())
-        pl_module.print(f"vision_tl: wrote {len(probs)} predictions to {path}")
-        self._predictions.clear()
+        failed = sum(1 for _, row in table if row[-1])
+        pl_module.print(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
+                        + (f" ({failed} image(s) could not be read: see the error column)" if failed else ""))
+
+
+def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``[n, 1 + classes]`` prediction rows (their shares may differ in length)."""
+    sizes = pl_module.all_gather(torch.tensor([len(rows)], device=pl_module.device)).flatten()
+    padded = torch.full((int(sizes.max()), rows.shape[1]), -1.0, device=pl_module.device)
+    padded[: len(rows)] = rows.to(pl_module.device)
+    gathered = pl_module.all_gather(padded).reshape(-1, rows.shape[1]).cpu()
+    return gathered[gathered[:, 0] >= 0]
 
 
 class GradualUnfreezing(BaseFinetuning):

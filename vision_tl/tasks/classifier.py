@@ -173,7 +173,7 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if counts is None and datamodule is not None and hasattr(datamodule, "class_counts"):
+        if counts is None and stage != "predict" and datamodule is not None and hasattr(datamodule, "class_counts"):
             counts = datamodule.class_counts("train")
         weights = class_weights_from_counts(counts, self.hparams.class_weights) if counts else None
         if weights is not None:
@@ -283,9 +283,14 @@ class ImageClassifier(L.LightningModule):
         self._eval_epoch_end(self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Probabilities and argmax; ``index`` is the batch's second element (from the data
+        module's predict loader: each image's position in ``datamodule.predict_samples``)."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         probs = self(x).float().softmax(-1)
-        return {"probabilities": probs, "predicted": probs.argmax(-1)}
+        out = {"probabilities": probs, "predicted": probs.argmax(-1)}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            out["index"] = batch[1]
+        return out
 
     def configure_optimizers(self):
         hp = self.hparams

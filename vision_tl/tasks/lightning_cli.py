@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,18 @@ from vision_tl.tasks.resume import (
 )
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+class _NoCloudTip(logging.Filter):
+    """Drops Lightning's advert for its cloud logger: these runs are offline, on the factory's machines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoCloudTip())
+# Lightning 2.6 calls a torch pytree API that newer torch deprecates: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _logger_init(config):
@@ -253,12 +267,21 @@ def _keep_metrics_csv(run: Path) -> None:
 _WATCHED_RUNS: list[tuple[Path, set[str]]] = []
 
 
+# What every command writes into its run directory before any result.
+_BOOKKEEPING = {"config.yaml", "hparams.yaml", "labels.json", "split.json"}
+
+
 def _remove_empty_new_runs() -> None:
-    """A command that failed before writing anything leaves no empty ``version_N`` behind.
-    Only directories that this command created and that are still empty are removed."""
+    """A command that failed before any result leaves no ``version_N`` behind. Only directories
+    that this command created and that hold nothing but its start-up bookkeeping are removed."""
     for parent, before in _WATCHED_RUNS:
         for run in parent.glob("version_*"):
-            if run.name not in before and run.is_dir() and not any(run.iterdir()):
+            if run.name in before or not run.is_dir():
+                continue
+            entries = list(run.iterdir())
+            if all(e.is_file() and e.name in _BOOKKEEPING for e in entries):
+                for entry in entries:
+                    entry.unlink()
                 run.rmdir()
     _WATCHED_RUNS.clear()
 
