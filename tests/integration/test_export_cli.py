@@ -137,6 +137,12 @@ def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, tmp_path, m
     err = capsys.readouterr().err
     assert "parity check failed" in err and "top-1 agreement" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parity-failed.json"]
+    # Over an earlier export (--overwrite), a failed one leaves that model and its report alone.
+    (tmp_path / "bad.onnx").write_bytes(b"the model on the line")
+    (tmp_path / "bad.parity.json").write_text('{"passed": true}')
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--overwrite"]) == 1
+    assert out.read_bytes() == b"the model on the line"
+    assert (tmp_path / "bad.parity.json").read_text() == '{"passed": true}'
 
 
 def test_interrupted_export_leaves_no_file(trained_run, tmp_path, monkeypatch):
@@ -171,6 +177,10 @@ def test_checkpoint_from_another_kit_version(trained_run, tmp_path, capsys):
     ("empty_folder", "no images found"),
     ("exists", "pass --overwrite"),
     ("opset", "expected an integer from 13 to 20"),
+    ("stale_report", "already exists (the check report of an earlier export)"),
+    ("fp16_float_input", "--fp16 needs the default uint8 input"),
+    ("parity_file", "is a file; give a folder of images"),
+    ("drop_without_variant", "--max-accuracy-drop applies only with --int8 or --fp16"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run, tmp_path, capsys):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
@@ -190,6 +200,15 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
         extra = ["--parity-images", str(tmp_path / "empty")]
     elif case == "exists":
         out.write_bytes(b"keep me")
+    elif case == "stale_report":  # a report left by an earlier export must not end up beside a new model
+        (tmp_path / "m.parity.json").write_text("{}")
+    elif case == "fp16_float_input":
+        extra = ["--fp16", "--no-normalize-in-graph"]
+    elif case == "parity_file":
+        (tmp_path / "fit.log").write_text("epoch 1")
+        extra = ["--parity-images", str(tmp_path / "fit.log")]
+    elif case == "drop_without_variant":
+        extra = ["--max-accuracy-drop", "2"]
     else:
         extra = ["--opset", "9"]
     assert export_main([str(ckpt), "--out", str(out), *extra]) == 2
@@ -198,6 +217,70 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
     if case in ("not_a_checkpoint", "onnx_as_checkpoint", "missing", "no_split"):
         assert str(ckpt) in err
     assert not out.exists() or out.read_bytes() == b"keep me"
+
+
+def test_overwrite_replaces_the_old_reports_and_the_report_names_its_model(trained_run, tmp_path):
+    from vision_tl.utils.files import file_sha256
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"an older model")
+    (tmp_path / "m.parity-failed.json").write_text('{"passed": false}')
+    (tmp_path / "m.parity.json").write_text('{"passed": true, "model": "the older model"}')
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--overwrite"]) == 0
+    assert not (tmp_path / "m.parity-failed.json").exists()
+    report = json.loads((tmp_path / "m.parity.json").read_text())
+    assert report["model_sha256"] == file_sha256(out)
+    # Replaced again without a check: no report at all rather than one about another model.
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--overwrite",
+                        "--parity-images", "none"]) == 0
+    assert not (tmp_path / "m.parity.json").exists()
+
+
+def test_a_failed_variant_exits_3_and_keeps_the_passed_model(trained_run, tmp_path, monkeypatch, capsys):
+    from vision_tl.export import pipeline
+
+    real = pipeline.compare
+
+    def half_as_accurate(*args, **kwargs):  # only the variant's check goes through pipeline.compare
+        report = real(*args, **kwargs)
+        report.accuracy_model = report.accuracy_reference - 0.5
+        return report
+
+    monkeypatch.setattr(pipeline, "compare", half_as_accurate)
+    out = tmp_path / "m.onnx"
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--fp16"]) == 3
+    err = capsys.readouterr().err
+    assert "variant rejected" in err and f"The fp32 model {out} passed its check and was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.parity-failed.json", "m.onnx", "m.parity.json"]
+
+
+def test_split_root_holding_other_images_is_refused(trained_run, tmp_path, capsys):
+    """A data root that has the split's file names but not its files (sha256) is not used."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = json.loads((run / "split.json").read_text())
+    record["val"][0]["sha256"] = "0" * 64
+    (run / "split.json").write_text(json.dumps(record))
+    assert export_main([str(run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and record["val"][0]["path"] in err and "--parity-images DIR" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_run_on_a_train_val_layout_checks_against_root_val(trained_run, inspection_folder, tmp_path):
+    """Without split.json (the folder had its own val/), parity uses ROOT/val/ from config.yaml."""
+    data = tmp_path / "data"
+    for path in sorted(inspection_folder.glob("*/*.png"))[::4]:
+        (data / "val" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, data / "val" / path.parent.name / path.name)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "split.json").unlink()
+    (run / "config.yaml").write_text(f"data:\n  root: {data}\n")
+    out = tmp_path / "m.onnx"
+    assert export_main([str(run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "m.parity.json").read_text())
+    assert str(data / "val") in report["images"] and report["n_images"] == len(list(data.glob("val/*/*.png")))
 
 
 def test_parity_none_skips_loudly(trained_run, tmp_path, capsys):

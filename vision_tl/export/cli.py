@@ -17,6 +17,7 @@ from vision_tl.export.onnx_export import (
     MIN_OPSET,
     ExportError,
     ParityError,
+    VariantRejected,
 )
 from vision_tl.export.pipeline import DEFAULT_MAX_ACCURACY_DROP, ExportOptions, export_onnx
 from vision_tl.export.quantize import (
@@ -43,7 +44,9 @@ run directory) are predicted by PyTorch and onnxruntime; max |Δprob| must be
 <name>.parity.json. --int8 / --fp16 also write <name>.int8.onnx / <name>.fp16.onnx,
 each with its accuracy change on the same images and its latency/throughput.
 
-Exit status: 0 ok, 1 parity failed (nothing written under --out), 2 bad input.
+Exit status: 0 ok; 1 parity failed (nothing written under --out); 2 bad input;
+3 --out passed and was written, but an --int8/--fp16 variant failed its check
+(nothing written under the variant's name; its report is <name>.int8.parity-failed.json).
 """
 
 
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vision-tl export``; returns 0 (ok), 1 (parity failed) or 2 (bad input)."""
+    """Run ``vision-tl export``; returns 0 (ok), 1 (parity failed), 2 (bad input) or 3 (variant failed)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
@@ -100,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     given = [name for name, value in int8_only.items() if value is not None]
     if given and not args.int8:
         print(f"error: {', '.join(given)} apply only with --int8", file=sys.stderr)
+        return 2
+    if args.max_accuracy_drop != DEFAULT_MAX_ACCURACY_DROP and not (args.int8 or args.fp16):
+        print("error: --max-accuracy-drop applies only with --int8 or --fp16", file=sys.stderr)
+        return 2
+    if args.max_accuracy_drop < 0:
+        print(f"error: --max-accuracy-drop must be >= 0 percentage points, got {args.max_accuracy_drop}",
+              file=sys.stderr)
         return 2
     try:
         options = ExportOptions(
@@ -114,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 keep_float=args.keep_float or Int8Config.keep_float),
         )
         export_onnx(args.checkpoint, args.out, options)
+    except VariantRejected as exc:
+        print(f"error: variant rejected: {exc}", file=sys.stderr)
+        return 3
     except ParityError as exc:
         print(f"error: parity check failed: {exc}", file=sys.stderr)
         return 1

@@ -43,6 +43,10 @@ class ParityError(ExportError):
         self.report = report
 
 
+class VariantRejected(ParityError):
+    """The fp32 model passed and was written, but an INT8/FP16 variant failed its check."""
+
+
 class DeployableClassifier(nn.Module):
     """The graph that ships: raw pixels in, class probabilities out.
 
@@ -114,9 +118,12 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         raise ExportError(f"{exc}{hint}") from exc
     notes = []
     if ckpt_version != __version__:
+        recorded = ((meta.get("metrics") or {}).get("val") or {}).get("acc")
         notes.append(
-            f"{path} was written by vision_tl {ckpt_version}, this is vision_tl {__version__}; "
-            "exporting anyway, the parity check verifies the rebuilt network"
+            f"{path} was written by vision_tl {ckpt_version}, this is vision_tl {__version__}; exporting "
+            "anyway. The parity check compares this version's rebuild of the network with its ONNX export, "
+            "so also compare the reference accuracy it prints with the run's validation accuracy at training"
+            + (f" ({100 * float(recorded):.2f} %)" if isinstance(recorded, (int, float)) else "")
         )
     pre = meta.get("preprocessing") or {}
     try:

@@ -21,6 +21,8 @@ import numpy as np
 from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
+from vision_tl.reports.report import config_data_root
+from vision_tl.utils.files import file_sha256
 
 AUTO, NONE = "auto", "none"
 DEFAULT_MAX_IMAGES = 1000
@@ -50,55 +52,87 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> ImageSet | None:
-    """The ``split`` list ("val" or "train") of the run's ``split.json``, or None when absent.
+_OPTION_FOR_SPLIT = {"val": "--parity-images DIR", "train": "--calibration-dir DIR (training images)"}
 
-    The split stores paths relative to the data root it names; a relative root
-    is looked up from the current folder and from the run directory's parents.
+
+def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> ImageSet | None:
+    """The run's ``split`` images ("val" or "train"), or None when the run does not say which.
+
+    From the run's ``split.json`` when it made its own split: paths there are relative to
+    the data root it names, looked up from the current folder and from the run directory's
+    parents, and a root counts only if a sample of its files has the recorded sha256. A run
+    trained on a ``train/`` + ``val/`` layout has no ``split.json``: then ``ROOT/<split>/``
+    of the ``data.root`` in the run's ``config.yaml``.
 
     Raises:
-        ExportError: ``split.json`` exists but is unreadable, or its images are gone.
+        ExportError: ``split.json`` exists but is unreadable, or its images are gone or differ.
     """
-    split_path = run_dir_of(checkpoint) / "split.json"
+    run_dir = run_dir_of(checkpoint)
+    split_path = run_dir / "split.json"
+    option = _OPTION_FOR_SPLIT.get(split, "--parity-images DIR")
     if not split_path.is_file():
-        return None
+        root = config_data_root(run_dir)
+        if root is None or not (root / split).is_dir():
+            return None
+        found = folder_images(root / split, classes)
+        return ImageSet(found.paths, found.labels, f"{root / split}/ (the run's data root, {len(found.paths)} images)")
     try:
         payload = json.loads(split_path.read_text(encoding="utf-8"))
         entries = payload[split]
         rel = [Path(e["path"]) for e in entries]
         names = [e.get("label") for e in entries]
+        digests = [e.get("sha256") for e in entries]
         root_text = str(payload["root"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{split_path}: not a readable split file with a {split!r} list ({exc!r})") from exc
     if not rel:
         return None
-    root = _find_root(Path(root_text), rel[0], split_path.parent)
+    root = _find_root(Path(root_text), rel, digests, split_path, option)
     if root is None:
         raise ExportError(
             f"{split_path}: its data root {root_text!r} is not found (looked from {Path.cwd()} and "
-            f"the run directory); pass the images with --parity-images DIR"
+            f"the run directory); pass the images with {option}"
         )
     labels = [classes.index(n) if n in classes else None for n in names]
-    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} ({len(rel)} images)")
+    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} ({len(rel)} images under {root})")
 
 
-def _find_root(root: Path, first: Path, run_dir: Path) -> Path | None:
+def _find_root(root: Path, rel: list[Path], digests: list[str | None], split_path: Path,
+               option: str) -> Path | None:
+    """The first candidate root holding the split's files with their recorded content."""
     candidates = [root] if root.is_absolute() else [Path.cwd() / root] + [
-        parent / root for parent in run_dir.parents
+        parent / root for parent in split_path.parent.parents
     ]
-    return next((c for c in candidates if (c / first).is_file()), None)
+    probe = sorted({0, len(rel) // 2, len(rel) - 1})  # first, middle, last: cheap, and catches a swap
+    mismatch = None
+    for candidate in candidates:
+        if not (candidate / rel[0]).is_file():
+            continue
+        bad = next((i for i in probe if digests[i] and (not (candidate / rel[i]).is_file()
+                                                        or file_sha256(candidate / rel[i]) != digests[i])), None)
+        if bad is None:
+            return candidate
+        mismatch = mismatch or candidate / rel[bad]
+    if mismatch is not None:
+        raise ExportError(
+            f"{split_path}: the images found under its data root are not the run's: {mismatch} is missing or "
+            f"its content (sha256) differs from the one recorded at training; pass the run's images with {option}")
+    return None
 
 
-def folder_images(folder: str | Path, classes: Sequence[str]) -> ImageSet:
+def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--parity-images") -> ImageSet:
     """Every image under ``folder``; an image's label is its parent folder's name, if a class.
 
     Raises:
-        ExportError: the folder is missing or holds no image.
+        ExportError: the folder is missing, not a folder, or holds no image (``option`` names it).
     """
+    if Path(folder).expanduser().is_file():
+        raise ExportError(f"{option} {folder}: is a file; give a folder of images (optionally one sub-folder "
+                          "per class)")
     try:
-        paths = list_images(folder)
+        paths = list_images(Path(folder).expanduser())
     except DeployError as exc:
-        raise ExportError(f"--parity-images: {exc}") from exc
+        raise ExportError(f"{option}: {exc}") from exc
     labels = [classes.index(p.parent.name) if p.parent.name in classes else None for p in paths]
     return ImageSet(paths, labels, f"folder {folder} ({len(paths)} images)")
 
@@ -123,7 +157,8 @@ def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
     if found is None:
         raise ExportError(
             f"{checkpoint}: no validation images to check the export with: there is no "
-            f"{run_dir_of(checkpoint) / 'split.json'} with a val list. Pass --parity-images DIR "
+            f"{run_dir_of(checkpoint) / 'split.json'} with a val list, and no ROOT/val/ folder under the "
+            "data root in the run's config.yaml. Pass --parity-images DIR "
             "(a folder of images, optionally one sub-folder per class), or --parity-images none "
             "to skip the check (not recommended)"
         )
@@ -203,6 +238,7 @@ class ParityReport:
     n_labelled: int
     unreadable: list[str] = field(default_factory=list)
     disagreements: list[dict[str, Any]] = field(default_factory=list)
+    model_sha256: str | None = None  # of the file this report describes, as written
     criteria: dict[str, float] = field(default_factory=dict)
     passed: bool | None = None
     failures: list[str] = field(default_factory=list)
@@ -233,7 +269,11 @@ class ParityReport:
         if max_accuracy_drop is not None:
             drop = self._drop_points()
             if drop > max_accuracy_drop:
-                self.failures.append(f"accuracy drop {drop:.2f} points > {max_accuracy_drop:.2f}")
+                one = 100.0 / max(self.n_labelled, 1)
+                self.failures.append(
+                    f"accuracy drop {drop:.2f} points > {max_accuracy_drop:.2f}"
+                    + (f" (one image is {one:.2f} points of these {self.n_labelled} labelled images: check on more "
+                       "with --parity-images DIR, or raise --max-accuracy-drop)" if one > max_accuracy_drop else ""))
         self.passed = not self.failures
         return self.passed
 

@@ -15,6 +15,7 @@ from vision_tl.export.onnx_export import (
     ExportError,
     LoadedCheckpoint,
     ParityError,
+    VariantRejected,
     build_metadata,
     check_opset,
     check_output_path,
@@ -35,7 +36,7 @@ from vision_tl.export.parity import (
     split_images,
 )
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
-from vision_tl.utils.files import atomic_path
+from vision_tl.utils.files import atomic_path, file_sha256
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
 
@@ -103,13 +104,22 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         ExportError: bad checkpoint, output path, option or images (message names it).
         ParityError: the ONNX model disagrees with PyTorch; nothing was written
             under ``out`` and the report is saved as ``<stem>.parity-failed.json``.
+        VariantRejected: ``out`` passed and was written, but the INT8/FP16 variant failed
+            its check; nothing was written under the variant's name.
     """
     opts = options or ExportOptions()
     check_opset(opts.opset)
+    if opts.fp16 and not opts.normalize_in_graph:
+        raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
+                          "would have to be cast in the graph; drop one of the two options")
     out = check_output_path(out, opts.overwrite)
-    targets = [sibling(out, v) for v in ("int8", "fp16") if getattr(opts, v)]
-    for target in targets:
-        check_output_path(target, opts.overwrite)
+    models = [out] + [sibling(out, v) for v in ("int8", "fp16") if getattr(opts, v)]
+    for model in models:
+        check_output_path(model, opts.overwrite)
+        for report_name in _reports_of(model):  # a report must never describe another model
+            if report_name.exists() and not opts.overwrite:
+                raise ExportError(f"{report_name} already exists (the check report of an earlier export); "
+                                  "pass --overwrite to replace the export and its reports, or choose another --out")
     ckpt = load_checkpoint(checkpoint)
     for note in ckpt.notes:
         log(f"note: {note}")
@@ -125,7 +135,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         if images is not None:
             report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images)
             report.model = str(out)
-            _publish(report, out, log)
+            report.model_sha256 = file_sha256(tmp)
+            _judge(report, out, log)
+    _save_report(report, out)
     log(f"wrote {out}")
     # The fp32 model is committed once it passed; each variant is a separate, atomic file.
     result = ExportResult(out, report)
@@ -143,8 +155,13 @@ def _input_text(metadata) -> str:
     return f"'image' float32 [N, 3, {h}, {w}] normalised"
 
 
-def _publish(report: ParityReport, model_path: Path, log: Callable[[str], None]) -> None:
-    """Print the report and save it; raise :class:`ParityError` when it failed."""
+def _reports_of(model: Path) -> list[Path]:
+    return [sibling(model, "parity", ".json"), sibling(model, "parity-failed", ".json")]
+
+
+def _judge(report: ParityReport, model_path: Path, log: Callable[[str], None]) -> None:
+    """Print the report; when it failed, save it as ``<stem>.parity-failed.json`` and raise
+    :class:`ParityError` (a model and report already under the final names stay as they were)."""
     log(report.summary())
     if report.passed is False:
         failed = sibling(model_path, "parity-failed", ".json")
@@ -152,18 +169,27 @@ def _publish(report: ParityReport, model_path: Path, log: Callable[[str], None])
         raise ParityError(
             f"{model_path}: the export does not reproduce the reference ({'; '.join(report.failures)}); "
             f"nothing was written under {model_path.name}. Report: {failed}", report)
-    write_json_atomic(sibling(model_path, "parity", ".json"), report.to_dict())
+
+
+def _save_report(report: ParityReport | None, model_path: Path) -> None:
+    """After ``model_path`` was replaced: its report, and no report about an earlier model."""
+    passed, failed = _reports_of(model_path)
+    failed.unlink(missing_ok=True)
+    if report is None:
+        passed.unlink(missing_ok=True)
+    else:
+        write_json_atomic(passed, report.to_dict())
 
 
 def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet:
     if opts.calibration_dir is not None:
-        found = folder_images(opts.calibration_dir, ckpt.classes)
+        found = folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir")
     else:
         found = split_images(ckpt.path, "train", ckpt.classes)
     if found is None:
         raise ExportError(
             f"{ckpt.path}: --int8 needs calibration images from the training data, but the run has "
-            "no split.json with a train list; pass --calibration-dir DIR (training images)"
+            "no split.json with a train list and no ROOT/train/ folder; pass --calibration-dir DIR (training images)"
         )
     return found.subsample(opts.int8_config.calibration_images)
 
@@ -189,9 +215,15 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report.judge(max_accuracy_drop=opts.max_accuracy_drop)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
-            _publish(report, target, log)
+            report.model_sha256 = file_sha256(tmp)
+            try:
+                _judge(report, target, log)
+            except ParityError as exc:
+                raise VariantRejected(f"{exc}. The fp32 model {out} passed its check and was written",
+                                      exc.report) from exc
         else:
             log(f"WARNING: {target.name} was not checked (no parity images)")
+    _save_report(report, target)
     log(f"wrote {target}")
     return target, report
 

@@ -184,7 +184,8 @@ def _read_json(path: Path) -> dict | list:
         raise ReportError(f"{path} is not valid JSON ({exc})") from exc
 
 
-def _config_data_root(run_dir: Path) -> Path | None:
+def config_data_root(run_dir: Path) -> Path | None:
+    """The ``data.root`` in a run's ``config.yaml`` (None without one)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
@@ -209,7 +210,7 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
     record_path = run_dir / "split.json"
     record = _read_json(record_path) if record_path.is_file() else None
     root = Path(data_root).expanduser() if data_root else (
-        Path(record["root"]) if record else _config_data_root(run_dir))
+        Path(record["root"]) if record else config_data_root(run_dir))
     if root is None or not root.is_dir():
         raise ReportError(f"data root {root} of run {run_dir} not found; pass --data ROOT "
                           "(the folder given to fit as --data.root)")
