@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from vision_tl.deploy import (
     Predictor,
     list_images,
     read_metadata,
+    scan_images,
 )
 from vision_tl.deploy.cli import main
 from vision_tl.imaging import load_rgb, resize
@@ -392,10 +394,12 @@ def test_predict_paths_accepts_a_folder(model: Path, images: list[Path]):
 def test_cli_csv(tmp_path: Path, model: Path, images: list[Path], capsys):
     (images[0].parent / "broken.png").write_bytes(b"garbage")
     out = tmp_path / "predictions.csv"
-    assert main([str(model), str(images[0].parent), "--out", str(out), "--batch-size", "2"]) == 0
+    # Exit status 3: the CSV is written, but one image could not be read.
+    assert main([str(model), str(images[0].parent), "--out", str(out), "--batch-size", "2"]) == 3
     printed = capsys.readouterr()
-    assert "5 images, 1 error," in printed.out and "images/s" in printed.out
-    assert "broken.png" in printed.err
+    assert "5 images: 4 predicted, 1 could not be read," in printed.out
+    assert "images/s" in printed.out
+    assert "broken.png" in printed.err and "exit status 3" in printed.err
     with out.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "predicted", "probability", "is_defect", "error",
@@ -559,3 +563,183 @@ def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Pa
     assert proc.returncode == 0, proc.stderr
     assert "wheel ok" in proc.stdout
     assert "needs the full kit" in proc.stderr and "pip install vision-tl" in proc.stderr
+
+
+# ------------------------------------------------------- robustness (A-G)
+
+
+def test_cli_unreadable_images_exit_3_and_are_not_counted_as_good(tmp_path: Path, capsys):
+    model = build_model(tmp_path / "m.onnx", meta=make_metadata(good_class="good", threshold=0.5))
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"b{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(folder), "--out", str(out)]) == 3
+    printed = capsys.readouterr()
+    assert "3 images: 0 predicted, 3 could not be read," in printed.out
+    assert "defects (P(good) < 0.5): 0 of 0 predicted (3 unreadable, not judged)" in printed.out
+    assert "3 images of 3 could not be read" in printed.err and "exit status 3" in printed.err
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all(r["error"] and r["is_defect"] == "" for r in rows)
+    # Mixed: the defect count is out of the predicted images only.
+    write_png(folder / "ok.png", np.full((8, 8, 3), (0, 255, 0), np.uint8))
+    assert main([str(model), str(folder), "--out", str(out), "--overwrite"]) == 3
+    assert "defects (P(good) < 0.5): 1 of 1 predicted (3 unreadable" in capsys.readouterr().out
+
+
+def test_cli_help_documents_exit_statuses(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "exit status:" in text
+    for line in ("0    every image was predicted", "2    bad arguments",
+                 "3    the output was written, but some images could not be read"):
+        assert line in text
+
+
+def test_predict_arrays_refuses_a_single_image(model: Path):
+    predictor = Predictor(model)
+    with pytest.raises(DeployError, match=r"\(200, 200, 3\).*list of images.*N x H x W x 3"):
+        predictor.predict_arrays(np.zeros((200, 200, 3), np.uint8))
+    with pytest.raises(DeployError, match="ambiguous"):
+        predictor.predict_arrays(np.zeros((5, 7, 4), np.uint8))  # 1 RGBA or 5 gray 4 wide?
+    with pytest.raises(DeployError, match=r"\[image\]"):
+        predictor.predict_arrays(np.zeros((20, 30), np.uint8))
+    with pytest.raises(DeployError, match="predict_paths"):
+        predictor.predict_arrays("img.png")
+    with pytest.raises(DeployError, match=r"images\[1\]: .*uint8"):
+        predictor.predict_arrays([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3))])
+    # Genuine batches still work: N x H x W x 3, N x H x W (grayscale), a generator.
+    rng = np.random.default_rng(3)
+    batch = rng.integers(0, 256, (5, 9, 11, 3), dtype=np.uint8)
+    expected = np.stack([reference(img) for img in batch])
+    assert np.max(np.abs(predictor.predict_arrays(batch, batch_size=2) - expected)) < 1e-5
+    gen = predictor.predict_arrays((img for img in batch), batch_size=np.int64(3))
+    assert np.max(np.abs(gen - expected)) < 1e-5
+    gray = rng.integers(0, 256, (4, 9, 11), dtype=np.uint8)
+    probs = predictor.predict_arrays(gray)
+    rgb = np.repeat(gray[..., None], 3, axis=3)
+    assert probs.shape == (4, 3)
+    assert np.max(np.abs(probs - np.stack([reference(img) for img in rgb]))) < 1e-5
+    assert predictor.predict_arrays(batch[:1]).shape == (1, 3)
+
+
+def test_mean_std_refused_when_normalised_in_graph(tmp_path: Path, model: Path,
+                                                   images: list[Path], capsys):
+    with pytest.raises(DeployError, match="mean cannot be applied.*inside the graph"):
+        Predictor(model, mean=MEAN)
+    with pytest.raises(DeployError, match="mean and std .*--mean / --std"):
+        Predictor(model, mean=MEAN, std=STD)
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(images[0]), "--out", str(out), "--std", "0.2,0.2,0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(model) in err and "--std" in err
+    assert not out.exists()
+
+
+def test_interpolation_override_warns(tmp_path: Path, model: Path, images: list[Path], capsys):
+    with pytest.warns(UserWarning, match="'nearest' differs from 'bicubic'.*validated"):
+        predictor = Predictor(model, interpolation="nearest")
+    assert predictor.metadata.interpolation == "nearest"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor(model, interpolation="bicubic")  # the model's own: no warning
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(images[0]), "--out", str(out), "--interpolation", "bilinear"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "'bilinear' differs from 'bicubic'" in err
+    assert out.exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_cli_bad_max_image_pixels_env(tmp_path: Path, model: Path, images: list[Path],
+                                      monkeypatch, capsys, value: str):
+    monkeypatch.setenv("VISION_TL_MAX_IMAGE_PIXELS", value)
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(images[0].parent), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: VISION_TL_MAX_IMAGE_PIXELS=")
+    assert err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+    with pytest.raises(DeployError, match="VISION_TL_MAX_IMAGE_PIXELS"):
+        Predictor(model).predict_paths(images)
+
+
+def test_predict_paths_accepts_iterables_and_numpy_ints(model: Path, images: list[Path]):
+    predictor = Predictor(model)
+    expected = np.stack([reference(load_rgb(p)) for p in images])
+    got = predictor.predict_paths((p for p in images), batch_size=np.int64(3))
+    probs = np.array([[r.probabilities[c] for c in CLASSES] for r in got])
+    assert np.max(np.abs(probs - expected)) < 1e-5
+    assert [r.path for r in got] == [str(p) for p in images]
+    assert len(predictor.predict_paths(iter([str(images[0])]), np.int32(1))) == 1
+    for bad in (True, np.bool_(True), 0, 2.0, np.float64(2), "4"):
+        with pytest.raises(DeployError, match="batch_size must be a positive integer"):
+            predictor.predict_paths(images, batch_size=bad)
+    with pytest.raises(DeployError, match=r"bytes .*str or pathlib.Path.*iterable"):
+        predictor.predict_paths(str(images[0].parent).encode())
+    with pytest.raises(DeployError, match=r"int .*iterable"):
+        predictor.predict_paths(5)
+    with pytest.raises(DeployError, match=r"paths\[1\] is a bytes"):
+        predictor.predict_paths([images[0], b"x.png"])
+
+
+def test_deploy_wheel_help_is_plain_text(capsys):
+    from vision_tl.deploy.package import main as wheel_main
+
+    with pytest.raises(SystemExit) as info:
+        wheel_main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text
+    assert "vision-tl deploy-wheel: the torch-free predictor" in text
+    assert "pip download dist/vision_tl_deploy-*.whl -d wheelhouse/" in text
+    assert "pip install --no-index --find-links wheelhouse vision-tl-deploy" in text
+
+
+def test_readme_offline_install_matches_help():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Deploy to a line (ONNX)", 1)[1].split("\n## ", 1)[0]
+    assert "pip download dist/vision_tl_deploy-*.whl -d wheelhouse/" in section
+    assert "pip install --no-index --find-links wheelhouse vision-tl-deploy" in section
+    assert "3 the CSV/JSON was written" in section
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32",
+                    reason="needs symbolic links")
+def test_broken_links_become_error_rows_and_other_files_are_counted(tmp_path: Path,
+                                                                    model: Path, capsys):
+    root = tmp_path / "data"
+    good = write_png(root / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(root / "sub" / "b.jpg", np.full((8, 8, 3), 200, np.uint8))
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden.txt").write_text("hidden files are not counted")
+    os.symlink(root / "gone.png", root / "broken.png")
+    os.symlink(root / "loop.png", root / "loop.png")
+    os.symlink(root / "camera_42.png", root / "latest")  # no extension, image target
+    os.symlink(root / "nowhere", root / "stale_link")  # neither: ignored, counted
+    scan = scan_images(root)
+    assert [p.relative_to(root).as_posix() for p in scan.images] == [
+        "a.png", "broken.png", "latest", "loop.png", "sub/b.jpg"]
+    assert sorted(p.name for p in scan.ignored) == ["anim.gif", "notes.txt", "stale_link"]
+    assert list_images(root) == scan.images
+    results = {Path(r.path).name: r for r in Predictor(model).predict_paths(root)}
+    assert "broken symbolic link" in results["broken.png"].error
+    assert "broken symbolic link" in results["latest"].error
+    assert "loop" in results["loop.png"].error
+    assert results["a.png"].error is None and results["b.jpg"].error is None
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(root), str(good), "--out", str(out)]) == 3
+    printed = capsys.readouterr()
+    assert "5 images: 2 predicted, 3 could not be read," in printed.out
+    assert "ignored 3 non-image files in the input folders" in printed.out
+    assert "anim.gif" in printed.out and ".hidden" not in printed.out
+    with out.open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 5
+    # A folder holding only non-images says what it skipped.
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DeployError, match=r"no images found .*ignored 1 other file\(s\), e\.g\. a\.gif"):
+        list_images(only)

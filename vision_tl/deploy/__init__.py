@@ -23,7 +23,14 @@ from vision_tl.deploy.metadata import (
     ModelMetadata,
     read_metadata,
 )
-from vision_tl.deploy.predictor import Prediction, Predictor, list_images
+from vision_tl.deploy.predictor import (
+    ImageScan,
+    Prediction,
+    Predictor,
+    check_image_pixel_limit,
+    list_images,
+    scan_images,
+)
 
 __all__ = [
     "KEYS",
@@ -31,10 +38,13 @@ __all__ = [
     "PREFIX",
     "REQUIRED_KEYS",
     "DeployError",
+    "ImageScan",
     "MetadataError",
     "ModelMetadata",
     "Prediction",
     "Predictor",
+    "check_image_pixel_limit",
     "list_images",
     "read_metadata",
+    "scan_images",
 ]

@@ -13,17 +13,21 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from vision_tl.deploy.metadata import DeployError
-from vision_tl.deploy.predictor import Prediction, Predictor, list_images
-from vision_tl.imaging import INTERPOLATIONS
+from vision_tl.deploy.predictor import Prediction, Predictor, check_image_pixel_limit, scan_images
+from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
 from vision_tl.utils.files import atomic_path
 
 FORMATS = (".csv", ".json")
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_UNREADABLE = 3
 _EPILOG = """\
 examples:
   vision-tl predict-onnx model.onnx line3/2024-06-01/ --out predictions.csv
@@ -34,8 +38,16 @@ examples:
 
 The CSV has the columns path, predicted, probability, is_defect, error and one
 p_<class> column per class; is_defect is filled only when the model carries a
-good class and a threshold. Unreadable images become rows with an error instead
-of stopping the run. Exit status: 0 on success, 2 on bad input.
+good class and a threshold. Unreadable images (corrupt files, broken symbolic
+links) become rows with an error instead of stopping the run. Files in the
+folders that are not supported images (.gif, .txt ...) are ignored and counted
+in the summary.
+
+exit status:
+  0    every image was predicted
+  2    bad arguments, model or inputs (nothing written)
+  3    the output was written, but some images could not be read (error rows)
+  130  interrupted (nothing written)
 """
 
 
@@ -61,27 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=input_size_arg, default=None, metavar="H,W",
                         help="model input height,width (overrides the model metadata)")
     parser.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",
-                        help="normalisation mean on the 0..1 scale (overrides the metadata)")
+                        help="normalisation mean on the 0..1 scale, for a float-input model "
+                             "(refused when the model normalises inside the graph)")
     parser.add_argument("--std", type=_triple, default=None, metavar="R,G,B",
-                        help="normalisation std on the 0..1 scale (overrides the metadata)")
+                        help="normalisation std on the 0..1 scale, for a float-input model "
+                             "(refused when the model normalises inside the graph)")
     parser.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default=None,
-                        help="resize interpolation (overrides the model metadata)")
+                        help="resize interpolation (overrides the model metadata; a value other "
+                             "than the model's makes predictions differ from the validated ones)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it already exists")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vision-tl predict-onnx``; returns the exit status (0 ok, 2 bad input)."""
+    """Run ``vision-tl predict-onnx``; returns the exit status.
+
+    0: every image predicted; 2: bad arguments, model or inputs (nothing written);
+    3: the output was written but some images could not be read (error rows).
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        return _predict(args)
+        with _one_line_warnings():
+            return _predict(args)
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
         return 130
@@ -90,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output(out, args.overwrite)
-    images = _collect_images(args.inputs)
+    check_image_pixel_limit()  # a bad $VISION_TL_MAX_IMAGE_PIXELS: one error before any work
+    images, ignored = _collect_images(args.inputs)
     predictor = Predictor(
         args.model, classes=args.classes, input_size=args.input_size, mean=args.mean,
         std=args.std, interpolation=args.interpolation, threads=args.threads,
@@ -101,8 +122,15 @@ def _predict(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
     _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes))
-    _print_summary(predictions, predictor, elapsed, out)
-    return 0
+    _print_summary(predictions, predictor, elapsed, out, ignored)
+    failed = sum(1 for p in predictions if p.error is not None)
+    if failed:
+        print(f"{_plural(failed, 'image')} of {len(predictions)} could not be read: "
+              f"{'its row' if failed == 1 else 'their rows'} in {out} "
+              f"{'has' if failed == 1 else 'have'} an error and no prediction "
+              f"(exit status {EXIT_UNREADABLE})", file=sys.stderr)
+        return EXIT_UNREADABLE
+    return EXIT_OK
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -123,17 +151,45 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise DeployError(f"output folder {folder} is not writable")
 
 
-def _collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Expand files and folders, keeping order and dropping repeats."""
+def _collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """Expand files and folders, keeping order and dropping repeats.
+
+    Returns:
+        The images to predict and the non-image files found in the folders.
+    """
     seen: set[Path] = set()
     images: list[Path] = []
+    ignored: dict[Path, Path] = {}
     for item in inputs:
-        for path in list_images(item):
-            key = path.resolve()
+        scan = scan_images(item)
+        for path in scan.images:
+            key = _key(path)
             if key not in seen:
                 seen.add(key)
                 images.append(path)
-    return images
+        ignored.update((_key(path), path) for path in scan.ignored)
+    return images, list(ignored.values())
+
+
+def _key(path: Path) -> Path:
+    """Identity of a path for dropping repeats; a link loop cannot be resolved strictly."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop on Python < 3.13
+        return path.absolute()
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show Python warnings (e.g. a changed interpolation) as ``warning: ...`` lines."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: IO[str] | None = None, line: str | None = None) -> None:
+        del category, filename, lineno, file, line
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager
@@ -188,19 +244,26 @@ def _fmt(value: float | None) -> str:
 
 
 def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed: float,
-                   out: Path) -> None:
+                   out: Path, ignored: Sequence[Path] = ()) -> None:
     errors = [p for p in predictions if p.error is not None]
+    predicted = len(predictions) - len(errors)
     counts = Counter(p.predicted for p in predictions if p.predicted is not None)
     rate = len(predictions) / elapsed if elapsed > 0 else float("inf")
-    print(f"{_plural(len(predictions), 'image')}, {_plural(len(errors), 'error')}, {elapsed:.2f} s "
-          f"({rate:.1f} images/s)")
+    print(f"{_plural(len(predictions), 'image')}: {predicted} predicted, {len(errors)} could not "
+          f"be read, {elapsed:.2f} s ({rate:.1f} images/s)")
     width = max(len(name) for name in predictor.classes)
     for name in predictor.classes:
         print(f"  {name:<{width}}  {counts[name]}")
     meta = predictor.metadata
     if meta.good_class is not None and meta.threshold is not None:
         defects = sum(1 for p in predictions if p.is_defect)
-        print(f"  defects (P({meta.good_class}) < {meta.threshold:g}): {defects}")
+        unjudged = f" ({len(errors)} unreadable, not judged)" if errors else ""
+        print(f"  defects (P({meta.good_class}) < {meta.threshold:g}): {defects} of "
+              f"{predicted} predicted{unjudged}")
+    if ignored:
+        names = ", ".join(str(p) for p in ignored[:3]) + (", ..." if len(ignored) > 3 else "")
+        print(f"ignored {_plural(len(ignored), 'non-image file')} in the input folders "
+              f"(not {'/'.join(IMAGE_EXTENSIONS)}): {names}")
     for p in errors[:5]:
         print(f"skipped: {p.error}", file=sys.stderr)
     if len(errors) > 5:

@@ -8,8 +8,11 @@ numpy, Pillow and onnxruntime as its only requirements. It is built from the
 installed kit with the standard library alone, so it works offline::
 
     vision-tl deploy-wheel --out dist/
-    # on the line PC (numpy, Pillow and onnxruntime come from an index or a wheelhouse):
-    pip install dist/vision_tl_deploy-0.1.0-py3-none-any.whl
+    # on a machine with internet access and the line PC's OS and Python version: the wheel
+    # and its requirements (numpy, Pillow, onnxruntime and theirs) into one folder
+    pip download dist/vision_tl_deploy-0.1.0-py3-none-any.whl -d wheelhouse/
+    # copy wheelhouse/ to the line PC; there, offline:
+    pip install --no-index --find-links wheelhouse vision-tl-deploy
     vision-tl predict-onnx model.onnx images/ --out predictions.csv
 
 Install it instead of the kit, not beside it: both provide the ``vision_tl`` package.
@@ -79,11 +82,28 @@ def build_deploy_wheel(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     return out
 
 
+_EPILOG = """\
+The wheel holds only vision_tl's predictor (about 30 kB): numpy, Pillow and onnxruntime
+are not inside it. For a line PC without internet access, gather everything in one folder
+on a machine that has internet access and the line PC's OS and Python version:
+
+  vision-tl deploy-wheel --out dist/
+  pip download dist/vision_tl_deploy-*.whl -d wheelhouse/
+
+then copy wheelhouse/ to the line PC and install from it, offline:
+
+  pip install --no-index --find-links wheelhouse vision-tl-deploy
+  vision-tl predict-onnx model.onnx images/ --out p.csv
+
+Install it instead of the full kit, not beside it: both provide the vision_tl package.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Plain text for --help: the module docstring's first paragraph without its RST markup.
+    description = " ".join(__doc__.split("\n\n")[0].replace("``", "").split())
     parser = argparse.ArgumentParser(
-        prog="vision-tl deploy-wheel", description=__doc__.split("\n\n")[0],
-        epilog="example:\n  vision-tl deploy-wheel --out dist/\n  # then on the line PC:\n"
-               "  pip install dist/vision_tl_deploy-*.whl && vision-tl predict-onnx model.onnx images/ --out p.csv",
+        prog="vision-tl deploy-wheel", description=description, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="dist", help="folder for the wheel (default: dist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing wheel of this version")

@@ -8,6 +8,7 @@ model sees on the line exactly the pixels it was validated on.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,14 @@ from vision_tl.deploy.metadata import (
     open_session,
     ort_errors,
 )
-from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, is_image_file, load_rgb, resize
+from vision_tl.imaging import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    is_image_file,
+    load_rgb,
+    max_image_pixels,
+    resize,
+)
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
@@ -64,33 +72,97 @@ class Prediction:
         return asdict(self)
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """All supported images under ``folder``, recursively, in sorted order.
+@dataclass
+class ImageScan:
+    """What :func:`scan_images` found under a folder.
 
-    Hidden files and folders (name starting with ".") are skipped. A path to a
-    file is returned as a one-element list, whatever its extension, so a bad
-    file shows up as an error row rather than being silently ignored.
+    Attributes:
+        images: the paths to predict, in sorted order: supported image files, plus
+            broken or looping symbolic links with an image name (each becomes an
+            error row when predicted, so it is not silently lost).
+        ignored: visible files that are skipped: other extensions (``.gif``,
+            ``.txt`` ...), non-regular files and dangling links without an image name.
+    """
+
+    images: list[Path]
+    ignored: list[Path] = field(default_factory=list)
+
+
+def scan_images(folder: str | Path) -> ImageScan:
+    """Like :func:`list_images`, but also returns the files that were skipped.
 
     Raises:
         DeployError: the path does not exist, or the folder holds no image.
     """
     root = Path(folder)
-    if root.is_file():
-        return [root]
+    if root.is_file() or (root.is_symlink() and not root.exists()):
+        # Named explicitly: returned whatever it is, so a bad file becomes an error row.
+        return ImageScan([root])
     if not root.exists():
         raise DeployError(f"{root}: no such file or folder")
     if not root.is_dir():
         raise DeployError(f"{root}: not a regular file or folder")
     found: list[Path] = []
+    ignored: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath, name) for name in filenames if is_image_file(name))
-    found = [p for p in found if p.is_file()]
+        for name in filenames:
+            if name.startswith("."):
+                continue  # hidden: .DS_Store, editor swap files ...
+            path = Path(dirpath, name)
+            if path.is_file():
+                (found if is_image_file(name) else ignored).append(path)
+            elif _is_dangling_image_link(path):
+                found.append(path)  # broken link or link loop: an error row, not a silent skip
+            else:
+                ignored.append(path)
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    ignored.sort(key=lambda p: p.relative_to(root).as_posix())
     if not found:
+        skipped = ""
+        if ignored:
+            examples = ", ".join(p.name for p in ignored[:3])
+            skipped = f"; ignored {len(ignored)} other file(s), e.g. {examples}"
         raise DeployError(
-            f"{root}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            f"{root}: no images found (searched recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)}{skipped})"
         )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return ImageScan(found, ignored)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """All supported images under ``folder``, recursively, in sorted order.
+
+    Hidden files and folders (name starting with ".") are skipped, and so are
+    files with other extensions (:func:`scan_images` lists those). A broken or
+    looping symbolic link with an image name is kept, so that it shows up as an
+    error row. A path to a file is returned as a one-element list, whatever its
+    extension, so a bad file shows up as an error row rather than being
+    silently ignored.
+
+    Raises:
+        DeployError: the path does not exist, or the folder holds no image.
+    """
+    return scan_images(folder).images
+
+
+def _is_dangling_image_link(path: Path) -> bool:
+    """A symbolic link that leads nowhere (missing target or a loop), named like an image."""
+    if not path.is_symlink() or path.exists():
+        return False
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = ""
+    return is_image_file(path.name) or is_image_file(target)
+
+
+def check_image_pixel_limit() -> int:
+    """The decompression-bomb limit, with a bad ``$VISION_TL_MAX_IMAGE_PIXELS`` as :class:`DeployError`."""
+    try:
+        return max_image_pixels()
+    except ValueError as exc:
+        raise DeployError(str(exc)) from exc
 
 
 class Predictor:
@@ -142,8 +214,10 @@ class Predictor:
         overrides = _override_props(classes, input_size, mean, std, interpolation)
         if not self.has_vision_tl_metadata:
             props = {**_graph_defaults(self._input), **props}
+        stored_interpolation = props.get(PREFIX + "interpolation")
         props.update(overrides)
         self.metadata = self._parse_metadata(props, set(overrides))
+        self._check_overrides(mean, std, stored_interpolation)
         self._max_batch = self._check_input()
         self._output_name = self._check_output()
         self._warned_softmax = False
@@ -204,21 +278,31 @@ class Predictor:
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x)
 
-    def predict_arrays(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+    def predict_arrays(self, images: Iterable[np.ndarray] | np.ndarray, *,
+                       batch_size: int = 32) -> np.ndarray:
         """Class probabilities for decoded images.
 
         Args:
-            images: ``H x W x 3`` uint8 arrays (any size; each is resized).
+            images: a list (or other iterable) of ``H x W x 3`` uint8 arrays (any
+                size; each is resized; ``H x W`` grayscale is accepted too), or one
+                ``N x H x W x 3`` / ``N x H x W x 1`` array. One ``H x W x 3`` image
+                must be wrapped: ``[image]`` or ``image[None]``.
             batch_size: images per onnxruntime call.
 
         Returns:
             float32 array ``[len(images), len(classes)]``, columns in
             :attr:`classes` order.
+
+        Raises:
+            DeployError: a single image instead of a collection, or an image of the
+                wrong dtype or shape (the message names its index).
         """
-        _check_batch_size(batch_size)
+        size = _check_batch_size(batch_size)
+        items = _image_list(images)
         rows = [np.zeros((0, len(self.metadata.classes)), np.float32)]
-        for start in range(0, len(images), batch_size):
-            batch = np.stack([self.preprocess(img) for img in images[start:start + batch_size]])
+        for start in range(0, len(items), size):
+            batch = np.stack([self._preprocess_at(i, items[i])
+                              for i in range(start, min(start + size, len(items)))])
             rows.append(self._run(batch))
         return np.concatenate(rows, axis=0)
 
@@ -232,21 +316,27 @@ class Predictor:
         """Predict image files; an unreadable image becomes an error row, never a crash.
 
         Args:
-            paths: image paths, or one folder / file (expanded with :func:`list_images`).
-            batch_size: images decoded and run together.
+            paths: one folder or file (``str`` or ``pathlib.Path``; a folder is expanded
+                with :func:`list_images`), or any iterable of image paths (a list, a
+                generator ...).
+            batch_size: images decoded and run together (any positive integer,
+                numpy integers included).
             on_progress: called with the number of images done after each batch.
 
         Returns:
             One :class:`Prediction` per path, in input order.
+
+        Raises:
+            DeployError: ``paths`` or ``batch_size`` is of the wrong kind, the folder holds
+                no image, or ``$VISION_TL_MAX_IMAGE_PIXELS`` is invalid.
         """
-        _check_batch_size(batch_size)
-        if isinstance(paths, (str, os.PathLike)):
-            paths = list_images(paths)
-        paths = list(paths)
+        size = _check_batch_size(batch_size)
+        paths = _path_list(paths)
+        check_image_pixel_limit()  # a bad environment variable: one clear error, not one per row
         results: list[Prediction | None] = [None] * len(paths)
-        for start in range(0, len(paths), batch_size):
+        for start in range(0, len(paths), size):
             indices, inputs = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
+            for i in range(start, min(start + size, len(paths))):
                 try:
                     inputs.append(self.preprocess(load_rgb(paths[i])))
                 except ImageLoadError as exc:
@@ -257,10 +347,38 @@ class Predictor:
                 for i, row in zip(indices, self._run(np.stack(inputs))):
                     results[i] = self._prediction(str(paths[i]), row)
             if on_progress is not None:
-                on_progress(min(batch_size, len(paths) - start))
+                on_progress(min(size, len(paths) - start))
         return [r for r in results if r is not None]
 
     # ------------------------------------------------------------- internals
+
+    def _preprocess_at(self, index: int, image: np.ndarray) -> np.ndarray:
+        try:
+            return self.preprocess(image)
+        except DeployError as exc:
+            raise DeployError(f"images[{index}]: {exc}") from exc
+
+    def _check_overrides(self, mean: Any, std: Any, stored_interpolation: str | None) -> None:
+        """Refuse mean/std that would be ignored; warn when the resize differs from the model's."""
+        meta = self.metadata
+        given = [name for name, value in (("mean", mean), ("std", std)) if value is not None]
+        if given and meta.normalize_in_graph:
+            names = " and ".join(given)
+            flags = " / ".join(f"--{name}" for name in given)
+            raise DeployError(
+                f"{self.model_path}: {names} cannot be applied to this model: it takes uint8 "
+                f"pixels and normalises them inside the graph (normalize_in_graph=true), so "
+                f"{names} would be ignored; leave out {names}= (on the command line {flags})"
+            )
+        if (self.has_vision_tl_metadata and stored_interpolation is not None
+                and meta.interpolation != stored_interpolation):
+            warnings.warn(
+                f"{self.model_path}: interpolation {meta.interpolation!r} differs from "
+                f"{stored_interpolation!r}, the resize this model was trained and validated "
+                "with; its predictions will differ from the validated ones",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _prediction(self, path: str, row: np.ndarray) -> Prediction:
         meta = self.metadata
@@ -401,9 +519,54 @@ class Predictor:
 # ------------------------------------------------------------------ helpers
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+def _check_batch_size(batch_size: int) -> int:
+    """``batch_size`` as an int: any integral number (numpy integers too) of at least 1."""
+    if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1):
         raise DeployError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _path_list(paths: Any) -> list[str | Path]:
+    """``predict_paths``' argument as a list: a folder/file expanded, any iterable listed."""
+    if isinstance(paths, (str, os.PathLike)):
+        return list(list_images(paths))
+    accepted = ("expected a folder or image file (str or pathlib.Path) or an iterable of "
+                "image paths (a list, a generator ...)")
+    if isinstance(paths, (bytes, bytearray)) or not isinstance(paths, Iterable):
+        raise DeployError(f"predict_paths: paths is a {type(paths).__name__} ({paths!r:.80}); "
+                          f"{accepted}")
+    items = list(paths)
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike)):
+            raise DeployError(f"predict_paths: paths[{i}] is a {type(item).__name__} "
+                              f"({item!r:.80}); expected str or pathlib.Path")
+    return items
+
+
+def _image_list(images: Any) -> Sequence[np.ndarray]:
+    """``predict_arrays``' argument as an indexable collection of images."""
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise DeployError(f"predict_arrays takes decoded images (numpy arrays), got the path "
+                          f"{images!r:.80}; use predict_paths for image files")
+    wrap = "pass a list of images ([image]) or an N x H x W x 3 array (image[None])"
+    if isinstance(images, np.ndarray):
+        shape = tuple(images.shape)
+        if images.ndim == 4 or (images.ndim == 3 and shape[2] not in (1, 3, 4)):
+            return images  # N x H x W x C, or N x H x W grayscale (no image has 5+ channels)
+        if images.ndim == 3:
+            raise DeployError(
+                f"predict_arrays got one array of shape {shape}: one H x W x {shape[2]} image, "
+                f"or {shape[0]} grayscale images {shape[2]} pixel(s) wide? It is ambiguous, so "
+                f"{wrap}; for grayscale images use a list or an N x H x W x 1 array"
+            )
+        if images.ndim == 2:
+            raise DeployError(f"predict_arrays got one H x W array of shape {shape} (a single "
+                              f"grayscale image?); pass a list of images ([image])")
+        raise DeployError(f"predict_arrays got an array of shape {shape}; {wrap}")
+    if not isinstance(images, Iterable):
+        raise DeployError(f"predict_arrays: images is a {type(images).__name__}; {wrap}")
+    return list(images)
 
 
 def _looks_like_probabilities(out: np.ndarray) -> bool:
