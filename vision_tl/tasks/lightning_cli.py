@@ -306,6 +306,22 @@ def run_lightning_cli(argv: list[str]) -> int:
     return 0
 
 
+# Shown by `vision-tl COMMAND --help` (Lightning's default is the first lines of the Trainer method's docstring).
+_DESCRIPTIONS = {
+    "fit": "Train a classifier on an image folder (one sub-folder per class, or train/ val/ [test/]). "
+           "Writes runs/<name>/version_N/: config.yaml, labels.json, split.json, metrics.json and "
+           "checkpoints/best.ckpt, last.ckpt. Example: vision-tl fit --config configs/partial.yaml --data.root DIR",
+    "validate": "Evaluate a checkpoint on the val split. "
+                "Example: vision-tl validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt",
+    "test": "Evaluate a checkpoint on the test/ split (or val, when the folder has none) and write its report. "
+            "Example: vision-tl test --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt",
+    "predict": "Predict the run's test/ (or val) split, or new images with --data.predict_root DIR (any folder "
+               "or one image), into predictions.csv in a new run directory. "
+               "Example: vision-tl predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt "
+               "--data.predict_root DIR",
+}
+
+
 def _run_cli(argv: list[str]) -> None:
     VisionTLCLI(
         ImageClassifier,
@@ -316,7 +332,8 @@ def _run_cli(argv: list[str]) -> None:
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": False},
         trainer_defaults={"default_root_dir": "runs"},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, **{name: {"default_env": False, "description": text}
+                                                for name, text in _DESCRIPTIONS.items()}},
         parser_class=_Parser,
         auto_configure_optimizers=False,
     )
