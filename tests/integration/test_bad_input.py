@@ -507,6 +507,23 @@ def cli_linked_option(w: World, tmp: Path) -> Result:
     return cli_error(w.fit_args(w.data, tmp / "runs", "--data.image_size", "48"), "--model.image_size")
 
 
+def cli_config_not_a_mapping(w: World, tmp: Path) -> Result:
+    results = []
+    for name, text, expected in (("empty.yaml", "", "is empty"), ("broken.yaml", "model: [\n", "not valid YAML"),
+                                 ("three.yaml", "model: 3\n", "'model:' must be a mapping")):
+        (tmp / name).write_text(text)
+        results.append(cli_error(w.fit_args(w.data, tmp / "runs", "--config", str(tmp / name)),
+                                 f"--config {tmp / name}", expected))
+    assert not (tmp / "runs").exists()
+    return results[-1]
+
+
+def cli_negative_workers(w: World, tmp: Path) -> Result:
+    result = cli_error(w.fit_args(w.data, tmp / "runs", "--data.num_workers", "-1"), "num_workers", "-1")
+    assert not (tmp / "runs").exists()  # refused at start, not when the saved config is used later
+    return result
+
+
 def cli_zero_epochs(w: World, tmp: Path) -> Result:
     result = cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "0"), "max_epochs 0", "at least 1")
     assert not (tmp / "runs").exists()  # refused before a run directory was made
@@ -660,6 +677,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
     ("cli-linked-option", "--data.image_size (follows --model.image_size)", "CLI", cli_linked_option),
     ("cli-zero-epochs", "--trainer.max_epochs 0", "CLI", cli_zero_epochs),
+    ("cli-config-not-mapping", "config file empty, not YAML, or 'model: 3'", "CLI", cli_config_not_a_mapping),
+    ("cli-negative-workers", "--data.num_workers -1", "CLI", cli_negative_workers),
     ("cli-gpu-without-gpu", "configs/gpu.yaml on a machine without a GPU", "CLI", cli_gpu_config_without_gpu),
     ("cli-file-as-root", "image file where the data folder is expected", "CLI", cli_file_as_data_root),
     ("cli-truncated-in-data", "truncated image inside the training data", "CLI", cli_truncated_image_in_data),

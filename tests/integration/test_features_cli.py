@@ -45,6 +45,25 @@ def test_extract_cli_writes_and_refuses_overwrite(tmp_path, folder, capsys) -> N
     assert main([*argv, "--overwrite"]) == 0
 
 
+def test_extract_cli_keeps_a_class_folder_only_val_has(tmp_path, folder, capsys) -> None:
+    root = tmp_path / "extra2"
+    for split in ("train", "val"):
+        for name in ("ok", "scratch"):
+            (root / split / name).mkdir(parents=True)
+            for src in sorted((folder / name).iterdir())[:3]:
+                (root / split / name / src.name).write_bytes(src.read_bytes())
+    (root / "val" / "dent").mkdir()
+    for src in sorted((folder / "ok").iterdir()):
+        (root / "val" / "dent" / f"d{src.name}").write_bytes(src.read_bytes())
+    out = tmp_path / "f.parquet"
+    with pytest.warns(UserWarning, match="val/ has dent, which train/ lacks"):
+        assert main(["extract", str(root), *TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    back = read_features(out)
+    assert back.features.shape[0] == 17 and back.classes == ["ok", "scratch", "dent"]
+    assert sum(p.startswith("val/dent/") for p in back.paths) == 5
+    assert back.labels[[p.startswith("val/dent/") for p in back.paths]].tolist() == [2] * 5
+
+
 def test_extract_cli_bad_inputs_are_named(tmp_path, folder, capsys) -> None:
     missing = tmp_path / "nope" / "f.npz"
     err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(missing)])

@@ -117,6 +117,93 @@ def test_bad_input_is_one_error_line_and_exit_2(run, tmp_path, capsys, argv, mes
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _val_folders(dest: Path, source: Path, classes: list[str]) -> Path:
+    """``dest/val/<class>/``: 3 images of each class copied from ``source``."""
+    for name in classes:
+        (dest / "val" / name).mkdir(parents=True)
+        for src in sorted((source / name).iterdir())[:3]:
+            shutil.copyfile(src, dest / "val" / name / src.name)
+    return dest
+
+
+def _folder_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` as if it had been trained on a train/ + val/ layout (no split.json)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "split.json").unlink()
+    return copy
+
+
+def test_report_refuses_a_class_folder_the_model_does_not_know(run, inspection_folder, tmp_path, capsys):
+    copy = _folder_run(run, tmp_path)
+    data = _val_folders(tmp_path / "extra", inspection_folder, ["crack", "good", "scratch", "spot"])
+    (data / "val" / "dent").mkdir()
+    for src in sorted((inspection_folder / "crack").iterdir())[:6]:
+        shutil.copyfile(src, data / "val" / "dent" / f"dent_{src.name}")
+    before = _snapshot(copy)
+    assert main(["report", str(copy), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "class folder(s) dent" in err and "crack, good, scratch, spot" in err
+    assert _snapshot(copy) == before
+    shutil.rmtree(data / "val" / "dent")  # the model's classes only: reported
+    assert main(["report", str(copy), "--data", str(data)]) == 0
+    assert "12 val images" in capsys.readouterr().out
+
+
+def test_report_refuses_validation_images_that_changed_since_training(run, inspection_folder, tmp_path, capsys):
+    """Another folder with the run's relative paths but other content: not the run's images."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    data = tmp_path / "data"
+    shutil.copytree(inspection_folder, data)
+    val = json.loads((copy / "split.json").read_text())["val"]
+    changed = data / val[1]["path"]
+    shutil.copyfile(data / val[0]["path"], changed)  # same relative path, other content
+    before = _snapshot(copy)
+    assert main(["report", str(copy), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert f"1 of {len(val)} validation image(s)" in err and str(changed) in err and "--data ROOT" in err
+    assert _snapshot(copy) == before  # metrics.json, report.html ... untouched
+    shutil.copyfile(inspection_folder / val[1]["path"], changed)  # the run's own images again
+    assert main(["report", str(copy), "--data", str(data)]) == 0
+
+
+def test_report_without_the_split_folder_lists_what_the_data_folder_holds(run, inspection_folder, tmp_path,
+                                                                           capsys):
+    copy = _folder_run(run, tmp_path)
+    assert main(["report", str(copy), "--data", str(inspection_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{inspection_folder} has no val/ folder (it holds crack/, good/, scratch/, spot/)" in err
+    assert "available splits" not in err and len(err.strip().splitlines()) == 1
+    data = _val_folders(tmp_path / "d", inspection_folder, ["crack", "good", "scratch", "spot"])
+    assert main(["report", str(copy), "--data", str(data), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "has no test/ folder (it holds val/)" in err and "--split test" in err
+
+
+def test_compare_without_a_test_report_says_how_to_make_one(run, capsys):
+    assert main(["compare", str(run), "--split", "test"]) == 2
+    assert f"run `vision-tl report {run} --split test` first" in capsys.readouterr().err
+
+
+def test_report_on_a_run_stopped_before_its_first_checkpoint(run, tmp_path, capsys):
+    stopped = tmp_path / "partial" / "version_1"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(run / "config.yaml", stopped / "config.yaml")
+    assert main(["report", str(stopped)]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint yet" in err and "is this a run directory" not in err
+    assert f"vision-tl fit --config {stopped / 'config.yaml'}` (a new run directory)" in err
+    assert main(["report", str(tmp_path)]) == 2  # no config.yaml: not a run directory at all
+    assert "is this a run directory written by vision-tl fit?" in capsys.readouterr().err
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHECK_IMAGES = ("<script>window.addEventListener('load',()=>{const w=[...document.images].map(i=>i.naturalWidth);"
                 "document.body.insertAdjacentHTML('beforeend','<pre id=\"imgcheck\">'+w.join(',')+'</pre>')});"

@@ -107,3 +107,58 @@ def test_same_seed_gives_identical_split_and_frozen_metrics(inspection_folder, t
     assert a["history"] == b["history"] and a["val"] == b["val"]
     split_a, split_b = (json.loads((r / "split.json").read_text()) for r in runs)
     assert split_a["train"] == split_b["train"] and split_a["val"] == split_b["val"]
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tmp_path, capsys):
+    """Resuming on other classes or other images fails, and the run's files stay as they were."""
+    import shutil
+
+    args = [*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"]
+    assert main(args) == 0
+    run = tmp_path / "partial" / "version_0"
+    config = (run / "config.yaml").read_text()
+    assert f"root: {inspection_folder.resolve()}" in config and f"save_dir: {tmp_path.resolve()}" in config
+    assert json.loads((run / "split.json").read_text())["root"] == str(inspection_folder.resolve())
+    before = _snapshot(run)
+
+    more = tmp_path / "more"  # the same classes, plus new images
+    shutil.copytree(inspection_folder, more)
+    for i, src in enumerate(sorted(more.glob("good/*.png"))[:3]):
+        shutil.copy(src, src.with_name(f"new_{i}.png"))
+    (tmp_path / "other").mkdir()  # other classes
+    for name in ("dent", "good"):
+        shutil.copytree(inspection_folder / "good", tmp_path / "other" / name)
+    for data, expected in ((more, "new, e.g."), (tmp_path / "other", "it was trained on the classes")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--data.root", str(data),
+                  "--trainer.max_epochs", "2"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "start a new run" in err and "resume from the end" not in err
+        assert _snapshot(run) == before
+
+
+def test_ckpt_path_last_of_a_run_without_checkpoints_is_refused(inspection_folder, tmp_path, capsys):
+    """A run killed before its first epoch ended has nothing to resume; `last` must not fall back
+    to another run's checkpoint."""
+    args = [*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1", "--model.mode", "frozen"]
+    assert main(args) == 0
+    finished = tmp_path / "partial" / "version_0"
+    killed = tmp_path / "partial" / "version_1"
+    killed.mkdir()
+    for name in ("config.yaml", "labels.json", "hparams.yaml"):
+        shutil_copy = (finished / name).read_bytes()
+        (killed / name).write_bytes(shutil_copy)
+    before = _snapshot(finished)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(killed / "config.yaml"), "--ckpt_path", "last"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"run {killed} has no checkpoints/last.ckpt" in err
+    assert _snapshot(finished) == before

@@ -233,6 +233,26 @@ def test_flat_folder_has_no_labels(tmp_path) -> None:
     assert fs.classes == [] and fs.labels.tolist() == [-1, -1, -1]
 
 
+def test_split_folders_keep_a_class_only_val_has(tmp_path) -> None:
+    """train/ + val/ where val/ has a class folder train/ lacks: every image gets a row, with its
+    own label after train/'s classes (whose indices stay a train/-fitted model's), and a warning."""
+    root = tmp_path / "extra2"
+    for split, names in (("train", ("crack", "good")), ("val", ("crack", "dent", "good")),
+                         ("test", ("good",))):
+        for k, name in enumerate(names):
+            for i in range(2):
+                _write_image(root / split / name / f"{name}_{i}.png", seed=100 * k + 10 * i + len(split), tint=k)
+    with pytest.warns(UserWarning, match=r"val/ has dent, which train/ lacks.*dent = 2"):
+        fs = extract(root, TINY, tmp_path / "f.npz", pretrained=False, image_size=SIZE,
+                     cache_dir=tmp_path / "c", progress=False)
+    assert fs.classes == ["crack", "good", "dent"] and len(fs.paths) == 12
+    assert read_features(tmp_path / "f.npz").classes == fs.classes
+    rows = dict(zip(fs.paths, fs.labels.tolist()))
+    assert rows["val/dent/dent_0.png"] == rows["val/dent/dent_1.png"] == 2
+    assert rows["train/good/good_0.png"] == rows["test/good/good_1.png"] == 1  # test/ lacks crack: fine
+    assert rows["val/crack/crack_0.png"] == 0
+
+
 def _blobs(n_per_class: int = 30, classes: int = 3, dim: int = 16, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), n_per_class)

@@ -191,6 +191,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}; "
+                             "leave it unset to choose from the machine's cores")
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.layout = detect_layout(self.root)

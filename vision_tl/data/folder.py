@@ -267,7 +267,7 @@ def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> 
     from vision_tl.utils.files import atomic_write_text
 
     payload = {
-        "root": str(index.root),
+        "root": str(index.root.resolve()),  # absolute: a report run from another folder finds the same data
         "classes": index.classes,
         **{
             name: [

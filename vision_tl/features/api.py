@@ -63,14 +63,16 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
         _add_flat(images, root)
     else:
         folders = splits if (root / "train").is_dir() else [root]
-        images.classes = [d.name for d in _visible_dirs(folders[0])]
+        first = [f for f in folders if f.name == "train"] or folders  # classes: train/'s first
+        present = {folder: [d.name for d in _visible_dirs(folder)] for folder in [*first, *folders]}
+        images.classes = _split_classes(present)
         if not images.classes:
-            raise DatasetError(f"{folders[0]} has no class folders; expected <class>/ sub-folders")
+            raise DatasetError(f"{first[0]} has no class folders; expected <class>/ sub-folders")
         for folder in folders:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="skipped .* unreadable")
-                index = scan_folder(folder, images.classes, skip_bad=True)
-            _add_index(images, index)
+                index = scan_folder(folder, present[folder], skip_bad=True)
+            _add_index(images, index, [images.classes.index(name) for name in present[folder]])
     if images.bad and not skip_bad:
         lines = "\n".join(f"  {p}: {why}" for p, why in images.bad[:20])
         raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{lines}\n"
@@ -80,9 +82,30 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
     return images
 
 
-def _add_index(images: ImageList, index: FolderIndex) -> None:
+def _split_classes(present: dict[Path, list[str]]) -> list[str]:
+    """Every class folder of every split: the first folder's (train/'s) in order, then the others'.
+
+    An embedding file records images, not a training set: a class folder that only ``val/`` or
+    ``test/`` has (a defect type seen after training, say) is kept with its own label rather than
+    dropped, and a split may lack some classes. Listing ``train/``'s classes first keeps their
+    label indices those of a classifier fitted on ``train/``; the extra classes are warned about.
+    """
+    folders = list(present)
+    classes = list(present[folders[0]])
+    extra = sorted({name for folder in folders[1:] for name in present[folder]} - set(classes))
+    if extra:
+        where = " and ".join(f"{folder.name}/ has {', '.join(n for n in present[folder] if n in extra)}"
+                             for folder in folders[1:] if set(present[folder]) & set(extra))
+        labels = ", ".join(f"{name} = {len(classes) + k}" for k, name in enumerate(extra))
+        warnings.warn(f"{where}, which {folders[0].name}/ lacks; their images are included with their own "
+                      f"label(s): {labels}", stacklevel=3)
+    return classes + extra
+
+
+def _add_index(images: ImageList, index: FolderIndex, label_map: list[int]) -> None:
+    """Append ``index``'s rows; ``label_map[k]`` is the global label of its class ``k``."""
     images.paths += [s.path for s in index.samples]
-    images.labels += [s.label for s in index.samples]
+    images.labels += [label_map[s.label] for s in index.samples]
     images.hashes += [s.sha256 for s in index.samples]
     images.bad += index.bad_files
 
@@ -141,7 +164,8 @@ def extract(
     output instead and are removed once the output is written.
 
     Args:
-        root: image folder (``<class>/`` sub-folders, ``train/ val/`` splits, or flat).
+        root: image folder (``<class>/`` sub-folders, ``train/ val/`` splits, or flat). With
+            splits, every class folder of every split is embedded (``train/``'s classes first).
         backbone: timm model name.
         out: ``.npz`` or ``.parquet`` file to write (atomically); ``None`` writes nothing.
         weights: local backbone weights (``.safetensors`` / ``.pth``).

@@ -73,7 +73,8 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
         values = dict(metrics[split])
         recall = dict(metrics[split].get("recall_per_class", {}))
     else:
-        raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}` first")
+        raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}"
+                          + ("`" if split == "val" else f" --split {split}`") + " first")
     config = _config(run)
     model = config.get("model") or {}
     hashes = None

@@ -202,8 +202,13 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
     ``val`` comes from ``split.json`` when the run made its own split, otherwise from
     ``<root>/val/``; ``test`` from ``<root>/test/``. ``data_root`` overrides the root
     recorded in the run (for data that moved).
+
+    Raises:
+        ReportError: images listed in ``split.json`` are missing or their content (sha256)
+            changed since training, a split folder has a class folder the model does not
+            know, or the split is not there; nothing is skipped silently.
     """
-    from vision_tl.data.folder import file_sha256, scan_folder
+    from vision_tl.data.folder import scan_folder
 
     if split not in SPLITS:
         raise ReportError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
@@ -215,21 +220,52 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
         raise ReportError(f"data root {root} of run {run_dir} not found; pass --data ROOT "
                           "(the folder given to fit as --data.root)")
     if split == "val" and record is not None and record.get("val"):
-        paths = [root / item["path"] for item in record["val"]]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise ReportError(f"{len(missing)} validation image(s) listed in {record_path} are missing under "
-                              f"{root}, e.g. {missing[0]}; pass --data ROOT if the data moved")
-        labels = [classes.index(item["label"]) for item in record["val"]]
-        changed = sum(file_sha256(p) != item["sha256"] for p, item in zip(paths, record["val"]))
-        notes = [f"{changed} validation image(s) changed since training (sha256 differs)"] if changed else []
-        return paths, labels, notes
+        return _recorded_val(record, record_path, root, classes)
     folder = root / split
     if not folder.is_dir():
-        raise ReportError(f"{root} has no {split}/ folder; available splits: val"
-                          + (", test" if (root / "test").is_dir() else ""))
+        raise ReportError(_no_split_folder(root, split, recorded_val=bool(record and record.get("val"))))
+    unknown = [d.name for d in sorted(folder.iterdir())
+               if d.is_dir() and not d.name.startswith(".") and d.name not in classes]
+    if unknown:
+        raise ReportError(f"{folder} has class folder(s) {', '.join(unknown)} that the model does not know "
+                          f"(its classes: {', '.join(classes)}); move them out of {folder} or pass --data ROOT "
+                          "whose split folders hold only the model's classes")
     index = scan_folder(folder, classes)
     return [s.path for s in index.samples], [s.label for s in index.samples], []
+
+
+def _recorded_val(record: dict, record_path: Path, root: Path,
+                  classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
+    """The ``val`` images listed in ``split.json``, refused unless they are the ones trained with."""
+    from vision_tl.data.folder import file_sha256
+
+    unknown = sorted({item["label"] for item in record["val"]} - set(classes))
+    if unknown:
+        raise ReportError(f"{record_path} lists validation images of class(es) {', '.join(unknown)} that the "
+                          f"checkpoint does not know (its classes: {', '.join(classes)}); use the run's own "
+                          "checkpoint")
+    paths = [root / item["path"] for item in record["val"]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ReportError(f"{len(missing)} validation image(s) listed in {record_path} are missing under "
+                          f"{root}, e.g. {missing[0]}; pass --data ROOT if the data moved")
+    changed = [p for p, item in zip(paths, record["val"]) if file_sha256(p) != item["sha256"]]
+    if changed:
+        raise ReportError(f"{len(changed)} of {len(paths)} validation image(s) under {root} differ from the ones "
+                          f"recorded in {record_path} (sha256), e.g. {changed[0]}: these are not the images the "
+                          "run was validated on; pass --data ROOT pointing at the run's images")
+    return paths, [classes.index(item["label"]) for item in record["val"]], []
+
+
+def _no_split_folder(root: Path, split: str, recorded_val: bool) -> str:
+    """Why ``root/split`` cannot be evaluated, listing what ``root`` does hold."""
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:10])
+    held = (f"it holds {shown}" + (f" and {len(entries) - 10} more" if len(entries) > 10 else "")
+            if entries else "it is empty")
+    if split == "test" and (recorded_val or (root / "val").is_dir()):
+        return f"{root} has no test/ folder ({held}); report on the val split (drop --split test)"
+    return f"{root} has no {split}/ folder ({held}); pass --data ROOT, the folder that holds {split}/"
 
 
 def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.ndarray:
@@ -275,9 +311,14 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
     path = Path(checkpoint).expanduser() if checkpoint else run_dir / "checkpoints" / "best.ckpt"
     if not path.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-        raise ReportError(f"checkpoint {path} not found" + (f"; the run has: {', '.join(found)} (pick one with "
-                                                            "--checkpoint)" if found else
-                                                            "; is this a run directory written by vision-tl fit?"))
+        if found:
+            raise ReportError(f"checkpoint {path} not found; the run has: {', '.join(found)} (pick one with "
+                              "--checkpoint)")
+        if checkpoint is None and (run_dir / "config.yaml").is_file():
+            raise ReportError(f"run {run_dir} has no checkpoint yet (still training, or stopped before its first "
+                              f"epoch ended); train it again with `vision-tl fit --config {run_dir / 'config.yaml'}` "
+                              "(a new run directory)")
+        raise ReportError(f"checkpoint {path} not found; is this a run directory written by vision-tl fit?")
     return path
 
 

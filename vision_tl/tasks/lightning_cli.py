@@ -21,6 +21,7 @@ from vision_tl.tasks.classifier import ImageClassifier
 from vision_tl.tasks.resume import (
     ResumableRandomState,
     RunCheckpoint,
+    check_resumed_data,
     find_last_checkpoint,
     run_dir_of,
 )
@@ -66,6 +67,13 @@ class SaveRunConfig(SaveConfigCallback):
         init = _logger_init(self.config)
         if init is not None and init.get("version") is not None:
             init.version = None
+        # Absolute, so the run's data and runs folder are the same whichever folder report, export or
+        # a resume runs from.
+        if init is not None and init.get("save_dir"):
+            init.save_dir = str(Path(init.save_dir).expanduser().resolve())
+        data = self.config.get("data")
+        if data is not None and data.get("root"):
+            data.root = str(Path(data.root).expanduser().resolve())
         super().setup(trainer, pl_module, stage)
 
 
@@ -95,15 +103,25 @@ class _Parser(LightningArgumentParser):
 
     def parse_args(self, args=None, *pargs, **kwargs):
         _Parser._argv = list(sys.argv[1:] if args is None else args)
+        if self.exit_on_error:
+            for name in self._config_files():
+                problem = _config_file_problem(name)
+                if problem:
+                    print(f"error: --config {name}: {problem}", file=sys.stderr)
+                    raise SystemExit(2)
         return super().parse_args(args, *pargs, **kwargs)
+
+    @staticmethod
+    def _config_files() -> list[str]:
+        """The ``--config`` files of the parsed command line, in order."""
+        argv = _Parser._argv
+        files = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("-c", "--config")]
+        return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
     @staticmethod
     def _config_holding(key: str) -> str | None:
         """The ``--config`` file (of the parsed command line) in which ``key`` is written."""
-        argv = _Parser._argv
-        files = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("-c", "--config")]
-        files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-        for name in files:
+        for name in _Parser._config_files():
             try:
                 node = yaml.safe_load(Path(name).read_text())
             except (OSError, yaml.YAMLError):
@@ -138,6 +156,35 @@ class _Parser(LightningArgumentParser):
         lines.append(f"all options: {parser.prog.replace(' [options]', '')} --help")
         sys.stderr.write("\n".join(lines) + "\n")
         self.exit(2)
+
+
+_SECTIONS = ("trainer", "model", "data", "checkpoint", "artifacts", "resume_state")
+
+
+def _config_file_problem(name: str) -> str | None:
+    """What makes a ``--config`` file unusable, in words (None when it can be parsed)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return "no such file" if not path.exists() else "is not a file; give a YAML config such as configs/partial.yaml"
+    try:
+        node = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot be read as text ({exc})"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+    example = "a YAML mapping of sections such as 'model:', 'data:', 'trainer:' (see configs/partial.yaml)"
+    if node is None:
+        return f"is empty; a config is {example}"
+    if not isinstance(node, dict):
+        return f"is a YAML {type(node).__name__}, not {example}"
+    for section in _SECTIONS:
+        value = node.get(section)
+        if value is not None and not isinstance(value, dict):
+            return (f"'{section}:' must be a mapping of options (e.g. '{section}:' then an indented "
+                    f"'key: value' line), got {value!r}")
+    return None
 
 
 class VisionTLCLI(LightningCLI):
@@ -220,10 +267,15 @@ class VisionTLCLI(LightningCLI):
         if ckpt == "last":
             # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
             # even when a newer run has been started since.
-            own = [Path(str(c)).parent / "checkpoints" / "last.ckpt" for c in cfg.get("config") or []]
-            own = [c for c in own if c.is_file()]
-            if own:
-                ckpt = str(own[-1])
+            runs = [Path(str(c)).parent for c in cfg.get("config") or []]
+            runs = [r for r in runs if (r / "labels.json").is_file()]  # configs saved in run directories
+            if runs and not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
+                raise FileNotFoundError(
+                    f"--ckpt_path last: run {runs[-1]} has no checkpoints/last.ckpt (it stopped before its first "
+                    f"epoch ended), so there is nothing to resume; start it again without --ckpt_path: "
+                    f"vision-tl fit --config {runs[-1] / 'config.yaml'} (a new run directory)")
+            if runs:
+                ckpt = str(runs[-1] / "checkpoints" / "last.ckpt")
             elif init is None:
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
             else:
@@ -233,6 +285,11 @@ class VisionTLCLI(LightningCLI):
         cfg.ckpt_path = str(path)
         run = run_dir_of(path)
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
+            if (run / "labels.json").is_file():  # before anything in the run is touched
+                data = cfg.data
+                check_resumed_data(run, ImageFolderDataModule(
+                    data.root, val_fraction=data.val_fraction, seed=data.seed,
+                    skip_bad_images=data.skip_bad_images, num_workers=0))
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)

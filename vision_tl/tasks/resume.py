@@ -9,8 +9,10 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from weakref import proxy
 
@@ -66,7 +68,8 @@ class ResumableRandomState(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         log_dir = getattr(self, "_log_dir", Path("."))
         last = log_dir / "checkpoints" / "last.ckpt"
-        if trainer.is_global_zero and last.exists():
+        # A data or checkpoint error is not fixed by resuming; an interruption, a crash or a full disk is.
+        if trainer.is_global_zero and last.exists() and not isinstance(exception, ValueError):
             pl_module.print(
                 f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
                 f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} "
@@ -119,6 +122,42 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+
+def check_resumed_data(run: Path, datamodule) -> None:
+    """A run resumed into its own directory must go on with the classes and images it started
+    with: checked before anything in the run directory is rewritten.
+
+    Raises:
+        DatasetError: other classes, or train/val images missing, changed or added.
+    """
+    from vision_tl.data.folder import DatasetError
+
+    advice = ("resume with the run's own data (data.root in its config.yaml), or start a new run "
+              "without --ckpt_path")
+    before = json.loads((run / "labels.json").read_text())
+    classes = list(datamodule.classes)
+    if list(before) != classes:
+        raise DatasetError(f"resuming {run}: it was trained on the classes {before}, but the data now has "
+                           f"{classes}; {advice}")
+    record = run / "split.json"
+    if not record.is_file():
+        return
+    datamodule.setup("fit")
+    with tempfile.TemporaryDirectory() as tmp:
+        datamodule.save_split(Path(tmp) / "split.json")
+        now = Path(tmp) / "split.json"
+        new = json.loads(now.read_text()) if now.is_file() else {}
+    old = json.loads(record.read_text())
+    for part in ("train", "val"):
+        was = {(e["path"], e["label"], e["sha256"]) for e in old.get(part, [])}
+        is_ = {(e["path"], e["label"], e["sha256"]) for e in new.get(part, [])}
+        if was != is_:
+            example = sorted(was - is_ or is_ - was)[0][0]
+            raise DatasetError(
+                f"resuming {run}: the {part} images under {getattr(datamodule, 'root', 'the data root')} are not the "
+                f"ones in its split.json ({len(was - is_)} missing or changed, {len(is_ - was)} new, e.g. {example}); "
+                f"the resumed epochs would train and validate on other images. {advice[0].upper()}{advice[1:]}")
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path:
