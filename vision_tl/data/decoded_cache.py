@@ -8,6 +8,14 @@ feature cache: the sha256 of every image in order, the input size and the resize
 interpolation, so any change of content or preprocessing picks a new file and a
 stale one is never read. It is written under a temporary name and renamed, so a
 killed run never leaves a partial cache under the final name.
+
+Beside each ``<key>.npy`` a ``<key>.json`` records the count, size, undecodable
+images and a CRC-32 of the pixel bytes, computed while they are written. Opening
+the cache checks the file size against its header and the CRC-32 once per process
+(about 0.35 s per GB from the page cache, against roughly 20 s per GB for decoding
+the JPEGs on one core). A damaged or cut-off file (full disk, power loss, bit rot)
+is therefore never trained on: it is reported, naming the file, and rebuilt.
+Files written before the checksum existed are still used after the size checks.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +39,52 @@ from vision_tl.utils.files import atomic_path, atomic_write_text
 CACHE_ENV = "VISION_TL_DECODED_CACHE"
 FORMAT = 1
 
+# Pixel files that passed the full check in this process: (path, inode, size, mtime_ns). The files
+# are never modified once renamed into place, so train and val loaders check them once.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+class DecodedCacheError(ValueError):
+    """A decoded-image cache location that cannot be used; the message says how to pick another."""
+
 
 def default_decoded_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vision_tl" / "decoded"
+
+
+def _cache_root(cache_dir: str | Path | None) -> tuple[Path, str, str]:
+    """The root, where it came from, and how to choose another (for error messages)."""
+    if cache_dir is not None:
+        return (Path(cache_dir).expanduser(), "from --data.decoded_cache",
+                "pass --data.decoded_cache DIR with a writable folder, or --data.decoded_cache false "
+                "to decode the images every epoch")
+    fix = (f"set ${CACHE_ENV} to a writable folder or pass --data.decoded_cache DIR "
+           "(--data.decoded_cache false decodes the images every epoch)")
+    if os.environ.get(CACHE_ENV):
+        return default_decoded_cache_dir(), f"from ${CACHE_ENV}", fix
+    return default_decoded_cache_dir(), "the default", fix
+
+
+def _prepare_root(root: Path, origin: str, fix: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise DecodedCacheError(f"decoded-image cache {root} ({origin}) is a file, not a folder; {fix}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DecodedCacheError(f"decoded-image cache {root} ({origin}) cannot be created "
+                                f"({exc.strerror or exc}); {fix}") from exc
+
+
+def _check_writable(root: Path, origin: str, fix: str) -> None:
+    """Fail before decoding anything when the result could not be stored."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root)
+    except OSError as exc:
+        raise DecodedCacheError(f"decoded-image cache {root} ({origin}) is not writable "
+                                f"({exc.strerror or exc}); {fix}") from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 class _Decode(Dataset):
@@ -69,39 +121,103 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
 
     Builds the cache file on first use (with a progress bar), then only maps it.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_decoded_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root, origin, fix = _cache_root(cache_dir)
+    _prepare_root(root, origin, fix)
     key = _key(shas, size, interpolation)
     data_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        array = np.load(data_path, mmap_mode="r")
-        if array.shape == (len(paths), *size, 3) and meta.get("format") == FORMAT:
-            return array, list(meta.get("bad", []))
-        warnings.warn(f"decoded cache {data_path} does not match its key; rebuilding it", stacklevel=2)
-    bad = _build(data_path, paths, size, interpolation, num_workers)
+        try:
+            return _open(data_path, meta_path, len(paths), size)
+        except _Damaged as exc:
+            warnings.warn(f"decoded-image cache file {exc.path} is damaged ({exc}); rebuilding {key}.npy "
+                          "(a cache file, not your data)", stacklevel=2)
+    _check_writable(root, origin, fix)
+    meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
+    bad, crc = _build(data_path, paths, size, interpolation, num_workers)
     atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
-                                             "interpolation": interpolation, "bad": bad}))
-    return np.load(data_path, mmap_mode="r"), bad
+                                             "interpolation": interpolation, "bad": bad, "crc32": crc}))
+    pixels = np.load(data_path, mmap_mode="r")
+    _VERIFIED.add(_stamp(data_path))  # checksummed as it was written
+    return pixels, bad
 
 
-def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: str, num_workers: int) -> list[int]:
+class _Damaged(Exception):
+    """A cache file that cannot be used; ``path`` names it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(why)
+        self.path = path
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _open(data_path: Path, meta_path: Path, count: int, size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+    """The mapped pixels and bad indices of a finished entry, after checking it; else :class:`_Damaged`."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _Damaged(meta_path, f"cannot be read: {exc}") from exc
+    bad = meta.get("bad") if isinstance(meta, dict) else None
+    if (not isinstance(bad, list) or meta.get("format") != FORMAT or meta.get("count") != count
+            or not all(isinstance(i, int) and 0 <= i < count for i in bad)):
+        raise _Damaged(meta_path, f"does not describe {count} images in format {FORMAT}")
+    shape = (count, *size, 3)
+    try:
+        pixels = np.load(data_path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise _Damaged(data_path, f"cannot be read: {str(exc) or 'empty or cut-off file'}") from exc
+    if pixels.shape != shape or pixels.dtype != np.uint8:
+        raise _Damaged(data_path, f"holds {pixels.dtype} {pixels.shape}, expected uint8 {shape}")
+    expected = pixels.offset + pixels.nbytes
+    if data_path.stat().st_size != expected:
+        raise _Damaged(data_path, f"is {data_path.stat().st_size:,} bytes, expected {expected:,}")
+    crc = meta.get("crc32")
+    stamp = _stamp(data_path)
+    if crc is not None and stamp not in _VERIFIED:  # entries of older versions have no checksum
+        if _file_crc32(data_path, pixels.offset) != crc:
+            raise _Damaged(data_path, "its pixels do not match the checksum recorded when it was written")
+        _VERIFIED.add(stamp)
+    return pixels, list(bad)
+
+
+def _file_crc32(path: Path, offset: int) -> int:
+    """CRC-32 of a file's bytes from ``offset`` (zlib: about 3 GB/s from the page cache)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: str,
+           num_workers: int) -> tuple[list[int], int]:
+    """Decode every image into ``path``; returns the bad indices and the CRC-32 of the pixels."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(_Decode(paths, size, interpolation), batch_size=64, num_workers=num_workers,
                         collate_fn=_collate_pixels)
     bad: list[int] = []
+    crc, written = 0, 0
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
         with tqdm(total=len(paths), desc="decoding images (once)", unit="img") as bar:
             for rows, pixels, errors in loader:  # rows come in order: one slice per batch
-                out[rows[0]:rows[-1] + 1] = pixels.numpy()
+                if rows[0] != written:
+                    raise RuntimeError(f"decoded rows arrived out of order: {rows[0]} after {written}")
+                block = np.ascontiguousarray(pixels.numpy())
+                out[rows[0]:rows[-1] + 1] = block
+                crc = zlib.crc32(block, crc)  # in file order, so it is the CRC of the pixel bytes
+                written = rows[-1] + 1
                 bad += [i for i, error in zip(rows, errors, strict=True) if error]
                 bar.update(len(rows))
         out.flush()
         del out
-    return sorted(bad)
+    return sorted(bad), crc
 
 
 class DecodedImageDataset(Dataset):

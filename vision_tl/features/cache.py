@@ -7,7 +7,9 @@ version), and rows inside it are keyed by the image's sha256. So:
 
 * changing an image's bytes changes its key: the row is recomputed;
 * changing the input size, weights or stages picks another store directory;
-* a store whose ``meta.json`` does not match what is asked is refused, never used.
+* a store whose ``meta.json`` does not match what is asked is refused, never used;
+* a damaged shard (see :mod:`vision_tl.features.store`) is deleted with a warning and
+  its images are computed again, so damaged bytes never become features.
 
 The root defaults to ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``.
 A root that is itself a store (has ``meta.json``) is used only for the exact
@@ -16,9 +18,11 @@ settings that wrote it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +36,9 @@ from vision_tl.utils.files import atomic_write_text
 
 CACHE_ENV = "VISION_TL_CACHE"
 SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images
+WHERE_ELSE = ("point it at a writable folder with --cache-dir DIR (vision-tl extract, probe) or "
+              "--model.feature_cache DIR (vision-tl fit), or set $VISION_TL_CACHE; vision-tl extract "
+              "can also run with --no-cache")
 
 
 class FeatureCacheError(FeatureStoreError):
@@ -73,7 +80,7 @@ class FeatureCache:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         if self.root.exists() and not self.root.is_dir():
-            raise FeatureCacheError(f"feature cache {self.root} is a file; expected a directory")
+            raise FeatureCacheError(f"feature cache {self.root} is a file; expected a directory: {WHERE_ELSE}")
 
     @staticmethod
     def key(identity: dict) -> str:
@@ -89,7 +96,21 @@ class FeatureCache:
         except FeatureStoreError as exc:
             raise FeatureCacheError(str(exc)) from exc
         except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise FeatureCacheError(f"feature cache {self.root} is not writable (cannot create {path}: "
+                                        f"{exc.strerror}); {WHERE_ELSE}") from exc
             raise FeatureCacheError(f"cannot use feature cache {path}: {exc}") from exc
+
+    def _check_writable(self, store: ShardStore, missing: int) -> None:
+        """Fail before any image is computed when the new features could not be stored."""
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=store.path)
+        except OSError as exc:
+            raise FeatureCacheError(
+                f"feature cache {self.root} is not writable ({exc.strerror or exc} in {store.path}) and "
+                f"{missing} image(s) have no cached features yet; {WHERE_ELSE}") from exc
+        os.close(fd)
+        os.unlink(probe)
 
     def ensure(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
                batch_size: int = 8, num_workers: int | None = 0, device=None,
@@ -98,16 +119,20 @@ class FeatureCache:
         if len(paths) != len(hashes):
             raise ValueError(f"{len(paths)} paths but {len(hashes)} hashes")
         store = self.store(extractor)
+        store.verify(list(hashes))  # damaged shards are dropped here, so their images count as missing
         todo: dict[str, Path] = {}
         for path, key in zip(paths, hashes):
             if key not in store and key not in todo:
                 todo[key] = Path(path)
         keys, files = list(todo), list(todo.values())
+        if todo:
+            self._check_writable(store, len(todo))
         failed: list[tuple[Path, str]] = []
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
         start = time.perf_counter()
         for batch in iter_embeddings(extractor, files, batch_size, num_workers, device, progress):
+            _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
             pending_keys += [keys[i] for i in batch.positions]
             pending.append(batch.features)
             failed += [(files[i], why) for i, why in batch.failures]
@@ -138,3 +163,17 @@ class FeatureCache:
             lines = "\n".join(f"  {p}: {why}" for p, why in report.failed[:20])
             raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{lines}")
         return self.read(extractor, hashes)
+
+
+def _check_finite(extractor: FeatureExtractor, features: np.ndarray, files: list[Path]) -> None:
+    """Refuse to cache NaN/inf features: they would poison every later run that reads them."""
+    features = np.asarray(features)
+    if not features.size:
+        return
+    bad = ~np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    if bad.any():
+        names = ", ".join(str(files[i]) for i in np.flatnonzero(bad)[:5])
+        raise FeatureCacheError(
+            f"backbone {extractor.backbone} produced NaN or infinite features for {int(bad.sum())} image(s) "
+            f"({names}); nothing was cached for them. Check the backbone weights; with --precision bf16, "
+            "try --precision 32")
