@@ -475,6 +475,45 @@ def export_over_existing(w: World, tmp: Path) -> Result:
     return Result("protected", result.message)
 
 
+def cli_damaged_feature_shard(w: World, tmp: Path) -> Result:
+    """Bytes overwritten in the middle of a cached feature shard (same size, header intact)."""
+    cache = tmp / "cache"
+    shutil.copytree(w.cache, cache)
+    shards = sorted(cache.rglob("*.feats.npy"))
+    for shard in shards:
+        with shard.open("r+b") as fh:
+            fh.seek(shard.stat().st_size // 2)
+            fh.write(np.full(64, np.nan, np.float32).tobytes())
+    argv = w.fit_args(w.data, tmp / "runs", "--model.feature_cache", str(cache))
+    with pytest.warns(UserWarning, match="is damaged") as warned:
+        code, err = run_cli(argv)
+    assert code == 0, err
+    (best,) = (tmp / "runs").glob("frozen/version_0/checkpoints/best.ckpt")
+    state = torch.load(best, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    message = str(next(x.message for x in warned if "is damaged" in str(x.message)))
+    assert any(str(p) in message for p in shards)
+    return Result("works", f"warning: {message.splitlines()[0]} (then trained on recomputed features)")
+
+
+def cli_damaged_decoded_cache(w: World, tmp: Path) -> Result:
+    """Pixels zeroed in the decoded-image cache: detected by its checksum and rebuilt."""
+    cache = tmp / "decoded"
+    args = ("--model.mode", "partial", "--data.decoded_cache", str(cache))
+    code, err = run_cli(w.fit_args(w.data, tmp / "runs", *args))
+    assert code == 0, err
+    files = sorted(cache.rglob("*.npy"))  # one per split
+    for pixels in files:
+        pixels.write_bytes(pixels.read_bytes()[:128] + bytes(pixels.stat().st_size - 128))  # header kept
+    with pytest.warns(UserWarning, match="rebuild") as warned:
+        code, err = run_cli(w.fit_args(w.data, tmp / "runs", *args))
+    assert code == 0, err
+    messages = [str(x.message) for x in warned if "rebuild" in str(x.message)]
+    assert all(any(p.name in m for m in messages) for p in files)
+    message = messages[0]
+    return Result("works", f"warning: {message.splitlines()[0]}")
+
+
 # -------------------------------------------------------------------- cases: CLI
 
 
@@ -677,6 +716,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
     ("cli-linked-option", "--data.image_size (follows --model.image_size)", "CLI", cli_linked_option),
     ("cli-zero-epochs", "--trainer.max_epochs 0", "CLI", cli_zero_epochs),
+    ("cli-damaged-shard", "feature cache shard with bytes overwritten (NaN)", "CLI", cli_damaged_feature_shard),
+    ("cli-damaged-decoded", "decoded-image cache with its pixels zeroed", "CLI", cli_damaged_decoded_cache),
     ("cli-config-not-mapping", "config file empty, not YAML, or 'model: 3'", "CLI", cli_config_not_a_mapping),
     ("cli-negative-workers", "--data.num_workers -1", "CLI", cli_negative_workers),
     ("cli-gpu-without-gpu", "configs/gpu.yaml on a machine without a GPU", "CLI", cli_gpu_config_without_gpu),
