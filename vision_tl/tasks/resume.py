@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from vision_tl.utils.files import durable_replace
+
 
 def _rng_state() -> dict:
     np_state = np.random.get_state()
@@ -93,7 +95,7 @@ class RunCheckpoint(ModelCheckpoint):
         try:
             trainer.save_checkpoint(tmp, self.save_weights_only)
             if trainer.is_global_zero:
-                os.replace(tmp, path)
+                durable_replace(tmp, path)
         except OSError as exc:
             raise OSError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
                           "checkpoint, if any, is unchanged") from exc
