@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = {
@@ -43,7 +44,23 @@ def _usage() -> str:
     return USAGE.format(other=other)
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The kit's own warnings as one ``warning: ...`` line, without the source line Python
+    prints under it; other libraries' warnings as Python shows them."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``vision-tl ARGV``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -77,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> int:
-    """The ``vision-tl`` console script: :func:`main`, quiet when its reader goes away
-    (``vision-tl --help | head``, ``predict-onnx ... | head``)."""
+    """The ``vision-tl`` console script: :func:`main`, with the kit's warnings on one line, and
+    quiet when its reader goes away (``vision-tl --help | head``, ``predict-onnx ... | head``)."""
+    warnings.showwarning = _show_warning  # the command's own process: nobody else's warnings to keep
     try:
         return main()
     except BrokenPipeError:

@@ -160,3 +160,18 @@ def test_failed_fit_leaves_no_empty_run_directory(inspection_folder, tmp_path):
               "--data.val_fraction", "1.5", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert info.value.code == 2
     assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["version_0"]
+
+
+def test_console_shows_the_kits_warnings_on_one_line(inspection_folder, tmp_path):
+    """`vision-tl` prints its own warnings as `warning: ...`, not with Python's file:line and
+    source line."""
+    data = tmp_path / "data"
+    shutil.copytree(inspection_folder, data)
+    (data / "good" / "notes.txt").write_text("lot 7")
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_tl.cli", "extract", str(data), "--backbone", "test_efficientnet",
+         "--random-init", "--image-size", "32", "--out", str(tmp_path / "e.npz"), "--cache-dir",
+         str(tmp_path / "cache"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if "non-image file" in x)
+    assert line.startswith("warning: ignoring 1 non-image file(s)") and "UserWarning" not in result.stderr
