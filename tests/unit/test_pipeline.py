@@ -168,3 +168,47 @@ def test_loader_processes_follow_the_cores_and_the_gpu(monkeypatch, cores, gpu, 
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert default_num_workers(gpu=gpu) == expected
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                     default_root_dir=tmp_path, **{"enable_progress_bar": False, **kwargs})
+
+
+def test_model_and_data_module_must_agree_when_built_from_python(inspection_folder, tmp_path):
+    """The CLI links them; from Python a data module for another size or backbone is refused
+    at fit time instead of training on pixels the checkpoint then describes wrongly."""
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=40, num_workers=0, batch_size=8)
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="full")
+    with pytest.raises(ValueError, match=r"build both with the same backbone and image_size"):
+        _trainer(tmp_path).fit(model, datamodule=dm)
+    other = ImageClassifier(dm.classes[:2], backbone=TINY, pretrained=False, image_size=40, mode="full")
+    with pytest.raises(ValueError, match=r"ImageClassifier\(datamodule.classes"):
+        _trainer(tmp_path).fit(other, datamodule=dm)
+
+
+def test_good_class_given_to_the_data_module_reaches_the_checkpoint(inspection_folder, tmp_path):
+    from vision_tl.tasks import load_classifier
+
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0,
+                               batch_size=16, good_class="good")
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            feature_cache=str(tmp_path / "cache"))
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    assert load_classifier(tmp_path / "m.ckpt")[1]["good_class"] == "good"
+
+
+def test_frozen_fit_without_progress_bar_draws_no_feature_bars(inspection_folder, tmp_path, capfd):
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0, batch_size=16)
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            feature_cache=str(tmp_path / "cache"))
+    _trainer(tmp_path).fit(model, datamodule=dm)
+    assert "features train" not in capfd.readouterr().err
+
+
+def test_device_pipeline_with_a_custom_augment_list_is_refused_up_front(inspection_folder):
+    with pytest.raises(ValueError, match="not a custom list"):
+        ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="device",
+                              augment=[{"name": "HorizontalFlip", "p": 0.5}])

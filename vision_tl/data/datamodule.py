@@ -202,6 +202,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         # A bad preset or transform fails here, in every mode (frozen mode never builds a CPU loader).
         turns = [t for t in build_augmentation(augment).transforms
                  if type(t).__name__ in ("RandomRotate90", "Transpose", "D4", "SquareSymmetry")]
+        if pipeline == "device" and not isinstance(augment, str):
+            raise ValueError(f"pipeline 'device' augments on the accelerator with the presets none, light and "
+                             f"inspection, not a custom list ({augment!r}); use pipeline 'cpu' (or 'auto', which "
+                             "picks 'cpu' for a custom list)")
         if height != width and turns:
             raise ValueError(
                 f"augment {augment!r} turns images by 90 degrees ({type(turns[0]).__name__}), which swaps height "

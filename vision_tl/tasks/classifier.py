@@ -173,6 +173,7 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        self._check_datamodule(datamodule)
         if counts is None and stage != "predict" and datamodule is not None and hasattr(datamodule, "class_counts"):
             counts = datamodule.class_counts("train")
         weights = class_weights_from_counts(counts, self.hparams.class_weights) if counts else None
@@ -187,6 +188,30 @@ class ImageClassifier(L.LightningModule):
             self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
             self._use_feature_cache(datamodule)
 
+    def _check_datamodule(self, datamodule) -> None:
+        """The CLI links the data module to the model; from Python nothing does. A data module
+        built for another backbone or size would train on pixels the checkpoint and the ONNX
+        export then describe wrongly, so a mismatch stops here, naming both sides."""
+        if datamodule is None:
+            return
+        classes = getattr(datamodule, "classes", None)
+        if classes is not None and list(classes) != self.classes:
+            raise ValueError(f"the model was built for the classes {self.classes}, but the data module has "
+                             f"{list(classes)}; build the model with ImageClassifier(datamodule.classes, ...)")
+        theirs = getattr(datamodule, "preprocessing", None)
+        if isinstance(theirs, type(self.preprocessing)) and theirs != self.preprocessing:
+            raise ValueError(
+                f"the data module prepares images as {theirs.to_dict()}, but the model "
+                f"({self.hparams.backbone}, image_size={self.hparams.image_size}) expects "
+                f"{self.preprocessing.to_dict()}; build both with the same backbone and image_size "
+                "(ImageFolderDataModule(root, backbone=..., image_size=...))")
+        good = getattr(getattr(datamodule, "hparams", None), "get", lambda _: None)("good_class")
+        if good is not None and self.hparams.good_class is None:
+            self.hparams.good_class = good  # the reports, the checkpoint and the export need it
+        elif good is not None and good != self.hparams.good_class:
+            raise ValueError(f"good_class differs: the data module has {good!r}, the model "
+                             f"{self.hparams.good_class!r}; give both the same one")
+
     def _use_feature_cache(self, datamodule) -> None:
         """Frozen mode: switch the datamodule's train/val loaders to cached backbone features."""
         cache = self.hparams.feature_cache
@@ -199,7 +224,8 @@ class ImageClassifier(L.LightningModule):
         def compute():
             return cached_feature_datasets(
                 self.net.backbone.to(device), self.hparams.backbone, datamodule,
-                cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device)
+                cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device,
+                progress=self.trainer.progress_bar_callback is not None)
 
         # Under DDP rank 0 fills the shared cache first; the other ranks then only read it.
         datasets = compute() if self.trainer.is_global_zero else None
