@@ -108,3 +108,57 @@ def test_embedded_weights_path_and_stages():
     assert embedded_weights_path("resnet50") is None
     stages = backbone_stages(create_backbone(TINY, pretrained=False))
     assert len(stages) >= 3
+
+
+VIT = "vit_tiny_patch16_224"  # a fixed-size ViT (dynamic_img_size=False), small enough to build here
+
+
+def test_fixed_size_vit_is_built_for_the_image_size():
+    native = create_backbone(VIT, pretrained=False)
+    assert native.pos_embed.shape[1] == 1 + 14 * 14
+    assert create_backbone(VIT, pretrained=False, img_size=224).pos_embed.shape == native.pos_embed.shape
+    with torch.no_grad():
+        assert create_backbone(VIT, pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+        assert create_backbone(VIT, pretrained=False, img_size=(48, 64))(torch.randn(1, 3, 48, 64)).shape == (1, 192)
+        assert create_backbone("test_vit", pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2
+        assert create_backbone(TINY, pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2  # a CNN
+
+
+def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):
+    import timm
+
+    from vision_tl.backbones import _factory
+
+    source = create_backbone(VIT, pretrained=False, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    reference = timm.create_model(VIT, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                  img_size=64, num_classes=0)  # what timm itself does at another size
+    from_file = create_backbone(VIT, weights=path, img_size=64)
+    monkeypatch.setattr(_factory, "_locate_weights", lambda name: (path, "cache"))
+    from_cache = create_backbone(VIT, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    for model in (from_file, from_cache):
+        assert model.pos_embed.shape == reference.pos_embed.shape == (1, 1 + 4 * 4, 192)
+        assert torch.equal(model.pos_embed, reference.pos_embed)
+        assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+        with torch.no_grad():
+            assert torch.allclose(model.eval()(x), reference.eval()(x))
+
+
+@pytest.mark.parametrize("size", [31.5, "32", (32.0, 32), True, 8])
+def test_image_size_of_another_type_is_a_value_error(size):
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(height, width\)"):
+        resolve_preprocessing(TINY, size)
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(height, width\)"):
+        create_backbone(TINY, pretrained=False, img_size=size)
+    assert resolve_preprocessing(TINY, np.int64(32)).input_size == (32, 32)
+    assert resolve_preprocessing(TINY, [48, 64]).input_size == (48, 64)
+
+
+def test_classifier_with_a_fixed_size_vit_runs_at_its_image_size():
+    from vision_tl.tasks import ImageClassifier
+
+    model = ImageClassifier(["a", "b"], backbone="vit_tiny_patch16_224", pretrained=False, image_size=64)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)

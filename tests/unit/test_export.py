@@ -172,3 +172,46 @@ def test_float_nodes_keep_normalisation_stem_and_head():
     with pytest.raises(ExportError, match="expected one of: percentile"):
         Int8Config(method="kl")
     assert isinstance(onnx.helper.printable_graph(model.graph), str)
+
+
+def test_auto_without_split_explains_the_python_options_too(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    with pytest.raises(ExportError) as info:
+        resolve_parity_images(ckpt, "auto", ["a", "b"])
+    message = str(info.value)
+    for advice in ("--parity-images DIR", "ExportOptions(parity_images=DIR)", "datamodule.save_split(",
+                   "--parity-images none", "parity_images='none'"):
+        assert advice in message, advice
+    assert "\n" not in message
+
+
+def test_python_trained_run_exports_once_its_split_is_saved(tmp_path, monkeypatch):
+    """Plain Lightning writes no split.json (nor config.yaml): the error says how, and save_split does it."""
+    import lightning as L
+    from PIL import Image
+
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.export import ExportOptions, export_onnx
+    from vision_tl.tasks import ImageClassifier
+
+    rng = np.random.default_rng(0)
+    for name in ("crack", "good"):
+        for i in range(6):
+            (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{name}_{i}.png")
+    monkeypatch.chdir(tmp_path)
+    data = ImageFolderDataModule("images", backbone="test_efficientnet", image_size=32, batch_size=4,
+                                 num_workers=0, val_fraction=0.5)
+    model = ImageClassifier(data.classes, backbone="test_efficientnet", pretrained=False, image_size=32)
+    trainer = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    ckpt = next(Path(trainer.log_dir, "checkpoints").glob("*.ckpt"))
+    with pytest.raises(ExportError, match=r"datamodule\.save_split\(RUN_DIR/'split\.json'\)"):
+        export_onnx(ckpt, tmp_path / "model.onnx", log=lambda _: None)
+    data.save_split(Path(trainer.log_dir) / "split.json")  # RUN_DIR: the folder that holds checkpoints/
+    result = export_onnx(ckpt, tmp_path / "model.onnx", ExportOptions(), log=lambda _: None)
+    assert result.report.passed and "split.json (6 images" in result.report.images

@@ -345,3 +345,40 @@ def test_probe_scores_do_not_count_copies_of_training_images():
     assert cross_validate(features, labels, "knn", folds=4).acc > 0.9  # what grouping prevents
     assert cross_validate(features, labels, "knn", folds=4, groups=shas).acc < 0.7
     assert few_shot(features, labels, 5, "knn", draws=5, groups=shas).acc < 0.7
+
+
+def test_documented_imports_give_the_functions_not_the_submodules() -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    import vision_tl.features as features
+    from vision_tl.features import probe as probe_name  # the package docstring's import
+
+    assert probe_name is probe and callable(probe_name)
+    for name, module in features._EXPORTS.items():  # noqa: SLF001 - the lazy table itself
+        assert getattr(features, name) is getattr(importlib.import_module(module), name), name
+    assert set(features.__all__) == set(features._EXPORTS)  # noqa: SLF001
+    assert sys.modules["vision_tl.features.probe"].probe is probe  # the submodule is still importable
+    fresh = "from vision_tl.features import probe; import sys; print(callable(probe), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]  # a function, and still lazy
+
+
+def test_probe_takes_one_backbone_name_and_any_label_sequence(tmp_path, folder) -> None:
+    rows = probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
+                 cache_dir=tmp_path / "c", progress=False)
+    assert [(r.backbone, r.head) for r in rows] == [(TINY, "logreg")]
+    x, y = _blobs()
+    assert cross_validate(x.tolist(), y.tolist(), "logreg", folds=3).acc == cross_validate(x, y, "logreg", folds=3).acc
+    assert few_shot(x.tolist(), tuple(y), shots=2, draws=2).acc == few_shot(x, y, shots=2, draws=2).acc
+    with pytest.raises(ValueError, match="integer class indices"):
+        cross_validate(x, y.astype(float), folds=3)
+    with pytest.raises(ValueError, match=r"features must be \[N, F\]"):
+        cross_validate(x[:-1], y, folds=3)
+
+
+def test_extract_with_a_fixed_size_vit_at_another_image_size(tmp_path, folder) -> None:
+    fs = extract(folder, "vit_tiny_patch16_224", pretrained=False, image_size=SIZE,
+                 cache_dir=tmp_path / "cache", progress=False)
+    assert fs.features.shape == (15, 192) and fs.metadata["preprocessing"]["input_size"] == [SIZE, SIZE]

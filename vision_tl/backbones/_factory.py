@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import sys
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +59,10 @@ def _pretrained_cfg(name: str) -> dict:
     return dict(timm.create_model(name, pretrained=False).pretrained_cfg)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = None) -> Preprocessing:
     """Preprocessing from the backbone's ``pretrained_cfg``; ``image_size`` overrides the size.
 
@@ -67,10 +73,12 @@ def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = 
     cfg = _pretrained_cfg(name)
     if image_size is None:
         size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
-    elif isinstance(image_size, int):
-        size = (image_size, image_size)
+    elif _is_int(image_size):
+        size = (int(image_size), int(image_size))
+    elif isinstance(image_size, (tuple, list)) and all(_is_int(v) for v in image_size):
+        size = tuple(int(v) for v in image_size)
     else:
-        size = tuple(image_size)
+        size = ()  # a float, a string...: the error below
     if len(size) != 2 or min(size) < 16:
         raise ValueError(f"image_size must be an int or (height, width) of at least 16, got {image_size!r}")
     interpolation = cfg.get("interpolation") or "bilinear"
@@ -162,6 +170,25 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         )
 
 
+def _resample_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` fitted to a model built at another image size: timm's own checkpoint filter
+    (position embeddings resampled), as ``timm.create_model(pretrained=True, img_size=...)`` does."""
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    return filter_fn(state, model) if filter_fn is not None else state
+
+
+def _create_model(name: str, img_size: tuple[int, int] | None, pretrained: bool, kwargs: dict) -> tuple[nn.Module, bool]:
+    """``timm.create_model``, at ``img_size`` when the architecture takes one (ViT family);
+    returns (model, whether it was built at ``img_size``)."""
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs), True
+        except TypeError as exc:  # a convolutional net: any input size works as it is
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs), False
+
+
 def _locate_weights(name: str) -> tuple[Path, str]:
     """Find pretrained weights for ``name`` offline; returns (file, how it was found)."""
     embedded = embedded_weights_path(name)
@@ -189,6 +216,7 @@ def create_backbone(
     pretrained: bool = True,
     weights: str | Path | None = None,
     num_classes: int = 0,
+    img_size: int | tuple[int, int] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Create a timm model with ImageNet (or local) weights, never hanging offline.
@@ -198,6 +226,10 @@ def create_backbone(
         pretrained: load pretrained weights; ``False`` is an explicit random init.
         weights: a local ``.safetensors`` / ``.pth`` state dict; wins over every other source.
         num_classes: classifier outputs; 0 (default) returns pooled features.
+        img_size: the input size the model will see (int or (height, width)), as given to
+            :func:`resolve_preprocessing`. Architectures with a fixed input size (ViTs) are
+            built for it, pretrained position embeddings resampled; others ignore it.
+            ``None`` (default): the backbone's native size.
         **kwargs: passed on to ``timm.create_model`` (e.g. ``drop_rate``).
 
     Returns:
@@ -209,11 +241,17 @@ def create_backbone(
         1280
     """
     _check_name(name)
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    size = None
+    if img_size is not None:
+        size = resolve_preprocessing(name, img_size).input_size  # validates it
+        if size == tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:]):
+            size = None  # native size: the model exactly as before
+    model, resized = _create_model(name, size, False, kwargs)
     identity = "random-init"
     if weights is not None:
         path = Path(weights).expanduser()
-        _load_into(model, _read_weights_file(path), str(path))
+        state = _read_weights_file(path)
+        _load_into(model, _resample_for(model, state) if resized else state, str(path))
         identity = f"file:{path.name}:{_file_digest(path)}"
     elif pretrained:
         try:
@@ -221,13 +259,13 @@ def create_backbone(
         except BackboneWeightsError:
             if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
                 raise
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            model, _ = _create_model(name, size, True, kwargs)
             path, how = None, "download"
         if path is not None:
             state = _read_weights_file(path)
             if how == "embedded":
                 state = map_state_dict_by_order(state, model.state_dict(), str(path))
-            _load_into(model, state, str(path))
+            _load_into(model, _resample_for(model, state) if resized else state, str(path))
         identity = f"{how}:{name}:{_file_digest(path) if path else 'timm'}"
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)

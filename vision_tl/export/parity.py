@@ -52,7 +52,8 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-_OPTION_FOR_SPLIT = {"val": "--parity-images DIR", "train": "--calibration-dir DIR (training images)"}
+_OPTION_FOR_SPLIT = {"val": "--parity-images DIR (Python: ExportOptions(parity_images=DIR))",
+                     "train": "--calibration-dir DIR (training images; Python: ExportOptions(calibration_dir=DIR))"}
 
 
 def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> ImageSet | None:
@@ -69,7 +70,7 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     """
     run_dir = run_dir_of(checkpoint)
     split_path = run_dir / "split.json"
-    option = _OPTION_FOR_SPLIT.get(split, "--parity-images DIR")
+    option = _OPTION_FOR_SPLIT.get(split, _OPTION_FOR_SPLIT["val"])
     if not split_path.is_file():
         root = config_data_root(run_dir)
         if root is None or not (root / split).is_dir():
@@ -158,9 +159,11 @@ def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
         raise ExportError(
             f"{checkpoint}: no validation images to check the export with: there is no "
             f"{run_dir_of(checkpoint) / 'split.json'} with a val list, and no ROOT/val/ folder under the "
-            "data root in the run's config.yaml. Pass --parity-images DIR "
-            "(a folder of images, optionally one sub-folder per class), or --parity-images none "
-            "to skip the check (not recommended)"
+            "data root in the run's config.yaml (a run trained from Python has neither). Pass "
+            "--parity-images DIR (Python: ExportOptions(parity_images=DIR); a folder of images, optionally one "
+            "sub-folder per class, e.g. ROOT/val), write the split at training with "
+            "datamodule.save_split(RUN_DIR/'split.json') (RUN_DIR holds checkpoints/), or skip the check with "
+            "--parity-images none (parity_images='none'; not recommended)"
         )
     return found
 

@@ -127,7 +127,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes)
     calibration = _calibration_images(ckpt, opts) if opts.int8 else None
     if images is None:
-        log("WARNING: --parity-images none: the ONNX model is NOT checked against PyTorch")
+        log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
     report, decoded, fp32_probs = None, None, None
     with atomic_path(out, overwrite=opts.overwrite) as tmp:
         write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
@@ -189,7 +189,9 @@ def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet
     if found is None:
         raise ExportError(
             f"{ckpt.path}: --int8 needs calibration images from the training data, but the run has "
-            "no split.json with a train list and no ROOT/train/ folder; pass --calibration-dir DIR (training images)"
+            "no split.json with a train list and no ROOT/train/ folder; pass --calibration-dir DIR (training images; "
+            "Python: ExportOptions(calibration_dir=DIR)), or write the split at training with "
+            "datamodule.save_split(RUN_DIR/'split.json') (RUN_DIR holds checkpoints/)"
         )
     return found.subsample(opts.int8_config.calibration_images)
 

@@ -4,11 +4,16 @@ Imports are lazy so that ``import vision_tl.features`` stays fast (no torch unti
 
     from vision_tl.features import extract, FeatureCache, probe
     fs = extract("data/neu", "tf_efficientnet_lite0", "neu.parquet")
+
+``vision_tl.features.probe`` is the ``probe`` function, also once its submodule is imported;
+that module's other names come with ``from vision_tl.features.probe import ...``.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "extract": "vision_tl.features.api",
@@ -51,5 +56,24 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # looked up once; the module dict bypasses _Package.__setattr__
+        return value
     raise AttributeError(f"module 'vision_tl.features' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps exported names on their objects: importing the submodule ``vision_tl.features.probe``
+    would otherwise bind the package attribute ``probe`` to that module, hiding the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return  # the submodule stays reachable as sys.modules["vision_tl.features.probe"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -203,7 +203,7 @@ def extract(
 
     if device is None:
         device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
-    model = create_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
+    model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
                                  precision=precision)

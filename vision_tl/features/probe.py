@@ -88,6 +88,18 @@ def _has_copies(groups: np.ndarray | None) -> bool:
     return groups is not None and len(np.unique(groups)) < len(groups)
 
 
+def _as_arrays(features, labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Any sequences (lists, tuples, arrays) as arrays; labels must be class indices 0..C-1."""
+    features, labels = np.asarray(features), np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"labels must be a 1-D sequence of integer class indices, got dtype {labels.dtype} "
+                         f"and shape {labels.shape}")
+    if features.ndim not in (2, 3) or len(features) != len(labels):
+        raise ValueError(f"features must be [N, F] or [N, K, F] with N = {len(labels)} (one row per label), "
+                         f"got shape {features.shape}")
+    return features, labels, None if groups is None else np.asarray(groups)
+
+
 def cross_validate(features: np.ndarray, labels: np.ndarray, head: str = "logreg", folds: int = 5,
                    seed: int = 0, groups: np.ndarray | None = None) -> Score:
     """Stratified k-fold accuracy and balanced accuracy of ``head``.
@@ -103,6 +115,7 @@ def cross_validate(features: np.ndarray, labels: np.ndarray, head: str = "logreg
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+    features, labels, groups = _as_arrays(features, labels, groups)
     counts = np.bincount(labels)
     if folds < 2:
         raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
@@ -129,6 +142,7 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
 
     With ``groups`` (each image's sha256), copies of a training image are left out of the test set.
     """
+    features, labels, groups = _as_arrays(features, labels, groups)
     counts = np.bincount(labels)
     if shots < 1:
         raise ValueError(f"--shots {shots}: the number of training images per class must be at least 1")
@@ -154,20 +168,22 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
 def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path,
                 title: str = "") -> Path:
     """Save a 2-D PCA scatter of the (standardised) features, coloured by class, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
     from vision_tl.utils.files import atomic_path
 
+    features, labels, _ = _as_arrays(features, labels, None)
     x = features if features.ndim == 2 else features[:, 0]
     pca = PCA(n_components=2, random_state=0)
     xy = pca.fit_transform(StandardScaler().fit_transform(x))
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    fig = Figure(figsize=(6.4, 5.2), dpi=110)  # not pyplot: leaves a notebook's backend and figures alone
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
     for k, name in enumerate(classes):
         mask = labels == k
         ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, color=cmap(k % cmap.N), label=name)
@@ -180,7 +196,6 @@ def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
 
 
@@ -223,7 +238,7 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
+    model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     prep = resolve_preprocessing(backbone, image_size)
     cache = FeatureCache(cache_dir)
     per_view = []
@@ -239,15 +254,15 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
     return feats, speed, ",".join(extractor.stages)
 
 
-def probe(root: str | Path, backbones: Sequence[str], *, heads: Sequence[str] = ("logreg", "knn"),
+def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequence[str] = ("logreg", "knn"),
           folds: int = 5, shots: Sequence[int] = (), draws: int = 10, seed: int = 0,
           plot_dir: str | Path | None = None, skip_bad: bool = False, **feature_kwargs) -> list[ProbeResult]:
     """Extract (through the cache) and score quick heads per backbone.
 
     Args:
         root: a class-per-folder image folder.
-        backbones: timm names to compare.
-        heads: any of ``logreg``, ``knn``, ``logreg-l2``.
+        backbones: timm names to compare (one name: a str).
+        heads: any of ``logreg``, ``knn``, ``logreg-l2`` (one head: a str).
         folds: k of the stratified k-fold cross-validation (0 skips it).
         shots: few-shot settings (images per class for training), each repeated ``draws`` times.
         seed: seed of the folds and draws.
@@ -262,6 +277,8 @@ def probe(root: str | Path, backbones: Sequence[str], *, heads: Sequence[str] = 
     """
     from vision_tl.features.api import scan_images
 
+    backbones = [backbones] if isinstance(backbones, str) else list(backbones)  # one name, not its letters
+    heads = [heads] if isinstance(heads, str) else list(heads)
     for head in heads:
         make_head(head)  # validate names before the slow part
     if plot_dir is not None:

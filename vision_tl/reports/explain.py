@@ -105,14 +105,13 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def save_explanation(item: Explanation, path: str | Path) -> Path:
     """A PNG with the image, the heat map and the overlay side by side."""
-    from vision_tl.reports.plots import _pyplot, _save
+    from vision_tl.reports.plots import _save, _subplots
 
-    plt = _pyplot()
     h, w = item.image.shape[:2]
     scale = DISPLAY_SIZE / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image, heat = _resize(item.image, size), np.clip(_resize(item.cam, size), 0.0, 1.0)
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.9), constrained_layout=True)
+    fig, axes = _subplots(1, 3, figsize=(10, 3.9), constrained_layout=True)
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=10)
     shown = axes[1].imshow(heat, cmap="jet", vmin=0, vmax=1)

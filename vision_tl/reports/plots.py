@@ -7,13 +7,16 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False,
+              **kwargs):
+    """``pyplot.subplots`` without pyplot: an Agg-rendered figure that never touches the global
+    backend (a notebook's inline plots keep working) nor pyplot's list of open figures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, constrained_layout=constrained_layout)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Path,
@@ -21,12 +24,11 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
     """Save counts (left) and row-normalised recall (right) side by side as PNG, atomically."""
     from vision_tl.utils.files import atomic_path
 
-    plt = _pyplot()
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
+    fig, axes = _subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
     for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "count"),
                                  (axes[1], normalised, "{:.2f}", "share of true class")):
         im = ax.imshow(data, cmap="Blues", vmin=0)
@@ -43,28 +45,22 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return path
 
 
 def _save(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG through a temporary file, then close it."""
+    """Write ``fig`` as PNG through a temporary file."""
     from vision_tl.utils.files import atomic_path
 
-    plt = _pyplot()
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
 
 
 def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest") -> Path:
     """ROC (left) and precision-recall (right) curves per class, AUC / AP in the legend."""
-    plt = _pyplot()
-    fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
     roc.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     styles = ("-", "--", "-.", (0, (1, 1)))  # identical curves stay visible
     for i, c in enumerate(curves):
@@ -85,9 +81,8 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
 
 def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibration") -> Path:
     """Reliability diagram: accuracy vs confidence per bin, with image counts below."""
-    plt = _pyplot()
     bins = calibration["bins"]
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.2, 6), height_ratios=(3, 1), sharex=True,
+    fig, (ax, hist) = _subplots(2, 1, figsize=(5.2, 6), height_ratios=(3, 1), sharex=True,
                                    constrained_layout=True)
     centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
     width = bins[0]["hi"] - bins[0]["lo"]
@@ -109,10 +104,9 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
 
 def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per class") -> Path:
     """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'."""
-    plt = _pyplot()
     names = [r["class"] for r in per_class]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(names) + 2), 4), constrained_layout=True)
+    fig, ax = _subplots(figsize=(max(5.5, 1.2 * len(names) + 2), 4), constrained_layout=True)
     for i, (key, color) in enumerate((("precision", "#4c72b0"), ("recall", "#55a868"), ("f1", "#c44e52"))):
         values = [r[key] for r in per_class]
         pos = x + (i - 1) * 0.27
@@ -131,8 +125,7 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per cl
 def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: str | Path,
                    threshold: float | None = None, good_class: str = "good") -> Path:
     """P(good) histograms of good vs defective images (left) and both error rates vs threshold (right)."""
-    plt = _pyplot()
-    fig, (hist, rates) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, (hist, rates) = _subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     edges = np.linspace(0, 1, 26)
     hist.hist(np.asarray(p_good)[is_good], bins=edges, alpha=0.65, color="#55a868", label=f"{good_class} images")
     hist.hist(np.asarray(p_good)[~is_good], bins=edges, alpha=0.65, color="#c44e52", label="defective images")
@@ -153,11 +146,10 @@ def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: s
 
 def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], path: str | Path) -> Path:
     """Grouped bars: one group per metric, one bar per run (missing values left out)."""
-    plt = _pyplot()
     names = list(metrics)
     x = np.arange(len(names))
     width = 0.8 / max(1, len(runs))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4), constrained_layout=True)
+    fig, ax = _subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4), constrained_layout=True)
     for i, run in enumerate(runs):
         values = [metrics[m][i] for m in names]
         pos = x - 0.4 + width * (i + 0.5)
@@ -174,8 +166,7 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
 def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None = None,
                          good_class: str = "good") -> Path:
     """Escape rate vs false-reject rate over every threshold on P(good): the line's trade-off."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    fig, ax = _subplots(figsize=(5.5, 4.5), constrained_layout=True)
     fr, esc = sweep.get("false_reject_rate"), sweep.get("escape_rate")
     if fr is None or esc is None:
         ax.text(0.5, 0.5, "undefined: needs both good and defective images", ha="center", va="center")
@@ -195,10 +186,9 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
     """The most confident mistakes as a picture grid, each titled true / predicted (probability)."""
     from vision_tl.imaging import ImageLoadError, load_rgb, resize
 
-    plt = _pyplot()
     shown = [e for e in errors if e.get("path")]
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False,
+    fig, axes = _subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False,
                              constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")

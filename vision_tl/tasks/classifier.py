@@ -145,7 +145,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.classes = list(classes)
         self.preprocessing = resolve_preprocessing(backbone, image_size)
-        net_backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        net_backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size)
         self.net = ClassifierNet(net_backbone, len(self.classes), head, dropout)
         apply_mode(self.net, mode, trainable_stages, freeze_bn)
         self.val_metrics = _metrics(len(self.classes))

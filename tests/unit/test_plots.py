@@ -1,0 +1,58 @@
+"""Plots are drawn without pyplot: a notebook's matplotlib backend and open figures stay as they were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_tl.features.probe import pca_scatter
+from vision_tl.reports import metrics as M
+from vision_tl.reports import plots
+from vision_tl.reports.explain import Explanation, save_explanation
+from vision_tl.reports.report import _figures
+
+CLASSES = ["crack", "good", "spot"]
+
+
+@pytest.fixture
+def svg_backend():
+    """A backend other than Agg (headless-safe), as a notebook's inline backend would be; restored after."""
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    fignums = plt.get_fignums()
+    yield plt, fignums
+    plt.switch_backend(before)
+
+
+def _is_png(path: Path) -> bool:
+    return Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_leave_the_backend_and_pyplot_figures_alone(tmp_path, svg_backend) -> None:
+    plt, fignums = svg_backend
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 6)
+    probs = rng.dirichlet((1, 1, 1), len(labels))
+    probs[np.arange(len(labels)), labels] += 1.0
+    probs /= probs.sum(1, keepdims=True)
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    written = list(_figures(result, probs, labels, CLASSES, tmp_path, "val").values())
+    assert len(written) == 6  # confusion, per class, ROC/PR, reliability, threshold, operating curve
+    image = tmp_path / "crack_0.png"
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(image)
+    written.append(plots.plot_error_gallery(
+        [{"path": str(image), "true": "crack", "predicted": "good", "probability": 0.9}], tmp_path / "g.png"))
+    written.append(plots.plot_comparison(["a", "b"], {"acc": [0.9, None]}, tmp_path / "cmp.png"))
+    written.append(save_explanation(Explanation(image, rng.integers(0, 255, (24, 24, 3), dtype=np.uint8),
+                                                rng.random((8, 8)), "good", 0.9, "crack", 0.1),
+                                    tmp_path / "cam.png"))
+    written.append(pca_scatter(rng.normal(size=(18, 5)), labels, CLASSES, tmp_path / "pca.png"))
+    assert all(_is_png(p) for p in written)
+    assert matplotlib.get_backend() == "svg"  # matplotlib.use("Agg") used to switch it for good
+    assert plt.get_fignums() == fignums  # no figure left open in pyplot
