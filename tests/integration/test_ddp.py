@@ -44,8 +44,21 @@ def _validate_metrics(result: subprocess.CompletedProcess, run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder, tmp_path):
-    fit = _cli("fit", *_common(even_folder, tmp_path), "--trainer.max_epochs", "3",
+@pytest.fixture(scope="module")
+def odd_folder(even_folder, tmp_path_factory) -> Path:
+    """One class has 7 images: the validation split (0.3) has an odd count, uneven shares."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ddp_odd") / "data"
+    shutil.copytree(even_folder, root)
+    for path in sorted((root / "crack").glob("*.png"))[:3]:
+        path.unlink()
+    return root
+
+
+def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(odd_folder, even_folder, tmp_path):
+    odd = [*_common(odd_folder, tmp_path), "--data.val_fraction", "0.3", "--data.good_class", "good"]
+    fit = _cli("fit", *odd, "--trainer.max_epochs", "3", "--model.threshold_target", "false_reject:0.2",
                "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
     assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
     runs = sorted((tmp_path / "frozen").iterdir())
@@ -53,17 +66,26 @@ def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder
     ckpt = runs[0] / "checkpoints" / "best.ckpt"
     assert ckpt.is_file() and (runs[0] / "metrics.json").is_file()
 
-    # The same checkpoint validated by 2 ranks and by 1 process gives the same figures.
-    two = _cli("test", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt),
-               "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
-    one = _cli("test", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt),
-               "--trainer.devices", "1", cwd=tmp_path)
+    n_val = len(json.loads((runs[0] / "split.json").read_text())["val"])
+    assert n_val % 2 == 1  # the case where a padded sampler repeats an image
+    fitted = json.loads((runs[0] / "metrics.json").read_text())["val"]
+    assert sum(map(sum, fitted["confusion_matrix"])) == n_val
+
+    # The same checkpoint tested by 2 ranks and by 1 process gives the same figures, report and
+    # threshold choice: every image counted once, all ranks' outputs gathered in order.
+    two = _cli("test", *odd, "--ckpt_path", str(ckpt), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               cwd=tmp_path)
+    one = _cli("test", *odd, "--ckpt_path", str(ckpt), "--trainer.devices", "1", cwd=tmp_path)
     a = _validate_metrics(two, tmp_path / "frozen" / "version_1")["test"]
     b = _validate_metrics(one, tmp_path / "frozen" / "version_2")["test"]
-    for key in ("acc", "balanced_acc", "f1_macro"):
-        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    for key in ("acc", "balanced_acc", "f1_macro", "loss"):
+        if key in b:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert a["confusion_matrix"] == b["confusion_matrix"]
-    assert sum(map(sum, a["confusion_matrix"])) == 8  # every validation image counted once
+    assert sum(map(sum, a["confusion_matrix"])) == n_val  # every validation image counted once
+    csv_two, csv_one = ((tmp_path / "frozen" / v / "predictions_test.csv").read_text() for v in ("version_1",
+                                                                                                  "version_2"))
+    assert csv_two == csv_one and len(csv_one.splitlines()) == n_val + 1
 
     # Predicting 7 new images (uneven shares) on 2 ranks writes the same rows as 1 process.
     new = tmp_path / "new"
@@ -72,7 +94,7 @@ def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(even_folder
         (new / f"img_{i}.png").write_bytes(src.read_bytes())
     tables = []
     for devices in ("2", "1"):
-        pred = _cli("predict", *_common(even_folder, tmp_path), "--ckpt_path", str(ckpt), "--data.predict_root",
+        pred = _cli("predict", *odd, "--ckpt_path", str(ckpt), "--data.predict_root",
                     str(new), "--trainer.devices", devices, *(["--trainer.strategy", "ddp"] * (devices == "2")),
                     cwd=tmp_path)
         assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]

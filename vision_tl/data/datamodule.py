@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
@@ -339,6 +340,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         features = self._feature_data.get(split) if isinstance(split, str) else None
         dataset = features if features is not None else self.dataset(split, augment=train)
         sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not train and 1 < world <= len(dataset):
+            # Every image once: Lightning's default DistributedSampler pads the last share with
+            # repeats, which counted some validation images twice. Rank r gets r, r+world, ...
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank,
+                                                   shuffle=False)
         if train:
             weights = None
             if self.hparams.sampler == "balanced":

@@ -248,7 +248,10 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch
-        if len(y) == 0:
+        if len(y) == 0:  # every image of the batch was unreadable (skip_bad_images)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                # DDP needs every rank to step together: a zero loss that touches every trainable weight
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         loss = self._loss(self._logits(x), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
@@ -259,7 +262,7 @@ class ImageClassifier(L.LightningModule):
         if len(y) == 0:
             return
         logits = self._logits(x)
-        self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y))
+        self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y), sync_dist=True)
         probs = logits.float().softmax(-1)
         metrics.update(probs, y)
         self._eval_batches.setdefault(stage, []).append((probs.detach().cpu(), y.detach().cpu()))
@@ -283,11 +286,30 @@ class ImageClassifier(L.LightningModule):
             "confusion_matrix": values["confusion_matrix"].int().tolist(),
         }
         batches = self._eval_batches.pop(stage, [])
-        if batches:
-            self.eval_outputs[stage] = {"probabilities": torch.cat([p for p, _ in batches]).numpy(),
-                                        "labels": torch.cat([y for _, y in batches]).numpy()}
-        if stage == "val" and self.hparams.threshold_target and batches:
+        probs = torch.cat([p for p, _ in batches]) if batches else torch.zeros(0, len(self.classes))
+        labels = torch.cat([y for _, y in batches]) if batches else torch.zeros(0, dtype=torch.long)
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank, in the data's order
+            probs, labels = self._gather_in_order(probs), self._gather_in_order(labels)
+        if len(labels):
+            self.eval_outputs[stage] = {"probabilities": probs.numpy(), "labels": labels.numpy()}
+        if stage == "val" and self.hparams.threshold_target and len(labels):
             self._choose_threshold(self.eval_outputs["val"])
+
+    def _gather_in_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """All ranks' evaluation rows, in the data set's order: the data module's evaluation
+        sampler gives rank r the images r, r + world, r + 2 world, ... (shares differ by one)."""
+        world = self.trainer.world_size
+        sizes = self.all_gather(torch.tensor([len(rows)], device=self.device)).flatten().tolist()
+        padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=self.device)
+        padded[: len(rows)] = rows.to(self.device)
+        gathered = self.all_gather(padded).cpu()
+        out = torch.empty((sum(sizes), *rows.shape[1:]), dtype=rows.dtype)
+        if all(len(range(r, sum(sizes), world)) == n for r, n in enumerate(sizes)):
+            for r, n in enumerate(sizes):
+                out[r::world] = gathered[r, :n]
+        else:  # not the data module's sampler: rank by rank
+            out = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+        return out
 
     def _choose_threshold(self, outputs: dict[str, np.ndarray]) -> None:
         """Set ``self.threshold`` to meet ``threshold_target`` on this validation epoch."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -27,6 +28,12 @@ from vision_tl.tasks.resume import (
 )
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+def _say(message: str) -> None:
+    """Print once per job: DDP runs this command in every rank's process."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        print(message)
 
 
 class _NoCloudTip(logging.Filter):
@@ -293,10 +300,10 @@ class VisionTLCLI(LightningCLI):
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
-            print(f"vision_tl: resuming {run} from {path.name}")
+            _say(f"vision_tl: resuming {run} from {path.name}")
             if any(run.glob("report*.html")):
-                print(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
-                      f"run `vision-tl report {run}` again when training ends")
+                _say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
+                     f"run `vision-tl report {run}` again when training ends")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
@@ -317,7 +324,7 @@ def _keep_metrics_csv(run: Path) -> None:
         while (run / f"metrics.before_resume_{n}.csv").exists():
             n += 1
         csv.rename(run / f"metrics.before_resume_{n}.csv")
-        print(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
+        _say(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
 
 
 # (runs folder, version directories in it before this command), for _remove_empty_new_runs
