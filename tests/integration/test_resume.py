@@ -162,3 +162,27 @@ def test_ckpt_path_last_of_a_run_without_checkpoints_is_refused(inspection_folde
     err = capsys.readouterr().err
     assert f"run {killed} has no checkpoints/last.ckpt" in err
     assert _snapshot(finished) == before
+
+
+def test_resume_of_a_run_started_with_a_relative_runs_folder_updates_best_and_last(inspection_folder, tmp_path,
+                                                                                   monkeypatch):
+    """Runs started before run folders were recorded absolute have relative checkpoint paths;
+    resuming them must still rewrite best.ckpt/last.ckpt, not add best-v1.ckpt beside stale ones."""
+    monkeypatch.chdir(tmp_path)
+    args = [*_args(inspection_folder, Path("runs")), "--trainer.max_epochs", "1", "--model.mode", "frozen"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, state in ckpt["callbacks"].items():
+        if key.startswith("RunCheckpoint"):
+            for name in ("dirpath", "best_model_path", "last_model_path", "kth_best_model_path"):
+                if isinstance(state.get(name), str):
+                    state[name] = state[name].replace(str(tmp_path) + os.sep, "")
+            state["best_k_models"] = {k.replace(str(tmp_path) + os.sep, ""): v
+                                      for k, v in state["best_k_models"].items()}
+            assert not state["dirpath"].startswith("/")
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
+                 "--trainer.max_epochs", "3"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2

@@ -225,6 +225,10 @@ class VisionTLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         init = _logger_init(self.config[self.subcommand])
+        if init is not None and init.get("save_dir"):
+            # Absolute from the start, so checkpoints record the folder the way a resume from
+            # any working directory (or the saved config.yaml) spells it.
+            init.save_dir = str(Path(init.save_dir).expanduser().resolve())
         if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
             parent = Path(init.save_dir) / (init.get("name") or "")
             _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))

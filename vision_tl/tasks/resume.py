@@ -108,6 +108,21 @@ class RunCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the best/last bookkeeping when the run is the same but its folder is spelled
+        differently (a relative ``runs/...`` when it started, absolute when resumed, or the same
+        run reached from another working directory). Lightning compares the strings, and on a
+        mismatch wrote ``best-v1.ckpt``/``last-v1.ckpt`` beside stale ``best.ckpt``/``last.ckpt``."""
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath and Path(old).parts[-3:] == Path(self.dirpath).parts[-3:]:
+            state_dict = {k: _moved(v, old, self.dirpath) for k, v in state_dict.items()}
+        elif old and self.dirpath and old != self.dirpath:
+            # test/validate/predict write into a new run folder: the bookkeeping of the run that
+            # trained the checkpoint does not apply there, and saying so on every command is noise.
+            state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_score": None, "best_k_models": {},
+                          "kth_best_model_path": "", "last_model_path": ""}
+        super().load_state_dict(state_dict)
+
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
                 and self._last_global_step_saved != trainer.global_step):
@@ -124,6 +139,15 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+
+def _moved(value, old: str, new: str):
+    """``value`` (a path, or a dict keyed by paths) with the folder ``old`` replaced by ``new``."""
+    if isinstance(value, str) and value.startswith(old):
+        return new + value[len(old):]
+    if isinstance(value, dict):
+        return {_moved(k, old, new): v for k, v in value.items()}
+    return value
 
 
 def check_resumed_data(run: Path, datamodule) -> None:
