@@ -248,3 +248,22 @@ def test_report_renders_in_headless_chromium(chromium, run, tmp_path):
     assert len(sizes) == html.count("<img") >= len(FIGURES) and min(sizes) > 0
     for name in ("crack", "good", "scratch", "spot"):
         assert f'<td class="l">{name}</td>' in dom
+
+
+def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, capsys):
+    """`compare runs/partial/version_*` also matches the folders `test`/`predict` wrote."""
+    output = tmp_path / "version_9"
+    output.mkdir()
+    shutil.copyfile(run / "config.yaml", output / "config.yaml")
+    (output / "predictions.csv").write_text("path,true,predicted\n")
+    assert main(["compare", str(run), str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "left out version_9: no checkpoints/" in out and "partial/version_0" in out
+
+
+def test_choosing_a_threshold_says_what_to_export(run, tmp_path, capsys):
+    copy = tmp_path / "partial" / "version_0"
+    shutil.copytree(run, copy)
+    assert main(["report", str(copy), "--target-false-reject", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"next: vision-tl export {copy / 'checkpoints' / 'best.thresholded.ckpt'} --out model.onnx" in out

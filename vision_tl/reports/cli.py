@@ -141,12 +141,17 @@ def _report(args: argparse.Namespace) -> None:
           f"ECE {_f(s['ece'])}")
     gvd = result.metrics.get("good_vs_defect")
     if gvd is not None:
-        print(f"good vs defect at threshold {_f(gvd['threshold'])}: escape rate {_f(gvd['escape_rate'])} "
+        rule = (f"at threshold {_f(gvd['threshold'])}" if gvd.get("threshold") is not None else
+                "by the most probable class (no threshold set; choose one with --target-false-reject R "
+                "or --target-escape E)")
+        print(f"good vs defect {rule}: escape rate {_f(gvd['escape_rate'])} "
               f"({gvd['escapes']}/{gvd['defect_images']}), false-reject rate {_f(gvd['false_reject_rate'])} "
               f"({gvd['false_rejects']}/{gvd['good_images']})")
     if result.checkpoint is not None:
         how = "rewrote" if args.in_place else "wrote"
         print(f"threshold {result.threshold['threshold']:.6f} ({result.threshold['target']}): {how} {result.checkpoint}")
+        print(f"next: vision-tl export {result.checkpoint} --out model.onnx   (the threshold travels into the ONNX "
+              "metadata; predict-onnx then fills is_defect)")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.html}")

@@ -90,8 +90,15 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     """Summaries of several runs, with notes when they are not strictly comparable."""
     if len(runs) < 1:
         raise ReportError("give at least one run directory")
-    summaries = [summarise_run(r, split) for r in runs]
     notes = []
+    if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
+        outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
+                   and (Path(r).expanduser() / "config.yaml").is_file()]
+        if outputs and len(outputs) < len(runs):
+            notes.append(f"left out {', '.join(Path(r).name for r in outputs)}: no checkpoints/, so the output "
+                         "of vision-tl test or predict rather than a training run")
+            runs = [r for r in runs if r not in outputs]
+    summaries = [summarise_run(r, split) for r in runs]
     if len({tuple(s.classes) for s in summaries}) > 1:
         notes.append("the runs have different classes; per-class recall is shown for shared classes only")
     hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}

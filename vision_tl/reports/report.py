@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -271,6 +272,7 @@ def _no_split_folder(root: Path, split: str, recorded_val: bool) -> str:
 def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.ndarray:
     """``[N, C]`` probabilities of ``model`` (an ImageClassifier) on CPU, evaluation transform."""
     import torch
+    from tqdm.auto import tqdm
 
     from vision_tl.data.transforms import eval_transform
     from vision_tl.imaging import load_rgb
@@ -278,10 +280,13 @@ def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.
     transform = eval_transform(model.preprocessing)
     model = model.to("cpu").eval()
     chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(paths), batch_size):
+    starts = range(0, len(paths), batch_size)
+    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not sys.stderr.isatty() or len(starts) < 2)
+    with torch.inference_mode(), bar:
+        for start in starts:
             batch = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]])
             chunks.append(model(batch).float().softmax(-1).numpy())
+            bar.update(len(batch))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.classes)))
 
 

@@ -231,7 +231,11 @@ class ImageClassifier(L.LightningModule):
         datasets = compute() if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("vision_tl-feature-cache")
         datamodule.use_features(datasets if datasets is not None else compute())
-        self.print(f"vision_tl: training the head on cached features ({self.hparams.cached_views} view(s))")
+        augment = getattr(getattr(datamodule, "hparams", None), "get", lambda _: None)("augment")
+        unused = (f"; --data.augment {augment} is not applied to a single clean view (use --model.cached_views "
+                  "K > 1 for K-1 augmented views per image)") if self.hparams.cached_views == 1 and augment not in (
+                      None, "none") else ""
+        self.print(f"vision_tl: training the head on cached features ({self.hparams.cached_views} view(s)){unused}")
 
     def teardown(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
