@@ -78,7 +78,7 @@ def test_predict_new_images_from_a_folder_without_classes(trained_run, inspectio
         main(["predict", *args])
     assert info.value.code == 2
     assert not (tmp_path / "runs" / "partial").exists() or not any((tmp_path / "runs" / "partial").iterdir())
-    assert main(["predict", *args, "--data.skip_bad_images", "true"]) == 0
+    assert main(["predict", *args, "--data.skip_bad_images", "true"]) == 3  # written, with an error row
     (csv_path,) = (tmp_path / "runs").glob("partial/version_*/predictions.csv")
     rows = list(csv.DictReader(csv_path.open()))
     assert [Path(r["path"]).name for r in rows] == [f"part_{i:02d}.png" for i in range(len(originals))] + ["part_99.png"]

@@ -28,6 +28,7 @@ class RunArtifacts(L.Callback):
         self.monitor = monitor
         self.history: list[dict] = []
         self._predictions: list[torch.Tensor] = []
+        self.unreadable = 0  # images `predict` wrote as error rows (the command then exits 3)
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         """The run directory, resolved once in :meth:`setup`.
@@ -160,8 +161,10 @@ class RunArtifacts(L.Callback):
         path = self.run_dir(trainer) / "predictions.csv"
         atomic_write_text(path, out.getvalue())
         failed = sum(1 for _, row in table if row[-1])
+        self.unreadable = failed
         pl_module.print(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
-                        + (f" ({failed} image(s) could not be read: see the error column)" if failed else ""))
+                        + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
+                           if failed else ""))
 
 
 def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ from vision_tl.tasks.resume import (
 )
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
+_UNREADABLE = [0]  # set from the RunArtifacts callback after `predict`
 
 
 def _say(message: str) -> None:
@@ -371,7 +373,8 @@ def run_lightning_cli(argv: list[str]) -> int:
         _remove_empty_new_runs()
         raise
     _WATCHED_RUNS.clear()
-    return 0
+    # Like predict-onnx: the CSV is written, but some images have an error row instead of a prediction.
+    return PARTIAL_EXIT if _UNREADABLE[0] else 0
 
 
 # Shown by `vision-tl COMMAND --help` (Lightning's default is the first lines of the Trainer method's docstring).
@@ -391,7 +394,8 @@ _DESCRIPTIONS = {
 
 
 def _run_cli(argv: list[str]) -> None:
-    VisionTLCLI(
+    _UNREADABLE[0] = 0
+    cli = VisionTLCLI(
         ImageClassifier,
         ImageFolderDataModule,
         # From the console script argv is sys.argv[1:]: let Lightning read it (and rebuild it
@@ -405,6 +409,8 @@ def _run_cli(argv: list[str]) -> None:
         parser_class=_Parser,
         auto_configure_optimizers=False,
     )
+    trainer = getattr(cli, "trainer", None)
+    _UNREADABLE[0] = sum(getattr(c, "unreadable", 0) for c in getattr(trainer, "callbacks", []) or [])
 
 
 if __name__ == "__main__":
