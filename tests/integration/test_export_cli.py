@@ -318,3 +318,30 @@ def test_non_square_input_from_the_command_line_reaches_the_onnx_model(inspectio
     image = next(inspection_folder.glob("good/*.png"))
     (pred,) = predictor.predict_paths([image])
     assert pred.error is None and pred.predicted in meta["classes"]
+
+
+def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_path, monkeypatch, capsys):
+    """With a threshold, a variant's report says on how many images pass/reject flipped."""
+    from vision_tl.export import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["vision_tl"].update(good_class="good", threshold=0.25)
+    torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+    args = [str(run / "checkpoints" / "best.ckpt"), "--fp16", "--max-accuracy-drop", "100"]
+    assert export_main([*args, "--out", str(tmp_path / "a.onnx")]) == 0
+    assert json.loads((tmp_path / "a.fp16.parity.json").read_text())["decision_changes"] == 0
+    real = pipeline.onnx_probabilities
+
+    def shifted(path, pixels, batch_size=32):  # P(good) moved across the threshold
+        probs = real(path, pixels, batch_size)
+        probs[:, 1] = np.where(probs[:, 1] >= 0.25, 0.0, 1.0)
+        return probs
+
+    monkeypatch.setattr(pipeline, "onnx_probabilities", shifted)
+    capsys.readouterr()
+    assert export_main([*args, "--out", str(tmp_path / "b.onnx")]) == 0
+    report = json.loads((tmp_path / "b.fp16.parity.json").read_text())
+    assert report["decision_changes"] == report["n_images"] > 0
+    assert "WARNING: good/defect decision (P(good) >= 0.25) changed on" in capsys.readouterr().err

@@ -242,6 +242,9 @@ class ParityReport:
     unreadable: list[str] = field(default_factory=list)
     disagreements: list[dict[str, Any]] = field(default_factory=list)
     model_sha256: str | None = None  # of the file this report describes, as written
+    # Variants of a model with a good/defect threshold: images whose pass/reject decision changed.
+    decision_changes: int | None = None
+    decision_rule: str | None = None
     criteria: dict[str, float] = field(default_factory=dict)
     passed: bool | None = None
     failures: list[str] = field(default_factory=list)
@@ -304,6 +307,11 @@ class ParityReport:
             lines.append(f"  accuracy on {self.n_labelled} labelled images: reference "
                          f"{100 * self.accuracy_reference:.2f}%, model {100 * self.accuracy_model:.2f}% "
                          f"({self.accuracy_change_points:+.2f} points)")
+        if self.decision_changes is not None:
+            lines.append(f"  {'WARNING: ' if self.decision_changes else ''}good/defect decision "
+                         f"({self.decision_rule}) changed on {self.decision_changes} of {self.n_images} images"
+                         + (": check the threshold on this model (vision-tl report) before the line uses it"
+                            if self.decision_changes else ""))
         if self.speed:
             base, new = self.speed["fp32"], self.speed["variant"]
             lines.append("  speed (fp32 -> this model, " + str(self.speed["threads"]) + " threads): "

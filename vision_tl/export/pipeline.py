@@ -215,6 +215,10 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             report.judge(max_accuracy_drop=opts.max_accuracy_drop)
+            if metadata.good_class is not None and metadata.threshold is not None:
+                k, t = list(metadata.classes).index(metadata.good_class), metadata.threshold
+                report.decision_changes = int(np.sum((fp32_probs[:, k] >= t) != (probs[:, k] >= t)))
+                report.decision_rule = f"P({metadata.good_class}) >= {t:.6g}"
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
             report.model_sha256 = file_sha256(tmp)
