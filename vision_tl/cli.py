@@ -51,7 +51,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """The kit's own warnings as one ``warning: ...`` line, without the source line Python
     prints under it; other libraries' warnings as Python shows them."""
     if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE):
-        print(f"warning: {message}", file=file or sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", 0) or 0) == 0:  # DDP: every rank meets the same data; say it once
+            print(f"warning: {message}", file=file or sys.stderr)
     else:
         _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
 

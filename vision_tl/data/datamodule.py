@@ -381,7 +381,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return "test" in self.splits if self.splits else "test" in self.layout
 
     def test_dataloader(self) -> DataLoader:
-        if not self.has_test_split():
+        if not self.has_test_split() and (self.trainer is None or self.trainer.is_global_zero):
             print(f"vision_tl: {self.root} has no test/ folder, so `test` evaluates the val split. That split "
                   "chose the best checkpoint: expect an optimistic score; hold out ROOT/test/<class>/ for an "
                   "unbiased one.", file=sys.stderr)

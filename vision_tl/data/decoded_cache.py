@@ -205,7 +205,8 @@ def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: 
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
-        with tqdm(total=len(paths), desc="decoding images (once)", unit="img") as bar:
+        quiet = int(os.environ.get("LOCAL_RANK", 0) or 0) != 0  # DDP: one bar, from the first rank
+        with tqdm(total=len(paths), desc="decoding images (once)", unit="img", disable=quiet) as bar:
             for rows, pixels, errors in loader:  # rows come in order: one slice per batch
                 if rows[0] != written:
                     raise RuntimeError(f"decoded rows arrived out of order: {rows[0]} after {written}")
