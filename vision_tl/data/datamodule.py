@@ -25,6 +25,7 @@ from vision_tl.data.folder import (
     list_classes,
     scan_folder,
     scan_unlabelled,
+    split_record,
     stratified_split,
     warn_cross_duplicates,
     write_split,
@@ -263,6 +264,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Images per class in ``split`` (after :meth:`setup`)."""
         labels = [s.label for s in self._split(split)]
         return np.bincount(labels, minlength=self.num_classes).tolist()
+
+    def split_record(self) -> dict | None:
+        """The split this data module made (what :meth:`save_split` writes), or None when the
+        folder brought its own ``train/`` and ``val/``."""
+        if getattr(self, "_split_record", None):
+            return split_record(*self._split_record)
+        return None
 
     def save_split(self, path: str | Path) -> None:
         """Write the split (relative paths, labels, sha256) as JSON."""

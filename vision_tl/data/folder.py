@@ -262,11 +262,10 @@ def warn_cross_duplicates(a: FolderIndex, b: FolderIndex, a_name: str, b_name: s
     return pairs
 
 
-def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> None:
-    """Write the split as JSON (relative paths + sha256) so a run can be reproduced."""
-    from vision_tl.utils.files import atomic_write_text
-
-    payload = {
+def split_record(index: FolderIndex, parts: dict[str, list[int]]) -> dict:
+    """The split as ``split.json`` holds it: the data root, classes, and per part the relative
+    paths, labels and sha256 of its images."""
+    return {
         "root": str(index.root.resolve()),  # absolute: a report run from another folder finds the same data
         "classes": index.classes,
         **{
@@ -279,4 +278,10 @@ def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> 
             for name, ids in parts.items()
         },
     }
-    atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> None:
+    """Write the split as JSON (relative paths + sha256) so a run can be reproduced."""
+    from vision_tl.utils.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(split_record(index, parts), indent=1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from weakref import proxy
 
@@ -170,10 +169,7 @@ def check_resumed_data(run: Path, datamodule) -> None:
     if not record.is_file():
         return
     datamodule.setup("fit")
-    with tempfile.TemporaryDirectory() as tmp:
-        datamodule.save_split(Path(tmp) / "split.json")
-        now = Path(tmp) / "split.json"
-        new = json.loads(now.read_text()) if now.is_file() else {}
+    new = datamodule.split_record() or {}
     old = json.loads(record.read_text())
     for part in ("train", "val"):
         was = {(e["path"], e["label"], e["sha256"]) for e in old.get(part, [])}
