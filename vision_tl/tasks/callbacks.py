@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 
 from vision_tl.models.finetuning import unfreeze_stages
+from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils.files import atomic_write_text
 
 
@@ -133,7 +134,7 @@ class RunArtifacts(L.Callback):
             return
         rows = torch.cat(self._predictions) if self._predictions else torch.zeros(0, 1 + len(pl_module.classes))
         self._predictions.clear()
-        rows = _gather_rows(pl_module, rows) if trainer.world_size > 1 else rows  # on every rank
+        rows = torch.cat(gather_shares(pl_module, rows)) if trainer.world_size > 1 else rows  # on every rank
         if not trainer.is_global_zero:
             return
         by_index = {int(r[0]): r[1:].numpy() for r in rows}
@@ -165,15 +166,6 @@ class RunArtifacts(L.Callback):
         pl_module.print(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
-
-
-def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``[n, 1 + classes]`` prediction rows (their shares may differ in length)."""
-    sizes = pl_module.all_gather(torch.tensor([len(rows)], device=pl_module.device)).flatten()
-    padded = torch.full((int(sizes.max()), rows.shape[1]), -1.0, device=pl_module.device)
-    padded[: len(rows)] = rows.to(pl_module.device)
-    gathered = pl_module.all_gather(padded).reshape(-1, rows.shape[1]).cpu()
-    return gathered[gathered[:, 0] >= 0]
 
 
 class GradualUnfreezing(BaseFinetuning):

@@ -40,6 +40,22 @@ CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
+def gather_shares(module: L.LightningModule, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``rows``, indexed by rank, on the CPU; the shares may differ in length
+    (all_gather needs equal shapes, so they travel padded). A collective: call it on every rank."""
+    sizes = module.all_gather(torch.tensor([len(rows)], device=module.device)).flatten().tolist()
+    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=module.device)
+    padded[: len(rows)] = rows.to(module.device)
+    gathered = module.all_gather(padded).cpu()
+    return [gathered[r, :n] for r, n in enumerate(sizes)]
+
+
+def _data_setting(datamodule, name: str):
+    """A data module's init argument ``name`` (None for data modules that do not have it)."""
+    hparams = getattr(datamodule, "hparams", None)
+    return hparams.get(name) if hasattr(hparams, "get") else None
+
+
 def class_weights_from_counts(counts: list[int], kind: str) -> torch.Tensor | None:
     """Loss weights from class frequencies, normalised to mean 1 (``sqrt`` is the stable default)."""
     if kind not in CLASS_WEIGHTS:
@@ -205,7 +221,7 @@ class ImageClassifier(L.LightningModule):
                 f"({self.hparams.backbone}, image_size={self.hparams.image_size}) expects "
                 f"{self.preprocessing.to_dict()}; build both with the same backbone and image_size "
                 "(ImageFolderDataModule(root, backbone=..., image_size=...))")
-        good = getattr(getattr(datamodule, "hparams", None), "get", lambda _: None)("good_class")
+        good = _data_setting(datamodule, "good_class")
         if good is not None and self.hparams.good_class is None:
             self.hparams.good_class = good  # the reports, the checkpoint and the export need it
         elif good is not None and good != self.hparams.good_class:
@@ -231,7 +247,7 @@ class ImageClassifier(L.LightningModule):
         datasets = compute() if self.trainer.is_global_zero else None
         self.trainer.strategy.barrier("vision_tl-feature-cache")
         datamodule.use_features(datasets if datasets is not None else compute())
-        augment = getattr(getattr(datamodule, "hparams", None), "get", lambda _: None)("augment")
+        augment = _data_setting(datamodule, "augment")
         unused = (f"; --data.augment {augment} is not applied to a single clean view (use --model.cached_views "
                   "K > 1 for K-1 augmented views per image)") if self.hparams.cached_views == 1 and augment not in (
                       None, "none") else ""
@@ -302,17 +318,13 @@ class ImageClassifier(L.LightningModule):
     def _gather_in_order(self, rows: torch.Tensor) -> torch.Tensor:
         """All ranks' evaluation rows, in the data set's order: the data module's evaluation
         sampler gives rank r the images r, r + world, r + 2 world, ... (shares differ by one)."""
-        world = self.trainer.world_size
-        sizes = self.all_gather(torch.tensor([len(rows)], device=self.device)).flatten().tolist()
-        padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=self.device)
-        padded[: len(rows)] = rows.to(self.device)
-        gathered = self.all_gather(padded).cpu()
-        out = torch.empty((sum(sizes), *rows.shape[1:]), dtype=rows.dtype)
-        if all(len(range(r, sum(sizes), world)) == n for r, n in enumerate(sizes)):
-            for r, n in enumerate(sizes):
-                out[r::world] = gathered[r, :n]
-        else:  # not the data module's sampler: rank by rank
-            out = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+        shares = gather_shares(self, rows)
+        world, total = len(shares), sum(len(s) for s in shares)
+        if not all(len(range(r, total, world)) == len(s) for r, s in enumerate(shares)):
+            return torch.cat(shares)  # not the data module's sampler: rank by rank
+        out = torch.empty((total, *rows.shape[1:]), dtype=rows.dtype)
+        for r, share in enumerate(shares):
+            out[r::world] = share
         return out
 
     def _choose_threshold(self, outputs: dict[str, np.ndarray]) -> None:
