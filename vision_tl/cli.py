@@ -11,6 +11,8 @@ import os
 import sys
 import warnings
 
+from vision_tl.utils import local_rank
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = {
     "demo": ("vision_tl.demo", "generate a synthetic inspection set and train on it (CPU, < 5 min)"),
@@ -51,7 +53,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """The kit's own warnings as one ``warning: ...`` line, without the source line Python
     prints under it; other libraries' warnings as Python shows them."""
     if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE):
-        if int(os.environ.get("LOCAL_RANK", 0) or 0) == 0:  # DDP: every rank meets the same data; say it once
+        if local_rank() == 0:  # DDP: every rank meets the same data; say it once
             print(f"warning: {message}", file=file or sys.stderr)
     else:
         _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
+from vision_tl.utils import local_rank
 from vision_tl.utils.files import atomic_path, atomic_write_text
 
 CACHE_ENV = "VISION_TL_DECODED_CACHE"
@@ -205,8 +206,8 @@ def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: 
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
-        quiet = int(os.environ.get("LOCAL_RANK", 0) or 0) != 0  # DDP: one bar, from the first rank
-        with tqdm(total=len(paths), desc="decoding images (once)", unit="img", disable=quiet) as bar:
+        with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
+                  disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
             for rows, pixels, errors in loader:  # rows come in order: one slice per batch
                 if rows[0] != written:
                     raise RuntimeError(f"decoded rows arrived out of order: {rows[0]} after {written}")

@@ -26,15 +26,15 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
+from vision_tl.utils import local_rank
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
-_UNREADABLE = [0]  # set from the RunArtifacts callback after `predict`
 
 
 def _say(message: str) -> None:
     """Print once per job: DDP runs this command in every rank's process."""
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    if local_rank() == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
         print(message)
 
 
@@ -76,10 +76,8 @@ class SaveRunConfig(SaveConfigCallback):
         init = _logger_init(self.config)
         if init is not None and init.get("version") is not None:
             init.version = None
-        # Absolute, so the run's data and runs folder are the same whichever folder report, export or
-        # a resume runs from.
-        if init is not None and init.get("save_dir"):
-            init.save_dir = str(Path(init.save_dir).expanduser().resolve())
+        # Absolute, so the run's data is the same whichever folder report, export or a resume runs
+        # from (the runs folder already is: see VisionTLCLI.before_instantiate_classes).
         data = self.config.get("data")
         if data is not None and data.get("root"):
             data.root = str(Path(data.root).expanduser().resolve())
@@ -364,7 +362,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
     try:
         with user_errors(extra=(MisconfigurationException,)):
-            _run_cli(argv)
+            unreadable = _run_cli(argv)
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
         # stopped half-way would pass for a finished one in `fit && export` or a job script.
@@ -374,7 +372,7 @@ def run_lightning_cli(argv: list[str]) -> int:
         raise
     _WATCHED_RUNS.clear()
     # Like predict-onnx: the CSV is written, but some images have an error row instead of a prediction.
-    return PARTIAL_EXIT if _UNREADABLE[0] else 0
+    return PARTIAL_EXIT if unreadable else 0
 
 
 # Shown by `vision-tl COMMAND --help` (Lightning's default is the first lines of the Trainer method's docstring).
@@ -393,8 +391,8 @@ _DESCRIPTIONS = {
 }
 
 
-def _run_cli(argv: list[str]) -> None:
-    _UNREADABLE[0] = 0
+def _run_cli(argv: list[str]) -> int:
+    """Run the command; returns how many images `predict` wrote as error rows."""
     cli = VisionTLCLI(
         ImageClassifier,
         ImageFolderDataModule,
@@ -410,7 +408,7 @@ def _run_cli(argv: list[str]) -> None:
         auto_configure_optimizers=False,
     )
     trainer = getattr(cli, "trainer", None)
-    _UNREADABLE[0] = sum(getattr(c, "unreadable", 0) for c in getattr(trainer, "callbacks", []) or [])
+    return sum(getattr(c, "unreadable", 0) for c in getattr(trainer, "callbacks", []) or [])
 
 
 if __name__ == "__main__":
