@@ -153,6 +153,52 @@ def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeyp
     assert seen and set(seen) == {0.5}
 
 
+def test_fit_throttles_the_rich_default_bar_too(inspection_folder, tmp_path, monkeypatch):
+    """Where ``rich`` is installed (most GPU images), Lightning's default bar is RichProgressBar,
+    which reads the loss back after every batch; `vision-tl fit` swaps that one as well."""
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+    from lightning.pytorch.trainer.connectors import callback_connector
+
+    from vision_tl.tasks.callbacks import ThrottledProgressBar
+
+    def rich_default():  # what Lightning builds with rich installed (rich itself need not be)
+        bar = RichProgressBar.__new__(RichProgressBar)
+        ProgressBar.__init__(bar)
+        return bar
+
+    monkeypatch.setattr(callback_connector, "_RICH_AVAILABLE", True)
+    monkeypatch.setattr(callback_connector, "RichProgressBar", rich_default)
+    seen = []
+    original = ThrottledProgressBar.on_train_batch_end
+
+    def spy(self, *args):
+        seen.append(type(self))
+        return original(self, *args)
+
+    monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
+    _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1",
+         "--trainer.enable_model_summary", "false")  # its rich variant would need rich
+    assert seen and set(seen) == {ThrottledProgressBar}
+
+
+def test_fit_keeps_a_progress_bar_the_user_names(inspection_folder, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    rates = []
+    original = TQDMProgressBar.on_train_batch_end
+
+    def spy(self, *args):
+        rates.append((type(self), self.refresh_rate))
+        return original(self, *args)
+
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end", spy)
+    bar = '{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 1}}'
+    _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1",
+         f"--trainer.callbacks+={bar}")
+    assert rates and set(rates) == {(TQDMProgressBar, 1)}
+
+
 def test_failed_fit_leaves_no_empty_run_directory(inspection_folder, tmp_path):
     (tmp_path / "partial" / "version_0").mkdir(parents=True)  # the user's own empty folder stays
     with pytest.raises(SystemExit) as info:

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -48,6 +48,16 @@ class _NoCloudTip(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoCloudTip())
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def _user_progress_bar(config) -> bool:
+    """Whether the run's config names a progress bar among ``trainer.callbacks`` (kept as given)."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    callbacks = (trainer.get("callbacks") if hasattr(trainer, "get") else None) or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    names = [str(c.get("class_path", "")) if hasattr(c, "get") else type(c).__name__ for c in callbacks]
+    return any(name.endswith("ProgressBar") for name in names)
 
 
 def _logger_init(config):
@@ -216,10 +226,16 @@ class VisionTLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
-        make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`)."""
+        make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`).
+
+        Lightning's default is ``RichProgressBar`` where ``rich`` is installed (common on GPU
+        machines) and ``TQDMProgressBar`` elsewhere; both redraw after every batch.
+        """
         trainer = super().instantiate_trainer(**kwargs)
+        if _user_progress_bar(self.config.get(self.subcommand, self.config)):
+            return trainer
         for i, callback in enumerate(trainer.callbacks):
-            if type(callback) is TQDMProgressBar and callback.refresh_rate == 1:
+            if type(callback) in (TQDMProgressBar, RichProgressBar):
                 trainer.callbacks[i] = ThrottledProgressBar()
         return trainer
 
