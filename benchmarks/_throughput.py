@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -60,6 +63,45 @@ class ThroughputMeter(L.Callback):
     @property
     def rate(self) -> float:
         return self.images / self.seconds if self.seconds else float("nan")
+
+
+class SyncAudit(L.Callback):
+    """Where the CPU waits for the GPU between training steps: PyTorch's sync debug mode turns
+    each such wait into a warning; this records the kit's or Lightning's line that caused it,
+    over training batches ``first`` to ``last`` of the first epoch, into ``out`` (JSON).
+
+    A fast pipeline has none per step: each wait stops the CPU from queueing the next
+    batch's copy and kernels while the GPU computes.
+    """
+
+    def __init__(self, out: str, first: int = 3, last: int = 12) -> None:
+        self.out, self.first, self.last = out, first, last
+        self.sites: Counter[str] = Counter()
+        self._context = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "Synchronization debug mode" in str(message) and "prototype" in str(message):
+            return  # the mode's own one-time notice
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "/warnings.py" not in f.filename and "_throughput.py" not in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
+        self.sites[f"{str(message).splitlines()[0][:60]} at {where}"] += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda" and trainer.current_epoch == 0 and batch_idx == self.first:
+            self._context = warnings.catch_warnings()
+            self._context.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._context is not None and (batch_idx >= self.last or batch_idx + 1 == trainer.num_training_batches):
+            torch.cuda.set_sync_debug_mode(0)
+            self._context.__exit__(None, None, None)
+            self._context = None
+            steps = batch_idx - self.first + 1
+            Path(self.out).write_text(json.dumps({"steps": steps, "sites": dict(self.sites.most_common(8))}))
 
 
 def plain_net(backbone: str, num_classes: int, mode: str, device: str, channels_last: bool) -> nn.Module:

@@ -5,11 +5,13 @@
 2. Measures the plain PyTorch upper bound on the GPU: bf16 autocast, channels_last,
    batch 256, tensors already on the device -- training for ``partial`` and ``full``,
    inference for ``frozen``.
-3. Runs the kit's ``fit`` (device pipeline: decoded-image cache, pinned memory,
+3. Runs the kit's ``fit`` (device pipeline: decoded-image cache, pixels kept on the GPU,
    on-device augmentation, bf16-mixed, channels_last) per mode and reports steady-state
    images/s (epochs after the first, which fills the decoded cache), the ratio to the
-   bound, and peak GPU memory; then ``extract`` over the JPEGs (bf16, no feature cache)
-   against the inference bound, end to end and in steady state (after its first batches).
+   bound, peak GPU memory and the CPU's waits for the GPU per training step; ``partial``
+   once more through loader processes (``--data.pixels_on_device false``); then
+   ``extract`` over the JPEGs (bf16, no feature cache) against the inference bound, end
+   to end and in steady state (after its first batches).
 4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
@@ -91,6 +93,13 @@ def checks(args, root: Path) -> None:
     pixel_error = float((x.cpu() - x_ref).abs().max())
     if not torch.equal(y.cpu(), y_ref) or pixel_error > 1e-5:
         raise SystemExit(f"device pipeline differs from the CPU pipeline (max error {pixel_error:g})")
+    resident = ImageFolderDataModule(str(root), pipeline="device", decoded_cache=str(args.cache),
+                                     pixels_on_device=True, **common)
+    resident.setup("fit")
+    rows = next(iter(resident.val_dataloader()))
+    x_rows, y_rows = resident.on_after_batch_transfer(resident.transfer_batch_to_device(rows, device, 0), 0)
+    if not (torch.equal(x_rows, x) and torch.equal(y_rows, y)):
+        raise SystemExit("batches gathered from the pixels on the device differ from the loader's")
     syncs = host_syncs(fast, batch, device) if args.device == "cuda" else []
     model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").eval()
     pre = resolve_preprocessing(args.backbone, args.size)
@@ -144,17 +153,19 @@ def bounds(args, num_classes: int) -> dict[str, float]:
     return out
 
 
-def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
-    """Steady-state training images/s of the user's ``vision-tl fit`` command and the peak
-    GPU memory in GiB: the mode's recipe plus ``configs/gpu.yaml`` (on a GPU), run in this
-    process with a throughput meter added to the trainer's callbacks."""
+def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[float, float, dict]:
+    """Steady-state training images/s of the user's ``vision-tl fit`` command, the peak GPU
+    memory in GiB and where the CPU waited for the GPU (``SyncAudit``): the mode's recipe plus
+    ``configs/gpu.yaml`` (on a GPU), run in this process with a throughput meter and the
+    audit added to the trainer's callbacks."""
     import tempfile
 
     from vision_tl.cli import main as vision_tl
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rate.json"
+        out, waits = Path(tmp) / "rate.json", Path(tmp) / "syncs.json"
         meter = {"class_path": "_throughput.ThroughputMeter", "init_args": {"skip_epochs": 1, "out": str(out)}}
+        audit = {"class_path": "_throughput.SyncAudit", "init_args": {"out": str(waits)}}
         argv = ["fit", "--config", str(CONFIGS / f"{mode}.yaml")]
         if args.device == "cuda":
             argv += ["--config", str(CONFIGS / "gpu.yaml"), "--data.pipeline", args.pipeline]
@@ -167,7 +178,8 @@ def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
                  # frozen without the feature cache: the backbone runs on every batch (the
                  # inference-bound path); with the cache (the default) epochs cost ~nothing
                  "--model.feature_cache", "null", "--trainer.max_epochs", str(args.epochs),
-                 "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}"]
+                 "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}",
+                 f"--trainer.callbacks+={json.dumps(audit)}", *extra]
         if args.workers is not None:
             argv += ["--data.num_workers", str(args.workers)]
         if args.compile:  # compiling happens in the first epoch, which is not timed
@@ -177,7 +189,14 @@ def kit_rate(args, root: Path, mode: str) -> tuple[float, float]:
         if vision_tl(argv) != 0:
             raise SystemExit(f"fit failed: vision-tl {' '.join(argv)}")
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-        return json.loads(out.read_text())["images_per_second"], peak
+        syncs = json.loads(waits.read_text()) if waits.exists() else {}
+        return json.loads(out.read_text())["images_per_second"], peak, syncs
+
+
+def waits_per_step(syncs: dict) -> str:
+    if not syncs:
+        return "n/a"
+    return f"{sum(syncs['sites'].values()) / max(1, syncs['steps']):.1f}"
 
 
 def extract_rate(args, root: Path) -> tuple[float, float]:
@@ -230,13 +249,16 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
              f"--epochs {args.epochs}{' --compile' if args.compile else ''}` — {args.backbone}, {args.size} px, "
              f"batch {args.batch}, bf16, channels_last{'; the kit with torch.compile, the bound eager' if args.compile else ''}.",
              "",
-             "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) |",
-             "| --- | --- | --- | --- | --- |"]
-    for mode in ("frozen", "partial", "full", "extract", "extract, steady state"):
-        rate, peak = kit[mode]
+             "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) | CPU waits for the GPU per step |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for mode, (rate, peak, syncs) in kit.items():
         kind = "inference" if mode.startswith(("frozen", "extract")) else "train"
-        bound_rate = bound["frozen" if mode.startswith("extract") else mode]
-        lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} |")
+        bound_rate = bound["frozen" if mode.startswith("extract") else mode.split(",")[0]]
+        lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} "
+                     f"| {waits_per_step(syncs)} |")
+    sites = {site: n for _, _, syncs in kit.values() for site, n in (syncs or {}).get("sites", {}).items()}
+    if sites:
+        lines += ["", "Where the CPU waited: " + "; ".join(f"{site} ({n}x)" for site, n in sites.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -267,12 +289,16 @@ def main() -> None:
     bound = bounds(args, num_classes=4)
     print("plain-loop bounds:", {k: round(v) for k, v in bound.items()}, flush=True)
     kit = {}
-    for mode in ("frozen", "partial", "full"):
-        kit[mode] = kit_rate(args, root, mode)
-        print(f"kit {mode}: {kit[mode][0]:,.0f} img/s (ratio {kit[mode][0] / bound[mode]:.2f})", flush=True)
-    kit["extract"] = extract_rate(args, root)
+    runs = [("frozen", "frozen", ()), ("partial", "partial", ()), ("full", "full", ())]
+    if args.pipeline == "device":
+        runs.append(("partial, loader processes", "partial", ("--data.pixels_on_device", "false")))
+    for label, mode, extra in runs:
+        kit[label] = kit_rate(args, root, mode, extra)
+        print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
+              f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}", flush=True)
+    kit["extract"] = (*extract_rate(args, root), {})
     print(f"extract: {kit['extract'][0]:,.0f} img/s (ratio {kit['extract'][0] / bound['frozen']:.2f})", flush=True)
-    kit["extract, steady state"] = extract_steady_rate(args, root)
+    kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
     print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = report(args, name, bound, kit)

@@ -92,6 +92,47 @@ def test_device_pipeline_trains_end_to_end_on_cpu(inspection_folder, tmp_path):
     assert trainer.state.finished and "val" in model.eval_results
 
 
+def test_pixels_on_device_serve_the_loaders_batches(inspection_folder, tmp_path):
+    """With the decoded pixels kept on the device, the loader sends only row numbers (no
+    workers), and the batches gathered on the device are the loader's own, image for image."""
+    common = {"pipeline": "device", "decoded_cache": str(tmp_path), "augment": "inspection"}
+    loader_dm, device_dm = _dm(inspection_folder, **common), _dm(inspection_folder, pixels_on_device=True, **common)
+    for split in ("train", "val"):
+        loader = getattr(device_dm, f"{split}_dataloader")()
+        assert loader.num_workers == 0
+        for ref, batch in zip(getattr(loader_dm, f"{split}_dataloader")(), loader, strict=True):
+            assert isinstance(batch, dc.PixelRows) and batch.rows.dtype == torch.int64
+            pixels = device_dm._pixels_on(batch.source, batch.rows.device).index_select(0, batch.rows)
+            assert torch.equal(pixels.permute(0, 3, 1, 2), ref[0]) and torch.equal(batch.labels, ref[1])
+            if split == "val":  # normalised (not augmented) exactly as the loader's batch
+                x, y = device_dm.on_after_batch_transfer(batch, 0)
+                assert torch.equal(x, loader_dm.on_after_batch_transfer(ref, 0)[0]) and torch.equal(y, ref[1])
+    device_dm.teardown("fit")
+    assert device_dm._device_pixels == {}
+
+
+def test_pixels_on_device_train_end_to_end(inspection_folder, tmp_path):
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0, batch_size=8,
+                               pipeline="device", decoded_cache=str(tmp_path / "c"), pixels_on_device=True)
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="full")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.state.finished and "val" in model.eval_results
+    assert len(model.eval_outputs["val"]["labels"]) == len(dm.splits["val"])
+
+
+def test_pixels_on_device_auto_stays_off_without_a_gpu(inspection_folder, tmp_path):
+    dm = _dm(inspection_folder, pipeline="device", decoded_cache=str(tmp_path))
+    assert not isinstance(next(iter(dm.train_dataloader())), dc.PixelRows)
+
+
+@pytest.mark.parametrize("kwargs", [{"pipeline": "cpu", "decoded_cache": True}, {"pipeline": "device"}])
+def test_pixels_on_device_needs_the_device_pipeline_and_the_cache(inspection_folder, kwargs):
+    with pytest.raises(ValueError, match="pixels_on_device .* needs pipeline 'device' or 'auto'"):
+        ImageFolderDataModule(str(inspection_folder), backbone=TINY, pixels_on_device=True, **kwargs)
+
+
 def test_unknown_pipeline_is_rejected(inspection_folder):
     with pytest.raises(ValueError, match="expected one of: auto, cpu, device"):
         ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="gpu")

@@ -27,6 +27,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -222,6 +223,25 @@ def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: 
     return sorted(bad), crc
 
 
+class PixelRows(NamedTuple):
+    """A batch named by its rows of a decoded cache whose pixels are already on the device
+    (``DecodedImageDataset(rows_only=True)``); the data module gathers the pixels there."""
+
+    rows: torch.Tensor
+    labels: torch.Tensor
+    source: str
+
+
+def pixels_to(pixels: np.ndarray, device: torch.device, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """A copy of ``[N, H, W, 3]`` uint8 pixels in ``device`` memory, moved in chunks (no second
+    full copy in host memory)."""
+    out = torch.empty(pixels.shape, dtype=torch.uint8, device=device)
+    step = max(1, chunk_bytes // max(1, int(np.prod(pixels.shape[1:]))))
+    for start in range(0, len(pixels), step):
+        out[start:start + step].copy_(torch.from_numpy(np.array(pixels[start:start + step])))
+    return out
+
+
 class DecodedImageDataset(Dataset):
     """Samples from a decoded cache; ``__getitems__`` slices a whole batch at once.
 
@@ -231,10 +251,16 @@ class DecodedImageDataset(Dataset):
         indices: rows to serve (bad images left out).
         transform: ``uint8 HxWx3 -> tensor`` for per-sample CPU augmentation, or
             ``None`` to serve uint8 ``[3, H, W]`` tensors for on-device augmentation.
+        rows_only: serve batches as :class:`PixelRows` (row numbers, labels and ``source``)
+            instead of pixels, for a copy of ``pixels`` kept on the device.
+        source: the name ``PixelRows`` batches carry (the split).
     """
 
-    def __init__(self, pixels: np.ndarray, labels: list[int], indices: list[int], transform=None) -> None:
-        self.pixels, self.transform = pixels, transform
+    def __init__(self, pixels: np.ndarray, labels: list[int], indices: list[int], transform=None,
+                 rows_only: bool = False, source: str = "") -> None:
+        if rows_only and transform is not None:
+            raise ValueError("rows_only batches are augmented on the device: pass transform=None")
+        self.pixels, self.transform, self.rows_only, self.source = pixels, transform, rows_only, source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.indices]
 
@@ -257,6 +283,8 @@ class DecodedImageDataset(Dataset):
         positions = np.asarray(batch, dtype=np.int64)
         order = np.argsort(self.indices[positions], kind="stable")
         rows, labels = self.indices[positions[order]], self.labels[positions[order]]
+        if self.rows_only:  # the same rows, in the same order, gathered later on the device
+            return [PixelRows(torch.from_numpy(rows), torch.from_numpy(labels), self.source)]
         out = pixel_batch_buffer((len(rows), *self.pixels.shape[1:]))
         np.take(self.pixels, rows, axis=0, out=out.numpy())
         return [(out.permute(0, 3, 1, 2), torch.from_numpy(labels))]  # one pre-collated batch
