@@ -133,6 +133,55 @@ def test_pixels_on_device_needs_the_device_pipeline_and_the_cache(inspection_fol
         ImageFolderDataModule(str(inspection_folder), backbone=TINY, pixels_on_device=True, **kwargs)
 
 
+class _ReadBacks(L.Callback):
+    """Counts operations that read a value back to Python (``.item()``, ``bool(t)``, masks):
+    on a GPU each makes the CPU wait for every queued kernel, so training steps must have none.
+    Watches training batches 1-4 (copy, augmentation, step and Lightning's loop between them).
+    The optimizer's step counters are left out: they stay in CPU memory on a GPU too."""
+
+    def __init__(self) -> None:
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.calls: list[str] = []
+        calls = self.calls
+
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"):
+                    frames = traceback.extract_stack()[:-1]
+                    if not any("/torch/optim/" in f.filename.replace("\\", "/") for f in frames):
+                        calls.append(f"{func.__name__} at {frames[-2].filename}:{frames[-2].lineno}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.active = Watch(), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1 and trainer.current_epoch == 0:
+            self.mode.__enter__()
+            self.active = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.active and batch_idx == 4:
+            self.mode.__exit__(None, None, None)
+            self.active = False
+
+
+@pytest.mark.parametrize("pixels_on_device", [False, True])
+def test_training_steps_never_read_values_back_from_the_device(inspection_folder, tmp_path, pixels_on_device):
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0, batch_size=4,
+                               pipeline="device", decoded_cache=str(tmp_path / "c"), pixels_on_device=pixels_on_device)
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="partial")
+    watch = _ReadBacks()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=50,
+                        callbacks=[watch])
+    trainer.fit(model, datamodule=dm)
+    assert not watch.active and watch.calls == []
+    assert model.last_train_loss is not None and torch.isfinite(model.last_train_loss)
+
+
 def test_unknown_pipeline_is_rejected(inspection_folder):
     with pytest.raises(ValueError, match="expected one of: auto, cpu, device"):
         ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="gpu")

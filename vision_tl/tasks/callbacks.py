@@ -195,11 +195,13 @@ class GradualUnfreezing(BaseFinetuning):
 class ThrottledProgressBar(TQDMProgressBar):
     """Lightning's progress bar, redrawn during training at most every ``min_interval`` seconds.
 
-    Every redraw reads the logged loss back from the device, which makes the CPU wait for
+    Every redraw reads the training loss back from the device, which makes the CPU wait for
     the GPU to finish the step. Redrawn after every batch, that wait stops the CPU from
     queueing the next batch's copy and kernels ahead of time; on a GPU fast enough for a
     step to take milliseconds, it costs a large share of the throughput. ``vision-tl fit``
-    uses this bar in place of Lightning's default.
+    uses this bar in place of Lightning's default. The loss shown is the model's
+    ``last_train_loss`` (the classifier logs ``train/loss`` without Lightning's every-step
+    progress-bar read-back).
     """
 
     def __init__(self, min_interval: float = 0.5, **kwargs) -> None:
@@ -214,3 +216,10 @@ class ThrottledProgressBar(TQDMProgressBar):
         if last or now - self._last_draw >= self.min_interval:
             self._last_draw = now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            items["train/loss"] = f"{loss.item():.3g}"  # read back here, at most every min_interval
+        return items

@@ -171,6 +171,7 @@ class ImageClassifier(L.LightningModule):
         self.eval_outputs: dict[str, dict[str, np.ndarray]] = {}
         self._eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.threshold: float | None = None
+        self.last_train_loss: torch.Tensor | None = None  # for progress bars (see training_step)
         self.register_buffer("loss_weights", torch.ones(len(self.classes)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +275,11 @@ class ImageClassifier(L.LightningModule):
                 return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         loss = self._loss(self._logits(x), y)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        # Not prog_bar=True: Lightning would read a progress-bar value back from the device after
+        # every step, so the CPU could never queue the next step while the GPU computes. The
+        # time-throttled bar of `vision-tl fit` shows ``last_train_loss`` instead.
+        self.log("train/loss", loss, batch_size=len(y))
+        self.last_train_loss = loss.detach()
         return loss
 
     def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
