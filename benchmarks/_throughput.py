@@ -82,7 +82,7 @@ class SyncAudit(L.Callback):
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
         if "Synchronization debug mode" in str(message) and "prototype" in str(message):
             return  # the mode's own one-time notice
-        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+        frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename
                   and "/warnings.py" not in f.filename and "_throughput.py" not in f.filename]
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
         self.sites[f"{str(message).splitlines()[0][:60]} at {where}"] += 1
