@@ -243,7 +243,36 @@ def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
     return rate, peak
 
 
-def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float]]) -> str:
+def augment_ms(args, reps: int = 20) -> float:
+    """Median milliseconds of the ``inspection`` batch augmentation (with normalisation) on one
+    uint8 channels-last batch on the device, the work the kit adds to each training step."""
+    from vision_tl.backbones import resolve_preprocessing
+    from vision_tl.data.batch_augment import BatchAugment
+
+    device = torch.device(args.device)
+    augment = BatchAugment.from_preset("inspection", resolve_preprocessing(args.backbone, args.size)).to(device)
+    x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0)).to(device).permute(0, 3, 1, 2)
+    times = []
+    for i in range(reps + 3):
+        if args.device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            augment(x)
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end)
+        else:
+            start = time.perf_counter()
+            augment(x)
+            elapsed = 1000 * (time.perf_counter() - start)
+        if i >= 3:  # warm-up left out
+            times.append(elapsed)
+    return float(np.median(times))
+
+
+def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float]],
+           augment: float) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
              f"`python benchmarks/gpu_throughput.py --images {args.images} --batch {args.batch} "
              f"--epochs {args.epochs}{' --compile' if args.compile else ''}` — {args.backbone}, {args.size} px, "
@@ -256,6 +285,9 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
         bound_rate = bound["frozen" if mode.startswith("extract") else mode.split(",")[0]]
         lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} "
                      f"| {waits_per_step(syncs)} |")
+    step = 1000 * args.batch / bound["frozen"]
+    lines += ["", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
+              f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
     sites = {site: n for _, _, syncs in kit.values() for site, n in (syncs or {}).get("sites", {}).items()}
     if sites:
         lines += ["", "Where the CPU waited: " + "; ".join(f"{site} ({n}x)" for site, n in sites.items())]
@@ -302,8 +334,10 @@ def main() -> None:
     print(f"extract: {kit['extract'][0]:,.0f} img/s (ratio {kit['extract'][0] / bound['frozen']:.2f})", flush=True)
     kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
     print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
+    augment = augment_ms(args)
+    print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    table = report(args, name, bound, kit)
+    table = report(args, name, bound, kit, augment)
     print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")
     if not args.no_write and args.device == "cuda":
         with open(RESULTS, "a") as fh:

@@ -10,6 +10,7 @@ per-image CPU work. Normalisation uses the backbone's mean and std.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,12 +18,25 @@ from vision_tl.backbones import Preprocessing
 from vision_tl.data.transforms import normalisation
 
 
-def _coin(n: int, p: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, device=device, generator=generator) < p
+def _coin(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < p
 
 
-def _uniform(n: int, low: float, high: float, device, generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, device=device, generator=generator)
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _rows(picked: torch.Tensor) -> torch.Tensor:
+    """Indices of the picked images, found on the host (numpy: never a device operation)."""
+    return torch.from_numpy(np.flatnonzero(picked.numpy()))
+
+
+def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Small host tensors on ``device`` without a wait: pinned, then copied asynchronously (the
+    pinned buffers are held until the copy is done by PyTorch's host allocator)."""
+    if device.type == "cpu":
+        return list(tensors)
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 class BatchAugment(nn.Module):
@@ -54,9 +68,8 @@ class BatchAugment(nn.Module):
         mean, inv_std = (torch.from_numpy(a).view(1, 3, 1, 1) for a in normalisation(preprocessing))
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", inv_std, persistent=False)
-        # Constants live on the module's device: a tensor built from host data inside forward
-        # would be a blocking copy, i.e. a wait for the GPU on every batch.
-        self.register_buffer("dihedral", _DIHEDRAL.clone(), persistent=False)
+        # A constant on the module's device: a tensor built from host data inside forward would
+        # be a blocking copy, i.e. a wait for the GPU on every batch (see _to for the random draws).
         self.register_buffer("taps", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
 
     @classmethod
@@ -80,8 +93,11 @@ class BatchAugment(nn.Module):
 
         The result keeps the batch's memory layout (channels_last batches from the
         loaders stay channels_last for the GPU), except on a CPU, where it is contiguous
-        NCHW as CPU convolutions expect. Nothing here waits for the device, so on a GPU
-        the next batch is augmented while the previous step still runs.
+        NCHW as CPU convolutions expect. The random choices are drawn on the CPU (from
+        ``generator``, a CPU generator, or the global one), so which images a step touches
+        is known without asking the device: gamma, noise and blur run on those images
+        only, and nothing here waits for the GPU, so the next batch is augmented while the
+        previous step still runs.
         """
         if x.device.type == "cpu":
             x = x.contiguous()
@@ -95,15 +111,15 @@ class BatchAugment(nn.Module):
     def _geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
         """Horizontal flip, vertical flip, then 0-3 quarter turns (the albumentations order and
         probabilities), applied as the equivalent transpose + flips: three passes instead of ten."""
-        n, dev = len(x), x.device
-        h = _coin(n, 0.5, dev, generator).long()
-        v = _coin(n, self.p_vflip, dev, generator).long()
+        n = len(x)
+        h = _coin(n, 0.5, generator).long()
+        v = _coin(n, self.p_vflip, generator).long()
         square = x.shape[2] == x.shape[3] and self.p_rot90 > 0  # turns keep only square shapes
-        k = torch.zeros(n, dtype=torch.long, device=dev)
+        k = torch.zeros(n, dtype=torch.long)
         if square:
-            k = torch.randint(0, 4, (n,), device=dev, generator=generator)
-            k = torch.where(_coin(n, self.p_rot90, dev, generator), k, torch.zeros_like(k))
-        table = self.dihedral.to(dev)[h + 2 * v + 4 * k]  # [n, 3]: transpose, flip W, flip H
+            k = torch.randint(0, 4, (n,), generator=generator)
+            k = torch.where(_coin(n, self.p_rot90, generator), k, torch.zeros_like(k))
+        (table,) = _to(x.device, _DIHEDRAL[h + 2 * v + 4 * k])  # [n, 3]: transpose, flip W, flip H
         shape = (n, 1, 1, 1)
         if square:
             x = torch.where(~table[:, 0].view(shape), x, x.transpose(2, 3))  # keeps x's layout
@@ -113,29 +129,47 @@ class BatchAugment(nn.Module):
     def _photometric(self, x: torch.Tensor, generator) -> torch.Tensor:
         """Brightness/contrast, gamma, noise, blur; ``x`` uint8 or float on the 0..255 scale.
 
-        Samples a step skips get identity parameters (contrast 1, brightness 0, noise 0),
-        which leave them bit-for-bit unchanged, so most steps need no masked copy.
+        Brightness/contrast (most images) runs on the whole batch, with identity parameters
+        (contrast 1, brightness 0) for the images it skips, which leaves them bit-for-bit
+        unchanged. Gamma, noise and blur fire for a minority of images: each runs on the
+        images it picked alone (gathered, changed, written back), about a quarter of the
+        work of computing it for every image and masking.
         """
-        n, dev = len(x), x.device
+        n = len(x)
         shape = (n, 1, 1, 1)
-        on = _coin(n, self.p_bc, dev, generator).view(shape)
-        alpha = 1.0 + _uniform(n, -self.contrast, self.contrast, dev, generator).view(shape)
-        beta = 255.0 * _uniform(n, -self.brightness, self.brightness, dev, generator).view(shape)
-        alpha, beta = torch.where(on, alpha, 1.0), torch.where(on, beta, 0.0)
-        x = torch.addcmul(beta, x, alpha).clamp_(0, 255)  # also the conversion to float32
-        on = _coin(n, self.p_gamma, dev, generator).view(shape)
-        g = _uniform(n, self.gamma[0] / 100, self.gamma[1] / 100, dev, generator).view(shape)
-        x = torch.where(on, x.div(255.0).pow_(g).mul_(255.0), x)
-        on = _coin(n, self.p_noise, dev, generator).view(shape)
-        std = torch.where(on, 255.0 * _uniform(n, *self.noise_std, dev, generator).view(shape), 0.0)
-        x.addcmul_(torch.empty_like(x).normal_(generator=generator), std).clamp_(0, 255)
-        if self.p_blur > 0:
-            x = torch.where(_coin(n, self.p_blur, dev, generator).view(shape), self._blur(x, generator), x)
+        on = _coin(n, self.p_bc, generator)
+        alpha = torch.where(on, 1.0 + _uniform(n, -self.contrast, self.contrast, generator), 1.0)
+        beta = torch.where(on, 255.0 * _uniform(n, -self.brightness, self.brightness, generator), 0.0)
+        gamma_rows = _rows(_coin(n, self.p_gamma, generator))
+        gamma = _uniform(len(gamma_rows), self.gamma[0] / 100, self.gamma[1] / 100, generator)
+        noise_rows = _rows(_coin(n, self.p_noise, generator))
+        std = 255.0 * _uniform(len(noise_rows), *self.noise_std, generator)
+        blur_rows = _rows(_coin(n, self.p_blur, generator))
+        sigma = _uniform(1, 0.5, 3.0, generator)  # one draw per batch
+        alpha, beta, gamma_rows, gamma, noise_rows, std, blur_rows, sigma = _to(
+            x.device, alpha, beta, gamma_rows, gamma, noise_rows, std, blur_rows, sigma)
+        x = torch.addcmul(beta.view(shape), x, alpha.view(shape)).clamp_(0, 255)  # also the conversion to float32
+        # Per-image steps work on an NHWC view of channels-last batches: rows gathered from it
+        # and written back are contiguous blocks.
+        nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        view = x.permute(0, 2, 3, 1) if nhwc else x
+        if len(gamma_rows):
+            part = view.index_select(0, gamma_rows)
+            part = part.div_(255.0).pow_(gamma.view(-1, 1, 1, 1)).mul_(255.0)
+            view.index_copy_(0, gamma_rows, part)
+        if len(noise_rows):
+            part = view.index_select(0, noise_rows)
+            noise_generator = generator if generator is not None and generator.device == x.device else None
+            noise = torch.empty_like(part).normal_(generator=noise_generator)
+            view.index_copy_(0, noise_rows, part.addcmul_(noise, std.view(-1, 1, 1, 1)).clamp_(0, 255))
+        if len(blur_rows):
+            part = view.index_select(0, blur_rows)
+            blurred = self._blur(part.permute(0, 3, 1, 2) if nhwc else part, sigma)
+            view.index_copy_(0, blur_rows, blurred.permute(0, 2, 3, 1) if nhwc else blurred)
         return x
 
-    def _blur(self, x: torch.Tensor, generator) -> torch.Tensor:
-        """3x3 Gaussian blur, sigma uniform in 0.5..3 (one draw per batch), reflected borders."""
-        sigma = _uniform(1, 0.5, 3.0, x.device, generator)  # a tensor: no wait for the device
+    def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """3x3 Gaussian blur with standard deviation ``sigma`` (a 1-element tensor), reflected borders."""
         t = self.taps.to(x.device)
         k1 = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
