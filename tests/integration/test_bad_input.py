@@ -576,6 +576,13 @@ def cli_gpu_config_without_gpu(w: World, tmp: Path) -> Result:
                      "--trainer.accelerator gpu", "sees none", "leave out configs/gpu.yaml")
 
 
+def cli_pixels_on_device_with_cpu_pipeline(w: World, tmp: Path) -> Result:
+    result = cli_error(w.fit_args(w.data, tmp / "runs", "--data.pipeline", "cpu", "--data.pixels_on_device", "true"),
+                       "pixels_on_device", "pipeline 'device' or 'auto'", "decoded_cache")
+    assert not (tmp / "runs").exists()
+    return result
+
+
 def cli_file_as_data_root(w: World, tmp: Path) -> Result:
     image = next((w.data / "good").iterdir())
     return cli_error(w.fit_args(image, tmp / "runs"), str(image), "one sub-folder per class")
@@ -721,6 +728,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-config-not-mapping", "config file empty, not YAML, or 'model: 3'", "CLI", cli_config_not_a_mapping),
     ("cli-negative-workers", "--data.num_workers -1", "CLI", cli_negative_workers),
     ("cli-gpu-without-gpu", "configs/gpu.yaml on a machine without a GPU", "CLI", cli_gpu_config_without_gpu),
+    ("cli-pixels-on-device-cpu", "--data.pixels_on_device true with the CPU pipeline", "CLI",
+     cli_pixels_on_device_with_cpu_pipeline),
     ("cli-file-as-root", "image file where the data folder is expected", "CLI", cli_file_as_data_root),
     ("cli-truncated-in-data", "truncated image inside the training data", "CLI", cli_truncated_image_in_data),
     ("cli-ckpt-other-classes", "checkpoint trained on 4 classes, data with 3", "CLI", cli_checkpoint_other_classes),
