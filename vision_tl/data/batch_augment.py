@@ -34,8 +34,8 @@ def _rows(picked: torch.Tensor) -> torch.Tensor:
 def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Small host tensors on ``device`` without a wait: pinned, then copied asynchronously (the
     pinned buffers are held until the copy is done by PyTorch's host allocator)."""
-    if device.type == "cpu":
-        return list(tensors)
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
     return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
