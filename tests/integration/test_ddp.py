@@ -73,8 +73,11 @@ def test_ddp_fit_writes_one_run_and_gathers_metrics_like_one_process(odd_folder,
 
     # The same checkpoint tested by 2 ranks and by 1 process gives the same figures, report and
     # threshold choice: every image counted once, all ranks' outputs gathered in order.
+    # The 2-rank run reads through the decoded-image cache (one process per machine builds it,
+    # the other waits at a barrier): the figures must not change.
     two = _cli("test", *odd, "--ckpt_path", str(ckpt), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-               cwd=tmp_path)
+               "--data.decoded_cache", str(tmp_path / "decoded"), cwd=tmp_path)
+    assert len(list((tmp_path / "decoded").glob("*.npy"))) == 1  # the val split, decoded once
     one = _cli("test", *odd, "--ckpt_path", str(ckpt), "--trainer.devices", "1", cwd=tmp_path)
     a = _validate_metrics(two, tmp_path / "frozen" / "version_1")["test"]
     b = _validate_metrics(one, tmp_path / "frozen" / "version_2")["test"]

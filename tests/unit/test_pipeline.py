@@ -80,6 +80,11 @@ def test_bad_images_in_the_cache_are_named_or_skipped(inspection_folder, tmp_pat
         dm.dataset("train"), dm.dataset("val")
     dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c2"), skip_bad_images=True)
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == 4 * 12 - 1
+    # reports name each row's image (predictions_test.csv had an empty path column with the cache)
+    for split in ("train", "val"):
+        ds = dm.dataset(split)
+        kept = [s for s in dm.splits[split] if s.path.name != "good_0003.png"]
+        assert [s.path for s in ds.samples] == [s.path for s in kept] and len(ds.samples) == len(ds)
 
 
 def test_device_pipeline_trains_end_to_end_on_cpu(inspection_folder, tmp_path):
@@ -180,6 +185,30 @@ def test_training_steps_never_read_values_back_from_the_device(inspection_folder
     trainer.fit(model, datamodule=dm)
     assert not watch.active and watch.calls == []
     assert model.last_train_loss is not None and torch.isfinite(model.last_train_loss)
+
+
+@pytest.mark.parametrize("local_rank, expected", [(0, ["decode", "barrier"]), (1, ["barrier", "decode"])])
+def test_under_ddp_one_process_per_machine_decodes_first(inspection_folder, tmp_path, monkeypatch, local_rank,
+                                                          expected):
+    """The first process of a machine builds the decoded cache; the others wait at a barrier and
+    then find the file built (every rank decoding the same images wasted the machine's cores)."""
+    from types import SimpleNamespace
+
+    from vision_tl.data import datamodule as dm_module
+
+    events: list[str] = []
+    real = dm_module.decoded_images
+
+    def recording(*args, **kwargs):
+        events.append("decode")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dm_module, "decoded_images", recording)
+    dm = _dm(inspection_folder, pipeline="cpu", decoded_cache=str(tmp_path))
+    dm.trainer = SimpleNamespace(world_size=2, local_rank=local_rank,
+                                 strategy=SimpleNamespace(barrier=lambda name: events.append("barrier")))
+    assert len(dm.dataset("train")) == len(dm.splits["train"])
+    assert events == expected
 
 
 def test_unknown_pipeline_is_rejected(inspection_folder):

@@ -318,10 +318,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         samples = self._split(split) if isinstance(split, str) else split
         if not self.hparams.decoded_cache:
             return ImageDataset(samples, transform, self.hparams.skip_bad_images)
-        cache_dir = None if self.hparams.decoded_cache is True else self.hparams.decoded_cache
-        pixels, bad = decoded_images([s.path for s in samples], [s.sha256 for s in samples],
-                                     self.preprocessing.input_size, self.preprocessing.interpolation,
-                                     cache_dir, self.num_workers)
+        pixels, bad = self._decoded(samples)
         if bad and not self.hparams.skip_bad_images:
             names = ", ".join(str(samples[i].path) for i in bad[:5])
             raise ImageLoadError(f"{len(bad)} image(s) could not be decoded: {names}. "
@@ -333,7 +330,25 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise ValueError("rows_only needs the device pipeline and a split name")
             self._host_pixels[split] = pixels
         return DecodedImageDataset(pixels, [s.label for s in samples], keep, None if on_device else transform,
-                                   rows_only=rows_only, source=split if rows_only else "")
+                                   rows_only=rows_only, source=split if rows_only else "", samples=samples)
+
+    def _decoded(self, samples: list[Sample]) -> tuple[np.ndarray, list[int]]:
+        """The samples' decoded-cache pixels. Under DDP the first process of each machine decodes
+        the images; the others wait for it and then only open the finished file."""
+        cache_dir = None if self.hparams.decoded_cache is True else self.hparams.decoded_cache
+
+        def decode() -> tuple[np.ndarray, list[int]]:
+            return decoded_images([s.path for s in samples], [s.sha256 for s in samples],
+                                  self.preprocessing.input_size, self.preprocessing.interpolation,
+                                  cache_dir, self.num_workers)
+
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return decode()
+        first = trainer.local_rank == 0
+        result = decode() if first else None
+        trainer.strategy.barrier("vision_tl-decoded-cache")
+        return result if first else decode()
 
     def _keep_pixels_on_device(self, split: str | list[Sample]) -> bool:
         """Whether ``split``'s loader serves :class:`PixelRows` (see ``pixels_on_device``)."""

@@ -254,15 +254,18 @@ class DecodedImageDataset(Dataset):
         rows_only: serve batches as :class:`PixelRows` (row numbers, labels and ``source``)
             instead of pixels, for a copy of ``pixels`` kept on the device.
         source: the name ``PixelRows`` batches carry (the split).
+        samples: what each row of ``pixels`` is (e.g. the image's path and label); ``samples``
+            then lists those of the served rows, in order, for reports that name the images.
     """
 
     def __init__(self, pixels: np.ndarray, labels: list[int], indices: list[int], transform=None,
-                 rows_only: bool = False, source: str = "") -> None:
+                 rows_only: bool = False, source: str = "", samples: list | None = None) -> None:
         if rows_only and transform is not None:
             raise ValueError("rows_only batches are augmented on the device: pass transform=None")
         self.pixels, self.transform, self.rows_only, self.source = pixels, transform, rows_only, source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.indices]
+        self.samples = [samples[i] for i in self.indices] if samples is not None else None
 
     def __len__(self) -> int:
         return len(self.indices)
