@@ -31,6 +31,12 @@ def _rows(picked: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(picked.numpy()))
 
 
+def _change_rows(batch: torch.Tensor, rows: torch.Tensor, change) -> None:
+    """``batch[rows] = change(batch[rows])``, in place, for the images one step picked."""
+    if len(rows):
+        batch.index_copy_(0, rows, change(batch.index_select(0, rows)))
+
+
 def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Small host tensors on ``device`` without a wait: pinned, then copied asynchronously (the
     pinned buffers are held until the copy is done by PyTorch's host allocator)."""
@@ -153,19 +159,15 @@ class BatchAugment(nn.Module):
         # and written back are contiguous blocks.
         nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         view = x.permute(0, 2, 3, 1) if nhwc else x
-        if len(gamma_rows):
-            part = view.index_select(0, gamma_rows)
-            part = part.div_(255.0).pow_(gamma.view(-1, 1, 1, 1)).mul_(255.0)
-            view.index_copy_(0, gamma_rows, part)
-        if len(noise_rows):
-            part = view.index_select(0, noise_rows)
-            noise_generator = generator if generator is not None and generator.device == x.device else None
-            noise = torch.empty_like(part).normal_(generator=noise_generator)
-            view.index_copy_(0, noise_rows, part.addcmul_(noise, std.view(-1, 1, 1, 1)).clamp_(0, 255))
-        if len(blur_rows):
-            part = view.index_select(0, blur_rows)
-            blurred = self._blur(part.permute(0, 3, 1, 2) if nhwc else part, sigma)
-            view.index_copy_(0, blur_rows, blurred.permute(0, 2, 3, 1) if nhwc else blurred)
+        noise_generator = generator if generator is not None and generator.device == x.device else None
+
+        def blur(part: torch.Tensor) -> torch.Tensor:  # the convolution wants NCHW order
+            return self._blur(part.permute(0, 3, 1, 2), sigma).permute(0, 2, 3, 1) if nhwc else self._blur(part, sigma)
+
+        _change_rows(view, gamma_rows, lambda part: part.div_(255.0).pow_(gamma.view(-1, 1, 1, 1)).mul_(255.0))
+        _change_rows(view, noise_rows, lambda part: part.addcmul_(
+            torch.empty_like(part).normal_(generator=noise_generator), std.view(-1, 1, 1, 1)).clamp_(0, 255))
+        _change_rows(view, blur_rows, blur)
         return x
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
