@@ -127,6 +127,19 @@ def test_pixels_on_device_train_end_to_end(inspection_folder, tmp_path):
     assert len(model.eval_outputs["val"]["labels"]) == len(dm.splits["val"])
 
 
+def test_pixels_on_device_that_do_not_fit_fail_with_a_clear_message(inspection_folder, tmp_path, monkeypatch):
+    from vision_tl.data import datamodule as dm_module
+
+    def out_of_memory(pixels, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(dm_module, "pixels_to", out_of_memory)
+    dm = _dm(inspection_folder, pipeline="device", decoded_cache=str(tmp_path), pixels_on_device=True)
+    batch = next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match=r"decoded train images \(.* GiB\) do not fit .*--data.pixels_on_device false"):
+        dm.on_after_batch_transfer(batch, 0)
+
+
 def test_pixels_on_device_auto_stays_off_without_a_gpu(inspection_folder, tmp_path):
     dm = _dm(inspection_folder, pipeline="device", decoded_cache=str(tmp_path))
     assert not isinstance(next(iter(dm.train_dataloader())), dc.PixelRows)

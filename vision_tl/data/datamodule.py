@@ -372,7 +372,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         if key not in self._device_pixels:
             if source not in self._host_pixels:
                 raise RuntimeError(f"no decoded pixels for the {source!r} split: build its loader first")
-            self._device_pixels[key] = pixels_to(self._host_pixels[source], device)
+            pixels = self._host_pixels[source]
+            try:
+                self._device_pixels[key] = pixels_to(pixels, device)
+            except torch.OutOfMemoryError as exc:
+                raise ValueError(
+                    f"the decoded {source} images ({pixels.nbytes / 2**30:.2f} GiB) do not fit in the memory of "
+                    f"{device}; pass --data.pixels_on_device false to read batches through loader processes "
+                    "(or leave it unset: then they go to the device only when they fit)") from exc
         return self._device_pixels[key]
 
     def teardown(self, stage: str) -> None:
