@@ -38,6 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
 
+from vision_tl import imaging  # noqa: E402
+from vision_tl.data.datamodule import default_num_workers  # noqa: E402
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -282,6 +285,12 @@ def augment_ms(args, reps: int = 20) -> float:
     return float(np.median(times))
 
 
+def jpeg_decoder() -> str:
+    """Which decoder ``load_rgb`` uses for JPEGs in this process."""
+    module = imaging.fast_jpeg_decoder()
+    return f"simplejpeg {module.__version__} (bit-exact with Pillow)" if module is not None else "Pillow"
+
+
 def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float, dict]],
            augment: float) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
@@ -297,7 +306,8 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
         lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} "
                      f"| {waits_per_step(syncs)} |")
     step = 1000 * args.batch / bound["frozen"]
-    lines += ["", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
+    workers = args.workers if args.workers is not None else default_num_workers(gpu=args.device == "cuda")
+    lines += ["", f"JPEG decoding: {jpeg_decoder()}, {workers} loader processes.", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
     sites = {site: n for _, _, syncs in kit.values() for site, n in (syncs or {}).get("sites", {}).items()}
     if sites:
@@ -347,6 +357,12 @@ def main() -> None:
           flush=True)
     kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
     print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
+    if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
+        imaging._fast_jpeg = False  # loader workers are forked and inherit the choice
+        kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
+        imaging._fast_jpeg = None
+        print(f"extract, steady state, Pillow decoding: {kit['extract, steady state, Pillow decoding'][0]:,.0f} img/s",
+              flush=True)
     augment = augment_ms(args)
     print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"

@@ -87,3 +87,79 @@ def test_resize_is_plain_and_validates_interpolation():
     assert resize(img, (6, 8), "bilinear").shape == (6, 8, 3)
     with pytest.raises(ValueError, match="expected one of"):
         resize(img, (6, 8), "cubic")
+
+
+def _jpegs(folder):
+    """JPEGs as cameras and tools write them: chroma layouts, gray, progressive, restarts."""
+    rng = np.random.default_rng(3)
+    cases = [("RGB", {"subsampling": 2, "quality": 90}), ("RGB", {"subsampling": 1}),
+             ("RGB", {"subsampling": 0, "quality": 98}), ("L", {"quality": 80}),
+             ("RGB", {"progressive": True}), ("RGB", {"restart_marker_blocks": 3, "optimize": True})]
+    paths = []
+    for k, (mode, options) in enumerate(cases):
+        h, w = rng.integers(9, 140, 2)
+        pixels = np.clip(np.linspace(0, 220, w)[None, :, None] + rng.normal(0, 25, (h, w, 3)), 0, 255)
+        paths.append(folder / f"{k}.jpg")
+        Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(paths[-1], "JPEG", **options)
+    return paths
+
+
+@pytest.fixture
+def fresh_decoder(monkeypatch):
+    """Each test decides the JPEG decoder anew (it is chosen once per process)."""
+    monkeypatch.setattr(imaging, "_fast_jpeg", None)
+    monkeypatch.delenv(imaging.JPEG_DECODER_ENV, raising=False)
+    return monkeypatch
+
+
+def test_fast_jpeg_decoding_gives_pillows_pixels(tmp_path, fresh_decoder):
+    pytest.importorskip("simplejpeg")
+    simplejpeg = imaging.fast_jpeg_decoder()
+    assert simplejpeg is not None, "simplejpeg is installed but disagrees with Pillow here"
+    calls = []
+    real = simplejpeg.decode_jpeg
+    fresh_decoder.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    paths = _jpegs(tmp_path)
+    fast = [load_rgb(p) for p in paths]
+    assert len(calls) == len(paths)  # every one of them took the fast path
+    fresh_decoder.setattr(imaging, "_fast_jpeg", None)
+    fresh_decoder.setenv(imaging.JPEG_DECODER_ENV, "pillow")
+    assert imaging.fast_jpeg_decoder() is None
+    for path, pixels in zip(paths, fast):
+        slow = load_rgb(path)
+        assert pixels.shape == slow.shape and pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+        assert np.array_equal(pixels, slow), path.name
+
+
+def test_fast_jpeg_path_keeps_errors_and_guards(tmp_path, fresh_decoder):
+    pytest.importorskip("simplejpeg")
+    assert imaging.fast_jpeg_decoder() is not None
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) - 40])  # Pillow's message, not simplejpeg's
+    with pytest.raises(ImageLoadError, match=r"t\.jpg: corrupt or truncated image \(image file is truncated"):
+        load_rgb(tmp_path / "t.jpg")
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.jpg")
+    fresh_decoder.setattr(imaging, "_max_pixels", 10_000)
+    with pytest.raises(ImageLoadError, match=r"big\.jpg: 300x300 = 90,000 pixels exceeds"):
+        load_rgb(tmp_path / "big.jpg")
+    fresh_decoder.setattr(imaging, "_max_pixels", None)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # Pillow's conversion
+    assert load_rgb(tmp_path / "c.jpg")[0, 0, 0] > 200
+
+
+def test_jpeg_decoder_falls_back_and_validates_its_setting(tmp_path, fresh_decoder):
+    fresh_decoder.setattr(imaging, "_same_pixels_as_pillow", lambda module: False)
+    assert imaging.fast_jpeg_decoder() is None  # disagreeing decoder: Pillow for everything
+    path = _jpegs(tmp_path)[0]
+    assert load_rgb(path).shape[2] == 3
+    fresh_decoder.setattr(imaging, "_fast_jpeg", None)
+    fresh_decoder.setenv(imaging.JPEG_DECODER_ENV, "simplejpeg")
+    with pytest.raises(ValueError, match="VISION_TL_JPEG_DECODER=simplejpeg, but simplejpeg is"):
+        imaging.fast_jpeg_decoder()
+    fresh_decoder.setattr(imaging, "_fast_jpeg", None)
+    fresh_decoder.setenv(imaging.JPEG_DECODER_ENV, "turbo")
+    with pytest.raises(ValueError, match="VISION_TL_JPEG_DECODER='turbo' is not valid; expected auto"):
+        imaging.fast_jpeg_decoder()
+    with pytest.raises(ValueError, match="VISION_TL_JPEG_DECODER='turbo'"):  # every time, not once
+        load_rgb(path)

@@ -4,12 +4,12 @@ An install extra can only add to the kit's dependencies (torch, Lightning, timm 
 so the predictor ships as a separate distribution, ``vision-tl-deploy``: the
 modules ``vision_tl.deploy`` needs (this sub-package, ``vision_tl.imaging``,
 ``vision_tl.utils.files`` and the light ``vision_tl`` root and command), with
-numpy, Pillow and onnxruntime as its only requirements. It is built from the
-installed kit with the standard library alone, so it works offline::
+numpy, Pillow, onnxruntime and simplejpeg (faster JPEG decoding) as its only requirements.
+It is built from the installed kit with the standard library alone, so it works offline::
 
     vision-tl deploy-wheel --out dist/
     # on a machine with internet access and the line PC's OS and Python version: the wheel
-    # and its requirements (numpy, Pillow, onnxruntime and theirs) into one folder
+    # and its requirements (numpy, Pillow, onnxruntime, simplejpeg and theirs) into one folder
     pip download dist/vision_tl_deploy-0.1.0-py3-none-any.whl -d wheelhouse/
     # copy wheelhouse/ to the line PC; there, offline:
     pip install --no-index --find-links wheelhouse vision-tl-deploy
@@ -31,7 +31,7 @@ import vision_tl
 from vision_tl.utils.files import atomic_path
 
 NAME = "vision-tl-deploy"
-REQUIRES = ("numpy>=1.24", "pillow>=10", "onnxruntime>=1.18")
+REQUIRES = ("numpy>=1.24", "pillow>=10", "onnxruntime>=1.18", "simplejpeg>=1.8,<2")
 # Package-relative module files; tests/unit/test_deploy.py runs the predictor from the built
 # wheel alone, so a missing module fails there.
 MODULES = ("__init__.py", "cli.py", "imaging.py", "utils/__init__.py", "utils/files.py",
@@ -45,7 +45,7 @@ def _record_hash(data: bytes) -> str:
 
 def _metadata(version: str) -> str:
     lines = ["Metadata-Version: 2.1", f"Name: {NAME}", f"Version: {version}",
-             "Summary: Torch-free inference for ONNX classifiers exported by vision-tl (numpy, Pillow, onnxruntime).",
+             "Summary: Torch-free inference for ONNX classifiers exported by vision-tl (numpy, Pillow, onnxruntime, simplejpeg).",
              "License: Apache-2.0", "Requires-Python: >=3.10"]
     lines += [f"Requires-Dist: {r}" for r in REQUIRES]
     return "\n".join(lines) + "\n"
@@ -83,7 +83,7 @@ def build_deploy_wheel(out_dir: str | Path, *, overwrite: bool = False) -> Path:
 
 
 _EPILOG = """\
-The wheel holds only vision_tl's predictor (about 30 kB): numpy, Pillow and onnxruntime
+The wheel holds only vision_tl's predictor (about 30 kB): numpy, Pillow, onnxruntime and simplejpeg
 are not inside it. For a line PC without internet access, gather everything in one folder
 on a machine that has internet access and the line PC's OS and Python version:
 

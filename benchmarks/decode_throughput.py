@@ -1,0 +1,112 @@
+"""JPEG decoding per core: simplejpeg vs Pillow, through the kit's own loader code.
+
+What one loader process does for ``vision-tl extract`` and for the decoded-image cache's
+first pass (``load_rgb``, resize to the model's size, uint8 batch), timed in this one
+process with each decoder in turn; rounds alternate and the script prints the median of
+the per-round ratios. On a GPU machine extract is bound by this rate times the number of
+loader processes, so the ratio is what extract gains there. Also checks that both give the
+same pixels for every image timed.
+
+    python benchmarks/decode_throughput.py --data ../shared/datasets/neu
+    python benchmarks/decode_throughput.py --generate 600 --size 224   # demo JPEGs at 224 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vision_tl import imaging
+from vision_tl.backbones import resolve_preprocessing
+from vision_tl.data.transforms import ImageTransform, stack_images
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def use_decoder(name: str) -> None:
+    """Switch ``load_rgb``'s JPEG decoder in this process (``simplejpeg`` or ``pillow``)."""
+    imaging._fast_jpeg = None
+    if name == "pillow":
+        imaging._fast_jpeg = False
+    elif imaging.fast_jpeg_decoder() is None:
+        raise SystemExit("simplejpeg is not installed or not bit-exact with Pillow here")
+
+
+def loader_rate(paths: list[Path], size: int, batch: int) -> float:
+    """images/s of decode + resize + batch in this process (what one loader worker does)."""
+    transform = ImageTransform(resolve_preprocessing("tf_efficientnet_lite0", size), normalize=False)
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        stack_images([transform(imaging.load_rgb(p)) for p in paths[i:i + batch]])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def generate(root: Path, images: int, size: int) -> Path:
+    from PIL import Image
+
+    from vision_tl.data.synthetic import CLASSES, render_sample
+
+    for k in range(images):
+        kind = CLASSES[k % len(CLASSES)]
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        pixels = render_sample(kind, np.random.default_rng([CLASSES.index(kind), k]), size)
+        Image.fromarray(pixels).save(root / kind / f"{k:05d}.jpg", quality=90)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="a folder of JPEGs (searched recursively)")
+    source.add_argument("--generate", type=int, metavar="N", help="time N demo JPEGs made here instead")
+    parser.add_argument("--size", type=int, default=224, help="model input size (and generated image size)")
+    parser.add_argument("--images", type=int, default=600, help="images timed per round")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate(Path(tmp), args.generate, args.size) if args.generate else args.data
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:args.images]
+        if not paths:
+            raise SystemExit(f"no .jpg/.jpeg files under {root}")
+        for p in paths:  # same pixels, or the comparison is void
+            use_decoder("pillow")
+            slow = imaging.load_rgb(p)
+            use_decoder("simplejpeg")
+            if not np.array_equal(slow, imaging.load_rgb(p)):
+                raise SystemExit(f"{p}: simplejpeg and Pillow disagree")
+        rows = []
+        for r in range(args.rounds):
+            rates = {}
+            for name in ("pillow", "simplejpeg") if r % 2 == 0 else ("simplejpeg", "pillow"):
+                use_decoder(name)
+                rates[name] = loader_rate(paths, args.size, args.batch)
+            rows.append((r, rates["pillow"], rates["simplejpeg"], rates["simplejpeg"] / rates["pillow"]))
+            print(f"round {r}: Pillow {rates['pillow']:.0f} img/s, simplejpeg {rates['simplejpeg']:.0f} img/s, "
+                  f"ratio {rows[-1][3]:.2f}", flush=True)
+    median = statistics.median(row[3] for row in rows)
+    print(f"median ratio simplejpeg / Pillow: {median:.2f} ({len(paths)} images, identical pixels)")
+    if args.no_write:
+        return
+    source = f"--data {args.data}" if args.data else f"--generate {args.generate}"
+    lines = [f"\n### JPEG decoding per loader process: simplejpeg vs Pillow ({datetime.date.today()})\n",
+             f"\n`python benchmarks/decode_throughput.py {source} --size {args.size}` — {len(paths)} JPEGs, "
+             "decode + resize + uint8 batch in one process, identical pixels checked for every image.\n\n",
+             "| round | Pillow img/s | simplejpeg img/s | ratio |\n|---|---|---|---|\n"]
+    lines += [f"| {r} | {p:.0f} | {s:.0f} | {q:.2f} |\n" for r, p, s, q in rows]
+    lines.append(f"| **median** | | | **{median:.2f}** |\n")
+    with RESULTS.open("a") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
