@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
 
 from vision_tl import imaging  # noqa: E402
-from vision_tl.data.datamodule import default_num_workers  # noqa: E402
+from vision_tl.data.device import default_num_workers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vision_tl.data.datamodule import default_num_workers
+from vision_tl.data.device import default_num_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "RESULTS.md"

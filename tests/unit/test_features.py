@@ -365,6 +365,20 @@ def test_documented_imports_give_the_functions_not_the_submodules() -> None:
     assert out.split() == ["True", "False"]  # a function, and still lazy
 
 
+def test_extract_runs_without_importing_lightning(folder, tmp_path) -> None:
+    """`vision-tl extract` starts without Lightning (about 1.5 s of imports it never uses)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "f.npz"
+    code = (f"import sys; from vision_tl.cli import main; rc = main(['extract', {str(folder)!r}, '--backbone', "
+            f"{TINY!r}, '--random-init', '--image-size', '{SIZE}', '--out', {str(out)!r}, '--no-cache', "
+            "'--no-progress']); print(rc, 'lightning' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr[-2000:]
+    assert out.is_file()
+
+
 def test_probe_takes_one_backbone_name_and_any_label_sequence(tmp_path, folder) -> None:
     rows = probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
                  cache_dir=tmp_path / "c", progress=False)

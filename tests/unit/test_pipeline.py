@@ -296,7 +296,7 @@ def test_fit_progress_bar_redraws_by_time_not_every_batch(monkeypatch):
 def test_loader_processes_follow_the_cores_and_the_gpu(monkeypatch, cores, gpu, expected):
     """A GPU gets every core but one for decoding (it has nothing else for them to do);
     CPU training keeps cores for the model; a 2-core machine decodes in-process."""
-    from vision_tl.data.datamodule import default_num_workers
+    from vision_tl.data.device import default_num_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert default_num_workers(gpu=gpu) == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decoded_cache import DecodedImageDataset, PixelRows, decoded_images, pixels_to
-from vision_tl.data.device import copy_on_side_stream
+from vision_tl.data.device import copy_on_side_stream, default_num_workers  # noqa: F401 (re-exported)
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -120,18 +119,6 @@ class EpochSampler(Sampler[int]):
             return iter(order.tolist())
         seeds = torch.randint(0, 2**32, (self.n,), generator=generator, dtype=torch.int64)
         return iter([Draw(i, s) for i, s in zip(order.tolist(), seeds.tolist(), strict=True)])
-
-
-def default_num_workers(gpu: bool | None = None) -> int:
-    """Loader processes for this machine: every core but one (none on a 1-2 core machine),
-    up to 8 when the CPU also trains and up to 16 when a GPU does (``gpu=None``: whether
-    PyTorch sees one). Feeding a GPU is all the CPU has to do there, and JPEG decoding
-    runs at roughly 2,000 images/s per core against the GPU's ~20,000 images/s of inference.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if gpu is None:
-        gpu = torch.cuda.is_available()
-    return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0
 
 
 class ImageFolderDataModule(L.LightningDataModule):

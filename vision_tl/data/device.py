@@ -4,11 +4,12 @@ A batch copied on the compute stream waits for the previous step to finish and t
 holds the next one up for as long as the copy takes (a few ms for 256 images at
 224 px). Copied on a side stream, the copy engine moves it while the previous step
 still computes. Used by ``fit`` (``ImageFolderDataModule.transfer_batch_to_device``)
-and by ``extract``.
+and by ``extract``; and how many loader processes this machine gets.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -44,3 +45,15 @@ def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
     elif isinstance(batch, dict):
         for item in batch.values():
             yield from _cuda_tensors(item)
+
+
+def default_num_workers(gpu: bool | None = None) -> int:
+    """Loader processes for this machine: every core but one (none on a 1-2 core machine),
+    up to 8 when the CPU also trains and up to 16 when a GPU does (``gpu=None``: whether
+    PyTorch sees one). Feeding a GPU is all the CPU has to do there, and JPEG decoding
+    runs at roughly 2,000-3,500 images/s per core against the GPU's ~20,000 images/s of inference.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
-from vision_tl.data.device import copy_on_side_stream
+from vision_tl.data.device import copy_on_side_stream, default_num_workers
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
@@ -214,8 +214,6 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     """
     from tqdm.auto import tqdm
 
-    from vision_tl.data.datamodule import default_num_workers
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
@@ -243,7 +241,15 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
 
     pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
-        for positions, x, bad in loader:
+        batches = iter(loader)  # the loader processes start decoding now
+        if cuda and paths:
+            # Meanwhile the GPU's one-time costs (loading its kernels, choosing convolution
+            # algorithms, the channels-last weights) are paid on a blank batch of the same shape,
+            # not by the first real one. Nothing here waits for the GPU.
+            height, width = extractor.preprocessing.input_size
+            extractor.embed(torch.zeros(min(batch_size, len(paths)), 3, height, width, dtype=torch.uint8,
+                                        device=device).contiguous(memory_format=torch.channels_last))
+        for positions, x, bad in batches:
             started = (positions, *launch(x), bad)
             if not cuda:
                 yield _finish(started, bar)
