@@ -20,6 +20,7 @@ Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 
     python benchmarks/gpu_throughput.py                      # on a GPU machine
     python benchmarks/gpu_throughput.py --compile            # the kit's fit with torch.compile
+    python benchmarks/gpu_throughput.py --modes frozen,extract   # only some rows (quicker)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from vision_tl import imaging  # noqa: E402
 from vision_tl.data.device import default_num_workers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+MODES = ("frozen", "partial", "full", "loaders", "extract")  # loaders: partial through loader processes
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -285,6 +287,23 @@ def augment_ms(args, reps: int = 20) -> float:
     return float(np.median(times))
 
 
+def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> None:
+    """The extract rows: ``vision-tl extract`` in a new process, its engine in steady state, and
+    the engine again with Pillow decoding where simplejpeg is in use."""
+    rate, wall = extract_rate(args, root)
+    kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {})  # its GPU memory: another process
+    print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}); the process took {wall:.1f} s",
+          flush=True)
+    kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
+    print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
+    if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
+        imaging._fast_jpeg = False  # loader workers are forked and inherit the choice
+        kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
+        imaging._fast_jpeg = None
+        print(f"extract, steady state, Pillow decoding: {kit['extract, steady state, Pillow decoding'][0]:,.0f} img/s",
+              flush=True)
+
+
 def jpeg_decoder() -> str:
     """Which decoder ``load_rgb`` uses for JPEGs in this process."""
     module = imaging.fast_jpeg_decoder()
@@ -295,7 +314,8 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
            augment: float) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
              f"`python benchmarks/gpu_throughput.py --images {args.images} --batch {args.batch} "
-             f"--epochs {args.epochs}{' --compile' if args.compile else ''}` — {args.backbone}, {args.size} px, "
+             f"--epochs {args.epochs}{' --compile' if args.compile else ''}"
+             f"{'' if args.modes == ','.join(MODES) else ' --modes ' + args.modes}` — {args.backbone}, {args.size} px, "
              f"batch {args.batch}, bf16, channels_last{'; the kit with torch.compile, the bound eager' if args.compile else ''}.",
              "",
              "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) | CPU waits for the GPU per step |",
@@ -332,8 +352,13 @@ def main() -> None:
                         help="the kit's input pipeline (default: device on a GPU, cpu otherwise)")
     parser.add_argument("--compile", action="store_true",
                         help="the kit's fit runs with --model.compile true (the plain-loop bound stays eager)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated rows to measure, of {','.join(MODES)} (default: all)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
     args.pipeline = args.pipeline or ("device" if args.device == "cuda" else "cpu")
     start = time.perf_counter()
     root = prepare(args.data, args.images, args.size)
@@ -343,26 +368,16 @@ def main() -> None:
     torch.backends.cudnn.benchmark = False  # what a new process starts with
     print("plain-loop bounds:", {k: round(v) for k, v in bound.items()}, flush=True)
     kit = {}
-    runs = [("frozen", "frozen", ()), ("partial", "partial", ()), ("full", "full", ())]
-    if args.pipeline == "device":
+    runs = [(mode, mode, ()) for mode in ("frozen", "partial", "full") if mode in modes]
+    if args.pipeline == "device" and "loaders" in modes:
         runs.append(("partial, loader processes", "partial", ("--data.pixels_on_device", "false")))
     for label, mode, extra in runs:
         kit[label] = kit_rate(args, root, mode, extra)
         print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
               f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}", flush=True)
     torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
-    rate, wall = extract_rate(args, root)
-    kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {})  # its GPU memory: another process
-    print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}); the process took {wall:.1f} s",
-          flush=True)
-    kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
-    print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
-    if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
-        imaging._fast_jpeg = False  # loader workers are forked and inherit the choice
-        kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
-        imaging._fast_jpeg = None
-        print(f"extract, steady state, Pillow decoding: {kit['extract, steady state, Pillow decoding'][0]:,.0f} img/s",
-              flush=True)
+    if "extract" in modes:
+        measure_extract(args, root, bound, kit)
     augment = augment_ms(args)
     print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
