@@ -89,6 +89,20 @@ def test_uint8_batches_are_normalised_on_the_device_exactly_as_on_the_workers(ti
     assert torch.equal(fx.embed(as_uint8), fx.embed(as_float))
 
 
+def test_warm_up_batch_changes_neither_weights_nor_features(tiny_net) -> None:
+    """On a GPU extract runs a blank batch while the loaders decode the first one; it must
+    leave the model (BatchNorm statistics included) and its train/eval mode as they were."""
+    from vision_tl.features.extractor import state_digest, warm_up
+
+    fx = _extractor(tiny_net)
+    x = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    tiny_net.train()  # a model handed over in train mode: BatchNorm would learn from zeros
+    before, digest = fx.embed(x), state_digest(tiny_net)
+    warm_up(fx, 4, torch.device("cpu"))
+    assert tiny_net.training and state_digest(tiny_net) == digest
+    assert torch.equal(fx.embed(x), before)
+
+
 def test_bf16_precision_is_its_own_cache_identity(tiny_net) -> None:
     fp32, bf16 = _extractor(tiny_net), FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE),
                                                         precision="bf16")

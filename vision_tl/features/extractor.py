@@ -243,12 +243,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
         batches = iter(loader)  # the loader processes start decoding now
         if cuda and paths:
-            # Meanwhile the GPU's one-time costs (loading its kernels, choosing convolution
-            # algorithms, the channels-last weights) are paid on a blank batch of the same shape,
-            # not by the first real one. Nothing here waits for the GPU.
-            height, width = extractor.preprocessing.input_size
-            extractor.embed(torch.zeros(min(batch_size, len(paths)), 3, height, width, dtype=torch.uint8,
-                                        device=device).contiguous(memory_format=torch.channels_last))
+            warm_up(extractor, min(batch_size, len(paths)), device)
         for positions, x, bad in batches:
             started = (positions, *launch(x), bad)
             if not cuda:
@@ -259,6 +254,16 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             pending = started
         if pending is not None:
             yield _finish(pending, bar)
+
+
+def warm_up(extractor: FeatureExtractor, batch_size: int, device: torch.device) -> None:
+    """Run a blank batch of the real shape, so that a GPU's one-time costs (loading its
+    kernels, choosing convolution algorithms, the channels-last weights) are paid while the
+    loader processes decode the first batch, not after. Nothing here waits for the GPU, and
+    the model's weights and statistics do not change."""
+    height, width = extractor.preprocessing.input_size
+    blank = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8, device=device)
+    extractor.embed(blank.contiguous(memory_format=torch.channels_last))
 
 
 def _finish(pending, bar) -> BatchResult:
