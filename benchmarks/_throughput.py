@@ -160,3 +160,53 @@ def plain_inference_rate(net: nn.Module, batches: list[torch.Tensor], steps: int
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
+
+
+class GpuBusy(L.Callback):
+    """How busy the GPU is during training steps ``first`` to ``last`` of the first epoch (after
+    ``SyncAudit``'s steps, and untimed: the profiler slows the CPU): the kernels' and copies'
+    summed device time over the wall time of those steps, and the operations that took the
+    most device time. Below 100 % the GPU waited for the CPU; at 100 % only less device work
+    makes a step faster. Writes JSON to ``out``. Short epochs start it earlier.
+
+    On a CPU (smoke tests) it records the operations' CPU time instead and no busy share.
+    """
+
+    def __init__(self, out: str, first: int = 15, last: int = 30, top: int = 8) -> None:
+        self.out, self.first, self.last, self.top = out, first, last, top
+        self._profile, self._start, self._steps = None, 0.0, 0
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        first = min(self.first, max(0, trainer.num_training_batches - 3))
+        if trainer.current_epoch == 0 and batch_idx == first and self._profile is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self._sync(pl_module)
+            self._profile = profile(activities=activities)
+            self._profile.__enter__()
+            self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profile is None:
+            return
+        self._steps += 1
+        if batch_idx >= self.last or batch_idx + 1 == trainer.num_training_batches:
+            self._sync(pl_module)
+            wall = time.perf_counter() - self._start
+            self._profile.__exit__(None, None, None)
+            cuda = pl_module.device.type == "cuda"
+            events = self._profile.key_averages()
+            self._profile = None
+            own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+            device_us = sum(own(e) for e in events) if cuda else float("nan")
+            ranked = sorted(events, key=own, reverse=True)[:self.top]
+            Path(self.out).write_text(json.dumps({
+                "steps": self._steps, "wall_ms_per_step": 1000 * wall / self._steps,
+                "busy": device_us / 1e6 / wall if cuda else None,
+                "top": [(e.key, round(own(e) / 1000 / self._steps, 3)) for e in ranked],  # ms per step
+            }))

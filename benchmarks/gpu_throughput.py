@@ -172,6 +172,8 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[
         out, waits = Path(tmp) / "rate.json", Path(tmp) / "syncs.json"
         meter = {"class_path": "_throughput.ThroughputMeter", "init_args": {"skip_epochs": 1, "out": str(out)}}
         audit = {"class_path": "_throughput.SyncAudit", "init_args": {"out": str(waits)}}
+        busy_out = Path(tmp) / "busy.json"
+        busy = {"class_path": "_throughput.GpuBusy", "init_args": {"out": str(busy_out)}}
         argv = ["fit", "--config", str(CONFIGS / f"{mode}.yaml")]
         if args.device == "cuda":
             argv += ["--config", str(CONFIGS / "gpu.yaml"), "--data.pipeline", args.pipeline]
@@ -185,7 +187,7 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[
                  # inference-bound path); with the cache (the default) epochs cost ~nothing
                  "--model.feature_cache", "null", "--trainer.max_epochs", str(args.epochs),
                  "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}",
-                 f"--trainer.callbacks+={json.dumps(audit)}", *extra]
+                 f"--trainer.callbacks+={json.dumps(audit)}", f"--trainer.callbacks+={json.dumps(busy)}", *extra]
         if args.workers is not None:
             argv += ["--data.num_workers", str(args.workers)]
         if args.compile:  # compiling happens in the first epoch, which is not timed
@@ -196,13 +198,20 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[
             raise SystemExit(f"fit failed: vision-tl {' '.join(argv)}")
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
         syncs = json.loads(waits.read_text()) if waits.exists() else {}
+        if busy_out.exists():  # rides along with the waits, for the report
+            syncs["busy"] = json.loads(busy_out.read_text())
         return json.loads(out.read_text())["images_per_second"], peak, syncs
 
 
 def waits_per_step(syncs: dict) -> str:
-    if not syncs:
+    if not syncs.get("sites") and not syncs.get("steps"):
         return "n/a"
     return f"{sum(syncs['sites'].values()) / max(1, syncs['steps']):.1f}"
+
+
+def gpu_busy(syncs: dict) -> str:
+    busy = (syncs or {}).get("busy") or {}
+    return "n/a" if busy.get("busy") is None else f"{100 * busy['busy']:.0f} %"
 
 
 def extract_rate(args, root: Path) -> tuple[float, float]:
@@ -318,17 +327,24 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
              f"{'' if args.modes == ','.join(MODES) else ' --modes ' + args.modes}` — {args.backbone}, {args.size} px, "
              f"batch {args.batch}, bf16, channels_last{'; the kit with torch.compile, the bound eager' if args.compile else ''}.",
              "",
-             "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) | CPU waits for the GPU per step |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| mode | plain-loop bound (img/s) | kit (img/s) | ratio | peak GPU memory (GiB) | CPU waits for the GPU per step "
+             "| GPU busy in steps |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode, (rate, peak, syncs) in kit.items():
         kind = "inference" if mode.startswith(("frozen", "extract")) else "train"
         bound_rate = bound["frozen" if mode.startswith("extract") else mode.split(",")[0]]
         lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} "
-                     f"| {waits_per_step(syncs)} |")
+                     f"| {waits_per_step(syncs)} | {gpu_busy(syncs)} |")
     step = 1000 * args.batch / bound["frozen"]
     workers = args.workers if args.workers is not None else default_num_workers(gpu=args.device == "cuda")
     lines += ["", f"JPEG decoding: {jpeg_decoder()}, {workers} loader processes.", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
+    for mode, (_, _, syncs) in kit.items():
+        busy = (syncs or {}).get("busy")
+        if busy:
+            top = "; ".join(f"{name} {ms:.2f}" for name, ms in busy["top"])
+            lines += ["", f"{mode}: {busy['wall_ms_per_step']:.1f} ms per profiled step; most device time "
+                          f"(ms per step): {top}"]
     sites = {site: n for _, _, syncs in kit.values() for site, n in (syncs or {}).get("sites", {}).items()}
     if sites:
         lines += ["", "Where the CPU waited: " + "; ".join(f"{site} ({n}x)" for site, n in sites.items())]
@@ -374,7 +390,8 @@ def main() -> None:
     for label, mode, extra in runs:
         kit[label] = kit_rate(args, root, mode, extra)
         print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
-              f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}", flush=True)
+              f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
+              f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
     torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
     if "extract" in modes:
         measure_extract(args, root, bound, kit)
