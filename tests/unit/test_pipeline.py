@@ -200,6 +200,34 @@ def test_training_steps_never_read_values_back_from_the_device(inspection_folder
     assert model.last_train_loss is not None and torch.isfinite(model.last_train_loss)
 
 
+def test_train_loss_is_logged_on_logging_steps_only_and_the_log_is_unchanged(inspection_folder, tmp_path,
+                                                                            monkeypatch):
+    """``self.log`` is skipped on steps whose metrics reach no logger (CPU time a GPU step
+    cannot spare): the CSV log has the same rows as when every step logged (checked against
+    the earlier code), and the epoch's last step reaches ``callback_metrics``."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0, batch_size=4,
+                               val_fraction=0.25, sampler="none")
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            feature_cache=None)
+    calls = []
+    real = model.log
+    monkeypatch.setattr(model, "log", lambda name, *a, **k: calls.append((name, model.global_step)) or real(name, *a, **k))
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4)
+    trainer.fit(model, datamodule=dm)
+    steps = trainer.num_training_batches  # 9 per epoch
+    train_calls = [step for name, step in calls if name == "train/loss"]
+    assert train_calls == [3, 7, 8, 11, 15, 17], train_calls  # every 4th step, and the last of each epoch
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
+        logged = [int(row["step"]) for row in csv.DictReader(fh) if row.get("train/loss")]
+    assert logged == [3, 7, 11, 15] and steps == 9, logged
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(model.last_train_loss))
+
+
 @pytest.mark.parametrize("local_rank, expected", [(0, ["decode", "barrier"]), (1, ["barrier", "decode"])])
 def test_under_ddp_one_process_per_machine_decodes_first(inspection_folder, tmp_path, monkeypatch, local_rank,
                                                           expected):

@@ -278,9 +278,21 @@ class ImageClassifier(L.LightningModule):
         # Not prog_bar=True: Lightning would read a progress-bar value back from the device after
         # every step, so the CPU could never queue the next step while the GPU computes. The
         # time-throttled bar of `vision-tl fit` shows ``last_train_loss`` instead.
-        self.log("train/loss", loss, batch_size=len(y))
+        if self._step_metrics_due(batch_idx):
+            self.log("train/loss", loss, batch_size=len(y))
         self.last_train_loss = loss.detach()
         return loss
+
+    def _step_metrics_due(self, batch_idx: int) -> bool:
+        """Whether Lightning hands this step's metrics to the logger (every ``log_every_n_steps``)
+        or the epoch ends. On the other steps the value would reach no logger, so skipping
+        ``self.log`` there leaves the logs as they were and saves its CPU time (0.4 ms a call
+        on a 2-core machine), which a GPU step in frozen mode (about 11 ms) cannot spare."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        due = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True)
+        return bool(due) or batch_idx + 1 >= trainer.num_training_batches
 
     def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
         x, y = batch
