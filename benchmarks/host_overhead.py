@@ -126,7 +126,8 @@ def main() -> None:
     if not args.no_write:
         with RESULTS.open("a") as f:
             f.write(f"\n### CPU time per training step at negligible compute ({args.size} px, batch {args.batch}, "
-                    f"fp32, 1 thread)\n\n`python benchmarks/host_overhead.py` — medians of {args.rounds} rounds.\n\n"
+                    f"fp32, 1 thread)\n\n`python benchmarks/host_overhead.py --rounds {args.rounds}` — medians of "
+                    f"{args.rounds} rounds.\n\n"
                     + "\n".join(table) + "\n")
 
 
