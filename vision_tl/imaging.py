@@ -311,6 +311,42 @@ def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def load_rgb_into(path: str | Path, out: np.ndarray, interpolation: str = "bicubic") -> None:
+    """Write ``resize(load_rgb(path), out.shape[:2], interpolation)`` into ``out`` (``H x W x 3``
+    uint8, C-contiguous: a row of a batch buffer), the same pixels without the copies between.
+
+    A JPEG that already has ``out``'s size decodes straight into it (with simplejpeg, see
+    :func:`fast_jpeg_decoder`); anything else goes through :func:`load_rgb` and :func:`resize`.
+
+    Raises:
+        ImageLoadError: as :func:`load_rgb`; ``out`` may then hold part of an image.
+    """
+    if not _decode_jpeg_into(Path(path), out):
+        out[...] = resize(load_rgb(path), out.shape[:2], interpolation)
+
+
+def _decode_jpeg_into(path: Path, out: np.ndarray) -> bool:
+    """Decode a colour JPEG of exactly ``out``'s size into ``out``; False when that is not the
+    case or anything fails (the caller then takes the general path, which names the problem)."""
+    simplejpeg = fast_jpeg_decoder()
+    if (simplejpeg is None or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_JPEG_MAGIC))
+            if head != _JPEG_MAGIC:
+                return False
+            data = head + f.read()
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace != "YCbCr" or (height, width) != out.shape[:2] or height * width > max_image_pixels():
+            return False
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
+    except Exception:  # noqa: BLE001 - unreadable, damaged, odd: load_rgb says what is wrong
+        return False
+    return True
+
+
 def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
     """Resize an ``H x W x 3`` uint8 array to ``size = (height, width)`` with Pillow.
 

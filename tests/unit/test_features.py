@@ -239,6 +239,31 @@ def test_unreadable_image_is_named(tmp_path, folder) -> None:
     assert len(fs.paths) == 15 and "good/broken.png" not in fs.paths
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net, workers) -> None:
+    """Loaders decode straight into one batch; the embeddings and the failures are those of
+    decoding, resizing and transforming image by image."""
+    from vision_tl.features.extractor import _ImageFiles, iter_embeddings
+    from vision_tl.imaging import load_rgb
+
+    assert _ImageFiles([], _extractor(tiny_net).transform()).whole_batches  # the path under test
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(7):  # JPEGs at the model's size (direct), PNGs and JPEGs to resize, a damaged one
+        pixels = rng.integers(0, 256, (SIZE if i % 2 else 45, SIZE, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.{'jpg' if i % 3 else 'png'}")
+        Image.fromarray(pixels).save(paths[-1])
+    paths[4].write_bytes(paths[4].read_bytes()[:200])
+    fx = _extractor(tiny_net)
+    batches = list(iter_embeddings(fx, paths, batch_size=3, num_workers=workers, device="cpu", progress=False))
+    got = {i: f for b in batches for i, f in zip(b.positions, b.features)}
+    failures = [i for b in batches for i, _ in b.failures]
+    assert failures == [4] and sorted(got) == [0, 1, 2, 3, 5, 6]
+    for i, features in got.items():
+        expected = fx.embed(fx.transform()(load_rgb(paths[i]))[None]).numpy()[0]
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_flat_folder_has_no_labels(tmp_path) -> None:
     for i in range(3):
         _write_image(tmp_path / "flat" / f"{i}.png", seed=i, tint=i)

@@ -163,3 +163,36 @@ def test_jpeg_decoder_falls_back_and_validates_its_setting(tmp_path, fresh_decod
         imaging.fast_jpeg_decoder()
     with pytest.raises(ValueError, match="VISION_TL_JPEG_DECODER='turbo'"):  # every time, not once
         load_rgb(path)
+
+
+def test_load_rgb_into_writes_the_pixels_of_load_rgb_and_resize(tmp_path, fresh_decoder):
+    """Loaders decode into rows of a batch; JPEGs of the row's size take the direct path."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    size = (40, 56)
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (*size, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "exact.jpg", quality=85)  # the direct path
+    Image.fromarray(pixels).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(pixels[:30]).save(tmp_path / "other.jpg")  # another size: resized
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    Image.new("CMYK", size[::-1], (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert imaging.fast_jpeg_decoder() is simplejpeg  # its self-check done before counting calls
+    direct = []
+    real = simplejpeg.decode_jpeg
+    fresh_decoder.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: direct.append(k.get("buffer") is not None)
+                          or real(*a, **k))
+    batch = np.full((5, *size, 3), 7, np.uint8)
+    names = ["exact.jpg", "gray.jpg", "other.jpg", "p.png", "c.jpg"]
+    for row, name in zip(batch, names):
+        imaging.load_rgb_into(tmp_path / name, row, "bilinear")
+        assert np.array_equal(row, resize(load_rgb(tmp_path / name), size, "bilinear")), name
+    assert direct[0] is True  # exact.jpg went straight into its row
+
+    Image.fromarray(pixels).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) - 40])
+    with pytest.raises(ImageLoadError, match=r"t\.jpg: corrupt or truncated image \(image file is truncated"):
+        imaging.load_rgb_into(tmp_path / "t.jpg", batch[0], "bilinear")
+    fresh_decoder.setattr(imaging, "_max_pixels", 1000)  # the guard holds on the direct path too
+    with pytest.raises(ImageLoadError, match="exceeds the limit of 1,000 pixels"):
+        imaging.load_rgb_into(tmp_path / "exact.jpg", batch[0], "bilinear")

@@ -54,27 +54,27 @@ def test_killed_cache_build_leaves_no_file_under_the_final_name(tmp_path, monkey
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
     calls = {"n": 0}
 
-    def dying_load(path):
+    def dying_load(path, out, interpolation):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return np.zeros((8, 8, 3), np.uint8)
+        out[...] = 0
 
-    monkeypatch.setattr(dc, "load_rgb", dying_load)
+    monkeypatch.setattr(dc, "load_rgb_into", dying_load)
     with pytest.raises(KeyboardInterrupt):
         dc.decoded_images(paths, list("abcd"), (8, 8), "bilinear", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_bad_images_in_the_cache_are_named_or_skipped(inspection_folder, tmp_path, monkeypatch):
-    real_load = dc.load_rgb
+    real_load = dc.load_rgb_into
 
-    def load(path):  # a file that passed the folder scan but fails to decode (e.g. changed on a share)
-        if path.name == "good_0003.png":
+    def load(path, out, interpolation):  # a file that passed the folder scan but fails to decode
+        if path.name == "good_0003.png":  # (e.g. changed on a share)
             raise dc.ImageLoadError(f"{path}: corrupt or truncated image")
-        return real_load(path)
+        real_load(path, out, interpolation)
 
-    monkeypatch.setattr(dc, "load_rgb", load)
+    monkeypatch.setattr(dc, "load_rgb_into", load)
     dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="could not be decoded: .*good_0003.png"):
         dm.dataset("train"), dm.dataset("val")

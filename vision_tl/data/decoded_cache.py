@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.data.transforms import pixel_batch_buffer
-from vision_tl.imaging import ImageLoadError, load_rgb, resize
+from vision_tl.imaging import ImageLoadError, load_rgb_into
 from vision_tl.utils import local_rank
 from vision_tl.utils.files import atomic_path, atomic_write_text, file_crc32
 
@@ -96,20 +96,29 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray, str]:
-        try:
-            return i, resize(load_rgb(self.paths[i]), self.size, self.interpolation), ""
-        except ImageLoadError as exc:
-            return i, np.zeros((*self.size, 3), np.uint8), str(exc)
+    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor, list[str]]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[list[int], torch.Tensor, list[str]]]:
+        """One ``[N, H, W, 3]`` batch (in shared memory in a worker: sending 64 separate images
+        between processes cost more than decoding them), each image decoded into its row;
+        a row that fails stays black and its error is returned."""
+        pixels = pixel_batch_buffer((len(indices), *self.size, 3))
+        errors = []
+        for row, i in zip(pixels.numpy(), indices, strict=True):
+            try:
+                load_rgb_into(self.paths[i], row, self.interpolation)
+                errors.append("")
+            except ImageLoadError as exc:
+                row[...] = 0
+                errors.append(str(exc))
+        return [(list(indices), pixels, errors)]
 
 
-def _collate_pixels(items: list[tuple[int, np.ndarray, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    """One ``[N, H, W, 3]`` tensor per batch (in shared memory in a worker): sending 64
-    separate images between processes cost more than decoding them."""
-    pixels = pixel_batch_buffer((len(items), *items[0][1].shape))
-    for row, (_, image, _) in zip(pixels.numpy(), items, strict=True):
-        row[...] = image
-    return [i for i, _, _ in items], pixels, [error for _, _, error in items]
+def _collate_pixels(items: list[tuple[list[int], torch.Tensor, list[str]]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    """The batch ``_Decode.__getitems__`` assembled."""
+    (batch,) = items
+    return batch
 
 
 def _key(shas: list[str], size: tuple[int, int], interpolation: str) -> str:

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.device import copy_on_side_stream, default_num_workers
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
-from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, pixel_batch_buffer, stack_images
+from vision_tl.imaging import ImageLoadError, load_rgb, load_rgb_into
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
@@ -173,11 +173,17 @@ class FeatureExtractor:
 
 
 class _ImageFiles(Dataset):
-    """Decoded, transformed images; an undecodable file yields its error instead."""
+    """Decoded, transformed images; an undecodable file yields its error instead.
+
+    Without augmentation a loader asks for whole batches (``__getitems__``): each image is
+    decoded and resized straight into its row of one shared uint8 batch, and a JPEG that
+    already has the model's size is decoded into that row directly (no copies between).
+    """
 
     def __init__(self, paths: list[Path], transform: ImageTransform) -> None:
         self.paths = paths
         self.transform = transform
+        self.whole_batches = not transform.augment.transforms and not transform.normalize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -188,8 +194,33 @@ class _ImageFiles(Dataset):
         except ImageLoadError as exc:
             return i, None, str(exc)
 
+    def __getitems__(self, indices: list[int]) -> list:
+        if not self.whole_batches:
+            return [self[i] for i in indices]
+        height, width = self.transform.preprocessing.input_size
+        out = pixel_batch_buffer((len(indices), height, width, 3))
+        rows, done, bad = out.numpy(), [], []
+        for i in indices:
+            try:  # good images fill the rows in order, so a failure leaves no gap
+                load_rgb_into(self.paths[i], rows[len(done)], self.transform.preprocessing.interpolation)
+                done.append(i)
+            except ImageLoadError as exc:
+                bad.append((i, str(exc)))
+        return [_Batch(done, out[:len(done)].permute(0, 3, 1, 2) if done else None, bad)]
+
+
+@dataclass
+class _Batch:
+    """A batch ``_ImageFiles`` assembled itself: positions, ``[N, 3, H, W]`` uint8, failures."""
+
+    positions: list[int]
+    pixels: torch.Tensor | None
+    failures: list[tuple[int, str]]
+
 
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    if len(batch) == 1 and isinstance(batch[0], _Batch):
+        return batch[0].positions, batch[0].pixels, batch[0].failures
     ok = [(i, x) for i, x, err in batch if err is None]
     bad = [(i, err) for i, x, err in batch if err is not None]
     x = stack_images([x for _, x in ok]) if ok else None
