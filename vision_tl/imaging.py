@@ -34,6 +34,9 @@ MAX_PIXELS_ENV = "VISION_TL_MAX_IMAGE_PIXELS"
 _max_pixels: int | None = None  # set_max_image_pixels(); None: the environment variable or the default
 JPEG_DECODER_ENV = "VISION_TL_JPEG_DECODER"  # "pillow" turns the simplejpeg path off
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# The chroma layouts fast_jpeg_decoder's check covers (Pillow writes no others); JPEGs in any
+# other layout (4:4:0, 4:1:1 ...) go through Pillow.
+_CHECKED_LAYOUTS = {("YCbCr", "444"), ("YCbCr", "422"), ("YCbCr", "420"), ("Gray", "Gray")}
 _fast_jpeg: object | None = None  # the simplejpeg module once checked; False: not used here
 
 
@@ -204,7 +207,8 @@ def fast_jpeg_decoder():
     ``pillow``, and it must give Pillow's pixels bit for bit on a set of JPEGs encoded here
     (4:2:0, 4:2:2 and 4:4:4 chroma, grayscale, progressive, restart markers, odd sizes). Where
     any differs, every image goes through Pillow, so a model never sees other pixels than on
-    a machine without simplejpeg.
+    a machine without simplejpeg. JPEGs in chroma layouts the check cannot cover (4:4:0,
+    4:1:1 ...) always go through Pillow.
     """
     global _fast_jpeg
     if _fast_jpeg is not None:
@@ -254,8 +258,8 @@ def _decode_jpeg_bytes(simplejpeg, data: bytes, limit: int | None = None, path: 
     """``H x W x 3`` uint8 pixels, or None for a JPEG simplejpeg does not take (CMYK, 12-bit,
     malformed or only recoverably damaged: Pillow then decodes it or says what is wrong)."""
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray"):
+        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+        if (colorspace, subsampling) not in _CHECKED_LAYOUTS:
             return None
         if limit is not None and height * width > limit:
             raise _too_large(path, f"{width}x{height} = {height * width:,} pixels", limit)
@@ -338,8 +342,9 @@ def _decode_jpeg_into(path: Path, out: np.ndarray) -> bool:
             if head != _JPEG_MAGIC:
                 return False
             data = head + f.read()
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace != "YCbCr" or (height, width) != out.shape[:2] or height * width > max_image_pixels():
+        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+        if ((colorspace, subsampling) not in _CHECKED_LAYOUTS or colorspace == "Gray"
+                or (height, width) != out.shape[:2] or height * width > max_image_pixels()):
             return False
         simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
     except Exception:  # noqa: BLE001 - unreadable, damaged, odd: load_rgb says what is wrong

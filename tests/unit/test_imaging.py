@@ -196,3 +196,18 @@ def test_load_rgb_into_writes_the_pixels_of_load_rgb_and_resize(tmp_path, fresh_
     fresh_decoder.setattr(imaging, "_max_pixels", 1000)  # the guard holds on the direct path too
     with pytest.raises(ImageLoadError, match="exceeds the limit of 1,000 pixels"):
         imaging.load_rgb_into(tmp_path / "exact.jpg", batch[0], "bilinear")
+
+
+def test_jpegs_in_layouts_the_check_does_not_cover_go_through_pillow(tmp_path, fresh_decoder):
+    simplejpeg = pytest.importorskip("simplejpeg")
+    assert imaging.fast_jpeg_decoder() is simplejpeg
+    pixels = np.random.default_rng(8).integers(0, 256, (24, 32, 3), np.uint8)
+    (tmp_path / "440.jpg").write_bytes(simplejpeg.encode_jpeg(pixels, 90, colorsubsampling="440"))
+    calls = []
+    fresh_decoder.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1))
+    with Image.open(tmp_path / "440.jpg") as img:
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(load_rgb(tmp_path / "440.jpg"), expected)
+    row = np.zeros((24, 32, 3), np.uint8)
+    imaging.load_rgb_into(tmp_path / "440.jpg", row)
+    assert np.array_equal(row, expected) and calls == []
