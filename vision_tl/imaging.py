@@ -258,12 +258,12 @@ def _decode_jpeg_bytes(simplejpeg, data: bytes, limit: int | None = None, path: 
     """``H x W x 3`` uint8 pixels, or None for a JPEG simplejpeg does not take (CMYK, 12-bit,
     malformed or only recoverably damaged: Pillow then decodes it or says what is wrong)."""
     try:
-        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
-        if (colorspace, subsampling) not in _CHECKED_LAYOUTS:
+        header = _checked_header(simplejpeg, data)
+        if header is None:
             return None
+        height, width, gray = header
         if limit is not None and height * width > limit:
             raise _too_large(path, f"{width}x{height} = {height * width:,} pixels", limit)
-        gray = colorspace == "Gray"
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", strict=True)
     except ImageLoadError:
         raise
@@ -274,13 +274,22 @@ def _decode_jpeg_bytes(simplejpeg, data: bytes, limit: int | None = None, path: 
     return np.repeat(pixels, 3, axis=2) if gray else pixels
 
 
-def _load_jpeg_fast(simplejpeg, path: Path, limit: int) -> np.ndarray | None:
+def _checked_header(simplejpeg, data: bytes) -> tuple[int, int, bool] | None:
+    """``(height, width, gray)`` of a JPEG in a layout the check covers, else None."""
+    height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+    return (height, width, colorspace == "Gray") if (colorspace, subsampling) in _CHECKED_LAYOUTS else None
+
+
+def _jpeg_bytes(path: Path) -> bytes | None:
+    """The file's bytes if it is a JPEG (read after its first 3 bytes say so), else None."""
     with open(path, "rb") as f:
         head = f.read(len(_JPEG_MAGIC))
-        if head != _JPEG_MAGIC:
-            return None
-        data = head + f.read()
-    return _decode_jpeg_bytes(simplejpeg, data, limit, path)
+        return head + f.read() if head == _JPEG_MAGIC else None
+
+
+def _load_jpeg_fast(simplejpeg, path: Path, limit: int) -> np.ndarray | None:
+    data = _jpeg_bytes(path)
+    return None if data is None else _decode_jpeg_bytes(simplejpeg, data, limit, path)
 
 
 def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
@@ -337,15 +346,10 @@ def _decode_jpeg_into(path: Path, out: np.ndarray) -> bool:
             or not out.flags.c_contiguous or not out.flags.writeable):
         return False
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(_JPEG_MAGIC))
-            if head != _JPEG_MAGIC:
-                return False
-            data = head + f.read()
-        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
-        if ((colorspace, subsampling) not in _CHECKED_LAYOUTS or colorspace == "Gray"
-                or (height, width) != out.shape[:2] or height * width > max_image_pixels()):
-            return False
+        data = _jpeg_bytes(path)
+        header = None if data is None else _checked_header(simplejpeg, data)
+        if header is None or header[2] or header[:2] != out.shape[:2] or header[0] * header[1] > max_image_pixels():
+            return False  # not a colour JPEG of out's size within the pixel limit
         simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
     except Exception:  # noqa: BLE001 - unreadable, damaged, odd: load_rgb says what is wrong
         return False
