@@ -294,6 +294,14 @@ def bad_max_pixels_setting(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatch)
     return result
 
 
+def bad_jpeg_decoder_setting(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    path = tmp / "ok.jpg"
+    Image.fromarray(rgb()).save(path)
+    monkeypatch.setattr("vision_tl.imaging._fast_jpeg", None)  # chosen once per process: choose again
+    monkeypatch.setenv("VISION_TL_JPEG_DECODER", "turbo")
+    return api_error(lambda: load_rgb(path), ValueError, "VISION_TL_JPEG_DECODER", "'turbo'", "pillow")
+
+
 def symlink_loop(w: World, tmp: Path) -> Result:
     data = small_dataset(tmp / "data")
     a, b = data / "good" / "a.png", data / "good" / "b.png"
@@ -696,6 +704,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("bomb-limit-raised", "pixel limit raised (env var / set_max_image_pixels)", "API",
      decompression_bomb_limit_raised),
     ("bad-pixel-limit", "VISION_TL_MAX_IMAGE_PIXELS=lots, set_max_image_pixels(-5)", "API", bad_max_pixels_setting),
+    ("bad-jpeg-decoder", "VISION_TL_JPEG_DECODER=turbo (not auto, simplejpeg or pillow)", "API",
+     bad_jpeg_decoder_setting),
     ("symlink-loop", "symlink loop a.png -> b.png -> a.png in a class folder", "API", symlink_loop),
     ("broken-symlink", "broken symlink in a class folder", "API", broken_symlink),
     ("unreadable-file", "unreadable file (permission denied)", "API", unreadable_file),
@@ -780,6 +790,7 @@ def test_bad_input(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory of the suite
     monkeypatch.setattr("vision_tl.imaging._max_pixels", None)
     monkeypatch.delenv("VISION_TL_MAX_IMAGE_PIXELS", raising=False)
+    monkeypatch.delenv("VISION_TL_JPEG_DECODER", raising=False)
     monkeypatch.delenv("VISION_TL_DEBUG", raising=False)
     import inspect
 

@@ -138,3 +138,15 @@ def test_two_process_extract_writes_the_same_file_as_one_process(even_folder, tm
             assert (a[key] == b[key]).all(), key
     # Both ranks really worked: the shared cache holds shards written by two processes.
     assert len(list((tmp_path / "cache2").rglob("*.keys.npy"))) >= 2
+
+
+def test_a_decoded_cache_the_first_rank_cannot_build_stops_every_rank(even_folder, tmp_path):
+    """The other ranks wait at a barrier while the first builds the cache; when it fails they
+    are stopped too, and the user reads the one-line error, not a hang or a traceback."""
+    (tmp_path / "a_file").write_text("not a folder")
+    fit = _cli("fit", *_common(even_folder, tmp_path), "--data.decoded_cache", str(tmp_path / "a_file" / "cache"),
+               "--model.feature_cache", "null",  # images, through the decoded cache, not cached features
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert fit.returncode == 2, fit.stderr[-3000:]
+    assert "decoded-image cache" in fit.stderr and "cannot be created (Not a directory)" in fit.stderr
+    assert "Traceback" not in fit.stderr, fit.stderr[-3000:]

@@ -31,6 +31,7 @@ from vision_tl.data.folder import (
 )
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, build_augmentation, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.utils.distributed import first_builds
 
 SAMPLERS = ("none", "balanced")
 PIPELINES = ("auto", "cpu", "device")
@@ -333,8 +334,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if trainer is None or trainer.world_size < 2:
             return decode()
         first = trainer.local_rank == 0
-        result = decode() if first else None
-        trainer.strategy.barrier("vision_tl-decoded-cache")
+        result = first_builds(trainer.strategy, first, decode)
         return result if first else decode()
 
     def _keep_pixels_on_device(self, split: str | list[Sample]) -> bool:

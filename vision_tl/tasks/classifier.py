@@ -32,6 +32,7 @@ from vision_tl.backbones import (
 )
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
+from vision_tl.utils.distributed import first_builds
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 
@@ -245,8 +246,10 @@ class ImageClassifier(L.LightningModule):
                 progress=self.trainer.progress_bar_callback is not None)
 
         # Under DDP rank 0 fills the shared cache first; the other ranks then only read it.
-        datasets = compute() if self.trainer.is_global_zero else None
-        self.trainer.strategy.barrier("vision_tl-feature-cache")
+        if self.trainer.world_size > 1:
+            datasets = first_builds(self.trainer.strategy, self.trainer.is_global_zero, compute)
+        else:
+            datasets = compute()
         datamodule.use_features(datasets if datasets is not None else compute())
         augment = _data_setting(datamodule, "augment")
         unused = (f"; --data.augment {augment} is not applied to a single clean view (use --model.cached_views "

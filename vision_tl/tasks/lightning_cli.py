@@ -362,11 +362,14 @@ def _remove_empty_new_runs() -> None:
         for run in parent.glob("version_*"):
             if run.name in before or not run.is_dir():
                 continue
-            entries = list(run.iterdir())
-            if all(e.is_file() and e.name in _BOOKKEEPING for e in entries):
-                for entry in entries:
-                    entry.unlink()
-                run.rmdir()
+            try:  # under DDP every rank fails and cleans up: another may have removed it already
+                entries = list(run.iterdir())
+                if all(e.is_file() and e.name in _BOOKKEEPING for e in entries):
+                    for entry in entries:
+                        entry.unlink(missing_ok=True)
+                    run.rmdir()
+            except FileNotFoundError:
+                pass
     _WATCHED_RUNS.clear()
 
 

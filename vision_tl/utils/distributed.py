@@ -1,0 +1,45 @@
+"""Work that one process of a DDP job does while the others wait for it (a cache they then read)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class OtherRankFailed(ValueError):
+    """The process that builds a shared file failed; this rank stops with its message."""
+
+
+def first_builds(strategy, first: bool, build: Callable[[], T]) -> T | None:
+    """Run ``build`` on the processes where ``first`` is true while the others wait; ``build``'s
+    result there, None elsewhere.
+
+    The ranks meet in an all-gather instead of a bare barrier, so a failure reaches everyone:
+    the builder raises its own error and every other rank an :class:`OtherRankFailed` with the
+    same message. Before, the others died at the barrier with a gloo "connection closed"
+    traceback printed around the user's one-line error (or waited for the process group's
+    time-out where no launcher stopped them).
+    """
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    result = None
+    if first:
+        try:
+            result = build()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error = exc
+    if dist.is_available() and dist.is_initialized():
+        reports: list = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, None if error is None else str(error))
+    else:  # a strategy without a process group (tests, single device): its own barrier
+        strategy.barrier("vision_tl-first-builds")
+        reports = []
+    if error is not None:
+        raise error
+    failed = next((message for message in reports if message), None)
+    if failed is not None:
+        raise OtherRankFailed(failed)
+    return result
