@@ -1,4 +1,5 @@
-"""Small shared helpers (atomic files; which process of a multi-process job this is)."""
+"""Small shared helpers (atomic files; which process of a multi-process job this is; work one
+DDP process does while the others wait, in utils.distributed)."""
 
 import os
 
