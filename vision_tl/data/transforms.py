@@ -110,8 +110,8 @@ class ImageTransform:
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """Batch ``[3, H, W]`` tensors; uint8 ones into one channels-last ``[N, 3, H, W]`` tensor.
 
-    uint8 images (the device pipeline's and ``extract``'s) are copied pixel row by pixel
-    row, never transposed, into an ``N x H x W x 3`` buffer -- in a loader worker, straight
+    uint8 images (the device pipeline's, and ``extract``'s augmented views) are copied pixel
+    row by pixel row, never transposed, into an ``N x H x W x 3`` buffer -- in a loader worker, straight
     into shared memory, so handing the batch to the training process copies nothing more.
     The GPU wants channels-last anyway; a CPU consumer makes it contiguous itself.
     """
