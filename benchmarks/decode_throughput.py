@@ -28,6 +28,9 @@ from vision_tl.backbones import resolve_preprocessing
 from vision_tl.data.transforms import ImageTransform
 from vision_tl.features.extractor import _collate, _ImageFiles
 
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_throughput import prepare  # noqa: E402
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
@@ -53,19 +56,6 @@ def loader_rate(paths: list[Path], size: int, batch: int, whole_batches: bool = 
     return len(paths) / (time.perf_counter() - start)
 
 
-def generate(root: Path, images: int, size: int) -> Path:
-    from PIL import Image
-
-    from vision_tl.data.synthetic import CLASSES, render_sample
-
-    for k in range(images):
-        kind = CLASSES[k % len(CLASSES)]
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        pixels = render_sample(kind, np.random.default_rng([CLASSES.index(kind), k]), size)
-        Image.fromarray(pixels).save(root / kind / f"{k:05d}.jpg", quality=90)
-    return root
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -79,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate(Path(tmp), args.generate, args.size) if args.generate else args.data
+        # the GPU benchmark's data: demo JPEGs rendered in parallel
+        root = prepare(Path(tmp), args.generate, args.size) if args.generate else args.data
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:args.images]
         if not paths:
             raise SystemExit(f"no .jpg/.jpeg files under {root}")

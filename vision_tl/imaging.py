@@ -329,29 +329,42 @@ def load_rgb_into(path: str | Path, out: np.ndarray, interpolation: str = "bicub
     uint8, C-contiguous: a row of a batch buffer), the same pixels without the copies between.
 
     A JPEG that already has ``out``'s size decodes straight into it (with simplejpeg, see
-    :func:`fast_jpeg_decoder`); anything else goes through :func:`load_rgb` and :func:`resize`.
+    :func:`fast_jpeg_decoder`), other JPEGs from the bytes read for that; anything else goes
+    through :func:`load_rgb` and :func:`resize`.
 
     Raises:
         ImageLoadError: as :func:`load_rgb`; ``out`` may then hold part of an image.
     """
-    if not _decode_jpeg_into(Path(path), out):
-        out[...] = resize(load_rgb(path), out.shape[:2], interpolation)
+    path = Path(path)
+    limit = max_image_pixels()
+    simplejpeg = fast_jpeg_decoder()
+    if simplejpeg is not None:
+        try:
+            data = _jpeg_bytes(path)
+        except OSError:
+            data = None  # missing, a directory, unreadable: load_rgb names the problem
+        if data is not None:
+            if _decode_jpeg_into(simplejpeg, data, out, limit):
+                return
+            pixels = _decode_jpeg_bytes(simplejpeg, data, limit, path)
+            if pixels is not None:
+                out[...] = resize(pixels, out.shape[:2], interpolation)
+                return
+    out[...] = resize(load_rgb(path), out.shape[:2], interpolation)
 
 
-def _decode_jpeg_into(path: Path, out: np.ndarray) -> bool:
+def _decode_jpeg_into(simplejpeg, data: bytes, out: np.ndarray, limit: int) -> bool:
     """Decode a colour JPEG of exactly ``out``'s size into ``out``; False when that is not the
     case or anything fails (the caller then takes the general path, which names the problem)."""
-    simplejpeg = fast_jpeg_decoder()
-    if (simplejpeg is None or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3
-            or not out.flags.c_contiguous or not out.flags.writeable):
+    if (out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3 or not out.flags.c_contiguous
+            or not out.flags.writeable):
         return False
     try:
-        data = _jpeg_bytes(path)
-        header = None if data is None else _checked_header(simplejpeg, data)
-        if header is None or header[2] or header[:2] != out.shape[:2] or header[0] * header[1] > max_image_pixels():
+        header = _checked_header(simplejpeg, data)
+        if header is None or header[2] or header[:2] != out.shape[:2] or header[0] * header[1] > limit:
             return False  # not a colour JPEG of out's size within the pixel limit
         simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
-    except Exception:  # noqa: BLE001 - unreadable, damaged, odd: load_rgb says what is wrong
+    except Exception:  # noqa: BLE001 - damaged or odd: the general path says what is wrong
         return False
     return True
 

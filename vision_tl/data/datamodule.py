@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decoded_cache import DecodedImageDataset, PixelRows, decoded_images, pixels_to
-from vision_tl.data.device import copy_on_side_stream, default_num_workers  # noqa: F401 (re-exported)
+from vision_tl.data.device import copy_on_side_stream, default_num_workers
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -331,7 +331,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                   cache_dir, self.num_workers)
 
         trainer = self.trainer
-        if trainer is None or trainer.world_size < 2:
+        if trainer is None:
             return decode()
         first = trainer.local_rank == 0
         result = first_builds(trainer.strategy, first, decode)

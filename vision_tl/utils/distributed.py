@@ -18,9 +18,8 @@ def first_builds(strategy, first: bool, build: Callable[[], T]) -> T | None:
 
     The ranks meet in an all-gather instead of a bare barrier, so a failure reaches everyone:
     the builder raises its own error and every other rank an :class:`OtherRankFailed` with the
-    same message. Before, the others died at the barrier with a gloo "connection closed"
-    traceback printed around the user's one-line error (or waited for the process group's
-    time-out where no launcher stopped them).
+    same message (at a barrier they would die of a lost connection, with a traceback). Without
+    a process group (one device) it is ``build()`` where ``first`` is true.
     """
     import torch.distributed as dist
 
