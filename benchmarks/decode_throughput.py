@@ -1,14 +1,20 @@
-"""JPEG decoding per core: simplejpeg vs Pillow, through the kit's own loader code.
+"""JPEG decoding for extract and the decoded cache: per core, and threads vs loader processes.
 
-What one loader process does for ``vision-tl extract`` and for the decoded-image cache's
-first pass (``load_rgb``, resize to the model's size, uint8 batch), timed in this one
-process with each decoder in turn; rounds alternate and the script prints the median of
-the per-round ratios. On a GPU machine extract is bound by this rate times the number of
-loader processes, so the ratio is what extract gains there. Also checks that both give the
-same pixels for every image timed.
+1. **Per core**: what one decoding worker does (decode, resize to the model's size, uint8
+   batch) with Pillow image by image and stacked (the kit before simplejpeg) and with
+   simplejpeg straight into the batch (the kit now), in this one process; also checks that
+   both give the same pixels for every image timed.
+2. **Threads vs loader processes** (``--workers N``): the whole pass over the images, start-up
+   included, through N decoding threads (``decode_batches``, the kit now) and through a
+   ``DataLoader`` with N processes that decode into shared-memory batches (the kit before).
+   The parent holds a Lite0 model first, as ``vision-tl extract``'s does when it starts them.
+
+Rounds alternate; the script prints the medians of the per-round ratios. On a GPU machine
+extract is bound by this decoding rate, so the ratios are what extract gains there.
 
     python benchmarks/decode_throughput.py --data ../shared/datasets/neu
     python benchmarks/decode_throughput.py --generate 600 --size 224   # demo JPEGs at 224 px
+    python benchmarks/decode_throughput.py --generate 3000 --workers 15 --images 3000   # a 16-core GPU machine
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from vision_tl import imaging
-from vision_tl.backbones import resolve_preprocessing
-from vision_tl.data.transforms import ImageTransform
-from vision_tl.features.extractor import _collate, _ImageFiles
+from vision_tl.backbones import create_backbone
+from vision_tl.data.decode_threads import decode_batches
+from vision_tl.data.device import default_decode_threads
+from vision_tl.data.transforms import pixel_batch_buffer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_throughput import prepare  # noqa: E402
@@ -43,17 +52,47 @@ def use_decoder(name: str) -> None:
         raise SystemExit("simplejpeg is not installed or not bit-exact with Pillow here")
 
 
-def loader_rate(paths: list[Path], size: int, batch: int, whole_batches: bool = True) -> float:
-    """images/s of decode + resize + batch in this process: what one ``vision-tl extract``
-    loader worker does (``whole_batches``: into one batch buffer, as the kit does now; else
-    image by image, then stacked, as before)."""
-    transform = ImageTransform(resolve_preprocessing("tf_efficientnet_lite0", size), normalize=False)
-    files = _ImageFiles(paths, transform)
-    files.whole_batches = whole_batches
+def per_core_rate(paths: list[Path], size: int, batch: int, into_batch: bool) -> float:
+    """images/s of decode + resize + uint8 batch in this process: straight into the batch (the
+    kit, ``decode_batches`` without threads), or image by image and then stacked (before)."""
     start = time.perf_counter()
-    for i in range(0, len(paths), batch):
-        _collate(files.__getitems__(list(range(i, min(i + batch, len(paths))))))
+    if into_batch:
+        for _ in decode_batches(paths, (size, size), "bicubic", batch, threads=0):
+            pass
+    else:
+        for i in range(0, len(paths), batch):
+            np.stack([imaging.resize(imaging.load_rgb(p), (size, size), "bicubic") for p in paths[i:i + batch]])
     return len(paths) / (time.perf_counter() - start)
+
+
+class _ProcessBatches(Dataset):
+    """The kit's extract loader before decoding threads: a ``DataLoader`` worker decodes a whole
+    batch into one shared-memory buffer, which the parent then receives."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        out = pixel_batch_buffer((len(indices), self.size, self.size, 3))
+        for row, i in zip(out.numpy(), indices, strict=True):
+            imaging.load_rgb_into(self.paths[i], row, "bicubic")
+        return [out]
+
+
+def pass_rate(paths: list[Path], size: int, batch: int, workers: int, threads: bool) -> tuple[float, float]:
+    """images/s of one whole pass, start-up included, and the milliseconds to the first batch."""
+    start, first = time.perf_counter(), None
+    if threads:
+        batches = decode_batches(paths, (size, size), "bicubic", batch, workers)
+    else:
+        batches = DataLoader(_ProcessBatches(paths, size), batch_size=batch, num_workers=workers,
+                             collate_fn=lambda items: items[0], prefetch_factor=4 if workers else None)
+    for _ in batches:
+        first = first or time.perf_counter() - start
+    return len(paths) / (time.perf_counter() - start), 1000 * (first or 0.0)
 
 
 def main() -> None:
@@ -65,6 +104,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="images timed per round")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=default_decode_threads(),
+                        help="decoding threads and loader processes to compare (default: what extract uses here)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -81,30 +122,49 @@ def main() -> None:
             if not np.array_equal(slow, imaging.load_rgb(p)):
                 raise SystemExit(f"{p}: simplejpeg and Pillow disagree")
         rows = []
-        runs = [("pillow", "pillow", False), ("simplejpeg", "simplejpeg", False), ("direct", "simplejpeg", True)]
+        for r in range(args.rounds):
+            order = [False, True] if r % 2 == 0 else [True, False]
+            rates = {}
+            for into in order:
+                use_decoder("simplejpeg" if into else "pillow")
+                rates[into] = per_core_rate(paths, args.size, args.batch, into)
+            rows.append((r, rates[False], rates[True], rates[True] / rates[False]))
+            print(f"round {r}: Pillow image by image {rates[False]:.0f} img/s, simplejpeg into the batch "
+                  f"{rates[True]:.0f} img/s, ratio {rows[-1][3]:.2f}", flush=True)
+        use_decoder("simplejpeg")
+        model = create_backbone("tf_efficientnet_lite0")  # noqa: F841 - held, as extract's parent holds one
+        passes = []
         for r in range(args.rounds):
             rates = {}
-            for name, decoder, whole in runs if r % 2 == 0 else runs[::-1]:
-                use_decoder(decoder)
-                rates[name] = loader_rate(paths, args.size, args.batch, whole)
-            rows.append((r, rates["pillow"], rates["simplejpeg"], rates["direct"], rates["direct"] / rates["pillow"]))
-            print(f"round {r}: Pillow {rates['pillow']:.0f} img/s, simplejpeg {rates['simplejpeg']:.0f} img/s, "
-                  f"simplejpeg into the batch {rates['direct']:.0f} img/s, ratio {rows[-1][4]:.2f}", flush=True)
-    median = statistics.median(row[4] for row in rows)
-    print(f"median ratio (simplejpeg into the batch) / (Pillow image by image): {median:.2f} "
+            for threads in ([False, True] if r % 2 == 0 else [True, False]):
+                rates[threads] = pass_rate(paths, args.size, args.batch, args.workers, threads)
+            (proc, proc_first), (thr, thr_first) = rates[False], rates[True]
+            passes.append((r, proc, proc_first, thr, thr_first, thr / proc))
+            print(f"round {r}: {args.workers} loader processes {proc:.0f} img/s (first batch after {proc_first:.0f} ms), "
+                  f"{args.workers} threads {thr:.0f} img/s ({thr_first:.0f} ms), ratio {thr / proc:.2f}", flush=True)
+    median = statistics.median(row[3] for row in rows)
+    pass_median = statistics.median(row[5] for row in passes)
+    print(f"median ratio per core, simplejpeg into the batch / Pillow image by image: {median:.2f} "
           f"({len(paths)} images, identical pixels)")
+    print(f"median ratio of a whole pass, {args.workers} threads / {args.workers} loader processes: {pass_median:.2f}")
     if args.no_write:
         return
     source = f"--data {args.data}" if args.data else f"--generate {args.generate}"
-    lines = [f"\n### JPEG decoding per loader process: simplejpeg vs Pillow ({datetime.date.today()})\n",
-             f"\n`python benchmarks/decode_throughput.py {source} --size {args.size}` — {len(paths)} JPEGs, "
-             "decode + resize + uint8 batch in one process, identical pixels checked for every image.\n\n",
-             "Columns: Pillow image by image and stacked (before), simplejpeg the same way, simplejpeg\n"
-             "into one batch buffer (the kit's loaders now); the ratio is the last over the first.\n\n"
-             "| round | Pillow img/s | simplejpeg img/s | simplejpeg into the batch img/s | ratio |\n"
-             "|---|---|---|---|---|\n"]
-    lines += [f"| {r} | {p:.0f} | {s:.0f} | {d:.0f} | {q:.2f} |\n" for r, p, s, d, q in rows]
-    lines.append(f"| **median** | | | | **{median:.2f}** |\n")
+    lines = [f"\n### JPEG decoding for extract and the decoded cache ({datetime.date.today()})\n",
+             f"\n`python benchmarks/decode_throughput.py {source} --size {args.size} --images {args.images} "
+             f"--workers {args.workers}` — {len(paths)} JPEGs, decode + resize to {args.size} px + uint8 batch of "
+             f"{args.batch}; identical pixels checked for every image.\n\n",
+             "Per core (one process): Pillow image by image, then stacked (before), against simplejpeg\n"
+             "straight into the batch (now).\n\n",
+             "| round | Pillow img/s | simplejpeg into the batch img/s | ratio |\n|---|---|---|---|\n"]
+    lines += [f"| {r} | {p:.0f} | {d:.0f} | {q:.2f} |\n" for r, p, d, q in rows]
+    lines.append(f"| **median** | | | **{median:.2f}** |\n")
+    lines += [f"\nA whole pass, start-up included: {args.workers} loader processes decoding into shared-memory "
+              f"batches (before) against {args.workers} decoding threads (now).\n\n",
+              "| round | processes img/s | first batch (ms) | threads img/s | first batch (ms) | ratio |\n"
+              "|---|---|---|---|---|---|\n"]
+    lines += [f"| {r} | {p:.0f} | {pf:.0f} | {t:.0f} | {tf:.0f} | {q:.2f} |\n" for r, p, pf, t, tf, q in passes]
+    lines.append(f"| **median** | | | | | **{pass_median:.2f}** |\n")
     with RESULTS.open("a") as f:
         f.writelines(lines)
 

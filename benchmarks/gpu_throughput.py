@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
 
 from vision_tl import imaging  # noqa: E402
-from vision_tl.data.device import default_num_workers  # noqa: E402
+from vision_tl.data.device import default_decode_threads, default_num_workers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 MODES = ("frozen", "partial", "full", "loaders", "extract")  # loaders: partial through loader processes
@@ -337,7 +337,9 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
                      f"| {waits_per_step(syncs)} | {gpu_busy(syncs)} |")
     step = 1000 * args.batch / bound["frozen"]
     workers = args.workers if args.workers is not None else default_num_workers(gpu=args.device == "cuda")
-    lines += ["", f"JPEG decoding: {jpeg_decoder()}, {workers} loader processes.", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
+    threads = args.workers if args.workers is not None else default_decode_threads()
+    lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding threads "
+              "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
     for mode, (_, _, syncs) in kit.items():
         busy = (syncs or {}).get("busy")

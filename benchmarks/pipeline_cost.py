@@ -12,7 +12,7 @@ without a GPU, each against a baseline in the same run:
 2. **Host-side feed rate.** Images/s that the kit's loaders deliver with no model
    attached: the device pipeline reading the decoded-image cache (``fit``, epochs
    after the first), the device pipeline decoding JPEGs (``fit`` without the cache),
-   and ``extract``'s loader. Per loader process, then how many processes the GPU
+   and ``extract``'s decoding threads. Per loader process (or thread), then how many the GPU
    targets need (6,100 img/s train and 22,800 img/s inference on an H200, times 0.8).
 
     python benchmarks/pipeline_cost.py                   # 2,000 synthetic 224 px JPEGs
@@ -74,18 +74,15 @@ def feed_rate(root: Path, cache: Path | None, workers: int, batch: int, size: in
 
 
 def extract_feed_rate(root: Path, workers: int, batch: int, size: int, rounds: int) -> float:
-    from torch.utils.data import DataLoader
-
-    from vision_tl.data.transforms import ImageTransform
-    from vision_tl.features.extractor import _collate, _ImageFiles
+    """Median images/s of ``extract``'s decoding (threads, straight into the batch), no model."""
+    from vision_tl.data.decode_threads import decode_batches
 
     paths = sorted(root.rglob("*.jpg"))
-    dataset = _ImageFiles(paths, ImageTransform(resolve_preprocessing("tf_efficientnet_lite0", size),
-                                                normalize=False))
+    interpolation = resolve_preprocessing("tf_efficientnet_lite0", size).interpolation
     rates = []
     for _ in range(rounds):
         start = time.perf_counter()
-        for _ in DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate):
+        for _ in decode_batches(paths, (size, size), interpolation, batch, workers):
             pass
         rates.append(len(paths) / (time.perf_counter() - start))
     return statistics.median(rates)
@@ -97,7 +94,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=1, help="loader processes for the feed rates")
+    parser.add_argument("--workers", type=int, default=1, help="loader processes (decoding threads for extract) for the feed rates")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -113,7 +110,7 @@ def main() -> None:
             "fit, JPEG decoding": feed_rate(root, None, w, args.batch, args.size, args.rounds),
             "extract, JPEG decoding": extract_feed_rate(root, w, args.batch, args.size, args.rounds),
         }
-    print(f"\nhost feed rate with {w} loader process(es), batch {args.batch}, median of {args.rounds}:")
+    print(f"\nhost feed rate with {w} loader process(es) or decoding thread(s), batch {args.batch}, median of {args.rounds}:")
     for name, rate in rates.items():
         per = rate / max(1, w)
         target = INFER_TARGET if name.startswith("extract") else TRAIN_TARGET

@@ -274,7 +274,7 @@ def test_read_only_decoded_cache_fails_before_decoding_and_says_how_to_move_it(t
     _read_only(monkeypatch)
     got, _ = dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear")  # filled: reading is fine
     np.testing.assert_array_equal(got, expected)
-    monkeypatch.setattr(dc, "load_rgb_into", lambda *a: pytest.fail("decoded before checking"))
+    monkeypatch.setattr(dc, "decode_batches", lambda *a, **k: pytest.fail("decoded before checking"))
     with pytest.raises(dc.DecodedCacheError, match=rf"decoded-image cache {cache} \(from \$VISION_TL_DECODED_CACHE"
                                                    r"\) is not writable.*--data.decoded_cache DIR"):
         dc.decoded_images(paths, ["a", "b", "NEW"], (8, 8), "bilinear")

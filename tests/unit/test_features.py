@@ -241,7 +241,7 @@ def test_unreadable_image_is_named(tmp_path, folder) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net, workers) -> None:
-    """Loaders decode straight into one batch; the embeddings and the failures are those of
+    """Threads decode straight into one batch; the embeddings and the failures are those of
     decoding, resizing and transforming image by image."""
     from vision_tl.features.extractor import _ImageFiles, iter_embeddings
     from vision_tl.imaging import load_rgb

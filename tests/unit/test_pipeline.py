@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vision_tl.data import ImageFolderDataModule
+from vision_tl.data import ImageFolderDataModule, decode_threads
 from vision_tl.data import decoded_cache as dc
 from vision_tl.tasks import ImageClassifier
 
@@ -60,21 +60,21 @@ def test_killed_cache_build_leaves_no_file_under_the_final_name(tmp_path, monkey
             raise KeyboardInterrupt
         out[...] = 0
 
-    monkeypatch.setattr(dc, "load_rgb_into", dying_load)
+    monkeypatch.setattr(decode_threads, "load_rgb_into", dying_load)
     with pytest.raises(KeyboardInterrupt):
         dc.decoded_images(paths, list("abcd"), (8, 8), "bilinear", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_bad_images_in_the_cache_are_named_or_skipped(inspection_folder, tmp_path, monkeypatch):
-    real_load = dc.load_rgb_into
+    real_load = decode_threads.load_rgb_into
 
     def load(path, out, interpolation):  # a file that passed the folder scan but fails to decode
         if path.name == "good_0003.png":  # (e.g. changed on a share)
-            raise dc.ImageLoadError(f"{path}: corrupt or truncated image")
+            raise decode_threads.ImageLoadError(f"{path}: corrupt or truncated image")
         real_load(path, out, interpolation)
 
-    monkeypatch.setattr(dc, "load_rgb_into", load)
+    monkeypatch.setattr(decode_threads, "load_rgb_into", load)
     dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="could not be decoded: .*good_0003.png"):
         dm.dataset("train"), dm.dataset("val")

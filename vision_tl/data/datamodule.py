@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decoded_cache import DecodedImageDataset, PixelRows, decoded_images, pixels_to
-from vision_tl.data.device import copy_on_side_stream, default_num_workers
+from vision_tl.data.device import copy_on_side_stream, default_decode_threads, default_num_workers
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -136,7 +136,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         val_fraction: share of each class held out for validation when there is no val/ folder.
         seed: seed of the split and of the balanced sampler.
         batch_size: images per batch.
-        num_workers: loader processes; ``None`` picks from the machine's cores.
+        num_workers: loader processes (and threads that build the decoded cache); ``None``
+            picks from the machine's cores.
         augment: preset name (``none``, ``light``, ``inspection``) or a list of
             albumentations transforms as ``{"name": ..., **kwargs}`` dicts.
         sampler: ``none`` or ``balanced`` (each class drawn equally often).
@@ -211,6 +212,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                              f"pipeline; it needs pipeline 'device' or 'auto' (got {pipeline!r}) and decoded_cache "
                              f"true or a folder (got {decoded_cache!r})")
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        # the decoded cache is built on threads: as many as the loader processes a user asked for
+        self.decode_threads = default_decode_threads() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
         self._feature_data: dict[str, Dataset] = {}  # see use_features
         self._batch_augment: dict[bool, torch.nn.Module] = {}
@@ -328,7 +331,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         def decode() -> tuple[np.ndarray, list[int]]:
             return decoded_images([s.path for s in samples], [s.sha256 for s in samples],
                                   self.preprocessing.input_size, self.preprocessing.interpolation,
-                                  cache_dir, self.num_workers)
+                                  cache_dir, self.decode_threads)
 
         trainer = self.trainer
         if trainer is None:

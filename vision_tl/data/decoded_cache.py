@@ -31,15 +31,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from vision_tl.data.decode_threads import decode_batches
 from vision_tl.data.transforms import pixel_batch_buffer
-from vision_tl.imaging import ImageLoadError, load_rgb_into
 from vision_tl.utils import local_rank
 from vision_tl.utils.files import atomic_path, atomic_write_text, file_crc32
 
 CACHE_ENV = "VISION_TL_DECODED_CACHE"
 FORMAT = 1
+BUILD_BATCH = 64  # images decoded per step of the build (and of its progress bar)
 
 # Pixel files that passed the full check in this process: (path, inode, size, mtime_ns). The files
 # are never modified once renamed into place, so train and val loaders check them once.
@@ -89,48 +90,17 @@ def _check_writable(root: Path, origin: str, fix: str) -> None:
     os.unlink(probe)
 
 
-class _Decode(Dataset):
-    def __init__(self, paths: list[Path], size: tuple[int, int], interpolation: str) -> None:
-        self.paths, self.size, self.interpolation = paths, size, interpolation
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor, list[str]]:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[list[int], torch.Tensor, list[str]]]:
-        """One ``[N, H, W, 3]`` batch (in shared memory in a worker: sending 64 separate images
-        between processes cost more than decoding them), each image decoded into its row;
-        a row that fails stays black and its error is returned."""
-        pixels = pixel_batch_buffer((len(indices), *self.size, 3))
-        errors = []
-        for row, i in zip(pixels.numpy(), indices, strict=True):
-            try:
-                load_rgb_into(self.paths[i], row, self.interpolation)
-                errors.append("")
-            except ImageLoadError as exc:
-                row[...] = 0
-                errors.append(str(exc))
-        return [(list(indices), pixels, errors)]
-
-
-def _collate_pixels(items: list[tuple[list[int], torch.Tensor, list[str]]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    """The batch ``_Decode.__getitems__`` assembled."""
-    (batch,) = items
-    return batch
-
-
 def _key(shas: list[str], size: tuple[int, int], interpolation: str) -> str:
     identity = {"format": FORMAT, "shas": shas, "size": list(size), "interpolation": interpolation}
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
 def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], interpolation: str,
-                   cache_dir: str | Path | None = None, num_workers: int = 0) -> tuple[np.ndarray, list[int]]:
+                   cache_dir: str | Path | None = None, threads: int = 0) -> tuple[np.ndarray, list[int]]:
     """``[N, H, W, 3]`` uint8 pixels (memory-mapped) and the indices that failed to decode.
 
-    Builds the cache file on first use (with a progress bar), then only maps it.
+    Builds the cache file on first use (on ``threads`` decoding threads, with a progress
+    bar), then only maps it.
     """
     root, origin, fix = _cache_root(cache_dir)
     _prepare_root(root, origin, fix)
@@ -144,7 +114,7 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
                           "(a cache file, not your data)", stacklevel=2)
     _check_writable(root, origin, fix)
     meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
-    bad, crc = _build(data_path, paths, size, interpolation, num_workers)
+    bad, crc = _build(data_path, paths, size, interpolation, threads)
     atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
                                              "interpolation": interpolation, "bad": bad, "crc32": crc}))
     pixels = np.load(data_path, mmap_mode="r")
@@ -195,31 +165,32 @@ def _open(data_path: Path, meta_path: Path, count: int, size: tuple[int, int]) -
 
 
 def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: str,
-           num_workers: int) -> tuple[list[int], int]:
+           threads: int) -> tuple[list[int], int]:
     """Decode every image into ``path``; returns the bad indices and the CRC-32 of the pixels."""
-    from tqdm.auto import tqdm
-
-    loader = DataLoader(_Decode(paths, size, interpolation), batch_size=64, num_workers=num_workers,
-                        collate_fn=_collate_pixels)
-    bad: list[int] = []
-    crc, written = 0, 0
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
-        with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
-                  disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
-            for rows, pixels, errors in loader:  # rows come in order: one slice per batch
-                if rows[0] != written:
-                    raise RuntimeError(f"decoded rows arrived out of order: {rows[0]} after {written}")
-                block = np.ascontiguousarray(pixels.numpy())
-                out[rows[0]:rows[-1] + 1] = block
-                crc = zlib.crc32(block, crc)  # in file order, so it is the CRC of the pixel bytes
-                written = rows[-1] + 1
-                bad += [i for i, error in zip(rows, errors, strict=True) if error]
-                bar.update(len(rows))
+        bad, crc = _decode_into(out, paths, interpolation, threads)
         out.flush()
-        del out
-    return sorted(bad), crc
+        del out  # no view of the mapping is left (Windows cannot rename a mapped file)
+    return bad, crc
+
+
+def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads: int) -> tuple[list[int], int]:
+    """Decode on ``threads`` threads, each image straight into its row of ``out`` (the mapped
+    file), with a progress bar; the bad indices and the CRC-32 of the pixels, in file order."""
+    from tqdm.auto import tqdm
+
+    bad: list[int] = []
+    crc = 0
+    with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
+              disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
+        for rows in decode_batches(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads,
+                                   lambda start, n: torch.from_numpy(out[start:start + n])):
+            crc = zlib.crc32(rows.pixels.numpy(), crc)
+            bad += [rows.start + k for k in sorted(rows.errors)]
+            bar.update(len(rows.pixels))
+    return bad, crc
 
 
 class PixelRows(NamedTuple):

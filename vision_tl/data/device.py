@@ -4,7 +4,7 @@ A batch copied on the compute stream waits for the previous step to finish and t
 holds the next one up for as long as the copy takes (a few ms for 256 images at
 224 px). Copied on a side stream, the copy engine moves it while the previous step
 still computes. Used by ``fit`` (``ImageFolderDataModule.transfer_batch_to_device``)
-and by ``extract``; and how many loader processes this machine gets.
+and by ``extract``; and how many loader processes and decoding threads this machine gets.
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
             yield from _cuda_tensors(item)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_decode_threads() -> int:
+    """Decoding threads (``vision_tl.data.decode_threads``) for this machine: one per core
+    but one (the one that drives the model), up to 16; every core on a 1-2 core machine.
+    A thread costs nothing to start, and decoding releases the GIL."""
+    cores = _cores()
+    return min(16, cores - 1) if cores > 2 else cores
+
+
 def default_num_workers(gpu: bool | None = None) -> int:
     """Loader processes for this machine: every core but one (none on a 1-2 core machine),
     up to 8 when the CPU also trains and up to 16 when a GPU does (``gpu=None``: whether
@@ -54,7 +66,7 @@ def default_num_workers(gpu: bool | None = None) -> int:
     at roughly 2,000 (Pillow) to 4,000 (simplejpeg, into the batch) images/s per core against
     the GPU's ~20,000 images/s of inference.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     if gpu is None:
         gpu = torch.cuda.is_available()
     return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0

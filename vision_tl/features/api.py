@@ -173,8 +173,8 @@ def extract(
         stages: ``"pooled"`` (default), stage numbers ``"3,4"``, or both ``"3,4,pooled"``.
         image_size: input size override (default from the backbone's ``pretrained_cfg``).
         batch_size: images per forward pass.
-        num_workers: image-decoding processes (0 = decode in this process; default: one per
-            core but one, up to 8 (16 on a GPU), and none on a 1-2 core machine).
+        num_workers: image-decoding threads (0 = decode between batches; default: one per core
+            but one, up to 16, every core on a 1-2 core machine); loader processes for augmented views.
         cache_dir: feature cache root (default ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``).
         use_cache: keep the features in the cache for later runs.
         overwrite: replace an existing ``out``.

@@ -39,7 +39,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="images per forward pass (8: about 1.1 GB peak on a CPU, and no slower than 16)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="image-decoding processes (default: one per core but one, up to 8, or 16 on a GPU; none on 1-2 cores)")
+                        help="image-decoding threads (default: one per core but one, up to 16; every core on 1-2 cores)")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
     parser.add_argument("--random-init", action="store_true",

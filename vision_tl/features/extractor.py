@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
-from vision_tl.data.device import copy_on_side_stream, default_num_workers
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, pixel_batch_buffer, stack_images
-from vision_tl.imaging import ImageLoadError, load_rgb, load_rgb_into
+from vision_tl.data.decode_threads import DecodedRows, decode_batches
+from vision_tl.data.device import copy_on_side_stream, default_decode_threads
+from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
+from vision_tl.imaging import ImageLoadError, load_rgb
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
@@ -173,12 +174,7 @@ class FeatureExtractor:
 
 
 class _ImageFiles(Dataset):
-    """Decoded, transformed images; an undecodable file yields its error instead.
-
-    Without augmentation a loader asks for whole batches (``__getitems__``): each image is
-    decoded and resized straight into its row of one shared uint8 batch, and a JPEG that
-    already has the model's size is decoded into that row directly (no copies between).
-    """
+    """Decoded, transformed (augmented) images; an undecodable file yields its error instead."""
 
     def __init__(self, paths: list[Path], transform: ImageTransform) -> None:
         self.paths = paths
@@ -194,33 +190,8 @@ class _ImageFiles(Dataset):
         except ImageLoadError as exc:
             return i, None, str(exc)
 
-    def __getitems__(self, indices: list[int]) -> list:
-        if not self.whole_batches:
-            return [self[i] for i in indices]
-        height, width = self.transform.preprocessing.input_size
-        out = pixel_batch_buffer((len(indices), height, width, 3))
-        rows, done, bad = out.numpy(), [], []
-        for i in indices:
-            try:  # good images fill the rows in order, so a failure leaves no gap
-                load_rgb_into(self.paths[i], rows[len(done)], self.transform.preprocessing.interpolation)
-                done.append(i)
-            except ImageLoadError as exc:
-                bad.append((i, str(exc)))
-        return [_Batch(done, out[:len(done)].permute(0, 3, 1, 2) if done else None, bad)]
-
-
-@dataclass
-class _Batch:
-    """A batch ``_ImageFiles`` assembled itself: positions, ``[N, 3, H, W]`` uint8, failures."""
-
-    positions: list[int]
-    pixels: torch.Tensor | None
-    failures: list[tuple[int, str]]
-
 
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    if len(batch) == 1 and isinstance(batch[0], _Batch):
-        return batch[0].positions, batch[0].pixels, batch[0].failures
     ok = [(i, x) for i, x, err in batch if err is None]
     bad = [(i, err) for i, x, err in batch if err is not None]
     x = stack_images([x for _, x in ok]) if ok else None
@@ -239,9 +210,9 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
                     progress: bool | str = True) -> Iterator[BatchResult]:
     """Embed ``paths`` batch by batch (decode, transform, forward), with a tqdm bar.
 
-    Only one batch of images is in memory at a time (plus what loader workers prefetch).
-    ``num_workers=None`` picks one decoding process per core but one (up to 8, or 16 on a
-    GPU; none on a 1-2 core machine).
+    Only one batch of images is in memory at a time (plus the few decoded ahead).
+    ``num_workers`` decoding threads (loader processes for augmented views); ``None`` picks
+    one per core but one, up to 16 (every core on a 1-2 core machine).
     """
     from tqdm.auto import tqdm
 
@@ -250,12 +221,9 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
     cuda = device.type == "cuda"
     if num_workers is None:
-        num_workers = default_num_workers(gpu=cuda)
+        num_workers = default_decode_threads()
     if num_workers < 0:
         raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {num_workers}")
-    loader = DataLoader(_ImageFiles(paths, extractor.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=cuda,
-                        prefetch_factor=4 if cuda and num_workers > 0 else None)
     desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
 
     def launch(x: torch.Tensor | None):
@@ -272,7 +240,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
 
     pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
-        batches = iter(loader)  # the loader processes start decoding now
+        batches = _decoded_batches(extractor, paths, batch_size, num_workers, cuda)  # decoding starts now
         if cuda and paths:
             warm_up(extractor, min(batch_size, len(paths)), device)
         for positions, x, bad in batches:
@@ -287,10 +255,41 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             yield _finish(pending, bar)
 
 
+def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,
+                     pinned: bool) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """``(positions, [N, 3, H, W] uint8 pixels or None, failures)`` per batch of ``paths``.
+
+    Clean views (no augmentation) are decoded on ``workers`` threads straight into the batch
+    (pinned for a GPU): nothing to start, no copy between processes. Augmented views run their
+    albumentations pipeline, which is per-image Python, in ``workers`` loader processes.
+    """
+    transform = extractor.transform()
+    files = _ImageFiles(paths, transform)
+    if not files.whole_batches:
+        return iter(DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                               pin_memory=pinned, prefetch_factor=4 if pinned and workers > 0 else None))
+    height, width = transform.preprocessing.input_size
+
+    def buffer(start: int, n: int) -> torch.Tensor:
+        return torch.empty((n, height, width, 3), dtype=torch.uint8, pin_memory=pinned)
+
+    return map(_compact, decode_batches(paths, (height, width), transform.preprocessing.interpolation,
+                                        batch_size, workers, buffer))
+
+
+def _compact(rows: DecodedRows) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A decoded batch without the rows that failed, as ``(positions, [N, 3, H, W] or None, failures)``."""
+    pixels, good = rows.pixels, [k for k in range(len(rows.pixels)) if k not in rows.errors]
+    if rows.errors:  # rare: keep the decoded images only, in order
+        pixels = pixels[good].pin_memory() if rows.pixels.is_pinned() and good else pixels[good]
+    failures = [(rows.start + k, why) for k, why in rows.errors.items()]
+    return [rows.start + k for k in good], pixels.permute(0, 3, 1, 2) if good else None, failures
+
+
 def warm_up(extractor: FeatureExtractor, batch_size: int, device: torch.device) -> None:
     """Run a blank batch of the real shape, so that a GPU's one-time costs (loading its
     kernels, choosing convolution algorithms, the channels-last weights) are paid while the
-    loader processes decode the first batch, not after. Nothing here waits for the GPU, and
+    first batch is decoded, not after. Nothing here waits for the GPU, and
     the model's weights and statistics do not change."""
     height, width = extractor.preprocessing.input_size
     blank = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8, device=device)

@@ -1,0 +1,128 @@
+"""Decoding on threads: the same pixels and errors as decoding image by image, in order,
+and no thread left writing once the caller stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_tl.data import decode_threads
+from vision_tl.data import decoded_cache as dc
+from vision_tl.data.decode_threads import decode_batches
+from vision_tl.imaging import ImageLoadError, load_rgb_into
+
+SIZE = (24, 24)
+
+
+def _images(tmp_path, n: int = 11):
+    """JPEGs at the target size (decoded straight into the row), JPEGs and PNGs to resize,
+    and a cut-off file at position 5."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (SIZE[0] if i % 2 else 37, SIZE[1], 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i:02d}.{'jpg' if i % 3 else 'png'}")
+        Image.fromarray(pixels).save(paths[-1])
+    paths[5].write_bytes(paths[5].read_bytes()[:100])
+    return paths
+
+
+def _decode_threads_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("vision_tl-decode")]
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_batches_hold_each_images_pixels_in_order_and_name_the_bad_one(tmp_path, threads) -> None:
+    paths = _images(tmp_path)
+    batches = list(decode_batches(paths, SIZE, "bilinear", batch_size=4, threads=threads, ahead=2))
+    assert [b.start for b in batches] == [0, 4, 8] and [len(b.pixels) for b in batches] == [4, 4, 3]
+    assert {b.start + row for b in batches for row in b.errors} == {5}
+    assert "05.jpg" in batches[1].errors[1]
+    for b in batches:
+        for row, pixels in enumerate(b.pixels.numpy()):
+            expected = np.zeros((*SIZE, 3), np.uint8)
+            if row not in b.errors:
+                load_rgb_into(paths[b.start + row], expected, "bilinear")
+            np.testing.assert_array_equal(pixels, expected)  # a bad image's row is black
+    assert not _decode_threads_alive()
+
+
+def test_rows_land_in_the_buffer_the_caller_gives(tmp_path) -> None:
+    paths = _images(tmp_path, 6)
+    target = np.full((len(paths), *SIZE, 3), 7, np.uint8)
+    import torch
+
+    for b in decode_batches(paths, SIZE, "bilinear", 4, 2, lambda start, n: torch.from_numpy(target[start:start + n])):
+        assert np.shares_memory(b.pixels.numpy(), target)
+    expected = np.zeros_like(target[0])
+    load_rgb_into(paths[3], expected, "bilinear")
+    np.testing.assert_array_equal(target[3], expected)
+
+
+def test_a_caller_that_stops_early_leaves_no_thread_decoding(tmp_path, monkeypatch) -> None:
+    paths = _images(tmp_path, 40)
+    calls = []
+    real = decode_threads.load_rgb_into
+    monkeypatch.setattr(decode_threads, "load_rgb_into", lambda *a: calls.append(1) or real(*a))
+    batches = decode_batches(paths, SIZE, "bilinear", batch_size=2, threads=2, ahead=2)
+    next(batches)
+    batches.close()
+    assert not _decode_threads_alive()
+    done = len(calls)
+    assert done < len(paths)  # the batches not asked for were dropped, not decoded
+    time.sleep(0.05)
+    assert len(calls) == done  # and nothing is decoded after close() returned
+
+
+def test_an_unexpected_error_in_a_thread_reaches_the_caller(tmp_path, monkeypatch) -> None:
+    paths = _images(tmp_path, 8)
+    real = decode_threads.load_rgb_into
+
+    def load(path, out, interpolation):
+        if path == paths[6]:
+            raise MemoryError("no memory for 06.jpg")
+        real(path, out, interpolation)
+
+    monkeypatch.setattr(decode_threads, "load_rgb_into", load)
+    with pytest.raises(MemoryError, match="06.jpg"):
+        list(decode_batches(paths, SIZE, "bilinear", batch_size=4, threads=2))
+    assert not _decode_threads_alive()
+
+
+def test_bad_arguments_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        decode_batches([], SIZE, "bilinear", 0, 1)
+    with pytest.raises(ValueError, match="decoding threads must be 0 or more"):
+        decode_batches([], SIZE, "bilinear", 4, -1)
+
+
+def test_decoded_cache_built_on_threads_is_the_one_built_in_one_thread(tmp_path) -> None:
+    paths = _images(tmp_path)
+    shas = [f"sha{i}" for i in range(len(paths))]
+    one, bad_one = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "one", threads=0)
+    many, bad_many = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "many", threads=3)
+    assert bad_one == bad_many == [5]
+    np.testing.assert_array_equal(one, many)
+    (meta_one,), (meta_many,) = (tmp_path / "one").glob("*.json"), (tmp_path / "many").glob("*.json")
+    assert meta_one.read_text() == meta_many.read_text()  # the same pixel checksum
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 3), (16, 15), (64, 16)])
+def test_decoding_threads_follow_the_cores(monkeypatch, cores, expected) -> None:
+    from vision_tl.data.device import default_decode_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_decode_threads() == expected
+
+
+def test_image_load_errors_are_the_kits(tmp_path) -> None:
+    """What a bad row reports is the ImageLoadError message, which names the file."""
+    (bad,) = _images(tmp_path, 6)[5:6]
+    with pytest.raises(ImageLoadError) as caught:
+        load_rgb_into(bad, np.zeros((*SIZE, 3), np.uint8), "bilinear")
+    (batch,) = decode_batches([bad], SIZE, "bilinear", 4, 2)
+    assert batch.errors == {0: str(caught.value)}
