@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
@@ -53,7 +55,13 @@ def test_report_writes_everything_and_keeps_metrics_json(run):
     assert report["good_vs_defect"]["escape_rate"] <= 0.2
     json.dumps(metrics, allow_nan=False)
     header = (run / "predictions.csv").read_text().splitlines()[0]
-    assert header == "path,true,predicted,probability,p_crack,p_good,p_scratch,p_spot,decision"
+    assert header == "path,true,predicted,probability,p_crack,p_good,p_scratch,p_spot,is_defect"
+    rows = list(csv.DictReader(io.StringIO((run / "predictions.csv").read_text())))
+    threshold = metrics["report"]["val"]["good_vs_defect"]["threshold"]
+    assert rows
+    for row in rows:  # the threshold on P(good) that the report chose decides each image
+        if abs(float(row["p_good"]) - threshold) > 1e-5:  # (the CSV rounds to 6 decimals)
+            assert row["is_defect"] == str(float(row["p_good"]) < threshold).lower()
 
 
 def test_report_saves_the_threshold_into_a_copy_that_loads_weights_only(run):

@@ -402,8 +402,8 @@ def test_cli_csv(tmp_path: Path, model: Path, images: list[Path], capsys):
     assert "broken.png" in printed.err and "exit status 3" in printed.err
     with out.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "predicted", "probability", "is_defect", "error",
-                             "p_good", "p_scratch", "p_dent"]
+    assert list(rows[0]) == ["path", "predicted", "probability", "p_good", "p_scratch", "p_dent",
+                             "is_defect", "error"]
     by_name = {Path(r["path"]).name: r for r in rows}
     assert by_name["broken.png"]["error"] and by_name["broken.png"]["predicted"] == ""
     for path in images:

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import IO
 
 from vision_tl.deploy.metadata import DeployError
-from vision_tl.deploy.predictor import Prediction, Predictor, check_image_pixel_limit, scan_images
+from vision_tl.deploy.predictor import (
+    Prediction,
+    Predictor,
+    check_image_pixel_limit,
+    prediction_columns,
+    scan_images,
+)
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
 from vision_tl.utils.files import atomic_path
 
@@ -221,12 +227,11 @@ def _write_atomic(out: Path, write: Callable[[IO[str]], None]) -> None:
 
 def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:
     writer = csv.writer(fh)
-    writer.writerow(["path", "predicted", "probability", "is_defect", "error"]
-                    + [f"p_{name}" for name in classes])
+    writer.writerow(prediction_columns(classes, true=False))
     for p in predictions:
         flag = "" if p.is_defect is None else str(p.is_defect).lower()
-        row = [p.path, p.predicted or "", _fmt(p.probability), flag, p.error or ""]
-        writer.writerow(row + [_fmt(p.probabilities.get(name)) for name in classes])
+        writer.writerow([p.path, p.predicted or "", _fmt(p.probability),
+                         *[_fmt(p.probabilities.get(name)) for name in classes], flag, p.error or ""])
 
 
 def _write_json(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:

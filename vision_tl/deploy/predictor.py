@@ -46,6 +46,21 @@ _ARG_HINTS = {
 }
 
 
+def prediction_columns(classes: Sequence[str], *, true: bool = True, error: bool = True) -> list[str]:
+    """The columns of every predictions CSV the kit writes, in one order: ``path``, ``true``
+    (the labelled class; not in ``vision-tl predict-onnx``'s, which has no labels), ``predicted``,
+    ``probability`` (of ``predicted``), ``p_<class>`` per class, ``is_defect`` (``true``/``false``;
+    empty without a good class and a threshold) and ``error`` (why an image could not be read;
+    not in a report's, which holds only the images it evaluated).
+
+    Example:
+        >>> prediction_columns(["good", "dent"], true=False)
+        ['path', 'predicted', 'probability', 'p_good', 'p_dent', 'is_defect', 'error']
+    """
+    return ["path", *(["true"] if true else []), "predicted", "probability", *[f"p_{c}" for c in classes],
+            "is_defect", *(["error"] if error else [])]
+
+
 @dataclass
 class Prediction:
     """The result for one image.

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.deploy.predictor import prediction_columns
 from vision_tl.reports import metrics as M
 from vision_tl.utils.files import atomic_write_text
 
@@ -63,14 +64,12 @@ def _predictions_csv(probs: np.ndarray, labels: np.ndarray, classes: list[str], 
     out = io.StringIO()
     writer = csv.writer(out)
     decide = good_class is not None and threshold is not None
-    writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in classes],
-                     *(["decision"] if decide else [])])
+    writer.writerow(prediction_columns(classes, error=False))
     for i, (p, y) in enumerate(zip(probs, labels)):
         k = int(p.argmax())
-        row = [paths[i] if paths else "", classes[y], classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]]
-        if decide:
-            row.append("good" if p[classes.index(good_class)] >= threshold else "defect")
-        writer.writerow(row)
+        defect = str(bool(p[classes.index(good_class)] < threshold)).lower() if decide else ""
+        writer.writerow([paths[i] if paths else "", classes[y], classes[k], f"{p[k]:.6f}",
+                         *[f"{v:.6f}" for v in p], defect])
     return out.getvalue()
 
 

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 
+from vision_tl.deploy.predictor import prediction_columns
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils.files import atomic_write_text
@@ -156,8 +157,7 @@ class RunArtifacts(L.Callback):
             table.append((str(path), ["", "", "", *[""] * len(classes), "", why]))
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["path", "true", "predicted", "probability", *[f"p_{c}" for c in classes],
-                         "is_defect", "error"])
+        writer.writerow(prediction_columns(classes))
         writer.writerows([path, *row] for path, row in sorted(table))
         path = self.run_dir(trainer) / "predictions.csv"
         atomic_write_text(path, out.getvalue())
