@@ -162,3 +162,26 @@ def test_bad_options_are_rejected(tmp_path):
     wide = ImageFolderDataModule(str(root), backbone=TINY, image_size=(32, 48), augment="light", num_workers=0)
     wide.setup("fit")
     assert next(iter(wide.train_dataloader()))[0].shape[-2:] == (32, 48)
+
+
+def test_a_second_scan_reads_each_unchanged_image_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    """A resumed fit scans its data twice (the check against split.json, then training); the
+    second scan hashes and checks only what changed."""
+    from vision_tl.data import folder
+
+    root = _folder(tmp_path / "d", {"good": 3, "dent": 2})
+    hashed = []
+    real = folder.file_sha256
+    monkeypatch.setattr(folder, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    first = scan_folder(root)
+    assert len(hashed) == 5
+    again = scan_folder(root)
+    assert len(hashed) == 5 and [s.sha256 for s in again.samples] == [s.sha256 for s in first.samples]
+    changed = root / "dent" / "1.png"
+    Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(changed)  # other pixels, other size
+    third = scan_folder(root)
+    assert hashed[5:] == ["1.png"] and len(third.samples) == 5
+    assert {str(s.path): s.sha256 for s in third.samples}[str(changed)] == real(changed)
+    changed.write_bytes(b"not an image")  # and a file that went bad is reported, not reused
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        assert scan_folder(root, skip_bad=True).bad_files[0][0] == changed

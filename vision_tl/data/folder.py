@@ -131,11 +131,37 @@ def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _add_images(index: FolderIndex, images: list[Path], label: int) -> None:
     for path in images:
-        problem = _check_header(path)
+        problem, digest = _checked(path)
         if problem:
             index.bad_files.append((path, problem))
         else:
-            index.samples.append(Sample(path, label, file_sha256(path)))
+            index.samples.append(Sample(path, label, digest))
+
+
+# What scanning found for each image file this process read, while the file's inode, size and
+# modification time (and the pixel limit) stay the same; bounded, for folders of millions of images.
+_SCANNED: dict[tuple, tuple[str | None, str | None]] = {}
+_MAX_SCANNED = 200_000
+
+
+def _checked(path: Path) -> tuple[str | None, str | None]:
+    """``(problem, sha256)`` of an image file: :func:`_check_header`'s problem (None: usable) and,
+    for a usable file, its hash. Worked out once per process while the file is unchanged: a resumed
+    fit scans the data to check it against the run's split and again to train, and the second
+    scan then only reads the files' sizes and times."""
+    try:
+        st = path.stat()
+    except OSError:  # a broken link or a file gone: _check_header says what is wrong
+        return _check_header(path) or "cannot be read", None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, max_image_pixels())
+    found = _SCANNED.get(key)
+    if found is None:
+        problem = _check_header(path)
+        found = (problem, None if problem else file_sha256(path))
+        if len(_SCANNED) >= _MAX_SCANNED:
+            _SCANNED.clear()
+        _SCANNED[key] = found
+    return found
 
 
 def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice: str) -> FolderIndex:
