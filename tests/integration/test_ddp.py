@@ -150,3 +150,26 @@ def test_a_decoded_cache_the_first_rank_cannot_build_stops_every_rank(even_folde
     assert fit.returncode == 2, fit.stderr[-3000:]
     assert "decoded-image cache" in fit.stderr and "cannot be created (Not a directory)" in fit.stderr
     assert "Traceback" not in fit.stderr, fit.stderr[-3000:]
+
+
+def test_an_image_one_rank_cannot_decode_mid_training_stops_every_rank_in_one_line_each(even_folder, tmp_path):
+    """A file that passes the scan but not decoding fails one rank in the middle of an epoch; the
+    other loses its connection in the next collective. Each says why in one line, no traceback."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(even_folder, data)
+    victim = sorted((data / "crack").glob("*.png"))[0]
+    from PIL import Image
+
+    Image.open(victim).convert("RGB").resize((64, 64)).save(victim.with_suffix(".jpg"), quality=95)
+    victim.unlink()
+    jpeg = victim.with_suffix(".jpg")
+    jpeg.write_bytes(jpeg.read_bytes()[:-300])  # its header is fine; its pixels stop half-way
+    common = _common(data, tmp_path)
+    common[1] = str(CONFIGS / "partial.yaml")  # images through the backbone, not cached features
+    fit = _cli("fit", *common, "--model.feature_cache", "null", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert fit.returncode == 2, fit.stderr[-3000:]
+    assert f"{jpeg.name}: corrupt or truncated image" in fit.stderr, fit.stderr[-3000:]
+    assert "Traceback" not in fit.stderr, fit.stderr[-3000:]

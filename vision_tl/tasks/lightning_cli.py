@@ -27,6 +27,7 @@ from vision_tl.tasks.resume import (
     run_dir_of,
 )
 from vision_tl.utils import local_rank
+from vision_tl.utils.distributed import peer_stopped
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
@@ -386,6 +387,15 @@ def run_lightning_cli(argv: list[str]) -> int:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
         # stopped half-way would pass for a finished one in `fit && export` or a job script.
         return SIGTERM_EXIT
+    except RuntimeError as exc:
+        # DDP: a rank that stopped on its own error (one line, printed by it) leaves the others
+        # with a lost connection in their next collective; they say so in one line too.
+        message = peer_stopped(exc)
+        _remove_empty_new_runs()
+        if message is None or os.environ.get("VISION_TL_DEBUG") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except BaseException:
         _remove_empty_new_runs()
         raise

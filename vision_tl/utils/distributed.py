@@ -42,3 +42,22 @@ def first_builds(strategy, first: bool, build: Callable[[], T]) -> T | None:
     if failed is not None:
         raise OtherRankFailed(failed)
     return result
+
+
+# What gloo and NCCL say when the process at the other end of a collective has exited.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed")
+
+
+def peer_stopped(exc: BaseException) -> str | None:
+    """A one-line message when ``exc`` is this process losing the other processes of its DDP
+    job (one of them stopped on an error of its own, printed by it), else None."""
+    import torch.distributed as dist
+
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
+        return None
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc).lower()
+    if not (backend_error and isinstance(exc, backend_error) or any(s in text for s in _PEER_GONE)):
+        return None
+    return (f"another process of this {dist.get_world_size()}-process run stopped (its error is printed above), "
+            f"so process {dist.get_rank()} stops too")
