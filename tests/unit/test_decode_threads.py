@@ -111,12 +111,13 @@ def test_decoded_cache_built_on_threads_is_the_one_built_in_one_thread(tmp_path)
     assert meta_one.read_text() == meta_many.read_text()  # the same pixel checksum
 
 
-@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 3), (16, 15), (64, 16)])
-def test_decoding_threads_follow_the_cores(monkeypatch, cores, expected) -> None:
+@pytest.mark.parametrize("cores, processes, expected", [(1, 1, 1), (2, 1, 2), (4, 1, 3), (16, 1, 15), (64, 1, 16),
+                                                        (16, 4, 3), (16, 32, 1)])
+def test_decoding_threads_follow_the_cores_and_share_them_among_ranks(monkeypatch, cores, processes, expected):
     from vision_tl.data.device import default_decode_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert default_decode_threads() == expected
+    assert default_decode_threads(processes) == expected
 
 
 def test_image_load_errors_are_the_kits(tmp_path) -> None:

@@ -51,12 +51,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_decode_threads() -> int:
-    """Decoding threads (``vision_tl.data.decode_threads``) for this machine: one per core
-    but one (the one that drives the model), up to 16; every core on a 1-2 core machine.
-    A thread costs nothing to start, and decoding releases the GIL."""
+def default_decode_threads(processes: int = 1) -> int:
+    """Decoding threads (``vision_tl.data.decode_threads``) for each of ``processes`` processes
+    that decode at once on this machine (torchrun's ranks): their share of one per core but one
+    (the one that drives the model), up to 16; every core on a 1-2 core machine. A thread
+    costs nothing to start, and decoding releases the GIL."""
     cores = _cores()
-    return min(16, cores - 1) if cores > 2 else cores
+    return max(1, (min(16, cores - 1) if cores > 2 else cores) // max(1, processes))
 
 
 def default_num_workers(gpu: bool | None = None) -> int:

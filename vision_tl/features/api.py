@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
+from vision_tl.data.device import default_decode_threads
 from vision_tl.data.folder import SPLIT_NAMES, DatasetError, FolderIndex, file_sha256, scan_folder
 from vision_tl.features.cache import CacheReport, FeatureCache
 from vision_tl.features.extractor import FeatureExtractor
@@ -174,7 +176,8 @@ def extract(
         image_size: input size override (default from the backbone's ``pretrained_cfg``).
         batch_size: images per forward pass.
         num_workers: image-decoding threads (0 = decode between batches; default: one per core
-            but one, up to 16, every core on a 1-2 core machine); loader processes for augmented views.
+            but one, up to 16, every core on a 1-2 core machine, shared among torchrun's ranks on
+            one machine); loader processes for augmented views.
         cache_dir: feature cache root (default ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``).
         use_cache: keep the features in the cache for later runs.
         overwrite: replace an existing ``out``.
@@ -210,6 +213,8 @@ def extract(
     with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)
+        if num_workers is None:  # the ranks on this machine share its cores
+            num_workers = default_decode_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         report = cache.ensure(extractor, images.paths[share], images.hashes[share], batch_size, num_workers,
                               device, progress and ranks.is_main)
         report = _merge_reports(ranks.gather(report))
