@@ -82,6 +82,37 @@ class _ProcessBatches(Dataset):
         return [out]
 
 
+def outside_decoder_us(paths: list[Path], size: int, rounds: int = 3) -> tuple[float, float]:
+    """Microseconds per image of ``load_rgb_into`` in this thread, and of the same calls with
+    simplejpeg's decode replaced by blank pixels: the second is the work around each decode
+    (file reads, headers, checks, any resize), an upper bound on what holds the GIL, which caps
+    the images/s that decoding threads in one process can reach at 1e6 / it."""
+    simplejpeg = imaging.fast_jpeg_decoder()
+    row = np.empty((size, size, 3), np.uint8)
+
+    def per_image() -> float:
+        start = time.perf_counter()
+        for p in paths:
+            imaging.load_rgb_into(p, row, "bicubic")
+        return 1e6 * (time.perf_counter() - start) / len(paths)
+
+    full = min(per_image() for _ in range(rounds))
+    real = simplejpeg.decode_jpeg
+
+    def no_decode(data, colorspace="RGB", strict=True, buffer=None):  # blank pixels of the right shape
+        if buffer is not None:
+            return buffer
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return np.zeros((height, width, 1 if colorspace == "GRAY" else 3), np.uint8)
+
+    simplejpeg.decode_jpeg = no_decode
+    try:
+        outside = min(per_image() for _ in range(rounds))
+    finally:
+        simplejpeg.decode_jpeg = real
+    return full, outside
+
+
 def pass_rate(paths: list[Path], size: int, batch: int, workers: int, threads: bool) -> tuple[float, float]:
     """images/s of one whole pass, start-up included, and the milliseconds to the first batch."""
     start, first = time.perf_counter(), None
@@ -132,6 +163,9 @@ def main() -> None:
             print(f"round {r}: Pillow image by image {rates[False]:.0f} img/s, simplejpeg into the batch "
                   f"{rates[True]:.0f} img/s, ratio {rows[-1][3]:.2f}", flush=True)
         use_decoder("simplejpeg")
+        full_us, outside_us = outside_decoder_us(paths, args.size)
+        print(f"load_rgb_into: {full_us:.0f} us per image, {outside_us:.0f} us of it outside the decoder "
+              f"(caps decoding threads at ~{1e6 / outside_us:,.0f} img/s per process)", flush=True)
         model = create_backbone("tf_efficientnet_lite0")  # noqa: F841 - held, as extract's parent holds one
         passes = []
         for r in range(args.rounds):
@@ -165,6 +199,10 @@ def main() -> None:
               "|---|---|---|---|---|---|\n"]
     lines += [f"| {r} | {p:.0f} | {pf:.0f} | {t:.0f} | {tf:.0f} | {q:.2f} |\n" for r, p, pf, t, tf, q in passes]
     lines.append(f"| **median** | | | | | **{pass_median:.2f}** |\n")
+    lines.append(f"\n`load_rgb_into` in one thread: {full_us:.0f} µs per image, {outside_us:.0f} µs of it outside the "
+                 "decoder (file read, header, checks, and the resize where one is needed, which Pillow runs without "
+                 f"the GIL). For JPEGs at the model's size that bounds the GIL's share and caps decoding threads at "
+                 f"about {1e6 / outside_us:,.0f} images/s per process.\n")
     with RESULTS.open("a") as f:
         f.writelines(lines)
 
