@@ -435,3 +435,27 @@ def test_extract_with_a_fixed_size_vit_at_another_image_size(tmp_path, folder) -
     fs = extract(folder, "vit_tiny_patch16_224", pretrained=False, image_size=SIZE,
                  cache_dir=tmp_path / "cache", progress=False)
     assert fs.features.shape == (15, 192) and fs.metadata["preprocessing"]["input_size"] == [SIZE, SIZE]
+
+
+@pytest.mark.parametrize("device, batch", [("cpu", 8), ("cuda", 24)])
+def test_frozen_training_features_decode_on_threads_and_use_the_gpu_batch(inspection_folder, tiny_net, monkeypatch,
+                                                                         tmp_path, device, batch):
+    """The feature cache of a frozen fit is filled by clean views decoded on the data module's
+    threads and augmented views through its loader processes; on a GPU in training-size batches."""
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.features import training
+    from vision_tl.features.cache import CacheReport, FeatureCache
+
+    dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=SIZE, batch_size=24,
+                               num_workers=None, augment="inspection")
+    dm.setup("fit")
+    calls = []
+
+    def ensure(self, extractor, paths, hashes, **kwargs):
+        calls.append((extractor.view, kwargs["batch_size"], kwargs["num_workers"]))
+        return CacheReport(len(paths), len(paths), [], 1.0)
+
+    monkeypatch.setattr(FeatureCache, "ensure", ensure)
+    monkeypatch.setattr(FeatureCache, "read", lambda self, extractor, hashes: np.zeros((len(hashes), 4), np.float32))
+    training.cached_feature_datasets(tiny_net, TINY, dm, tmp_path / "fc", views=2, device=device, progress=False)
+    assert calls == [(0, batch, dm.decode_threads), (1, batch, dm.num_workers), (0, batch, dm.decode_threads)]

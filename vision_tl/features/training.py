@@ -84,9 +84,16 @@ def _split_features(cache: FeatureCache, extractors: list[FeatureExtractor], dat
     samples = list(datamodule.splits.get(split, []))
     paths, hashes = [s.path for s in samples], [s.sha256 for s in samples]
     failed: dict[Path, str] = {}
+    model_device = next(extractors[0].model.parameters()).device
+    on_gpu = (torch.device(device) if device is not None else model_device).type == "cuda"
+    # A GPU gets the training batch size; a CPU 8 (no slower than more, and a smaller peak).
+    batch_size = int(datamodule.hparams.batch_size) if on_gpu else 8
     for extractor in extractors:
         desc = f"features {split}" + (f" view {extractor.view}" if len(extractors) > 1 else "")
-        report = cache.ensure(extractor, paths, hashes, device=device, progress=desc if progress else False)
+        # clean views decode on threads, augmented ones run albumentations in loader processes
+        workers = getattr(datamodule, "decode_threads", 0) if extractor.view == 0 else datamodule.num_workers
+        report = cache.ensure(extractor, paths, hashes, batch_size=batch_size, num_workers=workers, device=device,
+                              progress=desc if progress else False)
         failed.update({Path(p): why for p, why in report.failed})
     if failed and not datamodule.hparams.skip_bad_images:
         lines = "\n".join(f"  {p}: {why}" for p, why in list(failed.items())[:20])
