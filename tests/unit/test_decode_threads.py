@@ -93,6 +93,11 @@ def test_an_unexpected_error_in_a_thread_reaches_the_caller(tmp_path, monkeypatc
     assert not _decode_threads_alive()
 
 
+def test_no_images_give_no_batches() -> None:
+    assert list(decode_batches([], SIZE, "bilinear", 4, 2)) == []
+    assert not _decode_threads_alive()
+
+
 def test_bad_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         decode_batches([], SIZE, "bilinear", 0, 1)

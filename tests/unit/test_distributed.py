@@ -1,0 +1,36 @@
+"""Which errors mean "another process of this DDP job stopped" (one line, no traceback)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.distributed as dist
+
+from vision_tl.utils.distributed import peer_stopped
+
+
+def test_without_a_process_group_nothing_is_a_lost_peer() -> None:
+    assert not dist.is_initialized()
+    assert peer_stopped(RuntimeError("Connection closed by peer [127.0.0.1]:2345")) is None
+
+
+@pytest.fixture
+def one_process_group():
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_lost_connection_in_a_collective_is_a_stopped_peer(one_process_group) -> None:
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:23939. This is typically caused by a remote worker crashing.")
+    assert peer_stopped(gloo) == ("another process of this 1-process run stopped (its error is printed above), "
+                                  "so process 0 stops too")
+    assert peer_stopped(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+    assert peer_stopped(ValueError("Connection closed by peer")) is None  # a user error keeps its own line
