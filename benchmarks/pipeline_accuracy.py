@@ -69,7 +69,8 @@ def run(data: Path, pipeline: str, seed: int, args, save_dir: Path) -> dict:
 def table(rows: list[dict], args, device: str) -> str:
     lines = [f"### Device vs CPU pipeline, `partial`, {args.epochs} epochs ({device})", "",
              f"`python benchmarks/pipeline_accuracy.py --data {args.data} --epochs {args.epochs} "
-             f"--seeds {','.join(map(str, args.seeds))}`", "",
+             f"--seeds {','.join(map(str, args.seeds))}"
+             + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`", "",
              "| pipeline | seed | best val acc (epoch) | last val acc | wall s |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['pipeline']} | {r['seed']} | {100 * r['best']:.2f} % ({r['best_epoch']}) | "
