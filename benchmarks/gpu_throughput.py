@@ -214,11 +214,12 @@ def gpu_busy(syncs: dict) -> str:
     return "n/a" if busy.get("busy") is None else f"{100 * busy['busy']:.0f} %"
 
 
-def extract_rate(args, root: Path) -> tuple[float, float]:
+def extract_rate(args, root: Path) -> tuple[float, float, float, float]:
     """``vision-tl extract`` over the JPEG folder in a fresh process, as a user runs it (decode
-    on workers, uint8 to the device, bf16 on a GPU; no feature cache): images/s over the
-    extraction (loader start-up and first batches included; the model's loading and Python's
-    imports not), and the process's wall time in seconds."""
+    on threads, uint8 to the device, bf16 on a GPU; no feature cache): images/s over the
+    extraction (decoding start-up and first batches included; the model's loading and Python's
+    imports not), the extraction's seconds, the seconds until its first batch's features were
+    back, and the process's wall time in seconds."""
     import subprocess
     import tempfile
 
@@ -239,7 +240,9 @@ def extract_rate(args, root: Path) -> tuple[float, float]:
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"extract failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
-        return float(read_features(out).metadata["images_per_second"]), wall
+        meta = read_features(out).metadata
+        return (float(meta["images_per_second"]), float(meta.get("seconds", "nan")),
+                float(meta.get("seconds_to_first_batch", "nan")), wall)
 
 
 def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
@@ -299,14 +302,15 @@ def augment_ms(args, reps: int = 20) -> float:
 def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> None:
     """The extract rows: ``vision-tl extract`` in a new process, its engine in steady state, and
     the engine again with Pillow decoding where simplejpeg is in use."""
-    rate, wall = extract_rate(args, root)
+    rate, seconds, first, wall = extract_rate(args, root)
     kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {})  # its GPU memory: another process
-    print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}); the process took {wall:.1f} s",
-          flush=True)
+    args.extract_times = (seconds, first, wall)
+    print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, the "
+          f"first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
     kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
     print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
     if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
-        imaging._fast_jpeg = False  # loader workers are forked and inherit the choice
+        imaging._fast_jpeg = False  # the decoding threads share this process's choice
         kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
         imaging._fast_jpeg = None
         print(f"extract, steady state, Pillow decoding: {kit['extract, steady state, Pillow decoding'][0]:,.0f} img/s",
@@ -341,6 +345,10 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding threads "
               "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
+    if getattr(args, "extract_times", None):
+        seconds, first, wall = args.extract_times
+        lines += ["", f"`vision-tl extract`: {seconds:.2f} s of extraction, of which {first:.2f} s until the first "
+                  f"batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the whole process."]
     for mode, (_, _, syncs) in kit.items():
         busy = (syncs or {}).get("busy")
         if busy:

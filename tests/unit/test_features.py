@@ -183,6 +183,9 @@ def test_extract_writes_rows_and_metadata(tmp_path, folder, suffix) -> None:
     meta = back.metadata
     assert meta["backbone"] == TINY and meta["weights"] == "random-init"
     assert meta["preprocessing"]["input_size"] == [SIZE, SIZE] and meta["stages"] == ["3", "pooled"]
+    # how long it took, and how long until the first batch was done (start-up: what a GPU run waits for)
+    assert 0 < meta["seconds_to_first_batch"] <= meta["seconds"]
+    assert meta["images_per_second"] == pytest.approx(15 / meta["seconds"])
 
 
 def test_extract_refuses_bad_outputs(tmp_path, folder) -> None:

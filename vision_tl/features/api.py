@@ -135,7 +135,8 @@ def _chunks(cache: FeatureCache, extractor: FeatureExtractor, images: ImageList)
 
 def _metadata(extractor: FeatureExtractor, images: ImageList, report: CacheReport) -> dict:
     return {**extractor.identity(), "root": str(images.root), "classes": images.classes,
-            "rows": len(images.paths), "images_per_second": report.images_per_second}
+            "rows": len(images.paths), "images_per_second": report.images_per_second,
+            "seconds": report.seconds, "seconds_to_first_batch": report.first_batch_seconds}
 
 
 def extract(
@@ -236,7 +237,8 @@ def _merge_reports(reports: list[CacheReport]) -> CacheReport:
     if len(reports) == 1:
         return reports[0]
     return CacheReport(sum(r.requested for r in reports), sum(r.computed for r in reports),
-                       [f for r in reports for f in r.failed], max(r.seconds for r in reports))
+                       [f for r in reports for f in r.failed], max(r.seconds for r in reports),
+                       max(r.first_batch_seconds for r in reports))
 
 
 def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:

@@ -59,6 +59,7 @@ class CacheReport:
     computed: int
     failed: list[tuple[Path, str]]
     seconds: float
+    first_batch_seconds: float = float("nan")  # until the first batch's features were back
 
     @property
     def images_per_second(self) -> float:
@@ -130,8 +131,10 @@ class FeatureCache:
         failed: list[tuple[Path, str]] = []
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
-        start = time.perf_counter()
+        start, first = time.perf_counter(), float("nan")
         for batch in iter_embeddings(extractor, files, batch_size, num_workers, device, progress):
+            if first != first:  # nan: this is the first batch
+                first = time.perf_counter() - start
             _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
             pending_keys += [keys[i] for i in batch.positions]
             pending.append(batch.features)
@@ -140,7 +143,7 @@ class FeatureCache:
                 store.append(pending_keys, np.concatenate(pending))
                 pending_keys, pending = [], []
         store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
-        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start)
+        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start, first)
         if report.computed:
             atomic_write_text(store.path / "stats.json", json.dumps(
                 {"images_per_second": report.images_per_second, "images": report.computed}))
