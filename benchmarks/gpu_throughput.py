@@ -303,8 +303,8 @@ def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> Non
     """The extract rows: ``vision-tl extract`` in a new process, its engine in steady state, and
     the engine again with Pillow decoding where simplejpeg is in use."""
     rate, seconds, first, wall = extract_rate(args, root)
-    kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {})  # its GPU memory: another process
-    args.extract_times = (seconds, first, wall)
+    # its GPU memory: another process's; its timings go with the row, for the report
+    kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {"times": (seconds, first, wall)})
     print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, the "
           f"first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
     kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
@@ -345,8 +345,10 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding threads "
               "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
-    if getattr(args, "extract_times", None):
-        seconds, first, wall = args.extract_times
+    for _, _, syncs in kit.values():
+        if "times" not in (syncs or {}):
+            continue
+        seconds, first, wall = syncs["times"]
         lines += ["", f"`vision-tl extract`: {seconds:.2f} s of extraction, of which {first:.2f} s until the first "
                   f"batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the whole process."]
     for mode, (_, _, syncs) in kit.items():

@@ -131,9 +131,9 @@ class FeatureCache:
         failed: list[tuple[Path, str]] = []
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
-        start, first = time.perf_counter(), float("nan")
+        start, first = time.perf_counter(), None
         for batch in iter_embeddings(extractor, files, batch_size, num_workers, device, progress):
-            if first != first:  # nan: this is the first batch
+            if first is None:
                 first = time.perf_counter() - start
             _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
             pending_keys += [keys[i] for i in batch.positions]
@@ -143,7 +143,8 @@ class FeatureCache:
                 store.append(pending_keys, np.concatenate(pending))
                 pending_keys, pending = [], []
         store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
-        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start, first)
+        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start,
+                             float("nan") if first is None else first)
         if report.computed:
             atomic_write_text(store.path / "stats.json", json.dumps(
                 {"images_per_second": report.images_per_second, "images": report.computed}))

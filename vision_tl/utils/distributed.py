@@ -55,9 +55,8 @@ def peer_stopped(exc: BaseException) -> str | None:
 
     if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
         return None
-    backend_error = getattr(dist, "DistBackendError", ())
     text = str(exc).lower()
-    if not (backend_error and isinstance(exc, backend_error) or any(s in text for s in _PEER_GONE)):
+    if not (isinstance(exc, getattr(dist, "DistBackendError", ())) or any(s in text for s in _PEER_GONE)):
         return None
     return (f"another process of this {dist.get_world_size()}-process run stopped (its error is printed above), "
             f"so process {dist.get_rank()} stops too")
