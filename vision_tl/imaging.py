@@ -87,6 +87,42 @@ def is_image_file(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """``(images, other files)`` under ``folder``, recursively, each in sorted order.
+
+    The one walk behind training's folder scan and the deployed predictor's. Hidden files and
+    folders (.DS_Store, .ipynb_checkpoints/) are not data and appear in neither list. A broken
+    or looping symbolic link named like an image (or pointing at such a name) counts as an
+    image, so that reading it reports it instead of it vanishing; other odd entries (sockets,
+    dangling links without an image name) count as other files.
+    """
+    root = Path(folder)
+    images: list[Path] = []
+    others: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            if path.is_file():
+                (images if is_image_file(name) else others).append(path)
+            else:
+                (images if _is_dangling_image_link(path) else others).append(path)
+    return sorted(images), sorted(others)
+
+
+def _is_dangling_image_link(path: Path) -> bool:
+    """A symbolic link that leads nowhere (missing target or a loop), named like an image."""
+    if not path.is_symlink() or path.exists():
+        return False
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = ""
+    return is_image_file(path.name) or is_image_file(target)
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale a decoded array of any depth to uint8 without clipping the range."""
     if arr.dtype == np.uint8:

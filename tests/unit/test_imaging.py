@@ -211,3 +211,27 @@ def test_jpegs_in_layouts_the_check_does_not_cover_go_through_pillow(tmp_path, f
     row = np.zeros((24, 32, 3), np.uint8)
     imaging.load_rgb_into(tmp_path / "440.jpg", row)
     assert np.array_equal(row, expected) and calls == []
+
+
+def test_image_files_walks_one_way_for_training_and_deployment(tmp_path):
+    """Training's scan and the line predictor list a folder alike: sorted, hidden entries left
+    out, a dangling link with an image name kept (so reading it reports it), other files apart."""
+    from vision_tl.data.folder import scan_folder
+    from vision_tl.deploy import scan_images
+
+    for rel in ("ok/b.png", "ok/sub/a.jpg", "ok/.x.png", ".cache/ok/c.png", "dent/d.TIF"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / rel, format="PNG" if "png" in rel else "TIFF")
+    (tmp_path / "ok" / "notes.txt").write_text("x")
+    (tmp_path / "ok" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "ok" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    images, others = imaging.image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == [
+        "dent/d.TIF", "ok/b.png", "ok/gone.jpg", "ok/sub/a.jpg"]
+    assert [p.relative_to(tmp_path).as_posix() for p in others] == ["ok/gone.txt", "ok/notes.txt"]
+    scan = scan_images(tmp_path)
+    assert (scan.images, scan.ignored) == (images, others)
+    with pytest.warns(UserWarning, match="non-image file|unreadable image"):
+        index = scan_folder(tmp_path, skip_bad=True)
+    assert [s.path for s in index.samples] == [images[0], images[1], images[3]]
+    assert [p for p, _ in index.bad_files] == [images[2]]

@@ -16,7 +16,7 @@ from PIL import UnidentifiedImageError
 from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
-    is_image_file,
+    image_files,
     load_rgb,
     max_image_pixels,
     open_image,
@@ -117,18 +117,6 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """``(images, other files)`` under ``folder``, recursively, sorted.
-
-    Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Symbolic links
-    that lead nowhere (broken, or a loop) are kept so they are reported, not silently dropped.
-    """
-    files = sorted(p for p in folder.rglob("*")
-                   if (p.is_file() or p.is_symlink() and not p.exists())
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
-
-
 def _add_images(index: FolderIndex, images: list[Path], label: int) -> None:
     for path in images:
         problem, digest = _checked(path)
@@ -190,7 +178,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
         folder = root / name
         if not folder.is_dir():
             raise DatasetError(f"class folder {folder} is missing; expected classes {classes}")
-        images, others = _image_files(folder)
+        images, others = image_files(folder)
         ignored += others
         if not images:
             raise DatasetError(
@@ -215,7 +203,7 @@ def scan_unlabelled(root: str | Path, skip_bad: bool = False) -> FolderIndex:
         return _finish_scan(index, [], skip_bad, "Pass --data.skip_bad_images true to predict the rest.")
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; give a folder of images (any nesting) or one image")
-    images, others = _image_files(root)
+    images, others = image_files(root)
     if not images:
         raise DatasetError(f"{root} holds no images (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
     _add_images(index, images, -1)

@@ -29,7 +29,7 @@ from vision_tl.deploy.metadata import (
 from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
-    is_image_file,
+    image_files,
     load_rgb,
     max_image_pixels,
     resize,
@@ -117,22 +117,7 @@ def scan_images(folder: str | Path) -> ImageScan:
         raise DeployError(f"{root}: no such file or folder")
     if not root.is_dir():
         raise DeployError(f"{root}: not a regular file or folder")
-    found: list[Path] = []
-    ignored: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue  # hidden: .DS_Store, editor swap files ...
-            path = Path(dirpath, name)
-            if path.is_file():
-                (found if is_image_file(name) else ignored).append(path)
-            elif _is_dangling_image_link(path):
-                found.append(path)  # broken link or link loop: an error row, not a silent skip
-            else:
-                ignored.append(path)
-    found.sort(key=lambda p: p.relative_to(root).as_posix())
-    ignored.sort(key=lambda p: p.relative_to(root).as_posix())
+    found, ignored = image_files(root)
     if not found:
         skipped = ""
         if ignored:
@@ -159,17 +144,6 @@ def list_images(folder: str | Path) -> list[Path]:
         DeployError: the path does not exist, or the folder holds no image.
     """
     return scan_images(folder).images
-
-
-def _is_dangling_image_link(path: Path) -> bool:
-    """A symbolic link that leads nowhere (missing target or a loop), named like an image."""
-    if not path.is_symlink() or path.exists():
-        return False
-    try:
-        target = os.readlink(path)
-    except OSError:
-        target = ""
-    return is_image_file(path.name) or is_image_file(target)
 
 
 def check_image_pixel_limit() -> int:
