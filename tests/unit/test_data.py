@@ -50,6 +50,37 @@ def test_split_is_stratified_seeded_and_recorded(tmp_path):
     assert len(record["val"]) == 8 and {"path", "label", "sha256"} <= set(record["val"][0])
 
 
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not a readable split file"),
+    ('["a"]', "a JSON list, expected an object"),
+    ('{"classes": []}', 'no "root" string'),
+    ('{"root": "/d", "val": [{"path": "a/1.png", "label": "a"}]}', r"val\[0\] is not an object"),
+])
+def test_a_damaged_split_file_is_named_by_every_reader(tmp_path, content, problem):
+    """report, compare and export's parity (and a resume) read split.json through read_split:
+    a damaged one stops each with the file's name, not a bare JSON or key error."""
+    from vision_tl.data.folder import read_split
+    from vision_tl.export.onnx_export import ExportError
+    from vision_tl.export.parity import split_images
+    from vision_tl.reports.compare import summarise_run
+    from vision_tl.reports.report import ReportError
+    from vision_tl.reports.report import split_images as report_split
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "split.json").write_text(content)
+    (run / "metrics.json").write_text(json.dumps({"classes": ["a"], "val": {"accuracy": 1.0}}))
+    with pytest.raises(DatasetError, match=problem) as info:
+        read_split(run / "split.json")
+    assert str(run / "split.json") in str(info.value)
+    with pytest.raises(ExportError, match=problem):
+        split_images(run / "checkpoints" / "best.ckpt", "val", ["a"])
+    with pytest.raises(ReportError, match=problem):
+        report_split(run, ["a"], data_root=tmp_path)
+    with pytest.raises(ReportError, match=problem):
+        summarise_run(run)
+
+
 def test_byte_identical_files_stay_on_one_side(tmp_path):
     root = _folder(tmp_path / "d", {"a": 20, "b": 20})
     for i in range(1, 6):

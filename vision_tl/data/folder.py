@@ -299,3 +299,58 @@ def write_split(path: Path, index: FolderIndex, parts: dict[str, list[int]]) -> 
     from vision_tl.utils.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(split_record(index, parts), indent=1))
+
+
+def read_split(path: str | Path) -> dict:
+    """A run's ``split.json`` as :func:`write_split` wrote it, its shape checked.
+
+    Returns:
+        ``{"root": str, "classes": [...], "train": [...], "val": [...]}``; every list entry
+        a dict with a relative ``path``, a ``label`` and a ``sha256``.
+
+    Raises:
+        DatasetError: the file cannot be read, is not JSON, or is not a split record; the
+            message names the file.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not a readable split file ({exc}); `vision-tl fit` wrote it in the run "
+                           "directory, beside checkpoints/: restore it from a copy of the run") from exc
+    problem = _split_problem(record)
+    if problem:
+        raise DatasetError(f"{path}: not a split file as `vision-tl fit` writes it ({problem}); restore it from a "
+                           "copy of the run")
+    return record
+
+
+def _split_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, expected an object"
+    if not isinstance(record.get("root"), str):
+        return 'no "root" string'
+    for part, entries in record.items():
+        if part in ("root", "classes"):
+            continue
+        if not isinstance(entries, list):
+            return f"{part!r} is not a list"
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("path", "label", "sha256"))):
+                return f'{part}[{i}] is not an object with "path", "label" and "sha256" strings'
+    return None
+
+
+def recorded_mismatches(root: Path, entries: list[dict], sample: bool = False) -> tuple[list[Path], list[Path]]:
+    """``(missing, changed)``: the files of a :func:`read_split` list that are gone from under
+    ``root``, and those whose content (sha256) is not the recorded one. ``sample`` checks only
+    the first, middle and last entry (cheap, and it catches another copy of the data)."""
+    ids = sorted({0, len(entries) // 2, len(entries) - 1}) if sample and entries else range(len(entries))
+    missing, changed = [], []
+    for i in ids:
+        file = root / entries[i]["path"]
+        if not file.is_file():
+            missing.append(file)
+        elif file_sha256(file) != entries[i]["sha256"]:
+            changed.append(file)
+    return missing, changed

@@ -9,7 +9,6 @@ uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from vision_tl.data.folder import DatasetError, read_split, recorded_mismatches
 from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.reports.report import config_data_root
-from vision_tl.utils.files import file_sha256
 
 AUTO, NONE = "auto", "none"
 DEFAULT_MAX_IMAGES = 1000
@@ -78,42 +77,37 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
         found = folder_images(root / split, classes)
         return ImageSet(found.paths, found.labels, f"{root / split}/ (the run's data root, {len(found.paths)} images)")
     try:
-        payload = json.loads(split_path.read_text(encoding="utf-8"))
-        entries = payload[split]
-        rel = [Path(e["path"]) for e in entries]
-        names = [e.get("label") for e in entries]
-        digests = [e.get("sha256") for e in entries]
-        root_text = str(payload["root"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"{split_path}: not a readable split file with a {split!r} list ({exc!r})") from exc
-    if not rel:
+        payload = read_split(split_path)
+    except DatasetError as exc:
+        raise ExportError(str(exc)) from exc
+    entries = payload.get(split, [])
+    if not entries:
         return None
-    root = _find_root(Path(root_text), rel, digests, split_path, option)
+    root = _find_root(Path(payload["root"]), entries, split_path, option)
     if root is None:
         raise ExportError(
-            f"{split_path}: its data root {root_text!r} is not found (looked from {Path.cwd()} and "
+            f"{split_path}: its data root {payload['root']!r} is not found (looked from {Path.cwd()} and "
             f"the run directory); pass the images with {option}"
         )
+    rel = [Path(e["path"]) for e in entries]
+    names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
     return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} ({len(rel)} images under {root})")
 
 
-def _find_root(root: Path, rel: list[Path], digests: list[str | None], split_path: Path,
-               option: str) -> Path | None:
+def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -> Path | None:
     """The first candidate root holding the split's files with their recorded content."""
     candidates = [root] if root.is_absolute() else [Path.cwd() / root] + [
         parent / root for parent in split_path.parent.parents
     ]
-    probe = sorted({0, len(rel) // 2, len(rel) - 1})  # first, middle, last: cheap, and catches a swap
     mismatch = None
     for candidate in candidates:
-        if not (candidate / rel[0]).is_file():
+        if not (candidate / entries[0]["path"]).is_file():
             continue
-        bad = next((i for i in probe if digests[i] and (not (candidate / rel[i]).is_file()
-                                                        or file_sha256(candidate / rel[i]) != digests[i])), None)
-        if bad is None:
+        missing, changed = recorded_mismatches(candidate, entries, sample=True)
+        if not missing and not changed:
             return candidate
-        mismatch = mismatch or candidate / rel[bad]
+        mismatch = mismatch or (missing + changed)[0]
     if mismatch is not None:
         raise ExportError(
             f"{split_path}: the images found under its data root are not the run's: {mismatch} is missing or "

@@ -79,7 +79,16 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     model = config.get("model") or {}
     hashes = None
     if (run / "split.json").is_file():
-        hashes = frozenset(item["sha256"] for item in json.loads((run / "split.json").read_text()).get(split, []))
+        from vision_tl.data.folder import (  # imports torch: only when needed
+            DatasetError,
+            read_split,
+        )
+
+        try:
+            record = read_split(run / "split.json")
+        except DatasetError as exc:
+            raise ReportError(str(exc)) from exc
+        hashes = frozenset(item["sha256"] for item in record.get(split, []))
     return RunSummary(name=f"{run.parent.name}/{run.name}", path=run, backbone=model.get("backbone"),
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,

@@ -177,13 +177,6 @@ def _worst_errors(probs: np.ndarray, labels: np.ndarray, classes: list[str], pat
 # ------------------------------------------------------------------ run directories
 
 
-def _read_json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc})") from exc
-
-
 def config_data_root(run_dir: Path) -> Path | None:
     """The ``data.root`` in a run's ``config.yaml`` (None without one)."""
     config = run_dir / "config.yaml"
@@ -208,12 +201,15 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
             changed since training, a split folder has a class folder the model does not
             know, or the split is not there; nothing is skipped silently.
     """
-    from vision_tl.data.folder import scan_folder
+    from vision_tl.data.folder import DatasetError, read_split, scan_folder
 
     if split not in SPLITS:
         raise ReportError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
     record_path = run_dir / "split.json"
-    record = _read_json(record_path) if record_path.is_file() else None
+    try:
+        record = read_split(record_path) if record_path.is_file() else None
+    except DatasetError as exc:
+        raise ReportError(str(exc)) from exc
     root = Path(data_root).expanduser() if data_root else (
         Path(record["root"]) if record else config_data_root(run_dir))
     if root is None or not root.is_dir():
@@ -237,19 +233,18 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
 def _recorded_val(record: dict, record_path: Path, root: Path,
                   classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
     """The ``val`` images listed in ``split.json``, refused unless they are the ones trained with."""
-    from vision_tl.data.folder import file_sha256
+    from vision_tl.data.folder import recorded_mismatches
 
     unknown = sorted({item["label"] for item in record["val"]} - set(classes))
     if unknown:
         raise ReportError(f"{record_path} lists validation images of class(es) {', '.join(unknown)} that the "
                           f"checkpoint does not know (its classes: {', '.join(classes)}); use the run's own "
                           "checkpoint")
+    missing, changed = recorded_mismatches(root, record["val"])
     paths = [root / item["path"] for item in record["val"]]
-    missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ReportError(f"{len(missing)} validation image(s) listed in {record_path} are missing under "
                           f"{root}, e.g. {missing[0]}; pass --data ROOT if the data moved")
-    changed = [p for p, item in zip(paths, record["val"]) if file_sha256(p) != item["sha256"]]
     if changed:
         raise ReportError(f"{len(changed)} of {len(paths)} validation image(s) under {root} differ from the ones "
                           f"recorded in {record_path} (sha256), e.g. {changed[0]}: these are not the images the "

@@ -156,7 +156,7 @@ def check_resumed_data(run: Path, datamodule) -> None:
     Raises:
         DatasetError: other classes, or train/val images missing, changed or added.
     """
-    from vision_tl.data.folder import DatasetError
+    from vision_tl.data.folder import DatasetError, read_split
 
     advice = ("resume with the run's own data (data.root in its config.yaml), or start a new run "
               "without --ckpt_path")
@@ -170,7 +170,7 @@ def check_resumed_data(run: Path, datamodule) -> None:
         return
     datamodule.setup("fit")
     new = datamodule.split_record() or {}
-    old = json.loads(record.read_text())
+    old = read_split(record)
     for part in ("train", "val"):
         was = {(e["path"], e["label"], e["sha256"]) for e in old.get(part, [])}
         is_ = {(e["path"], e["label"], e["sha256"]) for e in new.get(part, [])}
