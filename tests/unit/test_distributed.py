@@ -34,3 +34,18 @@ def test_a_lost_connection_in_a_collective_is_a_stopped_peer(one_process_group) 
                                   "so process 0 stops too")
     assert peer_stopped(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
     assert peer_stopped(ValueError("Connection closed by peer")) is None  # a user error keeps its own line
+
+
+def test_a_mangled_launcher_variable_is_named(monkeypatch) -> None:
+    """A stray WORLD_SIZE=two in a user's shell stops extract with the variable's name, not int()'s
+    bare "invalid literal"; unset or blank means one process."""
+    from vision_tl.features.distributed import current_ranks
+    from vision_tl.utils import launcher_int
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert launcher_int("LOCAL_WORLD_SIZE", 1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", " ")
+    assert launcher_int("LOCAL_WORLD_SIZE", 1) == 1
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a non-negative integer.*torchrun"):
+        current_ranks()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from vision_tl.features.cache import CacheReport, FeatureCache
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
 from vision_tl.imaging import is_image_file
+from vision_tl.utils import launcher_int
 
 WRITE_CHUNK = 2048  # rows per streamed write
 
@@ -215,7 +215,7 @@ def extract(
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)
         if num_workers is None:  # the ranks on this machine share its cores
-            num_workers = default_decode_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            num_workers = default_decode_threads(launcher_int("LOCAL_WORLD_SIZE", 1))
         report = cache.ensure(extractor, images.paths[share], images.hashes[share], batch_size, num_workers,
                               device, progress and ranks.is_main)
         report = _merge_reports(ranks.gather(report))

@@ -9,8 +9,9 @@ so a multi-process run writes the same rows in the same order as a single proces
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from vision_tl.utils import launcher_int
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Ranks:
 
 def current_ranks() -> Ranks:
     """Join the process group a launcher (torchrun, srun) set up through the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_int("WORLD_SIZE", 1)
     if world <= 1:
         return Ranks()
     import torch
@@ -60,4 +61,4 @@ def current_ranks() -> Ranks:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(dist.get_rank(), dist.get_world_size(), launcher_int("LOCAL_RANK"))

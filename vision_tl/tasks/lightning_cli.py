@@ -26,7 +26,7 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
-from vision_tl.utils import local_rank
+from vision_tl.utils import launcher_int, local_rank
 from vision_tl.utils.distributed import peer_stopped
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
@@ -35,7 +35,7 @@ PARTIAL_EXIT = 3  # output written, but some images could not be read (as predic
 
 def _say(message: str) -> None:
     """Print once per job: DDP runs this command in every rank's process."""
-    if local_rank() == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
+    if local_rank() == 0 and launcher_int("NODE_RANK") == 0:
         print(message)
 
 

@@ -4,7 +4,24 @@ DDP process does while the others wait, in utils.distributed)."""
 import os
 
 
+def launcher_int(name: str, default: int = 0) -> int:
+    """An integer a launcher (torchrun, srun, Lightning's DDP) sets in the environment, such as
+    ``WORLD_SIZE`` or ``LOCAL_RANK``; ``default`` when unset.
+
+    Raises:
+        ValueError: the variable is set but is not a non-negative integer (its name and value in
+            the message).
+    """
+    text = (os.environ.get(name) or "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise ValueError(f"environment variable {name}={text!r} is not a non-negative integer; a launcher such as "
+                         f"torchrun sets it: unset it (export -n {name}) to run as one process, or launch with torchrun")
+    return int(text)
+
+
 def local_rank() -> int:
     """This process's rank on its machine in a DDP or torchrun job (``LOCAL_RANK``, which both
     set), 0 outside one. Messages every rank would repeat are printed by local rank 0 only."""
-    return int(os.environ.get("LOCAL_RANK") or 0)
+    return launcher_int("LOCAL_RANK")
