@@ -94,12 +94,20 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     folders (.DS_Store, .ipynb_checkpoints/) are not data and appear in neither list. A broken
     or looping symbolic link named like an image (or pointing at such a name) counts as an
     image, so that reading it reports it instead of it vanishing; other odd entries (sockets,
-    dangling links without an image name) count as other files.
+    dangling links without an image name) count as other files. Linked folders are followed
+    (images gathered from elsewhere by links are data too), each real folder once, so a link
+    back up the tree cannot loop.
     """
     root = Path(folder)
     images: list[Path] = []
     others: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith("."):

@@ -235,3 +235,17 @@ def test_image_files_walks_one_way_for_training_and_deployment(tmp_path):
         index = scan_folder(tmp_path, skip_bad=True)
     assert [s.path for s in index.samples] == [images[0], images[1], images[3]]
     assert [p for p, _ in index.bad_files] == [images[2]]
+
+
+def test_image_files_follows_linked_folders_once(tmp_path):
+    """A class folder that gathers images from elsewhere by a folder link keeps them, and a link
+    back up the tree does not loop."""
+    elsewhere = tmp_path / "nas" / "batch2"
+    elsewhere.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(elsewhere / "x.png")
+    (tmp_path / "data" / "ok").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "data" / "ok" / "a.png")
+    (tmp_path / "data" / "ok" / "batch2").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "data" / "ok" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    images, _ = imaging.image_files(tmp_path / "data")
+    assert [p.relative_to(tmp_path / "data").as_posix() for p in images] == ["ok/a.png", "ok/batch2/x.png"]
