@@ -236,6 +236,19 @@ def test_overwrite_replaces_the_old_reports_and_the_report_names_its_model(train
     assert not (tmp_path / "m.parity.json").exists()
 
 
+def test_an_earlier_exports_variant_is_not_left_beside_a_new_model(trained_run, tmp_path, capsys):
+    """m.int8.onnx and its report from an earlier export (maybe of another model) would pass for
+    the new m.onnx's INT8 twin: refused, then removed with --overwrite."""
+    out = tmp_path / "m.onnx"
+    (tmp_path / "m.int8.onnx").write_bytes(b"an older model's INT8 variant")
+    (tmp_path / "m.int8.parity.json").write_text('{"passed": true}')
+    ckpt = str(trained_run / "checkpoints" / "best.ckpt")
+    assert export_main([ckpt, "--out", str(out)]) == 2
+    assert "m.int8.onnx" in capsys.readouterr().err and not out.exists()
+    assert export_main([ckpt, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.parity.json"]
+
+
 def test_a_failed_variant_exits_3_and_keeps_the_passed_model(trained_run, tmp_path, monkeypatch, capsys):
     from vision_tl.export import pipeline
 

@@ -140,6 +140,23 @@ def test_split_root_relative_to_the_run_directory(tmp_path, monkeypatch):
     assert found.labels == [0, 1]
 
 
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_split_with_one_changed_or_missing_image_is_refused(tmp_path, damage):
+    """Not only the first, middle and last files: any val image that changed since training
+    (here the 2nd of 4) would be scored against a label it no longer has."""
+    files = ["a/1.png", "a/2.png", "b/3.png", "b/4.png"]
+    for name in files:
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"")
+    ckpt = _write_split(tmp_path / "run", str(tmp_path / "data"), files)
+    if damage == "changed":
+        (tmp_path / "data" / "a/2.png").write_bytes(b"another image")
+    else:
+        (tmp_path / "data" / "a/2.png").unlink()
+    with pytest.raises(ExportError, match=r"1 (differ|of its 4 val images are missing).*a/2.png.*--parity-images"):
+        split_images(ckpt, "val", ["a", "b"])
+
+
 def test_split_with_a_vanished_root_says_how_to_give_images(tmp_path):
     ckpt = _write_split(tmp_path / "run", "/nonexistent/data", ["a/1.png"])
     with pytest.raises(ExportError, match="--parity-images DIR"):

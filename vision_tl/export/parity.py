@@ -60,7 +60,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
 
     From the run's ``split.json`` when it made its own split: paths there are relative to
     the data root it names, looked up from the current folder and from the run directory's
-    parents, and a root counts only if a sample of its files has the recorded sha256. A run
+    parents (a root counts only if a sample of its files has the recorded sha256), and then
+    every listed file must still have its recorded sha256. A run
     trained on a ``train/`` + ``val/`` layout has no ``split.json``: then ``ROOT/<split>/``
     of the ``data.root`` in the run's ``config.yaml``.
 
@@ -89,6 +90,13 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
             f"{split_path}: its data root {payload['root']!r} is not found (looked from {Path.cwd()} and "
             f"the run directory); pass the images with {option}"
         )
+    missing, changed = recorded_mismatches(root, entries)  # the sample found the root; now every file
+    if missing or changed:
+        raise ExportError(
+            f"{split_path}: {len(missing)} of its {len(entries)} {split} images are missing under {root} and "
+            f"{len(changed)} differ from the ones recorded at training (sha256), e.g. {(missing + changed)[0]}; "
+            f"checking the export on them would score images against labels they no longer have. Restore the "
+            f"run's images, or pass a folder of images with {option}")
     rel = [Path(e["path"]) for e in entries]
     names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
