@@ -244,6 +244,18 @@ def load_rgb(path: str | Path) -> np.ndarray:
         raise ImageLoadError(f"{path}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
 
 
+def check_settings() -> None:
+    """Check the environment variables image loading reads (``$VISION_TL_MAX_IMAGE_PIXELS``,
+    ``$VISION_TL_JPEG_DECODER``), so that a command stops with one clear error before any
+    work instead of at its first image, deep inside a loop.
+
+    Raises:
+        ValueError: a variable's value is not valid (its name and the valid values in the message).
+    """
+    max_image_pixels()
+    fast_jpeg_decoder()
+
+
 def fast_jpeg_decoder():
     """The simplejpeg module if :func:`load_rgb` may decode JPEGs with it, else None.
 

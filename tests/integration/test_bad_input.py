@@ -299,7 +299,12 @@ def bad_jpeg_decoder_setting(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatc
     Image.fromarray(rgb()).save(path)
     monkeypatch.setattr("vision_tl.imaging._fast_jpeg", None)  # chosen once per process: choose again
     monkeypatch.setenv("VISION_TL_JPEG_DECODER", "turbo")
-    return api_error(lambda: load_rgb(path), ValueError, "VISION_TL_JPEG_DECODER", "'turbo'", "pillow")
+    result = api_error(lambda: load_rgb(path), ValueError, "VISION_TL_JPEG_DECODER", "'turbo'", "pillow")
+    # the commands say so in one line before any work, not with a traceback at their first JPEG
+    cli_error(["predict-onnx", str(w.onnx), str(path), "--out", str(tmp / "p.csv")], "VISION_TL_JPEG_DECODER")
+    cli_error(["export", str(w.best), "--out", str(tmp / "m.onnx")], "VISION_TL_JPEG_DECODER")
+    assert not (tmp / "p.csv").exists() and not (tmp / "m.onnx").exists()
+    return result
 
 
 def symlink_loop(w: World, tmp: Path) -> Result:

@@ -27,7 +27,7 @@ from vision_tl.deploy.predictor import (
     ImageScan,
     Prediction,
     Predictor,
-    check_image_pixel_limit,
+    check_image_settings,
     list_images,
     scan_images,
 )
@@ -43,7 +43,7 @@ __all__ = [
     "ModelMetadata",
     "Prediction",
     "Predictor",
-    "check_image_pixel_limit",
+    "check_image_settings",
     "list_images",
     "read_metadata",
     "scan_images",

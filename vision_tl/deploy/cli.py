@@ -23,7 +23,7 @@ from vision_tl.deploy.metadata import DeployError
 from vision_tl.deploy.predictor import (
     Prediction,
     Predictor,
-    check_image_pixel_limit,
+    check_image_settings,
     prediction_columns,
     scan_images,
 )
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output(out, args.overwrite)
-    check_image_pixel_limit()  # a bad $VISION_TL_MAX_IMAGE_PIXELS: one error before any work
+    check_image_settings()  # a bad $VISION_TL_MAX_IMAGE_PIXELS / _JPEG_DECODER: one error before any work
     images, ignored = _collect_images(args.inputs)
     predictor = Predictor(
         args.model, classes=args.classes, input_size=args.input_size, mean=args.mean,

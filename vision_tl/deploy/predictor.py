@@ -29,9 +29,9 @@ from vision_tl.deploy.metadata import (
 from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
+    check_settings,
     image_files,
     load_rgb,
-    max_image_pixels,
     resize,
 )
 
@@ -146,10 +146,11 @@ def list_images(folder: str | Path) -> list[Path]:
     return scan_images(folder).images
 
 
-def check_image_pixel_limit() -> int:
-    """The decompression-bomb limit, with a bad ``$VISION_TL_MAX_IMAGE_PIXELS`` as :class:`DeployError`."""
+def check_image_settings() -> None:
+    """:func:`vision_tl.imaging.check_settings`, a bad ``$VISION_TL_MAX_IMAGE_PIXELS`` or
+    ``$VISION_TL_JPEG_DECODER`` raised as :class:`DeployError`."""
     try:
-        return max_image_pixels()
+        check_settings()
     except ValueError as exc:
         raise DeployError(str(exc)) from exc
 
@@ -317,11 +318,11 @@ class Predictor:
 
         Raises:
             DeployError: ``paths`` or ``batch_size`` is of the wrong kind, the folder holds
-                no image, or ``$VISION_TL_MAX_IMAGE_PIXELS`` is invalid.
+                no image, or ``$VISION_TL_MAX_IMAGE_PIXELS`` or ``$VISION_TL_JPEG_DECODER`` is invalid.
         """
         size = _check_batch_size(batch_size)
         paths = _path_list(paths)
-        check_image_pixel_limit()  # a bad environment variable: one clear error, not one per row
+        check_image_settings()  # a bad environment variable: one clear error, not one per row
         results: list[Prediction | None] = [None] * len(paths)
         for start in range(0, len(paths), size):
             indices, inputs = [], []

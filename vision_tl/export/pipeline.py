@@ -36,6 +36,7 @@ from vision_tl.export.parity import (
     split_images,
 )
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
+from vision_tl.imaging import check_settings
 from vision_tl.utils.files import atomic_path, file_sha256
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
@@ -109,6 +110,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     """
     opts = options or ExportOptions()
     check_opset(opts.opset)
+    try:
+        check_settings()  # a bad image-loading variable stops here, not at the first parity image
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     if opts.fp16 and not opts.normalize_in_graph:
         raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
                           "would have to be cast in the graph; drop one of the two options")
