@@ -240,7 +240,7 @@ def extract_rate(args, root: Path) -> tuple[float, float, float, float]:
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"extract failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
-        meta = read_features(out).metadata
+        meta = {k: float("nan") if v is None else v for k, v in read_features(out).metadata.items()}
         return (float(meta["images_per_second"]), float(meta.get("seconds", "nan")),
                 float(meta.get("seconds_to_first_batch", "nan")), wall)
 

@@ -73,6 +73,45 @@ def test_extract_cli_bad_inputs_are_named(tmp_path, folder, capsys) -> None:
                           "--cache-dir", str(tmp_path / "c")])
     assert "broken.png" in err and "--skip-bad" in err
     assert not (tmp_path / "f.npz").exists()
+    (folder / "ok" / "broken.png").unlink()
+    # one image instead of its folder; a device that is no device; a weights file that is not one
+    err = _error(capsys, ["extract", str(folder / "ok" / "0.png"), *TINY, "--out", str(tmp_path / "f.npz")])
+    assert "0.png is a file; give the folder" in err
+    err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(tmp_path / "f.npz"), "--device", "gpu"])
+    assert "--device 'gpu' is not a device; expected cpu, cuda or cuda:N" in err
+    (tmp_path / "w.pth").write_text("hello")
+    err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(tmp_path / "f.npz"), "--weights",
+                          str(tmp_path / "w.pth")])
+    assert "w.pth is not a PyTorch file" in err
+    assert not (tmp_path / "f.npz").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_extract_on_a_gpu_the_machine_lacks_is_one_line(tmp_path, folder, capsys) -> None:
+    err = _error(capsys, ["extract", str(folder), *TINY, "--out", str(tmp_path / "f.npz"), "--device", "cuda"])
+    assert "--device cuda: no CUDA GPU is usable on this machine" in err and "Traceback" not in err
+
+
+def test_extract_skip_bad_names_every_image_it_leaves_out(tmp_path, folder, capsys) -> None:
+    """Images refused by the scan (not an image) and by the decoder (truncated) are both named;
+    the count is theirs together, and no path is printed twice."""
+    (folder / "ok" / "fake.png").write_text("not an image")
+    data = (folder / "ok" / "0.png").read_bytes()
+    (folder / "scratch" / "cut.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "f.npz"
+    with pytest.warns(UserWarning) as caught:
+        assert main(["extract", str(folder), *TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                     "--skip-bad"]) == 0
+    said = "\n".join(str(w.message) for w in caught)
+    assert "fake.png" in said and "cut.png" in said and said.count(str(folder / "scratch" / "cut.png")) == 1
+    assert read_features(out).features.shape[0] == 10
+
+
+def test_probe_refuses_settings_that_evaluate_nothing(tmp_path, folder, capsys) -> None:
+    base = ["probe", str(folder), *TINY, "--cache-dir", str(tmp_path / "c")]
+    assert "--heads is empty" in _error(capsys, [*base, "--heads", ""])
+    assert "nothing to evaluate" in _error(capsys, [*base, "--folds", "0"])
+    assert "--draws 0" in _error(capsys, [*base, "--shots", "2", "--draws", "0"])
 
 
 def test_extract_cli_refuses_cache_of_another_backbone(tmp_path, folder, capsys) -> None:

@@ -139,6 +139,8 @@ def test_cache_computes_once_and_recomputes_changed_bytes(tmp_path, folder, tiny
     paths2, hashes2 = _index(folder)
     assert hashes2[0] != hashes[0] and hashes2[1:] == hashes[1:]
     assert cache.ensure(fx, paths2, hashes2, progress=False).computed == 1
+    # probe's features/s stays the 15-image run's: one new image measures mostly start-up
+    assert cache.throughput(fx) == pytest.approx(first.images_per_second)
     after = cache.read(fx, hashes2)
     expected = fx.embed(fx.transform()(np.asarray(Image.open(paths2[0]).convert("RGB")))[None])
     np.testing.assert_allclose(after[0], expected[0].numpy(), rtol=1e-5, atol=1e-5)
@@ -186,6 +188,15 @@ def test_extract_writes_rows_and_metadata(tmp_path, folder, suffix) -> None:
     # how long it took, and how long until the first batch was done (start-up: what a GPU run waits for)
     assert 0 < meta["seconds_to_first_batch"] <= meta["seconds"]
     assert meta["images_per_second"] == pytest.approx(15 / meta["seconds"])
+    # all from the cache: no timing, written as JSON null (NaN is not JSON, other readers choke on it)
+    torch.manual_seed(0)  # the same random weights (their digest keys the cache) ...
+    extract(folder, TINY, None, pretrained=False, image_size=SIZE, stages="3,pooled", cache_dir=tmp_path / "cache",
+            progress=False)
+    torch.manual_seed(0)  # ... again: every feature comes from the cache
+    again = extract(folder, TINY, tmp_path / f"again{suffix}", pretrained=False, image_size=SIZE,
+                    stages="3,pooled", cache_dir=tmp_path / "cache", progress=False)
+    assert again.metadata["images_per_second"] is None and again.metadata["seconds"] < meta["seconds"]
+    assert read_features(tmp_path / f"again{suffix}").metadata["seconds_to_first_batch"] is None
 
 
 def test_extract_refuses_bad_outputs(tmp_path, folder) -> None:

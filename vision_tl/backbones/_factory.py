@@ -104,6 +104,14 @@ def weights_identity(model: nn.Module) -> str:
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneWeightsError(f"weights file {path} does not exist or is not a file")
+    expected = "Expected a .safetensors file or a .pth/.pt state dict loadable with torch.load(weights_only=True)"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise BackboneWeightsError(f"weights file {path} is empty. {expected}")
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle)
+    if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise BackboneWeightsError(f"weights file {path} is not a PyTorch file (it starts with {head!r}). {expected}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -113,9 +121,8 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
         raise BackboneWeightsError(
-            f"cannot read weights file {path}: {exc}. Expected a .safetensors file or a .pth/.pt "
-            "state dict loadable with torch.load(weights_only=True)"
-        ) from exc
+            f"cannot read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"{expected}") from exc
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

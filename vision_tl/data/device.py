@@ -71,3 +71,32 @@ def default_num_workers(gpu: bool | None = None) -> int:
     if gpu is None:
         gpu = torch.cuda.is_available()
     return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0
+
+
+def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """The device a command runs on: ``spec`` checked, or this process's GPU where there is one
+    (``cuda:<local_rank>``) and else the CPU.
+
+    Raises:
+        ValueError: ``spec`` is not a device name, or names a GPU this machine does not have
+            (the message names it and says what is available).
+    """
+    if spec is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {spec!r} is not a device; expected cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {spec}: no CUDA GPU is usable on this machine (no GPU, no driver, or a "
+                             "CPU-only PyTorch); use --device cpu, or leave --device out to use a GPU where there is one")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {spec}: Apple's MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: expected cpu, cuda or cuda:N")
+    return device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
-from vision_tl.data.device import default_decode_threads
+from vision_tl.data.device import default_decode_threads, resolve_device
 from vision_tl.data.folder import SPLIT_NAMES, DatasetError, FolderIndex, file_sha256, scan_folder
 from vision_tl.features.cache import CacheReport, FeatureCache
 from vision_tl.features.extractor import FeatureExtractor
@@ -56,8 +57,11 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
             (listed by name) and ``skip_bad`` is False.
     """
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DatasetError(f"{root} is a file; give the folder that holds the images (with <class>/ sub-folders, "
+                           "train/ val/ test/ split folders, or the images themselves)")
     if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist or is not a directory")
+        raise DatasetError(f"image folder {root} does not exist")
     dirs = _visible_dirs(root)
     splits = [d for d in dirs if d.name in SPLIT_NAMES]
     images = ImageList(root, [])
@@ -76,9 +80,11 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
                 index = scan_folder(folder, present[folder], skip_bad=True)
             _add_index(images, index, [images.classes.index(name) for name in present[folder]])
     if images.bad and not skip_bad:
-        lines = "\n".join(f"  {p}: {why}" for p, why in images.bad[:20])
-        raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{lines}\n"
+        raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{_listing(images.bad)}\n"
                            "Fix or remove them, or pass --skip-bad (skip_bad=True) to leave them out.")
+    if images.bad:
+        warnings.warn(f"left out {len(images.bad)} unreadable image(s) under {root}:\n{_listing(images.bad, 5)}",
+                      stacklevel=2)
     if not images.paths:
         raise DatasetError(f"{root} holds no readable images")
     return images
@@ -134,9 +140,11 @@ def _chunks(cache: FeatureCache, extractor: FeatureExtractor, images: ImageList)
 
 
 def _metadata(extractor: FeatureExtractor, images: ImageList, report: CacheReport) -> dict:
-    return {**extractor.identity(), "root": str(images.root), "classes": images.classes,
-            "rows": len(images.paths), "images_per_second": report.images_per_second,
-            "seconds": report.seconds, "seconds_to_first_batch": report.first_batch_seconds}
+    timings = {"images_per_second": report.images_per_second, "seconds": report.seconds,
+               "seconds_to_first_batch": report.first_batch_seconds}
+    # null, not NaN (which is not JSON), when every feature came from the cache
+    return {**extractor.identity(), "root": str(images.root), "classes": images.classes, "rows": len(images.paths),
+            **{k: v if math.isfinite(v) else None for k, v in timings.items()}}
 
 
 def extract(
@@ -202,11 +210,8 @@ def extract(
 
     ranks = current_ranks()  # torchrun: this process embeds every world-th image
     out_path = check_output_path(out, overwrite) if out is not None else None
+    device = resolve_device(device, ranks.local_rank)
     images = scan_images(root, skip_bad)
-    import torch
-
-    if device is None:
-        device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
@@ -245,11 +250,19 @@ def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> 
     if not report.failed:
         return
     if not skip_bad:
-        lines = "\n".join(f"  {p}: {why}" for p, why in report.failed[:20])
-        raise DatasetError(f"{len(report.failed)} image(s) could not be decoded:\n{lines}\n"
+        raise DatasetError(f"{len(report.failed)} image(s) could not be decoded:\n{_listing(report.failed)}\n"
                            "Fix or remove them, or pass --skip-bad to leave them out.")
-    warnings.warn(f"left out {len(report.failed)} undecodable image(s)", stacklevel=3)
+    warnings.warn(f"left out {len(report.failed)} image(s) that could not be decoded:\n{_listing(report.failed, 5)}",
+                  stacklevel=3)
     images.drop({p for p, _ in report.failed})
+
+
+def _listing(bad: list[tuple], limit: int = 20) -> str:
+    """One indented line per ``(path, why)``, the path named once (loaders' messages often start with it)."""
+    lines = [f"  {why}" if str(why).startswith(str(path)) else f"  {path}: {why}" for path, why in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

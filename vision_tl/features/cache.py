@@ -145,13 +145,25 @@ class FeatureCache:
         store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
         report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start,
                              float("nan") if first is None else first)
-        if report.computed:
+        if report.computed and report.computed >= self._stats(store).get("images", 0):
+            # the largest run is the one whose rate says most about the backbone (a run that
+            # embedded one new image measured mostly its start-up)
             atomic_write_text(store.path / "stats.json", json.dumps(
                 {"images_per_second": report.images_per_second, "images": report.computed}))
         return report
 
+    @staticmethod
+    def _stats(store) -> dict:
+        """The store's ``stats.json``; {} when missing or damaged (this run's replaces it)."""
+        path = store.path / "stats.json"
+        try:
+            stats = read_json(path) if path.is_file() else {}
+        except FeatureStoreError:
+            return {}
+        return stats if isinstance(stats, dict) and isinstance(stats.get("images", 0), int) else {}
+
     def throughput(self, extractor: FeatureExtractor) -> float:
-        """Images/s of the last run that computed features into this store (nan if unknown)."""
+        """Images/s of the largest run that computed features into this store (nan if unknown)."""
         stats = self.store(extractor).path / "stats.json"
         return float(read_json(stats)["images_per_second"]) if stats.is_file() else float("nan")
 

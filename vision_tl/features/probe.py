@@ -229,15 +229,15 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
     Returns:
         (features, images/s of the extraction that filled the cache, stages label).
     """
-    import torch
 
     from vision_tl.backbones import create_backbone, resolve_preprocessing
+    from vision_tl.data.device import resolve_device
     from vision_tl.features.cache import FeatureCache
     from vision_tl.features.extractor import FeatureExtractor
 
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     prep = resolve_preprocessing(backbone, image_size)
     cache = FeatureCache(cache_dir)
@@ -279,8 +279,15 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
 
     backbones = [backbones] if isinstance(backbones, str) else list(backbones)  # one name, not its letters
     heads = [heads] if isinstance(heads, str) else list(heads)
+    if not heads:
+        raise ValueError("--heads is empty; give one or more of logreg, knn, logreg-l2 (comma-separated)")
     for head in heads:
         make_head(head)  # validate names before the slow part
+    if not folds and not shots:
+        raise ValueError("nothing to evaluate: --folds 0 skips cross-validation and no --shots were given; "
+                         "leave --folds at its default (5) or pass --shots N")
+    if shots and draws < 1:
+        raise ValueError(f"--draws {draws}: each few-shot setting needs at least 1 random draw (default 10)")
     if plot_dir is not None:
         if Path(plot_dir).exists() and not Path(plot_dir).is_dir():
             raise ValueError(f"plot directory {plot_dir} is a file; give a directory for the PCA plots")

@@ -187,7 +187,7 @@ class ShardStore:
         keys_path, feats_path = self.path / f"{shard}.keys.npy", self.path / f"{shard}.feats.npy"
         summary = _read_summary(self.path / f"{shard}.sum.json")
         try:
-            if summary is not None and file_crc32(keys_path) != summary["keys_crc32"]:
+            if file_crc32(keys_path) != summary["keys_crc32"]:
                 raise _DamagedShard(f"{keys_path.name} does not match the checksum written with it")
             keys = np.load(keys_path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
@@ -203,7 +203,7 @@ class ShardStore:
         size = feats_path.stat().st_size
         if size != offset + 4 * len(keys) * width:
             raise _DamagedShard(f"{size:,} bytes where header and keys make {offset + 4 * len(keys) * width:,}")
-        if summary is not None and (summary.get("rows"), summary.get("width")) != expected:
+        if (summary.get("rows"), summary.get("width")) != expected:
             raise _DamagedShard(f"{shard}.sum.json records {summary.get('rows')} x {summary.get('width')}")
         return keys.tolist()
 
@@ -215,7 +215,7 @@ class ShardStore:
             if stamp in _VERIFIED:
                 return True
             summary = _read_summary(self.path / f"{shard}.sum.json")
-            if summary is not None and file_crc32(feats_path) != summary["feats_crc32"]:
+            if file_crc32(feats_path) != summary["feats_crc32"]:
                 raise _DamagedShard("its bytes do not match the checksum written with it")
             rows = np.load(feats_path, mmap_mode="r")
             finite = all(np.isfinite(rows[i:i + 4096]).all() for i in range(0, len(rows), 4096))
@@ -273,10 +273,11 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(shape), offset
 
 
-def _read_summary(path: Path) -> dict | None:
-    """A shard's recorded checksums, or None for a shard written before they existed."""
+def _read_summary(path: Path) -> dict:
+    """A shard's recorded checksums. A shard is written features, checksums, keys: one with keys
+    but no checksums lost its file afterwards (or predates checksums), and is not trusted."""
     if not path.exists():
-        return None
+        raise _DamagedShard(f"its checksum file {path.name} is missing")
     try:
         summary = json.loads(path.read_text())
         if not all(isinstance(summary.get(k), int) for k in ("rows", "width", "feats_crc32", "keys_crc32")):
