@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vision_tl.cli import main
 
@@ -61,6 +62,15 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     # The resumed run's config still serves the evaluation commands (it must not pin the run directory).
     assert main(["validate", "--config", str(run / "config.yaml"),
                  "--ckpt_path", str(run / "checkpoints" / "best.ckpt")]) == 0
+    # ... nor the checkpoint it resumed from: `fit --config RUN/config.yaml` starts a new run
+    assert yaml.safe_load((run / "config.yaml").read_text()).get("ckpt_path") is None
+    # without a checkpoint, evaluating would score an untrained head: refused, naming the file
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--config", str(run / "config.yaml")])
+    assert info.value.code == 2
+    assert f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err
+    assert main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]) == 0  # this run's
     resumed, expected = _final_state(run), _final_state(reference)
     for key, value in expected.items():
         assert torch.allclose(resumed[key].float(), value.float(), atol=1e-5), key

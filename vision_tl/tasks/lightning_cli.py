@@ -87,6 +87,10 @@ class SaveRunConfig(SaveConfigCallback):
         init = _logger_init(self.config)
         if init is not None and init.get("version") is not None:
             init.version = None
+        # Nor which checkpoint to start from: kept after a resume, `fit --config RUN/config.yaml`
+        # (a new run, as the messages say) would resume into this run again.
+        if self.config.get("ckpt_path") is not None:
+            self.config.ckpt_path = None
         # Absolute, so the run's data is the same whichever folder report, export or a resume runs
         # from (the runs folder already is: see VisionTLCLI.before_instantiate_classes).
         data = self.config.get("data")
@@ -254,7 +258,30 @@ class VisionTLCLI(LightningCLI):
             raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
                              "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
         self._resume_into_run()
+        self._require_checkpoint()
         self._refuse_existing_run()
+
+    def _require_checkpoint(self) -> None:
+        """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without
+        ``--ckpt_path`` Lightning would evaluate the freshly built model (an untrained head) and
+        exit 0; with ``best``/``last`` and no trainer history it loads nothing and says so only
+        in a log line. Both name the checkpoint files instead."""
+        if self.subcommand not in ("validate", "test", "predict"):
+            return
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        runs = [Path(str(c)).parent for c in cfg.get("config") or []]
+        runs = [r for r in runs if (r / "checkpoints").is_dir()]  # --config RUN/config.yaml
+        if ckpt in ("best", "last") and runs and (runs[-1] / "checkpoints" / f"{ckpt}.ckpt").is_file():
+            cfg.ckpt_path = str(runs[-1] / "checkpoints" / f"{ckpt}.ckpt")
+            return
+        if ckpt is not None and ckpt not in ("best", "last", "hpc", "registry"):
+            return
+        example = f"{runs[-1] / 'checkpoints' / 'best.ckpt'}" if runs else "RUN/checkpoints/best.ckpt"
+        given = "no --ckpt_path" if ckpt is None else f"--ckpt_path {ckpt} (no such checkpoint here)"
+        raise ValueError(
+            f"`vision-tl {self.subcommand}` evaluates a trained checkpoint, and got {given}: it would score a model "
+            f"with an untrained head. Pass the checkpoint file, e.g. --ckpt_path {example}")
 
     def _check_gpu(self) -> None:
         """``--trainer.accelerator gpu`` (e.g. from configs/gpu.yaml) on a machine where PyTorch
