@@ -50,36 +50,37 @@ def _prepare_data(root: Path, size: int, seed: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Generate data, train, validate; returns the best validation metrics."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
+    """Generate data, train with ``vision-tl fit``, validate; returns the best validation metrics.
 
-    from vision_tl.data import ImageFolderDataModule
-    from vision_tl.tasks import ImageClassifier
-    from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
-    from vision_tl.tasks.resume import RunCheckpoint
+    Training goes through the same command users run, so the demo's run directory holds what
+    every run does (``config.yaml`` included): the README's next steps (``test``, ``predict``,
+    ``report``, ``export``, a resume) work on it as written.
+    """
+    from vision_tl.tasks.lightning_cli import run_lightning_cli
 
     if args.epochs < 1 or args.size < 32:
         raise ValueError(f"--epochs must be >= 1 and --size >= 32, got {args.epochs} and {args.size}")
     root = Path(args.data)
     root.parent.mkdir(parents=True, exist_ok=True)
     _prepare_data(root, args.size, args.seed)
-    L.seed_everything(args.seed, verbose=False)
-    data = ImageFolderDataModule(str(root), backbone=args.backbone, image_size=args.size, seed=args.seed,
-                                 batch_size=16, augment="inspection", good_class="good")
-    model = ImageClassifier(data.classes, backbone=args.backbone, image_size=args.size, mode=args.mode,
-                            lr=2e-3, backbone_lr_factor=0.3, good_class="good")
-    artifacts = RunArtifacts()
-    checkpoint = RunCheckpoint(monitor="val/balanced_acc", mode="max", filename="best",
-                                                     save_last=True)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1,
-                        logger=CSVLogger(args.runs, name="demo"), callbacks=[checkpoint, artifacts, ThrottledProgressBar()],
-                        log_every_n_steps=5, deterministic=False)
+    parent = Path(args.runs).expanduser().resolve() / "demo"
+    before = set(parent.glob("version_*"))
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(parent.parent),
+                                                                               "name": "demo"}}
+    argv = ["fit", "--seed_everything", str(args.seed), "--trainer.max_epochs", str(args.epochs),
+            "--trainer.accelerator", "auto", "--trainer.devices", "1", "--trainer.log_every_n_steps", "5",
+            "--trainer.logger", json.dumps(logger),
+            "--model.backbone", args.backbone, "--model.image_size", str(args.size), "--model.mode", args.mode,
+            "--model.lr", "2e-3", "--model.backbone_lr_factor", "0.3",
+            "--data.root", str(root), "--data.seed", str(args.seed), "--data.batch_size", "16",
+            "--data.augment", "inspection", "--data.good_class", "good"]
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    best = artifacts.best_epoch()
-    _print_summary(best, data.classes, time.perf_counter() - start, trainer.log_dir)
-    return best
+    if run_lightning_cli(argv) != 0:
+        raise RuntimeError("vision-tl fit did not finish; see the messages above")
+    (run_dir,) = set(parent.glob("version_*")) - before
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    _print_summary(metrics["val"], metrics["classes"], time.perf_counter() - start, str(run_dir))
+    return metrics["val"]
 
 
 def _print_summary(best: dict, classes: list[str], seconds: float, run_dir: str) -> None:
@@ -91,7 +92,8 @@ def _print_summary(best: dict, classes: list[str], seconds: float, run_dir: str)
     print(f"  {'class':<10} {'precision':>9} {'recall':>7}")
     for name in classes:
         print(f"  {name:<10} {best['precision_per_class'][name]:>9.3f} {best['recall_per_class'][name]:>7.3f}")
-    print(f"  run directory: {run_dir} (checkpoints, metrics.json, confusion_matrix_val.png)")
+    print(f"  run directory: {run_dir} (config.yaml, checkpoints, metrics.json, confusion_matrix_val.png)")
+    print(f"  next: vision-tl report {run_dir}   |   vision-tl export {run_dir}/checkpoints/best.ckpt --out model.onnx")
 
 
 def main(argv: list[str] | None = None) -> int:

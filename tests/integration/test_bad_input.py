@@ -636,6 +636,17 @@ def cli_directory_as_checkpoint(w: World, tmp: Path) -> Result:
                      "best.ckpt")
 
 
+def cli_evaluate_without_checkpoint(w: World, tmp: Path) -> Result:
+    """Lightning would score the freshly built model (an untrained head) and exit 0."""
+    return cli_error(["test", "--config", str(w.run / "config.yaml")], "--ckpt_path", str(w.best))
+
+
+def cli_option_the_checkpoint_overrides(w: World, tmp: Path) -> Result:
+    """The checkpoint's image_size wins (its weights need it): the user's 48 would be ignored."""
+    return cli_error(["test", "--config", str(w.run / "config.yaml"), "--ckpt_path", str(w.best),
+                      "--model.image_size", "48"], "--model.image_size 48", "the checkpoint has 32")
+
+
 def cli_export_over_existing(w: World, tmp: Path) -> Result:
     result = cli_error(["export", str(w.best), "--out", str(w.onnx), "--parity-images", "none"],
                        str(w.onnx), "--overwrite")
@@ -659,6 +670,13 @@ def cli_predict_out_is_directory(w: World, tmp: Path) -> Result:
 def cli_refit_into_existing_run(w: World, tmp: Path) -> Result:
     result = cli_error(w.fit_args(w.data, w.save_dir, "--trainer.logger.init_args.version", "0"),
                        str(w.run), "already holds a run")
+    # a run trained from Python (no config.yaml) is a run too
+    python_run = tmp / "runs" / "frozen" / "version_0"
+    shutil.copytree(w.run, python_run)
+    (python_run / "config.yaml").unlink()
+    before = tree_digest(python_run)
+    cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.logger.init_args.version", "0"), "already holds a run")
+    assert tree_digest(python_run) == before
     return Result("protected", result.message)
 
 
@@ -751,6 +769,9 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-ckpt-other-tool", "Lightning checkpoint from another tool", "CLI", cli_checkpoint_from_other_tool),
     ("cli-resume-truncated", "resume from a truncated checkpoint", "CLI", cli_resume_from_truncated_checkpoint),
     ("cli-dir-as-ckpt", "run directory where a checkpoint file is expected", "CLI", cli_directory_as_checkpoint),
+    ("cli-no-ckpt", "test/predict/validate without --ckpt_path", "CLI", cli_evaluate_without_checkpoint),
+    ("cli-ckpt-overrides-option", "--model.image_size that the checkpoint's own replaces", "CLI",
+     cli_option_the_checkpoint_overrides),
     ("cli-export-exists", "export onto an existing model.onnx", "CLI", cli_export_over_existing),
     ("cli-onnx-as-ckpt", "exported ONNX model given to export as the checkpoint", "CLI", cli_onnx_as_checkpoint),
     ("cli-foreign-onnx", "predict-onnx with another tool's ONNX", "CLI", cli_foreign_onnx),

@@ -50,6 +50,9 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     assert interrupted_at < EPOCHS - 1, f"training finished before the signal arrived:\n{output}"
     assert "resume" in output, output
     assert proc.returncode == 143, output  # stopped, not finished: a job script must see it failed
+    # the finished epochs' metrics are there already (compare and report read them)
+    stopped = json.loads((run / "metrics.json").read_text())
+    assert len(stopped["history"]) >= interrupted_at + 1 and stopped["val"]["epoch"] in range(len(stopped["history"]))
 
     # A newer run beside it: `--ckpt_path last` with this run's config still means this run.
     newer = tmp_path / "b" / "partial" / "version_5" / "checkpoints"

@@ -216,3 +216,24 @@ def test_a_second_scan_reads_each_unchanged_image_once_and_a_changed_one_again(t
     changed.write_bytes(b"not an image")  # and a file that went bad is reported, not reused
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
         assert scan_folder(root, skip_bad=True).bad_files[0][0] == changed
+
+
+def test_scan_lists_truncated_jpegs_up_front_and_keeps_ones_with_a_trailer(tmp_path):
+    """A JPEG cut off in transfer passes Pillow's header check and used to stop training only
+    when it was decoded, one file per attempt; the scan now lists every one. A valid JPEG with
+    data after its end marker (camera trailers) is still accepted."""
+    import io
+
+    root = _folder(tmp_path / "d", {"ok": 3, "dent": 3})
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    (root / "ok" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "dent" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "dent" / "trailer.jpg").write_bytes(jpeg + bytes(10_000))
+    with pytest.raises(DatasetError, match=r"2 unreadable image\(s\)") as info:
+        scan_folder(root)
+    assert str(root / "ok" / "cut.jpg") in str(info.value) and str(root / "dent" / "cut.jpg") in str(info.value)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        index = scan_folder(root, skip_bad=True)
+    assert root / "dent" / "trailer.jpg" in [s.path for s in index.samples]

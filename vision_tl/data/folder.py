@@ -103,6 +103,9 @@ def _check_header(path: Path) -> str | None:
             return "empty file (0 bytes)"
         with open_image(path, limit) as img:
             img.verify()
+            jpeg = img.format == "JPEG"
+        if jpeg and not _ends_like_a_jpeg(path):
+            load_rgb(path)  # no end marker near the end: decode it, which names what is wrong, if anything
     except ImageLoadError as exc:
         return str(exc).removeprefix(f"{path}: ")
     except UnidentifiedImageError:
@@ -115,6 +118,17 @@ def _check_header(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - every reader failure means "not a usable image"
         return f"not a readable image ({type(exc).__name__}: {exc})"
     return None
+
+
+def _ends_like_a_jpeg(path: Path, tail: int = 4096) -> bool:
+    """Whether a JPEG's end-of-image marker (FF D9) is in its last ``tail`` bytes. Pillow's
+    ``verify`` reads only the header, so a file cut off in transfer passes it and fails only
+    when training decodes it, after an epoch or more; this catches it at the scan, for the
+    price of one small read. (A camera trailer after the marker makes a valid file miss it:
+    those are decoded in full to tell.)"""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail))
+        return b"\xff\xd9" in fh.read()
 
 
 def _add_images(index: FolderIndex, images: list[Path], label: int) -> None:

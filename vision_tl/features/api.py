@@ -15,7 +15,7 @@ import numpy as np
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
 from vision_tl.data.device import default_decode_threads, resolve_device
 from vision_tl.data.folder import SPLIT_NAMES, DatasetError, FolderIndex, file_sha256, scan_folder
-from vision_tl.features.cache import CacheReport, FeatureCache
+from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
 from vision_tl.imaging import is_image_file
@@ -80,10 +80,10 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
                 index = scan_folder(folder, present[folder], skip_bad=True)
             _add_index(images, index, [images.classes.index(name) for name in present[folder]])
     if images.bad and not skip_bad:
-        raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{_listing(images.bad)}\n"
+        raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad)}\n"
                            "Fix or remove them, or pass --skip-bad (skip_bad=True) to leave them out.")
     if images.bad:
-        warnings.warn(f"left out {len(images.bad)} unreadable image(s) under {root}:\n{_listing(images.bad, 5)}",
+        warnings.warn(f"left out {len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad, 5)}",
                       stacklevel=2)
     if not images.paths:
         raise DatasetError(f"{root} holds no readable images")
@@ -250,19 +250,11 @@ def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> 
     if not report.failed:
         return
     if not skip_bad:
-        raise DatasetError(f"{len(report.failed)} image(s) could not be decoded:\n{_listing(report.failed)}\n"
+        raise DatasetError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}\n"
                            "Fix or remove them, or pass --skip-bad to leave them out.")
-    warnings.warn(f"left out {len(report.failed)} image(s) that could not be decoded:\n{_listing(report.failed, 5)}",
+    warnings.warn(f"left out {len(report.failed)} image(s) that could not be decoded:\n{failure_listing(report.failed, 5)}",
                   stacklevel=3)
     images.drop({p for p, _ in report.failed})
-
-
-def _listing(bad: list[tuple], limit: int = 20) -> str:
-    """One indented line per ``(path, why)``, the path named once (loaders' messages often start with it)."""
-    lines = [f"  {why}" if str(why).startswith(str(path)) else f"  {path}: {why}" for path, why in bad[:limit]]
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more")
-    return "\n".join(lines)
 
 
 @contextlib.contextmanager

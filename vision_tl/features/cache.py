@@ -66,6 +66,14 @@ class CacheReport:
         return self.computed / self.seconds if self.computed and self.seconds > 0 else float("nan")
 
 
+def failure_listing(bad: list[tuple], limit: int = 20) -> str:
+    """One indented line per ``(path, why)``, the path named once (loaders' messages often start with it)."""
+    lines = [f"  {why}" if str(why).startswith(str(path)) else f"  {path}: {why}" for path, why in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)
+
+
 class FeatureCache:
     """Content-keyed features on disk; computes only what is missing.
 
@@ -176,8 +184,7 @@ class FeatureCache:
         """:meth:`ensure` then :meth:`read`; raises if an image could not be decoded."""
         report = self.ensure(extractor, paths, hashes, **kwargs)
         if report.failed:
-            lines = "\n".join(f"  {p}: {why}" for p, why in report.failed[:20])
-            raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{lines}")
+            raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}")
         return self.read(extractor, hashes)
 
 

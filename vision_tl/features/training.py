@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vision_tl.features.cache import FeatureCache
+from vision_tl.features.cache import FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
 
 
@@ -96,8 +96,7 @@ def _split_features(cache: FeatureCache, extractors: list[FeatureExtractor], dat
                               progress=desc if progress else False)
         failed.update({Path(p): why for p, why in report.failed})
     if failed and not datamodule.hparams.skip_bad_images:
-        lines = "\n".join(f"  {p}: {why}" for p, why in list(failed.items())[:20])
-        raise ValueError(f"{len(failed)} image(s) could not be decoded:\n{lines}\n"
+        raise ValueError(f"{len(failed)} image(s) could not be decoded:\n{failure_listing(list(failed.items()))}\n"
                          "Fix or remove them, or pass --data.skip_bad_images true.")
     samples = [s for s in samples if Path(s.path) not in failed]
     feats = [cache.read(extractor, [s.sha256 for s in samples]) for extractor in extractors]

@@ -65,6 +65,9 @@ class RunArtifacts(L.Callback):
         # module's, so eval_results would still hold the previous epoch (or the sanity check).
         if not trainer.sanity_checking and "val" in pl_module.eval_results:
             self.history.append(dict(pl_module.eval_results["val"]))
+            if trainer.state.fn == "fit" and trainer.is_global_zero:
+                # after every epoch, so a run stopped half-way has its metrics too (the plot: at the end)
+                self._write_metrics(trainer, pl_module, "val", self.best_epoch(), plot=False)
 
     def best_epoch(self) -> dict | None:
         key = self.monitor.split("/", 1)[-1]
@@ -72,9 +75,8 @@ class RunArtifacts(L.Callback):
             return None
         return max(self.history, key=lambda r: (r.get(key, float("-inf")), -r["epoch"]))
 
-    def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict) -> None:
-        from vision_tl.reports import plot_confusion_matrix
-
+    def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict,
+                       plot: bool = True) -> None:
         run = self.run_dir(trainer)
         path = run / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
@@ -84,6 +86,10 @@ class RunArtifacts(L.Callback):
             metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                                   for r in self.history]
         atomic_write_text(path, json.dumps(metrics, indent=1))
+        if not plot:
+            return
+        from vision_tl.reports import plot_confusion_matrix
+
         plot_confusion_matrix(result["confusion_matrix"], pl_module.classes,
                               run / f"confusion_matrix_{stage}.png", title=f"{stage} (epoch {result['epoch']})")
 

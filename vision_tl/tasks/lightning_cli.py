@@ -67,6 +67,12 @@ def _logger_init(config):
     return logger.get("init_args") if hasattr(logger, "get") else None
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run (its config, class names or checkpoints), e.g. one trained
+    from Python or by an older version, which wrote no config.yaml."""
+    return any((folder / name).exists() for name in ("config.yaml", "labels.json", "checkpoints"))
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config; refuses, with a clear error, to reuse an existing run directory."""
 
@@ -74,6 +80,7 @@ class SaveRunConfig(SaveConfigCallback):
         log_dir = trainer.log_dir
         exists = False
         if trainer.is_global_zero and log_dir is not None and not self.overwrite:
+            # (not holds_run: other callbacks' setup has written this run's labels.json already)
             exists = (Path(log_dir) / self.config_filename).exists()
         if trainer.strategy.broadcast(exists):  # every rank stops, not only rank 0
             raise FileExistsError(
@@ -305,7 +312,7 @@ class VisionTLCLI(LightningCLI):
             return
         version = init.version if isinstance(init.version, str) else f"version_{init.version}"
         run = Path(init.get("save_dir") or ".") / (init.get("name") or "") / version
-        if (run / "config.yaml").exists():
+        if holds_run(run):
             raise FileExistsError(
                 f"run directory {run} already holds a run; pick a new one with "
                 "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
@@ -336,8 +343,13 @@ class VisionTLCLI(LightningCLI):
             else:
                 ckpt = str(find_last_checkpoint(init.save_dir, init.name))
         path = Path(ckpt)
-        read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
+        state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
+        done, limit = int(state.get("epoch", -1)) + 1, cfg.trainer.get("max_epochs")
+        if limit is not None and 0 < limit <= done:  # before anything in the run is renamed
+            raise ValueError(
+                f"--ckpt_path {ckpt}: {path} has trained {done} epoch(s) and --trainer.max_epochs is {limit}, so "
+                f"a resume would train nothing; pass a larger --trainer.max_epochs (e.g. {done + 10}) to train on")
         run = run_dir_of(path)
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
             if (run / "labels.json").is_file():  # before anything in the run is touched
@@ -352,6 +364,9 @@ class VisionTLCLI(LightningCLI):
             if any(run.glob("report*.html")):
                 _say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
                      f"run `vision-tl report {run}` again when training ends")
+        else:
+            _say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
+                 "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
@@ -361,7 +376,33 @@ class VisionTLCLI(LightningCLI):
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
             read_checkpoint(ckpt)
+        before = self._model_settings()
         super()._parse_ckpt_path()
+        self._check_checkpoint_settings(ckpt, before, self._model_settings())
+
+    def _model_settings(self) -> dict:
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        return dict(model.as_dict() if hasattr(model, "as_dict") else model or {})
+
+    @staticmethod
+    def _check_checkpoint_settings(ckpt, before: dict, after: dict) -> None:
+        """The checkpoint's model settings replace the config's (the weights only fit the model they
+        were trained in). A ``--model.X`` given on the command line that the checkpoint overrides
+        would be ignored without a word: refused. Other replaced settings are listed."""
+        changed = {k: (before[k], after.get(k)) for k in before
+                   if k not in ("classes", "class_counts") and before[k] is not None and before[k] != after.get(k)}
+        argv = _Parser._argv
+        explicit = [k for k in changed if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in argv)]
+        if explicit:
+            shown = ", ".join(f"--model.{k} {changed[k][0]} (the checkpoint has {changed[k][1]})" for k in explicit)
+            raise ValueError(
+                f"{shown}: the model settings stored in --ckpt_path {ckpt} replace the command line's, because its "
+                "weights fit only the model they were trained in; drop the option, or, to train in other settings "
+                "from pretrained weights, start a new run without --ckpt_path")
+        if changed:
+            _say("vision_tl: the checkpoint's model settings replace the config's: "
+                 + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
 
 
 def _keep_metrics_csv(run: Path) -> None:

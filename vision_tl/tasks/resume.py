@@ -70,7 +70,11 @@ class ResumableRandomState(L.Callback):
         log_dir = getattr(self, "_log_dir", Path("."))
         last = log_dir / "checkpoints" / "last.ckpt"
         # A data or checkpoint error is not fixed by resuming; an interruption, a crash or a full disk is.
-        if trainer.is_global_zero and last.exists() and not isinstance(exception, ValueError):
+        # MisconfigurationException: a setting Lightning refused, which resuming repeats.
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if (trainer.is_global_zero and last.exists()
+                and not isinstance(exception, (ValueError, MisconfigurationException))):
             pl_module.print(
                 f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
                 f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} "
