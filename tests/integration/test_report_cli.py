@@ -85,6 +85,10 @@ def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, ca
     metrics = json.loads((test_dir / "metrics.json").read_text())
     threshold = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
     assert metrics["report"]["test"]["good_vs_defect"]["threshold"] == pytest.approx(threshold)
+    # `report` on that output directory points at the training run instead of "no checkpoint yet"
+    assert main(["report", str(test_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "output of `vision-tl validate`, `test` or `predict`" in err and f"vision-tl report {run}" in err
 
 
 def test_compare_prints_and_writes(run, tmp_path, capsys):

@@ -313,12 +313,32 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
         if found:
             raise ReportError(f"checkpoint {path} not found; the run has: {', '.join(found)} (pick one with "
                               "--checkpoint)")
+        evaluated = _evaluated_checkpoint(run_dir)
+        if checkpoint is None and evaluated:
+            raise ReportError(f"{run_dir} holds the output of `vision-tl validate`, `test` or `predict` (of {evaluated}), "
+                              f"not a training run; report on the run that trained it: vision-tl report "
+                              f"{Path(evaluated).parent.parent}")
         if checkpoint is None and (run_dir / "config.yaml").is_file():
             raise ReportError(f"run {run_dir} has no checkpoint yet (still training, or stopped before its first "
                               f"epoch ended); train it again with `vision-tl fit --config {run_dir / 'config.yaml'}` "
                               "(a new run directory)")
         raise ReportError(f"checkpoint {path} not found; is this a run directory written by vision-tl fit?")
     return path
+
+
+def _evaluated_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint a ``validate``/``test``/``predict`` output directory evaluated (its saved
+    config keeps ``ckpt_path``; a training run's has none), or None."""
+    config = run_dir / "config.yaml"
+    if not config.is_file() or (run_dir / "checkpoints").exists():
+        return None
+    import yaml
+
+    try:
+        ckpt = (yaml.safe_load(config.read_text()) or {}).get("ckpt_path")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return str(ckpt) if ckpt else None
 
 
 def _choose_threshold(probs, labels, meta, split, target) -> dict | None:

@@ -100,6 +100,10 @@ class RunArtifacts(L.Callback):
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
             pl_module.print(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "validate" and trainer.is_global_zero:  # test and predict name theirs in their own lines
+            print(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)", flush=True)
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and "test" in pl_module.eval_results:
             self._write_metrics(trainer, pl_module, "test", pl_module.eval_results["test"])

@@ -95,8 +95,9 @@ class SaveRunConfig(SaveConfigCallback):
         if init is not None and init.get("version") is not None:
             init.version = None
         # Nor which checkpoint to start from: kept after a resume, `fit --config RUN/config.yaml`
-        # (a new run, as the messages say) would resume into this run again.
-        if self.config.get("ckpt_path") is not None:
+        # (a new run, as the messages say) would resume into this run again. (validate, test and
+        # predict keep theirs: which checkpoint they evaluated.)
+        if stage == "fit" and self.config.get("ckpt_path") is not None:
             self.config.ckpt_path = None
         # Absolute, so the run's data is the same whichever folder report, export or a resume runs
         # from (the runs folder already is: see VisionTLCLI.before_instantiate_classes).
