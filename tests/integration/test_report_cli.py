@@ -276,6 +276,10 @@ def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, 
 def test_choosing_a_threshold_says_what_to_export(run, tmp_path, capsys):
     copy = tmp_path / "partial" / "version_0"
     shutil.copytree(run, copy)
-    assert main(["report", str(copy), "--target-false-reject", "0.5"]) == 0
+    chosen = (copy / "checkpoints" / "best.thresholded.ckpt").read_bytes()  # the fixture's report chose one
+    assert main(["report", str(copy), "--target-false-reject", "0.5"]) == 2  # not replaced without a word
+    assert "best.thresholded.ckpt already exists" in capsys.readouterr().err
+    assert (copy / "checkpoints" / "best.thresholded.ckpt").read_bytes() == chosen
+    assert main(["report", str(copy), "--target-false-reject", "0.5", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert f"next: vision-tl export {copy / 'checkpoints' / 'best.thresholded.ckpt'} --out model.onnx" in out

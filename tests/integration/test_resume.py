@@ -146,11 +146,14 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
     (tmp_path / "other").mkdir()  # other classes
     for name in ("dent", "good"):
         shutil.copytree(inspection_folder / "good", tmp_path / "other" / name)
-    for data, expected in ((more, "new, e.g."), (tmp_path / "other", "it was trained on the classes")):
+    cases = ((more, [], "3 new, e.g. good/new_0.png"),  # the added files, not ones a new split moved
+             (tmp_path / "other", [], "it was trained on the classes"),
+             (inspection_folder, ["--data.seed", "7"], "split into train and val differently"))
+    for data, extra, expected in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
             main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--data.root", str(data),
-                  "--trainer.max_epochs", "2"])
+                  "--trainer.max_epochs", "2", *extra])
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert expected in err and "start a new run" in err and "resume from the end" not in err

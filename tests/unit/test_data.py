@@ -125,6 +125,8 @@ def test_train_val_folders_and_cross_duplicates_warn(tmp_path):
         (lambda r: None, "does not exist"),
         (lambda r: (r.write_text("x")), "is a file"),
         (lambda r: _folder(r / "val", {"a": 2, "b": 2}), "no train/ folder"),
+        (lambda r: (_folder(r / "train", {"a": 3, "b": 3}), _folder(r / "val", {"a": 2})),
+         r"val has the class folders \['a'\] but train/ has \['a', 'b'\]; missing: b"),
     ],
 )
 def test_bad_folders_get_clear_errors(tmp_path, make, message):

@@ -247,9 +247,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         indexes = {}
         for name, folder in self.layout.items():
-            if name != "train" and list_classes(folder) != self._classes:
+            present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if name != "train" and present != self._classes:
+                missing, extra = sorted(set(self._classes) - set(present)), sorted(set(present) - set(self._classes))
                 raise DatasetError(
-                    f"{folder} has classes {list_classes(folder)} but train/ has {self._classes}"
+                    f"{folder} has the class folders {present} but train/ has {self._classes}"
+                    + (f"; missing: {', '.join(missing)}" if missing else "")
+                    + (f"; not in train/: {', '.join(extra)}" if extra else "")
+                    + f". Give {name}/ the same class folders as train/"
                 )
             indexes[name] = scan_folder(folder, self._classes, skip)
         if "val" not in indexes:

@@ -70,6 +70,8 @@ def report_parser() -> argparse.ArgumentParser:
                         help="choose the threshold so at most E (e.g. 0.005) of defective images pass")
     p.add_argument("--in-place", action="store_true",
                    help="store the chosen threshold in the checkpoint itself (atomic rewrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a <name>.thresholded.ckpt an earlier report wrote (its threshold is lost)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (32)")
     return p
 
@@ -134,7 +136,8 @@ def _report(args: argparse.Namespace) -> None:
     if args.in_place and target is None:
         raise ValueError("--in-place only applies with --target-false-reject or --target-escape")
     result = report_run(args.run, split=args.split, checkpoint=args.checkpoint, data_root=args.data,
-                        target=target, in_place=args.in_place, batch_size=args.batch_size)
+                        target=target, in_place=args.in_place, batch_size=args.batch_size,
+                        overwrite=args.overwrite)
     s = result.metrics["summary"]
     print(f"{s['images']} {args.split} images: accuracy {_f(s['acc'])}, balanced accuracy "
           f"{_f(s['balanced_acc'])}, macro F1 {_f(s['f1_macro'])}, macro AUC {_f(s['roc_auc_macro'])}, "

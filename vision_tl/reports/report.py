@@ -284,6 +284,12 @@ def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.classes)))
 
 
+def thresholded_path(checkpoint: str | Path) -> Path:
+    """Where :func:`save_threshold` writes a copy: ``best.ckpt`` -> ``best.thresholded.ckpt``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.thresholded.ckpt")
+
+
 def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False) -> Path:
     """Store ``choice["threshold"]`` in the checkpoint's ``vision_tl`` section.
 
@@ -300,7 +306,7 @@ def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False)
     ckpt["vision_tl"]["threshold"] = float(choice["threshold"])
     ckpt["vision_tl"]["threshold_choice"] = {
         k: v for k, v in choice.items() if isinstance(v, (str, int, float, type(None)))}
-    target = checkpoint if in_place else checkpoint.with_name(f"{checkpoint.stem}.thresholded.ckpt")
+    target = checkpoint if in_place else thresholded_path(checkpoint)
     with atomic_path(target) as tmp:
         torch.save(ckpt, tmp)
     return target
@@ -365,7 +371,7 @@ def _stored_choice(meta: dict) -> dict | None:
 
 def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Path | None = None,
                data_root: str | Path | None = None, target: str | None = None, in_place: bool = False,
-               batch_size: int = 32) -> ReportResult:
+               batch_size: int = 32, overwrite: bool = False) -> ReportResult:
     """Evaluate a run's checkpoint on its validation (or test) images and write the report.
 
     Args:
@@ -378,6 +384,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         in_place: store the chosen threshold in the checkpoint itself instead of
             ``<name>.thresholded.ckpt``.
         batch_size: images per forward pass.
+        overwrite: replace a ``<name>.thresholded.ckpt`` an earlier report wrote.
     """
     from vision_tl.tasks.checkpoint import load_classifier
 
@@ -387,6 +394,10 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     if target is not None:
         M.parse_threshold_target(target)  # fail before the slow part
     ckpt_path = _run_checkpoint(run_dir, checkpoint)
+    thresholded = thresholded_path(ckpt_path)
+    if target is not None and not in_place and thresholded.exists() and not overwrite:
+        raise ReportError(f"{thresholded} already exists, with the threshold an earlier report chose; pass "
+                          "--overwrite (overwrite=True) to replace it, or move it away first")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # version notes; the report states the version itself
         model, meta = load_classifier(ckpt_path)

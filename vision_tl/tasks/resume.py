@@ -175,15 +175,28 @@ def check_resumed_data(run: Path, datamodule) -> None:
     datamodule.setup("fit")
     new = datamodule.split_record() or {}
     old = read_split(record)
+
+    def files(record: dict, *parts: str) -> set[tuple[str, str, str]]:
+        return {(e["path"], e["label"], e["sha256"]) for part in parts for e in record.get(part, [])}
+
+    root = getattr(datamodule, "root", "the data root")
+    was, is_ = files(old, "train", "val"), files(new, "train", "val")
+    if was != is_:  # files added, removed or changed: name those, not the ones a new split moved
+        gone, added = sorted(was - is_), sorted(is_ - was)
+        raise DatasetError(
+            f"resuming {run}: the images under {root} are not the ones in its split.json ("
+            + ", ".join(filter(None, [f"{len(added)} new, e.g. {added[0][0]}" if added else "",
+                                      f"{len(gone)} missing or changed, e.g. {gone[0][0]}" if gone else ""]))
+            + f"); the resumed epochs would train and validate on other images. {advice[0].upper()}{advice[1:]}")
     for part in ("train", "val"):
-        was = {(e["path"], e["label"], e["sha256"]) for e in old.get(part, [])}
-        is_ = {(e["path"], e["label"], e["sha256"]) for e in new.get(part, [])}
+        was, is_ = files(old, part), files(new, part)
         if was != is_:
             example = sorted(was - is_ or is_ - was)[0][0]
             raise DatasetError(
-                f"resuming {run}: the {part} images under {getattr(datamodule, 'root', 'the data root')} are not the "
-                f"ones in its split.json ({len(was - is_)} missing or changed, {len(is_ - was)} new, e.g. {example}); "
-                f"the resumed epochs would train and validate on other images. {advice[0].upper()}{advice[1:]}")
+                f"resuming {run}: its images are split into train and val differently from its split.json "
+                f"({len(was - is_)} of its {part} images moved, e.g. {example}; were --data.seed or "
+                f"--data.val_fraction changed?); the resumed epochs would train and validate on other images. "
+                f"{advice[0].upper()}{advice[1:]}")
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path:
