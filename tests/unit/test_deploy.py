@@ -743,3 +743,13 @@ def test_broken_links_become_error_rows_and_other_files_are_counted(tmp_path: Pa
     (only / "a.gif").write_bytes(b"GIF89a")
     with pytest.raises(DeployError, match=r"no images found .*ignored 1 other file\(s\), e\.g\. a\.gif"):
         list_images(only)
+
+
+def test_mean_std_of_a_float_input_vision_tl_model_are_not_replaced(tmp_path: Path):
+    """A vision_tl export with float input records its normalisation: other values would shift
+    every prediction, so they are refused; the recorded values themselves are accepted."""
+    meta = make_metadata(layout="NCHW", input_dtype="float32", normalize_in_graph=False)
+    model = build_model(tmp_path / "f.onnx", uint8=False, meta=meta)
+    with pytest.raises(DeployError, match=r"records the normalisation .*mean \[.*--mean / --std"):
+        Predictor(model, mean=(0.1, 0.1, 0.1), std=(0.9, 0.9, 0.9))
+    assert Predictor(model, mean=MEAN, std=STD).metadata.mean == tuple(MEAN)

@@ -205,9 +205,10 @@ class Predictor:
         if not self.has_vision_tl_metadata:
             props = {**_graph_defaults(self._input), **props}
         stored_interpolation = props.get(PREFIX + "interpolation")
+        stored = {k: props.get(PREFIX + k) for k in ("mean", "std")} if self.has_vision_tl_metadata else {}
         props.update(overrides)
         self.metadata = self._parse_metadata(props, set(overrides))
-        self._check_overrides(mean, std, stored_interpolation)
+        self._check_overrides(mean, std, stored_interpolation, stored)
         self._max_batch = self._check_input()
         self._output_name = self._check_output()
         self._warned_softmax = False
@@ -348,18 +349,29 @@ class Predictor:
         except DeployError as exc:
             raise DeployError(f"images[{index}]: {exc}") from exc
 
-    def _check_overrides(self, mean: Any, std: Any, stored_interpolation: str | None) -> None:
-        """Refuse mean/std that would be ignored; warn when the resize differs from the model's."""
+    def _check_overrides(self, mean: Any, std: Any, stored_interpolation: str | None,
+                         stored: dict[str, str | None]) -> None:
+        """Refuse mean/std that would be ignored or would replace the ones the model was trained
+        with; warn when the resize differs from the model's."""
         meta = self.metadata
         given = [name for name, value in (("mean", mean), ("std", std)) if value is not None]
+        names = " and ".join(given)
+        flags = " / ".join(f"--{name}" for name in given)
+        args = " and ".join(f"{name}=" for name in given)
         if given and meta.normalize_in_graph:
-            names = " and ".join(given)
-            flags = " / ".join(f"--{name}" for name in given)
             raise DeployError(
                 f"{self.model_path}: {names} cannot be applied to this model: it takes uint8 "
                 f"pixels and normalises them inside the graph (normalize_in_graph=true), so "
-                f"{names} would be ignored; leave out {names}= (on the command line {flags})"
+                f"{names} would be ignored; leave out {args} (on the command line {flags})"
             )
+        differ = [name for name in given if stored.get(name) is not None
+                  and json.loads(stored[name]) != list(getattr(meta, name))]
+        if differ:
+            recorded = "; ".join(f"{name} {stored[name]}" for name in differ)
+            raise DeployError(
+                f"{self.model_path}: its metadata records the normalisation it was trained and checked with "
+                f"({recorded}); other values would change every prediction; leave out {args} "
+                f"(on the command line {flags})")
         if (self.has_vision_tl_metadata and stored_interpolation is not None
                 and meta.interpolation != stored_interpolation):
             warnings.warn(
