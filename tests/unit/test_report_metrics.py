@@ -123,3 +123,28 @@ def test_good_vs_defect_without_threshold_uses_argmax_and_sweep_is_monotone():
     assert np.all(np.diff(gvd["sweep"]["false_reject_rate"]) >= 0)
     with pytest.raises(ValueError, match="not a class"):
         M.good_vs_defect(PROBS, LABELS, CLASSES, "ok", None)
+
+
+@pytest.mark.parametrize("target", ["false_reject:0.3", "escape:0.5", "false_reject:0", "escape:0"])
+def test_a_target_is_not_spent_where_the_classes_separate(target):
+    """Cleanly separated scores: any allowance still gives no escape and no reject, the
+    threshold midway in the gap (spending the allowance rejected 3 of 11 good images)."""
+    good = np.linspace(0.606, 0.945, 11)
+    defect = np.linspace(0.244, 0.353, 6)
+    p_good = np.concatenate([good, defect])
+    choice = M.select_threshold(p_good, np.arange(17) < 11, target)
+    assert (choice["escapes"], choice["false_rejects"]) == (0, 0)
+    assert choice["threshold"] == pytest.approx((0.353 + 0.606) / 2)
+
+
+def test_threshold_ties_go_to_the_other_rate():
+    """Good images at .3 .5 .7 .9, defects at .2 .6. false_reject:0.5 may reject two good
+    images, and needs both (.3, .5) to block the .6 defect. false_reject:0.25 may reject one,
+    but rejecting .3 blocks no more defects than rejecting none, so it rejects none."""
+    p_good = np.array([0.3, 0.5, 0.7, 0.9, 0.2, 0.6])
+    is_good = np.array([True, True, True, True, False, False])
+    choice = M.select_threshold(p_good, is_good, "false_reject:0.5")
+    assert (choice["escapes"], choice["false_rejects"]) == (0, 2)  # the 0.6 defect needs the 0.5 good rejected
+    choice = M.select_threshold(p_good, is_good, "false_reject:0.25")
+    assert (choice["escapes"], choice["false_rejects"]) == (1, 0)  # before: 1 escape and the .3 rejected
+    assert choice["threshold"] == pytest.approx(0.25)

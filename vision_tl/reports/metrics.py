@@ -221,34 +221,57 @@ def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | Thre
     """The threshold on ``P(good)`` that meets ``target`` on these images, and its rates.
 
     ``false_reject:R`` rejects at most ``R`` of the good images with the fewest defects
-    escaping; ``escape:E`` passes at most ``E`` of the defective images with the fewest good
-    images rejected. Either threshold is placed midway between the two observed scores
-    around it (same counts, a margin on both sides), so no image sits exactly on it.
+    escaping, and then the fewest good images rejected; ``escape:E`` passes at most ``E`` of
+    the defective images with the fewest good images rejected, and then the fewest defects
+    escaping. (Without the second rule a target spends its whole allowance even where the
+    classes separate cleanly: ``false_reject:0.3`` would reject 3 of 11 good images that a
+    lower threshold passes with no more escapes.) The threshold is placed midway between the
+    two observed scores around it (same counts, a margin on both sides), so no image sits on it:
+    ONNX Runtime's probabilities differ from PyTorch's in the 7th decimal.
 
     Raises:
         ThresholdError: the target is malformed, or the images lack the class it is about.
     """
     target = parse_threshold_target(target)
     p_good, is_good = np.asarray(p_good, np.float64), np.asarray(is_good, bool)
+    good, defect = p_good[is_good], p_good[~is_good]
     if target.kind == "false_reject":
-        good = np.sort(p_good[is_good])
         if not good.size:
             raise ThresholdError("cannot meet a false-reject target: no good images in this split")
-        last_kept = good[int(np.floor(target.rate * good.size + 1e-9))]
-        below = p_good[p_good < last_kept]
-        # Midway to the next lower observed score, as for escapes: the same counts here, and a
-        # good image scored exactly at the threshold cannot flip to a reject on the line
-        # (ONNX Runtime's probabilities differ from PyTorch's in the 7th decimal).
-        threshold = float((last_kept + below.max()) / 2) if below.size else float(np.nextafter(last_kept, -1.0))
+        last_kept = np.sort(good)[int(np.floor(target.rate * good.size + 1e-9))]  # at most R below it
+        # The fewest escapes: every defect scored from last_kept up passes, the rest are blocked.
+        # Then the fewest rejects: go down to just above the highest of the blocked defects.
+        blocked = defect[defect < last_kept]
+        threshold = _midway_above(p_good, blocked.max()) if blocked.size else _below_all(p_good)
     else:
-        defect = np.sort(p_good[~is_good])[::-1]
         if not defect.size:
             raise ThresholdError("cannot meet an escape target: no defective images in this split")
-        first_blocked = defect[int(np.floor(target.rate * defect.size + 1e-9))]
-        above = p_good[p_good > first_blocked]
-        # Midway to the next observed score: same counts here, a margin either side.
-        threshold = float((first_blocked + above.min()) / 2) if above.size else float(np.nextafter(first_blocked, 2.0))
+        first_blocked = np.sort(defect)[::-1][int(np.floor(target.rate * defect.size + 1e-9))]
+        # The fewest rejects: every good image scored above first_blocked passes. Then the fewest
+        # escapes: go up to just below the lowest of those good images.
+        kept = good[good > first_blocked]
+        threshold = _midway_below(p_good, kept.min()) if kept.size else _above_all(p_good)
     return {"target": str(target), **good_defect_rates(p_good, is_good, threshold)}
+
+
+def _midway_above(scores: np.ndarray, low: float) -> float:
+    """Midway between ``low`` (blocked) and the next observed score above it (which passes)."""
+    above = scores[scores > low]
+    return float((low + above.min()) / 2) if above.size else float(np.nextafter(low, 2.0))
+
+
+def _midway_below(scores: np.ndarray, high: float) -> float:
+    """Midway between the observed score below ``high`` (blocked) and ``high`` (which passes)."""
+    below = scores[scores < high]
+    return float((below.max() + high) / 2) if below.size else float(np.nextafter(high, -1.0))
+
+
+def _below_all(scores: np.ndarray) -> float:
+    return float(np.nextafter(scores.min(), -1.0))
+
+
+def _above_all(scores: np.ndarray) -> float:
+    return float(np.nextafter(scores.max(), 2.0))
 
 
 def threshold_sweep(p_good: np.ndarray, is_good: np.ndarray, points: int = 201) -> dict:
