@@ -239,3 +239,25 @@ def test_scan_lists_truncated_jpegs_up_front_and_keeps_ones_with_a_trailer(tmp_p
     with pytest.warns(UserWarning, match="skipped 2 unreadable"):
         index = scan_folder(root, skip_bad=True)
     assert root / "dent" / "trailer.jpg" in [s.path for s in index.samples]
+
+
+def test_a_large_group_of_copies_does_not_flood_val(tmp_path):
+    """Copies stay on one side; a group that would overshoot val's share goes to train, so a
+    class with 10 copies of one image still gets its 20 % (4 of 20), not 12 of 20."""
+    root = _folder(tmp_path / "d", {"a": 10, "b": 10})
+    for i in range(10):
+        shutil.copy(root / "b" / "0.png", root / "b" / f"copy{i}.png")
+    index = scan_folder(root)
+    for seed in range(8):
+        train, val = stratified_split(index, 0.2, seed)
+        b_val = [i for i in val if index.samples[i].label == 1]
+        assert len(b_val) == 4, seed
+    # every group too large for the share (two images, five copies each): val still gets one
+    two = _folder(tmp_path / "two", {"a": 10, "b": 2})
+    for i in range(4):
+        for k in range(2):
+            shutil.copy(two / "b" / f"{k}.png", two / "b" / f"copy{k}_{i}.png")
+    index = scan_folder(two)
+    train, val = stratified_split(index, 0.2, 0)
+    assert sorted(index.samples[i].label for i in val).count(1) == 5
+    assert sorted(index.samples[i].label for i in train).count(1) == 5

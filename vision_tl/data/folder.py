@@ -247,12 +247,23 @@ def stratified_split(
         keys = sorted(k for k in groups if k[0] == label)
         n_items = sum(len(groups[k]) for k in keys)
         target = min(max(1, round(n_items * val_fraction)), n_items - 1)
-        taken = 0
+        taken, own = 0, []  # own: the groups whose side this class chose (not an earlier class's copies)
         for j in rng.permutation(len(keys)):
             members, sha = groups[keys[j]], keys[j][1]
-            to_val = side_of.setdefault(sha, taken < target)
-            (val if to_val else train).extend(members)
-            taken += len(members) if to_val else 0
+            if sha not in side_of:
+                # A group (a file and its copies) joins val while that brings val nearer its
+                # target: a large group of copies that would overshoot it goes to train instead.
+                side_of[sha] = abs(taken + len(members) - target) < abs(taken - target)
+                own.append(keys[j])
+            (val if side_of[sha] else train).extend(members)
+            taken += len(members) if side_of[sha] else 0
+        if taken == 0 and own:  # every group overshoots: val gets the smallest one
+            smallest = min(own, key=lambda k: (len(groups[k]), k))
+            moved = set(groups[smallest])
+            train[:] = [i for i in train if i not in moved]
+            val.extend(groups[smallest])
+            side_of[smallest[1]] = True
+            taken = len(moved)
         if len(keys) < 2 or taken >= n_items:
             raise DatasetError(
                 f"class {name!r} has too few distinct images ({len(keys)}) to split into train "
