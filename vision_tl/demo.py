@@ -91,9 +91,14 @@ def _print_summary(best: dict, classes: list[str], seconds: float, run_dir: str)
     print(f"  macro F1          {best['f1_macro']:.3f}")
     print(f"  {'class':<10} {'precision':>9} {'recall':>7}")
     for name in classes:
-        print(f"  {name:<10} {best['precision_per_class'][name]:>9.3f} {best['recall_per_class'][name]:>7.3f}")
+        precision, recall = (best[f"{k}_per_class"][name] for k in ("precision", "recall"))
+        print(f"  {name:<10} {_num(precision):>9} {_num(recall):>7}")
     print(f"  run directory: {run_dir} (config.yaml, checkpoints, metrics.json, confusion_matrix_val.png)")
     print(f"  next: vision-tl report {run_dir}   |   vision-tl export {run_dir}/checkpoints/best.ckpt --out model.onnx")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: never predicted / no images of the class
 
 
 def main(argv: list[str] | None = None) -> int:

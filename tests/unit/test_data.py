@@ -167,6 +167,18 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
     labels = torch.cat([y for _, y in dm.train_dataloader()])
     share = (labels == 1).float().mean().item()
     assert 0.35 < share < 0.65  # about half "rare" although it is 13 % of the files
+    # ... so the loss does not weight "rare" up a second time (sqrt weights would make it ~2.6x)
+    from types import SimpleNamespace
+
+    from vision_tl.tasks import ImageClassifier
+
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, class_weights="sqrt")
+    model._trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                     is_global_zero=True, progress_bar_callback=None)
+    model.setup("validate")  # another stage: the plain class weights
+    assert model.loss_weights[1] > 2 * model.loss_weights[0]
+    model.setup("fit")
+    assert torch.equal(model.loss_weights, torch.ones(2))
 
 
 def test_augment_presets_and_yaml_lists():

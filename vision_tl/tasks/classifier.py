@@ -194,9 +194,16 @@ class ImageClassifier(L.LightningModule):
         self._check_datamodule(datamodule)
         if counts is None and stage != "predict" and datamodule is not None and hasattr(datamodule, "class_counts"):
             counts = datamodule.class_counts("train")
-        weights = class_weights_from_counts(counts, self.hparams.class_weights) if counts else None
-        if weights is not None:
-            self.loss_weights = weights.to(self.loss_weights.device)
+        scheme = self.hparams.class_weights
+        if (stage == "fit" and scheme not in (None, "none") and datamodule is not None
+                and _data_setting(datamodule, "sampler") == "balanced"):
+            # the sampler already draws every class equally often: weighting the loss as well
+            # would favour the rare classes a second time (about 3x with sqrt, 9x with inverse)
+            self.print(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is not "
+                       "applied on top (pass --model.class_weights none to silence this)")
+            scheme = "none"
+        weights = class_weights_from_counts(counts, scheme) if counts else None
+        self.loss_weights = (torch.ones(len(self.classes)) if weights is None else weights).to(self.loss_weights.device)
         if self._channels_last(self.trainer.strategy.root_device if self._trainer else self.device):
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
@@ -315,12 +322,18 @@ class ImageClassifier(L.LightningModule):
         metrics.reset()
         for name in ("acc", "balanced_acc", "f1_macro"):
             self.log(f"{stage}/{name}", values[name], prog_bar=name != "f1_macro")
+        matrix = values["confusion_matrix"].int()
+        predicted, present = matrix.sum(0).tolist(), matrix.sum(1).tolist()
+        # None, as in `vision-tl report`, where the ratio is undefined (torchmetrics says 0):
+        # precision of a class never predicted, recall of a class with no images here
         self.eval_results[stage] = {
             "epoch": self.current_epoch,
             **{k: float(values[k]) for k in ("acc", "balanced_acc", "f1_macro")},
-            "precision_per_class": dict(zip(self.classes, values["precision_per_class"].tolist())),
-            "recall_per_class": dict(zip(self.classes, values["recall_per_class"].tolist())),
-            "confusion_matrix": values["confusion_matrix"].int().tolist(),
+            "precision_per_class": {c: v if n else None for c, v, n in
+                                    zip(self.classes, values["precision_per_class"].tolist(), predicted)},
+            "recall_per_class": {c: v if n else None for c, v, n in
+                                 zip(self.classes, values["recall_per_class"].tolist(), present)},
+            "confusion_matrix": matrix.tolist(),
         }
         batches = self._eval_batches.pop(stage, [])
         probs = torch.cat([p for p, _ in batches]) if batches else torch.zeros(0, len(self.classes))
