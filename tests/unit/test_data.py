@@ -273,3 +273,13 @@ def test_a_large_group_of_copies_does_not_flood_val(tmp_path):
     train, val = stratified_split(index, 0.2, 0)
     assert sorted(index.samples[i].label for i in val).count(1) == 5
     assert sorted(index.samples[i].label for i in train).count(1) == 5
+
+
+def test_small_training_sets_use_every_image_each_epoch(tmp_path):
+    """62 images at batch size 32 trained on 32 per epoch while partial batches were dropped."""
+    root = _folder(tmp_path / "d", {"a": 40, "b": 38}, size=8)
+    dm = _dm(root, batch_size=32, augment="none", val_fraction=0.2)
+    dm.setup("fit")
+    assert sum(len(y) for _, y in dm.train_dataloader()) == len(dm.splits["train"]) == 62
+    assert dm._drop_last(65) and not dm._drop_last(66)  # a last batch of 1: BatchNorm cannot train on it
+    assert dm._drop_last(16 * 32 + 5)  # large sets: one batch shape (GPU kernels, torch.compile)

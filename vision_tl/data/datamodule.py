@@ -442,13 +442,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping_bad,
-            # Only a last batch of one image is dropped (BatchNorm cannot train on one): dropping
-            # every partial batch left 30 of 62 images out of each epoch at batch size 32.
-            drop_last=train and len(dataset) % self.hparams.batch_size == 1 and len(dataset) > 1,
+            drop_last=train and self._drop_last(len(dataset)),
             # Worker seeds come from this generator, not the global one, so creating an
             # iterator never shifts the random stream that dropout and augmentation use.
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
+
+    def _drop_last(self, n: int) -> bool:
+        """Whether a training epoch leaves out its last, partial batch. Small sets keep it (dropping
+        it left 30 of 62 images out of each epoch at batch size 32), unless it holds one image,
+        on which BatchNorm cannot train. From 16 batches on it is dropped: under 1/16 of an
+        epoch, other images each epoch, and every step has one shape (a GPU's kernels are
+        tuned, and torch.compile compiles, per shape)."""
+        size = self.hparams.batch_size
+        return n > 1 and (n % size == 1 or n >= 16 * size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
