@@ -121,3 +121,34 @@ def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path)
     plain.eval(), compiled.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(x), plain(x), atol=1e-5)
+
+
+def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):
+    """A milestone adds a parameter group mid-training: the learning-rate schedule follows it
+    (LambdaLR stopped with 'zip() argument 2 is shorter'), and a run resumed after the
+    milestone restores the group and its schedule."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g))
+
+    def fit(epochs: int, ckpt_path=None) -> ImageClassifier:
+        model = _model("frozen", warmup_fraction=0.0)
+        trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            callbacks=[GradualUnfreezing({1: 2}), ModelCheckpoint(tmp_path, save_last=True)])
+        trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return model
+
+    model = fit(2)
+    optimizer = model.trainer.optimizers[0]
+    assert [group["name"] for group in optimizer.param_groups] == ["head", "unfrozen@1"]
+    scheduler = model.trainer.lr_scheduler_configs[0].scheduler
+    added = optimizer.param_groups[1]
+    assert added["initial_lr"] == pytest.approx(model.hparams.lr * model.hparams.backbone_lr_factor)
+    assert added["lr"] == pytest.approx(added["initial_lr"] * scheduler.factor(scheduler.last_epoch))
+    resumed = fit(3, ckpt_path=tmp_path / "last.ckpt")
+    assert len(resumed.trainer.optimizers[0].param_groups) == 2
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6  # 3 epochs x 2 steps

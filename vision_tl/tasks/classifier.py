@@ -68,6 +68,28 @@ def class_weights_from_counts(counts: list[int], kind: str) -> torch.Tensor | No
     return weights * len(counts) / weights.sum()
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``: one factor
+    for every parameter group, each from its own starting lr. A group added during training
+    (:class:`~vision_tl.tasks.callbacks.GradualUnfreezing`) starts from the lr it was added
+    with; ``LambdaLR`` keeps one function per group and stopped at the first step after one
+    was added. The state is plain numbers, so checkpoints load with ``weights_only=True``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total: int, warmup: int = 0, last_epoch: int = -1) -> None:
+        self.total, self.warmup = max(1, int(total)), max(0, int(warmup))
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor(self.last_epoch)
+        return [group.setdefault("initial_lr", group["lr"]) * factor for group in self.optimizer.param_groups]
+
+
 def _metrics(num_classes: int) -> MetricCollection:
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -395,15 +417,7 @@ class ImageClassifier(L.LightningModule):
             groups.append({"params": body, "lr": hp.lr * hp.backbone_lr_factor, "name": "backbone"})
         optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * hp.warmup_fraction)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = WarmupCosine(optimizer, total, warmup=int(total * hp.warmup_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
