@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 EXAMPLE = """example:
@@ -75,7 +76,10 @@ def run(args: argparse.Namespace) -> dict:
             "--data.root", str(root), "--data.seed", str(args.seed), "--data.batch_size", "16",
             "--data.augment", "inspection", "--data.good_class", "good"]
     start = time.perf_counter()
-    if run_lightning_cli(argv) != 0:
+    with warnings.catch_warnings():  # the demo calls the CLI from Python on purpose
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+        code = run_lightning_cli(argv)
+    if code != 0:
         raise RuntimeError("vision-tl fit did not finish; see the messages above")
     (run_dir,) = set(parent.glob("version_*")) - before
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -136,9 +136,9 @@ def test_demo_runs_and_learns(tmp_path):
     assert (tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeypatch):
+def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeypatch, capsys):
     """`vision-tl fit` swaps Lightning's every-batch progress bar (each redraw waits for the
-    GPU) for the time-throttled one."""
+    GPU) for the time-throttled one; with the bar on, the closing line still names the run."""
     from vision_tl.tasks.callbacks import ThrottledProgressBar
 
     seen = []
@@ -149,8 +149,10 @@ def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeyp
         return original(self, *args)
 
     monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
+    capsys.readouterr()
     _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1")
     assert seen and set(seen) == {0.5}
+    assert "vision_tl: best epoch 0:" in capsys.readouterr().out  # the bar used to swallow it
 
 
 def test_fit_throttles_the_rich_default_bar_too(inspection_folder, tmp_path, monkeypatch):

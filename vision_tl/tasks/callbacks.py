@@ -18,9 +18,16 @@ from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils.files import atomic_write_text
 
 
+def _say(message: str) -> None:
+    """Print a line once a stage has ended (rank 0 calls it). Not ``LightningModule.print``: with
+    the progress bar on, it hands the line to the bar, which drops it once its bars are closed."""
+    print(message, flush=True)
+
+
 class RunArtifacts(L.Callback):
-    """Writes ``labels.json``, ``split.json``, ``metrics.json``, a confusion-matrix PNG
-    and (for ``predict``) ``predictions.csv`` into the run directory (``trainer.log_dir``).
+    """Writes the run directory's files (``trainer.log_dir``): ``labels.json``; for fit also
+    ``split.json``, ``metrics.json`` and a confusion-matrix PNG; for test its report; for
+    predict ``predictions.csv``.
 
     Args:
         monitor: validation metric that picks the best epoch (must match the checkpoint's).
@@ -98,11 +105,11 @@ class RunArtifacts(L.Callback):
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
-            pl_module.print(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
+            _say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and trainer.is_global_zero:  # test and predict name theirs in their own lines
-            print(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)", flush=True)
+            _say(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and "test" in pl_module.eval_results:
@@ -124,7 +131,7 @@ class RunArtifacts(L.Callback):
                               threshold=getattr(pl_module, "threshold", None), split="test",
                               info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone"),
                                     **self._test_images_note(trainer)})
-        pl_module.print(f"vision_tl: test report {result.html}")
+        _say(f"vision_tl: test report {result.html}")
 
     @staticmethod
     def _test_images_note(trainer: L.Trainer) -> dict[str, str]:
@@ -173,7 +180,7 @@ class RunArtifacts(L.Callback):
         atomic_write_text(path, out.getvalue())
         failed = sum(1 for _, row in table if row[-1])
         self.unreadable = failed
-        pl_module.print(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
+        _say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
 

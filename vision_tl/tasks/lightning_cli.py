@@ -49,6 +49,9 @@ class _NoCloudTip(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoCloudTip())
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# A resume reopens its run's log folder; the kit has kept the old metrics.csv aside by then
+# (see _keep_metrics_csv), so Lightning's "previous log files will be deleted" only alarms.
+warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
 
 
 def _user_progress_bar(config) -> bool:
@@ -236,6 +239,18 @@ class VisionTLCLI(LightningCLI):
         parser.link_arguments("model.image_size", "data.image_size")
         parser.link_arguments("data.good_class", "model.good_class")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        """Lightning's parser for ``subcommand``, with ``--ckpt_path`` described as the kit reads it
+        (Lightning's text gives its own meaning of best/last; Lightning 2.x, private hook)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        ckpt = parser._option_string_actions.get("--ckpt_path")
+        if ckpt is not None:
+            ckpt.help = ("a checkpoint file, e.g. RUN/checkpoints/best.ckpt; 'last' (and, except for fit, 'best') means "
+                         "that file of the run whose config.yaml is given with --config. fit: resume from it (into its "
+                         "run directory when it is that run's); validate, test, predict: the weights to evaluate "
+                         "(required)")
+        return parser
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
@@ -476,7 +491,7 @@ def run_lightning_cli(argv: list[str]) -> int:
 # Shown by `vision-tl COMMAND --help` (Lightning's default is the first lines of the Trainer method's docstring).
 _DESCRIPTIONS = {
     "fit": "Train a classifier on an image folder (one sub-folder per class, or train/ val/ [test/]). "
-           "Writes runs/<name>/version_N/: config.yaml, labels.json, split.json, metrics.json and "
+           "Writes runs/<name>/version_N/: config.yaml, labels.json, split.json (when it splits the folder), metrics.json and "
            "checkpoints/best.ckpt, last.ckpt. Example: vision-tl fit --config configs/partial.yaml --data.root DIR",
     "validate": "Evaluate a checkpoint on the val split. "
                 "Example: vision-tl validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt",
