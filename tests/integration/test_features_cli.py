@@ -112,6 +112,10 @@ def test_probe_refuses_settings_that_evaluate_nothing(tmp_path, folder, capsys) 
     assert "--heads is empty" in _error(capsys, [*base, "--heads", ""])
     assert "nothing to evaluate" in _error(capsys, [*base, "--folds", "0"])
     assert "--draws 0" in _error(capsys, [*base, "--shots", "2", "--draws", "0"])
+    # a backbone without offline weights stops the probe before the first backbone is embedded
+    err = _error(capsys, ["probe", str(folder), "--backbone", "tf_efficientnet_lite0", "--backbone", "resnet18",
+                          "--image-size", "32", "--no-progress", "--cache-dir", str(tmp_path / "c2")])
+    assert "no pretrained weights for backbone 'resnet18'" in err and not (tmp_path / "c2").exists()
 
 
 def test_extract_cli_refuses_cache_of_another_backbone(tmp_path, folder, capsys) -> None:

@@ -218,6 +218,18 @@ def _locate_weights(name: str) -> tuple[Path, str]:
     )
 
 
+def check_pretrained_weights(name: str) -> None:
+    """Raise now, not after other work, when ``create_backbone(name)`` would find no pretrained
+    weights offline (e.g. before a probe of several backbones embeds the first ones).
+
+    Raises:
+        BackboneWeightsError: the message says where weights could come from.
+    """
+    _check_name(name)
+    if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
+        _locate_weights(name)
+
+
 def create_backbone(
     name: str = DEFAULT_BACKBONE,
     pretrained: bool = True,

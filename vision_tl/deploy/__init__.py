@@ -1,7 +1,7 @@
 """Torch-free deployment: run exported ONNX classifiers with onnxruntime, numpy and Pillow.
 
-Nothing here imports torch, lightning or timm, so a line PC needs only numpy, Pillow
-and onnxruntime: install the small wheel that ``vision-tl deploy-wheel`` builds
+Nothing here imports torch, lightning or timm, so a line PC needs only numpy, Pillow,
+onnxruntime and simplejpeg (faster JPEG decoding; Pillow alone also works): install the small wheel that ``vision-tl deploy-wheel`` builds
 (:mod:`vision_tl.deploy.package`)::
 
     from vision_tl.deploy import Predictor

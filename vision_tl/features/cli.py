@@ -21,7 +21,7 @@ feature cache ($VISION_TL_CACHE or ~/.cache/vision_tl/features) are skipped.
 """
 
 PROBE_EXAMPLES = """examples:
-  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --backbone resnet18
+  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --backbone tf_efficientnet_lite2
   vision-tl probe data/neu --backbone tf_efficientnet_lite0 --shots 1 5 10 --draws 10
   vision-tl probe data/neu --backbone tf_efficientnet_lite0 --plot-dir runs/probe
 
@@ -75,15 +75,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--backbone", action="append", required=True, dest="backbones",
                         help="timm model name; repeat to compare several")
     parser.add_argument("--weights", default=None, help="local weights (only with a single --backbone)")
-    parser.add_argument("--heads", default="logreg,knn", help="comma list of logreg, knn, logreg-l2")
-    parser.add_argument("--folds", type=int, default=5, help="k of stratified k-fold (0 skips it)")
+    parser.add_argument("--heads", default="logreg,knn", help="comma list of logreg, knn, logreg-l2 (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=5, help="k of stratified k-fold, 0 skips it (default: %(default)s)")
     parser.add_argument("--shots", type=int, nargs="+", default=[],
                         help="few-shot: N training images per class, the rest test (several allowed)")
     parser.add_argument("--draws", type=int, default=10, help="random draws per few-shot setting (10)")
     parser.add_argument("--views", type=int, default=1,
-                        help="cached views per image: 1 clean + K-1 augmented, used for training rows")
-    parser.add_argument("--augment", default="inspection", help="augmentation preset of extra views")
-    parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws")
+                        help="cached views per image: 1 clean + K-1 augmented, used for training rows (default: %(default)s)")
+    parser.add_argument("--augment", default="inspection", help="augmentation preset of extra views (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws (default: %(default)s)")
     parser.add_argument("--plot-dir", default=None, help="write pca_<backbone>.png scatters here")
     return parser
 

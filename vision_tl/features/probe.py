@@ -272,6 +272,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
             views, augment, cache_dir, batch_size, device, progress...).
 
     Example:
+        >>> from vision_tl.features import format_table, probe
         >>> rows = probe("../shared/datasets/neu", ["tf_efficientnet_lite0"], shots=[5, 10])
         >>> print(format_table(rows, folds=5))
     """
@@ -283,6 +284,11 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
         raise ValueError("--heads is empty; give one or more of logreg, knn, logreg-l2 (comma-separated)")
     for head in heads:
         make_head(head)  # validate names before the slow part
+    if feature_kwargs.get("pretrained", True) and feature_kwargs.get("weights") is None:
+        from vision_tl.backbones import check_pretrained_weights
+
+        for backbone in backbones:  # every one before the first is embedded, not after
+            check_pretrained_weights(backbone)
     if not folds and not shots:
         raise ValueError("nothing to evaluate: --folds 0 skips cross-validation and no --shots were given; "
                          "leave --folds at its default (5) or pass --shots N")
