@@ -109,12 +109,12 @@ def _rate(text: str) -> float:
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, action: Callable) -> int:
     """Parse, run, and turn user errors into ``error: ...`` + status 2."""
-    from vision_tl.backbones import BackboneWeightsError
-
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    from vision_tl.backbones import BackboneWeightsError  # imports torch: after --help, not before
+
     try:
         action(args)
     except (ValueError, OSError, BackboneWeightsError) as exc:
