@@ -647,6 +647,15 @@ def cli_option_the_checkpoint_overrides(w: World, tmp: Path) -> Result:
                       "--model.image_size", "48"], "--model.image_size 48", "the checkpoint has 32")
 
 
+def cli_torchrun_with_one_device(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    """torchrun starts 2 processes, the shipped configs say devices: 1: each would train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    result = cli_error(w.fit_args(w.data, tmp / "runs"), "WORLD_SIZE=2", "--trainer.devices 2 --trainer.strategy ddp")
+    assert not (tmp / "runs").exists()
+    return result
+
+
 def cli_export_over_existing(w: World, tmp: Path) -> Result:
     result = cli_error(["export", str(w.best), "--out", str(w.onnx), "--parity-images", "none"],
                        str(w.onnx), "--overwrite")
@@ -772,6 +781,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-no-ckpt", "test/predict/validate without --ckpt_path", "CLI", cli_evaluate_without_checkpoint),
     ("cli-ckpt-overrides-option", "--model.image_size that the checkpoint's own replaces", "CLI",
      cli_option_the_checkpoint_overrides),
+    ("cli-torchrun-one-device", "torchrun with 2 processes and --trainer.devices 1", "CLI",
+     cli_torchrun_with_one_device),
     ("cli-export-exists", "export onto an existing model.onnx", "CLI", cli_export_over_existing),
     ("cli-onnx-as-ckpt", "exported ONNX model given to export as the checkpoint", "CLI", cli_onnx_as_checkpoint),
     ("cli-foreign-onnx", "predict-onnx with another tool's ONNX", "CLI", cli_foreign_onnx),

@@ -148,7 +148,8 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
         shutil.copytree(inspection_folder / "good", tmp_path / "other" / name)
     cases = ((more, [], "3 new, e.g. good/new_0.png"),  # the added files, not ones a new split moved
              (tmp_path / "other", [], "it was trained on the classes"),
-             (inspection_folder, ["--data.seed", "7"], "split into train and val differently"))
+             (inspection_folder, ["--data.seed", "7"], "split into train and val differently"),
+             (inspection_folder, ["--model.image_size", "48"], "model settings differ: image_size 48"))
     for data, extra, expected in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:

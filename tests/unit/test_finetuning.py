@@ -152,3 +152,30 @@ def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):
     resumed = fit(3, ckpt_path=tmp_path / "last.ckpt")
     assert len(resumed.trainer.optimizers[0].param_groups) == 2
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6  # 3 epochs x 2 steps
+
+
+def test_gradual_unfreezing_is_refused_under_ddp():
+    """Parameters unfrozen after DDP wrapped the model are not synchronised between processes."""
+    from types import SimpleNamespace
+
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    with pytest.raises(ValueError, match="GradualUnfreezing cannot run with 2 processes"):
+        GradualUnfreezing({1: 2}).setup(SimpleNamespace(world_size=2), _model("frozen"), "fit")
+
+
+def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from vision_tl.tasks.resume import ResumableRandomState
+
+    callback = ResumableRandomState()
+    callback.setup(SimpleNamespace(log_dir=str(tmp_path)), None, "fit")
+    callback.on_exception(SimpleNamespace(is_global_zero=True), None, KeyboardInterrupt())
+    out = capsys.readouterr().out
+    assert "before the first epoch ended, so there is nothing to resume" in out
+    assert f"vision-tl fit --config {tmp_path / 'config.yaml'}" in out and "--ckpt_path" not in out
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    callback.on_exception(SimpleNamespace(is_global_zero=True), None, KeyboardInterrupt())
+    assert f"--ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out

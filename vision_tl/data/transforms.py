@@ -60,9 +60,19 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
                 "from albumentations, e.g. {'name': 'HorizontalFlip', 'p': 0.5}"
             )
         try:
-            steps.append(cls(**item))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                steps.append(cls(**item))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bad arguments for albumentations.{name}: {item} ({exc})") from exc
+        # albumentations 2 only warns about an argument it does not know (a typo such as
+        # brightnes_limit), then trains with the default: refused like a misspelled transform
+        unknown = [str(w.message) for w in caught if "are not valid for transform" in str(w.message)]
+        if unknown:
+            raise ValueError(f"bad arguments for albumentations.{name}: {item} ({unknown[0]}); see the "
+                             f"signature of albumentations.{name} for the valid ones")
+        for w in caught:  # anything else it says, as it would have
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return A.Compose(steps)
 
 

@@ -96,7 +96,10 @@ def _run_extract(args: argparse.Namespace) -> None:
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
             progress=not args.no_progress, return_features=False)
-    print(f"vision_tl: wrote {args.out}")
+    from vision_tl.utils import launcher_int
+
+    if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file
+        print(f"vision_tl: wrote {args.out}")
 
 
 def _run_probe(args: argparse.Namespace) -> None:

@@ -196,6 +196,16 @@ class GradualUnfreezing(BaseFinetuning):
         super().__init__()
         self.milestones = {int(k): int(v) for k, v in milestones.items()}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            # DDP averages the gradients of the parameters that train when it wraps the model;
+            # ones unfrozen later would train on each process apart and drift apart
+            raise ValueError(
+                f"GradualUnfreezing cannot run with {trainer.world_size} processes: DDP synchronises only the "
+                "parameters that train from the start, so the ones it unfreezes would differ between processes. "
+                "Train with --model.mode partial --model.trainable_stages N (or full) instead, or on one process")
+        super().setup(trainer, pl_module, stage)
+
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """The module's ``mode`` already froze what must start frozen."""
 

@@ -277,6 +277,7 @@ class VisionTLCLI(LightningCLI):
             parent = Path(init.save_dir) / (init.get("name") or "")
             _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))
         self._check_gpu()
+        self._check_launcher()
         if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
             raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
                              "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
@@ -320,6 +321,18 @@ class VisionTLCLI(LightningCLI):
                 "--trainer.accelerator auto (uses a GPU when there is one) or cpu"
             )
 
+    def _check_launcher(self) -> None:
+        """torchrun (or srun) started several processes, but the trainer was told of one device
+        (every shipped config says ``devices: 1``): each process would train its own copy into
+        its own run directory. Lightning catches other mismatches, not this one."""
+        world, local = launcher_int("WORLD_SIZE", 1), launcher_int("LOCAL_WORLD_SIZE", 1)
+        trainer = self.config[self.subcommand].trainer
+        if world > 1 and str(trainer.get("devices")) == "1" and str(trainer.get("num_nodes") or 1) == "1":
+            raise ValueError(
+                f"this command runs in {world} processes (WORLD_SIZE={world}), but --trainer.devices is 1, so each "
+                f"would train alone; pass --trainer.devices {local} --trainer.strategy ddp (with --trainer.num_nodes "
+                f"for several machines), or start it without torchrun")
+
     def _refuse_existing_run(self) -> None:
         """An explicit ``--trainer.logger.init_args.version`` naming an existing run fails *before*
         the logger exists: once created, its teardown would rewrite that run's metrics.csv."""
@@ -361,6 +374,16 @@ class VisionTLCLI(LightningCLI):
         path = Path(ckpt)
         state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
+        # `last`, resolved only here, missed the check a file gets at parsing (_parse_ckpt_path): the
+        # model must be the checkpoint's, or the run would mix e.g. two input sizes in one history
+        saved = state.get("hyper_parameters") or {}
+        differ = {k: (v, saved[k]) for k, v in self._model_settings().items()
+                  if k in saved and k not in ("classes", "class_counts") and v is not None and v != saved[k]}
+        if differ:
+            shown = ", ".join(f"{k} {new} (the checkpoint has {old})" for k, (new, old) in differ.items())
+            raise ValueError(
+                f"--ckpt_path {ckpt}: a resume continues the model in {path}, but the model settings differ: {shown}; "
+                "drop those options to resume, or start a new run (without --ckpt_path) to train with them")
         done, limit = int(state.get("epoch", -1)) + 1, cfg.trainer.get("max_epochs")
         if limit is not None and 0 < limit <= done:  # before anything in the run is renamed
             raise ValueError(

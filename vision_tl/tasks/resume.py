@@ -73,13 +73,16 @@ class ResumableRandomState(L.Callback):
         # MisconfigurationException: a setting Lightning refused, which resuming repeats.
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-        if (trainer.is_global_zero and last.exists()
-                and not isinstance(exception, (ValueError, MisconfigurationException))):
-            pl_module.print(
-                f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
-                f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} "
-                f"--ckpt_path {last}"
-            )
+        if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException)):
+            return
+        if last.exists():
+            print(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
+                  f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}",
+                  flush=True)
+        else:
+            print(f"vision_tl: interrupted ({type(exception).__name__}) before the first epoch ended, so there is "
+                  f"nothing to resume; start again with: vision-tl fit --config {log_dir / 'config.yaml'}",
+                  flush=True)
 
 
 class RunCheckpoint(ModelCheckpoint):
