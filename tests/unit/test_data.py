@@ -190,6 +190,8 @@ def test_augment_presets_and_yaml_lists():
         build_augmentation("heavy")
     with pytest.raises(ValueError, match="unknown albumentations transform 'Flop'"):
         build_augmentation([{"name": "Flop"}])
+    with pytest.raises(ValueError, match=r"item 'HorizontalFlip' is not a transform.*\{name: HorizontalFlip, p: 0.5\}"):
+        build_augmentation(["HorizontalFlip"])
     # albumentations only warns about a misspelled argument and trains with the default: refused
     with pytest.raises(ValueError, match="'brightnes_limit' are not valid for transform RandomBrightnessContrast"):
         build_augmentation([{"name": "RandomBrightnessContrast", "brightnes_limit": 0.2, "p": 0.8}])

@@ -40,7 +40,9 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
-AugmentSpec = str | list[dict[str, Any]]
+# list[Any], not list[dict]: a list the parser would reject by type gets build_augmentation's
+# message (which says what an item looks like), not jsonargparse's "does not validate"
+AugmentSpec = str | list[Any]
 
 
 def build_augmentation(spec: AugmentSpec) -> A.Compose:
@@ -51,6 +53,9 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
         spec = PRESETS[spec]
     steps = []
     for item in spec:
+        if not isinstance(item, dict):
+            raise ValueError(f"augment list item {item!r} is not a transform; each item is a mapping such as "
+                             "{name: HorizontalFlip, p: 0.5} (in YAML: '- {name: HorizontalFlip, p: 0.5}')")
         item = dict(item)
         name = item.pop("name", None)
         cls = getattr(A, str(name), None)
