@@ -164,7 +164,7 @@ class RunArtifacts(L.Callback):
             true = classes[sample.label] if sample.label >= 0 else ""
             p = by_index.get(i)
             if p is None:
-                table.append((str(sample.path), [true, "", "", *[""] * len(classes), "", "could not be decoded"]))
+                table.append((str(sample.path), [true, "", "", *[""] * len(classes), "", _decode_error(sample.path)]))
                 continue
             k = int(p.argmax())
             defect = [str(bool(p[classes.index(good)] < threshold)).lower()] if decide else [""]
@@ -183,6 +183,18 @@ class RunArtifacts(L.Callback):
         _say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
+
+
+def _decode_error(path) -> str:
+    """Why an image the loaders skipped could not be decoded (read again here, in the main
+    process: the loader processes' own messages do not come back with the batch)."""
+    from vision_tl.imaging import ImageLoadError, load_rgb
+
+    try:
+        load_rgb(path)
+    except ImageLoadError as exc:
+        return str(exc)
+    return "could not be decoded"
 
 
 class GradualUnfreezing(BaseFinetuning):
