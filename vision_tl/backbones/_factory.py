@@ -18,7 +18,7 @@ from vision_tl.backbones._embedded import (
     embedded_weights_path,
     map_state_dict_by_order,
 )
-from vision_tl.utils.files import file_sha256
+from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head, file_sha256
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ALLOW_DOWNLOAD_ENV = "VISION_TL_ALLOW_DOWNLOAD"
@@ -105,12 +105,10 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneWeightsError(f"weights file {path} does not exist or is not a file")
     expected = "Expected a .safetensors file or a .pth/.pt state dict loadable with torch.load(weights_only=True)"
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    head = file_head(path)
     if not head:
         raise BackboneWeightsError(f"weights file {path} is empty. {expected}")
-    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle)
-    if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+    if path.suffix != ".safetensors" and not head.startswith(TORCH_SAVE_MAGIC):
         raise BackboneWeightsError(f"weights file {path} is not a PyTorch file (it starts with {head!r}). {expected}")
     try:
         if path.suffix == ".safetensors":

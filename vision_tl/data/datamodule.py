@@ -20,6 +20,7 @@ from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
     Sample,
+    class_folders,
     detect_layout,
     list_classes,
     scan_folder,
@@ -247,8 +248,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         indexes = {}
         for name, folder in self.layout.items():
-            present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if name != "train" and present != self._classes:
+            present = class_folders(folder) if name != "train" else self._classes
+            if present != self._classes:
                 missing, extra = sorted(set(self._classes) - set(present)), sorted(set(present) - set(self._classes))
                 raise DatasetError(
                     f"{folder} has the class folders {present} but train/ has {self._classes}"

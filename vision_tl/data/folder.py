@@ -72,10 +72,16 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
     return {"all": root}
 
 
+def class_folders(root: str | Path) -> list[str]:
+    """The names of the visible sub-folders of ``root``, sorted (hidden ones such as
+    .ipynb_checkpoints/ are not classes)."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def list_classes(root: str | Path) -> list[str]:
-    """Sorted class names: the visible sub-folders of ``root``."""
+    """Sorted class names: the visible sub-folders of ``root``; at least two of them."""
     root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(root)
     if not classes:
         raise DatasetError(
             f"{root} has no class folders; expected one sub-folder per class, e.g. "

@@ -14,7 +14,14 @@ import numpy as np
 
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
 from vision_tl.data.device import default_decode_threads, resolve_device
-from vision_tl.data.folder import SPLIT_NAMES, DatasetError, FolderIndex, file_sha256, scan_folder
+from vision_tl.data.folder import (
+    SPLIT_NAMES,
+    DatasetError,
+    FolderIndex,
+    class_folders,
+    file_sha256,
+    scan_folder,
+)
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
@@ -45,10 +52,6 @@ class ImageList:
         self.hashes = [self.hashes[i] for i in keep]
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
     """Index ``root``: ``<class>/`` folders, ``train/ val/ test/`` split folders, or flat images.
 
@@ -62,7 +65,7 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
                            "train/ val/ test/ split folders, or the images themselves)")
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
-    dirs = _visible_dirs(root)
+    dirs = [root / name for name in class_folders(root)]
     splits = [d for d in dirs if d.name in SPLIT_NAMES]
     images = ImageList(root, [])
     if not dirs:
@@ -70,7 +73,7 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
     else:
         folders = splits if (root / "train").is_dir() else [root]
         first = [f for f in folders if f.name == "train"] or folders  # classes: train/'s first
-        present = {folder: [d.name for d in _visible_dirs(folder)] for folder in [*first, *folders]}
+        present = {folder: class_folders(folder) for folder in [*first, *folders]}
         images.classes = _split_classes(present)
         if not images.classes:
             raise DatasetError(f"{first[0]} has no class folders; expected <class>/ sub-folders")

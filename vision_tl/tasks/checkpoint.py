@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from vision_tl import __version__
+from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head
 
 
 class CheckpointError(ValueError):
@@ -21,11 +22,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; expected a .ckpt file (e.g. {path}/checkpoints/best.ckpt)")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle): anything else is
-    # some other file, which torch.load would report as an unsafe pickle.
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
+    if not file_head(path).startswith(TORCH_SAVE_MAGIC):
         kind = "an ONNX model; " if path.suffix.lower() == ".onnx" else ""
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint ({kind}expected a .ckpt written by `vision-tl fit`, "

@@ -71,6 +71,17 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> No
     atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
+def file_head(path: str | Path, n: int = 4) -> bytes:
+    """The first ``n`` bytes of a file (fewer for a shorter one)."""
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+# How every file torch.save writes starts: a zip archive (or, before PyTorch 1.6, a pickle).
+# Anything else is another kind of file, which torch.load would report as an unsafe pickle.
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
