@@ -15,13 +15,8 @@ from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 from vision_tl.deploy.predictor import prediction_columns
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
+from vision_tl.utils import say
 from vision_tl.utils.files import atomic_write_text
-
-
-def _say(message: str) -> None:
-    """Print a line once a stage has ended (rank 0 calls it). Not ``LightningModule.print``: with
-    the progress bar on, it hands the line to the bar, which drops it once its bars are closed."""
-    print(message, flush=True)
 
 
 class RunArtifacts(L.Callback):
@@ -105,11 +100,11 @@ class RunArtifacts(L.Callback):
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
-            _say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
+            say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and trainer.is_global_zero:  # test and predict name theirs in their own lines
-            _say(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)")
+            say(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and "test" in pl_module.eval_results:
@@ -131,7 +126,7 @@ class RunArtifacts(L.Callback):
                               threshold=getattr(pl_module, "threshold", None), split="test",
                               info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone"),
                                     **self._test_images_note(trainer)})
-        _say(f"vision_tl: test report {result.html}")
+        say(f"vision_tl: test report {result.html}")
 
     @staticmethod
     def _test_images_note(trainer: L.Trainer) -> dict[str, str]:
@@ -180,7 +175,7 @@ class RunArtifacts(L.Callback):
         atomic_write_text(path, out.getvalue())
         failed = sum(1 for _, row in table if row[-1])
         self.unreadable = failed
-        _say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
+        say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
 

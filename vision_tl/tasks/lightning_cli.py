@@ -26,17 +26,11 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
-from vision_tl.utils import launcher_int, local_rank
+from vision_tl.utils import launcher_int, say
 from vision_tl.utils.distributed import peer_stopped
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
-
-
-def _say(message: str) -> None:
-    """Print once per job: DDP runs this command in every rank's process."""
-    if local_rank() == 0 and launcher_int("NODE_RANK") == 0:
-        print(message)
 
 
 class _NoCloudTip(logging.Filter):
@@ -294,14 +288,13 @@ class VisionTLCLI(LightningCLI):
             return
         cfg = self.config[self.subcommand]
         ckpt = cfg.get("ckpt_path")
-        runs = [Path(str(c)).parent for c in cfg.get("config") or []]
-        runs = [r for r in runs if (r / "checkpoints").is_dir()]  # --config RUN/config.yaml
-        if ckpt in ("best", "last") and runs and (runs[-1] / "checkpoints" / f"{ckpt}.ckpt").is_file():
-            cfg.ckpt_path = str(runs[-1] / "checkpoints" / f"{ckpt}.ckpt")
+        run = _config_run(cfg, "checkpoints")
+        if ckpt in ("best", "last") and run is not None and (run / "checkpoints" / f"{ckpt}.ckpt").is_file():
+            cfg.ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
             return
         if ckpt is not None and ckpt not in ("best", "last", "hpc", "registry"):
             return
-        example = f"{runs[-1] / 'checkpoints' / 'best.ckpt'}" if runs else "RUN/checkpoints/best.ckpt"
+        example = run / "checkpoints" / "best.ckpt" if run is not None else "RUN/checkpoints/best.ckpt"
         given = "no --ckpt_path" if ckpt is None else f"--ckpt_path {ckpt} (no such checkpoint here)"
         raise ValueError(
             f"`vision-tl {self.subcommand}` evaluates a trained checkpoint, and got {given}: it would score a model "
@@ -358,15 +351,14 @@ class VisionTLCLI(LightningCLI):
         if ckpt == "last":
             # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
             # even when a newer run has been started since.
-            runs = [Path(str(c)).parent for c in cfg.get("config") or []]
-            runs = [r for r in runs if (r / "labels.json").is_file()]  # configs saved in run directories
-            if runs and not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
+            run = _config_run(cfg, "labels.json")
+            if run is not None and not (run / "checkpoints" / "last.ckpt").is_file():
                 raise FileNotFoundError(
-                    f"--ckpt_path last: run {runs[-1]} has no checkpoints/last.ckpt (it stopped before its first "
+                    f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it stopped before its first "
                     f"epoch ended), so there is nothing to resume; start it again without --ckpt_path: "
-                    f"vision-tl fit --config {runs[-1] / 'config.yaml'} (a new run directory)")
-            if runs:
-                ckpt = str(runs[-1] / "checkpoints" / "last.ckpt")
+                    f"vision-tl fit --config {run / 'config.yaml'} (a new run directory)")
+            if run is not None:
+                ckpt = str(run / "checkpoints" / "last.ckpt")
             elif init is None:
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
             else:
@@ -377,8 +369,7 @@ class VisionTLCLI(LightningCLI):
         # `last`, resolved only here, missed the check a file gets at parsing (_parse_ckpt_path): the
         # model must be the checkpoint's, or the run would mix e.g. two input sizes in one history
         saved = state.get("hyper_parameters") or {}
-        differ = {k: (v, saved[k]) for k, v in self._model_settings().items()
-                  if k in saved and k not in ("classes", "class_counts") and v is not None and v != saved[k]}
+        differ = {k: change for k, change in _changed_settings(self._model_settings(), saved).items() if k in saved}
         if differ:
             shown = ", ".join(f"{k} {new} (the checkpoint has {old})" for k, (new, old) in differ.items())
             raise ValueError(
@@ -399,12 +390,12 @@ class VisionTLCLI(LightningCLI):
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
-            _say(f"vision_tl: resuming {run} from {path.name}")
+            say(f"vision_tl: resuming {run} from {path.name}")
             if any(run.glob("report*.html")):
-                _say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
+                say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
                      f"run `vision-tl report {run}` again when training ends")
         else:
-            _say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
+            say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
                  "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
 
     def _parse_ckpt_path(self) -> None:
@@ -429,8 +420,7 @@ class VisionTLCLI(LightningCLI):
         """The checkpoint's model settings replace the config's (the weights only fit the model they
         were trained in). A ``--model.X`` given on the command line that the checkpoint overrides
         would be ignored without a word: refused. Other replaced settings are listed."""
-        changed = {k: (before[k], after.get(k)) for k in before
-                   if k not in ("classes", "class_counts") and before[k] is not None and before[k] != after.get(k)}
+        changed = _changed_settings(before, after)
         argv = _Parser._argv
         explicit = [k for k in changed if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in argv)]
         if explicit:
@@ -440,8 +430,22 @@ class VisionTLCLI(LightningCLI):
                 "weights fit only the model they were trained in; drop the option, or, to train in other settings "
                 "from pretrained weights, start a new run without --ckpt_path")
         if changed:
-            _say("vision_tl: the checkpoint's model settings replace the config's: "
+            say("vision_tl: the checkpoint's model settings replace the config's: "
                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+def _config_run(cfg, marker: str) -> Path | None:
+    """The run directory of the last ``--config`` file that sits in one (``--config
+    RUN/config.yaml``: its folder holds ``marker``, e.g. ``checkpoints``), else None."""
+    runs = [Path(str(c)).parent for c in cfg.get("config") or []]
+    return next((r for r in reversed(runs) if (r / marker).exists()), None)
+
+
+def _changed_settings(before: dict, after: dict) -> dict[str, tuple]:
+    """``{key: (before, after)}`` for the model settings that differ, leaving out the classes
+    (linked from the data) and settings ``before`` leaves unset."""
+    return {k: (v, after.get(k)) for k, v in before.items()
+            if k not in ("classes", "class_counts") and v is not None and v != after.get(k)}
 
 
 def _keep_metrics_csv(run: Path) -> None:
@@ -452,7 +456,7 @@ def _keep_metrics_csv(run: Path) -> None:
         while (run / f"metrics.before_resume_{n}.csv").exists():
             n += 1
         csv.rename(run / f"metrics.before_resume_{n}.csv")
-        _say(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
+        say(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
 
 
 # (runs folder, version directories in it before this command), for _remove_empty_new_runs

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from vision_tl.utils import say
 from vision_tl.utils.files import durable_replace
 
 
@@ -76,13 +77,11 @@ class ResumableRandomState(L.Callback):
         if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException)):
             return
         if last.exists():
-            print(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last "
-                  f"finished epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}",
-                  flush=True)
+            say(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last finished "
+                f"epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}")
         else:
-            print(f"vision_tl: interrupted ({type(exception).__name__}) before the first epoch ended, so there is "
-                  f"nothing to resume; start again with: vision-tl fit --config {log_dir / 'config.yaml'}",
-                  flush=True)
+            say(f"vision_tl: interrupted ({type(exception).__name__}) before the first epoch ended, so there is "
+                f"nothing to resume; start again with: vision-tl fit --config {log_dir / 'config.yaml'}")
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -1,5 +1,5 @@
-"""Small shared helpers (atomic files; which process of a multi-process job this is; work one
-DDP process does while the others wait, in utils.distributed)."""
+"""Small shared helpers (atomic files; which process of a multi-process job this is, and
+printing once per job; work one DDP process does while the others wait, in utils.distributed)."""
 
 import os
 
@@ -25,3 +25,11 @@ def local_rank() -> int:
     """This process's rank on its machine in a DDP or torchrun job (``LOCAL_RANK``, which both
     set), 0 outside one. Messages every rank would repeat are printed by local rank 0 only."""
     return launcher_int("LOCAL_RANK")
+
+
+def say(message: str) -> None:
+    """Print one line once per job: DDP runs a command in every rank's process, so only local
+    rank 0 of node 0 prints. Plain ``print``, flushed, not ``LightningModule.print``: with the
+    progress bar on, that hands the line to the bar, which drops it once its bars are closed."""
+    if local_rank() == 0 and launcher_int("NODE_RANK") == 0:
+        print(message, flush=True)
