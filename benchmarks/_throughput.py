@@ -22,13 +22,21 @@ class ThroughputMeter(L.Callback):
 
     Times each epoch from its start to the start of validation (or to its end when there
     is none), so validation, checkpoints and run artifacts are left out, as the plain loop
-    has none. With ``out`` set, the rate is written there as JSON when training ends (for
+    has none. With ``whole``, it counts every epoch's training images over the whole fit instead,
+    from setup (feature caches included) to the end of training. With ``out`` set, the rate is written there as JSON when training ends (for
     runs through the ``vision-tl fit`` command line, where the callback is built by name).
     """
 
-    def __init__(self, skip_epochs: int = 1, out: str | None = None) -> None:
+    def __init__(self, skip_epochs: int = 1, out: str | None = None, whole: bool = False) -> None:
         self.skip_epochs, self.out, self.images, self.seconds = skip_epochs, out, 0, 0.0
         self._start, self._images, self._timing = 0.0, 0, False
+        # whole: every training image of every epoch over the time from setup (before the model's
+        # own setup, which builds the feature cache) to the end of training, validation included
+        self.whole, self._setup_start, self._all_images = whole, 0.0, 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._setup_start, self._all_images = time.perf_counter(), 0
 
     def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -40,6 +48,7 @@ class ThroughputMeter(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += len(batch[1])
+        self._all_images += len(batch[1])
 
     def _stop(self, trainer, pl_module) -> None:
         if not self._timing:
@@ -57,6 +66,9 @@ class ThroughputMeter(L.Callback):
         self._stop(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.whole:
+            self._sync(pl_module)
+            self.images, self.seconds = self._all_images, time.perf_counter() - self._setup_start
         if self.out:
             Path(self.out).write_text(json.dumps({"images_per_second": self.rate, "images": self.images}))
 

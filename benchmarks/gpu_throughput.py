@@ -9,7 +9,8 @@
    on-device augmentation, bf16-mixed, channels_last) per mode and reports steady-state
    images/s (epochs after the first, which fills the decoded cache), the ratio to the
    bound, peak GPU memory and the CPU's waits for the GPU per training step; ``partial``
-   once more through loader processes (``--data.pixels_on_device false``); then
+   once more through loader processes (``--data.pixels_on_device false``); ``frozen``
+   once more with its feature cache, as the recipe runs by default (whole fit); then
    ``vision-tl extract`` over the JPEGs (bf16, no feature cache; a new process, as a user
    runs it) against the inference bound, and its engine in steady state (after its first
    batches).
@@ -43,7 +44,9 @@ from vision_tl import imaging  # noqa: E402
 from vision_tl.data.device import default_decode_threads, default_num_workers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
-MODES = ("frozen", "partial", "full", "loaders", "extract")  # loaders: partial through loader processes
+# loaders: partial through loader processes; cached: frozen with its feature cache (the recipe's default)
+MODES = ("frozen", "partial", "full", "loaders", "cached", "extract")
+CACHED = "frozen, feature cache (whole fit)"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -159,18 +162,24 @@ def bounds(args, num_classes: int) -> dict[str, float]:
     return out
 
 
-def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[float, float, dict]:
+def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = (),
+             feature_cache: bool = False) -> tuple[float, float, dict]:
     """Steady-state training images/s of the user's ``vision-tl fit`` command, the peak GPU
     memory in GiB and where the CPU waited for the GPU (``SyncAudit``): the mode's recipe plus
     ``configs/gpu.yaml`` (on a GPU), run in this process with a throughput meter and the
-    audit added to the trainer's callbacks."""
+    audit added to the trainer's callbacks.
+
+    ``feature_cache`` (frozen): the recipe as users run it, with a new, empty feature cache;
+    the backbone then runs once per image, and the rate is every epoch's images over the whole
+    fit, the extraction included."""
     import tempfile
 
     from vision_tl.cli import main as vision_tl
 
     with tempfile.TemporaryDirectory() as tmp:
         out, waits = Path(tmp) / "rate.json", Path(tmp) / "syncs.json"
-        meter = {"class_path": "_throughput.ThroughputMeter", "init_args": {"skip_epochs": 1, "out": str(out)}}
+        meter = {"class_path": "_throughput.ThroughputMeter",
+                 "init_args": {"skip_epochs": 0 if feature_cache else 1, "out": str(out), "whole": feature_cache}}
         audit = {"class_path": "_throughput.SyncAudit", "init_args": {"out": str(waits)}}
         busy_out = Path(tmp) / "busy.json"
         busy = {"class_path": "_throughput.GpuBusy", "init_args": {"out": str(busy_out)}}
@@ -184,8 +193,9 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = ()) -> tuple[
                  "--model.backbone", args.backbone, "--model.image_size", str(args.size),
                  "--model.pretrained", str(args.backbone != "test_efficientnet").lower(),
                  # frozen without the feature cache: the backbone runs on every batch (the
-                 # inference-bound path); with the cache (the default) epochs cost ~nothing
-                 "--model.feature_cache", "null", "--trainer.max_epochs", str(args.epochs),
+                 # inference-bound path); with the cache (the default) later epochs cost ~nothing
+                 "--model.feature_cache", str(Path(tmp) / "features") if feature_cache else "null",
+                 "--trainer.max_epochs", str(args.epochs),
                  "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}",
                  f"--trainer.callbacks+={json.dumps(audit)}", f"--trainer.callbacks+={json.dumps(busy)}", *extra]
         if args.workers is not None:
@@ -345,6 +355,11 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding threads "
               "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
+    if CACHED in kit:
+        lines += ["", f"`{CACHED}`: `configs/frozen.yaml` as users run it, with its feature cache (new and empty): "
+                  f"every epoch's training images ({args.epochs} epochs) over the whole fit, from setup to the end "
+                  "of training, with the one extraction pass and the validation passes included. Its bound, one "
+                  "inference pass per image and epoch, is what the backbone would cost without the cache."]
     for _, _, syncs in kit.values():
         if "times" not in (syncs or {}):
             continue
@@ -399,8 +414,10 @@ def main() -> None:
     runs = [(mode, mode, ()) for mode in ("frozen", "partial", "full") if mode in modes]
     if args.pipeline == "device" and "loaders" in modes:
         runs.append(("partial, loader processes", "partial", ("--data.pixels_on_device", "false")))
+    if "cached" in modes:
+        runs.append((CACHED, "frozen", ()))
     for label, mode, extra in runs:
-        kit[label] = kit_rate(args, root, mode, extra)
+        kit[label] = kit_rate(args, root, mode, extra, feature_cache=label == CACHED)
         print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
               f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
               f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
