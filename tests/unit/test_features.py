@@ -146,6 +146,11 @@ def test_cache_computes_once_and_recomputes_changed_bytes(tmp_path, folder, tiny
     np.testing.assert_allclose(after[0], expected[0].numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(after[0], before[0])
     np.testing.assert_array_equal(after[1:], before[1:])
+    # a damaged speed note costs the probe its features/s column, not the run
+    (cache.store(fx).path / "stats.json").write_text("{not json")
+    assert np.isnan(cache.throughput(fx))
+    (cache.store(fx).path / "stats.json").write_text('{"images": 3}')
+    assert np.isnan(cache.throughput(fx))
 
 
 def test_cache_keyed_by_input_size_weights_and_stages(tmp_path, folder, tiny_net) -> None:

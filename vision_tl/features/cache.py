@@ -171,9 +171,10 @@ class FeatureCache:
         return stats if isinstance(stats, dict) and isinstance(stats.get("images", 0), int) else {}
 
     def throughput(self, extractor: FeatureExtractor) -> float:
-        """Images/s of the largest run that computed features into this store (nan if unknown)."""
-        stats = self.store(extractor).path / "stats.json"
-        return float(read_json(stats)["images_per_second"]) if stats.is_file() else float("nan")
+        """Images/s of the largest run that computed features into this store (nan if unknown,
+        or if its ``stats.json`` is damaged: a speed note is not worth failing a probe over)."""
+        rate = self._stats(self.store(extractor)).get("images_per_second")
+        return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else float("nan")
 
     def read(self, extractor: FeatureExtractor, hashes: Sequence[str]) -> np.ndarray:
         """``[len(hashes), num_features]`` from the store (every hash must be cached)."""
