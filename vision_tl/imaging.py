@@ -131,17 +131,29 @@ def _is_dangling_image_link(path: Path) -> bool:
     return is_image_file(path.name) or is_image_file(target)
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale a decoded array of any depth to uint8 without clipping the range."""
+# A 16-bit image whose brightest value is below this uses at most 16 of the 256 output levels.
+_DIM_16_BIT = 4096
+_warned_dim = False  # one warning per process, for the first such image
+
+
+def _to_uint8(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Scale a decoded array of any depth to uint8 without clipping the range.
+
+    Integer images deeper than 8 bits (16-bit PNG/TIFF arrive as I;16 or I, i.e. int32) map
+    the 16-bit range 0..65535 to 0..255, the same scale for every image: an image's own
+    brightest pixel never changes how it reads. Data that uses only the low bits (10- or
+    12-bit camera data, 8-bit data in a 16-bit file) therefore arrives dark, with a warning
+    naming the first such file of the process.
+    """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
-    if arr.dtype in (np.uint16, np.int32, np.uint32) or np.issubdtype(arr.dtype, np.integer):
-        # 16-bit PNG/TIFF arrive as I;16 or I (int32); full 16-bit range maps to 0..255.
-        arr = arr.astype(np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        return np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = int(arr.max(initial=0))
+        if 0 < top < _DIM_16_BIT:
+            _warn_dim(path, top)
+        return np.clip(np.round(arr.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     # Float images: treat [0, 1] as the nominal range, otherwise stretch min..max.
     lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
@@ -150,6 +162,20 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if hi == lo:
         return np.zeros(arr.shape, np.uint8)
     return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def _warn_dim(path: str | Path | None, top: int) -> None:
+    global _warned_dim
+    if _warned_dim:
+        return
+    _warned_dim = True
+    bits = max(1, top.bit_length())
+    warnings.warn(
+        f"{path or 'a 16-bit image'}: a 16-bit image whose brightest value is {top} of 65535, so it arrives as 0..{round(top * 255 / 65535)} "
+        f"of 255 (dark, few grey levels). vision_tl maps every 16-bit image from the full 0..65535 range, in "
+        f"training and on the line alike. If your camera writes {bits}-bit data into 16-bit files, scale the "
+        f"files to the full range first (multiply by {2 ** (16 - bits)}). Other such images are not reported.",
+        stacklevel=4)
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -163,7 +189,7 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB", "1"):
         arr = np.asarray(img.convert("RGB"))
     else:  # I;16, I;16B, I, F and friends: single channel, high depth
-        arr = _to_uint8(np.asarray(img))
+        arr = _to_uint8(np.asarray(img), getattr(img, "filename", None))
     arr = _to_uint8(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
@@ -372,9 +398,9 @@ def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
         raise ImageLoadError(f"{path}: the TIFF holds no pixels ({arr.shape[1]}x{arr.shape[0]}); "
                              "expected an image of at least 1x1 pixels")
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        arr = _to_uint8(arr[:, :, :3])
+        arr = _to_uint8(arr[:, :, :3], path)
     elif arr.ndim == 2:
-        arr = np.repeat(_to_uint8(arr)[:, :, None], 3, axis=2)
+        arr = np.repeat(_to_uint8(arr, path)[:, :, None], 3, axis=2)
     else:
         raise ImageLoadError(f"{path}: unsupported TIFF layout {arr.shape}; expected H x W or H x W x 3/4")
     return np.ascontiguousarray(arr)

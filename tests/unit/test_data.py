@@ -125,8 +125,10 @@ def test_train_val_folders_and_cross_duplicates_warn(tmp_path):
         (lambda r: None, "does not exist"),
         (lambda r: (r.write_text("x")), "is a file"),
         (lambda r: _folder(r / "val", {"a": 2, "b": 2}), "no train/ folder"),
-        (lambda r: (_folder(r / "train", {"a": 3, "b": 3}), _folder(r / "val", {"a": 2})),
-         r"val has the class folders \['a'\] but train/ has \['a', 'b'\]; missing: b"),
+        (lambda r: (_folder(r / "train", {"a": 3, "b": 3}), _folder(r / "val", {"a": 2, "c": 1})),
+         r"val has class folder\(s\) that train/ lacks: 'c'"),
+        (lambda r: (_folder(r / "train", {"a": 3, "b": 3}), (r / "val" / "a").mkdir(parents=True)),
+         r"val holds no images"),
     ],
 )
 def test_bad_folders_get_clear_errors(tmp_path, make, message):
@@ -134,6 +136,57 @@ def test_bad_folders_get_clear_errors(tmp_path, make, message):
     make(root)
     with pytest.raises(DatasetError, match=message):
         _dm(root).setup("fit")
+
+
+def test_held_out_splits_may_lack_a_rare_class(tmp_path):
+    """A defect with two images may have none to spare for val/ or test/: the split works,
+    says which class it cannot measure, and balanced scores leave that class out."""
+    root = tmp_path / "d"
+    _folder(root / "train", {"ok": 4, "pit": 2, "scratch": 3})
+    _folder(root / "val", {"ok": 2, "scratch": 1}, size=17)  # no val/pit at all
+    _folder(root / "test", {"ok": 2, "scratch": 1}, size=18)
+    (root / "test" / "pit").mkdir()  # an empty one
+    dm = _dm(root)
+    with pytest.warns(UserWarning, match=r"val/ has no images of 'pit'") as caught:
+        dm.setup("fit")
+    assert any("test/ has no images of 'pit'" in str(w.message) for w in caught)
+    assert dm.class_counts("val") == [2, 0, 1] and dm.class_counts("test") == [2, 0, 1]
+
+
+def test_class_names_match_whatever_their_accent_encoding(tmp_path):
+    """macOS writes accents decomposed (NFD); a val/ folder or a --data.good_class typed
+    elsewhere arrives composed (NFC). They name the same class."""
+    root = tmp_path / "d"
+    nfd, nfc = "e\u0301te\u0301", "\u00e9t\u00e9"
+    _folder(root / "train", {nfd: 3, "ok": 3})
+    _folder(root / "val", {nfc: 1, "ok": 1}, size=17)
+    dm = _dm(root, good_class="ok")
+    dm.setup("fit")
+    assert dm.classes == [nfd, "ok"] and dm.class_counts("val") == [1, 1]
+    assert _dm(root, good_class=nfc).hparams.good_class == nfd
+    twins = tmp_path / "twins"
+    _folder(twins, {nfd: 2, nfc: 2})
+    with pytest.raises(DatasetError, match="differ only in how their accents are encoded"):
+        _dm(twins)
+
+
+def test_copies_across_train_val_test_are_warned_with_their_labels(tmp_path):
+    root = tmp_path / "d"
+    _folder(root / "train", {"dent": 3, "ok": 3})
+    _folder(root / "val", {"dent": 2, "ok": 2}, size=17)
+    _folder(root / "test", {"dent": 2, "ok": 2}, size=18)
+    shutil.copy(root / "train" / "dent" / "0.png", root / "test" / "ok" / "copy.png")
+    with pytest.warns(UserWarning, match=r"in both train/ and test/ inflate the test scores.*1 of them are filed "
+                                          r"under another class there.*\(dent\) == .*copy\.png \(ok\)"):
+        _dm(root).setup("test")
+
+
+def test_images_outside_the_class_folders_are_named(tmp_path):
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    shutil.copy(root / "a" / "0.png", root / "stray.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) directly in .* are in no class folder.*stray\.png"):
+        index = scan_folder(root)
+    assert len(index.samples) == 6
 
 
 def test_corrupt_files_are_named_or_skipped(tmp_path):

@@ -291,6 +291,21 @@ def test_flat_folder_has_no_labels(tmp_path) -> None:
     assert fs.classes == [] and fs.labels.tolist() == [-1, -1, -1]
 
 
+def test_images_beside_class_folders_are_never_dropped(tmp_path) -> None:
+    """A folder of images with a dated sub-folder: read as classes, the images beside the
+    sub-folder would be lost, so extract refuses and names them; --unlabelled embeds all."""
+    root = tmp_path / "line"
+    for i in range(3):
+        _write_image(root / f"{i}.png", seed=i, tint=i)
+    _write_image(root / "2024-06-02" / "3.png", seed=3, tint=3)
+    with pytest.raises(DatasetError, match=r"3 image\(s\) beside them that no class holds: 0\.png, 1\.png, "
+                                           r"2\.png.*--unlabelled"):
+        extract(root, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+    fs = extract(root, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False,
+                 unlabelled=True)
+    assert fs.paths == ["0.png", "1.png", "2.png", "2024-06-02/3.png"] and fs.labels.tolist() == [-1] * 4
+
+
 def test_split_folders_keep_a_class_only_val_has(tmp_path) -> None:
     """train/ + val/ where val/ has a class folder train/ lacks: every image gets a row, with its
     own label after train/'s classes (whose indices stay a train/-fitted model's), and a warning."""

@@ -35,6 +35,27 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path, suffix):
     assert arr[1, 1, 0] == 4  # 1000 / 65535 * 255, not clipped to 255
 
 
+def test_16_bit_scale_is_the_same_for_every_image(tmp_path, monkeypatch):
+    """One brighter pixel must not change how a whole image reads: two 16-bit images that
+    differ in one value (255 vs 256 at the top) decode alike, and low-bit data (12-bit
+    camera data in a 16-bit file) is reported once, naming its file."""
+    import vision_tl.imaging as imaging
+
+    monkeypatch.setattr(imaging, "_warned_dim", False)
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    low, high = ramp.copy(), ramp.copy()
+    low[0, 0], high[0, 0] = 255, 256
+    Image.fromarray(low).save(tmp_path / "low.png")
+    Image.fromarray(high).save(tmp_path / "high.png")
+    with pytest.warns(UserWarning, match=r"low\.png: a 16-bit image whose brightest value is 255 of 65535"):
+        a = load_rgb(tmp_path / "low.png")
+    b = load_rgb(tmp_path / "high.png")  # reported once per process only
+    assert np.array_equal(a[1:], b[1:]) and a.max() <= 1
+    twelve = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)  # 0..4032: 12-bit data
+    Image.fromarray(twelve << 4).save(tmp_path / "shifted.png")  # scaled to the full range: bright
+    assert load_rgb(tmp_path / "shifted.png").max() == 251
+
+
 def test_float_tiff_in_unit_range(tmp_path):
     Image.fromarray(np.array([[0.0, 1.0], [0.5, 0.25]], np.float32), "F").save(tmp_path / "f.tif")
     arr = load_rgb(tmp_path / "f.tif")

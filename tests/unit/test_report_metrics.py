@@ -148,3 +148,25 @@ def test_threshold_ties_go_to_the_other_rate():
     choice = M.select_threshold(p_good, is_good, "false_reject:0.25")
     assert (choice["escapes"], choice["false_rejects"]) == (1, 0)  # before: 1 escape and the .3 rejected
     assert choice["threshold"] == pytest.approx(0.25)
+
+
+def test_training_and_report_agree_on_balanced_accuracy_with_a_class_absent():
+    """val/ without images of a class that the model still predicts for some image: the
+    score logged while training (and kept in metrics.json) is the report's, the mean recall of
+    the classes present, not torchmetrics' macro recall, which counts the absent class as 0."""
+    import torch
+
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    model = ImageClassifier(["ok", "pit", "scratch"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    labels = torch.tensor([0, 0, 0, 2, 2, 2])
+    predicted = torch.tensor([0, 0, 1, 2, 2, 0])  # one 'ok' image called 'pit', which val/ lacks
+    model.val_metrics.update(torch.nn.functional.one_hot(predicted, 3).float(), labels)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    model._eval_epoch_end(model.val_metrics, "val")
+    matrix = M.confusion_matrix(labels.numpy(), predicted.numpy(), 3)
+    expected = M.summary_metrics(matrix, M.per_class_metrics(matrix, ["ok", "pit", "scratch"]))["balanced_acc"]
+    assert logged["val/balanced_acc"] == pytest.approx(expected) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert model.eval_results["val"]["balanced_acc"] == pytest.approx(expected)
+    assert model.eval_results["val"]["recall_per_class"]["pit"] is None

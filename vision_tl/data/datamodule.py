@@ -23,6 +23,7 @@ from vision_tl.data.folder import (
     class_folders,
     detect_layout,
     list_classes,
+    same_name,
     scan_folder,
     scan_unlabelled,
     split_record,
@@ -31,7 +32,7 @@ from vision_tl.data.folder import (
     write_split,
 )
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, build_augmentation, stack_images
-from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
 from vision_tl.utils.distributed import first_builds
 
 SAMPLERS = ("none", "balanced")
@@ -221,8 +222,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._host_pixels: dict[str, np.ndarray] = {}  # split -> decoded cache, for pixels_on_device
         self._device_pixels: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._classes = list_classes(self.layout.get("train", self.root))
-        if good_class is not None and good_class not in self._classes:
-            raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
+        if good_class is not None:
+            named = [c for c in self._classes if same_name(c) == same_name(good_class)]
+            if not named:
+                raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
+            self.hparams.good_class = named[0]  # the folder's spelling (accents may be encoded differently)
 
     @property
     def classes(self) -> list[str]:
@@ -248,16 +252,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         indexes = {}
         for name, folder in self.layout.items():
-            present = class_folders(folder) if name != "train" else self._classes
-            if present != self._classes:
-                missing, extra = sorted(set(self._classes) - set(present)), sorted(set(present) - set(self._classes))
-                raise DatasetError(
-                    f"{folder} has the class folders {present} but train/ has {self._classes}"
-                    + (f"; missing: {', '.join(missing)}" if missing else "")
-                    + (f"; not in train/: {', '.join(extra)}" if extra else "")
-                    + f". Give {name}/ the same class folders as train/"
-                )
-            indexes[name] = scan_folder(folder, self._classes, skip)
+            if name != "train":
+                self._check_split_classes(name, folder)
+            indexes[name] = scan_folder(folder, self._classes, skip, partial=name != "train")
+            if name != "train":
+                self._warn_absent_classes(name, folder, indexes[name])
         if "val" not in indexes:
             train_ids, val_ids = stratified_split(indexes["train"], self.hparams.val_fraction, self.hparams.seed)
             indexes["val"] = [indexes["train"].samples[i] for i in val_ids]
@@ -266,7 +265,32 @@ class ImageFolderDataModule(L.LightningDataModule):
         else:
             warn_cross_duplicates(indexes["train"], indexes["val"], "train/", "val/")
             self._split_record = None
+        if "test" in indexes:  # a copy of a training or validation image makes the test score optimistic
+            for name in ("train", "val"):
+                if isinstance(indexes[name], FolderIndex):
+                    warn_cross_duplicates(indexes[name], indexes["test"], f"{name}/", "test/")
         self.splits = {k: v.samples if isinstance(v, FolderIndex) else v for k, v in indexes.items()}
+
+    def _check_split_classes(self, name: str, folder: Path) -> None:
+        """A val/ or test/ folder may lack a class (warned about after the scan), but a class
+        folder that train/ lacks has no label: that is an error naming it."""
+        known = {same_name(c) for c in self._classes}
+        extra = [c for c in class_folders(folder) if same_name(c) not in known]
+        if extra:
+            raise DatasetError(
+                f"{folder} has class folder(s) that train/ lacks: {', '.join(map(repr, extra))} (train/ has "
+                f"{self._classes}). A classifier only predicts the classes it trained on: add train/ images of "
+                f"them, or move these folders out of {name}/")
+
+    def _warn_absent_classes(self, name: str, folder: Path, index: FolderIndex) -> None:
+        counts = index.class_counts()
+        if not index.samples:
+            raise DatasetError(f"{folder} holds no images (supported: {', '.join(IMAGE_EXTENSIONS)}); put each "
+                               f"class's held-out images in {folder}/<class>/, or remove {name}/")
+        absent = [c for c, n in zip(self._classes, counts) if n == 0]
+        if absent:
+            warnings.warn(f"{name}/ has no images of {', '.join(map(repr, absent))}: their recall on {name}/ is not "
+                          "measured (null), and balanced accuracy averages the other classes", stacklevel=3)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in ``split`` (after :meth:`setup`)."""

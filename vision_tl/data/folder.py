@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import unicodedata
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
     image_files,
+    is_image_file,
     load_rgb,
     max_image_pixels,
     open_image,
@@ -78,10 +80,31 @@ def class_folders(root: str | Path) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def same_name(name: str) -> str:
+    """``name`` in Unicode NFC form, for comparing class names: "été" typed on one system and
+    "été" copied from another (macOS writes decomposed accents) look alike and are one class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def class_folder(root: Path, name: str) -> Path | None:
+    """``root``'s sub-folder for class ``name`` (matched in NFC form, see :func:`same_name`), or None."""
+    if (root / name).is_dir():
+        return root / name
+    matches = [n for n in class_folders(root) if same_name(n) == same_name(name)] if root.is_dir() else []
+    return root / matches[0] if matches else None
+
+
 def list_classes(root: str | Path) -> list[str]:
     """Sorted class names: the visible sub-folders of ``root``; at least two of them."""
     root = Path(root)
     classes = class_folders(root)
+    twins = sorted({same_name(n) for n in classes if sum(same_name(m) == same_name(n) for m in classes) > 1})
+    if twins:
+        raise DatasetError(
+            f"{root} has class folders whose names differ only in how their accents are encoded "
+            f"(Unicode NFC vs NFD): {', '.join(ascii(n) for n in classes if same_name(n) in twins)}; "
+            "merge them into one folder"
+        )
     if not classes:
         raise DatasetError(
             f"{root} has no class folders; expected one sub-folder per class, e.g. "
@@ -184,28 +207,39 @@ def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice
     return index
 
 
-def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bool = False) -> FolderIndex:
+def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bool = False,
+                partial: bool = False) -> FolderIndex:
     """Index every image under ``root/<class>/`` (recursively), hashing each file.
 
-    Non-image files are warned about and ignored; hidden files are ignored;
-    unreadable images raise :class:`DatasetError` naming them unless ``skip_bad``.
+    Non-image files are warned about and ignored; hidden files are ignored; images directly
+    in ``root`` (in no class folder) are warned about and not used. Unreadable images raise
+    :class:`DatasetError` naming them unless ``skip_bad``. ``partial`` (a val/ or test/ split):
+    a class folder may be missing or empty there (a rare defect with no held-out image);
+    otherwise that is an error.
     """
     root = Path(root).expanduser()
     classes = classes if classes is not None else list_classes(root)
     index = FolderIndex(root=root, classes=list(classes))
     ignored: list[Path] = []
     for label, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
-            raise DatasetError(f"class folder {folder} is missing; expected classes {classes}")
+        folder = class_folder(root, name)
+        if folder is None:
+            if partial:
+                continue
+            raise DatasetError(f"class folder {root / name} is missing; expected classes {classes}")
         images, others = image_files(folder)
         ignored += others
-        if not images:
+        if not images and not partial:
             raise DatasetError(
                 f"class folder {folder} has no images (supported: {', '.join(IMAGE_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
         _add_images(index, images, label)
+    loose = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    if loose:
+        shown = ", ".join(p.name for p in loose[:5]) + (", ..." if len(loose) > 5 else "")
+        warnings.warn(f"{len(loose)} image(s) directly in {root} are in no class folder and are not used: {shown}. "
+                      "Move each into the folder of its class.", stacklevel=2)
     return _finish_scan(index, ignored, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true "
                                                   "to train without them.")
 
@@ -294,17 +328,22 @@ def _warn_conflicting_labels(index: FolderIndex) -> None:
 
 
 def warn_cross_duplicates(a: FolderIndex, b: FolderIndex, a_name: str, b_name: str) -> list[tuple[Path, Path]]:
-    """Warn about byte-identical files present in both ``a`` and ``b``; returns the pairs."""
-    by_hash = {s.sha256: s.path for s in a.samples}
-    pairs = [(by_hash[s.sha256], s.path) for s in b.samples if s.sha256 in by_hash]
+    """Warn about byte-identical files present in both ``a`` and ``b`` (and about those filed
+    under different classes there, a labelling error); returns the pairs."""
+    by_hash = {s.sha256: s for s in a.samples}
+    pairs = [(by_hash[s.sha256], s) for s in b.samples if s.sha256 in by_hash]
     if pairs:
-        shown = "; ".join(f"{x} == {y}" for x, y in pairs[:5])
+        shown = "; ".join(f"{x.path} == {y.path}" for x, y in pairs[:5])
+        clashes = [(x, y) for x, y in pairs if x.label != y.label]
+        relabelled = (f". {len(clashes)} of them are filed under another class there: "
+                      + "; ".join(f"{x.path} ({a.classes[x.label]}) == {y.path} ({b.classes[y.label]})"
+                                  for x, y in clashes[:5]) + ". Check their labels") if clashes else ""
         warnings.warn(
-            f"{len(pairs)} byte-identical file(s) in both {a_name} and {b_name} inflate validation "
-            f"scores: {shown}",
+            f"{len(pairs)} byte-identical file(s) in both {a_name} and {b_name} inflate the {b_name.rstrip('/')} "
+            f"scores: {shown}{relabelled}",
             stacklevel=2,
         )
-    return pairs
+    return [(x.path, y.path) for x, y in pairs]
 
 
 def split_record(index: FolderIndex, parts: dict[str, list[int]]) -> dict:

@@ -25,7 +25,7 @@ from vision_tl.data.folder import (
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
-from vision_tl.imaging import is_image_file
+from vision_tl.imaging import image_files, is_image_file
 from vision_tl.utils import launcher_int
 
 WRITE_CHUNK = 2048  # rows per streamed write
@@ -52,12 +52,14 @@ class ImageList:
         self.hashes = [self.hashes[i] for i in keep]
 
 
-def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
-    """Index ``root``: ``<class>/`` folders, ``train/ val/ test/`` split folders, or flat images.
+def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = False) -> ImageList:
+    """Index ``root``: ``<class>/`` folders, ``train/ val/ test/`` split folders, or flat images;
+    with ``unlabelled``, every image at any depth, without labels (sub-folders are not classes).
 
     Raises:
-        DatasetError: the folder is missing or empty, or holds unreadable images
-            (listed by name) and ``skip_bad`` is False.
+        DatasetError: the folder is missing or empty, holds unreadable images (listed by name)
+            and ``skip_bad`` is False, or has class folders and also images beside them, which
+            would be left out (the message says how to include them).
     """
     root = Path(root).expanduser()
     if root.is_file():
@@ -68,10 +70,13 @@ def scan_images(root: str | Path, skip_bad: bool = False) -> ImageList:
     dirs = [root / name for name in class_folders(root)]
     splits = [d for d in dirs if d.name in SPLIT_NAMES]
     images = ImageList(root, [])
-    if not dirs:
-        _add_flat(images, root)
+    if unlabelled:
+        _add_flat(images, image_files(root)[0])
+    elif not dirs:
+        _add_flat(images, [p for p in root.iterdir() if p.is_file() and is_image_file(p)])
     else:
         folders = splits if (root / "train").is_dir() else [root]
+        _refuse_loose_images(root, folders)
         first = [f for f in folders if f.name == "train"] or folders  # classes: train/'s first
         present = {folder: class_folders(folder) for folder in [*first, *folders]}
         images.classes = _split_classes(present)
@@ -121,10 +126,23 @@ def _add_index(images: ImageList, index: FolderIndex, label_map: list[int]) -> N
     images.bad += index.bad_files
 
 
-def _add_flat(images: ImageList, root: Path) -> None:
+def _refuse_loose_images(root: Path, folders: list[Path]) -> None:
+    """Sub-folders read as classes leave images beside them out: say so instead of dropping them."""
+    loose = sorted(p for folder in folders for p in folder.iterdir()
+                   if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    if loose:
+        shown = ", ".join(str(p.relative_to(root)) for p in loose[:5]) + (", ..." if len(loose) > 5 else "")
+        raise DatasetError(
+            f"{root} has sub-folders, read as classes ({', '.join(class_folders(folders[0]))}), and "
+            f"{len(loose)} image(s) beside them that no class holds: {shown}. Move each into the folder of its "
+            f"class; or, if the sub-folders are not classes (dates, lines), `vision-tl extract --unlabelled` "
+            f"(extract(..., unlabelled=True)) embeds every image under {root} at any depth, without labels")
+
+
+def _add_flat(images: ImageList, paths: list[Path]) -> None:
     from vision_tl.data.folder import _check_header  # the same cheap header check as scan_folder
 
-    for path in sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)):
+    for path in sorted(paths):
         problem = _check_header(path)
         if problem:
             images.bad.append((path, problem))
@@ -169,6 +187,7 @@ def extract(
     precision: str = "32",
     progress: bool = True,
     return_features: bool = True,
+    unlabelled: bool = False,
 ) -> FeatureSet | None:
     """Embed every image under ``root`` with a frozen backbone; optionally write ``out``.
 
@@ -199,6 +218,8 @@ def extract(
         precision: ``"32"`` or ``"bf16"`` (autocast; for GPUs; cached separately from fp32).
         progress: show a tqdm bar.
         return_features: also return the arrays (False keeps memory flat for huge folders).
+        unlabelled: every image under ``root`` at any depth, label -1 (sub-folders such as
+            dates or lines are not classes).
 
     Returns:
         A :class:`FeatureSet` (features ``[N, F]``, relative paths, labels, hashes, metadata),
@@ -214,7 +235,7 @@ def extract(
     ranks = current_ranks()  # torchrun: this process embeds every world-th image
     out_path = check_output_path(out, overwrite) if out is not None else None
     device = resolve_device(device, ranks.local_rank)
-    images = scan_images(root, skip_bad)
+    images = scan_images(root, skip_bad, unlabelled)
     model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,

@@ -66,6 +66,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         parser.add_argument("--no-cache", action="store_true",
                             help="keep nothing in the cache (partial shards live beside --out until done)")
+        parser.add_argument("--unlabelled", action="store_true",
+                            help="every image under ROOT at any depth, without labels: its sub-folders "
+                                 "(dates, lines) are not classes")
         return parser
     parser = argparse.ArgumentParser(
         prog="vision-tl probe", formatter_class=fmt, epilog=PROBE_EXAMPLES,
@@ -95,7 +98,7 @@ def _run_extract(args: argparse.Namespace) -> None:
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
-            progress=not args.no_progress, return_features=False)
+            progress=not args.no_progress, return_features=False, unlabelled=args.unlabelled)
     from vision_tl.utils import launcher_int
 
     if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file
