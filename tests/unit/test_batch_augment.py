@@ -81,6 +81,32 @@ def test_flips_and_turns_follow_the_albumentations_probabilities():
         assert share == pytest.approx(1 / 16 if t else 3 / 16, abs=0.02)
 
 
+def test_seeded_cpu_augmentation_draws_each_step_independently():
+    """Training seeds every image's CPU augmentation (``ImageTransform(..., seed=)``, the
+    EpochSampler's draw). Each step must still toss its own coin: with one seed per step, the
+    flips and the turn fired together, so no mirrored image was ever made, and in ``light``
+    the flip and the brightness change always came as a pair."""
+    from vision_tl.data.transforms import ImageTransform
+
+    grid = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(1, 3, 1, 1)
+    image = grid[0].permute(1, 2, 0).numpy()
+    geometry = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5},
+                {"name": "RandomRotate90", "p": 0.5}]
+    turns = ImageTransform(PRE, geometry, normalize=False)
+    out = torch.stack([turns(image, seed=seed) for seed in range(3000)])
+    for (t, _, _), share in _orientation_counts(out, grid).items():
+        assert share == pytest.approx(1 / 16 if t else 3 / 16, abs=0.025)
+    light = ImageTransform(PRE, "light", normalize=False)
+    pairs = np.zeros((2, 2))
+    for seed in range(2000):
+        x = light(image, seed=seed)[0]
+        flipped = float(x[8, :8].float().mean()) > float(x[8, 8:].float().mean())  # rows run dark to bright
+        changed = not (torch.equal(x, grid[0, 0]) or torch.equal(x, grid[0, 0].flip(-1)))
+        pairs[int(flipped), int(changed)] += 1
+    assert pairs / pairs.sum() == pytest.approx(np.full((2, 2), 0.25), abs=0.04)  # p 0.5 each, independent
+    assert torch.equal(light(image, seed=7), light(image, seed=7))  # a seed still fixes the outcome
+
+
 @pytest.mark.parametrize("step", ["p_bc", "p_gamma", "p_noise", "p_blur"])
 def test_images_a_step_skips_come_out_bit_identical(step):
     # A photometric step that does not fire must not touch a pixel: with geometry off and

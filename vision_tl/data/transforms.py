@@ -9,6 +9,7 @@ deploy time.
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -110,7 +111,11 @@ class ImageTransform:
         image = resize(image, p.input_size, p.interpolation)
         if self.augment.transforms:
             if seed is not None:
-                self.augment.set_random_seed(seed)
+                # One generator pair, shared by every step, so the steps draw one after another.
+                # (Compose.set_random_seed would give each step its own generator with the same
+                # seed: every step's coin would then land the same way, and flips, turns and
+                # brightness would always fire together.)
+                self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
             image = self.augment(image=image)["image"]
         if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
             # Pixels straight from Pillow are read-only (torch warns); copying them here would cost
