@@ -214,6 +214,30 @@ def test_failed_fit_leaves_no_empty_run_directory(inspection_folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["version_0"]
 
 
+def test_a_failed_fit_removes_its_own_run_directory_only(inspection_folder, tmp_path, monkeypatch):
+    """Another fit may start beside this one (same runs folder) and still hold only its
+    settings when this one fails: its run directory must survive this one's clean-up."""
+    from vision_tl.data import ImageFolderDataModule
+
+    other = tmp_path / "frozen" / "version_7"
+    real_setup = ImageFolderDataModule.setup
+
+    def setup_while_another_fit_starts(self, stage=None):
+        other.mkdir(parents=True, exist_ok=True)
+        (other / "config.yaml").write_text("another fit's settings\n")
+        return real_setup(self, stage)
+
+    monkeypatch.setattr(ImageFolderDataModule, "setup", setup_while_another_fit_starts)
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the feature cache should go")
+    with pytest.raises(SystemExit) as info:  # fails in the model's setup, after the run directory exists
+        main(["fit", "--config", str(CONFIGS / "frozen.yaml"), "--data.root", str(inspection_folder), *TINY_ARGS,
+              "--model.feature_cache", str(blocked / "cache"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert info.value.code != 0
+    assert sorted(p.name for p in (tmp_path / "frozen").iterdir()) == ["version_7"]
+    assert (other / "config.yaml").read_text() == "another fit's settings\n"
+
+
 def test_console_shows_the_kits_warnings_on_one_line(inspection_folder, tmp_path):
     """`vision-tl` prints its own warnings as `warning: ...`, not with Python's file:line and
     source line."""

@@ -74,7 +74,9 @@ class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config; refuses, with a clear error, to reuse an existing run directory."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        log_dir = trainer.log_dir
+        log_dir = trainer.log_dir  # collective under DDP: the same directory on every rank
+        if log_dir is not None:
+            _OWN_RUNS.append(Path(log_dir))
         exists = False
         if trainer.is_global_zero and log_dir is not None and not self.overwrite:
             # (not holds_run: other callbacks' setup has written this run's labels.json already)
@@ -254,6 +256,7 @@ class VisionTLCLI(LightningCLI):
         machines) and ``TQDMProgressBar`` elsewhere; both redraw after every batch.
         """
         trainer = super().instantiate_trainer(**kwargs)
+        _OWN_LOGGERS.extend(trainer.loggers)  # see _remove_empty_new_runs
         if _user_progress_bar(self.config.get(self.subcommand, self.config)):
             return trainer
         for i, callback in enumerate(trainer.callbacks):
@@ -461,6 +464,24 @@ def _keep_metrics_csv(run: Path) -> None:
 
 # (runs folder, version directories in it before this command), for _remove_empty_new_runs
 _WATCHED_RUNS: list[tuple[Path, set[str]]] = []
+# The run directory this command's trainer writes to (SaveRunConfig.setup), and its loggers, which
+# make that directory before any setup (a failing data module's included): only it may be removed.
+_OWN_RUNS: list[Path] = []
+_OWN_LOGGERS: list = []
+
+
+def _own_runs() -> list[Path]:
+    runs = list(_OWN_RUNS)
+    for logger in _OWN_LOGGERS:  # a logger that made its directory in this process (rank 0 under DDP)
+        if getattr(logger, "_experiment", None) is not None and getattr(logger, "log_dir", None):
+            runs.append(Path(logger.log_dir))
+    return runs
+
+
+def _forget_runs() -> None:
+    _WATCHED_RUNS.clear()
+    _OWN_RUNS.clear()
+    _OWN_LOGGERS.clear()
 
 
 # What every command writes into its run directory before any result.
@@ -468,28 +489,30 @@ _BOOKKEEPING = {"config.yaml", "hparams.yaml", "labels.json", "split.json"}
 
 
 def _remove_empty_new_runs() -> None:
-    """A command that failed before any result leaves no ``version_N`` behind. Only directories
-    that this command created and that hold nothing but its start-up bookkeeping are removed."""
-    for parent, before in _WATCHED_RUNS:
-        for run in parent.glob("version_*"):
-            if run.name in before or not run.is_dir():
-                continue
-            try:  # under DDP every rank fails and cleans up: another may have removed it already
-                entries = list(run.iterdir())
-                if all(e.is_file() and e.name in _BOOKKEEPING for e in entries):
-                    for entry in entries:
-                        entry.unlink(missing_ok=True)
-                    run.rmdir()
-            except FileNotFoundError:
-                pass
-    _WATCHED_RUNS.clear()
+    """A command that failed before any result leaves no ``version_N`` behind. Only the directory
+    this command's trainer wrote to is removed, if it was new and holds nothing but start-up
+    bookkeeping: never another command's (another fit may be starting beside this one)."""
+    new = {(parent, name) for parent, before in _WATCHED_RUNS for name in
+           ({p.name for p in parent.glob("version_*")} - before)}
+    for run in _own_runs():
+        if (run.parent, run.name) not in new or not run.is_dir():
+            continue
+        try:  # under DDP every rank fails and cleans up: another may have removed it already
+            entries = list(run.iterdir())
+            if all(e.is_file() and e.name in _BOOKKEEPING for e in entries):
+                for entry in entries:
+                    entry.unlink(missing_ok=True)
+                run.rmdir()
+        except FileNotFoundError:
+            pass
+    _forget_runs()
 
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run LightningCLI on ``argv`` (``fit ...``); user errors print one line, not a traceback."""
     from vision_tl.errors import user_errors
 
-    _WATCHED_RUNS.clear()
+    _forget_runs()
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
     try:
         with user_errors(extra=(MisconfigurationException,)):
@@ -510,7 +533,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     except BaseException:
         _remove_empty_new_runs()
         raise
-    _WATCHED_RUNS.clear()
+    _forget_runs()
     # Like predict-onnx: the CSV is written, but some images have an error row instead of a prediction.
     return PARTIAL_EXIT if unreadable else 0
 

@@ -80,8 +80,10 @@ class ResumableRandomState(L.Callback):
             say(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last finished "
                 f"epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}")
         else:
+            # (not "fit --config RUN/config.yaml": a run directory holding nothing but its settings is
+            # removed on the way out)
             say(f"vision_tl: interrupted ({type(exception).__name__}) before the first epoch ended, so there is "
-                f"nothing to resume; start again with: vision-tl fit --config {log_dir / 'config.yaml'}")
+                "nothing to resume; start again by running the same command")
 
 
 class RunCheckpoint(ModelCheckpoint):
