@@ -267,6 +267,28 @@ def test_a_failed_variant_exits_3_and_keeps_the_passed_model(trained_run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.parity-failed.json", "m.onnx", "m.parity.json"]
 
 
+def test_a_rejected_variant_over_an_earlier_export_leaves_no_old_variant(trained_run, tmp_path, monkeypatch, capsys):
+    """--overwrite over an export that has m.fp16.onnx: once the new m.onnx is in place, the
+    earlier m.fp16.onnx and its report describe another model. Should the new variant fail its
+    check (or be interrupted), they must not remain beside the new model as its twin."""
+    from vision_tl.export import pipeline
+
+    out, ckpt = tmp_path / "m.onnx", str(trained_run / "checkpoints" / "best.ckpt")
+    (tmp_path / "m.onnx").write_bytes(b"an older model")
+    (tmp_path / "m.fp16.onnx").write_bytes(b"the older model's FP16 variant")
+    (tmp_path / "m.fp16.parity.json").write_text('{"passed": true}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "convert_fp16", interrupted)
+    assert export_main([ckpt, "--out", str(out), "--fp16", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.parity.json"]
+    assert out.read_bytes() != b"an older model"
+    assert f"interrupted after it wrote {out}; removed {tmp_path / 'm.fp16.onnx'}" in err
+
+
 def test_split_root_holding_other_images_is_refused(trained_run, tmp_path, capsys):
     """A data root that has the split's file names but not its files (sha256) is not used."""
     run = tmp_path / "run"

@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max-accuracy-drop must be >= 0 percentage points, got {args.max_accuracy_drop}",
               file=sys.stderr)
         return 2
+    written: list[str] = []  # for the message after an interruption
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        if message.startswith(("wrote ", "removed ")):
+            written.append(message)
+
     try:
         options = ExportOptions(
             opset=args.opset, parity_images=args.parity_images,
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
                 keep_float=args.keep_float or Int8Config.keep_float),
         )
-        export_onnx(args.checkpoint, args.out, options)
+        export_onnx(args.checkpoint, args.out, options, log=log)
     except VariantRejected as exc:
         print(f"error: variant rejected: {exc}", file=sys.stderr)
         return 3
@@ -134,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing written under the final names", file=sys.stderr)
+        if written:
+            print(f"interrupted after it {'; '.join(written)}; nothing else changed under the final names",
+                  file=sys.stderr)
+        else:
+            print("interrupted; nothing written under the final names", file=sys.stderr)
         return 130
     return 0
 

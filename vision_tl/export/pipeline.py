@@ -126,9 +126,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
                 raise ExportError(f"{report_name} already exists (the check report of an earlier export); "
                                   "pass --overwrite to replace the export and its reports, or choose another --out")
     # A variant this export does not write, left by an earlier one, would sit beside the new
-    # model as if it were its INT8/FP16 twin: refused, or removed with --overwrite.
+    # model as if it were its INT8/FP16 twin: refused, or removed with --overwrite. (One this
+    # export does write is removed too once the new model is in place, with --overwrite: should
+    # its own check fail or be interrupted, the earlier model's variant must not remain.)
     stale = [path for v in ("int8", "fp16") if not getattr(opts, v)
              for path in (sibling(out, v), *_reports_of(sibling(out, v))) if path.exists()]
+    replaced = [path for model in models[1:] for path in (model, *_reports_of(model)) if path.exists()]
     if stale and not opts.overwrite:
         raise ExportError(f"{', '.join(str(p) for p in stale)} already exist(s) beside {out}, from an earlier export "
                           "of possibly another model; pass --overwrite to replace the export and remove them, or "
@@ -152,7 +155,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             _judge(report, out, log)
     _save_report(report, out)
     log(f"wrote {out}")
-    for path in stale:
+    for path in stale + replaced:
         path.unlink(missing_ok=True)
         log(f"removed {path} (from an earlier export)")
     # The fp32 model is committed once it passed; each variant is a separate, atomic file.
