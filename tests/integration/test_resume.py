@@ -203,3 +203,25 @@ def test_resume_of_a_run_started_with_a_relative_runs_folder_updates_best_and_la
                  "--trainer.max_epochs", "3"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_survives_a_damaged_metrics_json_and_names_best_without_last(inspection_folder, tmp_path, capsys):
+    """A cut-off metrics.json must not fail a resume after an epoch of training: it is set aside
+    and rewritten from the checkpoint's history. A run killed while writing its first last.ckpt
+    (best.ckpt already written) is pointed at best.ckpt, not told to start again."""
+    args = [*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1", "--model.mode", "frozen"]
+    assert main(args) == 0
+    run = tmp_path / "partial" / "version_0"
+    (run / "metrics.json").write_text('{"classes": [')
+    with pytest.warns(UserWarning, match="metrics.json is not valid JSON"):
+        assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
+                     "--trainer.max_epochs", "2"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [0, 1]
+    assert (run / "metrics.damaged.json").read_text() == '{"classes": ['
+    (run / "checkpoints" / "last.ckpt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"])
+    assert info.value.code == 2
+    assert f"resume from that epoch with --ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,26 @@ from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils import say
 from vision_tl.utils.files import atomic_write_text
+
+
+def _read_metrics(path: Path) -> dict:
+    """A run's ``metrics.json`` to update; {} when there is none. A damaged one (a resumed run
+    whose file was cut off or edited) is set aside as ``metrics.damaged.json``, with a warning:
+    fit rewrites the file from the history in its checkpoint, and nothing is lost."""
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(metrics, dict):
+            return metrics
+        problem = f"a JSON {type(metrics).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problem = f"not valid JSON: {exc}"
+    kept = path.with_name("metrics.damaged.json")
+    os.replace(path, kept)
+    warnings.warn(f"{path} is {problem}; rewriting it from the run's history (the damaged file is kept as {kept})",
+                  stacklevel=3)
+    return {}
 
 
 class RunArtifacts(L.Callback):
@@ -81,7 +103,7 @@ class RunArtifacts(L.Callback):
                        plot: bool = True) -> None:
         run = self.run_dir(trainer)
         path = run / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics = _read_metrics(path)
         metrics.update({"classes": pl_module.classes, stage: result})
         if stage == "val":
             metrics["val_last"] = self.history[-1]

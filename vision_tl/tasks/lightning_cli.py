@@ -356,6 +356,11 @@ class VisionTLCLI(LightningCLI):
             # even when a newer run has been started since.
             run = _config_run(cfg, "labels.json")
             if run is not None and not (run / "checkpoints" / "last.ckpt").is_file():
+                best = run / "checkpoints" / "best.ckpt"
+                if best.is_file():  # killed while writing its first last.ckpt, after best.ckpt
+                    raise FileNotFoundError(
+                        f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it was stopped while writing "
+                        f"it), but it has {best.name}: resume from that epoch with --ckpt_path {best}")
                 raise FileNotFoundError(
                     f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it stopped before its first "
                     f"epoch ended), so there is nothing to resume; start it again without --ckpt_path: "
