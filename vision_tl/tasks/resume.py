@@ -10,7 +10,6 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from weakref import proxy
@@ -21,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.utils import say
-from vision_tl.utils.files import durable_replace
+from vision_tl.utils.files import durable_replace, remove_orphaned_temps, temp_prefix
 
 
 def _rng_state() -> dict:
@@ -98,7 +97,9 @@ class RunCheckpoint(ModelCheckpoint):
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
         mid-write never leaves a partial checkpoint under the final name."""
         path = Path(filepath)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if trainer.is_global_zero:
+            remove_orphaned_temps(path)  # a killed run's half-written checkpoint
+        tmp = path.with_name(f"{temp_prefix(path)}ckpt.tmp")
         try:
             trainer.save_checkpoint(tmp, self.save_weights_only)
             if trainer.is_global_zero:

@@ -1,18 +1,58 @@
 """Atomic file writes: a temporary file in the same directory, synced, then ``os.replace``.
 
 A killed or failing writer, or a power cut, therefore never leaves a partial file under the
-final name.
+final name. The temporary file's name says which machine and process writes it
+(``.<name>.<host>-<pid>.<random>.tmp``), so one that a killed process left behind (a
+checkpoint's or a decoded cache's size) is removed by the next write of the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
+import re
+import socket
 import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(path: Path) -> str:
+    """The start of a temporary file's name for writing ``path`` from this process."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def remove_orphaned_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` that processes of this machine left when they were
+    killed (their process no longer runs); returns them. Another machine's (a shared disk) and
+    a running process's are left alone."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return []
+    removed = []
+    start = f".{path.name}.{_HOST}-"
+    for found in glob.glob(glob.escape(str(path.parent / start)) + "*.tmp"):
+        pid = Path(found).name[len(start):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            Path(found).unlink()
+            removed.append(Path(found))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -28,7 +68,8 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise FileNotFoundError(f"directory {path.parent} does not exist (writing {path.name})")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphaned_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -1,0 +1,51 @@
+"""Atomic writes: what a killed writer leaves behind is cleared by the next write of the file."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vision_tl.utils.files import atomic_path, atomic_write_text
+
+WRITER = """
+import sys, time
+from vision_tl.utils.files import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"x" * 100_000)
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def _writer(target) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and process checks are POSIX")
+def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
+    """A checkpoint or decoded cache half-written by a killed process (SIGKILL: no clean-up)
+    must not stay on disk for ever; a writer that still runs keeps its own."""
+    target = tmp_path / "last.ckpt"
+    killed, running = _writer(target), _writer(target)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    temps = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
+    assert len(temps) == 2
+    try:
+        atomic_write_text(target, "new")
+        left = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
+        assert len(left) == 1 and f"-{running.pid}." in left[0].name  # the live writer's, untouched
+        assert target.read_text() == "new"
+    finally:
+        running.kill()
+        running.wait()
+    time.sleep(0.05)
+    with atomic_path(target) as tmp:
+        tmp.write_text("again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
