@@ -123,6 +123,19 @@ def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path)
         assert torch.allclose(compiled(x), plain(x), atol=1e-5)
 
 
+def test_compile_without_a_compiler_stops_before_training_with_what_to_do(monkeypatch):
+    """Without gcc/clang, torch.compile fails only at the first batch, in a 170-line traceback."""
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    model = _model("frozen", compile=True)
+    with pytest.raises(ValueError, match=r"--model.compile true needs a C\+\+ compiler .* leave --model.compile false"):
+        model.setup("validate")
+
+
 def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):
     """A milestone adds a parameter group mid-training: the learning-rate schedule follows it
     (LambdaLR stopped with 'zip() argument 2 is shorter'), and a run resumed after the

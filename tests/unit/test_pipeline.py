@@ -145,6 +145,13 @@ def test_pixels_on_device_auto_stays_off_without_a_gpu(inspection_folder, tmp_pa
     assert not isinstance(next(iter(dm.train_dataloader())), dc.PixelRows)
 
 
+def test_pixels_on_device_asked_for_under_auto_on_a_cpu_says_it_has_no_effect(inspection_folder, tmp_path):
+    dm = _dm(inspection_folder, pipeline="auto", decoded_cache=str(tmp_path), pixels_on_device=True)
+    with pytest.warns(UserWarning, match="pixels_on_device true has no effect here"):
+        batch = next(iter(dm.train_dataloader()))
+    assert not isinstance(batch, dc.PixelRows)
+
+
 @pytest.mark.parametrize("kwargs", [{"pipeline": "cpu", "decoded_cache": True}, {"pipeline": "device"}])
 def test_pixels_on_device_needs_the_device_pipeline_and_the_cache(inspection_folder, kwargs):
     with pytest.raises(ValueError, match="pixels_on_device .* needs pipeline 'device' or 'auto'"):

@@ -90,6 +90,22 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         return [group.setdefault("initial_lr", group["lr"]) * factor for group in self.optimizer.param_groups]
 
 
+def _check_compiler() -> None:
+    """``torch.compile`` builds C++ code, and only at the first batch, deep inside training, does a
+    missing compiler show (as a long traceback). Checked before anything runs."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another PyTorch layout: torch.compile says it itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, or whatever finding one raises
+        raise ValueError(
+            f"--model.compile true needs a C++ compiler (gcc or clang) for torch.compile, and none works here "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Install one (e.g. `apt install "
+            "g++`) or set $CXX to it, or leave --model.compile false: training is the same, only slower") from exc
+
+
 def _metrics(num_classes: int) -> MetricCollection:
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -229,6 +245,7 @@ class ImageClassifier(L.LightningModule):
         if self._channels_last(self.trainer.strategy.root_device if self._trainer else self.device):
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
+            _check_compiler()
             self.__dict__["_compiled_net"] = torch.compile(self.net)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
