@@ -10,6 +10,7 @@ uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +137,8 @@ def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--p
         paths = list_images(Path(folder).expanduser())
     except DeployError as exc:
         raise ExportError(f"{option}: {exc}") from exc
-    labels = [classes.index(p.parent.name) if p.parent.name in classes else None for p in paths]
+    index = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}  # accents encoded either way
+    labels = [index.get(unicodedata.normalize("NFC", p.parent.name)) for p in paths]
     return ImageSet(paths, labels, f"folder {folder} ({len(paths)} images)")
 
 
