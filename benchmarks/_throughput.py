@@ -92,8 +92,8 @@ class SyncAudit(L.Callback):
         self._context = None
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if "Synchronization debug mode" in str(message) and "prototype" in str(message):
-            return  # the mode's own one-time notice
+        if "synchronizing CUDA operation" not in str(message):
+            return  # the mode's own one-time notice, and any other warning of those steps
         frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename
                   and "/warnings.py" not in f.filename and "_throughput.py" not in f.filename]
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
@@ -215,10 +215,17 @@ class GpuBusy(L.Callback):
             events = self._profile.key_averages()
             self._profile = None
             own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-            device_us = sum(own(e) for e in events) if cuda else float("nan")
-            ranked = sorted(events, key=own, reverse=True)[:self.top]
+            # The busy share sums the device's own events (kernels, copies) once: an operator's
+            # self device time repeats its kernels', and user annotations span others. The ranking
+            # names operators (readable), by the device time of the kernels each launched.
+            from torch.autograd import DeviceType
+
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+            device_us = sum(e.self_device_time_total for e in kernels) if cuda and kernels else None
+            operators = [e for e in events if e.device_type == DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+            ranked = sorted(operators, key=own, reverse=True)[:self.top]
             Path(self.out).write_text(json.dumps({
                 "steps": self._steps, "wall_ms_per_step": 1000 * wall / self._steps,
-                "busy": device_us / 1e6 / wall if cuda else None,
+                "busy": device_us / 1e6 / wall if device_us is not None else None,
                 "top": [(e.key, round(own(e) / 1000 / self._steps, 3)) for e in ranked],  # ms per step
             }))

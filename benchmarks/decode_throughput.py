@@ -203,7 +203,7 @@ def main() -> None:
                  "decoder (file read, header, checks, and the resize where one is needed, which Pillow runs without "
                  f"the GIL). For JPEGs at the model's size that bounds the GIL's share and caps decoding threads at "
                  f"about {1e6 / outside_us:,.0f} images/s per process.\n")
-    with RESULTS.open("a") as f:
+    with RESULTS.open("a", encoding="utf-8") as f:
         f.writelines(lines)
 
 

@@ -27,6 +27,7 @@ Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -188,6 +189,9 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = (),
             argv += ["--config", str(CONFIGS / "gpu.yaml"), "--data.pipeline", args.pipeline]
         else:
             argv += ["--trainer.accelerator", "cpu", "--data.pipeline", args.pipeline]
+        # the whole-fit row times everything from setup on: no instrumentation inside it
+        probes = () if feature_cache else (f"--trainer.callbacks+={json.dumps(audit)}",
+                                           f"--trainer.callbacks+={json.dumps(busy)}")
         argv += ["--data.root", str(root), "--data.decoded_cache", str(args.cache), "--data.batch_size",
                  str(args.batch), "--data.val_fraction", "0.05", "--data.augment", "inspection",
                  "--model.backbone", args.backbone, "--model.image_size", str(args.size),
@@ -196,13 +200,15 @@ def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = (),
                  # inference-bound path); with the cache (the default) later epochs cost ~nothing
                  "--model.feature_cache", str(Path(tmp) / "features") if feature_cache else "null",
                  "--trainer.max_epochs", str(args.epochs),
-                 "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}",
-                 f"--trainer.callbacks+={json.dumps(audit)}", f"--trainer.callbacks+={json.dumps(busy)}", *extra]
+                 "--trainer.logger.init_args.save_dir", tmp, f"--trainer.callbacks+={json.dumps(meter)}", *probes,
+                 *extra]
         if args.workers is not None:
             argv += ["--data.num_workers", str(args.workers)]
         if args.compile:  # compiling happens in the first epoch, which is not timed
             argv += ["--model.compile", "true"]
-        if args.device == "cuda":
+        if args.device == "cuda":  # the previous fit's tensors are freed before its peak is forgotten
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         if vision_tl(argv) != 0:
             raise SystemExit(f"fit failed: vision-tl {' '.join(argv)}")
@@ -274,7 +280,7 @@ def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
     for k, batch in enumerate(iter_embeddings(fx, paths, args.batch, args.workers, device, progress=False)):
         if k == skip - 1:
             start = time.perf_counter()
-        elif k >= skip:
+        elif k > skip:  # batch `skip` was already in flight when the clock started
             images += len(batch.positions)
     rate = images / (time.perf_counter() - start) if images else float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
@@ -430,7 +436,7 @@ def main() -> None:
     table = report(args, name, bound, kit, augment)
     print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")
     if not args.no_write and args.device == "cuda":
-        with open(RESULTS, "a") as fh:
+        with open(RESULTS, "a", encoding="utf-8") as fh:
             fh.write("\n" + table)
 
 

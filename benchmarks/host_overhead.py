@@ -124,7 +124,7 @@ def main() -> None:
     table.append(f"\nOne `self.log` call in a training step: {log_us:.0f} µs (median).")
     print("\n".join(table))
     if not args.no_write:
-        with RESULTS.open("a") as f:
+        with RESULTS.open("a", encoding="utf-8") as f:
             f.write(f"\n### CPU time per training step at negligible compute ({args.size} px, batch {args.batch}, "
                     f"fp32, 1 thread)\n\n`python benchmarks/host_overhead.py --rounds {args.rounds}` — medians of "
                     f"{args.rounds} rounds.\n\n"

@@ -120,7 +120,7 @@ def main() -> None:
     text = table(rows, args, device)
     print("\n" + text)
     if not args.no_write:
-        with open(RESULTS, "a") as fh:
+        with open(RESULTS, "a", encoding="utf-8") as fh:
             fh.write("\n" + text)
 
 

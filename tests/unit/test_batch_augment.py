@@ -150,3 +150,18 @@ def test_channels_last_batches_get_the_same_pixels_as_contiguous_ones():
     cl = aug._photometric(x.contiguous(memory_format=torch.channels_last), torch.Generator().manual_seed(5))
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain, cl, atol=1e-3)
+
+
+def test_blur_is_the_3x3_gaussian_with_reflected_borders():
+    """The separable blur (no convolution: no cuDNN search per batch size) is the 3x3 Gaussian
+    kernel of the sampled sigma, borders reflected, in either memory layout."""
+    aug = BatchAugment(PRE)
+    x = torch.rand(4, 3, 16, 20, generator=torch.Generator().manual_seed(0)) * 255
+    sigma = torch.tensor([1.3])
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma**2))
+    kernel = (taps[:, None] * taps[None, :]) / taps.sum() ** 2
+    reference = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"),
+                                           kernel.expand(3, 1, 3, 3).contiguous(), groups=3)
+    blurred = aug._blur(x, sigma)
+    assert torch.allclose(blurred, reference, atol=1e-3)
+    assert torch.equal(aug._blur(x.contiguous(memory_format=torch.channels_last), sigma), blurred)

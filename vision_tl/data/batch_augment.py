@@ -173,13 +173,19 @@ class BatchAugment(nn.Module):
         return x
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """3x3 Gaussian blur with standard deviation ``sigma`` (a 1-element tensor), reflected borders."""
+        """3x3 Gaussian blur with standard deviation ``sigma`` (a 1-element tensor), reflected borders.
+
+        Separable, as weighted sums of shifted views rather than a convolution: the number of
+        images blurred changes from batch to batch, and with cuDNN autotuning on (configs/gpu.yaml)
+        every new count of a convolution would start a new search that makes the CPU wait.
+        """
         t = self.taps.to(x.device)
         k1 = torch.exp(-(t**2) / (2 * sigma**2))
-        kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)
-        weight = kernel.expand(3, 1, 3, 3).contiguous()
+        w = k1 / k1.sum()
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-        return nn.functional.conv2d(padded, weight, groups=3)
+        height, width = x.shape[-2:]
+        rows = w[0] * padded[..., :, :width] + w[1] * padded[..., :, 1:width + 1] + w[2] * padded[..., :, 2:]
+        return w[0] * rows[..., :height, :] + w[1] * rows[..., 1:height + 1, :] + w[2] * rows[..., 2:, :]
 
 
 def orientations(image: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:

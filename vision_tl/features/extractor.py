@@ -148,7 +148,10 @@ class FeatureExtractor:
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             if not self._channels_last:  # once: converting walks every parameter
-                self.model.to(memory_format=torch.channels_last)
+                # outside inference mode: parameters converted inside it would become inference
+                # tensors, which a model trained later (fit after extract) cannot use
+                with torch.inference_mode(False):
+                    self.model.to(memory_format=torch.channels_last)
                 self._channels_last = True
         autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         was_training = self.model.training

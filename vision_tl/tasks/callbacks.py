@@ -172,6 +172,7 @@ class RunArtifacts(L.Callback):
         rows = torch.cat(gather_shares(pl_module, rows)) if trainer.world_size > 1 else rows  # on every rank
         if not trainer.is_global_zero:
             return
+        rows = rows.detach().cpu()  # on a GPU the step's outputs stay there (one copy, not one per row)
         by_index = {int(r[0]): r[1:].numpy() for r in rows}
         classes, good = pl_module.classes, pl_module.hparams.get("good_class")
         threshold = getattr(pl_module, "threshold", None)
