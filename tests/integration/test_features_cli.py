@@ -133,7 +133,7 @@ def test_probe_cli_prints_table_and_scatter(tmp_path, folder, capsys) -> None:
             "--cache-dir", str(tmp_path / "c"), "--plot-dir", str(tmp_path / "plots" / "probe")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "2-fold acc" in out and "2-shot bal. acc" in out and "features/s" in out
+    assert "2-fold acc" in out and "2-shot bal. acc" in out and "extract img/s" in out
     assert out.count("test_efficientnet") >= 2  # one row per head
     # the plot folder is made when missing, as in the README's example
     assert (tmp_path / "plots" / "probe" / "pca_test_efficientnet.png").stat().st_size > 1000

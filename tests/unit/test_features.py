@@ -139,14 +139,14 @@ def test_cache_computes_once_and_recomputes_changed_bytes(tmp_path, folder, tiny
     paths2, hashes2 = _index(folder)
     assert hashes2[0] != hashes[0] and hashes2[1:] == hashes[1:]
     assert cache.ensure(fx, paths2, hashes2, progress=False).computed == 1
-    # probe's features/s stays the 15-image run's: one new image measures mostly start-up
+    # probe's extract img/s stays the 15-image run's: one new image measures mostly start-up
     assert cache.throughput(fx) == pytest.approx(first.images_per_second)
     after = cache.read(fx, hashes2)
     expected = fx.embed(fx.transform()(np.asarray(Image.open(paths2[0]).convert("RGB")))[None])
     np.testing.assert_allclose(after[0], expected[0].numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(after[0], before[0])
     np.testing.assert_array_equal(after[1:], before[1:])
-    # a damaged speed note costs the probe its features/s column, not the run
+    # a damaged speed note costs the probe its extract img/s column, not the run
     (cache.store(fx).path / "stats.json").write_text("{not json")
     assert np.isnan(cache.throughput(fx))
     (cache.store(fx).path / "stats.json").write_text('{"images": 3}')
@@ -341,7 +341,7 @@ def test_probe_heads_on_separable_features(tmp_path) -> None:
     assert score.balanced > 0.8 and score.balanced_std >= 0.0
     views = np.stack([x, x + 0.01], 1)  # [N, K, F]: training uses both views
     assert cross_validate(views, y, "logreg", folds=3).acc > 0.95
-    with pytest.raises(ValueError, match="more than 30 images"):
+    with pytest.raises(ValueError, match="more than 30 distinct images"):
         few_shot(x, y, shots=30)
     with pytest.raises(ValueError, match="unknown head"):
         cross_validate(x, y, "svm")
@@ -418,6 +418,51 @@ def test_probe_scores_do_not_count_copies_of_training_images():
     assert cross_validate(features, labels, "knn", folds=4).acc > 0.9  # what grouping prevents
     assert cross_validate(features, labels, "knn", folds=4, groups=shas).acc < 0.7
     assert few_shot(features, labels, 5, "knn", draws=5, groups=shas).acc < 0.7
+
+
+def test_probe_counts_distinct_images_and_draws_distinct_shots(tmp_path, folder, monkeypatch) -> None:
+    """Copies count once: a class of 5 files that are 3 distinct images cannot fill 5 folds
+    (two folds would test without it), a 4-shot draw trains on 4 distinct images, and these
+    checks come before the slow extraction. A random-init baseline is the same for a seed."""
+    import importlib
+
+    probe_module = importlib.import_module("vision_tl.features.probe")
+
+    y = np.array([0] * 5 + [1] * 8)
+    shas = np.array(["a", "a", "a", "b", "c"] + [f"d{i}" for i in range(8)])
+    x = np.random.default_rng(0).normal(size=(13, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"--folds 5: every class needs at least 5 distinct images.*smallest "
+                                         r"class has 3 \(byte-identical copies count once\)"):
+        cross_validate(x, y, folds=5, groups=shas)
+    assert cross_validate(x, y, folds=3, groups=shas).acc >= 0
+    trained = []
+    real_fit = probe_module._fit_score
+
+    def spy(head, x_train, y_train, *args):
+        trained.append(y_train)
+        return real_fit(head, x_train, y_train, *args)
+
+    monkeypatch.setattr(probe_module, "_fit_score", spy)
+    few_shot(x, y, shots=2, draws=20, groups=shas)
+    assert all(np.bincount(t).tolist() == [2, 2] for t in trained)  # one row per distinct image
+    with pytest.raises(ValueError, match="more than 3 distinct images"):
+        few_shot(x, y, shots=3, groups=shas)
+    monkeypatch.undo()
+    for copy in range(4):  # one class made of copies of a single file
+        (folder / "copies").mkdir(exist_ok=True)
+        (folder / "copies" / f"{copy}.png").write_bytes(next(iter(sorted(folder.glob("*/*.png")))).read_bytes())
+    try:
+        with pytest.raises(ValueError, match="--folds 2: .*smallest class has 1"):
+            probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
+                  cache_dir=tmp_path / "never", progress=False)
+        assert not (tmp_path / "never").exists()  # refused before anything was extracted
+    finally:
+        for f in (folder / "copies").iterdir():
+            f.unlink()
+        (folder / "copies").rmdir()
+    runs = [probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
+                  cache_dir=tmp_path / "c", progress=False, seed=3)[0].cv.acc for _ in range(2)]
+    assert runs[0] == runs[1] and len(list((tmp_path / "c" / TINY).iterdir())) == 1
 
 
 def test_documented_imports_give_the_functions_not_the_submodules() -> None:

@@ -73,7 +73,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vision-tl probe", formatter_class=fmt, epilog=PROBE_EXAMPLES,
         description="Cross-validate quick heads (logistic regression, k-NN) on frozen features of "
-                    "each backbone and print accuracy ± std, balanced accuracy and features/s.")
+                    "each backbone and print accuracy ± std, balanced accuracy and extraction images/s.")
     _common(parser)
     parser.add_argument("--backbone", action="append", required=True, dest="backbones",
                         help="timm model name; repeat to compare several")

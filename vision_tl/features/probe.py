@@ -88,6 +88,37 @@ def _has_copies(groups: np.ndarray | None) -> bool:
     return groups is not None and len(np.unique(groups)) < len(groups)
 
 
+def distinct_per_class(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Distinct images per class present: byte-identical copies (one ``groups`` value) count once,
+    as folds and draws keep them together."""
+    labels = np.asarray(labels)
+    if groups is None:
+        counts = np.bincount(labels)
+    else:
+        pairs = {(int(y), g) for y, g in zip(labels, np.asarray(groups))}
+        counts = np.bincount([y for y, _ in pairs], minlength=int(labels.max(initial=-1)) + 1)
+    return counts[counts > 0]
+
+
+def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: int, shots=()) -> None:
+    """Raise ValueError (naming the option) when a class has too few distinct images for
+    ``folds``-fold cross-validation or for a ``shots``-shot draw with an image left to test."""
+    counts = distinct_per_class(labels, groups)
+    smallest = int(counts.min()) if counts.size else 0
+    copies = " (byte-identical copies count once)" if _has_copies(groups) else ""
+    if folds and folds < 2:
+        raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
+    if folds and smallest < folds:
+        raise ValueError(f"--folds {folds}: every class needs at least {folds} distinct images, one per test fold; "
+                         f"the smallest class has {smallest}{copies}")
+    for n in shots:
+        if n < 1:
+            raise ValueError(f"--shots {n}: the number of training images per class must be at least 1")
+        if smallest <= n:
+            raise ValueError(f"--shots {n}: every class needs more than {n} distinct images (one left to test); "
+                             f"the smallest class has {smallest}{copies}")
+
+
 def _as_arrays(features, labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Any sequences (lists, tuples, arrays) as arrays; labels must be class indices 0..C-1."""
     features, labels = np.asarray(features), np.asarray(labels)
@@ -116,12 +147,9 @@ def cross_validate(features: np.ndarray, labels: np.ndarray, head: str = "logreg
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     features, labels, groups = _as_arrays(features, labels, groups)
-    counts = np.bincount(labels)
     if folds < 2:
         raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
-    if counts[counts > 0].min() < folds:
-        raise ValueError(f"--folds {folds}: every class needs at least {folds} images; the smallest "
-                         f"class has {counts[counts > 0].min()}")
+    check_folds_and_shots(labels, groups, folds)
     accs, bals = [], []
     if _has_copies(groups):
         splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
@@ -140,24 +168,21 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
              draws: int = 10, seed: int = 0, groups: np.ndarray | None = None) -> Score:
     """Train on ``shots`` random images per class, test on all the others; repeat ``draws`` times.
 
-    With ``groups`` (each image's sha256), copies of a training image are left out of the test set.
+    With ``groups`` (each image's sha256), a shot is a distinct image (one of its copies trains)
+    and copies of a training image are left out of the test set.
     """
     features, labels, groups = _as_arrays(features, labels, groups)
-    counts = np.bincount(labels)
-    if shots < 1:
-        raise ValueError(f"--shots {shots}: the number of training images per class must be at least 1")
-    if counts[counts > 0].min() <= shots:
-        raise ValueError(f"--shots {shots}: every class needs more than {shots} images (one left to "
-                         f"test); the smallest class has {counts[counts > 0].min()}")
+    check_folds_and_shots(labels, groups, 0, [shots])
     rng = np.random.default_rng(seed)
-    copies = _has_copies(groups)
+    groups = np.arange(len(labels)) if groups is None else groups
+    # per class: the row of each distinct image (its first copy) and the groups, in a fixed order
+    firsts = {c: np.unique(groups[labels == c], return_index=True)[1] for c in np.unique(labels)}
+    firsts = {c: np.flatnonzero(labels == c)[i] for c, i in firsts.items()}
     accs, bals = [], []
     for _ in range(draws):
-        train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
-                                for c in np.unique(labels)])
+        train = np.concatenate([rng.choice(firsts[c], shots, replace=False) for c in sorted(firsts)])
         test = np.setdiff1d(np.arange(len(labels)), train)
-        if copies:
-            test = test[~np.isin(groups[test], groups[train])]
+        test = test[~np.isin(groups[test], groups[train])]
         x_train, y_train = _train_rows(features, train, labels)
         acc, bal = _fit_score(head, x_train, y_train, _test_rows(features, test), labels[test], shots)
         accs.append(acc)
@@ -202,7 +227,7 @@ def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str]
 def format_table(results: list[ProbeResult], folds: int) -> str:
     """A plain-text table: one row per backbone x head."""
     shots = sorted({s for r in results for s in r.few_shot})
-    header = ["backbone", "stages", "head", f"{folds}-fold acc", "balanced acc", "features/s"]
+    header = ["backbone", "stages", "head", f"{folds}-fold acc", "balanced acc", "extract img/s"]
     header += [f"{s}-shot bal. acc" for s in shots]
     rows = [header]
     for r in results:
@@ -216,6 +241,8 @@ def format_table(results: list[ProbeResult], folds: int) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("(± is the standard deviation over folds or draws. extract img/s: the speed of the run that "
+                 "computed the clean features into the cache, which may be an earlier run on another device.)")
     return "\n".join(lines)
 
 
@@ -223,12 +250,15 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
                       pretrained: bool = True, stages=None, image_size=None, views: int = 1,
                       augment="inspection", cache_dir: str | Path | None = None, batch_size: int = 8,
                       num_workers: int | None = None, device: str | None = None,
-                      progress: bool = True) -> tuple[np.ndarray, float, str]:
+                      progress: bool = True, seed: int = 0) -> tuple[np.ndarray, float, str]:
     """Cached features of every image for one backbone: ``[N, F]``, or ``[N, K, F]`` for K views.
+
+    ``seed`` fixes the weights of a randomly initialised backbone (``pretrained=False``).
 
     Returns:
         (features, images/s of the extraction that filled the cache, stages label).
     """
+    import torch
 
     from vision_tl.backbones import create_backbone, resolve_preprocessing
     from vision_tl.data.device import resolve_device
@@ -238,7 +268,9 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     device = resolve_device(device)
-    model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
+    with torch.random.fork_rng(devices=[]):  # random-init weights: the same for a seed (and one cache entry)
+        torch.manual_seed(seed)
+        model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     prep = resolve_preprocessing(backbone, image_size)
     cache = FeatureCache(cache_dir)
     per_view = []
@@ -279,7 +311,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
     from vision_tl.features.api import scan_images
 
     backbones = [backbones] if isinstance(backbones, str) else list(backbones)  # one name, not its letters
-    heads = [heads] if isinstance(heads, str) else list(heads)
+    heads = list(dict.fromkeys([heads] if isinstance(heads, str) else heads))  # each head once
     if not heads:
         raise ValueError("--heads is empty; give one or more of logreg, knn, logreg-l2 (comma-separated)")
     for head in heads:
@@ -294,6 +326,8 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
                          "leave --folds at its default (5) or pass --shots N")
     if shots and draws < 1:
         raise ValueError(f"--draws {draws}: each few-shot setting needs at least 1 random draw (default 10)")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed}: give a whole number from 0 to 2**32 - 1")
     if plot_dir is not None:
         if Path(plot_dir).exists() and not Path(plot_dir).is_dir():
             raise ValueError(f"plot directory {plot_dir} is a file; give a directory for the PCA plots")
@@ -303,9 +337,10 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
         raise ValueError(f"{root}: probing needs at least two class folders, found {images.classes}")
     labels = np.asarray(images.labels)
     groups = np.asarray(images.hashes)  # byte-identical copies never sit on both sides of a fold
+    check_folds_and_shots(labels, groups, folds, shots)  # before the slow part
     results = []
     for backbone in backbones:
-        feats, speed, stages = backbone_features(images, backbone, **feature_kwargs)
+        feats, speed, stages = backbone_features(images, backbone, seed=seed, **feature_kwargs)
         for head in heads:
             row = ProbeResult(backbone, head, stages, feats.shape[-1], speed)
             row.cv = cross_validate(feats, labels, head, folds, seed, groups) if folds else None
