@@ -23,6 +23,7 @@ from vision_tl.data.folder import (
     class_folders,
     detect_layout,
     list_classes,
+    refuse_twins,
     same_name,
     scan_folder,
     scan_unlabelled,
@@ -275,7 +276,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         """A val/ or test/ folder may lack a class (warned about after the scan), but a class
         folder that train/ lacks has no label: that is an error naming it."""
         known = {same_name(c) for c in self._classes}
-        extra = [c for c in class_folders(folder) if same_name(c) not in known]
+        present = class_folders(folder)
+        refuse_twins(folder, present)
+        extra = [c for c in present if same_name(c) not in known]
         if extra:
             raise DatasetError(
                 f"{folder} has class folder(s) that train/ lacks: {', '.join(map(repr, extra))} (train/ has "

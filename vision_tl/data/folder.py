@@ -94,17 +94,23 @@ def class_folder(root: Path, name: str) -> Path | None:
     return root / matches[0] if matches else None
 
 
+def refuse_twins(root: Path, names: list[str]) -> None:
+    """Class folders of ``root`` whose names differ only in how accents are encoded would be one
+    class read twice, or one of them ignored: an error naming both (as ``ascii`` shows them)."""
+    twins = sorted({same_name(n) for n in names if sum(same_name(m) == same_name(n) for m in names) > 1})
+    if twins:
+        raise DatasetError(
+            f"{root} has class folders whose names differ only in how their accents are encoded "
+            f"(Unicode NFC vs NFD): {', '.join(ascii(n) for n in names if same_name(n) in twins)}; "
+            "merge them into one folder"
+        )
+
+
 def list_classes(root: str | Path) -> list[str]:
     """Sorted class names: the visible sub-folders of ``root``; at least two of them."""
     root = Path(root)
     classes = class_folders(root)
-    twins = sorted({same_name(n) for n in classes if sum(same_name(m) == same_name(n) for m in classes) > 1})
-    if twins:
-        raise DatasetError(
-            f"{root} has class folders whose names differ only in how their accents are encoded "
-            f"(Unicode NFC vs NFD): {', '.join(ascii(n) for n in classes if same_name(n) in twins)}; "
-            "merge them into one folder"
-        )
+    refuse_twins(root, classes)
     if not classes:
         raise DatasetError(
             f"{root} has no class folders; expected one sub-folder per class, e.g. "
