@@ -113,6 +113,14 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
     again = ["explain", str(run / "checkpoints/best.ckpt"), str(image), "--out", str(tmp_path)]
     assert main(again) == 2 and "--overwrite" in capsys.readouterr().err  # never replaced silently
     assert main([*again, "--overwrite"]) == 0
+    import shutil  # three images called x.png in folders called good/: three heat maps, none replaced
+
+    inputs = []
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder / "good").mkdir(parents=True)
+        inputs.append(shutil.copy(image, tmp_path / folder / "good" / "x.png"))
+    assert main(["explain", str(run / "checkpoints/best.ckpt"), *map(str, inputs), "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o").glob("*.gradcam.png"))) == 3
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -163,7 +171,10 @@ def test_report_refuses_a_class_folder_the_model_does_not_know(run, inspection_f
     assert "class folder(s) dent" in err and "crack, good, scratch, spot" in err
     assert _snapshot(copy) == before
     shutil.rmtree(data / "val" / "dent")  # the model's classes only: reported
-    assert main(["report", str(copy), "--data", str(data)]) == 0
+    assert main(["report", str(copy), "--data", str(data)]) == 2  # the run has a report already
+    assert "report.html already exists (an earlier report of this run); pass --overwrite" in capsys.readouterr().err
+    assert _snapshot(copy) == before
+    assert main(["report", str(copy), "--data", str(data), "--overwrite"]) == 0
     assert "12 val images" in capsys.readouterr().out
 
 
@@ -183,7 +194,7 @@ def test_report_refuses_validation_images_that_changed_since_training(run, inspe
     assert f"1 of {len(val)} validation image(s)" in err and str(changed) in err and "--data ROOT" in err
     assert _snapshot(copy) == before  # metrics.json, report.html ... untouched
     shutil.copyfile(inspection_folder / val[1]["path"], changed)  # the run's own images again
-    assert main(["report", str(copy), "--data", str(data)]) == 0
+    assert main(["report", str(copy), "--data", str(data), "--overwrite"]) == 0
 
 
 def test_report_without_the_split_folder_lists_what_the_data_folder_holds(run, inspection_folder, tmp_path,
@@ -271,6 +282,25 @@ def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, 
     assert main(["compare", str(run), str(output)]) == 0
     out = capsys.readouterr().out
     assert "left out version_9: no checkpoints/" in out and "partial/version_0" in out
+
+
+def test_compare_of_test_results_keeps_the_test_outputs_and_names_twins_apart(run, tmp_path, capsys):
+    """`vision-tl test` writes its metrics into its own folder: `compare ... --split test` over a
+    glob keeps those and leaves out training runs without test metrics. Two runs both called
+    partial/version_0 (in other folders) get their paths as names."""
+    tested = tmp_path / "version_5"
+    tested.mkdir()
+    shutil.copyfile(run / "config.yaml", tested / "config.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    (tested / "metrics.json").write_text(json.dumps({"classes": metrics["classes"], "test": metrics["val"]}))
+    assert main(["compare", str(run), str(tested), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "left out version_0: no test metrics" in out and out.splitlines()[2].split()[0].endswith("version_5")
+    twin = tmp_path / "elsewhere" / "partial" / "version_0"
+    shutil.copytree(run, twin)
+    assert main(["compare", str(run), str(twin)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    assert rows[0].split()[0] == str(run) and rows[1].split()[0] == str(twin)
 
 
 def test_choosing_a_threshold_says_what_to_export(run, tmp_path, capsys):

@@ -56,3 +56,30 @@ def test_plots_leave_the_backend_and_pyplot_figures_alone(tmp_path, svg_backend)
     assert all(_is_png(p) for p in written)
     assert matplotlib.get_backend() == "svg"  # matplotlib.use("Agg") used to switch it for good
     assert plt.get_fignums() == fignums  # no figure left open in pyplot
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path) -> None:
+    """Matplotlib reads $...$ as a formula: 'dent $^$ x' stopped fit (the confusion matrix) with a
+    parse error, and 'cost $5 vs $10' was drawn as an italic formula in every figure."""
+    from matplotlib.text import Text
+
+    classes = ["good", "dent $^$ x", "cost $5 vs $10"]
+    drawn = []
+    real_draw = Text.draw
+
+    def spy(self, renderer):
+        drawn.append(self.get_text())
+        return real_draw(self, renderer)
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 6)
+    probs = rng.dirichlet((1, 1, 1), len(labels))
+    result = M.evaluate(probs, labels, classes, good_class="good", threshold=0.5)
+    Text.draw = spy
+    try:
+        written = list(_figures(result, probs, labels, classes, tmp_path, "val").values())
+        written.append(pca_scatter(rng.normal(size=(18, 5)), labels, classes, tmp_path / "pca.png"))
+    finally:
+        Text.draw = real_draw
+    assert all(_is_png(p) for p in written)
+    assert "dent $^$ x" in drawn and "cost $5 vs $10" in drawn

@@ -170,3 +170,18 @@ def test_training_and_report_agree_on_balanced_accuracy_with_a_class_absent():
     assert logged["val/balanced_acc"] == pytest.approx(expected) == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert model.eval_results["val"]["balanced_acc"] == pytest.approx(expected)
     assert model.eval_results["val"]["recall_per_class"]["pit"] is None
+
+
+def test_the_operating_curve_passes_through_the_reported_threshold():
+    """Scores closer together than the plot's even grid: the sweep still holds the chosen
+    threshold, with exactly the rates the report states (the marker sat at the nearest grid
+    point before, at an escape rate of 1/6 against a reported 0)."""
+    p_good = np.array([0.5012, 0.5016, 0.6, 0.7, 0.8, 0.9, 0.1, 0.2, 0.3, 0.4, 0.5004, 0.45])
+    is_good = np.array([True] * 6 + [False] * 6)
+    threshold = 0.5008
+    sweep = M.threshold_sweep(p_good, is_good, threshold=threshold)
+    k = sweep["threshold"].index(threshold)
+    rates = M.good_defect_rates(p_good, is_good, threshold)
+    assert sweep["escape_rate"][k] == rates["escape_rate"] == 0.0
+    assert sweep["false_reject_rate"][k] == rates["false_reject_rate"] == 0.0
+    assert sweep["threshold"] == sorted(sweep["threshold"]) and 0.0 in sweep["threshold"] and 1.0 in sweep["threshold"]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.reports.plots import literal_text
+
 HEADS = ("logreg", "knn", "logreg-l2")
 
 
@@ -190,6 +192,7 @@ def few_shot(features: np.ndarray, labels: np.ndarray, shots: int, head: str = "
     return Score.of(accs, bals)
 
 
+@literal_text
 def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path,
                 title: str = "") -> Path:
     """Save a 2-D PCA scatter of the (standardised) features, coloured by class, as PNG."""

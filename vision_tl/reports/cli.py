@@ -71,7 +71,8 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true",
                    help="store the chosen threshold in the checkpoint itself (atomic rewrite)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a <name>.thresholded.ckpt an earlier report wrote (its threshold is lost)")
+                   help="replace an earlier report of this split (report.html, predictions, figures) and a "
+                        "<name>.thresholded.ckpt an earlier report wrote (its threshold is lost)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (32)")
     return p
 

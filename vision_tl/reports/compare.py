@@ -52,6 +52,19 @@ def _config(run: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def _label(run: Path) -> str:
+    return f"{run.parent.name}/{run.name}"
+
+
+def _has_split(run: str | Path, split: str) -> bool:
+    """Whether ``run``'s metrics.json holds ``split`` metrics (a report's, or test's own)."""
+    try:
+        metrics = json.loads((Path(run).expanduser() / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and (split in metrics or split in (metrics.get("report") or {}))
+
+
 def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     """Read a run directory's metrics (report section first) and its backbone / mode."""
     run = Path(run).expanduser()
@@ -89,7 +102,7 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
         except DatasetError as exc:
             raise ReportError(str(exc)) from exc
         hashes = frozenset(item["sha256"] for item in record.get(split, []))
-    return RunSummary(name=f"{run.parent.name}/{run.name}", path=run, backbone=model.get("backbone"),
+    return RunSummary(name=_label(run), path=run, backbone=model.get("backbone"),
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None)
@@ -101,13 +114,23 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
         raise ReportError("give at least one run directory")
     notes = []
     if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
-        outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
-                   and (Path(r).expanduser() / "config.yaml").is_file()]
+        # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
+        # training runs without a test report are left out instead.
+        if split == "test":
+            outputs = [r for r in runs if not _has_split(r, split)]
+        else:
+            outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
+                       and (Path(r).expanduser() / "config.yaml").is_file()]
         if outputs and len(outputs) < len(runs):
-            notes.append(f"left out {', '.join(Path(r).name for r in outputs)}: no checkpoints/, so the output "
-                         "of vision-tl test or predict rather than a training run")
+            why = (f"no {split} metrics" if split == "test" else
+                   "no checkpoints/, so the output of vision-tl test or predict rather than a training run")
+            notes.append(f"left out {', '.join(Path(r).name for r in outputs)}: {why}")
             runs = [r for r in runs if r not in outputs]
     summaries = [summarise_run(r, split) for r in runs]
+    labels = [s.name for s in summaries]
+    for s in summaries:  # runs of the same name in other folders: their paths tell them apart
+        if labels.count(s.name) > 1:
+            s.name = str(s.path)
     if len({tuple(s.classes) for s in summaries}) > 1:
         notes.append("the runs have different classes; per-class recall is shown for shared classes only")
     hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}

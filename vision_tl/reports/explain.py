@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.reports.plots import literal_text
+
 DISPLAY_SIZE = 256
 
 
@@ -103,6 +105,7 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(array.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
 
 
+@literal_text
 def save_explanation(item: Explanation, path: str | Path) -> Path:
     """A PNG with the image, the heat map and the overlay side by side."""
     from vision_tl.reports.plots import _save, _subplots
@@ -159,8 +162,11 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     names, used = {}, set()
     for path in paths:
         name = f"{path.stem}.gradcam.png"
-        if name in used:  # same file name in two folders
+        if name in used:  # same file name in two folders: the folder's name, then a number
             name = f"{path.parent.name}_{name}"
+        k = 2
+        while name in used:
+            name, k = f"{path.parent.name}_{path.stem}_{k}.gradcam.png", k + 1
         used.add(name)
         names[path] = name
     existing = [n for n in names.values() if (out_dir / n).exists()]

@@ -274,10 +274,14 @@ def _above_all(scores: np.ndarray) -> float:
     return float(np.nextafter(scores.max(), 2.0))
 
 
-def threshold_sweep(p_good: np.ndarray, is_good: np.ndarray, points: int = 201) -> dict:
-    """Escape and false-reject rates over thresholds in [0, 1] (for the trade-off plot)."""
-    grid = np.linspace(0.0, 1.0, points)
+def threshold_sweep(p_good: np.ndarray, is_good: np.ndarray, points: int = 201,
+                    threshold: float | None = None) -> dict:
+    """Escape and false-reject rates over thresholds in [0, 1] (for the trade-off plots): an even
+    grid, every observed score (where the rates change: an operating point between two close
+    scores is on the curve) and ``threshold``, whose rates are then the reported ones exactly."""
     p_good, is_good = np.asarray(p_good, np.float64), np.asarray(is_good, bool)
+    extra = [threshold] if threshold is not None else []
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, points), p_good[(p_good >= 0) & (p_good <= 1)], extra]))
     passed = p_good[None, :] >= grid[:, None]
     n_good, n_defect = is_good.sum(), (~is_good).sum()
     escape = (passed & ~is_good).sum(1) / n_defect if n_defect else None
@@ -330,4 +334,4 @@ def good_vs_defect(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]
         rates.update(threshold=None, decision="argmax (no threshold set)")
     else:
         rates = {**good_defect_rates(p_good, is_good, threshold), "decision": f"P({good_class}) >= threshold"}
-    return {"good_class": good_class, **rates, "sweep": threshold_sweep(p_good, is_good)}
+    return {"good_class": good_class, **rates, "sweep": threshold_sweep(p_good, is_good, threshold=threshold)}

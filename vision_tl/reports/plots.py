@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
+
+
+def literal_text(plot):
+    """Draw ``plot``'s text as written: matplotlib reads ``$...$`` as a formula by default, so a
+    class named ``cost $5 vs $10`` came out garbled and ``dent $^$`` stopped fit with a parse error."""
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return draw
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False,
@@ -19,6 +32,7 @@ def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], c
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+@literal_text
 def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Path,
                           title: str = "Confusion matrix") -> Path:
     """Save counts (left) and row-normalised recall (right) side by side as PNG, atomically."""
@@ -58,6 +72,7 @@ def _save(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+@literal_text
 def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest") -> Path:
     """ROC (left) and precision-recall (right) curves per class, AUC / AP in the legend."""
     fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
@@ -79,6 +94,7 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
     return _save(fig, path)
 
 
+@literal_text
 def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibration") -> Path:
     """Reliability diagram: accuracy vs confidence per bin, with image counts below."""
     bins = calibration["bins"]
@@ -102,6 +118,7 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
     return _save(fig, path)
 
 
+@literal_text
 def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per class") -> Path:
     """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'."""
     names = [r["class"] for r in per_class]
@@ -122,6 +139,7 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per cl
     return _save(fig, path)
 
 
+@literal_text
 def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: str | Path,
                    threshold: float | None = None, good_class: str = "good") -> Path:
     """P(good) histograms of good vs defective images (left) and both error rates vs threshold (right)."""
@@ -144,6 +162,7 @@ def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: s
     return _save(fig, path)
 
 
+@literal_text
 def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], path: str | Path) -> Path:
     """Grouped bars: one group per metric, one bar per run (missing values left out)."""
     names = list(metrics)
@@ -163,6 +182,7 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
     return _save(fig, path)
 
 
+@literal_text
 def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None = None,
                          good_class: str = "good") -> Path:
     """Escape rate vs false-reject rate over every threshold on P(good): the line's trade-off."""
@@ -172,7 +192,7 @@ def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None 
         ax.text(0.5, 0.5, "undefined: needs both good and defective images", ha="center", va="center")
     else:
         ax.plot(fr, esc, color="#4c72b0", lw=2, drawstyle="steps-post")
-        if threshold is not None:
+        if threshold is not None:  # the sweep holds the threshold itself (metrics.threshold_sweep)
             k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
             ax.plot([fr[k]], [esc[k]], "o", color="black", label=f"threshold {threshold:.3f}")
             ax.legend(fontsize=8)
@@ -182,6 +202,7 @@ def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None 
     return _save(fig, path)
 
 
+@literal_text
 def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, thumb: int = 160) -> Path:
     """The most confident mistakes as a picture grid, each titled true / predicted (probability)."""
     from vision_tl.imaging import ImageLoadError, load_rgb, resize

@@ -384,7 +384,8 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         in_place: store the chosen threshold in the checkpoint itself instead of
             ``<name>.thresholded.ckpt``.
         batch_size: images per forward pass.
-        overwrite: replace a ``<name>.thresholded.ckpt`` an earlier report wrote.
+        overwrite: replace an earlier report of the split (HTML, predictions, figures) and a
+            ``<name>.thresholded.ckpt`` an earlier report wrote.
     """
     from vision_tl.tasks.checkpoint import load_classifier
 
@@ -403,6 +404,10 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         model, meta = load_classifier(ckpt_path)
     classes = list(meta["classes"])
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
+    earlier = run_dir / output_name("report", split, ".html")
+    if earlier.exists() and not overwrite:  # it may state the threshold a thresholded checkpoint carries
+        raise ReportError(f"{earlier} already exists (an earlier report of this run); pass --overwrite "
+                          "(overwrite=True) to replace it and its predictions and figures, or move it away first")
     probs = predict_probabilities(model, paths, batch_size)
     labels = np.asarray(labels, np.int64)
     choice = _choose_threshold(probs, labels, meta, split, target)
