@@ -280,7 +280,7 @@ def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
     for k, batch in enumerate(iter_embeddings(fx, paths, args.batch, args.workers, device, progress=False)):
         if k == skip - 1:
             start = time.perf_counter()
-        elif k > skip:  # batch `skip` was already in flight when the clock started
+        elif k >= skip:  # the batches yielded after the clock started
             images += len(batch.positions)
     rate = images / (time.perf_counter() - start) if images else float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")

@@ -238,6 +238,26 @@ def test_a_failed_fit_removes_its_own_run_directory_only(inspection_folder, tmp_
     assert (other / "config.yaml").read_text() == "another fit's settings\n"
 
 
+def test_a_fit_refused_a_run_directory_another_fit_took_leaves_it_alone(inspection_folder, tmp_path, monkeypatch):
+    """Two fits starting at once can both be given version_0; the one that finds the other's
+    config.yaml there stops, and its clean-up must not remove the other's run directory."""
+    from vision_tl.data import ImageFolderDataModule
+
+    run = tmp_path / "partial" / "version_0"
+    real_setup = ImageFolderDataModule.setup
+
+    def other_fit_writes_its_config(self, stage=None):
+        (run / "config.yaml").write_text("the other fit's settings\n")  # the logger made run/ already
+        return real_setup(self, stage)
+
+    monkeypatch.setattr(ImageFolderDataModule, "setup", other_fit_writes_its_config)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder), *TINY_ARGS,
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert (run / "config.yaml").read_text() == "the other fit's settings\n"
+
+
 def test_console_shows_the_kits_warnings_on_one_line(inspection_folder, tmp_path):
     """`vision-tl` prints its own warnings as `warning: ...`, not with Python's file:line and
     source line."""

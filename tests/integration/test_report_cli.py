@@ -197,6 +197,17 @@ def test_report_refuses_validation_images_that_changed_since_training(run, inspe
     assert main(["report", str(copy), "--data", str(data), "--overwrite"]) == 0
 
 
+def test_report_reads_a_val_folder_that_lacks_a_class(run, inspection_folder, tmp_path, capsys):
+    """What fit accepts, report accepts: val/ without a rare class (its recall is not measured)."""
+    copy = _folder_run(run, tmp_path)
+    data = _val_folders(tmp_path / "data", inspection_folder, ["crack", "good", "scratch"])  # no val/spot
+    assert main(["report", str(copy), "--data", str(data), "--overwrite"]) == 0
+    assert "9 val images" in capsys.readouterr().out
+    recall = {r["class"]: r["recall"] for r in json.loads((copy / "metrics.json").read_text())["report"]["val"]
+              ["per_class"]}
+    assert recall["spot"] is None and recall["crack"] is not None
+
+
 def test_report_without_the_split_folder_lists_what_the_data_folder_holds(run, inspection_folder, tmp_path,
                                                                            capsys):
     copy = _folder_run(run, tmp_path)
@@ -313,3 +324,18 @@ def test_choosing_a_threshold_says_what_to_export(run, tmp_path, capsys):
     assert main(["report", str(copy), "--target-false-reject", "0.5", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert f"next: vision-tl export {copy / 'checkpoints' / 'best.thresholded.ckpt'} --out model.onnx" in out
+
+
+def test_report_images_of_a_class_folder_spelled_with_other_accents(tmp_path):
+    """val/été copied from macOS (decomposed accents) is the model's class été."""
+    from PIL import Image
+
+    from vision_tl.reports.report import split_images
+
+    nfc, nfd = "\u00e9t\u00e9", "e\u0301te\u0301"
+    for name in (nfd, "ok"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (len(name) * 20, 0, 0)).save(tmp_path / "data" / "val" / name / "a.png")
+    (tmp_path / "run").mkdir()
+    paths, labels, notes = split_images(tmp_path / "run", [nfc, "ok"], "val", tmp_path / "data")
+    assert sorted(zip([p.parent.name for p in paths], labels)) == [(nfd, 0), ("ok", 1)] and notes == []

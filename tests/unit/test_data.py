@@ -341,3 +341,16 @@ def test_small_training_sets_use_every_image_each_epoch(tmp_path):
     assert sum(len(y) for _, y in dm.train_dataloader()) == len(dm.splits["train"]) == 62
     assert dm._drop_last(65) and not dm._drop_last(66)  # a last batch of 1: BatchNorm cannot train on it
     assert dm._drop_last(16 * 32 + 5)  # large sets: one batch shape (GPU kernels, torch.compile)
+
+
+def test_good_class_typed_with_other_accents_reaches_the_model_as_the_folder_spells_it(tmp_path):
+    """The CLI gives the model the typed good_class and the data module the folder's spelling;
+    they name one class and must not be reported as two that differ."""
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    nfc, nfd = "bon_\u00e9", "bon_e\u0301"
+    root = _folder(tmp_path / "d", {nfd: 3, "rayure": 3})
+    dm = _dm(root, good_class=nfc)
+    model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, good_class=nfc)
+    model._check_datamodule(dm)
+    assert model.hparams.good_class == nfd == dm.hparams.good_class

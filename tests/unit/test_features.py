@@ -538,3 +538,15 @@ def test_frozen_training_features_decode_on_threads_and_use_the_gpu_batch(inspec
     monkeypatch.setattr(FeatureCache, "read", lambda self, extractor, hashes: np.zeros((len(hashes), 4), np.float32))
     training.cached_feature_datasets(tiny_net, TINY, dm, tmp_path / "fc", views=2, device=device, progress=False)
     assert calls == [(0, batch, dm.decode_threads), (1, batch, dm.num_workers), (0, batch, dm.decode_threads)]
+
+
+def test_extract_reads_a_class_spelled_with_other_accents_as_one_class(tmp_path) -> None:
+    """train/été typed on one system, val/été copied from macOS (decomposed accents): one class."""
+    nfc, nfd = "\u00e9t\u00e9", "e\u0301te\u0301"
+    for split, name, seed in (("train", nfc, 1), ("train", "ok", 2), ("val", nfd, 3), ("val", "ok", 4)):
+        _write_image(tmp_path / "d" / split / name / f"{seed}.png", seed=seed, tint=seed % 3)
+    fs = extract(tmp_path / "d", TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+    assert fs.classes == ["ok", nfc] and sorted(fs.labels.tolist()) == [0, 0, 1, 1]  # sorted folder names
+    _write_image(tmp_path / "d" / "train" / nfd / "5.png", seed=5, tint=1)  # both spellings in train/
+    with pytest.raises(DatasetError, match="differ only in how their accents are encoded"):
+        extract(tmp_path / "d", TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)

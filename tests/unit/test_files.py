@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -30,13 +31,18 @@ def _writer(target) -> subprocess.Popen:
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and process checks are POSIX")
 def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
     """A checkpoint or decoded cache half-written by a killed process (SIGKILL: no clean-up)
-    must not stay on disk for ever; a writer that still runs keeps its own."""
+    must not stay on disk for ever; a writer that still runs keeps its own (it holds it locked,
+    which a process in another container or on another machine sees too)."""
     target = tmp_path / "last.ckpt"
     killed, running = _writer(target), _writer(target)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     temps = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
     assert len(temps) == 2
+    atomic_write_text(target, "first")  # a minute's grace: a temporary file this young is never swept
+    assert sorted(tmp_path.glob(".last.ckpt.*.tmp")) == temps
+    for temp in temps:  # both older than a minute now; the live writer holds its file locked
+        os.utime(temp, (time.time() - 120, time.time() - 120))
     try:
         atomic_write_text(target, "new")
         left = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
@@ -45,7 +51,8 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
     finally:
         running.kill()
         running.wait()
-    time.sleep(0.05)
+    for temp in tmp_path.glob(".last.ckpt.*.tmp"):
+        os.utime(temp, (time.time() - 120, time.time() - 120))
     with atomic_path(target) as tmp:
         tmp.write_text("again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

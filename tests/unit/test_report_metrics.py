@@ -185,3 +185,13 @@ def test_the_operating_curve_passes_through_the_reported_threshold():
     assert sweep["escape_rate"][k] == rates["escape_rate"] == 0.0
     assert sweep["false_reject_rate"][k] == rates["false_reject_rate"] == 0.0
     assert sweep["threshold"] == sorted(sweep["threshold"]) and 0.0 in sweep["threshold"] and 1.0 in sweep["threshold"]
+
+
+def test_threshold_sweep_agrees_with_counting_and_stays_small():
+    rng = np.random.default_rng(0)
+    p_good, is_good = rng.random(5000), rng.random(5000) < 0.7
+    sweep = M.threshold_sweep(p_good, is_good, threshold=0.4321)
+    assert len(sweep["threshold"]) <= 2000 + 201 + 1  # not one point per image of a large test set
+    for t, esc, fr in list(zip(sweep["threshold"], sweep["escape_rate"], sweep["false_reject_rate"]))[::97]:
+        rates = M.good_defect_rates(p_good, is_good, t)
+        assert esc == pytest.approx(rates["escape_rate"]) and fr == pytest.approx(rates["false_reject_rate"])

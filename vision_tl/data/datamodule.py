@@ -378,9 +378,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         wanted = self.hparams.get("pixels_on_device")
         if wanted and not self.device_pipeline() and not getattr(self, "_said_no_pixels", False):
             self._said_no_pixels = True  # an explicit setting that cannot take effect is said, once
-            warnings.warn("pixels_on_device true has no effect here: --data.pipeline auto chose the CPU pipeline "
-                          "(no GPU, or a custom augment list), which augments in the loader; it applies to the "
-                          "device pipeline only", stacklevel=2)
+            warnings.warn("pixels_on_device true has no effect here: the CPU pipeline runs (no GPU, or a custom "
+                          "augment list), which augments in the loader; it applies to the device pipeline only",
+                          stacklevel=2)
         if (wanted is False or not isinstance(split, str) or split not in ("train", "val")
                 or not self.hparams.decoded_cache or not self.device_pipeline()):
             return False

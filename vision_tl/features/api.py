@@ -20,6 +20,8 @@ from vision_tl.data.folder import (
     FolderIndex,
     class_folders,
     file_sha256,
+    refuse_twins,
+    same_name,
     scan_folder,
 )
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
@@ -79,14 +81,17 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
         _refuse_loose_images(root, folders)
         first = [f for f in folders if f.name == "train"] or folders  # classes: train/'s first
         present = {folder: class_folders(folder) for folder in [*first, *folders]}
+        for folder, names in present.items():
+            refuse_twins(folder, names)  # accents encoded two ways: one class read twice
         images.classes = _split_classes(present)
         if not images.classes:
             raise DatasetError(f"{first[0]} has no class folders; expected <class>/ sub-folders")
+        label_of = {same_name(name): k for k, name in enumerate(images.classes)}
         for folder in folders:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="skipped .* unreadable")
                 index = scan_folder(folder, present[folder], skip_bad=True)
-            _add_index(images, index, [images.classes.index(name) for name in present[folder]])
+            _add_index(images, index, [label_of[same_name(name)] for name in present[folder]])
     if images.bad and not skip_bad:
         raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad)}\n"
                            "Fix or remove them, or pass --skip-bad (skip_bad=True) to leave them out.")
@@ -108,7 +113,12 @@ def _split_classes(present: dict[Path, list[str]]) -> list[str]:
     """
     folders = list(present)
     classes = list(present[folders[0]])
-    extra = sorted({name for folder in folders[1:] for name in present[folder]} - set(classes))
+    known = {same_name(c) for c in classes}  # another split may spell a class's accents otherwise
+    extra = []
+    for name in sorted(name for folder in folders[1:] for name in present[folder]):
+        if same_name(name) not in known:
+            known.add(same_name(name))
+            extra.append(name)
     if extra:
         where = " and ".join(f"{folder.name}/ has {', '.join(n for n in present[folder] if n in extra)}"
                              for folder in folders[1:] if set(present[folder]) & set(extra))

@@ -114,11 +114,12 @@ class ShardStore:
         shard = f"{uuid.uuid4().hex[:16]}"
         features = np.ascontiguousarray(features, dtype=np.float32)
         feats_bytes, keys_bytes = _npy_bytes(features), _npy_bytes(np.asarray(keys, dtype="U64"))
-        atomic_write_bytes(self.path / f"{shard}.feats.npy", feats_bytes)
+        # fresh names: nothing of an earlier writer to sweep (the store clears its own leftovers)
+        atomic_write_bytes(self.path / f"{shard}.feats.npy", feats_bytes, sweep=False)
         atomic_write_text(self.path / f"{shard}.sum.json", json.dumps(
             {"rows": len(keys), "width": int(features.shape[1]), "feats_crc32": zlib.crc32(feats_bytes),
-             "keys_crc32": zlib.crc32(keys_bytes)}))
-        atomic_write_bytes(self.path / f"{shard}.keys.npy", keys_bytes)
+             "keys_crc32": zlib.crc32(keys_bytes)}), sweep=False)
+        atomic_write_bytes(self.path / f"{shard}.keys.npy", keys_bytes, sweep=False)
         _VERIFIED.add(_stamp(self.path / f"{shard}.feats.npy"))  # written from memory just now
         index = self.index()
         self._rows[shard] = len(keys)

@@ -162,12 +162,14 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     names, used = {}, set()
     for path in paths:
         name = f"{path.stem}.gradcam.png"
-        if name in used:  # same file name in two folders: the folder's name, then a number
+        # same file name in two folders: the folder's name, then a number; compared as a
+        # case-insensitive disk (macOS, Windows) compares, where x.png and X.png are one file
+        if name.casefold() in used:
             name = f"{path.parent.name}_{name}"
         k = 2
-        while name in used:
+        while name.casefold() in used:
             name, k = f"{path.parent.name}_{path.stem}_{k}.gradcam.png", k + 1
-        used.add(name)
+        used.add(name.casefold())
         names[path] = name
     existing = [n for n in names.values() if (out_dir / n).exists()]
     if existing and not overwrite:

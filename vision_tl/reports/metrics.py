@@ -275,17 +275,22 @@ def _above_all(scores: np.ndarray) -> float:
 
 
 def threshold_sweep(p_good: np.ndarray, is_good: np.ndarray, points: int = 201,
-                    threshold: float | None = None) -> dict:
+                    threshold: float | None = None, max_scores: int = 2000) -> dict:
     """Escape and false-reject rates over thresholds in [0, 1] (for the trade-off plots): an even
-    grid, every observed score (where the rates change: an operating point between two close
-    scores is on the curve) and ``threshold``, whose rates are then the reported ones exactly."""
+    grid, the observed scores (where the rates change: an operating point between two close
+    scores is on the curve; beyond ``max_scores`` of them, that many spread over their range) and
+    ``threshold``, whose rates are then the reported ones exactly. O(n log n) in the images."""
     p_good, is_good = np.asarray(p_good, np.float64), np.asarray(is_good, bool)
+    scores = np.unique(p_good[(p_good >= 0) & (p_good <= 1)])
+    if len(scores) > max_scores:
+        scores = scores[np.linspace(0, len(scores) - 1, max_scores).round().astype(int)]
     extra = [threshold] if threshold is not None else []
-    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, points), p_good[(p_good >= 0) & (p_good <= 1)], extra]))
-    passed = p_good[None, :] >= grid[:, None]
-    n_good, n_defect = is_good.sum(), (~is_good).sum()
-    escape = (passed & ~is_good).sum(1) / n_defect if n_defect else None
-    reject = (~passed & is_good).sum(1) / n_good if n_good else None
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, points), scores, extra]))
+    good, defect = np.sort(p_good[is_good]), np.sort(p_good[~is_good])
+    n_good, n_defect = len(good), len(defect)
+    # good iff p >= t: defects passed are those >= t, good rejected those < t
+    escape = (n_defect - np.searchsorted(defect, grid, "left")) / n_defect if n_defect else None
+    reject = np.searchsorted(good, grid, "left") / n_good if n_good else None
     return {"threshold": grid.tolist(),
             "escape_rate": None if escape is None else escape.tolist(),
             "false_reject_rate": None if reject is None else reject.tolist()}

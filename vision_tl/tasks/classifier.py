@@ -30,6 +30,7 @@ from vision_tl.backbones import (
     resolve_preprocessing,
     weights_identity,
 )
+from vision_tl.data.folder import same_name
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
 from vision_tl.utils.distributed import first_builds
@@ -245,7 +246,9 @@ class ImageClassifier(L.LightningModule):
         if self._channels_last(self.trainer.strategy.root_device if self._trainer else self.device):
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
-            _check_compiler()
+            device = self.trainer.strategy.root_device if self._trainer else self.device
+            if device.type == "cpu":  # inductor's C++ backend; a GPU compiles with Triton
+                _check_compiler()
             self.__dict__["_compiled_net"] = torch.compile(self.net)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
@@ -270,7 +273,8 @@ class ImageClassifier(L.LightningModule):
                 f"{self.preprocessing.to_dict()}; build both with the same backbone and image_size "
                 "(ImageFolderDataModule(root, backbone=..., image_size=...))")
         good = _data_setting(datamodule, "good_class")
-        if good is not None and self.hparams.good_class is None:
+        if good is not None and (self.hparams.good_class is None or same_name(good) == same_name(
+                self.hparams.good_class)):  # the folder's spelling, however its accents were typed
             self.hparams.good_class = good  # the reports, the checkpoint and the export need it
         elif good is not None and good != self.hparams.good_class:
             raise ValueError(f"good_class differs: the data module has {good!r}, the model "

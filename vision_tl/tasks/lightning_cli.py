@@ -75,18 +75,20 @@ class SaveRunConfig(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir  # collective under DDP: the same directory on every rank
-        if log_dir is not None:
-            _OWN_RUNS.append(Path(log_dir))
         exists = False
         if trainer.is_global_zero and log_dir is not None and not self.overwrite:
             # (not holds_run: other callbacks' setup has written this run's labels.json already)
             exists = (Path(log_dir) / self.config_filename).exists()
         if trainer.strategy.broadcast(exists):  # every rank stops, not only rank 0
+            if log_dir is not None:  # another command's run (two fits given one version): never cleaned up here
+                _NOT_OWN.add(Path(log_dir))
             raise FileExistsError(
                 f"run directory {log_dir} already holds a run; pick a new one with "
                 "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
                 "(or leave version unset to get the next free one)"
             )
+        if log_dir is not None:
+            _OWN_RUNS.append(Path(log_dir))
         # The saved config says how to train, not where: with a fixed version in it,
         # `validate/test/predict --config RUN/config.yaml` would point at this same, occupied
         # run directory (as after a resume, which pins the version) and be refused.
@@ -473,6 +475,7 @@ _WATCHED_RUNS: list[tuple[Path, set[str]]] = []
 # make that directory before any setup (a failing data module's included): only it may be removed.
 _OWN_RUNS: list[Path] = []
 _OWN_LOGGERS: list = []
+_NOT_OWN: set[Path] = set()  # a run directory SaveRunConfig found taken by another command
 
 
 def _own_runs() -> list[Path]:
@@ -480,13 +483,14 @@ def _own_runs() -> list[Path]:
     for logger in _OWN_LOGGERS:  # a logger that made its directory in this process (rank 0 under DDP)
         if getattr(logger, "_experiment", None) is not None and getattr(logger, "log_dir", None):
             runs.append(Path(logger.log_dir))
-    return runs
+    return [run for run in runs if run not in _NOT_OWN]
 
 
 def _forget_runs() -> None:
     _WATCHED_RUNS.clear()
     _OWN_RUNS.clear()
     _OWN_LOGGERS.clear()
+    _NOT_OWN.clear()
 
 
 # What every command writes into its run directory before any result.

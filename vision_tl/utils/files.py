@@ -15,49 +15,82 @@ import os
 import re
 import socket
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+# A temporary file younger than this is never taken for an orphan: its writer may have created it
+# an instant ago and not yet locked it.
+_ORPHAN_AGE_S = 60.0
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here, so nothing is swept
+    fcntl = None
 
 
 def temp_prefix(path: Path) -> str:
-    """The start of a temporary file's name for writing ``path`` from this process."""
+    """The start of a temporary file's name for writing ``path`` from this process (machine and
+    process, for the person who finds one)."""
     return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
+@contextlib.contextmanager
+def locked_temp(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path``, locked (``flock``) by this process until the block
+    ends, then removed if it is still there. The lock is what tells a writer that is still at
+    work from one that was killed: the kernel drops it with the process, whatever machine or
+    container (PID namespace) the process ran in."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    tmp_path = Path(tmp)
+    try:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a file system without locks: the file is just not swept
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield tmp_path
+    finally:
+        os.close(fd)
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
 def remove_orphaned_temps(path: Path) -> list[Path]:
-    """Remove the temporary files of ``path`` that processes of this machine left when they were
-    killed (their process no longer runs); returns them. Another machine's (a shared disk) and
-    a running process's are left alone."""
-    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+    """Remove the temporary files of ``path`` whose writer is gone (killed: SIGKILL, power cut),
+    i.e. that no process holds locked and that are over a minute old; returns them. Another
+    writer's temporary file, on this machine or another, is left alone while it works."""
+    if fcntl is None:
         return []
     removed = []
-    start = f".{path.name}.{_HOST}-"
-    for found in glob.glob(glob.escape(str(path.parent / start)) + "*.tmp"):
-        pid = Path(found).name[len(start):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+    now = time.time()
+    for found in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*-*.tmp"):
+        try:
+            fd = os.open(found, os.O_RDONLY)
+        except OSError:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            Path(found).unlink()
-            removed.append(Path(found))
+        try:
+            if now - os.fstat(fd).st_mtime < _ORPHAN_AGE_S:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # locked: its writer is at work
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(found)
+                removed.append(Path(found))
+        finally:
+            os.close(fd)
     return removed
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's process
-        return True
-    return True
-
-
 @contextlib.contextmanager
-def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, overwrite: bool = True, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    ``sweep`` first removes what killed writers of ``path`` left (:func:`remove_orphaned_temps`);
+    writers of files with fresh names every time (the feature store's shards) skip that scan of
+    the directory.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -68,17 +101,12 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise FileNotFoundError(f"directory {path.parent} does not exist (writing {path.name})")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    remove_orphaned_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    if sweep:
+        remove_orphaned_temps(path)
+    with locked_temp(path) as tmp_path:
         yield tmp_path
         _make_readable(tmp_path)
         durable_replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def durable_replace(tmp: Path, path: Path) -> None:
@@ -103,13 +131,13 @@ def _make_readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
-    with atomic_path(path, overwrite) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True, sweep: bool = True) -> None:
+    with atomic_path(path, overwrite, sweep) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True, sweep: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite, sweep)
 
 
 def file_head(path: str | Path, n: int = 4) -> bytes:
