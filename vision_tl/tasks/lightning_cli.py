@@ -20,6 +20,7 @@ from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
 from vision_tl.tasks.resume import (
+    TERMINATED,
     ResumableRandomState,
     RunCheckpoint,
     check_resumed_data,
@@ -539,6 +540,11 @@ def run_lightning_cli(argv: list[str]) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except SystemExit as exc:
+        _remove_empty_new_runs()
+        if TERMINATED and exc.code == 1:  # SIGTERM under DDP, stopped like Ctrl-C (ResumableRandomState)
+            return SIGTERM_EXIT
+        raise
     except BaseException:
         _remove_empty_new_runs()
         raise

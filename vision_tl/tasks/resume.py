@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
+import threading
 from pathlib import Path
 from weakref import proxy
 
@@ -43,6 +46,13 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a run of several processes, taken like Ctrl-C (see ``ResumableRandomState``)."""
+
+
+TERMINATED: list[bool] = []  # set when a Terminated stopped this process's run (the CLI exits 143)
+
+
 class ResumableRandomState(L.Callback):
     """Saves the RNG states with every checkpoint and restores them when training resumes.
 
@@ -61,6 +71,26 @@ class ResumableRandomState(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Several processes: SIGTERM stops training the way Ctrl-C does (set here, after Lightning
+        registered its handlers, which this replaces until fit ends and Lightning restores them). Lightning's own SIGTERM
+        handler broadcasts to the other ranks from inside the handler; when the signal lands while
+        a rank is in another collective (a metric's gather at the end of validation), the ranks
+        wait on each other for good or gloo aborts. Ctrl-C's path makes no such call."""
+        if trainer.world_size < 2 or os.name != "posix" or threading.current_thread() is not threading.main_thread():
+            return
+        TERMINATED.clear()
+
+        def stop(signum, frame) -> None:
+            if not TERMINATED:
+                TERMINATED.append(True)
+                launcher = trainer.strategy.launcher  # ranks this process started get the signal too
+                if launcher is not None:
+                    launcher.kill(signum)
+            raise Terminated(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, stop)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:
