@@ -523,6 +523,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     from vision_tl.errors import user_errors
 
     _forget_runs()
+    TERMINATED.clear()  # an earlier command's SIGTERM (several fits in one Python session)
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
     try:
         with user_errors(extra=(MisconfigurationException,)):
