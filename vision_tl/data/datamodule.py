@@ -20,10 +20,9 @@ from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
     Sample,
-    class_folders,
     detect_layout,
+    foreign_class_folders,
     list_classes,
-    refuse_twins,
     same_name,
     scan_folder,
     scan_unlabelled,
@@ -222,6 +221,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._host_pixels: dict[str, np.ndarray] = {}  # split -> decoded cache, for pixels_on_device
         self._device_pixels: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._said_no_pixels = False  # the pixels_on_device warning, once
         self._classes = list_classes(self.layout.get("train", self.root))
         if good_class is not None:
             named = [c for c in self._classes if same_name(c) == same_name(good_class)]
@@ -275,10 +275,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _check_split_classes(self, name: str, folder: Path) -> None:
         """A val/ or test/ folder may lack a class (warned about after the scan), but a class
         folder that train/ lacks has no label: that is an error naming it."""
-        known = {same_name(c) for c in self._classes}
-        present = class_folders(folder)
-        refuse_twins(folder, present)
-        extra = [c for c in present if same_name(c) not in known]
+        extra = foreign_class_folders(folder, self._classes)
         if extra:
             raise DatasetError(
                 f"{folder} has class folder(s) that train/ lacks: {', '.join(map(repr, extra))} (train/ has "
@@ -286,11 +283,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"them, or move these folders out of {name}/")
 
     def _warn_absent_classes(self, name: str, folder: Path, index: FolderIndex) -> None:
-        counts = index.class_counts()
         if not index.samples:
             raise DatasetError(f"{folder} holds no images (supported: {', '.join(IMAGE_EXTENSIONS)}); put each "
                                f"class's held-out images in {folder}/<class>/, or remove {name}/")
-        absent = [c for c, n in zip(self._classes, counts) if n == 0]
+        absent = index.absent_classes()
         if absent:
             warnings.warn(f"{name}/ has no images of {', '.join(map(repr, absent))}: their recall on {name}/ is not "
                           "measured (null), and balanced accuracy averages the other classes", stacklevel=3)
@@ -376,7 +372,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _keep_pixels_on_device(self, split: str | list[Sample]) -> bool:
         """Whether ``split``'s loader serves :class:`PixelRows` (see ``pixels_on_device``)."""
         wanted = self.hparams.get("pixels_on_device")
-        if wanted and not self.device_pipeline() and not getattr(self, "_said_no_pixels", False):
+        if wanted and not self.device_pipeline() and not self._said_no_pixels:
             self._said_no_pixels = True  # an explicit setting that cannot take effect is said, once
             warnings.warn("pixels_on_device true has no effect here: the CPU pipeline runs (no GPU, or a custom "
                           "augment list), which augments in the loader; it applies to the device pipeline only",

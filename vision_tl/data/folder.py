@@ -7,7 +7,7 @@ import json
 import os
 import unicodedata
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,10 @@ class FolderIndex:
     def class_counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=len(self.classes)).tolist()
 
+    def absent_classes(self) -> list[str]:
+        """The classes with no image here (a held-out split may lack a rare one)."""
+        return [c for c, n in zip(self.classes, self.class_counts()) if n == 0]
+
 
 def detect_layout(root: str | Path) -> dict[str, Path]:
     """``{"train": ..., "val": ..., "test": ...}`` for split folders, else ``{"all": root}``."""
@@ -97,13 +101,28 @@ def class_folder(root: Path, name: str) -> Path | None:
 def refuse_twins(root: Path, names: list[str]) -> None:
     """Class folders of ``root`` whose names differ only in how accents are encoded would be one
     class read twice, or one of them ignored: an error naming both (as ``ascii`` shows them)."""
-    twins = sorted({same_name(n) for n in names if sum(same_name(m) == same_name(n) for m in names) > 1})
+    counts = Counter(map(same_name, names))
+    twins = {name for name, n in counts.items() if n > 1}
     if twins:
         raise DatasetError(
             f"{root} has class folders whose names differ only in how their accents are encoded "
             f"(Unicode NFC vs NFD): {', '.join(ascii(n) for n in names if same_name(n) in twins)}; "
             "merge them into one folder"
         )
+
+
+def foreign_class_folders(folder: Path, classes: list[str]) -> list[str]:
+    """The class folders of a held-out split (val/, test/) that are none of ``classes`` (matched
+    in NFC form); twin folders of one class are refused (:func:`refuse_twins`)."""
+    present = class_folders(folder)
+    refuse_twins(folder, present)
+    known = {same_name(c) for c in classes}
+    return [name for name in present if same_name(name) not in known]
+
+
+def loose_images(folder: Path) -> list[Path]:
+    """The visible image files directly in ``folder`` (in none of its sub-folders), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
 
 
 def list_classes(root: str | Path) -> list[str]:
@@ -241,7 +260,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
                 "add images or remove the folder"
             )
         _add_images(index, images, label)
-    loose = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    loose = loose_images(root)
     if loose:
         shown = ", ".join(p.name for p in loose[:5]) + (", ..." if len(loose) > 5 else "")
         warnings.warn(f"{len(loose)} image(s) directly in {root} are in no class folder and are not used: {shown}. "

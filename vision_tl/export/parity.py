@@ -10,7 +10,6 @@ uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_tl.data.folder import DatasetError, read_split, recorded_mismatches
+from vision_tl.data.folder import DatasetError, read_split, recorded_mismatches, same_name
 from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
@@ -137,8 +136,8 @@ def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--p
         paths = list_images(Path(folder).expanduser())
     except DeployError as exc:
         raise ExportError(f"{option}: {exc}") from exc
-    index = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}  # accents encoded either way
-    labels = [index.get(unicodedata.normalize("NFC", p.parent.name)) for p in paths]
+    index = {same_name(c): i for i, c in enumerate(classes)}  # accents encoded either way
+    labels = [index.get(same_name(p.parent.name)) for p in paths]
     return ImageSet(paths, labels, f"folder {folder} ({len(paths)} images)")
 
 

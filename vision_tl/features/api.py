@@ -20,6 +20,7 @@ from vision_tl.data.folder import (
     FolderIndex,
     class_folders,
     file_sha256,
+    loose_images,
     refuse_twins,
     same_name,
     scan_folder,
@@ -138,8 +139,7 @@ def _add_index(images: ImageList, index: FolderIndex, label_map: list[int]) -> N
 
 def _refuse_loose_images(root: Path, folders: list[Path]) -> None:
     """Sub-folders read as classes leave images beside them out: say so instead of dropping them."""
-    loose = sorted(p for folder in folders for p in folder.iterdir()
-                   if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    loose = [p for folder in folders for p in loose_images(folder)]
     if loose:
         shown = ", ".join(str(p.relative_to(root)) for p in loose[:5]) + (", ..." if len(loose) > 5 else "")
         raise DatasetError(

@@ -201,14 +201,7 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
             changed since training, a split folder has a class folder the model does not
             know, or the split is not there; nothing is skipped silently.
     """
-    from vision_tl.data.folder import (
-        DatasetError,
-        class_folders,
-        read_split,
-        refuse_twins,
-        same_name,
-        scan_folder,
-    )
+    from vision_tl.data.folder import DatasetError, foreign_class_folders, read_split, scan_folder
 
     if split not in SPLITS:
         raise ReportError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
@@ -227,13 +220,10 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
     folder = root / split
     if not folder.is_dir():
         raise ReportError(_no_split_folder(root, split, recorded_val=bool(record and record.get("val"))))
-    known = {same_name(c) for c in classes}  # accents encoded either way name one class
-    present = class_folders(folder)
     try:
-        refuse_twins(folder, present)
+        unknown = foreign_class_folders(folder, classes)  # accents encoded either way name one class
     except DatasetError as exc:
         raise ReportError(str(exc)) from exc
-    unknown = [d for d in present if same_name(d) not in known]
     if unknown:
         raise ReportError(f"{folder} has class folder(s) {', '.join(unknown)} that the model does not know "
                           f"(its classes: {', '.join(classes)}); move them out of {folder} or pass --data ROOT "
@@ -241,7 +231,7 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
     index = scan_folder(folder, classes, partial=True)  # a held-out split may lack a rare class, as in fit
     if not index.samples:
         raise ReportError(f"{folder} holds no images of the model's classes ({', '.join(classes)})")
-    absent = [c for c, n in zip(classes, index.class_counts()) if n == 0]
+    absent = index.absent_classes()
     notes = [f"{split}/ has no images of {', '.join(absent)}: their recall is not measured"] if absent else []
     return [s.path for s in index.samples], [s.label for s in index.samples], notes
 

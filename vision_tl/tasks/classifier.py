@@ -363,15 +363,15 @@ class ImageClassifier(L.LightningModule):
     def _eval_epoch_end(self, metrics: MetricCollection, stage: str) -> None:
         values = metrics.compute()
         metrics.reset()
+        matrix = values["confusion_matrix"].int()
+        rows = matrix.sum(1)
         # balanced accuracy = mean recall of the classes this split has, as in `vision-tl report`
         # (torchmetrics counts a class with no images here as recall 0 once anything is predicted as it)
-        rows = values["confusion_matrix"].sum(1)
         if bool((rows > 0).any()):
-            values["balanced_acc"] = (values["confusion_matrix"].diag()[rows > 0] / rows[rows > 0]).float().mean()
+            values["balanced_acc"] = (matrix.diag()[rows > 0] / rows[rows > 0]).float().mean()
         for name in ("acc", "balanced_acc", "f1_macro"):
             self.log(f"{stage}/{name}", values[name], prog_bar=name != "f1_macro")
-        matrix = values["confusion_matrix"].int()
-        predicted, present = matrix.sum(0).tolist(), matrix.sum(1).tolist()
+        predicted, present = matrix.sum(0).tolist(), rows.tolist()
         # None, as in `vision-tl report`, where the ratio is undefined (torchmetrics says 0):
         # precision of a class never predicted, recall of a class with no images here
         self.eval_results[stage] = {

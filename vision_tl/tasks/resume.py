@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.utils import say
-from vision_tl.utils.files import durable_replace, locked_temp, remove_orphaned_temps, temp_prefix
+from vision_tl.utils.files import atomic_path, temp_prefix
 
 
 def _rng_state() -> dict:
@@ -128,20 +128,17 @@ class RunCheckpoint(ModelCheckpoint):
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
         mid-write never leaves a partial checkpoint under the final name."""
         path = Path(filepath)
-        with contextlib.ExitStack() as stack:
-            if trainer.is_global_zero:  # the one rank that writes: a locked temporary file, after
-                path.parent.mkdir(parents=True, exist_ok=True)  # (checkpoints/ at the first save)
-                remove_orphaned_temps(path)  # clearing what a killed run's half-written one left
-                tmp = stack.enter_context(locked_temp(path))
-            else:  # the others only join save_checkpoint's collectives; nothing is written here
-                tmp = path.with_name(f"{temp_prefix(path)}unused.tmp")
-            try:
+        try:
+            with contextlib.ExitStack() as stack:
+                if trainer.is_global_zero:  # the one rank that writes, through atomic_path
+                    path.parent.mkdir(parents=True, exist_ok=True)  # (checkpoints/ at the first save)
+                    tmp = stack.enter_context(atomic_path(path))
+                else:  # the others only join save_checkpoint's collectives; nothing is written here
+                    tmp = path.with_name(f"{temp_prefix(path)}unused.tmp")
                 trainer.save_checkpoint(tmp, self.save_weights_only)
-                if trainer.is_global_zero:
-                    durable_replace(tmp, path)
-            except OSError as exc:
-                raise OSError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
-                              "checkpoint, if any, is unchanged") from exc
+        except OSError as exc:
+            raise OSError(exc.errno, f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
+                          "checkpoint, if any, is unchanged") from exc
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:

@@ -1,9 +1,9 @@
 """Atomic file writes: a temporary file in the same directory, synced, then ``os.replace``.
 
 A killed or failing writer, or a power cut, therefore never leaves a partial file under the
-final name. The temporary file's name says which machine and process writes it
-(``.<name>.<host>-<pid>.<random>.tmp``), so one that a killed process left behind (a
-checkpoint's or a decoded cache's size) is removed by the next write of the same file.
+final name. The writer holds its temporary file (``.<name>.<host>-<pid>.<random>.tmp``) locked
+while it works, so one that a killed process left behind (a checkpoint's or a decoded cache's
+size) is told apart and removed by the next write of the same file.
 """
 
 from __future__ import annotations
