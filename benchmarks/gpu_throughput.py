@@ -13,7 +13,7 @@
    once more with its feature cache, as the recipe runs by default (whole fit); then
    ``vision-tl extract`` over the JPEGs (bf16, no feature cache; a new process, as a user
    runs it) against the inference bound, and its engine in steady state (after its first
-   batches).
+   batches); both again with ``--decode device`` (JPEGs decoded by nvJPEG on the GPU).
 4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
@@ -43,6 +43,7 @@ from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noq
 
 from vision_tl import imaging  # noqa: E402
 from vision_tl.data.device import default_decode_threads, default_num_workers  # noqa: E402
+from vision_tl.data.device_decode import decoding_difference  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # loaders: partial through loader processes; cached: frozen with its feature cache (the recipe's default)
@@ -115,17 +116,25 @@ def checks(args, root: Path) -> None:
     pre = resolve_preprocessing(args.backbone, args.size)
     paths = sorted(root.rglob("*.jpg"))[:96]
     feats = {}
-    for name, net in (("cpu", model), (args.device, copy.deepcopy(model).to(device))):
-        runs = iter_embeddings(FeatureExtractor(net, args.backbone, pre), paths, batch_size=32, num_workers=2,
-                               device=name, progress=False)
+    on_device = copy.deepcopy(model).to(device)
+    for name, net, decode in (("cpu", model, "cpu"), (args.device, on_device, "cpu"), ("decode", on_device, "device")):
+        runs = iter_embeddings(FeatureExtractor(net, args.backbone, pre, decode=decode), paths, batch_size=32,
+                               num_workers=2, device=device if name == "decode" else name, progress=False)
         feats[name] = np.concatenate([r.features for r in runs])
-    a, b = feats["cpu"], feats[args.device]
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    if len(a) != len(paths) or len(b) != len(paths) or cosine.min() < 0.999:
-        raise SystemExit(f"extract on {args.device} differs from the CPU (min cosine {cosine.min():.5f})")
+    cosine = {name: _min_cosine(feats["cpu"], feats[name]) for name in (args.device, "decode")}
+    if any(len(f) != len(paths) for f in feats.values()) or cosine[args.device] < 0.999:
+        raise SystemExit(f"extract on {args.device} differs from the CPU (min cosine {cosine[args.device]:.5f})")
+    mean, largest = decoding_difference(device, (args.size, args.size))
+    args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
+                         f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
+                         f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
-          f"extract on {args.device} vs CPU: min cosine {cosine.min():.6f}; "
-          f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}", flush=True)
+          f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
+          f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}\n{args.decode_check}", flush=True)
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).min())
 
 
 def host_syncs(dm, batch, device: torch.device) -> list[str]:
@@ -230,7 +239,7 @@ def gpu_busy(syncs: dict) -> str:
     return "n/a" if busy.get("busy") is None else f"{100 * busy['busy']:.0f} %"
 
 
-def extract_rate(args, root: Path) -> tuple[float, float, float, float]:
+def extract_rate(args, root: Path, decode: str = "cpu") -> tuple[float, float, float, float]:
     """``vision-tl extract`` over the JPEG folder in a fresh process, as a user runs it (decode
     on threads, uint8 to the device, bf16 on a GPU; no feature cache): images/s over the
     extraction (decoding start-up and first batches included; the model's loading and Python's
@@ -246,7 +255,7 @@ def extract_rate(args, root: Path) -> tuple[float, float, float, float]:
         argv = [sys.executable, "-m", "vision_tl.cli", "extract", str(root), "--backbone", args.backbone,
                 "--out", str(out), "--batch-size", str(args.batch), "--image-size", str(args.size),
                 "--device", args.device, "--precision", "bf16" if args.device == "cuda" else "32",
-                "--no-cache", "--no-progress"]
+                "--no-cache", "--no-progress", "--decode", decode]
         if args.workers is not None:
             argv += ["--num-workers", str(args.workers)]
         if args.backbone == "test_efficientnet":
@@ -261,7 +270,7 @@ def extract_rate(args, root: Path) -> tuple[float, float, float, float]:
                 float(meta.get("seconds_to_first_batch", "nan")), wall)
 
 
-def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
+def extract_steady_rate(args, root: Path, skip: int = 3, decode: str = "cpu") -> tuple[float, float]:
     """images/s of extract's engine (``iter_embeddings``: workers, side-stream copy, one batch
     in flight, bf16) after its first ``skip`` batches, i.e. without starting the loader
     processes and the GPU's first-shape warm-up, which dominate a 10,000-image run that
@@ -272,7 +281,7 @@ def extract_steady_rate(args, root: Path, skip: int = 3) -> tuple[float, float]:
     device = torch.device(args.device)
     model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").to(device)
     fx = FeatureExtractor(model, args.backbone, resolve_preprocessing(args.backbone, args.size),
-                          precision="bf16" if args.device == "cuda" else "32")
+                          precision="bf16" if args.device == "cuda" else "32", decode=decode)
     paths = sorted(root.rglob("*.jpg"))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -318,13 +327,14 @@ def augment_ms(args, reps: int = 20) -> float:
 def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> None:
     """The extract rows: ``vision-tl extract`` in a new process, its engine in steady state, and
     the engine again with Pillow decoding where simplejpeg is in use."""
-    rate, seconds, first, wall = extract_rate(args, root)
-    # its GPU memory: another process's; its timings go with the row, for the report
-    kit["extract (vision-tl extract, new process)"] = (rate, float("nan"), {"times": (seconds, first, wall)})
-    print(f"extract: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, the "
-          f"first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
-    kit["extract, steady state"] = (*extract_steady_rate(args, root), {})
-    print(f"extract, steady state: {kit['extract, steady state'][0]:,.0f} img/s", flush=True)
+    for decode, label in (("cpu", "extract"), ("device", "extract --decode device")):
+        rate, seconds, first, wall = extract_rate(args, root, decode)
+        # its GPU memory: another process's; its timings go with the row, for the report
+        kit[f"{label} (vision-tl extract, new process)"] = (rate, float("nan"), {"times": (seconds, first, wall)})
+        print(f"{label}: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, "
+              f"the first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
+        kit[f"{label}, steady state"] = (*extract_steady_rate(args, root, decode=decode), {})
+        print(f"{label}, steady state: {kit[f'{label}, steady state'][0]:,.0f} img/s", flush=True)
     if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
         imaging._fast_jpeg = False  # the decoding threads share this process's choice
         kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
@@ -366,12 +376,15 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
                   f"every epoch's training images ({args.epochs} epochs) over the whole fit, from setup to the end "
                   "of training, with the one extraction pass and the validation passes included. Its bound, one "
                   "inference pass per image and epoch, is what the backbone would cost without the cache."]
-    for _, _, syncs in kit.values():
+    for mode, (_, _, syncs) in kit.items():
         if "times" not in (syncs or {}):
             continue
         seconds, first, wall = syncs["times"]
-        lines += ["", f"`vision-tl extract`: {seconds:.2f} s of extraction, of which {first:.2f} s until the first "
-                  f"batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the whole process."]
+        lines += ["", f"`vision-tl {mode.split(' (')[0]}`: {seconds:.2f} s of extraction, of which {first:.2f} s until "
+                  f"the first batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the "
+                  "whole process."]
+    if getattr(args, "decode_check", None):
+        lines += ["", args.decode_check]
     for mode, (_, _, syncs) in kit.items():
         busy = (syncs or {}).get("busy")
         if busy:

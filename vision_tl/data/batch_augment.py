@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vision_tl.backbones import Preprocessing
+from vision_tl.data.device import to_device
 from vision_tl.data.transforms import normalisation
 
 
@@ -37,14 +38,6 @@ def _change_rows(batch: torch.Tensor, rows: torch.Tensor, change) -> None:
     """``batch[rows] = change(batch[rows])``, in place, for the images one step picked."""
     if len(rows):
         batch.index_copy_(0, rows, change(batch.index_select(0, rows)))
-
-
-def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Small host tensors on ``device`` without a wait: pinned, then copied asynchronously (the
-    pinned buffers are held until the copy is done by PyTorch's host allocator)."""
-    if device.type != "cuda":
-        return [t.to(device) for t in tensors]
-    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 class BatchAugment(nn.Module):
@@ -77,7 +70,7 @@ class BatchAugment(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", inv_std, persistent=False)
         # A constant on the module's device: a tensor built from host data inside forward would
-        # be a blocking copy, i.e. a wait for the GPU on every batch (see _to for the random draws).
+        # be a blocking copy, i.e. a wait for the GPU on every batch (see to_device for the random draws).
         self.register_buffer("taps", torch.tensor([-1.0, 0.0, 1.0]), persistent=False)
 
     @classmethod
@@ -127,7 +120,7 @@ class BatchAugment(nn.Module):
         if square:
             k = torch.randint(0, 4, (n,), generator=generator)
             k = torch.where(_coin(n, self.p_rot90, generator), k, torch.zeros_like(k))
-        (table,) = _to(x.device, _DIHEDRAL[h + 2 * v + 4 * k])  # [n, 3]: transpose, flip W, flip H
+        (table,) = to_device(x.device, _DIHEDRAL[h + 2 * v + 4 * k])  # [n, 3]: transpose, flip W, flip H
         shape = (n, 1, 1, 1)
         if square:
             x = torch.where(~table[:, 0].view(shape), x, x.transpose(2, 3))  # keeps x's layout
@@ -154,7 +147,7 @@ class BatchAugment(nn.Module):
         std = 255.0 * _uniform(len(noise_rows), *self.noise_std, generator)
         blur_rows = _rows(_coin(n, self.p_blur, generator))
         sigma = _uniform(1, 0.5, 3.0, generator)  # one draw per batch
-        alpha, beta, gamma_rows, gamma, noise_rows, std, blur_rows, sigma = _to(
+        alpha, beta, gamma_rows, gamma, noise_rows, std, blur_rows, sigma = to_device(
             x.device, alpha, beta, gamma_rows, gamma, noise_rows, std, blur_rows, sigma)
         x = torch.addcmul(beta.view(shape), x, alpha.view(shape)).clamp_(0, 255)  # also the conversion to float32
         # Per-image steps work on an NHWC view of channels-last batches: rows gathered from it

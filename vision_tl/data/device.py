@@ -35,6 +35,14 @@ def copy_on_side_stream(move: Callable[[], Batch], device: torch.device) -> Batc
     return batch
 
 
+def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Small host tensors on ``device`` without a wait: pinned, then copied asynchronously (the
+    pinned buffers are held until the copy is done by PyTorch's host allocator)."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
 def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         if batch.is_cuda:

@@ -195,6 +195,7 @@ def extract(
     skip_bad: bool = False,
     device: str | None = None,
     precision: str = "32",
+    decode: str = "cpu",
     progress: bool = True,
     return_features: bool = True,
     unlabelled: bool = False,
@@ -226,6 +227,9 @@ def extract(
         device: ``"cpu"``, ``"cuda"``...; default cuda when available. Images travel as
             uint8 and are normalised on the device (pinned memory, channels_last on a GPU).
         precision: ``"32"`` or ``"bf16"`` (autocast; for GPUs; cached separately from fp32).
+        decode: ``"cpu"`` (decoding threads, Pillow's pixels) or ``"device"`` (JPEGs decoded on
+            ``device``: nvJPEG on a GPU, which takes extraction past what the CPU's cores
+            decode; pixels within a rounding of Pillow's, cached apart). Meant for GPUs.
         progress: show a tqdm bar.
         return_features: also return the arrays (False keeps memory flat for huge folders).
         unlabelled: every image under ``root`` at any depth, label -1 (sub-folders such as
@@ -249,7 +253,7 @@ def extract(
     model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
-                                 precision=precision)
+                                 precision=precision, decode=decode)
     with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)

@@ -63,6 +63,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", required=True, help="output file, .npz or .parquet")
         parser.add_argument("--precision", choices=("32", "bf16"), default="32",
                             help="32 (default) or bf16 autocast, for GPUs (cached apart from fp32)")
+        parser.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                            help="where JPEGs are decoded: cpu (threads, Pillow's pixels; default) or device "
+                                 "(nvJPEG on the GPU: faster where the CPU's cores cannot keep up; pixels within "
+                                 "rounding of Pillow's, cached separately)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         parser.add_argument("--no-cache", action="store_true",
                             help="keep nothing in the cache (partial shards live beside --out until done)")
@@ -98,7 +102,7 @@ def _run_extract(args: argparse.Namespace) -> None:
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
-            progress=not args.no_progress, return_features=False, unlabelled=args.unlabelled)
+            decode=args.decode, progress=not args.no_progress, return_features=False, unlabelled=args.unlabelled)
     from vision_tl.utils import launcher_int
 
     if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file

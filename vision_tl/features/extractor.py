@@ -24,12 +24,14 @@ from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decode_threads import DecodedRows, decode_batches
 from vision_tl.data.device import copy_on_side_stream, default_decode_threads
+from vision_tl.data.device_decode import device_batches
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
 PRECISIONS = ("32", "bf16")
+DECODERS = ("cpu", "device")
 
 
 def parse_stages(spec: str | Sequence[str | int] | None) -> tuple[str, ...]:
@@ -74,6 +76,9 @@ class FeatureExtractor:
         augment: augmentation applied before normalisation (``"none"`` for clean views).
         view: index of an augmented view (0 = clean); part of the cache key.
         precision: ``"32"`` (default) or ``"bf16"`` autocast, for GPUs; part of the cache key.
+        decode: where clean views' JPEGs are decoded: ``"cpu"`` (default; threads, Pillow's
+            pixels) or ``"device"`` (the model's device: nvJPEG on a GPU, see
+            :mod:`vision_tl.data.device_decode`); part of the cache key.
 
     Example:
         >>> net = create_backbone("tf_efficientnet_lite0")
@@ -84,9 +89,11 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, backbone: str, preprocessing: Preprocessing,
                  stages: str | Sequence[str | int] | None = None, augment: AugmentSpec = "none",
-                 view: int = 0, precision: str = "32") -> None:
+                 view: int = 0, precision: str = "32", decode: str = "cpu") -> None:
         if str(precision) not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        if decode not in DECODERS:
+            raise ValueError(f"unknown decode {decode!r}; expected one of: {', '.join(DECODERS)}")
         self.precision = str(precision)
         self.model = model
         self.backbone = backbone
@@ -94,6 +101,7 @@ class FeatureExtractor:
         self.stages = parse_stages(stages)
         self.augment = augment if view > 0 else "none"
         self.view = int(view)
+        self.decode = decode if self.augment == "none" else "cpu"  # augmented views: loader processes
         info = [int(f["num_chs"]) for f in getattr(model, "feature_info", [])]
         self._indices: list[int] = []
         for stage in self.stages:
@@ -133,6 +141,8 @@ class FeatureExtractor:
             }
             if self.precision != "32":  # fp32 keys stay those of earlier versions
                 self._identity["precision"] = self.precision
+            if self.decode != "cpu":  # other pixels (within device_decode.TOLERANCE), other embeddings
+                self._identity["decode"] = self.decode
         return self._identity
 
     def transform(self) -> ImageTransform:
@@ -235,7 +245,8 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             return np.zeros((0, extractor.num_features), np.float32), None
         if not cuda:
             return extractor.embed(x.to(device)).numpy(), None
-        x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
+        if x.device != device:  # --decode device: decoded there already
+            x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
         feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
         done = torch.cuda.Event()
         done.record()
@@ -243,7 +254,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
 
     pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
-        batches = _decoded_batches(extractor, paths, batch_size, num_workers, cuda)  # decoding starts now
+        batches = _decoded_batches(extractor, paths, batch_size, num_workers, device)  # decoding starts now
         if cuda and paths:
             warm_up(extractor, min(batch_size, len(paths)), device)
         for positions, x, bad in batches:
@@ -259,15 +270,20 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
 
 
 def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,
-                     pinned: bool) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+                     device: torch.device) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """``(positions, [N, 3, H, W] uint8 pixels or None, failures)`` per batch of ``paths``.
 
     Clean views (no augmentation) are decoded on ``workers`` threads straight into the batch
-    (pinned for a GPU): nothing to start, no copy between processes. Augmented views run their
-    albumentations pipeline, which is per-image Python, in ``workers`` loader processes.
+    (pinned for a GPU): nothing to start, no copy between processes; with ``decode="device"``
+    the threads only read the files and JPEGs are decoded on ``device``. Augmented views run
+    their albumentations pipeline, which is per-image Python, in ``workers`` loader processes.
     """
     transform = extractor.transform()
     files = _ImageFiles(paths, transform)
+    pinned = device.type == "cuda"
+    if files.whole_batches and extractor.decode == "device":
+        return device_batches(paths, transform.preprocessing.input_size, transform.preprocessing.interpolation,
+                              batch_size, device, workers)
     if not files.whole_batches:
         return iter(DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                pin_memory=pinned, prefetch_factor=4 if pinned and workers > 0 else None))

@@ -1,0 +1,141 @@
+"""``--decode device``: JPEGs decoded where the model runs (nvJPEG on a GPU). On a CPU the same
+code runs with torchvision's decoder, so these tests check everything but the GPU's pixels:
+the batches hold each image at its position, in the CPU path's pixels up to the resize's
+rounding; what the device cannot take is decoded on the host with the same errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_tl.backbones import create_backbone, resolve_preprocessing
+from vision_tl.data import device_decode
+from vision_tl.data.decode_threads import decode_batches
+from vision_tl.data.device_decode import check_device, decoding_difference, device_batches
+from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
+
+SIZE = (32, 32)
+
+
+def _images(tmp_path):
+    """Colour JPEGs (4:2:0, 4:4:4, progressive) at the output size and to resize, a grey JPEG,
+    a PNG, a BMP, a damaged JPEG (3) and one cut short (6)."""
+    rng = np.random.default_rng(0)
+    cases = [("a.jpg", (32, 32), "RGB", {}), ("b.jpg", (45, 37), "RGB", {"subsampling": 0}),
+             ("c.jpg", (20, 28), "L", {}), ("d.jpg", (32, 32), "RGB", {}), ("e.png", (40, 40), "RGB", {}),
+             ("f.jpg", (50, 60), "RGB", {"progressive": True}), ("g.jpg", (64, 64), "RGB", {}),
+             ("h.bmp", (32, 32), "RGB", {}), ("i.jpg", (32, 32), "L", {}), ("j.jpg", (33, 31), "RGB", {})]
+    paths = []
+    for name, (h, w), mode, options in cases:
+        ramp = np.linspace(0, 180, w)[None, :, None] + np.linspace(0, 60, h)[:, None, None]
+        pixels = np.clip(ramp + rng.normal(0, 15, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(tmp_path / name)
+        Image.fromarray(pixels).convert(mode).save(paths[-1], **options)
+    paths[3].write_bytes(b"\xff\xd8\xff" + b"not a jpeg" * 20)
+    paths[6].write_bytes(paths[6].read_bytes()[:300])
+    return paths
+
+
+def _on_cpu_threads(paths, interpolation="bicubic"):
+    pixels, errors = {}, {}
+    for rows in decode_batches(paths, SIZE, interpolation, 4, 0):
+        for k in range(len(rows.pixels)):
+            if k in rows.errors:
+                errors[rows.start + k] = rows.errors[k]
+            else:
+                pixels[rows.start + k] = rows.pixels[k].numpy()
+    return pixels, errors
+
+
+def _on_device(paths, threads, interpolation="bicubic", batch_size=4):
+    pixels, errors = {}, {}
+    for positions, x, failures in device_batches(paths, SIZE, interpolation, batch_size, "cpu", threads):
+        assert x is None or (x.dtype == torch.uint8 and x.shape[1:] == (3, *SIZE) and len(x) == len(positions))
+        pixels.update((p, x[k].permute(1, 2, 0).numpy()) for k, p in enumerate(positions))
+        errors.update(failures)
+    return pixels, errors
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batches_hold_each_image_in_place_with_the_cpu_paths_pixels_and_errors(tmp_path, threads) -> None:
+    paths = _images(tmp_path)
+    want, want_errors = _on_cpu_threads(paths)
+    got, got_errors = _on_device(paths, threads)
+    assert sorted(got) == sorted(want) == [0, 1, 2, 4, 5, 7, 8, 9]
+    assert got_errors == want_errors and sorted(got_errors) == [3, 6]
+    for i in want:
+        difference = np.abs(got[i].astype(int) - want[i])
+        # decoding is exact on a CPU; the antialiased resize differs from Pillow's by rounding
+        assert difference.max() <= (0 if paths[i].suffix != ".jpg" or i in (0, 8) else 8), paths[i].name
+        assert difference.mean() < 0.6, paths[i].name
+    np.testing.assert_array_equal(got[2][..., 0], got[2][..., 2])  # grey stays grey
+
+
+def test_a_filter_pytorch_has_no_twin_of_resizes_on_the_host_exactly(tmp_path) -> None:
+    paths = _images(tmp_path)
+    want, want_errors = _on_cpu_threads(paths, "lanczos")
+    got, got_errors = _on_device(paths, 2, "lanczos")
+    assert got_errors == want_errors and sorted(got) == sorted(want)
+    for i in want:
+        np.testing.assert_array_equal(got[i], want[i], err_msg=paths[i].name)
+
+
+def test_images_the_device_refuses_are_decoded_on_the_host(tmp_path, monkeypatch) -> None:
+    """A decoder call fails as a whole when one image in it fails: the others still come from
+    the device, the refused one from the host, each at its position."""
+    paths = _images(tmp_path)
+    refused = paths[1].read_bytes()
+    real = device_decode._decode
+    calls = []
+
+    def picky(datas, gray, device):
+        calls.append(len(datas))
+        if any(bytes(d.numpy()) == refused for d in datas):
+            raise RuntimeError("Error while decoding JPEG images")
+        return real(datas, gray, device)
+
+    monkeypatch.setattr(device_decode, "_decode", picky)
+    want, _ = _on_cpu_threads(paths)
+    got, errors = _on_device(paths, 0, batch_size=len(paths))
+    assert sorted(errors) == [3, 6] and sorted(got) == sorted(want)
+    assert np.abs(got[1].astype(int) - want[1]).max() == 0  # the host's pixels exactly
+    assert max(calls) > 1 and calls.count(1) >= 1  # batched first, then image by image
+
+
+def test_decoder_check_measures_and_refuses_a_device_over_the_tolerance(monkeypatch) -> None:
+    mean, largest = decoding_difference("cpu")
+    assert 0 <= mean < 0.5 and largest <= 8  # torchvision's CPU decoder is Pillow's; resize rounding only
+    monkeypatch.setattr(device_decode, "_checked", {"cpu": (7.5, 90)})
+    with pytest.raises(ValueError, match=r"differs from Pillow's by 7\.50.*--decode cpu"):
+        check_device(torch.device("cpu"))
+
+
+def test_reading_threads_stop_when_the_caller_leaves_early(tmp_path) -> None:
+    paths = _images(tmp_path) * 4
+    batches = device_batches(paths, SIZE, "bicubic", 2, "cpu", 2)
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("vision_tl-read")]
+
+
+def test_extractor_keys_device_decoding_apart_and_embeds_alike(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = create_backbone("test_efficientnet", pretrained=False)
+    pre = resolve_preprocessing("test_efficientnet", SIZE[0])
+    on_cpu = FeatureExtractor(net, "test_efficientnet", pre)
+    on_device = FeatureExtractor(net, "test_efficientnet", pre, decode="device")
+    assert "decode" not in on_cpu.identity() and on_device.identity()["decode"] == "device"
+    augmented = FeatureExtractor(net, "test_efficientnet", pre, augment="inspection", view=1, decode="device")
+    assert augmented.decode == "cpu"  # augmented views are per-image work in loader processes
+    with pytest.raises(ValueError, match="unknown decode 'gpu'"):
+        FeatureExtractor(net, "test_efficientnet", pre, decode="gpu")
+    paths = [p for i, p in enumerate(_images(tmp_path)) if i not in (3, 6)]
+    features = [np.concatenate([b.features for b in iter_embeddings(fx, paths, 3, 2, "cpu", progress=False)])
+                for fx in (on_cpu, on_device)]
+    a, b = features
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99
