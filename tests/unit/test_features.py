@@ -283,6 +283,15 @@ def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net,
         np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_random_init_extraction_is_the_same_every_run_and_cached_once(tmp_path, folder) -> None:
+    """A random-init baseline must be reproducible, and a re-run must find its features cached."""
+    runs = [extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+            for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].features, runs[1].features)
+    assert runs[0].metadata["state_digest"] == runs[1].metadata["state_digest"]
+    assert runs[1].metadata["images_per_second"] is None  # nothing computed: every row from the cache
+
+
 def test_flat_folder_has_no_labels(tmp_path) -> None:
     for i in range(3):
         _write_image(tmp_path / "flat" / f"{i}.png", seed=i, tint=i)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
 from vision_tl.data.device import default_decode_threads, resolve_device
@@ -250,7 +251,9 @@ def extract(
     out_path = check_output_path(out, overwrite) if out is not None else None
     device = resolve_device(device, ranks.local_rank)
     images = scan_images(root, skip_bad, unlabelled)
-    model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
+    with torch.random.fork_rng(devices=[]):  # random-init weights: the same every run (one cache entry)
+        torch.manual_seed(0)
+        model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
                                  precision=precision, decode=decode)

@@ -43,7 +43,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
     parser.add_argument("--random-init", action="store_true",
-                        help="use randomly initialised backbones (no ImageNet weights), on purpose")
+                        help="use randomly initialised backbones (no ImageNet weights; the same seeded "
+                             "weights every run), on purpose")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
