@@ -139,3 +139,20 @@ def test_extractor_keys_device_decoding_apart_and_embeds_alike(tmp_path) -> None
     a, b = features
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99
+
+
+def test_threads_start_reading_before_the_first_batch_is_asked_for(tmp_path, monkeypatch) -> None:
+    """extract warms the GPU up between creating the batches and taking the first: the files
+    must already be read meanwhile."""
+    paths = _images(tmp_path)
+    read = threading.Event()
+    real = device_decode._read
+
+    def counting(*args, **kwargs):
+        read.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(device_decode, "_read", counting)
+    batches = device_batches(paths, SIZE, "bicubic", 4, "cpu", 2)
+    assert read.wait(10)
+    assert sum(len(positions) for positions, _, _ in batches) == 8

@@ -101,12 +101,8 @@ def device_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
     if threads == 0:
         return (_assemble(_read(paths, s, min(batch_size, len(paths) - s), size, interpolation), size,
                           interpolation, device, paths) for s in starts)
-    return _pipelined(paths, starts, batch_size, size, interpolation, device, threads, ahead)
-
-
-def _pipelined(paths, starts, batch_size, size, interpolation, device, threads, ahead):
     pool = ThreadPoolExecutor(threads, thread_name_prefix="vision_tl-read")
-    stop = threading.Event()
+    stop = threading.Event()  # set when the consumer leaves early: queued reads then do nothing
     todo = iter(starts)
     work: deque[Future] = deque()
 
@@ -116,8 +112,12 @@ def _pipelined(paths, starts, batch_size, size, interpolation, device, threads, 
             work.append(pool.submit(_read, paths, start, min(batch_size, len(paths) - start), size,
                                     interpolation, stop))
 
-    for _ in range(max(1, ahead)):
+    for _ in range(max(1, ahead)):  # the threads start reading now, before the first next()
         submit()
+    return _in_order(work, submit, size, interpolation, device, paths, pool, stop)
+
+
+def _in_order(work, submit, size, interpolation, device, paths, pool, stop):
     try:
         while work:
             rows = work.popleft().result()
@@ -213,7 +213,8 @@ def _assemble(rows: _Rows, size: tuple[int, int], interpolation: str, device: to
     failures = [(rows.start + r, why) for r, why in sorted(rows.errors.items())]
     if not good:
         return [], None, failures
-    out = torch.empty((len(good), 3, *size), dtype=torch.uint8, device=device)
+    # channels-last, as the threads' batches are: what the model runs on a GPU, no conversion pass
+    out = torch.empty((len(good), 3, *size), dtype=torch.uint8, device=device, memory_format=torch.channels_last)
     slot = {row: k for k, row in enumerate(good)}
     groups: dict[tuple[int, int, int], list[int]] = {}
     for row, image in decoded.items():
