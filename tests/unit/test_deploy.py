@@ -345,8 +345,9 @@ def test_foreign_logits_are_softmaxed_with_a_warning(tmp_path: Path, images: lis
 
 
 def test_class_count_and_shape_mismatches(tmp_path: Path, model: Path):
+    foreign = build_model(tmp_path / "foreign.onnx", meta=None)
     with pytest.raises(DeployError, match="outputs 3 classes but 2 class names"):
-        Predictor(model, classes=["a", "b"])
+        Predictor(foreign, classes=["a", "b"], input_size=SIZE)
     with pytest.raises(DeployError, match="does not match"):
         Predictor(model, input_size=(16, 16))  # the graph is fixed to 8 x 8
     with pytest.raises(DeployError, match="invalid mean .*argument"):
@@ -355,6 +356,16 @@ def test_class_count_and_shape_mismatches(tmp_path: Path, model: Path):
                            meta=make_metadata(classes=["good", "bad", "ugly"]))
     with pytest.raises(DeployError, match="outputs 2 classes"):
         Predictor(bad_meta)
+
+
+def test_a_vision_tl_model_refuses_other_class_names(model: Path, images: list[Path]):
+    """Its metadata names the output columns: a reordering would relabel predictions and move
+    the good/defect decision onto another column."""
+    assert Predictor(model, classes=list(CLASSES)).classes == list(CLASSES)  # the same names: fine
+    for names in (list(reversed(CLASSES)), ["a", "b", "c"], ["a", "b"]):
+        with pytest.raises(DeployError, match=r"names its output columns .*leave out classes=.*--classes") as info:
+            Predictor(model, classes=names)
+        assert str(model) in str(info.value)
 
 
 def test_fixed_batch_model_runs_in_pieces(tmp_path: Path, images: list[Path]):

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
-                        help="class names in output order (overrides the model metadata)")
+                        help="class names in output order, for a model exported by another tool (a vision_tl "
+                             "model carries its own and refuses others)")
     parser.add_argument("--input-size", type=input_size_arg, default=None, metavar="H,W",
                         help="model input height,width (overrides the model metadata)")
     parser.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",

@@ -206,6 +206,7 @@ class Predictor:
             props = {**_graph_defaults(self._input), **props}
         stored_interpolation = props.get(PREFIX + "interpolation")
         stored = {k: props.get(PREFIX + k) for k in ("mean", "std")} if self.has_vision_tl_metadata else {}
+        self._check_classes(overrides.get(PREFIX + "classes"), props.get(PREFIX + "classes"))
         props.update(overrides)
         self.metadata = self._parse_metadata(props, set(overrides))
         self._check_overrides(mean, std, stored_interpolation, stored)
@@ -348,6 +349,21 @@ class Predictor:
             return self.preprocess(image)
         except DeployError as exc:
             raise DeployError(f"images[{index}]: {exc}") from exc
+
+    def _check_classes(self, given: str | None, stored: str | None) -> None:
+        """Refuse class names other than those a vision_tl model carries: they name its output
+        columns, so others would relabel every prediction and move the defect decision."""
+        if given is None or stored is None or not self.has_vision_tl_metadata:
+            return
+        try:
+            same = json.loads(given) == json.loads(stored)
+        except ValueError:
+            return  # malformed stored metadata: the metadata check names it
+        if not same:
+            raise DeployError(
+                f"{self.model_path}: its metadata names its output columns {', '.join(json.loads(stored))} "
+                f"(in that order); other names, {', '.join(json.loads(given))}, would relabel every prediction "
+                "and the good/defect decision; leave out classes= (on the command line --classes)")
 
     def _check_overrides(self, mean: Any, std: Any, stored_interpolation: str | None,
                          stored: dict[str, str | None]) -> None:
