@@ -7,11 +7,12 @@ the other sub-commands are small argparse front-ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 
-from vision_tl.utils import local_rank
+from vision_tl.utils import Terminated, local_rank, sigterm_as_interrupt
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = {
@@ -98,10 +99,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``vision-tl`` console script: :func:`main`, with the kit's warnings on one line, and
-    quiet when its reader goes away (``vision-tl --help | head``, ``predict-onnx ... | head``)."""
+    quiet when its reader goes away (``vision-tl --help | head``, ``predict-onnx ... | head``).
+
+    SIGTERM stops the commands outside Lightning the way Ctrl-C does, so their temporary files
+    are removed on the way out (exit 143; Lightning's commands have their own handling), and an
+    interruption no command caught (while modules import) is one line, not a traceback."""
     warnings.showwarning = _show_warning  # the command's own process: nobody else's warnings to keep
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
-        return main()
+        with contextlib.nullcontext([]) if command in LIGHTNING_COMMANDS else sigterm_as_interrupt() as received:
+            status = main()
+        return 143 if received and status == 130 else status  # a command reported the stop itself
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"vision-tl {command}: {'stopped (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except BrokenPipeError:
         # Point stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

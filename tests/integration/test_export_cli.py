@@ -380,3 +380,41 @@ def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_pa
     report = json.loads((tmp_path / "b.fp16.parity.json").read_text())
     assert report["decision_changes"] == report["n_images"] > 0
     assert "WARNING: good/defect decision (P(good) >= 0.25) changed on" in capsys.readouterr().err
+
+
+def test_an_int8_copy_onnxruntime_cannot_run_exits_3_named_by_its_final_name_and_fp16_is_still_made(
+        trained_run, tmp_path, monkeypatch, capsys):
+    """The quantizer can make a graph onnxruntime then refuses (timm's dynamic padding at small
+    inputs): that is a failed variant (exit 3: the fp32 model was written), named by the file
+    the user asked for, and the FP16 copy is still made and checked."""
+    from vision_tl.deploy import DeployError
+    from vision_tl.export import pipeline
+
+    real = pipeline.onnx_probabilities
+
+    def refuses_int8(model, pixels):
+        if ".int8." in Path(model).name:
+            raise DeployError(f"{model}: inference failed (QLinearConv: Invalid input shape)")
+        return real(model, pixels)
+
+    monkeypatch.setattr(pipeline, "onnx_probabilities", refuses_int8)
+    out = tmp_path / "m.onnx"
+    rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--int8", "--fp16",
+                      "--calibration-images", "8", "--max-accuracy-drop", "100"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert f"{tmp_path / 'm.int8.onnx'}: the INT8 copy could not be made or run" in err and ".tmp" not in err
+    assert f"The fp32 model {out} passed its check and was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.fp16.onnx", "m.fp16.parity.json", "m.onnx", "m.parity.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8", "--calibration-percentile", "0"], "percentile must be in (90, 100], got 0"),
+    (["--int8", "--calibration-method", "minmax", "--calibration-percentile", "99.9"],
+     "--calibration-percentile applies only with --calibration-method percentile"),
+])
+def test_calibration_percentile_is_never_silently_replaced(argv, message, trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err

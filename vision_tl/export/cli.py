@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", choices=KEEP_FLOAT_CHOICES, default=None,
                    help=f"layers left in fp32 (default: {Int8Config.keep_float})")
     q.add_argument("--calibration-dir", metavar="DIR", default=None,
-                   help="calibration images when the run has no split.json (training images only)")
+                   help="calibration images (training images only; default: the run's training images "
+                        "from its split.json)")
     q.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx")
     q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    metavar="POINTS", help="fail a variant that loses more accuracy "
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if given and not args.int8:
         print(f"error: {', '.join(given)} apply only with --int8", file=sys.stderr)
         return 2
+    if args.calibration_percentile is not None and (args.calibration_method or Int8Config.method) != "percentile":
+        print(f"error: --calibration-percentile applies only with --calibration-method percentile, not "
+              f"{args.calibration_method}", file=sys.stderr)
+        return 2
     if args.max_accuracy_drop != DEFAULT_MAX_ACCURACY_DROP and not (args.int8 or args.fp16):
         print("error: --max-accuracy-drop applies only with --int8 or --fp16", file=sys.stderr)
         return 2
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             max_accuracy_drop=args.max_accuracy_drop, threads=args.threads,
             int8_config=Int8Config(
                 method=args.calibration_method or Int8Config.method,
-                percentile=args.calibration_percentile or Int8Config.percentile,
+                percentile=Int8Config.percentile if args.calibration_percentile is None else args.calibration_percentile,
                 calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
                 keep_float=args.keep_float or Int8Config.keep_float),
         )
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, DeployError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the vision-tl command (it then exits 143)
         if written:
             print(f"interrupted after it {'; '.join(written)}; nothing else changed under the final names",
                   file=sys.stderr)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vision_tl.deploy import DeployError
 from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
     DEFAULT_OPSET,
@@ -105,8 +107,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         ExportError: bad checkpoint, output path, option or images (message names it).
         ParityError: the ONNX model disagrees with PyTorch; nothing was written
             under ``out`` and the report is saved as ``<stem>.parity-failed.json``.
-        VariantRejected: ``out`` passed and was written, but the INT8/FP16 variant failed
-            its check; nothing was written under the variant's name.
+        VariantRejected: ``out`` passed and was written, but an INT8/FP16 variant failed its
+            check, or could not be made or run; nothing was written under that variant's name
+            (the other variant was still made: its file and report are written).
     """
     opts = options or ExportOptions()
     check_opset(opts.opset)
@@ -160,10 +163,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         log(f"removed {path} (from an earlier export)")
     # The fp32 model is committed once it passed; each variant is a separate, atomic file.
     result = ExportResult(out, report)
+    rejected: list[VariantRejected] = []
     for variant in ("int8", "fp16"):
         if getattr(opts, variant):
-            result.variants[variant] = _write_variant(
-                variant, out, metadata, opts, calibration, decoded, fp32_probs, log)
+            try:
+                result.variants[variant] = _write_variant(
+                    variant, out, metadata, opts, calibration, decoded, fp32_probs, log)
+            except VariantRejected as exc:  # the other variant may still pass
+                rejected.append(exc)
+    if rejected:
+        raise VariantRejected(" | ".join(map(str, rejected)), rejected[0].report)
     return result
 
 
@@ -220,7 +229,7 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                    fp32_probs: np.ndarray | None, log: Callable[[str], None]):
     """Write one INT8/FP16 variant atomically, judge it against the fp32 model, time both."""
     target = sibling(out, variant)
-    with atomic_path(target, overwrite=opts.overwrite) as tmp:
+    with atomic_path(target, overwrite=opts.overwrite) as tmp, _named_as(target, tmp, out, variant):
         if variant == "int8":
             log(f"quantizing to INT8 with {len(calibration.paths)} calibration images from "
                 f"{calibration.source} ({opts.int8_config.method}, per_channel="
@@ -251,6 +260,20 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
     _save_report(report, target)
     log(f"wrote {target}")
     return target, report
+
+
+@contextlib.contextmanager
+def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None]:
+    """A variant that cannot be made or run (the quantizer fails, onnxruntime refuses the
+    quantized graph) is a rejected variant, named by its final name, not by its temporary file."""
+    try:
+        yield
+    except (ExportError, DeployError) as exc:
+        if isinstance(exc, ParityError):
+            raise
+        message = str(exc).replace(str(tmp), str(target))
+        raise VariantRejected(f"{target}: the {variant.upper()} copy could not be made or run ({message}). "
+                              f"The fp32 model {out} passed its check and was written") from exc
 
 
 def opts_source(decoded: DecodedImages) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vision_tl.utils import say
+from vision_tl.utils import Terminated, say
 from vision_tl.utils.files import atomic_path, temp_prefix
 
 
@@ -44,10 +44,6 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM in a run of several processes, taken like Ctrl-C (see ``ResumableRandomState``)."""
 
 
 TERMINATED: list[bool] = []  # set when a Terminated stopped this process's run (the CLI exits 143)

@@ -1,7 +1,11 @@
 """Small shared helpers (atomic files; which process of a multi-process job this is, and
 printing once per job; work one DDP process does while the others wait, in utils.distributed)."""
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 
 def launcher_int(name: str, default: int = 0) -> int:
@@ -33,3 +37,30 @@ def say(message: str) -> None:
     progress bar on, that hands the line to the bar, which drops it once its bars are closed."""
     if local_rank() == 0 and launcher_int("NODE_RANK") == 0:
         print(message, flush=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM taken like Ctrl-C: ``finally`` blocks and context managers (temporary files,
+    work folders) clean up on the way out."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While inside: SIGTERM (``kill``, ``timeout``, a job scheduler) raises :class:`Terminated`
+    in the main thread instead of ending the process on the spot. Yields a list that gets the
+    signal's number when it came (for a caller whose command caught the interruption itself).
+    Outside the main thread, or off POSIX: nothing changes."""
+    received: list[int] = []
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame) -> None:
+        received.append(signum)
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)

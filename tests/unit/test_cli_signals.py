@@ -1,0 +1,67 @@
+"""SIGTERM (kill, timeout, a scheduler) stops the commands outside Lightning the way Ctrl-C
+does: their cleanup runs, the exit status says what happened, nothing prints a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from vision_tl import cli
+from vision_tl.utils import Terminated, sigterm_as_interrupt
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+
+
+def _sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # interrupted by the handler long before this ends
+
+
+def test_sigterm_raises_in_the_main_thread_so_cleanup_runs_and_the_old_handler_returns() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt() as received:
+            try:
+                _sigterm_self()
+            finally:
+                cleaned.append(True)
+    assert cleaned == [True] and received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("command, caught, status", [
+    ("export", False, 143),  # nobody caught it: the console script says so and exits 143
+    ("export", True, 143),  # the command caught it and reported its own 130: still a SIGTERM
+    ("probe", False, 143),
+])
+def test_console_script_exits_143_on_sigterm_without_a_traceback(command, caught, status, monkeypatch, capsys):
+    def command_main():
+        try:
+            _sigterm_self()
+        except KeyboardInterrupt:
+            if not caught:
+                raise
+            return 130
+        return 0
+
+    monkeypatch.setattr(cli, "main", command_main)
+    monkeypatch.setattr("sys.argv", ["vision-tl", command])
+    assert cli.console_main() == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if not caught:
+        assert f"vision-tl {command}: stopped (SIGTERM)" in err
+
+
+def test_ctrl_c_outside_any_command_handler_is_one_line(monkeypatch, capsys) -> None:
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr("sys.argv", ["vision-tl", "extract"])
+    assert cli.console_main() == 130
+    assert capsys.readouterr().err.strip() == "vision-tl extract: interrupted"
