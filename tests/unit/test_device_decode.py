@@ -75,10 +75,11 @@ def test_batches_hold_each_image_in_place_with_the_cpu_paths_pixels_and_errors(t
     np.testing.assert_array_equal(got[2][..., 0], got[2][..., 2])  # grey stays grey
 
 
-def test_a_filter_pytorch_has_no_twin_of_resizes_on_the_host_exactly(tmp_path) -> None:
+@pytest.mark.parametrize("interpolation", ["lanczos", "nearest"])
+def test_a_filter_pytorch_has_no_exact_twin_of_resizes_on_the_host_exactly(tmp_path, interpolation) -> None:
     paths = _images(tmp_path)
-    want, want_errors = _on_cpu_threads(paths, "lanczos")
-    got, got_errors = _on_device(paths, 2, "lanczos")
+    want, want_errors = _on_cpu_threads(paths, interpolation)
+    got, got_errors = _on_device(paths, 2, interpolation)
     assert got_errors == want_errors and sorted(got) == sorted(want)
     for i in want:
         np.testing.assert_array_equal(got[i], want[i], err_msg=paths[i].name)
@@ -98,20 +99,50 @@ def test_images_the_device_refuses_are_decoded_on_the_host(tmp_path, monkeypatch
             raise RuntimeError("Error while decoding JPEG images")
         return real(datas, gray, device)
 
+    monkeypatch.setattr(device_decode, "check_device", lambda *args: (0.0, 0))  # its own calls: not counted
     monkeypatch.setattr(device_decode, "_decode", picky)
     want, _ = _on_cpu_threads(paths)
     got, errors = _on_device(paths, 0, batch_size=len(paths))
     assert sorted(errors) == [3, 6] and sorted(got) == sorted(want)
     assert np.abs(got[1].astype(int) - want[1]).max() == 0  # the host's pixels exactly
-    assert max(calls) > 1 and calls.count(1) >= 1  # batched first, then image by image
+    # the 4 colour JPEGs in one call, then halves down to the refused one (not one call per
+    # image), the other half whole; then the 2 grey ones
+    assert calls == [4, 2, 1, 1, 2, 2]
 
+
+def test_the_device_failing_is_raised_not_taken_for_a_damaged_file(tmp_path, monkeypatch) -> None:
+    def out_of_memory(datas, gray, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(device_decode, "_decode", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        _on_device(_images(tmp_path), 0)
+
+
+def test_the_users_pixel_limit_and_jpeg_decoder_choice_do_not_break_the_check(tmp_path, monkeypatch) -> None:
+    """The check's own test JPEGs are not the user's images; the headers are read with
+    simplejpeg whichever decoder the host path uses."""
+    from vision_tl import imaging
+
+    monkeypatch.setenv("VISION_TL_JPEG_DECODER", "pillow")
+    monkeypatch.setattr(imaging, "_fast_jpeg", None)
+    monkeypatch.setattr(device_decode, "_checked", {})
+    monkeypatch.setattr(imaging, "_max_pixels", 2000)  # below the check's images, above most of the user's
+    paths = _images(tmp_path)
+    want, want_errors = _on_cpu_threads(paths)
+    got, errors = _on_device(paths, 0)
+    assert errors == want_errors and sorted(errors) == [3, 5, 6] and "2,000" in errors[5]  # 50 x 60 is over it
+    assert sorted(got) == sorted(want) == [0, 1, 2, 4, 7, 8, 9]
 
 def test_decoder_check_measures_and_refuses_a_device_over_the_tolerance(monkeypatch) -> None:
     mean, largest = decoding_difference("cpu")
     assert 0 <= mean < 0.5 and largest <= 8  # torchvision's CPU decoder is Pillow's; resize rounding only
-    monkeypatch.setattr(device_decode, "_checked", {"cpu": (7.5, 90)})
-    with pytest.raises(ValueError, match=r"differs from Pillow's by 7\.50.*--decode cpu"):
-        check_device(torch.device("cpu"))
+    for interpolation in ("bilinear", "nearest", "lanczos"):  # at the run's size and filter
+        mean, largest = decoding_difference("cpu", (40, 24), interpolation)
+        assert mean < 0.5 and largest <= (8 if interpolation == "bilinear" else 0), interpolation
+    monkeypatch.setattr(device_decode, "_checked", {("cpu", (32, 32), "bicubic"): (7.5, 90)})
+    with pytest.raises(ValueError, match=r"\(resized to 32x32, bicubic\) differs from Pillow's by 7\.50.*--decode cpu"):
+        check_device(torch.device("cpu"), (32, 32), "bicubic")
 
 
 def test_reading_threads_stop_when_the_caller_leaves_early(tmp_path) -> None:
@@ -128,7 +159,7 @@ def test_extractor_keys_device_decoding_apart_and_embeds_alike(tmp_path) -> None
     pre = resolve_preprocessing("test_efficientnet", SIZE[0])
     on_cpu = FeatureExtractor(net, "test_efficientnet", pre)
     on_device = FeatureExtractor(net, "test_efficientnet", pre, decode="device")
-    assert "decode" not in on_cpu.identity() and on_device.identity()["decode"] == "device"
+    assert "decode" not in on_cpu.identity() and on_device.identity()["decode"] == "device:cpu"
     augmented = FeatureExtractor(net, "test_efficientnet", pre, augment="inspection", view=1, decode="device")
     assert augmented.decode == "cpu"  # augmented views are per-image work in loader processes
     with pytest.raises(ValueError, match="unknown decode 'gpu'"):
@@ -156,3 +187,17 @@ def test_threads_start_reading_before_the_first_batch_is_asked_for(tmp_path, mon
     batches = device_batches(paths, SIZE, "bicubic", 4, "cpu", 2)
     assert read.wait(10)
     assert sum(len(positions) for positions, _, _ in batches) == 8
+
+
+def test_extract_says_device_decoding_on_a_cpu_is_the_slow_choice(tmp_path) -> None:
+    from vision_tl.features.api import extract
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in _images(tmp_path):
+        if path.name not in ("d.jpg", "g.jpg"):  # the damaged ones
+            path.rename(folder / path.name)
+    with pytest.warns(UserWarning, match="--decode device on cpu.*slower than --decode cpu"):
+        features = extract(folder, "test_efficientnet", pretrained=False, image_size=SIZE[0], device="cpu",
+                           decode="device", use_cache=False, progress=False, unlabelled=True)
+    assert features.features.shape[0] == 8 and features.metadata["decode"] == "device:cpu"

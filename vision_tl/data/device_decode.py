@@ -7,15 +7,20 @@ which works beside the GPU's compute units; other JPEGs (progressive ...) are de
 nvJPEG's CUDA path. CPU threads only read the files' bytes.
 
 What does not go to the device is decoded as ``--decode cpu`` decodes it (same code,
-same pixels, same error messages): files that are not JPEGs, JPEGs in a layout the
-check below does not cover (CMYK, 12-bit ...), images over the pixel limit, images the
-device refuses, and images resized with a filter PyTorch has no twin of (lanczos).
+same pixels, same error messages): files that are not JPEGs, JPEGs in other colour
+spaces (CMYK ...) or chroma layouts (4:1:1, 4:4:0), files without an end-of-image marker,
+images over the pixel limit, images the device refuses (12-bit JPEGs where it does),
+and images resized with a filter PyTorch has no exact twin of (``nearest``, ``lanczos``).
 
 Pixels: the GPU's decoder is not bit-exact with Pillow's (libjpeg-turbo), and PyTorch's
-antialiased resize differs from Pillow's by rounding (on the CPU, torchvision's decoder
-gives Pillow's pixels exactly). :func:`decoding_difference` measures both on a set of
-test JPEGs; the first use on a device refuses to go on where the mean difference is over
-:data:`TOLERANCE`. The feature cache keys device-decoded embeddings apart from the others.
+antialiased resize differs from Pillow's by rounding (bicubic: under half a level on
+average, a few levels at sharp edges; on the CPU, torchvision's decoder gives Pillow's
+pixels exactly). :func:`decoding_difference` measures both on a set of test JPEGs at the
+run's size and filter; a run stops where the mean difference is over :data:`TOLERANCE`.
+The feature cache keys device-decoded embeddings apart from the others.
+
+Damaged files: a GPU decoder may accept a JPEG whose data is damaged, where Pillow
+reports it; ``--decode cpu`` is the one that finds every damaged file.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from vision_tl.data.device import to_device
+from vision_tl.data.device import copy_on_side_stream, to_device
 from vision_tl.imaging import (
     ImageLoadError,
     _jpeg_bytes,
@@ -47,11 +52,12 @@ from vision_tl.imaging import (
 )
 
 # Pillow's filter -> PyTorch's twin (antialiased for down-scaling, as Pillow always is).
-TORCH_FILTERS = {"nearest": ("nearest-exact", False), "bilinear": ("bilinear", True), "bicubic": ("bicubic", True)}
+# (nearest has no exact twin: Pillow and PyTorch round the source position differently.)
+TORCH_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic"}
 TOLERANCE = 3.0  # mean |device - Pillow| per pixel value (0..255) on the check's JPEGs
 _DEVICE_LAYOUTS = {("YCbCr", "444"), ("YCbCr", "422"), ("YCbCr", "420"), ("Gray", "Gray")}
 _EOI = b"\xff\xd9"
-_checked: dict[str, tuple[float, int]] = {}
+_checked: dict[tuple[str, tuple[int, int], str], tuple[float, int]] = {}
 _lock = threading.Lock()
 
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; the call is
@@ -78,8 +84,8 @@ def device_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
     Args:
         paths: image files.
         size: ``(height, width)`` every image is resized to.
-        interpolation: the resize filter (``nearest``, ``bilinear``, ``bicubic`` on the device;
-            others resize on the CPU).
+        interpolation: the resize filter (``bilinear``, ``bicubic`` on the device; others resize
+            on the CPU).
         batch_size: images per batch (the last may be smaller).
         device: where images are decoded and the batch is returned (a GPU; a CPU decodes with
             torchvision's libjpeg-turbo, which is slower than ``decode_threads``).
@@ -94,9 +100,9 @@ def device_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
     if threads < 0:
         raise ValueError(f"reading threads must be 0 or more, got {threads}")
     device = torch.device(device)
-    check_device(device)
-    fast_jpeg_decoder()  # its one-time check runs here, not in every thread at once
     size = (int(size[0]), int(size[1]))
+    check_device(device, size, interpolation)
+    fast_jpeg_decoder()  # its one-time check runs here, not in every thread at once
     starts = range(0, len(paths), batch_size)
     if threads == 0:
         return (_assemble(_read(paths, s, min(batch_size, len(paths) - s), size, interpolation), size,
@@ -133,7 +139,7 @@ def _read(paths: Sequence[Path], start: int, n: int, size: tuple[int, int], inte
     """Read a batch's files: JPEGs the device takes keep their bytes, the rest is decoded here."""
     rows = _Rows(start, n)
     limit = max_image_pixels()
-    simplejpeg = fast_jpeg_decoder()
+    simplejpeg = _header_reader()
     resizable = interpolation in TORCH_FILTERS
     for row in range(n):
         if stop is not None and stop.is_set():
@@ -142,7 +148,7 @@ def _read(paths: Sequence[Path], start: int, n: int, size: tuple[int, int], inte
         header = None
         try:
             data = _jpeg_bytes(path)
-            if data is not None and simplejpeg is not None:
+            if data is not None:
                 header = _device_header(simplejpeg, data, limit)
         except OSError:
             data = None  # missing or unreadable: the host path names the problem
@@ -177,29 +183,61 @@ def _host_row(rows: _Rows, row: int, path: Path, size: tuple[int, int], interpol
         rows.errors[row] = str(exc)
 
 
+def _header_reader():
+    """simplejpeg, for JPEG headers only (its pixels are not used here, so the choice of
+    ``$VISION_TL_JPEG_DECODER`` does not matter)."""
+    try:
+        import simplejpeg
+    except ImportError as exc:
+        raise ValueError("--decode device reads JPEG headers with simplejpeg, which is not installed: "
+                         "pip install simplejpeg, or use --decode cpu") from exc
+    return simplejpeg
+
+
 def _decode(datas: list[torch.Tensor], gray: bool, device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return decode_jpeg(datas, mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB, device=device)
+    mode = ImageReadMode.GRAY if gray else ImageReadMode.RGB
+    if device.type != "cuda":
+        return decode_jpeg(datas, mode=mode, device=device)
+    # torchvision allocates the images on the current stream and writes them on a stream of its
+    # own: on the compute stream, it could be handed memory that kernels queued there still read.
+    # On a side stream it gets memory only that stream used; the compute stream then waits for it.
+    return copy_on_side_stream(lambda: decode_jpeg(datas, mode=mode, device=device), device)
+
+
+def _refused(exc: RuntimeError) -> bool:
+    """Whether the decoder refused the images (damaged, unsupported), rather than the device
+    failing (out of memory, a CUDA error), which must not pass for a damaged file."""
+    fatal = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+                  if t is not None)
+    return not isinstance(exc, fatal)
+
+
+def _decode_group(datas: list[torch.Tensor], gray: bool, device: torch.device) -> list[torch.Tensor | None]:
+    """Decode ``datas``; None for each the device refuses. A call fails as a whole when one
+    image fails, so a failed call is split in halves: a damaged file costs a few calls, not
+    one call per image of its batch."""
+    try:
+        return list(_decode(datas, gray, device))
+    except RuntimeError as exc:
+        if not _refused(exc):
+            raise
+        if len(datas) == 1:
+            return [None]
+    half = len(datas) // 2
+    return _decode_group(datas[:half], gray, device) + _decode_group(datas[half:], gray, device)
 
 
 def _decode_all(rows: _Rows, device: torch.device) -> dict[int, torch.Tensor]:
-    """Row -> ``[C, h, w]`` uint8 on ``device`` for the batch's JPEGs; colour and grey in one call
-    each. A call fails as a whole when one image is damaged: then image by image, and what the
-    device still refuses goes back to the host."""
+    """Row -> ``[C, h, w]`` uint8 on ``device`` for the batch's JPEGs, colour and grey in one
+    call each; the images the device refuses are left out (the host decodes or names them)."""
     decoded: dict[int, torch.Tensor] = {}
     for gray in (False, True):
         picked = [row for row, (_, g, _) in rows.jpeg.items() if g == gray]
-        if not picked:
-            continue
-        try:
-            decoded.update(zip(picked, _decode([rows.jpeg[r][0] for r in picked], gray, device)))
-        except RuntimeError:
-            for row in picked:
-                try:
-                    decoded[row] = _decode([rows.jpeg[row][0]], gray, device)[0]
-                except RuntimeError:
-                    pass
+        if picked:
+            images = _decode_group([rows.jpeg[r][0] for r in picked], gray, device)
+            decoded.update((row, image) for row, image in zip(picked, images) if image is not None)
     return decoded
 
 
@@ -237,9 +275,7 @@ def _index(slot: dict[int, int], members: list[int], device: torch.device) -> to
 
 def _resize(batch: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """``[N, C, h, w]`` uint8 -> ``[N, C, H, W]`` uint8 with PyTorch's twin of Pillow's filter."""
-    mode, antialias = TORCH_FILTERS[interpolation]
-    x = batch.float()
-    x = F.interpolate(x, size=size, mode=mode, antialias=antialias) if antialias else F.interpolate(x, size, mode=mode)
+    x = F.interpolate(batch.float(), size=size, mode=TORCH_FILTERS[interpolation], antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -248,25 +284,27 @@ def decoding_difference(device: torch.device | str, size: tuple[int, int] = (64,
     """Mean and largest ``|device - Pillow|`` per pixel value over a set of test JPEGs (4:2:0,
     4:2:2, 4:4:4, grey, progressive, odd sizes), decoded and resized to ``size`` as
     :func:`device_batches` does against ``--decode cpu``'s pixels."""
+    size = (int(size[0]), int(size[1]))
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 200, 97)[None, :, None] + np.linspace(0, 50, 71)[:, None, None]
-    base = np.clip(ramp + rng.normal(0, 20, (71, 97, 3)), 0, 255).astype(np.uint8)
+    height, width = max(71, size[0] + 3), max(97, size[1] + 5)  # odd, and never the output size
+    ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 50, height)[:, None, None]
+    base = np.clip(ramp + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
     cases = [("RGB", {"subsampling": 2}), ("RGB", {"subsampling": 1, "quality": 60}),
              ("RGB", {"subsampling": 0, "quality": 95}), ("L", {}), ("RGB", {"progressive": True})]
+    # decoded at the output size, and resized to it where the device resizes with this filter
+    images = (base[:size[0], :size[1]], base) if interpolation in TORCH_FILTERS else (base[:size[0], :size[1]],)
     datas, refs = [], []
     for mode, options in cases:
-        for image in (base, base[:size[0], :size[1]]):  # resized, and (where it fits) decoded at size
+        for image in images:
             buffer = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(image)).convert(mode).save(buffer, "JPEG", **options)
             datas.append(buffer.getvalue())
             with Image.open(buffer) as decoded_by_pillow:
                 refs.append(resize(_pil_to_rgb(decoded_by_pillow), size, interpolation))
     rows = _Rows(0, len(datas))
-    simplejpeg = fast_jpeg_decoder()
+    simplejpeg = _header_reader()
     for row, data in enumerate(datas):
-        if simplejpeg is None:
-            raise ValueError("--decode device needs simplejpeg to read JPEG headers (pip install simplejpeg)")
-        height, width, gray = _device_header(simplejpeg, data, max_image_pixels())
+        height, width, gray = _device_header(simplejpeg, data, limit=1 << 62)  # the user's limit is for their images
         rows.jpeg[row] = (torch.frombuffer(bytearray(data), dtype=torch.uint8), gray, (height, width))
     decoded = _decode_all(rows, torch.device(device))
     if len(decoded) != len(datas):
@@ -283,14 +321,17 @@ def decoding_difference(device: torch.device | str, size: tuple[int, int] = (64,
     return float(every.mean()), int(every.max())
 
 
-def check_device(device: torch.device) -> tuple[float, int]:
-    """:func:`decoding_difference` on ``device``, once per process; ValueError above :data:`TOLERANCE`."""
-    key = str(device)
+def check_device(device: torch.device, size: tuple[int, int] = (64, 64),
+                 interpolation: str = "bicubic") -> tuple[float, int]:
+    """:func:`decoding_difference` on ``device`` at ``size`` with ``interpolation``, once per
+    process for each; ValueError above :data:`TOLERANCE`."""
+    key = (str(device), tuple(size), interpolation)
     with _lock:
         if key not in _checked:
-            _checked[key] = decoding_difference(device)
+            _checked[key] = decoding_difference(device, tuple(size), interpolation)
     mean, largest = _checked[key]
     if not math.isfinite(mean) or mean > TOLERANCE:
-        raise ValueError(f"--decode device: JPEG decoding on {device} differs from Pillow's by {mean:.2f} per pixel "
-                         f"value on average (largest {largest}), over the {TOLERANCE} allowed; use --decode cpu")
+        raise ValueError(f"--decode device: JPEG decoding on {device} (resized to {size[0]}x{size[1]}, {interpolation}) "
+                         f"differs from Pillow's by {mean:.2f} per pixel value on average (largest {largest}), over "
+                         f"the {TOLERANCE} allowed; use --decode cpu")
     return mean, largest

@@ -250,6 +250,10 @@ def extract(
     ranks = current_ranks()  # torchrun: this process embeds every world-th image
     out_path = check_output_path(out, overwrite) if out is not None else None
     device = resolve_device(device, ranks.local_rank)
+    if decode == "device" and device.type != "cuda":
+        warnings.warn(f"--decode device on {device}: JPEGs are then decoded by torchvision in the main thread, "
+                      "batch by batch, which is slower than --decode cpu's threads; it is meant for GPUs (nvJPEG)",
+                      stacklevel=2)
     images = scan_images(root, skip_bad, unlabelled)
     with torch.random.fork_rng(devices=[]):  # random-init weights: the same every run (one cache entry)
         torch.manual_seed(0)

@@ -141,8 +141,10 @@ class FeatureExtractor:
             }
             if self.precision != "32":  # fp32 keys stay those of earlier versions
                 self._identity["precision"] = self.precision
-            if self.decode != "cpu":  # other pixels (within device_decode.TOLERANCE), other embeddings
-                self._identity["decode"] = self.decode
+            if self.decode != "cpu":  # other pixels (within device_decode.TOLERANCE), other embeddings:
+                # per kind of device, whose decoders differ (nvJPEG; torchvision's libjpeg-turbo)
+                device = next(self.model.parameters()).device.type
+                self._identity["decode"] = f"{self.decode}:{device}"
         return self._identity
 
     def transform(self) -> ImageTransform:
