@@ -339,3 +339,16 @@ def test_report_images_of_a_class_folder_spelled_with_other_accents(tmp_path):
     (tmp_path / "run").mkdir()
     paths, labels, notes = split_images(tmp_path / "run", [nfc, "ok"], "val", tmp_path / "data")
     assert sorted(zip([p.parent.name for p in paths], labels)) == [(nfd, 0), ("ok", 1)] and notes == []
+
+
+def test_predict_with_another_runs_config_says_so(run, inspection_folder, tmp_path, capsys):
+    """The checkpoint chose its threshold on a good class; a config without one (another run's)
+    must say that the two do not belong together, not ask for an option the user never gave."""
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder),
+              *TINY_ARGS, "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "threshold_target 'false_reject:0.5' on a good class ('good')" in err
+    assert f"Use --config {run / 'config.yaml'}" in err

@@ -290,6 +290,17 @@ def test_is_defect_uses_good_class_threshold(tmp_path: Path):
         assert all(r.is_defect == (r.probabilities["good"] < threshold) for r in results)
 
 
+def test_a_pytorch_checkpoint_given_as_the_model_says_to_export_it(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    for name, kwargs in (("best.ckpt", {}), ("old.ckpt", {"_use_new_zipfile_serialization": False})):
+        ckpt = tmp_path / name
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt, **kwargs)
+        with pytest.raises(DeployError, match=r"a PyTorch checkpoint, not an ONNX model; export it first: "
+                                              r"vision-tl export .*--out model\.onnx") as info:
+            Predictor(ckpt)
+        assert str(ckpt) in str(info.value)
+
+
 def test_missing_and_invalid_model_files(tmp_path: Path):
     missing = tmp_path / "nope.onnx"
     with pytest.raises(DeployError, match="not found") as info:

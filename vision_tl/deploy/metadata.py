@@ -217,10 +217,30 @@ def open_session(path: str | Path, *, threads: int | None = None,
         )
     except ort_errors() as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _is_torch_checkpoint(path):
+            raise DeployError(
+                f"{path}: a PyTorch checkpoint, not an ONNX model; export it first: "
+                f"vision-tl export {path} --out model.onnx"
+            ) from exc
         raise DeployError(
             f"{path}: not a loadable ONNX model (corrupt, truncated, not ONNX, or needs an "
             f"operator this onnxruntime lacks): {reason}"
         ) from exc
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    """A file ``torch.save`` wrote: a zip archive holding ``data.pkl``, or a bare pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head[:1] == b"\x80":  # pickle protocol 2+
+                return True
+            if head != b"PK\x03\x04":
+                return False
+            f.seek(0)
+            return b"data.pkl" in f.read(1 << 16)
+    except OSError:
+        return False
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:

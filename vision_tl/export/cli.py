@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize-in-graph", dest="normalize_in_graph", action="store_false",
                    help="take normalised float32 NCHW input instead of uint8 NHWC pixels")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    q = p.add_argument_group("smaller and faster variants")
+    q = p.add_argument_group("smaller variants (INT8: faster on CPUs)")
     q.add_argument("--int8", action="store_true",
                    help="also write <name>.int8.onnx (static QDQ, calibrated on training images)")
     q.add_argument("--calibration-images", type=positive_int, default=None,
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-dir", metavar="DIR", default=None,
                    help="calibration images (training images only; default: the run's training images "
                         "from its split.json)")
-    q.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx")
+    q.add_argument("--fp16", action="store_true",
+                   help="also write <name>.fp16.onnx (half the size; faster on GPUs, usually slower on CPUs)")
     q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    metavar="POINTS", help="fail a variant that loses more accuracy "
                    f"(percentage points, default: {DEFAULT_MAX_ACCURACY_DROP})")

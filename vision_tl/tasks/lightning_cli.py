@@ -419,7 +419,18 @@ class VisionTLCLI(LightningCLI):
             read_checkpoint(ckpt)
         before = self._model_settings()
         super()._parse_ckpt_path()
-        self._check_checkpoint_settings(ckpt, before, self._model_settings())
+        after = self._model_settings()
+        self._check_checkpoint_settings(ckpt, before, after)
+        data = self.config[subcommand].get("data") if subcommand else None
+        good = data.get("good_class") if hasattr(data, "get") else None
+        if ckpt and after.get("threshold_target") and good is None:  # before the model's own, vaguer error
+            run = run_dir_of(Path(str(ckpt)))
+            config = f"{run / 'config.yaml'}" if run is not None else "that run's config.yaml"
+            trained = (read_checkpoint(ckpt).get("hyper_parameters") or {}).get("good_class")
+            raise ValueError(
+                f"--ckpt_path {ckpt} was trained with threshold_target {after['threshold_target']!r} on a good class "
+                f"({trained!r}), but the config names no --data.good_class: are the config and the checkpoint from "
+                f"different runs? Use --config {config}, or pass --data.good_class {trained or 'NAME'}")
 
     def _model_settings(self) -> dict:
         subcommand = self.config.get("subcommand")
