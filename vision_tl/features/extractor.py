@@ -247,7 +247,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             return np.zeros((0, extractor.num_features), np.float32), None
         if not cuda:
             return extractor.embed(x.to(device)).numpy(), None
-        if x.device != device:  # --decode device: decoded there already
+        if not x.is_cuda:  # with --decode device the batch was decoded there already
             x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
         feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
         done = torch.cuda.Event()
