@@ -164,18 +164,28 @@ def _to_uint8(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
     return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
-def _warn_dim(path: str | Path | None, top: int) -> None:
+def _warn_dim(path: str | Path | None, top: int, at_most: bool = False) -> None:
     global _warned_dim
     if _warned_dim:
         return
     _warned_dim = True
     bits = max(1, top.bit_length())
     warnings.warn(
-        f"{path or 'a 16-bit image'}: a 16-bit image whose brightest value is {top} of 65535, so it arrives as 0..{round(top * 255 / 65535)} "
+        f"{path or 'a 16-bit image'}: a 16-bit image whose brightest value is {'at most ' if at_most else ''}{top} of "
+        f"65535, so it arrives as 0..{round(top * 255 / 65535)} "
         f"of 255 (dark, few grey levels). vision_tl maps every 16-bit image from the full 0..65535 range, in "
         f"training and on the line alike. If your camera writes {bits}-bit data into 16-bit files, scale the "
         f"files to the full range first (multiply by {2 ** (16 - bits)}). Other such images are not reported.",
         stacklevel=4)
+
+
+def _check_dim_png(path: Path, top_byte: int) -> None:
+    """16-bit colour PNGs reach us from Pillow as their high bytes (the same scale as 16-bit
+    grey, within a level), so 12-bit data in them arrives dark too: warned about the same way."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16:
+        _warn_dim(path, top_byte * 256 + 255, at_most=True)
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -244,7 +254,10 @@ def load_rgb(path: str | Path) -> np.ndarray:
         with open_image(path, limit) as img:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
-            return _pil_to_rgb(img)
+            arr = _pil_to_rgb(img)
+            if img.format == "PNG" and img.mode in ("RGB", "RGBA") and arr.max(initial=0) < _DIM_16_BIT >> 8:
+                _check_dim_png(path, int(arr.max(initial=0)))
+            return arr
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,6 +56,40 @@ def test_16_bit_scale_is_the_same_for_every_image(tmp_path, monkeypatch):
     twelve = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)  # 0..4032: 12-bit data
     Image.fromarray(twelve << 4).save(tmp_path / "shifted.png")  # scaled to the full range: bright
     assert load_rgb(tmp_path / "shifted.png").max() == 251
+
+
+def _png_16_bit_rgb(path, pixels: np.ndarray) -> None:
+    """A 48-bit RGB PNG, written by hand (Pillow cannot write one from an array)."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_png_reads_on_the_grey_scale_and_warns_about_low_bit_data(tmp_path, monkeypatch):
+    import vision_tl.imaging as imaging
+
+    monkeypatch.setattr(imaging, "_warned_dim", False)
+    full = np.array([[[0, 32768 + 255, 65535]]], np.uint16)
+    _png_16_bit_rgb(tmp_path / "full.png", full)
+    assert load_rgb(tmp_path / "full.png")[0, 0].tolist() == [0, 128, 255]  # as 16-bit grey maps them
+    twelve = (np.arange(48, dtype=np.uint16).reshape(4, 4, 3) * 80)  # 0..3760: 12-bit camera data
+    _png_16_bit_rgb(tmp_path / "twelve.png", twelve)
+    with pytest.warns(UserWarning, match=r"twelve\.png: a 16-bit image whose brightest value is at most 3839 of 65535"):
+        assert load_rgb(tmp_path / "twelve.png").max() == 14
+    monkeypatch.setattr(imaging, "_warned_dim", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_rgb(tmp_path / "full.png")  # full-range data: no warning
+        Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(tmp_path / "dark8.png")
+        load_rgb(tmp_path / "dark8.png")  # a dark 8-bit PNG is what it is: no warning
 
 
 def test_float_tiff_in_unit_range(tmp_path):
