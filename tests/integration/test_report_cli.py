@@ -126,6 +126,7 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "{tmp}/nope"], "does not exist"),
     (["report", "{run}", "--in-place"], "--in-place only applies"),
+    (["report", "{run}", "--split", "test", "--target-escape", "0.1"], "thresholds are chosen on validation images"),
     (["compare", "{tmp}"], "no metrics.json"),
     (["explain", "{run}/checkpoints/best.ckpt", "{tmp}/missing.png"], "does not exist"),
     (["explain", "{run}/checkpoints/best.ckpt", "{run}/report.html", "--class", "nope"], "crack, good"),
@@ -352,3 +353,21 @@ def test_predict_with_another_runs_config_says_so(run, inspection_folder, tmp_pa
     assert info.value.code == 2, err
     assert "threshold_target 'false_reject:0.5' on a good class ('good')" in err
     assert f"Use --config {run / 'config.yaml'}" in err
+
+
+def test_a_report_of_the_best_checkpoint_points_to_the_thresholded_copy(run, tmp_path, capsys):
+    """After ``report --target-...``, best.ckpt itself still has no threshold: a later report of
+    it (e.g. --split test) must say where the chosen threshold is, not only how to choose one."""
+    import torch
+
+    copy = tmp_path / "partial" / "version_0"
+    shutil.copytree(run, copy)
+    best = copy / "checkpoints" / "best.ckpt"
+    state = read_checkpoint(best)
+    state["vision_tl"].update(threshold=None, threshold_target=None)
+    state["hyper_parameters"]["threshold_target"] = None
+    torch.save(state, best)
+    assert main(["report", str(copy), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "no threshold set" in out
+    assert f"--checkpoint {copy / 'checkpoints' / 'best.thresholded.ckpt'}" in out

@@ -195,3 +195,26 @@ def test_threshold_sweep_agrees_with_counting_and_stays_small():
     for t, esc, fr in list(zip(sweep["threshold"], sweep["escape_rate"], sweep["false_reject_rate"]))[::97]:
         rates = M.good_defect_rates(p_good, is_good, t)
         assert esc == pytest.approx(rates["escape_rate"]) and fr == pytest.approx(rates["false_reject_rate"])
+
+
+@pytest.mark.parametrize("p_good, is_good, target, expected", [
+    # a missed defect scored exactly 1.0 (float32 softmax at a logit gap above ~17), escape 0:
+    # reject everything, with a threshold just above 1.0
+    ([1.0, 1.0, 0.99999994, 0.2], [True, False, True, False], "escape:0", "reject all"),
+    # a good image scored exactly 0.0, false reject 0: accept everything with a threshold of 0
+    ([0.0, 0.3, 0.9], [True, True, False], "false_reject:0", "accept all"),
+])
+def test_thresholds_at_the_ends_of_the_range_stay_exportable(p_good, is_good, target, expected):
+    from vision_tl.deploy.metadata import REJECT_ALL, ModelMetadata
+
+    choice = M.select_threshold(np.array(p_good, np.float32), np.array(is_good), target)
+    t = choice["threshold"]
+    assert 0.0 <= t <= REJECT_ALL
+    rates = M.good_defect_rates(np.array(p_good, np.float32), np.array(is_good), t)
+    if expected == "reject all":
+        assert rates["false_reject_rate"] == 1.0 and rates["escape_rate"] == 0.0
+    else:
+        assert t == 0.0 and rates["false_reject_rate"] == 0.0
+    meta = ModelMetadata(classes=["bad", "good"], input_size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3,
+                         good_class="good", threshold=t)
+    assert ModelMetadata.from_props(meta.to_props(), "m.onnx").threshold == t  # export writes it, the line reads it

@@ -25,6 +25,7 @@ from vision_tl.deploy.predictor import (
     Predictor,
     check_image_settings,
     prediction_columns,
+    probability_text,
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
@@ -246,7 +247,7 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
+    return "" if value is None else probability_text(value)
 
 
 def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed: float,

@@ -333,12 +333,17 @@ def _triple(name: str, low: float, high: float, low_open: bool) -> Callable[[str
     return parse
 
 
+# A threshold that rejects every image lies just above the highest score, which a float32
+# softmax can give as exactly 1.0: one step of a double above 1 is a threshold too.
+REJECT_ALL = math.nextafter(1.0, 2.0)
+
+
 def _parse_threshold(text: str) -> float:
     try:
         value = float(text)
     except ValueError as exc:
         raise ValueError(f"expected a number between 0 and 1, got {text!r}") from exc
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= REJECT_ALL:
         raise ValueError(f"expected a number between 0 and 1, got {text!r}")
     return value
 

@@ -46,6 +46,18 @@ _ARG_HINTS = {
 }
 
 
+def probability_text(value: float) -> str:
+    """A probability as every predictions CSV writes it: 9 significant digits, which give a
+    float32 back exactly, so ``is_defect`` and a report's rates can be recomputed from the file
+    (6 decimals made 0.99809271 and 0.99809307 one value, on either side of a threshold).
+
+    Example:
+        >>> probability_text(0.99809271)
+        '0.99809271'
+    """
+    return f"{float(value):.9g}"
+
+
 def prediction_columns(classes: Sequence[str], *, true: bool = True, error: bool = True) -> list[str]:
     """The columns of every predictions CSV the kit writes, in one order: ``path``, ``true``
     (the labelled class; not in ``vision-tl predict-onnx``'s, which has no labels), ``predicted``,

@@ -267,10 +267,13 @@ def _midway_below(scores: np.ndarray, high: float) -> float:
 
 
 def _below_all(scores: np.ndarray) -> float:
-    return float(np.nextafter(scores.min(), -1.0))
+    """Every image passes; never below 0 (a probability of 0 passes a threshold of 0)."""
+    return max(0.0, float(np.nextafter(scores.min(), -1.0)))
 
 
 def _above_all(scores: np.ndarray) -> float:
+    """Every image is rejected: just above the highest score, which is above 1.0 (by one step of
+    a double) where a float32 softmax gave exactly 1.0; exported models accept that value."""
     return float(np.nextafter(scores.max(), 2.0))
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_tl.deploy.predictor import prediction_columns
+from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils.files import atomic_write_text
 
@@ -68,8 +68,8 @@ def _predictions_csv(probs: np.ndarray, labels: np.ndarray, classes: list[str], 
     for i, (p, y) in enumerate(zip(probs, labels)):
         k = int(p.argmax())
         defect = str(bool(p[classes.index(good_class)] < threshold)).lower() if decide else ""
-        writer.writerow([paths[i] if paths else "", classes[y], classes[k], f"{p[k]:.6f}",
-                         *[f"{v:.6f}" for v in p], defect])
+        writer.writerow([paths[i] if paths else "", classes[y], classes[k], probability_text(p[k]),
+                         *map(probability_text, p), defect])
     return out.getvalue()
 
 
@@ -353,16 +353,23 @@ def _evaluated_checkpoint(run_dir: Path) -> str | None:
     return str(ckpt) if ckpt else None
 
 
+def _check_target(meta: dict | None, split: str, target: str | None) -> None:
+    """A threshold target is chosen on validation images of a run with a good class: checked
+    before any image is predicted."""
+    if target is None:
+        return
+    if split != "val":
+        raise ReportError("thresholds are chosen on validation images; drop --split test or the target")
+    if meta is not None and meta.get("good_class") is None:
+        raise ReportError("a threshold target needs a good class, but this run has none; train with "
+                          "--data.good_class NAME")
+
+
 def _choose_threshold(probs, labels, meta, split, target) -> dict | None:
     if target is None:
         return None
-    good = meta.get("good_class")
-    if good is None:
-        raise ReportError("a threshold target needs a good class, but this run has none; train with "
-                          "--data.good_class NAME")
-    if split != "val":
-        raise ReportError("thresholds are chosen on validation images; drop --split test or the target")
-    k = meta["classes"].index(good)
+    _check_target(meta, split, target)
+    k = meta["classes"].index(meta["good_class"])
     return M.select_threshold(probs[:, k], labels == k, target)
 
 
@@ -400,6 +407,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         raise ReportError(f"run directory {run_dir} does not exist")
     if target is not None:
         M.parse_threshold_target(target)  # fail before the slow part
+    _check_target(None, split, target)
     ckpt_path = _run_checkpoint(run_dir, checkpoint)
     thresholded = thresholded_path(ckpt_path)
     if target is not None and not in_place and thresholded.exists() and not overwrite:
@@ -408,8 +416,12 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # version notes; the report states the version itself
         model, meta = load_classifier(ckpt_path)
+    _check_target(meta, split, target)
     classes = list(meta["classes"])
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
+    if target is None and meta.get("threshold") is None and thresholded.exists():
+        notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
+                         f"chose; to evaluate with it: --checkpoint {thresholded}"]
     earlier = run_dir / output_name("report", split, ".html")
     if earlier.exists() and not overwrite:  # it may state the threshold a thresholded checkpoint carries
         raise ReportError(f"{earlier} already exists (an earlier report of this run); pass --overwrite "

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 
-from vision_tl.deploy.predictor import prediction_columns
+from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils import say
@@ -186,7 +186,7 @@ class RunArtifacts(L.Callback):
                 continue
             k = int(p.argmax())
             defect = [str(bool(p[classes.index(good)] < threshold)).lower()] if decide else [""]
-            table.append((str(sample.path), [true, classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p],
+            table.append((str(sample.path), [true, classes[k], probability_text(p[k]), *map(probability_text, p),
                                              *defect, ""]))
         for path, why in getattr(trainer.datamodule, "predict_bad", []):
             table.append((str(path), ["", "", "", *[""] * len(classes), "", why]))
