@@ -192,3 +192,35 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     callback.on_exception(SimpleNamespace(is_global_zero=True), None, KeyboardInterrupt())
     assert f"--ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+
+
+def test_a_resume_with_more_epochs_stretches_the_schedule_instead_of_training_at_lr_0(capsys):
+    """The advice for a finished run is 'pass a larger --trainer.max_epochs'; the restored
+    scheduler must then follow the new length, not the saved one (which is over: lr 0)."""
+    from vision_tl.tasks.classifier import WarmupCosine
+
+    def scheduler(total: int) -> WarmupCosine:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return WarmupCosine(optimizer, total, warmup=2)
+
+    finished = scheduler(10)
+    for _ in range(10):
+        finished.optimizer.step()
+        finished.step()
+    assert finished.optimizer.param_groups[0]["lr"] == 0.0
+    longer = scheduler(20)
+    longer.load_state_dict(finished.state_dict())
+    assert longer.total == 20 and longer.last_epoch == 10
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * longer.factor(10)) and longer.factor(10) > 0.4
+    assert "decays to 0 at step 20 (it was 10)" in capsys.readouterr().out
+    half = scheduler(10)  # an interrupted run resumed as it was: the same rates as never stopped
+    for _ in range(5):
+        half.optimizer.step()
+        half.step()
+    same = scheduler(10)
+    same.load_state_dict(half.state_dict())
+    for _ in range(5):
+        assert half.optimizer.param_groups[0]["lr"] == same.optimizer.param_groups[0]["lr"]
+        for run in (half, same):
+            run.optimizer.step()
+            run.step()

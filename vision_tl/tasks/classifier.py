@@ -33,6 +33,7 @@ from vision_tl.backbones import (
 from vision_tl.data.folder import same_name
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
+from vision_tl.utils import say
 from vision_tl.utils.distributed import first_builds
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
@@ -89,6 +90,21 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.factor(self.last_epoch)
         return [group.setdefault("initial_lr", group["lr"]) * factor for group in self.optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume at the saved step, on this run's schedule: a resume with a larger
+        ``--trainer.max_epochs`` stretches the cosine to the new length (with the saved length,
+        the added epochs would all train at a learning rate of 0). The same length gives the
+        same learning rates as a run that was never stopped."""
+        total, warmup = self.total, self.warmup
+        super().load_state_dict(state_dict)
+        saved = self.total
+        self.total, self.warmup = total, warmup
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr  # the rate of the next step, on this schedule
+        if saved != total:
+            say(f"vision_tl: the learning-rate schedule now decays to 0 at step {total} (it was {saved}): "
+                f"training goes on from step {self.last_epoch} at {self.factor(self.last_epoch):.3g} x the base rate")
 
 
 def _check_compiler() -> None:
