@@ -161,6 +161,38 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
         assert _snapshot(run) == before
 
 
+def _train_val_copy(source: Path, dest: Path) -> Path:
+    """``dest/train/<class>/`` and ``dest/val/<class>/`` from a class-folder layout."""
+    import shutil
+
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(folder.iterdir())
+        for part, chosen in (("train", files[3:]), ("val", files[:3])):
+            (dest / part / folder.name).mkdir(parents=True)
+            for src in chosen:
+                shutil.copy(src, dest / part / folder.name / src.name)
+    return dest
+
+
+@pytest.mark.slow
+def test_resume_of_a_train_val_run_on_another_folder_is_refused(inspection_folder, tmp_path, capsys):
+    """A train/ + val/ run has no split.json to check images by: resuming it with another folder
+    of the same classes (--ckpt_path last picks the newest run of the recipe) must not train it
+    on those images."""
+    first = _train_val_copy(inspection_folder, tmp_path / "line1")
+    other = _train_val_copy(inspection_folder, tmp_path / "line2")
+    assert main([*_args(first, tmp_path), "--trainer.max_epochs", "1"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = _snapshot(run)
+    with pytest.raises(SystemExit) as info:
+        main([*_args(other, tmp_path), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"it was trained on {first.resolve()}, but this command's data is {other}" in err
+    assert f"--config {run / 'config.yaml'} --ckpt_path last" in err
+    assert _snapshot(run) == before
+
+
 def test_ckpt_path_last_of_a_run_without_checkpoints_is_refused(inspection_folder, tmp_path, capsys):
     """A run killed before its first epoch ended has nothing to resume; `last` must not fall back
     to another run's checkpoint."""

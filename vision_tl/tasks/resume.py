@@ -183,6 +183,27 @@ def _moved(value, old: str, new: str):
     return value
 
 
+def _check_resumed_root(run: Path, datamodule, advice: str) -> None:
+    """The run's config.yaml names the folder it trained on; another folder is refused."""
+    import yaml
+
+    from vision_tl.data.folder import DatasetError
+
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        trained = (config.get("data") or {}).get("root")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # no readable config: nothing to compare with
+    root = getattr(datamodule, "root", None)
+    if trained is None or root is None:
+        return
+    if Path(str(trained)).expanduser().resolve() != Path(str(root)).expanduser().resolve():
+        raise DatasetError(
+            f"resuming {run}: it was trained on {trained}, but this command's data is {root}, and the run has no "
+            f"split.json to check the images by; {advice} (--config {run / 'config.yaml'} --ckpt_path last resumes "
+            "that run; if its folder moved, set data.root in that config.yaml)")
+
+
 def check_resumed_data(run: Path, datamodule) -> None:
     """A run resumed into its own directory must go on with the classes and images it started
     with: checked before anything in the run directory is rewritten.
@@ -201,6 +222,8 @@ def check_resumed_data(run: Path, datamodule) -> None:
                            f"{classes}; {advice}")
     record = run / "split.json"
     if not record.is_file():
+        # train/ + val/ folders: no record of the images, so at least the same folder
+        _check_resumed_root(run, datamodule, advice)
         return
     datamodule.setup("fit")
     new = datamodule.split_record() or {}
