@@ -271,3 +271,27 @@ def test_console_shows_the_kits_warnings_on_one_line(inspection_folder, tmp_path
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stderr.splitlines() if "non-image file" in x)
     assert line.startswith("warning: ignoring 1 non-image file(s)") and "UserWarning" not in result.stderr
+
+
+def test_evaluating_a_run_scores_the_images_it_held_out_even_after_the_folder_grew(inspection_folder, tmp_path,
+                                                                                   capsys):
+    """A new split of a folder that gained images (or under another seed) would move training
+    images into val: validate/test/predict of a run's checkpoint use its split.json, as report does."""
+    data = tmp_path / "grow"
+    shutil.copytree(inspection_folder, data)
+    run = _fit(tmp_path / "runs", data, "--trainer.max_epochs", "1")
+    record = json.loads((run / "split.json").read_text())
+    for i, src in enumerate(sorted((data / "scratch").iterdir())[:4]):  # new images, after training
+        shutil.copy(src, data / "scratch" / f"new_{i}.png")
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "eval")]
+    for extra in ([], ["--data.seed", "5"]):
+        capsys.readouterr()
+        with pytest.warns(UserWarning, match=r"holds 4 image\(s\) that .*split\.json does not list"):
+            assert main(["predict", *args, *extra]) == 0
+        assert f"split from {run / 'split.json'}" in capsys.readouterr().out
+        (csv_path,) = [p for p in (tmp_path / "eval").glob("partial/version_*/predictions.csv")
+                       if p.stat().st_mtime >= (run / "split.json").stat().st_mtime]
+        rows = list(csv.DictReader(csv_path.open()))
+        assert sorted(str(Path(r["path"]).relative_to(data)) for r in rows) == sorted(e["path"] for e in record["val"])
+        csv_path.unlink()

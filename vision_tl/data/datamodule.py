@@ -23,6 +23,8 @@ from vision_tl.data.folder import (
     detect_layout,
     foreign_class_folders,
     list_classes,
+    read_split,
+    recorded_parts,
     same_name,
     scan_folder,
     scan_unlabelled,
@@ -157,6 +159,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             take at most a quarter of its free memory (10,000 images at 224 px: 1.5 GB).
         predict_root: new images for ``predict`` (a folder, searched recursively, no class
             sub-folders needed; or one image). Default: the test split, else val.
+        split_file: a run's ``split.json``: train and val are exactly the images it lists (a
+            recorded image gone or changed is an error; images added since are left out, with a
+            warning), instead of a new split. ``validate``, ``test`` and ``predict`` with a run's
+            checkpoint set it to that run's file, so they score the images the run held out.
 
     Example:
         >>> dm = ImageFolderDataModule("data/demo", backbone="tf_efficientnet_lite0")
@@ -181,6 +187,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         decoded_cache: bool | str = False,
         predict_root: str | None = None,
         pixels_on_device: bool | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -244,7 +251,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         skip = self.hparams.skip_bad_images
         if "all" in self.layout:
             index = scan_folder(self.root, self._classes, skip)
-            train_ids, val_ids = stratified_split(index, self.hparams.val_fraction, self.hparams.seed)
+            train_ids, val_ids = self._split_ids(index)
             self.splits = {
                 "train": [index.samples[i] for i in train_ids],
                 "val": [index.samples[i] for i in val_ids],
@@ -259,7 +266,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             if name != "train":
                 self._warn_absent_classes(name, folder, indexes[name])
         if "val" not in indexes:
-            train_ids, val_ids = stratified_split(indexes["train"], self.hparams.val_fraction, self.hparams.seed)
+            train_ids, val_ids = self._split_ids(indexes["train"])
             indexes["val"] = [indexes["train"].samples[i] for i in val_ids]
             self._split_record = (indexes["train"], {"train": train_ids, "val": val_ids})
             indexes["train"] = [indexes["train"].samples[i] for i in train_ids]
@@ -271,6 +278,18 @@ class ImageFolderDataModule(L.LightningDataModule):
                 if isinstance(indexes[name], FolderIndex):
                     warn_cross_duplicates(indexes[name], indexes["test"], f"{name}/", "test/")
         self.splits = {k: v.samples if isinstance(v, FolderIndex) else v for k, v in indexes.items()}
+
+    def _split_ids(self, index: FolderIndex) -> tuple[list[int], list[int]]:
+        """A new stratified split, or the one ``split_file`` records."""
+        source = self.hparams.get("split_file")
+        if not source:
+            return stratified_split(index, self.hparams.val_fraction, self.hparams.seed)
+        parts, unlisted = recorded_parts(index, read_split(source), Path(source))
+        if unlisted:
+            warnings.warn(f"{index.root} holds {unlisted} image(s) that {source} does not list (added after "
+                          "training): left out, so the scores are those of the images the run held out",
+                          stacklevel=2)
+        return parts["train"], parts["val"]
 
     def _check_split_classes(self, name: str, folder: Path) -> None:
         """A val/ or test/ folder may lack a class (warned about after the scan), but a class

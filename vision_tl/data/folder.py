@@ -436,6 +436,32 @@ def _split_problem(record) -> str | None:
     return None
 
 
+def recorded_parts(index: FolderIndex, record: dict, source: Path) -> tuple[dict[str, list[int]], int]:
+    """The split a :func:`read_split` record describes, over a fresh scan of its folder:
+    ``({"train": ids, "val": ids}, images found that the record does not list)``.
+
+    Raises:
+        DatasetError: a recorded image is gone or its content (sha256) changed; the message
+            names the file and ``source``.
+    """
+    by_path = {same_name(str(s.path.relative_to(index.root))): i for i, s in enumerate(index.samples)}
+    parts: dict[str, list[int]] = {}
+    for part in ("train", "val"):
+        ids = []
+        for entry in record.get(part, []):
+            i = by_path.get(same_name(entry["path"]))
+            if i is None or index.samples[i].sha256 != entry["sha256"]:
+                what = "is gone" if i is None else "changed since (its sha256 differs)"
+                raise DatasetError(
+                    f"{index.root / entry['path']}, a {part} image in {source}, {what}: the split the run trained "
+                    "with cannot be rebuilt; restore the image, or evaluate with `vision-tl report RUN --data ROOT` "
+                    "on a copy of the data as it was")
+            ids.append(i)
+        parts[part] = ids
+    listed = {i for ids in parts.values() for i in ids}
+    return parts, len(index.samples) - len(listed)
+
+
 def recorded_mismatches(root: Path, entries: list[dict], sample: bool = False) -> tuple[list[Path], list[Path]]:
     """``(missing, changed)``: the files of a :func:`read_split` list that are gone from under
     ``root``, and those whose content (sha256) is not the recorded one. ``sample`` checks only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -283,7 +284,30 @@ class VisionTLCLI(LightningCLI):
                              "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
         self._resume_into_run()
         self._require_checkpoint()
+        self._use_the_runs_split()
         self._refuse_existing_run()
+
+    def _use_the_runs_split(self) -> None:
+        """``validate``, ``test`` and ``predict`` of a run's checkpoint score the images that run
+        held out (its ``split.json``), as ``vision-tl report`` does: a new split of a folder that
+        gained images, or under another seed or val_fraction, would move training images into val."""
+        if self.subcommand not in ("validate", "test", "predict"):
+            return
+        cfg = self.config[self.subcommand]
+        data = cfg.get("data")
+        if data is None or data.get("split_file") or not cfg.get("ckpt_path"):
+            return
+        run = run_dir_of(Path(str(cfg.ckpt_path)))
+        record = run / "split.json" if run is not None else None
+        if record is None or not record.is_file():
+            return
+        try:
+            recorded_root = Path(json.loads(record.read_text(encoding="utf-8")).get("root", ""))
+        except (OSError, ValueError, AttributeError):
+            return  # unreadable: the data module's own split stands; report names the problem
+        if recorded_root.resolve() == Path(str(data.root)).expanduser().resolve():
+            data.split_file = str(record)
+            say(f"vision_tl: train/val split from {record} (the images the run held out)")
 
     def _require_checkpoint(self) -> None:
         """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without
