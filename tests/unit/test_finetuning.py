@@ -91,6 +91,11 @@ def test_invalid_mode_and_settings_list_valid_choices():
         _model("frozen", lr=-1.0)
     with pytest.raises(ValueError, match="class_weights"):
         _model("frozen", class_weights="log")
+    # before training, not as a traceback from the loss in the first validation step
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 2"):
+        _model("frozen", label_smoothing=2)
+    with pytest.raises(ValueError, match=r"class_counts \[5, 5\] must give one count >= 0 per class"):
+        ImageClassifier(["a", "b", "c"], backbone=TINY, pretrained=False, mode="frozen", class_counts=[5, 5])
 
 
 def test_class_weights():

@@ -83,3 +83,17 @@ def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path) -> None:
         Text.draw = real_draw
     assert all(_is_png(p) for p in written)
     assert "dent $^$ x" in drawn and "cost $5 vs $10" in drawn
+
+
+def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, monkeypatch):
+    """A class absent from the split has no recall (null in metrics.json); 0.00 would read as
+    'every such image missed'."""
+    from matplotlib.axes import Axes
+
+    written = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: written.append(s) or real(self, x, y, s, *a, **k))
+    plots.plot_confusion_matrix([[3, 1], [0, 0]], ["good", "crack"], tmp_path / "cm.png")
+    shares = written[4:]  # the counts panel first, then the shares
+    assert shares == ["0.75", "0.25", "n/a", "n/a"]
+    assert Image.open(tmp_path / "cm.png").size[0] > 100

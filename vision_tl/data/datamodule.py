@@ -308,7 +308,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         absent = index.absent_classes()
         if absent:
             warnings.warn(f"{name}/ has no images of {', '.join(map(repr, absent))}: their recall on {name}/ is not "
-                          "measured (null), and balanced accuracy averages the other classes", stacklevel=3)
+                          "measured (null), and balanced accuracy averages the other classes", stacklevel=2)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in ``split`` (after :meth:`setup`)."""

@@ -332,7 +332,8 @@ def stratified_split(
         if len(keys) < 2 or taken >= n_items:
             raise DatasetError(
                 f"class {name!r} has too few distinct images ({len(keys)}) to split into train "
-                "and val; add images or provide a val/ folder"
+                "and val; add images, or use split folders (ROOT/train/<class>/ and ROOT/val/<class>/: val/ "
+                "may lack a rare class)"
             )
     return sorted(train), sorted(val)
 

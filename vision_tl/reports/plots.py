@@ -40,20 +40,21 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
 
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
-    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    # a class without images in this split has no recall: blank ("n/a"), never 0.00
+    normalised = np.divide(counts, rows, out=np.full_like(counts, np.nan), where=rows > 0)
     size = max(4.0, 0.6 * len(classes) + 2.5)
     fig, axes = _subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
     for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "count"),
                                  (axes[1], normalised, "{:.2f}", "share of true class")):
-        im = ax.imshow(data, cmap="Blues", vmin=0)
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else None)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{title} ({label})")
-        top = data.max() if data.size else 0
+        top = 1.0 if data is normalised else (data.max() if data.size else 0)
         for (i, j), v in np.ndenumerate(data):
-            ax.text(j, i, fmt.format(v), ha="center", va="center",
+            ax.text(j, i, "n/a" if np.isnan(v) else fmt.format(v), ha="center", va="center",
                     color="white" if top and v > top / 2 else "black", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
     path = Path(path)

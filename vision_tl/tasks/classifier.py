@@ -209,6 +209,11 @@ class ImageClassifier(L.LightningModule):
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         class_weights_from_counts([1, 1], class_weights)  # validates the name early
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing} (0.1 is a common choice)")
+        if class_counts is not None and (len(class_counts) != len(classes) or any(c < 0 for c in class_counts)):
+            raise ValueError(f"class_counts {list(class_counts)} must give one count >= 0 per class, in the order "
+                             f"{list(classes)} ({len(classes)} numbers); leave it out to count the training images")
         if threshold_target is not None:
             parse_threshold_target(threshold_target)
             if good_class is None:

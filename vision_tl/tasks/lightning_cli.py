@@ -502,7 +502,7 @@ def _keep_metrics_csv(run: Path) -> None:
         while (run / f"metrics.before_resume_{n}.csv").exists():
             n += 1
         csv.rename(run / f"metrics.before_resume_{n}.csv")
-        say(f"vision_tl: kept the interrupted run's step log as {run / f'metrics.before_resume_{n}.csv'}")
+        say(f"vision_tl: kept the step log from before this resume as {run / f'metrics.before_resume_{n}.csv'}")
 
 
 # (runs folder, version directories in it before this command), for _remove_empty_new_runs
