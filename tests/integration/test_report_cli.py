@@ -371,3 +371,17 @@ def test_a_report_of_the_best_checkpoint_points_to_the_thresholded_copy(run, tmp
     out = capsys.readouterr().out
     assert "no threshold set" in out
     assert f"--checkpoint {copy / 'checkpoints' / 'best.thresholded.ckpt'}" in out
+
+
+def test_compare_says_what_it_cannot_check_and_which_checkpoint_a_report_evaluated(run, inspection_folder, tmp_path,
+                                                                                    capsys):
+    folders = _folder_run(run, tmp_path)  # as if trained on train/ + val/: no split.json
+    data = _val_folders(tmp_path / "data", inspection_folder, ["crack", "good", "scratch", "spot"])
+    assert main(["report", str(folders), "--data", str(data), "--checkpoint",
+                 str(folders / "checkpoints" / "last.ckpt"), "--overwrite"]) == 0
+    assert json.loads((folders / "metrics.json").read_text())["report"]["val"]["checkpoint"].endswith("last.ckpt")
+    capsys.readouterr()
+    assert main(["compare", str(run), str(folders)]) == 0
+    out = capsys.readouterr().out
+    assert "brought its own val/ folder (no split.json)" in out
+    assert "not the best checkpoint: " in out and "(last.ckpt)" in out

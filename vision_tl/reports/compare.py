@@ -30,6 +30,7 @@ class RunSummary:
     recall: dict[str, float | None]
     val_hashes: frozenset[str] | None
     has_report: bool
+    checkpoint: str | None = None  # the file the report evaluated (None: fit's own metrics)
 
 
 @dataclass
@@ -105,7 +106,8 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     return RunSummary(name=_label(run), path=run, backbone=model.get("backbone"),
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
-                      val_hashes=hashes or None, has_report=report is not None)
+                      val_hashes=hashes or None, has_report=report is not None,
+                      checkpoint=(report or {}).get("checkpoint"))
 
 
 def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
@@ -136,6 +138,14 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}
     if len(hashes) > 1:
         notes.append(f"the runs were evaluated on different {split} images; differences may reflect the split")
+    unchecked = [s.name for s in summaries if s.val_hashes is None]
+    if split == "val" and unchecked and len(summaries) > 1:
+        notes.append(f"{', '.join(unchecked)} brought {'its' if len(unchecked) == 1 else 'their'} own val/ "
+                     "folder (no split.json): whether all runs were evaluated on the same images is not checked")
+    other = [f"{s.name} ({Path(s.checkpoint).name})" for s in summaries
+             if s.checkpoint and Path(s.checkpoint).name != "best.ckpt"]
+    if other:
+        notes.append(f"not the best checkpoint: {', '.join(other)} (its report evaluated that file)")
     missing = [s.name for s in summaries if not s.has_report]
     if missing:
         notes.append(f"no report yet for {', '.join(missing)}: AUC, ECE and escape rates need "

@@ -154,7 +154,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
 
         figures["error_gallery"] = plot_error_gallery(errors, out_dir / f"error_gallery_{split}.png")
     extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "threshold_choice": threshold_choice, "predictions": predictions.name}
+             "threshold_choice": threshold_choice, "predictions": predictions.name,
+             "checkpoint": (info or {}).get("checkpoint")}  # which one was evaluated (compare says so)
     _update_metrics_json(out_dir, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
     atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
