@@ -106,10 +106,17 @@ def console_main() -> int:
     interruption no command caught (while modules import) is one line, not a traceback."""
     warnings.showwarning = _show_warning  # the command's own process: nobody else's warnings to keep
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    received: list[int] = []
     try:
-        with contextlib.nullcontext([]) if command in LIGHTNING_COMMANDS else sigterm_as_interrupt() as received:
-            status = main()
-        return 143 if received and status == 130 else status  # a command reported the stop itself
+        with contextlib.nullcontext(received) if command in LIGHTNING_COMMANDS else sigterm_as_interrupt() as received:
+            try:
+                status = main()
+            except SystemExit as exc:  # Lightning inside a command (demo's fit) exits 1 on an interruption
+                if received and exc.code not in (0, None):
+                    print(f"vision-tl {command}: stopped (SIGTERM)", file=sys.stderr)
+                    return 143
+                raise
+        return 143 if received and status in (1, 130) else status  # a command reported the stop itself
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         print(f"vision-tl {command}: {'stopped (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)

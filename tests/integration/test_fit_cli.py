@@ -295,3 +295,19 @@ def test_evaluating_a_run_scores_the_images_it_held_out_even_after_the_folder_gr
         rows = list(csv.DictReader(csv_path.open()))
         assert sorted(str(Path(r["path"]).relative_to(data)) for r in rows) == sorted(e["path"] for e in record["val"])
         csv_path.unlink()
+
+
+def test_a_run_on_train_and_test_folders_is_evaluated_on_its_recorded_split(inspection_folder, tmp_path, capsys):
+    """Without val/, train/ is what was split (split.json's root is ROOT/train): validate of the
+    run must still use that split, also under another seed, and from another working directory."""
+    data = tmp_path / "tt"
+    shutil.copytree(inspection_folder, data / "train")
+    shutil.copytree(inspection_folder / "good", data / "test" / "good")
+    run = _fit(tmp_path / "runs", data, "--trainer.max_epochs", "1")
+    assert json.loads((run / "split.json").read_text())["root"] == str((data / "train").resolve())
+    capsys.readouterr()
+    assert main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"), "--data.seed", "5"]) == 0
+    assert f"split from {run / 'split.json'}" in capsys.readouterr().out
+    (config,) = (tmp_path / "eval").glob("partial/version_*/config.yaml")
+    assert f"split_file: {run / 'split.json'}" in config.read_text()  # absolute: found from anywhere

@@ -65,3 +65,17 @@ def test_ctrl_c_outside_any_command_handler_is_one_line(monkeypatch, capsys) -> 
     monkeypatch.setattr("sys.argv", ["vision-tl", "extract"])
     assert cli.console_main() == 130
     assert capsys.readouterr().err.strip() == "vision-tl extract: interrupted"
+
+
+def test_a_lightning_fit_inside_a_command_that_exits_1_on_sigterm_still_exits_143(monkeypatch, capsys):
+    """demo runs a fit: Lightning takes the interruption and calls sys.exit(1)."""
+    def demo_main():
+        try:
+            _sigterm_self()
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None
+
+    monkeypatch.setattr(cli, "main", demo_main)
+    monkeypatch.setattr("sys.argv", ["vision-tl", "demo"])
+    assert cli.console_main() == 143
+    assert "vision-tl demo: stopped (SIGTERM)" in capsys.readouterr().err

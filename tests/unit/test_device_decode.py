@@ -110,13 +110,24 @@ def test_images_the_device_refuses_are_decoded_on_the_host(tmp_path, monkeypatch
     assert calls == [4, 2, 1, 1, 2, 2]
 
 
-def test_the_device_failing_is_raised_not_taken_for_a_damaged_file(tmp_path, monkeypatch) -> None:
-    def out_of_memory(datas, gray, device):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory"),
+    # torchvision's decoder re-raises the device's failures as plain RuntimeErrors
+    RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 38.00 MiB"),
+    RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700"),
+])
+def test_the_device_failing_is_raised_not_taken_for_a_damaged_file(tmp_path, monkeypatch, error) -> None:
+    def failing(datas, gray, device):
+        raise error
 
-    monkeypatch.setattr(device_decode, "_decode", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
+    monkeypatch.setattr(device_decode, "_decode", failing)
+    with pytest.raises(type(error)):
         _on_device(_images(tmp_path), 0)
+
+
+def test_only_a_cuda_gpu_or_the_cpu_decodes(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--decode device decodes JPEGs on a CUDA GPU.*use --decode cpu"):
+        device_batches(_images(tmp_path), SIZE, "bicubic", 4, "mps", 0)
 
 
 def test_the_users_pixel_limit_and_jpeg_decoder_choice_do_not_break_the_check(tmp_path, monkeypatch) -> None:

@@ -167,9 +167,16 @@ def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):
     added = optimizer.param_groups[1]
     assert added["initial_lr"] == pytest.approx(model.hparams.lr * model.hparams.backbone_lr_factor)
     assert added["lr"] == pytest.approx(added["initial_lr"] * scheduler.factor(scheduler.last_epoch))
+    before = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     resumed = fit(3, ckpt_path=tmp_path / "last.ckpt")
-    assert len(resumed.trainer.optimizers[0].param_groups) == 2
+    groups = resumed.trainer.optimizers[0].param_groups
+    assert len(groups) == 2
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6  # 3 epochs x 2 steps
+    # the restored group trains: its parameters were frozen again by the module's mode
+    assert all(p.requires_grad for p in groups[1]["params"])
+    names = {id(p): n for n, p in resumed.named_parameters()}
+    moved = [names[id(p)] for p in groups[1]["params"] if not torch.equal(before[names[id(p)]], p.detach())]
+    assert moved, "no unfrozen stage changed in the resumed epoch"
 
 
 def test_gradual_unfreezing_is_refused_under_ddp():

@@ -199,6 +199,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}; "
                              "leave it unset to choose from the machine's cores")
+        if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
+            split_file = str(Path(split_file).expanduser().resolve())
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.layout = detect_layout(self.root)
@@ -286,9 +288,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             return stratified_split(index, self.hparams.val_fraction, self.hparams.seed)
         parts, unlisted = recorded_parts(index, read_split(source), Path(source))
         if unlisted:
-            warnings.warn(f"{index.root} holds {unlisted} image(s) that {source} does not list (added after "
-                          "training): left out, so the scores are those of the images the run held out",
-                          stacklevel=2)
+            warnings.warn(f"{index.root} holds {unlisted} image(s) that {source} does not list (added since it "
+                          "was written): left out, so train and val are the images it records", stacklevel=2)
         return parts["train"], parts["val"]
 
     def _check_split_classes(self, name: str, folder: Path) -> None:

@@ -100,6 +100,11 @@ def device_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
     if threads < 0:
         raise ValueError(f"reading threads must be 0 or more, got {threads}")
     device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--decode device decodes JPEGs on a CUDA GPU (nvJPEG); {device} has no JPEG decoder "
+                         "torchvision can use: use --decode cpu")
+    if device.type == "cuda" and device.index is None:  # one spelling: torchvision keeps one decoder per device
+        device = torch.device("cuda", torch.cuda.current_device())
     size = (int(size[0]), int(size[1]))
     check_device(device, size, interpolation)
     fast_jpeg_decoder()  # its one-time check runs here, not in every thread at once
@@ -211,7 +216,10 @@ def _refused(exc: RuntimeError) -> bool:
     failing (out of memory, a CUDA error), which must not pass for a damaged file."""
     fatal = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
                   if t is not None)
-    return not isinstance(exc, fatal)
+    # torchvision re-raises the device's own failures inside its decoder as plain RuntimeErrors
+    text = str(exc).lower()
+    device_failed = any(sign in text for sign in ("out of memory", "failed to synchronize", "cuda error"))
+    return not isinstance(exc, fatal) and not device_failed
 
 
 def _decode_group(datas: list[torch.Tensor], gray: bool, device: torch.device) -> list[torch.Tensor | None]:

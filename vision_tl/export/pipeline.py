@@ -245,7 +245,8 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report.judge(max_accuracy_drop=opts.max_accuracy_drop)
             if metadata.good_class is not None and metadata.threshold is not None:
                 k, t = list(metadata.classes).index(metadata.good_class), metadata.threshold
-                report.decision_changes = int(np.sum((fp32_probs[:, k] >= t) != (probs[:, k] >= t)))
+                before, after = (np.asarray(x[:, k], np.float64) for x in (fp32_probs, probs))  # t may be just above 1
+                report.decision_changes = int(np.sum((before >= t) != (after >= t)))
                 report.decision_rule = f"P({metadata.good_class}) >= {t:.6g}"
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details

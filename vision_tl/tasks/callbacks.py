@@ -185,7 +185,8 @@ class RunArtifacts(L.Callback):
                 table.append((str(sample.path), [true, "", "", *[""] * len(classes), "", _decode_error(sample.path)]))
                 continue
             k = int(p.argmax())
-            defect = [str(bool(p[classes.index(good)] < threshold)).lower()] if decide else [""]
+            # in float64, as report compares: a threshold one step above 1.0 (reject all) is not 1.0
+            defect = [str(float(p[classes.index(good)]) < float(threshold)).lower()] if decide else [""]
             table.append((str(sample.path), [true, classes[k], probability_text(p[k]), *map(probability_text, p),
                                              *defect, ""]))
         for path, why in getattr(trainer.datamodule, "predict_bad", []):
@@ -239,7 +240,19 @@ class GradualUnfreezing(BaseFinetuning):
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """The module's ``mode`` already froze what must start frozen."""
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resumed = self._restarting  # Lightning clears it here, before the epoch count is restored
+        super().on_fit_start(trainer, pl_module)
+
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+        if getattr(self, "_resumed", False):
+            # Lightning restored the parameter groups added before the stop, but the module's
+            # ``mode`` froze their parameters again: unfreeze what the past milestones unfroze,
+            # or those stages would never train again (nor match a run never stopped)
+            self._resumed = False
+            done = [n for milestone, n in self.milestones.items() if milestone < epoch]
+            if done:
+                unfreeze_stages(pl_module.net, max(done), pl_module.hparams.freeze_bn)
         if epoch not in self.milestones:
             return
         params = unfreeze_stages(pl_module.net, self.milestones[epoch], pl_module.hparams.freeze_bn)

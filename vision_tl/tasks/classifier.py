@@ -96,11 +96,12 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         ``--trainer.max_epochs`` stretches the cosine to the new length (with the saved length,
         the added epochs would all train at a learning rate of 0). The same length gives the
         same learning rates as a run that was never stopped."""
-        total, warmup = self.total, self.warmup
+        total = self.total
         super().load_state_dict(state_dict)
         saved = self.total
-        self.total, self.warmup = total, warmup
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+        self.total = total  # the warm-up keeps its saved length in steps: a resume past it stays past it
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr  # the rate of the next step, on this schedule
         if saved != total:
             say(f"vision_tl: the learning-rate schedule now decays to 0 at step {total} (it was {saved}): "

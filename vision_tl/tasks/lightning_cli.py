@@ -297,6 +297,8 @@ class VisionTLCLI(LightningCLI):
         data = cfg.get("data")
         if data is None or data.get("split_file") or not cfg.get("ckpt_path"):
             return
+        if self.subcommand == "predict" and data.get("predict_root"):
+            return  # new images: the training folder is not split at all
         run = run_dir_of(Path(str(cfg.ckpt_path)))
         record = run / "split.json" if run is not None else None
         if record is None or not record.is_file():
@@ -305,7 +307,9 @@ class VisionTLCLI(LightningCLI):
             recorded_root = Path(json.loads(record.read_text(encoding="utf-8")).get("root", ""))
         except (OSError, ValueError, AttributeError):
             return  # unreadable: the data module's own split stands; report names the problem
-        if recorded_root.resolve() == Path(str(data.root)).expanduser().resolve():
+        root = Path(str(data.root)).expanduser().resolve()
+        # the folder that was split: ROOT, or ROOT/train/ when ROOT has train/ (and test/) but no val/
+        if recorded_root.resolve() in (root, root / "train"):
             data.split_file = str(record)
             say(f"vision_tl: train/val split from {record} (the images the run held out)")
 
