@@ -153,6 +153,21 @@ def test_cache_computes_once_and_recomputes_changed_bytes(tmp_path, folder, tiny
     assert np.isnan(cache.throughput(fx))
 
 
+def test_an_image_rewritten_after_the_scan_is_never_cached_under_its_old_hash(tmp_path, folder, tiny_net) -> None:
+    """A line folder written to during an extraction: the features of the new content must not
+    be stored under the scanned content's hash, where every later run would read them."""
+    import shutil
+
+    paths, hashes = _index(folder)
+    shutil.copy(paths[5], paths[0])  # rewritten between the scan and the extraction
+    cache, fx = FeatureCache(tmp_path / "c"), _extractor(tiny_net)
+    report = cache.ensure(fx, paths, hashes, progress=False)
+    assert [p for p, _ in report.failed] == [paths[0]] and "changed while it was being embedded" in report.failed[0][1]
+    assert report.computed == len(paths) - 1
+    store = cache.store(fx)
+    assert hashes[0] not in store and all(h in store for h in hashes[1:])
+
+
 def test_cache_keyed_by_input_size_weights_and_stages(tmp_path, folder, tiny_net) -> None:
     cache = FeatureCache(tmp_path / "cache")
     paths, hashes = _index(folder)
@@ -559,3 +574,41 @@ def test_extract_reads_a_class_spelled_with_other_accents_as_one_class(tmp_path)
     _write_image(tmp_path / "d" / "train" / nfd / "5.png", seed=5, tint=1)  # both spellings in train/
     with pytest.raises(DatasetError, match="differ only in how their accents are encoded"):
         extract(tmp_path / "d", TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_weights_changed_between_two_calls_get_another_cache_store(tmp_path, folder) -> None:
+    """Through the Python API one extractor may see its model trained further: the features of
+    the new weights must never land in (or be read from) the old weights' store."""
+    torch.manual_seed(0)
+    net = create_backbone(TINY, pretrained=False)
+    fx, cache = _extractor(net), FeatureCache(tmp_path / "c")
+    paths, hashes = _index(folder)
+    before = cache.features(fx, paths[:5], hashes[:5], progress=False)
+    first_key = fx.identity()["state_digest"]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    assert fx.identity()["state_digest"] != first_key
+    after = cache.features(fx, paths, hashes, progress=False)
+    assert not np.allclose(after[:5], before)  # computed again with the new weights
+    fresh = FeatureCache(tmp_path / "fresh").features(_extractor(net), paths, hashes, progress=False)
+    np.testing.assert_allclose(after, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_augmented_views_are_the_same_in_every_run_and_with_any_worker_count(tmp_path, folder, tiny_net) -> None:
+    """probe --views and frozen fit with cached_views read augmented views from the cache: which
+    run filled it must not change them (the README promises the same augmentation per seed)."""
+    from vision_tl.features.extractor import iter_embeddings
+
+    paths, _ = _index(folder)
+    pre = resolve_preprocessing(TINY, SIZE)
+    views = {}
+    for workers in (0, 2, 0):
+        fx = FeatureExtractor(tiny_net, TINY, pre, augment="inspection", view=1)
+        views.setdefault(workers, []).append(np.concatenate(
+            [b.features for b in iter_embeddings(fx, paths, 4, workers, "cpu", progress=False)]))
+    np.testing.assert_array_equal(views[0][0], views[0][1])
+    np.testing.assert_allclose(views[0][0], views[2][0], rtol=1e-5, atol=1e-6)
+    other = FeatureExtractor(tiny_net, TINY, pre, augment="inspection", view=2)
+    second = np.concatenate([b.features for b in iter_embeddings(other, paths, 4, 0, "cpu", progress=False)])
+    assert not np.allclose(second, views[0][0])  # another view is another augmentation

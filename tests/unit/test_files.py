@@ -56,3 +56,20 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_file_another_process_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    """Two runs writing one --out at once: the check before writing passed for both; the second
+    to finish must fail, not silently replace the first's file."""
+    from vision_tl.utils.files import atomic_path
+
+    out = tmp_path / "features.npz"
+    with pytest.raises(FileExistsError, match="written meanwhile by another process"):
+        with atomic_path(out, overwrite=False) as tmp:
+            tmp.write_bytes(b"second")
+            out.write_bytes(b"first")  # the other run finished first
+    assert out.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npz"]  # no temporary file left
+    with atomic_path(tmp_path / "new.npz", overwrite=False) as tmp:
+        tmp.write_bytes(b"data")
+    assert (tmp_path / "new.npz").read_bytes() == b"data" and len(list(tmp_path.iterdir())) == 2

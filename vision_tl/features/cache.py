@@ -144,8 +144,9 @@ class FeatureCache:
             if first is None:
                 first = time.perf_counter() - start
             _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
-            pending_keys += [keys[i] for i in batch.positions]
-            pending.append(batch.features)
+            kept = [k for k, i in enumerate(batch.positions) if not _changed(files[i], keys[i], failed)]
+            pending_keys += [keys[batch.positions[k]] for k in kept]
+            pending.append(batch.features[kept])
             failed += [(files[i], why) for i, why in batch.failures]
             if len(pending_keys) >= SHARD_ROWS:
                 store.append(pending_keys, np.concatenate(pending))
@@ -187,6 +188,21 @@ class FeatureCache:
         if report.failed:
             raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}")
         return self.read(extractor, hashes)
+
+
+def _changed(path: Path, key: str, failed: list[tuple[Path, str]]) -> bool:
+    """Whether ``path`` no longer holds the content ``key`` names (rewritten between the scan
+    and its decoding, e.g. a line folder being written to): its features would then be stored
+    under another image's hash for good. Such an image is a failure, not a cache entry. An
+    unchanged file costs a ``stat`` (the scan's hash is remembered per size and time)."""
+    from vision_tl.data.folder import _checked
+
+    now = _checked(path)[1]
+    if now == key:
+        return False
+    failed.append((path, f"{path}: changed while it was being embedded (its content is no longer the one scanned); "
+                         "run the extraction again once the folder is no longer being written to"))
+    return True
 
 
 def _check_finite(extractor: FeatureExtractor, features: np.ndarray, files: list[Path]) -> None:

@@ -119,11 +119,19 @@ class FeatureExtractor:
                        for s in self.stages]
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None
+        self._digest: tuple[tuple, str] | None = None  # (weights' version counters, their digest)
         self._channels_last = False
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
 
     def identity(self) -> dict:
-        """Everything the embeddings depend on; the cache key and the output metadata."""
+        """Everything the embeddings depend on; the cache key and the output metadata. The
+        weights' digest is taken on every call: a model trained further between two calls
+        (the Python API) gets another key, never the old weights' store."""
+        # every tensor's in-place version counter: an optimiser step or load_state_dict moves it,
+        # so the digest (which reads every weight) is taken again only when the weights changed
+        versions = tuple((id(t), t._version) for t in self.model.state_dict(keep_vars=True).values())
+        if self._digest is None or self._digest[0] != versions:
+            self._digest = (versions, state_digest(self.model))
         if self._identity is None:
             import timm
 
@@ -131,7 +139,7 @@ class FeatureExtractor:
                 "format": FORMAT_VERSION,
                 "backbone": self.backbone,
                 "weights": weights_identity(self.model),
-                "state_digest": state_digest(self.model),
+                "state_digest": "",  # below, from the weights as they are now
                 "preprocessing": self.preprocessing.to_dict(),
                 "stages": list(self.stages),
                 "num_features": self.num_features,
@@ -145,7 +153,7 @@ class FeatureExtractor:
                 # per kind of device, whose decoders differ (nvJPEG; torchvision's libjpeg-turbo)
                 device = next(self.model.parameters()).device.type
                 self._identity["decode"] = f"{self.decode}:{device}"
-        return self._identity
+        return {**self._identity, "state_digest": self._digest[1]}
 
     def transform(self) -> ImageTransform:
         """Resize (and augment) to a uint8 ``[3, H, W]`` tensor; :meth:`embed` normalises on the device."""
@@ -189,11 +197,16 @@ class FeatureExtractor:
 
 
 class _ImageFiles(Dataset):
-    """Decoded, transformed (augmented) images; an undecodable file yields its error instead."""
+    """Decoded, transformed (augmented) images; an undecodable file yields its error instead.
 
-    def __init__(self, paths: list[Path], transform: ImageTransform) -> None:
+    An augmented view is seeded by the image's content and the view's number: the same image
+    gets the same augmentation in every run, whichever run fills the cache and however many
+    loader processes share the work."""
+
+    def __init__(self, paths: list[Path], transform: ImageTransform, view: int = 0) -> None:
         self.paths = paths
         self.transform = transform
+        self.view = view
         self.whole_batches = not transform.augment.transforms and not transform.normalize
 
     def __len__(self) -> int:
@@ -201,9 +214,16 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_rgb(self.paths[i])), None
+            image = load_rgb(self.paths[i])
+            return i, self.transform(image, seed=self._seed(i) if self.transform.augment.transforms else None), None
         except ImageLoadError as exc:
             return i, None, str(exc)
+
+    def _seed(self, i: int) -> int:
+        from vision_tl.data.folder import _checked
+
+        digest = _checked(self.paths[i])[1] or str(self.paths[i])  # the scan's hash: a stat, no re-read
+        return int(hashlib.sha256(f"{digest}:{self.view}".encode()).hexdigest()[:15], 16)
 
 
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
@@ -281,7 +301,7 @@ def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size:
     their albumentations pipeline, which is per-image Python, in ``workers`` loader processes.
     """
     transform = extractor.transform()
-    files = _ImageFiles(paths, transform)
+    files = _ImageFiles(paths, transform, extractor.view)
     pinned = device.type == "cuda"
     if files.whole_batches and extractor.decode == "device":
         return device_batches(paths, transform.preprocessing.input_size, transform.preprocessing.interpolation,

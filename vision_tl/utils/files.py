@@ -106,16 +106,36 @@ def atomic_path(path: str | Path, overwrite: bool = True, sweep: bool = True) ->
     with locked_temp(path) as tmp_path:
         yield tmp_path
         _make_readable(tmp_path)
-        durable_replace(tmp_path, path)
+        durable_replace(tmp_path, path, overwrite=overwrite)
 
 
-def durable_replace(tmp: Path, path: Path) -> None:
+def durable_replace(tmp: Path, path: Path, overwrite: bool = True) -> None:
     """``os.replace(tmp, path)`` that survives a power cut: the data reaches the disk before
     the rename, and the rename before this returns. Without the first fsync a crash soon after
-    can leave ``path`` empty on some file systems; line PCs do lose power."""
+    can leave ``path`` empty on some file systems; line PCs do lose power.
+
+    With ``overwrite=False`` a ``path`` that appeared meanwhile (another process writing the same
+    file) is never replaced: the file is linked into place, which fails if the name exists.
+
+    Raises:
+        FileExistsError: ``overwrite`` is False and ``path`` exists.
+    """
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # atomic, and refuses an existing name
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists (written meanwhile by another process); "
+                                  "refusing to overwrite it") from None
+        except OSError:  # a file system without hard links: the check, then the rename
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; refusing to overwrite it") from None
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
     with contextlib.suppress(OSError):  # not every file system can sync a directory
         fd = os.open(path.parent, os.O_RDONLY)
         try:
