@@ -612,3 +612,17 @@ def test_augmented_views_are_the_same_in_every_run_and_with_any_worker_count(tmp
     other = FeatureExtractor(tiny_net, TINY, pre, augment="inspection", view=2)
     second = np.concatenate([b.features for b in iter_embeddings(other, paths, 4, 0, "cpu", progress=False)])
     assert not np.allclose(second, views[0][0])  # another view is another augmentation
+
+
+def test_options_that_would_silently_repeat_work_or_columns_are_refused(tmp_path, folder, tiny_net, capsys) -> None:
+    from vision_tl.features.cli import main as features_main
+    from vision_tl.features.store import check_output_path
+
+    with pytest.raises(ValueError, match="name stage 3 twice"):
+        FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE), "3,-2")
+    (tmp_path / "out.npz").mkdir()
+    with pytest.raises(FeatureStoreError, match="is a directory"):
+        check_output_path(tmp_path / "out.npz", overwrite=True)
+    with pytest.raises(SystemExit):
+        features_main(["probe", str(folder), "--backbone", TINY, "--backbone", TINY, "--random-init"])
+    assert "--backbone test_efficientnet is given more than once" in capsys.readouterr().err

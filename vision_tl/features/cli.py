@@ -91,7 +91,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, default=1,
                         help="cached views per image: 1 clean + K-1 augmented, used for training rows (default: %(default)s)")
     parser.add_argument("--augment", default="inspection", help="augmentation preset of extra views (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws, and of the weights with --random-init (default: %(default)s)")
     parser.add_argument("--plot-dir", default=None, help="write pca_<backbone>.png scatters here")
     return parser
 
@@ -115,6 +115,9 @@ def _run_probe(args: argparse.Namespace) -> None:
 
     if args.weights is not None and len(args.backbones) != 1:
         raise ValueError("--weights applies to one backbone; pass a single --backbone with it")
+    twice = sorted({b for b in args.backbones if args.backbones.count(b) > 1})
+    if twice:
+        raise ValueError(f"--backbone {', '.join(twice)} is given more than once; name each backbone once")
     results = probe(args.root, args.backbones, heads=[h.strip() for h in args.heads.split(",") if h.strip()],
                     folds=args.folds, shots=args.shots, draws=args.draws, seed=args.seed,
                     plot_dir=args.plot_dir, skip_bad=args.skip_bad, weights=args.weights,

@@ -113,6 +113,9 @@ class FeatureExtractor:
                     f"stage {k} does not exist in {backbone}: it has {len(info)} feature stages "
                     f"(0..{len(info) - 1}, widths {info}); use 'pooled' or one of those numbers"
                 )
+            if k % len(info) in self._indices:
+                raise ValueError(f"stages {','.join(self.stages)} name stage {k % len(info)} twice ({k} counts from "
+                                 f"the end of {backbone}'s {len(info)} stages); list each stage once")
             self._indices.append(k % len(info))
         widths = {str(k): info[k % len(info)] for k in self._indices} if info else {}
         self.widths = [int(model.num_features) if s == POOLED else widths[str(int(s) % len(info))]

@@ -337,6 +337,8 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         )
     if not path.parent.is_dir():
         raise FeatureStoreError(f"output {path}: directory {path.parent} does not exist; create it first")
+    if path.is_dir():  # --overwrite replaces a file, never a folder
+        raise FeatureStoreError(f"output {path} is a directory; name a {path.suffix} file to write")
     if path.exists() and not overwrite:
         raise FeatureStoreError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
     return path
