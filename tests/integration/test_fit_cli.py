@@ -311,3 +311,23 @@ def test_a_run_on_train_and_test_folders_is_evaluated_on_its_recorded_split(insp
     assert f"split from {run / 'split.json'}" in capsys.readouterr().out
     (config,) = (tmp_path / "eval").glob("partial/version_*/config.yaml")
     assert f"split_file: {run / 'split.json'}" in config.read_text()  # absolute: found from anywhere
+    assert main(["report", str(run), "--split", "test"]) == 0  # test/ beside train/, the folder fit was given
+    assert main(["report", str(run), "--data", str(data), "--overwrite"]) == 0  # val: recorded under train/
+
+
+def test_evaluating_a_run_on_a_moved_copy_of_its_folder_uses_its_split(inspection_folder, tmp_path, capsys):
+    run = _fit(tmp_path / "runs", inspection_folder, "--trainer.max_epochs", "1")
+    moved = tmp_path / "moved"
+    shutil.copytree(inspection_folder, moved)
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"), "--data.seed", "7"]
+    capsys.readouterr()
+    assert main(["validate", *args, "--data.root", str(moved)]) == 0
+    assert f"split from {run / 'split.json'}" in capsys.readouterr().out
+    other = tmp_path / "other"  # other images of the same classes: a new split, said out loud
+    for folder in sorted(p for p in inspection_folder.iterdir() if p.is_dir()):
+        (other / folder.name).mkdir(parents=True)
+        for src in sorted(folder.iterdir())[:6]:
+            shutil.copy(src, other / folder.name / f"x_{src.name}")
+    with pytest.warns(UserWarning, match="does not hold the images .*a new train/val split is made"):
+        assert main(["validate", *args, "--data.root", str(other)]) == 0

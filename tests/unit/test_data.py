@@ -354,3 +354,16 @@ def test_good_class_typed_with_other_accents_reaches_the_model_as_the_folder_spe
     model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, good_class=nfc)
     model._check_datamodule(dm)
     assert model.hparams.good_class == nfd == dm.hparams.good_class
+
+
+def test_a_split_file_with_no_val_images_is_refused(tmp_path):
+    """validate/test on such a file would score nothing and exit 0 with no result."""
+    from vision_tl.data.folder import recorded_parts
+
+    _folder(tmp_path / "d", {"good": 4, "bad": 4})
+    index = scan_folder(tmp_path / "d")
+    record = {"root": str(tmp_path / "d"), "classes": index.classes, "val": [],
+              "train": [{"path": str(s.path.relative_to(index.root)), "label": index.classes[s.label],
+                         "sha256": s.sha256} for s in index.samples]}
+    with pytest.raises(DatasetError, match="split.json lists no val images: there is nothing to evaluate"):
+        recorded_parts(index, record, tmp_path / "split.json")

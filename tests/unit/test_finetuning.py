@@ -225,6 +225,8 @@ def test_a_resume_with_more_epochs_stretches_the_schedule_instead_of_training_at
     assert longer.total == 20 and longer.last_epoch == 10
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * longer.factor(10)) and longer.factor(10) > 0.4
     assert "decays to 0 at step 20 (it was 10)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="would end at step 8 .* at or before the 10 steps"):
+        scheduler(8).load_state_dict(finished.state_dict())  # e.g. a larger batch: fewer steps per epoch
     half = scheduler(10)  # an interrupted run resumed as it was: the same rates as never stopped
     for _ in range(5):
         half.optimizer.step()

@@ -459,6 +459,9 @@ def recorded_parts(index: FolderIndex, record: dict, source: Path) -> tuple[dict
                     "on a copy of the data as it was")
             ids.append(i)
         parts[part] = ids
+    if not parts["val"]:
+        raise DatasetError(f"{source} lists no val images: there is nothing to evaluate; pass the split.json of the "
+                           "run whose checkpoint you evaluate")
     listed = {i for ids in parts.values() for i in ids}
     return parts, len(index.samples) - len(listed)
 

@@ -213,6 +213,15 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
         raise ReportError(str(exc)) from exc
     root = Path(data_root).expanduser() if data_root else (
         Path(record["root"]) if record else config_data_root(run_dir))
+    if record is not None and Path(record["root"]).name == "train":
+        # ROOT had train/ (and test/) but no val/: train/ is what was split, so the recorded
+        # paths start there, and test/ sits beside it under the folder fit was given
+        given = root if data_root else (config_data_root(run_dir) or root.parent)
+        first = (record.get("val") or [{"path": ""}])[0]["path"]
+        if split == "val" and (given / "train").is_dir() and not (first and (given / first).exists()):
+            root = given / "train"
+        elif split == "test" and not (root / "test").is_dir() and (root.parent / "test").is_dir():
+            root = root.parent
     if root is None or not root.is_dir():
         raise ReportError(f"data root {root} of run {run_dir} not found; pass --data ROOT "
                           "(the folder given to fit as --data.root)")

@@ -100,6 +100,12 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         super().load_state_dict(state_dict)
         saved = self.total
         self.total = total  # the warm-up keeps its saved length in steps: a resume past it stays past it
+        if saved != total and total <= self.last_epoch:
+            raise ValueError(
+                f"the resumed run's learning-rate schedule would end at step {total} (--trainer.max_epochs x its steps "
+                f"per epoch), at or before the {self.last_epoch} steps the checkpoint has trained, so every step left "
+                "would train at a learning rate of 0; keep --data.batch_size as the run had it, or pass a larger "
+                "--trainer.max_epochs")
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr  # the rate of the next step, on this schedule

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from vision_tl.data import ImageFolderDataModule
+from vision_tl.data.folder import read_split, recorded_mismatches
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
@@ -295,23 +295,39 @@ class VisionTLCLI(LightningCLI):
             return
         cfg = self.config[self.subcommand]
         data = cfg.get("data")
-        if data is None or data.get("split_file") or not cfg.get("ckpt_path"):
+        if data is None or not cfg.get("ckpt_path"):
+            return
+        if Path(str(cfg.ckpt_path)).is_file():  # absolute in the saved config, as the data root is
+            cfg.ckpt_path = str(Path(str(cfg.ckpt_path)).resolve())
+        run = run_dir_of(Path(str(cfg.ckpt_path)))
+        record = run / "split.json" if run is not None else None
+        if data.get("split_file"):
+            given = Path(str(data.split_file)).expanduser().resolve()
+            data.split_file = str(given)  # absolute in the saved config: found from any directory
+            if record is not None and record.is_file() and given != record.resolve():
+                warnings.warn(f"--data.split_file {given} is not the split of the checkpoint's run ({record}): its "
+                              "val images may be images that run trained on, scored as held out", stacklevel=2)
             return
         if self.subcommand == "predict" and data.get("predict_root"):
             return  # new images: the training folder is not split at all
-        run = run_dir_of(Path(str(cfg.ckpt_path)))
-        record = run / "split.json" if run is not None else None
         if record is None or not record.is_file():
             return
         try:
-            recorded_root = Path(json.loads(record.read_text(encoding="utf-8")).get("root", ""))
-        except (OSError, ValueError, AttributeError):
+            entries = read_split(record)
+        except ValueError:
             return  # unreadable: the data module's own split stands; report names the problem
         root = Path(str(data.root)).expanduser().resolve()
-        # the folder that was split: ROOT, or ROOT/train/ when ROOT has train/ (and test/) but no val/
-        if recorded_root.resolve() in (root, root / "train"):
+        # the folder that was split: ROOT, or ROOT/train/ when ROOT has train/ (and test/) but no val/;
+        # the same folder elsewhere (moved, copied) when the recorded images are there, unchanged
+        split_root = next((folder for folder in (root, root / "train") if folder == Path(entries["root"]).resolve()
+                           or not any(recorded_mismatches(folder, entries.get("val", []), sample=True))), None)
+        if split_root is not None:
             data.split_file = str(record)
             say(f"vision_tl: train/val split from {record} (the images the run held out)")
+        else:
+            warnings.warn(f"{root} does not hold the images {record} lists (the run trained on {entries['root']}): "
+                          "a new train/val split is made, whose val images are not the ones the run held out",
+                          stacklevel=2)
 
     def _require_checkpoint(self) -> None:
         """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without
@@ -534,7 +550,7 @@ def _forget_runs() -> None:
 
 
 # What every command writes into its run directory before any result.
-_BOOKKEEPING = {"config.yaml", "hparams.yaml", "labels.json", "split.json"}
+_BOOKKEEPING = {"config.yaml", "hparams.yaml", "labels.json", "split.json", "metrics.csv"}
 
 
 def _remove_empty_new_runs() -> None:
@@ -570,6 +586,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
         # stopped half-way would pass for a finished one in `fit && export` or a job script.
+        _remove_empty_new_runs()  # stopped before its first epoch: nothing to keep
         return SIGTERM_EXIT
     except RuntimeError as exc:
         # DDP: a rank that stopped on its own error (one line, printed by it) leaves the others
