@@ -102,6 +102,9 @@ class ResumableRandomState(L.Callback):
 
         if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException)):
             return
+        if trainer.state.fn != "fit":  # validate, test, predict: nothing to resume, the command is run again
+            say(f"vision_tl: interrupted ({type(exception).__name__}); nothing was written: run the same command again")
+            return
         if last.exists():
             say(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last finished "
                 f"epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}")
