@@ -196,14 +196,19 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
 
     callback = ResumableRandomState()
     callback.setup(SimpleNamespace(log_dir=str(tmp_path)), None, "fit")
-    callback.on_exception(SimpleNamespace(is_global_zero=True), None, KeyboardInterrupt())
+    fit = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="fit"))
+    callback.on_exception(fit, None, KeyboardInterrupt())
     out = capsys.readouterr().out
     assert "before the first epoch ended, so there is nothing to resume" in out
     assert "start again by running the same command" in out and "--ckpt_path" not in out
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    callback.on_exception(SimpleNamespace(is_global_zero=True), None, KeyboardInterrupt())
+    callback.on_exception(fit, None, KeyboardInterrupt())
     assert f"--ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    predict = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="predict"))
+    callback.on_exception(predict, None, KeyboardInterrupt())  # not a training run: nothing to resume
+    out = capsys.readouterr().out
+    assert "run the same command again" in out and "resume" not in out
 
 
 def test_a_resume_with_more_epochs_stretches_the_schedule_instead_of_training_at_lr_0(capsys):
