@@ -149,7 +149,8 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
     cases = ((more, [], "3 new, e.g. good/new_0.png"),  # the added files, not ones a new split moved
              (tmp_path / "other", [], "it was trained on the classes"),
              (inspection_folder, ["--data.seed", "7"], "split into train and val differently"),
-             (inspection_folder, ["--model.image_size", "48"], "model settings differ: image_size 48"))
+             (inspection_folder, ["--model.image_size", "48"], "model settings differ: image_size 48"),
+             (inspection_folder, ["--data.batch_size", "8"], "it trained with --data.batch_size 4, and this command gives 8"))
     for data, extra, expected in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:

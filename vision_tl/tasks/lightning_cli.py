@@ -442,6 +442,7 @@ class VisionTLCLI(LightningCLI):
                 check_resumed_data(run, ImageFolderDataModule(
                     data.root, val_fraction=data.val_fraction, seed=data.seed,
                     skip_bad_images=data.skip_bad_images, num_workers=0))
+                _check_resumed_steps(run, cfg)
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
@@ -498,6 +499,23 @@ class VisionTLCLI(LightningCLI):
         if changed:
             say("vision_tl: the checkpoint's model settings replace the config's: "
                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+def _check_resumed_steps(run: Path, cfg) -> None:
+    """A resume goes on step by step (learning-rate schedule, data order): the batch size and the
+    gradient accumulation must be the run's. The others' settings are checked elsewhere."""
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    for section, key, option in (("data", "batch_size", "--data.batch_size"),
+                                 ("trainer", "accumulate_grad_batches", "--trainer.accumulate_grad_batches")):
+        was, now = (saved.get(section) or {}).get(key), (cfg.get(section) or {}).get(key)
+        if was is not None and now is not None and was != now:
+            raise ValueError(
+                f"resuming {run}: it trained with {option} {was}, and this command gives {now}; a resume goes on "
+                f"step by step (learning-rate schedule, data order), so keep {option} {was}, or start a new run "
+                "(without --ckpt_path) to train with the other value")
 
 
 def _config_run(cfg, marker: str) -> Path | None:
