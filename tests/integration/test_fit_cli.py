@@ -331,3 +331,15 @@ def test_evaluating_a_run_on_a_moved_copy_of_its_folder_uses_its_split(inspectio
             shutil.copy(src, other / folder.name / f"x_{src.name}")
     with pytest.warns(UserWarning, match="does not hold the images .*a new train/val split is made"):
         assert main(["validate", *args, "--data.root", str(other)]) == 0
+
+
+def test_a_relative_split_file_is_recorded_absolute(inspection_folder, tmp_path, monkeypatch):
+    """Run directories record absolute paths, so a resume or evaluation works from any directory."""
+    first = _fit(tmp_path / "runs", inspection_folder, "--trainer.max_epochs", "1")
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(CONFIGS / "frozen.yaml"), "--data.root", str(inspection_folder), *TINY_ARGS,
+                 "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--data.split_file", str((first / "split.json").relative_to(tmp_path))])
+    assert code == 0
+    config = (tmp_path / "runs" / "frozen" / "version_0" / "config.yaml").read_text()
+    assert f"split_file: {(first / 'split.json').resolve()}" in config

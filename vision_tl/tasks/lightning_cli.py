@@ -277,6 +277,9 @@ class VisionTLCLI(LightningCLI):
         if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
             parent = Path(init.save_dir) / (init.get("name") or "")
             _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))
+        data = self.config[self.subcommand].get("data")
+        if data is not None and data.get("split_file"):  # absolute, as data.root: the run works from anywhere
+            data.split_file = str(Path(str(data.split_file)).expanduser().resolve())
         self._check_gpu()
         self._check_launcher()
         if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
