@@ -220,6 +220,12 @@ def _checked(path: Path) -> tuple[str | None, str | None]:
     return found
 
 
+def content_hash(path: Path) -> str | None:
+    """``path``'s sha256 as the scan took it (read again only when the file's size or time
+    changed, so an unchanged file costs a ``stat``); None for a file that is not a usable image."""
+    return _checked(path)[1]
+
+
 def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice: str) -> FolderIndex:
     if ignored:
         shown = ", ".join(str(p) for p in ignored[:5])

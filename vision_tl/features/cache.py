@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.data.folder import content_hash
 from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
 from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
 from vision_tl.utils.files import atomic_write_text
@@ -144,7 +145,15 @@ class FeatureCache:
             if first is None:
                 first = time.perf_counter() - start
             _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
-            kept = [k for k, i in enumerate(batch.positions) if not _changed(files[i], keys[i], failed)]
+            # A file rewritten between the scan and its decoding (a line folder being written to)
+            # holds other content than its key names: its features would be stored under another
+            # image's hash for good. Such an image is a failure, never a cache entry.
+            kept = []
+            for k, i in enumerate(batch.positions):
+                if content_hash(files[i]) == keys[i]:
+                    kept.append(k)
+                else:
+                    failed.append((files[i], _CHANGED.format(path=files[i])))
             pending_keys += [keys[batch.positions[k]] for k in kept]
             pending.append(batch.features[kept])
             failed += [(files[i], why) for i, why in batch.failures]
@@ -190,19 +199,8 @@ class FeatureCache:
         return self.read(extractor, hashes)
 
 
-def _changed(path: Path, key: str, failed: list[tuple[Path, str]]) -> bool:
-    """Whether ``path`` no longer holds the content ``key`` names (rewritten between the scan
-    and its decoding, e.g. a line folder being written to): its features would then be stored
-    under another image's hash for good. Such an image is a failure, not a cache entry. An
-    unchanged file costs a ``stat`` (the scan's hash is remembered per size and time)."""
-    from vision_tl.data.folder import _checked
-
-    now = _checked(path)[1]
-    if now == key:
-        return False
-    failed.append((path, f"{path}: changed while it was being embedded (its content is no longer the one scanned); "
-                         "run the extraction again once the folder is no longer being written to"))
-    return True
+_CHANGED = ("{path}: changed while it was being embedded (its content is no longer the one scanned); "
+            "run the extraction again once the folder is no longer being written to")
 
 
 def _check_finite(extractor: FeatureExtractor, features: np.ndarray, files: list[Path]) -> None:

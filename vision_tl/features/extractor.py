@@ -25,6 +25,7 @@ from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decode_threads import DecodedRows, decode_batches
 from vision_tl.data.device import copy_on_side_stream, default_decode_threads
 from vision_tl.data.device_decode import device_batches
+from vision_tl.data.folder import content_hash
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
 
@@ -223,9 +224,7 @@ class _ImageFiles(Dataset):
             return i, None, str(exc)
 
     def _seed(self, i: int) -> int:
-        from vision_tl.data.folder import _checked
-
-        digest = _checked(self.paths[i])[1] or str(self.paths[i])  # the scan's hash: a stat, no re-read
+        digest = content_hash(self.paths[i]) or str(self.paths[i])  # the scan's hash: a stat, no re-read
         return int(hashlib.sha256(f"{digest}:{self.view}".encode()).hexdigest()[:15], 16)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vision_tl.reports.report import ReportError
+from vision_tl.utils import read_run_config
 
 COLUMNS = (("acc", "accuracy"), ("balanced_acc", "balanced acc."), ("f1_macro", "macro F1"),
            ("roc_auc_macro", "macro AUC"), ("ece", "ECE"), ("escape_rate", "escape"),
@@ -42,15 +43,6 @@ class Comparison:
         return {"runs": [{"name": r.name, "path": str(r.path), "backbone": r.backbone, "mode": r.mode,
                           "has_report": r.has_report, **r.values, "recall": r.recall} for r in self.runs],
                 "notes": self.notes}
-
-
-def _config(run: Path) -> dict:
-    path = run / "config.yaml"
-    if not path.is_file():
-        return {}
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def _label(run: Path) -> str:
@@ -89,7 +81,7 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     else:
         raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}"
                           + ("`" if split == "val" else f" --split {split}`") + " first")
-    config = _config(run)
+    config = read_run_config(run)
     model = config.get("model") or {}
     hashes = None
     if (run / "split.json").is_file():

@@ -32,6 +32,7 @@ import numpy as np
 
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
+from vision_tl.utils import read_run_config
 from vision_tl.utils.files import atomic_write_text
 
 SPLITS = ("val", "test")
@@ -180,12 +181,7 @@ def _worst_errors(probs: np.ndarray, labels: np.ndarray, classes: list[str], pat
 
 def config_data_root(run_dir: Path) -> Path | None:
     """The ``data.root`` in a run's ``config.yaml`` (None without one)."""
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return None
-    import yaml
-
-    root = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("root")
+    root = (read_run_config(run_dir).get("data") or {}).get("root")
     return Path(root).expanduser() if root else None
 
 
@@ -351,14 +347,11 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
 def _evaluated_checkpoint(run_dir: Path) -> str | None:
     """The checkpoint a ``validate``/``test``/``predict`` output directory evaluated (its saved
     config keeps ``ckpt_path``; a training run's has none), or None."""
-    config = run_dir / "config.yaml"
-    if not config.is_file() or (run_dir / "checkpoints").exists():
+    if (run_dir / "checkpoints").exists():
         return None
-    import yaml
-
     try:
-        ckpt = (yaml.safe_load(config.read_text()) or {}).get("ckpt_path")
-    except (yaml.YAMLError, AttributeError):
+        ckpt = read_run_config(run_dir).get("ckpt_path")
+    except ValueError:
         return None
     return str(ckpt) if ckpt else None
 
@@ -378,8 +371,7 @@ def _check_target(meta: dict | None, split: str, target: str | None) -> None:
 def _choose_threshold(probs, labels, meta, split, target) -> dict | None:
     if target is None:
         return None
-    _check_target(meta, split, target)
-    k = meta["classes"].index(meta["good_class"])
+    k = meta["classes"].index(meta["good_class"])  # (target checked by report_run before predicting)
     return M.select_threshold(probs[:, k], labels == k, target)
 
 

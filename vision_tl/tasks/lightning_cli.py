@@ -28,7 +28,7 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
-from vision_tl.utils import launcher_int, say
+from vision_tl.utils import launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
@@ -304,9 +304,8 @@ class VisionTLCLI(LightningCLI):
             cfg.ckpt_path = str(Path(str(cfg.ckpt_path)).resolve())
         run = run_dir_of(Path(str(cfg.ckpt_path)))
         record = run / "split.json" if run is not None else None
-        if data.get("split_file"):
-            given = Path(str(data.split_file)).expanduser().resolve()
-            data.split_file = str(given)  # absolute in the saved config: found from any directory
+        if data.get("split_file"):  # made absolute in before_instantiate_classes
+            given = Path(str(data.split_file))
             if record is not None and record.is_file() and given != record.resolve():
                 warnings.warn(f"--data.split_file {given} is not the split of the checkpoint's run ({record}): its "
                               "val images may be images that run trained on, scored as held out", stacklevel=2)
@@ -508,8 +507,8 @@ def _check_resumed_steps(run: Path, cfg) -> None:
     """A resume goes on step by step (learning-rate schedule, data order): the batch size and the
     gradient accumulation must be the run's. The others' settings are checked elsewhere."""
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        saved = read_run_config(run)
+    except (OSError, ValueError):
         return
     for section, key, option in (("data", "batch_size", "--data.batch_size"),
                                  ("trainer", "accumulate_grad_batches", "--trainer.accumulate_grad_batches")):

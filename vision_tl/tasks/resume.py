@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vision_tl.utils import Terminated, say
+from vision_tl.utils import Terminated, read_run_config, say
 from vision_tl.utils.files import atomic_path, temp_prefix
 
 
@@ -188,14 +188,11 @@ def _moved(value, old: str, new: str):
 
 def _check_resumed_root(run: Path, datamodule, advice: str) -> None:
     """The run's config.yaml names the folder it trained on; another folder is refused."""
-    import yaml
-
     from vision_tl.data.folder import DatasetError
 
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-        trained = (config.get("data") or {}).get("root")
-    except (OSError, yaml.YAMLError, AttributeError):
+        trained = (read_run_config(run).get("data") or {}).get("root")
+    except (OSError, ValueError, AttributeError):
         return  # no readable config: nothing to compare with
     root = getattr(datamodule, "root", None)
     if trained is None or root is None:

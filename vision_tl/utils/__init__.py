@@ -25,6 +25,25 @@ def launcher_int(name: str, default: int = 0) -> int:
     return int(text)
 
 
+def read_run_config(run) -> dict:
+    """The ``config.yaml`` a command wrote in run directory ``run``, as a dict ({} without one).
+
+    Raises:
+        OSError: it cannot be read. ValueError: it is not YAML (the message names the file).
+    """
+    import yaml
+
+    path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a readable config.yaml ({exc})") from exc
+    return config if isinstance(config, dict) else {}
+
+
 def local_rank() -> int:
     """This process's rank on its machine in a DDP or torchrun job (``LOCAL_RANK``, which both
     set), 0 outside one. Messages every rank would repeat are printed by local rank 0 only."""
