@@ -162,6 +162,26 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
         assert _snapshot(run) == before
 
 
+@pytest.mark.slow
+def test_continuing_into_a_new_run_refuses_another_batch_size(inspection_folder, tmp_path, capsys):
+    """A checkpoint continued in a new run directory (another save_dir, or the file moved out of
+    its run) goes on step by step like a resume: another batch size is refused there too."""
+    import shutil
+
+    assert main([*_args(inspection_folder, tmp_path / "a"), "--trainer.max_epochs", "1"]) == 0
+    last = tmp_path / "a" / "partial" / "version_0" / "checkpoints" / "last.ckpt"
+    moved = tmp_path / "kept.ckpt"
+    shutil.copy(last, moved)
+    for ckpt, named in ((last, last.parent.parent), (moved, moved)):
+        with pytest.raises(SystemExit) as info:
+            main([*_args(inspection_folder, tmp_path / "b"), "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt),
+                  "--data.batch_size", "8"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"resuming {named}: it trained with --data.batch_size 4, and this command gives 8" in err
+    assert not (tmp_path / "b" / "partial").exists() or not any((tmp_path / "b" / "partial").iterdir())
+
+
 def _train_val_copy(source: Path, dest: Path) -> Path:
     """``dest/train/<class>/`` and ``dest/val/<class>/`` from a class-folder layout."""
     import shutil

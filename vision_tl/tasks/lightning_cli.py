@@ -444,7 +444,7 @@ class VisionTLCLI(LightningCLI):
                 check_resumed_data(run, ImageFolderDataModule(
                     data.root, val_fraction=data.val_fraction, seed=data.seed,
                     skip_bad_images=data.skip_bad_images, num_workers=0))
-                _check_resumed_steps(run, cfg)
+                _check_resumed_steps(run, _run_settings(run), cfg)
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
@@ -453,6 +453,11 @@ class VisionTLCLI(LightningCLI):
                 say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
                      f"run `vision-tl report {run}` again when training ends")
         else:
+            # its run's settings, or (a checkpoint moved out of its run) the data settings it stored
+            source = run if run is not None else path
+            trained = _run_settings(run) if run is not None else {
+                "data": state.get("datamodule_hyper_parameters") or {}}
+            _check_resumed_steps(source, trained, cfg)
             say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
                  "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
 
@@ -503,20 +508,25 @@ class VisionTLCLI(LightningCLI):
                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
 
 
-def _check_resumed_steps(run: Path, cfg) -> None:
-    """A resume goes on step by step (learning-rate schedule, data order): the batch size and the
-    gradient accumulation must be the run's. The others' settings are checked elsewhere."""
+def _run_settings(run: Path) -> dict:
+    """The run's config.yaml, or {} where it cannot be read (nothing to compare with)."""
     try:
-        saved = read_run_config(run)
+        return read_run_config(run)
     except (OSError, ValueError):
-        return
+        return {}
+
+
+def _check_resumed_steps(source: Path, saved: dict, cfg) -> None:
+    """A resume goes on step by step (learning-rate schedule, data order): the batch size and the
+    gradient accumulation must be those ``source`` (a run, or a checkpoint) trained with, as its
+    settings ``saved`` say. The others' settings are checked elsewhere."""
     for section, key, option in (("data", "batch_size", "--data.batch_size"),
                                  ("trainer", "accumulate_grad_batches", "--trainer.accumulate_grad_batches")):
         was, now = (saved.get(section) or {}).get(key), (cfg.get(section) or {}).get(key)
         if was is not None and now is not None and was != now:
             raise ValueError(
-                f"resuming {run}: it trained with {option} {was}, and this command gives {now}; a resume goes on "
-                f"step by step (learning-rate schedule, data order), so keep {option} {was}, or start a new run "
+                f"resuming {source}: it trained with {option} {was}, and this command gives {now}; a resume goes "
+                f"on step by step (learning-rate schedule, data order), so keep {option} {was}, or start a new run "
                 "(without --ckpt_path) to train with the other value")
 
 
