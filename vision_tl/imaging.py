@@ -102,7 +102,13 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     images: list[Path] = []
     others: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder, and its images with it
+        where = exc.filename or root
+        raise OSError(exc.errno, f"cannot list folder {where} ({exc.strerror or exc}), so its images would be "
+                      f"left out; let this user read it (e.g. chmod a+rx), or move it out of {root}") from exc
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         info = os.stat(dirpath)
         if (info.st_dev, info.st_ino) in seen:
             dirnames[:] = []
@@ -208,12 +214,18 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
+    """Pillow's DecompressionBombError (names neither the file nor our setting) as ours."""
+    size = re.search(r"\((\d+) pixels\)", str(exc))
+    return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
+
+
 def open_image(path: Path, limit: int | None = None) -> Image.Image:
     """``Image.open`` (lazy: header only) with the decompression-bomb guard applied.
 
     Raises:
         ImageLoadError: the image has more than ``limit`` (default :func:`max_image_pixels`) pixels.
-        OSError, UnidentifiedImageError, Image.DecompressionBombError: as ``Image.open``.
+        OSError, UnidentifiedImageError: as ``Image.open``.
     """
     limit = max_image_pixels() if limit is None else limit
     # Pillow's own guard fires at 2x its limit inside Image.open, with a message that
@@ -222,7 +234,10 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our check follows
-        img = Image.open(path)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:  # over 2x the limit: Pillow's message, ours instead
+            raise _bomb(path, exc, limit) from exc
     pixels = img.width * img.height
     if pixels > limit:
         img.close()
@@ -261,8 +276,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        size = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit) from exc
+        raise _bomb(path, exc, limit) from exc
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{path}: file not found (or a broken symbolic link)") from exc
     except PermissionError as exc:

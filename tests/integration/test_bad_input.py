@@ -324,6 +324,130 @@ def broken_symlink(w: World, tmp: Path) -> Result:
     return api_error(lambda: scan_folder(data), DatasetError, str(link), "broken symbolic link")
 
 
+def unreadable_folder(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    data = small_dataset(tmp / "data")
+    locked = data / "crack" / "batch2"
+    locked.mkdir()
+    Image.fromarray(rgb()).save(locked / "x.png")
+    real_scandir = os.scandir
+
+    def guarded_scandir(path="."):  # (root reads mode-000 folders anyway: the error is simulated)
+        if str(path) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    return api_error(lambda: scan_folder(data), OSError, str(locked), "Permission denied", "left out")
+
+
+def huge_image_header(w: World, tmp: Path) -> Result:
+    """A JPEG header claiming 30000x30000 (over twice the limit, where Pillow's own guard fires)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb(16)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"\xff\xc0")
+    data[at + 5:at + 9] = (30000).to_bytes(2, "big") * 2
+    root = small_dataset(tmp / "data")
+    bomb = root / "good" / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    return api_error(lambda: scan_folder(root), DatasetError, str(bomb), "900,000,000 pixels",
+                     "limit of 100,000,000", "VISION_TL_MAX_IMAGE_PIXELS")
+
+
+def split_folder_spellings(w: World, tmp: Path) -> Result:
+    """train/ valid/ test/ (a labelling tool's export) and Train/ Val/ would be misread."""
+    exported = tmp / "export"
+    for part in ("train", "valid", "test"):
+        small_dataset(exported / part)
+    capitalised = tmp / "capitalised"
+    for part in ("Train", "Val"):
+        small_dataset(capitalised / part)
+    api_error(lambda: ImageFolderDataModule(capitalised), DatasetError, "Train/", "rename Val/ to val/")
+    from vision_tl.features import scan_images
+
+    api_error(lambda: scan_images(exported), DatasetError, "valid/", "rename valid/ to val/")
+    return api_error(lambda: ImageFolderDataModule(exported), DatasetError, "valid/", "rename valid/ to val/")
+
+
+def non_utf8_names(w: World, tmp: Path) -> Result:
+    """A file name that is not valid UTF-8 (written on another system) is predicted and named
+    (its odd byte escaped); a class folder so named is refused, since it would be a class name."""
+    import csv
+
+    folder = tmp / "line"
+    folder.mkdir()
+    Image.fromarray(rgb()).save(folder / "ok.png")
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/bad\xffname.png")
+    Image.fromarray(rgb(seed=1)).save(odd)
+    code, err = run_cli(["predict-onnx", str(w.onnx), str(folder), "--out", str(tmp / "p.csv")])
+    assert code == 0, err
+    with open(tmp / "p.csv", encoding="utf-8", newline="") as fh:  # valid UTF-8 throughout
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"ok.png", "bad\\xffname.png"} and not any(r["error"] for r in rows.values()), rows
+    data = small_dataset(tmp / "data")
+    os.rename(data / "crack", os.fsdecode(os.fsencode(str(data)) + b"/cr\xffck"))
+    return api_error(lambda: ImageFolderDataModule(data, backbone="test_efficientnet", image_size=32).setup("fit"),
+                     DatasetError, "cr\\xffck", "not valid UTF-8", "rename the folder")
+
+
+def linked_image_in_folder(w: World, tmp: Path) -> Result:
+    """b.png -> a.png in a folder given to predict-onnx: a row for each name, as predict writes."""
+    import csv
+
+    folder = tmp / "line"
+    folder.mkdir()
+    Image.fromarray(rgb()).save(folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    code, err = run_cli(["predict-onnx", str(w.onnx), str(folder), str(folder / "a.png"), "--out", str(tmp / "p.csv")])
+    assert code == 0, err
+    with open(tmp / "p.csv", encoding="utf-8", newline="") as fh:
+        names = [Path(r["path"]).name for r in csv.DictReader(fh)]
+    assert sorted(names) == ["a.png", "b.png"], names  # a.png given twice: one row
+    return Result("works", "one row per file name (a.png, b.png -> a.png); a.png given twice is predicted once")
+
+
+def composed_and_decomposed_names(w: World, tmp: Path) -> Result:
+    """"é.png" twice in one class, composed and decomposed (copied from macOS beside Linux files):
+    the run's recorded split is rebuilt image for image, not reported as changed."""
+    import unicodedata
+
+    from vision_tl.data.folder import read_split, recorded_parts, stratified_split, write_split
+
+    data = small_dataset(tmp / "data")
+    Image.fromarray(rgb(seed=3)).save(data / "good" / unicodedata.normalize("NFC", "é.png"))
+    Image.fromarray(rgb(seed=4)).save(data / "good" / unicodedata.normalize("NFD", "é.png"))
+    index = scan_folder(data)
+    train, val = stratified_split(index, 0.34, seed=0)
+    write_split(tmp / "split.json", index, {"train": train, "val": val})
+    parts, unlisted = recorded_parts(scan_folder(data), read_split(tmp / "split.json"), tmp / "split.json")
+    assert sorted(parts["train"]) == sorted(train) and sorted(parts["val"]) == sorted(val) and unlisted == 0
+    return Result("works", "two names that differ only in Unicode form are two images; the split is rebuilt exactly")
+
+
+def same_image_two_classes_in_val(w: World, tmp: Path) -> Result:
+    data = tmp / "data"
+    small_dataset(data / "train")
+    small_dataset(data / "val")
+    shutil.copy(data / "val" / "good" / "good_0000.png", data / "val" / "crack" / "copy_of_good_0000.png")
+    with pytest.warns(UserWarning, match="filed under more than one class") as caught:
+        ImageFolderDataModule(data, backbone="test_efficientnet", image_size=32).setup("fit")
+    message = next(str(c.message) for c in caught if "more than one class" in str(c.message))
+    assert "copy_of_good_0000.png" in message and "side of the split" not in message
+    return Result("works", "warning: " + message[:message.index(":")])
+
+
+def flat_folder_broken_link(w: World, tmp: Path) -> Result:
+    """extract/probe on a flat folder report a dangling image link like fit does, not drop it."""
+    from vision_tl.features import scan_images
+
+    flat = tmp / "flat"
+    flat.mkdir()
+    for seed in range(3):
+        Image.fromarray(rgb(seed=seed)).save(flat / f"{seed}.png")
+    os.symlink("/nonexistent/moved.png", flat / "moved.png")
+    return api_error(lambda: scan_images(flat), DatasetError, str(flat / "moved.png"), "broken symbolic link")
+
+
 def unreadable_file(w: World, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
     path = tmp / "locked.png"
     Image.fromarray(rgb()).save(path)
@@ -742,10 +866,21 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("symlink-loop", "symlink loop a.png -> b.png -> a.png in a class folder", "API", symlink_loop),
     ("broken-symlink", "broken symlink in a class folder", "API", broken_symlink),
     ("unreadable-file", "unreadable file (permission denied)", "API", unreadable_file),
+    ("flat-broken-link", "broken symlink in a flat folder given to extract", "API", flat_folder_broken_link),
+    ("unreadable-folder", "unreadable sub-folder of a class (permission denied)", "API", unreadable_folder),
+    ("huge-image-header", "JPEG header claiming 30000x30000 (over twice the pixel limit)", "API", huge_image_header),
+    ("split-spellings", "split folders named valid/, or Train/ and Val/", "API", split_folder_spellings),
+    ("non-utf8-names", "file and class folder names that are not valid UTF-8", "CLI", non_utf8_names),
+    ("linked-image", "a linked image (b.png -> a.png) in a folder given to predict-onnx", "CLI",
+     linked_image_in_folder),
+    ("nfc-nfd-names", "two file names that differ only in Unicode form (NFC, NFD)", "API",
+     composed_and_decomposed_names),
     ("dir-as-image", "directory where an image file is expected", "API", directory_as_image),
     ("hidden-files", "hidden files, .DS_Store, ._*, .ipynb_checkpoints/", "API", hidden_files_ignored),
     ("class-names-unicode", "class folders with spaces and non-ASCII names", "CLI", class_names_spaces_non_ascii),
     ("same-image-two-classes", "the same image filed under two classes", "API", same_image_in_two_classes),
+    ("same-image-two-classes-val", "the same image under two classes of val/ (train/ + val/ folders)", "API",
+     same_image_two_classes_in_val),
     ("empty-class", "class folder with no images", "API", empty_class_folder),
     ("single-class", "data root with a single class folder", "API", single_class),
     ("missing-root", "data root that does not exist", "API", missing_data_root),

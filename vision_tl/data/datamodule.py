@@ -30,6 +30,7 @@ from vision_tl.data.folder import (
     scan_unlabelled,
     split_record,
     stratified_split,
+    warn_conflicting_labels,
     warn_cross_duplicates,
     write_split,
 )
@@ -267,6 +268,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             indexes[name] = scan_folder(folder, self._classes, skip, partial=name != "train")
             if name != "train":
                 self._warn_absent_classes(name, folder, indexes[name])
+            if name != "train" or "val" in self.layout:  # (a train/ that is split warns in the split)
+                warn_conflicting_labels(indexes[name])
         if "val" not in indexes:
             train_ids, val_ids = self._split_ids(indexes["train"])
             indexes["val"] = [indexes["train"].samples[i] for i in val_ids]

@@ -23,7 +23,7 @@ from vision_tl.imaging import (
     max_image_pixels,
     open_image,
 )
-from vision_tl.utils.files import file_sha256
+from vision_tl.utils.files import file_sha256, path_text
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -68,20 +68,48 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise DatasetError(f"data root {root} is a file; expected a folder with one sub-folder per class")
     found = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+    others = [name for name in class_folders(root) if name not in found]
+    lookalikes = [name for name in others if _SPLIT_SPELLINGS.get(name.lower())]
     if "train" in found:
+        if lookalikes:  # e.g. train/ valid/ test/ (a common export): valid/ would be ignored
+            raise DatasetError(
+                f"{root} has train/ and also {', '.join(f'{n}/' for n in lookalikes)}, which is not a split name this "
+                f"kit reads ({', '.join(f'{n}/' for n in SPLIT_NAMES)}, lower case), so its images would be left out; "
+                + "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
+                + ", or move it out of the folder")
+        if others:
+            warnings.warn(f"{root}: the folder(s) {', '.join(f'{n}/' for n in others)} beside train/ are not split "
+                          f"folders ({', '.join(SPLIT_NAMES)}) and are left out", stacklevel=2)
         return found
     if found:
         raise DatasetError(
             f"{root} has {', '.join(found)} folder(s) but no train/ folder; either put every split "
             "(train/ and val/, optionally test/) in it, or use one sub-folder per class"
         )
+    if others and len(lookalikes) == len(others):  # Train/ Val/: two classes named after splits?
+        raise DatasetError(
+            f"{root}'s sub-folders ({', '.join(f'{n}/' for n in others)}) look like split folders, but split folders "
+            f"are named {', '.join(f'{n}/' for n in SPLIT_NAMES)} (lower case), so they would be read as classes; "
+            + "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
+            + " (each holding one sub-folder per class)")
     return {"all": root}
+
+
+# Other spellings of the split folders (exports of labelling tools, other kits), lower-cased,
+# and the name this kit reads them by.
+_SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                    "test": "test", "testing": "test"}
 
 
 def class_folders(root: str | Path) -> list[str]:
     """The names of the visible sub-folders of ``root``, sorted (hidden ones such as
     .ipynb_checkpoints/ are not classes)."""
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in names:
+        if path_text(name) != name:  # class names go into labels.json, plots and the ONNX model, as UTF-8
+            raise DatasetError(f"{Path(root) / path_text(name)}: the folder's name is not valid UTF-8 (another system's "
+                               "encoding?), and its name would be a class name; rename the folder")
+    return names
 
 
 def same_name(name: str) -> str:
@@ -311,7 +339,7 @@ def stratified_split(
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
     for i, s in enumerate(index.samples):
         groups[(s.label, s.sha256)].append(i)
-    _warn_conflicting_labels(index)
+    warn_conflicting_labels(index, splitting=True)
     train, val = [], []
     side_of: dict[str, bool] = {}  # sha256 -> in val, for copies in later classes
     for label, name in enumerate(index.classes):
@@ -344,8 +372,8 @@ def stratified_split(
     return sorted(train), sorted(val)
 
 
-def _warn_conflicting_labels(index: FolderIndex) -> None:
-    """Warn about byte-identical files filed under more than one class."""
+def warn_conflicting_labels(index: FolderIndex, splitting: bool = False) -> None:
+    """Warn about byte-identical files filed under more than one class (a labelling error)."""
     by_hash: dict[str, list[Sample]] = defaultdict(list)
     for s in index.samples:
         by_hash[s.sha256].append(s)
@@ -354,7 +382,8 @@ def _warn_conflicting_labels(index: FolderIndex) -> None:
         shown = "; ".join(" == ".join(str(s.path.relative_to(index.root)) for s in copies) for copies in clashes[:5])
         warnings.warn(
             f"{len(clashes)} image(s) are filed under more than one class (byte-identical files with "
-            f"different labels; each set is kept on one side of the split): {shown}. Check their labels.",
+            f"different labels{'; each set is kept on one side of the split' if splitting else ''}): {shown}. "
+            "Check their labels.",
             stacklevel=3,
         )
 
@@ -451,12 +480,15 @@ def recorded_parts(index: FolderIndex, record: dict, source: Path) -> tuple[dict
         DatasetError: a recorded image is gone or its content (sha256) changed; the message
             names the file and ``source``.
     """
-    by_path = {same_name(str(s.path.relative_to(index.root))): i for i, s in enumerate(index.samples)}
+    exact = {str(s.path.relative_to(index.root)): i for i, s in enumerate(index.samples)}
+    # a copy whose names another system re-encoded (macOS: decomposed accents) matches in NFC form;
+    # the exact name comes first, so "é.png" twice (composed and decomposed) are two images
+    by_name = {same_name(path): i for path, i in reversed(exact.items())}
     parts: dict[str, list[int]] = {}
     for part in ("train", "val"):
         ids = []
         for entry in record.get(part, []):
-            i = by_path.get(same_name(entry["path"]))
+            i = exact.get(entry["path"], by_name.get(same_name(entry["path"])))
             if i is None or index.samples[i].sha256 != entry["sha256"]:
                 what = "is gone" if i is None else "changed since (its sha256 differs)"
                 raise DatasetError(

@@ -29,7 +29,7 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
-from vision_tl.utils.files import atomic_path
+from vision_tl.utils.files import atomic_path, path_text
 
 FORMATS = (".csv", ".json")
 EXIT_OK = 0
@@ -180,9 +180,11 @@ def _collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
 
 
 def _key(path: Path) -> Path:
-    """Identity of a path for dropping repeats; a link loop cannot be resolved strictly."""
+    """Identity of a path for dropping repeats: the same file reached twice (given alone and in
+    its folder, or through a linked folder). Its folder is resolved, not the file itself: a
+    linked image (b.png -> a.png) is an image of its own name, predicted under that name."""
     try:
-        return path.resolve()
+        return path.absolute().parent.resolve() / path.name
     except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop on Python < 3.13
         return path.absolute()
 
@@ -221,7 +223,7 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
 def _write_atomic(out: Path, write: Callable[[IO[str]], None]) -> None:
     """Write through a temporary file in the same folder, renamed into place when complete."""
     try:
-        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
             write(fh)
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
@@ -232,7 +234,7 @@ def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str]) -
     writer.writerow(prediction_columns(classes, true=False))
     for p in predictions:
         flag = "" if p.is_defect is None else str(p.is_defect).lower()
-        writer.writerow([p.path, p.predicted or "", _fmt(p.probability),
+        writer.writerow([path_text(p.path), p.predicted or "", _fmt(p.probability),
                          *[_fmt(p.probabilities.get(name)) for name in classes], flag, p.error or ""])
 
 

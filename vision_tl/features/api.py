@@ -20,6 +20,7 @@ from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
     class_folders,
+    detect_layout,
     file_sha256,
     loose_images,
     refuse_twins,
@@ -29,7 +30,7 @@ from vision_tl.data.folder import (
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
-from vision_tl.imaging import image_files, is_image_file
+from vision_tl.imaging import image_files
 from vision_tl.utils import launcher_int
 
 WRITE_CHUNK = 2048  # rows per streamed write
@@ -71,15 +72,15 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
                            "train/ val/ test/ split folders, or the images themselves)")
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
-    dirs = [root / name for name in class_folders(root)]
-    splits = [d for d in dirs if d.name in SPLIT_NAMES]
+    dirs = [] if unlabelled else [root / name for name in class_folders(root)]
     images = ImageList(root, [])
     if unlabelled:
         _add_flat(images, image_files(root)[0])
-    elif not dirs:
-        _add_flat(images, [p for p in root.iterdir() if p.is_file() and is_image_file(p)])
+    elif not dirs:  # (image_files: a broken link named like an image is reported, not dropped)
+        _add_flat(images, image_files(root)[0])
     else:
-        folders = splits if (root / "train").is_dir() else [root]
+        layout = detect_layout(root)  # the same split folders as fit, and the same refusals
+        folders = [layout[name] for name in SPLIT_NAMES if name in layout] or [root]
         _refuse_loose_images(root, folders)
         first = [f for f in folders if f.name == "train"] or folders  # classes: train/'s first
         present = {folder: class_folders(folder) for folder in [*first, *folders]}

@@ -41,7 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_tl.utils.files import atomic_path, atomic_write_bytes, atomic_write_text, file_crc32
+from vision_tl.utils.files import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_crc32,
+    path_text,
+)
 
 OUTPUT_FORMATS = (".npz", ".parquet")
 META_KEY = "vision_tl"  # key of our JSON metadata in the .npz and in the Parquet schema
@@ -410,7 +416,7 @@ def _write_parquet(path: Path, chunks: Iterator[RowChunk], n_rows: int, metadata
             flat = pa.array(np.ascontiguousarray(feats, np.float32).reshape(-1))
             names = [classes[i] if i >= 0 else None for i in np.asarray(chunk_labels).tolist()]
             table = pa.Table.from_arrays(
-                [pa.array(chunk_paths, pa.string()), pa.array(names, pa.string()),
+                [pa.array([path_text(p) for p in chunk_paths], pa.string()), pa.array(names, pa.string()),
                  pa.array(np.asarray(chunk_labels, np.int64)), pa.array(chunk_hashes, pa.string()),
                  pa.FixedSizeListArray.from_arrays(flat, width)],
                 schema=schema,

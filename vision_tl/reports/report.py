@@ -33,7 +33,7 @@ import numpy as np
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils import read_run_config
-from vision_tl.utils.files import atomic_write_text
+from vision_tl.utils.files import atomic_write_text, path_text
 
 SPLITS = ("val", "test")
 
@@ -69,7 +69,7 @@ def _predictions_csv(probs: np.ndarray, labels: np.ndarray, classes: list[str], 
     for i, (p, y) in enumerate(zip(probs, labels)):
         k = int(p.argmax())
         defect = str(bool(p[classes.index(good_class)] < threshold)).lower() if decide else ""
-        writer.writerow([paths[i] if paths else "", classes[y], classes[k], probability_text(p[k]),
+        writer.writerow([path_text(paths[i]) if paths else "", classes[y], classes[k], probability_text(p[k]),
                          *map(probability_text, p), defect])
     return out.getvalue()
 

@@ -18,7 +18,7 @@ from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.utils import say
-from vision_tl.utils.files import atomic_write_text
+from vision_tl.utils.files import atomic_write_text, path_text
 
 
 def _read_metrics(path: Path) -> dict:
@@ -182,15 +182,15 @@ class RunArtifacts(L.Callback):
             true = classes[sample.label] if sample.label >= 0 else ""
             p = by_index.get(i)
             if p is None:
-                table.append((str(sample.path), [true, "", "", *[""] * len(classes), "", _decode_error(sample.path)]))
+                table.append((path_text(sample.path), [true, "", "", *[""] * len(classes), "", _decode_error(sample.path)]))
                 continue
             k = int(p.argmax())
             # in float64, as report compares: a threshold one step above 1.0 (reject all) is not 1.0
             defect = [str(float(p[classes.index(good)]) < float(threshold)).lower()] if decide else [""]
-            table.append((str(sample.path), [true, classes[k], probability_text(p[k]), *map(probability_text, p),
+            table.append((path_text(sample.path), [true, classes[k], probability_text(p[k]), *map(probability_text, p),
                                              *defect, ""]))
         for path, why in getattr(trainer.datamodule, "predict_bad", []):
-            table.append((str(path), ["", "", "", *[""] * len(classes), "", why]))
+            table.append((path_text(path), ["", "", "", *[""] * len(classes), "", why]))
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(prediction_columns(classes))

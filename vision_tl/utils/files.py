@@ -157,7 +157,26 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True, sw
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True, sweep: bool = True) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), overwrite, sweep)
+    """UTF-8; a file name in ``text`` whose bytes are not UTF-8 is written as its escape (see
+    :func:`path_text`) rather than failing after the work that produced the text."""
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"), overwrite, sweep)
+
+
+def path_text(path: str | Path) -> str:
+    r"""``path`` as text for a CSV, a table, a page or a plot. A file name whose bytes are not
+    valid UTF-8 (Python keeps them as lone surrogates, which no UTF-8 file can hold) shows
+    those bytes as ``\xNN`` escapes; every other name is returned unchanged.
+
+    Example:
+        >>> path_text(os.fsdecode(b"scratch/bad\xffname.png"))
+        'scratch/bad\\xffname.png'
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def file_head(path: str | Path, n: int = 4) -> bytes:
