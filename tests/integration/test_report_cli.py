@@ -123,6 +123,62 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
     assert len(list((tmp_path / "o").glob("*.gradcam.png"))) == 3
 
 
+def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path):
+    """A ViT's last stage outputs patch tokens, not a map: Grad-CAM lays them on the patch grid
+    (a heat map of the input's size, not grad-cam's 'Invalid grads shape')."""
+    import numpy as np
+    from PIL import Image
+
+    from vision_tl.reports.explain import expand_images, explain_images
+    from vision_tl.tasks import ImageClassifier
+
+    image = tmp_path / "x.png"
+    pixels = np.full((48, 64, 3), 60, np.uint8)
+    pixels[10:20, 40:56] = 250
+    Image.fromarray(pixels).save(image)
+    assert expand_images([image, tmp_path, str(tmp_path / "." / "x.png")]) == [image]
+    model = ImageClassifier(["a", "b"], backbone="test_vit", pretrained=False, image_size=64, mode="full")
+    (item,) = explain_images(model, [image])
+    assert item.cam.shape == (64, 64) and np.isfinite(item.cam).all()
+    assert item.cam.max() > item.cam.min()  # a map over the patches, not a constant
+
+
+def test_compare_sets_aside_a_report_older_than_its_checkpoint(run, tmp_path, monkeypatch, capsys):
+    """A run trained on (resumed) after its report: its best.ckpt is newer than the report, whose
+    numbers then describe weights the run no longer has."""
+    import os
+
+    copy = tmp_path / "partial" / "version_0"
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["val"]["acc"] = 0.123  # what fit wrote for the newer checkpoint
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    later = (copy / "checkpoints" / "best.ckpt").stat().st_mtime + 3600
+    os.utime(copy / "checkpoints" / "best.ckpt", (later, later))
+    monkeypatch.chdir(copy)  # `compare .`: the run is named by its folders, not "/"
+    assert main(["compare", ".", "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "partial/version_0" in out and "0.123" in out
+    assert "the report is older than the checkpoint it evaluated" in out and "no report yet" not in out
+
+
+def test_compare_leaves_out_a_run_stopped_before_its_first_validation(run, tmp_path, capsys):
+    killed, early = tmp_path / "k" / "version_0", tmp_path / "k" / "version_1"
+    for stopped in (killed, early):
+        stopped.mkdir(parents=True)
+        for name in ("config.yaml", "labels.json", "split.json"):
+            shutil.copy(run / name, stopped / name)
+    (early / "checkpoints").mkdir()
+    assert main(["compare", str(run), str(killed), str(early), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "left out k/version_0: no checkpoints/" in out and "a fit stopped before its first epoch ended" in out
+    assert "left out k/version_1: no metrics.json" in out
+    (tmp_path / "file").write_text("")
+    for argv in (["compare", str(run)], ["explain", str(run / "checkpoints" / "best.ckpt"), str(run / "report.html")]):
+        assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+        assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "{tmp}/nope"], "does not exist"),
     (["report", "{run}", "--in-place"], "--in-place only applies"),
@@ -293,7 +349,7 @@ def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, 
     (output / "predictions.csv").write_text("path,true,predicted\n")
     assert main(["compare", str(run), str(output)]) == 0
     out = capsys.readouterr().out
-    assert "left out version_9: no checkpoints/" in out and "partial/version_0" in out
+    assert f"left out {tmp_path.name}/version_9: no checkpoints/" in out and "partial/version_0" in out
 
 
 def test_compare_of_test_results_keeps_the_test_outputs_and_names_twins_apart(run, tmp_path, capsys):
@@ -307,7 +363,7 @@ def test_compare_of_test_results_keeps_the_test_outputs_and_names_twins_apart(ru
     (tested / "metrics.json").write_text(json.dumps({"classes": metrics["classes"], "test": metrics["val"]}))
     assert main(["compare", str(run), str(tested), "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert "left out version_0: no test metrics" in out and out.splitlines()[2].split()[0].endswith("version_5")
+    assert "left out partial/version_0: no test metrics" in out and out.splitlines()[2].split()[0].endswith("version_5")
     twin = tmp_path / "elsewhere" / "partial" / "version_0"
     shutil.copytree(run, twin)
     assert main(["compare", str(run), str(twin)]) == 0

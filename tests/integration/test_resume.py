@@ -182,6 +182,19 @@ def test_continuing_into_a_new_run_refuses_another_batch_size(inspection_folder,
     assert not (tmp_path / "b" / "partial").exists() or not any((tmp_path / "b" / "partial").iterdir())
 
 
+def test_resume_of_a_non_square_run(inspection_folder, tmp_path, capsys):
+    """image_size [32, 48] as the command line parses it (a tuple) is the list the checkpoint
+    holds: the resume goes on instead of reporting a change of model settings."""
+    args = [*_args(inspection_folder, tmp_path), "--model.image_size", "[32, 48]", "--data.augment", "light",
+            "--trainer.max_epochs", "1"]
+    assert main(args) == 0
+    run = tmp_path / "partial" / "version_0"
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
 def _train_val_copy(source: Path, dest: Path) -> Path:
     """``dest/train/<class>/`` and ``dest/val/<class>/`` from a class-folder layout."""
     import shutil

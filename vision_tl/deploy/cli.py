@@ -29,7 +29,7 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
-from vision_tl.utils.files import atomic_path, path_text
+from vision_tl.utils.files import atomic_path, name_key, path_text
 
 FORMATS = (".csv", ".json")
 EXIT_OK = 0
@@ -171,22 +171,12 @@ def _collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     for item in inputs:
         scan = scan_images(item)
         for path in scan.images:
-            key = _key(path)
+            key = name_key(path)
             if key not in seen:
                 seen.add(key)
                 images.append(path)
-        ignored.update((_key(path), path) for path in scan.ignored)
+        ignored.update((name_key(path), path) for path in scan.ignored)
     return images, list(ignored.values())
-
-
-def _key(path: Path) -> Path:
-    """Identity of a path for dropping repeats: the same file reached twice (given alone and in
-    its folder, or through a linked folder). Its folder is resolved, not the file itself: a
-    linked image (b.png -> a.png) is an image of its own name, predicted under that name."""
-    try:
-        return path.absolute().parent.resolve() / path.name
-    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop on Python < 3.13
-        return path.absolute()
 
 
 @contextlib.contextmanager

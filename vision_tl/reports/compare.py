@@ -32,6 +32,7 @@ class RunSummary:
     val_hashes: frozenset[str] | None
     has_report: bool
     checkpoint: str | None = None  # the file the report evaluated (None: fit's own metrics)
+    stale_report: bool = False  # a report older than its checkpoint was set aside for fit's metrics
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Comparison:
 
 
 def _label(run: Path) -> str:
+    run = run.resolve()  # `compare .` or ../version_0: the run's own names, not "." and ".."
     return f"{run.parent.name}/{run.name}"
 
 
@@ -70,6 +72,9 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON ({exc})") from exc
     report = metrics.get("report", {}).get(split)
+    stale = report is not None and split in metrics and _predates_checkpoint(run, report)
+    if stale:  # trained on (resumed) after it was reported: fit's metrics describe today's checkpoint
+        report = None
     if report is not None:
         values = dict(report["summary"])
         values.update({k: report.get("good_vs_defect", {}).get(k)
@@ -99,7 +104,22 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None,
-                      checkpoint=(report or {}).get("checkpoint"))
+                      checkpoint=(report or {}).get("checkpoint"), stale_report=stale)
+
+
+def _predates_checkpoint(run: Path, report: dict) -> bool:
+    """Whether the checkpoint a report evaluated was written again after the report (a resume
+    replaces best.ckpt): its numbers then describe weights the run no longer has."""
+    from datetime import datetime
+
+    recorded = report.get("checkpoint")
+    try:
+        created = datetime.fromisoformat(str(report["created"])).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return False
+    candidates = [run / "checkpoints" / Path(str(recorded)).name, Path(str(recorded))] if recorded else []
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    return ckpt is not None and ckpt.stat().st_mtime > created + 1  # (created: whole seconds)
 
 
 def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
@@ -117,9 +137,15 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
                        and (Path(r).expanduser() / "config.yaml").is_file()]
         if outputs and len(outputs) < len(runs):
             why = (f"no {split} metrics" if split == "test" else
-                   "no checkpoints/, so the output of vision-tl test or predict rather than a training run")
-            notes.append(f"left out {', '.join(Path(r).name for r in outputs)}: {why}")
+                   "no checkpoints/: the output of vision-tl test or predict, or a fit stopped before its first "
+                   "epoch ended")
+            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
             runs = [r for r in runs if r not in outputs]
+        unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()]
+        if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
+            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
+                         "(stopped before its first validation ended)")
+            runs = [r for r in runs if r not in unfinished]
     summaries = [summarise_run(r, split) for r in runs]
     labels = [s.name for s in summaries]
     for s in summaries:  # runs of the same name in other folders: their paths tell them apart
@@ -138,7 +164,11 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
              if s.checkpoint and Path(s.checkpoint).name != "best.ckpt"]
     if other:
         notes.append(f"not the best checkpoint: {', '.join(other)} (its report evaluated that file)")
-    missing = [s.name for s in summaries if not s.has_report]
+    stale = [s.name for s in summaries if s.stale_report]
+    if stale:
+        notes.append(f"{', '.join(stale)}: the report is older than the checkpoint it evaluated (trained on since), "
+                     f"so fit's {split} metrics are shown; run `vision-tl report RUN` again")
+    missing = [s.name for s in summaries if not s.has_report and not s.stale_report]
     if missing:
         notes.append(f"no report yet for {', '.join(missing)}: AUC, ECE and escape rates need "
                      "`vision-tl report RUN`")
@@ -171,6 +201,9 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: boo
     from vision_tl.utils.files import atomic_write_text
 
     out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir} is a file; --out is the folder that receives compare.json, compare.png "
+                          "and compare.html")
     paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:

@@ -56,6 +56,43 @@ def target_layer(backbone):
         raise ExplainError(f"feature_info names module {last['module']!r}, which the backbone lacks") from exc
 
 
+def feature_map_transform(backbone, layer, input_size: tuple[int, int]):
+    """How to read the target layer's output as the ``[N, C, H, W]`` map Grad-CAM weighs:
+    ``None`` for a CNN's map; a function for tokens ``[N, prefix + H*W, C]`` (ViTs: the
+    class and register tokens dropped, the patches laid out on their grid) or for channels-last
+    ``[N, H, W, C]`` maps. Found by running a blank image, not from the architecture's name.
+
+    Raises:
+        ExplainError: the output is neither (named, with its shape).
+    """
+    import torch
+
+    info = backbone.feature_info
+    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
+    channels, reduction = int(last["num_chs"]), int(last.get("reduction") or 1)
+    seen: list = []
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, *input_size))
+    finally:
+        handle.remove()
+    out = seen[-1][0] if seen and isinstance(seen[-1], (tuple, list)) else (seen[-1] if seen else None)
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) == 4 and shape[1] == channels:
+        return None
+    if len(shape) == 4 and shape[3] == channels:
+        return lambda t: t.permute(0, 3, 1, 2)
+    height, width = (max(1, n // reduction) for n in input_size)
+    prefix = shape[1] - height * width if len(shape) == 3 else -1
+    if len(shape) == 3 and shape[2] == channels and prefix == int(getattr(backbone, "num_prefix_tokens", 0)):
+        return lambda t: t[:, prefix:].reshape(t.shape[0], height, width, t.shape[2]).permute(0, 3, 1, 2)
+    raise ExplainError(
+        f"the last feature stage of {type(backbone).__name__} ({last['module']}) outputs shape {list(shape)}, which "
+        f"is neither a feature map [N, {channels}, H, W] nor {height}x{width} patch tokens; Grad-CAM cannot place "
+        "it on the image (CNN and ViT backbones work)")
+
+
 def _class_index(classes: list[str], name: str | None) -> int | None:
     if name is None:
         return None
@@ -84,7 +121,14 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
     net = model.net.to("cpu").eval()
     transform = eval_transform(model.preprocessing)
     results = []
-    with GradCAM(model=net, target_layers=[target_layer(net.backbone)]) as cam:
+    layer = target_layer(net.backbone)
+    reshape = feature_map_transform(net.backbone, layer, tuple(model.preprocessing.input_size))
+    if reshape is not None and isinstance(getattr(layer, "norm1", None), torch.nn.Module):
+        # a transformer block: a head that reads the class token passes no gradient to the last
+        # block's patch outputs (an all-zero map); its first norm's outputs still reach the
+        # class token through the block's attention (the usual ViT Grad-CAM target)
+        layer = layer.norm1
+    with GradCAM(model=net, target_layers=[layer], reshape_transform=reshape) as cam:
         for path in paths:
             image = load_rgb(path)
             x = transform(image)[None].requires_grad_(True)  # gradients reach frozen stages too
@@ -133,18 +177,24 @@ def save_explanation(item: Explanation, path: str | Path) -> Path:
 def expand_images(inputs: list[str | Path]) -> list[Path]:
     """Image files from files and folders (folders searched recursively)."""
     from vision_tl.imaging import is_image_file
+    from vision_tl.utils.files import name_key
 
     paths: list[Path] = []
+    seen: set[Path] = set()  # a file given twice (alone and in its folder) is explained once
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
                 raise ExplainError(f"folder {item} holds no images")
-            paths += found
         elif item.is_file():
-            paths.append(item)
+            found = [item]
         else:
             raise ExplainError(f"image {item} does not exist")
+        for path in found:
+            key = name_key(path)
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
     return paths
 
 
@@ -159,6 +209,8 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
 
     paths = expand_images(images)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExplainError(f"--out {out_dir} is a file; --out is the folder that receives the .gradcam.png files")
     names, used = {}, set()
     for path in paths:
         name = f"{path.stem}.gradcam.png"

@@ -541,7 +541,17 @@ def _changed_settings(before: dict, after: dict) -> dict[str, tuple]:
     """``{key: (before, after)}`` for the model settings that differ, leaving out the classes
     (linked from the data) and settings ``before`` leaves unset."""
     return {k: (v, after.get(k)) for k, v in before.items()
-            if k not in ("classes", "class_counts") and v is not None and v != after.get(k)}
+            if k not in ("classes", "class_counts") and v is not None and _plain(v) != _plain(after.get(k))}
+
+
+def _plain(value):
+    """``value`` with tuples as lists: a size parsed from the command line, (32, 64), is the
+    [32, 64] a checkpoint or config.yaml holds."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _keep_metrics_csv(run: Path) -> None:

@@ -162,6 +162,17 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True, sweep
     atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"), overwrite, sweep)
 
 
+def name_key(path: str | Path) -> Path:
+    """Identity of a path for dropping repeats: the same name reached twice (a file given alone
+    and in its folder, or through a linked folder). The folder is resolved, not the file: a
+    linked image (b.png -> a.png) is an image of its own name."""
+    path = Path(path)
+    try:
+        return path.absolute().parent.resolve() / path.name
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop on Python < 3.13
+        return path.absolute()
+
+
 def path_text(path: str | Path) -> str:
     r"""``path`` as text for a CSV, a table, a page or a plot. A file name whose bytes are not
     valid UTF-8 (Python keeps them as lone surrogates, which no UTF-8 file can hold) shows
