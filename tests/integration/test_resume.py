@@ -195,6 +195,28 @@ def test_resume_of_a_non_square_run(inspection_folder, tmp_path, capsys):
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
+def test_a_run_started_without_a_config_resumes_in_place_from_another_directory(inspection_folder, tmp_path,
+                                                                               monkeypatch, capsys):
+    """`vision-tl fit --data.root DIR` (no --config) gets an explicit logger with an absolute
+    folder in its config.yaml, so `--config RUN/config.yaml --ckpt_path last` continues that run
+    wherever it is typed, instead of a new run under the current directory."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["fit", "--data.root", str(inspection_folder), "--model.backbone", "test_efficientnet",
+                 "--model.pretrained", "false", "--model.image_size", "32", "--data.batch_size", "8",
+                 "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]) == 0
+    run = tmp_path / "here" / "runs" / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
+    assert not any((tmp_path / "elsewhere").iterdir())
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
 def _train_val_copy(source: Path, dest: Path) -> Path:
     """``dest/train/<class>/`` and ``dest/val/<class>/`` from a class-folder layout."""
     import shutil

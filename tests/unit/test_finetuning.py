@@ -243,3 +243,36 @@ def test_a_resume_with_more_epochs_stretches_the_schedule_instead_of_training_at
         for run in (half, same):
             run.optimizer.step()
             run.step()
+
+
+def test_gradual_unfreezing_in_frozen_mode_trains_the_backbone_despite_the_feature_cache(
+        inspection_folder, tmp_path, capsys):
+    """Frozen mode trains the head on cached features by default; the stages a milestone
+    unfreezes would then never run in training. With GradualUnfreezing the cache is not used."""
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    data = ImageFolderDataModule(inspection_folder, backbone=TINY, image_size=32, batch_size=8, num_workers=0,
+                                 augment="none")
+    model = ImageClassifier(data.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            feature_cache=str(tmp_path / "cache"), warmup_fraction=0.0)
+    before = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        callbacks=[GradualUnfreezing({1: 2, 2: 1})])
+    trainer.fit(model, datamodule=data)
+    out = capsys.readouterr().out
+    assert "feature_cache is not used" in out
+    assert "epoch 2: the last 1 stage(s) train already" in out  # {2: 1} after {1: 2} adds nothing
+    after = model.net.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+
+
+@pytest.mark.parametrize(("classes", "good", "message"), [
+    ("crack,good", None, "must be a list of class names"),  # not 10 classes named by its letters
+    (["good", "good"], None, "name 'good' twice"),
+    (["crack", "good"], "Good", "good_class 'Good' is not one of the classes"),
+])
+def test_classifier_refuses_classes_it_could_not_train_on(classes, good, message):
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier(classes, backbone=TINY, pretrained=False, image_size=32, good_class=good)

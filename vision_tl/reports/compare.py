@@ -85,7 +85,9 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
         recall = dict(metrics[split].get("recall_per_class", {}))
     else:
         raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}"
-                          + ("`" if split == "val" else f" --split {split}`") + " first")
+                          + ("` first" if split == "val" else
+                             f" --split {split}` first (when its data has a {split}/ folder), or compare the run "
+                             f"directory `vision-tl test` wrote, which holds the {split} metrics"))
     config = read_run_config(run)
     model = config.get("model") or {}
     hashes = None

@@ -260,6 +260,10 @@ class GradualUnfreezing(BaseFinetuning):
             lr = pl_module.hparams.lr * pl_module.hparams.backbone_lr_factor
             optimizer.add_param_group({"params": params, "lr": lr, "name": f"unfrozen@{epoch}"})
             pl_module.print(f"vision_tl: epoch {epoch}: unfroze {sum(p.numel() for p in params):,} parameters")
+        else:  # a milestone counts the last N stages in all, those the mode trains included
+            pl_module.print(f"vision_tl: epoch {epoch}: the last {self.milestones[epoch]} stage(s) train already "
+                            f"(mode {pl_module.hparams.mode}); nothing more to unfreeze (a milestone counts stages "
+                            "from the end, those training from the start included)")
 
 
 class ThrottledProgressBar(TQDMProgressBar):

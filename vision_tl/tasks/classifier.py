@@ -208,6 +208,17 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
+            raise ValueError(f"classes must be a list of class names, e.g. ['good', 'scratch'], got {classes!r} "
+                             "(ImageClassifier(datamodule.classes, ...) passes the folder's)")
+        twice = sorted({c for c in classes if [same_name(n) for n in classes].count(same_name(c)) > 1})
+        if twice:
+            raise ValueError(f"classes {list(classes)} name {', '.join(map(repr, twice))} twice; give each class once")
+        if good_class is not None and same_name(good_class) not in {same_name(c) for c in classes}:
+            raise ValueError(f"good_class {good_class!r} is not one of the classes {list(classes)}; name the "
+                             "defect-free class as its folder is named")
+        if good_class is not None:  # the classes' own spelling (accents typed either way): looked up by it
+            good_class = next(c for c in classes if same_name(c) == same_name(good_class))
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
             raise ValueError(
                 f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "
@@ -312,6 +323,13 @@ class ImageClassifier(L.LightningModule):
         """Frozen mode: switch the datamodule's train/val loaders to cached backbone features."""
         cache = self.hparams.feature_cache
         if self.hparams.mode != "frozen" or cache is None or not hasattr(datamodule, "use_features"):
+            return
+        from vision_tl.tasks.callbacks import GradualUnfreezing
+
+        if any(isinstance(c, GradualUnfreezing) for c in self.trainer.callbacks):
+            # cached features would leave the stages it unfreezes out of every training step
+            self.print("vision_tl: GradualUnfreezing trains backbone stages, so the backbone runs on every batch "
+                       "(feature_cache is not used)")
             return
         from vision_tl.features.training import cached_feature_datasets
 

@@ -274,6 +274,9 @@ class VisionTLCLI(LightningCLI):
             # Absolute from the start, so checkpoints record the folder the way a resume from
             # any working directory (or the saved config.yaml) spells it.
             init.save_dir = str(Path(init.save_dir).expanduser().resolve())
+        trainer = self.config[self.subcommand].get("trainer")
+        if trainer is not None and trainer.get("default_root_dir"):  # (where a run without a logger writes)
+            trainer.default_root_dir = str(Path(str(trainer.default_root_dir)).expanduser().resolve())
         if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
             parent = Path(init.save_dir) / (init.get("name") or "")
             _WATCHED_RUNS.append((parent, {p.name for p in parent.glob("version_*")}))
@@ -676,7 +679,11 @@ def _run_cli(argv: list[str]) -> int:
         args=None if list(argv) == sys.argv[1:] else argv,
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": False},
-        trainer_defaults={"default_root_dir": "runs"},
+        # Without a config the run still gets an explicit logger (Lightning's own default names
+        # no folder in config.yaml): its runs then resume in place from any working directory.
+        trainer_defaults={"default_root_dir": "runs", "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "runs", "name": "lightning_logs"}}},
         parser_kwargs={"default_env": False, **{name: {"default_env": False, "description": text}
                                                 for name, text in _DESCRIPTIONS.items()}},
         parser_class=_Parser,
