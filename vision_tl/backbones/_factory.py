@@ -42,6 +42,9 @@ class Preprocessing:
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"backbone must be a timm model name (a string such as 'tf_efficientnet_lite0'), got "
+                         f"{name!r}")
     if not timm.is_model(name):
         import difflib
 
@@ -258,6 +261,8 @@ def create_backbone(
         1280
     """
     _check_name(name)
+    if not isinstance(pretrained, bool):  # "false" would be true
+        raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
     size = None
     if img_size is not None:
         size = resolve_preprocessing(name, img_size).input_size  # validates it

@@ -195,9 +195,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown pipeline {pipeline!r}; expected one of: {', '.join(PIPELINES)}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if num_workers is not None and num_workers < 0:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}; "
                              "leave it unset to choose from the machine's cores")
         if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
