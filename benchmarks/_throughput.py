@@ -184,7 +184,9 @@ class GpuBusy(L.Callback):
     On a CPU (smoke tests) it records the operations' CPU time instead and no busy share.
     """
 
-    def __init__(self, out: str, first: int = 15, last: int = 30, top: int = 8) -> None:
+    def __init__(self, out: str, first: int = 15, last: int = 20, top: int = 8) -> None:
+        # 5 profiled steps: the profiler's own processing of 15 steps of a CNN's events took
+        # 5-13 s per fit on a CPU, time the whole script must spare
         self.out, self.first, self.last, self.top = out, first, last, top
         self._profile, self._start, self._steps = None, 0.0, 0
 

@@ -139,6 +139,15 @@ def test_compile_without_a_compiler_stops_before_training_with_what_to_do(monkey
     model = _model("frozen", compile=True)
     with pytest.raises(ValueError, match=r"--model.compile true needs a C\+\+ compiler .* leave --model.compile false"):
         model.setup("validate")
+    # on a GPU, Triton compiles its launchers with $CC, gcc or clang
+    from vision_tl.tasks.classifier import _check_compiler
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ValueError, match=r"needs a C compiler \(gcc or clang\) for torch.compile's GPU kernels"):
+        _check_compiler("cuda")
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    _check_compiler("cuda")
 
 
 def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):

@@ -379,3 +379,46 @@ def test_device_pipeline_with_a_custom_augment_list_is_refused_up_front(inspecti
     with pytest.raises(ValueError, match="not a custom list"):
         ImageFolderDataModule(str(inspection_folder), backbone=TINY, pipeline="device",
                               augment=[{"name": "HorizontalFlip", "p": 0.5}])
+
+
+def test_device_augmentation_depends_on_epoch_batch_and_rank_alone(inspection_folder):
+    """The device pipeline draws each training batch's augmentation from (seed, epoch, rank,
+    batch): two ranks (whose global random states are seeded alike) augment differently, and
+    the same epoch and batch augment alike whatever ran before (a resumed run)."""
+    from types import SimpleNamespace
+
+    dm = _dm(inspection_folder, pipeline="device", augment="inspection")
+    batch = next(iter(dm.train_dataloader()))
+
+    def augmented(rank: int, epoch: int, skip: int = 0, global_seed: int = 123) -> torch.Tensor:
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=rank)
+        dm._augment_batches = (-1, 0)  # a new process, or a new epoch
+        for _ in range(skip):
+            dm.on_after_batch_transfer(batch, 0)
+        torch.manual_seed(global_seed)  # DDP seeds every rank's global state alike
+        return dm.on_after_batch_transfer(batch, 0)[0]
+
+    first = augmented(0, 0)
+    assert torch.equal(first, augmented(0, 0, global_seed=7))  # the global random state does not decide
+    assert not torch.equal(first, augmented(1, 0))  # another rank
+    assert not torch.equal(first, augmented(0, 1))  # another epoch
+    assert not torch.equal(first, augmented(0, 0, skip=1))  # the epoch's second batch
+
+
+def test_default_loader_processes_are_shared_between_the_gpus_of_a_machine(inspection_folder, monkeypatch):
+    """One process per GPU, each with train and val loaders: the machine's default worker count
+    is split between them (8 ranks on 16 cores had 240 loader processes). A count the user
+    gave is kept."""
+    from types import SimpleNamespace
+
+    from vision_tl.data import datamodule
+
+    monkeypatch.setattr(datamodule, "default_num_workers", lambda: 15)
+    trainer = SimpleNamespace(num_devices=4, world_size=4, global_rank=0, current_epoch=0, training=True,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    for given, expected in ((None, 3), (6, 6)):
+        dm = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, batch_size=8,
+                                   num_workers=given)
+        dm.setup("fit")
+        dm.trainer = trainer
+        assert dm.train_dataloader().num_workers == expected

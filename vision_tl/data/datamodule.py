@@ -228,6 +228,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.decode_threads = default_decode_threads() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
         self._feature_data: dict[str, Dataset] = {}  # see use_features
+        self._augment_batches = (-1, 0)  # (epoch, training batches augmented on the device in it)
         self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._host_pixels: dict[str, np.ndarray] = {}  # split -> decoded cache, for pixels_on_device
         self._device_pixels: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -454,7 +455,21 @@ class ImageFolderDataModule(L.LightningDataModule):
             self._batch_augment[train] = BatchAugment.from_preset(
                 self.hparams.augment if train else "none", self.preprocessing, train)
         augment = self._batch_augment[train].to(x.device)
-        return augment(x), y
+        return augment(x, self._augment_generator() if train else None), y
+
+    def _augment_generator(self) -> torch.Generator:
+        """The device pipeline's random choices for this training batch, from (seed, epoch, rank,
+        batch of the epoch) alone: each rank augments its images differently (the global random
+        state is seeded alike on every rank), and a resumed epoch draws what the uninterrupted
+        one drew, as the CPU pipeline's per-image seeds do."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if self._augment_batches[0] != epoch:
+            self._augment_batches = (epoch, 0)
+        batch = self._augment_batches[1]
+        self._augment_batches = (epoch, batch + 1)
+        return torch.Generator().manual_seed(
+            ((self.hparams.seed * 1_000_003 + epoch) * 65_537 + rank) * 1_048_583 + batch & (2**63 - 1))
 
     def use_features(self, datasets: dict[str, Dataset] | None) -> None:
         """Serve these ``(features, label)`` datasets instead of images for their splits.
@@ -469,6 +484,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         rows_only = features is None and self._keep_pixels_on_device(split)
         dataset = features if features is not None else self.dataset(split, augment=train, rows_only=rows_only)
         workers = 0 if features is not None or rows_only else self.num_workers  # tensors: no decoding
+        local = self.trainer.num_devices if self.trainer is not None else 1
+        if workers and self.hparams.num_workers is None and local > 1:
+            # the machine's default share: each of the processes on this machine (one per GPU)
+            # starts its own train and val loaders, which would otherwise each take every core
+            workers = max(1, workers // local)
         sampler = None
         world = self.trainer.world_size if self.trainer is not None else 1
         if not train and 1 < world <= len(dataset):

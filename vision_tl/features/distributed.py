@@ -60,5 +60,7 @@ def current_ranks() -> Ranks:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL's collectives run on the current GPU: this rank's, not cuda:0
+            torch.cuda.set_device(launcher_int("LOCAL_RANK") % torch.cuda.device_count())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), launcher_int("LOCAL_RANK"))

@@ -273,7 +273,9 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
         feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
         done = torch.cuda.Event()
-        done.record()
+        # on the stream of the GPU that ran it: the current stream of the current GPU (cuda:0 unless
+        # set) would be idle on a run on cuda:1, and the features read before they arrived
+        done.record(torch.cuda.current_stream(device))
         return feats, done
 
     pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back

@@ -7,6 +7,7 @@ freezing logic live in :mod:`vision_tl.models`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import lightning as L
@@ -114,9 +115,18 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
                 f"training goes on from step {self.last_epoch} at {self.factor(self.last_epoch):.3g} x the base rate")
 
 
-def _check_compiler() -> None:
-    """``torch.compile`` builds C++ code, and only at the first batch, deep inside training, does a
-    missing compiler show (as a long traceback). Checked before anything runs."""
+def _check_compiler(device_type: str = "cpu") -> None:
+    """``torch.compile`` builds C++ code (a CPU's kernels; on a GPU, Triton's launchers, in C),
+    and only at the first batch, deep inside training, does a missing compiler show (as a long
+    traceback). Checked before anything runs."""
+    if device_type == "cuda":  # Triton looks for $CC, else gcc, else clang
+        import shutil
+
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise ValueError("--model.compile true needs a C compiler (gcc or clang) for torch.compile's GPU kernels "
+                             "(Triton), and none is on PATH. Install one (e.g. `apt install gcc`) or set $CC to it, "
+                             "or leave --model.compile false: training is the same, only slower")
+        return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:  # another PyTorch layout: torch.compile says it itself
@@ -131,13 +141,16 @@ def _check_compiler() -> None:
 
 
 def _metrics(num_classes: int) -> MetricCollection:
+    # validate_args=False: the checks run torch.unique on every update, a wait for the GPU each
+    # step; the inputs are this module's own softmax and the data module's labels
+    checked = {"validate_args": False}
     return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "balanced_acc": MulticlassRecall(num_classes, average="macro"),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-        "precision_per_class": MulticlassPrecision(num_classes, average=None),
-        "recall_per_class": MulticlassRecall(num_classes, average=None),
-        "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+        "acc": MulticlassAccuracy(num_classes, average="micro", **checked),
+        "balanced_acc": MulticlassRecall(num_classes, average="macro", **checked),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro", **checked),
+        "precision_per_class": MulticlassPrecision(num_classes, average=None, **checked),
+        "recall_per_class": MulticlassRecall(num_classes, average=None, **checked),
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes, **checked),
     })
 
 
@@ -286,8 +299,7 @@ class ImageClassifier(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
             device = self.trainer.strategy.root_device if self._trainer else self.device
-            if device.type == "cpu":  # inductor's C++ backend; a GPU compiles with Triton
-                _check_compiler()
+            _check_compiler(device.type)  # inductor's C++ backend; a GPU compiles with Triton
             self.__dict__["_compiled_net"] = torch.compile(self.net)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
@@ -398,7 +410,9 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y), sync_dist=True)
         probs = logits.float().softmax(-1)
         metrics.update(probs, y)
-        self._eval_batches.setdefault(stage, []).append((probs.detach().cpu(), y.detach().cpu()))
+        # kept on the device until the epoch ends: a copy to the CPU here would make every step
+        # wait for the GPU (a few kB per batch)
+        self._eval_batches.setdefault(stage, []).append((probs.detach(), y.detach()))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -430,8 +444,8 @@ class ImageClassifier(L.LightningModule):
             "confusion_matrix": matrix.tolist(),
         }
         batches = self._eval_batches.pop(stage, [])
-        probs = torch.cat([p for p, _ in batches]) if batches else torch.zeros(0, len(self.classes))
-        labels = torch.cat([y for _, y in batches]) if batches else torch.zeros(0, dtype=torch.long)
+        probs = torch.cat([p for p, _ in batches]).cpu() if batches else torch.zeros(0, len(self.classes))
+        labels = torch.cat([y for _, y in batches]).cpu() if batches else torch.zeros(0, dtype=torch.long)
         if self._trainer is not None and self.trainer.world_size > 1:  # every rank, in the data's order
             probs, labels = self._gather_in_order(probs), self._gather_in_order(labels)
         if len(labels):
