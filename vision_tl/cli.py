@@ -7,7 +7,6 @@ the other sub-commands are small argparse front-ends.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
@@ -101,14 +100,17 @@ def console_main() -> int:
     """The ``vision-tl`` console script: :func:`main`, with the kit's warnings on one line, and
     quiet when its reader goes away (``vision-tl --help | head``, ``predict-onnx ... | head``).
 
-    SIGTERM stops the commands outside Lightning the way Ctrl-C does, so their temporary files
-    are removed on the way out (exit 143; Lightning's commands have their own handling), and an
-    interruption no command caught (while modules import) is one line, not a traceback."""
+    SIGTERM stops a command the way Ctrl-C does, so its temporary files are removed on the way
+    out (exit 143); while Lightning trains, evaluates or predicts, its own handler stops at the
+    next batch instead. An interruption no command caught (while modules import) is one line,
+    not a traceback."""
     warnings.showwarning = _show_warning  # the command's own process: nobody else's warnings to keep
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     received: list[int] = []
     try:
-        with contextlib.nullcontext(received) if command in LIGHTNING_COMMANDS else sigterm_as_interrupt() as received:
+        # Lightning's commands: until Lightning installs its own handler (after set-up, which may
+        # decode and hash a whole folder) and after it removes it, SIGTERM interrupts like Ctrl-C
+        with sigterm_as_interrupt(defer=command in LIGHTNING_COMMANDS) as received:
             try:
                 status = main()
             except SystemExit as exc:  # Lightning inside a command (demo's fit) exits 1 on an interruption

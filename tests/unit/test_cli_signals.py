@@ -79,3 +79,33 @@ def test_a_lightning_fit_inside_a_command_that_exits_1_on_sigterm_still_exits_14
     monkeypatch.setattr("sys.argv", ["vision-tl", "demo"])
     assert cli.console_main() == 143
     assert "vision-tl demo: stopped (SIGTERM)" in capsys.readouterr().err
+
+
+def test_lightning_commands_are_interrupted_until_lightning_handles_sigterm_itself(monkeypatch, capsys):
+    """fit's set-up (decoding and hashing a folder) runs before Lightning installs its SIGTERM
+    handler: a SIGTERM there interrupts like Ctrl-C (temporary files removed, exit 143). Once
+    Lightning's handler is installed and calls the previous one on, the signal is left to it
+    (it stops at the next batch boundary)."""
+    def fit_main():
+        calls = []
+
+        def lightning_handler(signum, frame):  # what Lightning's composed handler does
+            calls.append(signum)
+            previous(signum, frame)
+
+        previous = signal.signal(signal.SIGTERM, lightning_handler)
+        try:
+            _sigterm_self()  # during training: no exception here
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert calls == [signal.SIGTERM]
+        try:
+            _sigterm_self()  # during set-up
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None  # Lightning's graceful shutdown
+        return 0
+
+    monkeypatch.setattr(cli, "main", fit_main)
+    monkeypatch.setattr("sys.argv", ["vision-tl", "fit"])
+    assert cli.console_main() == 143
+    assert "vision-tl fit: stopped (SIGTERM)" in capsys.readouterr().err

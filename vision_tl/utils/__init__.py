@@ -64,17 +64,23 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[list[int]]:
+def sigterm_as_interrupt(defer: bool = False) -> Iterator[list[int]]:
     """While inside: SIGTERM (``kill``, ``timeout``, a job scheduler) raises :class:`Terminated`
     in the main thread instead of ending the process on the spot. Yields a list that gets the
     signal's number when it came (for a caller whose command caught the interruption itself).
-    Outside the main thread, or off POSIX: nothing changes."""
+    Outside the main thread, or off POSIX: nothing changes.
+
+    ``defer``: while another handler is installed over this one and calls it on (Lightning's,
+    during training: it stops at the next batch boundary and writes its resume point), this
+    one leaves the signal to it; before and after, it interrupts."""
     received: list[int] = []
     if os.name != "posix" or threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def stop(signum, frame) -> None:
+        if defer and signal.getsignal(signal.SIGTERM) is not stop:
+            return
         received.append(signum)
         raise Terminated(f"signal {signum}")
 
