@@ -217,6 +217,45 @@ def test_a_run_started_without_a_config_resumes_in_place_from_another_directory(
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
+def test_a_run_being_trained_is_neither_resumed_nor_shared(inspection_folder, tmp_path, monkeypatch, capsys):
+    """A resume of a run that another process is training (a scheduler's retry, a second shell)
+    is refused before anything in the run changes; two fits that picked the same new version
+    (started at the same moment) do not both write into it. The other process is stood in for
+    by a lock taken here, on another descriptor."""
+    import fcntl
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = _snapshot(run)
+    other, second = os.open(run, os.O_RDONLY), None
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+        assert info.value.code == 2
+        assert "another process is training that run right now" in capsys.readouterr().err
+        assert _snapshot(run) == before
+        taken = tmp_path / "partial" / "version_1"  # made by the other command, which picked it first
+        taken.mkdir()
+        second = os.open(taken, os.O_RDONLY)
+        fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setattr(CSVLogger, "_get_next_version", lambda self: 1)
+        with pytest.raises(SystemExit) as info:
+            main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"])
+        assert info.value.code == 2
+        assert f"run directory {taken} was taken by another command" in capsys.readouterr().err
+        assert list(taken.iterdir()) == []  # nothing written into the other command's run
+    finally:
+        for fd in filter(None, (other, second)):
+            os.close(fd)
+    monkeypatch.undo()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+
+
 def _train_val_copy(source: Path, dest: Path) -> Path:
     """``dest/train/<class>/`` and ``dest/val/<class>/`` from a class-folder layout."""
     import shutil

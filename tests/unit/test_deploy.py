@@ -775,3 +775,22 @@ def test_mean_std_of_a_float_input_vision_tl_model_are_not_replaced(tmp_path: Pa
     with pytest.raises(DeployError, match=r"records the normalisation .*mean \[.*--mean / --std"):
         Predictor(model, mean=(0.1, 0.1, 0.1), std=(0.9, 0.9, 0.9))
     assert Predictor(model, mean=MEAN, std=STD).metadata.mean == tuple(MEAN)
+
+
+def test_predictions_never_replace_a_file_another_process_wrote_meanwhile(tmp_path):
+    """predict-onnx checks --out at the start; a job that wrote the same file since (two jobs
+    on one output) is kept unless --overwrite was given."""
+    from vision_tl.deploy import cli as deploy_cli
+
+    out = tmp_path / "pred.csv"
+
+    def other_job_then_ours(fh):
+        out.write_text("the other job's rows\n")
+        fh.write("our rows\n")
+
+    with pytest.raises(DeployError, match="written meanwhile by another process"):
+        deploy_cli._write_atomic(out, other_job_then_ours, overwrite=False)
+    assert out.read_text() == "the other job's rows\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]  # no temporary file left
+    deploy_cli._write_atomic(out, other_job_then_ours, overwrite=True)
+    assert out.read_text() == "our rows\n"

@@ -129,7 +129,7 @@ def _predict(args: argparse.Namespace) -> int:
         predictions = predictor.predict_paths(images, args.batch_size, on_progress=update)
     elapsed = time.perf_counter() - start
     writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
-    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes))
+    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes), args.overwrite)
     _print_summary(predictions, predictor, elapsed, out, ignored)
     failed = sum(1 for p in predictions if p.error is not None)
     if failed:
@@ -210,10 +210,11 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
             bar.close()
 
 
-def _write_atomic(out: Path, write: Callable[[IO[str]], None]) -> None:
-    """Write through a temporary file in the same folder, renamed into place when complete."""
+def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool) -> None:
+    """Write through a temporary file in the same folder, renamed into place when complete;
+    without ``overwrite``, a file another process wrote there meanwhile is kept (an error)."""
     try:
-        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+        with atomic_path(out, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
             write(fh)
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc

@@ -213,10 +213,11 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: boo
                               "pass --overwrite to replace them or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = comparison.to_dict()
-    atomic_write_text(paths["json"], json.dumps(data, indent=1))
+    atomic_write_text(paths["json"], json.dumps(data, indent=1), overwrite=overwrite)  # (another comparison's,
+    # written meanwhile, is kept)
     keys = [k for k, _ in COLUMNS[:4]]
     plot_comparison([r.name for r in comparison.runs], {label: [r.values[k] for r in comparison.runs]
                                                         for k, label in COLUMNS if k in keys}, paths["png"])
     shared = [c for c in comparison.runs[0].classes if all(c in r.classes for r in comparison.runs)]
-    atomic_write_text(paths["html"], render_comparison(data, COLUMNS, shared, paths["png"]))
+    atomic_write_text(paths["html"], render_comparison(data, COLUMNS, shared, paths["png"]), overwrite=overwrite)
     return paths

@@ -150,7 +150,7 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @literal_text
-def save_explanation(item: Explanation, path: str | Path) -> Path:
+def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True) -> Path:
     """A PNG with the image, the heat map and the overlay side by side."""
     from vision_tl.reports.plots import _save, _subplots
 
@@ -171,7 +171,7 @@ def save_explanation(item: Explanation, path: str | Path) -> Path:
     fig.colorbar(shown, ax=axes[1], shrink=0.8, label="relevance")
     fig.suptitle(f"{item.path.name}: predicted {item.predicted} ({item.probability:.2f}); "
                  f"P({item.explained}) = {item.p_explained:.2f}", fontsize=11)
-    return _save(fig, path)
+    return _save(fig, path, overwrite=overwrite)
 
 
 def expand_images(inputs: list[str | Path]) -> list[Path]:
@@ -230,5 +230,5 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     model, _ = load_classifier(checkpoint)
     _class_index(list(model.classes), class_name)  # fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [(item, save_explanation(item, out_dir / names[item.path]))
+    return [(item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
             for item in explain_images(model, paths, class_name)]

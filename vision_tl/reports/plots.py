@@ -63,12 +63,13 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
     return path
 
 
-def _save(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG through a temporary file."""
+def _save(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path:
+    """Write ``fig`` as PNG through a temporary file (``overwrite=False``: never over a file
+    that exists by then)."""
     from vision_tl.utils.files import atomic_path
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path
 

@@ -302,11 +302,15 @@ def thresholded_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.thresholded.ckpt")
 
 
-def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False) -> Path:
+def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False, overwrite: bool = True) -> Path:
     """Store ``choice["threshold"]`` in the checkpoint's ``vision_tl`` section.
 
     Writes ``<name>.thresholded.ckpt`` beside the original, or with ``in_place`` rewrites
     the original atomically. Only plain types are added, so ``weights_only=True`` still loads it.
+
+    Raises:
+        FileExistsError: ``overwrite`` is False and the copy exists (another process wrote it
+            since the caller checked).
     """
     import torch
 
@@ -319,7 +323,7 @@ def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False)
     ckpt["vision_tl"]["threshold_choice"] = {
         k: v for k, v in choice.items() if isinstance(v, (str, int, float, type(None)))}
     target = checkpoint if in_place else thresholded_path(checkpoint)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, overwrite=overwrite or in_place) as tmp:
         torch.save(ckpt, tmp)
     return target
 
@@ -432,7 +436,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     labels = np.asarray(labels, np.int64)
     choice = _choose_threshold(probs, labels, meta, split, target)
     threshold = choice["threshold"] if choice else meta.get("threshold")
-    saved = save_threshold(ckpt_path, choice, in_place) if choice else None
+    saved = save_threshold(ckpt_path, choice, in_place, overwrite=overwrite) if choice else None
     info = {"run": str(run_dir), "checkpoint": str(ckpt_path), "backbone": meta.get("backbone"),
             "mode": model.hparams.get("mode"), "kit_version": meta.get("kit_version"),
             "images": f"{len(paths)} ({split})", "notes": notes}

@@ -77,11 +77,21 @@ class SaveRunConfig(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir  # collective under DDP: the same directory on every rank
-        exists = False
-        if trainer.is_global_zero and log_dir is not None and not self.overwrite:
-            # (not holds_run: other callbacks' setup has written this run's labels.json already)
-            exists = (Path(log_dir) / self.config_filename).exists()
-        if trainer.strategy.broadcast(exists):  # every rank stops, not only rank 0
+        exists = taken = False
+        if trainer.is_global_zero and log_dir is not None:
+            # First of the callbacks (see instantiate_trainer): nothing is written into the run
+            # before it is this command's. Two commands started at once can both pick version_N;
+            # the run's lock goes to one of them.
+            taken = not lock_run(Path(log_dir))
+            exists = not self.overwrite and not taken and holds_run(Path(log_dir))
+        taken, exists = trainer.strategy.broadcast((taken, exists))  # every rank stops, not only rank 0
+        if taken:
+            if log_dir is not None:
+                _NOT_OWN.add(Path(log_dir))
+            raise FileExistsError(f"run directory {log_dir} was taken by another command started at the same "
+                                  "moment (both chose that version); run this command again, which picks the next "
+                                  "free one")
+        if exists:
             if log_dir is not None:  # another command's run (two fits given one version): never cleaned up here
                 _NOT_OWN.add(Path(log_dir))
             raise FileExistsError(
@@ -261,6 +271,9 @@ class VisionTLCLI(LightningCLI):
         """
         trainer = super().instantiate_trainer(**kwargs)
         _OWN_LOGGERS.extend(trainer.loggers)  # see _remove_empty_new_runs
+        # The run directory's claim (SaveRunConfig.setup) before any callback writes into it
+        own = [c for c in trainer.callbacks if isinstance(c, SaveRunConfig)]
+        trainer.callbacks[:] = own + [c for c in trainer.callbacks if not isinstance(c, SaveRunConfig)]
         if _user_progress_bar(self.config.get(self.subcommand, self.config)):
             return trainer
         for i, callback in enumerate(trainer.callbacks):
@@ -442,6 +455,11 @@ class VisionTLCLI(LightningCLI):
                 f"a resume would train nothing; pass a larger --trainer.max_epochs (e.g. {done + 10}) to train on")
         run = run_dir_of(path)
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
+            if first_process() and not lock_run(run):  # (DDP: the first process holds it for all)
+                raise ValueError(
+                    f"resuming {run}: another process is training that run right now (it holds the run's lock); "
+                    "let it finish, or stop it, then resume with the same command (its last.ckpt is then the "
+                    "newest); nothing in the run was changed")
             if (run / "labels.json").is_file():  # before anything in the run is touched
                 data = cfg.data
                 check_resumed_data(run, ImageFolderDataModule(
@@ -585,7 +603,46 @@ def _own_runs() -> list[Path]:
     return [run for run in runs if run not in _NOT_OWN]
 
 
+def lock_run(run: Path) -> bool:
+    """Take this command's exclusive lock on the run directory ``run`` (the directory itself,
+    ``flock``; kept until the command ends, released by the system if the process dies).
+    False when another process holds it: that run is being trained or resumed right now. Where
+    the file system has no such locks (or off POSIX), True without a lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    key = Path(run).resolve()
+    if key in _RUN_LOCKS:
+        return True
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return True  # not there (yet): nothing to hold
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:
+        os.close(fd)
+        return True
+    _RUN_LOCKS[key] = fd
+    return True
+
+
+_RUN_LOCKS: dict[Path, int] = {}  # run directory -> the open descriptor holding its lock
+
+
+def first_process() -> bool:
+    """Whether this is the first process of a command (global rank 0; the only one, without a launcher)."""
+    return launcher_int("RANK", launcher_int("LOCAL_RANK", 0)) == 0
+
+
 def _forget_runs() -> None:
+    for fd in _RUN_LOCKS.values():  # the command is over: its runs are free for the next one
+        os.close(fd)
+    _RUN_LOCKS.clear()
     _WATCHED_RUNS.clear()
     _OWN_RUNS.clear()
     _OWN_LOGGERS.clear()
