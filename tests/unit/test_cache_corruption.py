@@ -277,3 +277,43 @@ def test_read_only_decoded_cache_fails_before_decoding_and_says_how_to_move_it(t
     with pytest.raises(dc.DecodedCacheError, match=rf"decoded-image cache {cache} \(from \$VISION_TL_DECODED_CACHE"
                                                    r"\) is not writable.*--data.decoded_cache DIR"):
         dc.decoded_images(paths, ["a", "b", "NEW"], (8, 8), "bilinear")
+
+
+def test_a_full_disk_while_building_the_decoded_cache_is_an_error_naming_it(tmp_path, monkeypatch) -> None:
+    """The pixel file is mapped into memory: left sparse, a disk that fills up while it is
+    written kills the process with SIGBUS, without a word. Its space is reserved first."""
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(dc.DecodedCacheError, match=r"cannot make room for \w+\.npy .*No space left on device"):
+        _decoded(_images(tmp_path), tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no temporary file left
+
+
+def test_feature_store_removes_what_killed_writers_left_and_names_a_full_disk(tmp_path, folder, tiny_net,
+                                                                            monkeypatch) -> None:
+    import os
+    import time
+
+    cache, fx, paths, hashes, _ = _filled(tmp_path, folder, tiny_net)
+    store = cache.store(fx).path
+    old = time.time() - 3600
+    for name in ("dead.feats.npy", "dead.sum.json", "young.feats.npy"):  # uncommitted: no keys file
+        (store / name).write_bytes(b"x")
+    for name in ("dead.feats.npy", "dead.sum.json"):
+        os.utime(store / name, (old, old))
+    monkeypatch.setattr(store_mod, "_SWEPT", set())  # a new process
+    store_mod.ShardStore(store, fx.identity())
+    assert not (store / "dead.feats.npy").exists() and not (store / "dead.sum.json").exists()
+    assert (store / "young.feats.npy").exists()  # perhaps a writer at work this very moment
+
+    def full(path, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", full)
+    with pytest.raises(FeatureStoreError, match=rf"feature cache {store}: cannot write \w+\.feats\.npy "
+                                                r"\(No space left on device\)"):
+        store_mod.ShardStore(store, fx.identity()).append(["k"], np.zeros((1, 4), np.float32))

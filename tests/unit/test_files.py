@@ -39,9 +39,9 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
     killed.wait()
     temps = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
     assert len(temps) == 2
-    atomic_write_text(target, "first")  # a minute's grace: a temporary file this young is never swept
-    assert sorted(tmp_path.glob(".last.ckpt.*.tmp")) == temps
-    for temp in temps:  # both older than a minute now; the live writer holds its file locked
+    atomic_write_text(target, "first")  # the killed writer's goes at once (its process is known gone)
+    assert [p.name for p in tmp_path.glob(".last.ckpt.*.tmp")] == [p.name for p in temps if f"-{running.pid}." in p.name]
+    for temp in tmp_path.glob(".last.ckpt.*.tmp"):  # older than a minute now; the live writer holds it locked
         os.utime(temp, (time.time() - 120, time.time() - 120))
     try:
         atomic_write_text(target, "new")
@@ -73,3 +73,23 @@ def test_a_file_another_process_wrote_meanwhile_is_not_replaced_without_overwrit
     with atomic_path(tmp_path / "new.npz", overwrite=False) as tmp:
         tmp.write_bytes(b"data")
     assert (tmp_path / "new.npz").read_bytes() == b"data" and len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and process checks are POSIX")
+def test_a_killed_writers_file_goes_at_once_where_its_process_is_known_gone(tmp_path):
+    """A cache's temporary file of a writer killed on this machine is removed at the next look,
+    not only after a minute: a prompt rerun after an out-of-memory kill must not leave a
+    cache-sized file behind for good. A live writer's (locked) file stays."""
+    from vision_tl.utils.files import remove_orphaned_temps_in
+
+    killed, running = _writer(tmp_path / "a.npy"), _writer(tmp_path / "b.npy")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    try:
+        removed = remove_orphaned_temps_in(tmp_path)
+        assert [p.name for p in removed] == [p.name for p in removed if f"-{killed.pid}." in p.name] and removed
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert len(left) == 1 and f"-{running.pid}." in left[0]
+    finally:
+        running.kill()
+        running.wait()

@@ -20,6 +20,7 @@ Files written before the checksum existed are still used after the size checks.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,7 +37,12 @@ from torch.utils.data import Dataset
 from vision_tl.data.decode_threads import decode_batches
 from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.utils import local_rank
-from vision_tl.utils.files import atomic_path, atomic_write_text, file_crc32
+from vision_tl.utils.files import (
+    atomic_path,
+    atomic_write_text,
+    file_crc32,
+    remove_orphaned_temps_in,
+)
 
 CACHE_ENV = "VISION_TL_DECODED_CACHE"
 FORMAT = 1
@@ -104,6 +110,7 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     """
     root, origin, fix = _cache_root(cache_dir)
     _prepare_root(root, origin, fix)
+    remove_orphaned_temps_in(root)  # a killed build's file (the size of a whole cache) is not kept
     key = _key(shas, size, interpolation)
     data_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():
@@ -114,7 +121,7 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
                           "(a cache file, not your data)", stacklevel=2)
     _check_writable(root, origin, fix)
     meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
-    bad, crc = _build(data_path, paths, size, interpolation, threads)
+    bad, crc = _build(data_path, paths, size, interpolation, threads, fix)
     atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
                                              "interpolation": interpolation, "bad": bad, "crc32": crc}))
     pixels = np.load(data_path, mmap_mode="r")
@@ -165,15 +172,36 @@ def _open(data_path: Path, meta_path: Path, count: int, size: tuple[int, int]) -
 
 
 def _build(path: Path, paths: list[Path], size: tuple[int, int], interpolation: str,
-           threads: int) -> tuple[list[int], int]:
+           threads: int, fix: str = "") -> tuple[list[int], int]:
     """Decode every image into ``path``; returns the bad indices and the CRC-32 of the pixels."""
     with atomic_path(path) as tmp:
         # open_memmap writes a real .npy header, so np.load(mmap_mode="r") reads it back.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
+        _reserve(tmp, path, fix)
         bad, crc = _decode_into(out, paths, interpolation, threads)
         out.flush()
         del out  # no view of the mapping is left (Windows cannot rename a mapped file)
     return bad, crc
+
+
+def _reserve(tmp: Path, path: Path, fix: str) -> None:
+    """Allocate the mapped file's blocks now. It starts sparse: on a disk that fills up while
+    the pixels are written, the kernel would kill the process with SIGBUS (no message, and the
+    temporary file left behind); reserved here, a full disk is an error that names the file."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = tmp.stat().st_size
+    try:
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: written as is
+            return
+        raise DecodedCacheError(f"decoded-image cache {path.parent}: cannot make room for {path.name} "
+                                f"({size / 2**30:.2f} GiB: {exc.strerror or exc}); {fix}") from exc
 
 
 def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads: int) -> tuple[list[int], int]:

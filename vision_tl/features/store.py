@@ -28,9 +28,12 @@ numpy array, and carries our metadata in the schema, all without pandas.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
+import time
 import uuid
 import warnings
 import zipfile
@@ -42,11 +45,13 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.utils.files import (
+    ORPHAN_AGE_S,
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
     file_crc32,
     path_text,
+    remove_orphaned_temps_in,
 )
 
 OUTPUT_FORMATS = (".npz", ".parquet")
@@ -80,6 +85,23 @@ class ShardStore:
         self._index: dict[str, tuple[str, int]] | None = None
         self._mmaps: dict[str, np.ndarray] = {}
         self._rows: dict[str, int] = {}  # rows per indexed shard, for the warnings
+        if self.path not in _SWEPT:
+            _SWEPT.add(self.path)
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """What killed writers left here: their temporary files, and shards written up to their
+        features or checksums but never committed (no keys file) for over a minute (a live
+        writer writes the three files within milliseconds). Shards have fresh names, so no
+        later write would ever replace them."""
+        remove_orphaned_temps_in(self.path)
+        keys = {p.name[: -len(".keys.npy")] for p in self.path.glob("*.keys.npy")}
+        now = time.time()
+        for part in [*self.path.glob("*.feats.npy"), *self.path.glob("*.sum.json")]:
+            shard = part.name.split(".", 1)[0]
+            with contextlib.suppress(OSError):
+                if shard not in keys and now - part.stat().st_mtime > ORPHAN_AGE_S:
+                    part.unlink()
 
     def shard_ids(self) -> list[str]:
         """Finished shards (keys file present), oldest first."""
@@ -120,12 +142,21 @@ class ShardStore:
         shard = f"{uuid.uuid4().hex[:16]}"
         features = np.ascontiguousarray(features, dtype=np.float32)
         feats_bytes, keys_bytes = _npy_bytes(features), _npy_bytes(np.asarray(keys, dtype="U64"))
-        # fresh names: nothing of an earlier writer to sweep (the store clears its own leftovers)
-        atomic_write_bytes(self.path / f"{shard}.feats.npy", feats_bytes, sweep=False)
-        atomic_write_text(self.path / f"{shard}.sum.json", json.dumps(
-            {"rows": len(keys), "width": int(features.shape[1]), "feats_crc32": zlib.crc32(feats_bytes),
-             "keys_crc32": zlib.crc32(keys_bytes)}), sweep=False)
-        atomic_write_bytes(self.path / f"{shard}.keys.npy", keys_bytes, sweep=False)
+        # fresh names: nothing of an earlier writer to sweep (the store clears its own leftovers
+        # when it is opened, see _remove_leftovers)
+        try:
+            atomic_write_bytes(self.path / f"{shard}.feats.npy", feats_bytes, sweep=False)
+            atomic_write_text(self.path / f"{shard}.sum.json", json.dumps(
+                {"rows": len(keys), "width": int(features.shape[1]), "feats_crc32": zlib.crc32(feats_bytes),
+                 "keys_crc32": zlib.crc32(keys_bytes)}), sweep=False)
+            atomic_write_bytes(self.path / f"{shard}.keys.npy", keys_bytes, sweep=False)
+        except OSError as exc:
+            for part in (f"{shard}.feats.npy", f"{shard}.sum.json"):  # an uncommitted shard is of no use
+                (self.path / part).unlink(missing_ok=True)
+            raise FeatureStoreError(
+                f"feature cache {self.path}: cannot write {shard}.feats.npy ({exc.strerror or exc}); the features "
+                "computed so far are kept there; free space, or point $VISION_TL_CACHE (--cache-dir) at another "
+                "disk") from exc
         _VERIFIED.add(_stamp(self.path / f"{shard}.feats.npy"))  # written from memory just now
         index = self.index()
         self._rows[shard] = len(keys)
@@ -245,6 +276,7 @@ class _DamagedShard(Exception):
 # Shards whose features passed the full check in this process: (path, inode, size, mtime_ns). Shard
 # files are never modified once renamed into place, so one check per process is enough.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
+_SWEPT: set[Path] = set()  # stores whose leftovers this process removed already
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int]:
@@ -357,8 +389,19 @@ def write_features(path: Path, chunks: Iterator[RowChunk], n_rows: int, metadata
                    overwrite: bool = False) -> None:
     """Stream row chunks into ``path`` (``.npz`` or ``.parquet``), atomically."""
     writer = _write_parquet if path.suffix.lower() == ".parquet" else _write_npz
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        writer(tmp, chunks, n_rows, metadata)
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            writer(tmp, chunks, n_rows, metadata)
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise FeatureStoreError(f"output {path}: the disk is full ({exc.strerror or exc}); nothing was written "
+                                "there; free space, or write the output to another disk") from exc
+
+
+def _disk_full(exc: OSError) -> bool:
+    """A full disk or quota, also as pyarrow reports it (an OSError without an errno)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
 
 
 def _npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype):

@@ -23,7 +23,7 @@ from pathlib import Path
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 # A temporary file younger than this is never taken for an orphan: its writer may have created it
 # an instant ago and not yet locked it.
-_ORPHAN_AGE_S = 60.0
+ORPHAN_AGE_S = 60.0
 
 try:
     import fcntl
@@ -58,19 +58,49 @@ def locked_temp(path: Path) -> Iterator[Path]:
 
 def remove_orphaned_temps(path: Path) -> list[Path]:
     """Remove the temporary files of ``path`` whose writer is gone (killed: SIGKILL, power cut),
-    i.e. that no process holds locked and that are over a minute old; returns them. Another
-    writer's temporary file, on this machine or another, is left alone while it works."""
+    i.e. that no process holds locked and whose process is known to be gone (this machine's,
+    by its number) or that are over a minute old; returns them. Another writer's temporary
+    file, on this machine or another, is left alone while it works."""
+    return _remove_orphans(glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*-*.tmp"))
+
+
+def remove_orphaned_temps_in(folder: Path) -> list[Path]:
+    """:func:`remove_orphaned_temps` for every file written in ``folder`` (a cache's own folder,
+    where a killed writer's temporary file could otherwise stay for good: its name may never be
+    written again)."""
+    return _remove_orphans(glob.glob(glob.escape(str(folder)) + "/.*-*.tmp"))
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process named in a temporary file's name (``.<file>.<host>-<pid>.<x>.tmp``)
+    ran on this machine and no longer runs."""
+    stem = name.rsplit(".", 2)[0]
+    host, _, pid = stem.rpartition("-")
+    if host.rsplit(".", 1)[-1] != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # there, but another user's
+        return False
+    return False
+
+
+def _remove_orphans(candidates: list[str]) -> list[Path]:
     if fcntl is None:
         return []
     removed = []
     now = time.time()
-    for found in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*-*.tmp"):
+    for found in candidates:
         try:
             fd = os.open(found, os.O_RDONLY)
         except OSError:
             continue
         try:
-            if now - os.fstat(fd).st_mtime < _ORPHAN_AGE_S:
+            # a writer creates its file an instant before locking it: a young file's writer must
+            # be known gone (the age alone also covers writers on other machines)
+            if now - os.fstat(fd).st_mtime < ORPHAN_AGE_S and not _writer_gone(Path(found).name):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
