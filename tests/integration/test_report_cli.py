@@ -144,18 +144,19 @@ def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path)
 
 
 def test_compare_sets_aside_a_report_older_than_its_checkpoint(run, tmp_path, monkeypatch, capsys):
-    """A run trained on (resumed) after its report: its best.ckpt is newer than the report, whose
-    numbers then describe weights the run no longer has."""
-    import os
-
+    """A run trained on (resumed) after its report: fit's best epoch is another than the one the
+    report evaluated, whose numbers then describe weights the run no longer has. A plain copy of
+    the run (new file times) is not mistaken for that."""
     copy = tmp_path / "partial" / "version_0"
-    shutil.copytree(run, copy)
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)  # file times not kept
+    monkeypatch.chdir(copy)
+    assert main(["compare", ".", "--out", str(tmp_path / "plain")]) == 0
+    assert "older than the checkpoint" not in capsys.readouterr().out
     metrics = json.loads((copy / "metrics.json").read_text())
-    metrics["val"]["acc"] = 0.123  # what fit wrote for the newer checkpoint
+    assert metrics["report"]["val"]["checkpoint_epoch"] == metrics["val"]["epoch"]
+    metrics["val"].update(acc=0.123, epoch=metrics["val"]["epoch"] + 3)  # what fit wrote after a resume
     (copy / "metrics.json").write_text(json.dumps(metrics))
-    later = (copy / "checkpoints" / "best.ckpt").stat().st_mtime + 3600
-    os.utime(copy / "checkpoints" / "best.ckpt", (later, later))
-    monkeypatch.chdir(copy)  # `compare .`: the run is named by its folders, not "/"
+    # `compare .`: the run is named by its folders, not "/"
     assert main(["compare", ".", "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "partial/version_0" in out and "0.123" in out
@@ -173,6 +174,8 @@ def test_compare_leaves_out_a_run_stopped_before_its_first_validation(run, tmp_p
     out = capsys.readouterr().out
     assert "left out k/version_0: no checkpoints/" in out and "a fit stopped before its first epoch ended" in out
     assert "left out k/version_1: no metrics.json" in out
+    assert main(["compare", str(run), str(tmp_path / "k" / "version_9")]) == 2  # a mistyped run: not skipped
+    assert "version_9 has no metrics.json" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     for argv in (["compare", str(run)], ["explain", str(run / "checkpoints" / "best.ckpt"), str(run / "report.html")]):
         assert main([*argv, "--out", str(tmp_path / "file")]) == 2

@@ -215,6 +215,13 @@ def test_a_run_started_without_a_config_resumes_in_place_from_another_directory(
     assert f"resuming {run}" in capsys.readouterr().out
     assert not any((tmp_path / "elsewhere").iterdir())
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+    # --trainer.default_root_dir still says where such runs go
+    assert main(["fit", "--data.root", str(inspection_folder), "--model.backbone", "test_efficientnet",
+                 "--model.pretrained", "false", "--model.image_size", "32", "--data.batch_size", "8",
+                 "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "chosen")]) == 0
+    assert (tmp_path / "chosen" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not any((tmp_path / "elsewhere").iterdir())
 
 
 @pytest.mark.slow
@@ -247,7 +254,7 @@ def test_a_run_being_trained_is_neither_resumed_nor_shared(inspection_folder, tm
         with pytest.raises(SystemExit) as info:
             main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"])
         assert info.value.code == 2
-        assert f"run directory {taken} was taken by another command" in capsys.readouterr().err
+        assert f"run directory {taken} is in use by another command" in capsys.readouterr().err
         assert list(taken.iterdir()) == []  # nothing written into the other command's run
     finally:
         for fd in filter(None, (other, second)):

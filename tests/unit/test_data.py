@@ -367,3 +367,34 @@ def test_a_split_file_with_no_val_images_is_refused(tmp_path):
                          "sha256": s.sha256} for s in index.samples]}
     with pytest.raises(DatasetError, match="split.json lists no val images: there is nothing to evaluate"):
         recorded_parts(index, record, tmp_path / "split.json")
+
+
+def test_split_folders_beside_odd_folders_and_numpy_counts(tmp_path, monkeypatch):
+    """A folder beside train/ is left out (warned), whatever its name's encoding; a disk's
+    lost+found no user can read does not stop a scan; numpy integers are counts too."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.data.synthetic import make_inspection_dataset
+    from vision_tl.imaging import image_files
+
+    for part in ("train", "val"):
+        make_inspection_dataset(tmp_path / part, 3, size=32, seed=0, overwrite=True)
+    os.mkdir(os.fsencode(str(tmp_path)) + b"/old_backup_\xe9t\xe9")
+    (tmp_path / "lost+found").mkdir()
+    real_scandir = os.scandir
+
+    def guarded(path="."):  # root can read anything: the permission error is simulated
+        if str(path).endswith("lost+found"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    with pytest.warns(UserWarning, match="left out"):
+        dm = ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32,
+                                   batch_size=np.int64(4), num_workers=np.int64(0))
+    assert set(dm.layout) == {"train", "val"} and dm.hparams.batch_size == 4 and type(dm.num_workers) is int
+    assert len(image_files(tmp_path)[0]) == 2 * 4 * 3  # every image; lost+found skipped

@@ -49,3 +49,20 @@ def test_a_mangled_launcher_variable_is_named(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a non-negative integer.*torchrun"):
         current_ranks()
+
+
+def test_the_first_process_is_found_under_torchrun_srun_and_lightning(monkeypatch):
+    """Only the first process takes a run's lock: srun numbers its tasks in SLURM_PROCID."""
+    from vision_tl.tasks.lightning_cli import first_process
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert first_process()
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert not first_process()
+    monkeypatch.setenv("RANK", "0")  # torchrun inside an allocation: its own numbering
+    assert first_process()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's launcher started
+    assert not first_process()

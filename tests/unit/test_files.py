@@ -93,3 +93,17 @@ def test_a_killed_writers_file_goes_at_once_where_its_process_is_known_gone(tmp_
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_cache_folder_sweep_touches_only_the_kits_own_temporary_files(tmp_path):
+    """A decoded cache may be put in a shared folder: other programs' dot-files ending in .tmp
+    are theirs, however old."""
+    from vision_tl.utils.files import remove_orphaned_temps_in
+
+    theirs = [tmp_path / ".notes-draft.tmp", tmp_path / ".session-1234.tmp"]
+    ours = tmp_path / ".0123456789abcdef01234567.npy.somehost-999999999.abcd_123.tmp"  # no such process
+    for path in (*theirs, ours):
+        path.write_text("x")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    removed = remove_orphaned_temps_in(tmp_path, r"[0-9a-f]{24}\.(?:npy|json)")
+    assert removed == [ours] and all(p.exists() for p in theirs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,11 @@ class Draw(int):
 
     def __reduce__(self):  # crosses to loader workers with its seed
         return Draw, (int(self), self.seed)
+
+
+def _whole(value) -> bool:
+    """An integer (numpy's too), not a bool or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class EpochSampler(Sampler[int]):
@@ -195,11 +201,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown pipeline {pipeline!r}; expected one of: {', '.join(PIPELINES)}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not _whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-            raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}; "
-                             "leave it unset to choose from the machine's cores")
+        if num_workers is not None and (not _whole(num_workers) or num_workers < 0):
+            raise ValueError(f"num_workers must be a whole number, 0 (load in the main process) or more, got "
+                             f"{num_workers!r}; leave it unset to choose from the machine's cores")
+        batch_size = int(batch_size)
+        num_workers = None if num_workers is None else int(num_workers)
         if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
             split_file = str(Path(split_file).expanduser().resolve())
         self.save_hyperparameters()

@@ -110,7 +110,7 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     """
     root, origin, fix = _cache_root(cache_dir)
     _prepare_root(root, origin, fix)
-    remove_orphaned_temps_in(root)  # a killed build's file (the size of a whole cache) is not kept
+    remove_orphaned_temps_in(root, r"[0-9a-f]{24}\.(?:npy|json)")  # a killed build's file (a whole cache's size)
     key = _key(shas, size, interpolation)
     data_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():

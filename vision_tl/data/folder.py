@@ -68,7 +68,9 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise DatasetError(f"data root {root} is a file; expected a folder with one sub-folder per class")
     found = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
-    others = [name for name in class_folders(root) if name not in found]
+    # (lower-cased: on a case-insensitive disk, macOS or Windows, Train/ is train/ and read as such;
+    # not class_folders: a folder left out here need not have a name that could be a class)
+    others = [name for name in _visible_folders(root) if name.lower() not in found]
     lookalikes = [name for name in others if _SPLIT_SPELLINGS.get(name.lower())]
     if "train" in found:
         if lookalikes:  # e.g. train/ valid/ test/ (a common export): valid/ would be ignored
@@ -104,12 +106,16 @@ _SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid"
 def class_folders(root: str | Path) -> list[str]:
     """The names of the visible sub-folders of ``root``, sorted (hidden ones such as
     .ipynb_checkpoints/ are not classes)."""
-    names = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = _visible_folders(root)
     for name in names:
         if path_text(name) != name:  # class names go into labels.json, plots and the ONNX model, as UTF-8
             raise DatasetError(f"{Path(root) / path_text(name)}: the folder's name is not valid UTF-8 (another system's "
                                "encoding?), and its name would be a class name; rename the folder")
     return names
+
+
+def _visible_folders(root: str | Path) -> list[str]:
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def same_name(name: str) -> str:

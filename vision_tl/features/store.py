@@ -94,7 +94,7 @@ class ShardStore:
         features or checksums but never committed (no keys file) for over a minute (a live
         writer writes the three files within milliseconds). Shards have fresh names, so no
         later write would ever replace them."""
-        remove_orphaned_temps_in(self.path)
+        remove_orphaned_temps_in(self.path, r"[0-9a-f]{16}\.(?:feats\.npy|sum\.json|keys\.npy)")
         keys = {p.name[: -len(".keys.npy")] for p in self.path.glob("*.keys.npy")}
         now = time.time()
         for part in [*self.path.glob("*.feats.npy"), *self.path.glob("*.sum.json")]:

@@ -72,7 +72,7 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON ({exc})") from exc
     report = metrics.get("report", {}).get(split)
-    stale = report is not None and split in metrics and _predates_checkpoint(run, report)
+    stale = report is not None and split in metrics and _predates_checkpoint(metrics, report, split)
     if stale:  # trained on (resumed) after it was reported: fit's metrics describe today's checkpoint
         report = None
     if report is not None:
@@ -109,19 +109,15 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
                       checkpoint=(report or {}).get("checkpoint"), stale_report=stale)
 
 
-def _predates_checkpoint(run: Path, report: dict) -> bool:
-    """Whether the checkpoint a report evaluated was written again after the report (a resume
-    replaces best.ckpt): its numbers then describe weights the run no longer has."""
-    from datetime import datetime
-
-    recorded = report.get("checkpoint")
-    try:
-        created = datetime.fromisoformat(str(report["created"])).timestamp()
-    except (KeyError, ValueError, TypeError):
-        return False
-    candidates = [run / "checkpoints" / Path(str(recorded)).name, Path(str(recorded))] if recorded else []
-    ckpt = next((c for c in candidates if c.is_file()), None)
-    return ckpt is not None and ckpt.stat().st_mtime > created + 1  # (created: whole seconds)
+def _predates_checkpoint(metrics: dict, report: dict, split: str) -> bool:
+    """Whether the run trained on after its report (a resume replaces best.ckpt): the report
+    evaluated best.ckpt of one epoch, and fit's metrics now name another best epoch. (By the
+    epochs, not file times, which a copy of the run resets.) Reports that recorded no epoch
+    are taken as they are."""
+    evaluated = report.get("checkpoint_epoch")
+    best = (metrics.get(split) or {}).get("epoch") if isinstance(metrics.get(split), dict) else None
+    named = Path(str(report.get("checkpoint") or "")).name
+    return named == "best.ckpt" and isinstance(evaluated, int) and isinstance(best, int) and evaluated != best
 
 
 def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
@@ -143,7 +139,8 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
                    "epoch ended")
             notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
             runs = [r for r in runs if r not in outputs]
-        unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()]
+        unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()
+                      and (Path(r).expanduser() / "config.yaml").is_file()]  # (not a run: an error below)
         if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
             notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
                          "(stopped before its first validation ended)")

@@ -156,7 +156,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
         figures["error_gallery"] = plot_error_gallery(errors, out_dir / f"error_gallery_{split}.png")
     extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threshold_choice": threshold_choice, "predictions": predictions.name,
-             "checkpoint": (info or {}).get("checkpoint")}  # which one was evaluated (compare says so)
+             "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)
+             "checkpoint_epoch": (info or {}).get("checkpoint epoch")}  # its epoch: a later resume changes it
     _update_metrics_json(out_dir, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
     atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
@@ -437,7 +438,8 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     choice = _choose_threshold(probs, labels, meta, split, target)
     threshold = choice["threshold"] if choice else meta.get("threshold")
     saved = save_threshold(ckpt_path, choice, in_place, overwrite=overwrite) if choice else None
-    info = {"run": str(run_dir), "checkpoint": str(ckpt_path), "backbone": meta.get("backbone"),
+    info = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint epoch": getattr(model, "checkpoint_epoch", None),
+            "backbone": meta.get("backbone"),
             "mode": model.hparams.get("mode"), "kit_version": meta.get("kit_version"),
             "images": f"{len(paths)} ({split})", "notes": notes}
     if saved is not None:

@@ -73,5 +73,6 @@ def load_classifier(path: str | Path, map_location: str = "cpu"):
     except (TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not fit an ImageClassifier of this version: {exc}") from exc
     model.threshold = meta.get("threshold")
+    model.checkpoint_epoch = ckpt.get("epoch")  # which epoch's weights (reports record it)
     model.eval()
     return model.to(map_location), meta

@@ -127,6 +127,8 @@ def _check_compiler(device_type: str = "cpu") -> None:
                              "(Triton), and none is on PATH. Install one (e.g. `apt install gcc`) or set $CC to it, "
                              "or leave --model.compile false: training is the same, only slower")
         return
+    if device_type != "cpu":  # (MPS, XPU: their own compilers; torch.compile says what it lacks)
+        return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:  # another PyTorch layout: torch.compile says it itself

@@ -88,9 +88,10 @@ class SaveRunConfig(SaveConfigCallback):
         if taken:
             if log_dir is not None:
                 _NOT_OWN.add(Path(log_dir))
-            raise FileExistsError(f"run directory {log_dir} was taken by another command started at the same "
-                                  "moment (both chose that version); run this command again, which picks the next "
-                                  "free one")
+            pinned = (_logger_init(self.config) or {}).get("version") is not None
+            raise FileExistsError(f"run directory {log_dir} is in use by another command started at the same "
+                                  "moment; " + ("give another --trainer.logger.init_args.version" if pinned else
+                                                "run this command again, which picks the next free version"))
         if exists:
             if log_dir is not None:  # another command's run (two fits given one version): never cleaned up here
                 _NOT_OWN.add(Path(log_dir))
@@ -283,11 +284,15 @@ class VisionTLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         init = _logger_init(self.config[self.subcommand])
+        trainer = self.config[self.subcommand].get("trainer")
+        root = trainer.get("default_root_dir") if trainer is not None else None
+        if (init is not None and root and str(root) != _DEFAULT_ROOT and init.get("save_dir") == _DEFAULT_ROOT
+                and init.get("name") == _DEFAULT_NAME):
+            init.save_dir = str(root)  # the default logger writes where --trainer.default_root_dir says
         if init is not None and init.get("save_dir"):
             # Absolute from the start, so checkpoints record the folder the way a resume from
             # any working directory (or the saved config.yaml) spells it.
             init.save_dir = str(Path(init.save_dir).expanduser().resolve())
-        trainer = self.config[self.subcommand].get("trainer")
         if trainer is not None and trainer.get("default_root_dir"):  # (where a run without a logger writes)
             trainer.default_root_dir = str(Path(str(trainer.default_root_dir)).expanduser().resolve())
         if init is not None and init.get("save_dir") is not None:  # see _remove_empty_new_runs
@@ -635,8 +640,9 @@ _RUN_LOCKS: dict[Path, int] = {}  # run directory -> the open descriptor holding
 
 
 def first_process() -> bool:
-    """Whether this is the first process of a command (global rank 0; the only one, without a launcher)."""
-    return launcher_int("RANK", launcher_int("LOCAL_RANK", 0)) == 0
+    """Whether this is the first process of a command (global rank 0, as torchrun, srun or
+    Lightning's launcher number them; the only one, without a launcher)."""
+    return launcher_int("RANK", launcher_int("SLURM_PROCID", launcher_int("LOCAL_RANK", 0))) == 0
 
 
 def _forget_runs() -> None:
@@ -726,6 +732,9 @@ _DESCRIPTIONS = {
 }
 
 
+_DEFAULT_ROOT, _DEFAULT_NAME = "runs", "lightning_logs"  # where a run without a config's logger goes
+
+
 def _run_cli(argv: list[str]) -> int:
     """Run the command; returns how many images `predict` wrote as error rows."""
     cli = VisionTLCLI(
@@ -738,9 +747,9 @@ def _run_cli(argv: list[str]) -> int:
         save_config_kwargs={"overwrite": False},
         # Without a config the run still gets an explicit logger (Lightning's own default names
         # no folder in config.yaml): its runs then resume in place from any working directory.
-        trainer_defaults={"default_root_dir": "runs", "logger": {
+        trainer_defaults={"default_root_dir": _DEFAULT_ROOT, "logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": "runs", "name": "lightning_logs"}}},
+            "init_args": {"save_dir": _DEFAULT_ROOT, "name": _DEFAULT_NAME}}},
         parser_kwargs={"default_env": False, **{name: {"default_env": False, "description": text}
                                                 for name, text in _DESCRIPTIONS.items()}},
         parser_class=_Parser,

@@ -100,7 +100,9 @@ class ResumableRandomState(L.Callback):
         # MisconfigurationException: a setting Lightning refused, which resuming repeats.
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-        if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException)):
+        # FileExistsError: the run directory was another command's (nothing of this one started)
+        if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException,
+                                                                FileExistsError)):
             return
         if trainer.state.fn != "fit":  # validate, test, predict: nothing to resume, the command is run again
             say(f"vision_tl: interrupted ({type(exception).__name__}); nothing was written: run the same command again")

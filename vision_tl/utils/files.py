@@ -64,11 +64,14 @@ def remove_orphaned_temps(path: Path) -> list[Path]:
     return _remove_orphans(glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*-*.tmp"))
 
 
-def remove_orphaned_temps_in(folder: Path) -> list[Path]:
-    """:func:`remove_orphaned_temps` for every file written in ``folder`` (a cache's own folder,
-    where a killed writer's temporary file could otherwise stay for good: its name may never be
-    written again)."""
-    return _remove_orphans(glob.glob(glob.escape(str(folder)) + "/.*-*.tmp"))
+def remove_orphaned_temps_in(folder: Path, names: str = r".+") -> list[Path]:
+    """:func:`remove_orphaned_temps` for every file written in ``folder`` whose name matches the
+    regular expression ``names`` (a cache's files, where a killed writer's temporary file could
+    otherwise stay for good: its name may never be written again). Only temporary files named
+    as this kit names them are candidates: a shared folder's other files are never touched."""
+    own = re.compile(rf"\.(?:{names})\.[A-Za-z0-9_]+-\d+\.[A-Za-z0-9_]{{8}}\.tmp")
+    return _remove_orphans([found for found in glob.glob(glob.escape(str(folder)) + "/.*-*.tmp")
+                            if own.fullmatch(Path(found).name)])
 
 
 def _writer_gone(name: str) -> bool:
