@@ -398,3 +398,45 @@ def test_split_folders_beside_odd_folders_and_numpy_counts(tmp_path, monkeypatch
                                    batch_size=np.int64(4), num_workers=np.int64(0))
     assert set(dm.layout) == {"train", "val"} and dm.hparams.batch_size == 4 and type(dm.num_workers) is int
     assert len(image_files(tmp_path)[0]) == 2 * 4 * 3  # every image; lost+found skipped
+
+
+def test_skipped_unreadable_images_of_a_split_folder_are_reported_by_predict_and_report(tmp_path):
+    """With skip_bad_images, `predict` of the run's test/ split gives an unreadable image its
+    error row (as for --data.predict_root), and `report --split test` leaves it out with a note
+    instead of refusing the run's own data."""
+    import yaml
+
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.data.synthetic import make_inspection_dataset
+    from vision_tl.reports.report import split_images
+
+    for part in ("train", "val", "test"):
+        make_inspection_dataset(tmp_path / "data" / part, 3, size=32, seed=0, overwrite=True)
+    bad = tmp_path / "data" / "test" / "good" / "cut.png"
+    bad.write_bytes((tmp_path / "data" / "test" / "good" / "good_0000.png").read_bytes()[:100])
+    dm = ImageFolderDataModule(tmp_path / "data", backbone="test_efficientnet", image_size=32, num_workers=0,
+                               skip_bad_images=True)
+    with pytest.warns(UserWarning, match="unreadable"):
+        dm.setup("predict")
+    dm.predict_dataloader()
+    assert [path for path, _ in dm.predict_bad] == [bad] and bad not in [s.path for s in dm.predict_samples]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"),
+                                                             "skip_bad_images": True}}))
+    with pytest.warns(UserWarning, match="unreadable"):
+        paths, labels, notes = split_images(run, dm.classes, "test", tmp_path / "data")
+    assert bad not in paths and len(paths) == 12 and any("1 unreadable image(s) of test/ left out" in n for n in notes)
+
+
+def test_an_augmentation_list_that_changes_the_image_size_is_refused_up_front(tmp_path):
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.data.synthetic import make_inspection_dataset
+
+    make_inspection_dataset(tmp_path, 2, size=32, seed=0, overwrite=True)
+    for augment, got in (([{"name": "RandomResizedCrop", "size": [64, 64], "p": 1.0}], "64x64"),
+                         ([{"name": "RandomCrop", "height": 24, "width": 24, "p": 0.5}], "24x24")):
+        with pytest.raises(ValueError, match=f"turned a 32x32 image into {got}; it must keep the model's input size"):
+            ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32, augment=augment)
+    ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32,
+                          augment=[{"name": "RandomCrop", "height": 32, "width": 32, "p": 1.0}])

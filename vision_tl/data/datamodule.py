@@ -35,7 +35,13 @@ from vision_tl.data.folder import (
     warn_cross_duplicates,
     write_split,
 )
-from vision_tl.data.transforms import AugmentSpec, ImageTransform, build_augmentation, stack_images
+from vision_tl.data.transforms import (
+    AugmentSpec,
+    ImageTransform,
+    build_augmentation,
+    check_keeps_size,
+    stack_images,
+)
 from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
 from vision_tl.utils.distributed import first_builds
 
@@ -222,6 +228,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"pipeline 'device' augments on the accelerator with the presets none, light and "
                              f"inspection, not a custom list ({augment!r}); use pipeline 'cpu' (or 'auto', which "
                              "picks 'cpu' for a custom list)")
+        if not isinstance(augment, str):  # a custom list: it must keep the input size
+            check_keeps_size(augment, (height, width))
         if height != width and turns:
             raise ValueError(
                 f"augment {augment!r} turns images by 90 degrees ({type(turns[0]).__name__}), which swaps height "
@@ -237,6 +245,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
         self._feature_data: dict[str, Dataset] = {}  # see use_features
         self._augment_batches = (-1, 0)  # (epoch, training batches augmented on the device in it)
+        self._split_bad: dict[str, list[tuple[Path, str]]] = {}  # unreadable images of each split folder
         self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._host_pixels: dict[str, np.ndarray] = {}  # split -> decoded cache, for pixels_on_device
         self._device_pixels: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -275,6 +284,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             if name != "train":
                 self._check_split_classes(name, folder)
             indexes[name] = scan_folder(folder, self._classes, skip, partial=name != "train")
+            self._split_bad[name] = list(indexes[name].bad_files)  # (skip_bad_images: predict lists them)
             if name != "train":
                 self._warn_absent_classes(name, folder, indexes[name])
             if name != "train" or "val" in self.layout:  # (a train/ that is split warns in the split)
@@ -562,5 +572,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             index = scan_unlabelled(self.hparams.predict_root, self.hparams.skip_bad_images)
             self.predict_samples, self.predict_bad = index.samples, index.bad_files
         else:
-            self.predict_samples = self._split("test" if self.has_test_split() else "val")
+            name = "test" if self.has_test_split() else "val"
+            self.predict_samples = self._split(name)
+            # a test/ or val/ folder's unreadable images (skipped with skip_bad_images) get error rows too
+            self.predict_bad = list(self._split_bad.get(name, []))
         return self._loader([Sample(s.path, i, s.sha256) for i, s in enumerate(self.predict_samples)])

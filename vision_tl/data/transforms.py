@@ -90,6 +90,30 @@ def normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]
     return mean, inv_std
 
 
+def size_changed(augment, size: tuple[int, int], got: tuple[int, int]) -> str:
+    """The error for an augmentation that does not keep the model's input size."""
+    names = ", ".join(type(t).__name__ for t in augment.transforms)
+    return (f"the augmentation ({names}) turned a {size[0]}x{size[1]} image into {got[0]}x{got[1]}; it must keep the "
+            f"model's input size, which the checkpoint and the ONNX export record (set a crop's or resize's size to "
+            f"{size[0]}x{size[1]}, or change --model.image_size instead)")
+
+
+def check_keeps_size(augment: AugmentSpec, size: tuple[int, int], draws: int = 16) -> None:
+    """Refuse, before training, an augmentation list that changes the image size (a crop or a
+    resize to another size): it would crash mid-epoch, or train at a size the checkpoint and the
+    export do not describe. Tried on ``draws`` seeded draws of a blank image (a step with p=0.5
+    fires in one of them but with odds of 1 in 65,000)."""
+    pipeline = build_augmentation(augment)
+    if not pipeline.transforms:
+        return
+    blank = np.zeros((*size, 3), np.uint8)
+    for seed in range(draws):
+        pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        got = pipeline(image=blank)["image"].shape[:2]
+        if tuple(got) != tuple(size):
+            raise ValueError(size_changed(pipeline, size, got))
+
+
 class ImageTransform:
     """uint8 RGB array -> normalised CHW float tensor: resize, augment, normalise.
 
@@ -117,6 +141,8 @@ class ImageTransform:
                 # brightness would always fire together.)
                 self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
             image = self.augment(image=image)["image"]
+            if image.shape[:2] != tuple(p.input_size):
+                raise ValueError(size_changed(self.augment, p.input_size, image.shape[:2]))
         if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
             # Pixels straight from Pillow are read-only (torch warns); copying them here would cost
             # as much as decoding's overhead. The tensor is only read: stack_images copies it.

@@ -235,12 +235,24 @@ def split_images(run_dir: Path, classes: list[str], split: str = "val",
         raise ReportError(f"{folder} has class folder(s) {', '.join(unknown)} that the model does not know "
                           f"(its classes: {', '.join(classes)}); move them out of {folder} or pass --data ROOT "
                           "whose split folders hold only the model's classes")
-    index = scan_folder(folder, classes, partial=True)  # a held-out split may lack a rare class, as in fit
+    skip = _run_skips_bad_images(run_dir)  # as the run was trained: its test/ and validate did the same
+    # a held-out split may lack a rare class, as in fit
+    index = scan_folder(folder, classes, skip_bad=skip, partial=True)
     if not index.samples:
         raise ReportError(f"{folder} holds no images of the model's classes ({', '.join(classes)})")
     absent = index.absent_classes()
     notes = [f"{split}/ has no images of {', '.join(absent)}: their recall is not measured"] if absent else []
+    if index.bad_files:
+        notes.append(f"{len(index.bad_files)} unreadable image(s) of {split}/ left out (the run's skip_bad_images), "
+                     f"e.g. {index.bad_files[0][0]}")
     return [s.path for s in index.samples], [s.label for s in index.samples], notes
+
+
+def _run_skips_bad_images(run_dir: Path) -> bool:
+    try:
+        return bool(((read_run_config(run_dir) or {}).get("data") or {}).get("skip_bad_images"))
+    except (OSError, ValueError):
+        return False
 
 
 def _recorded_val(record: dict, record_path: Path, root: Path,
