@@ -105,10 +105,11 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder, and its images with it
         where = exc.filename or root
-        if Path(where).name in _SYSTEM_FOLDERS and Path(where) != root:  # a disk's own, never images
+        if Path(where).name in SYSTEM_FOLDERS and Path(where) != root:  # a disk's own, never images
             return
+        move = f", or move it out of {root}" if Path(where) != root else ""
         raise OSError(exc.errno, f"cannot list folder {where} ({exc.strerror or exc}), so its images would be "
-                      f"left out; let this user read it (e.g. chmod a+rx), or move it out of {root}") from exc
+                      f"left out; let this user read it (e.g. chmod a+rx){move}") from exc
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         info = os.stat(dirpath)
@@ -130,7 +131,7 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
 
 # Folders a file system or an OS keeps at a disk's root, readable by administrators only:
 # not data, and no reason to refuse a folder of images on that disk.
-_SYSTEM_FOLDERS = {"lost+found", "System Volume Information", "$RECYCLE.BIN"}
+SYSTEM_FOLDERS = {"lost+found", "System Volume Information", "$RECYCLE.BIN"}
 
 
 def _is_dangling_image_link(path: Path) -> bool:

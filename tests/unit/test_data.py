@@ -440,3 +440,30 @@ def test_an_augmentation_list_that_changes_the_image_size_is_refused_up_front(tm
             ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32, augment=augment)
     ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32,
                           augment=[{"name": "RandomCrop", "height": 32, "width": 32, "p": 1.0}])
+
+
+def test_extract_and_fit_read_a_split_layout_alike_and_say_what_they_leave_out(tmp_path):
+    import os
+
+    from vision_tl.data.folder import detect_layout
+    from vision_tl.data.synthetic import make_inspection_dataset
+    from vision_tl.features import scan_images
+
+    root = tmp_path / "split"
+    for part in ("train", "val"):
+        make_inspection_dataset(root / part, 2, size=32, seed=0, overwrite=True)
+    os.mkdir(os.fsencode(str(root)) + b"/junk\xff")  # never a class here: extract must not refuse it
+    (root / "stray.png").write_bytes((root / "train" / "good" / "good_0000.png").read_bytes())
+    with pytest.warns(UserWarning) as caught:
+        images = scan_images(root)
+    shown = " ".join(str(w.message) for w in caught)
+    assert "junk\\xff/ beside train/" in shown and "1 image(s) beside train/ (e.g. stray.png)" in shown
+    assert len(images.paths) == 16
+    (root / "Train").mkdir()  # beside a real train/ (a case-sensitive disk): another folder, refused
+    with pytest.raises(DatasetError, match="rename Train/ to train/"):
+        detect_layout(root)
+    classes = tmp_path / "classes"
+    for name in ("cat", "dog", "test"):
+        (classes / name).mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"a class folder named test/ is read as a split folder: rename it"):
+        detect_layout(classes)

@@ -16,6 +16,7 @@ from PIL import UnidentifiedImageError
 
 from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
+    SYSTEM_FOLDERS,
     ImageLoadError,
     image_files,
     is_image_file,
@@ -68,9 +69,11 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise DatasetError(f"data root {root} is a file; expected a folder with one sub-folder per class")
     found = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
-    # (lower-cased: on a case-insensitive disk, macOS or Windows, Train/ is train/ and read as such;
-    # not class_folders: a folder left out here need not have a name that could be a class)
-    others = [name for name in _visible_folders(root) if name.lower() not in found]
+    # Not class_folders: a folder left out here need not have a name that could be a class. On a
+    # case-insensitive disk (macOS, Windows) Train/ is train/, read as such: the listing then has
+    # no train/ of its own; beside a real train/, Train/ is another folder.
+    names = visible_folders(root)
+    others = [n for n in names if n not in found and not (n.lower() in found and n.lower() not in names)]
     lookalikes = [name for name in others if _SPLIT_SPELLINGS.get(name.lower())]
     if "train" in found:
         if lookalikes:  # e.g. train/ valid/ test/ (a common export): valid/ would be ignored
@@ -80,13 +83,18 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
                 + "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
                 + ", or move it out of the folder")
         if others:
-            warnings.warn(f"{root}: the folder(s) {', '.join(f'{n}/' for n in others)} beside train/ are not split "
-                          f"folders ({', '.join(SPLIT_NAMES)}) and are left out", stacklevel=2)
+            warnings.warn(f"{root}: the folder(s) {', '.join(f'{path_text(n)}/' for n in others)} beside train/ are "
+                          f"not split folders ({', '.join(SPLIT_NAMES)}) and are left out", stacklevel=2)
+        loose = loose_images(root)
+        if loose:
+            warnings.warn(f"{root}: {len(loose)} image(s) beside train/ (e.g. {path_text(loose[0].name)}) are in no "
+                          "split folder and are left out", stacklevel=2)
         return found
     if found:
         raise DatasetError(
             f"{root} has {', '.join(found)} folder(s) but no train/ folder; either put every split "
-            "(train/ and val/, optionally test/) in it, or use one sub-folder per class"
+            "(train/ and val/, optionally test/) in it, or use one sub-folder per class (a class folder named "
+            f"{' or '.join(f'{n}/' for n in found)} is read as a split folder: rename it)"
         )
     if others and len(lookalikes) == len(others):  # Train/ Val/: two classes named after splits?
         raise DatasetError(
@@ -106,7 +114,7 @@ _SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid"
 def class_folders(root: str | Path) -> list[str]:
     """The names of the visible sub-folders of ``root``, sorted (hidden ones such as
     .ipynb_checkpoints/ are not classes)."""
-    names = _visible_folders(root)
+    names = visible_folders(root)
     for name in names:
         if path_text(name) != name:  # class names go into labels.json, plots and the ONNX model, as UTF-8
             raise DatasetError(f"{Path(root) / path_text(name)}: the folder's name is not valid UTF-8 (another system's "
@@ -114,8 +122,10 @@ def class_folders(root: str | Path) -> list[str]:
     return names
 
 
-def _visible_folders(root: str | Path) -> list[str]:
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+def visible_folders(root: str | Path) -> list[str]:
+    """Sub-folder names, less hidden ones (.ipynb_checkpoints/) and a disk's own (lost+found/)."""
+    return sorted(p.name for p in Path(root).iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_FOLDERS)
 
 
 def same_name(name: str) -> str:

@@ -26,6 +26,7 @@ from vision_tl.data.folder import (
     refuse_twins,
     same_name,
     scan_folder,
+    visible_folders,
 )
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
@@ -72,7 +73,9 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
                            "train/ val/ test/ split folders, or the images themselves)")
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
-    dirs = [] if unlabelled else [root / name for name in class_folders(root)]
+    # (the root's own sub-folders may be split folders, or folders a split layout leaves out:
+    # detect_layout decides; the class folders are checked below)
+    dirs = [] if unlabelled else [root / name for name in visible_folders(root)]
     images = ImageList(root, [])
     if unlabelled:
         _add_flat(images, image_files(root)[0])
