@@ -626,3 +626,15 @@ def test_options_that_would_silently_repeat_work_or_columns_are_refused(tmp_path
     with pytest.raises(SystemExit):
         features_main(["probe", str(folder), "--backbone", TINY, "--backbone", TINY, "--random-init"])
     assert "--backbone test_efficientnet is given more than once" in capsys.readouterr().err
+
+
+def test_knn_cross_validation_on_a_tiny_set_uses_no_more_neighbours_than_training_rows():
+    """8 images, 2 folds: 4 training rows per fold, fewer than knn's 5 neighbours (sklearn
+    stopped with 'Expected n_neighbors <= n_samples_fit')."""
+    from vision_tl.features.probe import cross_validate
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    features = rng.normal(size=(8, 6)) * 0.3 + np.eye(6)[labels] * 3.0  # two directions (knn is cosine)
+    score = cross_validate(features, labels, head="knn", folds=2)
+    assert score.acc == 1.0
