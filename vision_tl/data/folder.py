@@ -80,7 +80,7 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
             raise DatasetError(
                 f"{root} has train/ and also {', '.join(f'{n}/' for n in lookalikes)}, which is not a split name this "
                 f"kit reads ({', '.join(f'{n}/' for n in SPLIT_NAMES)}, lower case), so its images would be left out; "
-                + "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
+                + _renames(lookalikes)
                 + ", or move it out of the folder")
         if others:
             warnings.warn(f"{root}: the folder(s) {', '.join(f'{path_text(n)}/' for n in others)} beside train/ are "
@@ -100,9 +100,13 @@ def detect_layout(root: str | Path) -> dict[str, Path]:
         raise DatasetError(
             f"{root}'s sub-folders ({', '.join(f'{n}/' for n in others)}) look like split folders, but split folders "
             f"are named {', '.join(f'{n}/' for n in SPLIT_NAMES)} (lower case), so they would be read as classes; "
-            + "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
+            + _renames(lookalikes)
             + " (each holding one sub-folder per class)")
     return {"all": root}
+
+
+def _renames(lookalikes: list[str]) -> str:
+    return "; ".join(f"rename {n}/ to {_SPLIT_SPELLINGS[n.lower()]}/" for n in lookalikes)
 
 
 # Other spellings of the split folders (exports of labelling tools, other kits), lower-cased,

@@ -115,7 +115,7 @@ def _predates_checkpoint(metrics: dict, report: dict, split: str) -> bool:
     epochs, not file times, which a copy of the run resets.) Reports that recorded no epoch
     are taken as they are."""
     evaluated = report.get("checkpoint_epoch")
-    best = (metrics.get(split) or {}).get("epoch") if isinstance(metrics.get(split), dict) else None
+    best = metrics[split].get("epoch") if isinstance(metrics.get(split), dict) else None
     named = Path(str(report.get("checkpoint") or "")).name
     return named == "best.ckpt" and isinstance(evaluated, int) and isinstance(best, int) and evaluated != best
 
@@ -210,8 +210,8 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: boo
                               "pass --overwrite to replace them or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = comparison.to_dict()
-    atomic_write_text(paths["json"], json.dumps(data, indent=1), overwrite=overwrite)  # (another comparison's,
-    # written meanwhile, is kept)
+    # overwrite=False also keeps another comparison's files, written there meanwhile
+    atomic_write_text(paths["json"], json.dumps(data, indent=1), overwrite=overwrite)
     keys = [k for k, _ in COLUMNS[:4]]
     plot_comparison([r.name for r in comparison.runs], {label: [r.values[k] for r in comparison.runs]
                                                         for k, label in COLUMNS if k in keys}, paths["png"])

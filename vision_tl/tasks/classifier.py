@@ -226,14 +226,15 @@ class ImageClassifier(L.LightningModule):
         if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
             raise ValueError(f"classes must be a list of class names, e.g. ['good', 'scratch'], got {classes!r} "
                              "(ImageClassifier(datamodule.classes, ...) passes the folder's)")
-        twice = sorted({c for c in classes if [same_name(n) for n in classes].count(same_name(c)) > 1})
+        names = [same_name(c) for c in classes]  # accents typed either way name one class
+        twice = sorted({c for c, n in zip(classes, names) if names.count(n) > 1})
         if twice:
             raise ValueError(f"classes {list(classes)} name {', '.join(map(repr, twice))} twice; give each class once")
-        if good_class is not None and same_name(good_class) not in {same_name(c) for c in classes}:
-            raise ValueError(f"good_class {good_class!r} is not one of the classes {list(classes)}; name the "
-                             "defect-free class as its folder is named")
-        if good_class is not None:  # the classes' own spelling (accents typed either way): looked up by it
-            good_class = next(c for c in classes if same_name(c) == same_name(good_class))
+        if good_class is not None:
+            if same_name(good_class) not in names:
+                raise ValueError(f"good_class {good_class!r} is not one of the classes {list(classes)}; name the "
+                                 "defect-free class as its folder is named")
+            good_class = classes[names.index(same_name(good_class))]  # the classes' own spelling: looked up by it
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
             raise ValueError(
                 f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "

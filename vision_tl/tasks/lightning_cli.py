@@ -30,6 +30,7 @@ from vision_tl.tasks.resume import (
 )
 from vision_tl.utils import launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
+from vision_tl.utils.files import lock_dir, release_dir_locks
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
@@ -82,19 +83,17 @@ class SaveRunConfig(SaveConfigCallback):
             # First of the callbacks (see instantiate_trainer): nothing is written into the run
             # before it is this command's. Two commands started at once can both pick version_N;
             # the run's lock goes to one of them.
-            taken = not lock_run(Path(log_dir))
+            taken = not lock_dir(Path(log_dir))
             exists = not self.overwrite and not taken and holds_run(Path(log_dir))
         taken, exists = trainer.strategy.broadcast((taken, exists))  # every rank stops, not only rank 0
+        if (taken or exists) and log_dir is not None:  # another command's run: never cleaned up here
+            _NOT_OWN.add(Path(log_dir))
         if taken:
-            if log_dir is not None:
-                _NOT_OWN.add(Path(log_dir))
             pinned = (_logger_init(self.config) or {}).get("version") is not None
             raise FileExistsError(f"run directory {log_dir} is in use by another command started at the same "
                                   "moment; " + ("give another --trainer.logger.init_args.version" if pinned else
                                                 "run this command again, which picks the next free version"))
-        if exists:
-            if log_dir is not None:  # another command's run (two fits given one version): never cleaned up here
-                _NOT_OWN.add(Path(log_dir))
+        if exists:  # (two fits given one version)
             raise FileExistsError(
                 f"run directory {log_dir} already holds a run; pick a new one with "
                 "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
@@ -460,7 +459,7 @@ class VisionTLCLI(LightningCLI):
                 f"a resume would train nothing; pass a larger --trainer.max_epochs (e.g. {done + 10}) to train on")
         run = run_dir_of(path)
         if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
-            if first_process() and not lock_run(run):  # (DDP: the first process holds it for all)
+            if first_process() and not lock_dir(run):  # (DDP: the first process holds it for all)
                 raise ValueError(
                     f"resuming {run}: another process is training that run right now (it holds the run's lock); "
                     "let it finish, or stop it, then resume with the same command (its last.ckpt is then the "
@@ -608,37 +607,6 @@ def _own_runs() -> list[Path]:
     return [run for run in runs if run not in _NOT_OWN]
 
 
-def lock_run(run: Path) -> bool:
-    """Take this command's exclusive lock on the run directory ``run`` (the directory itself,
-    ``flock``; kept until the command ends, released by the system if the process dies).
-    False when another process holds it: that run is being trained or resumed right now. Where
-    the file system has no such locks (or off POSIX), True without a lock."""
-    try:
-        import fcntl
-    except ImportError:
-        return True
-    key = Path(run).resolve()
-    if key in _RUN_LOCKS:
-        return True
-    try:
-        fd = os.open(key, os.O_RDONLY)
-    except OSError:
-        return True  # not there (yet): nothing to hold
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    except OSError:
-        os.close(fd)
-        return True
-    _RUN_LOCKS[key] = fd
-    return True
-
-
-_RUN_LOCKS: dict[Path, int] = {}  # run directory -> the open descriptor holding its lock
-
-
 def first_process() -> bool:
     """Whether this is the first process of a command (global rank 0, as torchrun, srun or
     Lightning's launcher number them; the only one, without a launcher)."""
@@ -646,9 +614,7 @@ def first_process() -> bool:
 
 
 def _forget_runs() -> None:
-    for fd in _RUN_LOCKS.values():  # the command is over: its runs are free for the next one
-        os.close(fd)
-    _RUN_LOCKS.clear()
+    release_dir_locks()  # the command is over: its runs are free for the next one
     _WATCHED_RUNS.clear()
     _OWN_RUNS.clear()
     _OWN_LOGGERS.clear()

@@ -31,6 +31,42 @@ except ImportError:  # Windows: no advisory locks here, so nothing is swept
     fcntl = None
 
 
+def lock_dir(folder: Path) -> bool:
+    """Take this process's exclusive lock on the directory ``folder`` itself (``flock``; held
+    until :func:`release_dir_locks`, and released by the system if the process dies). False when
+    another process holds it (a run being trained right now). Where the file system has no such
+    locks (or off POSIX), or the folder is not there, True without a lock."""
+    if fcntl is None:
+        return True
+    key = Path(folder).resolve()
+    if key in _DIR_LOCKS:
+        return True
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:
+        os.close(fd)
+        return True
+    _DIR_LOCKS[key] = fd
+    return True
+
+
+def release_dir_locks() -> None:
+    """Release every lock :func:`lock_dir` took."""
+    for fd in _DIR_LOCKS.values():
+        os.close(fd)
+    _DIR_LOCKS.clear()
+
+
+_DIR_LOCKS: dict[Path, int] = {}  # locked directory -> the open descriptor holding its lock
+
+
 def temp_prefix(path: Path) -> str:
     """The start of a temporary file's name for writing ``path`` from this process (machine and
     process, for the person who finds one)."""
