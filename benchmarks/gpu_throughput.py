@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _throughput import plain_inference_rate, plain_net, plain_train_rate  # noqa: E402
 
 from vision_tl import imaging  # noqa: E402
+from vision_tl.data.decode_threads import decode_in_processes  # noqa: E402
 from vision_tl.data.device import default_decode_threads, default_num_workers  # noqa: E402
 from vision_tl.data.device_decode import decoding_difference  # noqa: E402
 
@@ -372,7 +373,8 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     step = 1000 * args.batch / bound["frozen"]
     workers = args.workers if args.workers is not None else default_num_workers(gpu=args.device == "cuda")
     threads = args.workers if args.workers is not None else default_decode_threads()
-    lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding threads "
+    decoders = "loader processes" if decode_in_processes(threads) else "threads"
+    lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding {decoders} "
               "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
               f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
     if CACHED in kit:

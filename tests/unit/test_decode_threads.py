@@ -1,5 +1,5 @@
-"""Decoding on threads: the same pixels and errors as decoding image by image, in order,
-and no thread left writing once the caller stops."""
+"""Decoding on threads or loader processes: the same pixels and errors as decoding image by
+image, in order, and no thread left writing once the caller stops."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from PIL import Image
 
 from vision_tl.data import decode_threads
 from vision_tl.data import decoded_cache as dc
-from vision_tl.data.decode_threads import decode_batches
+from vision_tl.data.decode_threads import (
+    decode_batches,
+    decode_batches_in_processes,
+    decode_in_processes,
+)
 from vision_tl.imaging import ImageLoadError, load_rgb_into
 
 SIZE = (24, 24)
@@ -49,6 +53,29 @@ def test_batches_hold_each_images_pixels_in_order_and_name_the_bad_one(tmp_path,
                 load_rgb_into(paths[b.start + row], expected, "bilinear")
             np.testing.assert_array_equal(pixels, expected)  # a bad image's row is black
     assert not _decode_threads_alive()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_loader_processes_give_the_batches_threads_give(tmp_path, processes) -> None:
+    paths = _images(tmp_path)
+    threads = list(decode_batches(paths, SIZE, "bilinear", batch_size=4, threads=2))
+    procs = list(decode_batches_in_processes(paths, SIZE, "bilinear", batch_size=4, processes=processes))
+    assert [(b.start, b.errors) for b in procs] == [(b.start, b.errors) for b in threads]
+    assert procs[1].errors[1].startswith(threads[1].errors[1][:20]) and "05.jpg" in procs[1].errors[1]
+    for a, b in zip(procs, threads, strict=True):
+        np.testing.assert_array_equal(a.pixels.numpy(), b.pixels.numpy())
+    assert list(decode_batches_in_processes([], SIZE, "bilinear", 4, 2)) == []
+    with pytest.raises(ValueError, match="decoding processes must be 1 or more"):
+        decode_batches_in_processes(paths, SIZE, "bilinear", 4, 0)
+
+
+@pytest.mark.parametrize("cores, workers, expected", [(2, 2, False), (4, 3, False), (8, 7, True), (16, 15, True),
+                                                      (16, 1, False), (16, 0, False)])
+def test_many_cores_decode_in_processes_few_in_threads(monkeypatch, cores, workers, expected) -> None:
+    """Measured on a 16-core GPU machine: 15 threads ~4,500 images/s, 15 processes ~8,000, and
+    extract's steady state with threads ~1,750 images/s; threads were faster on 2 cores."""
+    monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)
+    assert decode_in_processes(workers) is expected
 
 
 def test_rows_land_in_the_buffer_the_caller_gives(tmp_path) -> None:
@@ -105,10 +132,13 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
         decode_batches([], SIZE, "bilinear", 4, -1)
 
 
-def test_decoded_cache_built_on_threads_is_the_one_built_in_one_thread(tmp_path) -> None:
+@pytest.mark.parametrize("cores", [2, 16])
+def test_decoded_cache_built_on_threads_or_processes_is_the_one_built_in_one_thread(tmp_path, monkeypatch,
+                                                                                    cores) -> None:
     paths = _images(tmp_path)
     shas = [f"sha{i}" for i in range(len(paths))]
     one, bad_one = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "one", threads=0)
+    monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)  # 16: loader processes
     many, bad_many = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "many", threads=3)
     assert bad_one == bad_many == [5]
     np.testing.assert_array_equal(one, many)

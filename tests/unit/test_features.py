@@ -273,13 +273,17 @@ def test_unreadable_image_is_named(tmp_path, folder) -> None:
     assert len(fs.paths) == 15 and "good/broken.png" not in fs.paths
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net, workers) -> None:
-    """Threads decode straight into one batch; the embeddings and the failures are those of
-    decoding, resizing and transforming image by image."""
+@pytest.mark.parametrize("workers, cores", [(0, 2), (2, 2), (2, 16)])
+def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net, workers, cores,
+                                                             monkeypatch) -> None:
+    """Threads (few cores) or loader processes (many) decode whole batches; the embeddings and
+    the failures are those of decoding, resizing and transforming image by image."""
+    from vision_tl.data import decode_threads
     from vision_tl.features.extractor import _ImageFiles, iter_embeddings
     from vision_tl.imaging import load_rgb
 
+    monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)
+    assert decode_threads.decode_in_processes(workers) == (cores == 16)
     assert _ImageFiles([], _extractor(tiny_net).transform()).whole_batches  # the path under test
     rng = np.random.default_rng(2)
     paths = []

@@ -1,11 +1,16 @@
-"""Decoding images into uint8 batches on a pool of threads.
+"""Decoding images into uint8 batches on a pool of threads, or of loader processes.
 
 JPEG decoding (simplejpeg, Pillow) and Pillow's resizing release the GIL, so threads
 decode in parallel as loader processes do, without what processes cost: none has to
-start (with 15 of them, seconds before the first batch of a job whose GPU part takes
-half a second), and no batch travels through shared memory to be copied once more
-into pinned memory. Each image is decoded straight into its row of the buffer the
-batch is used from: pinned memory for a GPU, or the decoded cache's memory-mapped file.
+start, and no batch travels through shared memory to be copied once more into pinned
+memory. Each image is decoded straight into its row of the buffer the batch is used
+from: pinned memory for a GPU, or the decoded cache's memory-mapped file.
+
+Threads still take the GIL around every image, and so does the thread that drives the
+model. On a 16-core GPU machine that convoy capped 15 threads at about 4,500 images/s
+(15 processes: about 8,000) and extract, whose main thread launches the model's kernels,
+at about 1,750 (benchmarks/RESULTS.md). :func:`decode_in_processes` says which a machine
+gets: threads on small machines, where they were measured faster, processes on many cores.
 
 Used by ``vision-tl extract`` (un-augmented views) and by the decoded cache's build.
 """
@@ -21,10 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
+from vision_tl.data.device import usable_cores
+from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.imaging import ImageLoadError, fast_jpeg_decoder, load_rgb_into
 
 CHUNK = 8  # images per task: enough to make a task's overhead small, few enough to spread a batch
+PROCESSES_FROM = 8  # cores from which decode_in_processes() says yes (threads measured faster on 2, slower on 16)
+
+
+def decode_in_processes(workers: int) -> bool:
+    """Whether ``workers`` decoders should be loader processes rather than threads on this
+    machine: with two or more of them on a machine of :data:`PROCESSES_FROM` cores or more."""
+    return workers >= 2 and usable_cores() >= PROCESSES_FROM
 
 
 @dataclass
@@ -124,3 +139,40 @@ def _decode(paths: Sequence[Path], start: int, pixels: torch.Tensor, rows: range
             out[row] = 0
             errors[row] = str(exc)
     return errors
+
+
+def decode_batches_in_processes(paths: Sequence[Path], size: tuple[int, int], interpolation: str, batch_size: int,
+                                processes: int, pin: bool = False, ahead: int = 4) -> Iterator[DecodedRows]:
+    """As :func:`decode_batches`, on ``processes`` loader processes: each decodes a whole batch
+    into shared memory (``pin``: copied into pinned memory by the loader's pinning thread).
+
+    The main process holds no GIL for decoding, so a thread driving a GPU there is not slowed
+    down by it; the price is the processes' start (about 0.3 s for 15 of them) and one copy
+    of each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if processes < 1:
+        raise ValueError(f"decoding processes must be 1 or more, got {processes}")
+    fast_jpeg_decoder()  # checked once here; forked workers inherit the answer
+    batches = _Batches(paths, (int(size[0]), int(size[1])), interpolation, batch_size)
+    if not len(batches):
+        return iter(())
+    loader = DataLoader(batches, batch_size=None, num_workers=min(processes, len(batches)),
+                        pin_memory=pin, prefetch_factor=max(1, ahead))
+    return (DecodedRows(start, pixels, errors) for start, pixels, errors in loader)
+
+
+class _Batches(Dataset):
+    """Batch ``b`` of ``paths``, decoded into one buffer (shared memory in a loader process)."""
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], interpolation: str, batch_size: int) -> None:
+        self.paths, self.size, self.interpolation, self.batch_size = paths, size, interpolation, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, b: int) -> tuple[int, torch.Tensor, dict[int, str]]:
+        start = b * self.batch_size
+        n = min(self.batch_size, len(self.paths) - start)
+        pixels = pixel_batch_buffer((n, *self.size, 3))
+        return start, pixels, _decode(self.paths, start, pixels, range(n), self.interpolation)

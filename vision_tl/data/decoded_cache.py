@@ -34,7 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vision_tl.data.decode_threads import decode_batches
+from vision_tl.data.decode_threads import (
+    decode_batches,
+    decode_batches_in_processes,
+    decode_in_processes,
+)
 from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.utils import local_rank
 from vision_tl.utils.files import (
@@ -206,15 +210,23 @@ def _reserve(tmp: Path, path: Path, fix: str) -> None:
 
 def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads: int) -> tuple[list[int], int]:
     """Decode on ``threads`` threads, each image straight into its row of ``out`` (the mapped
-    file), with a progress bar; the bad indices and the CRC-32 of the pixels, in file order."""
+    file; on many cores, ``threads`` loader processes whose batches are copied there), with a
+    progress bar; the bad indices and the CRC-32 of the pixels, in file order."""
     from tqdm.auto import tqdm
 
     bad: list[int] = []
     crc = 0
     with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
               disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
-        for rows in decode_batches(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads,
-                                   lambda start, n: torch.from_numpy(out[start:start + n])):
+        copied = decode_in_processes(threads)  # many cores: loader processes, each batch copied into the file
+        if copied:
+            batches = decode_batches_in_processes(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads)
+        else:
+            batches = decode_batches(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads,
+                                     lambda start, n: torch.from_numpy(out[start:start + n]))
+        for rows in batches:
+            if copied:
+                out[rows.start:rows.start + len(rows.pixels)] = rows.pixels.numpy()
             crc = zlib.crc32(rows.pixels.numpy(), crc)
             bad += [rows.start + k for k in sorted(rows.errors)]
             bar.update(len(rows.pixels))

@@ -55,7 +55,8 @@ def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
             yield from _cuda_tensors(item)
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -64,7 +65,7 @@ def default_decode_threads(processes: int = 1) -> int:
     that decode at once on this machine (torchrun's ranks): their share of one per core but one
     (the one that drives the model), up to 16; every core on a 1-2 core machine. A thread
     costs nothing to start, and decoding releases the GIL."""
-    cores = _cores()
+    cores = usable_cores()
     return max(1, (min(16, cores - 1) if cores > 2 else cores) // max(1, processes))
 
 
@@ -75,7 +76,7 @@ def default_num_workers(gpu: bool | None = None) -> int:
     at roughly 2,000 (Pillow) to 4,000 (simplejpeg, into the batch) images/s per core against
     the GPU's ~20,000 images/s of inference.
     """
-    cores = _cores()
+    cores = usable_cores()
     if gpu is None:
         gpu = torch.cuda.is_available()
     return min(16 if gpu else 8, max(0, cores - 1)) if cores > 2 else 0

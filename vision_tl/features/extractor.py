@@ -22,7 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.backbones import Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
-from vision_tl.data.decode_threads import DecodedRows, decode_batches
+from vision_tl.data.decode_threads import (
+    DecodedRows,
+    decode_batches,
+    decode_batches_in_processes,
+    decode_in_processes,
+)
 from vision_tl.data.device import copy_on_side_stream, default_decode_threads
 from vision_tl.data.device_decode import device_batches
 from vision_tl.data.folder import content_hash
@@ -300,7 +305,8 @@ def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size:
     """``(positions, [N, 3, H, W] uint8 pixels or None, failures)`` per batch of ``paths``.
 
     Clean views (no augmentation) are decoded on ``workers`` threads straight into the batch
-    (pinned for a GPU): nothing to start, no copy between processes; with ``decode="device"``
+    (pinned for a GPU): nothing to start, no copy between processes; on a machine of many
+    cores, on ``workers`` loader processes instead (``decode_in_processes``); with ``decode="device"``
     the threads only read the files and JPEGs are decoded on ``device``. Augmented views run
     their albumentations pipeline, which is per-image Python, in ``workers`` loader processes.
     """
@@ -314,12 +320,15 @@ def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size:
         return iter(DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                pin_memory=pinned, prefetch_factor=4 if pinned and workers > 0 else None))
     height, width = transform.preprocessing.input_size
+    interpolation = transform.preprocessing.interpolation
+    if decode_in_processes(workers):  # many cores: threads would contend with this one for the GIL
+        return map(_compact, decode_batches_in_processes(paths, (height, width), interpolation, batch_size,
+                                                         workers, pin=pinned))
 
     def buffer(start: int, n: int) -> torch.Tensor:
         return torch.empty((n, height, width, 3), dtype=torch.uint8, pin_memory=pinned)
 
-    return map(_compact, decode_batches(paths, (height, width), transform.preprocessing.interpolation,
-                                        batch_size, workers, buffer))
+    return map(_compact, decode_batches(paths, (height, width), interpolation, batch_size, workers, buffer))
 
 
 def _compact(rows: DecodedRows) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
