@@ -642,3 +642,23 @@ def test_knn_cross_validation_on_a_tiny_set_uses_no_more_neighbours_than_trainin
     features = rng.normal(size=(8, 6)) * 0.3 + np.eye(6)[labels] * 3.0  # two directions (knn is cosine)
     score = cross_validate(features, labels, head="knn", folds=2)
     assert score.acc == 1.0
+
+
+def test_extraction_runs_without_cudnn_benchmarking_and_gives_the_setting_back(tmp_path, tiny_net,
+                                                                                monkeypatch) -> None:
+    """A fit with configs/gpu.yaml benchmarks cuDNN kernels per batch shape; its feature-cache
+    pass must not (seconds per shape on a GPU), and training after it must get it back."""
+    from vision_tl.features.extractor import iter_embeddings
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((SIZE, SIZE, 3), 20 * i, np.uint8)).save(paths[-1])
+    fx = _extractor(tiny_net)
+    seen = []
+    real = fx.embed
+    monkeypatch.setattr(fx, "embed", lambda x: seen.append(torch.backends.cudnn.benchmark) or real(x))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    rows = [b for b in iter_embeddings(fx, paths, batch_size=2, num_workers=0, device="cpu", progress=False)]
+    assert sum(len(b.positions) for b in rows) == 5
+    assert seen == [False, False, False] and torch.backends.cudnn.benchmark is True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,9 +288,11 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
         batches = _decoded_batches(extractor, paths, batch_size, num_workers, device)  # decoding starts now
         if cuda and paths:
-            warm_up(extractor, min(batch_size, len(paths)), device)
+            with no_cudnn_benchmark():
+                warm_up(extractor, min(batch_size, len(paths)), device)
         for positions, x, bad in batches:
-            started = (positions, *launch(x), bad)
+            with no_cudnn_benchmark():
+                started = (positions, *launch(x), bad)
             if not cuda:
                 yield _finish(started, bar)
                 continue
@@ -298,6 +301,20 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             pending = started
         if pending is not None:
             yield _finish(pending, bar)
+
+
+@contextmanager
+def no_cudnn_benchmark() -> Iterator[None]:
+    """cuDNN's benchmarking off for what runs inside. An extraction pass sees each image once, and
+    up to four batch shapes (a split's full and last batch): benchmarking each new shape, which
+    ``configs/gpu.yaml`` turns on for training, held a fit's feature-cache pass up for 4-8 s per
+    shape on an H100 (benchmarks/RESULTS.md), longer than the pass itself."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,
