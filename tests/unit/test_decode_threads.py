@@ -75,7 +75,10 @@ def test_many_cores_decode_in_processes_few_in_threads(monkeypatch, cores, worke
     """Measured on a 16-core GPU machine: 15 threads ~4,500 images/s, 15 processes ~8,000, and
     extract's steady state with threads ~1,750 images/s; threads were faster on 2 cores."""
     monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")
     assert decode_in_processes(workers) is expected
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "spawn")
+    assert decode_in_processes(workers) is False  # a spawned worker imports torch again: threads
 
 
 def test_rows_land_in_the_buffer_the_caller_gives(tmp_path) -> None:
@@ -139,6 +142,7 @@ def test_decoded_cache_built_on_threads_or_processes_is_the_one_built_in_one_thr
     shas = [f"sha{i}" for i in range(len(paths))]
     one, bad_one = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "one", threads=0)
     monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)  # 16: loader processes
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")
     many, bad_many = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "many", threads=3)
     assert bad_one == bad_many == [5]
     np.testing.assert_array_equal(one, many)

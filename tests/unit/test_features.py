@@ -283,6 +283,7 @@ def test_whole_batch_decoding_gives_the_per_image_embeddings(tmp_path, tiny_net,
     from vision_tl.imaging import load_rgb
 
     monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")
     assert decode_threads.decode_in_processes(workers) == (cores == 16)
     assert _ImageFiles([], _extractor(tiny_net).transform()).whole_batches  # the path under test
     rng = np.random.default_rng(2)

@@ -18,6 +18,7 @@ Used by ``vision-tl extract`` (un-augmented views) and by the decoded cache's bu
 from __future__ import annotations
 
 import math
+import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -38,8 +39,16 @@ PROCESSES_FROM = 8  # cores from which decode_in_processes() says yes (threads m
 
 def decode_in_processes(workers: int) -> bool:
     """Whether ``workers`` decoders should be loader processes rather than threads on this
-    machine: with two or more of them on a machine of :data:`PROCESSES_FROM` cores or more."""
-    return workers >= 2 and usable_cores() >= PROCESSES_FROM
+    machine: with two or more of them on a machine of :data:`PROCESSES_FROM` cores or more, where
+    processes start by forking (Linux up to Python 3.13). Where they are spawned (Windows, macOS)
+    each would import torch again, seconds per call: threads stay there."""
+    return workers >= 2 and usable_cores() >= PROCESSES_FROM and _start_method() == "fork"
+
+
+def _start_method() -> str:
+    """How loader processes start here, without fixing it (``get_start_method()`` would, and a
+    user's later ``set_start_method`` would then fail)."""
+    return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
 
 
 @dataclass
