@@ -39,7 +39,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="images per forward pass (8: about 1.1 GB peak on a CPU, and no slower than 16)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="image-decoding threads (default: one per core but one, up to 16; every core on 1-2 cores)")
+                        help="image decoders (default: one per core but one, up to 16; every core on 1-2 cores): "
+                             "threads, or loader processes on Linux machines of 8 cores or more")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
     parser.add_argument("--random-init", action="store_true",
@@ -65,10 +66,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--precision", choices=("32", "bf16"), default="32",
                             help="32 (default) or bf16 autocast, for GPUs (cached apart from fp32)")
         parser.add_argument("--decode", choices=("cpu", "device"), default="cpu",
-                            help="where JPEGs are decoded: cpu (threads, Pillow's pixels; default) or device "
+                            help="where JPEGs are decoded: cpu (Pillow's pixels; default) or device "
                                  "(nvJPEG on the GPU, for folders the CPU's cores cannot decode fast enough; pixels "
                                  "differ from Pillow's by at most 3 levels on average, checked at the start; cached "
-                                 "separately; its speed is not yet measured)")
+                                 "separately)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         parser.add_argument("--no-cache", action="store_true",
                             help="keep nothing in the cache (partial shards live beside --out until done)")
