@@ -467,3 +467,25 @@ def test_extract_and_fit_read_a_split_layout_alike_and_say_what_they_leave_out(t
         (classes / name).mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"a class folder named test/ is read as a split folder: rename it"):
         detect_layout(classes)
+
+
+@pytest.mark.parametrize("chosen", [None, 3])
+def test_loader_processes_fit_the_shared_memory_there_is(tmp_path, monkeypatch, chosen):
+    """A Docker container's /dev/shm holds 64 MB unless told otherwise; loader processes that fill it
+    die of a bus error mid-epoch. The default count shrinks to what fits, a chosen one is kept, and
+    both say why and what to do."""
+    from vision_tl.data import device
+
+    root = _folder(tmp_path / "d", {"ok": 8, "dent": 8})
+    dm = ImageFolderDataModule(str(root), backbone=TINY, image_size=32, batch_size=4, pipeline="cpu",
+                               num_workers=chosen)
+    dm.num_workers = 3  # the machine's default share, as on a 4-core machine
+    dm.setup("fit")
+    batch_bytes = 4 * 32 * 32 * 3 * 4  # float32 batches from the CPU pipeline
+    monkeypatch.setattr(device, "shared_memory_free", lambda: 2 * 2 * batch_bytes)  # half of it: one process
+    with pytest.warns(UserWarning, match=r"/dev/shm has 0 MB free, room for 1 of 3 .*--shm-size") as caught:
+        loader = dm.train_dataloader()
+    assert loader.num_workers == (3 if chosen else 1)
+    assert ("kept as set" in str(caught[0].message)) == bool(chosen)
+    monkeypatch.setattr(device, "shared_memory_free", lambda: None)  # nothing to measure (macOS, Windows)
+    assert dm.train_dataloader().num_workers == 3

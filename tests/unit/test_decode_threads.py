@@ -166,3 +166,16 @@ def test_image_load_errors_are_the_kits(tmp_path) -> None:
         load_rgb_into(bad, np.zeros((*SIZE, 3), np.uint8), "bilinear")
     (batch,) = decode_batches([bad], SIZE, "bilinear", 4, 2)
     assert batch.errors == {0: str(caught.value)}
+
+
+def test_no_room_in_shared_memory_keeps_decoding_on_threads(monkeypatch) -> None:
+    from vision_tl.data import device
+
+    monkeypatch.setattr(decode_threads, "usable_cores", lambda: 16)
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")
+    batch = 256 * 224 * 224 * 3
+    monkeypatch.setattr(device, "shared_memory_free", lambda: 64 << 20)  # Docker's default
+    with pytest.warns(UserWarning, match=r"decoding on 15 threads, not loader processes: /dev/shm has 64 MB free"):
+        assert decode_in_processes(15, batch) is False
+    monkeypatch.setattr(device, "shared_memory_free", lambda: 4 * 15 * 2 * batch)
+    assert decode_in_processes(15, batch) is True

@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from vision_tl.backbones import DEFAULT_BACKBONE, Preprocessing, resolve_preprocessing
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decoded_cache import DecodedImageDataset, PixelRows, decoded_images, pixels_to
-from vision_tl.data.device import copy_on_side_stream, default_decode_threads, default_num_workers
+from vision_tl.data.device import (
+    copy_on_side_stream,
+    default_decode_threads,
+    default_num_workers,
+    loader_processes_fitting,
+    shared_memory_advice,
+)
 from vision_tl.data.folder import (
     DatasetError,
     FolderIndex,
@@ -507,6 +513,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             # the machine's default share: each of the processes on this machine (one per GPU)
             # starts its own train and val loaders, which would otherwise each take every core
             workers = max(1, workers // local)
+        if workers:
+            workers = self._workers_with_room(workers, uint8=self.device_pipeline() and features is None)
         sampler = None
         world = self.trainer.world_size if self.trainer is not None else 1
         if not train and 1 < world <= len(dataset):
@@ -537,6 +545,21 @@ class ImageFolderDataModule(L.LightningDataModule):
             # iterator never shifts the random stream that dropout and augmentation use.
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
+
+    def _workers_with_room(self, workers: int, uint8: bool) -> int:
+        """``workers``, or as many loader processes as ``/dev/shm`` has room for (each holds two
+        batches there; a Docker container's 64 MB default holds few at 224 px), with a warning.
+        A number the user chose is kept, with the same warning: a loader out of room dies of a bus error."""
+        height, width = self.preprocessing.input_size
+        batch_bytes = self.hparams.batch_size * height * width * 3 * (1 if uint8 else 4)  # uint8, or float32
+        fitting = loader_processes_fitting(workers, batch_bytes)
+        if fitting >= workers:
+            return workers
+        chosen = self.hparams.num_workers is not None
+        warnings.warn(f"vision_tl: {shared_memory_advice(workers, fitting, batch_bytes)}; "
+                      + (f"--data.num_workers {workers} kept as set, but a loader process out of room dies of a bus "
+                         "error" if chosen else f"using {fitting}, or pass --data.num_workers"), stacklevel=2)
+        return workers if chosen else fitting
 
     def _drop_last(self, n: int) -> bool:
         """Whether a training epoch leaves out its last, partial batch. Small sets keep it (dropping

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,20 +30,29 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vision_tl.data.device import usable_cores
+from vision_tl.data.device import loader_processes_fitting, shared_memory_advice, usable_cores
 from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.imaging import ImageLoadError, fast_jpeg_decoder, load_rgb_into
 
 CHUNK = 8  # images per task: enough to make a task's overhead small, few enough to spread a batch
 PROCESSES_FROM = 8  # cores from which decode_in_processes() says yes (threads measured faster on 2, slower on 16)
+IN_FLIGHT = 2  # batches each decoding process holds in shared memory (DataLoader's prefetch_factor)
 
 
-def decode_in_processes(workers: int) -> bool:
+def decode_in_processes(workers: int, batch_bytes: int = 0) -> bool:
     """Whether ``workers`` decoders should be loader processes rather than threads on this
     machine: with two or more of them on a machine of :data:`PROCESSES_FROM` cores or more, where
     processes start by forking (Linux up to Python 3.13). Where they are spawned (Windows, macOS)
-    each would import torch again, seconds per call: threads stay there."""
-    return workers >= 2 and usable_cores() >= PROCESSES_FROM and _start_method() == "fork"
+    each would import torch again, seconds per call: threads stay there. So they do where
+    ``/dev/shm`` has no room for the processes' batches of ``batch_bytes`` (a warning says so)."""
+    if workers < 2 or usable_cores() < PROCESSES_FROM or _start_method() != "fork":
+        return False
+    fitting = loader_processes_fitting(workers, batch_bytes, IN_FLIGHT)
+    if fitting < workers:
+        warnings.warn(f"vision_tl: decoding on {workers} threads, not loader processes: "
+                      + shared_memory_advice(workers, fitting, batch_bytes, IN_FLIGHT), stacklevel=2)
+        return False
+    return True
 
 
 def _start_method() -> str:
@@ -151,13 +161,13 @@ def _decode(paths: Sequence[Path], start: int, pixels: torch.Tensor, rows: range
 
 
 def decode_batches_in_processes(paths: Sequence[Path], size: tuple[int, int], interpolation: str, batch_size: int,
-                                processes: int, pin: bool = False, ahead: int = 4) -> Iterator[DecodedRows]:
+                                processes: int, pin: bool = False, ahead: int = IN_FLIGHT) -> Iterator[DecodedRows]:
     """As :func:`decode_batches`, on ``processes`` loader processes: each decodes a whole batch
     into shared memory (``pin``: copied into pinned memory by the loader's pinning thread).
 
     The main process holds no GIL for decoding, so a thread driving a GPU there is not slowed
-    down by it; the price is the processes' start (about 0.3 s for 15 of them) and one copy
-    of each batch."""
+    down by it; the price is the processes' start (about 0.3 s for 15 of them), one copy
+    of each batch, and ``ahead`` batches per process held in shared memory."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if processes < 1:

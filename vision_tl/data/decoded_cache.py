@@ -218,7 +218,7 @@ def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads
     crc = 0
     with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
               disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
-        copied = decode_in_processes(threads)  # many cores: loader processes, each batch copied into the file
+        copied = decode_in_processes(threads, BUILD_BATCH * out[0].nbytes)  # many cores: processes, batches copied
         if copied:
             batches = decode_batches_in_processes(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads)
         else:

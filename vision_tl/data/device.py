@@ -60,6 +60,37 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+SHM = "/dev/shm"
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in ``/dev/shm``, where loader processes hand their batches to the main one
+    (``None`` where there is no such folder to measure: macOS, Windows). A Docker container gets
+    64 MB there unless started with ``--shm-size``; a loader that runs out dies of a bus error."""
+    try:
+        stat = os.statvfs(SHM)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def loader_processes_fitting(workers: int, batch_bytes: int, in_flight: int = 2) -> int:
+    """How many of ``workers`` loader processes, each holding ``in_flight`` batches of
+    ``batch_bytes`` in shared memory, fit in half of what ``/dev/shm`` has free (all of them
+    where it cannot be measured)."""
+    free = shared_memory_free()
+    if free is None or workers <= 0:
+        return workers
+    return min(workers, int(free // 2 // max(1, in_flight * batch_bytes)))
+
+
+def shared_memory_advice(wanted: int, fitting: int, batch_bytes: int, in_flight: int = 2) -> str:
+    """The sentence that says why fewer loader processes run than ``wanted``, and how to give them room."""
+    free = shared_memory_free() or 0
+    return (f"{SHM} has {free / 2**20:.0f} MB free, room for {fitting} of {wanted} loader processes' batches "
+            f"({in_flight} x {batch_bytes / 2**20:.1f} MB each); in Docker, `docker run --shm-size 4g` gives them room")
+
+
 def default_decode_threads(processes: int = 1) -> int:
     """Decoding threads (``vision_tl.data.decode_threads``) for each of ``processes`` processes
     that decode at once on this machine (torchrun's ranks): their share of one per core but one

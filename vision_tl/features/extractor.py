@@ -338,7 +338,7 @@ def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size:
                                pin_memory=pinned, prefetch_factor=4 if pinned and workers > 0 else None))
     height, width = transform.preprocessing.input_size
     interpolation = transform.preprocessing.interpolation
-    if decode_in_processes(workers):  # many cores: threads would contend with this one for the GIL
+    if decode_in_processes(workers, batch_size * height * width * 3):  # many cores: threads would fight for the GIL
         return map(_compact, decode_batches_in_processes(paths, (height, width), interpolation, batch_size,
                                                          workers, pin=pinned))
 
