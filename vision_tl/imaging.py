@@ -178,6 +178,19 @@ def _to_uint8(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
     return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
+class DimImageWarning(UserWarning):
+    """A 16-bit image that uses few of the 8-bit output's levels (reported once per process)."""
+
+
+def warn_dim_once(message: str, stacklevel: int = 2) -> None:
+    """Issue a :class:`DimImageWarning` raised elsewhere (a decoding process) in this process,
+    unless this process has reported such an image already."""
+    global _warned_dim
+    if not _warned_dim:
+        _warned_dim = True
+        warnings.warn(message, DimImageWarning, stacklevel=stacklevel + 1)
+
+
 def _warn_dim(path: str | Path | None, top: int, at_most: bool = False) -> None:
     global _warned_dim
     if _warned_dim:
@@ -190,7 +203,7 @@ def _warn_dim(path: str | Path | None, top: int, at_most: bool = False) -> None:
         f"of 255 (dark, few grey levels). vision_tl maps every 16-bit image from the full 0..65535 range, in "
         f"training and on the line alike. If your camera writes {bits}-bit data into 16-bit files, scale the "
         f"files to the full range first (multiply by {2 ** (16 - bits)}). Other such images are not reported.",
-        stacklevel=4)
+        DimImageWarning, stacklevel=4)
 
 
 def _check_dim_png(path: Path, top_byte: int) -> None:

@@ -164,3 +164,40 @@ def test_probe_on_neu_subset(tmp_path, capsys) -> None:
     row = next(line for line in capsys.readouterr().out.splitlines() if "tf_efficientnet_lite0" in line)
     acc = float(row.split()[3].rstrip("%")) / 100
     assert acc > 0.5  # 6 classes from 4 images each: chance is 1/6
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "killpg"), reason="POSIX process groups")
+def test_sigterm_to_the_process_group_stops_extract_on_loader_processes_cleanly(tmp_path) -> None:
+    """Slurm's scancel, systemd and `kill -- -PGID` signal every process of the job: the decoding
+    processes as well as extract. It stops as on a plain SIGTERM (143, one line), not with the
+    loader's "worker killed by signal" traceback; the finished shards stay for a resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "many"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    cache = tmp_path / "cache"
+    script = ("import sys; import vision_tl.data.decode_threads as dt; import vision_tl.features.cache as fc\n"
+              "dt.usable_cores = lambda: 16; dt._start_method = lambda: 'fork'; fc.SHARD_ROWS = 4\n"
+              "from vision_tl.cli import console_main; sys.argv = ['vision-tl', *sys.argv[1:]]; "
+              "sys.exit(console_main())")
+    argv = [sys.executable, "-c", script, "extract", str(root), "--backbone", "test_efficientnet", "--random-init",
+            "--image-size", "64", "--batch-size", "2", "--num-workers", "2", "--no-progress",
+            "--cache-dir", str(cache), "--out", str(tmp_path / "f.npz")]
+    job = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.rglob("*.keys.npy")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, f"extract ended before it could be stopped: {job.stderr.read()[-2000:]}"
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=120)[1]
+    assert job.returncode == 143, err[-2000:]
+    assert "stopped (SIGTERM)" in err and "Traceback" not in err and "killed by signal" not in err, err[-2000:]
+    assert list(cache.rglob("*.keys.npy"))  # finished shards kept for the next run

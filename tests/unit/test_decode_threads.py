@@ -179,3 +179,64 @@ def test_no_room_in_shared_memory_keeps_decoding_on_threads(monkeypatch) -> None
         assert decode_in_processes(15, batch) is False
     monkeypatch.setattr(device, "shared_memory_free", lambda: 4 * 15 * 2 * batch)
     assert decode_in_processes(15, batch) is True
+
+
+def _decoding_children() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+class _Odd(Exception):
+    def __init__(self, path, why):  # other arguments than its args: cannot be rebuilt from a pickle
+        super().__init__(f"{path}: {why}")
+
+
+@pytest.mark.parametrize("error, expected", [(MemoryError("06.jpg: cannot allocate"), MemoryError),
+                                             (OSError(28, "No space left on device", "06.jpg"), OSError),
+                                             (_Odd("06.jpg", "odd"), RuntimeError)])
+def test_an_unexpected_error_in_a_process_arrives_as_itself_and_stops_the_processes(tmp_path, monkeypatch, error,
+                                                                                      expected) -> None:
+    paths = _images(tmp_path, 8)
+    real = decode_threads.load_rgb_into
+
+    def load(path, out, interpolation):
+        if path == paths[6]:
+            raise error
+        real(path, out, interpolation)
+
+    monkeypatch.setattr(decode_threads, "load_rgb_into", load)
+    with pytest.raises(expected, match="06.jpg") as caught:
+        list(decode_batches_in_processes(paths, SIZE, "bilinear", batch_size=2, processes=2))
+    assert "DataLoader worker" not in str(caught.value)  # the decoder's message, not a wrapper's
+    if expected is OSError:
+        assert caught.value.errno == 28
+    assert not _decoding_children()  # gone now, not at the next garbage collection
+
+
+def test_warnings_of_decoding_processes_reach_the_caller_once(tmp_path, monkeypatch) -> None:
+    """A 16-bit image using few levels is reported once per run, whichever process decoded it."""
+    from vision_tl import imaging
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 4000, (24, 24)).astype(np.uint16)).save(paths[-1])
+    monkeypatch.setattr(imaging, "_warned_dim", False)
+    with pytest.warns(imaging.DimImageWarning, match="16-bit image") as caught:
+        batches = list(decode_batches_in_processes(paths, SIZE, "bilinear", batch_size=2, processes=3))
+    assert len(batches) == 3 and len([w for w in caught if w.category is imaging.DimImageWarning]) == 1
+
+
+def test_processes_leave_the_start_method_free_and_are_not_used_inside_a_daemon(tmp_path, monkeypatch) -> None:
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context", None)
+    list(decode_batches_in_processes(_images(tmp_path, 6), SIZE, "bilinear", 2, 2))
+    assert multiprocessing.get_start_method(allow_none=True) is None  # a later set_start_method() still works
+    monkeypatch.setattr(decode_threads, "usable_cores", lambda: 16)
+    monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")
+    assert decode_in_processes(15)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+    assert not decode_in_processes(15)  # a Pool's or Celery's worker may not have children

@@ -111,9 +111,9 @@ def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path)
     forward pass and the checkpoint keys stay those of the plain network."""
     calls, real_compile = [], torch.compile
 
-    def eager_compile(module):
+    def eager_compile(module, **options):
         calls.append(module)
-        return real_compile(module, backend="eager")
+        return real_compile(module, **options, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     plain = _model("frozen")
@@ -126,6 +126,31 @@ def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path)
     plain.eval(), compiled.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(x), plain(x), atol=1e-5)
+
+
+def test_compiled_network_keeps_static_shapes_when_the_last_batch_is_smaller(monkeypatch):
+    """A small set's last batch is smaller than the others. Dynamo's default then recompiles the
+    network for any batch size, and the later full batches run those slower, shape-generic
+    kernels too; every graph here is for one batch size."""
+    import torch._dynamo
+
+    real_compile, graphs = torch.compile, []
+
+    def record(gm, example_inputs):
+        graphs.append([type(t) for t in example_inputs if not isinstance(t, torch.Tensor)]
+                      + [type(d) for t in example_inputs if isinstance(t, torch.Tensor) for d in t.shape])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda module, **options: real_compile(module, **options, backend=record))
+    torch._dynamo.reset()
+    model = _model("frozen", compile=True)
+    model.setup("validate")
+    model.eval()
+    with torch.no_grad():
+        for batch in (4, 2, 4, 3):
+            assert model(torch.randn(batch, 3, 32, 32)).shape[0] == batch
+    assert len(graphs) == 3 and all(kind is int for graph in graphs for kind in graph)
+    torch._dynamo.reset()
 
 
 def test_compile_without_a_compiler_stops_before_training_with_what_to_do(monkeypatch):

@@ -17,8 +17,12 @@ Used by ``vision-tl extract`` (un-augmented views) and by the decoded cache's bu
 
 from __future__ import annotations
 
+import errno
 import math
 import multiprocessing
+import os
+import pickle
+import signal
 import threading
 import warnings
 from collections import deque
@@ -30,9 +34,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vision_tl.data.device import loader_processes_fitting, shared_memory_advice, usable_cores
+from vision_tl.data.device import SHM, loader_processes_fitting, shared_memory_advice, usable_cores
 from vision_tl.data.transforms import pixel_batch_buffer
-from vision_tl.imaging import ImageLoadError, fast_jpeg_decoder, load_rgb_into
+from vision_tl.imaging import (
+    DimImageWarning,
+    ImageLoadError,
+    fast_jpeg_decoder,
+    load_rgb_into,
+    warn_dim_once,
+)
 
 CHUNK = 8  # images per task: enough to make a task's overhead small, few enough to spread a batch
 PROCESSES_FROM = 8  # cores from which decode_in_processes() says yes (threads measured faster on 2, slower on 16)
@@ -46,6 +56,8 @@ def decode_in_processes(workers: int, batch_bytes: int = 0) -> bool:
     each would import torch again, seconds per call: threads stay there. So they do where
     ``/dev/shm`` has no room for the processes' batches of ``batch_bytes`` (a warning says so)."""
     if workers < 2 or usable_cores() < PROCESSES_FROM or _start_method() != "fork":
+        return False
+    if multiprocessing.current_process().daemon:  # a Pool's or Celery's worker may not start processes
         return False
     fitting = loader_processes_fitting(workers, batch_bytes, IN_FLIGHT)
     if fitting < workers:
@@ -177,12 +189,43 @@ def decode_batches_in_processes(paths: Sequence[Path], size: tuple[int, int], in
     if not len(batches):
         return iter(())
     loader = DataLoader(batches, batch_size=None, num_workers=min(processes, len(batches)),
-                        pin_memory=pin, prefetch_factor=max(1, ahead))
-    return (DecodedRows(start, pixels, errors) for start, pixels, errors in loader)
+                        pin_memory=pin, prefetch_factor=max(1, ahead), worker_init_fn=_exit_quietly_on_sigterm,
+                        # not the global default: a user's later set_start_method() still works
+                        multiprocessing_context=multiprocessing.get_context(_start_method()))
+    return _from_processes(iter(loader))  # the processes start now, before the first next()
+
+
+def _from_processes(batches: Iterator) -> Iterator[DecodedRows]:
+    """The decoded batches, with what the processes could not hand over raised or reported here as
+    the threads would: their warnings once, an unexpected error as itself. The processes are
+    stopped as soon as this ends, by error or by the caller leaving, not at the next GC pass."""
+    try:
+        for start, pixels, errors, warned in batches:
+            for message, category in warned:
+                if issubclass(category, DimImageWarning):
+                    warn_dim_once(message, stacklevel=3)
+                else:
+                    warnings.warn(message, category, stacklevel=3)
+            if isinstance(errors, BaseException):
+                raise errors
+            yield DecodedRows(start, pixels, errors)
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own clean-up
+        if shutdown is not None:
+            shutdown()
+
+
+def _exit_quietly_on_sigterm(worker_id: int) -> None:
+    """A decoding process ends at once on SIGTERM. A whole process group gets it (Slurm's scancel,
+    systemd, ``kill -- -PGID``); PyTorch's own handler would let the main process report the
+    worker's death as a crash while it stops as asked."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 class _Batches(Dataset):
-    """Batch ``b`` of ``paths``, decoded into one buffer (shared memory in a loader process)."""
+    """Batch ``b`` of ``paths``, decoded into one buffer (shared memory in a loader process),
+    with the warnings raised meanwhile; an unexpected error is returned in place of the rows'
+    errors, to be raised in the main process as itself."""
 
     def __init__(self, paths: Sequence[Path], size: tuple[int, int], interpolation: str, batch_size: int) -> None:
         self.paths, self.size, self.interpolation, self.batch_size = paths, size, interpolation, batch_size
@@ -190,8 +233,32 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / self.batch_size)
 
-    def __getitem__(self, b: int) -> tuple[int, torch.Tensor, dict[int, str]]:
+    def __getitem__(self, b: int) -> tuple[int, torch.Tensor | None, dict[int, str] | BaseException, list]:
         start = b * self.batch_size
         n = min(self.batch_size, len(self.paths) - start)
-        pixels = pixel_batch_buffer((n, *self.size, 3))
-        return start, pixels, _decode(self.paths, start, pixels, range(n), self.interpolation)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                pixels = pixel_batch_buffer((n, *self.size, 3))
+            except RuntimeError as exc:  # /dev/shm filled up since the check
+                if "shared memory" not in str(exc):
+                    raise
+                return start, None, OSError(errno.ENOSPC, f"{SHM} is full: a decoding process could not hand over "
+                                            f"its batch ({exc}). Free room there; in Docker, `docker run --shm-size "
+                                            "4g` gives more"), []
+            try:
+                errors: dict[int, str] | BaseException = _decode(self.paths, start, pixels, range(n),
+                                                                 self.interpolation)
+            except Exception as exc:  # noqa: BLE001 - raised as itself by _from_processes
+                errors = exc if _travels(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")
+        return start, pixels, errors, [(str(w.message), w.category) for w in caught]
+
+
+def _travels(exc: BaseException) -> bool:
+    """Whether ``exc`` survives the trip to the main process (one whose ``__init__`` takes other
+    arguments than its ``args`` cannot be rebuilt there)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure means it does not
+        return False
+    return True

@@ -304,7 +304,9 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.get("compile") and "_compiled_net" not in self.__dict__:
             device = self.trainer.strategy.root_device if self._trainer else self.device
             _check_compiler(device.type)  # inductor's C++ backend; a GPU compiles with Triton
-            self.__dict__["_compiled_net"] = torch.compile(self.net)
+            # dynamic=False: one graph per batch size. By default a smaller last batch makes Dynamo
+            # recompile for any size, and the full batches after it run those shape-generic kernels too.
+            self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
             self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
