@@ -51,6 +51,7 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 MODES = ("frozen", "partial", "full", "loaders", "cached", "extract")
 CACHED = "frozen, feature cache (whole fit)"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROUNDS = 3  # alternating rounds of the extract steady-state rows
 
 
 def _render(job: tuple[str, int, int, str]) -> None:
@@ -330,22 +331,47 @@ def augment_ms(args, reps: int = 20) -> float:
 
 
 def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> None:
-    """The extract rows: ``vision-tl extract`` in a new process, its engine in steady state, and
-    the engine again with Pillow decoding where simplejpeg is in use."""
+    """The extract rows: ``vision-tl extract`` in a new process (and how long a new process takes
+    to import the kit and start the device), its engine in steady state with simplejpeg and with
+    Pillow decoding (median of :data:`ROUNDS` alternating runs each), and with ``--decode device``."""
     for decode, label in (("cpu", "extract"), ("device", "extract --decode device")):
         rate, seconds, first, wall = extract_rate(args, root, decode)
         # its GPU memory: another process's; its timings go with the row, for the report
         kit[f"{label} (vision-tl extract, new process)"] = (rate, float("nan"), {"times": (seconds, first, wall)})
         print(f"{label}: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, "
               f"the first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
-        kit[f"{label}, steady state"] = (*extract_steady_rate(args, root, decode=decode), {})
-        print(f"{label}, steady state: {kit[f'{label}, steady state'][0]:,.0f} img/s", flush=True)
-    if jpeg_decoder() != "Pillow":  # what the faster decoder is worth, in the same run
-        imaging._fast_jpeg = False  # the decoding threads share this process's choice
-        kit["extract, steady state, Pillow decoding"] = (*extract_steady_rate(args, root), {})
-        imaging._fast_jpeg = None
-        print(f"extract, steady state, Pillow decoding: {kit['extract, steady state, Pillow decoding'][0]:,.0f} img/s",
-              flush=True)
+        if decode == "device":
+            kit[f"{label}, steady state"] = (*extract_steady_rate(args, root, decode=decode), {})
+            print(f"{label}, steady state: {kit[f'{label}, steady state'][0]:,.0f} img/s", flush=True)
+    # CPU decoding in steady state, simplejpeg and Pillow alternating (the first of a pair ran
+    # slower in an earlier run, as much as the decoders differ): the median of ROUNDS of each
+    decoders = ("simplejpeg", "Pillow") if jpeg_decoder() != "Pillow" else ("Pillow",)
+    rates: dict[str, list] = {name: [] for name in decoders}
+    for _ in range(ROUNDS):
+        for name in decoders:
+            imaging._fast_jpeg = False if name == "Pillow" else None  # loaders inherit this process's choice
+            rates[name].append(extract_steady_rate(args, root))
+    imaging._fast_jpeg = None
+    for name, runs in rates.items():
+        label = "extract, steady state" + (", Pillow decoding" if name == "Pillow" and len(decoders) > 1 else "")
+        kit[label] = (float(np.median([r for r, _ in runs])), max(peak for _, peak in runs), {})
+        print(f"{label}: {kit[label][0]:,.0f} img/s (median of {ROUNDS}: "
+              f"{', '.join(f'{r:,.0f}' for r, _ in runs)})", flush=True)
+    start_up = process_start_seconds(args)
+    args.start_up = start_up
+    print(f"a new process that imports the kit and starts {args.device}: {start_up:.1f} s", flush=True)
+
+
+def process_start_seconds(args) -> float:
+    """Seconds a new Python process takes to import what ``vision-tl extract`` imports and to
+    start the device (CUDA's context): the part of extract's wall time before any of its work."""
+    import subprocess
+
+    code = ("import torch, timm, vision_tl.features.api, vision_tl.cli; "
+            f"torch.zeros(1, device={args.device!r}).sum().item()")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 def jpeg_decoder() -> str:
@@ -388,7 +414,8 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
         seconds, first, wall = syncs["times"]
         lines += ["", f"`vision-tl {mode.split(' (')[0]}`: {seconds:.2f} s of extraction, of which {first:.2f} s until "
                   f"the first batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the "
-                  "whole process."]
+                  "whole process" + (f", of which {args.start_up:.1f} s for a new process to import the kit and "
+                                     "start the device." if getattr(args, "start_up", None) else ".")]
     if getattr(args, "decode_check", None):
         lines += ["", args.decode_check]
     for mode, (_, _, syncs) in kit.items():
