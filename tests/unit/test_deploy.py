@@ -327,6 +327,11 @@ def test_model_without_metadata_needs_explicit_preprocessing(tmp_path: Path,
     assert "missing classes" in msg and "missing input_size" in msg
     assert "--classes" in msg and "input_size=(H, W)" in msg
     assert "mean" not in msg  # a uint8 graph normalises itself
+    for bad, says in ((dict(classes="good,scratch,dent", input_size=float(SIZE[0])), "input_size must be one int"),
+                      (dict(classes=123, input_size=SIZE), "classes must be a list")):
+        with pytest.raises(DeployError, match=says):
+            Predictor(foreign, **bad)
+    assert Predictor(foreign, classes=CLASSES, input_size=np.int64(SIZE[0])).metadata.input_size == SIZE
     predictor = Predictor(foreign, classes="good,scratch,dent", input_size=SIZE)
     assert predictor.has_vision_tl_metadata is False
     results = predictor.predict_paths(images)
@@ -626,6 +631,8 @@ def test_predict_arrays_refuses_a_single_image(model: Path):
         predictor.predict_arrays(np.zeros((200, 200, 3), np.uint8))
     with pytest.raises(DeployError, match="ambiguous"):
         predictor.predict_arrays(np.zeros((5, 7, 4), np.uint8))  # 1 RGBA or 5 gray 4 wide?
+    with pytest.raises(DeployError, match=r"channels-first .*transpose\(1, 2, 0\)"):
+        predictor.predict_arrays(np.zeros((3, 20, 30), np.uint8))  # torch's layout: was read as 3 gray images
     with pytest.raises(DeployError, match=r"\[image\]"):
         predictor.predict_arrays(np.zeros((20, 30), np.uint8))
     with pytest.raises(DeployError, match="predict_paths"):

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from PIL import Image
 
 from vision_tl.backbones import Preprocessing
 from vision_tl.data import eval_transform
@@ -100,6 +101,8 @@ def test_compare_and_judge():
     assert len(report.failures) == 2 and report.disagreements[0]["path"] == "2.png"
     assert report.accuracy_change_points == pytest.approx(100 / 3)
     assert report.judge(max_accuracy_drop=0.5)  # it got better, not worse
+    worse = compare(flipped, ref, _decoded([0, 1, 1]), model="m", reference_name="r", source="s")
+    assert not worse.judge(max_accuracy_drop=float("nan"))  # a nan limit fails: it used to pass any drop
     json.dumps(report.to_dict())
     assert "FAILED" not in report.summary()
 
@@ -234,3 +237,25 @@ def test_python_trained_run_exports_once_its_split_is_saved(tmp_path, monkeypatc
     data.save_split(Path(trainer.log_dir) / "split.json")  # RUN_DIR: the folder that holds checkpoints/
     result = export_onnx(ckpt, tmp_path / "model.onnx", ExportOptions(), log=lambda _: None)
     assert result.report.passed and "split.json (6 images" in result.report.images
+
+
+def test_parity_images_are_labelled_by_their_class_folder_at_any_depth(tmp_path):
+    """Training labels ``val/<class>/day1/x.png`` by ``<class>``; the parity check must too, or it
+    finds no labelled image and judges INT8 on agreement alone."""
+    from vision_tl.export.parity import folder_images
+
+    for rel in ("val/scratch/day1/a.png", "val/scratch/b.png", "val/ok/day2/cam1/c.png", "val/loose/d.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / rel)
+    for given in (tmp_path / "val", tmp_path):  # the split folder, or the folder above it
+        images = folder_images(given, ["ok", "scratch"])
+        labels = {p.name: label for p, label in zip(images.paths, images.labels, strict=True)}
+        assert labels == {"a.png": 1, "b.png": 1, "c.png": 0, "d.png": None}
+
+
+def test_a_nan_accuracy_limit_is_refused_before_any_work(tmp_path):
+    from vision_tl.export import ExportOptions, export_onnx
+    from vision_tl.export.onnx_export import ExportError
+
+    with pytest.raises(ExportError, match="max_accuracy_drop must be a number >= 0"):
+        export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(int8=True, max_accuracy_drop=float("nan")))

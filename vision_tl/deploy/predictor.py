@@ -582,6 +582,12 @@ def _image_list(images: Any) -> Sequence[np.ndarray]:
     wrap = "pass a list of images ([image]) or an N x H x W x 3 array (image[None])"
     if isinstance(images, np.ndarray):
         shape = tuple(images.shape)
+        if images.ndim == 3 and shape[0] == 3 and shape[2] not in (1, 3, 4):  # (1 x H x W: the same either way)
+            raise DeployError(
+                f"predict_arrays got one array of shape {shape}: one channels-first RGB image (3 x H x W, "
+                f"as torch keeps them), or 3 grayscale images? It is ambiguous: for one image pass "
+                f"image.transpose(1, 2, 0)[None] (H x W x C); for grayscale images a list or an N x H x W x 1 array"
+            )
         if images.ndim == 4 or (images.ndim == 3 and shape[2] not in (1, 3, 4)):
             return images  # N x H x W x C, or N x H x W grayscale (no image has 5+ channels)
         if images.ndim == 3:
@@ -614,9 +620,16 @@ def _override_props(
     props: dict[str, Any] = {}
     if classes is not None:
         names = classes.split(",") if isinstance(classes, str) else classes
+        if not isinstance(names, Iterable) or isinstance(names, bytes):
+            raise DeployError(f"classes must be a list of class names or one comma-separated string, got {classes!r}")
         props["classes"] = [str(c).strip() for c in names]
     if input_size is not None:
-        size = [input_size, input_size] if isinstance(input_size, int) else list(input_size)
+        if isinstance(input_size, (int, np.integer)):
+            size = [input_size, input_size]
+        elif isinstance(input_size, Iterable) and not isinstance(input_size, (str, bytes)):
+            size = list(input_size)
+        else:
+            raise DeployError(f"input_size must be one int (a square) or (height, width), got {input_size!r}")
         props["input_size"] = [int(v) if isinstance(v, (int, np.integer)) else v for v in size]
     for key, value in (("mean", mean), ("std", std)):
         if value is not None:

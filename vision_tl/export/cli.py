@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_accuracy_drop != DEFAULT_MAX_ACCURACY_DROP and not (args.int8 or args.fp16):
         print("error: --max-accuracy-drop applies only with --int8 or --fp16", file=sys.stderr)
         return 2
-    if args.max_accuracy_drop < 0:
-        print(f"error: --max-accuracy-drop must be >= 0 percentage points, got {args.max_accuracy_drop}",
+    if not 0 <= args.max_accuracy_drop < float("inf"):  # nan too: it would pass every copy
+        print(f"error: --max-accuracy-drop must be a number >= 0 of percentage points, got {args.max_accuracy_drop}",
               file=sys.stderr)
         return 2
     written: list[str] = []  # for the message after an interruption

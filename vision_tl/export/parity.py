@@ -124,7 +124,9 @@ def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -
 
 
 def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--parity-images") -> ImageSet:
-    """Every image under ``folder``; an image's label is its parent folder's name, if a class.
+    """Every image under ``folder``; an image's label is the top-most folder between ``folder``
+    and the image that is named like a class (``val/<class>/day1/x.png`` is ``<class>``, as in
+    training, which labels by the class folder and looks into its sub-folders), else none.
 
     Raises:
         ExportError: the folder is missing, not a folder, or holds no image (``option`` names it).
@@ -137,8 +139,19 @@ def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--p
     except DeployError as exc:
         raise ExportError(f"{option}: {exc}") from exc
     index = {same_name(c): i for i, c in enumerate(classes)}  # accents encoded either way
-    labels = [index.get(same_name(p.parent.name)) for p in paths]
+    root = Path(folder).expanduser()
+    labels = [next((index[same_name(part)] for part in _folders_between(root, p) if same_name(part) in index), None)
+              for p in paths]
     return ImageSet(paths, labels, f"folder {folder} ({len(paths)} images)")
+
+
+def _folders_between(root: Path, path: Path) -> tuple[str, ...]:
+    """The folder names from ``root`` down to ``path``'s own folder (a path outside ``root``, through
+    a link: its parent's name alone)."""
+    try:
+        return path.relative_to(root).parts[:-1]
+    except ValueError:
+        return (path.parent.name,)
 
 
 def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
@@ -277,7 +290,7 @@ class ParityReport:
                 f"top-1 agreement {100 * self.top1_agreement:.2f}% < {100 * min_agreement:.2f}%")
         if max_accuracy_drop is not None:
             drop = self._drop_points()
-            if drop > max_accuracy_drop:
+            if not drop <= max_accuracy_drop:  # a nan limit or drop fails rather than passes
                 one = 100.0 / max(self.n_labelled, 1)
                 self.failures.append(
                     f"accuracy drop {drop:.2f} points > {max_accuracy_drop:.2f}"
@@ -313,8 +326,9 @@ class ParityReport:
         if self.decision_changes is not None:
             lines.append(f"  {'WARNING: ' if self.decision_changes else ''}good/defect decision "
                          f"({self.decision_rule}) changed on {self.decision_changes} of {self.n_images} images"
-                         + (": check the threshold on this model (vision-tl report) before the line uses it"
-                            if self.decision_changes else ""))
+                         + (f": this copy moves images across the saved threshold. Use the float model on the line, "
+                            f"or check this copy's decisions on labelled images first (vision-tl predict-onnx "
+                            f"{Path(self.model).name} <folder>)" if self.decision_changes else ""))
         if self.speed:
             base, new = self.speed["fp32"], self.speed["variant"]
             lines.append("  speed (fp32 -> this model, " + str(self.speed["threads"]) + " threads): "

@@ -117,6 +117,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         check_settings()  # a bad image-loading variable stops here, not at the first parity image
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
+    if not 0 <= opts.max_accuracy_drop < float("inf"):  # nan too: it would pass every INT8/FP16 copy
+        raise ExportError(f"max_accuracy_drop must be a number >= 0 of percentage points, got {opts.max_accuracy_drop}")
     if opts.fp16 and not opts.normalize_in_graph:
         raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
                           "would have to be cast in the graph; drop one of the two options")
