@@ -24,7 +24,6 @@ from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.reports.report import config_data_root
 
 AUTO, NONE = "auto", "none"
-DEFAULT_MAX_IMAGES = 1000
 PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
 
 
