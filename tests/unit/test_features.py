@@ -387,6 +387,8 @@ def test_probe_end_to_end_tiny(tmp_path, folder) -> None:
     assert rows[0].images_per_second > 0
     table = format_table(rows, folds=2)
     assert "2-fold acc" in table and "1-shot bal. acc" in table
+    shots_only = format_table([r for r in rows if r.head == "knn"], folds=0).splitlines()[0].split()
+    assert "0-fold" not in shots_only and "balanced" not in shots_only  # --folds 0: no empty CV columns
     assert (tmp_path / f"pca_{TINY}.png").exists()
 
 
@@ -477,11 +479,12 @@ def test_probe_counts_distinct_images_and_draws_distinct_shots(tmp_path, folder,
     with pytest.raises(ValueError, match="more than 3 distinct images"):
         few_shot(x, y, shots=3, groups=shas)
     monkeypatch.undo()
+    _write_image(tmp_path / "one.png", seed=99, tint=1)
     for copy in range(4):  # one class made of copies of a single file
         (folder / "copies").mkdir(exist_ok=True)
-        (folder / "copies" / f"{copy}.png").write_bytes(next(iter(sorted(folder.glob("*/*.png")))).read_bytes())
+        (folder / "copies" / f"{copy}.png").write_bytes((tmp_path / "one.png").read_bytes())
     try:
-        with pytest.raises(ValueError, match="--folds 2: .*smallest class has 1"):
+        with pytest.raises(ValueError, match=r"--folds 2: .*smallest class has 1 .*too few in: copies \(1\)$"):
             probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
                   cache_dir=tmp_path / "never", progress=False)
         assert not (tmp_path / "never").exists()  # refused before anything was extracted
@@ -663,3 +666,38 @@ def test_extraction_runs_without_cudnn_benchmarking_and_gives_the_setting_back(t
     rows = [b for b in iter_embeddings(fx, paths, batch_size=2, num_workers=0, device="cpu", progress=False)]
     assert sum(len(b.positions) for b in rows) == 5
     assert seen == [False, False, False] and torch.backends.cudnn.benchmark is True
+
+
+def test_one_image_in_two_classes_is_named_before_any_work(tmp_path, folder) -> None:
+    """A byte-identical image under two class folders is a labelling error: probe named nothing and
+    few-shot could draw an empty test set (a raw scikit-learn error); now the two files are named."""
+    (folder / "good" / "also_crack.png").write_bytes((folder / "crack" / "crack_0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"crack_0.png \(crack\) and .*also_crack.png \(good\) are the same image"):
+        probe(folder, TINY, heads="logreg", folds=0, shots=[2], pretrained=False, image_size=SIZE,
+              cache_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+    x = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"row 0 \(class 0\) and row 2 \(class 1\) are the same image"):
+        few_shot(x, np.array([0, 0, 1, 1]), 1, groups=np.array(["s", "t", "s", "u"]))
+
+
+def test_an_image_rewritten_in_place_with_its_old_mtime_is_hashed_again(tmp_path) -> None:
+    """Same inode, same size, mtime put back with os.utime: a process that scanned the file before
+    must not keep its old hash, or its new pixels are cached under the old content's key."""
+    import os
+    import time
+
+    from vision_tl.data.folder import content_hash
+
+    path = tmp_path / "a.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    before, stat = content_hash(path), path.stat()
+    time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms): a later ctime
+    with open(path, "r+b") as fh:  # new pixels, same size, same file
+        data = bytearray(fh.read())
+        data[-10:] = b"\xff" * 10
+        fh.seek(0)
+        fh.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert content_hash(path) != before

@@ -257,7 +257,9 @@ def _checked(path: Path) -> tuple[str | None, str | None]:
         st = path.stat()
     except OSError:  # a broken link or a file gone: _check_header says what is wrong
         return _check_header(path) or "cannot be read", None
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, max_image_pixels())
+    # ctime too: a file rewritten in place at its old size, with its old mtime put back (os.utime,
+    # some copy tools), keeps size and mtime, but no user call can set its ctime back
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, max_image_pixels())
     found = _SCANNED.get(key)
     if found is None:
         problem = _check_header(path)
@@ -269,7 +271,7 @@ def _checked(path: Path) -> tuple[str | None, str | None]:
 
 
 def content_hash(path: Path) -> str | None:
-    """``path``'s sha256 as the scan took it (read again only when the file's size or time
+    """``path``'s sha256 as the scan took it (read again only when the file's size or times
     changed, so an unchanged file costs a ``stat``); None for a file that is not a usable image."""
     return _checked(path)[1]
 

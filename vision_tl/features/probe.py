@@ -104,23 +104,50 @@ def distinct_per_class(labels: np.ndarray, groups: np.ndarray | None) -> np.ndar
     return counts[counts > 0]
 
 
-def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: int, shots=()) -> None:
-    """Raise ValueError (naming the option) when a class has too few distinct images for
-    ``folds``-fold cross-validation or for a ``shots``-shot draw with an image left to test."""
+def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: int, shots=(),
+                          classes: Sequence[str] | None = None, paths: Sequence | None = None) -> None:
+    """Raise ValueError (naming the option and the classes short of images) when a class has too
+    few distinct images for ``folds``-fold cross-validation or for a ``shots``-shot draw with an
+    image left to test, or when one image (byte-identical copies: the same ``groups`` value) is
+    labelled with two classes. ``classes`` and ``paths`` name them in the message."""
+    _check_copies_agree(labels, groups, classes, paths)
     counts = distinct_per_class(labels, groups)
     smallest = int(counts.min()) if counts.size else 0
     copies = " (byte-identical copies count once)" if _has_copies(groups) else ""
+
+    def short(need: int) -> str:
+        names = [f"{classes[c] if classes is not None else c} ({counts[i]})"
+                 for i, c in enumerate(np.unique(labels)) if counts[i] < need]
+        return f"; too few in: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}" if names else ""
+
     if folds and folds < 2:
         raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
     if folds and smallest < folds:
         raise ValueError(f"--folds {folds}: every class needs at least {folds} distinct images, one per test fold; "
-                         f"the smallest class has {smallest}{copies}")
+                         f"the smallest class has {smallest}{copies}{short(folds)}")
     for n in shots:
         if n < 1:
             raise ValueError(f"--shots {n}: the number of training images per class must be at least 1")
         if smallest <= n:
             raise ValueError(f"--shots {n}: every class needs more than {n} distinct images (one left to test); "
-                             f"the smallest class has {smallest}{copies}")
+                             f"the smallest class has {smallest}{copies}{short(n + 1)}")
+
+
+def _check_copies_agree(labels: np.ndarray, groups: np.ndarray | None, classes: Sequence[str] | None,
+                        paths: Sequence | None) -> None:
+    """One image under two class folders is a labelling error no head can score: say which."""
+    if groups is None:
+        return
+    first: dict = {}
+    for row, (group, label) in enumerate(zip(groups.tolist(), labels.tolist(), strict=True)):
+        other = first.setdefault(group, row)
+        if labels[other] != label:
+            def name(k: int) -> str:
+                where = str(paths[k]) if paths is not None else f"row {k}"
+                return f"{where} ({classes[labels[k]] if classes is not None else f'class {labels[k]}'})"
+
+            raise ValueError(f"{name(other)} and {name(row)} are the same image (byte-identical) in two classes: a "
+                             "labelling error that probing cannot score; keep one copy, in its right class")
 
 
 def _as_arrays(features, labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -232,11 +259,12 @@ def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str]
 def format_table(results: list[ProbeResult], folds: int) -> str:
     """A plain-text table: one row per backbone x head."""
     shots = sorted({s for r in results for s in r.few_shot})
-    header = ["backbone", "stages", "head", f"{folds}-fold acc", "balanced acc", "extract img/s"]
+    # --folds 0 skips cross-validation: no columns for it
+    header = ["backbone", "stages", "head", *([f"{folds}-fold acc", "balanced acc"] if folds else []), "extract img/s"]
     header += [f"{s}-shot bal. acc" for s in shots]
     rows = [header]
     for r in results:
-        cv = ("-", "-") if r.cv is None else (
+        cv = () if not folds else ("-", "-") if r.cv is None else (
             f"{r.cv.acc:.2%} ± {r.cv.acc_std:.2%}", f"{r.cv.balanced:.2%} ± {r.cv.balanced_std:.2%}")
         speed = "-" if math.isnan(r.images_per_second) else f"{r.images_per_second:.1f}"
         row = [r.backbone, r.stages, r.head, *cv, speed]
@@ -342,7 +370,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
         raise ValueError(f"{root}: probing needs at least two class folders, found {images.classes}")
     labels = np.asarray(images.labels)
     groups = np.asarray(images.hashes)  # byte-identical copies never sit on both sides of a fold
-    check_folds_and_shots(labels, groups, folds, shots)  # before the slow part
+    check_folds_and_shots(labels, groups, folds, shots, images.classes, images.paths)  # before the slow part
     results = []
     for backbone in backbones:
         feats, speed, stages = backbone_features(images, backbone, seed=seed, **feature_kwargs)
