@@ -183,7 +183,7 @@ class DimImageWarning(UserWarning):
 
 
 def warn_dim_once(message: str, stacklevel: int = 2) -> None:
-    """Issue a :class:`DimImageWarning` raised elsewhere (a decoding process) in this process,
+    """Issue a :class:`DimImageWarning` in this process (also one raised in a decoding process),
     unless this process has reported such an image already."""
     global _warned_dim
     if not _warned_dim:
@@ -192,18 +192,16 @@ def warn_dim_once(message: str, stacklevel: int = 2) -> None:
 
 
 def _warn_dim(path: str | Path | None, top: int, at_most: bool = False) -> None:
-    global _warned_dim
-    if _warned_dim:
+    if _warned_dim:  # (reported already: no message to build)
         return
-    _warned_dim = True
     bits = max(1, top.bit_length())
-    warnings.warn(
+    warn_dim_once(
         f"{path or 'a 16-bit image'}: a 16-bit image whose brightest value is {'at most ' if at_most else ''}{top} of "
         f"65535, so it arrives as 0..{round(top * 255 / 65535)} "
         f"of 255 (dark, few grey levels). vision_tl maps every 16-bit image from the full 0..65535 range, in "
         f"training and on the line alike. If your camera writes {bits}-bit data into 16-bit files, scale the "
         f"files to the full range first (multiply by {2 ** (16 - bits)}). Other such images are not reported.",
-        DimImageWarning, stacklevel=4)
+        stacklevel=4)
 
 
 def _check_dim_png(path: Path, top_byte: int) -> None:
