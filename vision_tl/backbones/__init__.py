@@ -2,7 +2,8 @@
 
 One public entry, :func:`create_backbone`, over ``timm.create_model``.
 Preprocessing always comes from the model's ``pretrained_cfg``
-(:func:`resolve_preprocessing`), never from the caller.
+(:func:`resolve_preprocessing`), never from the caller. :class:`FoldedInference` runs a
+frozen backbone with its BatchNorm folded into its convolutions.
 """
 
 from vision_tl.backbones._embedded import EMBEDDED_WEIGHTS, embedded_weights_path
@@ -15,17 +16,20 @@ from vision_tl.backbones._factory import (
     resolve_preprocessing,
     weights_identity,
 )
+from vision_tl.backbones._fold import FoldedInference, fold_batchnorm
 from vision_tl.backbones._stages import backbone_stages
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "EMBEDDED_WEIGHTS",
     "BackboneWeightsError",
+    "FoldedInference",
     "Preprocessing",
     "backbone_stages",
     "check_pretrained_weights",
     "create_backbone",
     "embedded_weights_path",
+    "fold_batchnorm",
     "resolve_preprocessing",
     "weights_identity",
 ]

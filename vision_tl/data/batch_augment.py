@@ -94,7 +94,8 @@ class BatchAugment(nn.Module):
 
         The result keeps the batch's memory layout (channels_last batches from the
         loaders stay channels_last for the GPU), except on a CPU, where it is contiguous
-        NCHW as CPU convolutions expect. The random choices are drawn on the CPU (from
+        NCHW, the layout these CPU operations were written and measured for (the model
+        converts its input to channels-last itself). The random choices are drawn on the CPU (from
         ``generator``, a CPU generator, or the global one), so which images a step touches
         is known without asking the device: gamma, noise and blur run on those images
         only, and nothing here waits for the GPU, so the next batch is augmented while the

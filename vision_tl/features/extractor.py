@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vision_tl.backbones import Preprocessing, weights_identity
+from vision_tl.backbones import FoldedInference, Preprocessing, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decode_threads import (
     DecodedRows,
@@ -34,6 +33,7 @@ from vision_tl.data.device_decode import device_batches
 from vision_tl.data.folder import content_hash
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.utils import no_cudnn_benchmark
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
@@ -131,6 +131,7 @@ class FeatureExtractor:
         self._identity: dict | None = None
         self._digest: tuple[tuple, str] | None = None  # (weights' version counters, their digest)
         self._channels_last = False
+        self._folded = FoldedInference(model)
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
 
     def identity(self) -> dict:
@@ -175,14 +176,15 @@ class FeatureExtractor:
         device) or already normalised float; the model is run in eval mode."""
         if x.dtype == torch.uint8:
             x = self._normalise.to(x.device)(x)
-        if x.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            if not self._channels_last:  # once: converting walks every parameter
-                # outside inference mode: parameters converted inside it would become inference
-                # tensors, which a model trained later (fit after extract) cannot use
-                with torch.inference_mode(False):
-                    self.model.to(memory_format=torch.channels_last)
-                self._channels_last = True
+        # channels-last on every device: CPU convolutions (oneDNN) run Lite0 1.7x faster in it
+        # than in NCHW, GPU ones prefer it too (benchmarks/cpu_layout.py)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not self._channels_last:  # once: converting walks every parameter
+            # outside inference mode: parameters converted inside it would become inference
+            # tensors, which a model trained later (fit after extract) cannot use
+            with torch.inference_mode(False):
+                self.model.to(memory_format=torch.channels_last)
+            self._channels_last = True
         autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         was_training = self.model.training
         self.model.eval()
@@ -193,16 +195,17 @@ class FeatureExtractor:
             self.model.train(was_training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._folded.model_for(x)  # BatchNorm folded into the convolutions: fewer layers to run
         if not self._indices:
-            return self.model(x).flatten(1).float()
-        final, inter = self.model.forward_intermediates(x, indices=sorted(set(self._indices)))
+            return model(x).flatten(1).float()
+        final, inter = model.forward_intermediates(x, indices=sorted(set(self._indices)))
         by_index = dict(zip(sorted(set(self._indices)), inter))
         parts = []
         for stage in self.stages:
             if stage == POOLED:
-                parts.append(self.model.forward_head(final, pre_logits=True).flatten(1).float())
+                parts.append(model.forward_head(final, pre_logits=True).flatten(1).float())
             else:  # pooled in fp32 also under bf16 autocast
-                parts.append(by_index[int(stage) % len(self.model.feature_info)].float().mean((2, 3)))
+                parts.append(by_index[int(stage) % len(model.feature_info)].float().mean((2, 3)))
         return torch.cat(parts, 1)
 
 
@@ -301,20 +304,6 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             pending = started
         if pending is not None:
             yield _finish(pending, bar)
-
-
-@contextmanager
-def no_cudnn_benchmark() -> Iterator[None]:
-    """cuDNN's benchmarking off for what runs inside. An extraction pass sees each image once, and
-    up to four batch shapes (a split's full and last batch): benchmarking each new shape, which
-    ``configs/gpu.yaml`` turns on for training, held a fit's feature-cache pass up for 4-8 s per
-    shape on an H100 (benchmarks/RESULTS.md), longer than the pass itself."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,

@@ -89,3 +89,20 @@ def sigterm_as_interrupt(defer: bool = False) -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def no_cudnn_benchmark() -> Iterator[None]:
+    """cuDNN's benchmarking off for what runs inside: work that sees a batch shape only a few
+    times. An extraction pass has up to four (a split's full and last batch), BatchNorm
+    folding's check one: benchmarking each new shape, which ``configs/gpu.yaml`` turns on for
+    training, held a fit's feature-cache pass up for 4-8 s per shape on an H100
+    (benchmarks/RESULTS.md), longer than the pass itself."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
