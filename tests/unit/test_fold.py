@@ -121,6 +121,9 @@ def test_extractor_embeddings_match_the_unfolded_backbone():
     got = fx.embed(x)
     with torch.no_grad():
         norm = fx._normalise(x)
+        # folded although the backbone's parameters require gradients: embed runs in inference mode
+        assert any(p.requires_grad for p in model.parameters())
+        assert _norms(fx._folded.model_for(norm)) == 0
         final, inter = model.forward_intermediates(norm, indices=[len(model.feature_info) - 1])
         expected = torch.cat([model.forward_head(final, pre_logits=True), inter[0].mean((2, 3))], 1)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)

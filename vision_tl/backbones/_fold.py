@@ -2,9 +2,9 @@
 
 In eval mode a BatchNorm is a fixed per-channel scale and shift. Where it follows a
 convolution, the scale and shift fit into the convolution's weight and bias: the same outputs
-(to float rounding), one layer less to run. EfficientNet-Lite0 has 49 of them; its 2-core CPU
-forward runs about 15 % faster without them (``benchmarks/fold_batchnorm.py``), and a GPU
-queues 49 kernels fewer per batch.
+(to float rounding), one layer less to run. EfficientNet-Lite0 has 49 of them; channels-last
+on 2 CPU cores, its forward runs 1.4x faster without them (oneDNN fuses the bias into the
+convolution; ``benchmarks/cpu_layout.py``), and a GPU queues 49 BatchNorm kernels fewer per batch.
 
 The folded network is a copy kept outside the module tree, so checkpoints, ONNX exports and
 the weights' digests see the model as trained. :class:`FoldedInference` rebuilds the copy when
@@ -161,8 +161,14 @@ class FoldedInference:
 
     The copy is rebuilt whenever a parameter or buffer of ``source`` is changed in place
     (an optimiser step, ``load_state_dict``), replaced, moved to another device or memory
-    format, or set to require gradients (then ``source`` itself runs). Callers put ``source``
-    in eval mode themselves; the copy always is.
+    format, or set to require gradients. Callers put ``source`` in eval mode themselves; the
+    copy always is.
+
+    Args:
+        source: the backbone.
+        fold_trainable: fold also while parameters of ``source`` require gradients, for a
+            caller that only runs it under ``no_grad``/``inference_mode`` (the feature
+            extractor). ``False`` (default): such a backbone trains, and runs as it is.
 
     Example:
         >>> run = FoldedInference(backbone)
@@ -170,8 +176,9 @@ class FoldedInference:
         ...     features = run(batch)  # same as backbone.eval()(batch), to float rounding
     """
 
-    def __init__(self, source: nn.Module) -> None:
+    def __init__(self, source: nn.Module, fold_trainable: bool = False) -> None:
         self.source = source
+        self.fold_trainable = fold_trainable
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
@@ -187,11 +194,11 @@ class FoldedInference:
 
     def model_for(self, x: torch.Tensor) -> nn.Module:
         """The module to run on ``x``: the folded copy, or ``source`` itself where nothing
-        folds or a parameter requires gradients (a backbone that trains runs as it is)."""
+        folds or (without ``fold_trainable``) a parameter requires gradients."""
         key = self._state_key() if self._modules else None
         if key is None or key != self._key:
             self._modules = list(self.source.modules())
-            trains = any(p.requires_grad for p in self.source.parameters())
+            trains = not self.fold_trainable and any(p.requires_grad for p in self.source.parameters())
             self._folded = None if trains else fold_batchnorm(self.source, x[:2])
             self._key = self._state_key()
         return self.source if self._folded is None else self._folded

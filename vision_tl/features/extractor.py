@@ -131,7 +131,7 @@ class FeatureExtractor:
         self._identity: dict | None = None
         self._digest: tuple[tuple, str] | None = None  # (weights' version counters, their digest)
         self._channels_last = False
-        self._folded = FoldedInference(model)
+        self._folded = FoldedInference(model, fold_trainable=True)  # embed() runs in inference mode
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
 
     def identity(self) -> dict:
