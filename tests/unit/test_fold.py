@@ -106,12 +106,26 @@ def test_frozen_classifier_runs_the_folded_backbone_and_trains_only_the_head():
     assert list(model.state_dict()) == keys  # checkpoints keep the model as trained
 
 
-def test_partial_classifier_trains_its_backbone_unfolded():
+def test_partial_classifier_trains_unfolded_and_validates_folded_after_every_step():
     model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False)
-    model.train()
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    assert "_folded" not in model.__dict__
-    assert any(p.grad is not None for p in model.net.backbone.parameters())
+    _trained_stats(model.net.backbone)
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(2):
+        model.train()
+        model(x).sum().backward()
+        assert "_folded" not in model.__dict__ or model.__dict__["_folded"].trainable
+        assert any(p.grad is not None for p in model.net.backbone.parameters())
+        opt.step()
+        opt.zero_grad()
+        model.eval()  # validation: eval mode, no gradients -> the folded copy of the weights as they are now
+        with torch.no_grad():
+            got = model(x)
+            assert _norms(model.__dict__["_folded"].model_for(x)) == 0
+            expected = model.net(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    model.eval()
+    assert model(x).requires_grad  # eval mode with gradients on (saliency maps): the model itself runs
 
 
 def test_extractor_embeddings_match_the_unfolded_backbone():

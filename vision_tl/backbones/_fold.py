@@ -14,9 +14,11 @@ triggered it: an architecture where the traced pairing does not hold keeps runni
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -116,6 +118,17 @@ def _agree(expected, got) -> bool:
     return bool(torch.isfinite(got).all()) and float((expected - got).abs().max()) <= TOLERANCE * scale
 
 
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full fp32 on a GPU for the check: TF32 convolutions round at 1e-3, the check's own scale."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """An eval-mode copy of ``model`` with each BatchNorm that directly follows a convolution
     folded into it, or ``None`` where there is nothing to fold or the copy disagrees with
@@ -126,7 +139,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """
     example = example.detach().float()
     with (torch.inference_mode(False), torch.no_grad(), torch.autocast(example.device.type, enabled=False),
-          no_cudnn_benchmark()):
+          no_cudnn_benchmark(), _no_tf32()):
         example = example.clone()  # a normal tensor, also when handed in from inference mode
         folded = copy.deepcopy(model).eval()
         for p in folded.parameters():
@@ -179,6 +192,7 @@ class FoldedInference:
     def __init__(self, source: nn.Module, fold_trainable: bool = False) -> None:
         self.source = source
         self.fold_trainable = fold_trainable
+        self.trainable = False  # whether a parameter of source required gradients at the last check
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
@@ -198,8 +212,9 @@ class FoldedInference:
         key = self._state_key() if self._modules else None
         if key is None or key != self._key:
             self._modules = list(self.source.modules())
-            trains = not self.fold_trainable and any(p.requires_grad for p in self.source.parameters())
-            self._folded = None if trains else fold_batchnorm(self.source, x[:2])
+            self.trainable = any(p.requires_grad for p in self.source.parameters())
+            skip = self.trainable and not self.fold_trainable
+            self._folded = None if skip else fold_batchnorm(self.source, x[:2])
             self._key = self._state_key()
         return self.source if self._folded is None else self._folded
 

@@ -281,14 +281,16 @@ class ImageClassifier(L.LightningModule):
         net = self.__dict__.get("_compiled_net")
         if net is not None:
             return net(x)
-        if any(m is self.net.backbone for m in self.net.eval_modules):  # frozen mode: inference only
-            # a copy with BatchNorm folded into the convolutions (49 layers fewer in Lite0),
-            # kept outside the module tree as well; the backbone itself where nothing folds
+        grad = torch.is_grad_enabled()
+        if (not self.training and not grad) or any(m is self.net.backbone for m in self.net.eval_modules):
+            # Inference (validation, test, predict, reports) or frozen mode: the backbone runs as a
+            # copy with BatchNorm folded into the convolutions (49 layers fewer in Lite0), kept
+            # outside the module tree as well; the backbone itself where nothing folds.
             folded = self.__dict__.get("_folded")
             if folded is None or folded.source is not self.net.backbone:  # first call, or a backbone swapped in
-                folded = self.__dict__["_folded"] = FoldedInference(self.net.backbone)
+                folded = self.__dict__["_folded"] = FoldedInference(self.net.backbone, fold_trainable=True)
             backbone = folded.model_for(x)
-            if backbone is not self.net.backbone:
+            if backbone is not self.net.backbone and not (grad and folded.trainable):  # nothing it runs trains
                 with torch.no_grad():
                     features = backbone(x)
                 return self.net.forward_head(features)
