@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from vision_tl.export.parity import (
     DecodedImages,
     ImageSet,
     compare,
+    decode,
     resolve_parity_images,
     split_images,
 )
@@ -85,8 +87,33 @@ def test_output_path_checks(tmp_path):
 
 
 def _decoded(labels):
-    return DecodedImages([np.zeros((1, 1, 3), np.uint8)] * len(labels),
+    return DecodedImages(np.zeros((len(labels), 1, 1, 3), np.uint8),
                          [Path(f"{i}.png") for i in range(len(labels))], list(labels))
+
+
+def test_check_images_decode_to_a_memory_mapped_file_that_leaves_nothing_behind(tmp_path):
+    """A large parity set must take disk space, not memory (14,400 images held as a list of
+    arrays peaked at 1.8 GB), and no scratch file may be left beside the exported model."""
+    from vision_tl.deploy import ModelMetadata
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(paths[-1])
+    (folder / "broken.png").write_bytes(b"not an image")
+    images = ImageSet(paths[:2] + [folder / "broken.png"] + paths[2:], [0, 1, None, 1, 0, 1], "test")
+    meta = ModelMetadata(classes=["a", "b"], input_size=(16, 12), mean=MEAN, std=STD)
+    scratch = tmp_path / "out"
+    scratch.mkdir()
+    mapped, in_memory = decode(images, meta, scratch=scratch), decode(images, meta)
+    assert isinstance(mapped.pixels, np.memmap) and not isinstance(in_memory.pixels, np.memmap)
+    assert mapped.pixels.shape == (5, 16, 12, 3) and np.array_equal(mapped.pixels, in_memory.pixels)
+    assert mapped.labels == [0, 1, 1, 0, 1] and len(mapped.unreadable) == 1
+    if os.name == "posix":  # unlinked at creation; elsewhere removed when the array is released
+        assert list(scratch.iterdir()) == []
 
 
 def test_compare_and_judge():
