@@ -181,6 +181,8 @@ def test_checkpoint_from_another_kit_version(trained_run, tmp_path, capsys):
     ("fp16_float_input", "--fp16 needs the default uint8 input"),
     ("parity_file", "is a file; give a folder of images"),
     ("drop_without_variant", "--max-accuracy-drop applies only with --int8 or --fp16"),
+    ("changes_without_variant", "--max-decision-changes applies only with --int8 or --fp16"),
+    ("changes_not_a_percentage", "--max-decision-changes must be a percentage of the check images (0 to 100)"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run, tmp_path, capsys):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
@@ -209,6 +211,10 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
         extra = ["--parity-images", str(tmp_path / "fit.log")]
     elif case == "drop_without_variant":
         extra = ["--max-accuracy-drop", "2"]
+    elif case == "changes_without_variant":
+        extra = ["--max-decision-changes", "2"]
+    elif case == "changes_not_a_percentage":
+        extra = ["--fp16", "--max-decision-changes", "nan"]
     else:
         extra = ["--opset", "9"]
     assert export_main([str(ckpt), "--out", str(out), *extra]) == 2
@@ -376,12 +382,20 @@ def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_pa
 
     monkeypatch.setattr(pipeline, "onnx_probabilities", shifted)
     capsys.readouterr()
-    assert export_main([*args, "--out", str(tmp_path / "b.onnx")]) == 0
-    report = json.loads((tmp_path / "b.fp16.parity.json").read_text())
-    assert report["decision_changes"] == report["n_images"] > 0
+    # by default a copy that flips more than 0.5 % of the decisions is refused (exit 3, the fp32 model stays)
+    assert export_main([*args, "--out", str(tmp_path / "b.onnx")]) == 3
+    assert (tmp_path / "b.onnx").exists() and not (tmp_path / "b.fp16.onnx").exists()
+    failed = json.loads((tmp_path / "b.fp16.parity-failed.json").read_text())
+    assert failed["decision_changes"] == failed["n_images"] > 0
+    assert failed["criteria"]["max_decision_changes_percent"] == 0.5
+    assert "(--max-decision-changes)" in capsys.readouterr().err
+    # knowingly allowed: written, with the warning and advice a user can run on an ONNX copy
+    assert export_main([*args, "--max-decision-changes", "100", "--out", str(tmp_path / "c.onnx")]) == 0
+    report = json.loads((tmp_path / "c.fp16.parity.json").read_text())
+    assert report["decision_changes"] == report["n_images"] > 0 and report["passed"]
     err = capsys.readouterr().err
     assert "WARNING: good/defect decision (P(good) >= 0.25) changed on" in err
-    assert "vision-tl predict-onnx b.fp16.onnx <folder>" in err  # advice a user can run on an ONNX copy
+    assert "vision-tl predict-onnx c.fp16.onnx <folder>" in err
 
 
 def test_an_int8_copy_onnxruntime_cannot_run_exits_3_named_by_its_final_name_and_fp16_is_still_made(

@@ -132,6 +132,13 @@ def test_compare_and_judge():
     assert not worse.judge(max_accuracy_drop=float("nan"))  # a nan limit fails: it used to pass any drop
     json.dumps(report.to_dict())
     assert "FAILED" not in report.summary()
+    # a copy of a thresholded model: judged on how many pass/reject decisions it flipped
+    report.decision_changes, report.decision_rule = 1, "P(good) >= 0.5"
+    assert not report.judge(max_decision_changes=20.0) and "changed on 1 of 3 images (33.33%)" in report.failures[0]
+    assert report.judge(max_decision_changes=34.0)
+    assert not report.judge(max_decision_changes=float("nan"))
+    report.decision_changes = None  # a model without a threshold: the limit does not apply
+    assert report.judge(max_decision_changes=0.0) and "max_decision_changes_percent" not in report.criteria
 
 
 def test_unlabelled_drop_counts_disagreements():
@@ -286,3 +293,6 @@ def test_a_nan_accuracy_limit_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(ExportError, match="max_accuracy_drop must be a number >= 0"):
         export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(int8=True, max_accuracy_drop=float("nan")))
+    for bad in (float("nan"), -1.0, 101.0):
+        with pytest.raises(ExportError, match="max_decision_changes must be a percentage"):
+            export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True, max_decision_changes=bad))

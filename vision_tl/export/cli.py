@@ -19,7 +19,12 @@ from vision_tl.export.onnx_export import (
     ParityError,
     VariantRejected,
 )
-from vision_tl.export.pipeline import DEFAULT_MAX_ACCURACY_DROP, ExportOptions, export_onnx
+from vision_tl.export.pipeline import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    DEFAULT_MAX_DECISION_CHANGES,
+    ExportOptions,
+    export_onnx,
+)
 from vision_tl.export.quantize import (
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_IMAGES,
@@ -87,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    metavar="POINTS", help="fail a variant that loses more accuracy "
                    f"(percentage points, default: {DEFAULT_MAX_ACCURACY_DROP})")
+    q.add_argument("--max-decision-changes", type=float, default=DEFAULT_MAX_DECISION_CHANGES,
+                   metavar="PERCENT", help="fail a variant of a model with a good/defect threshold that flips "
+                   "the decision on more of the check images (percent, default: "
+                   f"{DEFAULT_MAX_DECISION_CHANGES})")
     q.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads for the speed numbers (default: its choice)")
     return p
@@ -117,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max-accuracy-drop must be a number >= 0 of percentage points, got {args.max_accuracy_drop}",
               file=sys.stderr)
         return 2
+    if args.max_decision_changes != DEFAULT_MAX_DECISION_CHANGES and not (args.int8 or args.fp16):
+        print("error: --max-decision-changes applies only with --int8 or --fp16", file=sys.stderr)
+        return 2
+    if not 0 <= args.max_decision_changes <= 100:  # nan too
+        print(f"error: --max-decision-changes must be a percentage of the check images (0 to 100), got "
+              f"{args.max_decision_changes}", file=sys.stderr)
+        return 2
     written: list[str] = []  # for the message after an interruption
 
     def log(message: str) -> None:
@@ -129,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset, parity_images=args.parity_images,
             normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
             int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
-            max_accuracy_drop=args.max_accuracy_drop, threads=args.threads,
+            max_accuracy_drop=args.max_accuracy_drop, max_decision_changes=args.max_decision_changes,
+            threads=args.threads,
             int8_config=Int8Config(
                 method=args.calibration_method or Int8Config.method,
                 percentile=Int8Config.percentile if args.calibration_percentile is None else args.calibration_percentile,

@@ -287,11 +287,16 @@ class ParityReport:
         return 100.0 * (self.accuracy_model - self.accuracy_reference)
 
     def judge(self, *, max_abs_diff: float | None = None, min_agreement: float | None = None,
-              max_accuracy_drop: float | None = None) -> bool:
-        """Apply the criteria (``None`` = not checked), set ``passed`` and ``failures``."""
+              max_accuracy_drop: float | None = None, max_decision_changes: float | None = None) -> bool:
+        """Apply the criteria (``None`` = not checked), set ``passed`` and ``failures``.
+        ``max_decision_changes`` (percent of the images) applies where ``decision_changes``
+        was counted, i.e. for a copy of a model with a good/defect threshold."""
+        if self.decision_changes is None:
+            max_decision_changes = None
         self.criteria = {k: v for k, v in (("max_abs_diff", max_abs_diff),
                                            ("min_top1_agreement", min_agreement),
-                                           ("max_accuracy_drop_points", max_accuracy_drop))
+                                           ("max_accuracy_drop_points", max_accuracy_drop),
+                                           ("max_decision_changes_percent", max_decision_changes))
                          if v is not None}
         self.failures = []
         if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
@@ -307,6 +312,12 @@ class ParityReport:
                     f"accuracy drop {drop:.2f} points > {max_accuracy_drop:.2f}"
                     + (f" (one image is {one:.2f} points of these {self.n_labelled} labelled images: check on more "
                        "with --parity-images DIR, or raise --max-accuracy-drop)" if one > max_accuracy_drop else ""))
+        if max_decision_changes is not None:
+            share = 100.0 * self.decision_changes / max(self.n_images, 1)
+            if not share <= max_decision_changes:
+                self.failures.append(
+                    f"good/defect decision ({self.decision_rule}) changed on {self.decision_changes} of "
+                    f"{self.n_images} images ({share:.2f}%) > {max_decision_changes:.2f}% (--max-decision-changes)")
         self.passed = not self.failures
         return self.passed
 

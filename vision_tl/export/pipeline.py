@@ -42,6 +42,7 @@ from vision_tl.imaging import check_settings
 from vision_tl.utils.files import atomic_path, file_sha256
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
+DEFAULT_MAX_DECISION_CHANGES = 0.5  # percent of the check images whose good/defect decision a copy may flip
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ExportOptions:
         calibration_dir: calibration images when the run has no ``split.json``.
         fp16: also write ``<name>.fp16.onnx``.
         max_accuracy_drop: INT8/FP16 fail when they lose more (percentage points).
+        max_decision_changes: INT8/FP16 of a model with a good/defect threshold fail when they
+            flip the decision on more of the check images (percent).
         threads: onnxruntime threads for the latency/throughput numbers.
     """
 
@@ -71,6 +74,7 @@ class ExportOptions:
     calibration_dir: str | Path | None = None
     fp16: bool = False
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    max_decision_changes: float = DEFAULT_MAX_DECISION_CHANGES
     threads: int | None = None
 
 
@@ -119,6 +123,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         raise ExportError(str(exc)) from exc
     if not 0 <= opts.max_accuracy_drop < float("inf"):  # nan too: it would pass every INT8/FP16 copy
         raise ExportError(f"max_accuracy_drop must be a number >= 0 of percentage points, got {opts.max_accuracy_drop}")
+    if not 0 <= opts.max_decision_changes <= 100:  # nan too
+        raise ExportError(f"max_decision_changes must be a percentage of the check images (0 to 100), got "
+                          f"{opts.max_decision_changes}")
     if opts.fp16 and not opts.normalize_in_graph:
         raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
                           "would have to be cast in the graph; drop one of the two options")
@@ -244,12 +251,12 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             probs = onnx_probabilities(tmp, decoded.pixels)
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
-            report.judge(max_accuracy_drop=opts.max_accuracy_drop)
             if metadata.good_class is not None and metadata.threshold is not None:
                 k, t = list(metadata.classes).index(metadata.good_class), metadata.threshold
                 before, after = (np.asarray(x[:, k], np.float64) for x in (fp32_probs, probs))  # t may be just above 1
                 report.decision_changes = int(np.sum((before >= t) != (after >= t)))
                 report.decision_rule = f"P({metadata.good_class}) >= {t:.6g}"
+            report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
             report.model_sha256 = file_sha256(tmp)
