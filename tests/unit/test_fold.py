@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from unittest import mock
+
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import TINY
@@ -14,6 +18,20 @@ from vision_tl.tasks import ImageClassifier
 
 def _norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@contextmanager
+def _batch_norm_calls():
+    """Counts F.batch_norm calls (nn.BatchNorm2d and timm's norm-act layers both make them):
+    a folded backbone makes none."""
+    calls = []
+    real = F.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    with mock.patch.object(F, "batch_norm", counting):
+        yield calls
 
 
 def _trained_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -70,7 +88,7 @@ def test_norm_before_conv_and_models_without_batchnorm_are_left_alone():
                           torch.randn(2, 3, 160, 160)) is None
 
 
-def test_folded_inference_rebuilds_when_the_weights_change_and_steps_aside_while_they_train():
+def test_folded_inference_rebuilds_when_the_weights_change_and_says_when_they_train():
     model = _trained_stats(timm.create_model(TINY, pretrained=False, num_classes=0)).requires_grad_(False)
     run = FoldedInference(model)
     x = torch.randn(2, 3, 32, 32)
@@ -84,8 +102,9 @@ def test_folded_inference_rebuilds_when_the_weights_change_and_steps_aside_while
         assert torch.allclose(second(x), model(x), rtol=1e-4, atol=1e-5)
     model.load_state_dict({k: v * 1 for k, v in model.state_dict().items()})
     assert run.model_for(x) is not second
-    model.conv_stem.weight.requires_grad_(True)  # training the backbone: run it as it is
-    assert run.model_for(x) is model
+    assert not run.trainable()
+    model.conv_stem.weight.requires_grad_(True)  # callers run such a backbone as it is
+    assert run.trainable()
 
 
 def test_frozen_classifier_runs_the_folded_backbone_and_trains_only_the_head():
@@ -99,7 +118,9 @@ def test_frozen_classifier_runs_the_folded_backbone_and_trains_only_the_head():
     with torch.no_grad():
         expected = model.net.head(model.net.backbone(x))
     assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-5)
-    assert model.__dict__["_folded"].model_for(x) is not model.net.backbone  # the folded copy ran
+    with _batch_norm_calls() as calls:  # the copy is built: the next training step runs it
+        logits = model(x)
+    assert not calls
     logits.sum().backward()
     assert all(p.grad is not None for p in model.net.head.parameters())
     assert all(p.grad is None for p in model.net.backbone.parameters())
@@ -121,23 +142,63 @@ def test_partial_classifier_trains_unfolded_and_validates_folded_after_every_ste
         model.eval()  # validation: eval mode, no gradients -> the folded copy of the weights as they are now
         with torch.no_grad():
             got = model(x)
-            assert _norms(model.__dict__["_folded"].model_for(x)) == 0
+            with _batch_norm_calls() as calls:
+                assert torch.equal(model(x), got)
+            assert not calls
             expected = model.net(x.contiguous(memory_format=torch.channels_last))
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     model.eval()
     assert model(x).requires_grad  # eval mode with gradients on (saliency maps): the model itself runs
 
 
+def test_frozen_classifier_in_eval_mode_passes_the_input_gradient():
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="frozen", pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x)[:, 0].sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_weights_written_through_data_are_seen_at_the_next_evaluation_pass():
+    """Lightning's weight averaging swaps weights in through .data, which moves no version counter."""
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="full", pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        model.net.backbone.conv_stem.weight.data.mul_(3.0)
+        model.on_predict_epoch_start()
+        got = model(x)
+        expected = model.net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_backbone_with_forward_hooks_runs_unfolded_and_folds_again_once_they_are_removed():
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="frozen", pretrained=False).eval()
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    handle = model.net.backbone.register_forward_hook(lambda _m, _i, out: seen.append(len(out)))
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert seen == [4, 4]  # once per call, on the caller's batches: no copy calls it on others
+    handle.remove()
+    with torch.no_grad():
+        model(x)  # builds the copy
+        with _batch_norm_calls() as calls:
+            model(x)
+    assert seen == [4, 4] and not calls
+
+
 def test_extractor_embeddings_match_the_unfolded_backbone():
     model = _trained_stats(timm.create_model(TINY, pretrained=False, num_classes=0))
     fx = FeatureExtractor(model, TINY, resolve_preprocessing(TINY, 32), stages="pooled,-1")
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    got = fx.embed(x)
+    fx.embed(x)  # builds the copy
+    assert any(p.requires_grad for p in model.parameters())  # folded all the same: embed runs in inference mode
+    with _batch_norm_calls() as calls:
+        got = fx.embed(x)
+    assert not calls
     with torch.no_grad():
         norm = fx._normalise(x)
-        # folded although the backbone's parameters require gradients: embed runs in inference mode
-        assert any(p.requires_grad for p in model.parameters())
-        assert _norms(fx._folded.model_for(norm)) == 0
         final, inter = model.forward_intermediates(norm, indices=[len(model.feature_info) - 1])
         expected = torch.cat([model.forward_head(final, pre_logits=True), inter[0].mean((2, 3))], 1)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -148,12 +209,38 @@ def test_the_check_runs_without_cudnn_benchmarking_and_restores_it():
     convolution again for the check's small batch."""
     model = _trained_stats(timm.create_model(TINY, pretrained=False, num_classes=0))
     seen = []
-    model.conv_stem.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    real = F.conv2d
+
+    def conv2d(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real(*args, **kwargs)
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        assert fold_batchnorm(model, torch.randn(2, 3, 32, 32)) is not None
+        with mock.patch.object(F, "conv2d", conv2d):
+            assert fold_batchnorm(model, torch.randn(2, 3, 32, 32)) is not None
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
     assert seen and not any(seen)
+
+
+def test_an_intermediate_stage_taken_before_a_batchnorm_is_not_folded_away():
+    """GhostNet's stage 0 is its stem convolution's output before bn1: the check runs the
+    extractor's own call, so the fold that would change that stage is refused."""
+    model = _trained_stats(timm.create_model("ghostnet_050", pretrained=False, num_classes=0))
+    fx = FeatureExtractor(model, "ghostnet_050", resolve_preprocessing("ghostnet_050", 64), stages="0")
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    got = fx.embed(x)
+    with torch.no_grad():
+        norm = fx._normalise(x).contiguous(memory_format=torch.channels_last)
+        _, inter = model.eval().forward_intermediates(norm, indices=[0])
+    assert torch.allclose(got, inter[0].mean((2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_restores_train_flags_and_leaves_norms_without_running_statistics():
+    model = timm.create_model(TINY, pretrained=False, num_classes=0).train()
+    assert fold_batchnorm(model, torch.randn(2, 3, 32, 32)) is not None
+    assert all(m.training for m in model.modules())
+    batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    assert fold_batchnorm(batch_stats, torch.randn(2, 3, 8, 8)) is None

@@ -18,7 +18,8 @@ import contextlib
 import copy
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,10 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
             handle.remove()
     return [(c, n) for c, n in pairs
             if calls[c] == 1 and calls[n] == 1
-            and names[id(model.get_submodule(c))] == 1 and names[id(model.get_submodule(n))] == 1]
+            and names[id(model.get_submodule(c))] == 1 and names[id(model.get_submodule(n))] == 1
+            # without running statistics a norm normalises with each batch's own, also in eval mode
+            and getattr(model.get_submodule(n), "running_mean", None) is not None
+            and getattr(model.get_submodule(n), "running_var", None) is not None]
 
 
 def _after_norm(norm: nn.Module) -> nn.Module:
@@ -109,6 +113,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _agree(expected, got) -> bool:
+    if isinstance(expected, (tuple, list)):
+        return (isinstance(got, (tuple, list)) and len(got) == len(expected)
+                and all(_agree(e, g) for e, g in zip(expected, got)))
     if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor)) or expected.shape != got.shape:
         return False
     expected, got = expected.float(), got.float()
@@ -129,14 +136,29 @@ def _no_tf32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+def _call(module: nn.Module, x: torch.Tensor):
+    return module(x)
+
+
+def _has_hooks(modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor,
+                   run: Callable[[nn.Module, torch.Tensor], Any] = _call) -> nn.Module | None:
     """An eval-mode copy of ``model`` with each BatchNorm that directly follows a convolution
     folded into it, or ``None`` where there is nothing to fold or the copy disagrees with
     ``model`` on ``example`` (a small batch of the inputs it will see).
 
-    ``model`` is left as it was (weights, train/eval flags). The copy's parameters do not
-    require gradients: it serves inference only.
+    ``run(module, x)`` is the call to check, with tensors or tuples of them as its result: the
+    plain forward by default; the feature extractor checks its own, which may read
+    intermediate stages (GhostNet's stage 0 is the stem convolution *before* its BatchNorm).
+    A model with forward hooks is not folded: a copy would call them on other batches, or
+    keep calling one removed later. ``model`` is left as it was (weights, train/eval flags).
+    The copy's parameters do not require gradients: it serves inference only.
     """
+    if _has_hooks(model.modules()):
+        return None
     example = example.detach().float()
     with (torch.inference_mode(False), torch.no_grad(), torch.autocast(example.device.type, enabled=False),
           no_cudnn_benchmark(), _no_tf32()):
@@ -144,25 +166,24 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
         folded = copy.deepcopy(model).eval()
         for p in folded.parameters():
             p.requires_grad_(False)
-        try:
-            pairs = _traced_pairs(folded, example)
-        except Exception as err:  # noqa: BLE001 - the caller's own forward then raises it, unfolded
-            log.info("BatchNorm folding of %s could not trace it (%s); running it unfolded", type(model).__name__, err)
-            return None
-        if not pairs:
-            return None
-        for conv_name, norm_name in pairs:
-            norm = folded.get_submodule(norm_name)
-            _fold_pair(folded.get_submodule(conv_name), norm)
-            _set_submodule(folded, norm_name, _after_norm(norm))
         flags = [(m, m.training) for m in model.modules()]
         try:
+            pairs = _traced_pairs(folded, example)
+            if not pairs:
+                return None
+            for conv_name, norm_name in pairs:
+                norm = folded.get_submodule(norm_name)
+                _fold_pair(folded.get_submodule(conv_name), norm)
+                _set_submodule(folded, norm_name, _after_norm(norm))
             model.eval()
-            expected = model(example)
+            expected = run(model, example)
+            got = run(folded, example)
+        except Exception as err:  # noqa: BLE001 - the caller's own forward then raises it, unfolded
+            log.info("BatchNorm folding of %s failed (%s); running it unfolded", type(model).__name__, err)
+            return None
         finally:
             for module, training in flags:
                 module.training = training
-        got = folded(example)
     if not _agree(expected, got):
         log.info("BatchNorm folding of %s disagrees with the model; running it unfolded", type(model).__name__)
         return None
@@ -174,25 +195,25 @@ class FoldedInference:
 
     The copy is rebuilt whenever a parameter or buffer of ``source`` is changed in place
     (an optimiser step, ``load_state_dict``), replaced, moved to another device or memory
-    format, or set to require gradients. Callers put ``source`` in eval mode themselves; the
-    copy always is.
+    format, or when a submodule or forward hook is added or removed; a source with forward
+    hooks runs as it is. Writes through ``.data`` (Lightning's weight averaging swaps weights
+    so) move no version counter: callers :meth:`invalidate` at the start of each pass.
+    Callers put ``source`` in eval mode and run the copy without gradients; the copy is
+    always in eval mode.
 
     Args:
         source: the backbone.
-        fold_trainable: fold also while parameters of ``source`` require gradients, for a
-            caller that only runs it under ``no_grad``/``inference_mode`` (the feature
-            extractor). ``False`` (default): such a backbone trains, and runs as it is.
+        run: the call to check the copy with (see :func:`fold_batchnorm`).
 
     Example:
         >>> run = FoldedInference(backbone)
         >>> with torch.no_grad():
-        ...     features = run(batch)  # same as backbone.eval()(batch), to float rounding
+        ...     features = run.model_for(batch)(batch)  # same as backbone.eval()(batch), to float rounding
     """
 
-    def __init__(self, source: nn.Module, fold_trainable: bool = False) -> None:
+    def __init__(self, source: nn.Module, run: Callable[[nn.Module, torch.Tensor], Any] = _call) -> None:
         self.source = source
-        self.fold_trainable = fold_trainable
-        self.trainable = False  # whether a parameter of source required gradients at the last check
+        self.run = run
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
@@ -200,23 +221,26 @@ class FoldedInference:
     def _state_key(self) -> tuple:
         # Read from the module list kept since the last build (walking the tree again costs
         # 0.4 ms per call on Lite0, this 0.1 ms); a submodule swapped in changes the child ids.
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.requires_grad) if isinstance(t, torch.Tensor)
-                     else id(t)
-                     for module in self._modules
-                     for table in (module._parameters, module._buffers, module._modules)
-                     for t in table.values())
+        tensors = tuple((id(t), t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else id(t)
+                        for module in self._modules
+                        for table in (module._parameters, module._buffers, module._modules)
+                        for t in table.values())
+        return tensors, tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._modules)
+
+    def invalidate(self) -> None:
+        """Build the copy again on the next call (after weights were written through ``.data``)."""
+        self._key = None
+
+    def trainable(self) -> bool:
+        """Whether a parameter of ``source`` requires gradients now."""
+        modules = self._modules or list(self.source.modules())
+        return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
 
     def model_for(self, x: torch.Tensor) -> nn.Module:
-        """The module to run on ``x``: the folded copy, or ``source`` itself where nothing
-        folds or (without ``fold_trainable``) a parameter requires gradients."""
-        key = self._state_key() if self._modules else None
+        """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds."""
+        key = self._state_key() if self._modules and self._key is not None else None
         if key is None or key != self._key:
             self._modules = list(self.source.modules())
-            self.trainable = any(p.requires_grad for p in self.source.parameters())
-            skip = self.trainable and not self.fold_trainable
-            self._folded = None if skip else fold_batchnorm(self.source, x[:2])
+            self._folded = fold_batchnorm(self.source, x[:2], self.run)
             self._key = self._state_key()
         return self.source if self._folded is None else self._folded
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model_for(x)(x)

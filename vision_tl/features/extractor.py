@@ -131,7 +131,7 @@ class FeatureExtractor:
         self._identity: dict | None = None
         self._digest: tuple[tuple, str] | None = None  # (weights' version counters, their digest)
         self._channels_last = False
-        self._folded = FoldedInference(model, fold_trainable=True)  # embed() runs in inference mode
+        self._folded = FoldedInference(model, run=self._features)  # checked on the features as returned
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
 
     def identity(self) -> dict:
@@ -195,7 +195,10 @@ class FeatureExtractor:
             self.model.train(was_training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        model = self._folded.model_for(x)  # BatchNorm folded into the convolutions: fewer layers to run
+        # BatchNorm folded into the convolutions: fewer layers to run (checked on this very call)
+        return self._features(self._folded.model_for(x), x)
+
+    def _features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self._indices:
             return model(x).flatten(1).float()
         final, inter = model.forward_intermediates(x, indices=sorted(set(self._indices)))
@@ -271,6 +274,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     if num_workers < 0:
         raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {num_workers}")
     desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
+    extractor._folded.invalidate()  # weights written through .data since the last pass move no version counter
 
     def launch(x: torch.Tensor | None):
         """Start a batch on the device; on a GPU nothing here waits for it to finish."""

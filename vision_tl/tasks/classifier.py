@@ -286,15 +286,38 @@ class ImageClassifier(L.LightningModule):
             # Inference (validation, test, predict, reports) or frozen mode: the backbone runs as a
             # copy with BatchNorm folded into the convolutions (49 layers fewer in Lite0), kept
             # outside the module tree as well; the backbone itself where nothing folds.
-            folded = self.__dict__.get("_folded")
-            if folded is None or folded.source is not self.net.backbone:  # first call, or a backbone swapped in
-                folded = self.__dict__["_folded"] = FoldedInference(self.net.backbone, fold_trainable=True)
-            backbone = folded.model_for(x)
-            if backbone is not self.net.backbone and not (grad and folded.trainable):  # nothing it runs trains
-                with torch.no_grad():
-                    features = backbone(x)
-                return self.net.forward_head(features)
+            folded = self._folded()
+            # ... unless a gradient must flow through it: a parameter set to train, or an input
+            # that wants its gradient (saliency maps, adversarial checks)
+            if not (grad and (x.requires_grad or folded.trainable())):
+                backbone = folded.model_for(x)
+                if backbone is not self.net.backbone:
+                    with torch.no_grad():
+                        features = backbone(x)
+                    return self.net.forward_head(features)
         return self.net(x)
+
+    def _folded(self) -> FoldedInference:
+        folded = self.__dict__.get("_folded_backbone")
+        if folded is None or folded.source is not self.net.backbone:  # first call, or a backbone swapped in
+            folded = self.__dict__["_folded_backbone"] = FoldedInference(self.net.backbone)
+        return folded
+
+    def _refold(self) -> None:
+        """Check the folded copy against the weights at the start of every evaluation pass:
+        weight averaging (Lightning's ``WeightAveraging``) swaps weights in through ``.data``,
+        which moves no version counter."""
+        if "_folded_backbone" in self.__dict__:
+            self.__dict__["_folded_backbone"].invalidate()
+
+    def on_validation_epoch_start(self) -> None:
+        self._refold()
+
+    def on_test_epoch_start(self) -> None:
+        self._refold()
+
+    def on_predict_epoch_start(self) -> None:
+        self._refold()
 
     def _channels_last(self) -> bool:
         flag = self.hparams.get("channels_last")
