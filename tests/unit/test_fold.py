@@ -244,3 +244,34 @@ def test_fold_restores_train_flags_and_leaves_norms_without_running_statistics()
     assert all(m.training for m in model.modules())
     batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     assert fold_batchnorm(batch_stats, torch.randn(2, 3, 8, 8)) is None
+
+
+def test_partial_training_runs_its_frozen_stages_folded_with_the_same_outputs_and_gradients():
+    import copy
+
+    from vision_tl.models.finetuning import unfreeze_stages
+
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False,
+                            dropout=0.0)
+    _trained_stats(model.net.backbone)
+    reference = copy.deepcopy(model.net).to(memory_format=torch.channels_last).train()
+    keys, stem_norm = list(model.state_dict()), model.net.backbone.bn1
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    model(x)  # builds the copy of the frozen stages
+    with _batch_norm_calls() as calls:
+        out = model(x)
+    with _batch_norm_calls() as all_calls:
+        expected = reference(x.contiguous(memory_format=torch.channels_last))
+    assert 0 < len(calls) < len(all_calls)  # the norms of the stages that train still run
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    trained = [(p, q) for p, q in zip(model.net.parameters(), reference.parameters()) if p.requires_grad]
+    assert trained and all(torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6) for p, q in trained)
+    assert all(p.grad is None for p in model.net.parameters() if not p.requires_grad)
+    assert model.net.backbone.bn1 is stem_norm and list(model.state_dict()) == keys  # the tree is restored
+    within = model.__dict__["_folded_stages_by"][1].within
+    unfreeze_stages(model.net, 3)  # GradualUnfreezing: fewer frozen stages, folded again
+    model(x)
+    assert len(model.__dict__["_folded_stages_by"][1].within) < len(within)

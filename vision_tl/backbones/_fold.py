@@ -18,7 +18,7 @@ import contextlib
 import copy
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -144,8 +144,13 @@ def _has_hooks(modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or not p for p in prefixes)
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor,
-                   run: Callable[[nn.Module, torch.Tensor], Any] = _call) -> nn.Module | None:
+                   run: Callable[[nn.Module, torch.Tensor], Any] = _call,
+                   within: Sequence[str] | None = None) -> nn.Module | None:
     """An eval-mode copy of ``model`` with each BatchNorm that directly follows a convolution
     folded into it, or ``None`` where there is nothing to fold or the copy disagrees with
     ``model`` on ``example`` (a small batch of the inputs it will see).
@@ -153,8 +158,10 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor,
     ``run(module, x)`` is the call to check, with tensors or tuples of them as its result: the
     plain forward by default; the feature extractor checks its own, which may read
     intermediate stages (GhostNet's stage 0 is the stem convolution *before* its BatchNorm).
-    A model with forward hooks is not folded: a copy would call them on other batches, or
-    keep calling one removed later. ``model`` is left as it was (weights, train/eval flags).
+    ``within`` (submodule names) folds only pairs inside those submodules, e.g. a partly
+    trained backbone's frozen stages. A model with forward hooks is not folded: a copy would
+    call them on other batches, or keep calling one removed later. ``model`` is left as it
+    was (weights, train/eval flags).
     The copy's parameters do not require gradients: it serves inference only.
     """
     if _has_hooks(model.modules()):
@@ -168,7 +175,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor,
             p.requires_grad_(False)
         flags = [(m, m.training) for m in model.modules()]
         try:
-            pairs = _traced_pairs(folded, example)
+            pairs = [(c, n) for c, n in _traced_pairs(folded, example)
+                     if within is None or (_under(c, within) and _under(n, within))]
             if not pairs:
                 return None
             for conv_name, norm_name in pairs:
@@ -204,6 +212,8 @@ class FoldedInference:
     Args:
         source: the backbone.
         run: the call to check the copy with (see :func:`fold_batchnorm`).
+        within: fold only inside these submodules (see :func:`fold_batchnorm`); the copy then
+            follows their weights only, and callers use its submodules of those names.
 
     Example:
         >>> run = FoldedInference(backbone)
@@ -211,9 +221,11 @@ class FoldedInference:
         ...     features = run.model_for(batch)(batch)  # same as backbone.eval()(batch), to float rounding
     """
 
-    def __init__(self, source: nn.Module, run: Callable[[nn.Module, torch.Tensor], Any] = _call) -> None:
+    def __init__(self, source: nn.Module, run: Callable[[nn.Module, torch.Tensor], Any] = _call,
+                 within: Sequence[str] | None = None) -> None:
         self.source = source
         self.run = run
+        self.within = None if within is None else tuple(within)
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
@@ -231,16 +243,21 @@ class FoldedInference:
         """Build the copy again on the next call (after weights were written through ``.data``)."""
         self._key = None
 
+    def _watched(self) -> list[nn.Module]:
+        """``source``'s modules, or those inside ``within``."""
+        return (list(self.source.modules()) if self.within is None else
+                [m for name in self.within for m in self.source.get_submodule(name).modules()])
+
     def trainable(self) -> bool:
-        """Whether a parameter of ``source`` requires gradients now."""
-        modules = self._modules or list(self.source.modules())
+        """Whether a parameter of ``source`` (inside ``within``) requires gradients now."""
+        modules = self._modules or self._watched()
         return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
 
     def model_for(self, x: torch.Tensor) -> nn.Module:
         """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds."""
         key = self._state_key() if self._modules and self._key is not None else None
         if key is None or key != self._key:
-            self._modules = list(self.source.modules())
-            self._folded = fold_batchnorm(self.source, x[:2], self.run)
+            self._modules = self._watched()
+            self._folded = fold_batchnorm(self.source, x[:2], self.run, self.within)
             self._key = self._state_key()
         return self.source if self._folded is None else self._folded

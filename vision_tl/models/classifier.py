@@ -53,6 +53,8 @@ class ClassifierNet(nn.Module):
         self.num_features = int(backbone.num_features)
         self.head = make_head(self.num_features, num_classes, head, dropout, hidden)
         self.eval_modules: list[nn.Module] = []
+        # backbone modules that neither train nor update statistics (frozen stages), for inference-only speed-ups
+        self.frozen_modules: list[nn.Module] = []
 
     def train(self, mode: bool = True) -> ClassifierNet:
         super().train(mode)

@@ -51,6 +51,7 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
         _set_frozen(frozen, True)
         # Norm layers outside any stage (rare) follow the stage logic: frozen with the stem.
         net.eval_modules = frozen
+    net.frozen_modules = list(net.eval_modules)  # before freeze_bn adds norms of stages that train
     if freeze_bn and mode != "frozen":
         net.eval_modules = net.eval_modules + _bn_modules(net.backbone)
     net.train(net.training)

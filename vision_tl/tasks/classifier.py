@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -114,6 +117,23 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         if saved != total:
             say(f"vision_tl: the learning-rate schedule now decays to 0 at step {total} (it was {saved}): "
                 f"training goes on from step {self.last_epoch} at {self.factor(self.last_epoch):.3g} x the base rate")
+
+
+@contextmanager
+def _swapped(root: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """``root``'s submodules of these names replaced by the given ones, put back on the way out."""
+    def parent_and_child(name: str) -> tuple[nn.Module, str]:
+        parent, _, child = name.rpartition(".")
+        return (root.get_submodule(parent) if parent else root), child
+
+    originals = {name: root.get_submodule(name) for name in modules}
+    try:
+        for name, module in modules.items():
+            setattr(*parent_and_child(name), module)
+        yield
+    finally:
+        for name, module in originals.items():
+            setattr(*parent_and_child(name), module)
 
 
 def _check_compiler(device_type: str = "cpu") -> None:
@@ -295,7 +315,28 @@ class ImageClassifier(L.LightningModule):
                     with torch.no_grad():
                         features = backbone(x)
                     return self.net.forward_head(features)
+        elif getattr(self.net, "frozen_modules", None) and not x.requires_grad:
+            # partial mode, training: the frozen stages run as their folded copies, swapped into
+            # the backbone for this forward only (the stages that train run as they are)
+            swapped = self._folded_stages(x)
+            if swapped:
+                with _swapped(self.net.backbone, swapped):
+                    return self.net(x)
         return self.net(x)
+
+    def _folded_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
+        """Folded copies of the frozen stages' modules by name; empty where nothing folds."""
+        frozen = tuple(id(m) for m in self.net.frozen_modules)
+        cached = self.__dict__.get("_folded_stages_by")
+        if cached is None or cached[0] != frozen or cached[1].source is not self.net.backbone:
+            names = {id(m): name for name, m in self.net.backbone.named_modules()}
+            within = [names[i] for i in frozen if i in names]
+            cached = self.__dict__["_folded_stages_by"] = (frozen, FoldedInference(self.net.backbone, within=within))
+        folded = cached[1]
+        if not folded.within or folded.trainable():  # a stage set to train by hand runs as it is
+            return {}
+        copy = folded.model_for(x)
+        return {} if copy is self.net.backbone else {name: copy.get_submodule(name) for name in folded.within}
 
     def _folded(self) -> FoldedInference:
         folded = self.__dict__.get("_folded_backbone")
@@ -304,11 +345,16 @@ class ImageClassifier(L.LightningModule):
         return folded
 
     def _refold(self) -> None:
-        """Check the folded copy against the weights at the start of every evaluation pass:
-        weight averaging (Lightning's ``WeightAveraging``) swaps weights in through ``.data``,
-        which moves no version counter."""
+        """Check the folded copies against the weights at the start of every pass: weight
+        averaging (Lightning's ``WeightAveraging``) swaps weights in through ``.data``, which
+        moves no version counter."""
         if "_folded_backbone" in self.__dict__:
             self.__dict__["_folded_backbone"].invalidate()
+        if "_folded_stages_by" in self.__dict__:
+            self.__dict__["_folded_stages_by"][1].invalidate()
+
+    def on_train_epoch_start(self) -> None:
+        self._refold()
 
     def on_validation_epoch_start(self) -> None:
         self._refold()
