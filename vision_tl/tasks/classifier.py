@@ -345,16 +345,12 @@ class ImageClassifier(L.LightningModule):
         return folded
 
     def _refold(self) -> None:
-        """Check the folded copies against the weights at the start of every pass: weight
-        averaging (Lightning's ``WeightAveraging``) swaps weights in through ``.data``, which
-        moves no version counter."""
+        """Check the folded copy against the weights at the start of every evaluation pass:
+        weight averaging (Lightning's ``WeightAveraging``) swaps weights in through ``.data``,
+        which moves no version counter. (The frozen stages' copy needs no such check: an
+        average of weights that never change is the same weights.)"""
         if "_folded_backbone" in self.__dict__:
             self.__dict__["_folded_backbone"].invalidate()
-        if "_folded_stages_by" in self.__dict__:
-            self.__dict__["_folded_stages_by"][1].invalidate()
-
-    def on_train_epoch_start(self) -> None:
-        self._refold()
 
     def on_validation_epoch_start(self) -> None:
         self._refold()
