@@ -182,6 +182,7 @@ def test_checkpoint_from_another_kit_version(trained_run, tmp_path, capsys):
     ("parity_file", "is a file; give a folder of images"),
     ("drop_without_variant", "--max-accuracy-drop applies only with --int8 or --fp16"),
     ("changes_without_variant", "--max-decision-changes applies only with --int8 or --fp16"),
+    ("default_changes_without_variant", "--max-decision-changes applies only with --int8 or --fp16"),
     ("changes_not_a_percentage", "--max-decision-changes must be a percentage of the check images (0 to 100)"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run, tmp_path, capsys):
@@ -213,6 +214,8 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
         extra = ["--max-accuracy-drop", "2"]
     elif case == "changes_without_variant":
         extra = ["--max-decision-changes", "2"]
+    elif case == "default_changes_without_variant":  # the default value, given: still refused without a variant
+        extra = ["--max-decision-changes", "0.5"]
     elif case == "changes_not_a_percentage":
         extra = ["--fp16", "--max-decision-changes", "nan"]
     else:
@@ -388,7 +391,9 @@ def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_pa
     failed = json.loads((tmp_path / "b.fp16.parity-failed.json").read_text())
     assert failed["decision_changes"] == failed["n_images"] > 0
     assert failed["criteria"]["max_decision_changes_percent"] == 0.5
-    assert "(--max-decision-changes)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(--max-decision-changes)" in err and "so it was not written" in err
+    assert "predict-onnx b.fp16.onnx" not in err  # no advice to check a file that does not exist
     # knowingly allowed: written, with the warning and advice a user can run on an ONNX copy
     assert export_main([*args, "--max-decision-changes", "100", "--out", str(tmp_path / "c.onnx")]) == 0
     report = json.loads((tmp_path / "c.fp16.parity.json").read_text())

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -114,6 +115,15 @@ def test_check_images_decode_to_a_memory_mapped_file_that_leaves_nothing_behind(
     assert mapped.labels == [0, 1, 1, 0, 1] and len(mapped.unreadable) == 1
     if os.name == "posix":  # unlinked at creation; elsewhere removed when the array is released
         assert list(scratch.iterdir()) == []
+    # no room for the file (a read-only or missing folder, a full disk): the pixels stay in memory
+    missing = decode(images, meta, scratch=tmp_path / "gone")
+    assert not isinstance(missing.pixels, np.memmap) and np.array_equal(missing.pixels, in_memory.pixels)
+    if hasattr(os, "posix_fallocate"):
+        def disk_full(*_):
+            raise OSError(28, "No space left on device")
+        with mock.patch.object(os, "posix_fallocate", disk_full):
+            full = decode(images, meta, scratch=scratch)
+        assert not isinstance(full.pixels, np.memmap) and np.array_equal(full.pixels, in_memory.pixels)
 
 
 def test_compare_and_judge():
@@ -135,6 +145,8 @@ def test_compare_and_judge():
     # a copy of a thresholded model: judged on how many pass/reject decisions it flipped
     report.decision_changes, report.decision_rule = 1, "P(good) >= 0.5"
     assert not report.judge(max_decision_changes=20.0) and "changed on 1 of 3 images (33.33%)" in report.failures[0]
+    assert "one image is 33.33% of these 3: check on more with --parity-images" in report.failures[0]
+    assert "was not written" in report.summary() and "predict-onnx" not in report.summary()
     assert report.judge(max_decision_changes=34.0)
     assert not report.judge(max_decision_changes=float("nan"))
     report.decision_changes = None  # a model without a threshold: the limit does not apply
@@ -293,6 +305,12 @@ def test_a_nan_accuracy_limit_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(ExportError, match="max_accuracy_drop must be a number >= 0"):
         export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(int8=True, max_accuracy_drop=float("nan")))
-    for bad in (float("nan"), -1.0, 101.0):
+    for bad in (float("nan"), -1.0, 101.0, "1"):
         with pytest.raises(ExportError, match="max_decision_changes must be a percentage"):
             export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True, max_decision_changes=bad))
+    with pytest.raises(ExportError, match="max_accuracy_drop must be a number"):
+        export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True, max_accuracy_drop=None))
+    # None: the decisions are not checked; the export goes on (to the missing checkpoint here)
+    with pytest.raises(Exception, match="missing.ckpt") as err:
+        export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True, max_decision_changes=None))
+    assert not isinstance(err.value, TypeError)

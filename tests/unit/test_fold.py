@@ -88,7 +88,7 @@ def test_norm_before_conv_and_models_without_batchnorm_are_left_alone():
                           torch.randn(2, 3, 160, 160)) is None
 
 
-def test_folded_inference_rebuilds_when_the_weights_change_and_says_when_they_train():
+def test_folded_inference_rebuilds_when_the_weights_change_and_steps_aside_for_training():
     model = _trained_stats(timm.create_model(TINY, pretrained=False, num_classes=0)).requires_grad_(False)
     run = FoldedInference(model)
     x = torch.randn(2, 3, 32, 32)
@@ -101,10 +101,11 @@ def test_folded_inference_rebuilds_when_the_weights_change_and_says_when_they_tr
     with torch.no_grad():
         assert torch.allclose(second(x), model(x), rtol=1e-4, atol=1e-5)
     model.load_state_dict({k: v * 1 for k, v in model.state_dict().items()})
-    assert run.model_for(x) is not second
-    assert not run.trainable()
-    model.conv_stem.weight.requires_grad_(True)  # callers run such a backbone as it is
-    assert run.trainable()
+    third = run.model_for(x, trainable_ok=False)
+    assert third is not second and third is not model
+    model.conv_stem.weight.requires_grad_(True)  # a forward with gradients runs such a backbone as it is
+    assert run.model_for(x, trainable_ok=False) is model
+    assert run.model_for(x) is not model  # inference (no gradients) still folds it
 
 
 def test_frozen_classifier_runs_the_folded_backbone_and_trains_only_the_head():
@@ -275,3 +276,30 @@ def test_partial_training_runs_its_frozen_stages_folded_with_the_same_outputs_an
     unfreeze_stages(model.net, 3)  # GradualUnfreezing: fewer frozen stages, folded again
     model(x)
     assert len(model.__dict__["_folded_stages_by"][1].within) < len(within)
+
+
+def test_a_frozen_module_replaced_after_the_copy_was_built_is_the_one_that_runs():
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False,
+                            dropout=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)  # builds the copy of the frozen stages
+    stem = model.net.backbone.conv_stem
+    model.net.backbone.conv_stem = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=2, padding=1,
+                                              bias=False).to(memory_format=torch.channels_last)
+    out = model(x)
+    expected = model.net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert model.net.backbone.conv_stem.weight.grad is not None  # the new module trains
+
+
+def test_the_head_is_sized_for_what_the_backbone_returns():
+    """MobileNetV3 returns features after its head convolution (head_hidden_size), wider
+    than num_features: the classifier and the extractor used to be sized for the latter."""
+    model = ImageClassifier(["a", "b"], backbone="mobilenetv3_small_050", image_size=64, mode="frozen",
+                            pretrained=False).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    backbone = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
+    fx = FeatureExtractor(backbone, "mobilenetv3_small_050", resolve_preprocessing("mobilenetv3_small_050", 64))
+    assert fx.embed(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape == (2, fx.num_features)

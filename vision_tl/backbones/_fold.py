@@ -228,36 +228,44 @@ class FoldedInference:
         self.within = None if within is None else tuple(within)
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
+        self._trains = False  # a watched parameter required gradients at the last change
+        self._built = False
         self._folded: nn.Module | None = None
 
     def _state_key(self) -> tuple:
         # Read from the module list kept since the last build (walking the tree again costs
         # 0.4 ms per call on Lite0, this 0.1 ms); a submodule swapped in changes the child ids.
-        tensors = tuple((id(t), t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else id(t)
+        tensors = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.requires_grad) if isinstance(t, torch.Tensor)
+                        else id(t)
                         for module in self._modules
                         for table in (module._parameters, module._buffers, module._modules)
                         for t in table.values())
-        return tensors, tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._modules)
-
-    def invalidate(self) -> None:
-        """Build the copy again on the next call (after weights were written through ``.data``)."""
-        self._key = None
+        hooks = tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._modules)
+        # a submodule of these names swapped in by its parent (outside the watched modules)
+        named = () if self.within is None else tuple(id(self.source.get_submodule(n)) for n in self.within)
+        return tensors, hooks, named
 
     def _watched(self) -> list[nn.Module]:
         """``source``'s modules, or those inside ``within``."""
         return (list(self.source.modules()) if self.within is None else
                 [m for name in self.within for m in self.source.get_submodule(name).modules()])
 
-    def trainable(self) -> bool:
-        """Whether a parameter of ``source`` (inside ``within``) requires gradients now."""
-        modules = self._modules or self._watched()
-        return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
+    def invalidate(self) -> None:
+        """Build the copy again on the next call (after weights were written through ``.data``)."""
+        self._key = None
 
-    def model_for(self, x: torch.Tensor) -> nn.Module:
-        """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds."""
+    def model_for(self, x: torch.Tensor, trainable_ok: bool = True) -> nn.Module:
+        """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds
+        or, with ``trainable_ok=False`` (a forward with gradients), where a watched parameter
+        requires gradients: that backbone trains, and no copy is built for it."""
         key = self._state_key() if self._modules and self._key is not None else None
         if key is None or key != self._key:
             self._modules = self._watched()
-            self._folded = fold_batchnorm(self.source, x[:2], self.run, self.within)
             self._key = self._state_key()
+            self._trains = any(p is not None and p.requires_grad for m in self._modules for p in m._parameters.values())
+            self._folded, self._built = None, False
+        if self._trains and not trainable_ok:
+            return self.source
+        if not self._built:
+            self._folded, self._built = fold_batchnorm(self.source, x[:2], self.run, self.within), True
         return self.source if self._folded is None else self._folded

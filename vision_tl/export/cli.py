@@ -89,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its split.json)")
     q.add_argument("--fp16", action="store_true",
                    help="also write <name>.fp16.onnx (half the size; faster on GPUs, usually slower on CPUs)")
-    q.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
+    q.add_argument("--max-accuracy-drop", type=float, default=None,
                    metavar="POINTS", help="fail a variant that loses more accuracy "
                    f"(percentage points, default: {DEFAULT_MAX_ACCURACY_DROP})")
-    q.add_argument("--max-decision-changes", type=float, default=DEFAULT_MAX_DECISION_CHANGES,
+    q.add_argument("--max-decision-changes", type=float, default=None,
                    metavar="PERCENT", help="fail a variant of a model with a good/defect threshold that flips "
                    "the decision on more of the check images (percent, default: "
                    f"{DEFAULT_MAX_DECISION_CHANGES})")
@@ -119,15 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --calibration-percentile applies only with --calibration-method percentile, not "
               f"{args.calibration_method}", file=sys.stderr)
         return 2
-    if args.max_accuracy_drop != DEFAULT_MAX_ACCURACY_DROP and not (args.int8 or args.fp16):
+    if args.max_accuracy_drop is not None and not (args.int8 or args.fp16):
         print("error: --max-accuracy-drop applies only with --int8 or --fp16", file=sys.stderr)
         return 2
+    if args.max_decision_changes is not None and not (args.int8 or args.fp16):
+        print("error: --max-decision-changes applies only with --int8 or --fp16", file=sys.stderr)
+        return 2
+    if args.max_accuracy_drop is None:
+        args.max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
+    if args.max_decision_changes is None:
+        args.max_decision_changes = DEFAULT_MAX_DECISION_CHANGES
     if not 0 <= args.max_accuracy_drop < float("inf"):  # nan too: it would pass every copy
         print(f"error: --max-accuracy-drop must be a number >= 0 of percentage points, got {args.max_accuracy_drop}",
               file=sys.stderr)
-        return 2
-    if args.max_decision_changes != DEFAULT_MAX_DECISION_CHANGES and not (args.int8 or args.fp16):
-        print("error: --max-decision-changes applies only with --int8 or --fp16", file=sys.stderr)
         return 2
     if not 0 <= args.max_decision_changes <= 100:  # nan too
         print(f"error: --max-decision-changes must be a percentage of the check images (0 to 100), got "

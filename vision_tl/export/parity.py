@@ -9,6 +9,7 @@ uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -194,6 +195,24 @@ class DecodedImages:
     unreadable: list[str] = field(default_factory=list)
 
 
+def _pixel_array(shape: tuple[int, ...], scratch: str | Path | None) -> np.ndarray:
+    """uint8 array of ``shape``: memory-mapped from an unlinked file in ``scratch``, its blocks
+    reserved up front (a sparse file on a full disk would kill the process with SIGBUS at the
+    first page written); in memory where there is no scratch folder or no room in it."""
+    if scratch is not None:
+        handle = None
+        try:
+            handle = tempfile.TemporaryFile(dir=scratch, prefix=".parity-pixels-")
+            size = int(np.prod(shape))
+            if size and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            return np.memmap(handle, np.uint8, "w+", shape=shape)
+        except OSError:  # read-only folder, full disk: the pixels stay in memory, as before
+            if handle is not None:
+                handle.close()
+    return np.empty(shape, np.uint8)
+
+
 def decode(images: ImageSet, metadata: ModelMetadata, scratch: str | Path | None = None) -> DecodedImages:
     """``load_rgb`` + ``resize`` every image once; unreadable ones are listed, not fatal.
 
@@ -211,9 +230,7 @@ def decode(images: ImageSet, metadata: ModelMetadata, scratch: str | Path | None
             continue
         image = resize(rgb, metadata.input_size, metadata.interpolation)
         if pixels is None:  # every image has the model's input size: one array for all
-            shape = (len(images.paths), *image.shape)
-            pixels = np.empty(shape, np.uint8) if scratch is None else np.memmap(
-                tempfile.TemporaryFile(dir=scratch, prefix=".parity-pixels-"), np.uint8, "w+", shape=shape)
+            pixels = _pixel_array((len(images.paths), *image.shape), scratch)
         pixels[len(paths)] = image
         paths.append(path)
         labels.append(label)
@@ -315,9 +332,12 @@ class ParityReport:
         if max_decision_changes is not None:
             share = 100.0 * self.decision_changes / max(self.n_images, 1)
             if not share <= max_decision_changes:
+                one = 100.0 / max(self.n_images, 1)
                 self.failures.append(
                     f"good/defect decision ({self.decision_rule}) changed on {self.decision_changes} of "
-                    f"{self.n_images} images ({share:.2f}%) > {max_decision_changes:.2f}% (--max-decision-changes)")
+                    f"{self.n_images} images ({share:.2f}%) > {max_decision_changes:.2f}% (--max-decision-changes)"
+                    + (f" (one image is {one:.2f}% of these {self.n_images}: check on more with --parity-images "
+                       "DIR, or raise --max-decision-changes)" if one > max_decision_changes else ""))
         self.passed = not self.failures
         return self.passed
 
@@ -346,11 +366,15 @@ class ParityReport:
                          f"{100 * self.accuracy_reference:.2f}%, model {100 * self.accuracy_model:.2f}% "
                          f"({self.accuracy_change_points:+.2f} points)")
         if self.decision_changes is not None:
+            advice = ("" if not self.decision_changes else
+                      ": this copy moves images across the saved threshold, so it was not written"
+                      if self.passed is False else
+                      f": this copy moves images across the saved threshold. Use the float model on the line, "
+                      f"or check this copy's decisions on labelled images first (vision-tl predict-onnx "
+                      f"{Path(self.model).name} <folder>)")
             lines.append(f"  {'WARNING: ' if self.decision_changes else ''}good/defect decision "
                          f"({self.decision_rule}) changed on {self.decision_changes} of {self.n_images} images"
-                         + (f": this copy moves images across the saved threshold. Use the float model on the line, "
-                            f"or check this copy's decisions on labelled images first (vision-tl predict-onnx "
-                            f"{Path(self.model).name} <folder>)" if self.decision_changes else ""))
+                         + advice)
         if self.speed:
             base, new = self.speed["fp32"], self.speed["variant"]
             lines.append("  speed (fp32 -> this model, " + str(self.speed["threads"]) + " threads): "
@@ -383,16 +407,17 @@ def compare(reference: np.ndarray, candidate: np.ndarray, decoded: DecodedImages
 
 
 def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, images: ImageSet,
-                 *, tolerance: float = PROB_TOLERANCE,
-                 batch_size: int = 32) -> tuple[ParityReport, DecodedImages, np.ndarray]:
-    """PyTorch ``net`` vs the ONNX file on ``images``; fp32 criteria applied.
+                 *, tolerance: float = PROB_TOLERANCE, batch_size: int = 32,
+                 scratch: str | Path | None = None) -> tuple[ParityReport, DecodedImages, np.ndarray]:
+    """PyTorch ``net`` vs the ONNX file on ``images``; fp32 criteria applied. ``scratch``: a
+    folder for the decoded pixels (see :func:`decode`; the export passes its output folder).
 
     Returns:
         The judged report, the decoded images and the ONNX probabilities (reused
         as the reference for INT8/FP16 variants).
     """
     start = time.perf_counter()
-    decoded = decode(images, metadata, scratch=Path(model_path).parent)
+    decoded = decode(images, metadata, scratch=scratch)
     reference = torch_probabilities(net, metadata, decoded.pixels, batch_size)
     candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
     report = compare(reference, candidate, decoded, model=str(model_path),

@@ -61,7 +61,7 @@ class ExportOptions:
         fp16: also write ``<name>.fp16.onnx``.
         max_accuracy_drop: INT8/FP16 fail when they lose more (percentage points).
         max_decision_changes: INT8/FP16 of a model with a good/defect threshold fail when they
-            flip the decision on more of the check images (percent).
+            flip the decision on more of the check images (percent); ``None``: not checked.
         threads: onnxruntime threads for the latency/throughput numbers.
     """
 
@@ -74,7 +74,7 @@ class ExportOptions:
     calibration_dir: str | Path | None = None
     fp16: bool = False
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
-    max_decision_changes: float = DEFAULT_MAX_DECISION_CHANGES
+    max_decision_changes: float | None = DEFAULT_MAX_DECISION_CHANGES
     threads: int | None = None
 
 
@@ -121,11 +121,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         check_settings()  # a bad image-loading variable stops here, not at the first parity image
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
-    if not 0 <= opts.max_accuracy_drop < float("inf"):  # nan too: it would pass every INT8/FP16 copy
-        raise ExportError(f"max_accuracy_drop must be a number >= 0 of percentage points, got {opts.max_accuracy_drop}")
-    if not 0 <= opts.max_decision_changes <= 100:  # nan too
-        raise ExportError(f"max_decision_changes must be a percentage of the check images (0 to 100), got "
-                          f"{opts.max_decision_changes}")
+    if not _is_number(opts.max_accuracy_drop) or not 0 <= opts.max_accuracy_drop < float("inf"):  # nan too
+        raise ExportError(f"max_accuracy_drop must be a number >= 0 of percentage points, got {opts.max_accuracy_drop!r}")
+    if opts.max_decision_changes is not None and not (
+            _is_number(opts.max_decision_changes) and 0 <= opts.max_decision_changes <= 100):  # nan too
+        raise ExportError(f"max_decision_changes must be a percentage of the check images (0 to 100) or None "
+                          f"(not checked), got {opts.max_decision_changes!r}")
     if opts.fp16 and not opts.normalize_in_graph:
         raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
                           "would have to be cast in the graph; drop one of the two options")
@@ -161,7 +162,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
         log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
         if images is not None:
-            report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images)
+            report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images, scratch=out.parent)
             report.model = str(out)
             report.model_sha256 = file_sha256(tmp)
             _judge(report, out, log)
@@ -194,6 +195,10 @@ def _input_text(metadata) -> str:
 
 def _reports_of(model: Path) -> list[Path]:
     return [sibling(model, "parity", ".json"), sibling(model, "parity-failed", ".json")]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _judge(report: ParityReport, model_path: Path, log: Callable[[str], None]) -> None:

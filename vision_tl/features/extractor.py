@@ -125,7 +125,8 @@ class FeatureExtractor:
                                  f"the end of {backbone}'s {len(info)} stages); list each stage once")
             self._indices.append(k % len(info))
         widths = {str(k): info[k % len(info)] for k in self._indices} if info else {}
-        self.widths = [int(model.num_features) if s == POOLED else widths[str(int(s) % len(info))]
+        pooled = int(getattr(model, "head_hidden_size", None) or model.num_features)  # MobileNetV3: after its head conv
+        self.widths = [pooled if s == POOLED else widths[str(int(s) % len(info))]
                        for s in self.stages]
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None

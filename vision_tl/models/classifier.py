@@ -50,7 +50,9 @@ class ClassifierNet(nn.Module):
                  dropout: float = 0.0, hidden: int = 512) -> None:
         super().__init__()
         self.backbone = backbone
-        self.num_features = int(backbone.num_features)
+        # the width of what the backbone returns: after MobileNetV3's head convolution, where timm
+        # has one (head_hidden_size), num_features otherwise
+        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         self.head = make_head(self.num_features, num_classes, head, dropout, hidden)
         self.eval_modules: list[nn.Module] = []
         # backbone modules that neither train nor update statistics (frozen stages), for inference-only speed-ups

@@ -306,11 +306,10 @@ class ImageClassifier(L.LightningModule):
             # Inference (validation, test, predict, reports) or frozen mode: the backbone runs as a
             # copy with BatchNorm folded into the convolutions (49 layers fewer in Lite0), kept
             # outside the module tree as well; the backbone itself where nothing folds.
-            folded = self._folded()
-            # ... unless a gradient must flow through it: a parameter set to train, or an input
-            # that wants its gradient (saliency maps, adversarial checks)
-            if not (grad and (x.requires_grad or folded.trainable())):
-                backbone = folded.model_for(x)
+            # ... unless a gradient must flow through it: an input that wants its gradient
+            # (saliency maps, adversarial checks), or a parameter set to train (model_for)
+            if not (grad and x.requires_grad):
+                backbone = self._folded().model_for(x, trainable_ok=not grad)
                 if backbone is not self.net.backbone:
                     with torch.no_grad():
                         features = backbone(x)
@@ -333,9 +332,9 @@ class ImageClassifier(L.LightningModule):
             within = [names[i] for i in frozen if i in names]
             cached = self.__dict__["_folded_stages_by"] = (frozen, FoldedInference(self.net.backbone, within=within))
         folded = cached[1]
-        if not folded.within or folded.trainable():  # a stage set to train by hand runs as it is
+        if not folded.within:
             return {}
-        copy = folded.model_for(x)
+        copy = folded.model_for(x, trainable_ok=False)  # a stage set to train by hand runs as it is
         return {} if copy is self.net.backbone else {name: copy.get_submodule(name) for name in folded.within}
 
     def _folded(self) -> FoldedInference:
