@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import TINY
 from vision_tl.backbones import FoldedInference, fold_batchnorm, resolve_preprocessing
 from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.tasks import ImageClassifier
+
+TINY = "test_efficientnet"
 
 
 def _norms(model: nn.Module) -> int:
