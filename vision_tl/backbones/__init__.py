@@ -13,10 +13,11 @@ from vision_tl.backbones._factory import (
     Preprocessing,
     check_pretrained_weights,
     create_backbone,
+    pooled_width,
     resolve_preprocessing,
     weights_identity,
 )
-from vision_tl.backbones._fold import FoldedInference, fold_batchnorm
+from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
 from vision_tl.backbones._stages import backbone_stages
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "create_backbone",
     "embedded_weights_path",
     "fold_batchnorm",
+    "pooled_width",
     "resolve_preprocessing",
+    "swapped_in",
     "weights_identity",
 ]

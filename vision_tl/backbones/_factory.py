@@ -99,6 +99,12 @@ def _file_digest(path: Path) -> str:
     return file_sha256(path)[:16]
 
 
+def pooled_width(model: nn.Module) -> int:
+    """Width of what a backbone with ``num_classes=0`` returns: after MobileNetV3's head
+    convolution where timm has one (``head_hidden_size``), ``num_features`` otherwise."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def weights_identity(model: nn.Module) -> str:
     """A string that changes whenever the backbone's starting weights change."""
     return getattr(model, "vision_tl_weights", "unknown")

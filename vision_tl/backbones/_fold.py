@@ -112,6 +112,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+@contextlib.contextmanager
+def swapped_in(root: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """``root``'s submodules of these names replaced by the given ones (a folded copy's frozen
+    stages), put back on the way out, also after an error."""
+    originals = {name: root.get_submodule(name) for name in modules}
+    try:
+        for name, module in modules.items():
+            _set_submodule(root, name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            _set_submodule(root, name, module)
+
+
 def _agree(expected, got) -> bool:
     if isinstance(expected, (tuple, list)):
         return (isinstance(got, (tuple, list)) and len(got) == len(expected)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vision_tl.backbones import FoldedInference, Preprocessing, weights_identity
+from vision_tl.backbones import FoldedInference, Preprocessing, pooled_width, weights_identity
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decode_threads import (
     DecodedRows,
@@ -125,8 +125,7 @@ class FeatureExtractor:
                                  f"the end of {backbone}'s {len(info)} stages); list each stage once")
             self._indices.append(k % len(info))
         widths = {str(k): info[k % len(info)] for k in self._indices} if info else {}
-        pooled = int(getattr(model, "head_hidden_size", None) or model.num_features)  # MobileNetV3: after its head conv
-        self.widths = [pooled if s == POOLED else widths[str(int(s) % len(info))]
+        self.widths = [pooled_width(model) if s == POOLED else widths[str(int(s) % len(info))]
                        for s in self.stages]
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None

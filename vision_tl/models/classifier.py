@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from vision_tl.backbones import pooled_width
+
 HEADS = ("linear", "mlp")
 
 
@@ -50,9 +52,7 @@ class ClassifierNet(nn.Module):
                  dropout: float = 0.0, hidden: int = 512) -> None:
         super().__init__()
         self.backbone = backbone
-        # the width of what the backbone returns: after MobileNetV3's head convolution, where timm
-        # has one (head_hidden_size), num_features otherwise
-        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.num_features = pooled_width(backbone)
         self.head = make_head(self.num_features, num_classes, head, dropout, hidden)
         self.eval_modules: list[nn.Module] = []
         # backbone modules that neither train nor update statistics (frozen stages), for inference-only speed-ups

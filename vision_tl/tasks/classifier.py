@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -33,6 +31,7 @@ from vision_tl.backbones import (
     FoldedInference,
     create_backbone,
     resolve_preprocessing,
+    swapped_in,
     weights_identity,
 )
 from vision_tl.data.folder import same_name
@@ -117,23 +116,6 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         if saved != total:
             say(f"vision_tl: the learning-rate schedule now decays to 0 at step {total} (it was {saved}): "
                 f"training goes on from step {self.last_epoch} at {self.factor(self.last_epoch):.3g} x the base rate")
-
-
-@contextmanager
-def _swapped(root: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
-    """``root``'s submodules of these names replaced by the given ones, put back on the way out."""
-    def parent_and_child(name: str) -> tuple[nn.Module, str]:
-        parent, _, child = name.rpartition(".")
-        return (root.get_submodule(parent) if parent else root), child
-
-    originals = {name: root.get_submodule(name) for name in modules}
-    try:
-        for name, module in modules.items():
-            setattr(*parent_and_child(name), module)
-        yield
-    finally:
-        for name, module in originals.items():
-            setattr(*parent_and_child(name), module)
 
 
 def _check_compiler(device_type: str = "cpu") -> None:
@@ -320,7 +302,7 @@ class ImageClassifier(L.LightningModule):
             # the backbone for this forward only (the stages that train run as they are)
             swapped = self._folded_stages(x)
             if swapped:
-                with _swapped(self.net.backbone, swapped):
+                with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
         return self.net(x)
 
