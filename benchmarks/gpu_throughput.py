@@ -48,7 +48,8 @@ from vision_tl.data.device_decode import decoding_difference  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # loaders: partial through loader processes; cached: frozen with its feature cache (the recipe's default)
-MODES = ("frozen", "partial", "full", "loaders", "cached", "extract")
+# variants: frozen eager with BatchNorm folded (the default before CUDA graphs) and graphed + folded
+MODES = ("frozen", "partial", "full", "loaders", "cached", "extract", "variants")
 CACHED = "frozen, feature cache (whole fit)"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROUNDS = 3  # alternating rounds of the extract steady-state rows
@@ -130,9 +131,51 @@ def checks(args, root: Path) -> None:
     args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
+    args.graph_check = graph_check(args)
+    print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
           f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}\n{args.decode_check}", flush=True)
+
+
+def graph_check(args) -> str:
+    """The frozen backbone replayed as a CUDA graph gives the eager backbone's logits: for two
+    batch sizes, in fp32 and bf16, after weights changed in place and after weights replaced."""
+    from vision_tl.tasks import ImageClassifier
+
+    device = torch.device(args.device)
+    model = ImageClassifier(["a", "b", "c", "d"], backbone=args.backbone, pretrained=args.backbone != "test_efficientnet",
+                            image_size=args.size, mode="frozen", feature_cache=None, fold_batchnorm=False)
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, 3, args.size, args.size, generator=g).to(device) for n in (64, 7)]
+    first = model.net.backbone.get_parameter(next(n for n, p in model.net.backbone.named_parameters() if p.ndim == 4))
+    worst, rounds = 0.0, 0
+    for change in ("none", "in place", "replaced"):
+        with torch.no_grad():
+            if change == "in place":
+                first.mul_(0.5)
+            elif change == "replaced":
+                first.data = first.data.clone() * 2.0  # other addresses; Lightning's weight averaging swaps so
+                model._refold()
+        for amp in (False, True):
+            for x in xs:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    model.hparams.cuda_graphs = True
+                    graphed = model(x).float()
+                    model.hparams.cuda_graphs = False
+                    eager = model(x).float()
+                err = float((graphed - eager).abs().max() / eager.abs().max().clamp_min(1e-6))
+                worst, rounds = max(worst, err), rounds + 1
+                if err > (2e-2 if amp else 1e-3):
+                    raise SystemExit(f"CUDA graph differs from eager ({change} weights, amp={amp}, batch {len(x)}): "
+                                     f"relative error {err:.2e}")
+    graphs = model.__dict__.get("_graphed_backbone")
+    recorded = 0 if graphs is None else sum(v is not None for v in graphs._graphs.values())
+    if device.type == "cuda" and not recorded:
+        raise SystemExit("no CUDA graph was recorded for the frozen backbone")
+    return (f"CUDA graph vs eager frozen backbone: largest relative logit difference {worst:.1e} over {rounds} "
+            f"comparisons (fp32 and bf16, batches 64 and 7, weights as loaded, changed in place, replaced)")
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -416,8 +459,9 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
                   f"the first batch's features were back (decoding start-up, GPU warm-up); {wall:.1f} s for the "
                   "whole process" + (f", of which {args.start_up:.1f} s for a new process to import the kit and "
                                      "start the device." if getattr(args, "start_up", None) else ".")]
-    if getattr(args, "decode_check", None):
-        lines += ["", args.decode_check]
+    for check in ("graph_check", "decode_check"):
+        if getattr(args, check, None):
+            lines += ["", getattr(args, check)]
     for mode, (_, _, syncs) in kit.items():
         busy = (syncs or {}).get("busy")
         if busy:
@@ -466,6 +510,10 @@ def main() -> None:
     runs = [(mode, mode, ()) for mode in ("frozen", "partial", "full") if mode in modes]
     if args.pipeline == "device" and "loaders" in modes:
         runs.append(("partial, loader processes", "partial", ("--data.pixels_on_device", "false")))
+    if "variants" in modes and args.device == "cuda":
+        runs.append(("frozen, eager, BatchNorm folded", "frozen", ("--model.cuda_graphs", "false")))
+        runs.append(("frozen, CUDA graph, BatchNorm folded", "frozen", ("--model.fold_batchnorm", "true")))
+        runs.append(("partial, BatchNorm not folded", "partial", ("--model.fold_batchnorm", "false")))
     if "cached" in modes:
         runs.append((CACHED, "frozen", ()))
     for label, mode, extra in runs:

@@ -3,7 +3,8 @@
 One public entry, :func:`create_backbone`, over ``timm.create_model``.
 Preprocessing always comes from the model's ``pretrained_cfg``
 (:func:`resolve_preprocessing`), never from the caller. :class:`FoldedInference` runs a
-frozen backbone with its BatchNorm folded into its convolutions.
+frozen backbone with its BatchNorm folded into its convolutions;
+:class:`GraphedInference` replays a frozen backbone on a GPU as a CUDA graph.
 """
 
 from vision_tl.backbones._embedded import EMBEDDED_WEIGHTS, embedded_weights_path
@@ -18,6 +19,7 @@ from vision_tl.backbones._factory import (
     weights_identity,
 )
 from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
+from vision_tl.backbones._graph import GraphedInference
 from vision_tl.backbones._stages import backbone_stages
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "EMBEDDED_WEIGHTS",
     "BackboneWeightsError",
     "FoldedInference",
+    "GraphedInference",
     "Preprocessing",
     "backbone_stages",
     "check_pretrained_weights",

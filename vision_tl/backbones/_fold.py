@@ -245,6 +245,7 @@ class FoldedInference:
         self._trains = False  # a watched parameter required gradients at the last change
         self._built = False
         self._folded: nn.Module | None = None
+        self.version = 0  # counts the watched weights' changes seen (or invalidations)
 
     def _state_key(self) -> tuple:
         # Read from the module list kept since the last build (walking the tree again costs
@@ -268,17 +269,24 @@ class FoldedInference:
         """Build the copy again on the next call (after weights were written through ``.data``)."""
         self._key = None
 
-    def model_for(self, x: torch.Tensor, trainable_ok: bool = True) -> nn.Module:
+    @property
+    def trains(self) -> bool:
+        """Whether a watched parameter required gradients at the last :meth:`model_for`."""
+        return self._trains
+
+    def model_for(self, x: torch.Tensor, trainable_ok: bool = True, fold: bool = True) -> nn.Module:
         """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds
         or, with ``trainable_ok=False`` (a forward with gradients), where a watched parameter
-        requires gradients: that backbone trains, and no copy is built for it."""
+        requires gradients: that backbone trains, and no copy is built for it. ``fold=False``
+        only checks the weights (:attr:`version`, :attr:`trains`) and returns ``source``."""
         key = self._state_key() if self._modules and self._key is not None else None
         if key is None or key != self._key:
             self._modules = self._watched()
             self._key = self._state_key()
             self._trains = any(p is not None and p.requires_grad for m in self._modules for p in m._parameters.values())
             self._folded, self._built = None, False
-        if self._trains and not trainable_ok:
+            self.version += 1
+        if (self._trains and not trainable_ok) or not fold:
             return self.source
         if not self._built:
             self._folded, self._built = fold_batchnorm(self.source, x[:2], self.run, self.within), True

@@ -29,6 +29,7 @@ from vision_tl import __version__
 from vision_tl.backbones import (
     DEFAULT_BACKBONE,
     FoldedInference,
+    GraphedInference,
     create_backbone,
     resolve_preprocessing,
     swapped_in,
@@ -188,6 +189,13 @@ class ImageClassifier(L.LightningModule):
             on the first batches and needs a C++ compiler; on an H100, Lite0 ``partial`` trained
             slower compiled than eager even after compilation, 0.73 against 0.84 of the plain loop;
             on 2 CPU cores it is about as fast as the eager path, which folds the frozen stages).
+        fold_batchnorm: where the backbone only infers (``frozen`` mode, the frozen stages of
+            ``partial``, evaluation), run it with BatchNorm folded into the convolutions
+            (:mod:`vision_tl.backbones._fold`). ``None`` (default): on, except where a CUDA graph
+            runs the backbone (a GPU with ``cuda_graphs``), which is faster unfolded.
+        cuda_graphs: on a GPU, replay the backbone as a CUDA graph where it only infers
+            (:class:`~vision_tl.backbones.GraphedInference`): one launch instead of about a
+            hundred per batch, which the CPU otherwise cannot queue as fast as the GPU runs them.
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
@@ -227,6 +235,8 @@ class ImageClassifier(L.LightningModule):
         cached_views: int = 1,
         threshold_target: str | None = None,
         compile: bool = False,
+        fold_batchnorm: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
@@ -292,12 +302,14 @@ class ImageClassifier(L.LightningModule):
             # ... unless a gradient must flow through it: an input that wants its gradient
             # (saliency maps, adversarial checks), or a parameter set to train (model_for)
             if not (grad and x.requires_grad):
-                backbone = self._folded().model_for(x, trainable_ok=not grad)
-                if backbone is not self.net.backbone:
+                folded = self._folded()
+                backbone = folded.model_for(x, trainable_ok=not grad, fold=self._fold_batchnorm(x))
+                if backbone is not self.net.backbone or not (grad and folded.trains):
                     with torch.no_grad():
-                        features = backbone(x)
+                        features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
-        elif getattr(self.net, "frozen_modules", None) and not x.requires_grad:
+        elif (getattr(self.net, "frozen_modules", None) and not x.requires_grad
+              and self.hparams.get("fold_batchnorm") is not False):
             # partial mode, training: the frozen stages run as their folded copies, swapped into
             # the backbone for this forward only (the stages that train run as they are)
             swapped = self._folded_stages(x)
@@ -305,6 +317,24 @@ class ImageClassifier(L.LightningModule):
                 with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
         return self.net(x)
+
+    def _fold_batchnorm(self, x: torch.Tensor) -> bool:
+        fold = self.hparams.get("fold_batchnorm")
+        # On a GPU a recorded graph removes the launches folding saves, and a cuDNN BatchNorm
+        # costs less GPU time than the separate bias add of a folded convolution (H100, Lite0).
+        return (not (x.is_cuda and self._cuda_graphs())) if fold is None else fold
+
+    def _cuda_graphs(self) -> bool:
+        return self.hparams.get("cuda_graphs", True) and self.__dict__.get("_compiled_net") is None
+
+    def _run_frozen(self, backbone: nn.Module, x: torch.Tensor, version: int) -> torch.Tensor:
+        """``backbone(x)`` without gradients; on a GPU replayed as a CUDA graph (``cuda_graphs``)."""
+        if not (x.is_cuda and self._cuda_graphs()):
+            return backbone(x)
+        graphs = self.__dict__.get("_graphed_backbone")
+        if graphs is None:
+            graphs = self.__dict__["_graphed_backbone"] = GraphedInference()
+        return graphs(backbone, x, version)
 
     def _folded_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
         """Folded copies of the frozen stages' modules by name; empty where nothing folds."""

@@ -1,0 +1,106 @@
+"""The frozen backbone on a GPU: replayed as a CUDA graph, with the eager backbone's outputs.
+
+Most of these need a GPU and skip without one; the CPU side (the switches, eager fallback) runs everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision_tl.backbones import GraphedInference
+from vision_tl.tasks import ImageClassifier
+
+TINY = "test_efficientnet"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def _frozen(**kwargs) -> ImageClassifier:
+    model = ImageClassifier(["a", "b", "c"], backbone=TINY, image_size=32, mode="frozen", pretrained=False,
+                            dropout=0.0, feature_cache=None, **kwargs)
+    with torch.no_grad():  # statistics away from their defaults, so folding has work to do
+        for m in model.net.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.normal_(0, 0.3)
+    return model
+
+
+def _batch_norm_calls(model: ImageClassifier, x: torch.Tensor) -> int:
+    calls = []
+    real = F.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "batch_norm", counting)
+        with torch.no_grad():
+            model(x)
+    return len(calls)
+
+
+def test_fold_batchnorm_false_runs_the_backbone_as_it_is_with_the_same_logits():
+    x = torch.randn(4, 3, 32, 32)
+    folded, plain = _frozen().eval(), _frozen(fold_batchnorm=False).eval()
+    plain.load_state_dict(folded.state_dict())
+    model_out = folded(x)  # builds the folded copy
+    assert _batch_norm_calls(folded, x) == 0
+    assert _batch_norm_calls(plain, x) > 0
+    assert torch.allclose(plain(x), model_out, rtol=1e-4, atol=1e-5)
+    plain.train()
+    logits = plain(x)  # frozen training: the head trains, the backbone records no gradient
+    logits.sum().backward()
+    assert all(p.grad is not None for p in plain.net.head.parameters())
+    assert all(p.grad is None for p in plain.net.backbone.parameters())
+
+
+def test_partial_mode_with_fold_batchnorm_false_runs_its_frozen_stages_unfolded():
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False,
+                            fold_batchnorm=False).train()
+    model(torch.randn(2, 3, 32, 32))
+    assert "_folded_stages_by" not in model.__dict__
+
+
+def test_graphed_inference_runs_cpu_tensors_and_gradients_eagerly_and_records_nothing():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    graphs = GraphedInference()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(graphs(net, x), net(x))
+    assert torch.equal(graphs(net, x), net(x))  # gradients on: eager
+    assert not graphs._graphs
+
+
+@cuda
+def test_the_graph_matches_eager_and_follows_weights_changed_in_place_or_replaced():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten()).cuda().eval()
+    graphs = GraphedInference()
+    x = torch.randn(5, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(graphs(net, x, version=0), net(x), atol=1e-6)
+        assert len(graphs._graphs) == 1 and next(iter(graphs._graphs.values())) is not None
+        net[0].weight.mul_(2.0)  # in place: the same graph replays the new values
+        assert torch.allclose(graphs(net, x, version=1), net(x), atol=1e-6)
+        recorded = next(iter(graphs._graphs.values()))
+        net[0].weight.data = net[0].weight.data.clone() * 0.5  # other addresses: recorded again
+        assert torch.allclose(graphs(net, x, version=2), net(x), atol=1e-6)
+        assert next(iter(graphs._graphs.values())) is not recorded
+        out = graphs(net, x, version=2)
+        graphs(net, x * 3, version=2)
+        assert torch.allclose(out, net(x), atol=1e-6)  # outputs are copies, not the graph's buffers
+
+
+@cuda
+def test_frozen_classifier_on_a_gpu_replays_a_graph_with_eager_logits():
+    model = _frozen().cuda().eval()
+    x = torch.randn(6, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        graphed = model(x)
+        model.hparams.cuda_graphs = False
+        eager = model(x)
+    assert model.__dict__["_graphed_backbone"]._graphs
+    assert torch.allclose(graphed, eager, rtol=1e-3, atol=1e-4)
