@@ -53,10 +53,11 @@ class GraphedInference:
         ...     features = graphs(backbone.eval(), batch_on_gpu)
     """
 
-    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, max_graphs: int = MAX_GRAPHS, pool: Any = None) -> None:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: could not be recorded
-        self._pool = None
+        self._shared_pool = pool  # a pool shared with other runners replayed one after another
+        self._pool = pool
         self._module: nn.Module | None = None
         self._version: Any = None
         self._addresses: tuple = ()
@@ -64,7 +65,7 @@ class GraphedInference:
     def clear(self) -> None:
         """Drop every recorded graph (and with them their memory)."""
         self._graphs.clear()
-        self._pool = None
+        self._pool = self._shared_pool
 
     def __call__(self, module: nn.Module, x: torch.Tensor, version: Any = None) -> Any:
         if (not x.is_cuda or torch.is_grad_enabled() or module.training
@@ -117,6 +118,25 @@ class GraphedInference:
         # keep the weights' storage alive: the graph reads it by address
         keep = [t.untyped_storage() for t in (*module.parameters(), *module.buffers())]
         return _Graph(graph, static_in, static_out, keep)
+
+
+class ReplayedStage(nn.Module):
+    """A frozen stage in a network that trains elsewhere, run through a :class:`GraphedInference`
+    (swapped in for the stage during a training forward). An input that needs gradients (a
+    stage after one that trains) or a parameter set to train runs the stage eagerly, so
+    gradients still flow."""
+
+    def __init__(self, stage: nn.Module, runner: GraphedInference, version: Any = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "stage", stage)  # not a child: the network's tree stays as it is
+        self.runner, self.version = runner, version
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if (not isinstance(x, torch.Tensor) or x.requires_grad
+                or any(p.requires_grad for p in self.stage.parameters())):  # set to train by hand
+            return self.stage(x)
+        with torch.no_grad():
+            return self.runner(self.stage, x, self.version)
 
 
 def _addresses(module: nn.Module) -> tuple:

@@ -30,6 +30,7 @@ from vision_tl.backbones import (
     DEFAULT_BACKBONE,
     FoldedInference,
     GraphedInference,
+    ReplayedStage,
     create_backbone,
     resolve_preprocessing,
     swapped_in,
@@ -308,11 +309,11 @@ class ImageClassifier(L.LightningModule):
                     with torch.no_grad():
                         features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
-        elif (getattr(self.net, "frozen_modules", None) and not x.requires_grad
-              and self.hparams.get("fold_batchnorm") is not False):
-            # partial mode, training: the frozen stages run as their folded copies, swapped into
-            # the backbone for this forward only (the stages that train run as they are)
-            swapped = self._folded_stages(x)
+        elif getattr(self.net, "frozen_modules", None) and not x.requires_grad:
+            # partial mode, training: the frozen stages run as their folded copies or, on a GPU,
+            # as CUDA graphs, swapped into the backbone for this forward only (the stages that
+            # train run as they are)
+            swapped = self._frozen_stages(x)
             if swapped:
                 with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
@@ -335,6 +336,30 @@ class ImageClassifier(L.LightningModule):
         if graphs is None:
             graphs = self.__dict__["_graphed_backbone"] = GraphedInference()
         return graphs(backbone, x, version)
+
+    def _frozen_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
+        """What runs in place of the frozen stages in a training forward, by name."""
+        stages = self._folded_stages(x) if self._fold_batchnorm(x) else {}
+        if not (x.is_cuda and self._cuda_graphs()):
+            return stages
+        frozen = tuple(id(m) for m in self.net.frozen_modules)
+        cached = self.__dict__.get("_replayed_stages")
+        if stages:
+            modules = stages
+        else:
+            if cached is None or cached[0] != frozen:
+                ids = set(frozen)
+                names = [n for n, m in self.net.backbone.named_modules() if id(m) in ids and n]
+                names = [n for n in names if not any(n.startswith(p + ".") for p in names)]  # outermost only
+            else:
+                names = list(cached[1])
+            modules = {name: self.net.backbone.get_submodule(name) for name in names}
+        if (cached is None or cached[0] != frozen or list(cached[1]) != list(modules)
+                or any(cached[1][n].stage is not m for n, m in modules.items())):
+            pool = torch.cuda.graph_pool_handle()  # the stages replay one after another
+            cached = self.__dict__["_replayed_stages"] = (
+                frozen, {name: ReplayedStage(m, GraphedInference(pool=pool)) for name, m in modules.items()})
+        return cached[1]
 
     def _folded_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
         """Folded copies of the frozen stages' modules by name; empty where nothing folds."""
