@@ -19,7 +19,7 @@ from vision_tl.backbones._factory import (
     weights_identity,
 )
 from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
-from vision_tl.backbones._graph import GraphedInference, ReplayedStage
+from vision_tl.backbones._graph import GraphedInference
 from vision_tl.backbones._stages import backbone_stages
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "FoldedInference",
     "GraphedInference",
     "Preprocessing",
-    "ReplayedStage",
     "backbone_stages",
     "check_pretrained_weights",
     "create_backbone",

@@ -120,25 +120,6 @@ class GraphedInference:
         return _Graph(graph, static_in, static_out, keep)
 
 
-class ReplayedStage(nn.Module):
-    """A frozen stage in a network that trains elsewhere, run through a :class:`GraphedInference`
-    (swapped in for the stage during a training forward). An input that needs gradients (a
-    stage after one that trains) or a parameter set to train runs the stage eagerly, so
-    gradients still flow."""
-
-    def __init__(self, stage: nn.Module, runner: GraphedInference, version: Any = None) -> None:
-        super().__init__()
-        object.__setattr__(self, "stage", stage)  # not a child: the network's tree stays as it is
-        self.runner, self.version = runner, version
-
-    def forward(self, x: torch.Tensor) -> Any:
-        if (not isinstance(x, torch.Tensor) or x.requires_grad
-                or any(p.requires_grad for p in self.stage.parameters())):  # set to train by hand
-            return self.stage(x)
-        with torch.no_grad():
-            return self.runner(self.stage, x, self.version)
-
-
 def _addresses(module: nn.Module) -> tuple:
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 

@@ -30,7 +30,6 @@ from vision_tl.backbones import (
     DEFAULT_BACKBONE,
     FoldedInference,
     GraphedInference,
-    ReplayedStage,
     create_backbone,
     resolve_preprocessing,
     swapped_in,
@@ -193,10 +192,11 @@ class ImageClassifier(L.LightningModule):
         fold_batchnorm: where the backbone only infers (``frozen`` mode, the frozen stages of
             ``partial``, evaluation), run it with BatchNorm folded into the convolutions
             (:mod:`vision_tl.backbones._fold`). ``None`` (default): on, except where a CUDA graph
-            runs the backbone (a GPU with ``cuda_graphs``), which is faster unfolded.
-        cuda_graphs: on a GPU, replay the backbone as a CUDA graph where it only infers
-            (:class:`~vision_tl.backbones.GraphedInference`): one launch instead of about a
-            hundred per batch, which the CPU otherwise cannot queue as fast as the GPU runs them.
+            runs the backbone (``frozen`` on a GPU with ``cuda_graphs``), which is faster unfolded.
+        cuda_graphs: ``frozen`` mode on a GPU: replay the backbone as a CUDA graph
+            (:class:`~vision_tl.backbones.GraphedInference`), one launch instead of about a
+            hundred per batch, which the CPU otherwise cannot queue as fast as the GPU runs
+            them (H100, Lite0: 0.84 of the plain inference loop against 0.72 eager).
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
@@ -309,11 +309,11 @@ class ImageClassifier(L.LightningModule):
                     with torch.no_grad():
                         features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
-        elif getattr(self.net, "frozen_modules", None) and not x.requires_grad:
-            # partial mode, training: the frozen stages run as their folded copies or, on a GPU,
-            # as CUDA graphs, swapped into the backbone for this forward only (the stages that
-            # train run as they are)
-            swapped = self._frozen_stages(x)
+        elif (getattr(self.net, "frozen_modules", None) and not x.requires_grad
+              and self.hparams.get("fold_batchnorm") is not False):
+            # partial mode, training: the frozen stages run as their folded copies, swapped into
+            # the backbone for this forward only (the stages that train run as they are)
+            swapped = self._folded_stages(x)
             if swapped:
                 with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
@@ -326,7 +326,11 @@ class ImageClassifier(L.LightningModule):
         return (not (x.is_cuda and self._cuda_graphs())) if fold is None else fold
 
     def _cuda_graphs(self) -> bool:
-        return self.hparams.get("cuda_graphs", True) and self.__dict__.get("_compiled_net") is None
+        """Frozen mode only: there the backbone never changes during a fit. (Replaying the frozen
+        layers of ``partial`` as graphs was measured and withdrawn, see benchmarks/RESULTS.md.)"""
+        return (bool(self.hparams.get("cuda_graphs", True)) and self.__dict__.get("_compiled_net") is None
+                and any(m is self.net.backbone for m in self.net.eval_modules))
+
 
     def _run_frozen(self, backbone: nn.Module, x: torch.Tensor, version: int) -> torch.Tensor:
         """``backbone(x)`` without gradients; on a GPU replayed as a CUDA graph (``cuda_graphs``)."""
@@ -336,30 +340,6 @@ class ImageClassifier(L.LightningModule):
         if graphs is None:
             graphs = self.__dict__["_graphed_backbone"] = GraphedInference()
         return graphs(backbone, x, version)
-
-    def _frozen_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
-        """What runs in place of the frozen stages in a training forward, by name."""
-        stages = self._folded_stages(x) if self._fold_batchnorm(x) else {}
-        if not (x.is_cuda and self._cuda_graphs()):
-            return stages
-        frozen = tuple(id(m) for m in self.net.frozen_modules)
-        cached = self.__dict__.get("_replayed_stages")
-        if stages:
-            modules = stages
-        else:
-            if cached is None or cached[0] != frozen:
-                ids = set(frozen)
-                names = [n for n, m in self.net.backbone.named_modules() if id(m) in ids and n]
-                names = [n for n in names if not any(n.startswith(p + ".") for p in names)]  # outermost only
-            else:
-                names = list(cached[1])
-            modules = {name: self.net.backbone.get_submodule(name) for name in names}
-        if (cached is None or cached[0] != frozen or list(cached[1]) != list(modules)
-                or any(cached[1][n].stage is not m for n, m in modules.items())):
-            pool = torch.cuda.graph_pool_handle()  # the stages replay one after another
-            cached = self.__dict__["_replayed_stages"] = (
-                frozen, {name: ReplayedStage(m, GraphedInference(pool=pool)) for name, m in modules.items()})
-        return cached[1]
 
     def _folded_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
         """Folded copies of the frozen stages' modules by name; empty where nothing folds."""
@@ -491,6 +471,10 @@ class ImageClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if stage == "fit" and hasattr(datamodule, "use_features"):
             datamodule.use_features(None)  # validate/test/predict read images again
+        # recorded CUDA graphs hold GPU memory (their buffers, a pool per batch shape)
+        graphs = self.__dict__.pop("_graphed_backbone", None)
+        if graphs is not None:
+            graphs.clear()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for an image batch ``[N, 3, H, W]`` or a cached-feature batch ``[N, F]``."""
