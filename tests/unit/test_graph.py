@@ -123,3 +123,66 @@ def test_graphs_are_for_frozen_mode_only():
     partial = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False)
     assert frozen._cuda_graphs() and not partial._cuda_graphs()
     assert not _frozen(cuda_graphs=False)._cuda_graphs()
+
+
+def _hooked_gradient(model: ImageClassifier) -> torch.Tensor | None:
+    """A hook that makes a block's output a leaf to read its gradient (feature attribution)."""
+    seen = []
+
+    def hook(module, args, out):
+        out = out.detach().requires_grad_(True)
+        seen.append(out)
+        return out
+    handle = model.net.backbone.blocks[-1].register_forward_hook(hook)
+    try:
+        model(torch.randn(4, 3, 32, 32, device=model.device)).sum().backward()
+    finally:
+        handle.remove()
+    return seen[0].grad
+
+
+@pytest.mark.parametrize("fold", [None, False])
+def test_frozen_training_with_a_hook_on_the_backbone_keeps_its_gradient(fold):
+    model = _frozen(fold_batchnorm=fold).train()
+    assert _hooked_gradient(model) is not None
+
+
+@cuda
+def test_frozen_training_on_a_gpu_with_a_hook_on_the_backbone_keeps_its_gradient():
+    model = _frozen().cuda().train()
+    assert _hooked_gradient(model) is not None
+
+
+@cuda
+def test_a_graph_recorded_in_inference_mode_replays_in_a_training_step():
+    model = _frozen().cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.inference_mode():  # Lightning's validation
+        expected = model.eval()(x).clone()
+    logits = model.train()(x)  # the same shape: the graph recorded above
+    logits.sum().backward()
+    assert torch.allclose(logits.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in model.net.head.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_graph_on_a_gpu_that_is_not_the_current_one_gives_each_batch_its_own_output():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).to("cuda:1").eval()
+    graphs = GraphedInference()
+    with torch.cuda.device(0), torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 16, 16, device="cuda:1")
+            assert torch.allclose(graphs(net, x), net(x), atol=1e-6)
+
+
+def test_a_model_holding_graphs_can_be_deep_copied_and_pickled():
+    import copy
+    import pickle
+
+    model = _frozen()
+    graphs = model.__dict__["_graphed_backbone"] = GraphedInference(max_graphs=3)
+    graphs._graphs[("shape",)] = None
+    twin = copy.deepcopy(model)
+    assert twin.__dict__["_graphed_backbone"] is not graphs and not twin.__dict__["_graphed_backbone"]._graphs
+    again = pickle.loads(pickle.dumps(graphs))
+    assert again.max_graphs == 3 and not again._graphs

@@ -158,6 +158,12 @@ def _has_hooks(modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has a forward (pre-)hook: a copy or a recorded graph
+    of it would not run them."""
+    return _has_hooks(module.modules())
+
+
 def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") or not p for p in prefixes)
 

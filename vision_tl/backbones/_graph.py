@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_tl.backbones._fold import _has_hooks
+from vision_tl.backbones._fold import has_forward_hooks
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ class GraphedInference:
         self._version: Any = None
         self._addresses: tuple = ()
 
+    # a copy (Lightning's weight averaging deep-copies the model) or a pickle starts without graphs
+    def __deepcopy__(self, memo: dict) -> GraphedInference:
+        return GraphedInference(self.max_graphs)
+
+    def __getstate__(self) -> dict:
+        return {"max_graphs": self.max_graphs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_graphs"])
+
     def clear(self) -> None:
         """Drop every recorded graph (and with them their memory)."""
         self._graphs.clear()
@@ -69,7 +79,7 @@ class GraphedInference:
 
     def __call__(self, module: nn.Module, x: torch.Tensor, version: Any = None) -> Any:
         if (not x.is_cuda or torch.is_grad_enabled() or module.training
-                or torch.cuda.is_current_stream_capturing() or _has_hooks(module.modules())):
+                or torch.cuda.is_current_stream_capturing() or has_forward_hooks(module)):
             return module(x)
         if module is not self._module or version is None or version != self._version:
             # weights changed in place replay as they are; weights at other addresses record again
@@ -88,11 +98,20 @@ class GraphedInference:
         entry = self._graphs[key]
         if entry is None:
             return module(x)
-        entry.static_in.copy_(x)
-        entry.graph.replay()
-        return _clone(entry.static_out)
+        with torch.cuda.device(x.device):  # x's GPU, whichever is current
+            entry.static_in.copy_(x)
+            entry.graph.replay()
+            return _clone(entry.static_out)
 
     def _record(self, module: nn.Module, x: torch.Tensor) -> _Graph | None:
+        # Outside inference mode: a graph recorded during validation (which Lightning runs in
+        # inference mode) replays in training steps, where inference tensors cannot be written.
+        # On x's GPU and its current stream, restored whatever the recording does.
+        with (torch.inference_mode(False), torch.no_grad(), torch.cuda.device(x.device),
+              torch.cuda.stream(torch.cuda.current_stream(x.device))):
+            return self._record_here(module, x)
+
+    def _record_here(self, module: nn.Module, x: torch.Tensor) -> _Graph | None:
         enabled, dtype = _autocast_state()
         static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
         static_in.copy_(x)
@@ -108,8 +127,10 @@ class GraphedInference:
                     for _ in range(WARMUP_RUNS):
                         module(static_in)
                 torch.cuda.current_stream(x.device).wait_stream(side)
-                # thread_local: loader and pin-memory threads keep using CUDA during the recording
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                # a stream of x's GPU (the default capture stream belongs to whichever GPU was
+                # current first); thread_local: loader and pin-memory threads keep using CUDA
+                with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(x.device),
+                                      capture_error_mode="thread_local"):
                     static_out = module(static_in)
         except Exception as error:  # an operation that cannot be recorded: this shape runs eagerly
             log.warning("vision_tl: the backbone could not be recorded as a CUDA graph (%s: %s); it runs "

@@ -31,6 +31,7 @@ from vision_tl.backbones import (
     FoldedInference,
     GraphedInference,
     create_backbone,
+    has_forward_hooks,
     resolve_preprocessing,
     swapped_in,
     weights_identity,
@@ -303,9 +304,12 @@ class ImageClassifier(L.LightningModule):
             # ... unless a gradient must flow through it: an input that wants its gradient
             # (saliency maps, adversarial checks), or a parameter set to train (model_for)
             if not (grad and x.requires_grad):
-                folded = self._folded()
-                backbone = folded.model_for(x, trainable_ok=not grad, fold=self._fold_batchnorm(x))
-                if backbone is not self.net.backbone or not (grad and folded.trains):
+                folded, fold = self._folded(), self._fold_batchnorm(x)
+                backbone = folded.model_for(x, trainable_ok=not grad, fold=fold)
+                # unfolded by choice (a GPU's graph): without gradients unless one may be wanted,
+                # by a parameter set to train or a hook (which a fold steps aside for as well)
+                if backbone is not self.net.backbone or not (fold or grad and (
+                        folded.trains or has_forward_hooks(self.net.backbone))):
                     with torch.no_grad():
                         features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
@@ -335,6 +339,7 @@ class ImageClassifier(L.LightningModule):
     def _run_frozen(self, backbone: nn.Module, x: torch.Tensor, version: int) -> torch.Tensor:
         """``backbone(x)`` without gradients; on a GPU replayed as a CUDA graph (``cuda_graphs``)."""
         if not (x.is_cuda and self._cuda_graphs()):
+            self.__dict__.pop("_graphed_backbone", None)  # e.g. unfrozen since: free their memory
             return backbone(x)
         graphs = self.__dict__.get("_graphed_backbone")
         if graphs is None:
