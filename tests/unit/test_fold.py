@@ -304,3 +304,16 @@ def test_the_head_is_sized_for_what_the_backbone_returns():
     backbone = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
     fx = FeatureExtractor(backbone, "mobilenetv3_small_050", resolve_preprocessing("mobilenetv3_small_050", 64))
     assert fx.embed(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape == (2, fx.num_features)
+
+
+def test_partial_training_swaps_whole_frozen_stages_not_each_layer():
+    from vision_tl.tasks.classifier import _outermost_covered
+
+    model = ImageClassifier(["a", "b"], backbone=TINY, image_size=32, mode="partial", pretrained=False).train()
+    swapped = model._folded_stages(torch.randn(2, 3, 32, 32))
+    assert list(swapped) == ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"]
+    assert all(not any(p.requires_grad for p in m.parameters()) for m in swapped.values())
+    # a stateless layer (an activation) inside a frozen block is covered; a layer that trains is not
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)))
+    frozen = {id(net[0][0]), id(net[1][0])}
+    assert _outermost_covered(net, frozen) == ["0", "1.0"]

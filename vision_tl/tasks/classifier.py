@@ -161,6 +161,31 @@ def _metrics(num_classes: int) -> MetricCollection:
     })
 
 
+def _outermost_covered(root: nn.Module, frozen: set[int]) -> list[str]:
+    """Names of the outermost submodules of ``root`` made only of frozen modules (``frozen``:
+    their ids) and stateless ones (activations, identities): Lite0's 66 frozen layers in
+    ``partial`` are 7 whole stages, so a training step swaps 7 modules for their folded copies
+    instead of 66."""
+    covered: dict[int, bool] = {}
+    holds_frozen: dict[int, bool] = {}
+
+    def walk(module: nn.Module) -> None:
+        children = list(module.children())
+        for child in children:
+            walk(child)
+        own_state = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+        holds_frozen[id(module)] = id(module) in frozen or any(holds_frozen[id(c)] for c in children)
+        covered[id(module)] = id(module) in frozen or not own_state and all(covered[id(c)] for c in children)
+
+    walk(root)
+    names: list[str] = []
+    for name, module in root.named_modules():
+        if (name and covered[id(module)] and holds_frozen[id(module)]
+                and not any(name.startswith(n + ".") for n in names)):
+            names.append(name)
+    return names
+
+
 class ImageClassifier(L.LightningModule):
     """Transfer-learning classifier over a timm backbone, in ``frozen``, ``partial`` or ``full`` mode.
 
@@ -351,14 +376,17 @@ class ImageClassifier(L.LightningModule):
         frozen = tuple(id(m) for m in self.net.frozen_modules)
         cached = self.__dict__.get("_folded_stages_by")
         if cached is None or cached[0] != frozen or cached[1].source is not self.net.backbone:
-            names = {id(m): name for name, m in self.net.backbone.named_modules()}
-            within = [names[i] for i in frozen if i in names]
-            cached = self.__dict__["_folded_stages_by"] = (frozen, FoldedInference(self.net.backbone, within=within))
-        folded = cached[1]
+            within = _outermost_covered(self.net.backbone, set(frozen))
+            cached = self.__dict__["_folded_stages_by"] = (frozen, FoldedInference(self.net.backbone, within=within), {})
+        folded, by_copy = cached[1], cached[2]
         if not folded.within:
             return {}
         copy = folded.model_for(x, trainable_ok=False)  # a stage set to train by hand runs as it is
-        return {} if copy is self.net.backbone else {name: copy.get_submodule(name) for name in folded.within}
+        if copy is self.net.backbone:
+            return {}
+        if by_copy.get("copy") is not copy:  # looked up once per copy, not on every step
+            by_copy.update(copy=copy, modules={name: copy.get_submodule(name) for name in folded.within})
+        return by_copy["modules"]
 
     def _folded(self) -> FoldedInference:
         folded = self.__dict__.get("_folded_backbone")
