@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from vision_tl.utils import Terminated, local_rank, sigterm_as_interrupt
+from vision_tl.utils import Terminated, local_rank, release_process_group, sigterm_as_interrupt
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # What the full kit has and the torch-free predictor (vision-tl-deploy, or the kit installed with
@@ -137,6 +137,8 @@ def console_main() -> int:
         # Point stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports it
+    finally:
+        release_process_group()  # a DDP rank's, before interpreter shutdown can abort on it
 
 
 if __name__ == "__main__":

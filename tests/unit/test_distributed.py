@@ -24,7 +24,18 @@ def one_process_group():
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_the_command_line_closes_a_process_group_left_open_before_the_process_exits(one_process_group, monkeypatch):
+    from vision_tl import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(cli.sys, "argv", ["vision-tl", "fit"])
+    assert dist.is_initialized()
+    assert cli.console_main() == 0
+    assert not dist.is_initialized()  # interpreter shutdown would otherwise destroy Gloo's threads running
 
 
 def test_a_lost_connection_in_a_collective_is_a_stopped_peer(one_process_group) -> None:

@@ -4,6 +4,7 @@ printing once per job; work one DDP process does while the others wait, in utils
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -89,6 +90,20 @@ def sigterm_as_interrupt(defer: bool = False) -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def release_process_group() -> None:
+    """Destroy the distributed process group a command left (Lightning keeps DDP's to the end)
+    while the interpreter is still whole: left to interpreter shutdown, Gloo's worker threads
+    are destroyed still running and abort the process ("terminate called without an active
+    exception", exit -6; pytorch/pytorch#190489), which turned DDP runs that had finished, or
+    stopped cleanly on SIGTERM, into crashes. Imports nothing: a torch-free install has none."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # a peer already gone: the process exits all the same
+        print(f"vision_tl: could not close the distributed process group ({exc})", file=sys.stderr)
 
 
 @contextlib.contextmanager
