@@ -8,6 +8,8 @@
    included, through N decoding threads (``decode_batches``, the kit now) and through a
    ``DataLoader`` with N processes that decode into shared-memory batches (the kit before).
    The parent holds a Lite0 model first, as ``vision-tl extract``'s does when it starts them.
+3. **The kit's decoding processes** (``decode_batches_in_processes``, used on 8+ cores): each
+   process's shared-memory buffers reused round robin, against a new one per batch.
 
 Rounds alternate; the script prints the medians of the per-round ratios. On a GPU machine
 extract is bound by this decoding rate, so the ratios are what extract gains there.
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tl import imaging
 from vision_tl.backbones import create_backbone
-from vision_tl.data.decode_threads import decode_batches
+from vision_tl.data.decode_threads import decode_batches, decode_batches_in_processes
 from vision_tl.data.device import default_decode_threads
 from vision_tl.data.transforms import pixel_batch_buffer
 
@@ -126,6 +128,15 @@ def pass_rate(paths: list[Path], size: int, batch: int, workers: int, threads: b
     return len(paths) / (time.perf_counter() - start), 1000 * (first or 0.0)
 
 
+def kit_process_rate(paths: list[Path], size: int, batch: int, workers: int, reuse: bool) -> float:
+    """images/s of one whole pass through the kit's decoding processes (what extract and the
+    decoded cache use on 8+ cores), with each process's shared-memory buffers reused or new per batch."""
+    start = time.perf_counter()
+    for _ in decode_batches_in_processes(paths, (size, size), "bicubic", batch, workers, reuse_buffers=reuse):
+        pass
+    return len(paths) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -176,11 +187,22 @@ def main() -> None:
             passes.append((r, proc, proc_first, thr, thr_first, thr / proc))
             print(f"round {r}: {args.workers} loader processes {proc:.0f} img/s (first batch after {proc_first:.0f} ms), "
                   f"{args.workers} threads {thr:.0f} img/s ({thr_first:.0f} ms), ratio {thr / proc:.2f}", flush=True)
+        reuse = []
+        for r in range(args.rounds):
+            rates = {}
+            for again in ([False, True] if r % 2 == 0 else [True, False]):
+                rates[again] = kit_process_rate(paths, args.size, args.batch, args.workers, again)
+            reuse.append((r, rates[False], rates[True], rates[True] / rates[False]))
+            print(f"round {r}: the kit's {args.workers} decoding processes, a new shared-memory batch each time "
+                  f"{rates[False]:.0f} img/s, buffers reused {rates[True]:.0f} img/s, ratio {reuse[-1][3]:.2f}",
+                  flush=True)
     median = statistics.median(row[3] for row in rows)
+    reuse_median = statistics.median(row[3] for row in reuse)
     pass_median = statistics.median(row[5] for row in passes)
     print(f"median ratio per core, simplejpeg into the batch / Pillow image by image: {median:.2f} "
           f"({len(paths)} images, identical pixels)")
     print(f"median ratio of a whole pass, {args.workers} threads / {args.workers} loader processes: {pass_median:.2f}")
+    print(f"median ratio of a whole pass through the kit's decoding processes, buffers reused / new: {reuse_median:.2f}")
     if args.no_write:
         return
     source = f"--data {args.data}" if args.data else f"--generate {args.generate}"
@@ -203,6 +225,11 @@ def main() -> None:
                  "decoder (file read, header, checks, and the resize where one is needed, which Pillow runs without "
                  f"the GIL). For JPEGs at the model's size that bounds the GIL's share and caps decoding threads at "
                  f"about {1e6 / outside_us:,.0f} images/s per process.\n")
+    lines += [f"\nA whole pass through the kit's {args.workers} decoding processes (extract and the decoded cache "
+              "on 8+ cores): a new shared-memory batch each time (before) against each process's buffers reused "
+              "(now).\n\n", "| round | new batches img/s | reused buffers img/s | ratio |\n|---|---|---|---|\n"]
+    lines += [f"| {r} | {a:.0f} | {b:.0f} | {q:.2f} |\n" for r, a, b, q in reuse]
+    lines.append(f"| **median** | | | **{reuse_median:.2f}** |\n")
     with RESULTS.open("a", encoding="utf-8") as f:
         f.writelines(lines)
 

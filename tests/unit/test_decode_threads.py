@@ -69,6 +69,28 @@ def test_loader_processes_give_the_batches_threads_give(tmp_path, processes) -> 
         decode_batches_in_processes(paths, SIZE, "bilinear", 4, 0)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_reused_process_buffers_give_every_batch_its_own_pixels_to_a_caller_that_streams(tmp_path, processes):
+    # 23 batches of 1-2 images: each process's 4 buffers are reused five times or more
+    paths = _images(tmp_path, n=45)
+    threads = decode_batches(paths, SIZE, "bilinear", batch_size=2, threads=2)
+    procs = decode_batches_in_processes(paths, SIZE, "bilinear", batch_size=2, processes=processes)
+    held = []
+    for a, b in zip(procs, threads, strict=True):
+        held = [*held[-1:], (a, b.pixels.numpy().copy())]  # one batch still held, as extract does
+        for rows, expected in held:
+            np.testing.assert_array_equal(rows.pixels.numpy(), expected)
+        assert a.start == b.start and a.errors.keys() == b.errors.keys()
+
+
+def test_a_decoding_process_reuses_its_buffers_round_robin(tmp_path, monkeypatch):
+    paths = _images(tmp_path, n=12)
+    batches = decode_threads._Batches(paths, SIZE, "bilinear", batch_size=2, slots=3)
+    monkeypatch.setattr(decode_threads, "get_worker_info", lambda: object())  # as in a loader process
+    pointers = [batches[b][1].untyped_storage().data_ptr() for b in range(6)]
+    assert pointers[:3] == pointers[3:] and len(set(pointers)) == 3
+
+
 @pytest.mark.parametrize("cores, workers, expected", [(2, 2, False), (4, 3, False), (8, 7, True), (16, 15, True),
                                                       (16, 1, False), (16, 0, False)])
 def test_many_cores_decode_in_processes_few_in_threads(monkeypatch, cores, workers, expected) -> None:
