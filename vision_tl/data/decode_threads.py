@@ -249,9 +249,10 @@ class _Batches(Dataset):
         caller has taken the batch ``ahead`` before it, so a buffer ``slots`` batches back is free."""
         if not self.slots or get_worker_info() is None:
             return pixel_batch_buffer((n, *self.size, 3))
-        k, self._taken = self._taken % self.slots, self._taken + 1
-        if k == len(self._ring):
+        k = self._taken % self.slots
+        while len(self._ring) <= k:  # created as first needed (a failed creation is tried again)
             self._ring.append(pixel_batch_buffer((self.batch_size, *self.size, 3)))
+        self._taken += 1
         return self._ring[k][:n]
 
     def __len__(self) -> int:
