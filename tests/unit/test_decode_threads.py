@@ -3,6 +3,7 @@ image, in order, and no thread left writing once the caller stops."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -262,3 +263,29 @@ def test_processes_leave_the_start_method_free_and_are_not_used_inside_a_daemon(
     assert decode_in_processes(15)
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
     assert not decode_in_processes(15)  # a Pool's or Celery's worker may not have children
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_decoding_processes_leave_no_buffer_in_shared_memory_under_the_file_system_strategy(tmp_path):
+    import gc
+
+    import torch.multiprocessing as tmp
+
+    def ours() -> set[str]:  # torch's files of this test's processes (file_system: torch_<pid>_...)
+        return {f for f in os.listdir("/dev/shm") if f.startswith("torch_")} - before
+
+    paths = _images(tmp_path, n=24)
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("torch_")}
+    strategy = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy("file_system")
+    try:
+        for _ in range(2):
+            for rows in decode_batches_in_processes(paths, SIZE, "bilinear", batch_size=4, processes=2):
+                del rows
+        gc.collect()
+        deadline = time.time() + 5
+        while ours() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not ours()
+    finally:
+        tmp.set_sharing_strategy(strategy)

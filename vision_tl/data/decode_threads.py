@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -48,7 +49,8 @@ CHUNK = 8  # images per task: enough to make a task's overhead small, few enough
 PROCESSES_FROM = 8  # cores from which decode_in_processes() says yes (threads measured faster on 2, slower on 16)
 IN_FLIGHT = 2  # batches each decoding process has in work (DataLoader's prefetch_factor)
 # shared-memory buffers each decoding process reuses, round robin: its batches in work and two
-# more, so that a buffer is written again only after the caller has taken 2 x processes more batches
+# more, so that a batch's buffer is not written again while the caller takes up to
+# 2 x processes - 1 more batches (writing may start during the next one)
 SPARE_SLOTS = 2
 
 
@@ -187,8 +189,8 @@ def decode_batches_in_processes(paths: Sequence[Path], size: tuple[int, int], in
     of each batch, and ``ahead + 2`` batch buffers per process held in shared memory. Each
     process reuses its buffers round robin (a new shared-memory batch cost 6.75 ms per 64
     images at 224 px to create and fill on 2 cores, a reused one 0.23 ms): without ``pin``,
-    a batch's pixels stay valid until ``2 x processes`` more batches were taken; copy them to
-    keep them longer. ``reuse_buffers=False``: a new buffer for every batch (for comparison)."""
+    a batch's pixels stay valid while up to ``2 x processes - 1`` more batches are taken; copy
+    them to keep them longer. ``reuse_buffers=False``: a new buffer for every batch (for comparison)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if processes < 1:
@@ -246,9 +248,12 @@ class _Batches(Dataset):
     def _buffer(self, n: int) -> torch.Tensor:
         """Where batch rows go: the next of this process's reused shared-memory buffers. A worker
         is handed its batches ``ahead`` at a time, in order, and gets its next one only once the
-        caller has taken the batch ``ahead`` before it, so a buffer ``slots`` batches back is free."""
+        caller takes the batch ``ahead`` before it, so a buffer ``slots`` batches back is free."""
         if not self.slots or get_worker_info() is None:
             return pixel_batch_buffer((n, *self.size, 3))
+        if not self._ring:  # freed as the process ends: under the file_system sharing strategy
+            # a buffer still referenced then would stay in /dev/shm until the main process ends
+            multiprocessing.util.Finalize(self, self._ring.clear, exitpriority=0)
         k = self._taken % self.slots
         while len(self._ring) <= k:  # created as first needed (a failed creation is tried again)
             self._ring.append(pixel_batch_buffer((self.batch_size, *self.size, 3)))
