@@ -69,8 +69,10 @@ class ThroughputMeter(L.Callback):
         if self.whole:
             self._sync(pl_module)
             self.images, self.seconds = self._all_images, time.perf_counter() - self._setup_start
-        if self.out:
-            Path(self.out).write_text(json.dumps({"images_per_second": self.rate, "images": self.images}))
+        if self.out:  # with the peak GPU memory, for a fit run in another process
+            peak = torch.cuda.max_memory_allocated() / 2**30 if pl_module.device.type == "cuda" else float("nan")
+            Path(self.out).write_text(json.dumps({"images_per_second": self.rate, "images": self.images,
+                                                  "peak_gib": peak}))
 
     @property
     def rate(self) -> float:
