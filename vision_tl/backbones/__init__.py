@@ -18,7 +18,7 @@ from vision_tl.backbones._factory import (
     resolve_preprocessing,
     weights_identity,
 )
-from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, has_forward_hooks, swapped_in
+from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
 from vision_tl.backbones._graph import GraphedInference
 from vision_tl.backbones._stages import backbone_stages
 
@@ -34,7 +34,6 @@ __all__ = [
     "create_backbone",
     "embedded_weights_path",
     "fold_batchnorm",
-    "has_forward_hooks",
     "pooled_width",
     "resolve_preprocessing",
     "swapped_in",

@@ -249,9 +249,10 @@ class FoldedInference:
         self._modules: list[nn.Module] = []
         self._key: tuple | None = None
         self._trains = False  # a watched parameter required gradients at the last change
+        self._hooked = False  # a watched module had forward hooks at the last change
         self._built = False
         self._folded: nn.Module | None = None
-        self.version = 0  # counts the watched weights' changes seen (or invalidations)
+        self.version = 0  # counts the changes seen to the watched weights or hooks (or invalidations)
 
     def _state_key(self) -> tuple:
         # Read from the module list kept since the last build (walking the tree again costs
@@ -280,16 +281,22 @@ class FoldedInference:
         """Whether a watched parameter required gradients at the last :meth:`model_for`."""
         return self._trains
 
+    @property
+    def hooked(self) -> bool:
+        """Whether a watched module had forward hooks at the last :meth:`model_for`."""
+        return self._hooked
+
     def model_for(self, x: torch.Tensor, trainable_ok: bool = True, fold: bool = True) -> nn.Module:
         """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds
         or, with ``trainable_ok=False`` (a forward with gradients), where a watched parameter
         requires gradients: that backbone trains, and no copy is built for it. ``fold=False``
-        only checks the weights (:attr:`version`, :attr:`trains`) and returns ``source``."""
+        only checks the weights (:attr:`version`, :attr:`trains`, :attr:`hooked`) and returns ``source``."""
         key = self._state_key() if self._modules and self._key is not None else None
         if key is None or key != self._key:
             self._modules = self._watched()
             self._key = self._state_key()
             self._trains = any(p is not None and p.requires_grad for m in self._modules for p in m._parameters.values())
+            self._hooked = _has_hooks(self._modules)
             self._folded, self._built = None, False
             self.version += 1
         if (self._trains and not trainable_ok) or not fold:

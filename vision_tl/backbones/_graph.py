@@ -9,9 +9,10 @@ records those kernels once per input shape and replays them with a single launch
 A graph reads its weights and input from fixed addresses: weights updated in place replay
 as they are, weights replaced by other tensors need a new recording. :class:`GraphedInference`
 therefore records one graph per (module, input shape, strides, dtype, autocast state), keeps
-the recorded weights' storage alive, and compares the weights' addresses again whenever the
-caller's ``version`` of them moves (on every call without one). Anything it cannot record
-runs eagerly, as before.
+the recorded weights' storage alive, and looks at the weights' addresses and the module's
+forward hooks again whenever the caller's ``version`` of them moves (on every call without
+one; :class:`~vision_tl.backbones.FoldedInference`'s moves with both). Anything it cannot
+record runs eagerly, as before.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ class GraphedInference:
         ...     features = graphs(backbone.eval(), batch_on_gpu)
     """
 
-    def __init__(self, max_graphs: int = MAX_GRAPHS, pool: Any = None) -> None:
+    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: could not be recorded
-        self._shared_pool = pool  # a pool shared with other runners replayed one after another
-        self._pool = pool
+        self._pool = None
         self._module: nn.Module | None = None
         self._version: Any = None
         self._addresses: tuple = ()
+        self._hooked = False
 
     # a copy (Lightning's weight averaging deep-copies the model) or a pickle starts without graphs
     def __deepcopy__(self, memo: dict) -> GraphedInference:
@@ -75,11 +76,10 @@ class GraphedInference:
     def clear(self) -> None:
         """Drop every recorded graph (and with them their memory)."""
         self._graphs.clear()
-        self._pool = self._shared_pool
+        self._pool = None
 
     def __call__(self, module: nn.Module, x: torch.Tensor, version: Any = None) -> Any:
-        if (not x.is_cuda or torch.is_grad_enabled() or module.training
-                or torch.cuda.is_current_stream_capturing() or has_forward_hooks(module)):
+        if not x.is_cuda or torch.is_grad_enabled() or module.training or torch.cuda.is_current_stream_capturing():
             return module(x)
         if module is not self._module or version is None or version != self._version:
             # weights changed in place replay as they are; weights at other addresses record again
@@ -87,7 +87,9 @@ class GraphedInference:
             if module is not self._module or addresses != self._addresses:
                 self.clear()
                 self._module, self._addresses = module, addresses
-            self._version = version
+            self._version, self._hooked = version, has_forward_hooks(module)
+        if self._hooked:  # a graph would not call them
+            return module(x)
         key = (tuple(x.shape), x.stride(), x.dtype, x.device, _autocast_state())
         if key in self._graphs:
             self._graphs.move_to_end(key)

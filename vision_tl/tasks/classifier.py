@@ -31,7 +31,6 @@ from vision_tl.backbones import (
     FoldedInference,
     GraphedInference,
     create_backbone,
-    has_forward_hooks,
     resolve_preprocessing,
     swapped_in,
     weights_identity,
@@ -333,8 +332,7 @@ class ImageClassifier(L.LightningModule):
                 backbone = folded.model_for(x, trainable_ok=not grad, fold=fold)
                 # unfolded by choice (a GPU's graph): without gradients unless one may be wanted,
                 # by a parameter set to train or a hook (which a fold steps aside for as well)
-                if backbone is not self.net.backbone or not (fold or grad and (
-                        folded.trains or has_forward_hooks(self.net.backbone))):
+                if backbone is not self.net.backbone or not (fold or grad and (folded.trains or folded.hooked)):
                     with torch.no_grad():
                         features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
@@ -359,7 +357,6 @@ class ImageClassifier(L.LightningModule):
         layers of ``partial`` as graphs was measured and withdrawn, see benchmarks/RESULTS.md.)"""
         return (bool(self.hparams.get("cuda_graphs", True)) and self.__dict__.get("_compiled_net") is None
                 and any(m is self.net.backbone for m in self.net.eval_modules))
-
 
     def _run_frozen(self, backbone: nn.Module, x: torch.Tensor, version: int) -> torch.Tensor:
         """``backbone(x)`` without gradients; on a GPU replayed as a CUDA graph (``cuda_graphs``)."""
