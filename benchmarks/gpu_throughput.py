@@ -131,7 +131,7 @@ def checks(args, root: Path) -> None:
     args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
-    args.graph_check = graph_check(args)
+    args.graph_check = f"{graph_check(args)}; {extract_graph_check(args, root)}"
     print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
@@ -176,6 +176,36 @@ def graph_check(args) -> str:
         raise SystemExit("no CUDA graph was recorded for the frozen backbone")
     return (f"CUDA graph vs eager frozen backbone: largest relative logit difference {worst:.1e} over {rounds} "
             f"comparisons (fp32 and bf16, batches 64 and 7, weights as loaded, changed in place, replaced)")
+
+
+def extract_graph_check(args, root: Path) -> str:
+    """Extraction through CUDA graphs (normalisation and the backbone replayed per batch shape)
+    gives the eager unfolded extractor's embeddings: real JPEGs, several batches and a smaller
+    last one (which runs eagerly), fp32 and bf16, pooled and intermediate stages."""
+    from vision_tl.backbones import create_backbone, resolve_preprocessing
+    from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
+
+    device = torch.device(args.device)
+    model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").to(device)
+    pre = resolve_preprocessing(args.backbone, args.size)
+    paths = sorted(root.rglob("*.jpg"))[:200]  # batches of 64, 64, 64 and 8
+    worst, recorded = 0.0, 0
+    for precision in ("32", "bf16"):
+        feats = {}
+        for graphs in (True, False):
+            fx = FeatureExtractor(model, args.backbone, pre, "2,pooled", precision=precision, cuda_graphs=graphs,
+                                  fold_batchnorm=False)
+            feats[graphs] = np.concatenate([r.features for r in iter_embeddings(fx, paths, 64, 2, device,
+                                                                                progress=False)])
+            recorded += len(fx._graphs._graphs) if graphs else 0
+        err = float(np.abs(feats[True] - feats[False]).max() / max(np.abs(feats[False]).max(), 1e-6))
+        worst = max(worst, err)
+        if err > (2e-2 if precision == "bf16" else 1e-3):
+            raise SystemExit(f"extract through CUDA graphs differs from eager ({precision}): relative error {err:.2e}")
+    if device.type == "cuda" and not recorded:
+        raise SystemExit("extract recorded no CUDA graph")
+    return (f"extract through CUDA graphs vs eager: largest relative difference {worst:.1e} "
+            f"({len(paths)} JPEGs, fp32 and bf16, stage 2 + pooled)")
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -318,7 +348,8 @@ def extract_rate(args, root: Path, decode: str = "cpu") -> tuple[float, float, f
                 float(meta.get("seconds_to_first_batch", "nan")), wall)
 
 
-def extract_steady_rate(args, root: Path, skip: int = 3, decode: str = "cpu") -> tuple[float, float]:
+def extract_steady_rate(args, root: Path, skip: int = 3, decode: str = "cpu",
+                        cuda_graphs: bool = True) -> tuple[float, float]:
     """images/s of extract's engine (``iter_embeddings``: workers, side-stream copy, one batch
     in flight, bf16) after its first ``skip`` batches, i.e. without starting the loader
     processes and the GPU's first-shape warm-up, which dominate a 10,000-image run that
@@ -329,7 +360,7 @@ def extract_steady_rate(args, root: Path, skip: int = 3, decode: str = "cpu") ->
     device = torch.device(args.device)
     model = create_backbone(args.backbone, pretrained=args.backbone != "test_efficientnet").to(device)
     fx = FeatureExtractor(model, args.backbone, resolve_preprocessing(args.backbone, args.size),
-                          precision="bf16" if args.device == "cuda" else "32", decode=decode)
+                          precision="bf16" if args.device == "cuda" else "32", decode=decode, cuda_graphs=cuda_graphs)
     paths = sorted(root.rglob("*.jpg"))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -378,8 +409,8 @@ def augment_ms(args, reps: int = 20) -> float:
 
 def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> None:
     """The extract rows: ``vision-tl extract`` in a new process (and how long a new process takes
-    to import the kit and start the device), its engine in steady state with simplejpeg and with
-    Pillow decoding (median of :data:`ROUNDS` alternating runs each), and with ``--decode device``."""
+    to import the kit and start the device), its engine in steady state with simplejpeg, eager
+    and with Pillow decoding (median of :data:`ROUNDS` alternating runs each), and with ``--decode device``."""
     for decode, label in (("cpu", "extract"), ("device", "extract --decode device")):
         rate, seconds, first, wall = extract_rate(args, root, decode)
         # its GPU memory: another process's; its timings go with the row, for the report
@@ -389,17 +420,20 @@ def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> Non
         if decode == "device":
             kit[f"{label}, steady state"] = (*extract_steady_rate(args, root, decode=decode), {})
             print(f"{label}, steady state: {kit[f'{label}, steady state'][0]:,.0f} img/s", flush=True)
-    # CPU decoding in steady state, simplejpeg and Pillow alternating (the first of a pair ran
-    # slower in an earlier run, as much as the decoders differ): the median of ROUNDS of each
-    decoders = ("simplejpeg", "Pillow") if jpeg_decoder() != "Pillow" else ("Pillow",)
-    rates: dict[str, list] = {name: [] for name in decoders}
+    # CPU decoding in steady state: the default (CUDA graph), eager (the backbone's kernels
+    # launched one by one, BatchNorm folded: the path before graphs) and Pillow decoding,
+    # alternating (the first of a set ran slower in an earlier run): the median of ROUNDS of each
+    variants = {"extract, steady state": (None, True),
+                "extract, steady state, eager (BatchNorm folded, no CUDA graph)": (None, False)}
+    if jpeg_decoder() != "Pillow":
+        variants["extract, steady state, Pillow decoding"] = (False, True)
+    rates: dict[str, list] = {label: [] for label in variants}
     for _ in range(ROUNDS):
-        for name in decoders:
-            imaging._fast_jpeg = False if name == "Pillow" else None  # loaders inherit this process's choice
-            rates[name].append(extract_steady_rate(args, root))
+        for label, (fast_jpeg, graphs) in variants.items():
+            imaging._fast_jpeg = fast_jpeg  # loaders inherit this process's choice
+            rates[label].append(extract_steady_rate(args, root, cuda_graphs=graphs))
     imaging._fast_jpeg = None
-    for name, runs in rates.items():
-        label = "extract, steady state" + (", Pillow decoding" if name == "Pillow" and len(decoders) > 1 else "")
+    for label, runs in rates.items():
         kit[label] = (float(np.median([r for r, _ in runs])), max(peak for _, peak in runs), {})
         print(f"{label}: {kit[label][0]:,.0f} img/s (median of {ROUNDS}: "
               f"{', '.join(f'{r:,.0f}' for r, _ in runs)})", flush=True)

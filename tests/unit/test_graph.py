@@ -186,3 +186,96 @@ def test_a_model_holding_graphs_can_be_deep_copied_and_pickled():
     assert twin.__dict__["_graphed_backbone"] is not graphs and not twin.__dict__["_graphed_backbone"]._graphs
     again = pickle.loads(pickle.dumps(graphs))
     assert again.max_graphs == 3 and not again._graphs
+
+
+# --- extraction (FeatureExtractor): normalisation and the backbone replayed as one graph ---
+
+def _extractor(stages: str = "pooled", **kwargs):
+    from vision_tl.backbones import create_backbone, resolve_preprocessing
+    from vision_tl.features.extractor import FeatureExtractor
+
+    net = create_backbone(TINY, pretrained=False, img_size=32)
+    return FeatureExtractor(net, TINY, resolve_preprocessing(TINY, 32), stages, **kwargs)
+
+
+def test_an_extractor_leaves_its_model_in_the_mode_it_was_given():
+    fx = _extractor()
+    fx.model.train()
+    fx.embed(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert fx.model.training  # neither building the extractor nor embedding switched it to eval
+
+
+def test_extraction_on_a_cpu_records_no_graph():
+    fx = _extractor()
+    fx.embed(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert not fx._graphs._graphs and not fx._graphs._seen
+
+
+@cuda
+def test_graphs_record_a_shape_on_its_second_call_with_record_after():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).cuda().eval()
+    graphs = GraphedInference(record_after=1)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(graphs(net, x), net(x), atol=1e-6)
+        assert not graphs._graphs  # once: eager
+        assert torch.allclose(graphs(net, x), net(x), atol=1e-6)
+        assert len(graphs._graphs) == 1 and not graphs._seen
+
+
+@cuda
+@pytest.mark.parametrize("stages", ["pooled", "1,3,pooled"])
+def test_extraction_on_a_gpu_through_graphs_equals_the_unfolded_eager_model(stages):
+    from vision_tl.features.extractor import warm_up
+
+    graphed, eager = _extractor(stages), _extractor(stages, cuda_graphs=False, fold_batchnorm=False)
+    eager.model.load_state_dict(graphed.model.state_dict())
+    for fx in (graphed, eager):
+        fx.model.cuda()
+    device = torch.device("cuda")
+    warm_up(graphed, 4, device)
+    assert len(graphed._graphs._graphs) == 1  # recorded while the first batch decodes
+    for n in (4, 4, 3):  # the last, smaller batch: eager once
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(graphed.embed(x), eager.embed(x))
+    assert len(graphed._graphs._graphs) == 1
+    graphed.model.blocks[-1].register_forward_hook(lambda m, a, out: out * 0)  # hooks run: eager
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device=device)
+    assert not torch.equal(graphed.embed(x), eager.embed(x))
+    graphed.release_graphs()
+    assert not graphed._graphs._graphs
+
+
+@cuda
+def test_a_folded_backbone_can_be_replayed_too():
+    folded = _extractor(fold_batchnorm=True)
+    eager = _extractor(cuda_graphs=False, fold_batchnorm=False)
+    eager.model.load_state_dict(folded.model.state_dict())
+    for fx in (folded, eager):
+        fx.model.cuda()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        assert torch.allclose(folded.embed(x), eager.embed(x), rtol=1e-4, atol=1e-4)
+    assert folded._graphed.model is not folded.model and len(folded._graphs._graphs) == 1
+
+
+def test_fold_batchnorm_false_extracts_through_the_model_as_it_is():
+    fx = _extractor(fold_batchnorm=False)
+    with torch.no_grad():
+        for m in fx.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    calls = []
+    real = F.batch_norm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+        unfolded = fx.embed(x)
+        fx.fold_batchnorm = None
+        calls_unfolded = len(calls)
+        fx.embed(x)  # builds the folded copy, checking it against the model
+        calls_built = len(calls)
+        folded = fx.embed(x)
+    assert calls_unfolded > 0 and len(calls) == calls_built  # the default folds on a CPU
+    assert torch.allclose(unfolded, folded, rtol=1e-4, atol=1e-5)

@@ -48,14 +48,24 @@ class GraphedInference:
     fresh tensors, not the graph's buffers. Modules with forward hooks, CPU tensors and
     inputs that need gradients run eagerly.
 
+    Args:
+        max_graphs: graphs kept (one per input shape); one more replaces the least recently used.
+        record_after: calls of a new shape that run eagerly before the next one records it
+            (0: record on the first call, as a fit wants, whose shapes come back every epoch).
+
     Example:
         >>> graphs = GraphedInference()
         >>> with torch.no_grad():
         ...     features = graphs(backbone.eval(), batch_on_gpu)
     """
 
-    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, max_graphs: int = MAX_GRAPHS, record_after: int = 0) -> None:
         self.max_graphs = max_graphs
+        # eager calls of a shape before it is recorded: recording costs about three forward
+        # passes and a device-wide wait, which a shape seen once (an extraction's last, smaller
+        # batch) would never earn back
+        self.record_after = record_after
+        self._seen: dict[tuple, int] = {}  # eager calls so far of shapes not recorded yet
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: could not be recorded
         self._pool = None
         self._module: nn.Module | None = None
@@ -65,17 +75,18 @@ class GraphedInference:
 
     # a copy (Lightning's weight averaging deep-copies the model) or a pickle starts without graphs
     def __deepcopy__(self, memo: dict) -> GraphedInference:
-        return GraphedInference(self.max_graphs)
+        return GraphedInference(self.max_graphs, self.record_after)
 
     def __getstate__(self) -> dict:
-        return {"max_graphs": self.max_graphs}
+        return {"max_graphs": self.max_graphs, "record_after": self.record_after}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_graphs"])
+        self.__init__(state["max_graphs"], state.get("record_after", 0))
 
     def clear(self) -> None:
         """Drop every recorded graph (and with them their memory)."""
         self._graphs.clear()
+        self._seen.clear()
         self._pool = None
 
     def __call__(self, module: nn.Module, x: torch.Tensor, version: Any = None) -> Any:
@@ -93,7 +104,13 @@ class GraphedInference:
         key = (tuple(x.shape), x.stride(), x.dtype, x.device, _autocast_state())
         if key in self._graphs:
             self._graphs.move_to_end(key)
+        elif self._seen.get(key, 0) < self.record_after:
+            if len(self._seen) >= 16 * self.max_graphs:  # many one-off shapes: forget them
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            return module(x)
         else:
+            self._seen.pop(key, None)
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
             self._graphs[key] = self._record(module, x)

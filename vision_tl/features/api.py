@@ -201,6 +201,7 @@ def extract(
     device: str | None = None,
     precision: str = "32",
     decode: str = "cpu",
+    cuda_graphs: bool = True,
     progress: bool = True,
     return_features: bool = True,
     unlabelled: bool = False,
@@ -235,6 +236,8 @@ def extract(
         decode: ``"cpu"`` (decoding threads, Pillow's pixels) or ``"device"`` (JPEGs decoded on
             ``device``: nvJPEG on a GPU, which takes extraction past what the CPU's cores
             decode; pixels within a rounding of Pillow's, cached apart). Meant for GPUs.
+        cuda_graphs: on a GPU, replay the backbone as a CUDA graph per batch shape (one launch
+            per batch; the same embeddings as the unfolded model).
         progress: show a tqdm bar.
         return_features: also return the arrays (False keeps memory flat for huge folders).
         unlabelled: every image under ``root`` at any depth, label -1 (sub-folders such as
@@ -264,7 +267,7 @@ def extract(
         model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
-                                 precision=precision, decode=decode)
+                                 precision=precision, decode=decode, cuda_graphs=cuda_graphs)
     with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)

@@ -70,6 +70,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                  "(nvJPEG on the GPU, for folders the CPU's cores cannot decode fast enough; pixels "
                                  "differ from Pillow's by at most 3 levels on average, checked at the start; cached "
                                  "separately)")
+        parser.add_argument("--no-cuda-graphs", action="store_true",
+                            help="on a GPU, launch the backbone's kernels one by one instead of replaying them as a "
+                                 "CUDA graph per batch shape (same embeddings; slower where the CPU is the limit)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         parser.add_argument("--no-cache", action="store_true",
                             help="keep nothing in the cache (partial shards live beside --out until done)")
@@ -105,7 +108,8 @@ def _run_extract(args: argparse.Namespace) -> None:
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
-            decode=args.decode, progress=not args.no_progress, return_features=False, unlabelled=args.unlabelled)
+            decode=args.decode, cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress,
+            return_features=False, unlabelled=args.unlabelled)
     from vision_tl.utils import launcher_int
 
     if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vision_tl.backbones import FoldedInference, Preprocessing, pooled_width, weights_identity
+from vision_tl.backbones import (
+    FoldedInference,
+    GraphedInference,
+    Preprocessing,
+    pooled_width,
+    weights_identity,
+)
 from vision_tl.data.batch_augment import BatchAugment
 from vision_tl.data.decode_threads import (
     DecodedRows,
@@ -86,6 +92,14 @@ class FeatureExtractor:
         decode: where clean views' JPEGs are decoded: ``"cpu"`` (default; threads, Pillow's
             pixels) or ``"device"`` (the model's device: nvJPEG on a GPU, see
             :mod:`vision_tl.data.device_decode`); part of the cache key.
+        cuda_graphs: on a GPU, replay normalisation and the backbone as a CUDA graph per batch
+            shape (:class:`~vision_tl.backbones.GraphedInference`): one launch instead of about a
+            hundred per batch, which the CPU cannot otherwise queue as fast as the GPU runs them.
+            The graph runs the unfolded backbone's kernels: its embeddings equal the unfolded
+            model's exactly (the CPU's folded path's to float rounding).
+        fold_batchnorm: run the backbone with BatchNorm folded into its convolutions
+            (:class:`~vision_tl.backbones.FoldedInference`; embeddings equal to float rounding).
+            ``None`` (default): folded except where a CUDA graph runs it, which is faster unfolded.
 
     Example:
         >>> net = create_backbone("tf_efficientnet_lite0")
@@ -96,7 +110,8 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, backbone: str, preprocessing: Preprocessing,
                  stages: str | Sequence[str | int] | None = None, augment: AugmentSpec = "none",
-                 view: int = 0, precision: str = "32", decode: str = "cpu") -> None:
+                 view: int = 0, precision: str = "32", decode: str = "cpu", cuda_graphs: bool = True,
+                 fold_batchnorm: bool | None = None) -> None:
         if str(precision) not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
         if decode not in DECODERS:
@@ -133,6 +148,11 @@ class FeatureExtractor:
         self._channels_last = False
         self._folded = FoldedInference(model, run=self._features)  # checked on the features as returned
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
+        self.cuda_graphs = bool(cuda_graphs)
+        self.fold_batchnorm = fold_batchnorm
+        # a shape is recorded on its second batch: a pass's last, smaller batch runs eagerly
+        self._graphs = GraphedInference(record_after=1)
+        self._graphed = _Embedding(model, self._normalise, self._features)
 
     def identity(self) -> dict:
         """Everything the embeddings depend on; the cache key and the output metadata. The
@@ -175,7 +195,9 @@ class FeatureExtractor:
         """Embeddings for a batch: uint8 from :meth:`transform` (normalised here, on ``x``'s
         device) or already normalised float; the model is run in eval mode."""
         if x.dtype == torch.uint8:
-            x = self._normalise.to(x.device)(x)
+            self._normalise.to(x.device)
+            if not self._graphing(x):  # a graph normalises inside
+                x = self._normalise(x)
         # channels-last on every device: CPU convolutions (oneDNN) run Lite0 1.7x faster in it
         # than in NCHW, GPU ones prefer it too (benchmarks/cpu_layout.py)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -194,9 +216,27 @@ class FeatureExtractor:
         finally:
             self.model.train(was_training)
 
+    def _graphing(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.cuda_graphs
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self._graphing(x):
+            # On a GPU the CPU queueing Lite0's ~100 kernels per batch is the limit (eager, the
+            # H100 ran 0.72 of the inference bound): one graph replays normalisation and the
+            # backbone. Unfolded there: cuDNN's BatchNorm costs the GPU less than a folded
+            # convolution's bias add (benchmarks/RESULTS.md, sixth session).
+            # (the folded copy is checked on normalised pixels; its version moves with the weights)
+            probe = self._normalise(x[:2]) if self.fold_batchnorm and x.dtype == torch.uint8 else x
+            model = self._folded.model_for(probe, fold=bool(self.fold_batchnorm))
+            if model is not self._graphed.model:  # the folded copy (fold_batchnorm=True), built again
+                self._graphed = _Embedding(model, self._normalise, self._features)
+            return self._graphs(self._graphed, x, (self._folded.version, x.device))
         # BatchNorm folded into the convolutions: fewer layers to run (checked on this very call)
-        return self._features(self._folded.model_for(x), x)
+        return self._features(self._folded.model_for(x, fold=self.fold_batchnorm is not False), x)
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs recorded so far (their memory); later batches record again."""
+        self._graphs.clear()
 
     def _features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self._indices:
@@ -210,6 +250,21 @@ class FeatureExtractor:
             else:  # pooled in fp32 also under bf16 autocast
                 parts.append(by_index[int(stage) % len(model.feature_info)].float().mean((2, 3)))
         return torch.cat(parts, 1)
+
+
+class _Embedding(nn.Module):
+    """What one CUDA graph replays: a uint8 batch normalised, then the extractor's features."""
+
+    def __init__(self, model: nn.Module, normalise: nn.Module, features) -> None:
+        super().__init__()
+        self.training = False  # this wrapper only (eval() would switch the caller's model too)
+        self.model, self.normalise = model, normalise
+        self.features = features  # FeatureExtractor._features: (model, x) -> [N, F] float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = self.normalise(x).contiguous(memory_format=torch.channels_last)
+        return self.features(self.model, x)
 
 
 class _ImageFiles(Dataset):
@@ -352,12 +407,14 @@ def _compact(rows: DecodedRows) -> tuple[list[int], torch.Tensor | None, list[tu
 
 def warm_up(extractor: FeatureExtractor, batch_size: int, device: torch.device) -> None:
     """Run a blank batch of the real shape, so that a GPU's one-time costs (loading its
-    kernels, choosing convolution algorithms, the channels-last weights) are paid while the
-    first batch is decoded, not after. Nothing here waits for the GPU, and
-    the model's weights and statistics do not change."""
+    kernels, choosing convolution algorithms, the channels-last weights, recording the CUDA
+    graph) are paid while the first batch is decoded, not after. The model's weights and
+    statistics do not change. Eager, nothing here waits for the GPU; a graph's recording does."""
     height, width = extractor.preprocessing.input_size
     blank = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8, device=device)
-    extractor.embed(blank.contiguous(memory_format=torch.channels_last))
+    blank = blank.contiguous(memory_format=torch.channels_last)
+    for _ in range(2 if extractor._graphing(blank) else 1):  # the second call records the graph
+        extractor.embed(blank)
 
 
 def _finish(pending, bar) -> BatchResult:

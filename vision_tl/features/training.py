@@ -49,7 +49,8 @@ class CachedFeatures(Dataset):
 def cached_feature_datasets(backbone: nn.Module, backbone_name: str, datamodule,
                             cache_dir: str | Path | None = None, views: int = 1,
                             device: torch.device | str | None = None,
-                            progress: bool = True) -> dict[str, CachedFeatures]:
+                            progress: bool = True, precision: str = "32",
+                            cuda_graphs: bool = True) -> dict[str, CachedFeatures]:
     """Train/val feature datasets for ``datamodule``'s splits, through the :class:`FeatureCache`.
 
     Args:
@@ -62,6 +63,9 @@ def cached_feature_datasets(backbone: nn.Module, backbone_name: str, datamodule,
         views: K cached views per training image (1 = clean only).
         device: where to run the backbone.
         progress: tqdm bars.
+        precision: ``"32"`` or ``"bf16"`` (autocast): the precision the backbone would run in
+            during training (features of each are cached apart).
+        cuda_graphs: on a GPU, run the backbone as CUDA graphs (see :class:`FeatureExtractor`).
 
     Example:
         >>> data = cached_feature_datasets(model.net.backbone, "tf_efficientnet_lite0", dm)
@@ -73,7 +77,7 @@ def cached_feature_datasets(backbone: nn.Module, backbone_name: str, datamodule,
     out = {}
     for split in ("train", "val"):
         extractors = [FeatureExtractor(backbone, backbone_name, datamodule.preprocessing, "pooled",
-                                       datamodule.hparams.augment, view)
+                                       datamodule.hparams.augment, view, precision, cuda_graphs=cuda_graphs)
                       for view in range(views if split == "train" else 1)]
         out[split] = _split_features(cache, extractors, datamodule, split, device, progress)
     return out

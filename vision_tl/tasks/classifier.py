@@ -221,11 +221,14 @@ class ImageClassifier(L.LightningModule):
         cuda_graphs: ``frozen`` mode on a GPU: replay the backbone as a CUDA graph
             (:class:`~vision_tl.backbones.GraphedInference`), one launch instead of about a
             hundred per batch, which the CPU otherwise cannot queue as fast as the GPU runs
-            them (H100, Lite0: 0.84 of the plain inference loop against 0.72 eager).
+            them (H100, Lite0: 0.84 of the plain inference loop against 0.72 eager); also the
+            feature cache's extraction pass.
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
-            directory; ``None`` runs the backbone on every batch as before.
+            directory; ``None`` runs the backbone on every batch as before. Features are
+            computed in the trainer's precision (bf16 under ``bf16-mixed`` on a GPU) and, with
+            ``cuda_graphs``, through CUDA graphs.
         cached_views: ``frozen`` + cache: views per training image, view 0 clean and the
             others augmented with the datamodule's ``augment`` (1 = clean features only).
         threshold_target: choose the good/defect threshold on P(good) after every validation
@@ -481,12 +484,15 @@ class ImageClassifier(L.LightningModule):
         from vision_tl.features.training import cached_feature_datasets
 
         device = self.trainer.strategy.root_device
+        # the precision the backbone would run in at each step (bf16-mixed on a GPU: bf16)
+        precision = "bf16" if device.type == "cuda" and str(self.trainer.precision).startswith("bf16") else "32"
 
         def compute():
             return cached_feature_datasets(
                 self.net.backbone.to(device), self.hparams.backbone, datamodule,
                 cache_dir=None if cache == "auto" else cache, views=self.hparams.cached_views, device=device,
-                progress=self.trainer.progress_bar_callback is not None)
+                progress=self.trainer.progress_bar_callback is not None, precision=precision,
+                cuda_graphs=bool(self.hparams.get("cuda_graphs", True)))
 
         # Under DDP rank 0 fills the shared cache first; the other ranks then only read it.
         datasets = first_builds(self.trainer.strategy, self.trainer.is_global_zero, compute)
