@@ -54,6 +54,12 @@ IN_FLIGHT = 2  # batches each decoding process has in work (DataLoader's prefetc
 SPARE_SLOTS = 2
 
 
+def buffer_slots(ahead: int = IN_FLIGHT) -> int:
+    """Shared-memory batch buffers each decoding process holds: its ``ahead`` batches in work
+    and :data:`SPARE_SLOTS` more."""
+    return max(1, ahead) + SPARE_SLOTS
+
+
 def decode_in_processes(workers: int, batch_bytes: int = 0) -> bool:
     """Whether ``workers`` decoders should be loader processes rather than threads on this
     machine: with two or more of them on a machine of :data:`PROCESSES_FROM` cores or more, where
@@ -64,7 +70,7 @@ def decode_in_processes(workers: int, batch_bytes: int = 0) -> bool:
         return False
     if multiprocessing.current_process().daemon:  # a Pool's or Celery's worker may not start processes
         return False
-    slots = IN_FLIGHT + SPARE_SLOTS
+    slots = buffer_slots()
     fitting = loader_processes_fitting(workers, batch_bytes, slots)
     if fitting < workers:
         warnings.warn(f"vision_tl: decoding on {workers} threads, not loader processes: "
@@ -197,7 +203,7 @@ def decode_batches_in_processes(paths: Sequence[Path], size: tuple[int, int], in
         raise ValueError(f"decoding processes must be 1 or more, got {processes}")
     fast_jpeg_decoder()  # checked once here; forked workers inherit the answer
     batches = _Batches(paths, (int(size[0]), int(size[1])), interpolation, batch_size,
-                       slots=max(1, ahead) + SPARE_SLOTS if reuse_buffers else 0)
+                       slots=buffer_slots(ahead) if reuse_buffers else 0)
     if not len(batches):
         return iter(())
     loader = DataLoader(batches, batch_size=None, num_workers=min(processes, len(batches)),
