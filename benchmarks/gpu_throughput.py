@@ -195,9 +195,11 @@ def extract_graph_check(args, root: Path) -> str:
         for graphs in (True, False):
             fx = FeatureExtractor(model, args.backbone, pre, "2,pooled", precision=precision, cuda_graphs=graphs,
                                   fold_batchnorm=False)
-            feats[graphs] = np.concatenate([r.features for r in iter_embeddings(fx, paths, 64, 2, device,
-                                                                                progress=False)])
-            recorded += len(fx._graphs._graphs) if graphs else 0
+            rows = []
+            for batch in iter_embeddings(fx, paths, 64, 2, device, progress=False):
+                rows.append(batch.features)
+                recorded = max(recorded, len(fx._graphs._graphs))  # freed when the pass ends
+            feats[graphs] = np.concatenate(rows)
         err = float(np.abs(feats[True] - feats[False]).max() / max(np.abs(feats[False]).max(), 1e-6))
         worst = max(worst, err)
         if err > (2e-2 if precision == "bf16" else 1e-3):

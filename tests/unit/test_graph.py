@@ -5,6 +5,7 @@ Most of these need a GPU and skip without one; the CPU side (the switches, eager
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,7 +239,7 @@ def test_extraction_on_a_gpu_through_graphs_equals_the_unfolded_eager_model(stag
     for n in (4, 4, 3):  # the last, smaller batch: eager once
         x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
-        assert torch.equal(graphed.embed(x), eager.embed(x))
+        assert torch.allclose(graphed.embed(x), eager.embed(x), rtol=1e-5, atol=1e-6)  # the same kernels
     assert len(graphed._graphs._graphs) == 1
     graphed.model.blocks[-1].register_forward_hook(lambda m, a, out: out * 0)  # hooks run: eager
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -279,3 +280,39 @@ def test_fold_batchnorm_false_extracts_through_the_model_as_it_is():
         folded = fx.embed(x)
     assert calls_unfolded > 0 and len(calls) == calls_built  # the default folds on a CPU
     assert torch.allclose(unfolded, folded, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_an_extraction_pass_replays_a_graph_and_frees_it_when_done(tmp_path):
+    from PIL import Image
+
+    from vision_tl.features.extractor import iter_embeddings
+
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(paths[-1])
+    graphed, eager = _extractor(), _extractor(cuda_graphs=False, fold_batchnorm=False)
+    eager.model.load_state_dict(graphed.model.state_dict())
+    recorded = []
+    rows = {}
+    for fx in (graphed, eager):
+        fx.model.cuda()
+        rows[fx.cuda_graphs] = []
+        for batch in iter_embeddings(fx, paths, 3, 2, "cuda", progress=False):  # batches of 3, 3 and 1
+            rows[fx.cuda_graphs].append(batch.features)
+            recorded.append(len(fx._graphs._graphs))
+    assert max(recorded) == 1 and not graphed._graphs._graphs and graphed.cuda_graphs
+    assert np.allclose(np.concatenate(rows[True]), np.concatenate(rows[False]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pass_of_one_batch_leaves_the_extractor_as_it_was(tmp_path):
+    from PIL import Image
+
+    from vision_tl.features.extractor import iter_embeddings
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)
+    fx = _extractor()
+    (batch,) = iter_embeddings(fx, [path], 4, 0, "cpu", progress=False)
+    assert batch.features.shape == (1, fx.num_features) and fx.cuda_graphs and not fx._graphs._graphs

@@ -347,22 +347,31 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
         return feats, done
 
     pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
-        batches = _decoded_batches(extractor, paths, batch_size, num_workers, device)  # decoding starts now
-        if cuda and paths:
-            with no_cudnn_benchmark():
-                warm_up(extractor, min(batch_size, len(paths)), device)
-        for positions, x, bad in batches:
-            with no_cudnn_benchmark():
-                started = (positions, *launch(x), bad)
-            if not cuda:
-                yield _finish(started, bar)
-                continue
+    graphs = extractor.cuda_graphs
+    # a pass of one batch runs eagerly: recording costs about three forward passes and a wait
+    extractor.cuda_graphs = graphs and len(paths) > batch_size
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
+            batches = _decoded_batches(extractor, paths, batch_size, num_workers, device)  # decoding starts now
+            if cuda and paths:
+                with no_cudnn_benchmark():
+                    warm_up(extractor, min(batch_size, len(paths)), device)
+            for positions, x, bad in batches:
+                with no_cudnn_benchmark():
+                    started = (positions, *launch(x), bad)
+                if not cuda:
+                    yield _finish(started, bar)
+                    continue
+                if pending is not None:
+                    yield _finish(pending, bar)
+                pending = started
             if pending is not None:
                 yield _finish(pending, bar)
-            pending = started
-        if pending is not None:
-            yield _finish(pending, bar)
+    finally:
+        # the graphs' memory (a batch's activations) is not kept past the pass: the extractor
+        # refers to itself, so dropping it would free them only at the next garbage collection
+        extractor.cuda_graphs = graphs
+        extractor.release_graphs()
 
 
 def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,

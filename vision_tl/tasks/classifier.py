@@ -484,7 +484,8 @@ class ImageClassifier(L.LightningModule):
         from vision_tl.features.training import cached_feature_datasets
 
         device = self.trainer.strategy.root_device
-        # the precision the backbone would run in at each step (bf16-mixed on a GPU: bf16)
+        # bf16 where the backbone runs in bf16 at each step (bf16 on a GPU); fp32 otherwise (the
+        # extractor has no fp16: 16-mixed gets fp32 features)
         precision = "bf16" if device.type == "cuda" and str(self.trainer.precision).startswith("bf16") else "32"
 
         def compute():
