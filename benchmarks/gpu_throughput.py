@@ -22,6 +22,7 @@ Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
     python benchmarks/gpu_throughput.py                      # on a GPU machine
     python benchmarks/gpu_throughput.py --compile            # the kit's fit with torch.compile
     python benchmarks/gpu_throughput.py --modes frozen,extract   # only some rows (quicker)
+    python benchmarks/gpu_throughput.py --modes partial,partial-variants   # partial's frozen stages graphed/unfolded
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from vision_tl.data.device_decode import decoding_difference  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # loaders: partial through loader processes; cached: frozen with its feature cache (the recipe's default)
-# variants: frozen eager with BatchNorm folded (the default before CUDA graphs)
-MODES = ("frozen", "partial", "full", "loaders", "cached", "extract", "variants")
-DEFAULT_MODES = MODES[:-1]  # all rows within the 5 minutes a GPU run may take; variants on request
+# variants: frozen eager with BatchNorm folded (the default before CUDA graphs); partial-variants:
+# partial with its frozen stages as one CUDA graph (opt-in) and with them unfolded
+MODES = ("frozen", "partial", "full", "loaders", "cached", "extract", "variants", "partial-variants")
+DEFAULT_MODES = MODES[:-2]  # all rows within the 5 minutes a GPU run may take; variants on request
 CACHED = "frozen, feature cache (whole fit)"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROUNDS = 3  # alternating rounds of the extract steady-state rows
@@ -131,7 +133,7 @@ def checks(args, root: Path) -> None:
     args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
-    args.graph_check = f"{graph_check(args)}; {extract_graph_check(args, root)}"
+    args.graph_check = f"{graph_check(args)}; {extract_graph_check(args, root)}; {partial_graph_check(args)}"
     print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
@@ -176,6 +178,45 @@ def graph_check(args) -> str:
         raise SystemExit("no CUDA graph was recorded for the frozen backbone")
     return (f"CUDA graph vs eager frozen backbone: largest relative logit difference {worst:.1e} over {rounds} "
             f"comparisons (fp32 and bf16, batches 64 and 7, weights as loaded, changed in place, replaced)")
+
+
+def partial_graph_check(args, steps: int = 3) -> str:
+    """``partial`` training steps with the frozen stages as one CUDA graph (``partial_cuda_graph``)
+    give the logits and gradients of the same stages run eagerly (unfolded, as in the graph), in
+    fp32 and bf16; the chain records on its second step."""
+    from vision_tl.tasks import ImageClassifier
+
+    device = torch.device(args.device)
+    worst, rounds = 0.0, 0
+    for amp in (False, True):
+        models = {}
+        for graph in (True, False):
+            models[graph] = ImageClassifier(["a", "b", "c", "d"], backbone=args.backbone, image_size=args.size,
+                                            pretrained=args.backbone != "test_efficientnet", mode="partial",
+                                            dropout=0.0, partial_cuda_graph=graph, fold_batchnorm=False)
+        models[False].load_state_dict(models[True].state_dict())
+        g = torch.Generator().manual_seed(2)
+        for _ in range(steps):
+            x = torch.randn(32, 3, args.size, args.size, generator=g).to(device)
+            out = {}
+            for graph, model in models.items():
+                model.to(device).train().zero_grad()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out[graph] = model(x).float()
+                out[graph].sum().backward()
+            err = float((out[True] - out[False]).abs().max() / out[False].abs().max().clamp_min(1e-6))
+            grads = [(p.grad, q.grad) for p, q in zip(models[True].parameters(), models[False].parameters())
+                     if p.requires_grad]
+            err = max([err] + [float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in grads])
+            worst, rounds = max(worst, err), rounds + 1
+            if err > (2e-2 if amp else 1e-3):
+                raise SystemExit(f"partial through the graphed chain differs from eager (amp={amp}): relative "
+                                 f"error {err:.2e} in logits or gradients")
+        chained = models[True].__dict__.get("_graphed_chain")
+        if device.type == "cuda" and (chained is None or not chained[2].graphs._graphs):
+            raise SystemExit("partial_cuda_graph recorded no CUDA graph")
+    return (f"partial with its frozen stages as one CUDA graph vs eager: largest relative difference in logits "
+            f"and gradients {worst:.1e} over {rounds} training steps (fp32 and bf16)")
 
 
 def extract_graph_check(args, root: Path) -> str:
@@ -531,7 +572,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="the kit's fit runs with --model.compile true (the plain-loop bound stays eager)")
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                        help=f"comma-separated rows to measure, of {','.join(MODES)} (default: all but variants)")
+                        help=f"comma-separated rows to measure, of {','.join(MODES)} (default: all but the two variants)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -552,6 +593,10 @@ def main() -> None:
     if "variants" in modes and args.device == "cuda":
         # the default before CUDA graphs, measured beside the new one
         runs.append(("frozen, eager, BatchNorm folded", "frozen", ("--model.cuda_graphs", "false")))
+    if "partial-variants" in modes:
+        # partial's frozen stem and stages as one CUDA graph (opt-in), and unfolded eagerly
+        runs.append(("partial, frozen stages as one CUDA graph", "partial", ("--model.partial_cuda_graph", "true")))
+        runs.append(("partial, frozen stages unfolded", "partial", ("--model.fold_batchnorm", "false")))
     if "cached" in modes:
         runs.append((CACHED, "frozen", ()))
     for label, mode, extra in runs:

@@ -316,3 +316,72 @@ def test_a_pass_of_one_batch_leaves_the_extractor_as_it_was(tmp_path):
     fx = _extractor()
     (batch,) = iter_embeddings(fx, [path], 4, 0, "cpu", progress=False)
     assert batch.features.shape == (1, fx.num_features) and fx.cuda_graphs and not fx._graphs._graphs
+
+
+# --- partial mode: the frozen stem and stages as one chain (partial_cuda_graph) ---
+
+def _partial(**kwargs) -> ImageClassifier:
+    return ImageClassifier(["a", "b", "c"], backbone=TINY, image_size=32, mode="partial", pretrained=False,
+                           dropout=0.0, **kwargs)
+
+
+def test_the_frozen_stages_as_one_chain_give_the_same_logits_and_gradients():
+    from vision_tl.backbones import GraphedChain, swapped_in
+
+    model, twin = _partial(), _partial()
+    twin.load_state_dict(model.state_dict())
+    model.train()
+    twin.train()
+    modes = [m.training for m in model.net.modules()]
+    x = torch.randn(4, 3, 32, 32)
+    stages = model._folded_stages(x, fold=False)
+    swap = model._chained(stages, x)  # on a CPU the chain runs eagerly: the swap itself is what is tested
+    assert [m.training for m in model.net.modules()] == modes  # the check put every mode back
+    assert isinstance(swap[next(iter(stages))], GraphedChain)
+    assert all(isinstance(swap[name], nn.Identity) for name in list(stages)[1:])
+    with swapped_in(model.net.backbone, swap):
+        chained = model.net(x)
+    plain = twin.net(x)
+    assert torch.allclose(chained, plain, rtol=1e-5, atol=1e-6)
+    chained.sum().backward()
+    plain.sum().backward()
+    trained = [(n, p) for n, p in model.net.named_parameters() if p.requires_grad]
+    assert trained and all(torch.allclose(p.grad, twin.net.get_parameter(n).grad, rtol=1e-4, atol=1e-6)
+                           for n, p in trained)
+    assert all(p.grad is None for p in model.net.parameters() if not p.requires_grad)
+
+
+def test_stages_that_do_not_run_as_a_chain_are_left_as_they_are():
+    model = _partial().train()
+    x = torch.randn(2, 3, 32, 32)
+    stages = model._folded_stages(x, fold=False)
+    backwards = dict(reversed(list(stages.items())))  # the chain would run them in the wrong order
+    with pytest.warns(UserWarning, match="do not run as one chain"):
+        assert model._chained(backwards, x) is backwards
+
+
+def test_partial_cuda_graph_is_for_gpus_only():
+    model = _partial(partial_cuda_graph=True).train()
+    model(torch.randn(2, 3, 32, 32))
+    assert "_graphed_chain" not in model.__dict__  # a CPU folds the frozen stages instead
+    assert "_folded_stages_by" in model.__dict__
+
+
+@cuda
+def test_partial_training_through_the_graphed_chain_matches_eager_on_a_gpu():
+    graphed = _partial(partial_cuda_graph=True).cuda().train()
+    eager = _partial(fold_batchnorm=False).cuda().train()
+    eager.load_state_dict(graphed.state_dict())
+    for step in range(3):  # the chain records on its second call
+        x = torch.randn(4, 3, 32, 32, device="cuda", generator=None)
+        a, b = graphed(x), eager(x)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), step
+        a.sum().backward()
+        b.sum().backward()
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+            if p.requires_grad:
+                assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
+    chain = graphed.__dict__["_graphed_chain"][2]
+    assert chain.graphs._graphs  # recorded
+    graphed.teardown("fit")
+    assert "_graphed_chain" not in graphed.__dict__ and not chain.graphs._graphs

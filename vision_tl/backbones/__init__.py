@@ -19,7 +19,7 @@ from vision_tl.backbones._factory import (
     weights_identity,
 )
 from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
-from vision_tl.backbones._graph import GraphedInference
+from vision_tl.backbones._graph import GraphedChain, GraphedInference
 from vision_tl.backbones._stages import backbone_stages
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "EMBEDDED_WEIGHTS",
     "BackboneWeightsError",
     "FoldedInference",
+    "GraphedChain",
     "GraphedInference",
     "Preprocessing",
     "backbone_stages",

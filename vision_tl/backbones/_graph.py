@@ -12,7 +12,8 @@ therefore records one graph per (module, input shape, strides, dtype, autocast s
 the recorded weights' storage alive, and looks at the weights' addresses and the module's
 forward hooks again whenever the caller's ``version`` of them moves (on every call without
 one; :class:`~vision_tl.backbones.FoldedInference`'s moves with both). Anything it cannot
-record runs eagerly, as before.
+record runs eagerly, as before. :class:`GraphedChain` does the same for the frozen stages that
+run first in a backbone that partly trains (``partial`` mode).
 """
 
 from __future__ import annotations
@@ -176,3 +177,30 @@ def _clone(out: Any) -> Any:
     if isinstance(out, dict):
         return {k: _clone(v) for k, v in out.items()}
     return out
+
+
+class GraphedChain(nn.Module):
+    """Modules that run one after another, each on the previous one's output (a backbone's
+    frozen stem and first stages), run as one module: without gradients, and on a GPU replayed
+    as one CUDA graph per input shape (:class:`GraphedInference`, recorded on a shape's second
+    call). Swapped into a model in place of the first module, with :class:`torch.nn.Identity`
+    in place of the others, it runs the whole chain where the first one ran.
+
+    Its modules must not train (no parameter that needs a gradient, eval mode); where one is in
+    train mode the chain runs eagerly. Set :attr:`version` to something that moves whenever
+    their weights or hooks may have changed (see :class:`GraphedInference`).
+    """
+
+    def __init__(self, modules: list[nn.Module], record_after: int = 1) -> None:
+        super().__init__()
+        self.training = False  # this wrapper's own flag (eval() would switch the modules too)
+        self.chain = nn.Sequential(*modules)
+        self.chain.training = False
+        self.graphs = GraphedInference(record_after=record_after)
+        self.version: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if any(m.training for m in self.chain.children()):
+                return self.chain(x)
+            return self.graphs(self.chain, x, self.version)

@@ -29,6 +29,7 @@ from vision_tl import __version__
 from vision_tl.backbones import (
     DEFAULT_BACKBONE,
     FoldedInference,
+    GraphedChain,
     GraphedInference,
     create_backbone,
     resolve_preprocessing,
@@ -223,6 +224,10 @@ class ImageClassifier(L.LightningModule):
             hundred per batch, which the CPU otherwise cannot queue as fast as the GPU runs
             them (H100, Lite0: 0.84 of the plain inference loop against 0.72 eager); also the
             feature cache's extraction pass.
+        partial_cuda_graph: ``partial`` mode on a GPU: run the frozen stem and stages, which
+            come first, as one CUDA graph (:class:`~vision_tl.backbones.GraphedChain`), unfolded
+            unless ``fold_batchnorm`` is true; the stages that train run as before. Opt-in until
+            measured on a GPU (benchmarks/RESULTS.md).
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
@@ -266,6 +271,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         fold_batchnorm: bool | None = None,
         cuda_graphs: bool = True,
+        partial_cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
@@ -339,15 +345,64 @@ class ImageClassifier(L.LightningModule):
                     with torch.no_grad():
                         features = self._run_frozen(backbone, x, folded.version)
                     return self.net.forward_head(features)
-        elif (getattr(self.net, "frozen_modules", None) and not x.requires_grad
-              and self.hparams.get("fold_batchnorm") is not False):
-            # partial mode, training: the frozen stages run as their folded copies, swapped into
-            # the backbone for this forward only (the stages that train run as they are)
-            swapped = self._folded_stages(x)
+        elif getattr(self.net, "frozen_modules", None) and not x.requires_grad:
+            # partial mode, training: the frozen stages run as their folded copies (or, with
+            # partial_cuda_graph on a GPU, as one CUDA graph), swapped into the backbone for this
+            # forward only (the stages that train run as they are)
+            swapped = self._frozen_stages(x)
             if swapped:
                 with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
         return self.net(x)
+
+    def _frozen_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
+        """What replaces partial mode's frozen stages in a training step, by name: their folded
+        copies, their chain (:class:`~vision_tl.backbones.GraphedChain`), or nothing."""
+        graph = x.is_cuda and bool(self.hparams.get("partial_cuda_graph")) and "_compiled_net" not in self.__dict__
+        fold = self.hparams.get("fold_batchnorm")
+        fold = (not graph) if fold is None else bool(fold)  # a graph runs cuDNN's BatchNorm for less
+        if not (fold or graph):
+            return {}
+        stages = self._folded_stages(x, fold)
+        return self._chained(stages, x) if graph and stages else stages
+
+    def _chained(self, stages: dict[str, nn.Module], x: torch.Tensor) -> dict[str, nn.Module]:
+        """The frozen stages as one :class:`~vision_tl.backbones.GraphedChain` in place of the
+        first and identities in place of the others; checked once (per set of stages) to give
+        the model's own logits, the stages as they are where it does not (a backbone whose
+        forward uses a stage's output twice, or runs them in another order)."""
+        key = tuple(id(m) for m in stages.values())
+        cached = self.__dict__.get("_graphed_chain")
+        if cached is None or cached[0] != key:
+            names = list(stages)
+            chain = GraphedChain([stages[n] for n in names])
+            swap = {names[0]: chain, **{n: nn.Identity() for n in names[1:]}}
+            if not self._swap_agrees(stages, swap, x):
+                warnings.warn("vision_tl: the frozen stages do not run as one chain in this backbone; "
+                              "partial_cuda_graph is not used", stacklevel=2)
+                swap = stages
+            cached = self.__dict__["_graphed_chain"] = (key, swap, chain)
+        cached[2].version = self.__dict__["_folded_stages_by"][1].version
+        return cached[1]
+
+    def _swap_agrees(self, stages: dict[str, nn.Module], swap: dict[str, nn.Module], x: torch.Tensor) -> bool:
+        """Whether the network gives the same logits on two of ``x``'s images with ``swap`` as
+        with ``stages`` swapped in (in eval mode, so that nothing the check runs updates a
+        BatchNorm statistic; every module's mode is put back)."""
+        modes = [(m, m.training) for m in self.net.modules()]
+        try:
+            self.net.eval()
+            with torch.no_grad():
+                with swapped_in(self.net.backbone, stages):
+                    expected = self.net(x[:2])
+                with swapped_in(self.net.backbone, swap):
+                    got = self.net(x[:2])
+            return bool(torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-5))
+        except Exception:  # noqa: BLE001 - any failure means the chain cannot stand in
+            return False
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     def _fold_batchnorm(self, x: torch.Tensor) -> bool:
         fold = self.hparams.get("fold_batchnorm")
@@ -371,8 +426,9 @@ class ImageClassifier(L.LightningModule):
             graphs = self.__dict__["_graphed_backbone"] = GraphedInference()
         return graphs(backbone, x, version)
 
-    def _folded_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
-        """Folded copies of the frozen stages' modules by name; empty where nothing folds."""
+    def _folded_stages(self, x: torch.Tensor, fold: bool = True) -> dict[str, nn.Module]:
+        """Folded copies of the frozen stages' modules by name (``fold=False``: the modules
+        themselves); empty where nothing folds, or where a frozen stage trains or has hooks."""
         frozen = tuple(id(m) for m in self.net.frozen_modules)
         cached = self.__dict__.get("_folded_stages_by")
         if cached is None or cached[0] != frozen or cached[1].source is not self.net.backbone:
@@ -381,11 +437,12 @@ class ImageClassifier(L.LightningModule):
         folded, by_copy = cached[1], cached[2]
         if not folded.within:
             return {}
-        copy = folded.model_for(x, trainable_ok=False)  # a stage set to train by hand runs as it is
-        if copy is self.net.backbone:
+        copy = folded.model_for(x, trainable_ok=False, fold=fold)  # a stage set to train by hand runs as it is
+        if copy is self.net.backbone and (fold or folded.trains or folded.hooked):
             return {}
-        if by_copy.get("copy") is not copy:  # looked up once per copy, not on every step
-            by_copy.update(copy=copy, modules={name: copy.get_submodule(name) for name in folded.within})
+        if by_copy.get("key") != (copy, folded.version):  # looked up once per copy, not on every step
+            by_copy.update(key=(copy, folded.version),
+                           modules={name: copy.get_submodule(name) for name in folded.within})
         return by_copy["modules"]
 
     def _folded(self) -> FoldedInference:
@@ -512,6 +569,9 @@ class ImageClassifier(L.LightningModule):
         graphs = self.__dict__.pop("_graphed_backbone", None)
         if graphs is not None:
             graphs.clear()
+        chained = self.__dict__.pop("_graphed_chain", None)
+        if chained is not None:
+            chained[2].graphs.clear()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for an image batch ``[N, 3, H, W]`` or a cached-feature batch ``[N, F]``."""
