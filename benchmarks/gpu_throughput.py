@@ -133,7 +133,13 @@ def checks(args, root: Path) -> None:
     args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
-    args.graph_check = f"{graph_check(args)}; {extract_graph_check(args, root)}; {partial_graph_check(args)}"
+    modes = {m.strip() for m in args.modes.split(",")}
+    graph_checks = [graph_check(args)]  # the frozen backbone's graph: frozen, variants, the feature cache
+    if modes & {"extract", "cached"}:
+        graph_checks.append(extract_graph_check(args, root))
+    if "partial-variants" in modes:
+        graph_checks.append(partial_graph_check(args))
+    args.graph_check = "; ".join(graph_checks)
     print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
@@ -593,7 +599,7 @@ def main() -> None:
     if "variants" in modes and args.device == "cuda":
         # the default before CUDA graphs, measured beside the new one
         runs.append(("frozen, eager, BatchNorm folded", "frozen", ("--model.cuda_graphs", "false")))
-    if "partial-variants" in modes:
+    if "partial-variants" in modes and args.device == "cuda":
         # partial's frozen stem and stages as one CUDA graph (opt-in), and unfolded eagerly
         runs.append(("partial, frozen stages as one CUDA graph", "partial", ("--model.partial_cuda_graph", "true")))
         runs.append(("partial, frozen stages unfolded", "partial", ("--model.fold_batchnorm", "false")))

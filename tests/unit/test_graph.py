@@ -385,3 +385,15 @@ def test_partial_training_through_the_graphed_chain_matches_eager_on_a_gpu():
     assert chain.graphs._graphs  # recorded
     graphed.teardown("fit")
     assert "_graphed_chain" not in graphed.__dict__ and not chain.graphs._graphs
+
+
+def test_the_chain_is_freed_once_no_stage_stays_frozen():
+    from vision_tl.models.finetuning import unfreeze_stages
+
+    model = _partial().train()
+    x = torch.randn(2, 3, 32, 32)
+    model._chained(model._folded_stages(x, fold=False), x)
+    assert "_graphed_chain" in model.__dict__
+    unfreeze_stages(model.net, 99)  # the whole backbone trains now (full fine-tuning)
+    model(x)
+    assert "_graphed_chain" not in model.__dict__

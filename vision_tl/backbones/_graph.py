@@ -201,6 +201,6 @@ class GraphedChain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if any(m.training for m in self.chain.children()):
+            if any(m.training for m in self.chain.modules() if m is not self.chain):
                 return self.chain(x)
             return self.graphs(self.chain, x, self.version)

@@ -353,7 +353,15 @@ class ImageClassifier(L.LightningModule):
             if swapped:
                 with swapped_in(self.net.backbone, swapped):
                     return self.net(x)
+        self._drop_chain()
         return self.net(x)
+
+    def _drop_chain(self) -> None:
+        """Free the frozen stages' graph (its memory) once a step runs without it: unfrozen
+        since, on another device, or the switch turned off."""
+        chained = self.__dict__.pop("_graphed_chain", None)
+        if chained is not None:
+            chained[2].graphs.clear()
 
     def _frozen_stages(self, x: torch.Tensor) -> dict[str, nn.Module]:
         """What replaces partial mode's frozen stages in a training step, by name: their folded
@@ -364,7 +372,12 @@ class ImageClassifier(L.LightningModule):
         if not (fold or graph):
             return {}
         stages = self._folded_stages(x, fold)
-        return self._chained(stages, x) if graph and stages else stages
+        if not (graph and stages):
+            return stages
+        swap = self._chained(stages, x)
+        if swap is stages and not fold and self.hparams.get("fold_batchnorm") is None:
+            return self._folded_stages(x)  # no chain here: the folded copies, as without the switch
+        return swap
 
     def _chained(self, stages: dict[str, nn.Module], x: torch.Tensor) -> dict[str, nn.Module]:
         """The frozen stages as one :class:`~vision_tl.backbones.GraphedChain` in place of the
@@ -381,8 +394,10 @@ class ImageClassifier(L.LightningModule):
                 warnings.warn("vision_tl: the frozen stages do not run as one chain in this backbone; "
                               "partial_cuda_graph is not used", stacklevel=2)
                 swap = stages
+            self._drop_chain()
             cached = self.__dict__["_graphed_chain"] = (key, swap, chain)
-        cached[2].version = self.__dict__["_folded_stages_by"][1].version
+        folded = self.__dict__["_folded_stages_by"][1]
+        cached[2].version = (id(folded), folded.version)  # a rebuilt FoldedInference counts from 1 again
         return cached[1]
 
     def _swap_agrees(self, stages: dict[str, nn.Module], swap: dict[str, nn.Module], x: torch.Tensor) -> bool:
@@ -390,9 +405,13 @@ class ImageClassifier(L.LightningModule):
         with ``stages`` swapped in (in eval mode, so that nothing the check runs updates a
         BatchNorm statistic; every module's mode is put back)."""
         modes = [(m, m.training) for m in self.net.modules()]
+        kind = x.device.type
         try:
             self.net.eval()
-            with torch.no_grad():
+            # no autocast cast cache: weights cast here under no_grad and reused by the step's own
+            # forward would get no gradient (PyTorch before the fix of pytorch#112583)
+            with torch.no_grad(), torch.autocast(kind, dtype=torch.get_autocast_dtype(kind),
+                                                 enabled=torch.is_autocast_enabled(kind), cache_enabled=False):
                 with swapped_in(self.net.backbone, stages):
                     expected = self.net(x[:2])
                 with swapped_in(self.net.backbone, swap):
@@ -569,9 +588,7 @@ class ImageClassifier(L.LightningModule):
         graphs = self.__dict__.pop("_graphed_backbone", None)
         if graphs is not None:
             graphs.clear()
-        chained = self.__dict__.pop("_graphed_chain", None)
-        if chained is not None:
-            chained[2].graphs.clear()
+        self._drop_chain()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for an image batch ``[N, 3, H, W]`` or a cached-feature batch ``[N, F]``."""
