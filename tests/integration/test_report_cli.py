@@ -444,3 +444,34 @@ def test_compare_says_what_it_cannot_check_and_which_checkpoint_a_report_evaluat
     out = capsys.readouterr().out
     assert "brought its own val/ folder (no split.json)" in out
     assert "not the best checkpoint: " in out and "(last.ckpt)" in out
+
+
+def test_report_refuses_a_checkpoint_of_another_run_and_writes_nothing_there(run, tmp_path, capsys):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for copy in (mine, theirs):
+        shutil.copytree(run, copy)
+        (copy / "report.html").unlink()
+    before = _snapshot(theirs / "checkpoints")
+    foreign = ["report", str(mine), "--checkpoint", str(theirs / "checkpoints" / "best.ckpt"), "--target-escape", "0.2"]
+    assert main(foreign) == 2
+    assert f"is not in run {mine}" in capsys.readouterr().err
+    assert _snapshot(theirs / "checkpoints") == before
+    (mine / "labels.json").write_text(json.dumps(["crack", "good", "scratch"]))  # a run of other classes
+    assert main(["report", str(mine)]) == 2
+    assert "was trained on the classes ['crack', 'good', 'scratch', 'spot']" in capsys.readouterr().err
+
+
+def test_a_report_stopped_by_a_damaged_metrics_json_leaves_nothing_that_blocks_its_rerun(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name in ("report.html", "checkpoints/best.thresholded.ckpt"):
+        (copy / name).unlink()
+    good = (copy / "metrics.json").read_text()
+    (copy / "metrics.json").write_text('{"classes": [')  # a disk that filled up, a bad hand edit
+    before = _snapshot(copy)
+    assert main(["report", str(copy), "--target-escape", "0.2"]) == 2
+    assert "metrics.json is not valid JSON" in capsys.readouterr().err
+    assert _snapshot(copy) == before and not (copy / "checkpoints" / "best.thresholded.ckpt").exists()
+    (copy / "metrics.json").write_text(good)
+    assert main(["report", str(copy), "--target-escape", "0.2"]) == 0
+    assert (copy / "checkpoints" / "best.thresholded.ckpt").is_file()

@@ -218,3 +218,13 @@ def test_thresholds_at_the_ends_of_the_range_stay_exportable(p_good, is_good, ta
     meta = ModelMetadata(classes=["bad", "good"], input_size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3,
                          good_class="good", threshold=t)
     assert ModelMetadata.from_props(meta.to_props(), "m.onnx").threshold == t  # export writes it, the line reads it
+
+
+def test_a_report_of_non_finite_probabilities_names_the_images_and_writes_nothing(tmp_path):
+    from vision_tl.reports.report import ReportError, write_report
+
+    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8]])
+    with pytest.raises(ReportError, match=r"non-finite probabilities .* 1 image\(s\): b\.png"):
+        write_report(tmp_path, probs, np.array([0, 1, 1]), ["good", "dent"], paths=["a.png", "b.png", "c.png"],
+                     good_class="good", threshold=0.5)
+    assert not list(tmp_path.iterdir())

@@ -111,15 +111,23 @@ def _compact(result: dict) -> dict:
 def _update_metrics_json(out_dir: Path, split: str, compact: dict, figures: dict[str, Path],
                          extra: dict) -> None:
     """Read-modify-write ``metrics.json`` atomically; other keys are kept as they are."""
-    path = out_dir / "metrics.json"
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
+    data = _read_metrics_json(out_dir)
     data.setdefault("report", {})[split] = {**compact, **extra}
     data.setdefault("figures", {}).update({f"{name}_{split}": p.name for name, p in figures.items()})
     data["figures"][f"report_{split}"] = output_name("report", split, ".html")
-    atomic_write_text(path, json.dumps(data, indent=1))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(data, indent=1, allow_nan=False))
+
+
+def _read_metrics_json(out_dir: Path) -> dict:
+    path = out_dir / "metrics.json"
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} holds a {type(data).__name__}, not the JSON object vision-tl fit writes; "
+                          "fix or remove it")
+    return data
 
 
 def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], *,
@@ -145,6 +153,12 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
     if not len(labels):
         raise ReportError(f"no images to report on in the {split} split")
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1)) if probs.ndim == 2 else []
+    if len(bad):
+        names = ", ".join(str(paths[i]) if paths else f"row {i}" for i in bad[:5])
+        raise ReportError(f"the model gave non-finite probabilities (NaN or inf) for {len(bad)} image(s): {names}; "
+                          "its weights have diverged (train again, with a lower learning rate)")
+    _read_metrics_json(out_dir)  # checked before anything is written
     result = M.evaluate(probs, labels, classes, good_class=good_class, threshold=threshold)
     predictions = out_dir / output_name("predictions", split, ".csv")
     atomic_write_text(predictions, _predictions_csv(probs, labels, classes, paths, good_class, threshold))
@@ -361,6 +375,32 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
     return path
 
 
+def _check_checkpoint_in_run(run_dir: Path, ckpt_path: Path) -> None:
+    """A report scores a run's own checkpoint on the run's held-out images and writes into the
+    run: another run's model may have trained on those images, and its numbers would stand
+    under this run's name, its threshold beside the other run's checkpoint."""
+    try:
+        ckpt_path.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        raise ReportError(f"checkpoint {ckpt_path} is not in run {run_dir}: a report scores a run's own checkpoint "
+                          "on the run's held-out images (another run's model may have trained on them) and saves "
+                          f"its threshold beside it; report on the checkpoint's own run, or copy the checkpoint "
+                          f"into {run_dir / 'checkpoints'} if it is this run's") from None
+
+
+def _check_run_classes(run_dir: Path, ckpt_path: Path, classes: list[str]) -> None:
+    """The checkpoint's classes are the run's (``labels.json``, written by fit)."""
+    labels = run_dir / "labels.json"
+    try:
+        run_classes = json.loads(labels.read_text()) if labels.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{labels} is not readable JSON ({exc}); it is the run's class list, written by "
+                          "vision-tl fit") from exc
+    if run_classes is not None and list(run_classes) != list(classes):
+        raise ReportError(f"checkpoint {ckpt_path} was trained on the classes {list(classes)}, but run {run_dir} "
+                          f"on {list(run_classes)} ({labels}); report on the checkpoint's own run")
+
+
 def _evaluated_checkpoint(run_dir: Path) -> str | None:
     """The checkpoint a ``validate``/``test``/``predict`` output directory evaluated (its saved
     config keeps ``ckpt_path``; a training run's has none), or None."""
@@ -428,6 +468,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         M.parse_threshold_target(target)  # fail before the slow part
     _check_target(None, split, target)
     ckpt_path = _run_checkpoint(run_dir, checkpoint)
+    _check_checkpoint_in_run(run_dir, ckpt_path)
     thresholded = thresholded_path(ckpt_path)
     if target is not None and not in_place and thresholded.exists() and not overwrite:
         raise ReportError(f"{thresholded} already exists, with the threshold an earlier report chose; pass "
@@ -437,6 +478,8 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         model, meta = load_classifier(ckpt_path)
     _check_target(meta, split, target)
     classes = list(meta["classes"])
+    _check_run_classes(run_dir, ckpt_path, classes)
+    _read_metrics_json(run_dir)  # a damaged metrics.json stops the report before anything is written
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
     if target is None and meta.get("threshold") is None and thresholded.exists():
         notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
@@ -449,15 +492,16 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     labels = np.asarray(labels, np.int64)
     choice = _choose_threshold(probs, labels, meta, split, target)
     threshold = choice["threshold"] if choice else meta.get("threshold")
-    saved = save_threshold(ckpt_path, choice, in_place, overwrite=overwrite) if choice else None
     info = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint epoch": getattr(model, "checkpoint_epoch", None),
             "backbone": meta.get("backbone"),
             "mode": model.hparams.get("mode"), "kit_version": meta.get("kit_version"),
             "images": f"{len(paths)} ({split})", "notes": notes}
-    if saved is not None:
-        info["threshold saved to"] = str(saved)
+    if choice:
+        info["threshold saved to"] = str(ckpt_path if in_place else thresholded)
     result = write_report(run_dir, probs, labels, classes, paths=[str(p) for p in paths],
                           good_class=meta.get("good_class"), threshold=threshold, split=split,
                           info=info, threshold_choice=choice or _stored_choice(meta))
+    # last: a report that fails on the way leaves no checkpoint that blocks its rerun
+    saved = save_threshold(ckpt_path, choice, in_place, overwrite=overwrite) if choice else None
     result.checkpoint, result.notes = saved, notes
     return result
