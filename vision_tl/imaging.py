@@ -275,11 +275,11 @@ def load_rgb(path: str | Path) -> np.ndarray:
             or otherwise undecodable; the message names the file.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a directory, expected an image file")
     limit = max_image_pixels()
     simplejpeg = fast_jpeg_decoder()
     try:
+        if path.is_dir():  # (inside: a name too long or a folder one may not enter raises here)
+            raise ImageLoadError(f"{path}: is a directory, expected an image file")
         if path.stat().st_size == 0:
             raise ImageLoadError(f"{path}: empty file (0 bytes), not an image")
         fast = _load_jpeg_fast(simplejpeg, path, limit) if simplejpeg is not None else None
@@ -309,6 +309,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ImageLoadError(f"{path}: symbolic link loop; point the link at an image file") from exc
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ImageLoadError(f"{path}: the file name is too long for this file system") from exc
         raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
     except (ValueError, SyntaxError, MemoryError, EOFError, TypeError, IndexError,
             KeyError, struct.error, ZeroDivisionError, OverflowError) as exc:

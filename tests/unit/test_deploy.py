@@ -801,3 +801,24 @@ def test_predictions_never_replace_a_file_another_process_wrote_meanwhile(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]  # no temporary file left
     deploy_cli._write_atomic(out, other_job_then_ours, overwrite=True)
     assert out.read_text() == "our rows\n"
+
+
+def test_a_vision_tl_model_with_damaged_metadata_says_to_export_it_again(tmp_path: Path, model: Path):
+    """Arguments cannot stand in for what the model was trained and checked with: the message
+    says to export again, and giving the value it names does not get past it."""
+    damaged = onnx.load(str(model))
+    for prop in damaged.metadata_props:
+        if prop.key == "vision_tl.mean":
+            prop.value = "[0.485, 0.456"  # cut short
+    onnx.save(damaged, str(tmp_path / "damaged.onnx"))
+    for kwargs in ({}, {"mean": MEAN}):
+        with pytest.raises(DeployError, match=r"metadata is damaged \(invalid mean.*export the model again"):
+            Predictor(tmp_path / "damaged.onnx", **kwargs)
+
+
+def test_file_system_errors_are_error_rows_and_exit_2(tmp_path: Path, model: Path, images: list[Path], capsys):
+    long_name = tmp_path / ("a" * 300 + ".png")  # longer than any file system allows
+    rows = Predictor(model).predict_paths([images[0], long_name])
+    assert rows[0].error is None and "too long" in rows[1].error
+    assert main([str(model), str(images[0]), "--out", str(tmp_path / ("b" * 300 + ".csv"))]) == 2
+    assert capsys.readouterr().err.startswith("error:")

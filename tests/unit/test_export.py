@@ -32,6 +32,7 @@ from vision_tl.export.parity import (
     resolve_parity_images,
     split_images,
 )
+from vision_tl.export.pipeline import ExportOptions
 from vision_tl.export.quantize import Int8Config, float_nodes
 from vision_tl.models.classifier import ClassifierOutput
 
@@ -239,6 +240,11 @@ def test_float_nodes_keep_normalisation_stem_and_head():
         Int8Config(keep_float="everything")
     with pytest.raises(ExportError, match="expected one of: percentile"):
         Int8Config(method="kl")
+    for bad in ({"batch_size": 0}, {"calibration_images": 2.5}, {"calibration_images": True}):
+        with pytest.raises(ExportError, match="must be a positive integer"):  # up front, not after the float model
+            Int8Config(**bad)
+    with pytest.raises(ExportError, match="threads must be a positive integer"):
+        ExportOptions(threads=0)
     assert isinstance(onnx.helper.printable_graph(model.graph), str)
 
 

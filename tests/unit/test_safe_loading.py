@@ -54,3 +54,14 @@ def test_cli_ckpt_path_with_a_payload_is_refused(tmp_path, inspection_folder):
               "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(ckpt)])
     assert info.value.code == 2
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("section", ["vision_tl", "hyper_parameters"])
+def test_a_checkpoint_whose_sections_are_not_mappings_is_named_as_damaged(tmp_path, section):
+    from vision_tl.tasks.checkpoint import CheckpointError, read_checkpoint
+
+    ckpt = {"state_dict": {}, "vision_tl": {}, "hyper_parameters": {}}
+    ckpt[section] = ["not", "a", "mapping"]
+    torch.save(ckpt, tmp_path / "odd.ckpt")
+    with pytest.raises(CheckpointError, match=rf"odd.ckpt is damaged: its '{section}' section is a list"):
+        read_checkpoint(tmp_path / "odd.ckpt")

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # a path the file system refuses (too long, not permitted): named in exc
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''} (nothing written)".rstrip(), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
         return 130

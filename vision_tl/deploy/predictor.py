@@ -216,6 +216,8 @@ class Predictor:
         overrides = _override_props(classes, input_size, mean, std, interpolation)
         if not self.has_vision_tl_metadata:
             props = {**_graph_defaults(self._input), **props}
+        if self.has_vision_tl_metadata:
+            self._check_stored(props)
         stored_interpolation = props.get(PREFIX + "interpolation")
         stored = {k: props.get(PREFIX + k) for k in ("mean", "std")} if self.has_vision_tl_metadata else {}
         self._check_classes(overrides.get(PREFIX + "classes"), props.get(PREFIX + "classes"))
@@ -361,6 +363,19 @@ class Predictor:
             return self.preprocess(image)
         except DeployError as exc:
             raise DeployError(f"images[{index}]: {exc}") from exc
+
+    def _check_stored(self, props: dict[str, str]) -> None:
+        """A vision_tl model's own metadata, before any argument overrides it: a value the file
+        holds but that does not parse was damaged after export, and no argument can stand in
+        for what the model was trained and checked with (a key missing from an older export can)."""
+        try:
+            ModelMetadata.from_props(props, str(self.model_path))
+        except MetadataError as exc:
+            if exc.malformed:
+                problems = "; ".join(f"invalid {key}: {reason}" for key, reason in exc.malformed.items())
+                raise DeployError(f"{self.model_path}: its vision_tl metadata is damaged ({problems}); export the "
+                                  "model again from its checkpoint (vision-tl export CHECKPOINT --out MODEL.onnx)"
+                                  ) from exc
 
     def _check_classes(self, given: str | None, stored: str | None) -> None:
         """Refuse class names other than those a vision_tl model carries: they name its output

@@ -77,6 +77,11 @@ class ExportOptions:
     max_decision_changes: float | None = DEFAULT_MAX_DECISION_CHANGES
     threads: int | None = None
 
+    def __post_init__(self) -> None:  # before anything is written, not after the float model
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ExportError(f"threads must be a positive integer or None, got {self.threads!r}")
+
 
 @dataclass
 class ExportResult:

@@ -65,14 +65,20 @@ class Int8Config:
         if self.keep_float not in KEEP_FLOAT_CHOICES:
             raise ExportError(f"unknown keep_float {self.keep_float!r}; expected one of: "
                               f"{', '.join(KEEP_FLOAT_CHOICES)}")
-        if isinstance(self.calibration_images, bool) or self.calibration_images < 1:
+        if not _positive_int(self.calibration_images):
             raise ExportError(f"calibration images must be a positive integer, got "
                               f"{self.calibration_images!r}")
+        if not _positive_int(self.batch_size):
+            raise ExportError(f"calibration batch_size must be a positive integer, got {self.batch_size!r}")
         if not 90.0 < self.percentile <= 100.0:
             raise ExportError(f"percentile must be in (90, 100], got {self.percentile}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class ImageCalibrationReader:

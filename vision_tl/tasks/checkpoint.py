@@ -44,6 +44,10 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} was not written by vision_tl (no 'vision_tl' section); train with `vision-tl fit` "
             "or load raw backbone weights with --model.weights instead"
         )
+    for key in ("vision_tl", "hyper_parameters", "state_dict"):
+        if not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{path} is damaged: its {key!r} section is a {type(ckpt[key]).__name__}, not the "
+                                  "mapping vision-tl fit writes; use another checkpoint of the run (e.g. last.ckpt)")
     return ckpt
 
 
