@@ -701,3 +701,85 @@ def test_an_image_rewritten_in_place_with_its_old_mtime_is_hashed_again(tmp_path
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     assert content_hash(path) != before
+
+
+def _undecodable_png() -> bytes:
+    """A PNG whose chunk checksums are right (the scan's header check passes) but whose pixel
+    data is not zlib data: it fails only when decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 40, 40, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c" + b"garbage!" * 20)
+            + chunk(b"IEND", b""))
+
+
+def test_skip_bad_leaves_out_every_copy_of_an_undecodable_image(tmp_path, folder) -> None:
+    for name in ("good/zz_bad.png", "spot/zz_copy.png"):  # the same bytes twice: embedded (and failed) once
+        (folder / name).write_bytes(_undecodable_png())
+    with pytest.warns(UserWarning, match="the same bytes as"):
+        fs = extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False,
+                     skip_bad=True)
+    assert len(fs.paths) == 15 and not any("zz_" in p for p in fs.paths)
+
+
+def test_probe_with_skip_bad_leaves_out_images_that_fail_to_decode(tmp_path, folder) -> None:
+    (folder / "good" / "zz_bad.png").write_bytes(_undecodable_png())
+    kwargs = {"pretrained": False, "image_size": SIZE, "cache_dir": tmp_path / "c", "progress": False,
+              "folds": 2, "heads": "knn"}
+    with pytest.raises(ValueError, match="(?s)zz_bad.png.*--skip-bad"):
+        probe(folder, TINY, **kwargs)
+    with pytest.warns(UserWarning, match="left out 1 image"):
+        (row,) = probe(folder, TINY, skip_bad=True, **kwargs)
+    assert row.cv is not None
+
+
+def test_weights_written_through_data_get_another_cache_key(tiny_net) -> None:
+    import copy
+
+    fx = _extractor(copy.deepcopy(tiny_net))
+    before = fx.identity()["state_digest"]
+    with torch.no_grad():
+        next(fx.model.parameters()).data.mul_(0.5)  # moves no version counter
+    assert fx.identity()["state_digest"] != before
+
+
+def test_a_file_rewritten_at_its_size_within_a_timestamp_step_is_hashed_again(tmp_path, monkeypatch) -> None:
+    """On disks that keep whole seconds (FAT, ext2 with small inodes, some shares) such a rewrite
+    keeps the file's size and times: the scan's memo must not vouch for the new bytes."""
+    import hashlib
+    import pathlib
+
+    from vision_tl.data.folder import content_hash
+
+    real_stat = pathlib.Path.stat
+
+    class Coarse:  # the stat of a disk with one-second timestamps
+        def __init__(self, st):
+            self._st = st
+
+        def __getattr__(self, name):
+            value = getattr(self._st, name)
+            return value // 10**9 * 10**9 if name in ("st_mtime_ns", "st_ctime_ns") else value
+
+    monkeypatch.setattr(pathlib.Path, "stat", lambda self, **kw: Coarse(real_stat(self, **kw)))
+    path = tmp_path / "a.bmp"  # uncompressed: another image of its size is a file of the same size
+    _write_image(path, seed=1, tint=0)
+    first, size = content_hash(path), path.stat().st_size
+    _write_image(path, seed=2, tint=0)
+    assert path.stat().st_size == size
+    assert content_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    from vision_tl.features.store import check_output_path
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(FeatureStoreError, match=r"cannot write in .*Permission denied.*--out"):
+        check_output_path(tmp_path / "x.npz", overwrite=False)

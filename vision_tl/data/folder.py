@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
@@ -244,8 +245,14 @@ def _add_images(index: FolderIndex, images: list[Path], label: int) -> None:
 
 # What scanning found for each image file this process read, while the file's inode, size and
 # modification time (and the pixel limit) stay the same; bounded, for folders of millions of images.
-_SCANNED: dict[tuple, tuple[str | None, str | None]] = {}
+# Each entry keeps when it was worked out: see _RACY_NS.
+_SCANNED: dict[tuple, tuple[str | None, str | None, int]] = {}
 _MAX_SCANNED = 200_000
+# A file whose times lie this close to (or after) the moment it was hashed could be rewritten at its
+# size within the same timestamp step without its times changing (FAT keeps 2 s steps, ext2 with
+# small inodes and some network shares 1 s): such an entry is worked out again (git's "racily
+# clean" rule), until it is hashed long enough after the file's last change.
+_RACY_NS = 2_000_000_000
 
 
 def _checked(path: Path) -> tuple[str | None, str | None]:
@@ -261,13 +268,14 @@ def _checked(path: Path) -> tuple[str | None, str | None]:
     # some copy tools), keeps size and mtime, but no user call can set its ctime back
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, max_image_pixels())
     found = _SCANNED.get(key)
-    if found is None:
+    if found is None or max(st.st_mtime_ns, st.st_ctime_ns) >= found[2] - _RACY_NS:
+        hashed_at = time.time_ns()  # before reading: a change during the read counts as later
         problem = _check_header(path)
-        found = (problem, None if problem else file_sha256(path))
+        found = (problem, None if problem else file_sha256(path), hashed_at)
         if len(_SCANNED) >= _MAX_SCANNED:
             _SCANNED.clear()
         _SCANNED[key] = found
-    return found
+    return found[:2]
 
 
 def content_hash(path: Path) -> str | None:

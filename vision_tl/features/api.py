@@ -256,6 +256,9 @@ def extract(
 
     ranks = current_ranks()  # torchrun: this process embeds every world-th image
     out_path = check_output_path(out, overwrite) if out is not None else None
+    if out_path is None and not use_cache and ranks.world > 1:  # each rank's own scratch folder: no merge
+        raise ValueError("under torchrun, extract without the cache needs an output file (out=, --out), whose "
+                         "partial folder every rank shares; give one, or keep the cache on")
     device = resolve_device(device, ranks.local_rank)
     if decode == "device" and device.type != "cuda":
         warnings.warn(f"--decode device on {device}: JPEGs are then decoded by torchvision in the main thread, "

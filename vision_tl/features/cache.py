@@ -131,9 +131,11 @@ class FeatureCache:
         store = self.store(extractor)
         store.verify(list(hashes))  # damaged shards are dropped here, so their images count as missing
         todo: dict[str, Path] = {}
+        copies: dict[str, list[Path]] = {}  # byte-identical files: embedded once, failed together
         for path, key in zip(paths, hashes):
-            if key not in store and key not in todo:
-                todo[key] = Path(path)
+            if key not in store:
+                copies.setdefault(key, []).append(Path(path))
+                todo.setdefault(key, Path(path))
         keys, files = list(todo), list(todo.values())
         if todo:
             self._check_writable(store, len(todo))
@@ -161,7 +163,9 @@ class FeatureCache:
                 store.append(pending_keys, np.concatenate(pending))
                 pending_keys, pending = [], []
         store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
-        report = CacheReport(len(paths), len(keys) - len(failed), failed, time.perf_counter() - start,
+        failed_keys = len(failed)
+        failed = _with_copies(failed, copies, {path: key for key, path in todo.items()})
+        report = CacheReport(len(paths), len(keys) - failed_keys, failed, time.perf_counter() - start,
                              float("nan") if first is None else first)
         if report.computed and report.computed >= self._stats(store).get("images", 0):
             # the largest run is the one whose rate says most about the backbone (a run that
@@ -197,6 +201,18 @@ class FeatureCache:
         if report.failed:
             raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}")
         return self.read(extractor, hashes)
+
+
+def _with_copies(failed: list[tuple[Path, str]], copies: dict[str, list[Path]],
+                 key_of: dict[Path, str]) -> list[tuple[Path, str]]:
+    """``failed``, each with the byte-identical copies of its file that were not embedded on
+    their own (one file per content is): they have no features either."""
+    out = []
+    for path, why in failed:
+        out.append((path, why))
+        out += [(other, f"{other}: the same bytes as {path}, which could not be embedded")
+                for other in copies.get(key_of.get(path, ""), []) if other != path]
+    return out
 
 
 _CHANGED = ("{path}: changed while it was being embedded (its content is no longer the one scanned); "

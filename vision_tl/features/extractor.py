@@ -144,7 +144,6 @@ class FeatureExtractor:
                        for s in self.stages]
         self.num_features = int(sum(self.widths))
         self._identity: dict | None = None
-        self._digest: tuple[tuple, str] | None = None  # (weights' version counters, their digest)
         self._channels_last = False
         self._folded = FoldedInference(model, run=self._features)  # checked on the features as returned
         self._normalise = BatchAugment(preprocessing, augment=False)  # uint8 batches, on their device
@@ -156,13 +155,10 @@ class FeatureExtractor:
 
     def identity(self) -> dict:
         """Everything the embeddings depend on; the cache key and the output metadata. The
-        weights' digest is taken on every call: a model trained further between two calls
-        (the Python API) gets another key, never the old weights' store."""
-        # every tensor's in-place version counter: an optimiser step or load_state_dict moves it,
-        # so the digest (which reads every weight) is taken again only when the weights changed
-        versions = tuple((id(t), t._version) for t in self.model.state_dict(keep_vars=True).values())
-        if self._digest is None or self._digest[0] != versions:
-            self._digest = (versions, state_digest(self.model))
+        weights' digest is taken on every call (it reads every weight: ~20 MB for Lite0): a model
+        trained further between two calls gets another key, never the old weights' store, also
+        when its weights were written through ``.data``, which moves no version counter."""
+        digest = state_digest(self.model)
         if self._identity is None:
             import timm
 
@@ -184,7 +180,7 @@ class FeatureExtractor:
                 # per kind of device, whose decoders differ (nvJPEG; torchvision's libjpeg-turbo)
                 device = next(self.model.parameters()).device.type
                 self._identity["decode"] = f"{self.decode}:{device}"
-        return {**self._identity, "state_digest": self._digest[1]}
+        return {**self._identity, "state_digest": digest}
 
     def transform(self) -> ImageTransform:
         """Resize (and augment) to a uint8 ``[3, H, W]`` tensor; :meth:`embed` normalises on the device."""

@@ -9,6 +9,7 @@ this package's lines than a hand-written LBFGS. Features come from the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,10 +284,12 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
                       pretrained: bool = True, stages=None, image_size=None, views: int = 1,
                       augment="inspection", cache_dir: str | Path | None = None, batch_size: int = 8,
                       num_workers: int | None = None, device: str | None = None,
-                      progress: bool = True, seed: int = 0) -> tuple[np.ndarray, float, str]:
+                      progress: bool = True, seed: int = 0, skip_bad: bool = False) -> tuple[np.ndarray, float, str]:
     """Cached features of every image for one backbone: ``[N, F]``, or ``[N, K, F]`` for K views.
 
     ``seed`` fixes the weights of a randomly initialised backbone (``pretrained=False``).
+    ``skip_bad``: images that cannot be decoded are dropped from ``images`` (with a warning)
+    instead of stopping; the features are those of the images left.
 
     Returns:
         (features, images/s of the extraction that filled the cache, stages label).
@@ -295,7 +298,7 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
 
     from vision_tl.backbones import create_backbone, resolve_preprocessing
     from vision_tl.data.device import resolve_device
-    from vision_tl.features.cache import FeatureCache
+    from vision_tl.features.cache import FeatureCache, failure_listing
     from vision_tl.features.extractor import FeatureExtractor
 
     if views < 1:
@@ -306,15 +309,22 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
         model = create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size).to(device)
     prep = resolve_preprocessing(backbone, image_size)
     cache = FeatureCache(cache_dir)
-    per_view = []
+    extractors = []
     for view in range(views):
         extractor = FeatureExtractor(model, backbone, prep, stages, augment, view)
         desc = f"{backbone} view {view}" if views > 1 else backbone
-        per_view.append(cache.features(extractor, images.paths, images.hashes, batch_size=batch_size,
-                                       num_workers=num_workers, device=device,
-                                       progress=desc if progress else False))
-        if view == 0:
-            speed = cache.throughput(extractor)
+        report = cache.ensure(extractor, images.paths, images.hashes, batch_size=batch_size,
+                              num_workers=num_workers, device=device, progress=desc if progress else False)
+        if report.failed and not skip_bad:
+            raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}\n"
+                             "Fix or remove them, or pass --skip-bad to leave them out.")
+        if report.failed:
+            warnings.warn(f"left out {len(report.failed)} image(s) that could not be decoded:\n"
+                          f"{failure_listing(report.failed, 5)}", stacklevel=2)
+            images.drop({Path(p) for p, _ in report.failed})
+        extractors.append(extractor)
+    speed = cache.throughput(extractors[0])
+    per_view = [cache.read(extractor, images.hashes) for extractor in extractors]  # the images left
     feats = per_view[0] if views == 1 else np.stack(per_view, 1)
     return feats, speed, ",".join(extractor.stages)
 
@@ -373,7 +383,14 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
     check_folds_and_shots(labels, groups, folds, shots, images.classes, images.paths)  # before the slow part
     results = []
     for backbone in backbones:
-        feats, speed, stages = backbone_features(images, backbone, seed=seed, **feature_kwargs)
+        before = len(images.paths)
+        feats, speed, stages = backbone_features(images, backbone, seed=seed, skip_bad=skip_bad, **feature_kwargs)
+        if len(images.paths) < before:  # undecodable images left out (skip_bad): the folds again
+            labels, groups = np.asarray(images.labels), np.asarray(images.hashes)
+            check_folds_and_shots(labels, groups, folds, shots, images.classes, images.paths)
+            if results:  # the earlier backbones' rows were scored on images since left out
+                raise ValueError(f"{before - len(images.paths)} image(s) failed to decode only with {backbone}; "
+                                 "probe it on its own, or remove the files named above")
         for head in heads:
             row = ProbeResult(backbone, head, stages, feats.shape[-1], speed)
             row.cv = cross_validate(feats, labels, head, folds, seed, groups) if folds else None
