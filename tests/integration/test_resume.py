@@ -359,3 +359,25 @@ def test_resume_survives_a_damaged_metrics_json_and_names_best_without_last(insp
         main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"])
     assert info.value.code == 2
     assert f"resume from that epoch with --ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_trained_on_another_runs_split_file_resumes(inspection_folder, tmp_path, capsys):
+    """Its config names that split file; the resume check splits the folder the same way, also
+    after images were added to it (they are in neither split)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(inspection_folder, data)
+    first = [*_args(data, tmp_path / "a"), "--trainer.max_epochs", "1"]
+    assert main(first) == 0
+    split = tmp_path / "a" / "partial" / "version_0" / "split.json"
+    for i, src in enumerate(sorted(data.glob("good/*.png"))[:3]):
+        shutil.copy(src, src.with_name(f"new_{i}.png"))
+    with pytest.warns(UserWarning, match="does not list"):
+        assert main([*_args(data, tmp_path / "b"), "--trainer.max_epochs", "1", "--data.split_file", str(split)]) == 0
+    run = tmp_path / "b" / "partial" / "version_0"
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert "not the split of the checkpoint's run" not in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1

@@ -273,6 +273,9 @@ def test_a_second_scan_reads_each_unchanged_image_once_and_a_changed_one_again(t
     from vision_tl.data import folder
 
     root = _folder(tmp_path / "d", {"good": 3, "dent": 2})
+    # files written just now would count as "racily" changed (see folder._RACY_NS) and be hashed
+    # again until 2 s have passed; this disk keeps nanoseconds, so only a change after the hash is
+    monkeypatch.setattr(folder, "_RACY_NS", 0)
     hashed = []
     real = folder.file_sha256
     monkeypatch.setattr(folder, "file_sha256", lambda p: hashed.append(p.name) or real(p))
@@ -489,3 +492,25 @@ def test_loader_processes_fit_the_shared_memory_there_is(tmp_path, monkeypatch, 
     assert ("kept as set" in str(caught[0].message)) == bool(chosen)
     monkeypatch.setattr(device, "shared_memory_free", lambda: None)  # nothing to measure (macOS, Windows)
     assert dm.train_dataloader().num_workers == 3
+
+
+def test_a_class_folder_that_is_a_broken_link_is_named_not_left_out(tmp_path):
+    from vision_tl.data.folder import DatasetError, scan_folder
+
+    for name in ("good", "scratch"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    (tmp_path / "crack").symlink_to(tmp_path / "share_not_mounted")
+    with pytest.raises(DatasetError, match="crack is a symbolic link to .*share_not_mounted, which does not exist"):
+        scan_folder(tmp_path)
+
+
+def test_skipping_every_image_of_a_class_is_an_error_not_a_class_without_training_images(tmp_path):
+    from vision_tl.data.folder import DatasetError, scan_folder
+
+    for name in ("good", "crack"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    (tmp_path / "crack" / "a.png").write_text("version https://git-lfs.github.com/spec/v1\n")  # a pointer
+    with pytest.raises(DatasetError, match=r"crack hold no readable image: all were unreadable and skipped"):
+        scan_folder(tmp_path, skip_bad=True)

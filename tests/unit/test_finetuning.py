@@ -310,3 +310,12 @@ def test_gradual_unfreezing_in_frozen_mode_trains_the_backbone_despite_the_featu
 def test_classifier_refuses_classes_it_could_not_train_on(classes, good, message):
     with pytest.raises(ValueError, match=message):
         ImageClassifier(classes, backbone=TINY, pretrained=False, image_size=32, good_class=good)
+
+
+def test_partial_vit_freezes_its_tokens_with_the_stem_and_full_unfreezing_returns_them():
+    model = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
+    vit = model.net.backbone
+    assert not vit.cls_token.requires_grad and not vit.pos_embed.requires_grad  # they feed the frozen stem
+    newly = unfreeze_stages(model.net, 99)
+    assert any(p is vit.cls_token for p in newly) and any(p is vit.pos_embed for p in newly)
+    assert all(p.requires_grad for p in vit.parameters())

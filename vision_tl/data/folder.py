@@ -128,9 +128,22 @@ def class_folders(root: str | Path) -> list[str]:
 
 
 def visible_folders(root: str | Path) -> list[str]:
-    """Sub-folder names, less hidden ones (.ipynb_checkpoints/) and a disk's own (lost+found/)."""
-    return sorted(p.name for p in Path(root).iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_FOLDERS)
+    """Sub-folder names, less hidden ones (.ipynb_checkpoints/) and a disk's own (lost+found/).
+
+    Raises:
+        DatasetError: a visible entry is a symbolic link to nothing (a share not mounted, a
+            folder moved): it would be a class folder, and leaving it out would train without
+            that class."""
+    names = []
+    for p in Path(root).iterdir():
+        if p.name.startswith(".") or p.name in SYSTEM_FOLDERS:
+            continue
+        if p.is_symlink() and not p.exists() and p.suffix.lower() not in IMAGE_EXTENSIONS:  # (an image's: named as one)
+            raise DatasetError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (a share not "
+                               "mounted? a folder moved?); mount or fix it, or remove the link")
+        if p.is_dir():
+            names.append(p.name)
+    return sorted(names)
 
 
 def same_name(name: str) -> str:
@@ -329,8 +342,14 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
         shown = ", ".join(p.name for p in loose[:5]) + (", ..." if len(loose) > 5 else "")
         warnings.warn(f"{len(loose)} image(s) directly in {root} are in no class folder and are not used: {shown}. "
                       "Move each into the folder of its class.", stacklevel=2)
-    return _finish_scan(index, ignored, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true "
-                                                  "to train without them.")
+    index = _finish_scan(index, ignored, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true "
+                                                   "to train without them.")
+    empty = [name for name, n in zip(index.classes, index.class_counts()) if n == 0]
+    if empty and not partial:  # every image of the class unreadable, and skipped
+        raise DatasetError(f"class folder(s) {', '.join(str(class_folder(root, n)) for n in empty)} hold no readable "
+                           "image: all were unreadable and skipped (--data.skip_bad_images); fix them, or remove "
+                           "the class folder")
+    return index
 
 
 def scan_unlabelled(root: str | Path, skip_bad: bool = False) -> FolderIndex:

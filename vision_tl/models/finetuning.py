@@ -49,7 +49,12 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
     if mode == "partial":
         frozen = [m for stage in stages[:-trainable_stages] for m in stage]
         _set_frozen(frozen, True)
-        # Norm layers outside any stage (rare) follow the stage logic: frozen with the stem.
+        # Parameters outside every stage (a ViT's cls_token and pos_embed, which belong to no
+        # module) are frozen with the stem, which they feed.
+        inside = {id(p) for stage in stages for m in stage for p in m.parameters()}
+        for param in net.backbone.parameters():
+            if id(param) not in inside:
+                param.requires_grad = False
         net.eval_modules = frozen
     net.frozen_modules = list(net.eval_modules)  # before freeze_bn adds norms of stages that train
     if freeze_bn and mode != "frozen":
@@ -61,12 +66,12 @@ def unfreeze_stages(net: ClassifierNet, n_last: int, freeze_bn: bool = False) ->
     """Make the last ``n_last`` stages trainable; returns the parameters that became trainable."""
     stages = backbone_stages(net.backbone)
     n_last = min(n_last, len(stages))
-    newly = [p for stage in stages[-n_last:] for m in stage for p in m.parameters() if not p.requires_grad]
+    before = {id(p) for p in net.backbone.parameters() if p.requires_grad}
     if n_last < len(stages):
         apply_mode(net, "partial", n_last, freeze_bn)
-    else:
+    else:  # everything, parameters outside the stages (a ViT's cls_token) too
         apply_mode(net, "full", freeze_bn=freeze_bn)
-    return newly
+    return [p for p in net.backbone.parameters() if p.requires_grad and id(p) not in before]
 
 
 def count_trainable(module: nn.Module) -> tuple[int, int]:

@@ -326,7 +326,7 @@ class VisionTLCLI(LightningCLI):
         record = run / "split.json" if run is not None else None
         if data.get("split_file"):  # made absolute in before_instantiate_classes
             given = Path(str(data.split_file))
-            if record is not None and record.is_file() and given != record.resolve():
+            if record is not None and record.is_file() and given != record.resolve() and not _same_split(given, record):
                 warnings.warn(f"--data.split_file {given} is not the split of the checkpoint's run ({record}): its "
                               "val images may be images that run trained on, scored as held out", stacklevel=2)
             return
@@ -466,9 +466,9 @@ class VisionTLCLI(LightningCLI):
                     "newest); nothing in the run was changed")
             if (run / "labels.json").is_file():  # before anything in the run is touched
                 data = cfg.data
-                check_resumed_data(run, ImageFolderDataModule(
+                check_resumed_data(run, ImageFolderDataModule(  # the run's own split (its split_file, if any)
                     data.root, val_fraction=data.val_fraction, seed=data.seed,
-                    skip_bad_images=data.skip_bad_images, num_workers=0))
+                    skip_bad_images=data.skip_bad_images, num_workers=0, split_file=data.get("split_file")))
                 _check_resumed_steps(run, _run_settings(run), cfg)
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
@@ -577,6 +577,19 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _same_split(a: Path, b: Path) -> bool:
+    """Whether two split files list the same train and val images (a run trained with
+    ``--data.split_file`` writes its own copy of the split it was given)."""
+    try:
+        first, second = read_split(a), read_split(b)
+    except (OSError, ValueError):
+        return False
+    def entries(split: dict, part: str) -> list[tuple]:
+        return sorted((str(e.get("path")), str(e.get("sha256"))) for e in split.get(part, []))
+    return first.get("root") == second.get("root") and all(
+        entries(first, part) == entries(second, part) for part in ("train", "val"))
 
 
 def _keep_metrics_csv(run: Path) -> None:
