@@ -381,3 +381,27 @@ def test_a_run_trained_on_another_runs_split_file_resumes(inspection_folder, tmp
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
     assert "not the split of the checkpoint's run" not in capsys.readouterr().err
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_continued_after_its_folder_moved_gets_its_own_best_checkpoint(inspection_folder, tmp_path):
+    """The new run folder sits where the old one was: the best score the checkpoint carries
+    belongs to a best.ckpt this folder does not have, and must not stop it from writing its own."""
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--trainer.max_epochs", "1"]) == 0
+    (tmp_path / "runs").rename(tmp_path / "archived")
+    moved = tmp_path / "archived" / "partial" / "version_0"
+    assert main(["fit", "--config", str(moved / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1 == json.loads((run / "metrics.json").read_text())["val"]["epoch"]
+
+
+@pytest.mark.slow
+def test_a_loss_monitored_run_names_the_epoch_of_its_best_checkpoint(inspection_folder, tmp_path):
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "3", "--checkpoint.monitor", "val/loss",
+                 "--checkpoint.mode", "min"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    losses = {r["epoch"]: r["monitored"] for r in metrics["history"]}
+    assert metrics["val"]["epoch"] == best["epoch"] == min(losses, key=losses.get)

@@ -129,3 +129,18 @@ def test_a_command_that_meets_a_missing_full_kit_module_says_which_install_it_ne
     assert cli.main(["report", "runs/x"]) == 2
     err = capsys.readouterr().err
     assert "vision-tl report needs the full kit" in err and f"no module {missing!r}" in err
+
+
+def test_a_resume_from_inside_an_epoch_says_it_will_not_match_exactly(capsys):
+    from pathlib import Path
+
+    from vision_tl.tasks.lightning_cli import _note_mid_epoch
+
+    def state(processed: int, last: bool) -> dict:
+        batches = {"current": {"processed": processed}, "is_last_batch": last}
+        return {"epoch": 1, "loops": {"fit_loop": {"epoch_loop.batch_progress": batches}}}
+    _note_mid_epoch(state(24, True), Path("last.ckpt"))  # the end of an epoch: exact
+    _note_mid_epoch(state(3, False), Path("step.ckpt"))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "last.ckpt" not in text and "step.ckpt was written 3 batches into epoch 1" in text

@@ -48,10 +48,16 @@ class RunArtifacts(L.Callback):
 
     Args:
         monitor: validation metric that picks the best epoch (must match the checkpoint's).
+        mode: ``max`` or ``min`` (the checkpoint's ``mode``).
     """
 
-    def __init__(self, monitor: str = "val/balanced_acc") -> None:
-        self.monitor = monitor
+    def __init__(self, monitor: str = "val/balanced_acc", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        # the first epoch trained in this run folder, where a run continued into a new folder
+        # (its best checkpoint is among the epochs trained here, not the earlier folder's)
+        self.since_epoch = 0
         self.history: list[dict] = []
         self._predictions: list[torch.Tensor] = []
         self.unreadable = 0  # images `predict` wrote as error rows (the command then exits 3)
@@ -68,10 +74,18 @@ class RunArtifacts(L.Callback):
 
     def state_dict(self) -> dict:
         # Saved in checkpoints, so a resumed run's metrics.json keeps the epochs before the stop.
-        return {"history": self.history}
+        return {"history": self.history, "since_epoch": self.since_epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+        self.since_epoch = int(state_dict.get("since_epoch", 0))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a checkpoint callback that kept no best checkpoint from the restored state: the run
+        # continues in a new folder, whose best is one of the epochs trained from now on
+        checkpoint = trainer.checkpoint_callback
+        if self.history and checkpoint is not None and not getattr(checkpoint, "best_model_path", ""):
+            self.since_epoch = self.history[-1]["epoch"] + 1  # (the trainer's epoch is restored later)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank
@@ -88,16 +102,28 @@ class RunArtifacts(L.Callback):
         # Not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks before the
         # module's, so eval_results would still hold the previous epoch (or the sanity check).
         if not trainer.sanity_checking and "val" in pl_module.eval_results:
-            self.history.append(dict(pl_module.eval_results["val"]))
+            entry = dict(pl_module.eval_results["val"])
+            value = trainer.callback_metrics.get(self.monitor)  # any logged metric (val/loss ...)
+            if value is not None:
+                entry["monitored"] = float(value)
+            self.history.append(entry)
             if trainer.state.fn == "fit" and trainer.is_global_zero:
                 # after every epoch, so a run stopped half-way has its metrics too (the plot: at the end)
                 self._write_metrics(trainer, pl_module, "val", self.best_epoch(), plot=False)
 
     def best_epoch(self) -> dict | None:
+        """The epoch the checkpoint callback keeps as best: the monitored value's max (``mode``
+        max) or min, the earliest of equals, among the epochs trained in this run folder."""
         key = self.monitor.split("/", 1)[-1]
-        if not self.history:
+        mine = [r for r in self.history if r["epoch"] >= self.since_epoch] or self.history
+        if not mine:
             return None
-        return max(self.history, key=lambda r: (r.get(key, float("-inf")), -r["epoch"]))
+        sign = 1.0 if self.mode == "max" else -1.0
+
+        def score(r: dict) -> float:
+            value = r.get("monitored", r.get(key))
+            return float("-inf") if value is None or value != value else sign * float(value)
+        return max(mine, key=lambda r: (score(r), -r["epoch"]))
 
     def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict,
                        plot: bool = True) -> None:

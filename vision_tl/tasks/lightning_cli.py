@@ -245,6 +245,7 @@ class VisionTLCLI(LightningCLI):
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.add_lightning_class_args(ResumableRandomState, "resume_state")
         parser.link_arguments("checkpoint.monitor", "artifacts.monitor")
+        parser.link_arguments("checkpoint.mode", "artifacts.mode")
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.image_size", "data.image_size")
         parser.link_arguments("data.good_class", "model.good_class")
@@ -485,6 +486,7 @@ class VisionTLCLI(LightningCLI):
             _check_resumed_steps(source, trained, cfg)
             say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
                  "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
+        _note_mid_epoch(state, path)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
@@ -577,6 +579,21 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _note_mid_epoch(state: dict, path: Path) -> None:
+    """Say so when the checkpoint was written inside an epoch (``--checkpoint.every_n_train_steps``):
+    Lightning restarts that epoch's data from its first batch, so the resumed run sees some of
+    its images twice and others not at all, and does not end as an uninterrupted one would."""
+    try:
+        batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        done, last = int(batches["current"]["processed"]), bool(batches["is_last_batch"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if done and not last:
+        say(f"vision_tl: note: {path.name} was written {done} batches into epoch "
+            f"{state.get('epoch')}; that epoch restarts from its first batch, so the resumed run will not match an "
+            "uninterrupted one exactly (end-of-epoch checkpoints, the default, do)")
 
 
 def _same_split(a: Path, b: Path) -> bool:

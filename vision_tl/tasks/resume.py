@@ -159,6 +159,13 @@ class RunCheckpoint(ModelCheckpoint):
             # trained the checkpoint does not apply there, and saying so on every command is noise.
             state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_score": None, "best_k_models": {},
                           "kth_best_model_path": "", "last_model_path": ""}
+        best = state_dict.get("best_model_path")
+        if best and not Path(best).is_file():
+            # a run continued into a new folder at the old one's place (the old one moved away):
+            # the best score it names belongs to a checkpoint this folder does not have, and would
+            # never be beaten, leaving the new run without a best.ckpt
+            state_dict = {**{k: v for k, v in state_dict.items() if k != "kth_value"}, "best_model_score": None,
+                          "best_k_models": {}, "best_model_path": "", "kth_best_model_path": ""}
         super().load_state_dict(state_dict)
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
