@@ -30,7 +30,7 @@ from vision_tl.tasks.resume import (
 )
 from vision_tl.utils import launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
-from vision_tl.utils.files import lock_dir, release_dir_locks
+from vision_tl.utils.files import atomic_path, lock_dir, release_dir_locks
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
@@ -117,7 +117,18 @@ class SaveRunConfig(SaveConfigCallback):
         data = self.config.get("data")
         if data is not None and data.get("root"):
             data.root = str(Path(data.root).expanduser().resolve())
-        super().setup(trainer, pl_module, stage)
+        # Written beside itself and renamed: a resume rewrites the run's config.yaml, and a kill or
+        # a full disk half-way would leave a run that can no longer be resumed.
+        real_save = self.parser.save
+
+        def save_atomically(cfg, path, **kwargs):
+            with atomic_path(Path(path), overwrite=True) as tmp:
+                real_save(cfg, str(tmp), **{**kwargs, "overwrite": True})
+        self.parser.save = save_atomically
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            del self.parser.save  # the parser's own method again
 
 
 _UNKNOWN_KEY = (
