@@ -475,3 +475,28 @@ def test_a_report_stopped_by_a_damaged_metrics_json_leaves_nothing_that_blocks_i
     (copy / "metrics.json").write_text(good)
     assert main(["report", str(copy), "--target-escape", "0.2"]) == 0
     assert (copy / "checkpoints" / "best.thresholded.ckpt").is_file()
+
+
+def test_a_run_whose_checkpoints_folder_links_elsewhere_is_reported(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "report.html").unlink()
+    shutil.move(str(copy / "checkpoints"), str(tmp_path / "bulk_storage"))
+    (copy / "checkpoints").symlink_to(tmp_path / "bulk_storage")
+    assert main(["report", str(copy)]) == 0
+    assert main(["report", str(copy), "--checkpoint", str(copy / "checkpoints" / "best.ckpt"), "--overwrite"]) == 0
+
+
+def test_a_report_whose_threshold_cannot_be_saved_says_nothing_was_saved(run, tmp_path, monkeypatch, capsys):
+    import torch
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name in ("report.html", "checkpoints/best.thresholded.ckpt"):
+        (copy / name).unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["report", str(copy), "--target-escape", "0.2"]) != 0
+    assert not (copy / "report.html").exists() and not (copy / "checkpoints" / "best.thresholded.ckpt").exists()

@@ -405,3 +405,14 @@ def test_a_loss_monitored_run_names_the_epoch_of_its_best_checkpoint(inspection_
     best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     losses = {r["epoch"]: r["monitored"] for r in metrics["history"]}
     assert metrics["val"]["epoch"] == best["epoch"] == min(losses, key=losses.get)
+
+
+@pytest.mark.slow
+def test_a_run_continued_into_a_new_folder_names_a_best_epoch_of_its_own(inspection_folder, tmp_path):
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"]) == 0
+    first = tmp_path / "partial" / "version_0"
+    assert main(["fit", "--config", str(first / "config.yaml"), "--ckpt_path", str(first / "checkpoints" / "last.ckpt"),
+                 "--trainer.logger.init_args.name", "cont", "--trainer.max_epochs", "2"]) == 0
+    run = tmp_path / "cont" / "version_0"
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1 == json.loads((run / "metrics.json").read_text())["val"]["epoch"]

@@ -245,6 +245,7 @@ def test_float_nodes_keep_normalisation_stem_and_head():
             Int8Config(**bad)
     with pytest.raises(ExportError, match="threads must be a positive integer"):
         ExportOptions(threads=0)
+    assert Int8Config(batch_size=np.int64(8)).batch_size == 8 and ExportOptions(threads=np.int32(2)).threads == 2
     assert isinstance(onnx.helper.printable_graph(model.graph), str)
 
 

@@ -783,3 +783,15 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tmp_path,
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(FeatureStoreError, match=r"cannot write in .*Permission denied.*--out"):
         check_output_path(tmp_path / "x.npz", overwrite=False)
+
+
+def test_extract_lists_a_class_whose_every_image_is_unreadable_and_skips_it_when_asked(tmp_path, folder) -> None:
+    for path in (folder / "spot").iterdir():
+        path.write_bytes(b"\x89PNG not really")
+    (folder / "notes.json").symlink_to(tmp_path / "gone.json")  # a dangling file link: not a class, ignored
+    with pytest.raises(DatasetError, match="(?s)5 unreadable image.*spot_0.png"):
+        extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False)
+    with pytest.warns(UserWarning, match="left out 5 unreadable"):
+        fs = extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False,
+                     skip_bad=True)
+    assert len(fs.paths) == 10

@@ -319,3 +319,17 @@ def test_partial_vit_freezes_its_tokens_with_the_stem_and_full_unfreezing_return
     newly = unfreeze_stages(model.net, 99)
     assert any(p is vit.cls_token for p in newly) and any(p is vit.pos_embed for p in newly)
     assert all(p.requires_grad for p in vit.parameters())
+
+
+def test_a_partial_vit_checkpoint_that_trained_its_tokens_keeps_training_them_when_resumed():
+    """Checkpoints of earlier versions trained cls_token and pos_embed in partial mode: their
+    optimizer state has two parameters more, and a resume must fit it."""
+    model = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    older = {"optimizer_states": [{"param_groups": [{"params": list(range(trainable + 2))}]}]}
+    with pytest.warns(UserWarning, match="keep training in this resumed run"):
+        model._train_what_the_checkpoint_trained(older)
+    assert model.net.backbone.cls_token.requires_grad and model.net.backbone.pos_embed.requires_grad
+    again = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
+    again._train_what_the_checkpoint_trained({"optimizer_states": [{"param_groups": [{"params": list(range(trainable))}]}]})
+    assert not again.net.backbone.cls_token.requires_grad  # a checkpoint of this version: as it is

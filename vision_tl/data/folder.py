@@ -138,7 +138,7 @@ def visible_folders(root: str | Path) -> list[str]:
     for p in Path(root).iterdir():
         if p.name.startswith(".") or p.name in SYSTEM_FOLDERS:
             continue
-        if p.is_symlink() and not p.exists() and p.suffix.lower() not in IMAGE_EXTENSIONS:  # (an image's: named as one)
+        if p.is_symlink() and not p.exists() and not p.suffix:  # a folder's name (a file's is named where it is read)
             raise DatasetError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (a share not "
                                "mounted? a folder moved?); mount or fix it, or remove the link")
         if p.is_dir():
@@ -264,7 +264,8 @@ _MAX_SCANNED = 200_000
 # A file whose times lie this close to (or after) the moment it was hashed could be rewritten at its
 # size within the same timestamp step without its times changing (FAT keeps 2 s steps, ext2 with
 # small inodes and some network shares 1 s): such an entry is worked out again (git's "racily
-# clean" rule), until it is hashed long enough after the file's last change.
+# clean" rule), until it is hashed long enough after the file's last change. (Times further in the
+# future, a clock set ahead, cannot be told apart from a later change either way: left alone.)
 _RACY_NS = 2_000_000_000
 
 
@@ -281,7 +282,7 @@ def _checked(path: Path) -> tuple[str | None, str | None]:
     # some copy tools), keeps size and mtime, but no user call can set its ctime back
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, max_image_pixels())
     found = _SCANNED.get(key)
-    if found is None or max(st.st_mtime_ns, st.st_ctime_ns) >= found[2] - _RACY_NS:
+    if found is None or abs(max(st.st_mtime_ns, st.st_ctime_ns) - found[2]) <= _RACY_NS:
         hashed_at = time.time_ns()  # before reading: a change during the read counts as later
         problem = _check_header(path)
         found = (problem, None if problem else file_sha256(path), hashed_at)
@@ -310,14 +311,15 @@ def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice
 
 
 def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bool = False,
-                partial: bool = False) -> FolderIndex:
+                partial: bool = False, every_class: bool = True) -> FolderIndex:
     """Index every image under ``root/<class>/`` (recursively), hashing each file.
 
     Non-image files are warned about and ignored; hidden files are ignored; images directly
     in ``root`` (in no class folder) are warned about and not used. Unreadable images raise
     :class:`DatasetError` naming them unless ``skip_bad``. ``partial`` (a val/ or test/ split):
     a class folder may be missing or empty there (a rare defect with no held-out image);
-    otherwise that is an error.
+    otherwise that is an error, as is (with ``every_class``, for training) a class whose every
+    image was unreadable and skipped.
     """
     root = Path(root).expanduser()
     classes = classes if classes is not None else list_classes(root)
@@ -345,7 +347,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
     index = _finish_scan(index, ignored, skip_bad, "Fix or remove them, or pass --data.skip_bad_images true "
                                                    "to train without them.")
     empty = [name for name, n in zip(index.classes, index.class_counts()) if n == 0]
-    if empty and not partial:  # every image of the class unreadable, and skipped
+    if empty and not partial and every_class:  # every image of the class unreadable, and skipped
         raise DatasetError(f"class folder(s) {', '.join(str(class_folder(root, n)) for n in empty)} hold no readable "
                            "image: all were unreadable and skipped (--data.skip_bad_images); fix them, or remove "
                            "the class folder")

@@ -371,7 +371,7 @@ class Predictor:
         try:
             ModelMetadata.from_props(props, str(self.model_path))
         except MetadataError as exc:
-            if exc.malformed:
+            if exc.malformed and "format_version" not in exc.malformed:  # (a newer kit's: said below)
                 problems = "; ".join(f"invalid {key}: {reason}" for key, reason in exc.malformed.items())
                 raise DeployError(f"{self.model_path}: its vision_tl metadata is damaged ({problems}); export the "
                                   "model again from its checkpoint (vision-tl export CHECKPOINT --out MODEL.onnx)"

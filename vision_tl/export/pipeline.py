@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class ExportOptions:
     threads: int | None = None
 
     def __post_init__(self) -> None:  # before anything is written, not after the float model
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
                                          or self.threads < 1):
             raise ExportError(f"threads must be a positive integer or None, got {self.threads!r}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -78,7 +79,7 @@ class Int8Config:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 class ImageCalibrationReader:

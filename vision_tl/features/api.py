@@ -96,7 +96,7 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
         for folder in folders:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="skipped .* unreadable")
-                index = scan_folder(folder, present[folder], skip_bad=True)
+                index = scan_folder(folder, present[folder], skip_bad=True, every_class=False)  # listed below
             _add_index(images, index, [label_of[same_name(name)] for name in present[folder]])
     if images.bad and not skip_bad:
         raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad)}\n"
@@ -168,9 +168,10 @@ def _add_flat(images: ImageList, paths: list[Path]) -> None:
 
 
 def _chunks(cache: FeatureCache, extractor: FeatureExtractor, images: ImageList) -> Iterator[tuple]:
+    store = cache.store(extractor)  # once: finding it digests every weight of the backbone
     for start in range(0, len(images.paths), WRITE_CHUNK):
         part = slice(start, start + WRITE_CHUNK)
-        feats = cache.read(extractor, images.hashes[part])
+        feats = store.read(list(images.hashes[part]))
         yield (feats, [images.relative(p) for p in images.paths[part]],
                np.asarray(images.labels[part], np.int64), images.hashes[part])
 

@@ -19,11 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -339,6 +342,16 @@ def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False,
         FileExistsError: ``overwrite`` is False and the copy exists (another process wrote it
             since the caller checked).
     """
+
+
+    with _threshold_saved(checkpoint, choice, in_place, overwrite) as target:
+        return target
+
+
+@contextlib.contextmanager
+def _threshold_saved(checkpoint: str | Path, choice: dict, in_place: bool, overwrite: bool) -> Iterator[Path]:
+    """:func:`save_threshold` around the caller's block: the checkpoint is written (beside its
+    final name) before the block, and takes its name only once the block has succeeded."""
     import torch
 
     from vision_tl.tasks.checkpoint import read_checkpoint
@@ -352,7 +365,7 @@ def save_threshold(checkpoint: str | Path, choice: dict, in_place: bool = False,
     target = checkpoint if in_place else thresholded_path(checkpoint)
     with atomic_path(target, overwrite=overwrite or in_place) as tmp:
         torch.save(ckpt, tmp)
-    return target
+        yield target
 
 
 def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
@@ -379,13 +392,13 @@ def _check_checkpoint_in_run(run_dir: Path, ckpt_path: Path) -> None:
     """A report scores a run's own checkpoint on the run's held-out images and writes into the
     run: another run's model may have trained on those images, and its numbers would stand
     under this run's name, its threshold beside the other run's checkpoint."""
-    try:
-        ckpt_path.resolve().relative_to(run_dir.resolve())
-    except ValueError:
+    inside = (Path(os.path.abspath(ckpt_path)), ckpt_path.resolve())
+    if not any(path.is_relative_to(root) for path in inside for root in (Path(os.path.abspath(run_dir)),
+                                                                          run_dir.resolve())):
         raise ReportError(f"checkpoint {ckpt_path} is not in run {run_dir}: a report scores a run's own checkpoint "
                           "on the run's held-out images (another run's model may have trained on them) and saves "
                           f"its threshold beside it; report on the checkpoint's own run, or copy the checkpoint "
-                          f"into {run_dir / 'checkpoints'} if it is this run's") from None
+                          f"into {run_dir / 'checkpoints'} if it is this run's")
 
 
 def _check_run_classes(run_dir: Path, ckpt_path: Path, classes: list[str]) -> None:
@@ -468,7 +481,8 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         M.parse_threshold_target(target)  # fail before the slow part
     _check_target(None, split, target)
     ckpt_path = _run_checkpoint(run_dir, checkpoint)
-    _check_checkpoint_in_run(run_dir, ckpt_path)
+    if checkpoint is not None:  # (the default is the run's own, wherever checkpoints/ links to)
+        _check_checkpoint_in_run(run_dir, ckpt_path)
     thresholded = thresholded_path(ckpt_path)
     if target is not None and not in_place and thresholded.exists() and not overwrite:
         raise ReportError(f"{thresholded} already exists, with the threshold an earlier report chose; pass "
@@ -498,10 +512,12 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
             "images": f"{len(paths)} ({split})", "notes": notes}
     if choice:
         info["threshold saved to"] = str(ckpt_path if in_place else thresholded)
-    result = write_report(run_dir, probs, labels, classes, paths=[str(p) for p in paths],
-                          good_class=meta.get("good_class"), threshold=threshold, split=split,
-                          info=info, threshold_choice=choice or _stored_choice(meta))
-    # last: a report that fails on the way leaves no checkpoint that blocks its rerun
-    saved = save_threshold(ckpt_path, choice, in_place, overwrite=overwrite) if choice else None
+    # The thresholded checkpoint is written first and named last: a report that fails on the way
+    # leaves no checkpoint that blocks its rerun, and one that says "saved to" has it saved.
+    with (_threshold_saved(ckpt_path, choice, in_place, overwrite) if choice
+          else contextlib.nullcontext()) as saved:
+        result = write_report(run_dir, probs, labels, classes, paths=[str(p) for p in paths],
+                              good_class=meta.get("good_class"), threshold=threshold, split=split,
+                              info=info, threshold_choice=choice or _stored_choice(meta))
     result.checkpoint, result.notes = saved, notes
     return result

@@ -745,6 +745,27 @@ class ImageClassifier(L.LightningModule):
             )
         # `vision-tl test --ckpt_path` and resumed fits keep the chosen good/defect threshold.
         self.threshold = meta.get("threshold")
+        self._train_what_the_checkpoint_trained(checkpoint)
+
+    def _train_what_the_checkpoint_trained(self, checkpoint: dict) -> None:
+        """Before vision_tl froze them with the stem, ``partial`` mode trained the parameters of a
+        ViT that belong to no stage (``cls_token``, ``pos_embed``); a run resumed from such a
+        checkpoint keeps training them, so its optimizer state fits (the optimizers are made
+        after this hook)."""
+        states = checkpoint.get("optimizer_states") or []
+        if self.hparams.get("mode") != "partial" or not states:
+            return
+        from vision_tl.backbones import backbone_stages
+
+        inside = {id(p) for stage in backbone_stages(self.net.backbone) for m in stage for p in m.parameters()}
+        outside = [p for p in self.net.backbone.parameters() if id(p) not in inside and not p.requires_grad]
+        saved = sum(len(group.get("params", [])) for group in states[0].get("param_groups", []))
+        if outside and saved == sum(p.requires_grad for p in self.parameters()) + len(outside):
+            for param in outside:
+                param.requires_grad = True
+            warnings.warn(f"vision_tl: this checkpoint trained {len(outside)} parameter(s) of the backbone that belong "
+                          "to no stage (a ViT's cls_token and pos_embed; vision_tl now freezes them with the stem in "
+                          "partial mode); they keep training in this resumed run", stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export and deployment need, in plain types (loadable with weights_only=True).

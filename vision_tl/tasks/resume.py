@@ -158,7 +158,7 @@ class RunCheckpoint(ModelCheckpoint):
             # test/validate/predict write into a new run folder: the bookkeeping of the run that
             # trained the checkpoint does not apply there, and saying so on every command is noise.
             state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_score": None, "best_k_models": {},
-                          "kth_best_model_path": "", "last_model_path": ""}
+                          "best_model_path": "", "kth_best_model_path": "", "last_model_path": ""}
         best = state_dict.get("best_model_path")
         if best and not Path(best).is_file():
             # a run continued into a new folder at the old one's place (the old one moved away):
