@@ -321,3 +321,25 @@ def test_a_nan_accuracy_limit_is_refused_before_any_work(tmp_path):
     with pytest.raises(Exception, match="missing.ckpt") as err:
         export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True, max_decision_changes=None))
     assert not isinstance(err.value, TypeError)
+
+
+def test_the_float_model_may_not_flip_a_good_defect_decision_even_by_rounding(monkeypatch):
+    """A threshold between two scores 1e-7 apart is crossed by float rounding alone: the
+    probabilities agree to 1e-4, yet the line would pass an image PyTorch rejects."""
+    from types import SimpleNamespace
+
+    from vision_tl.export import parity
+
+    decoded = parity.DecodedImages(np.zeros((2, 4, 4, 3), np.uint8), [Path("a.png"), Path("b.png")], [None, None])
+    reference = np.array([[0.1, 0.30000003, 0.59999997], [0.8, 0.1, 0.1]], np.float64)  # top-1 the same
+    candidate = np.array([[0.1, 0.29999998, 0.60000002], [0.8, 0.1, 0.1]], np.float64)
+    monkeypatch.setattr(parity, "decode", lambda images, metadata, scratch=None: decoded)
+    monkeypatch.setattr(parity, "torch_probabilities", lambda *a, **k: reference)
+    monkeypatch.setattr(parity, "onnx_probabilities", lambda *a, **k: candidate)
+    images = SimpleNamespace(source="test")
+    reports = {}
+    for threshold in (0.3, None):
+        metadata = SimpleNamespace(good_class="good", threshold=threshold, classes=["dent", "good", "scratch"])
+        reports[threshold] = parity.check_parity(None, "m.onnx", metadata, images)[0]
+    assert reports[None].passed and reports[0.3].max_abs_diff < 1e-4 and not reports[0.3].passed
+    assert "decision (P(good) >= 0.3) changed on 1 of 2 images" in " ".join(reports[0.3].failures)

@@ -422,6 +422,21 @@ def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, imag
     candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
     report = compare(reference, candidate, decoded, model=str(model_path),
                      reference_name="PyTorch checkpoint", source=images.source)
-    report.judge(max_abs_diff=tolerance, min_agreement=1.0)
+    count_decision_changes(report, reference, candidate, metadata)
+    # the line acts on the good/defect decision: the ONNX model may not flip it on any image
+    # (a threshold between two scores 1e-7 apart is crossed by float rounding alone)
+    report.judge(max_abs_diff=tolerance, min_agreement=1.0, max_decision_changes=0.0)
     report.seconds = round(time.perf_counter() - start, 2)
     return report, decoded, candidate
+
+
+def count_decision_changes(report: ParityReport, before: np.ndarray, after: np.ndarray,
+                           metadata: ModelMetadata) -> None:
+    """For a model with a good/defect threshold, set ``report.decision_changes``: the images
+    whose decision (P(good) >= threshold passes) differs between ``before`` and ``after``."""
+    if metadata.good_class is None or metadata.threshold is None:
+        return
+    k, t = list(metadata.classes).index(metadata.good_class), metadata.threshold
+    first, second = (np.asarray(x[:, k], np.float64) for x in (before, after))  # t may be just above 1
+    report.decision_changes = int(np.sum((first >= t) != (second >= t)))
+    report.decision_rule = f"P({metadata.good_class}) >= {t:.6g}"

@@ -33,6 +33,7 @@ from vision_tl.export.parity import (
     ParityReport,
     check_parity,
     compare,
+    count_decision_changes,
     folder_images,
     onnx_probabilities,
     resolve_parity_images,
@@ -262,11 +263,7 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             probs = onnx_probabilities(tmp, decoded.pixels)
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
-            if metadata.good_class is not None and metadata.threshold is not None:
-                k, t = list(metadata.classes).index(metadata.good_class), metadata.threshold
-                before, after = (np.asarray(x[:, k], np.float64) for x in (fp32_probs, probs))  # t may be just above 1
-                report.decision_changes = int(np.sum((before >= t) != (after >= t)))
-                report.decision_rule = f"P({metadata.good_class}) >= {t:.6g}"
+            count_decision_changes(report, fp32_probs, probs, metadata)
             report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
