@@ -446,6 +446,12 @@ def test_compare_says_what_it_cannot_check_and_which_checkpoint_a_report_evaluat
     assert "not the best checkpoint: " in out and "(last.ckpt)" in out
 
 
+def _without_report(run: Path) -> None:
+    """Remove the fixture's report of ``run`` (a copy), as if none had been made."""
+    for name in ("report.html", "predictions.csv", *(f for f in FIGURES if not f.startswith("confusion"))):
+        (run / name).unlink(missing_ok=True)
+
+
 def test_report_refuses_a_checkpoint_of_another_run_and_writes_nothing_there(run, tmp_path, capsys):
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     for copy in (mine, theirs):
@@ -464,8 +470,8 @@ def test_report_refuses_a_checkpoint_of_another_run_and_writes_nothing_there(run
 def test_a_report_stopped_by_a_damaged_metrics_json_leaves_nothing_that_blocks_its_rerun(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    for name in ("report.html", "checkpoints/best.thresholded.ckpt"):
-        (copy / name).unlink()
+    _without_report(copy)
+    (copy / "checkpoints" / "best.thresholded.ckpt").unlink()
     good = (copy / "metrics.json").read_text()
     (copy / "metrics.json").write_text('{"classes": [')  # a disk that filled up, a bad hand edit
     before = _snapshot(copy)
@@ -480,7 +486,7 @@ def test_a_report_stopped_by_a_damaged_metrics_json_leaves_nothing_that_blocks_i
 def test_a_run_whose_checkpoints_folder_links_elsewhere_is_reported(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "report.html").unlink()
+    _without_report(copy)
     shutil.move(str(copy / "checkpoints"), str(tmp_path / "bulk_storage"))
     (copy / "checkpoints").symlink_to(tmp_path / "bulk_storage")
     assert main(["report", str(copy)]) == 0
@@ -492,11 +498,21 @@ def test_a_report_whose_threshold_cannot_be_saved_says_nothing_was_saved(run, tm
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    for name in ("report.html", "checkpoints/best.thresholded.ckpt"):
-        (copy / name).unlink()
+    _without_report(copy)
+    (copy / "checkpoints" / "best.thresholded.ckpt").unlink()
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     assert main(["report", str(copy), "--target-escape", "0.2"]) != 0
     assert not (copy / "report.html").exists() and not (copy / "checkpoints" / "best.thresholded.ckpt").exists()
+
+
+def test_a_report_whose_html_was_moved_away_keeps_its_predictions(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "report.html").unlink()
+    before = (copy / "predictions.csv").read_bytes()
+    assert main(["report", str(copy)]) == 2
+    assert "predictions.csv already exists" in capsys.readouterr().err
+    assert (copy / "predictions.csv").read_bytes() == before

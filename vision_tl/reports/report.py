@@ -58,6 +58,10 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
 
 
+# the figures a report draws besides the confusion matrix (``<name>_<split>.png``)
+REPORT_FIGURES = ("per_class", "roc_pr", "reliability", "threshold", "operating_curve", "error_gallery")
+
+
 def output_name(stem: str, split: str, suffix: str) -> str:
     """``report.html`` / ``predictions.csv`` for val, ``report_test.html`` etc. otherwise."""
     return f"{stem}{suffix}" if split == "val" else f"{stem}_{split}{suffix}"
@@ -498,9 +502,14 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     if target is None and meta.get("threshold") is None and thresholded.exists():
         notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
                          f"chose; to evaluate with it: --checkpoint {thresholded}"]
-    earlier = run_dir / output_name("report", split, ".html")
-    if earlier.exists() and not overwrite:  # it may state the threshold a thresholded checkpoint carries
-        raise ReportError(f"{earlier} already exists (an earlier report of this run); pass --overwrite "
+    # an earlier report's files (its HTML may state the threshold a thresholded checkpoint carries);
+    # fit's own confusion matrix of the same checkpoint is drawn again without asking
+    earlier = [run_dir / name for name in (output_name("report", split, ".html"),
+                                           output_name("predictions", split, ".csv"),
+                                           *(f"{figure}_{split}.png" for figure in REPORT_FIGURES))]
+    earlier = [path for path in earlier if path.exists()]
+    if earlier and not overwrite:
+        raise ReportError(f"{earlier[0]} already exists (an earlier report of this run); pass --overwrite "
                           "(overwrite=True) to replace it and its predictions and figures, or move it away first")
     probs = predict_probabilities(model, paths, batch_size)
     labels = np.asarray(labels, np.int64)
