@@ -514,3 +514,8 @@ def test_skipping_every_image_of_a_class_is_an_error_not_a_class_without_trainin
     (tmp_path / "crack" / "a.png").write_text("version https://git-lfs.github.com/spec/v1\n")  # a pointer
     with pytest.raises(DatasetError, match=r"crack hold no readable image: all were unreadable and skipped"):
         scan_folder(tmp_path, skip_bad=True)
+
+
+def test_a_negative_seed_is_named_as_the_data_seed(tmp_path):
+    with pytest.raises(ValueError, match=r"seed \(--data.seed\) must be a whole number from 0"):
+        ImageFolderDataModule(str(tmp_path), seed=-1)

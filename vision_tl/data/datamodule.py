@@ -215,6 +215,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if not _whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if not _whole(seed) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed (--data.seed) must be a whole number from 0 to 2**32 - 1, got {seed!r}")
         if num_workers is not None and (not _whole(num_workers) or num_workers < 0):
             raise ValueError(f"num_workers must be a whole number, 0 (load in the main process) or more, got "
                              f"{num_workers!r}; leave it unset to choose from the machine's cores")
