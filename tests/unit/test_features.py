@@ -795,3 +795,17 @@ def test_extract_lists_a_class_whose_every_image_is_unreadable_and_skips_it_when
         fs = extract(folder, TINY, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c", progress=False,
                      skip_bad=True)
     assert len(fs.paths) == 10
+
+
+def test_parquet_gives_back_a_file_name_that_is_not_utf8_as_npz_does(tmp_path, folder) -> None:
+    import os
+
+    odd = folder / "good" / os.fsdecode(b"bad\xffname.png")  # another system's encoding
+    _write_image(odd, seed=99, tint=1)
+    kwargs = {"pretrained": False, "image_size": SIZE, "cache_dir": tmp_path / "c", "progress": False}
+    paths = {}
+    for suffix in (".npz", ".parquet"):
+        extract(folder, TINY, tmp_path / f"f{suffix}", **kwargs)
+        paths[suffix] = read_features(tmp_path / f"f{suffix}").paths
+    assert paths[".npz"] == paths[".parquet"]
+    assert (folder / next(p for p in paths[".parquet"] if "name.png" in p)).is_file()  # it opens the file

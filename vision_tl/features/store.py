@@ -457,9 +457,11 @@ def _write_parquet(path: Path, chunks: Iterator[RowChunk], n_rows: int, metadata
 
     width = int(metadata["num_features"])
     classes = list(metadata.get("classes", []))
+    # path: text for people and pandas (bytes that are not UTF-8 shown as \xNN); path_bytes: the
+    # file name's own bytes, which read_features turns back into the path npz keeps (it opens the file)
     schema = pa.schema(
         [("path", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
-         ("sha256", pa.string()), ("features", pa.list_(pa.float32(), width))],
+         ("sha256", pa.string()), ("features", pa.list_(pa.float32(), width)), ("path_bytes", pa.binary())],
         metadata={META_KEY: json.dumps(metadata)},
     )
     with pq.ParquetWriter(str(path), schema) as writer:
@@ -469,7 +471,8 @@ def _write_parquet(path: Path, chunks: Iterator[RowChunk], n_rows: int, metadata
             table = pa.Table.from_arrays(
                 [pa.array([path_text(p) for p in chunk_paths], pa.string()), pa.array(names, pa.string()),
                  pa.array(np.asarray(chunk_labels, np.int64)), pa.array(chunk_hashes, pa.string()),
-                 pa.FixedSizeListArray.from_arrays(flat, width)],
+                 pa.FixedSizeListArray.from_arrays(flat, width),
+                 pa.array([os.fsencode(str(p)) for p in chunk_paths], pa.binary())],
                 schema=schema,
             )
             writer.write_table(table)
@@ -510,7 +513,9 @@ def _read_parquet(path: Path) -> FeatureSet:
     column = table.column("features").combine_chunks()
     width = int(metadata["num_features"])
     features = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-    return FeatureSet(features, table.column("path").to_pylist(),
+    paths = ([os.fsdecode(b) for b in table.column("path_bytes").to_pylist()]
+             if "path_bytes" in table.column_names else table.column("path").to_pylist())  # (earlier files)
+    return FeatureSet(features, paths,
                       table.column("label_index").to_numpy(), list(metadata.get("classes", [])),
                       table.column("sha256").to_pylist(), metadata)
 
