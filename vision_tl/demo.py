@@ -37,16 +37,31 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prepare_data(root: Path, size: int, seed: int) -> None:
     from vision_tl.data.synthetic import DEMO_COUNTS, make_inspection_dataset
+    from vision_tl.utils.files import atomic_write_text
 
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--data {root} is a file; give a folder for the demo images (default: data/demo)")
     marker = root / ".vision_tl_demo.json"
     recipe = {"counts": DEMO_COUNTS, "size": size, "seed": seed}
-    if marker.exists() and json.loads(marker.read_text()) == recipe:
-        print(f"demo data: reusing {root}")
-        return
-    if root.exists() and any(root.iterdir()) and not marker.exists():
+    if marker.exists():
+        try:
+            made = json.loads(marker.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{marker} (the demo's record of how it made {root}) is damaged ({exc}); delete it, "
+                             "or pass --data to another folder") from exc
+        if made == recipe:
+            print(f"demo data: reusing {root}")
+            return
+        # other images under the same names: earlier demo runs, trained and validated on these files,
+        # could no longer be tested, reported or resumed (their split's sha256 would not match)
+        raise FileExistsError(
+            f"{root} holds the demo images made at size {made.get('size')} with seed {made.get('seed')}, which earlier "
+            f"demo runs trained on; for size {size} and seed {seed} pass another folder, e.g. "
+            f"--data {root.parent / f'{root.name}-{size}px-seed{seed}'}")
+    if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and was not made by the demo; pass --data to another folder")
     counts = make_inspection_dataset(root, DEMO_COUNTS, size=size, seed=seed, overwrite=True)
-    marker.write_text(json.dumps(recipe))
+    atomic_write_text(marker, json.dumps(recipe))
     print(f"demo data: wrote {sum(counts.values())} images to {root} ({counts})")
 
 

@@ -516,3 +516,25 @@ def test_a_report_whose_html_was_moved_away_keeps_its_predictions(run, tmp_path,
     assert main(["report", str(copy)]) == 2
     assert "predictions.csv already exists" in capsys.readouterr().err
     assert (copy / "predictions.csv").read_bytes() == before
+
+
+def test_predict_with_ckpt_path_best_keeps_the_checkpoints_settings(run, inspection_folder, tmp_path, capsys):
+    image = next((inspection_folder / "good").iterdir())
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", "best", "--model.image_size", "64",
+              "--data.predict_root", str(image), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--model.image_size 64 (the checkpoint has 32)" in capsys.readouterr().err
+
+
+def test_predict_into_a_folder_of_the_users_files_is_refused(run, inspection_folder, tmp_path, capsys):
+    mine = tmp_path / "partial" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "predictions.csv").write_text("the user's own\n")
+    image = next((inspection_folder / "good").iterdir())
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", "best", "--data.predict_root", str(image),
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.version", "mine"])
+    assert info.value.code == 2
+    assert "already holds a run or other files" in capsys.readouterr().err
+    assert (mine / "predictions.csv").read_text() == "the user's own\n"

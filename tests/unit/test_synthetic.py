@@ -191,3 +191,21 @@ def test_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str)
     with pytest.raises(ValueError, match=match):
         make_inspection_dataset(tmp_path / "ds", **kwargs)
     assert not (tmp_path / "ds").exists()
+
+
+def test_the_demo_never_replaces_images_earlier_demo_runs_trained_on(tmp_path):
+    from vision_tl.demo import _prepare_data
+
+    root = tmp_path / "demo"
+    _prepare_data(root, 32, 0)
+    before = sorted(p.read_bytes() for p in root.rglob("*.png"))
+    _prepare_data(root, 32, 0)  # the same recipe: reused
+    with pytest.raises(FileExistsError, match=r"size 32 with seed 0, which earlier demo runs trained on.*demo-48px-seed0"):
+        _prepare_data(root, 48, 0)
+    assert sorted(p.read_bytes() for p in root.rglob("*.png")) == before
+    (root / ".vision_tl_demo.json").write_text("{")
+    with pytest.raises(ValueError, match=r"\.vision_tl_demo\.json .* is damaged"):
+        _prepare_data(root, 32, 0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        _prepare_data(tmp_path / "file", 32, 0)

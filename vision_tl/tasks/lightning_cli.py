@@ -68,9 +68,18 @@ def _logger_init(config):
 
 
 def holds_run(folder: Path) -> bool:
-    """Whether ``folder`` holds a run (its config, class names or checkpoints), e.g. one trained
-    from Python or by an older version, which wrote no config.yaml."""
-    return any((folder / name).exists() for name in ("config.yaml", "labels.json", "checkpoints"))
+    """Whether ``folder`` holds a run (its config, class names or checkpoints, e.g. one trained
+    from Python or by an older version, which wrote no config.yaml) or any other visible file a
+    command would write over (predictions.csv, metrics.csv, a user's own files)."""
+    try:
+        return any(not entry.name.startswith(".") for entry in Path(folder).iterdir())
+    except OSError:  # not there (or not a folder: the logger says so)
+        return False
+
+
+_PICK_ANOTHER = ("pick an empty one with --trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
+                 "(or leave version unset to get the next free one; with --trainer.logger false, another "
+                 "--trainer.default_root_dir)")
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -93,12 +102,9 @@ class SaveRunConfig(SaveConfigCallback):
             raise FileExistsError(f"run directory {log_dir} is in use by another command started at the same "
                                   "moment; " + ("give another --trainer.logger.init_args.version" if pinned else
                                                 "run this command again, which picks the next free version"))
-        if exists:  # (two fits given one version)
-            raise FileExistsError(
-                f"run directory {log_dir} already holds a run; pick a new one with "
-                "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
-                "(or leave version unset to get the next free one)"
-            )
+        if exists:  # (two fits given one version, or a folder of the user's files)
+            raise FileExistsError(f"run directory {log_dir} already holds a run or other files, which this command "
+                                  f"would write over; {_PICK_ANOTHER}")
         if log_dir is not None:
             _OWN_RUNS.append(Path(log_dir))
         # The saved config says how to train, not where: with a fixed version in it,
@@ -312,6 +318,8 @@ class VisionTLCLI(LightningCLI):
         data = self.config[self.subcommand].get("data")
         if data is not None and data.get("split_file"):  # absolute, as data.root: the run works from anywhere
             data.split_file = str(Path(str(data.split_file)).expanduser().resolve())
+        if data is not None and data.get("predict_root"):  # as in predictions.csv and the run's config.yaml
+            data.predict_root = str(Path(str(data.predict_root)).expanduser().absolute())
         self._check_gpu()
         self._check_launcher()
         if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
@@ -419,11 +427,8 @@ class VisionTLCLI(LightningCLI):
         version = init.version if isinstance(init.version, str) else f"version_{init.version}"
         run = Path(init.get("save_dir") or ".") / (init.get("name") or "") / version
         if holds_run(run):
-            raise FileExistsError(
-                f"run directory {run} already holds a run; pick a new one with "
-                "--trainer.logger.init_args.name NAME or --trainer.logger.init_args.version N "
-                "(or leave version unset to get the next free one)"
-            )
+            raise FileExistsError(f"run directory {run} already holds a run or other files, which this command "
+                                  f"would write over; {_PICK_ANOTHER}")
 
     def _resume_into_run(self) -> None:
         """``fit --ckpt_path last|RUN/checkpoints/last.ckpt`` resumes *into* that run directory."""
@@ -505,6 +510,11 @@ class VisionTLCLI(LightningCLI):
         named, instead of with a traceback from ``torch.load``."""
         subcommand = self.config.get("subcommand")
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt in ("best", "last") and subcommand in ("validate", "test", "predict"):
+            # the run's file now, so that its settings win over the command line's as a path's do
+            run = _config_run(self.config[subcommand], "checkpoints")
+            if run is not None and (run / "checkpoints" / f"{ckpt}.ckpt").is_file():
+                ckpt = self.config[subcommand].ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
         if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
             read_checkpoint(ckpt)
         before = self._model_settings()
