@@ -71,7 +71,7 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     """Run ``vision-tl ARGV``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in ("-h", "--help") or argv == ["help"]:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
@@ -80,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"vision-tl {__version__}")
         return 0
+    if len(argv) > 1 and command == "help":  # `vision-tl help predict`: that command's help
+        if argv == sys.argv[1:]:  # (LightningCLI compares what it is given with sys.argv)
+            sys.argv[1:] = [argv[1], "--help"]
+        return main([argv[1], "--help"])
     if command not in LIGHTNING_COMMANDS and command not in OTHER_COMMANDS:
-        print(f"vision-tl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(command, [*LIGHTNING_COMMANDS, *OTHER_COMMANDS], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"vision-tl: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     import importlib
 

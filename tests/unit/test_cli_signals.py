@@ -144,3 +144,29 @@ def test_a_resume_from_inside_an_epoch_says_it_will_not_match_exactly(capsys):
     out = capsys.readouterr()
     text = out.out + out.err
     assert "last.ckpt" not in text and "step.ckpt was written 3 batches into epoch 1" in text
+
+
+def test_a_mistyped_command_gets_a_suggestion_and_help_cmd_gives_that_commands_help(capsys):
+    from vision_tl.cli import main
+
+    assert main(["fitt"]) == 2
+    assert "unknown command 'fitt'; did you mean 'fit'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # (argparse's --help exits, as `vision-tl extract --help` does)
+        main(["help", "extract"])
+    assert info.value.code == 0 and "usage: vision-tl extract" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--data.batch_size", "abc", "error: --data.batch_size: Expected a <class 'int'>. Got value: abc"),
+    ("--mode", "frozen", "error: --mode is not an option; did you mean --model.mode?"),
+])
+def test_a_bad_value_or_an_ambiguous_flag_is_two_lines_not_the_usage_text(flag, value, expected, capsys):
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[0] == expected and len(err) == 2

@@ -200,6 +200,18 @@ class _Parser(LightningArgumentParser):
             source, target = linked.groups()
             print(f"error: {target} is set from {source}; pass --{source} instead of --{target}", file=sys.stderr)
             raise SystemExit(2)
+        helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
+        value = re.search(r'Parser key "([\w.]+)":\s*(.+)', message, re.S)
+        if value and self.exit_on_error:  # a value of the wrong type: the key and why, not the usage text
+            why = " ".join(value.group(2).split())
+            sys.stderr.write(f"error: --{value.group(1)}: {why}\n{helps}\n")
+            self.exit(2)
+        ambiguous = re.search(r"ambiguous option: (--[\w.]+) could match (.+)", message)
+        if ambiguous and self.exit_on_error:
+            given, options = ambiguous.group(1), [o.strip() for o in ambiguous.group(2).split(",")]
+            close = [o for o in options if o.endswith("." + given[2:])] or options[:3]
+            sys.stderr.write(f"error: {given} is not an option; did you mean {' or '.join(close)}?\n{helps}\n")
+            self.exit(2)
         key = next((m.group(1) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
@@ -213,7 +225,7 @@ class _Parser(LightningArgumentParser):
                  + (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")]
         if in_section:
             lines.append(f"valid keys under {section[:-1]!r}: {', '.join(k[len(section):] for k in in_section)}")
-        lines.append(f"all options: {parser.prog.replace(' [options]', '')} --help")
+        lines.append(helps)
         sys.stderr.write("\n".join(lines) + "\n")
         self.exit(2)
 
