@@ -51,15 +51,21 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
         _set_frozen(frozen, True)
         # Parameters outside every stage (a ViT's cls_token and pos_embed, which belong to no
         # module) are frozen with the stem, which they feed.
-        inside = {id(p) for stage in stages for m in stage for p in m.parameters()}
-        for param in net.backbone.parameters():
-            if id(param) not in inside:
-                param.requires_grad = False
+        for param in outside_stages(net.backbone, stages):
+            param.requires_grad = False
         net.eval_modules = frozen
     net.frozen_modules = list(net.eval_modules)  # before freeze_bn adds norms of stages that train
     if freeze_bn and mode != "frozen":
         net.eval_modules = net.eval_modules + _bn_modules(net.backbone)
     net.train(net.training)
+
+
+def outside_stages(backbone: nn.Module, stages: list | None = None) -> list[nn.Parameter]:
+    """The backbone's parameters in none of its stages (``backbone_stages``): a ViT's
+    ``cls_token`` and ``pos_embed``; none in the CNNs."""
+    stages = backbone_stages(backbone) if stages is None else stages
+    inside = {id(p) for stage in stages for m in stage for p in m.parameters()}
+    return [p for p in backbone.parameters() if id(p) not in inside]
 
 
 def unfreeze_stages(net: ClassifierNet, n_last: int, freeze_bn: bool = False) -> list[nn.Parameter]:

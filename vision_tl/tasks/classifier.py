@@ -37,7 +37,7 @@ from vision_tl.backbones import (
     weights_identity,
 )
 from vision_tl.data.folder import same_name
-from vision_tl.models import ClassifierNet, apply_mode, count_trainable
+from vision_tl.models import ClassifierNet, apply_mode, count_trainable, outside_stages
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
 from vision_tl.utils import say
 from vision_tl.utils.distributed import first_builds
@@ -755,10 +755,7 @@ class ImageClassifier(L.LightningModule):
         states = checkpoint.get("optimizer_states") or []
         if self.hparams.get("mode") != "partial" or not states:
             return
-        from vision_tl.backbones import backbone_stages
-
-        inside = {id(p) for stage in backbone_stages(self.net.backbone) for m in stage for p in m.parameters()}
-        outside = [p for p in self.net.backbone.parameters() if id(p) not in inside and not p.requires_grad]
+        outside = [p for p in outside_stages(self.net.backbone) if not p.requires_grad]
         saved = sum(len(group.get("params", [])) for group in states[0].get("param_groups", []))
         if outside and saved == sum(p.requires_grad for p in self.parameters()) + len(outside):
             for param in outside:
