@@ -281,7 +281,7 @@ def extract(
                               device, progress and ranks.is_main)
         report = _merge_reports(ranks.gather(report))
         ranks.barrier()  # every share is in the cache before anyone reads it
-        _handle_failures(images, report, skip_bad)
+        handle_failures(images, report, skip_bad)
         metadata = _metadata(extractor, images, report)
         if out_path is not None and ranks.is_main:
             write_features(out_path, _chunks(cache, extractor, images), len(images.paths), metadata,
@@ -302,7 +302,9 @@ def _merge_reports(reports: list[CacheReport]) -> CacheReport:
                        max(r.first_batch_seconds for r in reports))
 
 
-def _handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:
+def handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:
+    """Images the extraction could not decode: an error naming them, or with ``skip_bad`` a
+    warning, and they are left out of ``images``."""
     if not report.failed:
         return
     if not skip_bad:

@@ -9,7 +9,6 @@ this package's lines than a hand-written LBFGS. Features come from the
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,7 +297,8 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
 
     from vision_tl.backbones import create_backbone, resolve_preprocessing
     from vision_tl.data.device import resolve_device
-    from vision_tl.features.cache import FeatureCache, failure_listing
+    from vision_tl.features.api import handle_failures
+    from vision_tl.features.cache import FeatureCache
     from vision_tl.features.extractor import FeatureExtractor
 
     if views < 1:
@@ -315,13 +315,7 @@ def backbone_features(images, backbone: str, *, weights: str | Path | None = Non
         desc = f"{backbone} view {view}" if views > 1 else backbone
         report = cache.ensure(extractor, images.paths, images.hashes, batch_size=batch_size,
                               num_workers=num_workers, device=device, progress=desc if progress else False)
-        if report.failed and not skip_bad:
-            raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}\n"
-                             "Fix or remove them, or pass --skip-bad to leave them out.")
-        if report.failed:
-            warnings.warn(f"left out {len(report.failed)} image(s) that could not be decoded:\n"
-                          f"{failure_listing(report.failed, 5)}", stacklevel=2)
-            images.drop({Path(p) for p, _ in report.failed})
+        handle_failures(images, report, skip_bad)  # (with skip_bad, they leave ``images``)
         extractors.append(extractor)
     speed = cache.throughput(extractors[0])
     per_view = [cache.read(extractor, images.hashes) for extractor in extractors]  # the images left
