@@ -115,10 +115,10 @@ def _compact(result: dict) -> dict:
     return out
 
 
-def _update_metrics_json(out_dir: Path, split: str, compact: dict, figures: dict[str, Path],
+def _update_metrics_json(out_dir: Path, data: dict, split: str, compact: dict, figures: dict[str, Path],
                          extra: dict) -> None:
-    """Read-modify-write ``metrics.json`` atomically; other keys are kept as they are."""
-    data = _read_metrics_json(out_dir)
+    """Write ``data`` (``metrics.json`` as read) with this report added, atomically; its other
+    keys are kept as they are."""
     data.setdefault("report", {})[split] = {**compact, **extra}
     data.setdefault("figures", {}).update({f"{name}_{split}": p.name for name, p in figures.items()})
     data["figures"][f"report_{split}"] = output_name("report", split, ".html")
@@ -165,7 +165,7 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
         names = ", ".join(str(paths[i]) if paths else f"row {i}" for i in bad[:5])
         raise ReportError(f"the model gave non-finite probabilities (NaN or inf) for {len(bad)} image(s): {names}; "
                           "its weights have diverged (train again, with a lower learning rate)")
-    _read_metrics_json(out_dir)  # checked before anything is written
+    metrics = _read_metrics_json(out_dir)  # read (and checked) before anything is written
     result = M.evaluate(probs, labels, classes, good_class=good_class, threshold=threshold)
     predictions = out_dir / output_name("predictions", split, ".csv")
     atomic_write_text(predictions, _predictions_csv(probs, labels, classes, paths, good_class, threshold))
@@ -179,7 +179,7 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
              "threshold_choice": threshold_choice, "predictions": predictions.name,
              "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)
              "checkpoint_epoch": (info or {}).get("checkpoint epoch")}  # its epoch: a later resume changes it
-    _update_metrics_json(out_dir, split, _compact(result), figures, extra)
+    _update_metrics_json(out_dir, metrics, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
     atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
                                           threshold_choice=threshold_choice))
