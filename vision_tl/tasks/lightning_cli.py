@@ -393,8 +393,9 @@ class VisionTLCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         ckpt = cfg.get("ckpt_path")
         run = _config_run(cfg, "checkpoints")
-        if ckpt in ("best", "last") and run is not None and (run / "checkpoints" / f"{ckpt}.ckpt").is_file():
-            cfg.ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
+        named = _named_checkpoint(cfg, ckpt)
+        if named is not None:
+            cfg.ckpt_path = named
             return
         if ckpt is not None and ckpt not in ("best", "last", "hpc", "registry"):
             return
@@ -522,11 +523,9 @@ class VisionTLCLI(LightningCLI):
         named, instead of with a traceback from ``torch.load``."""
         subcommand = self.config.get("subcommand")
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt in ("best", "last") and subcommand in ("validate", "test", "predict"):
-            # the run's file now, so that its settings win over the command line's as a path's do
-            run = _config_run(self.config[subcommand], "checkpoints")
-            if run is not None and (run / "checkpoints" / f"{ckpt}.ckpt").is_file():
-                ckpt = self.config[subcommand].ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
+        named = _named_checkpoint(self.config[subcommand], ckpt) if subcommand in ("validate", "test", "predict") else None
+        if named is not None:  # the run's file now, so that its settings win over the command line's as a path's do
+            ckpt = self.config[subcommand].ckpt_path = named
         if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
             read_checkpoint(ckpt)
         before = self._model_settings()
@@ -588,6 +587,14 @@ def _check_resumed_steps(source: Path, saved: dict, cfg) -> None:
                 f"resuming {source}: it trained with {option} {was}, and this command gives {now}; a resume goes "
                 f"on step by step (learning-rate schedule, data order), so keep {option} {was}, or start a new run "
                 "(without --ckpt_path) to train with the other value")
+
+
+def _named_checkpoint(cfg, ckpt) -> str | None:
+    """``--ckpt_path best|last`` as the file of the run whose ``config.yaml`` is given, where
+    that file exists; None otherwise."""
+    run = _config_run(cfg, "checkpoints") if ckpt in ("best", "last") else None
+    path = run / "checkpoints" / f"{ckpt}.ckpt" if run is not None else None
+    return str(path) if path is not None and path.is_file() else None
 
 
 def _config_run(cfg, marker: str) -> Path | None:
