@@ -159,6 +159,9 @@ def test_a_mistyped_command_gets_a_suggestion_and_help_cmd_gives_that_commands_h
 @pytest.mark.parametrize(("flag", "value", "expected"), [
     ("--data.batch_size", "abc", "error: --data.batch_size: Expected a <class 'int'>. Got value: abc"),
     ("--mode", "frozen", "error: --mode is not an option; did you mean --model.mode?"),
+    ("--ckpt-path", "last", "error: --ckpt-path is not an option; options are written with underscores: --ckpt_path"),
+    ("--trainer.max-epochs", "3",
+     "error: --trainer.max-epochs is not an option; options are written with underscores: --trainer.max_epochs"),
 ])
 def test_a_bad_value_or_an_ambiguous_flag_is_two_lines_not_the_usage_text(flag, value, expected, capsys):
     from pathlib import Path
@@ -170,3 +173,19 @@ def test_a_bad_value_or_an_ambiguous_flag_is_two_lines_not_the_usage_text(flag, 
         main(["fit", "--config", str(config), flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and err[0] == expected and len(err) == 2
+
+
+def test_print_config_names_the_file_holding_an_unknown_key(tmp_path, capsys):
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  mdoe: frozen\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--config", str(typo), "--print_config"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"unknown option or config key 'model.mdoe' in {typo}; did you mean 'model.mode'" in err
+    assert err.rstrip().endswith(" fit --help")  # the subcommand's options, not the root's

@@ -138,8 +138,9 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 _UNKNOWN_KEY = (
+    re.compile(r"Group '(\w+)' does not accept option '([\w.]+)'"),  # --print_config's check
     re.compile(r"does not accept options? '?([\w.]+)"),
-    re.compile(r"unrecognized arguments: --([\w.]+)"),
+    re.compile(r"unrecognized arguments: --([\w.-]+)"),
     re.compile(r"Key '([\w.]+)' is not expected"),
 )
 
@@ -160,9 +161,13 @@ class _Parser(LightningArgumentParser):
     a screenful of usage."""
 
     _argv: list[str] = []
+    _subcommand: str | None = None  # of the root parser's command line
 
     def parse_args(self, args=None, *pargs, **kwargs):
         _Parser._argv = list(sys.argv[1:] if args is None else args)
+        if self._subcommands_action is not None:
+            choices = self._subcommands_action.choices
+            _Parser._subcommand = next((a for a in _Parser._argv if a in choices), None)
         if self.exit_on_error:
             for name in self._config_files():
                 problem = _config_file_problem(name)
@@ -212,11 +217,21 @@ class _Parser(LightningArgumentParser):
             close = [o for o in options if o.endswith("." + given[2:])] or options[:3]
             sys.stderr.write(f"error: {given} is not an option; did you mean {' or '.join(close)}?\n{helps}\n")
             self.exit(2)
-        key = next((m.group(1) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
+        key = next((".".join(m.groups()) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
+        if "." in key and parser is self and self._subcommands_action is not None:
+            # --print_config checks the config on the root parser: name the subcommand's options
+            parser = self._subcommands_action.choices.get(_Parser._subcommand, self)
+            if parser is not self:
+                helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
+        dests = {a.dest for a in parser._actions}
+        if "-" in key and key.replace("-", "_") in dests:  # --ckpt-path, --trainer.max-epochs
+            sys.stderr.write(f"error: --{key} is not an option; options are written with underscores: "
+                             f"--{key.replace('-', '_')}\n{helps}\n")
+            self.exit(2)
         source = self._config_holding(key)
-        keys = sorted({a.dest for a in parser._actions if "." in a.dest and not a.dest.startswith("__")})
+        keys = sorted({d for d in dests if "." in d and not d.startswith("__")})
         section = key.split(".")[0] + "."
         in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
         alias = _ALIASES.get(key.split(".")[-1])
