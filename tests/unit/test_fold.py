@@ -109,6 +109,22 @@ def test_folded_inference_rebuilds_when_the_weights_change_and_steps_aside_for_t
     assert run.model_for(x) is not model  # inference (no gradients) still folds it
 
 
+def test_a_sample_given_as_a_callable_is_made_only_when_a_copy_is_built():
+    model = _trained_stats(timm.create_model(TINY, pretrained=False, num_classes=0)).requires_grad_(False)
+    run, made = FoldedInference(model), []
+    x = torch.randn(4, 3, 32, 32)
+
+    def sample():
+        made.append(1)
+        return x
+
+    first = run.model_for(sample)
+    assert run.model_for(sample) is first and made == [1]  # a kept copy needs no sample
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(2.0)
+    assert run.model_for(sample) is not first and made == [1, 1]
+
+
 def test_frozen_classifier_runs_the_folded_backbone_and_trains_only_the_head():
     model = ImageClassifier(["a", "b", "c"], backbone=TINY, image_size=32, mode="frozen", pretrained=False,
                             dropout=0.0)

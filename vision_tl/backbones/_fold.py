@@ -286,8 +286,9 @@ class FoldedInference:
         """Whether a watched module had forward hooks at the last :meth:`model_for`."""
         return self._hooked
 
-    def model_for(self, x: torch.Tensor, trainable_ok: bool = True, fold: bool = True) -> nn.Module:
-        """The module to run on ``x``: the folded copy, or ``source`` itself where nothing folds
+    def model_for(self, x, trainable_ok: bool = True, fold: bool = True) -> nn.Module:
+        """The module to run on ``x`` (a batch, or a callable returning one, called only when
+        a copy is built): the folded copy, or ``source`` itself where nothing folds
         or, with ``trainable_ok=False`` (a forward with gradients), where a watched parameter
         requires gradients: that backbone trains, and no copy is built for it. ``fold=False``
         only checks the weights (:attr:`version`, :attr:`trains`, :attr:`hooked`) and returns ``source``."""
@@ -302,5 +303,6 @@ class FoldedInference:
         if (self._trains and not trainable_ok) or not fold:
             return self.source
         if not self._built:
-            self._folded, self._built = fold_batchnorm(self.source, x[:2], self.run, self.within), True
+            sample = (x() if callable(x) else x)[:2]
+            self._folded, self._built = fold_batchnorm(self.source, sample, self.run, self.within), True
         return self.source if self._folded is None else self._folded

@@ -221,8 +221,8 @@ class FeatureExtractor:
             # H100 ran 0.72 of the inference bound): one graph replays normalisation and the
             # backbone. Unfolded there: cuDNN's BatchNorm costs the GPU less than a folded
             # convolution's bias add (benchmarks/RESULTS.md, sixth session).
-            # (the folded copy is checked on normalised pixels; its version moves with the weights)
-            probe = self._normalise(x[:2]) if self.fold_batchnorm and x.dtype == torch.uint8 else x
+            # (a folded copy is built from normalised pixels, once; its version moves with the weights)
+            probe = (lambda: self._normalise(x[:2])) if self.fold_batchnorm and x.dtype == torch.uint8 else x
             model = self._folded.model_for(probe, fold=bool(self.fold_batchnorm))
             if model is not self._graphed.model:  # the folded copy (fold_batchnorm=True), built again
                 self._graphed = _Embedding(model, self._normalise, self._features)
