@@ -96,15 +96,35 @@ def test_the_graph_matches_eager_and_follows_weights_changed_in_place_or_replace
 
 
 @cuda
+def test_recordings_share_one_capture_stream_and_an_expanded_input_is_recorded_too():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten()).cuda().eval()
+    graphs = GraphedInference()
+    with torch.no_grad():
+        for n in (5, 3):
+            x = torch.randn(n, 3, 16, 16, device="cuda")
+            assert torch.allclose(graphs(net, x, version=0), net(x), atol=1e-6)
+        assert len(graphs._streams) == 1  # the pool's blocks can be reused from one recording to the next
+        x = torch.randn(1, 3, 16, 16, device="cuda").expand(4, -1, -1, -1)  # stride 0
+        assert torch.allclose(graphs(net, x, version=0), net(x), atol=1e-6)
+    assert len(graphs._graphs) == 3 and all(v is not None for v in graphs._graphs.values())
+
+
+@cuda
 def test_frozen_classifier_on_a_gpu_replays_a_graph_with_eager_logits_and_frees_it_at_teardown():
     model = _frozen(fold_batchnorm=False).cuda().eval()  # graph against eager, both unfolded
     x = torch.randn(6, 3, 32, 32, device="cuda")
     with torch.no_grad():
         graphed = model(x)
+        assert model.__dict__["_graphed_backbone"]._graphs
+        eager = model.net(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-6)
         model.hparams.cuda_graphs = False
-        eager = model(x)
+        assert torch.allclose(model(x), eager, rtol=1e-5, atol=1e-6)
+        assert "_graphed_backbone" not in model.__dict__  # switched off: their memory freed
+        model.hparams.cuda_graphs = True
+        model(x)
     assert model.__dict__["_graphed_backbone"]._graphs
-    assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-6)
     model.teardown("fit")
     assert "_graphed_backbone" not in model.__dict__
 

@@ -69,6 +69,9 @@ class GraphedInference:
         self._seen: dict[tuple, int] = {}  # eager calls so far of shapes not recorded yet
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: could not be recorded
         self._pool = None
+        # one capture stream per GPU: the allocator reuses a pool's free blocks only for the
+        # stream they were allocated on (torch.cuda.graph: "pass the same stream argument")
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._module: nn.Module | None = None
         self._version: Any = None
         self._addresses: tuple = ()
@@ -89,6 +92,7 @@ class GraphedInference:
         self._graphs.clear()
         self._seen.clear()
         self._pool = None
+        self._streams.clear()
 
     def __call__(self, module: nn.Module, x: torch.Tensor, version: Any = None) -> Any:
         if not x.is_cuda or torch.is_grad_enabled() or module.training or torch.cuda.is_current_stream_capturing():
@@ -133,12 +137,13 @@ class GraphedInference:
 
     def _record_here(self, module: nn.Module, x: torch.Tensor) -> _Graph | None:
         enabled, dtype = _autocast_state()
-        static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        static_in.copy_(x)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
+            # x's strides where they are dense; an expanded (stride 0) input gets a dense buffer
+            static_in = torch.empty_like(x, memory_format=torch.preserve_format)
+            static_in.copy_(x)
             # autocast keeps no cast-weight cache inside a recording (torch.cuda.graph's rule)
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 side = torch.cuda.Stream(x.device)
@@ -149,8 +154,10 @@ class GraphedInference:
                 torch.cuda.current_stream(x.device).wait_stream(side)
                 # a stream of x's GPU (the default capture stream belongs to whichever GPU was
                 # current first); thread_local: loader and pin-memory threads keep using CUDA
-                with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(x.device),
-                                      capture_error_mode="thread_local"):
+                if x.device not in self._streams:
+                    self._streams[x.device] = torch.cuda.Stream(x.device)
+                stream = self._streams[x.device]
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                     static_out = module(static_in)
         except Exception as error:  # an operation that cannot be recorded: this shape runs eagerly
             log.warning("vision_tl: the backbone could not be recorded as a CUDA graph (%s: %s); it runs "
