@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
+from vision_tl.tasks.resume import TIE_BREAK
 from vision_tl.utils import say
 from vision_tl.utils.files import atomic_write_text, path_text
 
@@ -106,6 +107,9 @@ class RunArtifacts(L.Callback):
             value = trainer.callback_metrics.get(self.monitor)  # any logged metric (val/loss ...)
             if value is not None:
                 entry["monitored"] = float(value)
+            tie = trainer.callback_metrics.get(TIE_BREAK)
+            if tie is not None:
+                entry["tie_break"] = float(tie)
             self.history.append(entry)
             if trainer.state.fn == "fit" and trainer.is_global_zero:
                 # after every epoch, so a run stopped half-way has its metrics too (the plot: at the end)
@@ -113,7 +117,8 @@ class RunArtifacts(L.Callback):
 
     def best_epoch(self) -> dict | None:
         """The epoch the checkpoint callback keeps as best: the monitored value's max (``mode``
-        max) or min, the earliest of equals, among the epochs trained in this run folder."""
+        max) or min, among equals the one with the lowest :data:`TIE_BREAK` (validation loss),
+        then the earliest, among the epochs trained in this run folder."""
         key = self.monitor.split("/", 1)[-1]
         mine = [r for r in self.history if r["epoch"] >= self.since_epoch] or self.history
         if not mine:
@@ -123,7 +128,11 @@ class RunArtifacts(L.Callback):
         def score(r: dict) -> float:
             value = r.get("monitored", r.get(key))
             return float("-inf") if value is None or value != value else sign * float(value)
-        return max(mine, key=lambda r: (score(r), -r["epoch"]))
+
+        def tie(r: dict) -> float:
+            value = r.get("tie_break")
+            return float("-inf") if value is None or value != value or self.monitor == TIE_BREAK else -value
+        return max(mine, key=lambda r: (score(r), tie(r), -r["epoch"]))
 
     def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict,
                        plot: bool = True) -> None:

@@ -117,13 +117,44 @@ class ResumableRandomState(L.Callback):
                 "nothing to resume; start again by running the same command")
 
 
+# Where the monitored value ties (a val split with one image of a rare class moves balanced
+# accuracy in big steps, and it may stay flat for a whole run), the epoch with the lower
+# validation loss is the better one, not the earliest: that kept an untrained epoch 0 as best.
+TIE_BREAK = "val/loss"
+
+
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that writes atomically and refreshes ``last.ckpt`` every epoch.
+    """``ModelCheckpoint`` that writes atomically, refreshes ``last.ckpt`` every epoch and
+    breaks ties of the monitored value by the lower :data:`TIE_BREAK`.
 
     Lightning 2.6 only rewrites ``last.ckpt`` in a step where a top-k checkpoint was
     saved, which leaves it stale when the monitored metric stops improving; a resume
     point must be the latest epoch, not the best one.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tie_values: dict[str, float] = {}  # TIE_BREAK's value of each kept checkpoint
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        better = super().check_monitor_top_k(trainer, current)
+        if better or current is None or self.monitor == TIE_BREAK:
+            return better
+        kept = self.best_k_models.get(self.kth_best_model_path)
+        tie, kept_tie = trainer.callback_metrics.get(TIE_BREAK), self.tie_values.get(self.kth_best_model_path)
+        wins = (kept is not None and float(current) == float(kept) and tie is not None and kept_tie is not None
+                and float(tie) < kept_tie)
+        return trainer.strategy.reduce_boolean_decision(wins)  # every rank decides alike
+
+    def _update_best_and_save(self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        tie = monitor_candidates.get(TIE_BREAK)
+        if self._last_checkpoint_saved in self.best_k_models and tie is not None:
+            self.tie_values[self._last_checkpoint_saved] = float(tie)
+        self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "tie_values": dict(self.tie_values)}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
@@ -167,6 +198,9 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = {**{k: v for k, v in state_dict.items() if k != "kth_value"}, "best_model_score": None,
                           "best_k_models": {}, "best_model_path": "", "kth_best_model_path": ""}
         super().load_state_dict(state_dict)
+        # (a checkpoint written before ties were broken has none: its best stays the best on a tie)
+        self.tie_values = {k: float(v) for k, v in (state_dict.get("tie_values") or {}).items()
+                           if k in self.best_k_models}
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)

@@ -1,0 +1,67 @@
+"""Which epoch is kept as best when the monitored metric ties: the lower validation loss.
+
+A val split with one image of a rare class moves balanced accuracy in big steps; it can stay
+flat for a whole run, and keeping the earliest of equal epochs kept the untrained epoch 0.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from vision_tl.tasks.callbacks import RunArtifacts
+from vision_tl.tasks.resume import RunCheckpoint
+
+# epoch -> (balanced accuracy, validation loss): flat, then worse, with the loss falling first
+SCORES = [(0.5, 0.9), (0.5, 0.4), (0.5, 0.6), (0.25, 0.1)]
+
+
+class _Flat(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        acc, loss = SCORES[self.current_epoch]
+        self.log("val/balanced_acc", acc)
+        self.log("val/loss", loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 2)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_a_tie_keeps_the_epoch_with_the_lower_validation_loss(tmp_path):
+    checkpoint = RunCheckpoint(dirpath=tmp_path, filename="best", monitor="val/balanced_acc", mode="max",
+                               save_last=True, auto_insert_metric_name=False)
+    trainer = L.Trainer(max_epochs=len(SCORES), callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(_Flat())
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True, map_location="cpu")
+    assert best["epoch"] == 1  # not epoch 0 (first of the ties), not epoch 2 (a tie with a higher loss)
+    assert checkpoint.tie_values == {str(tmp_path / "best.ckpt"): pytest.approx(0.4)}
+    restored = RunCheckpoint(dirpath=tmp_path, filename="best", monitor="val/balanced_acc", mode="max")
+    restored.load_state_dict(checkpoint.state_dict())  # a resumed run goes on breaking ties the same way
+    assert restored.tie_values == checkpoint.tie_values
+
+
+def test_metrics_json_names_the_same_best_epoch_as_the_checkpoint():
+    artifacts = RunArtifacts(monitor="val/balanced_acc", mode="max")
+    artifacts.history = [{"epoch": e, "balanced_acc": a, "monitored": a, "tie_break": loss}
+                         for e, (a, loss) in enumerate(SCORES)]
+    assert artifacts.best_epoch()["epoch"] == 1
+    for entry in artifacts.history:  # runs recorded before ties were broken: the earliest, as then
+        del entry["tie_break"]
+    assert artifacts.best_epoch()["epoch"] == 0
+    by_loss = RunArtifacts(monitor="val/loss", mode="min")
+    by_loss.history = [{"epoch": e, "monitored": loss, "tie_break": loss} for e, (_, loss) in enumerate(SCORES)]
+    assert by_loss.best_epoch()["epoch"] == 3
