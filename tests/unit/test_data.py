@@ -107,6 +107,33 @@ def test_copies_in_different_classes_stay_on_one_side_and_are_flagged(tmp_path):
             assert len(sides) == 1, (seed, i)
 
 
+def test_a_class_made_only_of_other_classes_copies_is_told_where_its_images_went(tmp_path):
+    root = _folder(tmp_path / "d", {"ok": 12, "scratch": 8})
+    (root / "zrare").mkdir()
+    for i in range(2):  # its only images: copies of two 'ok' images (a labelling error)
+        (root / "zrare" / f"c{i}.png").write_bytes((root / "ok" / f"{i}.png").read_bytes())
+    outcomes = set()
+    for seed in (0, 4, 12):  # seeds that send the copies to train, to both sides, to val
+        index = scan_folder(root)
+        try:
+            with pytest.warns(UserWarning) as warned:
+                _, val = stratified_split(index, 0.25, seed)
+        except DatasetError as error:  # both copies went to val with their 'ok' twins
+            assert "class 'zrare': 2 of its 2 distinct images are byte-identical" in str(error)
+            assert "ended up in val" in str(error) and "a class needs images in train" in str(error)
+            outcomes.add("val")
+            continue
+        zrare = index.classes.index("zrare")
+        in_val = [index.samples[i].label == zrare for i in val]
+        messages = " ".join(str(w.message) for w in warned)
+        if not any(in_val):
+            assert "every image of 'zrare' ended up in train" in messages and "not measured" in messages
+            outcomes.add("train")
+        else:
+            outcomes.add("both")
+    assert outcomes == {"train", "both", "val"}
+
+
 def test_train_val_folders_and_cross_duplicates_warn(tmp_path):
     _folder(tmp_path / "d" / "train", {"a": 4, "b": 4})
     _folder(tmp_path / "d" / "val", {"a": 2, "b": 2})  # same rng seed: val files equal train's first ones
@@ -519,3 +546,15 @@ def test_skipping_every_image_of_a_class_is_an_error_not_a_class_without_trainin
 def test_a_negative_seed_is_named_as_the_data_seed(tmp_path):
     with pytest.raises(ValueError, match=r"seed \(--data.seed\) must be a whole number from 0"):
         ImageFolderDataModule(str(tmp_path), seed=-1)
+
+
+def test_fit_warns_when_val_holds_one_or_two_images_of_a_class(tmp_path):
+    import warnings
+
+    root = _folder(tmp_path / "d", {"ok": 20, "pitted": 5, "scratch": 20})
+    with pytest.warns(UserWarning, match=r"val holds only 1 of 'pitted' \(image count\).*best epoch"):
+        _dm(root).setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _dm(root).setup("validate")  # said when training, not on every evaluation
+        _dm(_folder(tmp_path / "e", {"ok": 20, "pitted": 20})).setup("fit")  # 4 each: nothing to say

@@ -463,7 +463,8 @@ def test_probe_counts_distinct_images_and_draws_distinct_shots(tmp_path, folder,
     shas = np.array(["a", "a", "a", "b", "c"] + [f"d{i}" for i in range(8)])
     x = np.random.default_rng(0).normal(size=(13, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=r"--folds 5: every class needs at least 5 distinct images.*smallest "
-                                         r"class has 3 \(byte-identical copies count once\)"):
+                                         r"class has 3 \(byte-identical copies count once\).*Use --folds 3, "
+                                         r"or --folds 0 to skip cross-validation"):
         cross_validate(x, y, folds=5, groups=shas)
     assert cross_validate(x, y, folds=3, groups=shas).acc >= 0
     trained = []
@@ -476,7 +477,7 @@ def test_probe_counts_distinct_images_and_draws_distinct_shots(tmp_path, folder,
     monkeypatch.setattr(probe_module, "_fit_score", spy)
     few_shot(x, y, shots=2, draws=20, groups=shas)
     assert all(np.bincount(t).tolist() == [2, 2] for t in trained)  # one row per distinct image
-    with pytest.raises(ValueError, match="more than 3 distinct images"):
+    with pytest.raises(ValueError, match="more than 3 distinct images.*Use shots below 3"):
         few_shot(x, y, shots=3, groups=shas)
     monkeypatch.undo()
     _write_image(tmp_path / "one.png", seed=99, tint=1)
@@ -484,7 +485,8 @@ def test_probe_counts_distinct_images_and_draws_distinct_shots(tmp_path, folder,
         (folder / "copies").mkdir(exist_ok=True)
         (folder / "copies" / f"{copy}.png").write_bytes((tmp_path / "one.png").read_bytes())
     try:
-        with pytest.raises(ValueError, match=r"--folds 2: .*smallest class has 1 .*too few in: copies \(1\)$"):
+        with pytest.raises(ValueError, match=r"--folds 2: .*smallest class has 1 .*too few in: copies \(1\)\. "
+                                             r"Add images to it, or --folds 0 to skip cross-validation$"):
             probe(folder, TINY, heads="logreg", folds=2, pretrained=False, image_size=SIZE,
                   cache_dir=tmp_path / "never", progress=False)
         assert not (tmp_path / "never").exists()  # refused before anything was extracted

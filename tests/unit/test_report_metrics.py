@@ -76,6 +76,9 @@ def test_threshold_target_errors_name_the_problem():
         M.parse_threshold_target("escape:1.5")
     with pytest.raises(M.ThresholdError, match="no good images"):
         M.select_threshold(np.array([0.2, 0.4]), np.array([False, False]), "false_reject:0.1")
+    for target in ("false_reject:0.1", "escape:0.1"):  # only good images: escapes cannot be counted
+        with pytest.raises(M.ThresholdError, match="no defective images in this split"):
+            M.select_threshold(np.array([0.7, 0.9]), np.array([True, True]), target)
     assert M.parse_threshold_target("false-reject:0.01") == M.ThresholdTarget("false_reject", 0.01)
 
 
@@ -228,3 +231,16 @@ def test_a_report_of_non_finite_probabilities_names_the_images_and_writes_nothin
         write_report(tmp_path, probs, np.array([0, 1, 1]), ["good", "dent"], paths=["a.png", "b.png", "c.png"],
                      good_class="good", threshold=0.5)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_split_of_one_class_draws_its_curves_without_a_warning(tmp_path):
+    import warnings
+
+    from vision_tl.reports import plots
+
+    probs = np.array([[0.8, 0.2], [0.9, 0.1], [0.7, 0.3]])
+    result = M.evaluate(probs, np.array([0, 0, 0]), ["ok", "defect"])  # val holds good images only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned of an empty legend
+        png = plots.plot_roc_pr(result["curves"], tmp_path / "roc.png", title="val")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -277,6 +277,22 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits or stage == "predict" and self.hparams.predict_root is not None:
             return  # new images to predict: the training folder need not be scanned
+        self._read_splits()
+        if stage in (None, "fit"):
+            self._warn_thin_val()
+
+    def _warn_thin_val(self) -> None:
+        """A class with one or two val images: its recall moves in steps of 50-100 %, so the
+        best epoch (and a good/defect threshold) rests on those images."""
+        counts = np.bincount([s.label for s in self.splits["val"]], minlength=self.num_classes)
+        thin = [f"{n} of {c!r}" for c, n in zip(self._classes, counts.tolist()) if 0 < n < 3]
+        if thin:
+            warnings.warn(f"val holds only {', '.join(thin)} (image count): each such image moves that class's "
+                          "recall, and balanced accuracy, in big steps, so the best epoch and any threshold rest on "
+                          "them. Hold out more images of rare classes if you can (split folders ROOT/train/ and "
+                          "ROOT/val/ choose which), and read `vision-tl report`'s counts", stacklevel=2)
+
+    def _read_splits(self) -> None:
         skip = self.hparams.skip_bad_images
         if "all" in self.layout:
             index = scan_folder(self.root, self._classes, skip)

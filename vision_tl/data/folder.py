@@ -414,7 +414,17 @@ def stratified_split(
             val.extend(groups[smallest])
             side_of[smallest[1]] = True
             taken = len(moved)
-        if len(keys) < 2 or taken >= n_items:
+        elsewhere = len(keys) - len(own)  # copies of files an earlier class put on a side
+        if len(keys) >= 2 and elsewhere and (taken >= n_items or taken == 0):
+            side = "val" if taken else "train"
+            message = (f"class {name!r}: {elsewhere} of its {len(keys)} distinct images are byte-identical to "
+                       f"images filed under other classes, which stay on one side of the split, and every image "
+                       f"of {name!r} ended up in {side}. Fix those labels (the warning above lists the copies)")
+            if taken:
+                raise DatasetError(f"{message}; a class needs images in train")
+            warnings.warn(f"{message}: its recall on val is not measured, and balanced accuracy averages the "
+                          "other classes", stacklevel=2)
+        elif len(keys) < 2 or taken >= n_items:
             raise DatasetError(
                 f"class {name!r} has too few distinct images ({len(keys)}) to split into train "
                 "and val; add images, or use split folders (ROOT/train/<class>/ and ROOT/val/<class>/: val/ "

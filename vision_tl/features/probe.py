@@ -123,14 +123,19 @@ def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: 
     if folds and folds < 2:
         raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds (0 skips it)")
     if folds and smallest < folds:
+        fix = f"Use --folds {smallest}" if smallest >= 2 else "Add images to it"
         raise ValueError(f"--folds {folds}: every class needs at least {folds} distinct images, one per test fold; "
-                         f"the smallest class has {smallest}{copies}{short(folds)}")
+                         f"the smallest class has {smallest}{copies}{short(folds)}. {fix}, or --folds 0 "
+                         "to skip cross-validation")
     for n in shots:
         if n < 1:
             raise ValueError(f"--shots {n}: the number of training images per class must be at least 1")
         if smallest <= n:
+            fits = [k for k in shots if 1 <= k < smallest]
+            fix = (f"Use shots below {smallest} (e.g. --shots {' '.join(map(str, fits))})" if fits
+                   else f"Use shots below {smallest}" if smallest > 1 else "Add images to it")
             raise ValueError(f"--shots {n}: every class needs more than {n} distinct images (one left to test); "
-                             f"the smallest class has {smallest}{copies}{short(n + 1)}")
+                             f"the smallest class has {smallest}{copies}{short(n + 1)}. {fix}")
 
 
 def _check_copies_agree(labels: np.ndarray, groups: np.ndarray | None, classes: Sequence[str] | None,

@@ -238,6 +238,9 @@ def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | Thre
     if target.kind == "false_reject":
         if not good.size:
             raise ThresholdError("cannot meet a false-reject target: no good images in this split")
+        if not defect.size:  # any threshold meets it; the escapes it should keep few are not seen
+            raise ThresholdError("cannot choose a threshold for a false-reject target: no defective images in "
+                                 "this split, so the escapes it would let through cannot be counted")
         last_kept = np.sort(good)[int(np.floor(target.rate * good.size + 1e-9))]  # at most R below it
         # The fewest escapes: every defect scored from last_kept up passes, the rest are blocked.
         # Then the fewest rejects: go down to just above the highest of the blocked defects.

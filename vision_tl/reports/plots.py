@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend where something is labelled (an empty one only draws matplotlib's warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def literal_text(plot):
     """Draw ``plot``'s text as written: matplotlib reads ``$...$`` as a formula by default, so a
     class named ``cost $5 vs $10`` came out garbled and ``dent $^$`` stopped fit with a parse error."""
@@ -92,7 +98,7 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
                              (pr, ("recall", "precision"), "precision-recall")):
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=x, ylabel=y, title=f"{title}: {name}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right" if ax is roc else "lower left", fontsize=8)
+        _legend(ax, loc="lower right" if ax is roc else "lower left", fontsize=8)
     return _save(fig, path)
 
 
@@ -113,7 +119,7 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
     ece = calibration["ece"]
     ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy",
            title=f"{title} (ECE {ece:.3f})" if ece is not None else f"{title} (ECE n/a)")
-    ax.legend(loc="upper left", fontsize=8)
+    _legend(ax, loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     hist.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="0.55")
     hist.set(xlabel="top-1 confidence", ylabel="images")
@@ -136,7 +142,7 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per cl
     ax.set_xticks(x, [f"{r['class']}\n(n={r['support']})" for r in per_class],
                   rotation=30 if len(names) > 6 else 0)
     ax.set(ylim=(0, 1.15), ylabel="score", title=title)
-    ax.legend(ncols=3, fontsize=8, loc="upper right")
+    _legend(ax, ncols=3, fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -160,7 +166,7 @@ def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: s
         if threshold is not None:
             ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center")
+        _legend(ax, fontsize=8, loc="upper center")
     return _save(fig, path)
 
 
@@ -179,7 +185,7 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
             ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names)
     ax.set(ylim=(0, 1.15), ylabel="score", title="runs compared")
-    ax.legend(fontsize=8, loc="upper right", ncols=min(3, len(runs)))
+    _legend(ax, fontsize=8, loc="upper right", ncols=min(3, len(runs)))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -197,7 +203,7 @@ def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None 
         if threshold is not None:  # the sweep holds the threshold itself (metrics.threshold_sweep)
             k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
             ax.plot([fr[k]], [esc[k]], "o", color="black", label=f"threshold {threshold:.3f}")
-            ax.legend(fontsize=8)
+            _legend(ax, fontsize=8)
     ax.set(xlabel=f"false-reject rate ({good_class} images rejected)", ylabel="escape rate (defects passed)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="Operating curve")
     ax.grid(alpha=0.3)
