@@ -65,3 +65,13 @@ def test_metrics_json_names_the_same_best_epoch_as_the_checkpoint():
     by_loss = RunArtifacts(monitor="val/loss", mode="min")
     by_loss.history = [{"epoch": e, "monitored": loss, "tie_break": loss} for e, (_, loss) in enumerate(SCORES)]
     assert by_loss.best_epoch()["epoch"] == 3
+
+
+def test_mode_auto_keeps_the_lowest_loss_and_the_highest_accuracy():
+    assert RunCheckpoint(monitor="val/loss", mode="auto").mode == "min"
+    assert RunCheckpoint(monitor="val/balanced_acc", mode="auto").mode == "max"
+    assert RunArtifacts(monitor="val/loss", mode="auto").mode == "min"
+    with pytest.warns(UserWarning, match="val/loss with --checkpoint.mode max keeps the epoch where it is highest"):
+        RunCheckpoint(monitor="val/loss", mode="max")  # a config written for accuracy, then the monitor changed
+    with pytest.raises(ValueError, match="'auto', 'max' or 'min'"):
+        RunCheckpoint(monitor="val/loss", mode="lowest")

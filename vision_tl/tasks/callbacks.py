@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
-from vision_tl.tasks.resume import TIE_BREAK
+from vision_tl.tasks.resume import TIE_BREAK, best_mode
 from vision_tl.utils import say
 from vision_tl.utils.files import atomic_write_text, path_text
 
@@ -49,13 +49,13 @@ class RunArtifacts(L.Callback):
 
     Args:
         monitor: validation metric that picks the best epoch (must match the checkpoint's).
-        mode: ``max`` or ``min`` (the checkpoint's ``mode``).
+        mode: ``max``, ``min`` or ``auto`` (min for a loss; the checkpoint's ``mode``).
     """
 
-    def __init__(self, monitor: str = "val/balanced_acc", mode: str = "max") -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        self.monitor, self.mode = monitor, mode
+    def __init__(self, monitor: str = "val/balanced_acc", mode: str = "auto") -> None:
+        if mode not in ("auto", "max", "min"):
+            raise ValueError(f"mode must be 'auto', 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, best_mode(monitor) if mode == "auto" else mode
         # the first epoch trained in this run folder, where a run continued into a new folder
         # (its best checkpoint is among the epochs trained here, not the earlier folder's)
         self.since_epoch = 0

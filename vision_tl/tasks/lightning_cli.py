@@ -281,7 +281,7 @@ class VisionTLCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/balanced_acc",
-            "checkpoint.mode": "max",
+            "checkpoint.mode": "auto",  # min for a loss, max for an accuracy (RunCheckpoint)
             "checkpoint.filename": "best",
             "checkpoint.save_last": True,
             "checkpoint.auto_insert_metric_name": False,

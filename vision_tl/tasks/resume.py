@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from pathlib import Path
 from weakref import proxy
 
@@ -123,6 +124,23 @@ class ResumableRandomState(L.Callback):
 TIE_BREAK = "val/loss"
 
 
+def best_mode(monitor: str | None, mode: str = "auto") -> str:
+    """``mode`` for the checkpoint of ``monitor``: ``auto`` is ``min`` for a loss, else ``max``
+    (accuracy, balanced accuracy, F1). A mode that contradicts a loss or an accuracy is warned
+    about: ``val/loss`` with ``max`` kept the worst epoch as best."""
+    name = (monitor or "").rsplit("/", 1)[-1]
+    natural = "min" if "loss" in name else "max"
+    if mode == "auto":
+        return natural
+    if mode not in ("min", "max"):
+        raise ValueError(f"checkpoint mode must be 'auto', 'max' or 'min', got {mode!r}")
+    if mode != natural and ("loss" in name or name in ("acc", "balanced_acc", "f1_macro")):
+        warnings.warn(f"--checkpoint.monitor {monitor} with --checkpoint.mode {mode} keeps the epoch where it is "
+                      f"{'highest' if mode == 'max' else 'lowest'} as best; --checkpoint.mode auto (the default) "
+                      f"picks {natural}", stacklevel=3)
+    return mode
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that writes atomically, refreshes ``last.ckpt`` every epoch and
     breaks ties of the monitored value by the lower :data:`TIE_BREAK`.
@@ -133,6 +151,8 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        if "mode" in kwargs:  # (``auto``: min for a loss, max for the rest)
+            kwargs["mode"] = best_mode(kwargs.get("monitor"), kwargs["mode"])
         super().__init__(*args, **kwargs)
         self.tie_values: dict[str, float] = {}  # TIE_BREAK's value of each kept checkpoint
 
