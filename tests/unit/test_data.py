@@ -558,3 +558,22 @@ def test_fit_warns_when_val_holds_one_or_two_images_of_a_class(tmp_path):
         warnings.simplefilter("error")
         _dm(root).setup("validate")  # said when training, not on every evaluation
         _dm(_folder(tmp_path / "e", {"ok": 20, "pitted": 20})).setup("fit")  # 4 each: nothing to say
+
+
+def test_the_summary_names_each_class_with_its_counts_and_images_in_sub_folders(tmp_path):
+    root = _folder(tmp_path / "d", {"ok": 10, "scratch": 5, "_archive": 3})
+    nested = root / "ok" / "old"
+    nested.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(nested / f"n{i}.png")
+    dm = _dm(root)
+    dm.setup("fit")
+    lines = dm.summary().splitlines()
+    train, val = (dm.class_counts(s) for s in ("train", "val"))
+    assert lines[0] == (f"3 classes (train/val images): _archive {train[0]}/{val[0]}, ok {train[1]}/{val[1]}, "
+                        f"scratch {train[2]}/{val[2]}")
+    assert train[1] + val[1] == 12  # the sub-folder's images are 'ok' images
+    assert lines[1] == "images in sub-folders count as their class folder's class: ok/old/ (2)"
+    flat = _dm(_folder(tmp_path / "e", {"ok": 4, "scratch": 4}))
+    flat.setup("fit")
+    assert len(flat.summary().splitlines()) == 1

@@ -281,6 +281,31 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self._warn_thin_val()
 
+    def summary(self) -> str:
+        """What fit trains on, in a line or two: the classes with their train/val image counts
+        (a stray folder read as a class shows here), and images in sub-folders of a class
+        folder, which count as that class."""
+        counts = {name: np.bincount([s.label for s in samples], minlength=self.num_classes)
+                  for name, samples in self.splits.items() if name in ("train", "val")}
+        per_class = ", ".join(f"{c} {counts['train'][i]}/{counts['val'][i]}" for i, c in enumerate(self._classes))
+        lines = [f"{self.num_classes} classes (train/val images): {per_class}"]
+        nested: dict[str, int] = {}
+        for name in ("train", "val"):
+            folder = self.layout.get(name, self.layout.get("all"))
+            for sample in self.splits.get(name, []):
+                try:
+                    parts = sample.path.relative_to(folder).parts
+                except ValueError:  # (a file reached through a link outside the folder)
+                    continue
+                if len(parts) > 2:
+                    key = f"{Path(*parts[:-1]).as_posix()}/"
+                    nested[key] = nested.get(key, 0) + 1
+        if nested:
+            shown = ", ".join(f"{k} ({n})" for k, n in sorted(nested.items())[:5])
+            lines.append(f"images in sub-folders count as their class folder's class: {shown}"
+                         f"{' ...' if len(nested) > 5 else ''}")
+        return "\n".join(lines)
+
     def _warn_thin_val(self) -> None:
         """A class with one or two val images: its recall moves in steps of 50-100 %, so the
         best epoch (and a good/defect threshold) rests on those images."""

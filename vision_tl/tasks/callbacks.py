@@ -98,6 +98,8 @@ class RunArtifacts(L.Callback):
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "save_split"):
             datamodule.setup(stage)
             datamodule.save_split(run / "split.json")
+            for line in datamodule.summary().splitlines():
+                say(f"vision_tl: {line}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks before the

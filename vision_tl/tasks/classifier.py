@@ -575,10 +575,11 @@ class ImageClassifier(L.LightningModule):
         datasets = first_builds(self.trainer.strategy, self.trainer.is_global_zero, compute)
         datamodule.use_features(datasets if datasets is not None else compute())
         augment = _data_setting(datamodule, "augment")
-        unused = (f"; --data.augment {augment} is not applied to a single clean view (use --model.cached_views "
-                  "K > 1 for K-1 augmented views per image)") if self.hparams.cached_views == 1 and augment not in (
-                      None, "none") else ""
-        self.print(f"vision_tl: training the head on cached features ({self.hparams.cached_views} view(s)){unused}")
+        views = self.hparams.cached_views
+        hint = (f"; --model.cached_views K > 1 adds K-1 views per image augmented with --data.augment {augment}"
+                if views == 1 and augment not in (None, "none") else "")
+        self.print(f"vision_tl: training the head on cached features ({views} view(s){', clean' if views == 1 else ''})"
+                   f"{hint}")
 
     def teardown(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
