@@ -662,6 +662,15 @@ def cli_unknown_config_key(w: World, tmp: Path) -> Result:
                      str(config), "did you mean 'model.lr'", "valid keys under 'model'", " lr,", "trainable_stages")
 
 
+def cli_evaluation_config_for_fit(w: World, tmp: Path) -> Result:
+    # what `vision-tl test` saves in its output folder: the training config plus its own keys
+    config = tmp / "runs" / "frozen" / "version_1" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text((w.run / "config.yaml").read_text() + f"verbose: true\nckpt_path: {w.best}\n")
+    return cli_error(["fit", "--config", str(config)], f"{config} is the config of a `vision-tl validate`, `test` "
+                     "or `predict` output", "not of a training run", f"--config {w.run / 'config.yaml'}")
+
+
 def cli_mistyped_option(w: World, tmp: Path) -> Result:
     return cli_error(w.fit_args(w.data, tmp / "runs", "--model.lrr", "0.1"), "model.lrr",
                      "did you mean 'model.lr'")
@@ -896,6 +905,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("export-exists", "export onto an existing model.onnx", "API", export_over_existing),
     ("cli-unknown-key", "config with an unknown key (model.learning_rate)", "CLI", cli_unknown_config_key),
     ("cli-mistyped-option", "mistyped option (--model.lrr)", "CLI", cli_mistyped_option),
+    ("cli-evaluation-config", "fit --config with the config a `test` run saved", "CLI", cli_evaluation_config_for_fit),
     ("cli-wrong-type", "wrong type (--model.lr fast)", "CLI", cli_wrong_type),
     ("cli-negative-lr", "negative learning rate", "CLI", cli_negative_learning_rate),
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),

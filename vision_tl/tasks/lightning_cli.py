@@ -234,6 +234,10 @@ class _Parser(LightningArgumentParser):
                              f"--{key.replace('-', '_')}\n{helps}\n")
             self.exit(2)
         source = self._config_holding(key)
+        if source and key in _EVALUATION_KEYS:
+            sys.stderr.write(f"error: {source} is the config of a `vision-tl validate`, `test` or `predict` output "
+                             f"(it has {key!r}), not of a training run{_trained_by(source)}\n{helps}\n")
+            self.exit(2)
         keys = sorted({d for d in dests if "." in d and not d.startswith("__")})
         section = key.split(".")[0] + "."
         in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
@@ -249,6 +253,20 @@ class _Parser(LightningArgumentParser):
 
 
 _SECTIONS = ("trainer", "model", "data", "checkpoint", "artifacts", "resume_state")
+# top-level keys that only the configs `validate`, `test` and `predict` save have
+_EVALUATION_KEYS = ("return_predictions", "verbose")
+
+
+def _trained_by(config: str) -> str:
+    """'; use the training run's config: RUN/config.yaml', from an evaluation config's ckpt_path."""
+    try:
+        ckpt = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("ckpt_path")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        ckpt = None
+    run = Path(str(ckpt)).parent.parent if ckpt else None
+    if run is not None and (run / "config.yaml").is_file():
+        return f"; use the config of the run that trained its checkpoint: --config {run / 'config.yaml'}"
+    return "; use the config.yaml of the run that trained the checkpoint"
 
 
 def _config_file_problem(name: str) -> str | None:
