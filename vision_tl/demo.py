@@ -15,8 +15,18 @@ from pathlib import Path
 
 EXAMPLE = """example:
   vision-tl demo                       # data in data/demo, run in runs/demo/version_N
-  vision-tl demo --epochs 3 --size 96  # quicker
+  vision-tl demo --epochs 3 --size 96  # quicker; its images go to data/demo-96px-seed0
 """
+
+DEFAULT_SIZE, DEFAULT_SEED = 128, 0
+
+
+def default_data(size: int, seed: int) -> Path:
+    """Where the demo's images go without --data: data/demo, or a folder of their own for
+    another size or seed (the images of data/demo are what earlier demo runs trained on)."""
+    if (size, seed) == (DEFAULT_SIZE, DEFAULT_SEED):
+        return Path("data/demo")
+    return Path(f"data/demo-{size}px-seed{seed}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="vision-tl demo", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", default="data/demo", help="where the synthetic images go (default: %(default)s)")
+    parser.add_argument("--data", help="where the synthetic images go (default: data/demo; data/demo-SIZEpx-seedSEED "
+                                       "for another --size or --seed)")
     parser.add_argument("--runs", default="runs", help="parent of the run directory (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=128, help="image and input size in px (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image and input size in px (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data and training seed (default: %(default)s)")
     parser.add_argument("--mode", default="partial", choices=("frozen", "partial", "full"),
                         help="transfer-learning mode (default: %(default)s)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (default: %(default)s)")
@@ -76,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.epochs < 1 or args.size < 32:
         raise ValueError(f"--epochs must be >= 1 and --size >= 32, got {args.epochs} and {args.size}")
-    root = Path(args.data)
+    root = Path(args.data) if args.data else default_data(args.size, args.seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     _prepare_data(root, args.size, args.seed)
     parent = Path(args.runs).expanduser().resolve() / "demo"

@@ -209,3 +209,12 @@ def test_the_demo_never_replaces_images_earlier_demo_runs_trained_on(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         _prepare_data(tmp_path / "file", 32, 0)
+
+
+def test_the_demo_puts_another_size_or_seed_in_a_folder_of_its_own():
+    from vision_tl.demo import _parser, default_data
+
+    assert default_data(128, 0).as_posix() == "data/demo"  # the README's `vision-tl demo`
+    assert default_data(96, 0).as_posix() == "data/demo-96px-seed0"  # demo --help's "quicker" example
+    assert default_data(128, 3).as_posix() == "data/demo-128px-seed3"
+    assert _parser().parse_args(["--size", "96"]).data is None  # (resolved by run)
