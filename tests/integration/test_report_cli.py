@@ -98,7 +98,9 @@ def test_compare_prints_and_writes(run, tmp_path, capsys):
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.html", "compare.json", "compare.png"}
     before = (tmp_path / "cmp" / "compare.html").read_bytes()
     assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 2  # never replaced silently
-    assert "--overwrite" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "compare.json, compare.png, compare.html exist from an earlier comparison" in refused.err
+    assert "--overwrite" in refused.err and "macro AUC" not in refused.out  # refused before the work
     assert (tmp_path / "cmp" / "compare.html").read_bytes() == before
     assert main(["compare", str(run), "--out", str(tmp_path / "cmp"), "--overwrite"]) == 0
     assert (tmp_path / "cmp" / "compare.html").read_bytes() != before

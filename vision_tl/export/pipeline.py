@@ -153,7 +153,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
              for path in (sibling(out, v), *_reports_of(sibling(out, v))) if path.exists()]
     replaced = [path for model in models[1:] for path in (model, *_reports_of(model)) if path.exists()]
     if stale and not opts.overwrite:
-        raise ExportError(f"{', '.join(str(p) for p in stale)} already exist(s) beside {out}, from an earlier export "
+        raise ExportError(f"{', '.join(str(p) for p in stale)} {'exists' if len(stale) == 1 else 'exist'} beside "
+                          f"{out}, from an earlier export "
                           "of possibly another model; pass --overwrite to replace the export and remove them, or "
                           "choose another --out")
     ckpt = load_checkpoint(checkpoint)

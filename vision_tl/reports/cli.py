@@ -167,8 +167,15 @@ def _f(value: float | None) -> str:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from vision_tl.reports.compare import compare_runs, format_table, write_comparison
+    from vision_tl.reports.compare import (
+        compare_runs,
+        comparison_paths,
+        format_table,
+        write_comparison,
+    )
 
+    if args.out:
+        comparison_paths(args.out, args.overwrite)  # refused before the work, not after the table
     comparison = compare_runs(args.runs, args.split)
     print(format_table(comparison))
     if args.out:

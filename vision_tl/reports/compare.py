@@ -189,6 +189,26 @@ def format_table(comparison: Comparison) -> str:
     return "\n".join(lines + [f"note: {n}" for n in comparison.notes])
 
 
+def comparison_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """The files :func:`write_comparison` writes into ``out_dir``; checked first (before any
+    run is read), so a comparison never ends in a refusal to write it.
+
+    Raises:
+        ReportError: ``out_dir`` is a file.
+        FileExistsError: one of them exists and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir} is a file; --out is the folder that receives compare.json, compare.png "
+                          "and compare.html")
+    paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out_dir}: {', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} "
+                              "from an earlier comparison; pass --overwrite to replace them or choose another --out")
+    return paths
+
+
 def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write ``compare.json``, ``compare.png`` and a self-contained ``compare.html`` into ``out_dir``.
 
@@ -199,15 +219,8 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: boo
     from vision_tl.reports.plots import plot_comparison
     from vision_tl.utils.files import atomic_write_text
 
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ReportError(f"--out {out_dir} is a file; --out is the folder that receives compare.json, compare.png "
-                          "and compare.html")
-    paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"--out {out_dir}: {', '.join(existing)} already exist(s) from an earlier comparison; "
-                              "pass --overwrite to replace them or choose another --out")
+    paths = comparison_paths(out_dir, overwrite)
+    out_dir = paths["html"].parent
     out_dir.mkdir(parents=True, exist_ok=True)
     data = comparison.to_dict()
     # overwrite=False also keeps another comparison's files, written there meanwhile
