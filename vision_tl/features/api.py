@@ -100,7 +100,7 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
             _add_index(images, index, [label_of[same_name(name)] for name in present[folder]])
     if images.bad and not skip_bad:
         raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad)}\n"
-                           "Fix or remove them, or pass --skip-bad (skip_bad=True) to leave them out.")
+                           "Fix or remove them, or pass --skip-bad (Python: skip_bad=True) to leave them out.")
     if images.bad:
         warnings.warn(f"left out {len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad, 5)}",
                       stacklevel=2)

@@ -379,7 +379,7 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     if path.is_dir():  # --overwrite replaces a file, never a folder
         raise FeatureStoreError(f"output {path} is a directory; name a {path.suffix} file to write")
     if path.exists() and not overwrite:
-        raise FeatureStoreError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise FeatureStoreError(f"output {path} already exists; pass --overwrite (Python: overwrite=True) to replace it")
     try:  # before the work, not after it: the output is written beside itself, then renamed
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
     except OSError as exc:

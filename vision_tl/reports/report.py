@@ -490,7 +490,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     thresholded = thresholded_path(ckpt_path)
     if target is not None and not in_place and thresholded.exists() and not overwrite:
         raise ReportError(f"{thresholded} already exists, with the threshold an earlier report chose; pass "
-                          "--overwrite (overwrite=True) to replace it, or move it away first")
+                          "--overwrite (Python: overwrite=True) to replace it, or move it away first")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # version notes; the report states the version itself
         model, meta = load_classifier(ckpt_path)
@@ -510,7 +510,7 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     earlier = [path for path in earlier if path.exists()]
     if earlier and not overwrite:
         raise ReportError(f"{earlier[0]} already exists (an earlier report of this run); pass --overwrite "
-                          "(overwrite=True) to replace it and its predictions and figures, or move it away first")
+                          "(Python: overwrite=True) to replace it and its predictions and figures, or move it away first")
     probs = predict_probabilities(model, paths, batch_size)
     labels = np.asarray(labels, np.int64)
     choice = _choose_threshold(probs, labels, meta, split, target)

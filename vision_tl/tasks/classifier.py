@@ -209,7 +209,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         good_class: the defect-free class, if any (used by reports and export).
         channels_last: run in channels-last memory format, as GPU and CPU (oneDNN)
-            convolutions prefer: on a 2-core CPU Lite0 trains 1.3-1.9x faster in it than in
+            convolutions prefer: on a 2-core CPU Lite0 trains 1.5-1.7x faster in it than in
             NCHW (``benchmarks/cpu_layout.py``). ``None`` (default) and ``True``: on; ``False``: NCHW.
         compile: run the network through ``torch.compile`` (opt-in: compiling takes a while
             on the first batches and needs a C++ compiler; on an H100, Lite0 ``partial`` trained
