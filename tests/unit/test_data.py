@@ -577,3 +577,18 @@ def test_the_summary_names_each_class_with_its_counts_and_images_in_sub_folders(
     flat = _dm(_folder(tmp_path / "e", {"ok": 4, "scratch": 4}))
     flat.setup("fit")
     assert len(flat.summary().splitlines()) == 1
+
+
+def test_sampler_auto_balances_a_folder_whose_largest_class_has_4x_the_smallest(tmp_path):
+    skewed = _dm(_folder(tmp_path / "d", {"ok": 40, "dent": 8}))
+    skewed.setup("fit")  # train: 32 ok, 6 dent (over 4x)
+    assert skewed.hparams.sampler == "auto" and skewed.sampler_choice() == "balanced"
+    assert "the balanced sampler draws every class equally often" in skewed.summary()
+    drawn = [skewed.splits["train"][i].label for i in skewed.train_dataloader().sampler]
+    assert 0.3 < np.mean(np.array(drawn) == skewed.classes.index("dent")) < 0.7  # about half, not 6 of 38
+    mild = _dm(_folder(tmp_path / "e", {"ok": 30, "dent": 10}))  # 3x, like the demo: shuffled as it is
+    mild.setup("fit")
+    assert mild.sampler_choice() == "none" and "balanced sampler" not in mild.summary()
+    chosen = _dm(tmp_path / "d", sampler="none")
+    chosen.setup("fit")
+    assert chosen.sampler_choice() == "none"

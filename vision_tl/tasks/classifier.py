@@ -499,11 +499,13 @@ class ImageClassifier(L.LightningModule):
             counts = datamodule.class_counts("train")
         scheme = self.hparams.class_weights
         if (stage == "fit" and scheme not in (None, "none") and datamodule is not None
-                and _data_setting(datamodule, "sampler") == "balanced"):
+                and (datamodule.sampler_choice() if hasattr(datamodule, "sampler_choice")
+                     else _data_setting(datamodule, "sampler")) == "balanced"):
             # the sampler already draws every class equally often: weighting the loss as well
             # would favour the rare classes a second time (about 3x with sqrt, 9x with inverse)
-            self.print(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is not "
-                       "applied on top (pass --model.class_weights none to silence this)")
+            if _data_setting(datamodule, "sampler") == "balanced":  # (auto says so in the data summary)
+                self.print(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is "
+                           "not applied on top (pass --model.class_weights none to silence this)")
             scheme = "none"
         weights = class_weights_from_counts(counts, scheme) if counts else None
         self.loss_weights = (torch.ones(len(self.classes)) if weights is None else weights).to(self.loss_weights.device)
