@@ -50,16 +50,19 @@ class ProbeResult:
 def make_head(name: str, n_train_per_class: int | None = None):
     """A scikit-learn classifier: ``logreg`` (standardised features, L2-regularised
     logistic regression), ``logreg-l2`` (L2-normalised then standardised, tuned for
-    few shots), or ``knn`` (cosine k-nearest neighbours, k <= shots)."""
+    few shots), or ``knn`` (cosine k-nearest neighbours, k <= shots). The logistic heads
+    weight the classes by inverse frequency, as ``fit`` balances an imbalanced folder: a rare
+    defect class counts as much as the good one (on balanced data this changes nothing)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     if name == "logreg":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced"))
     if name == "logreg-l2":
-        return make_pipeline(Normalizer(), StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+        return make_pipeline(Normalizer(), StandardScaler(),
+                             LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced"))
     if name == "knn":
         k = 5 if n_train_per_class is None else max(1, min(5, n_train_per_class))
         return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance"))
