@@ -842,7 +842,7 @@ def cli_disk_full_writing_checkpoint(w: World, tmp: Path, monkeypatch: pytest.Mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_disk)
-    result = cli_error(args, "No space left on device", "last.ckpt")
+    result = cli_error(args, "No space left on device", "could not write checkpoint", ".ckpt")
     checkpoints = save_dir / "frozen" / "version_0" / "checkpoints"
     assert state, "the simulated full disk was never hit"
     assert tree_digest(checkpoints) == state["before"], "a checkpoint changed or a partial file remained"
