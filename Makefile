@@ -22,4 +22,4 @@ lint: $(BIN)/vision-tl
 	$(BIN)/ruff check vision_tl tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs data/demo
+	rm -rf $(VENV) runs data/demo data/demo-*px-seed*

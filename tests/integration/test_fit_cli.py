@@ -343,3 +343,36 @@ def test_a_relative_split_file_is_recorded_absolute(inspection_folder, tmp_path,
     assert code == 0
     config = (tmp_path / "runs" / "frozen" / "version_0" / "config.yaml").read_text()
     assert f"split_file: {(first / 'split.json').resolve()}" in config
+
+
+def test_a_folder_with_train_and_test_but_no_val_trains_and_the_sanity_check_picks_no_threshold(tmp_path, recwarn):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split, n in (("train", 10), ("test", 2)):
+        for c, name in enumerate(("good", "scratch")):  # val is carved out of train/
+            (data / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (40 + 150 * c, 10 * i, 90)).save(data / split / name / f"{i}.png")
+    run = _fit(tmp_path / "runs", data, "--data.good_class", "good", "--model.threshold_target", "false_reject:0.5",
+               "--data.batch_size", "1", "--data.val_fraction", "0.4")  # sanity check's 2 batches: good images only
+    assert not [w for w in recwarn if "no threshold this epoch" in str(w.message)]
+    assert json.loads((run / "metrics.json").read_text())["val"]["threshold"] is not None
+
+
+def test_validate_logs_the_loss_fit_logged_on_a_balanced_draw(tmp_path, inspection_folder, capsys):
+    data = tmp_path / "skewed"
+    for name in ("good", "crack"):  # 4x: the sampler balances, the loss is not weighted on top
+        (data / name).mkdir(parents=True)
+        for path in sorted((inspection_folder / name).iterdir())[: 20 if name == "good" else 3]:
+            shutil.copy(path, data / name / path.name)
+    run = _fit(tmp_path / "runs", data, "--trainer.max_epochs", "1")
+    assert "the balanced sampler draws every class equally often" in capsys.readouterr().out
+    fitted = json.loads((run / "metrics.json").read_text())["history"][-1]
+    logged = [*csv.DictReader(open(run / "metrics.csv"))]
+    fit_loss = float(next(r["val/loss"] for r in logged if r.get("val/loss")))
+    assert main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/best.ckpt"),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "eval")]) == 0
+    again = [*csv.DictReader(open(tmp_path / "eval" / "partial" / "version_0" / "metrics.csv"))]
+    assert float(next(r["val/loss"] for r in again if r.get("val/loss"))) == pytest.approx(fit_loss, rel=1e-5)
+    assert fitted["epoch"] == 0

@@ -75,3 +75,54 @@ def test_mode_auto_keeps_the_lowest_loss_and_the_highest_accuracy():
         RunCheckpoint(monitor="val/loss", mode="max")  # a config written for accuracy, then the monitor changed
     with pytest.raises(ValueError, match="'auto', 'max' or 'min'"):
         RunCheckpoint(monitor="val/loss", mode="lowest")
+
+
+class _Scored(_Flat):
+    def __init__(self, scores) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def validation_step(self, batch, batch_idx):
+        acc, loss = self.scores[self.current_epoch]
+        self.log("val/balanced_acc", acc)
+        self.log("val/loss", loss)
+
+
+def _fit(tmp_path, scores, checkpoint=None, **kwargs) -> tuple[RunCheckpoint, L.Trainer]:
+    checkpoint = checkpoint or RunCheckpoint(dirpath=tmp_path, filename="best", monitor="val/balanced_acc",
+                                             mode="max", auto_insert_metric_name=False, **kwargs)
+    trainer = L.Trainer(max_epochs=len(scores), callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(_Scored(scores))
+    return checkpoint, trainer
+
+
+def _epoch(path) -> int:
+    return torch.load(path, weights_only=True, map_location="cpu")["epoch"]
+
+
+def _artifacts_best(scores) -> int:
+    artifacts = RunArtifacts(monitor="val/balanced_acc", mode="max")
+    artifacts.history = [{"epoch": e, "monitored": a, **({} if loss is None else {"tie_break": loss})}
+                         for e, (a, loss) in enumerate(scores)]
+    return artifacts.best_epoch()["epoch"]
+
+
+@pytest.mark.parametrize("save_top_k", [2, -1])
+def test_with_several_kept_checkpoints_the_best_follows_the_tie_break_too(tmp_path, save_top_k):
+    scores = [(0.5, 2.0), (0.5, 1.5), (0.5, 1.0), (0.25, 0.1)]
+    checkpoint, _ = _fit(tmp_path, scores, save_top_k=save_top_k)
+    assert _epoch(checkpoint.best_model_path) == _artifacts_best(scores) == 2  # what --ckpt_path best loads
+
+
+def test_a_kept_checkpoint_without_a_loss_or_with_nan_loses_a_tie_in_both_places(tmp_path):
+    for i, kept_loss in enumerate((None, float("nan"))):
+        checkpoint = RunCheckpoint(dirpath=tmp_path / str(i), filename="best", monitor="val/balanced_acc", mode="max",
+                                   auto_insert_metric_name=False)
+        checkpoint.best_k_models = {str(tmp_path / str(i) / "best.ckpt"): torch.tensor(0.5)}
+        checkpoint.kth_best_model_path = checkpoint.best_model_path = str(tmp_path / str(i) / "best.ckpt")
+        checkpoint.tie_values = {} if kept_loss is None else {checkpoint.best_model_path: kept_loss}
+        trainer = type("T", (), {"callback_metrics": {"val/loss": torch.tensor(0.4)},
+                                 "strategy": type("S", (), {"reduce_boolean_decision": staticmethod(bool)})()})()
+        assert checkpoint.check_monitor_top_k(trainer, torch.tensor(0.5))  # (a run resumed from an older kit)
+        assert _artifacts_best([(0.5, kept_loss), (0.5, 0.4)]) == 1

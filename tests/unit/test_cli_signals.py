@@ -189,3 +189,20 @@ def test_print_config_names_the_file_holding_an_unknown_key(tmp_path, capsys):
     assert info.value.code == 2
     assert f"unknown option or config key 'model.mdoe' in {typo}; did you mean 'model.mode'" in err
     assert err.rstrip().endswith(" fit --help")  # the subcommand's options, not the root's
+
+
+@pytest.mark.parametrize("extra", [[], ["--print_config"]])
+def test_a_dashed_key_in_a_config_file_is_told_its_underscore_spelling(tmp_path, capsys, extra):
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    dashed = tmp_path / "dashed.yaml"
+    dashed.write_text("trainer:\n  max-epochs: 3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--config", str(dashed), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 2
+    assert err[0] == (f"error: key 'trainer.max-epochs' in {dashed} is not an option; keys are written with "
+                      "underscores: 'trainer.max_epochs'")

@@ -592,3 +592,12 @@ def test_sampler_auto_balances_a_folder_whose_largest_class_has_4x_the_smallest(
     chosen = _dm(tmp_path / "d", sampler="none")
     chosen.setup("fit")
     assert chosen.sampler_choice() == "none"
+
+
+def test_the_summary_of_a_val_split_carved_out_of_train(tmp_path):
+    root = tmp_path / "d"
+    _folder(root / "train", {"ok": 10, "dent": 5})
+    _folder(root / "test", {"ok": 2, "dent": 2})
+    dm = _dm(root)
+    dm.setup("fit")
+    assert dm.summary().startswith("2 classes (train/val images): dent 4/1, ok 8/2")

@@ -297,7 +297,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         lines = [f"{self.num_classes} classes (train/val images): {per_class}"]
         nested: dict[str, int] = {}
         for name in ("train", "val"):
-            folder = self.layout.get(name, self.layout.get("all"))
+            # (a val split carved out of train/ lives under train/)
+            folder = self.layout.get(name) or self.layout.get("all") or self.layout.get("train")
             for sample in self.splits.get(name, []):
                 try:
                     parts = sample.path.relative_to(folder).parts

@@ -498,12 +498,13 @@ class ImageClassifier(L.LightningModule):
         if counts is None and stage != "predict" and datamodule is not None and hasattr(datamodule, "class_counts"):
             counts = datamodule.class_counts("train")
         scheme = self.hparams.class_weights
-        if (stage == "fit" and scheme not in (None, "none") and datamodule is not None
+        # (validate and test too: their val/loss is the loss fit logged)
+        if (stage in ("fit", "validate", "test") and scheme not in (None, "none") and datamodule is not None
                 and (datamodule.sampler_choice() if hasattr(datamodule, "sampler_choice")
                      else _data_setting(datamodule, "sampler")) == "balanced"):
             # the sampler already draws every class equally often: weighting the loss as well
             # would favour the rare classes a second time (about 3x with sqrt, 9x with inverse)
-            if _data_setting(datamodule, "sampler") == "balanced":  # (auto says so in the data summary)
+            if stage == "fit" and _data_setting(datamodule, "sampler") == "balanced":  # (auto: in the data summary)
                 self.print(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is "
                            "not applied on top (pass --model.class_weights none to silence this)")
             scheme = "none"
@@ -676,7 +677,9 @@ class ImageClassifier(L.LightningModule):
             probs, labels = self._gather_in_order(probs), self._gather_in_order(labels)
         if len(labels):
             self.eval_outputs[stage] = {"probabilities": probs.numpy(), "labels": labels.numpy()}
-        if stage == "val" and self.hparams.threshold_target and len(labels):
+        # (not on the sanity check's first batches: often one class's images only)
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if stage == "val" and self.hparams.threshold_target and len(labels) and not sanity:
             self._choose_threshold(self.eval_outputs["val"])
 
     def _gather_in_order(self, rows: torch.Tensor) -> torch.Tensor:

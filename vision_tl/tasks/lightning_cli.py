@@ -141,10 +141,11 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 _UNKNOWN_KEY = (
-    re.compile(r"Group '(\w+)' does not accept option '([\w.]+)'"),  # --print_config's check
-    re.compile(r"does not accept options? '?([\w.]+)"),
+    re.compile(r"Group '(\w+)' does not accept option '([\w.-]+)'"),  # --print_config's check
+    re.compile(r"does not accept options? '?([\w.-]+)"),
     re.compile(r"unrecognized arguments: --([\w.-]+)"),
-    re.compile(r"Key '([\w.]+)' is not expected"),
+    re.compile(r"Key '([\w.-]+)' is not expected"),
+    re.compile(r"Option '([\w.-]+)' is not accepted"),  # --print_config, a top-level key
 )
 
 
@@ -223,17 +224,19 @@ class _Parser(LightningArgumentParser):
         key = next((".".join(m.groups()) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
-        if "." in key and parser is self and self._subcommands_action is not None:
+        if parser is self and self._subcommands_action is not None:
             # --print_config checks the config on the root parser: name the subcommand's options
             parser = self._subcommands_action.choices.get(_Parser._subcommand, self)
             if parser is not self:
                 helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
         dests = {a.dest for a in parser._actions}
-        if "-" in key and key.replace("-", "_") in dests:  # --ckpt-path, --trainer.max-epochs
-            sys.stderr.write(f"error: --{key} is not an option; options are written with underscores: "
-                             f"--{key.replace('-', '_')}\n{helps}\n")
-            self.exit(2)
         source = self._config_holding(key)
+        if "-" in key and key.replace("-", "_") in dests:  # --ckpt-path, --trainer.max-epochs
+            written = (f"key {key!r} in {source} is not an option; keys are written with underscores: "
+                       f"{key.replace('-', '_')!r}" if source else
+                       f"--{key} is not an option; options are written with underscores: --{key.replace('-', '_')}")
+            sys.stderr.write(f"error: {written}\n{helps}\n")
+            self.exit(2)
         if source and key in _EVALUATION_KEYS:
             sys.stderr.write(f"error: {source} is the config of a `vision-tl validate`, `test` or `predict` output "
                              f"(it has {key!r}), not of a training run{_trained_by(source)}\n{helps}\n")

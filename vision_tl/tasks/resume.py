@@ -161,10 +161,16 @@ class RunCheckpoint(ModelCheckpoint):
         if better or current is None or self.monitor == TIE_BREAK:
             return better
         kept = self.best_k_models.get(self.kth_best_model_path)
-        tie, kept_tie = trainer.callback_metrics.get(TIE_BREAK), self.tie_values.get(self.kth_best_model_path)
-        wins = (kept is not None and float(current) == float(kept) and tie is not None and kept_tie is not None
-                and float(tie) < kept_tie)
+        tie = trainer.callback_metrics.get(TIE_BREAK)
+        # a missing (checkpoint written before ties were broken) or NaN loss is the worst, as in
+        # RunArtifacts.best_epoch
+        wins = (kept is not None and float(current) == float(kept) and tie is not None and float(tie) == float(tie)
+                and float(tie) < self._tie(self.kth_best_model_path))
         return trainer.strategy.reduce_boolean_decision(wins)  # every rank decides alike
+
+    def _tie(self, path: str) -> float:
+        value = self.tie_values.get(path)
+        return float("inf") if value is None or value != value else value
 
     def _update_best_and_save(self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._update_best_and_save(current, trainer, monitor_candidates)
@@ -172,6 +178,19 @@ class RunCheckpoint(ModelCheckpoint):
         if self._last_checkpoint_saved in self.best_k_models and tie is not None:
             self.tie_values[self._last_checkpoint_saved] = float(tie)
         self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
+        if self.monitor == TIE_BREAK or not self.best_k_models:
+            return
+        # Lightning ranks the kept checkpoints by score alone, the first kept of equals first:
+        # the best (--ckpt_path best) and the one to replace next follow the tie-break too
+        sign = 1.0 if self.mode == "max" else -1.0
+
+        def rank(path: str) -> tuple[float, float]:
+            return sign * float(self.best_k_models[path]), -self._tie(path)
+        self.best_model_path = max(self.best_k_models, key=rank)
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        if self.save_top_k != -1 and len(self.best_k_models) == self.save_top_k:
+            self.kth_best_model_path = min(self.best_k_models, key=rank)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "tie_values": dict(self.tie_values)}
@@ -218,7 +237,7 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = {**{k: v for k, v in state_dict.items() if k != "kth_value"}, "best_model_score": None,
                           "best_k_models": {}, "best_model_path": "", "kth_best_model_path": ""}
         super().load_state_dict(state_dict)
-        # (a checkpoint written before ties were broken has none: its best stays the best on a tie)
+        # (a checkpoint written before ties were broken has none: a tie with a measured loss beats it)
         self.tie_values = {k: float(v) for k, v in (state_dict.get("tie_values") or {}).items()
                            if k in self.best_k_models}
 
