@@ -143,10 +143,17 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
     shutil.copytree(inspection_folder, more)
     for i, src in enumerate(sorted(more.glob("good/*.png"))[:3]):
         shutil.copy(src, src.with_name(f"new_{i}.png"))
+    changed = tmp_path / "changed"  # one image re-shot under its old name
+    shutil.copytree(inspection_folder, changed)
+    retaken = sorted(changed.glob("good/*.png"))[0]
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(retaken)
     (tmp_path / "other").mkdir()  # other classes
     for name in ("dent", "good"):
         shutil.copytree(inspection_folder / "good", tmp_path / "other" / name)
-    cases = ((more, [], "3 new, e.g. good/new_0.png"),  # the added files, not ones a new split moved
+    cases = ((more, [], "(3 new, e.g. good/new_0.png)"),  # the added files, not ones a new split moved
+             (changed, [], f"(1 changed (other content or class), e.g. good/{retaken.name})"),
              (tmp_path / "other", [], "it was trained on the classes"),
              (inspection_folder, ["--data.seed", "7"], "split into train and val differently"),
              (inspection_folder, ["--model.image_size", "48"], "model settings differ: image_size 48"),

@@ -317,11 +317,12 @@ def check_resumed_data(run: Path, datamodule) -> None:
     root = getattr(datamodule, "root", "the data root")
     was, is_ = files(old, "train", "val"), files(new, "train", "val")
     if was != is_:  # files added, removed or changed: name those, not the ones a new split moved
-        gone, added = sorted(was - is_), sorted(is_ - was)
+        old_paths, new_paths = {f[0] for f in was - is_}, {f[0] for f in is_ - was}
+        kinds = (("changed (other content or class)", sorted(old_paths & new_paths)),
+                 ("new", sorted(new_paths - old_paths)), ("missing", sorted(old_paths - new_paths)))
         raise DatasetError(
             f"resuming {run}: the images under {root} are not the ones in its split.json ("
-            + ", ".join(filter(None, [f"{len(added)} new, e.g. {added[0][0]}" if added else "",
-                                      f"{len(gone)} missing or changed, e.g. {gone[0][0]}" if gone else ""]))
+            + ", ".join(f"{len(paths)} {kind}, e.g. {paths[0]}" for kind, paths in kinds if paths)
             + f"); the resumed epochs would train and validate on other images. {advice[0].upper()}{advice[1:]}")
     for part in ("train", "val"):
         was, is_ = files(old, part), files(new, part)
