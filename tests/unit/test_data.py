@@ -255,10 +255,15 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
     model = ImageClassifier(dm.classes, backbone=TINY, pretrained=False, image_size=32, class_weights="sqrt")
     model._trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(root_device=torch.device("cpu")),
                                      is_global_zero=True, progress_bar_callback=None)
-    model.setup("validate")  # another stage: the plain class weights
-    assert model.loss_weights[1] > 2 * model.loss_weights[0]
-    model.setup("fit")
-    assert torch.equal(model.loss_weights, torch.ones(2))
+    for stage in ("fit", "validate"):  # validate logs the val/loss that fit logged
+        model.setup(stage)
+        assert torch.equal(model.loss_weights, torch.ones(2))
+    shuffled = _dm(root, batch_size=1000, sampler="none", augment="none")
+    shuffled.setup("fit")
+    model._trainer.datamodule = shuffled
+    for stage in ("fit", "validate"):  # no balanced draw: the class weights, in both
+        model.setup(stage)
+        assert model.loss_weights[1] > 2 * model.loss_weights[0]
 
 
 def test_augment_presets_and_yaml_lists():
