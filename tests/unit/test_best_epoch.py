@@ -108,11 +108,21 @@ def _artifacts_best(scores) -> int:
     return artifacts.best_epoch()["epoch"]
 
 
-@pytest.mark.parametrize("save_top_k", [2, -1])
-def test_with_several_kept_checkpoints_the_best_follows_the_tie_break_too(tmp_path, save_top_k):
-    scores = [(0.5, 2.0), (0.5, 1.5), (0.5, 1.0), (0.25, 0.1)]
-    checkpoint, _ = _fit(tmp_path, scores, save_top_k=save_top_k)
-    assert _epoch(checkpoint.best_model_path) == _artifacts_best(scores) == 2  # what --ckpt_path best loads
+@pytest.mark.parametrize("save_top_k", [2, -1, 0])
+def test_only_one_best_checkpoint_is_kept(save_top_k):
+    # with more, Lightning writes each new best over the file it drops: best.ckpt would hold
+    # whichever epoch landed there, not the one report, export and --ckpt_path best mean
+    with pytest.raises(ValueError, match=f"save_top_k={save_top_k}: the kit keeps one best.ckpt"):
+        RunCheckpoint(monitor="val/balanced_acc", mode="max", save_top_k=save_top_k)
+
+
+def test_best_ckpt_carries_its_own_loss_for_a_resume_to_compare_against(tmp_path):
+    scores = [(0.5, 2.0), (0.5, 1.0), (0.4, 0.1)]
+    _fit(tmp_path, scores)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True, map_location="cpu")
+    state = next(v for k, v in best["callbacks"].items() if k.startswith("RunCheckpoint"))
+    assert best["epoch"] == _artifacts_best(scores) == 1
+    assert state["tie_values"] == {str(tmp_path / "best.ckpt"): pytest.approx(1.0)}  # epoch 1's, not epoch 0's
 
 
 def test_a_kept_checkpoint_without_a_loss_or_with_nan_loses_a_tie_in_both_places(tmp_path):

@@ -142,8 +142,9 @@ def best_mode(monitor: str | None, mode: str = "auto") -> str:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that writes atomically, refreshes ``last.ckpt`` every epoch and
-    breaks ties of the monitored value by the lower :data:`TIE_BREAK`.
+    """``ModelCheckpoint`` that writes atomically, refreshes ``last.ckpt`` every epoch, keeps
+    one best checkpoint (``save_top_k`` 1) and breaks ties of the monitored value by the lower
+    :data:`TIE_BREAK`.
 
     Lightning 2.6 only rewrites ``last.ckpt`` in a step where a top-k checkpoint was
     saved, which leaves it stale when the monitored metric stops improving; a resume
@@ -153,6 +154,12 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args, **kwargs) -> None:
         if "mode" in kwargs:  # (``auto``: min for a loss, max for the rest)
             kwargs["mode"] = best_mode(kwargs.get("monitor"), kwargs["mode"])
+        if kwargs.get("save_top_k", 1) != 1:
+            # best.ckpt, --ckpt_path best, report and export all mean the one best epoch; with
+            # more kept, Lightning writes each over the file it drops (best-v1.ckpt, ...), so
+            # best.ckpt would hold whichever epoch landed there
+            raise ValueError(f"checkpoint save_top_k={kwargs['save_top_k']}: the kit keeps one best.ckpt (the best "
+                             "epoch) and last.ckpt; only save_top_k 1 is supported")
         super().__init__(*args, **kwargs)
         self.tie_values: dict[str, float] = {}  # TIE_BREAK's value of each kept checkpoint
 
@@ -172,32 +179,17 @@ class RunCheckpoint(ModelCheckpoint):
         value = self.tie_values.get(path)
         return float("inf") if value is None or value != value else value
 
-    def _update_best_and_save(self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._update_best_and_save(current, trainer, monitor_candidates)
-        tie = monitor_candidates.get(TIE_BREAK)
-        if self._last_checkpoint_saved in self.best_k_models and tie is not None:
-            self.tie_values[self._last_checkpoint_saved] = float(tie)
-        self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
-        if self.monitor == TIE_BREAK or not self.best_k_models:
-            return
-        # Lightning ranks the kept checkpoints by score alone, the first kept of equals first:
-        # the best (--ckpt_path best) and the one to replace next follow the tie-break too
-        sign = 1.0 if self.mode == "max" else -1.0
-
-        def rank(path: str) -> tuple[float, float]:
-            return sign * float(self.best_k_models[path]), -self._tie(path)
-        self.best_model_path = max(self.best_k_models, key=rank)
-        self.best_model_score = self.best_k_models[self.best_model_path]
-        if self.save_top_k != -1 and len(self.best_k_models) == self.save_top_k:
-            self.kth_best_model_path = min(self.best_k_models, key=rank)
-            self.kth_value = self.best_k_models[self.kth_best_model_path]
-
     def state_dict(self) -> dict:
         return {**super().state_dict(), "tie_values": dict(self.tie_values)}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
         mid-write never leaves a partial checkpoint under the final name."""
+        if filepath in self.best_k_models:  # the new best: its loss, in the state it saves too
+            tie = trainer.callback_metrics.get(TIE_BREAK)
+            self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
+            if tie is not None:
+                self.tie_values[filepath] = float(tie)
         path = Path(filepath)
         try:
             with contextlib.ExitStack() as stack:
