@@ -136,3 +136,16 @@ def test_a_kept_checkpoint_without_a_loss_or_with_nan_loses_a_tie_in_both_places
                                  "strategy": type("S", (), {"reduce_boolean_decision": staticmethod(bool)})()})()
         assert checkpoint.check_monitor_top_k(trainer, torch.tensor(0.5))  # (a run resumed from an older kit)
         assert _artifacts_best([(0.5, kept_loss), (0.5, 0.4)]) == 1
+
+
+def test_metrics_json_names_the_epoch_best_ckpt_holds_when_not_every_epoch_is_checked(tmp_path):
+    scores = [(0.5, 1.0), (0.5, 2.0), (0.5, 0.5), (0.5, 3.0)]  # epoch 2 is best, but never a candidate
+    checkpoint = RunCheckpoint(dirpath=tmp_path, filename="best", monitor="val/balanced_acc", mode="max",
+                               auto_insert_metric_name=False, every_n_epochs=2)
+    _, trainer = _fit(tmp_path, scores, checkpoint)
+    artifacts = RunArtifacts(monitor="val/balanced_acc", mode="max")
+    artifacts.history = [{"epoch": e, "monitored": a, "tie_break": loss} for e, (a, loss) in enumerate(scores)]
+    held = _epoch(tmp_path / "best.ckpt")
+    assert held == checkpoint.best_epoch == 1
+    assert artifacts.best_epoch(trainer)["epoch"] == held  # what fit prints and metrics.json keeps at the end
+    assert artifacts.best_epoch()["epoch"] == 2  # (ranked alone: an epoch that has no checkpoint)

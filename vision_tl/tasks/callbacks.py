@@ -115,16 +115,23 @@ class RunArtifacts(L.Callback):
             self.history.append(entry)
             if trainer.state.fn == "fit" and trainer.is_global_zero:
                 # after every epoch, so a run stopped half-way has its metrics too (the plot: at the end)
+                # (ranked: the checkpoint callback runs after this hook and may save this epoch)
                 self._write_metrics(trainer, pl_module, "val", self.best_epoch(), plot=False)
 
-    def best_epoch(self) -> dict | None:
+    def best_epoch(self, trainer: L.Trainer | None = None) -> dict | None:
         """The epoch the checkpoint callback keeps as best: the monitored value's max (``mode``
         max) or min, among equals the one with the lowest :data:`TIE_BREAK` (validation loss),
-        then the earliest, among the epochs trained in this run folder."""
+        then the earliest, among the epochs trained in this run folder. With ``trainer`` (at the
+        end of fit), the epoch its checkpoint callback saved as best, where it has one: the two
+        differ where the callback did not see every epoch (``every_n_epochs``)."""
         key = self.monitor.split("/", 1)[-1]
         mine = [r for r in self.history if r["epoch"] >= self.since_epoch] or self.history
         if not mine:
             return None
+        saved = getattr(getattr(trainer, "checkpoint_callback", None), "best_epoch", None)
+        held = [r for r in mine if r["epoch"] == saved]
+        if held:
+            return held[-1]
         sign = 1.0 if self.mode == "max" else -1.0
 
         def score(r: dict) -> float:
@@ -155,7 +162,7 @@ class RunArtifacts(L.Callback):
                               run / f"confusion_matrix_{stage}.png", title=f"{stage} (epoch {result['epoch']})")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        best = self.best_epoch()
+        best = self.best_epoch(trainer)
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))

@@ -162,6 +162,7 @@ class RunCheckpoint(ModelCheckpoint):
                              "epoch) and last.ckpt; only save_top_k 1 is supported")
         super().__init__(*args, **kwargs)
         self.tie_values: dict[str, float] = {}  # TIE_BREAK's value of each kept checkpoint
+        self.best_epoch: int | None = None  # the epoch best.ckpt holds (what metrics.json names)
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
         better = super().check_monitor_top_k(trainer, current)
@@ -180,7 +181,7 @@ class RunCheckpoint(ModelCheckpoint):
         return float("inf") if value is None or value != value else value
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "tie_values": dict(self.tie_values)}
+        return {**super().state_dict(), "tie_values": dict(self.tie_values), "best_epoch": self.best_epoch}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
@@ -190,6 +191,7 @@ class RunCheckpoint(ModelCheckpoint):
             self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
             if tie is not None:
                 self.tie_values[filepath] = float(tie)
+            self.best_epoch = trainer.current_epoch
         path = Path(filepath)
         try:
             with contextlib.ExitStack() as stack:
@@ -232,6 +234,7 @@ class RunCheckpoint(ModelCheckpoint):
         # (a checkpoint written before ties were broken has none: a tie with a measured loss beats it)
         self.tie_values = {k: float(v) for k, v in (state_dict.get("tie_values") or {}).items()
                            if k in self.best_k_models}
+        self.best_epoch = state_dict.get("best_epoch") if self.best_model_path else None
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
