@@ -206,3 +206,14 @@ def test_a_dashed_key_in_a_config_file_is_told_its_underscore_spelling(tmp_path,
     assert info.value.code == 2 and len(err) == 2
     assert err[0] == (f"error: key 'trainer.max-epochs' in {dashed} is not an option; keys are written with "
                       "underscores: 'trainer.max_epochs'")
+
+
+def test_fit_help_describes_the_checkpoint_options_as_the_kit_reads_them(capsys):
+    from vision_tl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    assert "--checkpoint.mode MODE auto (default): min for a loss, max for an accuracy" in text
+    assert "--checkpoint.save_top_k SAVE_TOP_K only 1: the kit keeps one best.ckpt" in text

@@ -329,6 +329,14 @@ class VisionTLCLI(LightningCLI):
                          "that file of the run whose config.yaml is given with --config. fit: resume from it (into its "
                          "run directory when it is that run's); validate, test, predict: the weights to evaluate "
                          "(required)")
+        # RunCheckpoint's own meaning of two of ModelCheckpoint's options
+        for option, text in (
+                ("--checkpoint.mode", "auto (default): min for a loss, max for an accuracy; or min, max. Ties of "
+                                      "the monitored value go to the epoch with the lower val/loss"),
+                ("--checkpoint.save_top_k", "only 1: the kit keeps one best.ckpt (the best epoch) and last.ckpt")):
+            action = parser._option_string_actions.get(option)
+            if action is not None:
+                action.help = text  # (jsonargparse appends the type and default)
         return parser
 
     def instantiate_trainer(self, **kwargs):
