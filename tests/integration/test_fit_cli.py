@@ -376,3 +376,12 @@ def test_validate_logs_the_loss_fit_logged_on_a_balanced_draw(tmp_path, inspecti
     again = [*csv.DictReader(open(tmp_path / "eval" / "partial" / "version_0" / "metrics.csv"))]
     assert float(next(r["val/loss"] for r in again if r.get("val/loss"))) == pytest.approx(fit_loss, rel=1e-5)
     assert fitted["epoch"] == 0
+
+
+def test_start_up_lines_are_shown_with_the_progress_bar_on(inspection_folder, tmp_path, capsys):
+    # Lightning's print hands a line to the bar, which drops it while no bar is on screen yet
+    _fit(tmp_path / "runs", inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1",
+         "--data.decoded_cache", str(tmp_path / "decoded"), config="frozen.yaml")
+    out = capsys.readouterr().out
+    assert "vision_tl: mode=frozen" in out and "vision_tl: training the head on cached features" in out
+    assert "--data.decoded_cache is not used for training (the features are cached)" in out

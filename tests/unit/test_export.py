@@ -289,7 +289,7 @@ def test_python_trained_run_exports_once_its_split_is_saved(tmp_path, monkeypatc
         export_onnx(ckpt, tmp_path / "model.onnx", log=lambda _: None)
     data.save_split(Path(trainer.log_dir) / "split.json")  # RUN_DIR: the folder that holds checkpoints/
     result = export_onnx(ckpt, tmp_path / "model.onnx", ExportOptions(), log=lambda _: None)
-    assert result.report.passed and "split.json (6 images" in result.report.images
+    assert result.report.passed and "images: 6 from val split of" in result.report.summary()
 
 
 def test_parity_images_are_labelled_by_their_class_folder_at_any_depth(tmp_path):

@@ -101,7 +101,7 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     rel = [Path(e["path"]) for e in entries]
     names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
-    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} ({len(rel)} images under {root})")
+    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} (files under {root})")
 
 
 def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -> Path | None:

@@ -169,7 +169,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     with atomic_path(out, overwrite=opts.overwrite) as tmp:
         write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
         log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
-        if images is not None:
+        if images is not None:  # (a minute or more for thousands of images: say what runs)
+            log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
             report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images, scratch=out.parent)
             report.model = str(out)
             report.model_sha256 = file_sha256(tmp)

@@ -505,7 +505,7 @@ class ImageClassifier(L.LightningModule):
             # the sampler already draws every class equally often: weighting the loss as well
             # would favour the rare classes a second time (about 3x with sqrt, 9x with inverse)
             if stage == "fit" and _data_setting(datamodule, "sampler") == "balanced":  # (auto: in the data summary)
-                self.print(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is "
+                say(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is "
                            "not applied on top (pass --model.class_weights none to silence this)")
             scheme = "none"
         weights = class_weights_from_counts(counts, scheme) if counts else None
@@ -520,7 +520,7 @@ class ImageClassifier(L.LightningModule):
             self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False)
         trainable, total = count_trainable(self.net)
         if stage == "fit":
-            self.print(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
+            say(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
             self._use_feature_cache(datamodule)
 
     def _check_datamodule(self, datamodule) -> None:
@@ -557,7 +557,7 @@ class ImageClassifier(L.LightningModule):
 
         if any(isinstance(c, GradualUnfreezing) for c in self.trainer.callbacks):
             # cached features would leave the stages it unfreezes out of every training step
-            self.print("vision_tl: GradualUnfreezing trains backbone stages, so the backbone runs on every batch "
+            say("vision_tl: GradualUnfreezing trains backbone stages, so the backbone runs on every batch "
                        "(feature_cache is not used)")
             return
         from vision_tl.features.training import cached_feature_datasets
@@ -581,8 +581,10 @@ class ImageClassifier(L.LightningModule):
         views = self.hparams.cached_views
         hint = (f"; --model.cached_views K > 1 adds K-1 views per image augmented with --data.augment {augment}"
                 if views == 1 and augment not in (None, "none") else "")
-        self.print(f"vision_tl: training the head on cached features ({views} view(s){', clean' if views == 1 else ''})"
-                   f"{hint}")
+        if _data_setting(datamodule, "decoded_cache"):
+            hint += "; --data.decoded_cache is not used for training (the features are cached)"
+        say(f"vision_tl: training the head on cached features ({views} view(s){', clean' if views == 1 else ''})"
+            f"{hint}")
 
     def teardown(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
