@@ -31,7 +31,7 @@ def test_every_pipeline_gives_identical_validation_batches(inspection_folder, tm
         assert torch.allclose(x, ref_batch[0], atol=1e-5)
 
 
-def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path):
+def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path, capsys):
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
@@ -41,8 +41,10 @@ def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path):
     assert pixels.shape == (3, 8, 8, 3) and bad == [] and int(pixels[2].mean()) == 80
     files = sorted(cache.glob("*.npy"))
     stamp = files[0].stat().st_mtime_ns
+    assert f"decoded-image cache: wrote {files[0]} (3 images, 0.00 GiB)" in capsys.readouterr().out
     dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
     assert files[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert f"decoded-image cache: reusing {files[0]}" in capsys.readouterr().out  # and said so
     dc.decoded_images(paths, ["a", "b", "CHANGED"], (8, 8), "bilinear", cache)
     dc.decoded_images(paths, ["a", "b", "c"], (16, 16), "bilinear", cache)
     assert len(list(cache.glob("*.npy"))) == 3  # new content or new size: new entries

@@ -40,7 +40,7 @@ from vision_tl.data.decode_threads import (
     decode_in_processes,
 )
 from vision_tl.data.transforms import pixel_batch_buffer
-from vision_tl.utils import local_rank
+from vision_tl.utils import local_rank, say
 from vision_tl.utils.files import (
     atomic_path,
     atomic_write_text,
@@ -119,7 +119,9 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     data_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():
         try:
-            return _open(data_path, meta_path, len(paths), size)
+            pixels, bad = _open(data_path, meta_path, len(paths), size)
+            say(f"vision_tl: decoded-image cache: reusing {data_path} ({_extent(pixels)})")
+            return pixels, bad
         except _Damaged as exc:
             warnings.warn(f"decoded-image cache file {exc.path} is damaged ({exc}); rebuilding {key}.npy "
                           "(a cache file, not your data)", stacklevel=2)
@@ -130,7 +132,12 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
                                              "interpolation": interpolation, "bad": bad, "crc32": crc}))
     pixels = np.load(data_path, mmap_mode="r")
     _VERIFIED.add(_stamp(data_path))  # checksummed as it was written
+    say(f"vision_tl: decoded-image cache: wrote {data_path} ({_extent(pixels)})")
     return pixels, bad
+
+
+def _extent(pixels: np.ndarray) -> str:
+    return f"{len(pixels):,} images, {pixels.nbytes / 2**30:.2f} GiB"
 
 
 class _Damaged(Exception):
