@@ -109,11 +109,16 @@ def _artifacts_best(scores) -> int:
 
 
 @pytest.mark.parametrize("save_top_k", [2, -1, 0])
-def test_only_one_best_checkpoint_is_kept(save_top_k):
+def test_only_one_best_checkpoint_is_kept(tmp_path, save_top_k):
     # with more, Lightning writes each new best over the file it drops: best.ckpt would hold
     # whichever epoch landed there, not the one report, export and --ckpt_path best mean
-    with pytest.raises(ValueError, match=f"save_top_k={save_top_k}: the kit keeps one best.ckpt"):
-        RunCheckpoint(monitor="val/balanced_acc", mode="max", save_top_k=save_top_k)
+    with pytest.raises(ValueError, match=f"save_top_k={save_top_k}: the kit keeps one best.ckpt.*"
+                                         "--checkpoint.save_top_k 1"):
+        _fit(tmp_path, SCORES, save_top_k=save_top_k)
+    # ... which only training can break: a run's config from an older kit still evaluates
+    checkpoint = RunCheckpoint(dirpath=tmp_path, monitor="val/balanced_acc", mode="max", save_top_k=save_top_k)
+    L.Trainer(callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu").validate(_Flat(), verbose=False)
 
 
 def test_best_ckpt_carries_its_own_loss_for_a_resume_to_compare_against(tmp_path):
@@ -149,3 +154,26 @@ def test_metrics_json_names_the_epoch_best_ckpt_holds_when_not_every_epoch_is_ch
     assert held == checkpoint.best_epoch == 1
     assert artifacts.best_epoch(trainer)["epoch"] == held  # what fit prints and metrics.json keeps at the end
     assert artifacts.best_epoch()["epoch"] == 2  # (ranked alone: an epoch that has no checkpoint)
+
+
+def test_with_several_validations_per_epoch_the_final_best_is_the_one_saved(tmp_path):
+    class _Twice(_Flat):
+        def train_dataloader(self):  # two batches, validated after each
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+        def validation_step(self, batch, batch_idx):
+            acc, loss = [(0.5, 1.0), (0.25, 0.5), (0.25, 0.4), (0.25, 0.3)][self.global_step - 1]
+            self.log("val/balanced_acc", acc)
+            self.log("val/loss", loss)
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path, filename="best", monitor="val/balanced_acc", mode="max",
+                               auto_insert_metric_name=False)
+    artifacts = RunArtifacts(monitor="val/balanced_acc", mode="max")
+    trainer = L.Trainer(max_epochs=2, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", val_check_interval=0.5)
+    trainer.fit(_Twice())
+    artifacts.history = [{"epoch": e, "monitored": a, "tie_break": loss}
+                         for e, (a, loss) in zip((0, 0, 1, 1), [(0.5, 1.0), (0.25, 0.5), (0.25, 0.4), (0.25, 0.3)])]
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True, map_location="cpu")
+    assert best["global_step"] == 1  # the first validation of epoch 0
+    assert artifacts.best_epoch(trainer) == artifacts.history[0]  # its metrics, not epoch 0's later ones

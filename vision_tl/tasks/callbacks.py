@@ -129,9 +129,7 @@ class RunArtifacts(L.Callback):
         if not mine:
             return None
         saved = getattr(getattr(trainer, "checkpoint_callback", None), "best_epoch", None)
-        held = [r for r in mine if r["epoch"] == saved]
-        if held:
-            return held[-1]
+        held = [r for r in mine if r["epoch"] == saved]  # (several with val_check_interval < 1)
         sign = 1.0 if self.mode == "max" else -1.0
 
         def score(r: dict) -> float:
@@ -141,7 +139,7 @@ class RunArtifacts(L.Callback):
         def tie(r: dict) -> float:
             value = r.get("tie_break")
             return float("-inf") if value is None or value != value or self.monitor == TIE_BREAK else -value
-        return max(mine, key=lambda r: (score(r), tie(r), -r["epoch"]))
+        return max(held or mine, key=lambda r: (score(r), tie(r), -r["epoch"]))
 
     def _write_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, result: dict,
                        plot: bool = True) -> None:

@@ -154,12 +154,6 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args, **kwargs) -> None:
         if "mode" in kwargs:  # (``auto``: min for a loss, max for the rest)
             kwargs["mode"] = best_mode(kwargs.get("monitor"), kwargs["mode"])
-        if kwargs.get("save_top_k", 1) != 1:
-            # best.ckpt, --ckpt_path best, report and export all mean the one best epoch; with
-            # more kept, Lightning writes each over the file it drops (best-v1.ckpt, ...), so
-            # best.ckpt would hold whichever epoch landed there
-            raise ValueError(f"checkpoint save_top_k={kwargs['save_top_k']}: the kit keeps one best.ckpt (the best "
-                             "epoch) and last.ckpt; only save_top_k 1 is supported")
         super().__init__(*args, **kwargs)
         self.tie_values: dict[str, float] = {}  # TIE_BREAK's value of each kept checkpoint
         self.best_epoch: int | None = None  # the epoch best.ckpt holds (what metrics.json names)
@@ -175,6 +169,17 @@ class RunCheckpoint(ModelCheckpoint):
         wins = (kept is not None and float(current) == float(kept) and tie is not None and float(tie) == float(tie)
                 and float(tie) < self._tie(self.kth_best_model_path))
         return trainer.strategy.reduce_boolean_decision(wins)  # every rank decides alike
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.save_top_k != 1:
+            # best.ckpt, --ckpt_path best, report and export all mean the one best epoch; with
+            # more kept, Lightning writes each over the file it drops (best-v1.ckpt, ...), so
+            # best.ckpt would hold whichever epoch landed there. (validate, test and predict
+            # save nothing: a run's config from an older kit still evaluates.)
+            raise ValueError(f"checkpoint save_top_k={self.save_top_k}: the kit keeps one best.ckpt (the best "
+                             "epoch) and last.ckpt; pass --checkpoint.save_top_k 1 (checkpoint: save_top_k: 1 "
+                             "in a config file)")
+        super().setup(trainer, pl_module, stage)
 
     def _tie(self, path: str) -> float:
         value = self.tie_values.get(path)
