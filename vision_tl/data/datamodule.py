@@ -292,9 +292,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         """What fit trains on, in a line or two: the classes with their train/val image counts
         (a stray folder read as a class shows here), and images in sub-folders of a class
         folder, which count as that class."""
-        counts = {name: np.bincount([s.label for s in samples], minlength=self.num_classes)
-                  for name, samples in self.splits.items() if name in ("train", "val")}
-        per_class = ", ".join(f"{c} {counts['train'][i]}/{counts['val'][i]}" for i, c in enumerate(self._classes))
+        train, val = self.class_counts("train"), self.class_counts("val")
+        per_class = ", ".join(f"{c} {n}/{m}" for c, n, m in zip(self._classes, train, val))
         lines = [f"{self.num_classes} classes (train/val images): {per_class}"]
         nested: dict[str, int] = {}
         for name in ("train", "val"):
@@ -313,8 +312,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             lines.append(f"images in sub-folders count as their class folder's class: {shown}"
                          f"{' ...' if len(nested) > 5 else ''}")
         if self.hparams.sampler == "auto" and self.sampler_choice() == "balanced":
-            counts = [n for n in counts["train"].tolist() if n > 0]
-            lines.append(f"imbalanced (the largest class has {max(counts) / min(counts):.0f}x the images of the "
+            present = [n for n in train if n > 0]
+            lines.append(f"imbalanced (the largest class has {max(present) / min(present):.0f}x the images of the "
                          "smallest): the balanced sampler draws every class equally often, with no class weights "
                          "on top (--data.sampler none turns it off)")
         return "\n".join(lines)
@@ -330,8 +329,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _warn_thin_val(self) -> None:
         """A class with one or two val images: its recall moves in steps of 50-100 %, so the
         best epoch (and a good/defect threshold) rests on those images."""
-        counts = np.bincount([s.label for s in self.splits["val"]], minlength=self.num_classes)
-        thin = [f"{n} of {c!r}" for c, n in zip(self._classes, counts.tolist()) if 0 < n < 3]
+        thin = [f"{n} of {c!r}" for c, n in zip(self._classes, self.class_counts("val")) if 0 < n < 3]
         if thin:
             warnings.warn(f"val holds only {', '.join(thin)} (image count): each such image moves that class's "
                           "recall, and balanced accuracy, in big steps, so the best epoch and any threshold rest on "

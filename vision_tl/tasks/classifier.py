@@ -506,7 +506,7 @@ class ImageClassifier(L.LightningModule):
             # would favour the rare classes a second time (about 3x with sqrt, 9x with inverse)
             if stage == "fit" and _data_setting(datamodule, "sampler") == "balanced":  # (auto: in the data summary)
                 say(f"vision_tl: --data.sampler balanced evens out the classes; class_weights {scheme} is "
-                           "not applied on top (pass --model.class_weights none to silence this)")
+                    "not applied on top (pass --model.class_weights none to silence this)")
             scheme = "none"
         weights = class_weights_from_counts(counts, scheme) if counts else None
         self.loss_weights = (torch.ones(len(self.classes)) if weights is None else weights).to(self.loss_weights.device)
@@ -558,7 +558,7 @@ class ImageClassifier(L.LightningModule):
         if any(isinstance(c, GradualUnfreezing) for c in self.trainer.callbacks):
             # cached features would leave the stages it unfreezes out of every training step
             say("vision_tl: GradualUnfreezing trains backbone stages, so the backbone runs on every batch "
-                       "(feature_cache is not used)")
+                "(feature_cache is not used)")
             return
         from vision_tl.features.training import cached_feature_datasets
 
