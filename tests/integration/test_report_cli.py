@@ -71,6 +71,13 @@ def test_report_saves_the_threshold_into_a_copy_that_loads_weights_only(run):
     assert meta["threshold"] == pytest.approx(report["good_vs_defect"]["threshold"])
     assert meta["threshold_choice"]["target"] == "escape:0.2" and model.threshold == meta["threshold"]
     assert read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"] == original
+    # the copy's validation figures (exported into the ONNX metadata) describe its own threshold,
+    # not the one fit chose for false_reject:0.5
+    assert meta["threshold_target"] == "escape:0.2"
+    chosen = report["good_vs_defect"]
+    assert meta["metrics"]["val"]["threshold"] == pytest.approx(chosen["threshold"])
+    assert meta["metrics"]["val"]["escape_rate"] == pytest.approx(chosen["escape_rate"])
+    assert meta["metrics"]["val"]["false_reject_rate"] == pytest.approx(chosen["false_reject_rate"])
 
 
 def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, capsys):

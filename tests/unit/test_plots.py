@@ -97,3 +97,25 @@ def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, m
     shares = written[4:]  # the counts panel first, then the shares
     assert shares == ["0.75", "0.25", "n/a", "n/a"]
     assert Image.open(tmp_path / "cm.png").size[0] > 100
+
+
+def test_precision_recall_curve_drawn_encloses_the_average_precision_in_its_legend(tmp_path, monkeypatch):
+    """AP sums each recall step times the precision reached at its end; the staircase drawn
+    must hold that precision over the step, or the curve sits below the AP it is labelled with."""
+    from matplotlib.axes import Axes
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(12, int), np.ones(9, int)]
+    probs = rng.dirichlet([1, 1], size=len(labels))  # overlapping scores: AP well below 1
+    curves = M.one_vs_rest_curves(probs, labels, ["good", "dent"])
+    drawn = []
+    real = Axes.step
+    monkeypatch.setattr(Axes, "step", lambda self, x, y, *a, **k: drawn.append((x, y, k)) or real(self, x, y, *a, **k))
+    plots.plot_roc_pr(curves, tmp_path / "roc_pr.png")
+    assert len(drawn) == 2
+    for (x, y, kwargs), curve in zip(drawn, curves):
+        recall, precision = np.asarray(x), np.asarray(y)
+        # area under the staircase as matplotlib draws it: "pre" holds y[i] over (x[i-1], x[i]]
+        held = precision[1:] if kwargs.get("where", "pre") == "pre" else precision[:-1]
+        assert np.sum(np.diff(recall) * held) == pytest.approx(curve["average_precision"])
+        assert curve["average_precision"] < 0.95

@@ -92,7 +92,7 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
             roc.plot([], [], " ", label=f"{c['class']}: n/a ({c['undefined']['roc_auc']})")
             continue
         line, = roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], **style, label=f"{c['class']}: AUC {c['roc_auc']:.3f}")
-        pr.step(c["pr"]["recall"], c["pr"]["precision"], where="post", **style, color=line.get_color(),
+        pr.step(c["pr"]["recall"], c["pr"]["precision"], where="pre", **style, color=line.get_color(),
                 label=f"{c['class']}: AP {c['average_precision']:.3f}")
     for ax, (x, y), name in ((roc, ("false positive rate", "true positive rate"), "ROC"),
                              (pr, ("recall", "precision"), "precision-recall")):

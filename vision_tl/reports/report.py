@@ -363,9 +363,20 @@ def _threshold_saved(checkpoint: str | Path, choice: dict, in_place: bool, overw
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
-    ckpt["vision_tl"]["threshold"] = float(choice["threshold"])
-    ckpt["vision_tl"]["threshold_choice"] = {
-        k: v for k, v in choice.items() if isinstance(v, (str, int, float, type(None)))}
+    meta = ckpt["vision_tl"]
+    meta["threshold"] = float(choice["threshold"])
+    meta["threshold_choice"] = {k: v for k, v in choice.items() if isinstance(v, (str, int, float, type(None)))}
+    # The validation figures fit stored (and export copies into the ONNX metadata) describe
+    # fit's threshold: they now describe this one, or leave it out where the choice lacks them.
+    if choice.get("target") is not None:
+        meta["threshold_target"] = str(choice["target"])
+    val = (meta.get("metrics") or {}).get("val")
+    if isinstance(val, dict):
+        val["threshold"] = meta["threshold"]
+        for key in ("escape_rate", "false_reject_rate"):
+            val.pop(key, None)
+            if key in choice:
+                val[key] = choice[key]
     target = checkpoint if in_place else thresholded_path(checkpoint)
     with atomic_path(target, overwrite=overwrite or in_place) as tmp:
         torch.save(ckpt, tmp)
