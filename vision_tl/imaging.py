@@ -164,7 +164,12 @@ def _to_uint8(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.integer):
-        top = int(arr.max(initial=0))
+        top, low = int(arr.max(initial=0)), int(arr.min(initial=0))
+        if low < 0 or top > 65535:  # signed data, or deeper than 16 bits (Pillow's mode I is int32)
+            raise ImageLoadError(
+                f"{path or 'an integer image'}: pixel values {low}..{top} lie outside 0..65535 (signed or 32-bit "
+                "integer data); vision_tl reads unsigned 8- and 16-bit integer images and float images: convert "
+                "the file to one of those")
         if 0 < top < _DIM_16_BIT:
             _warn_dim(path, top)
         return np.clip(np.round(arr.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
@@ -204,13 +209,53 @@ def _warn_dim(path: str | Path | None, top: int, at_most: bool = False) -> None:
         stacklevel=4)
 
 
-def _check_dim_png(path: Path, top_byte: int) -> None:
-    """16-bit colour PNGs reach us from Pillow as their high bytes (the same scale as 16-bit
-    grey, within a level), so 12-bit data in them arrives dark too: warned about the same way."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16:
+def _check_dim_colour(img: Image.Image, path: Path, top_byte: int) -> None:
+    """16-bit colour PNGs and TIFFs reach us from Pillow as their high bytes (the same scale as
+    16-bit grey, within a level), so 12-bit data in them arrives dark too: warned about the same way."""
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)
+        deep = head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16
+    else:  # TIFF: bits per sample
+        bits = getattr(img, "tag_v2", {}).get(258) or ()
+        deep = 16 in (bits if isinstance(bits, tuple) else (bits,))
+    if deep:
         _warn_dim(path, top_byte * 256 + 255, at_most=True)
+
+
+def _signed_8_bit(img: Image.Image) -> bool:
+    """A TIFF of signed 8-bit samples, which Pillow reads as unsigned (-1 becomes 255)."""
+    if img.format != "TIFF" or img.mode not in ("L", "LA", "RGB", "RGBA"):
+        return False
+    sample_format = img.tag_v2.get(339) or ()
+    return 2 in (sample_format if isinstance(sample_format, tuple) else (sample_format,))
+
+
+class MultiFrameWarning(UserWarning):
+    """An image file with several pages or frames, of which only the first is read (once per process)."""
+
+
+_warned_frames = False
+
+
+def _warn_frames(img: Image.Image, path: Path) -> None:
+    global _warned_frames
+    if _warned_frames or img.format not in ("TIFF", "PNG", "WEBP") or not getattr(img, "is_animated", False):
+        return
+    _warned_frames = True
+    warnings.warn(f"{path}: holds {img.n_frames} pages or frames; vision_tl reads the first only, in training and "
+                  "on the line alike (save each page as its own file to use the others). Other such files are "
+                  "not reported.", MultiFrameWarning, stacklevel=3)
+
+
+def decode_error(path: str | Path) -> str:
+    """Why :func:`load_rgb` cannot read ``path`` (for a message in a process other than the one that
+    met the failure: a loader process's own message does not come back with its batch)."""
+    try:
+        load_rgb(path)
+    except ImageLoadError as exc:
+        return str(exc)
+    return f"{path}: could not be decoded"
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -287,10 +332,15 @@ def load_rgb(path: str | Path) -> np.ndarray:
             return fast
         with open_image(path, limit) as img:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
+            if _signed_8_bit(img):
+                raise ImageLoadError(f"{path}: a TIFF of signed 8-bit samples (their negative values would read as "
+                                     "bright); vision_tl reads unsigned 8- and 16-bit and float images: convert it")
+            _warn_frames(img, path)
             img.load()
             arr = _pil_to_rgb(img)
-            if img.format == "PNG" and img.mode in ("RGB", "RGBA") and arr.max(initial=0) < _DIM_16_BIT >> 8:
-                _check_dim_png(path, int(arr.max(initial=0)))
+            if (img.format in ("PNG", "TIFF") and img.mode in ("RGB", "RGBA")
+                    and arr.max(initial=0) < _DIM_16_BIT >> 8):
+                _check_dim_colour(img, path, int(arr.max(initial=0)))
             return arr
     except ImageLoadError:
         raise
@@ -438,6 +488,7 @@ def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
             if pixels > limit:
                 raise _too_large(path, f"{page.shape[1]}x{page.shape[0]} = {pixels:,} pixels", limit)
             arr = page.asarray()
+            extra = tuple(page.extrasamples or ())
     except ImageLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types; all mean "unreadable TIFF"
@@ -445,7 +496,12 @@ def _load_tiff_fallback(path: Path, limit: int, cause: Exception) -> np.ndarray:
     if arr.ndim in (2, 3) and 0 in arr.shape[:2]:
         raise ImageLoadError(f"{path}: the TIFF holds no pixels ({arr.shape[1]}x{arr.shape[0]}); "
                              "expected an image of at least 1x1 pixels")
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+    if arr.ndim == 3 and arr.shape[2] == 4 and extra[:1] == (2,):  # unassociated alpha: onto black, as elsewhere
+        alpha = arr[:, :, 3:].astype(np.float64)
+        alpha = alpha / np.iinfo(arr.dtype).max if np.issubdtype(arr.dtype, np.integer) else np.clip(alpha, 0, 1)
+        composited = arr[:, :, :3] * alpha
+        arr = composited.round().astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else composited
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):  # (associated alpha: the colours are on black already)
         arr = _to_uint8(arr[:, :, :3], path)
     elif arr.ndim == 2:
         arr = np.repeat(_to_uint8(arr, path)[:, :, None], 3, axis=2)

@@ -252,6 +252,41 @@ def png_16bit(w: World, tmp: Path) -> Result:
     return works(path)
 
 
+def tiff_32bit_int(w: World, tmp: Path) -> Result:
+    tifffile = pytest.importorskip("tifffile")
+    path = tmp / "int32.tif"
+    tifffile.imwrite(path, (np.arange(1600).reshape(40, 40) * 2_000_000).astype(np.uint32))
+    return api_error(lambda: load_rgb(path), ImageLoadError, str(path), "outside 0..65535", "16-bit")
+
+
+def tiff_signed_16bit(w: World, tmp: Path) -> Result:
+    tifffile = pytest.importorskip("tifffile")
+    path = tmp / "signed16.tif"
+    tifffile.imwrite(path, (np.arange(1600).reshape(40, 40) - 800).astype(np.int16))
+    return api_error(lambda: load_rgb(path), ImageLoadError, str(path), "outside 0..65535", "unsigned")
+
+
+def multi_page_tiff(w: World, tmp: Path) -> Result:
+    from vision_tl import imaging
+
+    path = tmp / "pages.tif"
+    Image.fromarray(rgb(seed=1)).save(path, save_all=True, append_images=[Image.fromarray(rgb(seed=2))])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(imaging, "_warned_frames", False)
+        with pytest.warns(imaging.MultiFrameWarning) as record:
+            result = works(path)
+    return Result("works", f"{result.message}; warning: {record[0].message}")
+
+
+def truncated_bmp_at_scan(w: World, tmp: Path) -> Result:
+    data = small_dataset(tmp / "data")
+    buf = io.BytesIO()
+    Image.fromarray(rgb()).save(buf, "BMP")
+    bad = data / "crack" / "cut.bmp"
+    bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return api_error(lambda: scan_folder(data), DatasetError, str(bad), "1 unreadable image")
+
+
 def _big_png(tmp: Path) -> Path:
     path = tmp / "huge.png"
     Image.new("1", (20_000, 20_000)).save(path)  # ~50 kB on disk, 400 Mpx when decoded
@@ -866,6 +901,11 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("tiff-float-gray", "32-bit float grayscale TIFF", "API", tiff_float_gray),
     ("tiff-float-rgb", "32-bit float RGB TIFF (Pillow cannot open it)", "API", tiff_float_rgb),
     ("png-16bit", "16-bit PNG", "API", png_16bit),
+    ("tiff-32bit-int", "32-bit integer TIFF", "API", tiff_32bit_int),
+    ("tiff-signed-16bit", "signed 16-bit TIFF", "API", tiff_signed_16bit),
+    ("multi-page-tiff", "multi-page TIFF", "API", multi_page_tiff),
+    ("truncated-bmp-scan", "truncated BMP in a class folder (found by the scan, before training)", "API",
+     truncated_bmp_at_scan),
     ("bomb-20k", "20,000 x 20,000 PNG (decompression bomb)", "API", decompression_bomb),
     ("bomb-limit-raised", "pixel limit raised (env var / set_max_image_pixels)", "API",
      decompression_bomb_limit_raised),

@@ -84,9 +84,9 @@ def test_predict_new_images_from_a_folder_without_classes(trained_run, inspectio
     assert [Path(r["path"]).name for r in rows] == [f"part_{i:02d}.png" for i in range(len(originals))] + ["part_99.png"]
     assert rows[-1]["error"] and rows[-1]["predicted"] == ""
     # an image the loader processes skip gets the reason too, not just "could not be decoded"
-    from vision_tl.tasks.callbacks import _decode_error
+    from vision_tl.imaging import decode_error
 
-    assert _decode_error(new / "part_99.png").startswith(f"{new / 'part_99.png'}: ")
+    assert decode_error(new / "part_99.png").startswith(f"{new / 'part_99.png'}: ")
     model, _ = load_classifier(trained_run / "checkpoints" / "best.ckpt")
     classes = json.loads((trained_run / "labels.json").read_text())
     for row, src in zip(rows, originals):  # each row is its own image's prediction

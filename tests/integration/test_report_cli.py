@@ -138,7 +138,7 @@ def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path)
     import numpy as np
     from PIL import Image
 
-    from vision_tl.reports.explain import expand_images, explain_images
+    from vision_tl.reports.explain import ExplainError, expand_images, explain_images
     from vision_tl.tasks import ImageClassifier
 
     image = tmp_path / "x.png"
@@ -146,6 +146,13 @@ def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path)
     pixels[10:20, 40:56] = 250
     Image.fromarray(pixels).save(image)
     assert expand_images([image, tmp_path, str(tmp_path / "." / "x.png")]) == [image]
+    hidden = tmp_path / "h" / ".ipynb_checkpoints"
+    hidden.mkdir(parents=True)
+    Image.fromarray(pixels).save(hidden / "y.png")
+    (tmp_path / "h" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"ignoring 1 non-image file\(s\) under .*notes\.txt"):
+        with pytest.raises(ExplainError, match="holds no images"):  # as predict-onnx walks it: hidden folders skipped
+            expand_images([tmp_path / "h"])
     model = ImageClassifier(["a", "b"], backbone="test_vit", pretrained=False, image_size=64, mode="full")
     (item,) = explain_images(model, [image])
     assert item.cam.shape == (64, 64) and np.isfinite(item.cam).all()

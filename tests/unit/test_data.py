@@ -346,6 +346,26 @@ def test_scan_lists_truncated_jpegs_up_front_and_keeps_ones_with_a_trailer(tmp_p
     assert root / "dent" / "trailer.jpg" in [s.path for s in index.samples]
 
 
+def test_scan_lists_every_cut_off_tiff_bmp_and_ppm_up_front(tmp_path):
+    """Pillow's verify reads only these formats' headers: a file cut off in transfer stopped
+    training once decoded, naming one file per attempt; the scan now decodes them and lists all."""
+    import io
+
+    root = _folder(tmp_path / "d", {"ok": 3, "dent": 3})
+    pixels = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
+    for kind, suffix in (("TIFF", "tif"), ("BMP", "bmp"), ("PPM", "ppm")):
+        buf = io.BytesIO()
+        pixels.save(buf, kind)
+        whole = buf.getvalue()
+        (root / "ok" / f"whole.{suffix}").write_bytes(whole)
+        (root / "dent" / f"cut.{suffix}").write_bytes(whole[: len(whole) * 6 // 10])
+    with pytest.raises(DatasetError, match=r"3 unreadable image\(s\)") as info:
+        scan_folder(root)
+    assert all(str(root / "dent" / f"cut.{s}") in str(info.value) for s in ("tif", "bmp", "ppm"))
+    kept = {s.path.name for s in scan_folder(root, skip_bad=True).samples}
+    assert {"whole.tif", "whole.bmp", "whole.ppm"} <= kept
+
+
 def test_a_large_group_of_copies_does_not_flood_val(tmp_path):
     """Copies stay on one side; a group that would overshoot val's share goes to train, so a
     class with 10 copies of one image still gets its 20 % (4 of 20), not 12 of 20."""
@@ -534,6 +554,10 @@ def test_a_class_folder_that_is_a_broken_link_is_named_not_left_out(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
     (tmp_path / "crack").symlink_to(tmp_path / "share_not_mounted")
     with pytest.raises(DatasetError, match="crack is a symbolic link to .*share_not_mounted, which does not exist"):
+        scan_folder(tmp_path)
+    (tmp_path / "crack").unlink()
+    (tmp_path / "dent.v2").symlink_to(tmp_path / "moved")  # a dot in a folder's name: still a folder
+    with pytest.raises(DatasetError, match=r"dent\.v2 is a symbolic link to .*moved, which does not exist"):
         scan_folder(tmp_path)
 
 

@@ -818,3 +818,15 @@ def test_the_logistic_heads_count_a_rare_class_as_much_as_a_common_one() -> None
     x = np.concatenate([rng.normal(0, 1, (200, 8)), rng.normal(1.2, 1, (10, 8))]).astype(np.float32)
     y = np.array([0] * 200 + [1] * 10)
     assert cross_validate(x, y, "logreg", folds=5).balanced > 0.9
+
+
+@pytest.mark.parametrize("unlabelled", [False, True])
+def test_extract_says_which_files_of_a_flat_folder_it_ignores(tmp_path, unlabelled) -> None:
+    """A flat folder (or --unlabelled) dropped README.txt and the like without a word, where fit,
+    predict and predict-onnx count them."""
+    for seed in range(2):
+        Image.fromarray(np.full((8, 8, 3), seed * 50, np.uint8)).save(tmp_path / f"{seed}.png")
+    (tmp_path / "README.txt").write_text("line 3, camera 2")
+    with pytest.warns(UserWarning, match=r"ignoring 1 non-image file\(s\) under .*README\.txt"):
+        images = scan_images(tmp_path, unlabelled=unlabelled)
+    assert [p.name for p in images.paths] == ["0.png", "1.png"]

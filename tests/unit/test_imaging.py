@@ -306,3 +306,48 @@ def test_image_files_follows_linked_folders_once(tmp_path):
     (tmp_path / "data" / "ok" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
     images, _ = imaging.image_files(tmp_path / "data")
     assert [p.relative_to(tmp_path / "data").as_posix() for p in images] == ["ok/a.png", "ok/batch2/x.png"]
+
+
+def test_integer_data_beyond_16_bits_or_signed_is_refused_not_misread(tmp_path):
+    """32-bit data came back all white and signed data had its negatives clipped to black (or,
+    8-bit, wrapped round to bright), silently."""
+    tifffile = pytest.importorskip("tifffile", reason="writes the signed and 32-bit TIFFs")
+    ramp = np.arange(64).reshape(8, 8)
+    tifffile.imwrite(tmp_path / "u32.tif", (ramp * 16843009).astype(np.uint32))
+    tifffile.imwrite(tmp_path / "s16.tif", ((ramp - 32) * 200).astype(np.int16))
+    tifffile.imwrite(tmp_path / "s8.tif", (ramp - 32).astype(np.int8))
+    for name, pattern in (("u32.tif", r"outside 0\.\.65535"), ("s16.tif", r"-6400\.\.6200 lie outside"),
+                          ("s8.tif", "signed 8-bit")):
+        with pytest.raises(ImageLoadError, match=rf"{name}: .*{pattern}"):
+            load_rgb(tmp_path / name)
+    tifffile.imwrite(tmp_path / "u32ok.tif", (ramp * 1000).astype(np.uint32))  # 16-bit values in 32 bits
+    assert load_rgb(tmp_path / "u32ok.tif")[7, 7, 0] == round(63000 * 255 / 65535)
+
+
+def test_16_bit_colour_tiff_with_low_bit_data_warns_like_a_png(tmp_path, monkeypatch):
+    tifffile = pytest.importorskip("tifffile", reason="writes a 16-bit RGB TIFF")
+    monkeypatch.setattr(imaging, "_warned_dim", False)
+    tifffile.imwrite(tmp_path / "rgb12.tif", (np.arange(48).reshape(4, 4, 3) * 80).astype(np.uint16))
+    with pytest.warns(imaging.DimImageWarning, match=r"rgb12\.tif: a 16-bit image"):
+        assert load_rgb(tmp_path / "rgb12.tif").max() == 14
+
+
+def test_alpha_in_a_tiff_only_tifffile_reads_is_composited_on_black(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="writes a float RGBA TIFF")
+    colour = np.full((4, 4, 3), 0.8, np.float32)
+    alpha = np.zeros((4, 4, 1), np.float32)
+    alpha[:2] = 1.0
+    tifffile.imwrite(tmp_path / "rgba.tif", np.concatenate([colour, alpha], 2), extrasamples=["unassalpha"])
+    arr = load_rgb(tmp_path / "rgba.tif")
+    assert (arr[2:] == 0).all() and (arr[:2] == 204).all()  # transparent: black, as for an RGBA PNG
+
+
+def test_a_multi_page_tiff_is_read_as_its_first_page_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(imaging, "_warned_frames", False)
+    first, second = np.full((6, 6, 3), 10, np.uint8), np.full((9, 9, 3), 200, np.uint8)
+    Image.fromarray(first).save(tmp_path / "pages.tif", save_all=True, append_images=[Image.fromarray(second)])
+    with pytest.warns(imaging.MultiFrameWarning, match=r"pages\.tif: holds 2 pages or frames; .* the first only"):
+        assert np.array_equal(load_rgb(tmp_path / "pages.tif"), first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_rgb(tmp_path / "pages.tif")  # once per process

@@ -48,7 +48,7 @@ from vision_tl.data.transforms import (
     check_keeps_size,
     stack_images,
 )
-from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
+from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, decode_error, load_rgb
 from vision_tl.utils.distributed import first_builds
 
 SAMPLERS = ("auto", "none", "balanced")
@@ -77,7 +77,7 @@ class ImageDataset(Dataset):
             image = load_rgb(sample.path)
         except ImageLoadError as exc:
             if self.skip_bad:
-                warnings.warn(f"skipping {exc}", stacklevel=2)
+                warnings.warn(f"skipping {exc}", stacklevel=1)  # (2 would name torch's fetch loop)
                 return None
             raise ImageLoadError(f"{exc}. Pass --data.skip_bad_images true to skip such files.") from exc
         return self.transform(image, seed=getattr(i, "seed", None)), sample.label
@@ -450,8 +450,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             return ImageDataset(samples, transform, self.hparams.skip_bad_images)
         pixels, bad = self._decoded(samples)
         if bad and not self.hparams.skip_bad_images:
-            names = ", ".join(str(samples[i].path) for i in bad[:5])
-            raise ImageLoadError(f"{len(bad)} image(s) could not be decoded: {names}. "
+            more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+            reasons = "\n".join(f"  {decode_error(samples[i].path)}" for i in bad[:5])
+            raise ImageLoadError(f"{len(bad)} image(s) could not be decoded:\n{reasons}{more}\n"
                                  "Pass --data.skip_bad_images true to skip such files.")
         bad_rows = set(bad)
         keep = [i for i in range(len(samples)) if i not in bad_rows]

@@ -138,9 +138,15 @@ def visible_folders(root: str | Path) -> list[str]:
     for p in Path(root).iterdir():
         if p.name.startswith(".") or p.name in SYSTEM_FOLDERS:
             continue
-        if p.is_symlink() and not p.exists() and not p.suffix:  # a folder's name (a file's is named where it is read)
-            raise DatasetError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (a share not "
-                               "mounted? a folder moved?); mount or fix it, or remove the link")
+        if p.is_symlink() and not p.exists() and not is_image_file(p.name):  # (an image's is named where read)
+            broken = (f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (a share not mounted? a "
+                      "folder moved?)")
+            suffix = p.suffix[1:]
+            if not (suffix.isalpha() and 2 <= len(suffix) <= 4):  # a folder's name: dent, dent.v2, type.A
+                raise DatasetError(f"{broken}; mount or fix it, or remove the link")
+            warnings.warn(f"{broken}; left out as a file (notes.json, list.txt): if it is a class folder, mount "
+                          "or fix it", stacklevel=2)
+            continue
         if p.is_dir():
             names.append(p.name)
     return sorted(names)
@@ -218,10 +224,12 @@ def _check_header(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
         with open_image(path, limit) as img:
-            img.verify()
-            jpeg = img.format == "JPEG"
-        if jpeg and not _ends_like_a_jpeg(path):
+            img.verify()  # a PNG's every chunk and checksum; of other formats the header only
+            kind = img.format
+        if kind == "JPEG" and not _ends_like_a_jpeg(path):
             load_rgb(path)  # no end marker near the end: decode it, which names what is wrong, if anything
+        elif kind not in ("JPEG", "PNG"):
+            load_rgb(path)  # a cut-off TIFF, BMP or PPM passes verify: decode it (cheap for such formats)
     except ImageLoadError as exc:
         return str(exc).removeprefix(f"{path}: ")
     except UnidentifiedImageError:
@@ -298,10 +306,15 @@ def content_hash(path: Path) -> str | None:
     return _checked(path)[1]
 
 
-def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice: str) -> FolderIndex:
+def warn_ignored(ignored: list[Path], root: Path, stacklevel: int = 2) -> None:
+    """Say that files under ``root`` that are not supported images (``ignored``) are left out."""
     if ignored:
         shown = ", ".join(str(p) for p in ignored[:5])
-        warnings.warn(f"ignoring {len(ignored)} non-image file(s) under {index.root}: {shown}", stacklevel=3)
+        warnings.warn(f"ignoring {len(ignored)} non-image file(s) under {root}: {shown}", stacklevel=stacklevel)
+
+
+def _finish_scan(index: FolderIndex, ignored: list[Path], skip_bad: bool, advice: str) -> FolderIndex:
+    warn_ignored(ignored, index.root, stacklevel=4)
     if index.bad_files and not skip_bad:
         lines = "\n".join(f"  {p}: {why}" for p, why in index.bad_files[:20])
         raise DatasetError(f"{len(index.bad_files)} unreadable image(s) under {index.root}:\n{lines}\n{advice}")

@@ -27,6 +27,7 @@ from vision_tl.data.folder import (
     same_name,
     scan_folder,
     visible_folders,
+    warn_ignored,
 )
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
@@ -77,10 +78,10 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
     # detect_layout decides; the class folders are checked below)
     dirs = [] if unlabelled else [root / name for name in visible_folders(root)]
     images = ImageList(root, [])
-    if unlabelled:
-        _add_flat(images, image_files(root)[0])
-    elif not dirs:  # (image_files: a broken link named like an image is reported, not dropped)
-        _add_flat(images, image_files(root)[0])
+    if unlabelled or not dirs:  # (image_files: a broken link named like an image is reported, not dropped)
+        found, ignored = image_files(root)
+        warn_ignored(ignored, root, stacklevel=3)
+        _add_flat(images, found)
     else:
         layout = detect_layout(root)  # the same split folders as fit, and the same refusals
         folders = [layout[name] for name in SPLIT_NAMES if name in layout] or [root]

@@ -176,16 +176,19 @@ def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True
 
 def expand_images(inputs: list[str | Path]) -> list[Path]:
     """Image files from files and folders (folders searched recursively)."""
-    from vision_tl.imaging import is_image_file
+    from vision_tl.data.folder import warn_ignored
+    from vision_tl.imaging import IMAGE_EXTENSIONS, image_files
     from vision_tl.utils.files import name_key
 
     paths: list[Path] = []
     seen: set[Path] = set()  # a file given twice (alone and in its folder) is explained once
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            found, ignored = image_files(item)  # the walk of fit, predict and predict-onnx
+            warn_ignored(ignored, item, stacklevel=3)
             if not found:
-                raise ExplainError(f"folder {item} holds no images")
+                raise ExplainError(f"folder {item} holds no images (searched recursively for "
+                                   f"{', '.join(IMAGE_EXTENSIONS)})")
         elif item.is_file():
             found = [item]
         else:

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
 
 from vision_tl.deploy.predictor import prediction_columns, probability_text
+from vision_tl.imaging import decode_error
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.tasks.resume import TIE_BREAK, best_mode
@@ -224,7 +225,7 @@ class RunArtifacts(L.Callback):
             true = classes[sample.label] if sample.label >= 0 else ""
             p = by_index.get(i)
             if p is None:
-                table.append((path_text(sample.path), [true, "", "", *[""] * len(classes), "", _decode_error(sample.path)]))
+                table.append((path_text(sample.path), [true, "", "", *[""] * len(classes), "", decode_error(sample.path)]))
                 continue
             k = int(p.argmax())
             # in float64, as report compares: a threshold one step above 1.0 (reject all) is not 1.0
@@ -244,18 +245,6 @@ class RunArtifacts(L.Callback):
         say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
-
-
-def _decode_error(path) -> str:
-    """Why an image the loaders skipped could not be decoded (read again here, in the main
-    process: the loader processes' own messages do not come back with the batch)."""
-    from vision_tl.imaging import ImageLoadError, load_rgb
-
-    try:
-        load_rgb(path)
-    except ImageLoadError as exc:
-        return str(exc)
-    return "could not be decoded"
 
 
 class GradualUnfreezing(BaseFinetuning):
