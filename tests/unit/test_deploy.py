@@ -822,3 +822,31 @@ def test_file_system_errors_are_error_rows_and_exit_2(tmp_path: Path, model: Pat
     assert rows[0].error is None and "too long" in rows[1].error
     assert main([str(model), str(images[0]), "--out", str(tmp_path / ("b" * 300 + ".csv"))]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_a_model_that_outputs_nan_is_refused_not_read_as_the_first_class(tmp_path: Path, images: list[Path], capsys):
+    """A damaged model file gave NaN for every image; argmax read each as class 0 ('good'), exit 0."""
+    damaged = onnx.load(str(build_model(tmp_path / "m.onnx", meta=make_metadata())))
+    (weights,) = [init for init in damaged.graph.initializer if init.name == "W"]
+    weights.CopyFrom(numpy_helper.from_array(np.full(WEIGHTS.shape, np.nan, np.float32), "W"))
+    onnx.save(damaged, str(tmp_path / "m.onnx"))
+    with pytest.raises(DeployError, match=r"m\.onnx: the model gave NaN or infinite outputs for 4 of 4 images"):
+        Predictor(tmp_path / "m.onnx").predict_paths(images)
+    assert main([str(tmp_path / "m.onnx"), *map(str, images), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+def test_a_model_that_differs_from_its_parity_record_is_refused(tmp_path: Path, model: Path, images: list[Path]):
+    """model.parity.json records the sha256 of the model its export checked against PyTorch: a
+    copy damaged on its way to the line is named instead of run."""
+    import hashlib
+
+    record = tmp_path / "model.parity.json"
+    record.write_text(json.dumps({"passed": True, "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}))
+    Predictor(model).predict_paths(images)  # the model as checked
+    record.write_text(json.dumps({"passed": True, "model_sha256": "0" * 64}))
+    with pytest.raises(DeployError, match=r"model\.onnx: its content differs from the model model\.parity\.json"):
+        Predictor(model)
+    record.write_text("{not json")
+    with pytest.warns(UserWarning, match=r"model\.parity\.json: unreadable .* not checked"):
+        Predictor(model)

@@ -65,3 +65,24 @@ def test_a_checkpoint_whose_sections_are_not_mappings_is_named_as_damaged(tmp_pa
     torch.save(ckpt, tmp_path / "odd.ckpt")
     with pytest.raises(CheckpointError, match=rf"odd.ckpt is damaged: its '{section}' section is a list"):
         read_checkpoint(tmp_path / "odd.ckpt")
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_not_loaded_as_other_weights(tmp_path):
+    """torch.load does not check the archive's CRCs: a damaged copy loaded, exported and passed
+    its parity check against its own, wrong, weights."""
+    import zipfile
+
+    from vision_tl.tasks.checkpoint import read_checkpoint
+
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4096, dtype=torch.float32)}, "vision_tl": {},
+                "hyper_parameters": {}}, path)
+    read_checkpoint(path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    data = bytearray(path.read_bytes())
+    data[member.header_offset + 200] ^= 0xFF  # inside the tensor's bytes (past the local header)
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].shape == (4096,)  # torch does not notice
+    with pytest.raises(CheckpointError, match=r"best\.ckpt is damaged: its part .*data/0 no longer matches"):
+        read_checkpoint(path)

@@ -34,6 +34,7 @@ from vision_tl.imaging import (
     load_rgb,
     resize,
 )
+from vision_tl.utils.files import file_sha256
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
@@ -210,6 +211,7 @@ class Predictor:
     ):
         self.model_path = Path(model_path)
         self._session = open_session(self.model_path, threads=threads, providers=providers)
+        _check_parity_record(self.model_path)
         props = dict(self._session.get_modelmeta().custom_metadata_map)
         self.has_vision_tl_metadata = any(key.startswith(PREFIX) for key in props)
         self._input = self._single_input()
@@ -458,6 +460,12 @@ class Predictor:
                 f"{self.model_path}: output {self._output_name!r} has shape {out.shape}, expected "
                 f"({len(batch)}, {n_classes}) for {n_classes} classes {self.metadata.classes}"
             )
+        if not np.isfinite(out).all():  # argmax would call NaN rows the first class, "good" often
+            bad = int((~np.isfinite(out)).any(axis=1).sum())
+            raise DeployError(
+                f"{self.model_path}: the model gave NaN or infinite outputs for {bad} of {len(batch)} images; a "
+                "sound model never does, so the file is most likely damaged: copy it again from where it was "
+                "exported (its sha256 is in its .parity.json), or export it again")
         if not self.has_vision_tl_metadata and not _looks_like_probabilities(out):
             out = self._softmax_foreign(out)
         return out
@@ -562,6 +570,26 @@ class Predictor:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _check_parity_record(model: Path) -> None:
+    """``model.onnx`` against the sha256 its export recorded in ``model.parity.json`` (when that
+    file lies beside it): a model damaged in a copy to the line would otherwise run, wrongly."""
+    stem = model.name[: -len(".onnx")] if model.name.lower().endswith(".onnx") else model.stem
+    record = model.with_name(f"{stem}.parity.json")
+    if not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8")).get("model_sha256")
+    except (OSError, ValueError, AttributeError) as exc:
+        warnings.warn(f"{record}: unreadable ({type(exc).__name__}), so {model.name} is not checked against the "
+                      "sha256 its export recorded", stacklevel=3)
+        return
+    if isinstance(expected, str) and file_sha256(model) != expected:
+        raise DeployError(
+            f"{model}: its content differs from the model {record.name} describes (sha256 {expected[:12]}...), "
+            "which passed the check against PyTorch: the file changed since its export (damaged in a copy?). "
+            f"Copy it again, or export it again; if it was replaced on purpose, remove the stale {record.name}")
 
 
 def _check_batch_size(batch_size: int) -> int:

@@ -28,6 +28,7 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a PyTorch checkpoint ({kind}expected a .ckpt written by `vision-tl fit`, "
             "e.g. runs/partial/version_0/checkpoints/best.ckpt)"
         )
+    _check_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -49,6 +50,24 @@ def read_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"{path} is damaged: its {key!r} section is a {type(ckpt[key]).__name__}, not the "
                                   "mapping vision-tl fit writes; use another checkpoint of the run (e.g. last.ckpt)")
     return ckpt
+
+
+def _check_crc(path: Path) -> None:
+    """Every member of the checkpoint's zip archive against the CRC-32 stored with it when it was
+    written. ``torch.load`` does not check them: a byte flipped in a copy or on a disk loaded as
+    slightly other weights, which exported and passed the parity check against themselves."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a readable zip at all: torch.load names the problem
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its part {damaged} no longer matches the checksum written with it (the file "
+            "changed after it was saved: a bad copy or disk); copy it again, or use another checkpoint of the run "
+            "(e.g. last.ckpt)")
 
 
 def load_classifier(path: str | Path, map_location: str = "cpu"):
