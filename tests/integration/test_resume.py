@@ -403,6 +403,19 @@ def test_a_run_continued_after_its_folder_moved_gets_its_own_best_checkpoint(ins
     assert best["epoch"] == 1 == json.loads((run / "metrics.json").read_text())["val"]["epoch"]
 
 
+def test_a_renamed_run_resumes_in_place_without_versioned_checkpoints(inspection_folder, tmp_path):
+    """A run folder renamed (version_0 -> baseline) and resumed wrote best-v1.ckpt/last-v1.ckpt
+    beside stale best.ckpt/last.ckpt, and metrics.json named an epoch best.ckpt did not hold."""
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--trainer.max_epochs", "1"]) == 0
+    run = tmp_path / "runs" / "partial" / "baseline"
+    (tmp_path / "runs" / "partial" / "version_0").rename(run)
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["epoch"]
+    assert json.loads((run / "metrics.json").read_text())["val"]["epoch"] == best
+
+
 @pytest.mark.slow
 def test_a_loss_monitored_run_names_the_epoch_of_its_best_checkpoint(inspection_folder, tmp_path):
     assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "3", "--checkpoint.monitor", "val/loss",

@@ -78,7 +78,7 @@ def test_bad_images_in_the_cache_are_named_or_skipped(inspection_folder, tmp_pat
 
     monkeypatch.setattr(decode_threads, "load_rgb_into", load)
     dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="could not be decoded: .*good_0003.png"):
+    with pytest.raises(ValueError, match="(?s)1 image\(s\) could not be decoded:.*good_0003.png"):
         dm.dataset("train"), dm.dataset("val")
     dm = _dm(inspection_folder, decoded_cache=str(tmp_path / "c2"), skip_bad_images=True)
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == 4 * 12 - 1

@@ -179,6 +179,7 @@ class RunCheckpoint(ModelCheckpoint):
             raise ValueError(f"checkpoint save_top_k={self.save_top_k}: the kit keeps one best.ckpt (the best "
                              "epoch) and last.ckpt; pass --checkpoint.save_top_k 1 (checkpoint: save_top_k: 1 "
                              "in a config file)")
+        self._fitting = trainer if stage == "fit" else None  # (its ckpt_path is set by the time state loads)
         super().setup(trainer, pl_module, stage)
 
     def _tie(self, path: str) -> float:
@@ -221,7 +222,14 @@ class RunCheckpoint(ModelCheckpoint):
         run reached from another working directory). Lightning compares the strings, and on a
         mismatch wrote ``best-v1.ckpt``/``last-v1.ckpt`` beside stale ``best.ckpt``/``last.ckpt``."""
         old = state_dict.get("dirpath")
-        if old and self.dirpath and old != self.dirpath and Path(old).parts[-3:] == Path(self.dirpath).parts[-3:]:
+        trainer = getattr(self, "_fitting", None)
+        resumed = trainer.ckpt_path if trainer is not None else None
+        # the same run: its folder spelled otherwise, or the run renamed or moved (a resume reads its
+        # checkpoint from the folder it continues in)
+        same_run = old and self.dirpath and (
+            Path(old).parts[-3:] == Path(self.dirpath).parts[-3:]
+            or resumed is not None and _same_folder(Path(resumed).parent, Path(self.dirpath)))
+        if old and self.dirpath and old != self.dirpath and same_run:
             state_dict = {k: _moved(v, old, self.dirpath) for k, v in state_dict.items()}
         elif old and self.dirpath and old != self.dirpath:
             # test/validate/predict write into a new run folder: the bookkeeping of the run that
@@ -257,6 +265,13 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def _moved(value, old: str, new: str):
