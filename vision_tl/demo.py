@@ -63,14 +63,21 @@ def _prepare_data(root: Path, size: int, seed: int) -> None:
         if made == recipe:
             print(f"demo data: reusing {root}")
             return
+        if isinstance(made, dict) and made.get("writing"):  # stopped part-way: nothing trained on it yet
+            print(f"demo data: an earlier demo stopped while writing {root}; writing it again")
+            made = None
         # other images under the same names: earlier demo runs, trained and validated on these files,
         # could no longer be tested, reported or resumed (their split's sha256 would not match)
-        raise FileExistsError(
-            f"{root} holds the demo images made at size {made.get('size')} with seed {made.get('seed')}, which earlier "
-            f"demo runs trained on; for size {size} and seed {seed} pass another folder, e.g. "
-            f"--data {root.parent / f'{root.name}-{size}px-seed{seed}'}")
-    if root.exists() and any(root.iterdir()):
+        if made is not None:
+            raise FileExistsError(
+                f"{root} holds the demo images made at size {made.get('size')} with seed {made.get('seed')}, which "
+                f"earlier demo runs trained on; for size {size} and seed {seed} pass another folder, e.g. "
+                f"--data {root.parent / f'{root.name}-{size}px-seed{seed}'}")
+    elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and was not made by the demo; pass --data to another folder")
+    # said before the first image, so a demo stopped part-way (Ctrl-C) is finished by the next one
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({**recipe, "writing": True}))
     counts = make_inspection_dataset(root, DEMO_COUNTS, size=size, seed=seed, overwrite=True)
     atomic_write_text(marker, json.dumps(recipe))
     print(f"demo data: wrote {sum(counts.values())} images to {root} ({counts})")

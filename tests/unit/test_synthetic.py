@@ -211,6 +211,31 @@ def test_the_demo_never_replaces_images_earlier_demo_runs_trained_on(tmp_path):
         _prepare_data(tmp_path / "file", 32, 0)
 
 
+def test_a_demo_stopped_while_writing_its_images_is_finished_by_the_next(tmp_path, monkeypatch, capsys):
+    """Ctrl-C part-way through the images left a folder the next demo refused for good ("not made
+    by the demo"), so `make demo` failed until the folder was deleted by hand."""
+    import vision_tl.data.synthetic as synthetic
+    from vision_tl.demo import _prepare_data
+
+    real = synthetic.make_inspection_dataset
+
+    def interrupted(root, *args, **kwargs):
+        (root / "good").mkdir(parents=True)
+        (root / "good" / "good_0000.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "make_inspection_dataset", interrupted)
+    root = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        _prepare_data(root, 32, 0)
+    monkeypatch.setattr(synthetic, "make_inspection_dataset", real)
+    _prepare_data(root, 32, 0)
+    assert "stopped while writing" in capsys.readouterr().out
+    _prepare_data(root, 32, 0)  # and is then reused
+    assert "reusing" in capsys.readouterr().out
+    assert all(p.stat().st_size > 100 for p in root.rglob("*.png"))
+
+
 def test_the_demo_puts_another_size_or_seed_in_a_folder_of_its_own():
     from vision_tl.demo import _parser, default_data
 
