@@ -189,6 +189,19 @@ def test_continuing_into_a_new_run_refuses_another_batch_size(inspection_folder,
     assert not (tmp_path / "b" / "partial").exists() or not any((tmp_path / "b" / "partial").iterdir())
 
 
+def test_a_batch_size_edited_into_the_runs_config_is_refused_on_resume(inspection_folder, tmp_path, capsys):
+    """The check read the run's own config.yaml, which the README has users pass back: an edited
+    batch size resumed, and the original one was then refused as the 'other' one."""
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("batch_size: 4", "batch_size: 8"))
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info.value.code == 2
+    assert f"resuming {run}: it trained with --data.batch_size 4, and this command gives 8" in capsys.readouterr().err
+
+
 def test_resume_of_a_non_square_run(inspection_folder, tmp_path, capsys):
     """image_size [32, 48] as the command line parses it (a tuple) is the list the checkpoint
     holds: the resume goes on instead of reporting a change of model settings."""

@@ -546,7 +546,7 @@ class VisionTLCLI(LightningCLI):
                 check_resumed_data(run, ImageFolderDataModule(  # the run's own split (its split_file, if any)
                     data.root, val_fraction=data.val_fraction, seed=data.seed,
                     skip_bad_images=data.skip_bad_images, num_workers=0, split_file=data.get("split_file")))
-                _check_resumed_steps(run, _run_settings(run), cfg)
+                _check_resumed_steps(run, _trained_settings(run, state), cfg)
             init.version = run.name  # continue in the same run directory
             self.save_config_kwargs["overwrite"] = True
             _keep_metrics_csv(run)
@@ -557,9 +557,7 @@ class VisionTLCLI(LightningCLI):
         else:
             # its run's settings, or (a checkpoint moved out of its run) the data settings it stored
             source = run if run is not None else path
-            trained = _run_settings(run) if run is not None else {
-                "data": state.get("datamodule_hyper_parameters") or {}}
-            _check_resumed_steps(source, trained, cfg)
+            _check_resumed_steps(source, _trained_settings(run, state), cfg)
             say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
                  "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
         _note_mid_epoch(state, path)
@@ -620,6 +618,15 @@ def _run_settings(run: Path) -> dict:
         return read_run_config(run)
     except (OSError, ValueError):
         return {}
+
+
+def _trained_settings(run: Path | None, state: dict) -> dict:
+    """What a checkpoint trained with: its run's config.yaml (which a user may edit) with the data
+    settings the checkpoint itself stores put over it (or those alone, for a checkpoint moved out
+    of its run)."""
+    settings = _run_settings(run) if run is not None else {}
+    stored = state.get("datamodule_hyper_parameters") or {}
+    return {**settings, "data": {**(settings.get("data") or {}), **stored}}
 
 
 def _check_resumed_steps(source: Path, saved: dict, cfg) -> None:
