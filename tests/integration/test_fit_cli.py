@@ -63,6 +63,27 @@ def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
     assert lines[0].startswith("path,true,predicted,probability,p_crack")
 
 
+def test_sigterm_stops_predict_at_the_next_batch_without_a_csv(trained_run, tmp_path, monkeypatch):
+    """Lightning's predict loop never checks for SIGTERM: predict ran to the end and exited 0."""
+    import os
+    import signal
+
+    from vision_tl.tasks import ImageClassifier
+
+    real = ImageClassifier.predict_step
+
+    def step(self, batch, batch_idx):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only marks it
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(ImageClassifier, "predict_step", step)
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(trained_run / "checkpoints/best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.batch_size", "2"]
+    assert main(["predict", *args]) == 143
+    assert not list(tmp_path.rglob("predictions.csv"))
+
+
 def test_predict_new_images_from_a_folder_without_classes(trained_run, inspection_folder, tmp_path):
     """`--data.predict_root` predicts any folder (nested, unlabelled); an unreadable image gets a
     row with its error, every other row keeps its own file's prediction."""

@@ -202,6 +202,11 @@ class RunArtifacts(L.Callback):
                           "so this score is optimistic"}
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.received_sigterm:  # Lightning's predict loop never looks (fit's and evaluation's do)
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            self._predictions.clear()
+            raise SIGTERMException
         if "index" in outputs:
             self._predictions.append(torch.cat([outputs["index"].reshape(-1, 1).to(outputs["probabilities"]),
                                                 outputs["probabilities"].float()], dim=1))
