@@ -80,6 +80,19 @@ def test_report_saves_the_threshold_into_a_copy_that_loads_weights_only(run):
     assert meta["metrics"]["val"]["false_reject_rate"] == pytest.approx(chosen["false_reject_rate"])
 
 
+def test_a_report_into_a_run_it_cannot_write_stops_before_predicting(run, monkeypatch):
+    import tempfile
+
+    from vision_tl.reports.report import ReportError, report_run
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("vision_tl.reports.report.predict_probabilities", lambda *a, **k: pytest.fail("predicted"))
+    with pytest.raises(ReportError, match=rf"cannot write the report into {run} \(Permission denied\)"):
+        report_run(run, overwrite=True)
+
+
 def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, capsys):
     args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/best.ckpt"),
             "--trainer.logger.init_args.save_dir", str(tmp_path)]

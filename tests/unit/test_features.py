@@ -776,8 +776,14 @@ def test_a_file_rewritten_at_its_size_within_a_timestamp_step_is_hashed_again(tm
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tmp_path, monkeypatch) -> None:
+    """extract, export and predict-onnx probe the folder up front (export failed after loading the
+    checkpoint, naming its temporary file; predict-onnx asked os.access, which says yes to root)."""
     import tempfile
 
+    from vision_tl.deploy import DeployError
+    from vision_tl.deploy.cli import _check_output
+    from vision_tl.export import ExportError
+    from vision_tl.export.onnx_export import check_output_path as check_onnx_path
     from vision_tl.features.store import check_output_path
 
     def refuse(*args, **kwargs):
@@ -785,6 +791,10 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tmp_path,
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(FeatureStoreError, match=r"cannot write in .*Permission denied.*--out"):
         check_output_path(tmp_path / "x.npz", overwrite=False)
+    with pytest.raises(ExportError, match=rf"--out {tmp_path}/m\.onnx: cannot write in .*Permission denied"):
+        check_onnx_path(tmp_path / "m.onnx", overwrite=False)
+    with pytest.raises(DeployError, match=rf"--out {tmp_path}/p\.csv: cannot write in .*Permission denied"):
+        _check_output(tmp_path / "p.csv", overwrite=False)
 
 
 def test_extract_lists_a_class_whose_every_image_is_unreadable_and_skips_it_when_asked(tmp_path, folder) -> None:

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 import time
 import warnings
@@ -29,7 +28,7 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
-from vision_tl.utils.files import atomic_path, name_key, path_text
+from vision_tl.utils.files import atomic_path, name_key, path_text, unwritable
 
 FORMATS = (".csv", ".json")
 EXIT_OK = 0
@@ -158,8 +157,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise DeployError(f"output folder {folder} does not exist; create it first")
     if out.exists() and not overwrite:
         raise DeployError(f"{out} already exists; pass --overwrite to replace it")
-    if not os.access(folder, os.W_OK):
-        raise DeployError(f"output folder {folder} is not writable")
+    reason = unwritable(folder)
+    if reason:
+        raise DeployError(f"--out {out}: cannot write in {folder} ({reason}); write to a folder you can write to")
 
 
 def _collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:

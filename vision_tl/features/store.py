@@ -33,7 +33,6 @@ import errno
 import io
 import json
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -53,6 +52,7 @@ from vision_tl.utils.files import (
     file_crc32,
     path_text,
     remove_orphaned_temps_in,
+    unwritable,
 )
 
 OUTPUT_FORMATS = (".npz", ".parquet")
@@ -380,13 +380,10 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         raise FeatureStoreError(f"output {path} is a directory; name a {path.suffix} file to write")
     if path.exists() and not overwrite:
         raise FeatureStoreError(f"output {path} already exists; pass --overwrite (Python: overwrite=True) to replace it")
-    try:  # before the work, not after it: the output is written beside itself, then renamed
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-    except OSError as exc:
-        raise FeatureStoreError(f"output {path}: cannot write in {path.parent} ({exc.strerror or exc}); write "
-                                "--out to a folder you can write to") from exc
-    os.close(fd)
-    os.unlink(probe)
+    reason = unwritable(path.parent)  # before the work, not after it
+    if reason:
+        raise FeatureStoreError(f"output {path}: cannot write in {path.parent} ({reason}); write "
+                                "--out to a folder you can write to")
     return path
 
 

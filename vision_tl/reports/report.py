@@ -36,7 +36,7 @@ import numpy as np
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils import read_run_config
-from vision_tl.utils.files import atomic_write_text, path_text
+from vision_tl.utils.files import atomic_write_text, path_text, unwritable
 
 SPLITS = ("val", "test")
 
@@ -509,6 +509,10 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     classes = list(meta["classes"])
     _check_run_classes(run_dir, ckpt_path, classes)
     _read_metrics_json(run_dir)  # a damaged metrics.json stops the report before anything is written
+    reason = unwritable(run_dir)
+    if reason:  # (before predicting every image, not after)
+        raise ReportError(f"cannot write the report into {run_dir} ({reason}); make the run directory writable, "
+                          "or copy the run elsewhere and report on the copy")
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
     if target is None and meta.get("threshold") is None and thresholded.exists():
         notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "

@@ -259,6 +259,20 @@ def path_text(path: str | Path) -> str:
     return text
 
 
+def unwritable(folder: str | Path) -> str | None:
+    """Why no file can be created in ``folder`` (read-only, permissions, a full disk: what the
+    system says), or None where one can. Made and removed, the way outputs are written (a
+    temporary file beside the final name), so it answers as the write itself would, also for
+    root, for whom ``os.access`` says yes to every folder."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vision_tl.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def file_head(path: str | Path, n: int = 4) -> bytes:
     """The first ``n`` bytes of a file (fewer for a shorter one)."""
     with open(path, "rb") as fh:
