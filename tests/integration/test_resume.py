@@ -379,6 +379,12 @@ def test_resume_survives_a_damaged_metrics_json_and_names_best_without_last(insp
         main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"])
     assert info.value.code == 2
     assert f"resume from that epoch with --ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err
+    (run / "labels.json").write_text('["crack", "good"')  # cut off: named, not a bare JSON error
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+              "--trainer.max_epochs", "3"])
+    assert info.value.code == 2
+    assert f"resuming {run}: its labels.json (the class names in index order) cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.slow

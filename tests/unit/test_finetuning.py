@@ -233,7 +233,7 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
     fit = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="fit"))
     callback.on_exception(fit, None, KeyboardInterrupt())
     out = capsys.readouterr().out
-    assert "before the first epoch ended, so there is nothing to resume" in out
+    assert "before the first epoch's checkpoint was written, so there is nothing to resume" in out
     assert "start again by running the same command" in out and "--ckpt_path" not in out
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -243,6 +243,32 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
     callback.on_exception(predict, None, KeyboardInterrupt())  # not a training run: nothing to resume
     out = capsys.readouterr().out
     assert "run the same command again" in out and "resume" not in out
+    # an error is not an interruption: running again helps only once its cause is put right
+    callback.on_exception(fit, None, PermissionError(13, "Permission denied"))
+    out = capsys.readouterr().out
+    assert "stopped by an error (PermissionError, below)" in out and "once its cause is fixed" in out
+    assert "interrupted" not in out
+
+
+def test_the_resume_advice_quotes_paths_and_falls_back_to_best(tmp_path, capsys):
+    """A path with a space printed unquoted could not be pasted; stopped while the first last.ckpt
+    was written, best.ckpt (already there) is the resume point, not 'nothing to resume'."""
+    import shlex
+    from types import SimpleNamespace
+
+    from vision_tl.tasks.resume import ResumableRandomState
+
+    run = tmp_path / "my runs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"")
+    callback = ResumableRandomState()
+    callback.setup(SimpleNamespace(log_dir=str(run)), None, "fit")
+    callback.on_exception(SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="fit")), None,
+                          KeyboardInterrupt())
+    out = capsys.readouterr().out
+    command = out[out.index("vision-tl fit"):].strip()
+    assert shlex.split(command)[-4:] == ["--config", str(run / "config.yaml"), "--ckpt_path",
+                                         str(run / "checkpoints" / "best.ckpt")]
 
 
 def test_a_resume_with_more_epochs_stretches_the_schedule_instead_of_training_at_lr_0(capsys):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import threading
 import warnings
@@ -105,17 +106,27 @@ class ResumableRandomState(L.Callback):
         if not trainer.is_global_zero or isinstance(exception, (ValueError, MisconfigurationException,
                                                                 FileExistsError)):
             return
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # a stop (Ctrl-C, SIGTERM) is simply run again; an error (a folder that cannot be written, a
+        # full disk) first needs its cause, which the error printed below names, put right
+        stopped = isinstance(exception, (KeyboardInterrupt, Terminated, SIGTERMException))
+        what = "interrupted" if stopped else f"stopped by an error ({type(exception).__name__}, below)"
+        when = "" if stopped else ", once its cause is fixed"
         if trainer.state.fn != "fit":  # validate, test, predict: nothing to resume, the command is run again
-            say(f"vision_tl: interrupted ({type(exception).__name__}); nothing was written: run the same command again")
+            say(f"vision_tl: {what}; nothing was written: run the same command again{when}")
             return
-        if last.exists():
-            say(f"vision_tl: interrupted ({type(exception).__name__}); resume from the end of the last finished "
-                f"epoch with: vision-tl fit --config {log_dir / 'config.yaml'} --ckpt_path {last}")
+        best = last.with_name("best.ckpt")  # (stopped while its first last.ckpt was written)
+        if last.exists() or best.exists():
+            resume = last if last.exists() else best
+            say(f"vision_tl: {what}; resume from the end of the last {'finished' if resume == last else 'best'} "
+                f"epoch{when} with: vision-tl fit --config {shlex.quote(str(log_dir / 'config.yaml'))} "
+                f"--ckpt_path {shlex.quote(str(resume))}")
         else:
             # (not "fit --config RUN/config.yaml": a run directory holding nothing but its settings is
             # removed on the way out)
-            say(f"vision_tl: interrupted ({type(exception).__name__}) before the first epoch ended, so there is "
-                "nothing to resume; start again by running the same command")
+            say(f"vision_tl: {what} before the first epoch's checkpoint was written, so there is nothing to "
+                f"resume; start again by running the same command{when}")
 
 
 # Where the monitored value ties (a val split with one image of a rare class moves balanced
@@ -312,7 +323,16 @@ def check_resumed_data(run: Path, datamodule) -> None:
 
     advice = ("resume with the run's own data (data.root in its config.yaml), or start a new run "
               "without --ckpt_path")
-    before = json.loads((run / "labels.json").read_text())
+    labels = run / "labels.json"
+    try:
+        before = json.loads(labels.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DatasetError(f"resuming {run}: its {labels.name} (the class names in index order) cannot be read "
+                           f"({exc}); restore it (checkpoints/last.ckpt stores the same list under "
+                           "'vision_tl' -> 'classes'), or start a new run without --ckpt_path") from exc
+    if not isinstance(before, list):
+        raise DatasetError(f"resuming {run}: its {labels.name} holds a {type(before).__name__}, not the list of "
+                           "class names vision-tl fit writes; restore it, or start a new run without --ckpt_path")
     classes = list(datamodule.classes)
     if list(before) != classes:
         raise DatasetError(f"resuming {run}: it was trained on the classes {before}, but the data now has "
