@@ -750,6 +750,15 @@ def cli_zero_epochs(w: World, tmp: Path) -> Result:
     return result
 
 
+def _cli_fit_refused(*option: str, named: str, valid: str) -> Callable[[World, Path], Result]:
+    """A fit setting that would train nothing, or end without best.ckpt: refused before a run starts."""
+    def case(w: World, tmp: Path) -> Result:
+        result = cli_error(w.fit_args(w.data, tmp / "runs", *option), named, valid)
+        assert not (tmp / "runs").exists()
+        return result
+    return case
+
+
 def cli_gpu_config_without_gpu(w: World, tmp: Path) -> Result:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -951,6 +960,21 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
     ("cli-linked-option", "--data.image_size (follows --model.image_size)", "CLI", cli_linked_option),
     ("cli-zero-epochs", "--trainer.max_epochs 0", "CLI", cli_zero_epochs),
+    ("cli-accumulate-negative", "--trainer.accumulate_grad_batches -1 (a schedule of one step: lr 0)", "CLI",
+     _cli_fit_refused("--trainer.accumulate_grad_batches", "-1", named="accumulate_grad_batches -1",
+                      valid="at least 1")),
+    ("cli-no-val-batches", "--trainer.limit_val_batches 0", "CLI",
+     _cli_fit_refused("--trainer.limit_val_batches", "0", named="limit_val_batches 0", valid="positive number")),
+    ("cli-val-interval-zero", "--trainer.val_check_interval 0", "CLI",
+     _cli_fit_refused("--trainer.val_check_interval", "0", named="val_check_interval 0", valid="(0, 1]")),
+    ("cli-val-never", "--trainer.check_val_every_n_epoch 5 with --trainer.max_epochs 1", "CLI",
+     _cli_fit_refused("--trainer.check_val_every_n_epoch", "5", named="check_val_every_n_epoch 5",
+                      valid="at most the number of epochs")),
+    ("cli-monitor-unknown", "--checkpoint.monitor val/bogus (or null)", "CLI",
+     _cli_fit_refused("--checkpoint.monitor", "val/bogus", named="val/bogus", valid="val/balanced_acc")),
+    ("cli-checkpoint-filename", "--checkpoint.filename 'ep{epoch}'", "CLI",
+     _cli_fit_refused("--checkpoint.filename", "ep{epoch}", named="--checkpoint.filename",
+                      valid="RUN/checkpoints/best.ckpt")),
     ("cli-damaged-shard", "feature cache shard with bytes overwritten (NaN)", "CLI", cli_damaged_feature_shard),
     ("cli-damaged-decoded", "decoded-image cache with its pixels zeroed", "CLI", cli_damaged_decoded_cache),
     ("cli-config-not-mapping", "config file empty, not YAML, or 'model: 3'", "CLI", cli_config_not_a_mapping),

@@ -63,6 +63,22 @@ def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
     assert lines[0].startswith("path,true,predicted,probability,p_crack")
 
 
+def test_a_fit_stopped_by_max_steps_before_a_validation_says_it_has_no_best_checkpoint(inspection_folder, tmp_path):
+    """It printed 'best epoch 0 ...' and exited 0 with no best.ckpt, which report and export then missed."""
+    with pytest.warns(UserWarning, match=r"training ended before a validated epoch was saved, so run .* has no "
+                                         r"checkpoints/best\.ckpt"):
+        run = _fit(tmp_path, inspection_folder, "--trainer.max_steps", "1", "--model.mode", "full")
+    assert not (run / "checkpoints" / "best.ckpt").exists()
+
+
+def test_true_half_precision_trains(inspection_folder, tmp_path):
+    """--trainer.precision bf16-true cast the class-weight buffer to bf16 and stopped in the first
+    validation (cross_entropy: expected Float but found BFloat16)."""
+    run = _fit(tmp_path, inspection_folder, "--trainer.precision", "bf16-true", "--trainer.max_epochs", "1",
+               "--model.class_weights", "inverse")
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
 def test_sigterm_stops_predict_at_the_next_batch_without_a_csv(trained_run, tmp_path, monkeypatch):
     """Lightning's predict loop never checks for SIGTERM: predict ran to the end and exited 0."""
     import os

@@ -18,7 +18,7 @@ from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.imaging import decode_error
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
-from vision_tl.tasks.resume import TIE_BREAK, best_mode
+from vision_tl.tasks.resume import TIE_BREAK, RunCheckpoint, best_mode
 from vision_tl.utils import say
 from vision_tl.utils.files import atomic_write_text, path_text
 
@@ -162,6 +162,14 @@ class RunArtifacts(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best = self.best_epoch(trainer)
+        checkpoints = trainer.checkpoint_callback
+        saved = checkpoints.best_model_path if isinstance(checkpoints, RunCheckpoint) else None
+        if trainer.is_global_zero and saved is not None and (best is None or not saved or not Path(saved).is_file()):
+            # (max_steps or a time limit ended training before an epoch's validation)
+            warnings.warn(f"training ended before a validated epoch was saved, so run {self.run_dir(trainer)} has no "
+                          "checkpoints/best.ckpt for report, export or test; train for at least one whole epoch "
+                          "(see --trainer.max_steps / max_time / limit_train_batches)", stacklevel=2)
+            return
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))

@@ -601,7 +601,8 @@ class ImageClassifier(L.LightningModule):
         return self.net.forward_head(x) if x.ndim == 2 else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, weight=self.loss_weights,
+        weight = self.loss_weights.float() if self.loss_weights is not None else None  # (*-true precision casts it)
+        return F.cross_entropy(logits.float(), y, weight=weight,
                                label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch, batch_idx: int):

@@ -381,9 +381,8 @@ class VisionTLCLI(LightningCLI):
             data.predict_root = str(Path(str(data.predict_root)).expanduser().absolute())
         self._check_gpu()
         self._check_launcher()
-        if self.subcommand == "fit" and self.config.fit.trainer.get("max_epochs") == 0:
-            raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
-                             "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
+        if self.subcommand == "fit":
+            _check_fit_settings(self.config.fit)
         self._resume_into_run()
         self._require_checkpoint()
         self._use_the_runs_split()
@@ -610,6 +609,51 @@ class VisionTLCLI(LightningCLI):
         if changed:
             say("vision_tl: the checkpoint's model settings replace the config's: "
                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+# What ImageClassifier logs per validation epoch: the metrics --checkpoint.monitor may name.
+MONITORED = ("val/balanced_acc", "val/acc", "val/f1_macro", "val/loss")
+
+
+def _check_fit_settings(cfg) -> None:
+    """Settings that would train nothing, or end a fit without ``best.ckpt`` and ``metrics.json``
+    (the run ``report``, ``export`` and ``test`` read), refused before any work."""
+    trainer, checkpoint = cfg.get("trainer") or {}, cfg.get("checkpoint") or {}
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if trainer.get("max_epochs") == 0:
+        raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
+                         "or metrics; give at least 1 (or -1 for no limit with another stopping rule)")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and not (isinstance(accumulate, int) and not isinstance(accumulate, bool)
+                                       and accumulate >= 1):
+        raise ValueError(f"--trainer.accumulate_grad_batches {accumulate}: give a whole number of batches, at least 1 "
+                         "(1, the default: one optimizer step per batch)")
+    for option, what in (("max_steps", "optimizer steps"), ("limit_train_batches", "training batches"),
+                         ("limit_val_batches", "validation batches")):
+        if number(trainer.get(option)) and trainer.get(option) == 0:
+            raise ValueError(f"--trainer.{option} 0: no {what}, so the run would end without a validated best.ckpt "
+                             f"and metrics.json; leave it unset, or give a positive number (or a fraction for limit_*)")
+    interval = trainer.get("val_check_interval")
+    if number(interval) and interval <= 0:
+        raise ValueError(f"--trainer.val_check_interval {interval}: validation would never run; give a fraction of "
+                         "an epoch in (0, 1] or a number of batches >= 1 (default: 1.0, after every epoch)")
+    every, epochs = trainer.get("check_val_every_n_epoch"), trainer.get("max_epochs")
+    if number(every) and number(epochs) and 0 < epochs < every:
+        raise ValueError(f"--trainer.check_val_every_n_epoch {every} with --trainer.max_epochs {epochs}: no epoch "
+                         "would be validated, so no best.ckpt; give a value of at most the number of epochs")
+    monitor = checkpoint.get("monitor")
+    if monitor not in MONITORED:
+        raise ValueError(f"--checkpoint.monitor {monitor}: best.ckpt is the epoch with the best value of a metric "
+                         f"validation logs; give one of {', '.join(MONITORED)} (default val/balanced_acc)")
+    if checkpoint.get("filename") != "best" or checkpoint.get("dirpath") is not None:
+        raise ValueError("--checkpoint.filename and --checkpoint.dirpath are fixed: report, export, test and resume "
+                         "read RUN/checkpoints/best.ckpt and last.ckpt; leave both unset (to keep a copy elsewhere, "
+                         "copy the file after training)")
+    if checkpoint.get("every_n_epochs") == 0 and not checkpoint.get("every_n_train_steps"):
+        raise ValueError("--checkpoint.every_n_epochs 0 saves no epoch's best.ckpt; leave it unset (1: every epoch)")
 
 
 def _run_settings(run: Path) -> dict:
