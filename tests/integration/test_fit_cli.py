@@ -79,6 +79,24 @@ def test_true_half_precision_trains(inspection_folder, tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_evaluating_a_checkpoint_needs_no_pretrained_weights_file(inspection_folder, tmp_path):
+    """test/predict built the model from the config's --model.weights before loading the checkpoint,
+    which holds every weight: a weights file removed since (or a timm cache another machine has)
+    stopped them, where report and export worked."""
+    from vision_tl.backbones import create_backbone
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(create_backbone("test_efficientnet", pretrained=False).state_dict(), weights)
+    run = _fit(tmp_path / "runs", inspection_folder, "--model.weights", str(weights), "--model.pretrained", "true",
+               "--trainer.max_epochs", "1")
+    weights.unlink()
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "eval")]
+    assert main(["test", *args]) == 0
+    saved = (tmp_path / "eval" / "partial" / "version_0" / "config.yaml").read_text()
+    assert str(weights) in saved  # the config as given, not the settings it was built with
+
+
 def test_sigterm_stops_predict_at_the_next_batch_without_a_csv(trained_run, tmp_path, monkeypatch):
     """Lightning's predict loop never checks for SIGTERM: predict ran to the end and exited 0."""
     import os

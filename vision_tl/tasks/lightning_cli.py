@@ -339,6 +339,23 @@ class VisionTLCLI(LightningCLI):
                 action.help = text  # (jsonargparse appends the type and default)
         return parser
 
+    def instantiate_classes(self) -> None:
+        """validate, test and predict take every weight from ``--ckpt_path``: the model is built
+        without the backbone's pretrained weights, which need not exist on this machine (a local
+        ``--model.weights`` file removed since, a timm cache this machine lacks). The config as
+        given (saved in the output directory) keeps its settings."""
+        sub = self.subcommand
+        model = self.config[sub].get("model") if sub in ("validate", "test", "predict") else None
+        if model is None or not self.config[sub].get("ckpt_path"):
+            super().instantiate_classes()
+            return
+        given = model.get("pretrained"), model.get("weights")
+        model.pretrained, model.weights = False, None
+        try:
+            super().instantiate_classes()
+        finally:
+            model.pretrained, model.weights = given
+
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
         make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`).
