@@ -495,6 +495,13 @@ def test_an_augmentation_list_that_changes_the_image_size_is_refused_up_front(tm
             ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32, augment=augment)
     ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32,
                           augment=[{"name": "RandomCrop", "height": 32, "width": 32, "p": 1.0}])
+    # the kit normalises after augmenting: a list that normalises (or scales to float) itself
+    # trained on near-constant inputs that validation and the export never see
+    for step, kind in (({"name": "Normalize"}, "float32 32x32x3"), ({"name": "ToFloat"}, "float32 32x32x3"),
+                       ({"name": "ToTensorV2"}, "Tensor")):
+        with pytest.raises(ValueError, match=rf"turned uint8 RGB pixels into {kind}; it must keep them uint8"):
+            ImageFolderDataModule(tmp_path, backbone="test_efficientnet", image_size=32,
+                                  augment=[{"name": "HorizontalFlip", "p": 0.5}, step])
 
 
 def test_extract_and_fit_read_a_split_layout_alike_and_say_what_they_leave_out(tmp_path):

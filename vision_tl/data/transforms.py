@@ -101,17 +101,27 @@ def size_changed(augment, size: tuple[int, int], got: tuple[int, int]) -> str:
 def check_keeps_size(augment: AugmentSpec, size: tuple[int, int], draws: int = 16) -> None:
     """Refuse, before training, an augmentation list that changes the image size (a crop or a
     resize to another size): it would crash mid-epoch, or train at a size the checkpoint and the
-    export do not describe. Tried on ``draws`` seeded draws of a blank image (a step with p=0.5
-    fires in one of them but with odds of 1 in 65,000)."""
+    export do not describe. Refuse one that changes the pixels' type or scale as well (Normalize,
+    ToFloat, ToTensorV2): the kit normalises after augmenting, so training would see values that
+    validation and the export never do. Tried on ``draws`` seeded draws of a blank image (a step
+    with p=0.5 fires in one of them but with odds of 1 in 65,000)."""
     pipeline = build_augmentation(augment)
     if not pipeline.transforms:
         return
     blank = np.zeros((*size, 3), np.uint8)
     for seed in range(draws):
         pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
-        got = pipeline(image=blank)["image"].shape[:2]
-        if tuple(got) != tuple(size):
-            raise ValueError(size_changed(pipeline, size, got))
+        out = pipeline(image=blank)["image"]
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
+            names = ", ".join(type(t).__name__ for t in pipeline.transforms)
+            kind = (f"{out.dtype} {'x'.join(map(str, out.shape))}" if isinstance(out, np.ndarray)
+                    else type(out).__name__)
+            raise ValueError(f"the augmentation ({names}) turned uint8 RGB pixels into {kind}; it must keep them "
+                             "uint8 H x W x 3: the kit normalises with the backbone's mean and std after augmenting, "
+                             "as in validation and the ONNX export (leave out Normalize, ToFloat, ToTensorV2 and "
+                             "the like)")
+        if tuple(out.shape[:2]) != tuple(size):
+            raise ValueError(size_changed(pipeline, size, out.shape[:2]))
 
 
 class ImageTransform:
