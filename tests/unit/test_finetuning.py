@@ -223,6 +223,21 @@ def test_gradual_unfreezing_is_refused_under_ddp():
         GradualUnfreezing({1: 2}).setup(SimpleNamespace(world_size=2), _model("frozen"), "fit")
 
 
+@pytest.mark.parametrize("milestones,message", [
+    ({2: 0}, r"\{2: 0\}: 0 stages; the backbone \(EfficientNet\) has \d+: give 1 to \d+"),
+    ({5: 2}, r"\{5: 2\}: epoch 5 never comes \(this fit trains epochs 0\.\.2\)"),
+    ({-1: 2}, r"epoch -1 never comes"),
+])
+def test_gradual_unfreezing_refuses_milestones_that_cannot_work_before_training(milestones, message):
+    """They failed after epochs of training, naming trainable_stages, or never fired at all."""
+    from types import SimpleNamespace
+
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    with pytest.raises(ValueError, match=message):
+        GradualUnfreezing(milestones).setup(SimpleNamespace(world_size=1, max_epochs=3), _model("frozen"), "fit")
+
+
 def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_path, capsys):
     from types import SimpleNamespace
 

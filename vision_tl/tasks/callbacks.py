@@ -279,7 +279,27 @@ class GradualUnfreezing(BaseFinetuning):
                 f"GradualUnfreezing cannot run with {trainer.world_size} processes: DDP synchronises only the "
                 "parameters that train from the start, so the ones it unfreezes would differ between processes. "
                 "Train with --model.mode partial --model.trainable_stages N (or full) instead, or on one process")
+        if stage == "fit":
+            self._check_milestones(pl_module.net.backbone, trainer.max_epochs)
         super().setup(trainer, pl_module, stage)
+
+    def _check_milestones(self, backbone, max_epochs: int | None) -> None:
+        """Milestones that could never fire, or name a stage count the backbone lacks, refused
+        before training (they failed after epochs of it, naming trainable_stages, or never fired)."""
+        from vision_tl.backbones import backbone_stages
+
+        try:
+            n = len(backbone_stages(backbone))
+        except ValueError as exc:
+            raise ValueError(f"GradualUnfreezing: {exc}; train with --model.mode full instead") from exc
+        for epoch, count in sorted(self.milestones.items()):
+            if epoch < 0 or (max_epochs is not None and 0 < max_epochs <= epoch):
+                last = f"0..{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "0 on"
+                raise ValueError(f"GradualUnfreezing milestones {{{epoch}: {count}}}: epoch {epoch} never comes (this fit "
+                                 f"trains epochs {last}); give an epoch in that range, or more --trainer.max_epochs")
+            if not 1 <= count <= n:
+                raise ValueError(f"GradualUnfreezing milestones {{{epoch}: {count}}}: {count} stages; the backbone "
+                                 f"({type(backbone).__name__}) has {n}: give 1 to {n} (stages counted from the end)")
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """The module's ``mode`` already froze what must start frozen."""
