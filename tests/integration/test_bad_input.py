@@ -724,6 +724,10 @@ def cli_negative_epochs(w: World, tmp: Path) -> Result:
 
 
 def cli_linked_option(w: World, tmp: Path) -> Result:
+    # (a link applied at instantiation, data.backbone, was reported as ~95 lines of usage)
+    for option, source in (("--artifacts.monitor", "--checkpoint.monitor"), ("--data.backbone", "--model.backbone")):
+        code, err = run_cli(w.fit_args(w.data, tmp / "runs", option, "val/loss"))
+        assert code == 2 and f"pass {source} instead of {option}" in err and len(err.splitlines()) <= 3, err
     return cli_error(w.fit_args(w.data, tmp / "runs", "--data.image_size", "48"), "--model.image_size")
 
 

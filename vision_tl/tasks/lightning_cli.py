@@ -204,9 +204,10 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
-        linked = re.search(r"argument ([\w.]+) --> ([\w.]+)", message)
+        linked = (re.search(r"argument ([\w.]+) --> ([\w.]+)", message)
+                  or re.search(r'Linked "([\w.]+)" must be given via "([\w.]+)"', message))
         if linked and self.exit_on_error:  # e.g. --data.image_size, which follows --model.image_size
-            source, target = linked.groups()
+            source, target = linked.groups() if "-->" in message else linked.groups()[::-1]
             print(f"error: {target} is set from {source}; pass --{source} instead of --{target}", file=sys.stderr)
             raise SystemExit(2)
         helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
