@@ -239,13 +239,24 @@ _warned_frames = False
 
 
 def _warn_frames(img: Image.Image, path: Path) -> None:
+    """Warn (once per process) about a file with pages or frames after the first. Counted on a
+    handle of its own: a TIFF's pages are found by seeking through it, and a damaged pointer to a
+    later page must neither fail nor disturb the decoding of the first."""
     global _warned_frames
-    if _warned_frames or img.format not in ("TIFF", "PNG", "WEBP") or not getattr(img, "is_animated", False):
+    if _warned_frames or img.format not in ("TIFF", "PNG", "WEBP"):
+        return
+    try:
+        with warnings.catch_warnings(), Image.open(path) as other:
+            warnings.simplefilter("ignore")  # (Pillow's own notes on a damaged later page)
+            if not getattr(other, "is_animated", False):
+                return
+            frames = f"{other.n_frames} pages or frames"
+    except Exception:  # noqa: BLE001 - a later page that cannot be read: the first is what is used
         return
     _warned_frames = True
-    warnings.warn(f"{path}: holds {img.n_frames} pages or frames; vision_tl reads the first only, in training and "
-                  "on the line alike (save each page as its own file to use the others). Other such files are "
-                  "not reported.", MultiFrameWarning, stacklevel=3)
+    warnings.warn(f"{path}: holds {frames}; vision_tl reads the first only, in training and on the line alike "
+                  "(save each page as its own file to use the others). Other such files are not reported.",
+                  MultiFrameWarning, stacklevel=3)
 
 
 def decode_error(path: str | Path) -> str:

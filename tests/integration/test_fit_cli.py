@@ -65,10 +65,12 @@ def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
 
 def test_a_fit_stopped_by_max_steps_before_a_validation_says_it_has_no_best_checkpoint(inspection_folder, tmp_path):
     """It printed 'best epoch 0 ...' and exited 0 with no best.ckpt, which report and export then missed."""
-    with pytest.warns(UserWarning, match=r"training ended before a validated epoch was saved, so run .* has no "
+    with pytest.warns(UserWarning, match=r"training ended before an epoch was validated, so run .* has no "
                                          r"checkpoints/best\.ckpt"):
         run = _fit(tmp_path, inspection_folder, "--trainer.max_steps", "1", "--model.mode", "full")
     assert not (run / "checkpoints" / "best.ckpt").exists()
+    with pytest.warns(UserWarning, match=r"no validated epoch was saved, .* leave out --trainer\.fast_dev_run"):
+        _fit(tmp_path / "dev", inspection_folder, "--trainer.fast_dev_run", "true")
 
 
 def test_true_half_precision_trains(inspection_folder, tmp_path):

@@ -351,19 +351,31 @@ def test_scan_lists_every_cut_off_tiff_bmp_and_ppm_up_front(tmp_path):
     training once decoded, naming one file per attempt; the scan now decodes them and lists all."""
     import io
 
+    from vision_tl.data import folder
+
     root = _folder(tmp_path / "d", {"ok": 3, "dent": 3})
     pixels = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
-    for kind, suffix in (("TIFF", "tif"), ("BMP", "bmp"), ("PPM", "ppm")):
+    kinds = (("TIFF", "tif", {}), ("TIFF", "lzw.tif", {"compression": "tiff_lzw"}), ("BMP", "bmp", {}),
+             ("PPM", "ppm", {}), ("WEBP", "webp", {"lossless": True}))
+    for kind, suffix, options in kinds:
         buf = io.BytesIO()
-        pixels.save(buf, kind)
+        pixels.save(buf, kind, **options)
         whole = buf.getvalue()
         (root / "ok" / f"whole.{suffix}").write_bytes(whole)
         (root / "dent" / f"cut.{suffix}").write_bytes(whole[: len(whole) * 6 // 10])
-    with pytest.raises(DatasetError, match=r"3 unreadable image\(s\)") as info:
+    with pytest.raises(DatasetError, match=r"5 unreadable image\(s\)") as info:
         scan_folder(root)
-    assert all(str(root / "dent" / f"cut.{s}") in str(info.value) for s in ("tif", "bmp", "ppm"))
+    assert all(str(root / "dent" / f"cut.{s}") in str(info.value) for _, s, _ in kinds)
     kept = {s.path.name for s in scan_folder(root, skip_bad=True).samples}
-    assert {"whole.tif", "whole.bmp", "whole.ppm"} <= kept
+    assert {f"whole.{s}" for _, s, _ in kinds} <= kept
+    # a whole WebP or compressed TIFF is checked without decoding it (that took 60-100 ms per camera image)
+    decoded = []
+    real = folder.load_rgb
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(folder, "load_rgb", lambda path: decoded.append(path.name) or real(path))
+        folder._SCANNED.clear()
+        scan_folder(root, skip_bad=True)
+    assert not {"whole.webp", "whole.lzw.tif", "whole.tif"} & set(decoded)
 
 
 def test_a_large_group_of_copies_does_not_flood_val(tmp_path):

@@ -224,7 +224,7 @@ def test_gradual_unfreezing_is_refused_under_ddp():
 
 
 @pytest.mark.parametrize("milestones,message", [
-    ({2: 0}, r"\{2: 0\}: 0 stages; the backbone \(EfficientNet\) has \d+: give 1 to \d+"),
+    ({2: 0}, r"\{2: 0\}: 0 stages; give 1 to \d+, the number of last stages of EfficientNet"),
     ({5: 2}, r"\{5: 2\}: epoch 5 never comes \(this fit trains epochs 0\.\.2\)"),
     ({-1: 2}, r"epoch -1 never comes"),
 ])
@@ -236,6 +236,7 @@ def test_gradual_unfreezing_refuses_milestones_that_cannot_work_before_training(
 
     with pytest.raises(ValueError, match=message):
         GradualUnfreezing(milestones).setup(SimpleNamespace(world_size=1, max_epochs=3), _model("frozen"), "fit")
+    GradualUnfreezing({1: 99})._check_milestones(_model("frozen").net.backbone, 3)  # more than it has: all of it
 
 
 def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_path, capsys):

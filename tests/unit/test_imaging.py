@@ -351,3 +351,14 @@ def test_a_multi_page_tiff_is_read_as_its_first_page_with_a_warning(tmp_path, mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_rgb(tmp_path / "pages.tif")  # once per process
+    # a damaged pointer to the second page: the first still reads, every time
+    import struct
+
+    monkeypatch.setattr(imaging, "_warned_frames", False)
+    data = bytearray((tmp_path / "pages.tif").read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    entries = struct.unpack("<H", data[ifd:ifd + 2])[0]
+    data[ifd + 2 + 12 * entries: ifd + 6 + 12 * entries] = struct.pack("<I", len(data) + 1000)
+    (tmp_path / "bad_next.tif").write_bytes(bytes(data))
+    for _ in range(2):
+        assert np.array_equal(load_rgb(tmp_path / "bad_next.tif"), first)

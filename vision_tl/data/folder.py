@@ -224,12 +224,22 @@ def _check_header(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
         with open_image(path, limit) as img:
-            img.verify()  # a PNG's every chunk and checksum; of other formats the header only
             kind = img.format
-        if kind == "JPEG" and not _ends_like_a_jpeg(path):
-            load_rgb(path)  # no end marker near the end: decode it, which names what is wrong, if anything
-        elif kind not in ("JPEG", "PNG"):
-            load_rgb(path)  # a cut-off TIFF, BMP or PPM passes verify: decode it (cheap for such formats)
+            data_end = _tiff_data_end(img) if kind == "TIFF" else None
+            img.verify()  # a PNG's every chunk and checksum; of other formats the header only
+        # Cut off in transfer, the other formats pass verify and failed only when training decoded
+        # them: each is checked cheaply, and decoded (which names what is wrong) where that fails.
+        size = path.stat().st_size
+        if kind in ("JPEG", "MPO"):
+            cut = not _ends_like_a_jpeg(path)  # (MPO: a camera's JPEG with a second picture)
+        elif kind == "TIFF":
+            cut = data_end is None or data_end > size  # its strips or tiles end past the file
+        elif kind == "WEBP":
+            cut = _riff_size(path) > size
+        else:  # BMP, PPM/PGM: raw pixels, as cheap to decode as to read; anything else, to be sure
+            cut = kind != "PNG"
+        if cut:
+            load_rgb(path)
     except ImageLoadError as exc:
         return str(exc).removeprefix(f"{path}: ")
     except UnidentifiedImageError:
@@ -242,6 +252,25 @@ def _check_header(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - every reader failure means "not a usable image"
         return f"not a readable image ({type(exc).__name__}: {exc})"
     return None
+
+
+def _tiff_data_end(img) -> int | None:
+    """Where the first page's last strip or tile ends in the file (None: no such tags)."""
+    tags = img.tag_v2
+    for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
+        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+        if offsets is not None and counts is not None:
+            offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+            counts = counts if isinstance(counts, tuple) else (counts,)
+            return max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
+    return None
+
+
+def _riff_size(path: Path) -> int:
+    """The file size a WebP's RIFF header declares (its bytes 4..8 plus the 8 before them)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return int.from_bytes(head[4:8], "little") + 8 if head[:4] == b"RIFF" and len(head) == 8 else 1 << 62
 
 
 def _ends_like_a_jpeg(path: Path, tail: int = 4096) -> bool:

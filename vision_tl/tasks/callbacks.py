@@ -164,12 +164,13 @@ class RunArtifacts(L.Callback):
         best = self.best_epoch(trainer)
         checkpoints = trainer.checkpoint_callback
         saved = checkpoints.best_model_path if isinstance(checkpoints, RunCheckpoint) else None
-        if trainer.is_global_zero and saved is not None and (best is None or not saved or not Path(saved).is_file()):
-            # (max_steps or a time limit ended training before an epoch's validation)
-            warnings.warn(f"training ended before a validated epoch was saved, so run {self.run_dir(trainer)} has no "
-                          "checkpoints/best.ckpt for report, export or test; train for at least one whole epoch "
-                          "(see --trainer.max_steps / max_time / limit_train_batches)", stacklevel=2)
-            return
+        if trainer.is_global_zero and saved is not None and not (saved and Path(saved).is_file()):
+            why, fix = (("training ended before an epoch was validated", "train for at least one whole epoch (see "
+                         "--trainer.max_steps / max_time / limit_train_batches)") if best is None else
+                        ("no validated epoch was saved", "leave out --trainer.fast_dev_run, and give "
+                         "--checkpoint.every_n_epochs at most the number of epochs"))
+            warnings.warn(f"{why}, so run {self.run_dir(trainer)} has no checkpoints/best.ckpt for report, export or "
+                          f"test; {fix}", stacklevel=2)
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
@@ -288,6 +289,8 @@ class GradualUnfreezing(BaseFinetuning):
         before training (they failed after epochs of it, naming trainable_stages, or never fired)."""
         from vision_tl.backbones import backbone_stages
 
+        if not self.milestones:
+            return
         try:
             n = len(backbone_stages(backbone))
         except ValueError as exc:
@@ -297,9 +300,9 @@ class GradualUnfreezing(BaseFinetuning):
                 last = f"0..{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "0 on"
                 raise ValueError(f"GradualUnfreezing milestones {{{epoch}: {count}}}: epoch {epoch} never comes (this fit "
                                  f"trains epochs {last}); give an epoch in that range, or more --trainer.max_epochs")
-            if not 1 <= count <= n:
-                raise ValueError(f"GradualUnfreezing milestones {{{epoch}: {count}}}: {count} stages; the backbone "
-                                 f"({type(backbone).__name__}) has {n}: give 1 to {n} (stages counted from the end)")
+            if count < 1:  # (more than the backbone has: all of it, as unfreeze_stages reads it)
+                raise ValueError(f"GradualUnfreezing milestones {{{epoch}: {count}}}: {count} stages; give 1 to {n}, "
+                                 f"the number of last stages of {type(backbone).__name__} to train (or more: all)")
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """The module's ``mode`` already froze what must start frozen."""

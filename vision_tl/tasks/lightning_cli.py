@@ -670,8 +670,12 @@ def _check_fit_settings(cfg) -> None:
         raise ValueError("--checkpoint.filename and --checkpoint.dirpath are fixed: report, export, test and resume "
                          "read RUN/checkpoints/best.ckpt and last.ckpt; leave both unset (to keep a copy elsewhere, "
                          "copy the file after training)")
-    if checkpoint.get("every_n_epochs") == 0 and not checkpoint.get("every_n_train_steps"):
+    every_n = checkpoint.get("every_n_epochs")
+    if every_n == 0 and not checkpoint.get("every_n_train_steps") and not checkpoint.get("train_time_interval"):
         raise ValueError("--checkpoint.every_n_epochs 0 saves no epoch's best.ckpt; leave it unset (1: every epoch)")
+    if number(every_n) and number(epochs) and 0 < epochs < every_n:
+        raise ValueError(f"--checkpoint.every_n_epochs {every_n} with --trainer.max_epochs {epochs}: no epoch's "
+                         "checkpoint would be saved, so no best.ckpt; give a value of at most the number of epochs")
 
 
 def _run_settings(run: Path) -> dict:
