@@ -29,3 +29,14 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    except RuntimeError as exc:  # torch's words for an input smaller than a layer's window
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if os.environ.get("VISION_TL_DEBUG") == "1" or not any(p in first for p in _TOO_SMALL):
+            raise
+        print(f"error: the images are too small for this backbone's layers ({first}); give a larger "
+              "--model.image_size (or --image-size): most CNNs need 32 px or more", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+_TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output size is too small",
+              "Calculated padded input size per channel")

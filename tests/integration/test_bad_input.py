@@ -763,6 +763,13 @@ def _cli_fit_refused(*option: str, named: str, valid: str) -> Callable[[World, P
     return case
 
 
+def cli_image_too_small_for_the_backbone(w: World, tmp: Path) -> Result:
+    """torch's 'Kernel size can't be greater than actual input size' traceback, as one line."""
+    return cli_error(["extract", str(w.data), "--backbone", "convnext_atto", "--random-init", "--image-size", "16",
+                      "--out", str(tmp / "f.npz"), "--cache-dir", str(tmp / "cache"), "--no-progress"],
+                     "too small for this backbone", "--image-size")
+
+
 def cli_gpu_config_without_gpu(w: World, tmp: Path) -> Result:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -964,6 +971,8 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-negative-epochs", "--trainer.max_epochs -3", "CLI", cli_negative_epochs),
     ("cli-linked-option", "--data.image_size (follows --model.image_size)", "CLI", cli_linked_option),
     ("cli-zero-epochs", "--trainer.max_epochs 0", "CLI", cli_zero_epochs),
+    ("cli-image-too-small", "an image size smaller than the backbone's layers (convnext_atto at 16 px)", "CLI",
+     cli_image_too_small_for_the_backbone),
     ("cli-accumulate-negative", "--trainer.accumulate_grad_batches -1 (a schedule of one step: lr 0)", "CLI",
      _cli_fit_refused("--trainer.accumulate_grad_batches", "-1", named="accumulate_grad_batches -1",
                       valid="at least 1")),

@@ -133,7 +133,8 @@ class FeatureExtractor:
             if not info or not -len(info) <= k < len(info):
                 raise ValueError(
                     f"stage {k} does not exist in {backbone}: it has {len(info)} feature stages "
-                    f"(0..{len(info) - 1}, widths {info}); use 'pooled' or one of those numbers"
+                    f"(0..{len(info) - 1}, or -{len(info)}..-1 counted from the end; widths {info}); use 'pooled' "
+                    "or one of those numbers"
                 )
             if k % len(info) in self._indices:
                 raise ValueError(f"stages {','.join(self.stages)} name stage {k % len(info)} twice ({k} counts from "
