@@ -225,19 +225,19 @@ def _check_header(path: Path) -> str | None:
             return "empty file (0 bytes)"
         with open_image(path, limit) as img:
             kind = img.format
-            data_end = _tiff_data_end(img) if kind == "TIFF" else None
+            data_end = _tiff_data_end(img) if kind == "TIFF" else _raw_data_end(img)
             img.verify()  # a PNG's every chunk and checksum; of other formats the header only
         # Cut off in transfer, the other formats pass verify and failed only when training decoded
         # them: each is checked cheaply, and decoded (which names what is wrong) where that fails.
         size = path.stat().st_size
         if kind in ("JPEG", "MPO"):
             cut = not _ends_like_a_jpeg(path)  # (MPO: a camera's JPEG with a second picture)
-        elif kind == "TIFF":
-            cut = data_end is None or data_end > size  # its strips or tiles end past the file
         elif kind == "WEBP":
             cut = _riff_size(path) > size
-        else:  # BMP, PPM/PGM: raw pixels, as cheap to decode as to read; anything else, to be sure
-            cut = kind != "PNG"
+        elif kind != "PNG":  # TIFF strips or tiles, BMP rows ending past the file; else decoded, to be sure
+            cut = data_end is None or data_end > size
+        else:
+            cut = False
         if cut:
             load_rgb(path)
     except ImageLoadError as exc:
@@ -264,6 +264,17 @@ def _tiff_data_end(img) -> int | None:
             counts = counts if isinstance(counts, tuple) else (counts,)
             return max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
     return None
+
+
+def _raw_data_end(img) -> int | None:
+    """Where an uncompressed image's pixel rows end in the file (BMP), or None where its header
+    does not say (compressed, or no row stride given)."""
+    tiles = getattr(img, "tile", None) or []
+    if len(tiles) != 1 or tiles[0][0] != "raw":
+        return None
+    _, extents, offset, args = tiles[0]
+    stride = args[1] if isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int) else 0
+    return int(offset) + abs(stride) * (extents[3] - extents[1]) if stride else None
 
 
 def _riff_size(path: Path) -> int:
