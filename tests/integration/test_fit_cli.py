@@ -99,6 +99,21 @@ def test_evaluating_a_checkpoint_needs_no_pretrained_weights_file(inspection_fol
     assert str(weights) in saved  # the config as given, not the settings it was built with
 
 
+def test_a_runs_checkpoint_starts_a_new_run_as_its_backbone_weights(trained_run, tmp_path):
+    """--model.weights RUN/checkpoints/best.ckpt listed net.backbone.* keys as missing/unexpected;
+    its backbone now starts another run (its own classes and head)."""
+    from vision_tl.backbones import BackboneWeightsError, create_backbone
+
+    best = trained_run / "checkpoints" / "best.ckpt"
+    net = create_backbone("test_efficientnet", weights=best)
+    trained = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, trained[f"net.backbone.{key}"]), key
+    with pytest.raises(BackboneWeightsError, match=r"a vision_tl checkpoint of backbone test_efficientnet, not "
+                                                   r"resnet18; pass --model.backbone test_efficientnet"):
+        create_backbone("resnet18", weights=best)
+
+
 def test_sigterm_stops_predict_at_the_next_batch_without_a_csv(trained_run, tmp_path, monkeypatch):
     """Lightning's predict loop never checks for SIGTERM: predict ran to the end and exited 0."""
     import os

@@ -110,7 +110,8 @@ def weights_identity(model: nn.Module) -> str:
     return getattr(model, "vision_tl_weights", "unknown")
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``(state dict, the backbone a vision_tl run trained)``: the second is None for other files."""
     if not path.is_file():
         raise BackboneWeightsError(f"weights file {path} does not exist or is not a file")
     expected = "Expected a .safetensors file or a .pth/.pt state dict loadable with torch.load(weights_only=True)"
@@ -130,11 +131,25 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise BackboneWeightsError(
             f"cannot read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             f"{expected}") from exc
+    if isinstance(state, dict) and isinstance(state.get("vision_tl"), dict) and isinstance(state.get("state_dict"), dict):
+        return _backbone_of_run(path, state), str(state["vision_tl"].get("backbone") or "") or None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneWeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state, None
+
+
+def _backbone_of_run(path: Path, checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The backbone weights of a checkpoint ``vision-tl fit`` wrote (``net.backbone.*``): a run on
+    one line's images is a starting point for another's, with its own classes and head."""
+    prefix = "net.backbone."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+             if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if not state:
+        raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint without backbone weights "
+                                   f"({prefix}*); give another run's checkpoints/best.ckpt")
     return state
 
 
@@ -278,7 +293,10 @@ def create_backbone(
     identity = "random-init"
     if weights is not None:
         path = Path(weights).expanduser()
-        state = _read_weights_file(path)
+        state, trained = _read_weights_file(path)
+        if trained and trained != name:
+            raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint of backbone {trained}, not "
+                                       f"{name}; pass --model.backbone {trained} (Python: backbone={trained!r})")
         _load_into(model, _resample_for(model, state) if resized else state, str(path))
         identity = f"file:{path.name}:{_file_digest(path)}"
     elif pretrained:
@@ -290,7 +308,7 @@ def create_backbone(
             model, _ = _create_model(name, size, True, kwargs)
             path, how = None, "download"
         if path is not None:
-            state = _read_weights_file(path)
+            state, _ = _read_weights_file(path)
             if how == "embedded":
                 state = map_state_dict_by_order(state, model.state_dict(), str(path))
             _load_into(model, _resample_for(model, state) if resized else state, str(path))
