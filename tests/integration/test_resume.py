@@ -202,6 +202,23 @@ def test_a_batch_size_edited_into_the_runs_config_is_refused_on_resume(inspectio
     assert f"resuming {run}: it trained with --data.batch_size 4, and this command gives 8" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_it_cannot_write_is_refused_before_touching_it(inspection_folder, tmp_path, capsys,
+                                                                         monkeypatch):
+    import tempfile
+
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = sorted(p.name for p in run.iterdir())
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if dir is not None and Path(dir) == run else real(*a, dir=dir, **k))
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info.value.code == 2
+    assert f"resuming {run}: cannot write in it (Permission denied)" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_resume_of_a_non_square_run(inspection_folder, tmp_path, capsys):
     """image_size [32, 48] as the command line parses it (a tuple) is the list the checkpoint
     holds: the resume goes on instead of reporting a change of model settings."""

@@ -649,3 +649,14 @@ def test_the_summary_of_a_val_split_carved_out_of_train(tmp_path):
     dm = _dm(root)
     dm.setup("fit")
     assert dm.summary().startswith("2 classes (train/val images): dent 4/1, ok 8/2")
+
+
+@pytest.mark.parametrize("word", ["0", "no", "maybe", "off"])
+def test_decoded_cache_words_meant_as_switches_are_refused_not_made_folders(tmp_path, word, monkeypatch):
+    from vision_tl.data import ImageFolderDataModule
+
+    root = _folder(tmp_path / "d", {"ok": 2, "dent": 2})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"decoded_cache '{word}': give true, false or a folder path"):
+        ImageFolderDataModule(root, backbone="test_efficientnet", image_size=32, decoded_cache=word)
+    assert not (tmp_path / word).exists()

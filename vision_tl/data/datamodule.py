@@ -58,6 +58,8 @@ SAMPLERS = ("auto", "none", "balanced")
 # (benchmarks/imbalance.py on NEU)
 BALANCE_RATIO = 4
 PIPELINES = ("auto", "cpu", "device")
+# decoded_cache strings that are switches meant, not folder names
+_NOT_FOLDERS = {"", "0", "1", "yes", "no", "on", "off", "none", "null", "maybe", "auto", "y", "n"}
 
 
 class ImageDataset(Dataset):
@@ -250,6 +252,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"augment {augment!r} turns images by 90 degrees ({type(turns[0]).__name__}), which swaps height "
                 f"and width of the non-square input size {height}x{width}; use a square image_size, or "
                 "augment 'light', 'none' or a list without 90-degree turns")
+        if isinstance(decoded_cache, str) and decoded_cache.strip().lower() in _NOT_FOLDERS:
+            # (a word meant as a switch would become a cache folder of that name in the working directory)
+            raise ValueError(f"decoded_cache {decoded_cache!r}: give true, false or a folder path "
+                             "(e.g. --data.decoded_cache true, or --data.decoded_cache /scratch/decoded)")
         if pixels_on_device and (pipeline == "cpu" or not decoded_cache):
             raise ValueError("pixels_on_device keeps the decoded cache's pixels on the device for the device "
                              f"pipeline; it needs pipeline 'device' or 'auto' (got {pipeline!r}) and decoded_cache "

@@ -30,7 +30,7 @@ from vision_tl.tasks.resume import (
 )
 from vision_tl.utils import launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
-from vision_tl.utils.files import atomic_path, lock_dir, release_dir_locks
+from vision_tl.utils.files import atomic_path, lock_dir, release_dir_locks, unwritable
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
@@ -558,6 +558,10 @@ class VisionTLCLI(LightningCLI):
                     f"resuming {run}: another process is training that run right now (it holds the run's lock); "
                     "let it finish, or stop it, then resume with the same command (its last.ckpt is then the "
                     "newest); nothing in the run was changed")
+            reason = unwritable(run)
+            if reason:  # (it stopped at renaming metrics.csv, with the bare system error)
+                raise ValueError(f"resuming {run}: cannot write in it ({reason}); make the run directory writable, "
+                                 "or copy the run elsewhere and resume the copy")
             if (run / "labels.json").is_file():  # before anything in the run is touched
                 data = cfg.data
                 check_resumed_data(run, ImageFolderDataModule(  # the run's own split (its split_file, if any)
