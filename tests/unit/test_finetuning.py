@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -341,6 +343,35 @@ def test_gradual_unfreezing_in_frozen_mode_trains_the_backbone_despite_the_featu
     assert "feature_cache is not used" in out
     assert "epoch 2: the last 1 stage(s) train already" in out  # {2: 1} after {1: 2} adds nothing
     after = model.net.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+
+
+def test_a_frozen_fit_stopped_by_an_error_leaves_no_features_for_the_next_model(inspection_folder, tmp_path):
+    """A frozen fit that stopped (Ctrl-C in a notebook) never reached teardown: the data module
+    kept serving cached features, and the next model, in full mode, trained its head only."""
+    from vision_tl.data import ImageFolderDataModule
+
+    class Stop(L.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            raise KeyboardInterrupt
+
+    data = ImageFolderDataModule(inspection_folder, backbone=TINY, image_size=32, batch_size=8, num_workers=0,
+                                 augment="none")
+    frozen = ImageClassifier(data.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                             feature_cache=str(tmp_path / "cache"))
+    settings = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with contextlib.suppress(BaseException):
+        L.Trainer(**settings, callbacks=[Stop()]).fit(frozen, datamodule=data)
+    full = ImageClassifier(data.classes, backbone=TINY, pretrained=False, image_size=32, mode="full",
+                           warmup_fraction=0.0)
+    seen = []
+    real = full.training_step
+    full.training_step = lambda batch, batch_idx: seen.append(batch[0].ndim) or real(batch, batch_idx)
+    before = {k: v.clone() for k, v in full.net.backbone.state_dict().items()}
+    L.Trainer(**settings).fit(full, datamodule=data)
+    assert set(seen) == {4}  # image batches, not [N, F] features
+    after = full.net.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
 
 

@@ -495,6 +495,10 @@ class ImageClassifier(L.LightningModule):
         counts = self.hparams.class_counts
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         self._check_datamodule(datamodule)
+        if hasattr(datamodule, "use_features"):
+            # images again, until a frozen fit (below) switches to its features: a fit that stopped on an
+            # error or Ctrl-C never reached teardown, and left them for the next model (in a notebook)
+            datamodule.use_features(None)
         if counts is None and stage != "predict" and datamodule is not None and hasattr(datamodule, "class_counts"):
             counts = datamodule.class_counts("train")
         scheme = self.hparams.class_weights
