@@ -69,7 +69,19 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vision-tl ARGV``; returns the exit status."""
+    """Run ``vision-tl ARGV``; returns the exit status (0 ok; 2 bad arguments or input, after a
+    one-line ``error: ...``), also where a command's parser exits (``--help``, a bad option), so
+    ``assert main([...]) == 0`` in a notebook or a script reads it."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)  # (sys.exit("message"): the message, then status 1)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv == ["help"]:
         print(_usage())
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and command == "help":  # `vision-tl help predict`: that command's help
         if argv == sys.argv[1:]:  # (LightningCLI compares what it is given with sys.argv)
             sys.argv[1:] = [argv[1], "--help"]
-        return main([argv[1], "--help"])
+        return _main([argv[1], "--help"])
     if command not in LIGHTNING_COMMANDS and command not in OTHER_COMMANDS:
         import difflib
 
@@ -130,7 +142,7 @@ def console_main() -> int:
         # decode and hash a whole folder) and after it removes it, SIGTERM interrupts like Ctrl-C
         with sigterm_as_interrupt(defer=command in LIGHTNING_COMMANDS) as received:
             try:
-                status = main()
+                status = _main()  # (main() without its SystemExit catch: told apart below)
             except SystemExit as exc:  # Lightning inside a command (demo's fit) exits 1 on an interruption
                 if received and exc.code not in (0, None):
                     print(f"vision-tl {command}: stopped (SIGTERM)", file=sys.stderr)

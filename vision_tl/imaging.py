@@ -40,6 +40,13 @@ _CHECKED_LAYOUTS = {("YCbCr", "444"), ("YCbCr", "422"), ("YCbCr", "420"), ("Gray
 _fast_jpeg: object | None = None  # the simplejpeg module once checked; False: not used here
 
 
+# The version of the pixels load_rgb and resize give: bumped whenever some file decodes to other
+# pixels than before (2: tifffile's alpha composited on black, signed/32-bit data refused). The
+# feature and decoded-image caches key on it, so a kit upgrade never serves pixels or features of
+# the old decoding.
+PIXELS_VERSION = 2
+
+
 class ImageLoadError(ValueError):
     """An image file that cannot be decoded; the message names the file and the reason."""
 

@@ -69,9 +69,8 @@ def test_sigterm_then_resume_matches_uninterrupted_run(inspection_folder, tmp_pa
     assert yaml.safe_load((run / "config.yaml").read_text()).get("ckpt_path") is None
     # without a checkpoint, evaluating would score an untrained head: refused, naming the file
     capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["validate", "--config", str(run / "config.yaml")])
-    assert info.value.code == 2
+    info = main(["validate", "--config", str(run / "config.yaml")])
+    assert info == 2
     assert f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err
     assert main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]) == 0  # this run's
     resumed, expected = _final_state(run), _final_state(reference)
@@ -101,9 +100,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(inspection_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info == 2
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -160,10 +158,9 @@ def test_resume_refuses_other_data_before_touching_the_run(inspection_folder, tm
              (inspection_folder, ["--data.batch_size", "8"], "it trained with --data.batch_size 4, and this command gives 8"))
     for data, extra, expected in cases:
         capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--data.root", str(data),
-                  "--trainer.max_epochs", "2", *extra])
-        assert info.value.code == 2
+        info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--data.root", str(data),
+              "--trainer.max_epochs", "2", *extra])
+        assert info == 2
         err = capsys.readouterr().err
         assert expected in err and "start a new run" in err and "resume from the end" not in err
         assert _snapshot(run) == before
@@ -180,10 +177,9 @@ def test_continuing_into_a_new_run_refuses_another_batch_size(inspection_folder,
     moved = tmp_path / "kept.ckpt"
     shutil.copy(last, moved)
     for ckpt, named in ((last, last.parent.parent), (moved, moved)):
-        with pytest.raises(SystemExit) as info:
-            main([*_args(inspection_folder, tmp_path / "b"), "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt),
-                  "--data.batch_size", "8"])
-        assert info.value.code == 2
+        info = main([*_args(inspection_folder, tmp_path / "b"), "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt),
+              "--data.batch_size", "8"])
+        assert info == 2
         err = capsys.readouterr().err
         assert f"resuming {named}: it trained with --data.batch_size 4, and this command gives 8" in err
     assert not (tmp_path / "b" / "partial").exists() or not any((tmp_path / "b" / "partial").iterdir())
@@ -196,9 +192,8 @@ def test_a_batch_size_edited_into_the_runs_config_is_refused_on_resume(inspectio
     run = tmp_path / "partial" / "version_0"
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("batch_size: 4", "batch_size: 8"))
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info == 2
     assert f"resuming {run}: it trained with --data.batch_size 4, and this command gives 8" in capsys.readouterr().err
 
 
@@ -212,11 +207,36 @@ def test_resume_of_a_run_it_cannot_write_is_refused_before_touching_it(inspectio
     real = tempfile.mkstemp
     monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: (_ for _ in ()).throw(
         PermissionError(13, "Permission denied")) if dir is not None and Path(dir) == run else real(*a, dir=dir, **k))
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info == 2
     assert f"resuming {run}: cannot write in it (Permission denied)" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_frozen_resume_takes_its_features_from_the_checkpoints_backbone(inspection_folder, tmp_path):
+    """The feature cache was filled before Lightning restored the checkpoint: with the weights file
+    the config names changed since, the head trained on features of weights the run never had."""
+    import shutil
+
+    from vision_tl.backbones import create_backbone
+
+    weights = tmp_path / "backbone.pth"
+    original = create_backbone("test_efficientnet", pretrained=False).state_dict()
+    torch.save(original, weights)
+    args = [*_args(inspection_folder, tmp_path / "runs"), "--model.mode", "frozen", "--model.pretrained", "true",
+            "--model.weights", str(weights), "--data.augment", "none", "--model.feature_cache", str(tmp_path / "cache"),
+            "--trainer.max_epochs", "1"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    copy = tmp_path / "runs" / "partial" / "copy"
+    shutil.copytree(run, copy)
+    losses = []
+    for folder, scale in ((run, 1.0), (copy, 1.5)):
+        torch.save({k: v * scale if v.is_floating_point() else v for k, v in original.items()}, weights)
+        assert main(["fit", "--config", str(folder / "config.yaml"), "--ckpt_path", "last",
+                     "--trainer.max_epochs", "2"]) == 0
+        losses.append(json.loads((folder / "metrics.json").read_text())["history"][-1]["tie_break"])  # val/loss
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_resume_of_a_non_square_run(inspection_folder, tmp_path, capsys):
@@ -278,9 +298,8 @@ def test_a_run_being_trained_is_neither_resumed_nor_shared(inspection_folder, tm
     try:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
-        assert info.value.code == 2
+        info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+        assert info == 2
         assert "another process is training that run right now" in capsys.readouterr().err
         assert _snapshot(run) == before
         taken = tmp_path / "partial" / "version_1"  # made by the other command, which picked it first
@@ -288,9 +307,8 @@ def test_a_run_being_trained_is_neither_resumed_nor_shared(inspection_folder, tm
         second = os.open(taken, os.O_RDONLY)
         fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
         monkeypatch.setattr(CSVLogger, "_get_next_version", lambda self: 1)
-        with pytest.raises(SystemExit) as info:
-            main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"])
-        assert info.value.code == 2
+        info = main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1"])
+        assert info == 2
         assert f"run directory {taken} is in use by another command" in capsys.readouterr().err
         assert list(taken.iterdir()) == []  # nothing written into the other command's run
     finally:
@@ -323,10 +341,9 @@ def test_resume_of_a_train_val_run_on_another_folder_is_refused(inspection_folde
     assert main([*_args(first, tmp_path), "--trainer.max_epochs", "1"]) == 0
     run = tmp_path / "partial" / "version_0"
     before = _snapshot(run)
-    with pytest.raises(SystemExit) as info:
-        main([*_args(other, tmp_path), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    info = main([*_args(other, tmp_path), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     err = capsys.readouterr().err
-    assert info.value.code == 2
+    assert info == 2
     assert f"it was trained on {first.resolve()}, but this command's data is {other}" in err
     assert f"--config {run / 'config.yaml'} --ckpt_path last" in err
     assert _snapshot(run) == before
@@ -344,9 +361,8 @@ def test_ckpt_path_last_of_a_run_without_checkpoints_is_refused(inspection_folde
         shutil_copy = (finished / name).read_bytes()
         (killed / name).write_bytes(shutil_copy)
     before = _snapshot(finished)
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(killed / "config.yaml"), "--ckpt_path", "last"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(killed / "config.yaml"), "--ckpt_path", "last"])
+    assert info == 2
     err = capsys.readouterr().err
     assert f"run {killed} has no checkpoints/last.ckpt" in err
     assert _snapshot(finished) == before
@@ -392,15 +408,13 @@ def test_resume_survives_a_damaged_metrics_json_and_names_best_without_last(insp
     assert (run / "metrics.damaged.json").read_text() == '{"classes": ['
     (run / "checkpoints" / "last.ckpt").unlink()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "3"])
+    assert info == 2
     assert f"resume from that epoch with --ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in capsys.readouterr().err
     (run / "labels.json").write_text('["crack", "good"')  # cut off: named, not a bare JSON error
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
-              "--trainer.max_epochs", "3"])
-    assert info.value.code == 2
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+          "--trainer.max_epochs", "3"])
+    assert info == 2
     assert f"resuming {run}: its labels.json (the class names in index order) cannot be read" in capsys.readouterr().err
 
 

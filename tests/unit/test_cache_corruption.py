@@ -210,8 +210,14 @@ def _images(tmp_path: Path, n: int = 3) -> list[Path]:
     return paths
 
 
+def _shas(paths: list[Path]) -> list[str]:
+    from vision_tl.utils.files import file_sha256
+
+    return [file_sha256(p) for p in paths]
+
+
 def _decoded(paths: list[Path], cache: Path) -> np.ndarray:
-    pixels, bad = dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
+    pixels, bad = dc.decoded_images(paths, _shas(paths), (8, 8), "bilinear", cache)
     assert bad == []
     return np.array(pixels)
 
@@ -271,7 +277,7 @@ def test_read_only_decoded_cache_fails_before_decoding_and_says_how_to_move_it(t
     expected = _decoded(paths, cache)
     monkeypatch.setenv(dc.CACHE_ENV, str(cache))
     _read_only(monkeypatch)
-    got, _ = dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear")  # filled: reading is fine
+    got, _ = dc.decoded_images(paths, _shas(paths), (8, 8), "bilinear")  # filled: reading is fine
     np.testing.assert_array_equal(got, expected)
     monkeypatch.setattr(dc, "decode_batches", lambda *a, **k: pytest.fail("decoded before checking"))
     with pytest.raises(dc.DecodedCacheError, match=rf"decoded-image cache {cache} \(from \$VISION_TL_DECODED_CACHE"

@@ -660,3 +660,18 @@ def test_decoded_cache_words_meant_as_switches_are_refused_not_made_folders(tmp_
     with pytest.raises(ValueError, match=rf"decoded_cache '{word}': give true, false or a folder path"):
         ImageFolderDataModule(root, backbone="test_efficientnet", image_size=32, decoded_cache=word)
     assert not (tmp_path / word).exists()
+
+
+def test_a_data_module_keeps_its_folder_across_a_change_of_directory_and_saves_its_split_unasked(
+        tmp_path, monkeypatch):
+    """A relative root was scanned lazily, from whatever directory a notebook was in by then
+    ('class folder ds/crack is missing'); save_split before set-up wrote nothing, silently."""
+    from vision_tl.data import ImageFolderDataModule
+
+    _folder(tmp_path / "ds", {"ok": 4, "dent": 4})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    dm = ImageFolderDataModule("ds", backbone="test_efficientnet", image_size=32, num_workers=0)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert dm.save_split(tmp_path / "split.json")  # sets itself up
+    assert json.loads((tmp_path / "split.json").read_text())["train"]

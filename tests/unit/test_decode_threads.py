@@ -162,7 +162,9 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
 def test_decoded_cache_built_on_threads_or_processes_is_the_one_built_in_one_thread(tmp_path, monkeypatch,
                                                                                     cores) -> None:
     paths = _images(tmp_path)
-    shas = [f"sha{i}" for i in range(len(paths))]
+    from vision_tl.utils.files import file_sha256
+
+    shas = [file_sha256(p) for p in paths]
     one, bad_one = dc.decoded_images(paths, shas, SIZE, "bilinear", tmp_path / "one", threads=0)
     monkeypatch.setattr(decode_threads, "usable_cores", lambda: cores)  # 16: loader processes
     monkeypatch.setattr(decode_threads, "_start_method", lambda: "fork")

@@ -31,7 +31,7 @@ def one_process_group():
 def test_the_command_line_closes_a_process_group_left_open_before_the_process_exits(one_process_group, monkeypatch):
     from vision_tl import cli
 
-    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(cli, "_main", lambda: 0)
     monkeypatch.setattr(cli.sys, "argv", ["vision-tl", "fit"])
     assert dist.is_initialized()
     assert cli.console_main() == 0

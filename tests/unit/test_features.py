@@ -840,3 +840,10 @@ def test_extract_says_which_files_of_a_flat_folder_it_ignores(tmp_path, unlabell
     with pytest.warns(UserWarning, match=r"ignoring 1 non-image file\(s\) under .*README\.txt"):
         images = scan_images(tmp_path, unlabelled=unlabelled)
     assert [p.name for p in images.paths] == ["0.png", "1.png"]
+
+
+def test_the_feature_cache_keys_on_the_version_of_the_decoded_pixels(tiny_net) -> None:
+    from vision_tl.imaging import PIXELS_VERSION
+
+    extractor = FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE))
+    assert extractor.identity()["pixels"] == PIXELS_VERSION

@@ -11,6 +11,7 @@ from PIL import Image
 from vision_tl.data import ImageFolderDataModule, decode_threads
 from vision_tl.data import decoded_cache as dc
 from vision_tl.tasks import ImageClassifier
+from vision_tl.utils.files import file_sha256
 
 TINY = "test_efficientnet"
 
@@ -37,16 +38,22 @@ def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path, capsys):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(np.full((10, 12, 3), i * 40, np.uint8)).save(paths[-1])
     cache = tmp_path / "cache"
-    pixels, bad = dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
+    shas = [file_sha256(p) for p in paths]
+    pixels, bad = dc.decoded_images(paths, shas, (8, 8), "bilinear", cache)
     assert pixels.shape == (3, 8, 8, 3) and bad == [] and int(pixels[2].mean()) == 80
     files = sorted(cache.glob("*.npy"))
     stamp = files[0].stat().st_mtime_ns
     assert f"decoded-image cache: wrote {files[0]} (3 images, 0.00 GiB)" in capsys.readouterr().out
-    dc.decoded_images(paths, ["a", "b", "c"], (8, 8), "bilinear", cache)
+    dc.decoded_images(paths, shas, (8, 8), "bilinear", cache)
     assert files[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert f"decoded-image cache: reusing {files[0]}" in capsys.readouterr().out  # and said so
-    dc.decoded_images(paths, ["a", "b", "CHANGED"], (8, 8), "bilinear", cache)
-    dc.decoded_images(paths, ["a", "b", "c"], (16, 16), "bilinear", cache)
+    dc.decoded_images(paths, shas, (16, 16), "bilinear", cache)
+    Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(paths[2])
+    with pytest.raises(ValueError, match=r"1 image\(s\) changed since the folder was scanned \(e\.g\. "
+                                         r".*2\.png\)"):  # the scan's hash is no longer the file's
+        dc.decoded_images(paths, shas, (12, 12), "bilinear", cache)  # (a size not built yet)
+    assert len(list(cache.glob("*.npy"))) == 2  # nothing cached under the stale hash
+    dc.decoded_images(paths, [*shas[:2], file_sha256(paths[2])], (8, 8), "bilinear", cache)
     assert len(list(cache.glob("*.npy"))) == 3  # new content or new size: new entries
 
 
@@ -424,3 +431,13 @@ def test_default_loader_processes_are_shared_between_the_gpus_of_a_machine(inspe
         dm.setup("fit")
         dm.trainer = trainer
         assert dm.train_dataloader().num_workers == expected
+
+
+def test_both_caches_key_on_the_version_of_the_decoded_pixels(monkeypatch):
+    """A kit upgrade that decodes some files otherwise (16-bit scaling, TIFF alpha) served the old
+    pixels and features from caches built before it."""
+    from vision_tl import imaging
+
+    before = dc._key(["a"], (8, 8), "bilinear")
+    monkeypatch.setattr(dc, "PIXELS_VERSION", imaging.PIXELS_VERSION + 1)
+    assert dc._key(["a"], (8, 8), "bilinear") != before

@@ -234,7 +234,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
             split_file = str(Path(split_file).expanduser().resolve())
         self.save_hyperparameters()
-        self.root = Path(root).expanduser()
+        # absolute now: the folder is scanned at set-up, perhaps after a notebook changed directory
+        self.root = Path(root).expanduser().absolute()
         self.layout = detect_layout(self.root)
         self.preprocessing: Preprocessing = resolve_preprocessing(backbone, image_size)
         height, width = self.preprocessing.input_size
@@ -419,11 +420,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             return split_record(*self._split_record)
         return None
 
-    def save_split(self, path: str | Path) -> None:
-        """Write the split (relative paths, labels, sha256) as JSON."""
+    def save_split(self, path: str | Path) -> bool:
+        """Write the split (relative paths, labels, sha256) as JSON; set up first where needed.
+
+        Returns:
+            False, writing nothing, for a folder with its own ``train/`` and ``val/`` (the folders
+            are the record of that split); True otherwise.
+        """
+        if not self.splits:
+            self.setup()  # (before set-up there is no split to write: nothing was written, silently)
         if getattr(self, "_split_record", None):
             index, parts = self._split_record
             write_split(Path(path), index, parts)
+            return True
+        return False
 
     def _split(self, name: str) -> list[Sample]:
         if not self.splits:

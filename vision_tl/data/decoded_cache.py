@@ -40,6 +40,7 @@ from vision_tl.data.decode_threads import (
     decode_in_processes,
 )
 from vision_tl.data.transforms import pixel_batch_buffer
+from vision_tl.imaging import PIXELS_VERSION
 from vision_tl.utils import local_rank, say
 from vision_tl.utils.files import (
     atomic_path,
@@ -101,8 +102,24 @@ def _check_writable(root: Path, origin: str, fix: str) -> None:
 
 
 def _key(shas: list[str], size: tuple[int, int], interpolation: str) -> str:
-    identity = {"format": FORMAT, "shas": shas, "size": list(size), "interpolation": interpolation}
+    identity = {"format": FORMAT, "shas": shas, "size": list(size), "interpolation": interpolation,
+                "pixels": PIXELS_VERSION}  # (decoding changed in a kit upgrade: other pixels)
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+def _check_unchanged(data_path: Path, paths: list[Path], shas: list[str], bad: set[int]) -> None:
+    """The files still hold what the scan hashed: the pixels are stored under those hashes, and an
+    image rewritten while it was decoded would be served, later, for its old content. (A file whose
+    size and times did not change costs a ``stat``.)"""
+    from vision_tl.data.folder import content_hash
+
+    changed = [p for i, (p, sha) in enumerate(zip(paths, shas, strict=True))
+               if i not in bad and content_hash(p) != sha]
+    if changed:
+        data_path.unlink(missing_ok=True)
+        raise ValueError(f"{len(changed)} image(s) changed since the folder was scanned (e.g. {changed[0]}), "
+                         "so their pixels may be of the old or the new file; nothing was cached. Run the command "
+                         "again once the folder has stopped changing")
 
 
 def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], interpolation: str,
@@ -128,6 +145,7 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     _check_writable(root, origin, fix)
     meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
     bad, crc = _build(data_path, paths, size, interpolation, threads, fix)
+    _check_unchanged(data_path, paths, shas, set(bad))
     atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
                                              "interpolation": interpolation, "bad": bad, "crc32": crc}))
     pixels = np.load(data_path, mmap_mode="r")

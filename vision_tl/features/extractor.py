@@ -38,7 +38,7 @@ from vision_tl.data.device import copy_on_side_stream, default_decode_threads
 from vision_tl.data.device_decode import device_batches
 from vision_tl.data.folder import content_hash
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
-from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.imaging import PIXELS_VERSION, ImageLoadError, load_rgb
 from vision_tl.utils import no_cudnn_benchmark
 
 POOLED = "pooled"
@@ -174,6 +174,7 @@ class FeatureExtractor:
                 "augment": json.loads(json.dumps(self.augment)),
                 "view": self.view,
                 "timm": timm.__version__,
+                "pixels": PIXELS_VERSION,  # (decoding changed in a kit upgrade: other features)
             }
             if self.precision != "32":  # fp32 keys stay those of earlier versions
                 self._identity["precision"] = self.precision

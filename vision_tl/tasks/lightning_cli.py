@@ -357,6 +357,20 @@ class VisionTLCLI(LightningCLI):
         finally:
             model.pretrained, model.weights = given
 
+    def before_fit(self) -> None:
+        """A frozen fit resumed from a checkpoint: the backbone takes the checkpoint's weights before
+        set-up fills the feature cache (Lightning restores them only after set-up). Otherwise the
+        features came from the weights the config names now, which may have changed since, while
+        the checkpoint, and every later evaluation, holds the run's own."""
+        ckpt = self.config.fit.get("ckpt_path")
+        hparams = getattr(self.model, "hparams", {})
+        if not ckpt or not Path(str(ckpt)).is_file() or hparams.get("mode") != "frozen" \
+                or hparams.get("feature_cache") is None:
+            return
+        state = read_checkpoint(ckpt)["state_dict"]
+        prefix = "net.backbone."
+        self.model.net.backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
         make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`).
