@@ -244,3 +244,12 @@ def test_a_split_of_one_class_draws_its_curves_without_a_warning(tmp_path):
         warnings.simplefilter("error")  # matplotlib warned of an empty legend
         png = plots.plot_roc_pr(result["curves"], tmp_path / "roc.png", title="val")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_nan_probabilities_and_labels_outside_the_classes():
+    """The README promises metrics are never NaN: a NaN row gave ECE NaN and an argmax of class 0."""
+    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8]])
+    with pytest.raises(ValueError, match=r"probabilities of 1 image\(s\) are NaN or infinite \(first: row 1\)"):
+        M.evaluate(probs, np.array([0, 1, 1]), ["good", "dent"])
+    with pytest.raises(ValueError, match=r"labels must be class indices 0\.\.1, got 0\.\.2"):
+        M.evaluate(np.full((2, 2), 0.5), np.array([0, 2]), ["good", "dent"])

@@ -199,17 +199,22 @@ def _pixel_array(shape: tuple[int, ...], scratch: str | Path | None) -> np.ndarr
     """uint8 array of ``shape``: memory-mapped from an unlinked file in ``scratch``, its blocks
     reserved up front (a sparse file on a full disk would kill the process with SIGBUS at the
     first page written); in memory where there is no scratch folder or no room in it."""
-    if scratch is not None:
-        handle = None
+    size = int(np.prod(shape))
+    if scratch is not None and size:
+        import mmap
+
         try:
-            handle = tempfile.TemporaryFile(dir=scratch, prefix=".parity-pixels-")
-            size = int(np.prod(shape))
-            if size and hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(handle.fileno(), 0, size)
-            return np.memmap(handle, np.uint8, "w+", shape=shape)
+            # the mapping outlives the file's handle, closed here (np.memmap kept it open until the
+            # array went, with a ResourceWarning); the unlinked file goes with the mapping
+            with tempfile.TemporaryFile(dir=scratch, prefix=".parity-pixels-") as handle:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(handle.fileno(), 0, size)
+                else:
+                    handle.truncate(size)
+                mapped = mmap.mmap(handle.fileno(), size)
+            return np.frombuffer(mapped, np.uint8).reshape(shape)
         except OSError:  # read-only folder, full disk: the pixels stay in memory, as before
-            if handle is not None:
-                handle.close()
+            pass
     return np.empty(shape, np.uint8)
 
 

@@ -317,6 +317,12 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], *,
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
     if probs.ndim != 2 or probs.shape != (len(labels), len(classes)):
         raise ValueError(f"probabilities must be [N={len(labels)}, C={len(classes)}], got {list(probs.shape)}")
+    if not np.isfinite(probs).all():  # (argmax reads a NaN row as class 0; every metric would be NaN or wrong)
+        rows = np.flatnonzero(~np.isfinite(probs).all(1))
+        raise ValueError(f"probabilities of {len(rows)} image(s) are NaN or infinite (first: row {rows[0]}); a model "
+                         "that outputs them diverged or is damaged, so nothing can be measured from it")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"labels must be class indices 0..{len(classes) - 1}, got {labels.min()}..{labels.max()}")
     matrix = confusion_matrix(labels, probs.argmax(1), len(classes))
     per_class = per_class_metrics(matrix, classes)
     curves = one_vs_rest_curves(probs, labels, classes)
