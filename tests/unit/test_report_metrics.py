@@ -253,3 +253,13 @@ def test_evaluate_refuses_nan_probabilities_and_labels_outside_the_classes():
         M.evaluate(probs, np.array([0, 1, 1]), ["good", "dent"])
     with pytest.raises(ValueError, match=r"labels must be class indices 0\.\.1, got 0\.\.2"):
         M.evaluate(np.full((2, 2), 0.5), np.array([0, 2]), ["good", "dent"])
+
+
+@pytest.mark.parametrize("p_good,is_good,message", [
+    ([0.9, 0.2], ["good", "scratch"], "is_good must be True/False"),
+    ([0.9, 0.2, 0.4], [True, False], "of one length"),
+    ([0.9, np.nan], [True, False], "NaN or infinite"),
+])
+def test_select_threshold_refuses_inputs_it_would_misread(p_good, is_good, message):
+    with pytest.raises(M.ThresholdError, match=message):
+        M.select_threshold(np.array(p_good), np.array(is_good), "false_reject:0.1")

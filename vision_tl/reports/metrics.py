@@ -233,7 +233,16 @@ def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | Thre
         ThresholdError: the target is malformed, or the images lack the class it is about.
     """
     target = parse_threshold_target(target)
-    p_good, is_good = np.asarray(p_good, np.float64), np.asarray(is_good, bool)
+    flags = np.asarray(is_good)
+    if flags.dtype != bool and not np.isin(flags, (0, 1)).all():  # ("good"/"scratch" all read as True)
+        raise ThresholdError(f"is_good must be True/False (or 1/0) per image, got values such as {flags.flat[0]!r}; "
+                             "pass labels == good_index")
+    p_good, is_good = np.asarray(p_good, np.float64), flags.astype(bool)
+    if p_good.shape != is_good.shape or p_good.ndim != 1:
+        raise ThresholdError(f"p_good and is_good must be 1-D and of one length, got shapes {p_good.shape} and "
+                             f"{is_good.shape}")
+    if not np.isfinite(p_good).all():
+        raise ThresholdError("p_good holds NaN or infinite values: no threshold can be placed among them")
     good, defect = p_good[is_good], p_good[~is_good]
     if target.kind == "false_reject":
         if not good.size:
