@@ -406,3 +406,23 @@ def test_a_partial_vit_checkpoint_that_trained_its_tokens_keeps_training_them_wh
     again = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
     again._train_what_the_checkpoint_trained({"optimizer_states": [{"param_groups": [{"params": list(range(trainable))}]}]})
     assert not again.net.backbone.cls_token.requires_grad  # a checkpoint of this version: as it is
+
+
+def test_a_threshold_target_takes_its_good_class_from_the_data_module(inspection_folder, tmp_path):
+    """The README: a good_class given to only one of model and data module is taken by both; a
+    model with a threshold target refused to be built without its own."""
+    from vision_tl.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(inspection_folder, backbone=TINY, image_size=32, batch_size=8, num_workers=0,
+                                 good_class="good")
+    model = ImageClassifier(data.classes, backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            threshold_target="false_reject:0.5", feature_cache=None)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(model, datamodule=data)
+    assert model.hparams.good_class == "good" and 0.0 <= model.threshold <= 1.0
+    alone = ImageClassifier(data.classes, backbone=TINY, pretrained=False, image_size=32,
+                            threshold_target="false_reject:0.5")
+    with pytest.raises(ValueError, match="needs a good class"):
+        alone.setup("fit")
+    with pytest.raises(ValueError, match=r"got a tensor of shape 3x32x32; for one image pass x\[None\]"):
+        model(torch.zeros(3, 32, 32))

@@ -122,6 +122,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             check, or could not be made or run; nothing was written under that variant's name
             (the other variant was still made: its file and report are written).
     """
+    if isinstance(options, dict):  # ExportOptions(**options): the same names
+        options = ExportOptions(**options)
     opts = options or ExportOptions()
     check_opset(opts.opset)
     try:

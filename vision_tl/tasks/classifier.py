@@ -300,10 +300,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"class_counts {list(class_counts)} must give one count >= 0 per class, in the order "
                              f"{list(classes)} ({len(classes)} numbers); leave it out to count the training images")
         if threshold_target is not None:
-            parse_threshold_target(threshold_target)
-            if good_class is None:
-                raise ValueError(f"threshold_target {threshold_target!r} needs good_class "
-                                 "(--data.good_class NAME on the command line)")
+            parse_threshold_target(threshold_target)  # (its good_class may come from the data module: setup)
         self.save_hyperparameters()
         self.classes = list(classes)
         self.preprocessing = resolve_preprocessing(backbone, image_size)
@@ -322,6 +319,10 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a normalised ``[N, 3, H, W]`` batch."""
+        if x.ndim != 4:  # (channels-last needs rank 4: torch's own message says only that)
+            shape = "x".join(map(str, x.shape))
+            raise ValueError(f"the model takes a batch [N, 3, H, W] of normalised images, got a tensor of shape "
+                             f"{shape}" + ("; for one image pass x[None]" if x.ndim == 3 else ""))
         if self._channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
         # The compiled wrapper lives outside the module tree, so checkpoints keep plain keys.
@@ -494,7 +495,10 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         counts = self.hparams.class_counts
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        self._check_datamodule(datamodule)
+        self._check_datamodule(datamodule)  # (takes the data module's good_class)
+        if self.hparams.get("threshold_target") and self.hparams.good_class is None:
+            raise ValueError(f"threshold_target {self.hparams.threshold_target!r} needs a good class: --data.good_class "
+                             "NAME on the command line (Python: good_class=NAME on the data module or the model)")
         if hasattr(datamodule, "use_features"):
             # images again, until a frozen fit (below) switches to its features: a fit that stopped on an
             # error or Ctrl-C never reached teardown, and left them for the next model (in a notebook)
