@@ -17,12 +17,12 @@ from PIL import Image
 
 from vision_tl.backbones import Preprocessing
 from vision_tl.data import eval_transform
+from vision_tl.deploy.metadata import sibling
 from vision_tl.export.onnx_export import (
     DeployableClassifier,
     ExportError,
     check_opset,
     check_output_path,
-    sibling,
 )
 from vision_tl.export.parity import (
     DecodedImages,

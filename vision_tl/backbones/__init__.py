@@ -16,6 +16,7 @@ from vision_tl.backbones._factory import (
     create_backbone,
     pooled_width,
     resolve_preprocessing,
+    run_backbone_state,
     weights_identity,
 )
 from vision_tl.backbones._fold import FoldedInference, fold_batchnorm, swapped_in
@@ -37,6 +38,7 @@ __all__ = [
     "fold_batchnorm",
     "pooled_width",
     "resolve_preprocessing",
+    "run_backbone_state",
     "swapped_in",
     "weights_identity",
 ]

@@ -132,7 +132,12 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]
             f"cannot read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             f"{expected}") from exc
     if isinstance(state, dict) and isinstance(state.get("vision_tl"), dict) and isinstance(state.get("state_dict"), dict):
-        return _backbone_of_run(path, state), str(state["vision_tl"].get("backbone") or "") or None
+        # a run on one line's images is a starting point for another's, with its own classes and head
+        backbone = run_backbone_state(state["state_dict"])
+        if not backbone:
+            raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint without backbone weights "
+                                       f"({RUN_BACKBONE_PREFIX}*); give another run's checkpoints/best.ckpt")
+        return backbone, str(state["vision_tl"].get("backbone") or "") or None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -141,16 +146,14 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]
     return state, None
 
 
-def _backbone_of_run(path: Path, checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The backbone weights of a checkpoint ``vision-tl fit`` wrote (``net.backbone.*``): a run on
-    one line's images is a starting point for another's, with its own classes and head."""
-    prefix = "net.backbone."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
-             if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    if not state:
-        raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint without backbone weights "
-                                   f"({prefix}*); give another run's checkpoints/best.ckpt")
-    return state
+RUN_BACKBONE_PREFIX = "net.backbone."  # where a vision_tl checkpoint's state_dict holds the backbone
+
+
+def run_backbone_state(state_dict: dict) -> dict[str, torch.Tensor]:
+    """The backbone's own weights in the ``state_dict`` of a checkpoint ``vision-tl fit`` wrote
+    (``net.backbone.*``, the prefix taken off); empty where it holds none."""
+    prefix = RUN_BACKBONE_PREFIX
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
 def _cached_hub_file(name: str) -> Path | None:

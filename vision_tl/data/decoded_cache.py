@@ -24,7 +24,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -47,6 +46,7 @@ from vision_tl.utils.files import (
     atomic_write_text,
     file_crc32,
     remove_orphaned_temps_in,
+    unwritable,
 )
 
 CACHE_ENV = "VISION_TL_DECODED_CACHE"
@@ -92,13 +92,9 @@ def _prepare_root(root: Path, origin: str, fix: str) -> None:
 
 def _check_writable(root: Path, origin: str, fix: str) -> None:
     """Fail before decoding anything when the result could not be stored."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root)
-    except OSError as exc:
-        raise DecodedCacheError(f"decoded-image cache {root} ({origin}) is not writable "
-                                f"({exc.strerror or exc}); {fix}") from exc
-    os.close(fd)
-    os.unlink(probe)
+    reason = unwritable(root)
+    if reason:
+        raise DecodedCacheError(f"decoded-image cache {root} ({origin}) is not writable ({reason}); {fix}")
 
 
 def _key(shas: list[str], size: tuple[int, int], interpolation: str) -> str:

@@ -221,7 +221,8 @@ def _check_header(path: Path) -> str | None:
         return f"broken symbolic link (to {os.readlink(path)!r}, which does not exist)"
     limit = max_image_pixels()  # a bad $VISION_TL_MAX_IMAGE_PIXELS is the user's error, not the file's
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             return "empty file (0 bytes)"
         with open_image(path, limit) as img:
             kind = img.format
@@ -229,7 +230,6 @@ def _check_header(path: Path) -> str | None:
             img.verify()  # a PNG's every chunk and checksum; of other formats the header only
         # Cut off in transfer, the other formats pass verify and failed only when training decoded
         # them: each is checked cheaply, and decoded (which names what is wrong) where that fails.
-        size = path.stat().st_size
         if kind in ("JPEG", "MPO"):
             cut = not _ends_like_a_jpeg(path)  # (MPO: a camera's JPEG with a second picture)
         elif kind == "WEBP":

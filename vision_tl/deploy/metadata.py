@@ -171,6 +171,13 @@ class ModelMetadata:
         return cls(**values)
 
 
+def sibling(path: Path, tag: str, suffix: str = ".onnx") -> Path:
+    """``model.onnx`` -> ``model.<tag><suffix>`` (``model.int8.onnx``, ``model.parity.json``): the
+    files an export writes beside its model, which the predictor reads too."""
+    stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.stem
+    return path.with_name(f"{stem}.{tag}{suffix}" if tag else f"{stem}{suffix}")
+
+
 def read_metadata(onnx_path: str | Path) -> ModelMetadata:
     """Read and validate the ``vision_tl.*`` metadata of an ONNX file.
 

@@ -25,6 +25,7 @@ from vision_tl.deploy.metadata import (
     ModelMetadata,
     open_session,
     ort_errors,
+    sibling,
 )
 from vision_tl.imaging import (
     IMAGE_EXTENSIONS,
@@ -578,8 +579,7 @@ _MATCHED_RECORDS: set[tuple] = set()  # models found to match their parity recor
 def _check_parity_record(model: Path) -> None:
     """``model.onnx`` against the sha256 its export recorded in ``model.parity.json`` (when that
     file lies beside it): a model damaged in a copy to the line would otherwise run, wrongly."""
-    stem = model.name[: -len(".onnx")] if model.name.lower().endswith(".onnx") else model.stem
-    record = model.with_name(f"{stem}.parity.json")
+    record = sibling(model, "parity", ".json")
     if not record.is_file():
         return
     try:

@@ -260,12 +260,6 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def sibling(path: Path, tag: str, suffix: str = ".onnx") -> Path:
-    """``model.onnx`` -> ``model.<tag><suffix>`` (``model.int8.onnx``, ``model.parity.json``)."""
-    stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.stem
-    return path.with_name(f"{stem}.{tag}{suffix}" if tag else f"{stem}{suffix}")
-
-
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON through a temporary file, so a reader never sees half a report."""
     with atomic_path(path) as tmp:

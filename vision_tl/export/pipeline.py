@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.deploy import DeployError
+from vision_tl.deploy.metadata import sibling
 from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
     DEFAULT_OPSET,
@@ -23,7 +24,6 @@ from vision_tl.export.onnx_export import (
     check_opset,
     check_output_path,
     load_checkpoint,
-    sibling,
     write_json_atomic,
     write_onnx,
 )

@@ -22,7 +22,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 from vision_tl.data.folder import content_hash
 from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
 from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
-from vision_tl.utils.files import atomic_write_text
+from vision_tl.utils.files import atomic_write_text, unwritable
 
 CACHE_ENV = "VISION_TL_CACHE"
 SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images
@@ -113,14 +112,11 @@ class FeatureCache:
 
     def _check_writable(self, store: ShardStore, missing: int) -> None:
         """Fail before any image is computed when the new features could not be stored."""
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=store.path)
-        except OSError as exc:
+        reason = unwritable(store.path)
+        if reason:
             raise FeatureCacheError(
-                f"feature cache {self.root} is not writable ({exc.strerror or exc} in {store.path}) and "
-                f"{missing} image(s) have no cached features yet; {WHERE_ELSE}") from exc
-        os.close(fd)
-        os.unlink(probe)
+                f"feature cache {self.root} is not writable ({reason} in {store.path}) and "
+                f"{missing} image(s) have no cached features yet; {WHERE_ELSE}")
 
     def ensure(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
                batch_size: int = 8, num_workers: int | None = 0, device=None,

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from vision_tl.backbones import run_backbone_state
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.data.folder import read_split, recorded_mismatches
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
@@ -362,14 +363,11 @@ class VisionTLCLI(LightningCLI):
         set-up fills the feature cache (Lightning restores them only after set-up). Otherwise the
         features came from the weights the config names now, which may have changed since, while
         the checkpoint, and every later evaluation, holds the run's own."""
-        ckpt = self.config.fit.get("ckpt_path")
+        weights = self.__dict__.pop("_resumed_weights", None)  # (the checkpoint _resume_into_run read)
         hparams = getattr(self.model, "hparams", {})
-        if not ckpt or not Path(str(ckpt)).is_file() or hparams.get("mode") != "frozen" \
-                or hparams.get("feature_cache") is None:
+        if weights is None or hparams.get("mode") != "frozen" or hparams.get("feature_cache") is None:
             return
-        state = read_checkpoint(ckpt)["state_dict"]
-        prefix = "net.backbone."
-        self.model.net.backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.model.net.backbone.load_state_dict(run_backbone_state(weights))
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
@@ -551,6 +549,7 @@ class VisionTLCLI(LightningCLI):
         path = Path(ckpt)
         state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
+        self._resumed_weights = state["state_dict"]  # (for before_fit: read once)
         # `last`, resolved only here, missed the check a file gets at parsing (_parse_ckpt_path): the
         # model must be the checkpoint's, or the run would mix e.g. two input sizes in one history
         saved = state.get("hyper_parameters") or {}
