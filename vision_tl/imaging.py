@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from vision_tl.utils import ignoring_warnings
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -253,8 +255,7 @@ def _warn_frames(img: Image.Image, path: Path) -> None:
     if _warned_frames or img.format not in ("TIFF", "PNG", "WEBP"):
         return
     try:
-        with warnings.catch_warnings(), Image.open(path) as other:
-            warnings.simplefilter("ignore")  # (Pillow's own notes on a damaged later page)
+        with ignoring_warnings(), Image.open(path) as other:  # (Pillow's own notes on a damaged later page)
             if not getattr(other, "is_animated", False):
                 return
             frames = f"{other.n_frames} pages or frames"
@@ -314,8 +315,7 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
     # names neither the file nor our setting; keep it above ours so ours decides.
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
         Image.MAX_IMAGE_PIXELS = limit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our check follows
+    with ignoring_warnings(Image.DecompressionBombWarning):  # our check follows
         try:
             img = Image.open(path)
         except Image.DecompressionBombError as exc:  # over 2x the limit: Pillow's message, ours instead

@@ -131,6 +131,27 @@ def test_a_caller_that_stops_early_leaves_no_thread_decoding(tmp_path, monkeypat
     assert len(calls) == done  # and nothing is decoded after close() returned
 
 
+def test_a_caller_that_leaves_before_the_first_batch_leaves_no_thread_decoding(tmp_path, monkeypatch) -> None:
+    """The threads start on the batches ahead before the first is asked for; a caller that fails
+    before it (a GPU warm-up that runs out of memory) closes them, and they stop there."""
+    paths = _images(tmp_path, 40)
+    calls = []
+    real = decode_threads.load_rgb_into
+
+    def slow(*args):
+        time.sleep(0.01)
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(decode_threads, "load_rgb_into", slow)
+    batches = decode_batches(paths, SIZE, "bilinear", batch_size=4, threads=2, ahead=4)
+    batches.close()
+    assert not _decode_threads_alive()
+    done = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == done < 16  # the chunks queued were dropped, the ones running finished
+
+
 def test_an_unexpected_error_in_a_thread_reaches_the_caller(tmp_path, monkeypatch) -> None:
     paths = _images(tmp_path, 8)
     real = decode_threads.load_rgb_into

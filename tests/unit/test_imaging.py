@@ -362,3 +362,33 @@ def test_a_multi_page_tiff_is_read_as_its_first_page_with_a_warning(tmp_path, mo
     (tmp_path / "bad_next.tif").write_bytes(bytes(data))
     for _ in range(2):
         assert np.array_equal(load_rgb(tmp_path / "bad_next.tif"), first)
+
+
+def test_a_decoding_thread_does_not_put_a_callers_warning_recorder_out_of_action(tmp_path, monkeypatch):
+    """A thread inside ``load_rgb`` when a caller starts recording warnings, and leaving after it:
+    the caller's recorder must still get the warnings raised later (it used to be swapped back
+    for the one the thread saw first, and they were lost)."""
+    import sys
+    import threading
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    inside, go_on = threading.Event(), threading.Event()
+    real_open = Image.open
+
+    def slow_open(*args, **kwargs):  # the thread waits inside the decompression-bomb guard's block
+        if threading.current_thread() is not threading.main_thread() and sys._getframe(1).f_code.co_name == "open_image":
+            inside.set()
+            go_on.wait(10)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    thread = threading.Thread(target=load_rgb, args=(path,))
+    thread.start()
+    assert inside.wait(10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        go_on.set()
+        thread.join(10)
+        warnings.warn("raised after the thread left", UserWarning, stacklevel=2)
+    assert [str(w.message) for w in caught] == ["raised after the thread left"]

@@ -17,6 +17,7 @@ Used by ``vision-tl extract`` (un-augmented views) and by the decoded cache's bu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import multiprocessing
@@ -115,6 +116,8 @@ def decode_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
     Yields:
         :class:`DecodedRows` in order. An error other than :class:`ImageLoadError` in a
         thread (a bug, memory) is raised here; the batches not yet used are then abandoned.
+        A caller that stops early calls the iterator's ``close()`` (as ``contextlib.closing``
+        does): the threads then stop, and none writes into a buffer afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -144,7 +147,7 @@ def decode_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
 
     for _ in range(max(1, ahead)):  # the threads start on the first batches now, before the first next()
         submit()
-    return _in_order(pool, work, submit, stop)
+    return _InOrder(pool, work, submit, stop)
 
 
 def _in_this_thread(paths: Sequence[Path], batch_size: int, buffer, interpolation: str) -> Iterator[DecodedRows]:
@@ -153,19 +156,44 @@ def _in_this_thread(paths: Sequence[Path], batch_size: int, buffer, interpolatio
         yield DecodedRows(start, pixels, _decode(paths, start, pixels, range(len(pixels)), interpolation))
 
 
-def _in_order(pool: ThreadPoolExecutor, work: deque, submit: Callable[[], None],
-              stop: threading.Event) -> Iterator[DecodedRows]:
-    try:
-        while work:
-            start, pixels, futures = work.popleft()
-            errors: dict[int, str] = {}
+class _InOrder:
+    """The batches of :func:`decode_batches` in order, each once its threads finished it.
+
+    :meth:`close` (also at the end, on an error, and when the object is collected) stops the
+    threads: chunks not yet started are dropped, and no thread writes into a buffer after it
+    returns. A generator could not do this for a caller that leaves before its first batch
+    (its ``finally`` would never run) while the threads decode the batches queued ahead."""
+
+    def __init__(self, pool: ThreadPoolExecutor, work: deque, submit: Callable[[], None],
+                 stop: threading.Event) -> None:
+        self._pool, self._work, self._submit, self._stop = pool, work, submit, stop
+
+    def __iter__(self) -> _InOrder:
+        return self
+
+    def __next__(self) -> DecodedRows:
+        if not self._work:
+            self.close()
+            raise StopIteration
+        start, pixels, futures = self._work.popleft()
+        errors: dict[int, str] = {}
+        try:
             for future in futures:
                 errors.update(future.result())
-            submit()
-            yield DecodedRows(start, pixels, errors)
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)  # no thread writes into a buffer after this
+            self._submit()
+        except BaseException:
+            self.close()
+            raise
+        return DecodedRows(start, pixels, errors)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._work.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # (at interpreter exit the pool may be gone already)
+            self.close()
 
 
 def _decode(paths: Sequence[Path], start: int, pixels: torch.Tensor, rows: range, interpolation: str,

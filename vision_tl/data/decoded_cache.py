@@ -20,6 +20,7 @@ Files written before the checksum existed are still used after the size checks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -245,12 +246,13 @@ def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads
         else:
             batches = decode_batches(paths, out.shape[1:3], interpolation, BUILD_BATCH, threads,
                                      lambda start, n: torch.from_numpy(out[start:start + n]))
-        for rows in batches:
-            if copied:
-                out[rows.start:rows.start + len(rows.pixels)] = rows.pixels.numpy()
-            crc = zlib.crc32(rows.pixels.numpy(), crc)
-            bad += [rows.start + k for k in sorted(rows.errors)]
-            bar.update(len(rows.pixels))
+        with contextlib.closing(batches):  # (an interruption stops the threads at once)
+            for rows in batches:
+                if copied:
+                    out[rows.start:rows.start + len(rows.pixels)] = rows.pixels.numpy()
+                crc = zlib.crc32(rows.pixels.numpy(), crc)
+                bad += [rows.start + k for k in sorted(rows.errors)]
+                bar.update(len(rows.pixels))
     return bad, crc
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import get_worker_info
 
 from vision_tl.backbones import Preprocessing
 from vision_tl.imaging import resize
+from vision_tl.utils import ignoring_warnings
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "none": [],
@@ -156,8 +157,7 @@ class ImageTransform:
         if not self.normalize:  # [3, H, W] in channels-last memory: no transposing copy here
             # Pixels straight from Pillow are read-only (torch warns); copying them here would cost
             # as much as decoding's overhead. The tensor is only read: stack_images copies it.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
+            with ignoring_warnings(UserWarning):
                 return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         x = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

@@ -18,6 +18,7 @@ settings that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -139,25 +140,28 @@ class FeatureCache:
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
         start, first = time.perf_counter(), None
-        for batch in iter_embeddings(extractor, files, batch_size, num_workers, device, progress):
-            if first is None:
-                first = time.perf_counter() - start
-            _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
-            # A file rewritten between the scan and its decoding (a line folder being written to)
-            # holds other content than its key names: its features would be stored under another
-            # image's hash for good. Such an image is a failure, never a cache entry.
-            kept = []
-            for k, i in enumerate(batch.positions):
-                if content_hash(files[i]) == keys[i]:
-                    kept.append(k)
-                else:
-                    failed.append((files[i], _CHANGED.format(path=files[i])))
-            pending_keys += [keys[batch.positions[k]] for k in kept]
-            pending.append(batch.features[kept])
-            failed += [(files[i], why) for i, why in batch.failures]
-            if len(pending_keys) >= SHARD_ROWS:
-                store.append(pending_keys, np.concatenate(pending))
-                pending_keys, pending = [], []
+        # closed at once if a check below raises: its decoding threads stop there, not at the next GC
+        embedded = iter_embeddings(extractor, files, batch_size, num_workers, device, progress)
+        with contextlib.closing(embedded):
+            for batch in embedded:
+                if first is None:
+                    first = time.perf_counter() - start
+                _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
+                # A file rewritten between the scan and its decoding (a line folder being written to)
+                # holds other content than its key names: its features would be stored under another
+                # image's hash for good. Such an image is a failure, never a cache entry.
+                kept = []
+                for k, i in enumerate(batch.positions):
+                    if content_hash(files[i]) == keys[i]:
+                        kept.append(k)
+                    else:
+                        failed.append((files[i], _CHANGED.format(path=files[i])))
+                pending_keys += [keys[batch.positions[k]] for k in kept]
+                pending.append(batch.features[kept])
+                failed += [(files[i], why) for i, why in batch.failures]
+                if len(pending_keys) >= SHARD_ROWS:
+                    store.append(pending_keys, np.concatenate(pending))
+                    pending_keys, pending = [], []
         store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
         failed_keys = len(failed)
         failed = _with_copies(failed, copies, {path: key for key, path in todo.items()})

@@ -344,7 +344,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
         done.record(torch.cuda.current_stream(device))
         return feats, done
 
-    pending = None  # on a GPU, batch k+1 is queued before batch k's features are read back
+    pending = batches = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     graphs = extractor.cuda_graphs
     # a pass of one batch runs eagerly: recording costs about three forward passes and a wait
     extractor.cuda_graphs = graphs and len(paths) > batch_size
@@ -366,6 +366,8 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
             if pending is not None:
                 yield _finish(pending, bar)
     finally:
+        if hasattr(batches, "close"):  # a caller that left early: the decoding threads stop now
+            batches.close()
         # the graphs' memory (a batch's activations) is not kept past the pass: the extractor
         # refers to itself, so dropping it would free them only at the next garbage collection
         extractor.cuda_graphs = graphs
@@ -394,13 +396,31 @@ def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size:
     height, width = transform.preprocessing.input_size
     interpolation = transform.preprocessing.interpolation
     if decode_in_processes(workers, batch_size * height * width * 3):  # many cores: threads would fight for the GIL
-        return map(_compact, decode_batches_in_processes(paths, (height, width), interpolation, batch_size,
-                                                         workers, pin=pinned))
+        return _Compacted(decode_batches_in_processes(paths, (height, width), interpolation, batch_size,
+                                                      workers, pin=pinned))
 
     def buffer(start: int, n: int) -> torch.Tensor:
         return torch.empty((n, height, width, 3), dtype=torch.uint8, pin_memory=pinned)
 
-    return map(_compact, decode_batches(paths, (height, width), interpolation, batch_size, workers, buffer))
+    return _Compacted(decode_batches(paths, (height, width), interpolation, batch_size, workers, buffer))
+
+
+class _Compacted:
+    """Decoded batches as :func:`_compact` gives them; ``close()`` stops their decoding."""
+
+    def __init__(self, rows: Iterator[DecodedRows]) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> _Compacted:
+        return self
+
+    def __next__(self) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        return _compact(next(self.rows))
+
+    def close(self) -> None:
+        close = getattr(self.rows, "close", None)
+        if close is not None:
+            close()
 
 
 def _compact(rows: DecodedRows) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:

@@ -121,3 +121,23 @@ def no_cudnn_benchmark() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+@contextlib.contextmanager
+def ignoring_warnings(category: type[Warning] = Warning, message: str = "") -> Iterator[None]:
+    """Leave out the warnings of ``category`` (text matching ``message`` from its start) raised inside.
+
+    ``warnings.catch_warnings`` swaps the process's warning filters and hooks, and puts back on
+    exit what it found on entry: on two threads at once (before Python 3.14) each puts back the
+    other's. A decoding thread that entered one before a caller's ``catch_warnings`` (or
+    ``pytest.warns``) and left it after put that caller's recorder out of action: its warnings
+    vanished. So off the main thread this leaves the filters alone, and such warnings show as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message, category)
+        yield
