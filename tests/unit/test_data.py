@@ -675,3 +675,19 @@ def test_a_data_module_keeps_its_folder_across_a_change_of_directory_and_saves_i
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert dm.save_split(tmp_path / "split.json")  # sets itself up
     assert json.loads((tmp_path / "split.json").read_text())["train"]
+
+
+@pytest.mark.parametrize("shape, dtype", [((20, 30), np.uint8), ((20, 30, 4), np.uint8), ((20, 30, 1), np.uint8),
+                                          ((20, 30, 3), np.float32), ((20, 30, 3), np.uint16)])
+def test_the_eval_transform_names_an_array_it_cannot_take_and_how_to_read_one(shape, dtype):
+    """A notebook user handing in their own pixels (grey, RGBA, float) gets what to pass, not a
+    numpy broadcasting error; an RGB uint8 array of any size works."""
+    from vision_tl.backbones import resolve_preprocessing
+    from vision_tl.data import eval_transform
+
+    transform = eval_transform(resolve_preprocessing(TINY, 32))
+    assert transform(np.zeros((20, 30, 3), np.uint8)).shape == (3, 32, 32)
+    import re
+
+    with pytest.raises(ValueError, match=rf"H x W x 3 uint8.*{np.dtype(dtype).name}.*{re.escape(str(shape))}.*load_rgb"):
+        transform(np.zeros(shape, dtype))

@@ -542,6 +542,10 @@ def test_probe_takes_one_backbone_name_and_any_label_sequence(tmp_path, folder) 
         cross_validate(x, y.astype(float), folds=3)
     with pytest.raises(ValueError, match=r"features must be \[N, F\]"):
         cross_validate(x[:-1], y, folds=3)
+    unlabelled = np.where(np.arange(len(y)) < 3, -1, y)  # an extract of images without class folders
+    for score in (lambda: cross_validate(x, unlabelled, folds=3), lambda: few_shot(x, unlabelled, shots=2)):
+        with pytest.raises(ValueError, match=r"3 of \d+ labels are negative.*labels >= 0"):
+            score()
 
 
 def test_extract_with_a_fixed_size_vit_at_another_image_size(tmp_path, folder) -> None:

@@ -141,7 +141,17 @@ class ImageTransform:
         self._mean, self._inv_std = normalisation(preprocessing)
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
-        """``seed`` fixes this image's augmentation; albumentations ignores the global seeds."""
+        """``seed`` fixes this image's augmentation; albumentations ignores the global seeds.
+
+        Raises:
+            ValueError: ``image`` is not an ``H x W x 3`` uint8 RGB array.
+        """
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            kind = (f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                    else type(image).__name__)
+            raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {kind}; vision_tl.imaging.load_rgb(path) "
+                             "reads any supported file that way (grey repeated, alpha composited on black, 16-bit "
+                             "scaled), as training and the ONNX export do")
         p = self.preprocessing
         image = resize(image, p.input_size, p.interpolation)
         if self.augment.transforms:

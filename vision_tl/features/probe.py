@@ -164,6 +164,10 @@ def _as_arrays(features, labels, groups) -> tuple[np.ndarray, np.ndarray, np.nda
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"labels must be a 1-D sequence of integer class indices, got dtype {labels.dtype} "
                          f"and shape {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{int((labels < 0).sum())} of {len(labels)} labels are negative (-1 marks an image "
+                         "extracted without a class folder); the heads need a class for every row: pass the "
+                         "labelled rows only, e.g. keep = labels >= 0, then features[keep], labels[keep]")
     if features.ndim not in (2, 3) or len(features) != len(labels):
         raise ValueError(f"features must be [N, F] or [N, K, F] with N = {len(labels)} (one row per label), "
                          f"got shape {features.shape}")
