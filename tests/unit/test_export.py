@@ -355,3 +355,21 @@ def test_the_float_model_may_not_flip_a_good_defect_decision_even_by_rounding(mo
         reports[threshold] = parity.check_parity(None, "m.onnx", metadata, images)[0]
     assert reports[None].passed and reports[0.3].max_abs_diff < 1e-4 and not reports[0.3].passed
     assert "decision (P(good) >= 0.3) changed on 1 of 2 images" in " ".join(reports[0.3].failures)
+
+
+def test_a_decision_flipped_in_the_fp32_check_names_no_option_the_check_refuses():
+    """The fp32 check allows no flipped good/defect decision and takes no --max-decision-changes:
+    its failure points at the threshold instead."""
+    from vision_tl.export.parity import ParityReport
+
+    def report() -> ParityReport:
+        return ParityReport(model="m.onnx", reference="PyTorch checkpoint", images="val", n_images=36,
+                            max_abs_diff=1e-7, mean_abs_diff=1e-8, top1_agreement=1.0, accuracy_reference=None,
+                            accuracy_model=None, n_labelled=0, decision_changes=1, decision_rule="P(good) >= 0.18")
+
+    fp32 = report()
+    assert not fp32.judge(max_abs_diff=1e-4, min_agreement=1.0, max_decision_changes=0.0, exact=True)
+    assert "--max-decision-changes" not in fp32.failures[0] and "--target-false-reject" in fp32.failures[0]
+    copy = report()
+    assert not copy.judge(max_decision_changes=0.0)
+    assert "raise --max-decision-changes" in copy.failures[0]

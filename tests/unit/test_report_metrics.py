@@ -255,6 +255,23 @@ def test_evaluate_refuses_nan_probabilities_and_labels_outside_the_classes():
         M.evaluate(np.full((2, 2), 0.5), np.array([0, 2]), ["good", "dent"])
 
 
+@pytest.mark.parametrize("p_good, is_good, target", [
+    ([0.18447742, 0.5, 0.9], [True, False, True], "false_reject:0"),   # every image passes
+    ([0.3, 0.6, 0.95], [True, True, False], "escape:0"),                # every image is rejected
+    ([0.3, 0.6, 0.99999994], [True, True, False], "escape:0"),          # ... the highest a hair below 1
+])
+def test_a_threshold_beyond_every_score_keeps_a_margin_the_exported_model_does_not_cross(p_good, is_good, target):
+    """ONNX Runtime's P(good) differs from PyTorch's in the 7th decimal: a threshold one float step
+    from the lowest or highest score flipped that image in the export's parity check, which then
+    refused the kit's own thresholded checkpoint."""
+    p_good = np.array(p_good, np.float32)
+    choice = M.select_threshold(p_good, np.array(is_good), target)
+    for noise in (-1e-6, 1e-6):
+        shifted = M.good_defect_rates(np.clip(p_good + noise, 0, 1), np.array(is_good), choice["threshold"])
+        assert (shifted["escapes"], shifted["false_rejects"]) == (choice["escapes"], choice["false_rejects"])
+
+
+
 @pytest.mark.parametrize("p_good,is_good,message", [
     ([0.9, 0.2], ["good", "scratch"], "is_good must be True/False"),
     ([0.9, 0.2, 0.4], [True, False], "of one length"),

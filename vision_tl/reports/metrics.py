@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vision_tl.deploy.metadata import REJECT_ALL
+
 THRESHOLD_TARGETS = ("false_reject", "escape")
 
 
@@ -269,24 +271,32 @@ def select_threshold(p_good: np.ndarray, is_good: np.ndarray, target: str | Thre
 def _midway_above(scores: np.ndarray, low: float) -> float:
     """Midway between ``low`` (blocked) and the next observed score above it (which passes)."""
     above = scores[scores > low]
-    return float((low + above.min()) / 2) if above.size else float(np.nextafter(low, 2.0))
+    return float((low + above.min()) / 2) if above.size else _above_all(scores)
 
 
 def _midway_below(scores: np.ndarray, high: float) -> float:
     """Midway between the observed score below ``high`` (blocked) and ``high`` (which passes)."""
     below = scores[scores < high]
-    return float((below.max() + high) / 2) if below.size else float(np.nextafter(high, -1.0))
+    return float((below.max() + high) / 2) if below.size else _below_all(scores)
+
+
+# ONNX Runtime's probabilities differ from PyTorch's in the 7th decimal: a threshold beyond the
+# highest score keeps more than this from it, or the exported model could pass that image
+_EDGE_MARGIN = 1e-5
 
 
 def _below_all(scores: np.ndarray) -> float:
-    """Every image passes; never below 0 (a probability of 0 passes a threshold of 0)."""
-    return max(0.0, float(np.nextafter(scores.min(), -1.0)))
+    """Every image passes: midway between 0 and the lowest score (0 if that is 0: a probability
+    of 0 passes a threshold of 0), not one float step below it, which rounding would cross."""
+    return float(scores.min()) / 2
 
 
 def _above_all(scores: np.ndarray) -> float:
-    """Every image is rejected: just above the highest score, which is above 1.0 (by one step of
-    a double) where a float32 softmax gave exactly 1.0; exported models accept that value."""
-    return float(np.nextafter(scores.max(), 2.0))
+    """Every image is rejected: midway between the highest score and 1, or where that is within
+    rounding of 1 (a float32 softmax gives exactly 1.0), one step of a double above 1, which no
+    probability reaches; exported models accept that value."""
+    high = float(scores.max())
+    return (high + 1.0) / 2 if high < 1.0 - 2 * _EDGE_MARGIN else REJECT_ALL
 
 
 def threshold_sweep(p_good: np.ndarray, is_good: np.ndarray, points: int = 201,
