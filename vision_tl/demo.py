@@ -13,6 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
+from vision_tl.utils.files import path_arg
+
 EXAMPLE = """example:
   vision-tl demo                       # data in data/demo, run in runs/demo/version_N
   vision-tl demo --epochs 3 --size 96  # quicker; its images go to data/demo-96px-seed0
@@ -34,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="vision-tl demo", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", help="where the synthetic images go (default: data/demo; data/demo-SIZEpx-seedSEED "
+    parser.add_argument("--data", type=path_arg, help="where the synthetic images go (default: data/demo; data/demo-SIZEpx-seedSEED "
                                        "for another --size or --seed)")
-    parser.add_argument("--runs", default="runs", help="parent of the run directory (default: %(default)s)")
+    parser.add_argument("--runs", type=path_arg, default="runs", help="parent of the run directory (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image and input size in px (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data and training seed (default: %(default)s)")

@@ -864,6 +864,25 @@ def cli_predict_out_is_directory(w: World, tmp: Path) -> Result:
     return cli_error(["predict-onnx", str(w.onnx), str(w.data), "--out", str(tmp)], str(tmp), "folder")
 
 
+def cli_empty_path(w: World, tmp: Path) -> Result:
+    """A script's "$DIR" with DIR unset: each command refuses it instead of reading the working
+    directory (which holds images here), before any work."""
+    shutil.copytree(w.data, tmp / "here")
+    cases = [["predict-onnx", str(w.onnx), "", "--out", str(tmp / "p.csv")],
+             ["export", str(w.best), "--out", str(tmp / "m.onnx"), "--parity-images", ""],
+             ["extract", "", "--out", str(tmp / "f.npz")],
+             w.fit_args("", tmp / "runs")]
+    results = [cli_error(argv, "empty path") for argv in cases]
+    assert not any((tmp / name).exists() for name in ("p.csv", "m.onnx", "f.npz", "runs"))
+    return results[0]
+
+
+def api_empty_path(w: World, tmp: Path) -> Result:
+    shutil.copytree(w.data, tmp / "here")
+    api_error(lambda: ImageFolderDataModule(""), ValueError, "root", "empty path")
+    return api_error(lambda: Predictor(w.onnx).predict_paths(""), DeployError, "empty path")
+
+
 def cli_refit_into_existing_run(w: World, tmp: Path) -> Result:
     result = cli_error(w.fit_args(w.data, w.save_dir, "--trainer.logger.init_args.version", "0"),
                        str(w.run), "already holds a run")
@@ -1010,6 +1029,9 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-onnx-as-ckpt", "exported ONNX model given to export as the checkpoint", "CLI", cli_onnx_as_checkpoint),
     ("cli-foreign-onnx", "predict-onnx with another tool's ONNX", "CLI", cli_foreign_onnx),
     ("cli-out-is-dir", "predict-onnx --out is a directory", "CLI", cli_predict_out_is_directory),
+    ("cli-empty-path", "an empty path (a script's unset \"$DIR\") for images, data or a setting", "CLI",
+     cli_empty_path),
+    ("api-empty-path", "an empty path for the data or the images to predict", "API", api_empty_path),
     ("cli-refit-run", "fit into an existing run directory", "CLI", cli_refit_into_existing_run),
     ("cli-disk-full", "disk full while writing a checkpoint (simulated ENOSPC)", "CLI",
      cli_disk_full_writing_checkpoint),

@@ -18,7 +18,7 @@ from vision_tl.backbones._embedded import (
     embedded_weights_path,
     map_state_dict_by_order,
 )
-from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head, file_sha256
+from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head, file_sha256, refuse_empty_path
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ALLOW_DOWNLOAD_ENV = "VISION_TL_ALLOW_DOWNLOAD"
@@ -295,6 +295,7 @@ def create_backbone(
     model, resized = _create_model(name, size, False, kwargs)
     identity = "random-init"
     if weights is not None:
+        refuse_empty_path(weights, "weights (--model.weights)")
         path = Path(weights).expanduser()
         state, trained = _read_weights_file(path)
         if trained and trained != name:

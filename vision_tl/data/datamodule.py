@@ -50,6 +50,7 @@ from vision_tl.data.transforms import (
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, decode_error, load_rgb
 from vision_tl.utils.distributed import first_builds
+from vision_tl.utils.files import refuse_empty_path
 
 SAMPLERS = ("auto", "none", "balanced")
 # sampler "auto" draws classes equally often from this ratio of the largest training class to
@@ -231,6 +232,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                              f"{num_workers!r}; leave it unset to choose from the machine's cores")
         batch_size = int(batch_size)
         num_workers = None if num_workers is None else int(num_workers)
+        for name, value in (("root", root), ("predict_root", predict_root), ("split_file", split_file)):
+            refuse_empty_path(value, f"{name} (--data.{name})")
         if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
             split_file = str(Path(split_file).expanduser().resolve())
         self.save_hyperparameters()

@@ -28,7 +28,7 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
-from vision_tl.utils.files import atomic_path, name_key, path_text, unwritable
+from vision_tl.utils.files import atomic_path, name_key, path_arg, path_text, unwritable
 
 FORMATS = (".csv", ".json")
 EXIT_OK = 0
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL.onnx", help="the exported ONNX model")
-    parser.add_argument("inputs", metavar="INPUT", nargs="+",
+    parser.add_argument("model", type=path_arg, metavar="MODEL.onnx", help="the exported ONNX model")
+    parser.add_argument("inputs", type=path_arg, metavar="INPUT", nargs="+",
                         help="image files and/or folders (searched recursively)")
-    parser.add_argument("--out", required=True, metavar="FILE",
+    parser.add_argument("--out", type=path_arg, required=True, metavar="FILE",
                         help="output file; the format follows the extension: .csv or .json")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                         help="images per inference batch (default: 32)")

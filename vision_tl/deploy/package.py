@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 import vision_tl
-from vision_tl.utils.files import atomic_path
+from vision_tl.utils.files import atomic_path, path_arg
 
 NAME = "vision-tl-deploy"
 REQUIRES = ("numpy>=1.24", "pillow>=10", "onnxruntime>=1.18", "simplejpeg>=1.8,<2")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vision-tl deploy-wheel", description=description, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="dist", help="folder for the wheel (default: dist)")
+    parser.add_argument("--out", type=path_arg, default="dist", help="folder for the wheel (default: dist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing wheel of this version")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -35,7 +35,7 @@ from vision_tl.imaging import (
     load_rgb,
     resize,
 )
-from vision_tl.utils.files import file_sha256
+from vision_tl.utils.files import EMPTY_PATH, file_sha256
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
@@ -123,6 +123,8 @@ def scan_images(folder: str | Path) -> ImageScan:
     Raises:
         DeployError: the path does not exist, or the folder holds no image.
     """
+    if isinstance(folder, str) and not folder.strip():
+        raise DeployError(EMPTY_PATH)
     root = Path(folder)
     if root.is_file() or (root.is_symlink() and not root.exists()):
         # Named explicitly: returned whatever it is, so a bad file becomes an error row.

@@ -31,6 +31,7 @@ from vision_tl.export.quantize import (
     KEEP_FLOAT_CHOICES,
     Int8Config,
 )
+from vision_tl.utils.files import path_arg
 
 _EPILOG = """\
 examples:
@@ -62,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a vision_tl checkpoint to ONNX (uint8 NHWC in, probabilities out).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt written by vision-tl fit")
-    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("checkpoint", type=path_arg, metavar="CHECKPOINT", help="a .ckpt written by vision-tl fit")
+    p.add_argument("--out", type=path_arg, required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: {DEFAULT_OPSET})")
-    p.add_argument("--parity-images", default="auto", metavar="DIR|auto|none",
+    p.add_argument("--parity-images", type=path_arg, default="auto", metavar="DIR|auto|none",
                    help="images for the PyTorch-vs-ONNX check: 'auto' = the run's val split "
                         "(default), a folder (labels from class sub-folders), or 'none' to skip")
     p.add_argument("--no-normalize-in-graph", dest="normalize_in_graph", action="store_false",
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {Int8Config.percentile})")
     q.add_argument("--keep-float", choices=KEEP_FLOAT_CHOICES, default=None,
                    help=f"layers left in fp32 (default: {Int8Config.keep_float})")
-    q.add_argument("--calibration-dir", metavar="DIR", default=None,
+    q.add_argument("--calibration-dir", type=path_arg, metavar="DIR", default=None,
                    help="calibration images (training images only; default: the run's training images "
                         "from its split.json)")
     q.add_argument("--fp16", action="store_true",

@@ -34,6 +34,7 @@ from vision_tl.features.extractor import FeatureExtractor
 from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
 from vision_tl.imaging import image_files
 from vision_tl.utils import launcher_int
+from vision_tl.utils.files import refuse_empty_path
 
 WRITE_CHUNK = 2048  # rows per streamed write
 
@@ -68,6 +69,7 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
             and ``skip_bad`` is False, or has class folders and also images beside them, which
             would be left out (the message says how to include them).
     """
+    refuse_empty_path(root, "image folder")
     root = Path(root).expanduser()
     if root.is_file():
         raise DatasetError(f"{root} is a file; give the folder that holds the images (with <class>/ sub-folders, "

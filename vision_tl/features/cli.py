@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from vision_tl.deploy.cli import input_size_arg, positive_int
+from vision_tl.utils.files import path_arg
 
 EXTRACT_EXAMPLES = """examples:
   vision-tl extract data/neu --backbone tf_efficientnet_lite0 --out neu_lite0.parquet
@@ -30,7 +31,7 @@ Features come from the feature cache, so a second probe of the same folder takes
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", help="image folder: <class>/ sub-folders, train/ val/ splits, or flat")
+    parser.add_argument("root", type=path_arg, help="image folder: <class>/ sub-folders, train/ val/ splits, or flat")
     parser.add_argument("--stages", default="pooled",
                         help="'pooled' (default), stage numbers into the model's feature_info such as "
                              "'3,4', or both: '3,4,pooled' (each stage average-pooled, concatenated)")
@@ -41,7 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="image decoders (default: one per core but one, up to 16; every core on 1-2 cores): "
                              "threads, or loader processes on Linux machines of 8 cores or more")
-    parser.add_argument("--cache-dir", default=None,
+    parser.add_argument("--cache-dir", type=path_arg, default=None,
                         help="feature cache (default $VISION_TL_CACHE or ~/.cache/vision_tl/features)")
     parser.add_argument("--random-init", action="store_true",
                         help="use randomly initialised backbones (no ImageNet weights; the same seeded "
@@ -61,8 +62,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                         "to .npz or .parquet, with the backbone, weights identity and preprocessing.")
         _common(parser)
         parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
-        parser.add_argument("--weights", default=None, help="local .safetensors/.pth backbone weights")
-        parser.add_argument("--out", required=True, help="output file, .npz or .parquet")
+        parser.add_argument("--weights", type=path_arg, default=None, help="local .safetensors/.pth backbone weights")
+        parser.add_argument("--out", type=path_arg, required=True, help="output file, .npz or .parquet")
         parser.add_argument("--precision", choices=("32", "bf16"), default="32",
                             help="32 (default) or bf16 autocast, for GPUs (cached apart from fp32)")
         parser.add_argument("--decode", choices=("cpu", "device"), default="cpu",
@@ -87,7 +88,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     _common(parser)
     parser.add_argument("--backbone", action="append", required=True, dest="backbones",
                         help="timm model name; repeat to compare several")
-    parser.add_argument("--weights", default=None, help="local weights (only with a single --backbone)")
+    parser.add_argument("--weights", type=path_arg, default=None, help="local weights (only with a single --backbone)")
     parser.add_argument("--heads", default="logreg,knn", help="comma list of logreg, knn, logreg-l2 (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=5, help="k of stratified k-fold, 0 skips it (default: %(default)s)")
     parser.add_argument("--shots", type=int, nargs="+", default=[],
@@ -97,7 +98,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                         help="cached views per image: 1 clean + K-1 augmented, used for training rows (default: %(default)s)")
     parser.add_argument("--augment", default="inspection", help="augmentation preset of extra views (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and draws, and of the weights with --random-init (default: %(default)s)")
-    parser.add_argument("--plot-dir", default=None, help="write pca_<backbone>.png scatters here")
+    parser.add_argument("--plot-dir", type=path_arg, default=None, help="write pca_<backbone>.png scatters here")
     return parser
 
 

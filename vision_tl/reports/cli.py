@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from vision_tl.deploy.cli import positive_int
+from vision_tl.utils.files import path_arg
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -60,10 +61,10 @@ def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tl report", formatter_class=FMT, epilog=REPORT_EPILOG,
                                 description="Evaluate a run's checkpoint and write an HTML report with "
                                             "per-class metrics, ROC/PR curves, calibration and good/defect rates.")
-    p.add_argument("run", metavar="RUN_DIR", help="a run directory written by vision-tl fit")
+    p.add_argument("run", type=path_arg, metavar="RUN_DIR", help="a run directory written by vision-tl fit")
     p.add_argument("--split", choices=("val", "test"), default="val", help="images to evaluate (default: val)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="default: RUN_DIR/checkpoints/best.ckpt")
-    p.add_argument("--data", metavar="ROOT", help="the image folder, if it moved since training")
+    p.add_argument("--checkpoint", type=path_arg, metavar="CKPT", help="default: RUN_DIR/checkpoints/best.ckpt")
+    p.add_argument("--data", type=path_arg, metavar="ROOT", help="the image folder, if it moved since training")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-false-reject", type=_rate, metavar="R",
                         help="choose the threshold so at most R (e.g. 0.01) of good images are rejected")
@@ -81,9 +82,9 @@ def report_parser() -> argparse.ArgumentParser:
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tl compare", formatter_class=FMT, epilog=COMPARE_EPILOG,
                                 description="Compare runs side by side from their metrics.json.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which metrics (default: val)")
-    p.add_argument("--out", metavar="DIR", help="also write compare.html, compare.json and compare.png here")
+    p.add_argument("--out", type=path_arg, metavar="DIR", help="also write compare.html, compare.json and compare.png here")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
     return p
 
@@ -91,10 +92,10 @@ def compare_parser() -> argparse.ArgumentParser:
 def explain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tl explain", formatter_class=FMT, epilog=EXPLAIN_EPILOG,
                                 description="Grad-CAM heat maps: where the model looked for a class.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .ckpt written by vision-tl fit")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("checkpoint", type=path_arg, metavar="CKPT", help="a .ckpt written by vision-tl fit")
+    p.add_argument("images", type=path_arg, nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: predicted)")
-    p.add_argument("--out", metavar="DIR", default="explain", help="output folder (default: ./explain)")
+    p.add_argument("--out", type=path_arg, metavar="DIR", default="explain", help="output folder (default: ./explain)")
     p.add_argument("--overwrite", action="store_true", help="replace heat maps already in --out")
     return p
 

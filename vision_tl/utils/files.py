@@ -302,3 +302,24 @@ def file_crc32(path: str | Path, offset: int = 0) -> int:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+EMPTY_PATH = ("an empty path (an unset shell variable?), which would mean the current folder; give the file or "
+              "folder, or . for the current folder")
+
+
+def path_arg(text: str) -> str:
+    """``type=`` of a command-line path: an empty one (a script's ``"$DIR"`` with ``DIR`` unset) is
+    refused, not read as the current folder, whose images would then be predicted, checked or
+    trained on."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return text
+
+
+def refuse_empty_path(path: str | Path | None, what: str) -> None:
+    """:func:`path_arg` for the Python API: ``ValueError`` naming ``what`` when ``path`` is ``""``."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"{what}: {EMPTY_PATH}")
