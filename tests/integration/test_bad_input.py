@@ -883,6 +883,18 @@ def api_empty_path(w: World, tmp: Path) -> Result:
     return api_error(lambda: Predictor(w.onnx).predict_paths(""), DeployError, "empty path")
 
 
+def cli_out_is_a_broken_link(w: World, tmp: Path) -> Result:
+    """An --out name held by a link to a missing file: refused before the work, naming the link
+    (it used to pass the first check, and the finished file was refused at the end)."""
+    for name in ("p.csv", "m.onnx"):
+        (tmp / name).symlink_to(tmp / "gone" / name)
+    result = cli_error(["predict-onnx", str(w.onnx), str(w.data), "--out", str(tmp / "p.csv")],
+                       str(tmp / "p.csv"), "symbolic link", "--overwrite")
+    cli_error(["export", str(w.best), "--out", str(tmp / "m.onnx")], "symbolic link", "--overwrite")
+    assert not (tmp / "gone").exists() and not (tmp / "m.parity.json").exists()
+    return result
+
+
 def cli_refit_into_existing_run(w: World, tmp: Path) -> Result:
     result = cli_error(w.fit_args(w.data, w.save_dir, "--trainer.logger.init_args.version", "0"),
                        str(w.run), "already holds a run")
@@ -1032,6 +1044,7 @@ CASES: list[tuple[str, str, str, Callable]] = [
     ("cli-empty-path", "an empty path (a script's unset \"$DIR\") for images, data or a setting", "CLI",
      cli_empty_path),
     ("api-empty-path", "an empty path for the data or the images to predict", "API", api_empty_path),
+    ("cli-out-broken-link", "--out names a symbolic link to a missing file", "CLI", cli_out_is_a_broken_link),
     ("cli-refit-run", "fit into an existing run directory", "CLI", cli_refit_into_existing_run),
     ("cli-disk-full", "disk full while writing a checkpoint (simulated ENOSPC)", "CLI",
      cli_disk_full_writing_checkpoint),

@@ -28,7 +28,14 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
-from vision_tl.utils.files import atomic_path, name_key, path_arg, path_text, unwritable
+from vision_tl.utils.files import (
+    already_there,
+    atomic_path,
+    name_key,
+    path_arg,
+    path_text,
+    unwritable,
+)
 
 FORMATS = (".csv", ".json")
 EXIT_OK = 0
@@ -155,8 +162,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
     folder = out.parent
     if not folder.is_dir():
         raise DeployError(f"output folder {folder} does not exist; create it first")
-    if out.exists() and not overwrite:
-        raise DeployError(f"{out} already exists; pass --overwrite to replace it")
+    there = already_there(out)
+    if there and not overwrite:
+        raise DeployError(f"{out} {there}; pass --overwrite to replace it")
     reason = unwritable(folder)
     if reason:
         raise DeployError(f"--out {out}: cannot write in {folder} ({reason}); write to a folder you can write to")

@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 import vision_tl
-from vision_tl.utils.files import atomic_path, path_arg
+from vision_tl.utils.files import already_there, atomic_path, path_arg
 
 NAME = "vision-tl-deploy"
 REQUIRES = ("numpy>=1.24", "pillow>=10", "onnxruntime>=1.18", "simplejpeg>=1.8,<2")
@@ -59,8 +59,9 @@ def build_deploy_wheel(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """
     version = vision_tl.__version__
     out = Path(out_dir) / f"{NAME.replace('-', '_')}-{version}-py3-none-any.whl"
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    there = already_there(out)
+    if there and not overwrite:
+        raise FileExistsError(f"{out} {there}; pass --overwrite to replace it")
     root = Path(vision_tl.__file__).parent
     dist_info = f"{NAME.replace('-', '_')}-{version}.dist-info"
     files: list[tuple[str, bytes]] = [(f"vision_tl/{m}", (root / m).read_bytes()) for m in MODULES]

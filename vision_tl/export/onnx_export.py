@@ -24,7 +24,7 @@ from torch import nn
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
 from vision_tl.models.classifier import ClassifierOutput
-from vision_tl.utils.files import EMPTY_PATH, atomic_path, unwritable
+from vision_tl.utils.files import EMPTY_PATH, already_there, atomic_path, unwritable
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 13, 20  # 13: per-channel QDQ; 20: the TorchScript exporter's newest
@@ -254,8 +254,9 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
         raise ExportError(f"--out {out}: is a directory; give a file name such as {out}/model.onnx")
     if not out.parent.is_dir():
         raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise ExportError(f"--out {out}: already exists; pass --overwrite to replace it")
+    there = already_there(out)
+    if there and not overwrite:
+        raise ExportError(f"--out {out}: {there}; pass --overwrite to replace it")
     reason = unwritable(out.parent)
     if reason:
         raise ExportError(f"--out {out}: cannot write in {out.parent} ({reason}); export to a folder you can write to")

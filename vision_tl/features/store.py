@@ -46,6 +46,7 @@ import numpy as np
 
 from vision_tl.utils.files import (
     ORPHAN_AGE_S,
+    already_there,
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
@@ -378,8 +379,9 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         raise FeatureStoreError(f"output {path}: directory {path.parent} does not exist; create it first")
     if path.is_dir():  # --overwrite replaces a file, never a folder
         raise FeatureStoreError(f"output {path} is a directory; name a {path.suffix} file to write")
-    if path.exists() and not overwrite:
-        raise FeatureStoreError(f"output {path} already exists; pass --overwrite (Python: overwrite=True) to replace it")
+    there = already_there(path)
+    if there and not overwrite:
+        raise FeatureStoreError(f"output {path} {there}; pass --overwrite (Python: overwrite=True) to replace it")
     reason = unwritable(path.parent)  # before the work, not after it
     if reason:
         raise FeatureStoreError(f"output {path}: cannot write in {path.parent} ({reason}); write "

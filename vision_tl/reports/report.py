@@ -36,7 +36,7 @@ import numpy as np
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils import read_run_config
-from vision_tl.utils.files import atomic_write_text, path_text, unwritable
+from vision_tl.utils.files import already_there, atomic_write_text, path_text, unwritable
 
 SPLITS = ("val", "test")
 
@@ -499,9 +499,11 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
     if checkpoint is not None:  # (the default is the run's own, wherever checkpoints/ links to)
         _check_checkpoint_in_run(run_dir, ckpt_path)
     thresholded = thresholded_path(ckpt_path)
-    if target is not None and not in_place and thresholded.exists() and not overwrite:
-        raise ReportError(f"{thresholded} already exists, with the threshold an earlier report chose; pass "
-                          "--overwrite (Python: overwrite=True) to replace it, or move it away first")
+    there = already_there(thresholded) if target is not None and not in_place else ""
+    if there and not overwrite:
+        held = ", with the threshold an earlier report chose" if there == "already exists" else ""
+        raise ReportError(f"{thresholded} {there}{held}; pass --overwrite (Python: overwrite=True) to replace it, "
+                          "or move it away first")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # version notes; the report states the version itself
         model, meta = load_classifier(ckpt_path)

@@ -168,14 +168,25 @@ def atomic_path(path: str | Path, overwrite: bool = True, sweep: bool = True) ->
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {path.parent} does not exist (writing {path.name})")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    there = already_there(path)
+    if there and not overwrite:
+        raise FileExistsError(f"{path} {there}; refusing to overwrite it")
     if sweep:
         remove_orphaned_temps(path)
     with locked_temp(path) as tmp_path:
         yield tmp_path
         _make_readable(tmp_path)
         durable_replace(tmp_path, path, overwrite=overwrite)
+
+
+def already_there(path: Path) -> str:
+    """How to say what holds the name ``path`` already, for an error; ``""`` when nothing does. A
+    symbolic link whose target is missing counts (``Path.exists()`` says False, yet writing the
+    name replaces the link, and linking a file into place fails after all the work is done)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    return "already exists" if os.path.lexists(path) else ""
 
 
 def durable_replace(tmp: Path, path: Path, overwrite: bool = True) -> None:
@@ -200,7 +211,7 @@ def durable_replace(tmp: Path, path: Path, overwrite: bool = True) -> None:
             raise FileExistsError(f"{path} already exists (written meanwhile by another process); "
                                   "refusing to overwrite it") from None
         except OSError:  # a file system without hard links: the check, then the rename
-            if path.exists():
+            if os.path.lexists(path):
                 raise FileExistsError(f"{path} already exists; refusing to overwrite it") from None
             os.replace(tmp, path)
         else:
