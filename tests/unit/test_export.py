@@ -248,6 +248,17 @@ def test_float_nodes_keep_normalisation_stem_and_head():
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
     assert float_nodes(model, "none") == ["cast", "transpose", "softmax"]
     assert set(float_nodes(model, "stem+head")) == {"cast", "transpose", "softmax", "stem", "fc"}
+    # a ViT: its one Conv is the patch embedding; its blocks' Linear layers (MatMul + Add) are
+    # quantised, only the classifier stays in float
+    vit = [helper.make_node("Conv", ["image", "w0"], ["t0"], name="patch_embed")]
+    for k in range(3):
+        vit += [helper.make_node("MatMul", [f"t{k}", f"w{k + 1}"], [f"m{k}"], name=f"block{k}.fc"),
+                helper.make_node("Add", [f"m{k}", f"b{k}"], [f"t{k + 1}"], name=f"block{k}.bias")]
+    vit += [helper.make_node("MatMul", ["t3", "wh"], ["mh"], name="head.fc"),
+            helper.make_node("Add", ["mh", "bh"], ["l"], name="head.bias"),
+            helper.make_node("Softmax", ["l"], ["p"], name="softmax")]
+    vit_model = helper.make_model(helper.make_graph(vit, "g", [], []))
+    assert set(float_nodes(vit_model, "head")) == {"softmax", "head.fc", "head.bias"}
     with pytest.raises(ExportError, match="expected one of"):
         Int8Config(keep_float="everything")
     with pytest.raises(ExportError, match="expected one of: percentile"):

@@ -129,7 +129,9 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
 
     The normalisation is everything before the first Conv (Cast, Sub, Mul,
     Transpose on the raw uint8 image); ``stem`` is that first Conv; ``head``
-    is every Gemm/MatMul after the last Conv, plus the softmax.
+    is the classifier: the last Gemm/MatMul (with the Add of its bias), plus the
+    softmax. (Not every Gemm/MatMul after the last Conv: in a ViT, whose only Conv
+    is the patch embedding, that is the whole transformer.)
     """
     nodes = list(model.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
@@ -140,9 +142,36 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
     names += [n.name for n in nodes[last + 1:] if n.op_type == "Softmax"]
     if "stem" in keep_float:
         names.append(nodes[first].name)
-    if "head" in keep_float:
-        names += [n.name for n in nodes[last + 1:] if n.op_type in ("Gemm", "MatMul")]
+    linear = [n for n in nodes[last + 1:] if n.op_type in ("Gemm", "MatMul")]
+    if "head" in keep_float and linear:
+        head = linear[-1]
+        names.append(head.name)
+        if head.op_type == "MatMul":  # a Linear on a token sequence: its bias is an Add
+            names += [n.name for n in nodes if n.op_type == "Add" and head.output[0] in n.input]
     return names
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Keep onnxruntime's quantiser notes (a ViT gives one 'Axis 1 is out-of-range' per LayerNorm
+    weight) off stderr: it logs them through the root logger, and ``logging.warning`` on a root
+    without handlers would also install one there for good (``basicConfig``). A handler that
+    drops everything holds that place meanwhile, and a filter drops onnxruntime's records."""
+    import logging
+
+    root = logging.getLogger()
+    placeholder = logging.NullHandler()
+
+    def not_onnxruntime(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    root.addHandler(placeholder)
+    root.addFilter(not_onnxruntime)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_onnxruntime)
+        root.removeHandler(placeholder)
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -175,7 +204,7 @@ def quantize_int8(fp32_model: str | Path, out: str | Path, calibration: Sequence
                "distribution": CalibrationMethod.Distribution}
     with tempfile.TemporaryDirectory(prefix="vision_tl_int8_") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
             model = _named(onnx.load(str(prepared)))
