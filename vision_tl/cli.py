@@ -71,9 +71,13 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     """Run ``vision-tl ARGV``; returns the exit status (0 ok; 2 bad arguments or input, after a
     one-line ``error: ...``), also where a command's parser exits (``--help``, a bad option), so
-    ``assert main([...]) == 0`` in a notebook or a script reads it."""
+    ``assert main([...]) == 0`` in a notebook or a script reads it. The caller's random generators,
+    Lightning's seed variables and cuDNN's flags are as they were when it returns."""
+    from vision_tl.utils import callers_global_state
+
     try:
-        return _main(argv)
+        with callers_global_state():
+            return _main(argv)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)

@@ -63,6 +63,38 @@ def test_test_and_predict_commands_use_the_run(trained_run, tmp_path):
     assert lines[0].startswith("path,true,predicted,probability,p_crack")
 
 
+def test_commands_and_loading_leave_the_callers_random_generators_and_settings_alone(trained_run, tmp_path):
+    """In a notebook, test or predict reseeded the process with the run's seed (every later draw
+    repeated the same numbers, and Lightning's seed variables stayed set), and loading a model
+    drew the random weights its checkpoint replaces from the caller's torch generator."""
+    import os
+    import random
+
+    import numpy as np
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seeded() -> None:
+        random.seed(12345)
+        np.random.seed(12345)
+        torch.manual_seed(12345)
+
+    seeded()
+    expected = draws()
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(trained_run / "checkpoints/best.ckpt"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    variables = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    for command in ("predict", "test"):
+        seeded()
+        assert main([command, *args]) == 0
+        assert draws() == expected, command
+        assert {k: os.environ.get(k) for k in variables} == variables
+    seeded()
+    load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    assert draws() == expected
+
+
 def test_a_fit_stopped_by_max_steps_before_a_validation_says_it_has_no_best_checkpoint(inspection_folder, tmp_path):
     """It printed 'best epoch 0 ...' and exited 0 with no best.ckpt, which report and export then missed."""
     with pytest.warns(UserWarning, match=r"training ended before an epoch was validated, so run .* has no "

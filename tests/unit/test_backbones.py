@@ -87,6 +87,11 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
     assert loaded.vision_tl_weights.startswith(f"file:w{suffix}:")
     for key, value in source.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+    torch.manual_seed(7)  # the random weights the file replaces are not drawn from the caller's generator
+    create_backbone(TINY, weights=path)
+    after_load = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(1), after_load)
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path):

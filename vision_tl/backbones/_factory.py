@@ -292,7 +292,9 @@ def create_backbone(
         size = resolve_preprocessing(name, img_size).input_size  # validates it
         if size == tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:]):
             size = None  # native size: the model exactly as before
-    model, resized = _create_model(name, size, False, kwargs)
+    # weights from a file replace the random ones: drawing those must not move the caller's generator
+    with torch.random.fork_rng(devices=[], enabled=weights is not None or pretrained):
+        model, resized = _create_model(name, size, False, kwargs)
     identity = "random-init"
     if weights is not None:
         refuse_empty_path(weights, "weights (--model.weights)")

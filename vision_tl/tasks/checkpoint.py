@@ -91,7 +91,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu"):
 
         warnings.warn(f"{path} was written by vision_tl {meta.get('kit_version')}, this is {__version__}", stacklevel=2)
     try:
-        model = ImageClassifier(**hparams)
+        with torch.random.fork_rng(devices=[]):  # the random weights it replaces leave the caller's generator alone
+            model = ImageClassifier(**hparams)
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not fit an ImageClassifier of this version: {exc}") from exc

@@ -141,3 +141,45 @@ def ignoring_warnings(category: type[Warning] = Warning, message: str = "") -> I
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message, category)
         yield
+
+
+# what Lightning's seed_everything leaves in the environment (inherited by every later process)
+_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextlib.contextmanager
+def callers_global_state() -> Iterator[None]:
+    """Put back, on the way out, the process-wide state a command changes: the random generators
+    (``random``; numpy's and torch's where the caller has imported them, CUDA's where it has
+    started), the seed variables Lightning sets, and cuDNN's flags (``configs/gpu.yaml``
+    turns benchmarking on). ``vision_tl.cli.main`` runs a command in a notebook's or a
+    script's process: ``test`` or ``predict`` reseeded it with the run's seed, so every draw
+    after each call repeated the same numbers."""
+    import random
+
+    py_state = random.getstate()
+    np_mod, torch_mod = sys.modules.get("numpy"), sys.modules.get("torch")
+    np_state = np_mod.random.get_state() if np_mod is not None else None
+    torch_state = cuda_states = cudnn = None
+    if torch_mod is not None:
+        torch_state = torch_mod.random.get_rng_state()
+        if torch_mod.cuda.is_initialized():
+            cuda_states = torch_mod.cuda.get_rng_state_all()
+        cudnn = (torch_mod.backends.cudnn.benchmark, torch_mod.backends.cudnn.deterministic)
+    variables = {name: os.environ.get(name) for name in _SEED_VARIABLES}
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            np_mod.random.set_state(np_state)
+        if torch_state is not None:
+            torch_mod.random.set_rng_state(torch_state)
+            if cuda_states is not None:
+                torch_mod.cuda.set_rng_state_all(cuda_states)
+            torch_mod.backends.cudnn.benchmark, torch_mod.backends.cudnn.deterministic = cudnn
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
