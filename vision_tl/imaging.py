@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -267,6 +268,19 @@ def _warn_frames(img: Image.Image, path: Path) -> None:
                   MultiFrameWarning, stacklevel=3)
 
 
+_warned_truncated = False
+
+
+def _warn_truncated_allowed() -> None:
+    """Pillow pads a cut-off file instead of failing while ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    set: the process's setting (its owner's choice, left as it is), so say once what it does here."""
+    global _warned_truncated
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+        _warned_truncated = True
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process: images cut off in the middle "
+                      "are read with their missing part filled in, not refused as damaged", stacklevel=3)
+
+
 def decode_error(path: str | Path) -> str:
     """Why :func:`load_rgb` cannot read ``path`` (for a message in a process other than the one that
     met the failure: a loader process's own message does not come back with its batch)."""
@@ -303,6 +317,9 @@ def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
     return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
 def open_image(path: Path, limit: int | None = None) -> Image.Image:
     """``Image.open`` (lazy: header only) with the decompression-bomb guard applied.
 
@@ -311,15 +328,21 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
         OSError, UnidentifiedImageError: as ``Image.open``.
     """
     limit = max_image_pixels() if limit is None else limit
-    # Pillow's own guard fires at 2x its limit inside Image.open, with a message that
-    # names neither the file nor our setting; keep it above ours so ours decides.
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
-        Image.MAX_IMAGE_PIXELS = limit
     with ignoring_warnings(Image.DecompressionBombWarning):  # our check follows
         try:
             img = Image.open(path)
-        except Image.DecompressionBombError as exc:  # over 2x the limit: Pillow's message, ours instead
-            raise _bomb(path, exc, limit) from exc
+        except Image.DecompressionBombError as exc:
+            # Pillow's own guard (at twice Image.MAX_IMAGE_PIXELS) is below ours, which the user
+            # raised: open without it, leaving the caller's Pillow setting as it is after
+            size = re.search(r"\((\d+) pixels\)", str(exc))
+            if size is None or int(size.group(1)) > limit:
+                raise _bomb(path, exc, limit) from exc
+            with _PILLOW_LIMIT_LOCK:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    img = Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
     pixels = img.width * img.height
     if pixels > limit:
         img.close()
@@ -349,7 +372,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         if fast is not None:
             return fast
         with open_image(path, limit) as img:
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            _warn_truncated_allowed()
             if _signed_8_bit(img):
                 raise ImageLoadError(f"{path}: a TIFF of signed 8-bit samples (their negative values would read as "
                                      "bright); vision_tl reads unsigned 8- and 16-bit and float images: convert it")

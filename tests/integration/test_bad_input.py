@@ -305,9 +305,11 @@ def decompression_bomb_limit_raised(w: World, tmp: Path, monkeypatch: pytest.Mon
     path = _big_png(tmp)
     path.write_bytes(path.read_bytes()[:4000])
     monkeypatch.setenv("VISION_TL_MAX_IMAGE_PIXELS", str(400_000_000))
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageLoadError) as info:
         load_rgb(path)
     assert "decompression-bomb" not in str(info.value) and "truncated" in str(info.value), info.value
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # the caller's own Pillow guard stays where it was
     # ... and the same with set_max_image_pixels on an image that is merely over a low limit.
     small = tmp / "small.png"
     Image.fromarray(rgb()).save(small)

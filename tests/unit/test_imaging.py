@@ -125,6 +125,25 @@ def test_truncated_jpeg_is_an_error(tmp_path):
         load_rgb(tmp_path / "t.jpg")
 
 
+def test_a_process_that_allows_truncated_images_keeps_its_setting_and_is_told(tmp_path, monkeypatch):
+    """The kit used to switch Pillow's LOAD_TRUNCATED_IMAGES off for the whole process at its first
+    PNG: the caller's own reading of its cut-off files then failed."""
+    from PIL import ImageFile
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) * 3 // 4])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(imaging, "_warned_truncated", False)
+    with pytest.warns(UserWarning, match="LOAD_TRUNCATED_IMAGES is set in this process"):
+        load_rgb(tmp_path / "t.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    assert load_rgb(tmp_path / "cut.png").shape == (64, 64, 3)  # as the process asked
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+    with pytest.raises(ImageLoadError, match="cut.png"):
+        load_rgb(tmp_path / "cut.png")
+
+
 def test_decompression_bomb_guard_and_setting(tmp_path, monkeypatch):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(imaging, "_max_pixels", 10_000)

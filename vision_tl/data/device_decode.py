@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import math
 import threading
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +49,7 @@ from vision_tl.imaging import (
     max_image_pixels,
     resize,
 )
+from vision_tl.utils import ignoring_warnings
 
 # Pillow's filter -> PyTorch's twin (antialiased for down-scaling, as Pillow always is).
 # (nearest has no exact twin: Pillow and PyTorch round the source position differently.)
@@ -61,8 +61,8 @@ _checked: dict[tuple[str, tuple[int, int], str], tuple[float, int]] = {}
 _lock = threading.Lock()
 
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; the call is
-# what this module is for, so the warning would only repeat what this docstring says.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io\.image")
+# what this module is for, so the warning (left out around that call only) would repeat this docstring
+_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 @dataclass
@@ -203,12 +203,13 @@ def _decode(datas: list[torch.Tensor], gray: bool, device: torch.device) -> list
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.GRAY if gray else ImageReadMode.RGB
-    if device.type != "cuda":
-        return decode_jpeg(datas, mode=mode, device=device)
-    # torchvision allocates the images on the current stream and writes them on a stream of its
-    # own: on the compute stream, it could be handed memory that kernels queued there still read.
-    # On a side stream it gets memory only that stream used; the compute stream then waits for it.
-    return copy_on_side_stream(lambda: decode_jpeg(datas, mode=mode, device=device), device)
+    with ignoring_warnings(DeprecationWarning, _DEPRECATED):
+        if device.type != "cuda":
+            return decode_jpeg(datas, mode=mode, device=device)
+        # torchvision allocates the images on the current stream and writes them on a stream of its
+        # own: on the compute stream, it could be handed memory that kernels queued there still read.
+        # On a side stream it gets memory only that stream used; the compute stream then waits for it.
+        return copy_on_side_stream(lambda: decode_jpeg(datas, mode=mode, device=device), device)
 
 
 def _refused(exc: RuntimeError) -> bool:

@@ -593,7 +593,8 @@ def _check_parity_record(model: Path) -> None:
     if not isinstance(expected, str):
         return
     info = model.stat()
-    key = (str(model.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, expected)
+    # ctime too: a copy that keeps times (cp -p, rsync -t --inplace) restores mtime, not ctime
+    key = (str(model.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, expected)
     if key in _MATCHED_RECORDS:  # (a line PC that opens the model per lot hashes it once per process)
         return
     if file_sha256(model) == expected:
