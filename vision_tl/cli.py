@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     one-line ``error: ...``), also where a command's parser exits (``--help``, a bad option), so
     ``assert main([...]) == 0`` in a notebook or a script reads it. The caller's random generators,
     Lightning's seed variables and cuDNN's flags are as they were when it returns."""
-    from vision_tl.utils import callers_global_state
+    from vision_tl.utils import callers_global_state, keep_start_method_free
 
+    keep_start_method_free()  # (Lightning's progress bar, a tqdm, would fix it)
     try:
         with callers_global_state():
             return _main(argv)

@@ -851,3 +851,18 @@ def test_the_feature_cache_keys_on_the_version_of_the_decoded_pixels(tiny_net) -
 
     extractor = FeatureExtractor(tiny_net, TINY, resolve_preprocessing(TINY, SIZE))
     assert extractor.identity()["pixels"] == PIXELS_VERSION
+
+
+def test_extract_leaves_the_multiprocessing_start_method_free(folder, tmp_path) -> None:
+    """tqdm's first bar fixed the start method ('fork'): a notebook's later
+    set_start_method('spawn') failed with 'context has already been set'."""
+    import subprocess
+    import sys
+
+    script = (f"import multiprocessing as mp\nfrom vision_tl.features import extract\n"
+              f"extract({str(folder)!r}, {TINY!r}, pretrained=False, image_size={SIZE}, progress=False, "
+              f"cache_dir={str(tmp_path / 'c')!r})\n"
+              "print(mp.get_start_method(allow_none=True))\nmp.set_start_method('spawn')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None"]

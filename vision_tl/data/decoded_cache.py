@@ -41,7 +41,7 @@ from vision_tl.data.decode_threads import (
 )
 from vision_tl.data.transforms import pixel_batch_buffer
 from vision_tl.imaging import PIXELS_VERSION
-from vision_tl.utils import local_rank, say
+from vision_tl.utils import local_rank, progress_bar, say
 from vision_tl.utils.files import (
     atomic_path,
     atomic_write_text,
@@ -234,11 +234,9 @@ def _decode_into(out: np.ndarray, paths: list[Path], interpolation: str, threads
     """Decode on ``threads`` threads, each image straight into its row of ``out`` (the mapped
     file; on many cores, ``threads`` loader processes whose batches are copied there), with a
     progress bar; the bad indices and the CRC-32 of the pixels, in file order."""
-    from tqdm.auto import tqdm
-
     bad: list[int] = []
     crc = 0
-    with tqdm(total=len(paths), desc="decoding images (once)", unit="img",
+    with progress_bar(total=len(paths), desc="decoding images (once)", unit="img",
               disable=local_rank() != 0) as bar:  # DDP: one bar, from the first rank
         copied = decode_in_processes(threads, BUILD_BATCH * out[0].nbytes)  # many cores: processes, batches copied
         if copied:

@@ -209,11 +209,11 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
     bar = None
     if sys.stderr.isatty():
         try:
-            from tqdm import tqdm
+            from vision_tl.utils import progress_bar
         except ImportError:
             tqdm = None
         if tqdm is not None:
-            bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+            bar = progress_bar(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
     try:
         yield bar.update if bar is not None else None
     finally:

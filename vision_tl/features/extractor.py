@@ -39,7 +39,7 @@ from vision_tl.data.device_decode import device_batches
 from vision_tl.data.folder import content_hash
 from vision_tl.data.transforms import AugmentSpec, ImageTransform, stack_images
 from vision_tl.imaging import PIXELS_VERSION, ImageLoadError, load_rgb
-from vision_tl.utils import no_cudnn_benchmark
+from vision_tl.utils import no_cudnn_benchmark, progress_bar
 
 POOLED = "pooled"
 FORMAT_VERSION = 1  # bump when the meaning of stored features changes
@@ -316,8 +316,6 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     ``num_workers`` decoding threads (loader processes for augmented views); ``None`` picks
     one per core but one, up to 16 (every core on a 1-2 core machine).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(extractor.model.parameters()).device
@@ -349,7 +347,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     # a pass of one batch runs eagerly: recording costs about three forward passes and a wait
     extractor.cuda_graphs = graphs and len(paths) > batch_size
     try:
-        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
+        with progress_bar(total=len(paths), desc=desc, unit="img", disable=not progress or not paths) as bar:
             batches = _decoded_batches(extractor, paths, batch_size, num_workers, device)  # decoding starts now
             if cuda and paths:
                 with no_cudnn_benchmark():

@@ -35,7 +35,7 @@ import numpy as np
 
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
-from vision_tl.utils import read_run_config
+from vision_tl.utils import progress_bar, read_run_config
 from vision_tl.utils.files import already_there, atomic_write_text, path_text, unwritable
 
 SPLITS = ("val", "test")
@@ -312,7 +312,6 @@ def _no_split_folder(root: Path, split: str, recorded_val: bool) -> str:
 def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.ndarray:
     """``[N, C]`` probabilities of ``model`` (an ImageClassifier) on CPU, evaluation transform."""
     import torch
-    from tqdm.auto import tqdm
 
     from vision_tl.data.transforms import eval_transform
     from vision_tl.imaging import load_rgb
@@ -321,7 +320,7 @@ def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.
     model = model.to("cpu").eval()
     chunks = []
     starts = range(0, len(paths), batch_size)
-    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not sys.stderr.isatty() or len(starts) < 2)
+    bar = progress_bar(total=len(paths), desc="predicting", unit="img", disable=not sys.stderr.isatty() or len(starts) < 2)
     with torch.inference_mode(), bar:
         for start in starts:
             batch = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]])

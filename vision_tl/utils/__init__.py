@@ -183,3 +183,31 @@ def callers_global_state() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def progress_bar(**kwargs):
+    """``tqdm.auto.tqdm(**kwargs)``, without fixing the process's multiprocessing start method.
+
+    tqdm's first bar (even a disabled one) creates a lock from multiprocessing's default context,
+    which fixes the start method: a notebook's later ``set_start_method("spawn")`` then failed
+    with "context has already been set" after ``extract`` or ``report``. tqdm is handed a lock
+    from the start method's own context first, which fixes nothing."""
+    from tqdm.auto import tqdm
+
+    keep_start_method_free()
+    return tqdm(**kwargs)
+
+
+def keep_start_method_free() -> None:
+    """Give tqdm its multiprocessing lock before it makes one from the default context (see
+    :func:`progress_bar`; Lightning's progress bar is a tqdm too)."""
+    import multiprocessing
+
+    from tqdm.std import TqdmDefaultWriteLock
+
+    if "mp_lock" in vars(TqdmDefaultWriteLock) or multiprocessing.get_start_method(allow_none=True) is not None:
+        return
+    try:
+        TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0]).RLock()
+    except (ImportError, OSError):  # (as tqdm does where the platform has no semaphores)
+        TqdmDefaultWriteLock.mp_lock = None
