@@ -206,6 +206,10 @@ def test_copies_across_train_val_test_are_warned_with_their_labels(tmp_path):
     with pytest.warns(UserWarning, match=r"in both train/ and test/ inflate the test scores.*1 of them are filed "
                                           r"under another class there.*\(dent\) == .*copy\.png \(ok\)"):
         _dm(root).setup("test")
+    # without val/ (validation carved out of train/), the same copy is named all the same
+    shutil.rmtree(root / "val")
+    with pytest.warns(UserWarning, match=r"in both train/ and test/ inflate the test scores.*copy\.png \(ok\)"):
+        _dm(root).setup("test")
 
 
 def test_images_outside_the_class_folders_are_named(tmp_path):
@@ -434,6 +438,17 @@ def test_a_split_file_with_no_val_images_is_refused(tmp_path):
                          "sha256": s.sha256} for s in index.samples]}
     with pytest.raises(DatasetError, match="split.json lists no val images: there is nothing to evaluate"):
         recorded_parts(index, record, tmp_path / "split.json")
+
+
+def test_a_split_file_from_before_a_class_folder_was_added_is_refused(tmp_path):
+    """Reused, it trained a class it listed no image of (0 training images, an output never fitted)."""
+    root = _folder(tmp_path / "d", {"good": 4, "bad": 4})
+    dm = _dm(root, val_fraction=0.25)
+    dm.setup("fit")
+    assert dm.save_split(tmp_path / "split.json")
+    _folder(root, {"zzz": 3})
+    with pytest.raises(DatasetError, match=r"records the classes \['bad', 'good'\].*added since: 'zzz'"):
+        _dm(root, split_file=str(tmp_path / "split.json")).setup("fit")
 
 
 def test_split_folders_beside_odd_folders_and_numpy_counts(tmp_path, monkeypatch):

@@ -367,6 +367,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self._warn_absent_classes(name, folder, indexes[name])
             if name != "train" or "val" in self.layout:  # (a train/ that is split warns in the split)
                 warn_conflicting_labels(indexes[name])
+        folders = dict(indexes)  # (each folder's whole index, before train/ is split)
         if "val" not in indexes:
             train_ids, val_ids = self._split_ids(indexes["train"])
             indexes["val"] = [indexes["train"].samples[i] for i in val_ids]
@@ -376,9 +377,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             warn_cross_duplicates(indexes["train"], indexes["val"], "train/", "val/")
             self._split_record = None
         if "test" in indexes:  # a copy of a training or validation image makes the test score optimistic
-            for name in ("train", "val"):
-                if isinstance(indexes[name], FolderIndex):
-                    warn_cross_duplicates(indexes[name], indexes["test"], f"{name}/", "test/")
+            for name in ("train", "val"):  # (val carved out of train/: train/ once, both parts)
+                if name in folders:
+                    warn_cross_duplicates(folders[name], indexes["test"], f"{name}/", "test/")
         self.splits = {k: v.samples if isinstance(v, FolderIndex) else v for k, v in indexes.items()}
 
     def _split_ids(self, index: FolderIndex) -> tuple[list[int], list[int]]:

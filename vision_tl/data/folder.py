@@ -594,6 +594,14 @@ def recorded_parts(index: FolderIndex, record: dict, source: Path) -> tuple[dict
         DatasetError: a recorded image is gone or its content (sha256) changed; the message
             names the file and ``source``.
     """
+    recorded = record.get("classes")
+    if isinstance(recorded, list) and [same_name(c) for c in recorded] != [same_name(c) for c in index.classes]:
+        added = [c for c in index.classes if same_name(c) not in {same_name(r) for r in recorded}]
+        raise DatasetError(
+            f"{source} records the classes {recorded}, but {index.root} has {index.classes}"
+            + (f" (added since: {', '.join(map(repr, added))}, of which the split lists no image)" if added else "")
+            + ": a split cannot be reused across class lists; leave out --data.split_file for a new split, or "
+              "move the added class folders out")
     exact = {str(s.path.relative_to(index.root)): i for i, s in enumerate(index.samples)}
     # a copy whose names another system re-encoded (macOS: decomposed accents) matches in NFC form;
     # the exact name comes first, so "é.png" twice (composed and decomposed) are two images
