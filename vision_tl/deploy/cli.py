@@ -209,10 +209,12 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
     bar = None
     if sys.stderr.isatty():
         try:
-            from vision_tl.utils import progress_bar
+            import tqdm  # noqa: F401 (optional in the torch-free install)
         except ImportError:
-            tqdm = None
-        if tqdm is not None:
+            pass
+        else:
+            from vision_tl.utils import progress_bar
+
             bar = progress_bar(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
     try:
         yield bar.update if bar is not None else None

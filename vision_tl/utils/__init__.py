@@ -203,8 +203,10 @@ def keep_start_method_free() -> None:
     :func:`progress_bar`; Lightning's progress bar is a tqdm too)."""
     import multiprocessing
 
-    from tqdm.std import TqdmDefaultWriteLock
-
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:  # (the torch-free deploy install may lack tqdm)
+        return
     if "mp_lock" in vars(TqdmDefaultWriteLock) or multiprocessing.get_start_method(allow_none=True) is not None:
         return
     try:
