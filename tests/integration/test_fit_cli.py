@@ -95,6 +95,35 @@ def test_commands_and_loading_leave_the_callers_random_generators_and_settings_a
     assert draws() == expected
 
 
+def test_evaluating_a_run_never_scores_its_training_images_as_held_out_unnamed(inspection_folder, tmp_path, capsys):
+    """A checkpoint kept outside RUN/checkpoints/ is evaluated on the split of the run whose
+    config.yaml is given (a new split of a grown folder scored training images); a folder
+    reorganised into train/ + val/ since, its val/ holding the run's training images, is named."""
+    data = tmp_path / "data"
+    shutil.copytree(inspection_folder, data)
+    run = _fit(tmp_path / "runs", data)
+    kept = tmp_path / "models" / "kept.ckpt"
+    kept.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "best.ckpt", kept)
+    args = ["--config", str(run / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "eval")]
+    capsys.readouterr()
+    assert main(["test", *args, "--ckpt_path", str(kept)]) == 0
+    assert f"train/val split from {run / 'split.json'}" in capsys.readouterr().out
+    record = json.loads((run / "split.json").read_text())
+    for part, folder in (("train", "val"), ("val", "train")):  # the run's training images become val/
+        for entry in record[part]:
+            (data / folder / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(data / entry["path"], data / folder / entry["path"])
+    with pytest.warns(UserWarning, match=rf"{len(record['train'])} of the {len(record['train'])} val images are images "
+                                         "the checkpoint's run trained on"):
+        assert main(["test", *args, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")]) == 0
+    # and a split file handed to a folder with its own val/ is refused, not silently ignored
+    assert main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(data), *TINY_ARGS,
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "again"),
+                 "--data.split_file", str(run / "split.json")]) == 2
+    assert "has its own val/ folder" in capsys.readouterr().err
+
+
 def test_a_fit_stopped_by_max_steps_before_a_validation_says_it_has_no_best_checkpoint(inspection_folder, tmp_path):
     """It printed 'best epoch 0 ...' and exited 0 with no best.ckpt, which report and export then missed."""
     with pytest.warns(UserWarning, match=r"training ended before an epoch was validated, so run .* has no "

@@ -268,6 +268,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         # the decoded cache is built on threads: as many as the loader processes a user asked for
         self.decode_threads = default_decode_threads() if num_workers is None else num_workers
         self.splits: dict[str, FolderIndex | list[Sample]] = {}
+        # the split.json of the run whose checkpoint is evaluated, where its split is not used (set
+        # by the CLI): val and test images that run trained on are then named at set-up
+        self.held_out_check: str | Path | None = None
         self._feature_data: dict[str, Dataset] = {}  # see use_features
         self._augment_batches = (-1, 0)  # (epoch, training batches augmented on the device in it)
         self._split_bad: dict[str, list[tuple[Path, str]]] = {}  # unreadable images of each split folder
@@ -297,6 +300,24 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._read_splits()
         if stage in (None, "fit"):
             self._warn_thin_val()
+        elif self.held_out_check is not None:
+            self._warn_trained_images(Path(self.held_out_check))
+
+    def _warn_trained_images(self, record_path: Path) -> None:
+        """Warn about images of the val and test splits that the run whose ``split.json`` is
+        ``record_path`` trained on (by content): scored as held out, they inflate the scores."""
+        try:
+            trained = {entry["sha256"] for entry in read_split(record_path).get("train", [])}
+        except DatasetError:
+            return  # (a damaged record: report names it)
+        for name in ("val", "test"):
+            samples = self.splits.get(name, [])
+            seen = [s for s in samples if s.sha256 in trained]
+            if seen:
+                shown = ", ".join(str(s.path) for s in seen[:3])
+                warnings.warn(f"{len(seen)} of the {len(samples)} {name} images are images the checkpoint's run "
+                              f"trained on ({record_path} lists them as train), e.g. {shown}: their {name} scores "
+                              "are not held-out scores", stacklevel=2)
 
     def summary(self) -> str:
         """What fit trains on, in a line or two: the classes with their train/val image counts
@@ -374,6 +395,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             self._split_record = (indexes["train"], {"train": train_ids, "val": val_ids})
             indexes["train"] = [indexes["train"].samples[i] for i in train_ids]
         else:
+            if self.hparams.get("split_file"):
+                raise DatasetError(f"--data.split_file {self.hparams.split_file}: {self.root} has its own val/ folder, "
+                                   "which is the validation split; a split file applies to a folder the kit splits "
+                                   "(without val/): leave out --data.split_file")
             warn_cross_duplicates(indexes["train"], indexes["val"], "train/", "val/")
             self._split_record = None
         if "test" in indexes:  # a copy of a training or validation image makes the test score optimistic

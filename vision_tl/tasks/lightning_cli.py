@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from vision_tl.backbones import run_backbone_state
 from vision_tl.data import ImageFolderDataModule
-from vision_tl.data.folder import read_split, recorded_mismatches
+from vision_tl.data.folder import detect_layout, read_split, recorded_mismatches
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
@@ -357,6 +357,9 @@ class VisionTLCLI(LightningCLI):
             super().instantiate_classes()
         finally:
             model.pretrained, model.weights = given
+        record = self.__dict__.pop("_held_out_check", None)  # (set by _use_the_runs_split)
+        if record is not None and isinstance(self.datamodule, ImageFolderDataModule):
+            self.datamodule.held_out_check = record
 
     def before_fit(self) -> None:
         """A frozen fit resumed from a checkpoint: the backbone takes the checkpoint's weights before
@@ -421,7 +424,12 @@ class VisionTLCLI(LightningCLI):
     def _use_the_runs_split(self) -> None:
         """``validate``, ``test`` and ``predict`` of a run's checkpoint score the images that run
         held out (its ``split.json``), as ``vision-tl report`` does: a new split of a folder that
-        gained images, or under another seed or val_fraction, would move training images into val."""
+        gained images, or under another seed or val_fraction, would move training images into val.
+
+        The run is the checkpoint's (``RUN/checkpoints/x.ckpt``), else the one whose
+        ``config.yaml`` is given (a checkpoint kept elsewhere). Where its split cannot be used (the
+        folder has its own ``val/`` now, or does not hold the recorded images), the data module
+        is told to warn about evaluated images the run trained on (:attr:`held_out_check`)."""
         if self.subcommand not in ("validate", "test", "predict"):
             return
         cfg = self.config[self.subcommand]
@@ -430,13 +438,14 @@ class VisionTLCLI(LightningCLI):
             return
         if Path(str(cfg.ckpt_path)).is_file():  # absolute in the saved config, as the data root is
             cfg.ckpt_path = str(Path(str(cfg.ckpt_path)).resolve())
-        run = run_dir_of(Path(str(cfg.ckpt_path)))
+        run = run_dir_of(Path(str(cfg.ckpt_path))) or _run_of_config(cfg)
         record = run / "split.json" if run is not None else None
         if data.get("split_file"):  # made absolute in before_instantiate_classes
             given = Path(str(data.split_file))
             if record is not None and record.is_file() and given != record.resolve() and not _same_split(given, record):
                 warnings.warn(f"--data.split_file {given} is not the split of the checkpoint's run ({record}): its "
                               "val images may be images that run trained on, scored as held out", stacklevel=2)
+                self._held_out_check = record
             return
         if self.subcommand == "predict" and data.get("predict_root"):
             return  # new images: the training folder is not split at all
@@ -447,6 +456,9 @@ class VisionTLCLI(LightningCLI):
         except ValueError:
             return  # unreadable: the data module's own split stands; report names the problem
         root = Path(str(data.root)).expanduser().resolve()
+        if root.is_dir() and "val" in detect_layout(root):  # its own val/ now: no split is made, so none can be reused
+            self._held_out_check = record
+            return
         # the folder that was split: ROOT, or ROOT/train/ when ROOT has train/ (and test/) but no val/;
         # the same folder elsewhere (moved, copied) when the recorded images are there, unchanged
         split_root = next((folder for folder in (root, root / "train") if folder == Path(entries["root"]).resolve()
@@ -458,6 +470,7 @@ class VisionTLCLI(LightningCLI):
             warnings.warn(f"{root} does not hold the images {record} lists (the run trained on {entries['root']}): "
                           "a new train/val split is made, whose val images are not the ones the run held out",
                           stacklevel=2)
+            self._held_out_check = record
 
     def _require_checkpoint(self) -> None:
         """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without
@@ -771,6 +784,16 @@ def _note_mid_epoch(state: dict, path: Path) -> None:
         say(f"vision_tl: note: {path.name} was written {done} batches into epoch "
             f"{state.get('epoch')}; that epoch restarts from its first batch, so the resumed run will not match an "
             "uninterrupted one exactly (end-of-epoch checkpoints, the default, do)")
+
+
+def _run_of_config(cfg) -> Path | None:
+    """The run directory whose ``config.yaml`` was given with ``--config`` (holding its
+    ``split.json``), for a checkpoint kept outside ``RUN/checkpoints/``."""
+    for given in reversed(cfg.get("config") or []):
+        folder = Path(str(given)).expanduser().resolve().parent
+        if (folder / "split.json").is_file() and (folder / "config.yaml").is_file():
+            return folder
+    return None
 
 
 def _same_split(a: Path, b: Path) -> bool:
