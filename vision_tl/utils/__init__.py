@@ -1,5 +1,8 @@
-"""Small shared helpers (atomic files; which process of a multi-process job this is, and
-printing once per job; work one DDP process does while the others wait, in utils.distributed)."""
+"""Small shared helpers: which process of a multi-process job this is, and printing once per
+job; SIGTERM as an interruption; and keeping the caller's process as it was (warning filters
+that decoding threads leave alone, random generators and settings a command puts back,
+progress bars that fix no multiprocessing start method). Atomic files are in utils.files, work
+one DDP process does while the others wait in utils.distributed."""
 
 import contextlib
 import os
