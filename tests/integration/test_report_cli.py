@@ -93,6 +93,31 @@ def test_a_report_into_a_run_it_cannot_write_stops_before_predicting(run, monkey
         report_run(run, overwrite=True)
 
 
+def test_reports_of_one_run_take_turns_and_keep_each_others_metrics(run, tmp_path, monkeypatch):
+    """Two reports at once wrote files of different thresholds; one started while another (or fit)
+    wrote metrics.json lost that write, as it wrote back what it had read at its start."""
+    from vision_tl.reports import report as report_module
+    from vision_tl.reports.report import ReportError, report_run
+    from vision_tl.utils.files import path_lock
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with path_lock(copy / "report"):  # another report of the run, under way
+        with pytest.raises(ReportError, match="another vision-tl report is writing into"):
+            report_run(copy, overwrite=True)
+    real = report_module._figures
+
+    def meanwhile(*args, **kwargs):  # a fit's epoch (or the other split's report) writes metrics.json
+        metrics = json.loads((copy / "metrics.json").read_text())
+        (copy / "metrics.json").write_text(json.dumps({**metrics, "written_meanwhile": True}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "_figures", meanwhile)
+    report_run(copy, overwrite=True)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["written_meanwhile"] is True and "val" in metrics["report"]
+
+
 def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, capsys):
     args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/best.ckpt"),
             "--trainer.logger.init_args.save_dir", str(tmp_path)]

@@ -36,7 +36,7 @@ import numpy as np
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils import progress_bar, read_run_config
-from vision_tl.utils.files import already_there, atomic_write_text, path_text, unwritable
+from vision_tl.utils.files import already_there, atomic_write_text, path_lock, path_text, unwritable
 
 SPLITS = ("val", "test")
 
@@ -115,14 +115,16 @@ def _compact(result: dict) -> dict:
     return out
 
 
-def _update_metrics_json(out_dir: Path, data: dict, split: str, compact: dict, figures: dict[str, Path],
-                         extra: dict) -> None:
-    """Write ``data`` (``metrics.json`` as read) with this report added, atomically; its other
-    keys are kept as they are."""
-    data.setdefault("report", {})[split] = {**compact, **extra}
-    data.setdefault("figures", {}).update({f"{name}_{split}": p.name for name, p in figures.items()})
-    data["figures"][f"report_{split}"] = output_name("report", split, ".html")
-    atomic_write_text(out_dir / "metrics.json", json.dumps(data, indent=1, allow_nan=False))
+def _update_metrics_json(out_dir: Path, split: str, compact: dict, figures: dict[str, Path], extra: dict) -> None:
+    """Add this report to ``metrics.json``, atomically; its other keys are kept as they are. Read
+    again here, under the lock its writers share: a fit training the run, or a report of the
+    other split, may have written it since this report began."""
+    with path_lock(out_dir / "metrics.json"):
+        data = _read_metrics_json(out_dir)
+        data.setdefault("report", {})[split] = {**compact, **extra}
+        data.setdefault("figures", {}).update({f"{name}_{split}": p.name for name, p in figures.items()})
+        data["figures"][f"report_{split}"] = output_name("report", split, ".html")
+        atomic_write_text(out_dir / "metrics.json", json.dumps(data, indent=1, allow_nan=False))
 
 
 def _read_metrics_json(out_dir: Path) -> dict:
@@ -165,7 +167,7 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
         names = ", ".join(str(paths[i]) if paths else f"row {i}" for i in bad[:5])
         raise ReportError(f"the model gave non-finite probabilities (NaN or inf) for {len(bad)} image(s): {names}; "
                           "its weights have diverged (train again, with a lower learning rate)")
-    metrics = _read_metrics_json(out_dir)  # read (and checked) before anything is written
+    _read_metrics_json(out_dir)  # checked before anything is written
     result = M.evaluate(probs, labels, classes, good_class=good_class, threshold=threshold)
     predictions = out_dir / output_name("predictions", split, ".csv")
     atomic_write_text(predictions, _predictions_csv(probs, labels, classes, paths, good_class, threshold))
@@ -179,7 +181,7 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
              "threshold_choice": threshold_choice, "predictions": predictions.name,
              "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)
              "checkpoint_epoch": (info or {}).get("checkpoint epoch")}  # its epoch: a later resume changes it
-    _update_metrics_json(out_dir, metrics, split, _compact(result), figures, extra)
+    _update_metrics_json(out_dir, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
     atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
                                           threshold_choice=threshold_choice))
@@ -485,12 +487,27 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         batch_size: images per forward pass.
         overwrite: replace an earlier report of the split (HTML, predictions, figures) and a
             ``<name>.thresholded.ckpt`` an earlier report wrote.
-    """
-    from vision_tl.tasks.checkpoint import load_classifier
 
+    Raises:
+        ReportError: another report of the run is being written (one at a time), or the run, its
+            checkpoint, images or ``metrics.json`` cannot be used (the message says which).
+    """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
+    # one report of a run at a time: two at once wrote the HTML, metrics.json and the thresholded
+    # checkpoint of different thresholds, each checking for the other's files before either wrote
+    with path_lock(run_dir / "report", wait=False) as alone:
+        if not alone:
+            raise ReportError(f"another vision-tl report is writing into {run_dir} now; wait for it to finish, "
+                              "then run this one (with --overwrite to replace what it wrote)")
+        return _report_run(run_dir, split, checkpoint, data_root, target, in_place, batch_size, overwrite)
+
+
+def _report_run(run_dir: Path, split: str, checkpoint: str | Path | None, data_root: str | Path | None,
+                target: str | None, in_place: bool, batch_size: int, overwrite: bool) -> ReportResult:
+    from vision_tl.tasks.checkpoint import load_classifier
+
     if target is not None:
         M.parse_threshold_target(target)  # fail before the slow part
     _check_target(None, split, target)

@@ -20,7 +20,7 @@ from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.tasks.resume import TIE_BREAK, RunCheckpoint, best_mode
 from vision_tl.utils import say
-from vision_tl.utils.files import atomic_write_text, path_text
+from vision_tl.utils.files import atomic_write_text, path_lock, path_text
 
 
 def _read_metrics(path: Path) -> dict:
@@ -146,13 +146,14 @@ class RunArtifacts(L.Callback):
                        plot: bool = True) -> None:
         run = self.run_dir(trainer)
         path = run / "metrics.json"
-        metrics = _read_metrics(path)
-        metrics.update({"classes": pl_module.classes, stage: result})
-        if stage == "val":
-            metrics["val_last"] = self.history[-1]
-            metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-                                  for r in self.history]
-        atomic_write_text(path, json.dumps(metrics, indent=1))
+        with path_lock(path):  # (shared with a report adding its section meanwhile)
+            metrics = _read_metrics(path)
+            metrics.update({"classes": pl_module.classes, stage: result})
+            if stage == "val":
+                metrics["val_last"] = self.history[-1]
+                metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                                      for r in self.history]
+            atomic_write_text(path, json.dumps(metrics, indent=1))
         if not plot:
             return
         from vision_tl.reports import plot_confusion_matrix

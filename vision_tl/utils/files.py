@@ -334,3 +334,32 @@ def refuse_empty_path(path: str | Path | None, what: str) -> None:
     """:func:`path_arg` for the Python API: ``ValueError`` naming ``what`` when ``path`` is ``""``."""
     if isinstance(path, str) and not path.strip():
         raise ValueError(f"{what}: {EMPTY_PATH}")
+
+
+@contextlib.contextmanager
+def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock among this machine's processes on the name ``path`` (which need not
+    exist), for a read-modify-write or a whole command on it. Yields True while held; with
+    ``wait=False``, False at once where another process holds it. The lock file lies in the
+    temporary folder (``vision_tl-locks-UID``), not beside ``path``: nothing in a run or an
+    export changes. Without ``flock`` (Windows): True, unlocked; released if the process dies."""
+    if fcntl is None:
+        yield True
+        return
+    folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24] + ".lock"),
+                     os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # (no usable temporary folder: unlocked, as without flock)
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # (releases the lock)
