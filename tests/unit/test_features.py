@@ -261,6 +261,13 @@ def test_killed_extraction_resumes_and_leaves_no_final_file(tmp_path, folder, mo
     extract(folder, TINY, out, **kwargs)
     assert sum(seen) == 15 - 8  # the two finished batches were not recomputed
     assert out.exists() and not partial_dir(out).exists()
+    # a second extraction to the same output while one is under way is refused (its finish
+    # removed the first one's finished shards from under it)
+    from vision_tl.features.store import FeatureStoreError
+    from vision_tl.utils.files import path_lock
+
+    with path_lock(partial_dir(out)), pytest.raises(FeatureStoreError, match="another extraction is writing"):
+        extract(folder, TINY, out, overwrite=True, **kwargs)
 
 
 def test_unreadable_image_is_named(tmp_path, folder) -> None:

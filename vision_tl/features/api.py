@@ -31,10 +31,16 @@ from vision_tl.data.folder import (
 )
 from vision_tl.features.cache import CacheReport, FeatureCache, failure_listing
 from vision_tl.features.extractor import FeatureExtractor
-from vision_tl.features.store import FeatureSet, check_output_path, remove_store, write_features
+from vision_tl.features.store import (
+    FeatureSet,
+    FeatureStoreError,
+    check_output_path,
+    remove_store,
+    write_features,
+)
 from vision_tl.imaging import image_files
 from vision_tl.utils import launcher_int
-from vision_tl.utils.files import refuse_empty_path
+from vision_tl.utils.files import path_lock, refuse_empty_path
 
 WRITE_CHUNK = 2048  # rows per streamed write
 
@@ -332,9 +338,15 @@ def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None,
             yield Path(tmp)
     else:
         path = partial_dir(out)
-        yield path  # an exception leaves the finished shards for the next run to resume from
-        if owner and path.exists():
-            remove_store(path)  # done: the output holds everything
+        # one extraction per output: a second one's finish removed the first's shards under it
+        # (the ranks of one job share them; its first holds the lock)
+        with path_lock(path, wait=False) if owner else contextlib.nullcontext(True) as alone:
+            if not alone:
+                raise FeatureStoreError(f"another extraction is writing {out} now (its finished shards are in {path}); "
+                                        "wait for it to finish, or write to another --out")
+            yield path  # an exception leaves the finished shards for the next run to resume from
+            if owner and path.exists():
+                remove_store(path)  # done: the output holds everything
 
 
 def partial_dir(out: Path) -> Path:
