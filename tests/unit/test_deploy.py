@@ -863,3 +863,24 @@ def test_a_model_that_differs_from_its_parity_record_is_refused(tmp_path: Path, 
     os.utime(model, ns=(times.st_atime_ns, times.st_mtime_ns))
     with pytest.raises(DeployError, match="its content differs"):
         Predictor(model)
+
+
+def test_a_model_opened_while_an_export_replaces_it_waits_for_the_new_record(tmp_path: Path, model: Path,
+                                                                              images: list[Path], monkeypatch):
+    """export renames the new model into place, then writes its record: a line PC that opened the
+    model in between read a new model beside the old record and refused it as damaged."""
+    import hashlib
+
+    from vision_tl.deploy import predictor as predictor_module
+
+    record = tmp_path / "model.parity.json"
+    record.write_text(json.dumps({"passed": True, "model_sha256": "0" * 64}))  # the replaced model's
+    pauses = []
+
+    def export_finishes(seconds):  # the export writes the new model's record meanwhile
+        pauses.append(seconds)
+        record.write_text(json.dumps({"passed": True, "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}))
+
+    monkeypatch.setattr(predictor_module.time, "sleep", export_finishes)
+    assert Predictor(model).predict_paths(images[:1])[0].error is None
+    assert len(pauses) == 1

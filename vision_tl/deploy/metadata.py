@@ -191,18 +191,19 @@ def read_metadata(onnx_path: str | Path) -> ModelMetadata:
 
 
 def open_session(path: str | Path, *, threads: int | None = None,
-                 providers: Sequence[Any] | None = None) -> Any:
+                 providers: Sequence[Any] | None = None, data: bytes | None = None) -> Any:
     """Open an ``onnxruntime.InferenceSession``, turning every failure into :class:`DeployError`.
 
     Args:
         path: the ONNX file.
         threads: ``intra_op_num_threads`` (None: onnxruntime's default).
         providers: execution providers (default: CPU only).
+        data: the file's bytes, already read (and checked): the session is made from them.
     """
     path = Path(path)
-    if not path.exists():
+    if data is None and not path.exists():
         raise DeployError(f"{path}: model file not found")
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DeployError(f"{path}: is a directory, expected an .onnx model file")
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
@@ -220,7 +221,8 @@ def open_session(path: str | Path, *, threads: int | None = None,
         options.intra_op_num_threads = int(threads)
     try:
         return ort.InferenceSession(
-            str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+            str(path) if data is None else data, sess_options=options,
+            providers=list(providers or ["CPUExecutionProvider"])
         )
     except ort_errors() as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

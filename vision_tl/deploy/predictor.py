@@ -7,9 +7,11 @@ model sees on the line exactly the pixels it was validated on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +37,7 @@ from vision_tl.imaging import (
     load_rgb,
     resize,
 )
-from vision_tl.utils.files import EMPTY_PATH, file_sha256
+from vision_tl.utils.files import EMPTY_PATH
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
@@ -213,8 +215,9 @@ class Predictor:
         providers: Sequence[Any] | None = None,
     ):
         self.model_path = Path(model_path)
-        self._session = open_session(self.model_path, threads=threads, providers=providers)
-        _check_parity_record(self.model_path)
+        checked = _check_parity_record(self.model_path) if self.model_path.is_file() else None
+        # (made from the very bytes checked: an export replacing the file meanwhile changes nothing)
+        self._session = open_session(self.model_path, threads=threads, providers=providers, data=checked)
         props = dict(self._session.get_modelmeta().custom_metadata_map)
         self.has_vision_tl_metadata = any(key.startswith(PREFIX) for key in props)
         self._input = self._single_input()
@@ -578,32 +581,55 @@ class Predictor:
 _MATCHED_RECORDS: set[tuple] = set()  # models found to match their parity record, by file identity
 
 
-def _check_parity_record(model: Path) -> None:
-    """``model.onnx`` against the sha256 its export recorded in ``model.parity.json`` (when that
-    file lies beside it): a model damaged in a copy to the line would otherwise run, wrongly."""
-    record = sibling(model, "parity", ".json")
-    if not record.is_file():
-        return
+def _recorded_sha256(model: Path, record: Path) -> str | None:
+    """The ``model_sha256`` of ``record``; None (with a warning where it cannot be read) when
+    there is none to check against."""
     try:
         expected = json.loads(record.read_text(encoding="utf-8")).get("model_sha256")
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError, AttributeError) as exc:
         warnings.warn(f"{record}: unreadable ({type(exc).__name__}), so {model.name} is not checked against the "
-                      "sha256 its export recorded", stacklevel=3)
-        return
-    if not isinstance(expected, str):
-        return
-    info = model.stat()
-    # ctime too: a copy that keeps times (cp -p, rsync -t --inplace) restores mtime, not ctime
-    key = (str(model.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, expected)
-    if key in _MATCHED_RECORDS:  # (a line PC that opens the model per lot hashes it once per process)
-        return
-    if file_sha256(model) == expected:
-        _MATCHED_RECORDS.add(key)
-        return
+                      "sha256 its export recorded", stacklevel=4)
+        return None
+    return expected if isinstance(expected, str) else None
+
+
+def _check_parity_record(model: Path, tries: int = 3, pause_s: float = 0.5) -> bytes | None:
+    """``model.onnx`` against the sha256 its export recorded in ``model.parity.json`` (when that
+    file lies beside it): a model damaged in a copy to the line would otherwise run, wrongly.
+
+    Returns:
+        The bytes found to match, for the session to be made from (not the file read again,
+        which an export may replace in between); None when there is no record, or this process
+        matched the file as it is already.
+
+    An export that replaces the model writes its record just after it: a mismatch is looked at
+    again ``tries`` times, ``pause_s`` apart, before the model is refused.
+    """
+    record = sibling(model, "parity", ".json")
+    if not record.is_file():
+        return None
+    for attempt in range(tries):
+        expected = _recorded_sha256(model, record)
+        if expected is None:
+            return None
+        info = model.stat()
+        # ctime too: a copy that keeps times (cp -p, rsync -t --inplace) restores mtime, not ctime
+        key = (str(model.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, expected)
+        if key in _MATCHED_RECORDS:  # (a line PC that opens the model per lot hashes it once per process)
+            return None
+        data = model.read_bytes()
+        if hashlib.sha256(data).hexdigest() == expected:
+            _MATCHED_RECORDS.add(key)
+            return data
+        if attempt + 1 < tries:
+            time.sleep(pause_s)
     raise DeployError(
         f"{model}: its content differs from the model {record.name} describes (sha256 {expected[:12]}...), "
-        "which passed the check against PyTorch: the file changed since its export (damaged in a copy?). "
-        f"Copy it again, or export it again; if it was replaced on purpose, remove the stale {record.name}")
+        "which passed the check against PyTorch: the file changed since its export (damaged in a copy, or an "
+        "export that replaced it stopped before writing its record?). Copy it again, or export it again; if it "
+        f"was replaced on purpose, remove the stale {record.name}")
 
 
 def _check_batch_size(batch_size: int) -> int:
