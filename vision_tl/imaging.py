@@ -10,12 +10,14 @@ libjpeg-turbo with the same settings; :func:`fast_jpeg_decoder` checks it once p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -317,32 +319,43 @@ def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
     return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
 
 
-_PILLOW_LIMIT_LOCK = threading.Lock()
+_OWN_CHECK = threading.local()  # depth of the kit's own decompression-bomb checks on this thread
+_SWITCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def own_bomb_check() -> Iterator[None]:
+    """Pillow's decompression-bomb check off on this thread while the kit's own (against
+    :func:`max_image_pixels`, in :func:`open_image`) stands in for it: Pillow's, at ``Image.open``
+    and again when a TIFF loads, refused images a raised limit allows, and warned about others.
+    Pillow's function is wrapped once, and applies as before everywhere else: on other threads
+    and in the caller's own ``Image.open``. Pillow's ``MAX_IMAGE_PIXELS`` is never changed."""
+    with _SWITCH_LOCK:
+        original = Image._decompression_bomb_check
+        if not getattr(original, "vision_tl_switch", False):
+            def check(*args, **kwargs):  # (size, and error_only= in WebP's own call)
+                return None if getattr(_OWN_CHECK, "depth", 0) else original(*args, **kwargs)
+            check.vision_tl_switch = True
+            Image._decompression_bomb_check = check
+    _OWN_CHECK.depth = getattr(_OWN_CHECK, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _OWN_CHECK.depth -= 1
 
 
 def open_image(path: Path, limit: int | None = None) -> Image.Image:
     """``Image.open`` (lazy: header only) with the decompression-bomb guard applied.
+
+    Decode it (``load()``) inside :func:`own_bomb_check`: Pillow checks a TIFF again then.
 
     Raises:
         ImageLoadError: the image has more than ``limit`` (default :func:`max_image_pixels`) pixels.
         OSError, UnidentifiedImageError: as ``Image.open``.
     """
     limit = max_image_pixels() if limit is None else limit
-    with ignoring_warnings(Image.DecompressionBombWarning):  # our check follows
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombError as exc:
-            # Pillow's own guard (at twice Image.MAX_IMAGE_PIXELS) is below ours, which the user
-            # raised: open without it, leaving the caller's Pillow setting as it is after
-            size = re.search(r"\((\d+) pixels\)", str(exc))
-            if size is None or int(size.group(1)) > limit:
-                raise _bomb(path, exc, limit) from exc
-            with _PILLOW_LIMIT_LOCK:
-                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-                try:
-                    img = Image.open(path)
-                finally:
-                    Image.MAX_IMAGE_PIXELS = saved
+    with own_bomb_check():
+        img = Image.open(path)
     pixels = img.width * img.height
     if pixels > limit:
         img.close()
@@ -371,7 +384,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         fast = _load_jpeg_fast(simplejpeg, path, limit) if simplejpeg is not None else None
         if fast is not None:
             return fast
-        with open_image(path, limit) as img:
+        with own_bomb_check(), open_image(path, limit) as img:
             _warn_truncated_allowed()
             if _signed_8_bit(img):
                 raise ImageLoadError(f"{path}: a TIFF of signed 8-bit samples (their negative values would read as "

@@ -411,3 +411,29 @@ def test_a_decoding_thread_does_not_put_a_callers_warning_recorder_out_of_action
         thread.join(10)
         warnings.warn("raised after the thread left", UserWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["raised after the thread left"]
+
+
+def test_a_raised_limit_lets_tiffs_through_and_keeps_pillows_warning_off_every_thread(tmp_path, monkeypatch):
+    """Pillow checks a TIFF's size again when it loads, and warns (at its own limit) on any thread:
+    the kit's limit, raised above Pillow's, must decide everywhere, and Pillow's setting stays."""
+    import threading
+
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "t.tif")
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "p.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # Pillow's guard: 4,000 (refuses over 8,000)
+    monkeypatch.setattr(imaging, "_max_pixels", 1_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rgb(tmp_path / "t.tif").shape == (100, 100, 3)
+        results = []
+        thread = threading.Thread(target=lambda: results.append(load_rgb(tmp_path / "p.png").shape))
+        thread.start()
+        thread.join(10)
+    assert results == [(100, 100, 3)]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == 4000
+    with pytest.raises(Image.DecompressionBombError):  # the caller's own Image.open keeps Pillow's guard
+        Image.open(tmp_path / "t.tif")
+    monkeypatch.setattr(imaging, "_max_pixels", 5_000)
+    with pytest.raises(ImageLoadError, match="10,000 pixels exceeds the limit of 5,000"):
+        load_rgb(tmp_path / "t.tif")
