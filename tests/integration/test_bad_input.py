@@ -882,6 +882,13 @@ def cli_empty_path(w: World, tmp: Path) -> Result:
 def api_empty_path(w: World, tmp: Path) -> Result:
     shutil.copytree(w.data, tmp / "here")
     api_error(lambda: ImageFolderDataModule(""), ValueError, "root", "empty path")
+    from vision_tl.reports.compare import compare_runs
+    from vision_tl.reports.report import report_run
+    from vision_tl.reports.explain import explain_checkpoint
+
+    api_error(lambda: report_run(""), ValueError, "run directory", "empty path")
+    api_error(lambda: compare_runs([""]), ValueError, "run directory", "empty path")
+    api_error(lambda: explain_checkpoint(w.best, [""], tmp / "ex"), ValueError, "image file or folder", "empty path")
     return api_error(lambda: Predictor(w.onnx).predict_paths(""), DeployError, "empty path")
 
 
@@ -893,6 +900,9 @@ def cli_out_is_a_broken_link(w: World, tmp: Path) -> Result:
     result = cli_error(["predict-onnx", str(w.onnx), str(w.data), "--out", str(tmp / "p.csv")],
                        str(tmp / "p.csv"), "symbolic link", "--overwrite")
     cli_error(["export", str(w.best), "--out", str(tmp / "m.onnx")], "symbolic link", "--overwrite")
+    (tmp / "cmp").mkdir()
+    (tmp / "cmp" / "compare.json").symlink_to(tmp / "gone" / "compare.json")
+    cli_error(["compare", str(w.run), "--out", str(tmp / "cmp")], "compare.json")
     assert not (tmp / "gone").exists() and not (tmp / "m.parity.json").exists()
     return result
 

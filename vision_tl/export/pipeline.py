@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     for model in models:
         check_output_path(model, opts.overwrite)
         for report_name in _reports_of(model):  # a report must never describe another model
-            if report_name.exists() and not opts.overwrite:
+            if os.path.lexists(report_name) and not opts.overwrite:
                 raise ExportError(f"{report_name} already exists (the check report of an earlier export); "
                                   "pass --overwrite to replace the export and its reports, or choose another --out")
     # A variant this export does not write, left by an earlier one, would sit beside the new
@@ -152,8 +153,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     # export does write is removed too once the new model is in place, with --overwrite: should
     # its own check fail or be interrupted, the earlier model's variant must not remain.)
     stale = [path for v in ("int8", "fp16") if not getattr(opts, v)
-             for path in (sibling(out, v), *_reports_of(sibling(out, v))) if path.exists()]
-    replaced = [path for model in models[1:] for path in (model, *_reports_of(model)) if path.exists()]
+             for path in (sibling(out, v), *_reports_of(sibling(out, v))) if os.path.lexists(path)]
+    replaced = [path for model in models[1:] for path in (model, *_reports_of(model)) if os.path.lexists(path)]
     if stale and not opts.overwrite:
         raise ExportError(f"{', '.join(str(p) for p in stale)} {'exists' if len(stale) == 1 else 'exist'} beside "
                           f"{out}, from an earlier export "

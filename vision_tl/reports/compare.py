@@ -7,11 +7,13 @@ good/defect rates too; otherwise only the validation metrics written by ``fit``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vision_tl.reports.report import ReportError
 from vision_tl.utils import read_run_config
+from vision_tl.utils.files import refuse_empty_path
 
 COLUMNS = (("acc", "accuracy"), ("balanced_acc", "balanced acc."), ("f1_macro", "macro F1"),
            ("roc_auc_macro", "macro AUC"), ("ece", "ECE"), ("escape_rate", "escape"),
@@ -124,6 +126,8 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     """Summaries of several runs, with notes when they are not strictly comparable."""
     if len(runs) < 1:
         raise ReportError("give at least one run directory")
+    for run in runs:
+        refuse_empty_path(run, "run directory")
     notes = []
     if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
         # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
@@ -202,7 +206,7 @@ def comparison_paths(out_dir: str | Path, overwrite: bool = False) -> dict[str, 
         raise ReportError(f"--out {out_dir} is a file; --out is the folder that receives compare.json, compare.png "
                           "and compare.html")
     paths = {"json": out_dir / "compare.json", "png": out_dir / "compare.png", "html": out_dir / "compare.html"}
-    existing = [p.name for p in paths.values() if p.exists()]
+    existing = [p.name for p in paths.values() if os.path.lexists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"--out {out_dir}: {', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} "
                               "from an earlier comparison; pass --overwrite to replace them or choose another --out")

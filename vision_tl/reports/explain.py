@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,8 +179,10 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
     """Image files from files and folders (folders searched recursively)."""
     from vision_tl.data.folder import warn_ignored
     from vision_tl.imaging import IMAGE_EXTENSIONS, image_files
-    from vision_tl.utils.files import name_key
+    from vision_tl.utils.files import name_key, refuse_empty_path
 
+    for item in inputs:
+        refuse_empty_path(item, "image file or folder")
     paths: list[Path] = []
     seen: set[Path] = set()  # a file given twice (alone and in its folder) is explained once
     for item in map(Path, inputs):
@@ -226,7 +229,7 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
             name, k = f"{path.parent.name}_{path.stem}_{k}.gradcam.png", k + 1
         used.add(name.casefold())
         names[path] = name
-    existing = [n for n in names.values() if (out_dir / n).exists()]
+    existing = [n for n in names.values() if os.path.lexists(out_dir / n)]
     if existing and not overwrite:
         raise FileExistsError(f"--out {out_dir}: {len(existing)} heat map(s) already exist there (e.g. {existing[0]}); "
                               "pass --overwrite to replace them or choose another --out")

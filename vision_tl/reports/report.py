@@ -36,7 +36,14 @@ import numpy as np
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
 from vision_tl.utils import progress_bar, read_run_config
-from vision_tl.utils.files import already_there, atomic_write_text, path_lock, path_text, unwritable
+from vision_tl.utils.files import (
+    already_there,
+    atomic_write_text,
+    path_lock,
+    path_text,
+    refuse_empty_path,
+    unwritable,
+)
 
 SPLITS = ("val", "test")
 
@@ -492,6 +499,8 @@ def report_run(run_dir: str | Path, *, split: str = "val", checkpoint: str | Pat
         ReportError: another report of the run is being written (one at a time), or the run, its
             checkpoint, images or ``metrics.json`` cannot be used (the message says which).
     """
+    for value, what in ((run_dir, "run directory"), (checkpoint, "checkpoint"), (data_root, "data root")):
+        refuse_empty_path(value, what)
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
@@ -540,7 +549,7 @@ def _report_run(run_dir: Path, split: str, checkpoint: str | Path | None, data_r
     earlier = [run_dir / name for name in (output_name("report", split, ".html"),
                                            output_name("predictions", split, ".csv"),
                                            *(f"{figure}_{split}.png" for figure in REPORT_FIGURES))]
-    earlier = [path for path in earlier if path.exists()]
+    earlier = [path for path in earlier if os.path.lexists(path)]
     if earlier and not overwrite:
         raise ReportError(f"{earlier[0]} already exists (an earlier report of this run); pass --overwrite "
                           "(Python: overwrite=True) to replace it and its predictions and figures, or move it away first")
