@@ -162,6 +162,11 @@ def test_reading_threads_stop_when_the_caller_leaves_early(tmp_path) -> None:
     next(batches)
     batches.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("vision_tl-read")]
+    # ... and when it leaves before the first batch (a GPU warm-up that failed): the generator
+    # this was could not be closed then, and its threads read the batches queued ahead
+    batches = device_batches(paths, SIZE, "bicubic", 2, "cpu", 2)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("vision_tl-read")]
 
 
 def test_extractor_keys_device_decoding_apart_and_embeds_alike(tmp_path) -> None:

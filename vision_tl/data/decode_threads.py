@@ -147,7 +147,7 @@ def decode_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
 
     for _ in range(max(1, ahead)):  # the threads start on the first batches now, before the first next()
         submit()
-    return _InOrder(pool, work, submit, stop)
+    return InOrder(pool, work, submit, stop, _rows_of)
 
 
 def _in_this_thread(paths: Sequence[Path], batch_size: int, buffer, interpolation: str) -> Iterator[DecodedRows]:
@@ -156,35 +156,35 @@ def _in_this_thread(paths: Sequence[Path], batch_size: int, buffer, interpolatio
         yield DecodedRows(start, pixels, _decode(paths, start, pixels, range(len(pixels)), interpolation))
 
 
-class _InOrder:
-    """The batches of :func:`decode_batches` in order, each once its threads finished it.
+class InOrder:
+    """What a pool of threads works on, in the order queued: ``wait(item)`` for each item of
+    ``work`` (a batch's futures), then ``submit()`` (the next batch starts), then ``finish`` of
+    what ``wait`` returned (work that need not hold the next batch back).
 
     :meth:`close` (also at the end, on an error, and when the object is collected) stops the
-    threads: chunks not yet started are dropped, and no thread writes into a buffer after it
+    threads: work not yet started is dropped, and no thread writes into a buffer after it
     returns. A generator could not do this for a caller that leaves before its first batch
-    (its ``finally`` would never run) while the threads decode the batches queued ahead."""
+    (its ``finally`` would never run) while the threads work on the batches queued ahead."""
 
-    def __init__(self, pool: ThreadPoolExecutor, work: deque, submit: Callable[[], None],
-                 stop: threading.Event) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, work: deque, submit: Callable[[], None], stop: threading.Event,
+                 wait: Callable, finish: Callable | None = None) -> None:
         self._pool, self._work, self._submit, self._stop = pool, work, submit, stop
+        self._wait, self._finish = wait, finish
 
-    def __iter__(self) -> _InOrder:
+    def __iter__(self) -> InOrder:
         return self
 
-    def __next__(self) -> DecodedRows:
+    def __next__(self):
         if not self._work:
             self.close()
             raise StopIteration
-        start, pixels, futures = self._work.popleft()
-        errors: dict[int, str] = {}
         try:
-            for future in futures:
-                errors.update(future.result())
+            done = self._wait(self._work.popleft())
             self._submit()
+            return done if self._finish is None else self._finish(done)
         except BaseException:
             self.close()
             raise
-        return DecodedRows(start, pixels, errors)
 
     def close(self) -> None:
         self._stop.set()
@@ -194,6 +194,15 @@ class _InOrder:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # (at interpreter exit the pool may be gone already)
             self.close()
+
+
+def _rows_of(batch: tuple[int, torch.Tensor, list[Future]]) -> DecodedRows:
+    """A batch once its chunks are decoded, with the rows that failed."""
+    start, pixels, futures = batch
+    errors: dict[int, str] = {}
+    for future in futures:
+        errors.update(future.result())
+    return DecodedRows(start, pixels, errors)
 
 
 def _decode(paths: Sequence[Path], start: int, pixels: torch.Tensor, rows: range, interpolation: str,

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from vision_tl.data.decode_threads import InOrder
 from vision_tl.data.device import copy_on_side_stream, to_device
 from vision_tl.imaging import (
     ImageLoadError,
@@ -125,18 +126,9 @@ def device_batches(paths: Sequence[Path], size: tuple[int, int], interpolation: 
 
     for _ in range(max(1, ahead)):  # the threads start reading now, before the first next()
         submit()
-    return _in_order(work, submit, size, interpolation, device, paths, pool, stop)
-
-
-def _in_order(work, submit, size, interpolation, device, paths, pool, stop):
-    try:
-        while work:
-            rows = work.popleft().result()
-            submit()
-            yield _assemble(rows, size, interpolation, device, paths)
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+    # (a batch's files read, the next batch's reading starts, then this one goes to the device)
+    return InOrder(pool, work, submit, stop, Future.result,
+                   lambda rows: _assemble(rows, size, interpolation, device, paths))
 
 
 def _read(paths: Sequence[Path], start: int, n: int, size: tuple[int, int], interpolation: str,
