@@ -109,6 +109,13 @@ def test_evaluating_a_run_never_scores_its_training_images_as_held_out_unnamed(i
     capsys.readouterr()
     assert main(["test", *args, "--ckpt_path", str(kept)]) == 0
     assert f"train/val split from {run / 'split.json'}" in capsys.readouterr().out
+    # a class folder added since: the checkpoint's class check speaks, not advice about a split
+    # file the user never gave
+    shutil.copytree(data / "good", data / "zzz")
+    assert main(["validate", *args, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on 4 classes" in err and "split_file" not in err
+    shutil.rmtree(data / "zzz")
     record = json.loads((run / "split.json").read_text())
     for part, folder in (("train", "val"), ("val", "train")):  # the run's training images become val/
         for entry in record[part]:

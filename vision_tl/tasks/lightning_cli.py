@@ -17,7 +17,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from vision_tl.backbones import run_backbone_state
 from vision_tl.data import ImageFolderDataModule
-from vision_tl.data.folder import detect_layout, read_split, recorded_mismatches
+from vision_tl.data.folder import (
+    DatasetError,
+    class_folders,
+    detect_layout,
+    read_split,
+    recorded_mismatches,
+    same_name,
+)
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
@@ -463,6 +470,8 @@ class VisionTLCLI(LightningCLI):
         # the same folder elsewhere (moved, copied) when the recorded images are there, unchanged
         split_root = next((folder for folder in (root, root / "train") if folder == Path(entries["root"]).resolve()
                            or not any(recorded_mismatches(folder, entries.get("val", []), sample=True))), None)
+        if split_root is not None and not _same_classes(entries.get("classes"), split_root):
+            return  # a class folder added or gone: the checkpoint's own check names the class lists
         if split_root is not None:
             data.split_file = str(record)
             say(f"vision_tl: train/val split from {record} (the images the run held out)")
@@ -784,6 +793,15 @@ def _note_mid_epoch(state: dict, path: Path) -> None:
         say(f"vision_tl: note: {path.name} was written {done} batches into epoch "
             f"{state.get('epoch')}; that epoch restarts from its first batch, so the resumed run will not match an "
             "uninterrupted one exactly (end-of-epoch checkpoints, the default, do)")
+
+
+def _same_classes(recorded, folder: Path) -> bool:
+    """Whether ``folder``'s class folders are the classes a split record lists (in NFC form)."""
+    try:
+        found = class_folders(folder)
+    except (OSError, DatasetError):
+        return True  # (the data module names the problem)
+    return not isinstance(recorded, list) or [same_name(c) for c in recorded] == [same_name(c) for c in found]
 
 
 def _run_of_config(cfg) -> Path | None:
