@@ -883,8 +883,8 @@ def api_empty_path(w: World, tmp: Path) -> Result:
     shutil.copytree(w.data, tmp / "here")
     api_error(lambda: ImageFolderDataModule(""), ValueError, "root", "empty path")
     from vision_tl.reports.compare import compare_runs
-    from vision_tl.reports.report import report_run
     from vision_tl.reports.explain import explain_checkpoint
+    from vision_tl.reports.report import report_run
 
     api_error(lambda: report_run(""), ValueError, "run directory", "empty path")
     api_error(lambda: compare_runs([""]), ValueError, "run directory", "empty path")

@@ -264,9 +264,8 @@ def test_killed_extraction_resumes_and_leaves_no_final_file(tmp_path, folder, mo
     # a second extraction to the same output while one is under way is refused (its finish
     # removed the first one's finished shards from under it)
     from vision_tl.features.store import FeatureStoreError
-    from vision_tl.utils.files import path_lock
-
     from vision_tl.utils import files
+    from vision_tl.utils.files import path_lock
 
     if files.fcntl is not None:  # (no flock, as on Windows: no lock to take)
         with path_lock(partial_dir(out)), pytest.raises(FeatureStoreError, match="another extraction is writing"):
