@@ -752,6 +752,9 @@ def cli_negative_workers(w: World, tmp: Path) -> Result:
 
 def cli_zero_epochs(w: World, tmp: Path) -> Result:
     result = cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "0"), "max_epochs 0", "at least 1")
+    # no limit of epochs and none of steps: the schedule's length would be infinite (a traceback)
+    cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:15"),
+              "max_epochs -1", "--trainer.max_steps")
     assert not (tmp / "runs").exists()  # refused before a run directory was made
     return result
 

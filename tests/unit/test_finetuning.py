@@ -84,6 +84,19 @@ def test_unfreeze_stages_grows_the_trainable_set():
     assert newly and after == before + sum(p.numel() for p in newly)
 
 
+
+@pytest.mark.parametrize("mode, stages, milestone", [("full", None, 2), ("partial", 3, 2)])
+def test_a_milestone_never_freezes_stages_that_train(mode, stages, milestone):
+    """A milestone of fewer stages than already train (full mode; partial with more) froze the
+    others again, while the log said there was nothing to unfreeze."""
+    model = _model(mode, **({"trainable_stages": stages} if stages else {}))
+    training = [p.requires_grad for p in model.net.parameters()]
+    eval_modules = list(model.net.eval_modules)
+    assert unfreeze_stages(model.net, milestone) == []
+    assert [p.requires_grad for p in model.net.parameters()] == training
+    assert model.net.eval_modules == eval_modules
+
+
 def test_invalid_mode_and_settings_list_valid_choices():
     with pytest.raises(ValueError, match="unknown mode 'half'; expected one of: frozen, partial, full"):
         _model("half")
@@ -213,6 +226,28 @@ def test_gradual_unfreezing_trains_on_and_resumes(tmp_path):
     names = {id(p): n for n, p in resumed.named_parameters()}
     moved = [names[id(p)] for p in groups[1]["params"] if not torch.equal(before[names[id(p)]], p.detach())]
     assert moved, "no unfrozen stage changed in the resumed epoch"
+
+
+def test_a_stage_unfrozen_mid_schedule_takes_its_first_step_at_the_scheduled_rate(tmp_path):
+    """The added group's first step ran at the base rate (x4 the schedule's, or x12 in warm-up):
+    one full-size AdamW step for every newly trained weight."""
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g))
+    seen = []
+
+    class Rates(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    model = _model("frozen", warmup_fraction=0.0, lr=1e-3, backbone_lr_factor=0.1)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        callbacks=[GradualUnfreezing({1: 2}), Rates()])
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    first = next(rates for rates in seen if len(rates) == 2)  # the added group's first step
+    assert first[1] == pytest.approx(first[0] * 0.1) and first[0] < 1e-3
 
 
 def test_gradual_unfreezing_is_refused_under_ddp():

@@ -69,9 +69,18 @@ def outside_stages(backbone: nn.Module, stages: list | None = None) -> list[nn.P
 
 
 def unfreeze_stages(net: ClassifierNet, n_last: int, freeze_bn: bool = False) -> list[nn.Parameter]:
-    """Make the last ``n_last`` stages trainable; returns the parameters that became trainable."""
+    """Make the last ``n_last`` stages trainable; returns the parameters that became trainable.
+
+    Only ever adds: where those stages train already (a full fit, or a partial one that trains
+    more), nothing changes. (Rebuilding the frozen set from ``n_last`` froze again stages that
+    were training, while the log said there was nothing to unfreeze.)"""
     stages = backbone_stages(net.backbone)
     n_last = min(n_last, len(stages))
+    wanted = [p for stage in stages[len(stages) - n_last:] for m in stage for p in m.parameters()]
+    if n_last == len(stages):
+        wanted += outside_stages(net.backbone, stages)
+    if all(p.requires_grad for p in wanted):
+        return []
     before = {id(p) for p in net.backbone.parameters() if p.requires_grad}
     if n_last < len(stages):
         apply_mode(net, "partial", n_last, freeze_bn)

@@ -326,7 +326,11 @@ class GradualUnfreezing(BaseFinetuning):
         params = unfreeze_stages(pl_module.net, self.milestones[epoch], pl_module.hparams.freeze_bn)
         if params:
             lr = pl_module.hparams.lr * pl_module.hparams.backbone_lr_factor
-            optimizer.add_param_group({"params": params, "lr": lr, "name": f"unfrozen@{epoch}"})
+            # from its first step on the schedule (warm-up, cosine) the other groups follow; at the
+            # base rate, every newly trained weight took one full-size AdamW step first
+            schedules = [c.scheduler for c in pl_module.trainer.lr_scheduler_configs if hasattr(c.scheduler, "factor")]
+            now = schedules[0].factor(schedules[0].last_epoch) if schedules else 1.0
+            optimizer.add_param_group({"params": params, "lr": lr * now, "initial_lr": lr, "name": f"unfrozen@{epoch}"})
             pl_module.print(f"vision_tl: epoch {epoch}: unfroze {sum(p.numel() for p in params):,} parameters")
         else:  # a milestone counts the last N stages in all, those the mode trains included
             pl_module.print(f"vision_tl: epoch {epoch}: the last {self.milestones[epoch]} stage(s) train already "
