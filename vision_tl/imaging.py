@@ -319,29 +319,40 @@ def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
     return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
 
 
-_OWN_CHECK = threading.local()  # depth of the kit's own decompression-bomb checks on this thread
+_OWN_CHECK = threading.local()  # .limits: the kit's pixel limits in force on this thread (innermost last)
 _SWITCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def own_bomb_check() -> Iterator[None]:
-    """Pillow's decompression-bomb check off on this thread while the kit's own (against
-    :func:`max_image_pixels`, in :func:`open_image`) stands in for it: Pillow's, at ``Image.open``
-    and again when a TIFF loads, refused images a raised limit allows, and warned about others.
-    Pillow's function is wrapped once, and applies as before everywhere else: on other threads
-    and in the caller's own ``Image.open``. Pillow's ``MAX_IMAGE_PIXELS`` is never changed."""
+def own_bomb_check(limit: int | None = None) -> Iterator[None]:
+    """Pillow's decompression-bomb check applies the kit's limit (:func:`max_image_pixels`, or
+    ``limit``) on this thread meanwhile, and never warns: Pillow's own, at ``Image.open`` and
+    again when a TIFF loads, refused images a raised limit allows, and warned about others. Every
+    place Pillow checks keeps checking (an ICO decodes its image inside ``Image.open``, right after
+    its check), against the kit's limit. Pillow's function is wrapped once, and applies as before
+    everywhere else: on other threads and in the caller's own ``Image.open``. Pillow's
+    ``MAX_IMAGE_PIXELS`` is never changed."""
     with _SWITCH_LOCK:
         original = Image._decompression_bomb_check
         if not getattr(original, "vision_tl_switch", False):
-            def check(*args, **kwargs):  # (size, and error_only= in WebP's own call)
-                return None if getattr(_OWN_CHECK, "depth", 0) else original(*args, **kwargs)
+            def check(size, *args, **kwargs):  # (error_only= in WebP's own call)
+                limits = getattr(_OWN_CHECK, "limits", None)
+                if not limits:
+                    return original(size, *args, **kwargs)
+                pixels = max(1, size[0]) * max(1, size[1])
+                if pixels > limits[-1]:
+                    raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {limits[-1]} "
+                                                       "pixels")
+                return None
             check.vision_tl_switch = True
             Image._decompression_bomb_check = check
-    _OWN_CHECK.depth = getattr(_OWN_CHECK, "depth", 0) + 1
+    if not hasattr(_OWN_CHECK, "limits"):
+        _OWN_CHECK.limits = []
+    _OWN_CHECK.limits.append(max_image_pixels() if limit is None else limit)
     try:
         yield
     finally:
-        _OWN_CHECK.depth -= 1
+        _OWN_CHECK.limits.pop()
 
 
 def open_image(path: Path, limit: int | None = None) -> Image.Image:
@@ -354,8 +365,11 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
         OSError, UnidentifiedImageError: as ``Image.open``.
     """
     limit = max_image_pixels() if limit is None else limit
-    with own_bomb_check():
-        img = Image.open(path)
+    try:
+        with own_bomb_check(limit):
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # (a format that decodes as it opens: ICO)
+        raise _bomb(path, exc, limit) from exc
     pixels = img.width * img.height
     if pixels > limit:
         img.close()
@@ -384,7 +398,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         fast = _load_jpeg_fast(simplejpeg, path, limit) if simplejpeg is not None else None
         if fast is not None:
             return fast
-        with own_bomb_check(), open_image(path, limit) as img:
+        with own_bomb_check(limit), open_image(path, limit) as img:
             _warn_truncated_allowed()
             if _signed_8_bit(img):
                 raise ImageLoadError(f"{path}: a TIFF of signed 8-bit samples (their negative values would read as "

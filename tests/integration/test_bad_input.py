@@ -755,6 +755,8 @@ def cli_zero_epochs(w: World, tmp: Path) -> Result:
     # no limit of epochs and none of steps: the schedule's length would be infinite (a traceback)
     cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:15"),
               "max_epochs -1", "--trainer.max_steps")
+    cli_error(w.fit_args(w.data, tmp / "runs", "--trainer.max_epochs", "null", "--trainer.max_time", "00:00:00:15"),
+              "max_time without max_epochs", "--trainer.max_steps")  # (Lightning then sets max_epochs -1)
     assert not (tmp / "runs").exists()  # refused before a run directory was made
     return result
 

@@ -97,6 +97,20 @@ def test_a_milestone_never_freezes_stages_that_train(mode, stages, milestone):
     assert model.net.eval_modules == eval_modules
 
 
+def test_a_milestone_keeps_training_a_vits_tokens_that_a_resumed_run_trains():
+    """An older partial run trained a ViT's cls_token and pos_embed; resumed, they train again,
+    and a milestone rebuilding the frozen set froze them anew."""
+    from vision_tl.models.finetuning import outside_stages
+
+    model = ImageClassifier(["a", "b", "c"], backbone="test_vit", pretrained=False, mode="partial",
+                            trainable_stages=1, class_counts=[4, 4, 4])
+    tokens = outside_stages(model.net.backbone)
+    for param in tokens:
+        param.requires_grad = True
+    assert unfreeze_stages(model.net, 2)
+    assert tokens and all(p.requires_grad for p in tokens)
+
+
 def test_invalid_mode_and_settings_list_valid_choices():
     with pytest.raises(ValueError, match="unknown mode 'half'; expected one of: frozen, partial, full"):
         _model("half")

@@ -437,3 +437,26 @@ def test_a_raised_limit_lets_tiffs_through_and_keeps_pillows_warning_off_every_t
     monkeypatch.setattr(imaging, "_max_pixels", 5_000)
     with pytest.raises(ImageLoadError, match="10,000 pixels exceeds the limit of 5,000"):
         load_rgb(tmp_path / "t.tif")
+
+
+def test_an_icon_declaring_a_small_size_is_refused_before_its_large_image_is_decoded(tmp_path, monkeypatch):
+    """Pillow decodes an ICO's embedded image inside Image.open, right after its own size check:
+    with that check merely switched off, a 190 kB file named .png made the kit decode 196 Mpx
+    before refusing it. The check applies the kit's limit instead."""
+    import io
+    import struct
+
+    from PIL import PngImagePlugin
+
+    buffer = io.BytesIO()
+    Image.new("L", (400, 400)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    header = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 8, len(png), 22)
+    (tmp_path / "icon.png").write_bytes(header + png)
+    decoded = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    monkeypatch.setattr(imaging, "_max_pixels", 10_000)
+    with pytest.raises(ImageLoadError, match="160,000 pixels exceeds the limit of 10,000"):
+        load_rgb(tmp_path / "icon.png")
+    assert decoded == []

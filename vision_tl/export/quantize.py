@@ -129,9 +129,9 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
 
     The normalisation is everything before the first Conv (Cast, Sub, Mul,
     Transpose on the raw uint8 image); ``stem`` is that first Conv; ``head``
-    is the classifier: the Gemm/MatMul layers of the kit's head module (named
-    ``.../head/...``; the last one in a model without it), with the Add of a
-    MatMul's bias, plus the softmax. (Not every Gemm/MatMul after the last Conv: in a ViT, whose only Conv
+    is the classifier: every node of the kit's head module (named ``.../head/...``;
+    in a model without it, the last Gemm/MatMul with the Add of a MatMul's
+    bias), plus the softmax. (Not every Gemm/MatMul after the last Conv: in a ViT, whose only Conv
     is the patch embedding, that is the whole transformer.)
     """
     nodes = list(model.graph.node)
@@ -143,14 +143,15 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
     names += [n.name for n in nodes[last + 1:] if n.op_type == "Softmax"]
     if "stem" in keep_float:
         names.append(nodes[first].name)
-    linear = [n for n in nodes[last + 1:] if n.op_type in ("Gemm", "MatMul")]
-    if "head" in keep_float and linear:
-        # the kit's head module (both layers of --model.head mlp), else the last layer
-        heads = [n for n in linear if "/head/" in n.name and "/backbone/" not in n.name] or linear[-1:]
-        names += [n.name for n in heads]
-        outputs = {n.output[0] for n in heads if n.op_type == "MatMul"}  # a Linear on tokens: its bias is an Add
-        names += [n.name for n in nodes if n.op_type == "Add" and outputs.intersection(n.input)]
-    return names
+    if "head" in keep_float:
+        # the kit's head module, every node of it (--model.head mlp: both layers and the GELU
+        # between them); else the last Gemm/MatMul, with the Add of a MatMul's bias
+        module = [n.name for n in nodes[last + 1:] if "/head/" in n.name and "/backbone/" not in n.name]
+        linear = [n for n in nodes[last + 1:] if n.op_type in ("Gemm", "MatMul")][-1:]
+        names += module or [n.name for n in linear]
+        if not module and linear and linear[0].op_type == "MatMul":  # a Linear on tokens: its bias is an Add
+            names += [n.name for n in nodes if n.op_type == "Add" and linear[0].output[0] in n.input]
+    return list(dict.fromkeys(names))  # (once each)
 
 
 @contextlib.contextmanager

@@ -86,6 +86,11 @@ def unfreeze_stages(net: ClassifierNet, n_last: int, freeze_bn: bool = False) ->
         apply_mode(net, "partial", n_last, freeze_bn)
     else:  # everything, parameters outside the stages (a ViT's cls_token) too
         apply_mode(net, "full", freeze_bn=freeze_bn)
+    # apply_mode freezes a ViT's tokens with the stem, also where a resumed older run trains them:
+    # what trained before keeps training
+    for param in net.backbone.parameters():
+        if id(param) in before:
+            param.requires_grad = True
     return [p for p in net.backbone.parameters() if p.requires_grad and id(p) not in before]
 
 

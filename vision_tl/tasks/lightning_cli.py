@@ -683,9 +683,12 @@ def _check_fit_settings(cfg) -> None:
     if trainer.get("max_epochs") == 0:
         raise ValueError("--trainer.max_epochs 0 trains nothing and would leave a run without checkpoints "
                          "or metrics; give at least 1 (or -1 for no limit of epochs, with --trainer.max_steps)")
-    if trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1):
-        # (it crashed at the first optimizer set-up: the schedule's length came out infinite)
-        raise ValueError("--trainer.max_epochs -1 without --trainer.max_steps: the learning rate warms up, then "
+    # no limit of epochs (-1, or unset with max_time: Lightning then sets -1) and none of steps: the
+    # schedule's length came out infinite, and the fit crashed at the first optimizer set-up
+    if trainer.get("max_steps") in (None, -1) and (trainer.get("max_epochs") == -1 or (
+            trainer.get("max_epochs") is None and trainer.get("max_time") is not None)):
+        raise ValueError("--trainer.max_epochs -1 (or --trainer.max_time without max_epochs) and no "
+                         "--trainer.max_steps: the learning rate warms up, then "
                          "decays to 0 along a cosine over the run's optimizer steps, so their number must be known; "
                          "give --trainer.max_steps N as well, or a number of epochs (--trainer.max_time and early "
                          "stopping may still end the run sooner)")
