@@ -319,6 +319,14 @@ def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
     return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
 
 
+class _OverLimit(Image.DecompressionBombError):
+    """An image over the kit's pixel limit, met inside one of Pillow's own size checks."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__(f"Image size ({size[0]}x{size[1]}) exceeds the kit's limit")
+        self.size = size
+
+
 _OWN_CHECK = threading.local()  # .limits: the kit's pixel limits in force on this thread (innermost last)
 _SWITCH_LOCK = threading.Lock()
 
@@ -339,10 +347,8 @@ def own_bomb_check(limit: int | None = None) -> Iterator[None]:
                 limits = getattr(_OWN_CHECK, "limits", None)
                 if not limits:
                     return original(size, *args, **kwargs)
-                pixels = max(1, size[0]) * max(1, size[1])
-                if pixels > limits[-1]:
-                    raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {limits[-1]} "
-                                                       "pixels")
+                if max(1, size[0]) * max(1, size[1]) > limits[-1]:
+                    raise _OverLimit(tuple(size))
                 return None
             check.vision_tl_switch = True
             Image._decompression_bomb_check = check
@@ -368,8 +374,9 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
     try:
         with own_bomb_check(limit):
             img = Image.open(path)
-    except Image.DecompressionBombError as exc:  # (a format that decodes as it opens: ICO)
-        raise _bomb(path, exc, limit) from exc
+    except _OverLimit as exc:  # (a size checked inside Image.open: every format's header, an ICO's image)
+        width, height = exc.size
+        raise _too_large(path, f"{width}x{height} = {width * height:,} pixels", limit) from None
     pixels = img.width * img.height
     if pixels > limit:
         img.close()
