@@ -314,7 +314,11 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def _bomb(path: Path, exc: Exception, limit: int) -> ImageLoadError:
-    """Pillow's DecompressionBombError (names neither the file nor our setting) as ours."""
+    """Pillow's DecompressionBombError (names neither the file nor our setting), or the kit's own
+    check met inside it (:class:`_OverLimit`, which knows the size), as ours."""
+    if isinstance(exc, _OverLimit):
+        width, height = exc.size
+        return _too_large(path, f"{width}x{height} = {width * height:,} pixels", limit)
     size = re.search(r"\((\d+) pixels\)", str(exc))
     return _too_large(path, f"{int(size.group(1)):,} pixels" if size else str(exc), limit)
 
@@ -375,8 +379,7 @@ def open_image(path: Path, limit: int | None = None) -> Image.Image:
         with own_bomb_check(limit):
             img = Image.open(path)
     except _OverLimit as exc:  # (a size checked inside Image.open: every format's header, an ICO's image)
-        width, height = exc.size
-        raise _too_large(path, f"{width}x{height} = {width * height:,} pixels", limit) from None
+        raise _bomb(path, exc, limit) from None
     pixels = img.width * img.height
     if pixels > limit:
         img.close()

@@ -158,6 +158,11 @@ def same_name(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def same_classes(a: list[str], b: list[str]) -> bool:
+    """Whether two class lists name the same classes in the same order (in NFC form)."""
+    return [same_name(c) for c in a] == [same_name(c) for c in b]
+
+
 def class_folder(root: Path, name: str) -> Path | None:
     """``root``'s sub-folder for class ``name`` (matched in NFC form, see :func:`same_name`), or None."""
     if (root / name).is_dir():
@@ -595,7 +600,7 @@ def recorded_parts(index: FolderIndex, record: dict, source: Path) -> tuple[dict
             names the file and ``source``.
     """
     recorded = record.get("classes")
-    if isinstance(recorded, list) and [same_name(c) for c in recorded] != [same_name(c) for c in index.classes]:
+    if isinstance(recorded, list) and not same_classes(recorded, index.classes):
         added = [c for c in index.classes if same_name(c) not in {same_name(r) for r in recorded}]
         raise DatasetError(
             f"{source} records the classes {recorded}, but {index.root} has {index.classes}"

@@ -37,7 +37,7 @@ from vision_tl.imaging import (
     load_rgb,
     resize,
 )
-from vision_tl.utils.files import EMPTY_PATH
+from vision_tl.utils.files import refuse_empty_path
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
@@ -125,8 +125,7 @@ def scan_images(folder: str | Path) -> ImageScan:
     Raises:
         DeployError: the path does not exist, or the folder holds no image.
     """
-    if isinstance(folder, str) and not folder.strip():
-        raise DeployError(EMPTY_PATH)
+    refuse_empty_path(folder, "image file or folder", DeployError)
     root = Path(folder)
     if root.is_file() or (root.is_symlink() and not root.exists()):
         # Named explicitly: returned whatever it is, so a bad file becomes an error row.

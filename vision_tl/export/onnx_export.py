@@ -24,7 +24,7 @@ from torch import nn
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
 from vision_tl.models.classifier import ClassifierOutput
-from vision_tl.utils.files import EMPTY_PATH, already_there, atomic_path, unwritable
+from vision_tl.utils.files import already_there, atomic_path, refuse_empty_path, unwritable
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 13, 20  # 13: per-channel QDQ; 20: the TorchScript exporter's newest
@@ -245,8 +245,7 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
         ExportError: a directory, a missing parent folder, a wrong extension, or
             an existing file without ``overwrite``.
     """
-    if isinstance(out, str) and not out.strip():
-        raise ExportError(f"--out: {EMPTY_PATH}")
+    refuse_empty_path(out, "--out", ExportError)
     out = Path(out).expanduser()
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--out {out}: the model file name must end in .onnx")

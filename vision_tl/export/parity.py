@@ -24,7 +24,7 @@ from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.reports.report import config_data_root
-from vision_tl.utils.files import EMPTY_PATH
+from vision_tl.utils.files import refuse_empty_path
 
 AUTO, NONE = "auto", "none"
 PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
@@ -133,8 +133,7 @@ def folder_images(folder: str | Path, classes: Sequence[str], option: str = "--p
     Raises:
         ExportError: the folder is missing, not a folder, or holds no image (``option`` names it).
     """
-    if isinstance(folder, str) and not folder.strip():
-        raise ExportError(f"{option}: {EMPTY_PATH}")
+    refuse_empty_path(folder, option, ExportError)
     if Path(folder).expanduser().is_file():
         raise ExportError(f"{option} {folder}: is a file; give a folder of images (optionally one sub-folder "
                           "per class)")

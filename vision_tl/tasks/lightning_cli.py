@@ -23,7 +23,7 @@ from vision_tl.data.folder import (
     detect_layout,
     read_split,
     recorded_mismatches,
-    same_name,
+    same_classes,
 )
 from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
@@ -810,7 +810,7 @@ def _same_classes(recorded, folder: Path) -> bool:
         found = class_folders(folder)
     except (OSError, DatasetError):
         return True  # (the data module names the problem)
-    return not isinstance(recorded, list) or [same_name(c) for c in recorded] == [same_name(c) for c in found]
+    return not isinstance(recorded, list) or same_classes(recorded, found)
 
 
 def _run_of_config(cfg) -> Path | None:

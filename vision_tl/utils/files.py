@@ -330,10 +330,11 @@ def path_arg(text: str) -> str:
     return text
 
 
-def refuse_empty_path(path: str | Path | None, what: str) -> None:
-    """:func:`path_arg` for the Python API: ``ValueError`` naming ``what`` when ``path`` is ``""``."""
+def refuse_empty_path(path: str | Path | None, what: str, error: type[Exception] = ValueError) -> None:
+    """:func:`path_arg` for the Python API: ``error`` (the caller's own type, a ``ValueError`` by
+    default) naming ``what`` when ``path`` is ``""``."""
     if isinstance(path, str) and not path.strip():
-        raise ValueError(f"{what}: {EMPTY_PATH}")
+        raise error(f"{what}: {EMPTY_PATH}")
 
 
 @contextlib.contextmanager
