@@ -46,10 +46,10 @@ _fast_jpeg: object | None = None  # the simplejpeg module once checked; False: n
 
 
 # The version of the pixels load_rgb and resize give: bumped whenever some file decodes to other
-# pixels than before (2: tifffile's alpha composited on black, signed/32-bit data refused). The
-# feature and decoded-image caches key on it, so a kit upgrade never serves pixels or features of
-# the old decoding.
-PIXELS_VERSION = 2
+# pixels than before (2: tifffile's alpha composited on black, signed/32-bit data refused; 3: JPEGs
+# with damaged data refused). The feature and decoded-image caches key on it, so a kit upgrade never
+# serves pixels or features of the old decoding.
+PIXELS_VERSION = 3
 
 
 class ImageLoadError(ValueError):
@@ -280,7 +280,8 @@ def _warn_truncated_allowed() -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
         _warned_truncated = True
         warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process: images cut off in the middle "
-                      "are read with their missing part filled in, not refused as damaged", stacklevel=3)
+                      "are read with their missing part filled in, and JPEGs with damaged data as they decode, "
+                      "not refused as damaged", stacklevel=3)
 
 
 def decode_error(path: str | Path) -> str:
@@ -391,7 +392,9 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Decode any supported image to an ``H x W x 3`` uint8 RGB array.
 
     Grayscale is repeated to three channels, alpha is composited on black,
-    CMYK is converted, and 16-bit or float images are scaled to 0..255.
+    CMYK is converted, and 16-bit or float images are scaled to 0..255. A JPEG whose
+    compressed data libjpeg finds damaged is refused (where simplejpeg decodes it, see
+    :func:`fast_jpeg_decoder`; Pillow alone cannot tell).
 
     Raises:
         ImageLoadError: the file is missing, not an image, truncated, too large
@@ -514,22 +517,50 @@ def _same_pixels_as_pillow(simplejpeg) -> bool:
 
 def _decode_jpeg_bytes(simplejpeg, data: bytes, limit: int | None = None, path: Path | None = None):
     """``H x W x 3`` uint8 pixels, or None for a JPEG simplejpeg does not take (CMYK, 12-bit,
-    malformed or only recoverably damaged: Pillow then decodes it or says what is wrong)."""
+    malformed, cut off: Pillow then decodes it or says what is wrong).
+
+    Raises:
+        ImageLoadError: over ``limit``; or, with ``path`` given, damaged scan data (see
+            :func:`_damaged_scan`), which Pillow would decode without a word to grey or garbled pixels.
+    """
     try:
         header = _checked_header(simplejpeg, data)
-        if header is None:
-            return None
-        height, width, gray = header
-        if limit is not None and height * width > limit:
-            raise _too_large(path, f"{width}x{height} = {height * width:,} pixels", limit)
+    except Exception:  # noqa: BLE001 - a header libjpeg has something to say about: Pillow decides
+        return None
+    if header is None:
+        return None
+    height, width, gray = header
+    if limit is not None and height * width > limit:
+        raise _too_large(path, f"{width}x{height} = {height * width:,} pixels", limit)
+    try:
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", strict=True)
-    except ImageLoadError:
-        raise
-    except Exception:  # noqa: BLE001 - simplejpeg's ValueError/RuntimeError; Pillow decides
+    except Exception as exc:  # noqa: BLE001 - simplejpeg's ValueError/RuntimeError; Pillow decides
+        if path is not None and _damaged_scan(str(exc), data):
+            raise ImageLoadError(
+                f"{path}: damaged JPEG data (libjpeg: {exc}); it would decode with part of the image grey or "
+                "garbled, so it is refused, in training and on the line alike: copy or capture the file again"
+            ) from None
         return None
     if pixels.ndim != 3 or pixels.shape[:2] != (height, width) or 0 in pixels.shape:
         return None
     return np.repeat(pixels, 3, axis=2) if gray else pixels
+
+
+def _damaged_scan(message: str, data: bytes) -> bool:
+    """Whether libjpeg's complaint (simplejpeg's strict mode turns its warnings into errors) is
+    about the compressed pixel data itself: a header it warns about fails earlier, in
+    ``decode_jpeg_header``, and is left to Pillow. Pillow drops libjpeg's warnings, so such a
+    file would pass as an image; here it costs nothing extra, as the strict decode runs anyway.
+    Zero bytes padding the data before its end marker are not damage; nor is anything while
+    the process allows damaged images (``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
+    if not message.startswith("Corrupt JPEG data") or ImageFile.LOAD_TRUNCATED_IMAGES:
+        return False
+    padding = re.match(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9", message)
+    if padding:
+        end = data.rfind(b"\xff\xd9")
+        count = int(padding.group(1))
+        return not (count <= end and not any(data[end - count:end]))
+    return True
 
 
 def _checked_header(simplejpeg, data: bytes) -> tuple[int, int, bool] | None:

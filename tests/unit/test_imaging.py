@@ -274,6 +274,49 @@ def test_load_rgb_into_writes_the_pixels_of_load_rgb_and_resize(tmp_path, fresh_
         imaging.load_rgb_into(tmp_path / "exact.jpg", batch[0], "bilinear")
 
 
+def _damaged_jpeg(path, height: int = 48, width: int = 80) -> None:
+    """A JPEG whose scan data has 8 bytes flipped in the middle: Pillow decodes it without a word,
+    the lower part of the image garbled; libjpeg warns that its data ends before the end marker."""
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 220, width)[None, :, None] + rng.normal(0, 15, (height, width, 3))
+    Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8)).save(path, quality=92)
+    data = bytearray(path.read_bytes())
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    data[middle:middle + 8] = bytes(b ^ 0x5A for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_jpeg_data_is_refused_on_every_path_not_read_as_garbled_pixels(tmp_path, fresh_decoder):
+    """Pillow ignores libjpeg's warnings: a JPEG with damaged data decoded to grey or garbled pixels,
+    trained on and predicted alike. simplejpeg's strict decode reports it at no extra cost."""
+    pytest.importorskip("simplejpeg")
+    from vision_tl.data.decode_threads import decode_batches
+
+    _damaged_jpeg(tmp_path / "bad.jpg")
+    message = r"bad\.jpg: damaged JPEG data \(libjpeg: Corrupt JPEG data: \d+ extraneous bytes before marker 0xd9\)"
+    with pytest.raises(ImageLoadError, match=message):
+        load_rgb(tmp_path / "bad.jpg")
+    for size in ((48, 80), (32, 32)):  # decoded straight into the row, and resized
+        with pytest.raises(ImageLoadError, match=message):
+            imaging.load_rgb_into(tmp_path / "bad.jpg", np.zeros((*size, 3), np.uint8))
+    (rows,) = decode_batches([tmp_path / "bad.jpg"], (32, 32), "bicubic", 1, 0)
+    assert "damaged JPEG data" in rows.errors[0]
+    assert imaging.decode_error(tmp_path / "bad.jpg").startswith(f"{tmp_path / 'bad.jpg'}: damaged JPEG data")
+
+    fresh_decoder.setattr(imaging.ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # the process allows damaged files
+    fresh_decoder.setattr(imaging, "_warned_truncated", True)
+    assert load_rgb(tmp_path / "bad.jpg").shape == (48, 80, 3)
+
+
+def test_zero_padding_before_a_jpegs_end_marker_is_not_damage(tmp_path, fresh_decoder):
+    pytest.importorskip("simplejpeg")
+    pixels = np.random.default_rng(4).integers(0, 256, (24, 40, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "padded.jpg").write_bytes(data[:-2] + bytes(6) + data[-2:])  # (libjpeg warns about these)
+    assert np.array_equal(load_rgb(tmp_path / "padded.jpg"), load_rgb(tmp_path / "t.jpg"))
+
+
 def test_jpegs_in_layouts_the_check_does_not_cover_go_through_pillow(tmp_path, fresh_decoder):
     simplejpeg = pytest.importorskip("simplejpeg")
     assert imaging.fast_jpeg_decoder() is simplejpeg

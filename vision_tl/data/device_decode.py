@@ -19,8 +19,9 @@ pixels exactly). :func:`decoding_difference` measures both on a set of test JPEG
 run's size and filter; a run stops where the mean difference is over :data:`TOLERANCE`.
 The feature cache keys device-decoded embeddings apart from the others.
 
-Damaged files: a GPU decoder may accept a JPEG whose data is damaged, where Pillow
-reports it; ``--decode cpu`` is the one that finds every damaged file.
+Damaged files: a GPU decoder may accept a JPEG whose data is damaged, where the host
+path (:func:`vision_tl.imaging.load_rgb`) reports it; ``--decode cpu`` is the one that finds
+every damaged file.
 """
 
 from __future__ import annotations
