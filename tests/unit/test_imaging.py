@@ -503,3 +503,64 @@ def test_an_icon_declaring_a_small_size_is_refused_before_its_large_image_is_dec
     with pytest.raises(ImageLoadError, match="160,000 pixels exceeds the limit of 10,000"):
         load_rgb(tmp_path / "icon.png")
     assert decoded == []
+
+
+def _tricky_files(folder) -> dict[str, tuple]:
+    """name -> (file, the file's stored pixels as the kit must read them, or None: as ``plain.jpg``)."""
+    from PIL import ImageCms
+
+    rng = np.random.default_rng(6)
+    base = np.clip(np.linspace(0, 220, 40)[None, :, None] + rng.normal(0, 15, (24, 40, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(base)
+    image.save(folder / "plain.jpg", quality=90)
+    files = {}
+    for orientation in (2, 3, 6, 8):  # mirrored, turned 180, turned 90 either way: read as stored
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(folder / f"exif{orientation}.JPG", quality=90, exif=exif.tobytes())
+        files[f"exif{orientation}"] = (folder / f"exif{orientation}.JPG", None)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # a profile far from sRGB: not applied
+    image.save(folder / "icc.jpg", quality=90, icc_profile=icc)
+    files["icc_jpeg"] = (folder / "icc.jpg", None)
+    image.save(folder / "icc.png", icc_profile=icc)
+    files["icc_png"] = (folder / "icc.png", base)
+    palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.save(folder / "trns.png", transparency=0)
+    index = np.asarray(palette)
+    expected = np.asarray(palette.convert("RGB")).copy()
+    expected[index == 0] = 0  # the transparent colour on black
+    files["palette_transparency"] = (folder / "trns.png", expected)
+    la = np.dstack([base[:, :, 0], np.where(np.arange(40) < 10, 0, 255)[None, :].repeat(24, 0)]).astype(np.uint8)
+    Image.fromarray(la, "LA").save(folder / "la.PNG")
+    files["grey_alpha"] = (folder / "la.PNG", np.repeat(np.where(la[:, :, 1:] == 0, 0, la[:, :, :1]), 3, axis=2))
+    one_bit = base[:, :, 0] > 100
+    Image.fromarray(one_bit).save(folder / "bit.tif")
+    files["one_bit"] = (folder / "bit.tif", np.repeat(one_bit[:, :, None].astype(np.uint8) * 255, 3, axis=2))
+    image.save(folder / "frames.gif", save_all=True, append_images=[Image.fromarray(255 - base)])
+    with Image.open(folder / "frames.gif") as first:
+        files["gif_first_frame"] = (folder / "frames.gif", np.asarray(first.convert("RGB")))
+    Image.fromarray(base[:1, :1]).save(folder / "one.jpg")
+    Image.fromarray(np.ascontiguousarray(base[:3, :])).save(folder / "thin.jpg")
+    files["1x1_jpeg"] = (folder / "one.jpg", "any")
+    files["3x40_jpeg"] = (folder / "thin.jpg", "any")
+    return files
+
+
+def test_tricky_files_read_as_stored_and_alike_on_every_host_path(tmp_path, fresh_decoder):
+    """EXIF orientation and colour profiles are not applied, transparency lands on black, a GIF
+    gives its first frame; simplejpeg or Pillow, whole or into a batch row, the same pixels."""
+    from vision_tl.data.decode_threads import decode_batches
+
+    files = _tricky_files(tmp_path)
+    names = list(files)
+    paths = [files[n][0] for n in names]
+    plain = load_rgb(tmp_path / "plain.jpg")
+    fast = {n: load_rgb(p) for n, p in zip(names, paths)}
+    (rows,) = decode_batches(paths, (16, 20), "bicubic", len(paths), 0)
+    assert rows.errors == {}
+    fresh_decoder.setattr(imaging, "_fast_jpeg", False)  # a machine without simplejpeg
+    for k, (name, (path, expected)) in enumerate(files.items()):
+        want = plain if expected is None else fast[name] if isinstance(expected, str) else expected
+        assert np.array_equal(fast[name], want), name
+        assert np.array_equal(load_rgb(path), want), name
+        assert np.array_equal(rows.pixels[k].numpy(), resize(want, (16, 20), "bicubic")), name
