@@ -664,6 +664,18 @@ def _decode_jpeg_into(simplejpeg, data: bytes, out: np.ndarray, limit: int) -> b
     return True
 
 
+def normalisation_constants(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``mean * 255`` and ``1 / (std * 255)`` (``mean`` and ``std`` on the 0..1 scale).
+
+    Every path that normalises pixels (training's transforms, the device pipeline, the ONNX
+    graph, the predictor for a float-input graph) computes ``(x - mean) * inv_std`` in float32
+    with these, so all give the same input tensor bit for bit.
+    """
+    mean255 = np.asarray(mean, np.float32) * np.float32(255.0)
+    inv_std255 = np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
+    return mean255, inv_std255
+
+
 def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
     """Resize an ``H x W x 3`` uint8 array to ``size = (height, width)`` with Pillow.
 

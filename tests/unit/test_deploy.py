@@ -884,3 +884,18 @@ def test_a_model_opened_while_an_export_replaces_it_waits_for_the_new_record(tmp
     monkeypatch.setattr(predictor_module.time, "sleep", export_finishes)
     assert Predictor(model).predict_paths(images[:1])[0].error is None
     assert len(pauses) == 1
+
+
+def test_a_float_input_graph_gets_trainings_normalised_pixels_to_the_last_bit(tmp_path: Path, images: list[Path]):
+    """The predictor normalised as (x / 255 - mean) / std, training as (x - 255 mean) / (255 std)
+    in float32: 1 ulp apart for most values (up to 5e-7), another input than the one validated."""
+    pytest.importorskip("torch")
+    from vision_tl.backbones import Preprocessing
+    from vision_tl.data import eval_transform
+
+    meta = make_metadata(layout="NCHW", input_dtype="float32", normalize_in_graph=False)
+    predictor = Predictor(build_model(tmp_path / "f.onnx", uint8=False, meta=meta))
+    transform = eval_transform(Preprocessing(SIZE, MEAN, STD, "bicubic"))
+    for path in images:
+        image = load_rgb(path)
+        assert np.array_equal(predictor.preprocess(image), transform(image).numpy()), path.name

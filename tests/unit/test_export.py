@@ -50,6 +50,22 @@ class MeanPoolNet(torch.nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def test_the_graphs_normalised_input_is_trainings_to_the_last_bit():
+    """The graph's constants were products taken in float64 and then rounded: ImageNet's std 0.224
+    gave another float32 than training's, and the normalised input differed in the last bit."""
+    seen = []
+
+    class Capture(MeanPoolNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return super().forward(x)
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 8, 32, 1).repeat(3, axis=3)  # every value, each channel
+    transform = eval_transform(Preprocessing((8, 32), MEAN, STD, "bicubic"))
+    DeployableClassifier(Capture().eval(), MEAN, STD)(torch.from_numpy(pixels))
+    assert torch.equal(seen[0], transform(pixels[0])[None])
+
+
 def test_wrapper_matches_training_eval_transform():
     torch.manual_seed(0)
     net = MeanPoolNet().eval()

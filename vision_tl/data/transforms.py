@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from vision_tl.backbones import Preprocessing
-from vision_tl.imaging import resize
+from vision_tl.imaging import normalisation_constants, resize
 from vision_tl.utils import ignoring_warnings
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
@@ -84,11 +84,9 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
 
 
 def normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``mean * 255`` and ``1 / (std * 255)``; every normalising path computes
-    ``(x - mean) * inv_std`` with these, so CPU and device results are bit-identical."""
-    mean = np.asarray(preprocessing.mean, np.float32) * np.float32(255.0)
-    inv_std = np.float32(1.0) / (np.asarray(preprocessing.std, np.float32) * np.float32(255.0))
-    return mean, inv_std
+    """float32 ``mean * 255`` and ``1 / (std * 255)`` (:func:`vision_tl.imaging.normalisation_constants`);
+    every normalising path computes ``(x - mean) * inv_std`` with these, so all are bit-identical."""
+    return normalisation_constants(preprocessing.mean, preprocessing.std)
 
 
 def size_changed(augment, size: tuple[int, int], got: tuple[int, int]) -> str:

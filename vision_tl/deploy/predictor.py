@@ -35,6 +35,7 @@ from vision_tl.imaging import (
     check_settings,
     image_files,
     load_rgb,
+    normalisation_constants,
     resize,
 )
 from vision_tl.utils.files import refuse_empty_path
@@ -282,10 +283,9 @@ class Predictor:
             arr = np.repeat(arr, 3, axis=2)
         meta = self.metadata
         x: np.ndarray = resize(np.ascontiguousarray(arr), meta.input_size, meta.interpolation)
-        if not meta.normalize_in_graph:
-            mean = np.asarray(meta.mean, dtype=np.float32)
-            std = np.asarray(meta.std, dtype=np.float32)
-            x = (x.astype(np.float32) / np.float32(255.0) - mean) / std
+        if not meta.normalize_in_graph:  # training's arithmetic, so the same input to the last bit
+            mean255, inv_std255 = normalisation_constants(meta.mean, meta.std)
+            x = (x.astype(np.float32) - mean255) * inv_std255
         x = x.astype(np.uint8 if meta.input_dtype == "uint8" else np.float32, copy=False)
         if meta.layout == "NCHW":
             x = x.transpose(2, 0, 1)

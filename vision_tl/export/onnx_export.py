@@ -23,6 +23,7 @@ from torch import nn
 
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
+from vision_tl.imaging import normalisation_constants
 from vision_tl.models.classifier import ClassifierOutput
 from vision_tl.utils.files import already_there, atomic_path, refuse_empty_path, unwritable
 
@@ -64,8 +65,9 @@ class DeployableClassifier(nn.Module):
         super().__init__()
         self.net = net
         self.normalize_in_graph = normalize_in_graph
-        mean255 = torch.tensor([float(m) * 255.0 for m in mean], dtype=torch.float32)
-        inv_std255 = 1.0 / torch.tensor([float(s) * 255.0 for s in std], dtype=torch.float32)
+        # the constants training's transforms use, to the last bit (a product taken in float64
+        # and then rounded differs in the last bit for some values, e.g. ImageNet's std 0.224)
+        mean255, inv_std255 = (torch.from_numpy(a) for a in normalisation_constants(mean, std))
         # NHWC broadcasting, so normalisation happens before the transpose (as in training).
         self.register_buffer("mean255", mean255.view(1, 1, 1, 3), persistent=False)
         self.register_buffer("inv_std255", inv_std255.view(1, 1, 1, 3), persistent=False)
