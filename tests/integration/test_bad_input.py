@@ -179,6 +179,17 @@ def truncated_jpeg(w: World, tmp: Path) -> Result:
     return api_error(lambda: load_rgb(bad), ImageLoadError, str(bad), "truncated")
 
 
+def damaged_jpeg(w: World, tmp: Path) -> Result:
+    ramp = np.linspace(0, 220, 80)[None, :, None] + np.random.default_rng(3).normal(0, 15, (48, 80, 3))
+    Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8)).save(tmp / "full.jpg", quality=92)
+    data = bytearray((tmp / "full.jpg").read_bytes())
+    middle = (data.find(b"\xff\xda") + len(data)) // 2  # in the compressed pixel data
+    data[middle:middle + 8] = bytes(b ^ 0x5A for b in data[middle:middle + 8])
+    bad = tmp / "damaged.jpg"
+    bad.write_bytes(bytes(data))
+    return api_error(lambda: load_rgb(bad), ImageLoadError, str(bad), "damaged JPEG data")
+
+
 def zero_byte_file(w: World, tmp: Path) -> Result:
     bad = tmp / "empty.png"
     bad.write_bytes(b"")
@@ -958,6 +969,8 @@ def cli_disk_full_writing_checkpoint(w: World, tmp: Path, monkeypatch: pytest.Mo
 CASES: list[tuple[str, str, str, Callable]] = [
     # id, input, path (CLI/API), case
     ("truncated-jpeg", "truncated JPEG", "API", truncated_jpeg),
+    ("damaged-jpeg", "JPEG with bytes flipped in its compressed data (Pillow alone reads it garbled)", "API",
+     damaged_jpeg),
     ("zero-byte", "zero-byte .png", "API", zero_byte_file),
     ("text-as-png", "text file named .png", "API", text_named_png),
     ("png-as-jpg", "PNG bytes named .jpg (wrong extension)", "API", png_named_jpg),
