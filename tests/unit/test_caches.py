@@ -137,7 +137,7 @@ def test_clear_older_than_deletes_only_entries_unused_that_long(tmp_path, images
     assert main(["clear", "--older-than", "30", "--yes", "--features", str(tmp_path / "feat"),
                  "--decoded", str(tmp_path / "dec")]) == 0
     out = capsys.readouterr().out
-    assert "deleted 1 entry unused for 30 days" in out
+    assert "deleted 1 entry unused for 30 days" in out and "skipped" not in out  # recent: not even candidates
     assert not old.exists() and not old.with_suffix(".json").exists()
     assert recent.exists() and recent.with_suffix(".json").exists()
     assert not (tmp_path / "feat" / "old_net").exists()  # the store, and its emptied backbone folder
