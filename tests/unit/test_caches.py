@@ -184,6 +184,7 @@ def test_files_that_are_not_cache_entries_survive(tmp_path, images, capsys):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     assert main(["clear", "--yes", "--features", str(feat), "--decoded", str(dec)]) == 0
+    assert "its folder stays: it holds files that are not the cache's" in capsys.readouterr().out
     assert all(path.read_bytes() == data for path, data in foreign.items())
     assert [p.name for p in dec.glob("*.npy")] == ["0123456789abcdef01234567.npy"]  # ours went
     assert not (store / "meta.json").exists()
@@ -228,6 +229,18 @@ def test_a_fit_sized_build_says_how_big_the_cache_is(tmp_path, images, capsys):
     _decoded(tmp_path / "dec", images, 5, 8)
     out = capsys.readouterr().out
     assert "holds 8.0 KiB in 1 entry" in out and "vision-tl cache clear --help" in out
+
+
+def test_extract_says_how_big_the_feature_cache_is_when_it_grew(tmp_path, images, capsys):
+    argv = ["extract", str(tmp_path / "images"), "--backbone", "test_efficientnet", "--random-init",
+            "--image-size", "32", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert vision_tl_main([*argv, "--out", str(tmp_path / "a.npz")]) == 0
+    first = capsys.readouterr().out
+    (listed,) = _json(capsys, "list", "--features", str(tmp_path / "c"))["caches"]
+    assert f"feature cache in {tmp_path / 'c'} holds {inventory.format_bytes(listed['bytes'])} in 1 entry" in first
+    assert "vision-tl cache clear --help" in first
+    assert vision_tl_main([*argv, "--out", str(tmp_path / "b.npz")]) == 0  # every image cached already
+    assert "feature cache in" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -177,7 +177,8 @@ def _print_clear(root: CacheRoot, report, dry: bool, days: float | None) -> None
     print(_root_header(root))
     verb = "would delete" if dry else "deleted"
     for entry in report.deleted:
-        print(f"  {verb} {_name(root, entry)}: {entry.description}, {format_bytes(entry.bytes)}")
+        note = f" ({entry.note})" if entry.note else ""
+        print(f"  {verb} {_name(root, entry)}: {entry.description}, {format_bytes(entry.bytes)}{note}")
     for entry in report.busy:
         print(f"  skipped {_name(root, entry)}: in use by a running process (or used just now); not deleted")
     for entry, why in report.failed:

@@ -296,6 +296,14 @@ def _disk_bytes(st: os.stat_result) -> int:
     return blocks * 512 if blocks is not None else st.st_size
 
 
+def cache_bytes(root: str | Path, kind: str = "features") -> int:
+    """Bytes the recognised entries under ``root`` take (0 where there is no such folder)."""
+    try:
+        return sum(e.bytes for e in list_entries(CacheRoot(kind, Path(root), ""), check_use=False))
+    except Exception:  # noqa: BLE001 (a size note is never worth failing a run over)
+        return 0
+
+
 def cache_note(root: str | Path, kind: str = "decoded") -> str:
     """One line on a cache's size, for a command that has just added to it (a scan of its
     folder: a stat per file). Never raises: a note is not worth failing a run over."""
@@ -389,5 +397,7 @@ def _remove(root: CacheRoot, entry: CacheEntry) -> None:
             break
         try:
             folder.rmdir()
-        except OSError:  # other files in it (not ours: kept), or not empty yet
+        except OSError:  # other files in it (not ours: kept)
+            if folder == entry.path:
+                entry.note = "its folder stays: it holds files that are not the cache's"
             break

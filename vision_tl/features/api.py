@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from vision_tl.backbones import DEFAULT_BACKBONE, create_backbone, resolve_preprocessing
-from vision_tl.caches.inventory import cache_note
 from vision_tl.data.device import default_decode_threads, resolve_device
 from vision_tl.data.folder import (
     SPLIT_NAMES,
@@ -40,7 +39,7 @@ from vision_tl.features.store import (
     write_features,
 )
 from vision_tl.imaging import image_files
-from vision_tl.utils import launcher_int, say
+from vision_tl.utils import launcher_int
 from vision_tl.utils.files import path_lock, refuse_empty_path
 
 WRITE_CHUNK = 2048  # rows per streamed write
@@ -290,8 +289,6 @@ def extract(
         report = cache.ensure(extractor, images.paths[share], images.hashes[share], batch_size, num_workers,
                               device, progress and ranks.is_main)
         report = _merge_reports(ranks.gather(report))
-        if use_cache and report.computed:  # it grew: how big it is now, and how to prune it
-            say(f"vision_tl: {cache_note(cache.root, 'features')}")
         ranks.barrier()  # every share is in the cache before anyone reads it
         handle_failures(images, report, skip_bad)
         metadata = _metadata(extractor, images, report)
