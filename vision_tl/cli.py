@@ -31,6 +31,7 @@ OTHER_COMMANDS = {
     "report": ("vision_tl.reports.cli:report_main", "evaluate a run: HTML report, curves, good/defect threshold"),
     "compare": ("vision_tl.reports.cli:compare_main", "compare runs side by side (table, HTML)"),
     "explain": ("vision_tl.reports.cli:explain_main", "Grad-CAM heat maps for images"),
+    "cache": ("vision_tl.caches.cli", "list the feature and decoded-image caches; clear unused entries"),
 }
 
 USAGE = """usage: vision-tl COMMAND [options]   (vision-tl COMMAND --help for details)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import warnings
+import weakref
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vision_tl.caches.inventory import cache_note
 from vision_tl.data.decode_threads import (
     decode_batches,
     decode_batches_in_processes,
@@ -46,6 +48,7 @@ from vision_tl.utils.files import (
     atomic_path,
     atomic_write_text,
     file_crc32,
+    hold_in_use,
     remove_orphaned_temps_in,
     unwritable,
 )
@@ -131,24 +134,51 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     remove_orphaned_temps_in(root, r"[0-9a-f]{24}\.(?:npy|json)")  # a killed build's file (a whole cache's size)
     key = _key(shas, size, interpolation)
     data_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
-    if data_path.exists() and meta_path.exists():
+    held = _hold_in_use(data_path) if data_path.exists() and meta_path.exists() else False
+    if held is not False:
         try:
             pixels, bad = _open(data_path, meta_path, len(paths), size)
+            _in_use_while(pixels, held)
+            with contextlib.suppress(OSError):  # its time is the entry's "last used" (vision-tl cache list)
+                os.utime(meta_path)
             say(f"vision_tl: decoded-image cache: reusing {data_path} ({_extent(pixels)})")
             return pixels, bad
         except _Damaged as exc:
+            _in_use_while(None, held)
             warnings.warn(f"decoded-image cache file {exc.path} is damaged ({exc}); rebuilding {key}.npy "
                           "(a cache file, not your data)", stacklevel=2)
     _check_writable(root, origin, fix)
     meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
     bad, crc = _build(data_path, paths, size, interpolation, threads, fix)
+    held = _hold_in_use(data_path)  # (a clear skips a .npy without its .json for a minute meanwhile)
     _check_unchanged(data_path, paths, shas, set(bad))
     atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
                                              "interpolation": interpolation, "bad": bad, "crc32": crc}))
     pixels = np.load(data_path, mmap_mode="r")
+    _in_use_while(pixels, held)
     _VERIFIED.add(_stamp(data_path))  # checksummed as it was written
-    say(f"vision_tl: decoded-image cache: wrote {data_path} ({_extent(pixels)})")
+    say(f"vision_tl: decoded-image cache: wrote {data_path} ({_extent(pixels)}); {cache_note(root)}")
     return pixels, bad
+
+
+def _hold_in_use(data_path: Path) -> int | None | bool:
+    """:func:`hold_in_use` on an entry's pixel file: its descriptor, None when unlocked (no
+    locks here), False when a ``vision-tl cache clear`` deleted it meanwhile (build it again)."""
+    try:
+        return hold_in_use(data_path)
+    except FileNotFoundError:
+        return False
+
+
+def _in_use_while(pixels: np.ndarray | None, held: int | None | bool) -> None:
+    """Keep the entry held in use as long as its mapped pixels (and any view of them) live;
+    ``pixels=None`` lets it go now."""
+    if isinstance(held, bool) or held is None:
+        return
+    if pixels is None:
+        os.close(held)
+    else:
+        weakref.finalize(pixels, os.close, held)
 
 
 def _extent(pixels: np.ndarray) -> str:

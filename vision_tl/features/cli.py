@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vision_tl.deploy.cli import input_size_arg, positive_int
 from vision_tl.utils.files import path_arg
@@ -103,8 +104,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _run_extract(args: argparse.Namespace) -> None:
+    from vision_tl.caches.inventory import cache_bytes, cache_note, default_root
     from vision_tl.features.api import extract
 
+    cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else default_root("features")
+    before = cache_bytes(cache) if cache is not None else 0
     extract(args.root, args.backbone, args.out, weights=args.weights, pretrained=not args.random_init,
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -115,6 +119,8 @@ def _run_extract(args: argparse.Namespace) -> None:
 
     if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file
         print(f"vision_tl: wrote {args.out}")
+        if cache is not None and cache_bytes(cache) != before:  # it grew: its size, and how to prune it
+            print(f"vision_tl: {cache_note(cache, 'features')}")
 
 
 def _run_probe(args: argparse.Namespace) -> None:

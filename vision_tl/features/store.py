@@ -36,6 +36,7 @@ import os
 import time
 import uuid
 import warnings
+import weakref
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from vision_tl.utils.files import (
     atomic_write_bytes,
     atomic_write_text,
     file_crc32,
+    hold_in_use,
     path_text,
     remove_orphaned_temps_in,
     unwritable,
@@ -77,12 +79,14 @@ class ShardStore:
         self.path = Path(path)
         self.identity = identity
         meta = self.path / "meta.json"
+        _hold_in_use(self)  # before meta.json is read: a cache clear then leaves the store alone
         if meta.exists():
             stored = read_json(meta)
             if stored != identity:
                 raise FeatureStoreError(_mismatch_message(self.path, stored, identity))
+            with contextlib.suppress(OSError):  # its time is the store's "last used" (vision-tl cache list)
+                os.utime(meta)
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(meta, json.dumps(identity, indent=1, sort_keys=True))
         self._index: dict[str, tuple[str, int]] | None = None
         self._mmaps: dict[str, np.ndarray] = {}
@@ -326,6 +330,21 @@ def _read_summary(path: Path) -> dict:
         return summary
     except (OSError, ValueError, AttributeError) as exc:
         raise _DamagedShard(f"{path.name} cannot be read: {exc}") from exc
+
+
+def _hold_in_use(store: ShardStore) -> None:
+    """Create the store's folder and hold it in use while ``store`` lives (see
+    :func:`hold_in_use`), so ``vision-tl cache clear`` skips it; made again where a clear
+    removed it this very instant."""
+    for _ in range(3):
+        store.path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = hold_in_use(store.path)
+        except FileNotFoundError:
+            continue
+        if fd is not None:
+            weakref.finalize(store, os.close, fd)
+        return
 
 
 def read_json(path: Path) -> dict:

@@ -9,6 +9,7 @@ size) is told apart and removed by the next write of the same file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -364,3 +365,65 @@ def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)  # (releases the lock)
+
+
+def hold_in_use(path: str | Path, wait_s: float = 30.0) -> int | None:
+    """Mark the file or folder ``path`` as in use by this process: a shared ``flock`` on it,
+    held until the returned descriptor is closed (or the process exits). ``vision-tl cache
+    clear`` deletes only what it can lock exclusively (:func:`exclusive_if_unused`), so a cache
+    entry being read or written is never deleted under a run. Many processes can hold it.
+
+    Waits up to ``wait_s`` for a clear that is deleting ``path`` right now, then raises
+    :class:`FileNotFoundError` when it is gone (the caller builds it again). None where no lock
+    could be taken (no ``flock``, a file system without locks, a timeout): a lock is a courtesy
+    to the cleaner, never a reason to fail a run."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)  # (FileNotFoundError: the caller's to handle)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+        except OSError:
+            os.close(fd)
+            return None
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        same = False
+    if not same:  # deleted (and perhaps made again) while this waited
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "removed while it was being opened", str(path))
+    return fd
+
+
+@contextlib.contextmanager
+def exclusive_if_unused(path: str | Path) -> Iterator[bool]:
+    """Yield True while this process holds ``path`` exclusively (no process holds
+    :func:`hold_in_use` on it, nor writes it through :func:`locked_temp`), False at once where
+    one does. True without a lock where locks cannot be taken (no ``flock``)."""
+    if fcntl is None:
+        yield True
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # a file system without locks: nobody can hold one either
+            pass
+        yield True
+    finally:
+        os.close(fd)
