@@ -267,16 +267,6 @@ def test_missing_default_roots_list_nothing(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_default_roots_are_the_caches_own(tmp_path, monkeypatch):
-    from vision_tl.features.cache import default_cache_dir
-
-    for env in (None, str(tmp_path / "env")):
-        for name in inventory.ENV.values():
-            monkeypatch.delenv(name, raising=False) if env is None else monkeypatch.setenv(name, env)
-        assert inventory.default_root("features") == default_cache_dir()
-        assert inventory.default_root("decoded") == dc.default_decoded_cache_dir()
-
-
 def test_the_command_is_listed_in_vision_tl_help(capsys):
     assert vision_tl_main(["--help"]) == 0
     assert "cache        list the feature and decoded-image caches" in capsys.readouterr().out

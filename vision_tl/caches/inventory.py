@@ -34,8 +34,8 @@ import numpy as np
 from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused
 
 KINDS = ("features", "decoded")
-# (the environment variables and defaults of vision_tl.features.cache and vision_tl.data.decoded_cache,
-# repeated so that this module does not import torch; a test checks that they agree)
+# (the environment variables and default folders of the feature cache and the decoded-image cache:
+# defined here, where no torch is imported, and used by both)
 ENV = {"features": "VISION_TL_CACHE", "decoded": "VISION_TL_DECODED_CACHE"}
 NAMES = {"features": "feature cache", "decoded": "decoded-image cache"}
 OPTIONS = {"features": "--features", "decoded": "--decoded"}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vision_tl.caches.inventory import cache_note
+from vision_tl.caches.inventory import ENV, cache_note, default_root
 from vision_tl.data.decode_threads import (
     decode_batches,
     decode_batches_in_processes,
@@ -53,7 +53,7 @@ from vision_tl.utils.files import (
     unwritable,
 )
 
-CACHE_ENV = "VISION_TL_DECODED_CACHE"
+CACHE_ENV = ENV["decoded"]
 FORMAT = 1
 BUILD_BATCH = 64  # images decoded per step of the build (and of its progress bar)
 
@@ -67,8 +67,8 @@ class DecodedCacheError(ValueError):
 
 
 def default_decoded_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vision_tl" / "decoded"
+    """``$VISION_TL_DECODED_CACHE`` if set, else ``~/.cache/vision_tl/decoded``."""
+    return default_root("decoded")
 
 
 def _cache_root(cache_dir: str | Path | None) -> tuple[Path, str, str]:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.caches.inventory import ENV, default_root, store_key
 from vision_tl.data.folder import content_hash
 from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
 from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
 from vision_tl.utils.files import atomic_write_text, unwritable
 
-CACHE_ENV = "VISION_TL_CACHE"
+CACHE_ENV = ENV["features"]
 SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images
 WHERE_ELSE = ("point it at a writable folder with --cache-dir DIR (vision-tl extract, probe) or "
               "--model.feature_cache DIR (vision-tl fit), or set $VISION_TL_CACHE; vision-tl extract "
@@ -48,8 +47,7 @@ class FeatureCacheError(FeatureStoreError):
 
 def default_cache_dir() -> Path:
     """``$VISION_TL_CACHE`` if set, else ``~/.cache/vision_tl/features``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vision_tl" / "features"
+    return default_root("features")
 
 
 @dataclass
@@ -94,7 +92,7 @@ class FeatureCache:
 
     @staticmethod
     def key(identity: dict) -> str:
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        return store_key(identity)
 
     def store(self, extractor: FeatureExtractor) -> ShardStore:
         """The store for this extractor's settings; refuses a store written by other settings."""
