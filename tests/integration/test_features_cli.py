@@ -198,3 +198,58 @@ def test_sigterm_to_the_process_group_stops_extract_on_loader_processes_cleanly(
     assert job.returncode == 143, err[-2000:]
     assert "stopped (SIGTERM)" in err and "Traceback" not in err and "killed by signal" not in err, err[-2000:]
     assert list(cache.rglob("*.keys.npy"))  # finished shards kept for the next run
+
+
+def test_two_extractions_into_one_output_with_the_cache_never_duplicate_or_replace(tmp_path, folder) -> None:
+    """Two `vision-tl extract` processes, one --out and one feature cache: both embedded every
+    image (each cache row twice), and the second, given --overwrite, replaced the first's output
+    without a word. The second is now refused while the first holds the output, before it
+    computes anything; the first writes every image once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from vision_tl.utils import files
+
+    if files.fcntl is None:
+        pytest.skip("no flock here (Windows): extractions are not locked against each other")
+    hold = tmp_path / "hold"
+    # the first process stops at its first batch, holding the output, until told to go on
+    script = ("import os, sys, time\n"
+              "from vision_tl.features.extractor import FeatureExtractor\n"
+              "real = FeatureExtractor.embed\n"
+              "def embed(self, x):\n"
+              "    hold = os.environ.get('VISION_TL_TEST_HOLD')\n"
+              "    if hold:\n"
+              "        open(hold + '.started', 'w').close()\n"
+              "        deadline = time.monotonic() + 120\n"
+              "        while not os.path.exists(hold + '.go') and time.monotonic() < deadline:\n"
+              "            time.sleep(0.05)\n"
+              "    return real(self, x)\n"
+              "FeatureExtractor.embed = embed\n"
+              "from vision_tl.cli import console_main; sys.argv = ['vision-tl', *sys.argv[1:]]; sys.exit(console_main())")
+    out, cache = tmp_path / "f.npz", tmp_path / "cache"
+    argv = [sys.executable, "-c", script, "extract", str(folder), *TINY, "--batch-size", "2", "--num-workers", "0",
+            "--cache-dir", str(cache), "--out", str(out), "--overwrite"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "VISION_TL_TEST_HOLD": str(hold)})
+    try:
+        deadline = time.monotonic() + 120
+        while not hold.with_suffix(".started").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    finally:
+        hold.with_suffix(".go").touch()
+        stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"another extraction is writing {out} now" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, stderr[-2000:]
+    features = read_features(out)
+    assert sorted(features.paths) == sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png"))
+    (store,) = {p.parent for p in cache.rglob("meta.json")}
+    keys = [k for shard in store.glob("*.keys.npy") for k in np.load(shard).tolist()]
+    assert sorted(keys) == sorted(features.sha256)  # each image once in the cache too
+    # the output is free again once the first is done
+    assert main(["extract", str(folder), *TINY, "--cache-dir", str(cache), "--out", str(out), "--overwrite"]) == 0

@@ -236,6 +236,46 @@ def test_predict_new_images_from_a_folder_without_classes(trained_run, inspectio
         assert float(row[f"p_{classes[0]}"]) == pytest.approx(float(expected[0]), abs=1e-4)
 
 
+def test_predicting_new_images_needs_no_training_folder_and_names_the_checkpoints_classes(inspection_folder,
+                                                                                          tmp_path, capsys):
+    """On a line PC only the run is there: predict with --data.predict_root failed with 'data root
+    ... does not exist', because the data module listed its classes from data.root. The classes
+    are the checkpoint's; a training folder present with other classes is named in a warning
+    (predict), and still refused where its labels are scored (validate)."""
+    data = tmp_path / "data"
+    shutil.copytree(inspection_folder, data)
+    run = _fit(tmp_path / "runs", data, "--trainer.max_epochs", "1")
+    new = tmp_path / "line3"
+    new.mkdir()
+    for i, src in enumerate(sorted(data.glob("*/*.png"))[::12]):
+        shutil.copy(src, new / f"part_{i}.png")
+    shutil.rmtree(data)
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+            "--data.predict_root", str(new)]
+
+    def predictions(out: Path) -> tuple[list[str], list[dict]]:
+        (csv_path,) = out.glob("partial/version_*/predictions.csv")
+        with csv_path.open(newline="") as f:
+            return next(csv.reader(f)), list(csv.DictReader(csv_path.open(newline="")))
+
+    classes = ["crack", "good", "scratch", "spot"]
+    assert main(["predict", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "p1")]) == 0
+    header, rows = predictions(tmp_path / "p1")
+    assert [c for c in header if c.startswith("p_")] == [f"p_{c}" for c in classes]
+    assert sorted(Path(r["path"]).name for r in rows) == [f"part_{i}.png" for i in range(4)]
+    assert all(r["predicted"] in classes and r["error"] == "" for r in rows)
+    # the training folder back, with other classes: predict warns and keeps the checkpoint's
+    for name, source in (("alpha", "crack"), ("beta", "good")):
+        shutil.copytree(inspection_folder / source, data / name)
+    with pytest.warns(UserWarning, match=r"now has the classes \['alpha', 'beta'\], the model was trained on"):
+        assert main(["predict", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "p2")]) == 0
+    header, rows = predictions(tmp_path / "p2")
+    assert [c for c in header if c.startswith("p_")] == [f"p_{c}" for c in classes] and len(rows) == 4
+    capsys.readouterr()
+    assert main(["validate", *args[:4], "--trainer.logger.init_args.save_dir", str(tmp_path / "v")]) == 2
+    assert "was trained on 4 classes" in capsys.readouterr().err
+
+
 def _eval_tensor(path: Path, model) -> torch.Tensor:
     from vision_tl.data.transforms import ImageTransform
     from vision_tl.imaging import load_rgb

@@ -32,6 +32,7 @@ from vision_tl.data.folder import (
     list_classes,
     read_split,
     recorded_parts,
+    same_classes,
     same_name,
     scan_folder,
     scan_unlabelled,
@@ -192,6 +193,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             recorded image gone or changed is an error; images added since are left out, with a
             warning), instead of a new split. ``validate``, ``test`` and ``predict`` with a run's
             checkpoint set it to that run's file, so they score the images the run held out.
+        classes: the class names in index order, as a checkpoint records them. Default: the
+            class folders of ``root``, which must otherwise be exactly these. With
+            ``predict_root`` the names are taken as given and ``root`` is not read, so new images
+            are predicted where the training folder is not at hand; ``predict`` of a checkpoint
+            with ``--data.predict_root`` sets them to the checkpoint's.
 
     Example:
         >>> dm = ImageFolderDataModule("data/demo", backbone="tf_efficientnet_lite0")
@@ -217,6 +223,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         predict_root: str | None = None,
         pixels_on_device: bool | None = None,
         split_file: str | None = None,
+        classes: list[str] | None = None,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -236,10 +243,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             refuse_empty_path(value, f"{name} (--data.{name})")
         if split_file:  # absolute, as the config.yaml of the run records it: any working directory finds it
             split_file = str(Path(split_file).expanduser().resolve())
-        self.save_hyperparameters()
+        # (not classes: the model's hyperparameters hold them, and Lightning refuses two values of one name)
+        self.save_hyperparameters(ignore=["classes"])
         # absolute now: the folder is scanned at set-up, perhaps after a notebook changed directory
         self.root = Path(root).expanduser().absolute()
-        self.layout = detect_layout(self.root)
+        self._layout: dict[str, Path] | None = None  # see layout
         self.preprocessing: Preprocessing = resolve_preprocessing(backbone, image_size)
         height, width = self.preprocessing.input_size
         # A bad preset or transform fails here, in every mode (frozen mode never builds a CPU loader).
@@ -278,7 +286,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._host_pixels: dict[str, np.ndarray] = {}  # split -> decoded cache, for pixels_on_device
         self._device_pixels: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._said_no_pixels = False  # the pixels_on_device warning, once
-        self._classes = list_classes(self.layout.get("train", self.root))
+        self._classes = self._class_names(classes)
+        self._classes_given = classes is not None
         if good_class is not None:
             named = [c for c in self._classes if same_name(c) == same_name(good_class)]
             if not named:
@@ -287,8 +296,59 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def classes(self) -> list[str]:
-        """Class names in index order (sorted folder names)."""
+        """Class names in index order (sorted folder names, or the ``classes`` given)."""
         return self._classes
+
+    @property
+    def layout(self) -> dict[str, Path]:
+        """``root``'s split folders (:func:`detect_layout`), read on first use: predicting new
+        images with given ``classes`` never reads the training folder."""
+        if self._layout is None:
+            self._layout = detect_layout(self.root)
+        return self._layout
+
+    def _folder_classes(self) -> list[str]:
+        return list_classes(self.layout.get("train", self.root))
+
+    def _class_names(self, given: list[str] | None) -> list[str]:
+        """``root``'s classes; ``given`` ones must be those, except with ``predict_root``, where they
+        are taken as they are (see :meth:`setup` for the check where the folder is used after all)."""
+        if given is None:
+            return self._folder_classes()
+        if isinstance(given, str) or len(given) < 2 or not all(isinstance(c, str) and c for c in given):
+            raise ValueError(f"classes must be a list of at least two class names, e.g. ['good', 'scratch'], got "
+                             f"{given!r}; leave it unset to use the class folders of root")
+        if len({same_name(c) for c in given}) < len(given):
+            raise ValueError(f"classes {list(given)} name a class twice; give each class once")
+        if self.hparams.predict_root is None:
+            self._check_given_classes(list(given))
+        else:
+            self._warn_other_folder_classes(list(given))
+        return list(given)
+
+    def _warn_other_folder_classes(self, given: list[str]) -> None:
+        """Predicting new images with given classes: a training folder still at hand whose classes
+        differ (a class added since the checkpoint was trained) is named, since no prediction
+        can name its new classes. A folder that is not there, or not readable, is no concern."""
+        if not self.root.is_dir():
+            return
+        try:
+            with warnings.catch_warnings():  # (its layout's own warnings concern training, not this)
+                warnings.simplefilter("ignore")
+                found = list_classes(detect_layout(self.root).get("train", self.root))
+        except (OSError, DatasetError):
+            return
+        if not same_classes(given, found):
+            warnings.warn(f"{self.root} now has the classes {found}, the model was trained on {given}: the "
+                          "predictions name the model's classes; train a new run to predict the others",
+                          stacklevel=3)
+
+    def _check_given_classes(self, given: list[str]) -> None:
+        found = self._folder_classes()
+        if not same_classes(given, found):
+            raise DatasetError(f"{self.root} has the classes {found}, not the classes {given} given (--data.classes, "
+                               "e.g. a checkpoint's); use the folder the model was trained on, or leave classes "
+                               "unset to train on the folder's")
 
     @property
     def num_classes(self) -> int:
@@ -297,6 +357,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits or stage == "predict" and self.hparams.predict_root is not None:
             return  # new images to predict: the training folder need not be scanned
+        if self._classes_given and self.hparams.predict_root is not None:
+            self._check_given_classes(self._classes)  # (taken unread at construction)
         self._read_splits()
         if stage in (None, "fit"):
             self._warn_thin_val()

@@ -281,7 +281,7 @@ def extract(
     ranks.sync_module(model)
     extractor = FeatureExtractor(model, backbone, resolve_preprocessing(backbone, image_size), stages,
                                  precision=precision, decode=decode, cuda_graphs=cuda_graphs)
-    with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main) as cache_root:
+    with _work_dir(out_path, use_cache, cache_dir, owner=ranks.is_main, overwrite=overwrite) as cache_root:
         cache = FeatureCache(cache_root)
         share = slice(ranks.rank, None, ranks.world)
         if num_workers is None:  # the ranks on this machine share its cores
@@ -326,27 +326,41 @@ def handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> N
 
 @contextlib.contextmanager
 def _work_dir(out: Path | None, use_cache: bool, cache_dir: str | Path | None,
-              owner: bool = True) -> Iterator[Path | None]:
-    """The cache root, or a partial-shards folder beside ``out`` when the cache is off.
+              owner: bool = True, overwrite: bool = False) -> Iterator[Path | None]:
+    """The cache root, or a partial-shards folder beside ``out`` when the cache is off; with
+    ``out``, held as this extraction's alone until the output is written (:func:`_claim_output`).
 
     Only the ``owner`` (rank 0) removes the partial shards once the output is written.
     """
-    if use_cache:
-        yield Path(cache_dir).expanduser() if cache_dir else None
-    elif out is None:
-        with tempfile.TemporaryDirectory(prefix="vision_tl_features_") as tmp:
-            yield Path(tmp)
-    else:
-        path = partial_dir(out)
-        # one extraction per output: a second one's finish removed the first's shards under it
-        # (the ranks of one job share them; its first holds the lock)
-        with path_lock(path, wait=False) if owner else contextlib.nullcontext(True) as alone:
-            if not alone:
-                raise FeatureStoreError(f"another extraction is writing {out} now (its finished shards are in {path}); "
-                                        "wait for it to finish, or write to another --out")
+    with _claim_output(out, owner, overwrite):
+        if use_cache:
+            yield Path(cache_dir).expanduser() if cache_dir else None
+        elif out is None:
+            with tempfile.TemporaryDirectory(prefix="vision_tl_features_") as tmp:
+                yield Path(tmp)
+        else:
+            path = partial_dir(out)
             yield path  # an exception leaves the finished shards for the next run to resume from
             if owner and path.exists():
                 remove_store(path)  # done: the output holds everything
+
+
+@contextlib.contextmanager
+def _claim_output(out: Path | None, owner: bool, overwrite: bool) -> Iterator[None]:
+    """One extraction per output at a time, cache or not. Two at once each computed every image
+    (into the cache: every row twice), then the later one failed at its end on the output the
+    other had written, or with ``overwrite`` replaced it without a word; without the cache, the
+    first to finish removed the other's partial shards. The second is refused at the start.
+    The ranks of one job share the claim: its first holds the lock."""
+    if out is None or not owner:
+        yield
+        return
+    with path_lock(partial_dir(out), wait=False) as alone:  # (the partial folder's name: one lock for both modes)
+        if not alone:
+            raise FeatureStoreError(f"another extraction is writing {out} now (nothing was computed here); wait for "
+                                    "it to finish, or write to another --out")
+        check_output_path(out, overwrite)  # again, now that it is ours: the other may have finished since
+        yield
 
 
 def partial_dir(out: Path) -> Path:

@@ -35,7 +35,7 @@ import numpy as np
 
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.reports import metrics as M
-from vision_tl.utils import progress_bar, read_run_config
+from vision_tl.utils import DamagedMetricsError, progress_bar, read_run_config, read_run_metrics
 from vision_tl.utils.files import (
     already_there,
     atomic_write_text,
@@ -135,15 +135,17 @@ def _update_metrics_json(out_dir: Path, split: str, compact: dict, figures: dict
 
 
 def _read_metrics_json(out_dir: Path) -> dict:
-    path = out_dir / "metrics.json"
+    """The run's ``metrics.json`` ({} without one). A damaged one stops the report before it writes
+    anything: the report adds its section to that file, and replacing it would lose the fit's
+    history it may still hold."""
     try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} holds a {type(data).__name__}, not the JSON object vision-tl fit writes; "
-                          "fix or remove it")
-    return data
+        return read_run_metrics(out_dir / "metrics.json", on_damage="raise")
+    except DamagedMetricsError as exc:
+        raise ReportError(
+            f"{exc}; the report adds its section to that file, so nothing was written. Repair it (its training "
+            f"history, best epoch and scores are written by vision-tl fit), or move it aside (e.g. to "
+            f"{exc.path.with_name('metrics.damaged.json')}) and run the report again: it then writes a new "
+            "metrics.json with the report's section only") from exc
 
 
 def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], *,

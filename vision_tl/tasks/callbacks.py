@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -19,28 +18,8 @@ from vision_tl.imaging import decode_error
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.tasks.resume import TIE_BREAK, RunCheckpoint, best_mode
-from vision_tl.utils import say
+from vision_tl.utils import read_run_metrics, say
 from vision_tl.utils.files import atomic_write_text, path_lock, path_text
-
-
-def _read_metrics(path: Path) -> dict:
-    """A run's ``metrics.json`` to update; {} when there is none. A damaged one (a resumed run
-    whose file was cut off or edited) is set aside as ``metrics.damaged.json``, with a warning:
-    fit rewrites the file from the history in its checkpoint, and nothing is lost."""
-    if not path.exists():
-        return {}
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(metrics, dict):
-            return metrics
-        problem = f"a JSON {type(metrics).__name__}, not an object"
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        problem = f"not valid JSON: {exc}"
-    kept = path.with_name("metrics.damaged.json")
-    os.replace(path, kept)
-    warnings.warn(f"{path} is {problem}; rewriting it from the run's history (the damaged file is kept as {kept})",
-                  stacklevel=3)
-    return {}
 
 
 class RunArtifacts(L.Callback):
@@ -147,13 +126,16 @@ class RunArtifacts(L.Callback):
         run = self.run_dir(trainer)
         path = run / "metrics.json"
         with path_lock(path):  # (shared with a report adding its section meanwhile)
-            metrics = _read_metrics(path)
-            metrics.update({"classes": pl_module.classes, stage: result})
-            if stage == "val":
-                metrics["val_last"] = self.history[-1]
-                metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-                                      for r in self.history]
-            atomic_write_text(path, json.dumps(metrics, indent=1))
+            # a damaged file must not stop training: it is kept aside, with a warning (or, where it
+            # cannot be moved, left alone: None)
+            metrics = read_run_metrics(path, on_damage="set_aside")
+            if metrics is not None:
+                metrics.update({"classes": pl_module.classes, stage: result})
+                if stage == "val":
+                    metrics["val_last"] = self.history[-1]
+                    metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                                          for r in self.history]
+                atomic_write_text(path, json.dumps(metrics, indent=1))
         if not plot:
             return
         from vision_tl.reports import plot_confusion_matrix

@@ -425,6 +425,7 @@ class VisionTLCLI(LightningCLI):
             _check_fit_settings(self.config.fit)
         self._resume_into_run()
         self._require_checkpoint()
+        self._use_the_checkpoints_classes()
         self._use_the_runs_split()
         self._refuse_existing_run()
 
@@ -480,6 +481,22 @@ class VisionTLCLI(LightningCLI):
                           "a new train/val split is made, whose val images are not the ones the run held out",
                           stacklevel=2)
             self._held_out_check = record
+
+    def _use_the_checkpoints_classes(self) -> None:
+        """``predict --data.predict_root`` of a checkpoint names the classes the checkpoint
+        records: the training folder (``data.root``) is not read, and need not exist (a line PC
+        that only holds the run). Where it exists with other classes, the data module warns.
+        ``validate`` and ``test`` score the folder's labels, so there the two lists must agree."""
+        cfg = self.config[self.subcommand]
+        data = cfg.get("data")
+        if self.subcommand != "predict" or data is None or not data.get("predict_root") or data.get("classes"):
+            return
+        ckpt = cfg.get("ckpt_path")
+        if not ckpt or not Path(str(ckpt)).is_file():
+            return  # (_require_checkpoint named the problem)
+        saved = (read_checkpoint(ckpt).get("vision_tl") or {}).get("classes")
+        if saved:
+            data.classes = list(saved)
 
     def _require_checkpoint(self) -> None:
         """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without

@@ -1,15 +1,19 @@
 """Small shared helpers: which process of a multi-process job this is, and printing once per
 job; SIGTERM as an interruption; and keeping the caller's process as it was (warning filters
 that decoding threads leave alone, random generators and settings a command puts back,
-progress bars that fix no multiprocessing start method). Atomic files are in utils.files, work
-one DDP process does while the others wait in utils.distributed."""
+progress bars that fix no multiprocessing start method); a run's config.yaml and
+metrics.json, read. Atomic files are in utils.files, work one DDP process does while the others
+wait in utils.distributed."""
 
 import contextlib
+import json
 import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def launcher_int(name: str, default: int = 0) -> int:
@@ -46,6 +50,85 @@ def read_run_config(run) -> dict:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not a readable config.yaml ({exc})") from exc
     return config if isinstance(config, dict) else {}
+
+
+class DamagedMetricsError(ValueError):
+    """A run's ``metrics.json`` that is there but holds no JSON object (``problem`` says what it holds)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} is {problem}")
+        self.path, self.problem = path, problem
+
+
+METRICS_DAMAGE = ("raise", "set_aside")
+
+
+def read_run_metrics(path: str | Path, on_damage: str = "raise") -> dict | None:
+    """A run's ``metrics.json`` as a dict, to read or to update (under
+    :func:`~vision_tl.utils.files.path_lock` of ``path`` for a read-modify-write); {} where
+    there is none.
+
+    A damaged one (empty, not UTF-8 or JSON, or JSON other than an object: cut off by a crash
+    or a full disk, or a bad hand edit) is handled as ``on_damage`` says:
+
+    - ``"raise"`` (``vision-tl report``, which only adds its section): :class:`DamagedMetricsError`,
+      naming the file and what it holds; the caller says what to do and writes nothing.
+    - ``"set_aside"`` (fit, at the end of every epoch: a damaged file must not stop training,
+      and fit rewrites its own sections from the run's history): the file is kept beside the new
+      one as ``metrics.damaged.json`` (``metrics.damaged_2.json`` ... where that name is taken,
+      so no earlier copy is replaced) and {} is returned, with a warning naming both files. An
+      empty file, which holds nothing to keep, is not copied. Where it cannot be moved,
+      None: the caller leaves it as it is.
+    """
+    if on_damage not in METRICS_DAMAGE:
+        raise ValueError(f"unknown on_damage {on_damage!r}; expected one of: {', '.join(METRICS_DAMAGE)}")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"not readable as text ({exc})"
+    else:
+        problem = _metrics_problem(text)
+        if problem is None:
+            return json.loads(text)
+    if on_damage == "raise":
+        raise DamagedMetricsError(path, problem)
+    return _set_metrics_aside(path, problem)
+
+
+def _metrics_problem(text: str) -> str | None:
+    """What is wrong with the text of a ``metrics.json`` (None: a JSON object)."""
+    if not text.strip():
+        return "empty"
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return f"not valid JSON ({exc})"
+    return None if isinstance(data, dict) else f"a JSON {type(data).__name__}, not the object vision-tl fit writes"
+
+
+def _set_metrics_aside(path: Path, problem: str) -> dict | None:
+    """Fit's policy for a damaged ``metrics.json`` (see :func:`read_run_metrics`)."""
+    if problem == "empty":
+        warnings.warn(f"{path} was empty (nothing in it to keep); writing it anew from the run's history",
+                      stacklevel=3)
+        return {}
+    kept, n = path.with_name("metrics.damaged.json"), 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"metrics.damaged_{n}.json")
+    try:
+        os.replace(path, kept)
+    except OSError as exc:
+        warnings.warn(f"{path} is {problem}, and cannot be set aside ({exc}): left as it is, so this run's "
+                      "metrics are not written to it; move it away (fit writes it anew at the next epoch's end)",
+                      stacklevel=3)
+        return None
+    warnings.warn(f"{path} is {problem}; writing it anew from the run's history (the damaged file is kept as "
+                  f"{kept}: sections other commands added, such as a report's, are only there)", stacklevel=3)
+    return {}
 
 
 def local_rank() -> int:
