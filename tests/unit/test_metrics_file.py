@@ -94,7 +94,9 @@ def test_report_reads_a_missing_or_valid_metrics_json(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "problem"), [("", "empty"), (DAMAGED["invalid JSON"], "not valid JSON"),
-                                               (DAMAGED["a list"], "a JSON list")], ids=["empty", *DAMAGED])
+                                               (DAMAGED["a list"], "a JSON list"),
+                                               ('{"report": [1]}', "damaged: its 'report' entry is a JSON list")],
+                         ids=["empty", *DAMAGED, "report section a list"])
 def test_report_refuses_a_damaged_metrics_json_naming_it_and_what_to_do(tmp_path, text, problem):
     path = tmp_path / "metrics.json"
     path.write_text(text)
@@ -107,3 +109,17 @@ def test_report_refuses_a_damaged_metrics_json_naming_it_and_what_to_do(tmp_path
     with pytest.raises(ReportError):
         write_report(tmp_path, np.array([[0.9, 0.1]]), np.array([0]), CLASSES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"] and path.read_text() == text
+
+
+@pytest.mark.parametrize(("text", "problem"), [(DAMAGED["a list"], "is a JSON list"),
+                                               ('{"report": "x"}', "its 'report' entry is a JSON str"),
+                                               ('{"val": [0.5]}', "its 'val' entry is a JSON list"),
+                                               ('{"report": {"val": {"summary": 1}}}', "report section for val")],
+                         ids=["a list", "report a string", "val a list", "report without summary"])
+def test_compare_names_a_damaged_metrics_json_instead_of_a_traceback(tmp_path, text, problem):
+    from vision_tl.reports.compare import summarise_run
+
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(ReportError) as info:
+        summarise_run(tmp_path)
+    assert str(tmp_path / "metrics.json") in str(info.value) and problem in str(info.value)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vision_tl.reports.report import ReportError
-from vision_tl.utils import read_run_config
+from vision_tl.utils import DamagedMetricsError, read_run_config, read_run_metrics
 from vision_tl.utils.files import refuse_empty_path
 
 COLUMNS = (("acc", "accuracy"), ("balanced_acc", "balanced acc."), ("f1_macro", "macro F1"),
@@ -56,10 +56,21 @@ def _label(run: Path) -> str:
 def _has_split(run: str | Path, split: str) -> bool:
     """Whether ``run``'s metrics.json holds ``split`` metrics (a report's, or test's own)."""
     try:
-        metrics = json.loads((Path(run).expanduser() / "metrics.json").read_text())
-    except (OSError, ValueError):
+        metrics = read_run_metrics(Path(run).expanduser() / "metrics.json", on_damage="raise")
+    except (OSError, ValueError):  # (DamagedMetricsError: summarise_run names it)
         return False
-    return isinstance(metrics, dict) and (split in metrics or split in (metrics.get("report") or {}))
+    report = metrics.get("report")
+    return split in metrics or isinstance(report, dict) and split in report
+
+
+def _section(metrics: dict, name: str, path: Path) -> dict:
+    """``metrics[name]`` ({} without it), which must be an object as fit and report write it."""
+    section = metrics.get(name, {})
+    if not isinstance(section, dict):
+        raise ReportError(f"{path}: its {name!r} entry is a JSON {type(section).__name__}, not the object "
+                          "vision-tl fit and vision-tl report write; repair it or move the file aside and run "
+                          "`vision-tl report` again")
+    return section
 
 
 def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
@@ -70,10 +81,17 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
         raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
                           "(runs/<name>/version_N)")
     try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc})") from exc
-    report = metrics.get("report", {}).get(split)
+        metrics = read_run_metrics(path, on_damage="raise")
+    except DamagedMetricsError as exc:
+        raise ReportError(f"{exc}; compare reads the metrics vision-tl fit and vision-tl report write there: "
+                          f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
+    report = _section(metrics, "report", path).get(split)
+    if report is not None and not (isinstance(report, dict) and isinstance(report.get("summary"), dict)
+                                   and isinstance(report.get("per_class"), list)):
+        raise ReportError(f"{path}: its report section for {split} is not one vision-tl report writes; run "
+                          f"`vision-tl report {run}` again to rewrite it")
+    if split in metrics:
+        _section(metrics, split, path)
     stale = report is not None and split in metrics and _predates_checkpoint(metrics, report, split)
     if stale:  # trained on (resumed) after it was reported: fit's metrics describe today's checkpoint
         report = None

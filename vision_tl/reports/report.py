@@ -139,7 +139,12 @@ def _read_metrics_json(out_dir: Path) -> dict:
     anything: the report adds its section to that file, and replacing it would lose the fit's
     history it may still hold."""
     try:
-        return read_run_metrics(out_dir / "metrics.json", on_damage="raise")
+        data = read_run_metrics(out_dir / "metrics.json", on_damage="raise")
+        for name in ("report", "figures"):  # the sections a report adds to
+            if not isinstance(data.get(name, {}), dict):
+                raise DamagedMetricsError(out_dir / "metrics.json", f"damaged: its {name!r} entry is a JSON "
+                                          f"{type(data[name]).__name__}, not an object")
+        return data
     except DamagedMetricsError as exc:
         raise ReportError(
             f"{exc}; the report adds its section to that file, so nothing was written. Repair it (its training "
