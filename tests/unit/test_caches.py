@@ -270,3 +270,39 @@ def test_missing_default_roots_list_nothing(tmp_path, monkeypatch, capsys):
 def test_the_command_is_listed_in_vision_tl_help(capsys):
     assert vision_tl_main(["--help"]) == 0
     assert "cache        list the feature and decoded-image caches" in capsys.readouterr().out
+
+
+class _NfsFlock:
+    """``fcntl`` as on an NFS mount: flock becomes a byte-range lock on the server, whose
+    exclusive kind needs a descriptor open for writing (EBADF otherwise); shared ones work."""
+
+    def __init__(self) -> None:
+        import fcntl
+
+        self._fcntl = fcntl
+        self.LOCK_SH, self.LOCK_EX, self.LOCK_NB, self.LOCK_UN = (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB,
+                                                                  fcntl.LOCK_UN)
+
+    def flock(self, fd: int, operation: int) -> None:
+        if operation & self.LOCK_EX and self._fcntl.fcntl(fd, self._fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+        self._fcntl.flock(fd, operation)
+
+
+def test_on_nfs_an_entry_in_use_is_still_skipped(tmp_path, images, capsys, monkeypatch):
+    """On NFS the clear's exclusive lock on a read-only descriptor fails with EBADF; that was
+    taken for 'no locks here', and the pixel file and the feature store a run was reading were
+    deleted under it. A file nobody holds still goes (locked through a writable descriptor)."""
+    import vision_tl.utils.files as files
+
+    monkeypatch.setattr(files, "fcntl", _NfsFlock())
+    paths, shas = images
+    unused = _decoded(tmp_path / "dec", images, 3, 8)
+    pixels, _ = dc.decoded_images(paths, shas, (8, 8), "bilinear", tmp_path / "dec")  # a run reading it
+    store = ShardStore(_store(tmp_path / "feat", 4), IDENTITY)  # a run writing to it
+    roots = ["--features", str(tmp_path / "feat"), "--decoded", str(tmp_path / "dec")]
+    assert main(["clear", "--yes", *roots]) == 0
+    out = capsys.readouterr().out
+    assert out.count("in use by a running process") == 2 and "deleted 1 entry" in out
+    assert Path(pixels.filename).exists() and (store.path / "meta.json").exists()
+    assert not unused.exists()

@@ -407,23 +407,47 @@ def hold_in_use(path: str | Path, wait_s: float = 30.0) -> int | None:
 def exclusive_if_unused(path: str | Path) -> Iterator[bool]:
     """Yield True while this process holds ``path`` exclusively (no process holds
     :func:`hold_in_use` on it, nor writes it through :func:`locked_temp`), False at once where
-    one does. True without a lock where locks cannot be taken (no ``flock``)."""
+    one does, or where that cannot be told. True without a lock where locks cannot be taken (no
+    ``flock``)."""
     if fcntl is None:
         yield True
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fds = [os.open(path, os.O_RDONLY)]
     except OSError:
         yield False
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        except OSError:  # a file system without locks: nobody can hold one either
-            pass
-        yield True
+        yield _lock_exclusive(path, fds)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+def _lock_exclusive(path: str | Path, fds: list[int]) -> bool:
+    """:func:`exclusive_if_unused`'s lock on ``fds[0]`` (``path`` read-only); a descriptor it
+    opens besides is appended to ``fds`` (closed by the caller, which releases the lock)."""
+    try:
+        fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    try:
+        fcntl.flock(fds[0], fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: nobody can hold one either
+        return True
+    # Shared locks work, exclusive ones not on this descriptor: NFS, which makes flock a lock on
+    # the server whose exclusive kind needs a descriptor open for writing (EBADF), while runs
+    # hold their shared locks there. Only such a descriptor can tell; a folder or a file that
+    # cannot be opened so is kept (deleting it under a run would fail that run).
+    fcntl.flock(fds[0], fcntl.LOCK_UN)
+    try:
+        fds.append(os.open(path, os.O_RDWR))
+        fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
