@@ -551,15 +551,16 @@ def _damaged_scan(message: str, data: bytes) -> bool:
     about the compressed pixel data itself: a header it warns about fails earlier, in
     ``decode_jpeg_header``, and is left to Pillow. Pillow drops libjpeg's warnings, so such a
     file would pass as an image; here it costs nothing extra, as the strict decode runs anyway.
-    Zero bytes padding the data before its end marker are not damage; nor is anything while
-    the process allows damaged images (``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
+    Zero bytes padding a scan's data before the marker that follows it (the end marker, or the
+    next scan's tables in a progressive JPEG) are not damage; nor is anything while the process
+    allows damaged images (``ImageFile.LOAD_TRUNCATED_IMAGES``). The padding is looked for
+    anywhere in the file, not at its last end marker: a camera's second picture (MPF) or a
+    trailer after the image ends with an end marker of its own."""
     if not message.startswith("Corrupt JPEG data") or ImageFile.LOAD_TRUNCATED_IMAGES:
         return False
-    padding = re.match(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9", message)
+    padding = re.match(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0x([0-9a-f]{2})", message)
     if padding:
-        end = data.rfind(b"\xff\xd9")
-        count = int(padding.group(1))
-        return not (count <= end and not any(data[end - count:end]))
+        return bytes(int(padding[1])) + bytes((0xFF, int(padding[2], 16))) not in data
     return True
 
 

@@ -564,3 +564,24 @@ def test_tricky_files_read_as_stored_and_alike_on_every_host_path(tmp_path, fres
         assert np.array_equal(fast[name], want), name
         assert np.array_equal(load_rgb(path), want), name
         assert np.array_equal(rows.pixels[k].numpy(), resize(want, (16, 20), "bicubic")), name
+
+
+def test_zero_padding_is_not_damage_with_a_picture_after_the_image_or_between_scans(tmp_path, fresh_decoder):
+    """The padding was looked for before the file's last end marker only: a zero-padded JPEG
+    followed by a camera's second picture (MPF) or a trailer ending in FF D9 was refused as
+    damaged; so was a progressive JPEG whose scans are padded (libjpeg warns of the bytes
+    before the next scan's marker). Pillow reads the same pixels as from the unpadded file."""
+    pytest.importorskip("simplejpeg")
+    pixels = np.random.default_rng(4).integers(0, 256, (24, 40, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "t.jpg")
+    Image.fromarray(pixels).save(tmp_path / "p.jpg", progressive=True)
+    data, progressive = (tmp_path / "t.jpg").read_bytes(), (tmp_path / "p.jpg").read_bytes()
+    padded = data[:-2] + bytes(6) + data[-2:]
+    (tmp_path / "mpf.jpg").write_bytes(padded + progressive)
+    (tmp_path / "trailer.jpg").write_bytes(padded + b"TRAILER\xff\xd9")
+    first_scan = progressive.find(b"\xff\xda")
+    second = progressive.find(b"\xff\xc4", first_scan)  # the tables of the next scan
+    (tmp_path / "scans.jpg").write_bytes(progressive[:second] + bytes(4) + progressive[second:])
+    for name in ("mpf.jpg", "trailer.jpg"):
+        assert np.array_equal(load_rgb(tmp_path / name), load_rgb(tmp_path / "t.jpg")), name
+    assert np.array_equal(load_rgb(tmp_path / "scans.jpg"), load_rgb(tmp_path / "p.jpg"))
