@@ -23,7 +23,7 @@ from vision_tl.cli import main as vision_tl_main
 from vision_tl.data import decoded_cache as dc
 from vision_tl.features import store as store_mod
 from vision_tl.features.store import ShardStore
-from vision_tl.utils.files import file_sha256, locked_temp
+from vision_tl.utils.files import exclusive_if_unused, file_sha256, locked_temp
 
 DAY = 86400.0
 IDENTITY = {"format": 1, "backbone": "tiny_net", "weights": "random", "state_digest": "0", "num_features": 4,
@@ -306,3 +306,27 @@ def test_on_nfs_an_entry_in_use_is_still_skipped(tmp_path, images, capsys, monke
     assert out.count("in use by a running process") == 2 and "deleted 1 entry" in out
     assert Path(pixels.filename).exists() and (store.path / "meta.json").exists()
     assert not unused.exists()
+
+
+def test_an_entry_whose_opening_fails_is_not_held_for_the_process_s_life(tmp_path, images, monkeypatch):
+    """A Ctrl-C in a notebook while a reused entry's checksum was read (seconds for a large one),
+    or a read error there, left its descriptor open and the entry locked until the kernel restart:
+    `cache clear` skipped it as in use, for good. The same after a build that then failed."""
+    paths, shas = images
+    entry = _decoded(tmp_path / "dec", images, 5, 8)
+    root = inventory.cache_root("decoded", tmp_path / "dec")
+    dc._VERIFIED.clear()  # (a later run: the checksum is read again)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dc, "file_crc32", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dc.decoded_images(paths, shas, (8, 8), "bilinear", tmp_path / "dec")
+    assert [e.in_use for e in inventory.list_entries(root)] == [False]
+    monkeypatch.setattr(dc, "_check_unchanged", lambda *args: (_ for _ in ()).throw(ValueError("changed")))
+    with pytest.raises(ValueError, match="changed"):
+        dc.decoded_images(paths, shas, (6, 6), "bilinear", tmp_path / "dec")  # a new entry, built
+    (built,) = set((tmp_path / "dec").glob("*.npy")) - {entry}
+    with exclusive_if_unused(built) as free:
+        assert free

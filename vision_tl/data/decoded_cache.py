@@ -138,23 +138,31 @@ def decoded_images(paths: list[Path], shas: list[str], size: tuple[int, int], in
     if held is not False:
         try:
             pixels, bad = _open(data_path, meta_path, len(paths), size)
+        except _Damaged as exc:
+            _in_use_while(None, held)
+            warnings.warn(f"decoded-image cache file {exc.path} is damaged ({exc}); rebuilding {key}.npy "
+                          "(a cache file, not your data)", stacklevel=2)
+        except BaseException:  # (Ctrl-C in the checksum, a read error: not held for the process's life)
+            _in_use_while(None, held)
+            raise
+        else:
             _in_use_while(pixels, held)
             with contextlib.suppress(OSError):  # its time is the entry's "last used" (vision-tl cache list)
                 os.utime(meta_path)
             say(f"vision_tl: decoded-image cache: reusing {data_path} ({_extent(pixels)})")
             return pixels, bad
-        except _Damaged as exc:
-            _in_use_while(None, held)
-            warnings.warn(f"decoded-image cache file {exc.path} is damaged ({exc}); rebuilding {key}.npy "
-                          "(a cache file, not your data)", stacklevel=2)
     _check_writable(root, origin, fix)
     meta_path.unlink(missing_ok=True)  # a kill while rebuilding leaves no stale checksum behind
     bad, crc = _build(data_path, paths, size, interpolation, threads, fix)
     held = _hold_in_use(data_path)  # (a clear skips a .npy without its .json for a minute meanwhile)
-    _check_unchanged(data_path, paths, shas, set(bad))
-    atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
-                                             "interpolation": interpolation, "bad": bad, "crc32": crc}))
-    pixels = np.load(data_path, mmap_mode="r")
+    try:
+        _check_unchanged(data_path, paths, shas, set(bad))
+        atomic_write_text(meta_path, json.dumps({"format": FORMAT, "count": len(paths), "size": list(size),
+                                                 "interpolation": interpolation, "bad": bad, "crc32": crc}))
+        pixels = np.load(data_path, mmap_mode="r")
+    except BaseException:
+        _in_use_while(None, held)
+        raise
     _in_use_while(pixels, held)
     _VERIFIED.add(_stamp(data_path))  # checksummed as it was written
     say(f"vision_tl: decoded-image cache: wrote {data_path} ({_extent(pixels)}); {cache_note(root)}")
