@@ -271,6 +271,12 @@ def test_predicting_new_images_needs_no_training_folder_and_names_the_checkpoint
         assert main(["predict", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "p2")]) == 0
     header, rows = predictions(tmp_path / "p2")
     assert [c for c in header if c.startswith("p_")] == [f"p_{c}" for c in classes] and len(rows) == 4
+    # a class list already in the config (a predict run's config.yaml, made with another checkpoint)
+    with pytest.warns(UserWarning, match=r"data.classes \['a', 'b', 'c', 'd'\] is not the class list"):
+        assert main(["predict", *args, "--data.classes", "[a, b, c, d]",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "p3")]) == 0
+    header, rows = predictions(tmp_path / "p3")
+    assert [c for c in header if c.startswith("p_")] == [f"p_{c}" for c in classes] and len(rows) == 4
     capsys.readouterr()
     assert main(["validate", *args[:4], "--trainer.logger.init_args.save_dir", str(tmp_path / "v")]) == 2
     assert "was trained on 4 classes" in capsys.readouterr().err

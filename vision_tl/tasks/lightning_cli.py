@@ -489,14 +489,19 @@ class VisionTLCLI(LightningCLI):
         ``validate`` and ``test`` score the folder's labels, so there the two lists must agree."""
         cfg = self.config[self.subcommand]
         data = cfg.get("data")
-        if self.subcommand != "predict" or data is None or not data.get("predict_root") or data.get("classes"):
+        if self.subcommand != "predict" or data is None or not data.get("predict_root"):
             return
         ckpt = cfg.get("ckpt_path")
         if not ckpt or not Path(str(ckpt)).is_file():
             return  # (_require_checkpoint named the problem)
         saved = (read_checkpoint(ckpt).get("vision_tl") or {}).get("classes")
-        if saved:
-            data.classes = list(saved)
+        if not saved:
+            return
+        given = data.get("classes")
+        if given and list(given) != list(saved):  # e.g. the config.yaml of a predict with another checkpoint
+            warnings.warn(f"data.classes {list(given)} is not the class list of {ckpt} ({list(saved)}): the "
+                          "checkpoint's classes are used, as its outputs are those", stacklevel=2)
+        data.classes = list(saved)
 
     def _require_checkpoint(self) -> None:
         """``validate``, ``test`` and ``predict`` evaluate a trained checkpoint. Without
