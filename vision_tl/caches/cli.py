@@ -40,9 +40,10 @@ Roots: --features DIR (default $VISION_TL_CACHE or ~/.cache/vision_tl/features) 
 --kind, works on that cache only.
 
 Only the caches' own files are ever deleted: entries recognised by their names and metadata, and
-temporary files that killed runs left (whatever their age, once no process holds them). An entry a
-running fit, extract or notebook holds is skipped and named. "Last used" is the newest modification
-time of an entry's files; the kit touches an entry each time it opens it.
+temporary files that killed runs left (whatever --older-than says, once no process holds them and they
+are over a minute old). An entry a running fit, extract or notebook holds is skipped and named.
+"Last used" is the newest modification time of an entry's files; the kit touches an entry each time
+it opens it.
 """
 
 
