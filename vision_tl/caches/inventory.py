@@ -304,14 +304,17 @@ def cache_bytes(root: str | Path, kind: str = "features") -> int:
         return 0
 
 
-def cache_note(root: str | Path, kind: str = "decoded") -> str:
+def cache_note(root: str | Path, kind: str = "decoded", unless_bytes: int | None = None) -> str | None:
     """One line on a cache's size, for a command that has just added to it (a scan of its
-    folder: a stat per file). Never raises: a note is not worth failing a run over."""
+    folder: a stat per file); None where it still holds ``unless_bytes`` (nothing was added).
+    Never raises: a note is not worth failing a run over."""
     try:
         entries = list_entries(CacheRoot(kind, Path(root), ""), check_use=False)
     except Exception:  # noqa: BLE001 (anything: the run's own work is done and must not fail here)
         return "see vision-tl cache clear --help to prune it"
     total = sum(e.bytes for e in entries)
+    if total == unless_bytes:
+        return None
     return (f"the {NAMES[kind]} in {root} holds {format_bytes(total)} in {len(entries)} "
             f"entr{'y' if len(entries) == 1 else 'ies'} (vision-tl cache clear --help to prune it)")
 

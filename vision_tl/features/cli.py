@@ -106,21 +106,22 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def _run_extract(args: argparse.Namespace) -> None:
     from vision_tl.caches.inventory import cache_bytes, cache_note, default_root
     from vision_tl.features.api import extract
+    from vision_tl.utils import launcher_int
 
     cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else default_root("features")
-    before = cache_bytes(cache) if cache is not None else 0
+    speaks = launcher_int("RANK") == 0  # under torchrun every rank gets here; rank 0 writes the file
+    before = cache_bytes(cache) if cache is not None and speaks else None
     extract(args.root, args.backbone, args.out, weights=args.weights, pretrained=not args.random_init,
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device, precision=args.precision,
             decode=args.decode, cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress,
             return_features=False, unlabelled=args.unlabelled)
-    from vision_tl.utils import launcher_int
-
-    if launcher_int("RANK") == 0:  # under torchrun every rank gets here; rank 0 wrote the file
+    if speaks:
         print(f"vision_tl: wrote {args.out}")
-        if cache is not None and cache_bytes(cache) != before:  # it grew: its size, and how to prune it
-            print(f"vision_tl: {cache_note(cache, 'features')}")
+        note = cache_note(cache, "features", unless_bytes=before) if cache is not None else None
+        if note:  # it grew: its size, and how to prune it
+            print(f"vision_tl: {note}")
 
 
 def _run_probe(args: argparse.Namespace) -> None:
