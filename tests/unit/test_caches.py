@@ -249,6 +249,7 @@ def test_extract_says_how_big_the_feature_cache_is_when_it_grew(tmp_path, images
     (["clear", "--older-than", "-1"], ["--older-than", "0 or more", "'-1'"]),
     (["clear", "--older-than", "nan"], ["--older-than", "'nan'"]),
     (["list", "--features", ""], ["--features", "empty path"]),
+    (["clear", "--kind", "features", "--decoded", "{tmp}"], ["--kind features with --decoded {tmp}", "--kind all"]),
 ])
 def test_bad_input_names_the_path_and_what_would_do(tmp_path, capsys, argv, words):
     (tmp_path / "file.txt").write_text("x")
@@ -330,3 +331,17 @@ def test_an_entry_whose_opening_fails_is_not_held_for_the_process_s_life(tmp_pat
     (built,) = set((tmp_path / "dec").glob("*.npy")) - {entry}
     with exclusive_if_unused(built) as free:
         assert free
+
+
+def test_a_shard_added_after_the_listing_goes_with_its_store(tmp_path):
+    """A run may finish a shard between clear's listing and its lock: the store then goes whole,
+    not leaving shards without their meta.json, a folder no later listing recognises."""
+    store = _store(tmp_path / "feat", rows=3)
+    root = inventory.cache_root("features", tmp_path / "feat")
+    (entry,) = inventory.list_entries(root)
+    late = ShardStore(store, {**IDENTITY})
+    late.append([f"{i:064x}" for i in range(100, 104)], np.ones((4, 4), np.float32))
+    del late
+    gc.collect()
+    report = inventory.clear_entries(root, [entry], dry_run=False)
+    assert report.deleted == [entry] and not store.exists() and _tree(tmp_path / "feat") == set()

@@ -17,6 +17,7 @@ import time
 from vision_tl.caches.inventory import (
     KINDS,
     NAMES,
+    OPTIONS,
     CacheAdminError,
     CacheEntry,
     CacheRoot,
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _roots(args: argparse.Namespace) -> list[CacheRoot]:
     given = {"features": args.features, "decoded": args.decoded}
     if args.kind in KINDS:
+        other = next(k for k in KINDS if k != args.kind)
+        if given[other] is not None:
+            raise CacheAdminError(f"--kind {args.kind} with {OPTIONS[other]} {given[other]}: the {NAMES[other]} "
+                                  f"would be left alone; drop {OPTIONS[other]}, or use --kind all")
         kinds = [args.kind]
     elif args.kind == "all" or not any(v is not None for v in given.values()):
         kinds = list(KINDS)
