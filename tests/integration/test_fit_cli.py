@@ -137,8 +137,19 @@ def test_a_fit_stopped_by_max_steps_before_a_validation_says_it_has_no_best_chec
                                          r"checkpoints/best\.ckpt"):
         run = _fit(tmp_path, inspection_folder, "--trainer.max_steps", "1", "--model.mode", "full")
     assert not (run / "checkpoints" / "best.ckpt").exists()
-    with pytest.warns(UserWarning, match=r"no validated epoch was saved, .* leave out --trainer\.fast_dev_run"):
-        _fit(tmp_path / "dev", inspection_folder, "--trainer.fast_dev_run", "true")
+
+
+def test_a_fast_dev_run_writes_nothing(inspection_folder, tmp_path, monkeypatch, capsys):
+    """Lightning runs it without loggers, so the run's files (metrics.json, split.json, a
+    last.ckpt Lightning saves at the end anyway) went to ./runs of the working directory, over
+    the previous smoke test's, whatever --trainer.logger.init_args.save_dir said."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(CONFIGS / "partial.yaml"), "--data.root", str(inspection_folder),
+                 *TINY_ARGS, "--trainer.fast_dev_run", "true",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "dev")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a smoke test wrote files"
+    out = capsys.readouterr().out
+    assert "a smoke test of one batch per loop; nothing is written" in out and "fast_dev_run passed" in out
 
 
 def test_true_half_precision_trains(inspection_folder, tmp_path):

@@ -68,9 +68,19 @@ class RunArtifacts(L.Callback):
         if self.history and checkpoint is not None and not getattr(checkpoint, "best_model_path", ""):
             self.since_epoch = self.history[-1]["epoch"] + 1  # (the trainer's epoch is restored later)
 
+    @staticmethod
+    def _writes(trainer: L.Trainer) -> bool:
+        """Whether this process writes the run's files: rank 0, unless ``--trainer.fast_dev_run``
+        (one batch of each loop, a smoke test that Lightning runs without loggers: there is no
+        run directory, and its files would land in ``./runs`` over the last smoke test's)."""
+        return trainer.is_global_zero and not trainer.fast_dev_run
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank
-        if not trainer.is_global_zero:
+        if trainer.fast_dev_run and trainer.is_global_zero:
+            say("vision_tl: --trainer.fast_dev_run: a smoke test of one batch per loop; nothing is written (no run "
+                "directory, checkpoints, metrics or predictions)")
+        if not self._writes(trainer):
             return
         run = self.run_dir(trainer)
         atomic_write_text(run / "labels.json", json.dumps(pl_module.classes, indent=1))
@@ -93,7 +103,7 @@ class RunArtifacts(L.Callback):
             if tie is not None:
                 entry["tie_break"] = float(tie)
             self.history.append(entry)
-            if trainer.state.fn == "fit" and trainer.is_global_zero:
+            if trainer.state.fn == "fit" and self._writes(trainer):
                 # after every epoch, so a run stopped half-way has its metrics too (the plot: at the end)
                 # (ranked: the checkpoint callback runs after this hook and may save this epoch)
                 self._write_metrics(trainer, pl_module, "val", self.best_epoch(), plot=False)
@@ -147,11 +157,16 @@ class RunArtifacts(L.Callback):
         best = self.best_epoch(trainer)
         checkpoints = trainer.checkpoint_callback
         saved = checkpoints.best_model_path if isinstance(checkpoints, RunCheckpoint) else None
+        if trainer.fast_dev_run:
+            if trainer.is_global_zero:
+                say("vision_tl: fast_dev_run passed: the settings train and validate one batch; nothing was "
+                    "written. Leave out --trainer.fast_dev_run to train")
+            return
         if trainer.is_global_zero and saved is not None and not (saved and Path(saved).is_file()):
             why, fix = (("training ended before an epoch was validated", "train for at least one whole epoch (see "
                          "--trainer.max_steps / max_time / limit_train_batches)") if best is None else
-                        ("no validated epoch was saved", "leave out --trainer.fast_dev_run, and give "
-                         "--checkpoint.every_n_epochs at most the number of epochs"))
+                        ("no validated epoch was saved", "give --checkpoint.every_n_epochs at most the number "
+                         "of epochs"))
             warnings.warn(f"{why}, so run {self.run_dir(trainer)} has no checkpoints/best.ckpt for report, export or "
                           f"test; {fix}", stacklevel=2)
         if trainer.is_global_zero and best is not None:
@@ -160,11 +175,11 @@ class RunArtifacts(L.Callback):
             say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "validate" and trainer.is_global_zero:  # test and predict name theirs in their own lines
+        if stage == "validate" and self._writes(trainer):  # test and predict name theirs in their own lines
             say(f"vision_tl: validation logged in {self.run_dir(trainer)} (config.yaml, metrics.csv)")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and "test" in pl_module.eval_results:
+        if self._writes(trainer) and "test" in pl_module.eval_results:
             self._write_metrics(trainer, pl_module, "test", pl_module.eval_results["test"])
             self._write_test_report(trainer, pl_module)
 
@@ -210,7 +225,7 @@ class RunArtifacts(L.Callback):
         rows = torch.cat(self._predictions) if self._predictions else torch.zeros(0, 1 + len(pl_module.classes))
         self._predictions.clear()
         rows = torch.cat(gather_shares(pl_module, rows)) if trainer.world_size > 1 else rows  # on every rank
-        if not trainer.is_global_zero:
+        if not self._writes(trainer):
             return
         rows = rows.detach().cpu()  # on a GPU the step's outputs stay there (one copy, not one per row)
         by_index = {int(r[0]): r[1:].numpy() for r in rows}

@@ -202,7 +202,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write to a temporary file beside ``filepath``, then rename: a kill or a full disk
-        mid-write never leaves a partial checkpoint under the final name."""
+        mid-write never leaves a partial checkpoint under the final name. A ``fast_dev_run``
+        writes none (Lightning's own end-of-training ``last.ckpt`` does not check for it)."""
+        if trainer.fast_dev_run:
+            return
         if filepath in self.best_k_models:  # the new best: its loss, in the state it saves too
             tie = trainer.callback_metrics.get(TIE_BREAK)
             self.tie_values = {k: v for k, v in self.tie_values.items() if k in self.best_k_models}
