@@ -592,3 +592,18 @@ def test_predict_into_a_folder_of_the_users_files_is_refused(run, inspection_fol
     assert info == 2
     assert "already holds a run or other files" in capsys.readouterr().err
     assert (mine / "predictions.csv").read_text() == "the user's own\n"
+
+
+def test_a_val_report_says_the_val_images_chose_the_epoch_and_the_threshold(run, tmp_path, capsys):
+    """`vision-tl test` on a folder without test/ says the val split chose the checkpoint; a
+    `report` of that same split, the kit's default, must say so too (with one val image of a
+    rare class, its balanced accuracy is the best of many tries on that image)."""
+    copy = tmp_path / "partial" / "version_0"
+    shutil.copytree(run, copy)
+    assert main(["report", str(copy), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "note: these val images chose the best epoch and the good/defect threshold" in out
+    assert "--split test" in out and "not an independent estimate" in (copy / "report.html").read_text()
+    assert main(["report", str(copy), "--overwrite", "--checkpoint", str(copy / "checkpoints" / "last.ckpt")]) == 0
+    out = capsys.readouterr().out  # the last epoch was not chosen; its threshold (fit's) was
+    assert "note: these val images chose the good/defect threshold," in out

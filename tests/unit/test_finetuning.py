@@ -135,6 +135,27 @@ def test_class_weights():
     assert w[1] / w[0] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_val_loss_with_class_weights_does_not_depend_on_the_batch_size(label_smoothing):
+    """val/loss is the weighted loss of all val images at once: PyTorch's weighted mean of each
+    batch, averaged over batches, moved with the batch size (val images come sorted by class)."""
+    model = ImageClassifier(["a", "b", "c"], backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            class_counts=[20, 4, 1], class_weights="inverse", label_smoothing=label_smoothing)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.tensor([0] * 7 + [1] * 3 + [2] * 2)
+    losses = []
+    for batch_size in (1, 5, 12):
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        result = trainer.validate(model, DataLoader(TensorDataset(x, y), batch_size=batch_size), verbose=False)
+        losses.append(result[0]["val/loss"])
+    model.eval()
+    with torch.no_grad():
+        whole = torch.nn.functional.cross_entropy(model(x), y, weight=model.loss_weights,
+                                                  label_smoothing=label_smoothing)
+    assert model.loss_weights[2] > 10 * model.loss_weights[0]  # (the weights are in use)
+    assert losses == pytest.approx([float(whole)] * 3, rel=1e-5)
+
+
 def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path):
     """A real torch.compile wrapper (eager backend: no C++ build in the test) runs the
     forward pass and the checkpoint keys stay those of the plain network."""

@@ -475,6 +475,16 @@ def _choose_threshold(probs, labels, meta, split, target) -> dict | None:
     return M.select_threshold(probs[:, k], labels == k, target)
 
 
+def _what_val_chose(ckpt_path: Path, meta: dict, target: str | None) -> str | None:
+    """What the validation images decided about the checkpoint a val report evaluates: the best
+    epoch (``best.ckpt`` and its thresholded copy) and a threshold (always chosen on val, during
+    fit or by a report). ``vision-tl test`` says the same of a val split it falls back to."""
+    chose = ["the best epoch"] if ckpt_path.name.split(".")[0] == "best" else []
+    if target is not None or meta.get("threshold") is not None:
+        chose.append("the good/defect threshold")
+    return " and ".join(chose) or None
+
+
 def _stored_choice(meta: dict) -> dict | None:
     """How the checkpoint's threshold was chosen: by an earlier report, or during fit."""
     if meta.get("threshold_choice"):
@@ -548,6 +558,11 @@ def _report_run(run_dir: Path, split: str, checkpoint: str | Path | None, data_r
         raise ReportError(f"cannot write the report into {run_dir} ({reason}); make the run directory writable, "
                           "or copy the run elsewhere and report on the copy")
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
+    chose = _what_val_chose(ckpt_path, meta, target) if split == "val" else None
+    if chose:
+        notes = [*notes, f"these val images chose {chose}, so their scores are not an independent estimate (the "
+                         "best of several tries on them; with one or two images of a class, also a noisy one): hold "
+                         "out ROOT/test/<class>/ and run `vision-tl report RUN --split test` for one"]
     if target is None and meta.get("threshold") is None and thresholded.exists():
         notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
                          f"chose; to evaluate with it: --checkpoint {thresholded}"]

@@ -313,6 +313,7 @@ class ImageClassifier(L.LightningModule):
         # Per-image probabilities and labels of the last val/test epoch (numpy), for reports.
         self.eval_outputs: dict[str, dict[str, np.ndarray]] = {}
         self._eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._loss_sums: dict[str, torch.Tensor] = {}  # per stage: [sum of w_y * loss, sum of w_y] (_add_loss)
         self.threshold: float | None = None
         self.last_train_loss: torch.Tensor | None = None  # for progress bars (see training_step)
         self.register_buffer("loss_weights", torch.ones(len(self.classes)), persistent=False)
@@ -481,9 +482,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._refold()
+        self._loss_sums.pop("val", None)  # (a pass stopped midway, e.g. in a notebook, left its sums)
 
     def on_test_epoch_start(self) -> None:
         self._refold()
+        self._loss_sums.pop("test", None)
 
     def on_predict_epoch_start(self) -> None:
         self._refold()
@@ -645,12 +648,25 @@ class ImageClassifier(L.LightningModule):
         if len(y) == 0:
             return
         logits = self._logits(x)
-        self.log(f"{stage}/loss", self._loss(logits, y), batch_size=len(y), sync_dist=True)
+        self._add_loss(stage, logits, y)
         probs = logits.float().softmax(-1)
         metrics.update(probs, y)
         # kept on the device until the epoch ends: a copy to the CPU here would make every step
         # wait for the GPU (a few kB per batch)
         self._eval_batches.setdefault(stage, []).append((probs.detach(), y.detach()))
+
+    def _add_loss(self, stage: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch to ``{stage}/loss``, which is the loss of all the split's images at once:
+        sum(w_y * loss) / sum(w_y). With class weights, PyTorch's mean divides each batch by that
+        batch's own weight sum, so the mean of batch means (what logging per step gives) moved
+        with --data.batch_size and with how the class-sorted images fell into batches (one
+        checkpoint: 0.330 at batch size 50, 0.443 at 64)."""
+        weight = self.loss_weights.float() if self.loss_weights is not None else None
+        losses = F.cross_entropy(logits.float(), y, weight=weight, reduction="none",
+                                 label_smoothing=self.hparams.label_smoothing)
+        weights = weight[y] if weight is not None else torch.ones_like(losses)
+        batch = torch.stack([losses.sum(), weights.sum()]).detach()
+        self._loss_sums[stage] = self._loss_sums[stage] + batch if stage in self._loss_sums else batch
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -669,6 +685,12 @@ class ImageClassifier(L.LightningModule):
             values["balanced_acc"] = (matrix.diag()[rows > 0] / rows[rows > 0]).float().mean()
         for name in ("acc", "balanced_acc", "f1_macro"):
             self.log(f"{stage}/{name}", values[name], prog_bar=name != "f1_macro")
+        sums = self._loss_sums.pop(stage, None)
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank's images (a rank may have none)
+            sums = self.trainer.strategy.reduce(torch.zeros(2, device=self.device) if sums is None else sums,
+                                                reduce_op="sum")
+        if sums is not None and float(sums[1]) > 0:
+            self.log(f"{stage}/loss", sums[0] / sums[1])
         predicted, present = matrix.sum(0).tolist(), rows.tolist()
         # None, as in `vision-tl report`, where the ratio is undefined (torchmetrics says 0):
         # precision of a class never predicted, recall of a class with no images here
