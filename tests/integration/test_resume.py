@@ -213,6 +213,18 @@ def test_resume_of_a_run_it_cannot_write_is_refused_before_touching_it(inspectio
     assert sorted(p.name for p in run.iterdir()) == before
 
 
+def test_a_fast_dev_run_of_a_resume_is_refused_before_touching_the_run(inspection_folder, tmp_path, capsys):
+    """A smoke test writes nothing, but its resume renamed the run's metrics.csv to
+    metrics.before_resume_1.csv, then failed on the learning-rate schedule of one step."""
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = sorted(p.name for p in run.iterdir())
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2",
+                 "--trainer.fast_dev_run", "true"])
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert info == 2 and "--trainer.fast_dev_run with --ckpt_path" in capsys.readouterr().err
+
+
 def test_a_frozen_resume_takes_its_features_from_the_checkpoints_backbone(inspection_folder, tmp_path):
     """The feature cache was filled before Lightning restored the checkpoint: with the weights file
     the config names changed since, the head trained on features of weights the run never had."""

@@ -568,6 +568,12 @@ class VisionTLCLI(LightningCLI):
         if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
             return
         cfg = self.config.fit
+        if cfg.trainer.get("fast_dev_run"):
+            # Before the run is touched (its metrics.csv is renamed below): a smoke test writes
+            # nothing, and Lightning's ends after one epoch, so a resumed one could train nothing.
+            raise ValueError(f"--trainer.fast_dev_run with --ckpt_path {cfg.ckpt_path}: a smoke test trains a batch "
+                             "of the settings and writes nothing, a resume continues a run and writes into it; leave "
+                             "out --ckpt_path to smoke-test the settings, or --trainer.fast_dev_run to resume")
         init = _logger_init(cfg)
         ckpt = cfg.ckpt_path
         if ckpt == "last":
