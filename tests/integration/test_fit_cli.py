@@ -152,6 +152,19 @@ def test_a_fast_dev_run_writes_nothing(inspection_folder, tmp_path, monkeypatch,
     assert "a smoke test of one batch per loop; nothing is written" in out and "fast_dev_run passed" in out
 
 
+def test_a_fast_dev_run_of_n_batches_says_so_and_evaluates_without_writing(trained_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    """--trainer.fast_dev_run N runs N batches of each loop, which the notes called one batch;
+    validate, test and predict write nothing either."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(trained_run / "checkpoints/best.ckpt"),
+            "--trainer.fast_dev_run", "2", "--trainer.logger.init_args.save_dir", str(tmp_path / "dev")]
+    for command in ("validate", "test", "predict"):
+        assert main([command, *args]) == 0
+        assert "a smoke test of 2 batches per loop; nothing is written" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a smoke test wrote files"
+
+
 def test_true_half_precision_trains(inspection_folder, tmp_path):
     """--trainer.precision bf16-true cast the class-weight buffer to bf16 and stopped in the first
     validation (cross_entropy: expected Float but found BFloat16)."""

@@ -78,8 +78,8 @@ class RunArtifacts(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank
         if trainer.fast_dev_run and trainer.is_global_zero:
-            say("vision_tl: --trainer.fast_dev_run: a smoke test of one batch per loop; nothing is written (no run "
-                "directory, checkpoints, metrics or predictions)")
+            say(f"vision_tl: --trainer.fast_dev_run: a smoke test of {_batches(trainer)} per loop; nothing is written "
+                "(no run directory, checkpoints, metrics or predictions)")
         if not self._writes(trainer):
             return
         run = self.run_dir(trainer)
@@ -159,8 +159,8 @@ class RunArtifacts(L.Callback):
         saved = checkpoints.best_model_path if isinstance(checkpoints, RunCheckpoint) else None
         if trainer.fast_dev_run:
             if trainer.is_global_zero:
-                say("vision_tl: fast_dev_run passed: the settings train and validate one batch; nothing was "
-                    "written. Leave out --trainer.fast_dev_run to train")
+                say(f"vision_tl: fast_dev_run passed: the settings train and validate {_batches(trainer)}; nothing "
+                    "was written. Leave out --trainer.fast_dev_run to train")
             return
         if trainer.is_global_zero and saved is not None and not (saved and Path(saved).is_file()):
             why, fix = (("training ended before an epoch was validated", "train for at least one whole epoch (see "
@@ -257,6 +257,12 @@ class RunArtifacts(L.Callback):
         say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
+
+
+def _batches(trainer: L.Trainer) -> str:
+    """'one batch' or 'N batches': what ``--trainer.fast_dev_run`` (True or a number) runs of each loop."""
+    n = int(trainer.fast_dev_run)  # (Lightning keeps True for 1)
+    return "one batch" if n == 1 else f"{n} batches"
 
 
 class GradualUnfreezing(BaseFinetuning):
