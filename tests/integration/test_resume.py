@@ -225,6 +225,24 @@ def test_a_fast_dev_run_of_a_resume_is_refused_before_touching_the_run(inspectio
     assert info == 2 and "--trainer.fast_dev_run with --ckpt_path" in capsys.readouterr().err
 
 
+def test_an_interrupted_fast_dev_run_names_no_checkpoint_to_resume(inspection_folder, tmp_path, monkeypatch, capsys):
+    """A smoke test has no run directory (Lightning gives it no logger): the hint looked for
+    ./checkpoints/last.ckpt, and in a run's folder told to resume that run, which it never touched."""
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"another run's")
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ImageClassifier, "training_step", interrupted)
+    main([*_args(inspection_folder, tmp_path / "runs"), "--trainer.fast_dev_run", "true"])
+    out = capsys.readouterr().out
+    assert "vision_tl: interrupted; nothing was written: run the same command again" in out
+    assert "--ckpt_path" not in out
+
+
 def test_a_frozen_resume_takes_its_features_from_the_checkpoints_backbone(inspection_folder, tmp_path):
     """The feature cache was filled before Lightning restored the checkpoint: with the weights file
     the config names changed since, the head trained on features of weights the run never had."""

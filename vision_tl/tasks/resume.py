@@ -113,7 +113,9 @@ class ResumableRandomState(L.Callback):
         stopped = isinstance(exception, (KeyboardInterrupt, Terminated, SIGTERMException))
         what = "interrupted" if stopped else f"stopped by an error ({type(exception).__name__}, below)"
         when = "" if stopped else ", once its cause is fixed"
-        if trainer.state.fn != "fit":  # validate, test, predict: nothing to resume, the command is run again
+        # validate, test, predict, and a smoke test (no run directory: the checkpoint looked for would be
+        # one in the working directory, of some other run): nothing to resume, the command is run again
+        if trainer.state.fn != "fit" or trainer.fast_dev_run:
             say(f"vision_tl: {what}; nothing was written: run the same command again{when}")
             return
         best = last.with_name("best.ckpt")  # (stopped while its first last.ckpt was written)
