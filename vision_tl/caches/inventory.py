@@ -311,7 +311,7 @@ def cache_note(root: str | Path, kind: str = "decoded", unless_bytes: int | None
     try:
         entries = list_entries(CacheRoot(kind, Path(root), ""), check_use=False)
     except Exception:  # noqa: BLE001 (anything: the run's own work is done and must not fail here)
-        return "see vision-tl cache clear --help to prune it"
+        return None if unless_bytes is not None else "see vision-tl cache clear --help to prune it"
     total = sum(e.bytes for e in entries)
     if total == unless_bytes:
         return None
