@@ -94,7 +94,9 @@ def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, m
     real = Axes.text
     monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: written.append(s) or real(self, x, y, s, *a, **k))
     plots.plot_confusion_matrix([[3, 1], [0, 0]], ["good", "crack"], tmp_path / "cm.png")
-    shares = written[4:]  # the counts panel first, then the shares
+    # the counts panel first (an off-diagonal 0 blank, a diagonal 0 shown), then the shares
+    assert written[:4] == ["3", "1", "", "0"]
+    shares = written[4:]
     assert shares == ["0.75", "0.25", "n/a", "n/a"]
     assert Image.open(tmp_path / "cm.png").size[0] > 100
 
@@ -119,3 +121,183 @@ def test_precision_recall_curve_drawn_encloses_the_average_precision_in_its_lege
         held = precision[1:] if kwargs.get("where", "pre") == "pre" else precision[:-1]
         assert np.sum(np.diff(recall) * held) == pytest.approx(curve["average_precision"])
         assert curve["average_precision"] < 0.95
+
+
+# --- layout: what a reader sees ------------------------------------------------------------
+
+LONG_CLASSES = ["rolled-in_scale", "pitted_surface", "crazing", "inclusion", "patches", "scratches",
+                "edge_crack_longitudinal", "oil_stain", "weld_spatter_large", "dent", "burr_on_edge_of_part",
+                "discolouration_heat_tint", "ok", "lamination", "scale_pit_deep", "porosity_cluster", "chip",
+                "rust_spot"]
+REPORT_WIDTH_PX = 1100  # the HTML report's column: a wider figure is shrunk to it, and its text with it
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The Figure objects the plot functions save, to inspect their layout after the fact."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or real(self, *a, **k))
+    return figures
+
+
+def _texts_outside(fig) -> list[str]:
+    """Non-empty texts drawn on ``fig`` (tick labels, cell numbers, titles, legends) whose box
+    leaves the figure: cut off in the PNG."""
+    from matplotlib.text import Text
+
+    drawn = []
+    real = Text.draw
+
+    def spy(self, renderer):
+        real(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            drawn.append((self.get_text(), self.get_window_extent(renderer)))
+
+    Text.draw = spy
+    try:
+        fig.draw(fig.canvas.get_renderer())
+    finally:
+        Text.draw = real
+    box = fig.bbox
+    return [text for text, ext in drawn
+            if ext.x0 < box.x0 - 1 or ext.y0 < box.y0 - 1 or ext.x1 > box.x1 + 1 or ext.y1 > box.y1 + 1]
+
+
+def _many_class_result():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(LONG_CLASSES)), 4)
+    probs = rng.dirichlet(np.ones(len(LONG_CLASSES)), len(labels))
+    probs[np.arange(len(labels)), labels] += 1.5
+    probs /= probs.sum(1, keepdims=True)
+    return M.evaluate(probs, labels, LONG_CLASSES)
+
+
+def test_eighteen_long_class_names_fit_the_report_and_stay_inside_the_figure(tmp_path, saved_figures) -> None:
+    """With 18 classes the confusion matrices (side by side) and per-class bars (one group per
+    class) were 2,600-2,900 px wide: shrunk into the report's 1,100 px their numbers were 3 px
+    tall. The ROC/PR legends, 18 lines each, covered the curves."""
+    result = _many_class_result()
+    plots.plot_confusion_matrix(result["confusion_matrix"], LONG_CLASSES, tmp_path / "cm.png", title="val")
+    plots.plot_per_class(result["per_class"], tmp_path / "per_class.png", title="val: per class")
+    plots.plot_roc_pr(result["curves"], tmp_path / "roc.png", title="val")
+    for fig, name in zip(saved_figures, ("confusion matrix", "per class", "ROC/PR")):
+        width_px = fig.get_figwidth() * 110
+        assert width_px <= 1.3 * REPORT_WIDTH_PX, f"{name}: {width_px:.0f} px wide"
+        assert _texts_outside(fig) == [], name
+    roc_fig = saved_figures[2]
+    renderer = roc_fig.canvas.get_renderer()
+    for ax in roc_fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers the curves"
+
+
+def test_a_few_classes_keep_their_layout_inside_the_figure(tmp_path, saved_figures) -> None:
+    result = M.evaluate(np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.8 + 0.2 / 3, np.array([0, 1, 2, 0, 1, 1]),
+                        ["rolled-in_scale", "pitted_surface", "ok"], good_class="ok", threshold=0.5)
+    plots.plot_confusion_matrix(result["confusion_matrix"], ["rolled-in_scale", "pitted_surface", "ok"],
+                                tmp_path / "cm.png", title="val (epoch 3)")
+    plots.plot_per_class(result["per_class"], tmp_path / "per_class.png")
+    fig_cm, fig_pc = saved_figures
+    assert [ax.get_title() for ax in fig_cm.axes[:2]] == [  # not "val (epoch 3) (count)"
+        "val (epoch 3): counts", "val (epoch 3): share of true class (recall on the diagonal)"]
+    assert _texts_outside(fig_cm) == [] and _texts_outside(fig_pc) == []
+
+
+def _threshold_case():
+    rng = np.random.default_rng(1)
+    is_good = np.r_[np.ones(10, bool), np.zeros(40, bool)]
+    p_good = np.where(is_good, rng.uniform(0.3, 1.0, 50), rng.uniform(0.0, 0.6, 50))
+    sweep = M.threshold_sweep(p_good, is_good, threshold=0.45)
+    rates = M.good_defect_rates(p_good, is_good, 0.45)
+    return p_good, is_good, sweep, rates
+
+
+def test_the_chosen_threshold_is_labelled_with_the_rates_it_gives(tmp_path, saved_figures) -> None:
+    """The threshold plots drew a dashed line labelled 'threshold 0.450': what it costs (escape and
+    false-reject rates there) had to be read off the curves by eye."""
+    p_good, is_good, sweep, rates = _threshold_case()
+    escape, false_reject = f"{rates['escape_rate']:.1%}", f"{rates['false_reject_rate']:.1%}"
+    plots.plot_threshold(p_good, is_good, sweep, tmp_path / "t.png", threshold=0.45, good_class="ok")
+    plots.plot_operating_curve(sweep, tmp_path / "o.png", threshold=0.45, good_class="ok")
+    threshold_fig, operating_fig = saved_figures
+    labels = [t.get_text() for ax in threshold_fig.axes for t in ax.get_legend().get_texts()]
+    assert any(escape in t and false_reject in t for t in labels), labels
+    annotations = [t.get_text() for t in operating_fig.axes[0].texts]
+    assert any(escape in t and false_reject in t for t in annotations), annotations
+    # good and defective images are not drawn red against green (the pair colour-blind eyes confuse)
+    colours = {matplotlib.colors.to_hex(line.get_color()) for line in threshold_fig.axes[1].get_lines()[:2]}
+    assert colours == {plots.GOOD_COLOUR.lower(), plots.DEFECT_COLOUR.lower()}
+    assert _texts_outside(threshold_fig) == [] and _texts_outside(operating_fig) == []
+
+
+def test_error_gallery_keeps_a_long_part_long(tmp_path, monkeypatch) -> None:
+    """Thumbnails were squeezed to squares: a 1:4 strip was shown 4x too tall."""
+    from matplotlib.axes import Axes
+
+    shown = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: shown.append(np.asarray(x).shape)
+                        or real(self, x, *a, **k))
+    image = tmp_path / "strip_0001.png"
+    Image.fromarray(np.zeros((40, 160, 3), np.uint8)).save(image)
+    plots.plot_error_gallery([{"path": str(image), "true": "ok", "predicted": "dent", "probability": 0.9}],
+                             tmp_path / "g.png")
+    assert shown[0][1] == pytest.approx(4 * shown[0][0], abs=1)
+
+
+def test_grad_cam_overlay_leaves_cold_regions_untinted(tmp_path, monkeypatch) -> None:
+    """The overlay laid the 'jet' map at alpha 0.45 over every pixel: the whole surface turned blue
+    and the defect under a hot spot was hard to see. Now the tint follows the relevance."""
+    from matplotlib.axes import Axes
+
+    layers = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: layers.append((np.asarray(x), k))
+                        or real(self, x, *a, **k))
+    cam = np.zeros((8, 8))
+    cam[2:4, 2:4] = 1.0
+    item = Explanation(tmp_path / "wide.png", np.full((50, 200, 3), 128, np.uint8), cam, "dent", 0.9, "dent", 0.9)
+    save_explanation(item, tmp_path / "cam.png")
+    heat_kwargs = layers[1][1]
+    assert heat_kwargs["cmap"] != "jet"
+    overlay = layers[-1][0]
+    assert overlay.shape[:2] == (64, 256)  # the image's 1:4 shape, not the model's square input
+    assert overlay.shape[2] == 4 and overlay[..., 3].min() == 0.0 and overlay[..., 3].max() > 0.5
+
+
+def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
+    """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
+    or what it was counted on; the weakest class had to be found in the table."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([0] * 8 + [1] * 4 + [2] * 4)
+    probs = np.full((16, 3), 0.1)
+    probs[np.arange(16), labels] = 0.8
+    probs[12:14] = [0.8, 0.1, 0.1]  # two 'spot' images called 'crack': spot's recall 0.5
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    page = render_report(result, {}, split="test", info={"kit_version": "1"}, errors=[])
+    headline = page[page.index('<p class="headline">'):page.index("</p>", page.index('<p class="headline">'))]
+    assert page.index('class="headline"') < page.index('id="per-class"')
+    assert "held-out test images" in headline and "balanced accuracy" in headline
+    assert "lowest recall <b>spot</b> 0.500 (2 of 4)" in headline
+    assert "threshold 0.500 on P(good)" in headline and "escape rate" in headline
+    assert "false-reject rate <b>0.0%</b> (0 of 4 good images rejected)" in headline
+    cards = page[page.index('<div class="cards">'):]
+    assert cards.index("balanced accuracy") < cards.index("escape rate") < cards.index(">accuracy<")
+    assert "kit_version" not in page and "None" not in page and "nan" not in page.lower()
+
+
+def test_comparison_says_which_split_it_compares(tmp_path) -> None:
+    from vision_tl.reports.compare import COLUMNS, Comparison, RunSummary
+    from vision_tl.reports.html import render_comparison
+
+    run = RunSummary("a/version_0", tmp_path, "resnet10t", "frozen", ["good"], {k: None for k, _ in COLUMNS},
+                     {"good": 1.0}, None, has_report=False)
+    data = Comparison([run], [], "test").to_dict()
+    png = plots.plot_comparison(["a"], {"acc": [0.9]}, tmp_path / "c.png", title="runs compared on their test images")
+    page = render_comparison(data, COLUMNS, ["good"], png)
+    assert data["split"] == "test" and "<h1>Runs compared on their test images</h1>" in page
+    assert 'title="no report of this run yet' in page

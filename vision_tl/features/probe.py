@@ -249,18 +249,26 @@ def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     x = features if features.ndim == 2 else features[:, 0]
     pca = PCA(n_components=2, random_state=0)
     xy = pca.fit_transform(StandardScaler().fit_transform(x))
-    fig = Figure(figsize=(6.4, 5.2), dpi=110)  # not pyplot: leaves a notebook's backend and figures alone
+    many = len(classes) > 8  # the legend would cover the points: it goes to the right of them
+    # not pyplot: leaves a notebook's backend and figures alone
+    fig = Figure(figsize=(6.4 + (2.2 if many else 0), 5.2), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    markers = "osD^vP*Xph"  # a second cue besides colour: tab20's pairs and colour-blind eyes
     for k, name in enumerate(classes):
         mask = labels == k
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, color=cmap(k % cmap.N), label=name)
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=10, alpha=0.7, color=cmap(k % cmap.N), marker=markers[k % len(markers)],
+                   label=f"{name} ({int(mask.sum())})")
     ratio = pca.explained_variance_ratio_
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     ax.set_title(title)
-    ax.legend(markerscale=2, fontsize=8, loc="best")
+    if many:
+        ax.legend(markerscale=1.5, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="class (images)",
+                  title_fontsize=8)
+    else:
+        ax.legend(markerscale=1.5, fontsize=8, loc="best", title="class (images)", title_fontsize=8)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -41,9 +41,11 @@ class RunSummary:
 class Comparison:
     runs: list[RunSummary]
     notes: list[str] = field(default_factory=list)
+    split: str = "val"  # whose metrics: said in the figure's and the page's titles
 
     def to_dict(self) -> dict:
-        return {"runs": [{"name": r.name, "path": str(r.path), "backbone": r.backbone, "mode": r.mode,
+        return {"split": self.split,
+                "runs": [{"name": r.name, "path": str(r.path), "backbone": r.backbone, "mode": r.mode,
                           "has_report": r.has_report, **r.values, "recall": r.recall} for r in self.runs],
                 "notes": self.notes}
 
@@ -193,7 +195,7 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     if missing:
         notes.append(f"no report yet for {', '.join(missing)}: AUC, ECE and escape rates need "
                      "`vision-tl report RUN`")
-    return Comparison(summaries, notes)
+    return Comparison(summaries, notes, split)
 
 
 def _fmt(value: float | None) -> str:
@@ -249,7 +251,8 @@ def write_comparison(comparison: Comparison, out_dir: str | Path, overwrite: boo
     atomic_write_text(paths["json"], json.dumps(data, indent=1), overwrite=overwrite)
     keys = [k for k, _ in COLUMNS[:4]]
     plot_comparison([r.name for r in comparison.runs], {label: [r.values[k] for r in comparison.runs]
-                                                        for k, label in COLUMNS if k in keys}, paths["png"])
+                                                        for k, label in COLUMNS if k in keys}, paths["png"],
+                    title=f"runs compared on their {comparison.split} images")
     shared = [c for c in comparison.runs[0].classes if all(c in r.classes for r in comparison.runs)]
     atomic_write_text(paths["html"], render_comparison(data, COLUMNS, shared, paths["png"]), overwrite=overwrite)
     return paths

@@ -150,28 +150,40 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(array.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
 
 
+HEAT_COLOURS = "inferno"  # perceptually even and readable with colour-blindness; jet is neither
+
+
 @literal_text
 def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True) -> Path:
-    """A PNG with the image, the heat map and the overlay side by side."""
+    """A PNG with the image, the heat map and the overlay side by side, each at the image's own
+    aspect ratio (the figure takes the image's shape, so a long strip is not shrunk to a sliver),
+    the relevance scale underneath."""
     from vision_tl.reports.plots import _save, _subplots
 
     h, w = item.image.shape[:2]
     scale = DISPLAY_SIZE / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image, heat = _resize(item.image, size), np.clip(_resize(item.cam, size), 0.0, 1.0)
-    fig, axes = _subplots(1, 3, figsize=(10, 3.9), constrained_layout=True)
+    panel_w = 3.3  # inches per panel; the height follows the image's aspect ratio
+    panel_h = min(max(panel_w * h / w, 1.0), 5.0)
+    fig, axes = _subplots(1, 3, figsize=(3 * panel_w + 0.4, panel_h + 1.5), constrained_layout=True)
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=10)
-    shown = axes[1].imshow(heat, cmap="jet", vmin=0, vmax=1)
+    shown = axes[1].imshow(heat, cmap=HEAT_COLOURS, vmin=0, vmax=1)
     axes[1].set_title(f"Grad-CAM for '{item.explained}'", fontsize=10)
     axes[2].imshow(image)
-    axes[2].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    # the heat tints the image where it is high and leaves it as it is where it is low, so the
+    # surface under a cold region stays visible (a uniform alpha washed all of it in colour)
+    colours = np.asarray(shown.cmap(heat))
+    colours[..., 3] = 0.65 * heat
+    axes[2].imshow(colours)
     axes[2].set_title("overlay", fontsize=10)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(shown, ax=axes[1], shrink=0.8, label="relevance")
-    fig.suptitle(f"{item.path.name}: predicted {item.predicted} ({item.probability:.2f}); "
-                 f"P({item.explained}) = {item.p_explained:.2f}", fontsize=11)
+    fig.colorbar(shown, ax=list(axes), orientation="horizontal", fraction=0.06, aspect=50, pad=0.02,
+                 label="relevance for the class (0 none, 1 most)")
+    also = "" if item.explained == item.predicted else f"; P({item.explained}) = {item.p_explained:.2f}"
+    fig.suptitle(f"{item.path.name}: predicted {item.predicted} ({item.probability:.2f}){also}", fontsize=11)
     return _save(fig, path, overwrite=overwrite)
 
 

@@ -23,6 +23,7 @@ img.fig{max-width:100%;border:1px solid #eaeef2;margin:6px 0}
 img.thumb{width:72px;height:72px;object-fit:contain;image-rendering:pixelated;background:#000}
 .note{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:6px 10px;margin:8px 0;font-size:13px}
 .small{color:#57606a;font-size:12px}
+.headline{font-size:15px;margin:10px 0 4px}
 """
 
 FIGURE_TITLES = {
@@ -71,14 +72,48 @@ def _thumbnail(path: str | None, size: int = 96) -> str:
 
 
 def _cards(summary: dict, gvd: dict | None) -> str:
-    items = [("accuracy", summary["acc"]), ("balanced accuracy", summary["balanced_acc"]),
-             ("macro F1", summary["f1_macro"]), ("macro ROC AUC", summary["roc_auc_macro"]),
-             ("ECE (lower is better)", summary["ece"])]
+    """The numbers a reader looks for first: balanced accuracy, then the line's two error rates
+    (as shares, with their counts), then the rest."""
+    def card(label: str, value: float | None, pct: bool = False, detail: str = "") -> str:
+        shown = "n/a" if value is None else f"{value:.1%}" if pct else f"{value:.3f}"
+        sub = f'<div class="k">{_esc(detail)}</div>' if detail else ""
+        return f'<div class="card"><div class="v">{shown}</div><div class="k">{_esc(label)}</div>{sub}</div>'
+
+    cells = [card("balanced accuracy", summary["balanced_acc"])]
     if gvd is not None:
-        items += [("escape rate", gvd["escape_rate"]), ("false-reject rate", gvd["false_reject_rate"])]
-    cells = "".join(f'<div class="card"><div class="v">{"n/a" if v is None else f"{v:.3f}"}</div>'
-                    f'<div class="k">{_esc(k)}</div></div>' for k, v in items)
-    return f'<div class="cards">{cells}</div>'
+        cells += [card("escape rate (defects passed)", gvd["escape_rate"], True,
+                       f"{gvd['escapes']} of {gvd['defect_images']} defective images"),
+                  card("false-reject rate (good rejected)", gvd["false_reject_rate"], True,
+                       f"{gvd['false_rejects']} of {gvd['good_images']} {gvd['good_class']} images")]
+    cells += [card("accuracy", summary["acc"]), card("macro F1", summary["f1_macro"]),
+              card("macro ROC AUC", summary["roc_auc_macro"]), card("ECE (lower is better)", summary["ece"])]
+    return f'<div class="cards">{"".join(cells)}</div>'
+
+
+def _headline(result: dict, split: str) -> str:
+    """One sentence with the verdict: on which images, balanced accuracy, the weakest class,
+    and the good/defect rates at the threshold in use."""
+    summary, gvd = result["summary"], result.get("good_vs_defect")
+    which = {"test": "held-out test images", "val": "validation images"}.get(split, f"{split} images")
+    parts = [f"On <b>{summary['images']}</b> {_esc(which)}: balanced accuracy "
+             f"<b>{'n/a' if summary['balanced_acc'] is None else format(summary['balanced_acc'], '.3f')}</b>"]
+    measured = [r for r in result["per_class"] if r["recall"] is not None]
+    if measured:
+        worst = min(measured, key=lambda r: r["recall"])
+        parts.append(f"lowest recall <b>{_esc(worst['class'])}</b> {worst['recall']:.3f} "
+                     f"({round(worst['recall'] * worst['support'])} of {worst['support']})")
+    if gvd is not None:
+        at = ("the most probable class (no threshold set)" if gvd["threshold"] is None
+              else f"threshold {gvd['threshold']:.3f} on P({_esc(gvd['good_class'])})")
+        parts.append(f"at {at}: escape rate <b>{_pct(gvd['escape_rate'])}</b> ({gvd['escapes']} of "
+                     f"{gvd['defect_images']} defective images passed), false-reject rate "
+                     f"<b>{_pct(gvd['false_reject_rate'])}</b> ({gvd['false_rejects']} of {gvd['good_images']} "
+                     f"{_esc(gvd['good_class'])} images rejected)")
+    return f'<p class="headline">{"; ".join(parts)}.</p>'
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _per_class_table(rows: list[dict]) -> str:
@@ -123,7 +158,7 @@ def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
 
 def _errors_table(errors: list[dict]) -> str:
     if not errors:
-        return "<h2>Most confident mistakes</h2><p>None: every image was classified correctly.</p>"
+        return "<h2>Most confident mistakes</h2><p>No mistakes: every image was classified correctly.</p>"
     rows = "".join(
         f'<tr><td class="l">{_thumbnail(e["path"])}</td><td class="l">{_esc(Path(e["path"]).name if e["path"] else "")}'
         f'</td><td class="l">{_esc(e["true"])}</td><td class="l">{_esc(e["predicted"])}</td>'
@@ -137,7 +172,8 @@ def render_report(result: dict, figures: dict[str, Path], *, split: str, info: d
                   errors: list[dict], threshold_choice: dict | None = None) -> str:
     """The whole report as one HTML string (figures embedded)."""
     notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in info.get("notes", []))
-    meta = " · ".join(f"<b>{_esc(k)}</b> {_esc(v)}" for k, v in info.items() if k != "notes" and v is not None)
+    meta = " · ".join(f"<b>{_esc(k.replace('_', ' '))}</b> {_esc(v)}" for k, v in info.items()
+                      if k != "notes" and v is not None)
     figs = "".join(f"<h2>{_esc(FIGURE_TITLES.get(name, name))}</h2>"
                    f'<img class="fig" alt="{_esc(name)}" src="{png_data_uri(path)}">'
                    for name, path in figures.items())
@@ -147,8 +183,9 @@ def render_report(result: dict, figures: dict[str, Path], *, split: str, info: d
 <title>vision_tl report ({_esc(split)})</title><style>{CSS}</style></head>
 <body><main>
 <h1>Evaluation report: {_esc(split)} split, {summary["images"]} images</h1>
-<div class="meta">{meta}</div>{notes}
-{_cards(summary, result.get("good_vs_defect"))}
+{_headline(result, split)}
+{_cards(summary, result.get("good_vs_defect"))}{notes}
+<div class="meta">{meta}</div>
 <h2>Per class</h2>{_per_class_table(result["per_class"])}{_undefined_notes(result)}
 {_good_vs_defect(result.get("good_vs_defect"), threshold_choice)}
 {figs}
@@ -159,21 +196,32 @@ Escape and false-reject rates are measured on these images only; expect them to 
 """
 
 
+def _why_missing(key: str, run: dict) -> str:
+    """The tooltip of a comparison cell shown as n/a."""
+    if not run.get("has_report") and key in ("roc_auc_macro", "ece", "escape_rate", "false_reject_rate", "threshold"):
+        return "no report of this run yet: vision-tl report RUN"
+    if key == "threshold":
+        return "no threshold set: the most probable class decides good vs defect"
+    return "undefined on these images"
+
+
 def render_comparison(data: dict, columns: tuple, shared_classes: list[str], figure: Path) -> str:
     """The comparison table, per-class recall and the bar chart as one HTML page."""
     head = "".join(f"<th>{_esc(label)}</th>" for _, label in columns)
     rows = "".join(
         f'<tr><td class="l">{_esc(r["name"])}</td><td class="l">{_esc(r["backbone"])}</td>'
-        f'<td class="l">{_esc(r["mode"])}</td>' + "".join(_num(r[k]) for k, _ in columns) + "</tr>"
+        f'<td class="l">{_esc(r["mode"])}</td>' + "".join(_num(r[k], _why_missing(k, r)) for k, _ in columns) + "</tr>"
         for r in data["runs"])
     recall_head = "".join(f"<th>{_esc(c)}</th>" for c in shared_classes)
     recall_rows = "".join(f'<tr><td class="l">{_esc(r["name"])}</td>'
                           + "".join(_num(r["recall"].get(c), "class absent") for c in shared_classes) + "</tr>"
                           for r in data["runs"])
     notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in data["notes"])
+    split = _esc(data.get("split", "val"))
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>vision_tl: runs compared</title><style>{CSS}</style></head>
-<body><main><h1>Runs compared</h1>{notes}
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>vision_tl: runs compared ({split})</title><style>{CSS}</style></head>
+<body><main><h1>Runs compared on their {split} images</h1>{notes}
 <table id="compare"><tr><th class=l>run</th><th class=l>backbone</th><th class=l>mode</th>{head}</tr>{rows}</table>
 <h2>Recall per class</h2><table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>
 <img class="fig" alt="comparison" src="{png_data_uri(figure)}">

@@ -38,31 +38,60 @@ def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], c
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+# Colour-blind-safe colours (Okabe & Ito): blue for good images, vermillion for defects; never
+# red against green, which about 1 man in 12 cannot tell apart.
+GOOD_COLOUR, DEFECT_COLOUR = "#0072B2", "#D55E00"
+# Up to this many classes the two confusion matrices sit side by side; beyond, one above the other,
+# so each keeps a page's width and its numbers stay readable in the HTML report.
+SIDE_BY_SIDE_CLASSES = 8
+
+
+def _cell_text(count: float, share: float, diagonal: bool, fmt: str) -> str:
+    """A confusion-matrix cell's label: blank for an off-diagonal zero (the white cell says it;
+    a wall of 0.00 hides the mistakes), a share 'n/a' where the true class has no images."""
+    if fmt == "{:.0f}":  # the counts panel
+        return "" if count == 0 and not diagonal else fmt.format(count)
+    if np.isnan(share):
+        return "n/a"
+    if count == 0 and not diagonal:
+        return ""
+    return "<0.01" if 0 < share < 0.005 else fmt.format(share)  # 0.00 would read as none
+
+
 @literal_text
 def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Path,
                           title: str = "Confusion matrix") -> Path:
-    """Save counts (left) and row-normalised recall (right) side by side as PNG, atomically."""
+    """Save counts and row-normalised recall as PNG, atomically: side by side for a few classes,
+    one above the other for many (numbers shrink to fit the cells, long names wrap to the left)."""
     from vision_tl.utils.files import atomic_path
 
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
-    # a class without images in this split has no recall: blank ("n/a"), never 0.00
+    # a class without images in this split has no recall: "n/a", never 0.00
     normalised = np.divide(counts, rows, out=np.full_like(counts, np.nan), where=rows > 0)
-    size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = _subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
-    for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "count"),
-                                 (axes[1], normalised, "{:.2f}", "share of true class")):
+    n = len(classes)
+    stacked = n > SIDE_BY_SIDE_CLASSES
+    cell = 0.55 if n <= 12 else 0.42  # inches per cell
+    label_room = 0.35 + 0.075 * max((len(c) for c in classes), default=1)  # tick labels, in inches
+    side = max(2.5, cell * n) + label_room + 1.4  # + axis label, colour bar
+    fig, axes = _subplots(2 if stacked else 1, 1 if stacked else 2,
+                          figsize=(side, 2 * side - 0.6) if stacked else (2 * side, side - 0.5),
+                          constrained_layout=True)
+    fontsize = 8 if n <= 12 else 6.5 if n <= 20 else 5
+    for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "counts"),
+                                 (axes[1], normalised, "{:.2f}", "share of true class (recall on the diagonal)")):
         im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else None)
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{title} ({label})")
+        ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center",
+                      rotation_mode="anchor", fontsize=min(9, fontsize + 1))
+        ax.set_yticks(range(n), classes, fontsize=min(9, fontsize + 1))
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(f"{title}: {label}", fontsize=10)
         top = 1.0 if data is normalised else (data.max() if data.size else 0)
         for (i, j), v in np.ndenumerate(data):
-            ax.text(j, i, "n/a" if np.isnan(v) else fmt.format(v), ha="center", va="center",
-                    color="white" if top and v > top / 2 else "black", fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+            ax.text(j, i, _cell_text(counts[i, j], normalised[i, j], i == j, fmt), ha="center", va="center",
+                    color="white" if top and v > top / 2 else "black", fontsize=fontsize)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="images" if data is counts else "share of the row")
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -83,7 +112,9 @@ def _save(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path
 @literal_text
 def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest") -> Path:
     """ROC (left) and precision-recall (right) curves per class, AUC / AP in the legend."""
-    fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    many = len(curves) > 6  # the legend would cover the curves: it goes below them, two columns
+    rows = -(-len(curves) // 2)
+    fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6 + (0.17 * rows + 0.3 if many else 0)), constrained_layout=True)
     roc.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     styles = ("-", "--", "-.", (0, (1, 1)))  # identical curves stay visible
     for i, c in enumerate(curves):
@@ -98,7 +129,10 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
                              (pr, ("recall", "precision"), "precision-recall")):
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=x, ylabel=y, title=f"{title}: {name}")
         ax.grid(alpha=0.3)
-        _legend(ax, loc="lower right" if ax is roc else "lower left", fontsize=8)
+        if many:
+            _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, fontsize=7)
+        else:
+            _legend(ax, loc="lower right" if ax is roc else "lower left", fontsize=8)
     return _save(fig, path)
 
 
@@ -126,52 +160,96 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
     return _save(fig, path)
 
 
+SCORE_COLOURS = (("precision", "#0072B2"), ("recall", "#E69F00"), ("f1", "#009E73"))  # Okabe & Ito
+
+
 @literal_text
 def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per class") -> Path:
-    """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'."""
-    names = [r["class"] for r in per_class]
+    """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'. Beyond
+    a few classes the bars lie down, one row per class, so long names need neither turning nor
+    a figure wider than a page."""
+    names = [f"{r['class']} (n={r['support']})" for r in per_class]
+    lying = len(names) > SIDE_BY_SIDE_CLASSES
     x = np.arange(len(names))
-    fig, ax = _subplots(figsize=(max(5.5, 1.2 * len(names) + 2), 4), constrained_layout=True)
-    for i, (key, color) in enumerate((("precision", "#4c72b0"), ("recall", "#55a868"), ("f1", "#c44e52"))):
+    figsize = (9, 1.2 + 0.5 * len(names)) if lying else (max(5.5, 1.2 * len(names) + 2), 4)
+    fig, ax = _subplots(figsize=figsize, constrained_layout=True)
+    for i, (key, color) in enumerate(SCORE_COLOURS):
         values = [r[key] for r in per_class]
         pos = x + (i - 1) * 0.27
-        ax.bar(pos, [v or 0.0 for v in values], width=0.25, color=color, label=key)
+        bar = ax.barh if lying else ax.bar
+        bar(pos, [v or 0.0 for v in values], 0.25, color=color, label=key)
         for p, v in zip(pos, values):
-            ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
-                    fontsize=7, rotation=90 if len(names) > 6 else 0)
-    ax.set_xticks(x, [f"{r['class']}\n(n={r['support']})" for r in per_class],
-                  rotation=30 if len(names) > 6 else 0)
-    ax.set(ylim=(0, 1.15), ylabel="score", title=title)
-    _legend(ax, ncols=3, fontsize=8, loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
+            text = "n/a" if v is None else f"{v:.2f}"
+            if lying:
+                ax.text((v or 0.0) + 0.01, p, text, ha="left", va="center", fontsize=7)
+            else:
+                ax.text(p, (v or 0.0) + 0.01, text, ha="center", va="bottom", fontsize=7)
+    if lying:
+        ax.set_yticks(x, names)
+        ax.invert_yaxis()  # the first class on top, as in the table
+        ax.set(xlim=(0, 1.12), xlabel="score")
+        ax.set_title(title, pad=24)  # room for the legend between title and bars
+        _legend(ax, ncols=3, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(x, [n.replace(" (n=", "\n(n=") for n in names])
+        ax.set(ylim=(0, 1.15), ylabel="score", title=title)
+        _legend(ax, ncols=3, fontsize=8, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def _rates_at(sweep: dict, threshold: float) -> tuple[int, float | None, float | None]:
+    """The sweep's index at ``threshold`` (the sweep holds the threshold itself) and both rates there."""
+    k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
+    escape, false_reject = sweep.get("escape_rate"), sweep.get("false_reject_rate")
+    return k, None if escape is None else escape[k], None if false_reject is None else false_reject[k]
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 @literal_text
 def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: str | Path,
                    threshold: float | None = None, good_class: str = "good") -> Path:
-    """P(good) histograms of good vs defective images (left) and both error rates vs threshold (right)."""
-    fig, (hist, rates) = _subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    """P(good) histograms of good vs defective images (left) and both error rates vs threshold
+    (right), the chosen threshold marked with the two rates it gives."""
+    fig, (hist, rates) = _subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
     edges = np.linspace(0, 1, 26)
-    hist.hist(np.asarray(p_good)[is_good], bins=edges, alpha=0.65, color="#55a868", label=f"{good_class} images")
-    hist.hist(np.asarray(p_good)[~is_good], bins=edges, alpha=0.65, color="#c44e52", label="defective images")
-    hist.set(xlabel=f"P({good_class})", ylabel="images", title=f"P({good_class}) by true condition")
-    for name, values, color in (("escape rate (defects passed)", sweep["escape_rate"], "#c44e52"),
-                                ("false-reject rate (good rejected)", sweep["false_reject_rate"], "#55a868")):
+    p_good, is_good = np.asarray(p_good), np.asarray(is_good, dtype=bool)
+    # each group as a share of its own images: 25 good beside 125 defective images stay visible
+    for values, color, name in ((p_good[is_good], GOOD_COLOUR, f"{good_class} images"),
+                                (p_good[~is_good], DEFECT_COLOUR, "defective images")):
+        if len(values):
+            hist.hist(values, bins=edges, weights=np.full(len(values), 1 / len(values)), alpha=0.6, color=color,
+                      edgecolor=color, label=f"{name} (n={len(values)})")
+    hist.set(xlabel=f"P({good_class})", ylabel="share of the group's images", xlim=(0, 1),
+             title=f"P({good_class}) by true condition")
+    for name, values, color in (("escape rate (defects passed)", sweep["escape_rate"], DEFECT_COLOUR),
+                                ("false-reject rate (good rejected)", sweep["false_reject_rate"], GOOD_COLOUR)):
         if values is not None:
             rates.plot(sweep["threshold"], values, color=color, lw=2, label=name)
     rates.set(xlabel=f"threshold on P({good_class})", ylabel="rate", xlim=(0, 1), ylim=(-0.02, 1.02),
-              title="error rates vs threshold (good iff P ≥ threshold)")
+              title="error rates vs threshold (good iff P ≥ threshold)" if threshold is not None else
+              "error rates vs threshold (none set: argmax decides)")
+    if threshold is not None:
+        k, escape, false_reject = _rates_at(sweep, threshold)
+        for value, color in ((escape, DEFECT_COLOUR), (false_reject, GOOD_COLOUR)):
+            if value is not None:
+                rates.plot([sweep["threshold"][k]], [value], "o", color=color, ms=7, mec="black", zorder=5)
+        for ax in (hist, rates):
+            ax.axvline(threshold, color="black", ls="--", lw=1.2,
+                       label=f"threshold {threshold:.3f}: escape {_pct(escape)}, false reject {_pct(false_reject)}")
     for ax in (hist, rates):
-        if threshold is not None:
-            ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
         ax.grid(alpha=0.3)
-        _legend(ax, fontsize=8, loc="upper center")
+        _legend(ax, fontsize=8, loc="best")
     return _save(fig, path)
 
 
 @literal_text
-def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], path: str | Path) -> Path:
+def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], path: str | Path,
+                    title: str = "runs compared") -> Path:
     """Grouped bars: one group per metric, one bar per run (missing values left out)."""
     names = list(metrics)
     x = np.arange(len(names))
@@ -184,7 +262,7 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
         for p, v in zip(pos, values):
             ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names)
-    ax.set(ylim=(0, 1.15), ylabel="score", title="runs compared")
+    ax.set(ylim=(0, 1.15), ylabel="score", title=title)
     _legend(ax, fontsize=8, loc="upper right", ncols=min(3, len(runs)))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -192,20 +270,25 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
 
 @literal_text
 def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None = None,
-                         good_class: str = "good") -> Path:
-    """Escape rate vs false-reject rate over every threshold on P(good): the line's trade-off."""
+                         good_class: str = "good", title: str = "Operating curve") -> Path:
+    """Escape rate vs false-reject rate over every threshold on P(good): the line's trade-off,
+    the chosen threshold marked and labelled with its two rates."""
     fig, ax = _subplots(figsize=(5.5, 4.5), constrained_layout=True)
     fr, esc = sweep.get("false_reject_rate"), sweep.get("escape_rate")
     if fr is None or esc is None:
         ax.text(0.5, 0.5, "undefined: needs both good and defective images", ha="center", va="center")
     else:
         ax.plot(fr, esc, color="#4c72b0", lw=2, drawstyle="steps-post")
-        if threshold is not None:  # the sweep holds the threshold itself (metrics.threshold_sweep)
-            k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
-            ax.plot([fr[k]], [esc[k]], "o", color="black", label=f"threshold {threshold:.3f}")
-            _legend(ax, fontsize=8)
+        if threshold is not None:
+            k, escape, false_reject = _rates_at(sweep, threshold)
+            ax.plot([fr[k]], [esc[k]], "o", color=DEFECT_COLOUR, mec="black", ms=9, zorder=5,
+                    label=f"threshold {threshold:.3f}")
+            ax.annotate(f"threshold {threshold:.3f}\nescape {_pct(escape)}\nfalse reject {_pct(false_reject)}",
+                        (fr[k], esc[k]), xytext=(0.45, 0.6), textcoords="axes fraction", fontsize=9,
+                        arrowprops={"arrowstyle": "->", "color": "black", "lw": 1},
+                        bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
     ax.set(xlabel=f"false-reject rate ({good_class} images rejected)", ylabel="escape rate (defects passed)",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="Operating curve")
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -217,7 +300,7 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
 
     shown = [e for e in errors if e.get("path")]
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = _subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False,
+    fig, axes = _subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows), squeeze=False,
                              constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")
@@ -225,10 +308,15 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
         axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=12)
     for ax, err in zip(axes.flat, shown):
         try:
-            ax.imshow(resize(load_rgb(err["path"]), (thumb, thumb), "bilinear"))
+            image = load_rgb(err["path"])
+            scale = thumb / max(image.shape[:2])  # a long part stays long, not squeezed to a square
+            ax.imshow(resize(image, (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))),
+                             "bilinear"))
         except ImageLoadError:
             ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
-        ax.set_title(f"true {err['true']}\npred {err['predicted']} ({err['probability']:.2f})", fontsize=9,
-                     color="#c44e52")
+        name = Path(err["path"]).name
+        name = name if len(name) <= 32 else f"{name[:14]}…{name[-17:]}"
+        ax.set_title(f"true {err['true']}\npred {err['predicted']} ({err['probability']:.2f})\n{name}",
+                     fontsize=8.5, color=DEFECT_COLOUR)
     fig.suptitle("Most confident mistakes", fontsize=11)
     return _save(fig, path)

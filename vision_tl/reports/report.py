@@ -109,7 +109,7 @@ def _figures(result: dict, probs: np.ndarray, labels: np.ndarray, classes: list[
             threshold=gvd["threshold"], good_class=gvd["good_class"])
         figures["operating_curve"] = plots.plot_operating_curve(
             gvd["sweep"], out_dir / f"operating_curve_{split}.png", threshold=gvd["threshold"],
-            good_class=gvd["good_class"])
+            good_class=gvd["good_class"], title=f"{split}: operating curve")
     return figures
 
 
