@@ -318,7 +318,7 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
 
     callback = ResumableRandomState()
     callback.setup(SimpleNamespace(log_dir=str(tmp_path)), None, "fit")
-    fit = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="fit"))
+    fit = SimpleNamespace(is_global_zero=True, fast_dev_run=False, state=SimpleNamespace(fn="fit"))
     callback.on_exception(fit, None, KeyboardInterrupt())
     out = capsys.readouterr().out
     assert "before the first epoch's checkpoint was written, so there is nothing to resume" in out
@@ -327,7 +327,7 @@ def test_an_interruption_before_the_first_checkpoint_says_to_start_again(tmp_pat
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     callback.on_exception(fit, None, KeyboardInterrupt())
     assert f"--ckpt_path {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
-    predict = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="predict"))
+    predict = SimpleNamespace(is_global_zero=True, fast_dev_run=False, state=SimpleNamespace(fn="predict"))
     callback.on_exception(predict, None, KeyboardInterrupt())  # not a training run: nothing to resume
     out = capsys.readouterr().out
     assert "run the same command again" in out and "resume" not in out
@@ -351,7 +351,7 @@ def test_the_resume_advice_quotes_paths_and_falls_back_to_best(tmp_path, capsys)
     (run / "checkpoints" / "best.ckpt").write_bytes(b"")
     callback = ResumableRandomState()
     callback.setup(SimpleNamespace(log_dir=str(run)), None, "fit")
-    callback.on_exception(SimpleNamespace(is_global_zero=True, state=SimpleNamespace(fn="fit")), None,
+    callback.on_exception(SimpleNamespace(is_global_zero=True, fast_dev_run=False, state=SimpleNamespace(fn="fit")), None,
                           KeyboardInterrupt())
     out = capsys.readouterr().out
     command = out[out.index("vision-tl fit"):].strip()
