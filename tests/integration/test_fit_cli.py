@@ -35,7 +35,7 @@ def trained_run(inspection_folder, tmp_path_factory) -> Path:
 
 def test_fit_writes_a_complete_run_directory(trained_run, inspection_folder):
     for name in ("config.yaml", "labels.json", "split.json", "metrics.json", "confusion_matrix_val.png",
-                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+                 "training_curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (trained_run / name).is_file(), name
     labels = json.loads((trained_run / "labels.json").read_text())
     assert labels == ["crack", "good", "scratch", "spot"]
@@ -43,6 +43,27 @@ def test_fit_writes_a_complete_run_directory(trained_run, inspection_folder):
     assert 0.0 <= metrics["val"]["balanced_acc"] <= 1.0 and len(metrics["history"]) == 2
     assert sum(map(sum, metrics["val"]["confusion_matrix"])) == len(json.loads(
         (trained_run / "split.json").read_text())["val"])
+
+
+def test_fit_draws_its_curves_with_the_training_loss_and_survives_a_failing_figure(inspection_folder, tmp_path,
+                                                                                   monkeypatch):
+    """Fit draws its history with each epoch's training loss from metrics.csv; a figure that fails
+    warns, and the trained run stays complete."""
+    from vision_tl.reports import plots
+
+    drawn = []
+
+    def broken(history, path, **kwargs):
+        drawn.append((history, kwargs))
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(plots, "plot_training_curves", broken)
+    with pytest.warns(UserWarning, match="training_curves.png.*no fonts here.*the run itself is complete"):
+        run = _fit(tmp_path, inspection_folder, "--trainer.log_every_n_steps", "1")
+    (history, kwargs), = drawn
+    assert [r["epoch"] for r in history] == [0, 1] and kwargs["best"]["epoch"] in (0, 1)
+    assert sorted(kwargs["train_loss"]) == [0, 1]  # both epochs' training losses, from metrics.csv
+    assert not (run / "training_curves.png").exists() and (run / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_checkpoint_loads_with_weights_only_and_predicts(trained_run):

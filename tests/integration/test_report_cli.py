@@ -607,3 +607,17 @@ def test_a_val_report_says_the_val_images_chose_the_epoch_and_the_threshold(run,
     assert main(["report", str(copy), "--overwrite", "--checkpoint", str(copy / "checkpoints" / "last.ckpt")]) == 0
     out = capsys.readouterr().out  # the last epoch was not chosen; its threshold (fit's) was
     assert "note: these val images chose the good/defect threshold," in out
+
+
+def test_report_draws_the_training_curves_from_the_runs_history(run, tmp_path):
+    """The report draws the curves from metrics.json / metrics.csv as they are now (not fit's PNG, gone
+    here) and shows them in their own section after the mistakes."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _without_report(copy)
+    (copy / "training_curves.png").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    page = (copy / "report.html").read_text()
+    assert page.index("Most confident mistakes") < page.index('alt="training_curves" src="data:image/png;base64,')
+    assert json.loads((copy / "metrics.json").read_text())["figures"]["training_curves_val"] == "training_curves.png"

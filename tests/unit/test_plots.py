@@ -301,3 +301,126 @@ def test_comparison_says_which_split_it_compares(tmp_path) -> None:
     page = render_comparison(data, COLUMNS, ["good"], png)
     assert data["split"] == "test" and "<h1>Runs compared on their test images</h1>" in page
     assert 'title="no report of this run yet' in page
+
+
+# --- training curves ------------------------------------------------------------------------
+
+def _history(n: int, **holes) -> list[dict]:
+    """``n`` validated epochs, loss falling and scores rising; ``holes`` maps a key to the epochs
+    whose value is NaN (or, for ``missing_<key>``, absent)."""
+    rows = []
+    for e in range(n):
+        row = {"epoch": e, "acc": 0.6 + 0.3 * e / max(1, n), "balanced_acc": 0.55 + 0.35 * e / max(1, n),
+               "f1_macro": 0.5, "tie_break": 1.2 / (1 + e)}
+        for key, epochs in holes.items():
+            if e in epochs:
+                if key.startswith("missing_"):
+                    row.pop(key.removeprefix("missing_"))
+                else:
+                    row[key] = float("nan")
+        rows.append(row)
+    return rows
+
+
+def _drawn_lines(ax) -> list:
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def test_training_curves_of_one_epoch_show_points_and_the_kept_score(tmp_path, saved_figures) -> None:
+    """One validated epoch drawn as lines only is an empty plot: each value needs its marker."""
+    history = _history(1)
+    png = plots.plot_training_curves(history, tmp_path / "t.png", best=history[0], train_loss={0: 1.5})
+    assert _is_png(png)
+    fig, = saved_figures
+    loss_ax, score_ax = fig.axes[:2]
+    for ax in (loss_ax, score_ax):
+        points = [line for line in _drawn_lines(ax) if len(line.get_xdata()) == 1]
+        assert points and all(line.get_marker() not in ("None", None, "") for line in points)
+        low, high = ax.get_xlim()
+        assert low < 0 < high  # the single epoch is inside the axis, not on its edge
+        assert [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high] == ["0"]
+    labels = [t.get_text() for t in score_ax.texts]
+    assert any("epoch 0" in t and f"{history[0]['balanced_acc']:.3f}" in t for t in labels), labels
+    assert _texts_outside(fig) == []
+
+
+def test_training_curves_break_at_missing_values_and_mark_what_stands_alone(tmp_path, saved_figures) -> None:
+    """A NaN validation loss (a diverged epoch) or a score missing from a resumed history leaves a gap,
+    not a line drawn through a made-up value; a value between two gaps keeps a visible point."""
+    history = _history(120, tie_break=[50, 52], missing_balanced_acc=[80])
+    best = history[100]
+    plots.plot_training_curves(history, tmp_path / "t.png", best=best, train_loss={e: 2.0 / (1 + e) for e in range(60)},
+                               milestones={40: 2, 500: 4}, since_epoch=10)
+    fig, = saved_figures
+    loss_ax, score_ax = fig.axes[:2]
+    val = next(line for line in loss_ax.get_lines() if line.get_label() == "validation loss")
+    y = np.asarray(val.get_ydata(), float)
+    assert np.isnan(y[50]) and np.isnan(y[52]) and np.isfinite(y[51])
+    assert val.get_marker() in ("None", None, "")  # 120 epochs: no markers, no smear
+    alone = [line for line in _drawn_lines(loss_ax)
+             if len(line.get_xdata()) == 1 and list(line.get_xdata()) == [51.0]]
+    assert alone and alone[0].get_marker() == "o"
+    balanced = next(line for line in score_ax.get_lines() if line.get_label() == "balanced accuracy")
+    assert np.isnan(np.asarray(balanced.get_ydata(), float)[80])
+    assert loss_ax.get_yscale() == "log"  # 2.0 down to 0.03: the first epochs would flatten the rest
+    legend = [t.get_text() for t in score_ax.get_legend().get_texts()]
+    assert "earlier run folder" in legend and "stages unfrozen" in legend
+    ticks = [t.get_text() for t in loss_ax.get_yticklabels()]
+    assert "1" in ticks and "0.1" in ticks and not any("$" in t for t in ticks)  # not \mathdefault{10^{0}}
+    renderer = fig.canvas.get_renderer()
+    assert not loss_ax.get_legend().get_window_extent(renderer).overlaps(
+        score_ax.get_legend().get_window_extent(renderer))
+    assert sum("last 2 train" in t.get_text() for t in loss_ax.texts) == 1  # the milestone past the end: left out
+    assert any(f"{best['balanced_acc']:.3f}" in t.get_text() and "epoch 100" in t.get_text() for t in score_ax.texts)
+    assert fig.get_figwidth() * 110 <= 1.3 * REPORT_WIDTH_PX
+    assert _texts_outside(fig) == []
+
+
+def test_training_curves_without_a_step_log_or_any_score(tmp_path, saved_figures) -> None:
+    history = [{"epoch": 0, "acc": None, "balanced_acc": float("nan")}, {"epoch": 1}]
+    plots.plot_training_curves(history, tmp_path / "t.png", train_loss=None, val_loss={0: 0.9, 1: 0.7})
+    fig, = saved_figures
+    loss_ax, score_ax = fig.axes[:2]
+    val = next(line for line in loss_ax.get_lines() if line.get_label() == "validation loss")
+    assert list(val.get_ydata()) == [0.9, 0.7]  # from the step log where the history lacks it
+    legend = [t.get_text() for t in score_ax.get_legend().get_texts()]
+    assert "balanced accuracy: none logged" in legend and score_ax.get_ylim() == (-0.02, 1.02)
+    assert _texts_outside(fig) == []
+
+
+def test_training_curves_of_a_run_read_its_resumed_step_logs(tmp_path) -> None:
+    """A resume keeps the old step log aside and starts a new one at the epoch it resumes: the epoch
+    cut off by the stop counts from the new log only, the epochs before from the old one."""
+    import json
+
+    from vision_tl.reports.training import (
+        read_step_losses,
+        read_training_history,
+        write_training_curves,
+    )
+
+    header = "epoch,step,train/loss,val/acc,val/balanced_acc,val/f1_macro,val/loss\n"
+    (tmp_path / "metrics.before_resume_1.csv").write_text(
+        header + "0,3,1.0,,,,\n0,4,,0.5,0.5,0.5,0.9\n1,8,0.8,,,,\n1,9,,0.6,0.6,0.6,0.7\n2,12,5.0,,,,\n")
+    (tmp_path / "metrics.csv").write_text(header + "2,12,0.4,,,,\n2,13,0.6,,,,\n2,14,,0.7,0.7,0.7,0.5\n")
+    train, val = read_step_losses(tmp_path)
+    assert train == {0: 1.0, 1: 0.8, 2: pytest.approx(0.5)} and val == {0: 0.9, 1: 0.7, 2: 0.5}
+    assert read_training_history(tmp_path) is None  # no metrics.json history: nothing to draw
+    assert write_training_curves(tmp_path) is None and not (tmp_path / "training_curves.png").exists()
+    history = _history(3, tie_break=[1])
+    (tmp_path / "metrics.json").write_text(json.dumps({"history": history, "val": history[2], "since_epoch": 1}))
+    data = read_training_history(tmp_path)
+    assert data.best == history[2] and data.since_epoch == 1 and data.train_loss[2] == pytest.approx(0.5)
+    assert _is_png(write_training_curves(tmp_path))
+
+
+def test_html_report_shows_the_training_curves_after_the_mistakes(tmp_path) -> None:
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([0, 1, 2, 0])
+    result = M.evaluate(np.eye(3)[[0, 1, 2, 1]] * 0.7 + 0.1, labels, CLASSES)
+    png = plots.plot_training_curves(_history(3), tmp_path / "t.png", best=_history(3)[2])
+    page = render_report(result, {"training_curves": png}, split="val", info={}, errors=[])
+    assert 'alt="training_curves"' in page
+    assert page.index('id="per-class"') < page.index("Most confident mistakes") < page.index('alt="training_curves"')
+    assert "Training: loss and validation scores per epoch" in page

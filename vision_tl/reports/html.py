@@ -34,7 +34,12 @@ FIGURE_TITLES = {
     "threshold": "Good vs defect: the threshold trade-off",
     "operating_curve": "Operating curve: escape rate vs false-reject rate",
     "error_gallery": "Gallery of the most confident mistakes",
+    "training_curves": "Training: loss and validation scores per epoch",
 }
+# figures after the mistakes table, in a section of their own: how the run got here
+TRAINING_FIGURES = ("training_curves",)
+TRAINING_CAPTION = ("From the run's history (metrics.json; the training loss from metrics.csv): the dashed line marks "
+                    "the epoch whose checkpoint the run keeps (checkpoints/best.ckpt).")
 
 
 def _esc(value) -> str:
@@ -174,9 +179,13 @@ def render_report(result: dict, figures: dict[str, Path], *, split: str, info: d
     notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in info.get("notes", []))
     meta = " · ".join(f"<b>{_esc(k.replace('_', ' '))}</b> {_esc(v)}" for k, v in info.items()
                       if k != "notes" and v is not None)
-    figs = "".join(f"<h2>{_esc(FIGURE_TITLES.get(name, name))}</h2>"
-                   f'<img class="fig" alt="{_esc(name)}" src="{png_data_uri(path)}">'
-                   for name, path in figures.items())
+    def figure(name: str, path: Path, caption: str = "") -> str:
+        caption = f'<p class="small">{_esc(caption)}</p>' if caption else ""
+        return (f"<h2>{_esc(FIGURE_TITLES.get(name, name))}</h2>{caption}"
+                f'<img class="fig" alt="{_esc(name)}" src="{png_data_uri(path)}">')
+
+    figs = "".join(figure(name, path) for name, path in figures.items() if name not in TRAINING_FIGURES)
+    training = "".join(figure(name, figures[name], TRAINING_CAPTION) for name in TRAINING_FIGURES if name in figures)
     summary = result["summary"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
@@ -190,6 +199,7 @@ def render_report(result: dict, figures: dict[str, Path], *, split: str, info: d
 {_good_vs_defect(result.get("good_vs_defect"), threshold_choice)}
 {figs}
 {_errors_table(errors)}
+{training}
 <p class="small">ECE: expected calibration error of the top-1 confidence over 10 equal-width bins.
 Escape and false-reject rates are measured on these images only; expect them to move on new data.</p>
 </main></body></html>

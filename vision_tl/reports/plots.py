@@ -320,3 +320,152 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
                      fontsize=8.5, color=DEFECT_COLOUR)
     fig.suptitle("Most confident mistakes", fontsize=11)
     return _save(fig, path)
+
+
+# Okabe & Ito: train loss orange, validation blue; the lighter sky blue for plain accuracy
+TRAIN_COLOUR, VAL_COLOUR, ACC_COLOUR, MILESTONE_COLOUR = "#E69F00", "#0072B2", "#56B4E9", "#CC79A7"
+# beyond this many points a curve is a line without markers (100 epochs of dots are a smear)
+MARKED_POINTS = 30
+
+
+def _history_positions(history: list[dict]) -> np.ndarray:
+    """Where each validation sits on the epoch axis: at its epoch, or spread over the epoch where
+    it validated several times (``val_check_interval`` < 1), the last at the epoch itself."""
+    epochs = [int(r["epoch"]) for r in history]
+    counts = {e: epochs.count(e) for e in epochs}
+    seen: dict[int, int] = {}
+    x = []
+    for e in epochs:
+        seen[e] = seen.get(e, 0) + 1
+        x.append(e - 1 + seen[e] / counts[e])
+    return np.asarray(x, dtype=float)
+
+
+def _values(rows: list[dict], key: str) -> np.ndarray:
+    """``key`` of each row as floats, NaN where missing, null or not finite."""
+    out = []
+    for r in rows:
+        v = r.get(key)
+        out.append(float(v) if isinstance(v, (int, float)) and np.isfinite(v) else np.nan)
+    return np.asarray(out, dtype=float)
+
+
+def _curve(ax, x: np.ndarray, y: np.ndarray, label: str, **style) -> bool:
+    """A line through ``y`` (broken where it is NaN), markers on every point when there are few
+    and on the points no line reaches (one epoch, a value between two missing ones); an entry
+    saying 'none' in the legend where every value is missing. Whether anything was drawn."""
+    finite = np.isfinite(y)
+    if not finite.any():
+        ax.plot([], [], " ", label=f"{label}: none logged")
+        return False
+    few = len(x) <= MARKED_POINTS
+    line, = ax.plot(x, y, marker="o" if few else None, ms=5 if len(x) <= 3 else 3.5, lw=1.8 if few else 1.3,
+                    label=label, **style)
+    left, right = np.r_[False, finite[:-1]], np.r_[finite[1:], False]
+    alone = finite & ~left & ~right
+    if alone.any() and not few:
+        ax.plot(x[alone], y[alone], "o", ms=3.5, color=line.get_color(), alpha=style.get("alpha", 1.0))
+    return True
+
+
+def _score_limits(values: np.ndarray) -> tuple[float, float]:
+    """0..1, or zoomed to the scores' range when all of them are above 0.5 (ticks show where)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size or finite.min() < 0.5:
+        return -0.02, 1.02
+    return max(0.0, np.floor(finite.min() * 20) / 20 - 0.05), 1.01
+
+
+def _mark_milestones(axes, milestones: dict[int, int]) -> None:
+    """GradualUnfreezing's milestones: a dotted line before the epoch that first trains more stages."""
+    for i, (epoch, stages) in enumerate(sorted(milestones.items())):
+        for ax in axes:
+            ax.axvline(epoch - 0.5, color=MILESTONE_COLOUR, ls=":", lw=1.2,
+                       label="stages unfrozen" if i == 0 and ax is axes[-1] else None)
+        axes[0].annotate(f"last {stages} train", (epoch - 0.5, 1), xycoords=("data", "axes fraction"),
+                         xytext=(2, -3), textcoords="offset points", rotation=90, ha="left", va="top",
+                         fontsize=7, color=MILESTONE_COLOUR)
+
+
+def _mark_best(ax, loss_ax, x: float, score: float | None, epoch: int, x_mid: float) -> None:
+    """The epoch whose checkpoint the run keeps: a line on both panels, the score written beside it."""
+    loss_ax.axvline(x, color="black", ls="--", lw=1, alpha=0.6)
+    ax.axvline(x, color="black", ls="--", lw=1.2, label="kept (best.ckpt)")
+    if score is None:
+        text, y = f"kept: epoch {epoch}", 0.5
+    else:
+        ax.plot([x], [score], "o", ms=8, mfc="none", mec="black", mew=1.5, zorder=5)
+        low, high = ax.get_ylim()
+        y = 0.06 if (score - low) / (high - low) > 0.5 else 0.94  # away from the point
+        text = f"kept: epoch {epoch}\nbalanced acc {score:.3f}"
+    right = x > x_mid
+    ax.annotate(text, (x, y), xycoords=("data", "axes fraction"), xytext=(-5 if right else 5, 0),
+                textcoords="offset points", ha="right" if right else "left", va="bottom" if y < 0.5 else "top",
+                fontsize=8.5, bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
+
+
+@literal_text
+def plot_training_curves(history: list[dict], path: str | Path, *, best: dict | None = None,
+                         train_loss: dict[int, float] | None = None, val_loss: dict[int, float] | None = None,
+                         since_epoch: int = 0, milestones: dict[int, int] | None = None,
+                         title: str = "Training") -> Path:
+    """Loss per epoch (left: validation loss, and the mean training loss of each epoch where the
+    step log has it) and validation balanced accuracy and accuracy (right), the epoch whose
+    checkpoint the run keeps marked and labelled with its score.
+
+    Args:
+        history: ``metrics.json``'s ``history``: one entry per validation, with ``epoch``,
+            ``balanced_acc``, ``acc`` and ``tie_break`` (the validation loss); missing or NaN
+            values leave a gap.
+        best: ``metrics.json``'s ``val`` (the kept epoch); None: nothing marked.
+        train_loss: mean training loss per epoch (from ``metrics.csv``); None: not shown.
+        val_loss: validation loss per epoch, for entries without ``tie_break``.
+        since_epoch: the first epoch trained in this run folder (a run continued from another's
+            checkpoint): the earlier ones are shaded.
+        milestones: GradualUnfreezing's ``{epoch: stages}``, drawn as dotted lines.
+    """
+    history = sorted((r for r in history if isinstance(r.get("epoch"), int)), key=lambda r: r["epoch"])
+    x = _history_positions(history)
+    val = _values(history, "tie_break")
+    if val_loss:
+        val = np.where(np.isfinite(val), val, [val_loss.get(r["epoch"], np.nan) for r in history])
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    fig, (loss_ax, score_ax) = _subplots(1, 2, figsize=(10, 4.4), constrained_layout=True)
+    epochs = sorted(train_loss or {})
+    if train_loss is not None:
+        _curve(loss_ax, np.asarray(epochs, float), np.asarray([train_loss[e] for e in epochs], float),
+               "train loss (mean of logged steps)", color=TRAIN_COLOUR)
+    _curve(loss_ax, x, val, "validation loss", color=VAL_COLOUR)
+    balanced = _values(history, "balanced_acc")
+    _curve(score_ax, x, balanced, "balanced accuracy", color=VAL_COLOUR, zorder=3)  # on top where they agree
+    _curve(score_ax, x, _values(history, "acc"), "accuracy", color=ACC_COLOUR, ls="--", alpha=0.8)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    score_ax.set(xlabel="epoch", ylabel="score", ylim=_score_limits(np.r_[balanced, _values(history, "acc")]),
+                 title="validation scores per epoch")
+    shown = np.r_[x, epochs] if len(x) or epochs else np.zeros(1)
+    lo, hi = float(np.min(shown)), float(np.max(shown))
+    positive = np.r_[val, [train_loss[e] for e in epochs]]
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    if positive.size and positive.max() / positive.min() > 30:  # a first epoch's loss would flatten the rest
+        loss_ax.set_yscale("log")
+        # (matplotlib writes 10^k as a formula, which literal_text turns off: plain numbers instead)
+        loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    for ax in (loss_ax, score_ax):
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))  # epochs, never epoch 0.2
+        ax.grid(alpha=0.3)
+        if since_epoch > lo:
+            ax.axvspan(lo - 0.5, since_epoch - 0.5, color="0.9", zorder=0,
+                       label="earlier run folder" if ax is score_ax else None)
+    _mark_milestones((loss_ax, score_ax), {e: n for e, n in (milestones or {}).items() if lo - 0.5 < e <= hi})
+    if best is not None and isinstance(best.get("epoch"), int):
+        at = [i for i, r in enumerate(history) if r["epoch"] == best["epoch"]]
+        same = [i for i in at if history[i].get("balanced_acc") == best.get("balanced_acc")]
+        score = _values([best], "balanced_acc")[0]
+        _mark_best(score_ax, loss_ax, x[(same or at)[-1]] if at else best["epoch"],
+                   None if np.isnan(score) else float(score), best["epoch"], (lo + hi) / 2)
+    for ax in (loss_ax, score_ax):
+        _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

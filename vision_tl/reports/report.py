@@ -113,6 +113,19 @@ def _figures(result: dict, probs: np.ndarray, labels: np.ndarray, classes: list[
     return figures
 
 
+def _training_curves(out_dir: Path) -> Path | None:
+    """The run's training curves, drawn again from its history (metrics.json, metrics.csv) as it
+    is now; None where ``out_dir`` holds no history. A figure that fails warns and is left out:
+    the evaluation does not depend on it."""
+    from vision_tl.reports.training import TRAINING_CURVES, write_training_curves
+
+    try:
+        return write_training_curves(out_dir, out_dir / TRAINING_CURVES)
+    except Exception as exc:  # noqa: BLE001 - the report stands without the training picture
+        warnings.warn(f"the report leaves out the training curves: {type(exc).__name__}: {exc}", stacklevel=2)
+        return None
+
+
 def _compact(result: dict) -> dict:
     """The report's metrics without curves and sweeps (those are in the figures)."""
     out = {k: v for k, v in result.items() if k not in ("curves", "good_vs_defect")}
@@ -191,6 +204,9 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
         from vision_tl.reports.plots import plot_error_gallery
 
         figures["error_gallery"] = plot_error_gallery(errors, out_dir / f"error_gallery_{split}.png")
+    training = _training_curves(out_dir)
+    if training is not None:
+        figures["training_curves"] = training
     extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threshold_choice": threshold_choice, "predictions": predictions.name,
              "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)

@@ -24,8 +24,8 @@ from vision_tl.utils.files import atomic_write_text, path_lock, path_text
 
 class RunArtifacts(L.Callback):
     """Writes the run directory's files (``trainer.log_dir``): ``labels.json``; for fit also
-    ``split.json``, ``metrics.json`` and a confusion-matrix PNG; for test its report; for
-    predict ``predictions.csv``.
+    ``split.json``, ``metrics.json``, a confusion-matrix PNG and ``training_curves.png``; for
+    test its report; for predict ``predictions.csv``.
 
     Args:
         monitor: validation metric that picks the best epoch (must match the checkpoint's).
@@ -143,6 +143,8 @@ class RunArtifacts(L.Callback):
                 metrics.update({"classes": pl_module.classes, stage: result})
                 if stage == "val":
                     metrics["val_last"] = self.history[-1]
+                    if self.since_epoch:  # (the training curves shade the epochs of the earlier folder)
+                        metrics["since_epoch"] = self.since_epoch
                     metrics["history"] = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                                           for r in self.history]
                 atomic_write_text(path, json.dumps(metrics, indent=1))
@@ -171,8 +173,21 @@ class RunArtifacts(L.Callback):
                           f"test; {fix}", stacklevel=2)
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
+            self._write_training_curves(trainer)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
             say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
+
+    def _write_training_curves(self, trainer: L.Trainer) -> None:
+        """``training_curves.png`` from the files just written (metrics.json, and metrics.csv, which
+        Lightning writes out at every logging call); a figure that fails warns, never fails the fit
+        that trained the run."""
+        from vision_tl.reports.training import write_training_curves
+
+        try:
+            write_training_curves(self.run_dir(trainer))
+        except Exception as exc:  # noqa: BLE001 - a picture is not worth the trained run
+            warnings.warn(f"could not draw {self.run_dir(trainer) / 'training_curves.png'} ({type(exc).__name__}: "
+                          f"{exc}); the run itself is complete", stacklevel=2)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and self._writes(trainer):  # test and predict name theirs in their own lines
