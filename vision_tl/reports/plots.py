@@ -435,7 +435,7 @@ def plot_training_curves(history: list[dict], path: str | Path, *, best: dict | 
     epochs = sorted(train_loss or {})
     if train_loss is not None:
         _curve(loss_ax, np.asarray(epochs, float), np.asarray([train_loss[e] for e in epochs], float),
-               "train loss (mean of logged steps)", color=TRAIN_COLOUR)
+               "training loss (epoch mean)", color=TRAIN_COLOUR)
     _curve(loss_ax, x, val, "validation loss", color=VAL_COLOUR)
     balanced = _values(history, "balanced_acc")
     _curve(score_ax, x, balanced, "balanced accuracy", color=VAL_COLOUR, zorder=3)  # on top where they agree

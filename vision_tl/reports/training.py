@@ -50,8 +50,9 @@ def _float(text: str | None) -> float | None:
 
 
 def _epoch_values(path: Path) -> dict[str, dict[int, list[float]]]:
-    """``train/loss`` and ``val/loss`` of one step log, per epoch (rows without a number skipped)."""
-    out: dict[str, dict[int, list[float]]] = {"train/loss": {}, "val/loss": {}}
+    """``train/loss`` (each epoch's mean, ``train/epoch_loss``, where logged; else the logged
+    steps') and ``val/loss`` of one step log, per epoch (rows without a number skipped)."""
+    out: dict[str, dict[int, list[float]]] = {"train/loss": {}, "val/loss": {}, "train/epoch_loss": {}}
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             epoch = _float(row.get("epoch"))
@@ -61,6 +62,9 @@ def _epoch_values(path: Path) -> dict[str, dict[int, list[float]]]:
                 value = _float(row.get(key))
                 if value is not None:
                     values.setdefault(int(epoch), []).append(value)
+    means = out.pop("train/epoch_loss")
+    if means:  # (a log of an older kit has only the sampled steps)
+        out["train/loss"] = means
     return out
 
 

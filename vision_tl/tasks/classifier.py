@@ -316,6 +316,8 @@ class ImageClassifier(L.LightningModule):
         self._loss_sums: dict[str, torch.Tensor] = {}  # per stage: [sum of w_y * loss, sum of w_y] (_add_loss)
         self.threshold: float | None = None
         self.last_train_loss: torch.Tensor | None = None  # for progress bars (see training_step)
+        self._train_loss_sum: torch.Tensor | None = None  # this epoch's step losses, added on the device
+        self._train_loss_steps = 0
         self.register_buffer("loss_weights", torch.ones(len(self.classes)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -630,7 +632,28 @@ class ImageClassifier(L.LightningModule):
         if self._step_metrics_due(batch_idx):
             self.log("train/loss", loss, batch_size=len(y))
         self.last_train_loss = loss.detach()
+        # the epoch's mean, logged once at its end (train/epoch_loss): an add on the device per
+        # step, where logging every step would cost a logger call each (see _step_metrics_due)
+        self._train_loss_sum = self.last_train_loss if self._train_loss_sum is None else \
+            self._train_loss_sum + self.last_train_loss
+        self._train_loss_steps += 1
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum, self._train_loss_steps = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        """Log ``train/epoch_loss``, the mean loss of the epoch's steps (averaged over ranks): the
+        training curve of ``training_curves.png``, where ``train/loss`` is only every Nth step."""
+        steps, total = self._train_loss_steps, self._train_loss_sum
+        self._train_loss_sum, self._train_loss_steps = None, 0
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank joins the reduce
+            pair = torch.stack([total.float() if total is not None else torch.zeros((), device=self.device),
+                                torch.tensor(float(steps), device=self.device)])
+            total, steps = self.trainer.strategy.reduce(pair, reduce_op="sum").unbind()
+            steps = float(steps)
+        if steps:
+            self.log("train/epoch_loss", total.float() / steps)
 
     def _step_metrics_due(self, batch_idx: int) -> bool:
         """Whether Lightning hands this step's metrics to the logger (every ``log_every_n_steps``)
