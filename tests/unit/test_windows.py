@@ -1,0 +1,142 @@
+"""What breaks on Windows, simulated on Linux: its file rules and its text encodings.
+
+Line PCs are very often Windows. There a file that is open cannot be renamed or deleted (Python's
+``open``/``os.open`` never share it for deletion), ``os.fsync`` needs a descriptor open for writing
+(``FlushFileBuffers``), there is no ``fcntl``, and text files and a redirected console default to
+the ANSI code page (cp1252), not UTF-8.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vision_tl.deploy.cli import main as predict_onnx
+from vision_tl.utils import files
+from vision_tl.utils.files import atomic_path, atomic_write_text
+
+
+def _open_here(path: str | os.PathLike) -> bool:
+    """Whether this process holds a descriptor on the file at ``path``."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return False
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.path.samestat(os.fstat(int(name)), target):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _sharing_violation(path: str | os.PathLike) -> PermissionError:
+    return PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
+                                         "another process (simulated Windows)", str(path))
+
+
+@pytest.fixture
+def windows_files(monkeypatch):
+    """Windows' rules for open files, and no ``fcntl``, for what runs inside the test."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("the simulation reads /proc/self/fd (Linux)")
+    real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "remove", "fsync")}
+
+    def moving(name):
+        def call(src, dst, *args, **kwargs):
+            if _open_here(src) or _open_here(dst):
+                raise _sharing_violation(src)
+            return real[name](src, dst, *args, **kwargs)
+        return call
+
+    def deleting(name):
+        def call(path, *args, **kwargs):
+            if _open_here(path):
+                raise _sharing_violation(path)
+            return real[name](path, *args, **kwargs)
+        return call
+
+    import fcntl
+
+    def fsync(fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor (simulated Windows: fsync of a read-only descriptor)")
+        return real["fsync"](fd)
+
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, moving(name))
+    for name in ("unlink", "remove"):
+        monkeypatch.setattr(os, name, deleting(name))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(files, "fcntl", None)
+
+
+def test_the_simulation_refuses_what_windows_refuses(tmp_path, windows_files):
+    path = tmp_path / "a.txt"
+    path.write_text("x", encoding="utf-8")
+    with open(path, "rb") as fh:
+        with pytest.raises(PermissionError):
+            os.replace(path, tmp_path / "b.txt")
+        with pytest.raises(OSError):
+            os.fsync(fh.fileno())
+    os.replace(path, tmp_path / "b.txt")
+
+
+def test_atomic_writes_work_under_windows_file_rules(tmp_path, windows_files):
+    """Every file the kit writes goes through atomic_path: its temporary file must be closed
+    before the rename, and synced through a descriptor that may write."""
+    target = tmp_path / "labels.json"
+    atomic_write_text(target, '["good"]')
+    atomic_write_text(target, '["good", "dent"]')  # replacing an existing file
+    with atomic_path(tmp_path / "new.bin", overwrite=False) as tmp:
+        tmp.write_bytes(b"x")
+    assert target.read_text(encoding="utf-8") == '["good", "dent"]' and (tmp_path / "new.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "new.bin"]  # no temporary file left
+
+
+def tiny_model(path: Path, classes: list[str]) -> Path:
+    """A uint8 NHWC model with vision_tl metadata: mean colour -> softmax over ``classes``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vision_tl.deploy import ModelMetadata
+
+    weights = np.linspace(-1, 1, 3 * len(classes), dtype=np.float32).reshape(3, len(classes))
+    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["feat"], axes=[1, 2], keepdims=0),
+             helper.make_node("MatMul", ["feat", "W"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["probabilities"], axis=-1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)])],
+                              [numpy_helper.from_array(weights / 64, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = ModelMetadata(classes=classes, input_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                         interpolation="bicubic", backbone="tiny", kit_version="0.1.0", metrics={},
+                         good_class=classes[0], threshold=0.5)
+    helper.set_model_props(model, meta.to_props())
+    onnx.save(model, str(path))
+    return path
+
+
+def line_images(folder: Path, n: int = 3) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(folder / f"part_{i}.png")
+    return folder
+
+
+def test_predict_onnx_writes_and_replaces_its_csv_under_windows_file_rules(tmp_path, windows_files, capsys):
+    model = tiny_model(tmp_path / "model.onnx", ["good", "scratch"])
+    args = [str(model), str(line_images(tmp_path / "images")), "--out", str(tmp_path / "p.csv")]
+    assert predict_onnx(args) == 0, capsys.readouterr().err
+    assert predict_onnx([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
