@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,4 +141,18 @@ def test_predict_onnx_writes_and_replaces_its_csv_under_windows_file_rules(tmp_p
     args = [str(model), str(line_images(tmp_path / "images")), "--out", str(tmp_path / "p.csv")]
     assert predict_onnx(args) == 0, capsys.readouterr().err
     assert predict_onnx([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
+
+
+def test_predict_onnx_prints_class_names_a_cp1252_output_cannot_hold(tmp_path):
+    """Redirected to a file or a pipe, Windows' standard output is cp1252: a class named 傷 in the
+    summary must come out escaped, not as a UnicodeEncodeError after the CSV was written."""
+    model = tiny_model(tmp_path / "model.onnx", ["gut", "Kratzer_ä", "傷"])
+    script = "import sys; from vision_tl.cli import console_main; sys.exit(console_main())"
+    args = ["predict-onnx", str(model), str(line_images(tmp_path / "images")), "--out", str(tmp_path / "p.csv")]
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
+    out = done.stdout.decode("cp1252")
+    assert "Kratzer_ä" in out and "\\u50b7" in out and "wrote" in out
     assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
