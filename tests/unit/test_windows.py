@@ -8,6 +8,7 @@ the ANSI code page (cp1252), not UTF-8.
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import subprocess
@@ -156,3 +157,34 @@ def test_predict_onnx_prints_class_names_a_cp1252_output_cannot_hold(tmp_path):
     out = done.stdout.decode("cp1252")
     assert "Kratzer_ä" in out and "\\u50b7" in out and "wrote" in out
     assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
+
+
+def _text_io_without_encoding(tree: ast.AST) -> list[int]:
+    """Lines of ``open(...)`` in text mode, ``.read_text()`` and ``.write_text()`` without an encoding."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg in ("encoding", None) for k in node.keywords):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "read_text" and not node.args:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Attribute) and func.attr == "write_text" and len(node.args) < 2:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id == "open":
+            mode = next((k.value for k in node.keywords if k.arg == "mode"), node.args[1] if len(node.args) > 1 else None)
+            binary = isinstance(mode, ast.Constant) and isinstance(mode.value, str) and "b" in mode.value
+            if not binary and len(node.args) < 4:  # (the fourth positional argument is the encoding)
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_kit_reads_and_writes_text_files_as_utf8():
+    """Without an encoding, Python reads and writes text in the locale's: cp1252 on Windows (before
+    Python 3.15), where a config or JSON file with a class named Kratzer_ä or 傷 was misread or refused."""
+    package = Path(files.__file__).resolve().parents[1]
+    found = [f"{path.relative_to(package.parent)}:{line}" for path in sorted(package.rglob("*.py"))
+             for line in _text_io_without_encoding(ast.parse(path.read_text(encoding="utf-8")))]
+    assert found == [], "text I/O without encoding='utf-8': " + ", ".join(found)
+    sample = ast.parse("open(p)\nopen(p, 'rb')\nopen(p, 'w', encoding='utf-8')\np.read_text()\np.write_text(t)\n"
+                       "p.write_text(t, encoding='utf-8')\nos.open(p, os.O_RDONLY)\n")
+    assert _text_io_without_encoding(sample) == [1, 4, 5]
