@@ -188,3 +188,29 @@ def test_the_kit_reads_and_writes_text_files_as_utf8():
     sample = ast.parse("open(p)\nopen(p, 'rb')\nopen(p, 'w', encoding='utf-8')\np.read_text()\np.write_text(t)\n"
                        "p.write_text(t, encoding='utf-8')\nos.open(p, os.O_RDONLY)\n")
     assert _text_io_without_encoding(sample) == [1, 4, 5]
+
+
+def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypatch):
+    """Some Windows network drives (sshfs-win, WebDAV) give every file st_ino 0: the walk, which
+    visits each real folder once, must not take every sub-folder for the root seen again."""
+    from PIL import Image
+
+    from vision_tl import imaging
+
+    for name in ("good", "scratch"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "a.png")
+    real_stat = os.stat
+
+    class NoFileId:
+        def __init__(self, info):
+            self._info = info
+
+        st_ino = 0
+
+        def __getattr__(self, name):
+            return getattr(self._info, name)
+
+    monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
+    images, _ = imaging.image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
