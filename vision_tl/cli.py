@@ -11,7 +11,13 @@ import os
 import sys
 import warnings
 
-from vision_tl.utils import Terminated, local_rank, release_process_group, sigterm_as_interrupt
+from vision_tl.utils import (
+    Terminated,
+    local_rank,
+    printable_stdout,
+    release_process_group,
+    sigterm_as_interrupt,
+)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # What the full kit has and the torch-free predictor (vision-tl-deploy, or the kit installed with
@@ -141,6 +147,7 @@ def console_main() -> int:
     next batch instead. An interruption no command caught (while modules import) is one line,
     not a traceback."""
     warnings.showwarning = _show_warning  # the command's own process: nobody else's warnings to keep
+    printable_stdout()
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     received: list[int] = []
     try:

@@ -58,7 +58,7 @@ def _prepare_data(root: Path, size: int, seed: int) -> None:
     recipe = {"counts": DEMO_COUNTS, "size": size, "seed": seed}
     if marker.exists():
         try:
-            made = json.loads(marker.read_text())
+            made = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"{marker} (the demo's record of how it made {root}) is damaged ({exc}); delete it, "
                              "or pass --data to another folder") from exc
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     if code != 0:
         raise RuntimeError("vision-tl fit did not finish; see the messages above")
     (run_dir,) = set(parent.glob("version_*")) - before
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     _print_summary(metrics["val"], metrics["classes"], time.perf_counter() - start, str(run_dir))
     return metrics["val"]
 

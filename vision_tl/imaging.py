@@ -128,7 +128,8 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
         if (info.st_dev, info.st_ino) in seen:
             dirnames[:] = []
             continue
-        seen.add((info.st_dev, info.st_ino))
+        if info.st_ino:  # 0: no file ids here (some Windows network drives), every folder would be "seen"
+            seen.add((info.st_dev, info.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith("."):

@@ -267,7 +267,7 @@ def _read_dict(path: Path) -> dict:
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
             return {}
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

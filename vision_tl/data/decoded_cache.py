@@ -209,7 +209,7 @@ def _stamp(path: Path) -> tuple[str, int, int, int]:
 def _open(data_path: Path, meta_path: Path, count: int, size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
     """The mapped pixels and bad indices of a finished entry, after checking it; else :class:`_Damaged`."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _Damaged(meta_path, f"cannot be read: {exc}") from exc
     bad = meta.get("bad") if isinstance(meta, dict) else None

@@ -330,4 +330,7 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 
 if __name__ == "__main__":
+    from vision_tl.utils import printable_stdout
+
+    printable_stdout()
     sys.exit(main())

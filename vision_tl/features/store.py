@@ -324,7 +324,7 @@ def _read_summary(path: Path) -> dict:
     if not path.exists():
         raise _DamagedShard(f"its checksum file {path.name} is missing")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
         if not all(isinstance(summary.get(k), int) for k in ("rows", "width", "feats_crc32", "keys_crc32")):
             raise ValueError("missing fields")
         return summary
@@ -349,7 +349,7 @@ def _hold_in_use(store: ShardStore) -> None:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise FeatureStoreError(f"cannot read {path}: {exc}; delete it and run again") from exc
 

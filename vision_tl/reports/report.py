@@ -451,7 +451,7 @@ def _check_run_classes(run_dir: Path, ckpt_path: Path, classes: list[str]) -> No
     """The checkpoint's classes are the run's (``labels.json``, written by fit)."""
     labels = run_dir / "labels.json"
     try:
-        run_classes = json.loads(labels.read_text()) if labels.is_file() else None
+        run_classes = json.loads(labels.read_text(encoding="utf-8")) if labels.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportError(f"{labels} is not readable JSON ({exc}); it is the run's class list, written by "
                           "vision-tl fit") from exc

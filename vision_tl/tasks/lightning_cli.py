@@ -200,7 +200,7 @@ class _Parser(LightningArgumentParser):
         """The ``--config`` file (of the parsed command line) in which ``key`` is written."""
         for name in _Parser._config_files():
             try:
-                node = yaml.safe_load(Path(name).read_text())
+                node = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):
                 continue
             *parents, leaf = key.split(".")

@@ -145,6 +145,16 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
+def printable_stdout() -> None:
+    """Write what standard output's encoding cannot hold as ``\\uXXXX`` escapes instead of failing,
+    as Python's standard error already does. On Windows, output redirected to a file or a pipe (a
+    line PC's scheduled task, a script's log) is in the ANSI code page, cp1252, which has no
+    ``傷``: a class or file name printed in a summary raised ``UnicodeEncodeError`` after all the
+    work was done. For the command's own process (its console script)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM taken like Ctrl-C: ``finally`` blocks and context managers (temporary files,
     work folders) clean up on the way out."""

@@ -20,6 +20,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 # A temporary file younger than this is never taken for an orphan: its writer may have created it
@@ -80,15 +81,20 @@ def locked_temp(path: Path) -> Iterator[Path]:
     ends, then removed if it is still there. The lock is what tells a writer that is still at
     work from one that was killed: the kernel drops it with the process, whatever machine or
     container (PID namespace) the process ran in."""
+    fd: int | None
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     tmp_path = Path(tmp)
     try:
         if fcntl is not None:
             with contextlib.suppress(OSError):  # a file system without locks: the file is just not swept
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: no lock to hold, and a file open there cannot be renamed into place
+            os.close(fd)
+            fd = None
         yield tmp_path
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if tmp_path.exists():
             tmp_path.unlink()
 
@@ -201,7 +207,7 @@ def durable_replace(tmp: Path, path: Path, overwrite: bool = True) -> None:
     Raises:
         FileExistsError: ``overwrite`` is False and ``path`` exists.
     """
-    with open(tmp, "rb") as fh:
+    with _open_for_sync(tmp) as fh:
         os.fsync(fh.fileno())
     if overwrite:
         os.replace(tmp, path)
@@ -223,6 +229,16 @@ def durable_replace(tmp: Path, path: Path, overwrite: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _open_for_sync(path: Path) -> IO[bytes]:
+    """``path`` opened so that ``os.fsync`` works on it: for writing, which Windows requires
+    (``FlushFileBuffers``; ``EBADF`` on a read-only descriptor); read-only where the file's
+    permissions (a umask without the owner's write bit) refuse writing, which POSIX syncs too."""
+    try:
+        return open(path, "r+b")
+    except PermissionError:
+        return open(path, "rb")
 
 
 def _make_readable(path: Path) -> None:

@@ -1,0 +1,216 @@
+"""What breaks on Windows, simulated on Linux: its file rules and its text encodings.
+
+Line PCs are very often Windows. There a file that is open cannot be renamed or deleted (Python's
+``open``/``os.open`` never share it for deletion), ``os.fsync`` needs a descriptor open for writing
+(``FlushFileBuffers``), there is no ``fcntl``, and text files and a redirected console default to
+the ANSI code page (cp1252), not UTF-8.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vision_tl.deploy.cli import main as predict_onnx
+from vision_tl.utils import files
+from vision_tl.utils.files import atomic_path, atomic_write_text
+
+
+def _open_here(path: str | os.PathLike) -> bool:
+    """Whether this process holds a descriptor on the file at ``path``."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return False
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.path.samestat(os.fstat(int(name)), target):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _sharing_violation(path: str | os.PathLike) -> PermissionError:
+    return PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
+                                         "another process (simulated Windows)", str(path))
+
+
+@pytest.fixture
+def windows_files(monkeypatch):
+    """Windows' rules for open files, and no ``fcntl``, for what runs inside the test."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("the simulation reads /proc/self/fd (Linux)")
+    real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "remove", "fsync")}
+
+    def moving(name):
+        def call(src, dst, *args, **kwargs):
+            if _open_here(src) or _open_here(dst):
+                raise _sharing_violation(src)
+            return real[name](src, dst, *args, **kwargs)
+        return call
+
+    def deleting(name):
+        def call(path, *args, **kwargs):
+            if _open_here(path):
+                raise _sharing_violation(path)
+            return real[name](path, *args, **kwargs)
+        return call
+
+    import fcntl
+
+    def fsync(fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor (simulated Windows: fsync of a read-only descriptor)")
+        return real["fsync"](fd)
+
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, moving(name))
+    for name in ("unlink", "remove"):
+        monkeypatch.setattr(os, name, deleting(name))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(files, "fcntl", None)
+
+
+def test_the_simulation_refuses_what_windows_refuses(tmp_path, windows_files):
+    path = tmp_path / "a.txt"
+    path.write_text("x", encoding="utf-8")
+    with open(path, "rb") as fh:
+        with pytest.raises(PermissionError):
+            os.replace(path, tmp_path / "b.txt")
+        with pytest.raises(OSError):
+            os.fsync(fh.fileno())
+    os.replace(path, tmp_path / "b.txt")
+
+
+def test_atomic_writes_work_under_windows_file_rules(tmp_path, windows_files):
+    """Every file the kit writes goes through atomic_path: its temporary file must be closed
+    before the rename, and synced through a descriptor that may write."""
+    target = tmp_path / "labels.json"
+    atomic_write_text(target, '["good"]')
+    atomic_write_text(target, '["good", "dent"]')  # replacing an existing file
+    with atomic_path(tmp_path / "new.bin", overwrite=False) as tmp:
+        tmp.write_bytes(b"x")
+    assert target.read_text(encoding="utf-8") == '["good", "dent"]' and (tmp_path / "new.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "new.bin"]  # no temporary file left
+
+
+def tiny_model(path: Path, classes: list[str]) -> Path:
+    """A uint8 NHWC model with vision_tl metadata: mean colour -> softmax over ``classes``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vision_tl.deploy import ModelMetadata
+
+    weights = np.linspace(-1, 1, 3 * len(classes), dtype=np.float32).reshape(3, len(classes))
+    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["feat"], axes=[1, 2], keepdims=0),
+             helper.make_node("MatMul", ["feat", "W"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["probabilities"], axis=-1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)])],
+                              [numpy_helper.from_array(weights / 64, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = ModelMetadata(classes=classes, input_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                         interpolation="bicubic", backbone="tiny", kit_version="0.1.0", metrics={},
+                         good_class=classes[0], threshold=0.5)
+    helper.set_model_props(model, meta.to_props())
+    onnx.save(model, str(path))
+    return path
+
+
+def line_images(folder: Path, n: int = 3) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(folder / f"part_{i}.png")
+    return folder
+
+
+def test_predict_onnx_writes_and_replaces_its_csv_under_windows_file_rules(tmp_path, windows_files, capsys):
+    model = tiny_model(tmp_path / "model.onnx", ["good", "scratch"])
+    args = [str(model), str(line_images(tmp_path / "images")), "--out", str(tmp_path / "p.csv")]
+    assert predict_onnx(args) == 0, capsys.readouterr().err
+    assert predict_onnx([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
+
+
+def test_predict_onnx_prints_class_names_a_cp1252_output_cannot_hold(tmp_path):
+    """Redirected to a file or a pipe, Windows' standard output is cp1252: a class named 傷 in the
+    summary must come out escaped, not as a UnicodeEncodeError after the CSV was written."""
+    model = tiny_model(tmp_path / "model.onnx", ["gut", "Kratzer_ä", "傷"])
+    script = "import sys; from vision_tl.cli import console_main; sys.exit(console_main())"
+    args = ["predict-onnx", str(model), str(line_images(tmp_path / "images")), "--out", str(tmp_path / "p.csv")]
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
+    out = done.stdout.decode("cp1252")
+    assert "Kratzer_ä" in out and "\\u50b7" in out and "wrote" in out
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,predicted")
+
+
+def _text_io_without_encoding(tree: ast.AST) -> list[int]:
+    """Lines of ``open(...)`` in text mode, ``.read_text()`` and ``.write_text()`` without an encoding."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg in ("encoding", None) for k in node.keywords):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "read_text" and not node.args:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Attribute) and func.attr == "write_text" and len(node.args) < 2:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id == "open":
+            mode = next((k.value for k in node.keywords if k.arg == "mode"), node.args[1] if len(node.args) > 1 else None)
+            binary = isinstance(mode, ast.Constant) and isinstance(mode.value, str) and "b" in mode.value
+            if not binary and len(node.args) < 4:  # (the fourth positional argument is the encoding)
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_kit_reads_and_writes_text_files_as_utf8():
+    """Without an encoding, Python reads and writes text in the locale's: cp1252 on Windows (before
+    Python 3.15), where a config or JSON file with a class named Kratzer_ä or 傷 was misread or refused."""
+    package = Path(files.__file__).resolve().parents[1]
+    found = [f"{path.relative_to(package.parent)}:{line}" for path in sorted(package.rglob("*.py"))
+             for line in _text_io_without_encoding(ast.parse(path.read_text(encoding="utf-8")))]
+    assert found == [], "text I/O without encoding='utf-8': " + ", ".join(found)
+    sample = ast.parse("open(p)\nopen(p, 'rb')\nopen(p, 'w', encoding='utf-8')\np.read_text()\np.write_text(t)\n"
+                       "p.write_text(t, encoding='utf-8')\nos.open(p, os.O_RDONLY)\n")
+    assert _text_io_without_encoding(sample) == [1, 4, 5]
+
+
+def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypatch):
+    """Some Windows network drives (sshfs-win, WebDAV) give every file st_ino 0: the walk, which
+    visits each real folder once, must not take every sub-folder for the root seen again."""
+    from PIL import Image
+
+    from vision_tl import imaging
+
+    for name in ("good", "scratch"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "a.png")
+    real_stat = os.stat
+
+    class NoFileId:
+        def __init__(self, info):
+            self._info = info
+
+        st_ino = 0
+
+        def __getattr__(self, name):
+            return getattr(self._info, name)
+
+    monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
+    images, _ = imaging.image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
