@@ -214,3 +214,68 @@ def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypa
     monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
     images, _ = imaging.image_files(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
+
+
+def _open_in_cp1252_by_default(monkeypatch, *modules) -> None:
+    """``open`` in ``modules`` as on Windows before Python 3.15: text in cp1252 unless told otherwise."""
+    import builtins
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "cp1252"
+        return builtins.open(file, mode, buffering, encoding, *args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, "open", cp1252_open, raising=False)
+
+
+@pytest.mark.parametrize("root", ["Jürgen/data", "傷/data"])
+def test_a_run_config_is_written_as_utf8_on_a_cp1252_system(tmp_path, monkeypatch, root):
+    """jsonargparse writes in the system's encoding: on Windows a data root with Jürgen was saved as
+    cp1252 (which report and export then could not read), one with 傷 failed to save at all."""
+    from types import SimpleNamespace
+
+    import jsonargparse
+    import jsonargparse._core
+
+    from vision_tl.tasks import lightning_cli
+    from vision_tl.utils import read_run_config
+
+    _open_in_cp1252_by_default(monkeypatch, jsonargparse._core)
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--data.root", type=str)
+    config = parser.parse_args(["--data.root", str(tmp_path / root)])
+    run = tmp_path / "run"
+    trainer = SimpleNamespace(log_dir=str(run), is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda x: x))
+    try:
+        lightning_cli.SaveRunConfig(parser, config).setup(trainer, None, "fit")
+    finally:
+        lightning_cli._forget_runs()  # (the run's lock, held for the command)
+    assert read_run_config(run)["data"]["root"] == str((tmp_path / root).resolve())
+    assert root.split("/")[0].encode("utf-8") in (run / "config.yaml").read_bytes()
+
+
+def test_a_run_config_is_read_back_by_config_as_utf8_on_a_cp1252_system(tmp_path, monkeypatch, capsys):
+    """``vision-tl validate --config RUN/config.yaml``: jsonargparse read the kit's UTF-8 file in the
+    system's encoding, so on Windows the run's data root C:/Users/Jürgen came back as .../JÃ¼rgen."""
+    import jsonargparse._paths
+    import yaml
+
+    from vision_tl.cli import main
+
+    _open_in_cp1252_by_default(monkeypatch, jsonargparse._paths)
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text("data:\n  root: C:/Users/Jürgen/傷\n", encoding="utf-8")
+    assert main(["fit", "--config", str(config), "--config", str(run_config), "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == "C:/Users/Jürgen/傷"
+
+
+def test_a_run_config_in_another_encoding_is_refused_naming_the_file(tmp_path):
+    from vision_tl.utils import read_run_config
+
+    (tmp_path / "config.yaml").write_bytes("data:\n  root: C:/Users/Jürgen\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"config\.yaml: not a UTF-8 text file .* save it with UTF-8"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_bytes("data:\n  root: C:/Users/Jürgen\n".encode("utf-8-sig"))
+    assert read_run_config(tmp_path) == {"data": {"root": "C:/Users/Jürgen"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -38,7 +39,13 @@ from vision_tl.tasks.resume import (
 )
 from vision_tl.utils import launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
-from vision_tl.utils.files import atomic_path, lock_dir, release_dir_locks, unwritable
+from vision_tl.utils.files import (
+    atomic_path,
+    atomic_write_text,
+    lock_dir,
+    release_dir_locks,
+    unwritable,
+)
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 PARTIAL_EXIT = 3  # output written, but some images could not be read (as predict-onnx)
@@ -135,12 +142,19 @@ class SaveRunConfig(SaveConfigCallback):
         if data is not None and data.get("root"):
             data.root = str(Path(data.root).expanduser().resolve())
         # Written beside itself and renamed: a resume rewrites the run's config.yaml, and a kill or
-        # a full disk half-way would leave a run that can no longer be resumed.
-        real_save = self.parser.save
+        # a full disk half-way would leave a run that can no longer be resumed. And in UTF-8, which
+        # the kit reads it as: jsonargparse writes in the system's encoding (cp1252 on Windows),
+        # which misencodes a data root such as C:\Users\Jürgen and cannot hold one with 傷 at all.
+        parser, real_save = self.parser, self.parser.save
 
-        def save_atomically(cfg, path, **kwargs):
-            with atomic_path(Path(path), overwrite=True) as tmp:
-                real_save(cfg, str(tmp), **{**kwargs, "overwrite": True})
+        def save_atomically(cfg, path, multifile=False, **kwargs):
+            if multifile:  # (never asked for by the kit) several files, which only jsonargparse writes
+                with atomic_path(Path(path), overwrite=True) as tmp:
+                    real_save(cfg, str(tmp), **{**kwargs, "multifile": True, "overwrite": True})
+                return
+            skip_unset = kwargs.get("skip_unset", kwargs.get("skip_none", True))
+            text = parser.dump(cfg, skip_unset=skip_unset, skip_validation=kwargs.get("skip_validation", False))
+            atomic_write_text(Path(path), text)
         self.parser.save = save_atomically
         try:
             super().setup(trainer, pl_module, stage)
@@ -187,6 +201,14 @@ class _Parser(LightningArgumentParser):
                     print(f"error: --config {name}: {problem}", file=sys.stderr)
                     raise SystemExit(2)
         return super().parse_args(args, *pargs, **kwargs)
+
+    def parse_path(self, path, *args, **kwargs):
+        """As jsonargparse's, but a config file on disk is read as UTF-8 (as YAML is, and as the kit
+        writes a run's config.yaml), not in the system's encoding: on Windows (cp1252), `--config
+        RUN/config.yaml` of a run whose data root is C:\\Users\\Jürgen read it as C:\\Users\\JÃ¼rgen.
+        jsonargparse has no option for the encoding; its file object reads through ``read_text``."""
+        with _utf8_config_reads():
+            return super().parse_path(path, *args, **kwargs)
 
     @staticmethod
     def _config_files() -> list[str]:
@@ -281,14 +303,38 @@ def _trained_by(config: str) -> str:
     return "; use the config.yaml of the run that trained the checkpoint"
 
 
+@contextlib.contextmanager
+def _utf8_config_reads():
+    """jsonargparse's paths read a file on disk as UTF-8 while this is open (a URL, standard input
+    or an fsspec path as before)."""
+    from jsonargparse import Path as ConfigPath
+
+    own = ConfigPath.read_text
+
+    def read_text(self) -> str:
+        local = self.absolute if not (self.is_url or self.is_fsspec) else None
+        if local is None or not os.path.isfile(local):
+            return own(self)
+        with open(local, encoding="utf-8-sig") as fh:  # (-sig: a BOM a Windows editor put in, dropped)
+            return fh.read()
+
+    ConfigPath.read_text = read_text
+    try:
+        yield
+    finally:
+        ConfigPath.read_text = own
+
+
 def _config_file_problem(name: str) -> str | None:
     """What makes a ``--config`` file unusable, in words (None when it can be parsed)."""
     path = Path(name).expanduser()
     if not path.is_file():
         return "no such file" if not path.exists() else "is not a file; give a YAML config such as configs/partial.yaml"
     try:
-        node = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        node = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start}: {exc.reason}); save it with UTF-8 encoding"
+    except OSError as exc:
         return f"cannot be read as text ({exc})"
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -36,8 +36,12 @@ def launcher_int(name: str, default: int = 0) -> int:
 def read_run_config(run) -> dict:
     """The ``config.yaml`` a command wrote in run directory ``run``, as a dict ({} without one).
 
+    The kit writes it as UTF-8; one in another encoding (written on Windows by an older version,
+    in cp1252, or saved so by an editor) is refused rather than guessed at: cp1252 would read
+    any bytes, and a misread data root would send report or export to another folder.
+
     Raises:
-        OSError: it cannot be read. ValueError: it is not YAML (the message names the file).
+        OSError: it cannot be read. ValueError: it is not UTF-8 or not YAML (the message names the file).
     """
     import yaml
 
@@ -45,8 +49,11 @@ def read_run_config(run) -> dict:
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # (-sig: a BOM an editor put in, dropped)
             config = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); the kit writes a run's "
+                         "config.yaml as UTF-8: open it in an editor and save it with UTF-8 encoding") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not a readable config.yaml ({exc})") from exc
     return config if isinstance(config, dict) else {}
