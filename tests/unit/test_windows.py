@@ -279,3 +279,58 @@ def test_a_run_config_in_another_encoding_is_refused_naming_the_file(tmp_path):
         read_run_config(tmp_path)
     (tmp_path / "config.yaml").write_bytes("data:\n  root: C:/Users/Jürgen\n".encode("utf-8-sig"))
     assert read_run_config(tmp_path) == {"data": {"root": "C:/Users/Jürgen"}}
+
+
+@pytest.fixture
+def excel_holds(monkeypatch, windows_files):
+    """``excel_holds(path)``: ``path`` open in Excel, as Windows sees it: shared for reading only, so
+    opening it for writing fails with a sharing violation, and (the fixture) it cannot be replaced."""
+    held: list = []
+    real_open = os.open
+
+    def sharing_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR) and any(os.path.samefile(path, fh.name) for fh in held
+                                                     if os.path.exists(path)):
+            raise _sharing_violation(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", sharing_open)
+    yield lambda path: held.append(open(path, "rb"))  # noqa: SIM115 (closed below)
+    for fh in held:
+        fh.close()
+
+
+def test_predict_onnx_refuses_an_output_open_in_excel_before_inference(tmp_path, excel_holds, monkeypatch, capsys):
+    from vision_tl.deploy import cli
+
+    model = tiny_model(tmp_path / "model.onnx", ["good", "scratch"])
+    out = tmp_path / "p.csv"
+    out.write_text("path,predicted\nold,good\n", encoding="utf-8")
+    excel_holds(out)
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before the output was checked")
+
+    monkeypatch.setattr(cli, "Predictor", no_inference)
+    info = predict_onnx([str(model), str(line_images(tmp_path / "images")), "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert info == 2 and f"--out {out} cannot be replaced" in err and "open in another program" in err
+    assert out.read_text(encoding="utf-8") == "path,predicted\nold,good\n"
+
+
+def test_predict_onnx_keeps_its_predictions_when_the_output_cannot_be_replaced(tmp_path, windows_files, capsys):
+    """Opened by another program after the check (or one that shares it for writing, not deletion):
+    the final rename fails after all the inference, whose results must not be lost."""
+    model = tiny_model(tmp_path / "model.onnx", ["good", "scratch"])
+    out = tmp_path / "p.csv"
+    out.write_text("path,predicted\nold,good\n", encoding="utf-8")
+    (tmp_path / "p.unsaved.csv").write_text("an earlier one\n", encoding="utf-8")
+    with open(out, "rb"):
+        info = predict_onnx([str(model), str(line_images(tmp_path / "images")), "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    kept = tmp_path / "p.unsaved_2.csv"
+    assert info == 2 and f"{out} could not be replaced" in err and "open in another program" in err
+    assert f"written to {kept} instead" in err
+    assert out.read_text(encoding="utf-8") == "path,predicted\nold,good\n"
+    assert (tmp_path / "p.unsaved.csv").read_text(encoding="utf-8") == "an earlier one\n"
+    assert len(kept.read_text(encoding="utf-8").splitlines()) == 4  # header and three images

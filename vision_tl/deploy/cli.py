@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -31,6 +32,8 @@ from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
 from vision_tl.utils.files import (
     already_there,
     atomic_path,
+    free_sibling,
+    held_by_another_program,
     name_key,
     path_arg,
     path_text,
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``vision-tl predict-onnx``; returns the exit status.
 
-    0: every image predicted; 2: bad arguments, model or inputs (nothing written);
+    0: every image predicted; 2: bad arguments, model or inputs (nothing written), or an --out
+    that could not be replaced (the predictions are then in another file, named in the message);
     3: the output was written but some images could not be read (error rows).
     """
     try:
@@ -165,6 +169,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
     there = already_there(out)
     if there and not overwrite:
         raise DeployError(f"{out} {there}; pass --overwrite to replace it")
+    if there and held_by_another_program(out):  # (checked again when the file is replaced, see _write_atomic)
+        raise DeployError(f"--out {out} cannot be replaced: {_HELD}")
     reason = unwritable(folder)
     if reason:
         raise DeployError(f"--out {out}: cannot write in {folder} ({reason}); write to a folder you can write to")
@@ -223,12 +229,34 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
             bar.close()
 
 
+_HELD = "it may be open in another program (such as Excel); close it there and run again"
+
+
 def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool) -> None:
     """Write through a temporary file in the same folder, renamed into place when complete;
-    without ``overwrite``, a file another process wrote there meanwhile is kept (an error)."""
-    try:
-        with atomic_path(out, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+    without ``overwrite``, a file another process wrote there meanwhile is kept (an error).
+
+    Where ``out`` cannot be replaced (on Windows, opened in Excel since the check before
+    inference), the predictions are written beside it under a name that holds nothing
+    (p.unsaved.csv) rather than lost, and the error names both files."""
+    def write_to(path: Path, overwrite: bool) -> None:
+        with atomic_path(path, overwrite=overwrite) as tmp, \
+                open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
             write(fh)
+
+    try:
+        write_to(out, overwrite)
+    except PermissionError as exc:
+        if not os.path.lexists(out):
+            raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
+        kept = free_sibling(out, "unsaved")
+        try:
+            write_to(kept, overwrite=False)
+        except OSError as again:
+            raise DeployError(f"{out} could not be replaced ({exc}): {_HELD}; nor could the predictions be "
+                              f"written to {kept} ({again})") from exc
+        raise DeployError(f"{out} could not be replaced ({exc}): {_HELD}. The predictions were written to "
+                          f"{kept} instead") from exc
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
 

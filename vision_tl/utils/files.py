@@ -301,6 +301,36 @@ def unwritable(folder: str | Path) -> str | None:
     return None
 
 
+def held_by_another_program(path: str | Path) -> bool:
+    """Whether another program holds ``path`` open so that it cannot be replaced now: on
+    Windows, Excel with a CSV open (it shares the file for reading only) makes opening it for
+    writing fail with a sharing violation (PermissionError), as the final rename would, after
+    all the work. Opened for appending, not created and not written, so the file is unchanged.
+    False where it is not there; a file only read-only by its mode is not held (POSIX replaces it
+    nonetheless). A program that shares it for writing but not deletion is not detected: the
+    final rename still fails there, and callers keep what they wrote (see predict-onnx)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except PermissionError:
+        return os.name == "nt" or os.access(path, os.W_OK)
+    except OSError:  # not there, a folder, ...: the write itself says so
+        return False
+    os.close(fd)
+    return False
+
+
+def free_sibling(path: str | Path, tag: str) -> Path:
+    """``path`` with ``.tag`` before its extension (``p.csv`` -> ``p.unsaved.csv``), or
+    ``.tag_2``, ``.tag_3`` ... where that name is taken: a name beside it that holds nothing."""
+    path = Path(path)
+    number = 1
+    while True:
+        candidate = path.with_name(f"{path.stem}.{tag}{'' if number == 1 else f'_{number}'}{path.suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+        number += 1
+
+
 def file_head(path: str | Path, n: int = 4) -> bytes:
     """The first ``n`` bytes of a file (fewer for a shorter one)."""
     with open(path, "rb") as fh:
