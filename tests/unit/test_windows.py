@@ -334,3 +334,17 @@ def test_predict_onnx_keeps_its_predictions_when_the_output_cannot_be_replaced(t
     assert out.read_text(encoding="utf-8") == "path,predicted\nold,good\n"
     assert (tmp_path / "p.unsaved.csv").read_text(encoding="utf-8") == "an earlier one\n"
     assert len(kept.read_text(encoding="utf-8").splitlines()) == 4  # header and three images
+
+
+def test_predict_onnx_writes_a_csv_excel_reads_as_utf8_when_asked(tmp_path, capsys):
+    """Excel on Windows reads a CSV without a byte order mark as cp1252: Kratzer_ä came out Kratzer_Ã¤."""
+    model = tiny_model(tmp_path / "model.onnx", ["gut", "Kratzer_ä"])
+    args = [str(model), str(line_images(tmp_path / "images"))]
+    assert predict_onnx([*args, "--out", str(tmp_path / "plain.csv")]) == 0, capsys.readouterr().err
+    assert predict_onnx([*args, "--out", str(tmp_path / "excel.csv"), "--csv-encoding", "utf-8-sig"]) == 0
+    assert (tmp_path / "plain.csv").read_bytes().startswith(b"path,")  # the default is unchanged
+    excel = (tmp_path / "excel.csv").read_bytes()
+    assert excel.startswith(b"\xef\xbb\xbfpath,") and "Kratzer_ä".encode() in excel
+    assert predict_onnx([*args, "--out", str(tmp_path / "p.json"), "--csv-encoding", "utf-8-sig"]) == 2
+    assert "--csv-encoding utf-8-sig is for a .csv --out" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

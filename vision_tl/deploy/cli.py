@@ -41,6 +41,7 @@ from vision_tl.utils.files import (
 )
 
 FORMATS = (".csv", ".json")
+CSV_ENCODINGS = ("utf-8", "utf-8-sig")
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_UNREADABLE = 3
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=path_arg, required=True, metavar="FILE",
                         help="output file; the format follows the extension: .csv or .json")
+    parser.add_argument("--csv-encoding", choices=CSV_ENCODINGS, default="utf-8",
+                        help="text encoding of a .csv --out (default: utf-8). utf-8-sig starts the file with a "
+                             "byte order mark, by which Excel on Windows knows it is UTF-8: without it Excel reads "
+                             "it as the system's code page and shows a class Kratzer_ä as Kratzer_Ã¤")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                         help="images per inference batch (default: 32)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output(out, args.overwrite)
+    if args.csv_encoding != "utf-8" and out.suffix.lower() != ".csv":  # (JSON must not start with a BOM)
+        raise DeployError(f"--csv-encoding {args.csv_encoding} is for a .csv --out, not {out.name}; leave it out")
     check_image_settings()  # a bad $VISION_TL_MAX_IMAGE_PIXELS / _JPEG_DECODER: one error before any work
     images, ignored = _collect_images(args.inputs)
     predictor = Predictor(
@@ -142,7 +149,7 @@ def _predict(args: argparse.Namespace) -> int:
         predictions = predictor.predict_paths(images, args.batch_size, on_progress=update)
     elapsed = time.perf_counter() - start
     writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
-    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes), args.overwrite)
+    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes), args.overwrite, args.csv_encoding)
     _print_summary(predictions, predictor, elapsed, out, ignored)
     failed = sum(1 for p in predictions if p.error is not None)
     if failed:
@@ -232,7 +239,7 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
 _HELD = "it may be open in another program (such as Excel); close it there and run again"
 
 
-def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool) -> None:
+def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool, encoding: str = "utf-8") -> None:
     """Write through a temporary file in the same folder, renamed into place when complete;
     without ``overwrite``, a file another process wrote there meanwhile is kept (an error).
 
@@ -241,7 +248,7 @@ def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool) 
     (p.unsaved.csv) rather than lost, and the error names both files."""
     def write_to(path: Path, overwrite: bool) -> None:
         with atomic_path(path, overwrite=overwrite) as tmp, \
-                open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+                open(tmp, "w", encoding=encoding, errors="backslashreplace", newline="") as fh:
             write(fh)
 
     try:
