@@ -348,3 +348,36 @@ def test_predict_onnx_writes_a_csv_excel_reads_as_utf8_when_asked(tmp_path, caps
     assert predict_onnx([*args, "--out", str(tmp_path / "p.json"), "--csv-encoding", "utf-8-sig"]) == 2
     assert "--csv-encoding utf-8-sig is for a .csv --out" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cache_clear_without_file_locks_keeps_entries_in_use(tmp_path, windows_files, capsys):
+    """Without locks, clear cannot tell the entries a running job reads: it deleted them all
+    (with --older-than 0 or none), and a file held open then failed to delete half-way."""
+    import gc
+    import time
+
+    from PIL import Image
+
+    from vision_tl.caches.cli import main as cache
+    from vision_tl.data import decoded_cache as dc
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(paths[-1])
+    pixels, _ = dc.decoded_images(paths, [files.file_sha256(p) for p in paths], (8, 8), "bilinear",
+                                  tmp_path / "dec")
+    data = Path(pixels.filename)
+    del pixels
+    gc.collect()  # (the mapping held the file open)
+    root = ["--decoded", str(tmp_path / "dec")]
+    assert cache(["clear", *root, "--yes"]) == 2 and cache(["clear", *root, "--older-than", "0.5", "--yes"]) == 2
+    assert "no file locks" in capsys.readouterr().err and data.is_file()
+    old = time.time() - 2 * 86400
+    for path in data.parent.iterdir():
+        os.utime(path, (old, old))
+    with open(data, "rb"):  # a run reading the pixels
+        assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
+        assert "in use by a running process" in capsys.readouterr().out and data.is_file()
+    assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
+    assert not data.exists()

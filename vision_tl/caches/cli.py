@@ -27,6 +27,7 @@ from vision_tl.caches.inventory import (
     list_entries,
     unused_for,
 )
+from vision_tl.utils import files
 from vision_tl.utils.files import path_arg
 
 EXAMPLES = """examples:
@@ -158,8 +159,16 @@ def _list(roots: list[CacheRoot], as_json: bool) -> int:
     return 0
 
 
+NO_LOCKS_MIN_DAYS = 1.0  # without file locks (Windows): only entries unused this long are deleted
+
+
 def _clear(roots: list[CacheRoot], args: argparse.Namespace) -> int:
     dry = args.dry_run or not args.yes
+    if files.fcntl is None and (args.older_than is None or args.older_than < NO_LOCKS_MIN_DAYS):
+        raise CacheAdminError(
+            "this system has no file locks (Windows), so cache clear cannot tell the entries a running fit, "
+            "extract or notebook is using; it only deletes entries unused for at least a day: add "
+            f"--older-than {NO_LOCKS_MIN_DAYS:g} (or more)")
     failed = 0
     out: dict = {"dry_run": dry, "caches": []}
     for root in roots:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_tl.utils import files as _files
 from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused
 
 KINDS = ("features", "decoded")
@@ -377,6 +378,8 @@ def clear_entries(root: CacheRoot, entries: list[CacheEntry], days: float | None
                 try:
                     _remove(root, entry)
                     report.deleted.append(entry)
+                except PermissionError:  # Windows: a file a process holds open cannot be deleted
+                    report.busy.append(entry)
                 except OSError as exc:
                     report.failed.append((entry, exc.strerror or str(exc)))
     return report
@@ -393,7 +396,12 @@ def _newest(entry: CacheEntry) -> float:
 def _remove(root: CacheRoot, entry: CacheEntry) -> None:
     """The entry's own files (metadata and commit markers first, so a reader never takes what is
     left for an entry), then its folder and the backbone folders above it once empty."""
-    for path in entry.files:
+    order = entry.files
+    if _files.fcntl is None and entry.kind == "decoded":
+        # no locks (Windows): the pixel file first, which a reader holding it open keeps from
+        # being deleted (PermissionError), so that the entry stays whole for that reader
+        order = sorted(order, key=lambda p: p.suffix != ".npy")
+    for path in order:
         path.unlink(missing_ok=True)
     if not entry.removable_folder:
         return
