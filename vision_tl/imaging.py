@@ -113,7 +113,7 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     root = Path(folder)
     images: list[Path] = []
     others: list[Path] = []
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int | str]] = set()
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder, and its images with it
         where = exc.filename or root
@@ -125,11 +125,13 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         info = os.stat(dirpath)
-        if (info.st_dev, info.st_ino) in seen:
+        # st_ino 0: no file ids here (some Windows network drives), where every folder would be
+        # "seen": the real path (links and junctions resolved) tells a folder met again instead
+        key = (info.st_dev, info.st_ino or os.path.realpath(dirpath))
+        if key in seen:
             dirnames[:] = []
             continue
-        if info.st_ino:  # 0: no file ids here (some Windows network drives), every folder would be "seen"
-            seen.add((info.st_dev, info.st_ino))
+        seen.add(key)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith("."):

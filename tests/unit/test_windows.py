@@ -216,6 +216,34 @@ def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypa
     assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
 
 
+def test_a_link_back_up_a_drive_without_file_ids_is_not_followed_round(tmp_path, monkeypatch):
+    """Without file ids the folder seen again is told by its real path: a link back up the tree
+    (or a junction) was followed round until the system refused the path, every image once a level."""
+    from PIL import Image
+
+    from vision_tl import imaging
+
+    for name in ("good", "scratch"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "a.png")
+    (tmp_path / "good" / "up").symlink_to(tmp_path, target_is_directory=True)
+    real_stat = os.stat
+
+    class NoFileId:
+        def __init__(self, info):
+            self._info = info
+
+        st_ino = 0
+
+        def __getattr__(self, name):
+            return getattr(self._info, name)
+
+    monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
+    images, others = imaging.image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
+    assert others == []
+
+
 def _open_in_cp1252_by_default(monkeypatch, *modules) -> None:
     """``open`` in ``modules`` as on Windows before Python 3.15: text in cp1252 unless told otherwise."""
     import builtins
