@@ -144,6 +144,21 @@ def test_clear_older_than_deletes_only_entries_unused_that_long(tmp_path, images
     assert recent_store.is_dir() and (recent_store / "meta.json").exists()
 
 
+def test_an_entry_this_user_may_not_delete_is_a_failure_not_in_use(tmp_path, images, monkeypatch, capsys):
+    """With locks (POSIX), a PermissionError is the folder's permissions (a cache another user or root
+    made): clear said the entry was in use by a running process and exited 0."""
+    entry = _decoded(tmp_path / "dec", images, 5, 8)
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert main(["clear", "--yes", "--decoded", str(tmp_path / "dec")]) == 1
+    out, err = capsys.readouterr()
+    assert "in use" not in out and "could not delete" in err and "Permission denied" in err
+    assert entry.exists()
+
+
 def test_reading_an_entry_makes_it_recently_used(tmp_path, images, capsys):
     entry = _decoded(tmp_path / "dec", images, 5, 8)
     _age(_entry_files(entry), 40)

@@ -378,8 +378,11 @@ def clear_entries(root: CacheRoot, entries: list[CacheEntry], days: float | None
                 try:
                     _remove(root, entry)
                     report.deleted.append(entry)
-                except PermissionError:  # Windows: a file a process holds open cannot be deleted
-                    report.busy.append(entry)
+                except PermissionError as exc:
+                    if _files.fcntl is None:  # Windows: a file a process holds open cannot be deleted
+                        report.busy.append(entry)
+                    else:  # POSIX deletes open files: the folder's permissions refused it
+                        report.failed.append((entry, exc.strerror or str(exc)))
                 except OSError as exc:
                     report.failed.append((entry, exc.strerror or str(exc)))
     return report
