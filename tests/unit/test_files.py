@@ -108,3 +108,24 @@ def test_a_cache_folder_sweep_touches_only_the_kits_own_temporary_files(tmp_path
         os.utime(path, (time.time() - 3600, time.time() - 3600))
     removed = remove_orphaned_temps_in(tmp_path, r"[0-9a-f]{24}\.(?:npy|json)")
     assert removed == [ours] and all(p.exists() for p in theirs)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_the_held_check_returns_at_once_for_a_named_pipe(tmp_path):
+    """Opening a named pipe for writing waits for a reader: predict-onnx's check of an --out that is
+    a pipe (before it replaces it) waited for good, before any inference."""
+    import threading
+
+    from vision_tl.utils.files import held_by_another_program
+
+    pipe = tmp_path / "p.csv"
+    os.mkfifo(pipe)
+    answers = []
+    check = threading.Thread(target=lambda: answers.append(held_by_another_program(pipe)), daemon=True)
+    check.start()
+    check.join(5)
+    waited = check.is_alive()
+    if waited:  # let the waiting open go, so the thread ends
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+        check.join(5)
+    assert not waited and answers == [False]

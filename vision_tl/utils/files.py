@@ -308,9 +308,10 @@ def held_by_another_program(path: str | Path) -> bool:
     all the work. Opened for appending, not created and not written, so the file is unchanged.
     False where it is not there; a file only read-only by its mode is not held (POSIX replaces it
     nonetheless). A program that shares it for writing but not deletion is not detected: the
-    final rename still fails there, and callers keep what they wrote (see predict-onnx)."""
+    final rename still fails there, and callers keep what they wrote (see predict-onnx).
+    Non-blocking: a named pipe would otherwise wait for a reader (without one: not held)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NONBLOCK", 0))
     except PermissionError:
         return os.name == "nt" or os.access(path, os.W_OK)
     except OSError:  # not there, a folder, ...: the write itself says so
