@@ -364,6 +364,26 @@ def test_predict_onnx_keeps_its_predictions_when_the_output_cannot_be_replaced(t
     assert len(kept.read_text(encoding="utf-8").splitlines()) == 4  # header and three images
 
 
+def test_an_output_refused_on_posix_blames_permissions_not_excel(tmp_path, monkeypatch, capsys):
+    """With file locks (Linux, macOS) an open file is replaced anyway: a refused rename is a
+    permission (a sticky folder holding another user's file), which the message says."""
+    model = tiny_model(tmp_path / "model.onnx", ["good", "scratch"])
+    out = tmp_path / "p.csv"
+    out.write_text("old\n", encoding="utf-8")
+    real = os.replace
+
+    def refused(src, dst, *args, **kwargs):
+        if os.fspath(dst) == os.fspath(out):
+            raise PermissionError(errno.EPERM, "Operation not permitted", os.fspath(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refused)
+    info = predict_onnx([str(model), str(line_images(tmp_path / "images")), "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert info == 2 and "check the permissions" in err and "Excel" not in err
+    assert (tmp_path / "p.unsaved.csv").is_file() and out.read_text(encoding="utf-8") == "old\n"
+
+
 def test_predict_onnx_writes_a_csv_excel_reads_as_utf8_when_asked(tmp_path, capsys):
     """Excel on Windows reads a CSV without a byte order mark as cp1252: Kratzer_ä came out Kratzer_Ã¤."""
     model = tiny_model(tmp_path / "model.onnx", ["gut", "Kratzer_ä"])

@@ -29,6 +29,7 @@ from vision_tl.deploy.predictor import (
     scan_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, INTERPOLATIONS
+from vision_tl.utils import files
 from vision_tl.utils.files import (
     already_there,
     atomic_path,
@@ -177,7 +178,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if there and not overwrite:
         raise DeployError(f"{out} {there}; pass --overwrite to replace it")
     if there and held_by_another_program(out):  # (checked again when the file is replaced, see _write_atomic)
-        raise DeployError(f"--out {out} cannot be replaced: {_HELD}")
+        raise DeployError(f"--out {out} cannot be replaced: {_held_hint()}")
     reason = unwritable(folder)
     if reason:
         raise DeployError(f"--out {out}: cannot write in {folder} ({reason}); write to a folder you can write to")
@@ -236,7 +237,12 @@ def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
             bar.close()
 
 
-_HELD = "it may be open in another program (such as Excel); close it there and run again"
+def _held_hint() -> str:
+    """Why a file could not be replaced: on Windows (no ``flock``), most often another program
+    holding it open; elsewhere open files are replaced, so it is the permissions."""
+    if files.fcntl is None:
+        return "it may be open in another program (such as Excel); close it there and run again"
+    return "check the permissions of the file and its folder (a sticky folder such as /tmp keeps other users' files)"
 
 
 def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool, encoding: str = "utf-8") -> None:
@@ -260,9 +266,9 @@ def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool, 
         try:
             write_to(kept, overwrite=False)
         except OSError as again:
-            raise DeployError(f"{out} could not be replaced ({exc}): {_HELD}; nor could the predictions be "
+            raise DeployError(f"{out} could not be replaced ({exc}): {_held_hint()}; nor could the predictions be "
                               f"written to {kept} ({again})") from exc
-        raise DeployError(f"{out} could not be replaced ({exc}): {_HELD}. The predictions were written to "
+        raise DeployError(f"{out} could not be replaced ({exc}): {_held_hint()}. The predictions were written to "
                           f"{kept} instead") from exc
     except OSError as exc:
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
