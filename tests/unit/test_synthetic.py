@@ -14,6 +14,7 @@ from vision_tl.data.synthetic import (
     MIN_SIZE,
     make_inspection_dataset,
     render_sample,
+    render_sample_with_mask,
 )
 
 DEFECTS = [kind for kind in CLASSES if kind != "good"]
@@ -88,6 +89,24 @@ def test_defect_is_visible_and_local(kind: str, seed: int) -> None:
         assert (delta <= 0).all()
     if kind == "scratch":
         assert (delta <= 0).all() or (delta >= 0).all()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_render_gives_the_same_image_and_marks_the_defect(kind: str, seed: int) -> None:
+    image, mask = render_sample_with_mask(kind, np.random.default_rng(seed), 64)
+    # the very image render_sample (and so make_inspection_dataset) gives for this seed
+    np.testing.assert_array_equal(image, render_sample(kind, np.random.default_rng(seed), 64))
+    assert mask.shape == (64, 64) and mask.dtype == bool
+    if kind == "good":
+        assert not mask.any()
+        return
+    good, defect = _pair(kind, seed)
+    changed = np.abs(defect - good).max(axis=2)
+    assert 0 < mask.mean() < 0.2
+    # the mask holds the strongest change and every pixel it marks is visibly changed
+    assert mask[np.unravel_index(changed.argmax(), changed.shape)]
+    assert changed[mask].min() >= 5
 
 
 def test_same_seed_good_images_match() -> None:

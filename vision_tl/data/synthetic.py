@@ -249,6 +249,38 @@ def _crack(rng: np.random.Generator, size: int) -> np.ndarray:
     return -rng.uniform(55.0, 100.0) * mask
 
 
+# A pixel belongs to a defect where the defect changes it by at least this share of the
+# defect's largest change: the soft edges of blurred strokes and blobs fade into the grain.
+MASK_THRESHOLD = 0.25
+
+
+def _check_kind_and_size(kind: str, size: int) -> int:
+    if kind not in CLASSES:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(CLASSES)}")
+    size = operator.index(size)
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    return size
+
+
+def _render(kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image and the defect's per-pixel change (its largest over the channels, >= 0)."""
+    gray = _background(rng, size)
+    tint = (1.0 + rng.uniform(-0.03, 0.03, size=3)).astype(np.float32)
+    extra = np.zeros((size, size, 3), dtype=np.float32)
+    change = np.zeros((size, size), dtype=np.float32)
+    if kind == "scratch":
+        change = _scratches(rng, size)
+    elif kind == "spot":
+        extra = _spots(rng, size)
+    elif kind == "crack":
+        change = _crack(rng, size)
+    gray += change  # adding zeros for good and spot leaves the image as it always was
+    rgb = gray[..., None] * tint + extra
+    change = np.maximum(np.abs(change), np.abs(extra).max(axis=-1))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), change
+
+
 def render_sample(kind: str, rng: np.random.Generator, size: int = 128) -> np.ndarray:
     """Render one synthetic inspection image.
 
@@ -267,22 +299,36 @@ def render_sample(kind: str, rng: np.random.Generator, size: int = 128) -> np.nd
     Raises:
         ValueError: If ``kind`` is unknown or ``size`` is too small.
     """
-    if kind not in CLASSES:
-        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(CLASSES)}")
-    size = operator.index(size)
-    if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
-    gray = _background(rng, size)
-    tint = (1.0 + rng.uniform(-0.03, 0.03, size=3)).astype(np.float32)
-    extra = np.zeros((size, size, 3), dtype=np.float32)
-    if kind == "scratch":
-        gray += _scratches(rng, size)
-    elif kind == "spot":
-        extra = _spots(rng, size)
-    elif kind == "crack":
-        gray += _crack(rng, size)
-    rgb = gray[..., None] * tint + extra
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return _render(kind, rng, _check_kind_and_size(kind, size))[0]
+
+
+def render_sample_with_mask(
+    kind: str, rng: np.random.Generator, size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image as :func:`render_sample` does, and where its defect is.
+
+    The image is the one :func:`render_sample` gives for a generator in the same
+    state; the mask marks the pixels the defect changes by at least
+    :data:`MASK_THRESHOLD` of its largest change (the ground truth for checking
+    what a heat map points at).
+
+    Example:
+        >>> image, mask = render_sample_with_mask("spot", _image_rng(0, 2, 0), 64)
+        >>> image.shape, mask.shape, bool(mask.any())
+        ((64, 64, 3), (64, 64), True)
+
+    Returns:
+        ``(image, mask)``: a ``size x size x 3`` uint8 RGB array and a ``size x size``
+        bool array, all False for ``good``.
+
+    Raises:
+        ValueError: If ``kind`` is unknown or ``size`` is too small.
+    """
+    image, change = _render(kind, rng, _check_kind_and_size(kind, size))
+    peak = float(change.max())
+    if peak <= 0.0:
+        return image, np.zeros(change.shape, dtype=bool)
+    return image, change >= MASK_THRESHOLD * peak
 
 
 def _normalise_counts(counts: Mapping[str, int] | int) -> dict[str, int]:
