@@ -198,6 +198,7 @@ def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path)
     (item,) = explain_images(model, [image])
     assert item.cam.shape == (64, 64) and np.isfinite(item.cam).all()
     assert item.cam.max() > item.cam.min()  # a map over the patches, not a constant
+    assert item.cam_on_image().shape == (48, 64)  # laid back on the image, not the square input
 
 
 def test_compare_sets_aside_a_report_older_than_its_checkpoint(run, tmp_path, monkeypatch, capsys):

@@ -53,7 +53,8 @@ EXPLAIN_EPILOG = """examples:
 
 Writes <out>/<image name>.gradcam.png: the image, the Grad-CAM heat map of the
 class (default: the predicted one) and the overlay. The layer explained is the
-backbone's last feature stage (timm feature_info).
+backbone's deepest feature stage (timm feature_info) with at least 8 cells on the
+shorter side at the model's input size (e.g. Lite0 at 128 px: the stride-16 stage).
 """
 
 

@@ -1,8 +1,9 @@
 """Grad-CAM heat maps: which part of an image drove a class score.
 
 Uses the ``grad-cam`` package (``pytorch_grad_cam``). The target layer is the
-backbone's last feature stage as timm reports it in ``feature_info`` (its
-``module`` entry), so it works for any timm CNN without guessing from names.
+deepest feature stage timm reports in ``feature_info`` (its ``module`` entry) whose map is
+fine enough to place a small defect (:func:`target_stage`), so it works for any timm CNN
+without guessing from names.
 
 Example:
     >>> from vision_tl.reports.explain import explain_checkpoint
@@ -39,22 +40,57 @@ class Explanation:
     explained: str
     p_explained: float
 
+    def cam_on_image(self) -> np.ndarray:
+        """The heat map at the image's own size (H x W), as the overlay lays it on the image."""
+        h, w = self.image.shape[:2]
+        return np.clip(_resize(self.cam, (w, h)), 0.0, 1.0)
 
-def target_layer(backbone):
-    """The module of the backbone's last ``feature_info`` entry (the deepest feature map).
 
-    Raises:
-        ExplainError: the backbone has no ``feature_info`` (e.g. not a timm model).
-    """
+# A heat map places evidence on its layer's grid: with fewer cells than this on the shorter
+# side, a defect a few percent of the image wide shares its cell with most of the surface.
+# benchmarks/explain_pointing.py measured it on the synthetic set (EfficientNet-Lite0):
+# at 128 px the last stage (4 x 4 cells) put its peak on the defect less often than a centred
+# Gaussian, the stride-16 stage (8 x 8) on most defects; at 224 px the last stage (7 x 7)
+# also pointed far worse than the stride-16 one (14 x 14).
+MIN_CELLS = 8
+
+
+def _stages(backbone) -> list[dict]:
     info = getattr(backbone, "feature_info", None)
     if not info:
         raise ExplainError(f"backbone {type(backbone).__name__} has no timm feature_info; Grad-CAM needs "
                            "a timm model with feature stages")
-    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
+    return list(info) if isinstance(info, list) else info.get_dicts()
+
+
+def target_stage(backbone, input_size: tuple[int, int] | None = None) -> dict:
+    """The ``feature_info`` entry Grad-CAM explains: the deepest stage whose map has at least
+    :data:`MIN_CELLS` cells on its shorter side at ``input_size``; where none has, the deepest of
+    those with the finest map (a ViT's blocks share one grid: its last). ``None``: the last stage.
+
+    Raises:
+        ExplainError: the backbone has no ``feature_info`` (e.g. not a timm model).
+    """
+    stages = _stages(backbone)
+    if input_size is None:
+        return stages[-1]
+    cells = [min(input_size) // int(stage.get("reduction") or 1) for stage in stages]
+    fine = [i for i, n in enumerate(cells) if n >= MIN_CELLS] or [i for i, n in enumerate(cells) if n == max(cells)]
+    return stages[fine[-1]]
+
+
+def target_layer(backbone, input_size: tuple[int, int] | None = None):
+    """The module of :func:`target_stage`'s entry.
+
+    Raises:
+        ExplainError: the backbone has no ``feature_info`` (e.g. not a timm model), or lacks
+            the module it names.
+    """
+    stage = target_stage(backbone, input_size)
     try:
-        return backbone.get_submodule(last["module"])
+        return backbone.get_submodule(stage["module"])
     except AttributeError as exc:
-        raise ExplainError(f"feature_info names module {last['module']!r}, which the backbone lacks") from exc
+        raise ExplainError(f"feature_info names module {stage['module']!r}, which the backbone lacks") from exc
 
 
 def feature_map_transform(backbone, layer, input_size: tuple[int, int]):
@@ -68,8 +104,7 @@ def feature_map_transform(backbone, layer, input_size: tuple[int, int]):
     """
     import torch
 
-    info = backbone.feature_info
-    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
+    last = target_stage(backbone, input_size)
     channels, reduction = int(last["num_chs"]), int(last.get("reduction") or 1)
     seen: list = []
     handle = layer.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -89,7 +124,7 @@ def feature_map_transform(backbone, layer, input_size: tuple[int, int]):
     if len(shape) == 3 and shape[2] == channels and prefix == int(getattr(backbone, "num_prefix_tokens", 0)):
         return lambda t: t[:, prefix:].reshape(t.shape[0], height, width, t.shape[2]).permute(0, 3, 1, 2)
     raise ExplainError(
-        f"the last feature stage of {type(backbone).__name__} ({last['module']}) outputs shape {list(shape)}, which "
+        f"the feature stage of {type(backbone).__name__} ({last['module']}) outputs shape {list(shape)}, which "
         f"is neither a feature map [N, {channels}, H, W] nor {height}x{width} patch tokens; Grad-CAM cannot place "
         "it on the image (CNN and ViT backbones work)")
 
@@ -122,7 +157,7 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
     net = model.net.to("cpu").eval()
     transform = eval_transform(model.preprocessing)
     results = []
-    layer = target_layer(net.backbone)
+    layer = target_layer(net.backbone, tuple(model.preprocessing.input_size))
     reshape = feature_map_transform(net.backbone, layer, tuple(model.preprocessing.input_size))
     if reshape is not None and isinstance(getattr(layer, "norm1", None), torch.nn.Module):
         # a transformer block: a head that reads the class token passes no gradient to the last
