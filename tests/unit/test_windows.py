@@ -190,9 +190,9 @@ def test_the_kit_reads_and_writes_text_files_as_utf8():
     assert _text_io_without_encoding(sample) == [1, 4, 5]
 
 
-def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypatch):
-    """Some Windows network drives (sshfs-win, WebDAV) give every file st_ino 0: the walk, which
-    visits each real folder once, must not take every sub-folder for the root seen again."""
+@pytest.fixture
+def no_file_ids(tmp_path, monkeypatch):
+    """A drive that gives every file the id 0 (sshfs-win, WebDAV), holding good/a.png and scratch/a.png."""
     from PIL import Image
 
     from vision_tl import imaging
@@ -212,33 +212,23 @@ def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, monkeypa
             return getattr(self._info, name)
 
     monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
+
+
+def test_folders_of_a_drive_without_file_ids_are_all_searched(tmp_path, no_file_ids):
+    """Some Windows network drives (sshfs-win, WebDAV) give every file st_ino 0: the walk, which
+    visits each real folder once, must not take every sub-folder for the root seen again."""
+    from vision_tl import imaging
+
     images, _ = imaging.image_files(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
 
 
-def test_a_link_back_up_a_drive_without_file_ids_is_not_followed_round(tmp_path, monkeypatch):
+def test_a_link_back_up_a_drive_without_file_ids_is_not_followed_round(tmp_path, no_file_ids):
     """Without file ids the folder seen again is told by its real path: a link back up the tree
     (or a junction) was followed round until the system refused the path, every image once a level."""
-    from PIL import Image
-
     from vision_tl import imaging
 
-    for name in ("good", "scratch"):
-        (tmp_path / name).mkdir()
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "a.png")
     (tmp_path / "good" / "up").symlink_to(tmp_path, target_is_directory=True)
-    real_stat = os.stat
-
-    class NoFileId:
-        def __init__(self, info):
-            self._info = info
-
-        st_ino = 0
-
-        def __getattr__(self, name):
-            return getattr(self._info, name)
-
-    monkeypatch.setattr(imaging.os, "stat", lambda *a, **k: NoFileId(real_stat(*a, **k)))
     images, others = imaging.image_files(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in images] == ["good/a.png", "scratch/a.png"]
     assert others == []
