@@ -287,6 +287,10 @@ def test_a_run_config_is_read_back_by_config_as_utf8_on_a_cp1252_system(tmp_path
     run_config.write_text("data:\n  root: C:/Users/Jürgen/傷\n", encoding="utf-8")
     assert main(["fit", "--config", str(config), "--config", str(run_config), "--print_config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == "C:/Users/Jürgen/傷"
+    group = tmp_path / "data.yaml"  # a group's own file on the command line
+    group.write_text("root: C:/Users/Jürgen/傷\n", encoding="utf-8")
+    assert main(["fit", "--config", str(config), "--data", str(group), "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == "C:/Users/Jürgen/傷"
 
 
 def test_a_run_config_in_another_encoding_is_refused_naming_the_file(tmp_path):

@@ -200,7 +200,8 @@ class _Parser(LightningArgumentParser):
                 if problem:
                     print(f"error: --config {name}: {problem}", file=sys.stderr)
                     raise SystemExit(2)
-        return super().parse_args(args, *pargs, **kwargs)
+        with _utf8_config_reads():  # (also a group's own file: --data d.yaml)
+            return super().parse_args(args, *pargs, **kwargs)
 
     def parse_path(self, path, *args, **kwargs):
         """As jsonargparse's, but a config file on disk is read as UTF-8 (as YAML is, and as the kit
