@@ -200,16 +200,12 @@ class _Parser(LightningArgumentParser):
                 if problem:
                     print(f"error: --config {name}: {problem}", file=sys.stderr)
                     raise SystemExit(2)
-        with _utf8_config_reads():  # (also a group's own file: --data d.yaml)
-            return super().parse_args(args, *pargs, **kwargs)
-
-    def parse_path(self, path, *args, **kwargs):
-        """As jsonargparse's, but a config file on disk is read as UTF-8 (as YAML is, and as the kit
-        writes a run's config.yaml), not in the system's encoding: on Windows (cp1252), `--config
-        RUN/config.yaml` of a run whose data root is C:\\Users\\Jürgen read it as C:\\Users\\JÃ¼rgen.
-        jsonargparse has no option for the encoding; its file object reads through ``read_text``."""
+        # Config files on disk (--config, and a group's own file: --data d.yaml) are read as UTF-8, as
+        # YAML is and as the kit writes a run's config.yaml, not in the system's encoding: on Windows
+        # (cp1252), `--config RUN/config.yaml` of a run whose data root is C:\Users\Jürgen read it as
+        # C:\Users\JÃ¼rgen. jsonargparse has no option for the encoding (see _utf8_config_reads).
         with _utf8_config_reads():
-            return super().parse_path(path, *args, **kwargs)
+            return super().parse_args(args, *pargs, **kwargs)
 
     @staticmethod
     def _config_files() -> list[str]:
