@@ -122,10 +122,9 @@ def _set_metrics_aside(path: Path, problem: str) -> dict | None:
         warnings.warn(f"{path} was empty (nothing in it to keep); writing it anew from the run's history",
                       stacklevel=3)
         return {}
-    kept, n = path.with_name("metrics.damaged.json"), 1
-    while kept.exists():
-        n += 1
-        kept = path.with_name(f"metrics.damaged_{n}.json")
+    from vision_tl.utils.files import free_sibling
+
+    kept = free_sibling(path, "damaged")  # metrics.damaged.json, else metrics.damaged_2.json ...
     try:
         os.replace(path, kept)
     except OSError as exc:
