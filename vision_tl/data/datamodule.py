@@ -50,6 +50,7 @@ from vision_tl.data.transforms import (
     stack_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, decode_error, load_rgb
+from vision_tl.utils import ignoring_warnings
 from vision_tl.utils.distributed import first_builds
 from vision_tl.utils.files import refuse_empty_path
 
@@ -333,8 +334,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             return
         try:
-            with warnings.catch_warnings():  # (its layout's own warnings concern training, not this)
-                warnings.simplefilter("ignore")
+            with ignoring_warnings():  # (its layout's own warnings concern training, not this)
                 found = list_classes(detect_layout(self.root).get("train", self.root))
         except (OSError, DatasetError):
             return
