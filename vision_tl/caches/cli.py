@@ -23,6 +23,7 @@ from vision_tl.caches.inventory import (
     CacheRoot,
     cache_root,
     clear_entries,
+    count_entries,
     format_bytes,
     list_entries,
     unused_for,
@@ -154,8 +155,7 @@ def _list(roots: list[CacheRoot], as_json: bool) -> int:
                       _when(e.last_used, now) + ("  [in use]" if e.in_use else "")] for e in entries]
             print("\n".join(_table(rows)))
         if root.exists:
-            count = len(entries)
-            print(f"  total: {count} entr{'y' if count == 1 else 'ies'}, {format_bytes(sum(e.bytes for e in entries))}")
+            print(f"  total: {count_entries(len(entries))}, {format_bytes(sum(e.bytes for e in entries))}")
     return 0
 
 
@@ -200,8 +200,7 @@ def _print_clear(root: CacheRoot, report, dry: bool, days: float | None) -> None
         print(f"  could not delete {_name(root, entry)}: {why}", file=sys.stderr)
     if root.exists:
         unused = "" if days is None else f" unused for {days:g} day{'s' if days != 1 else ''}"
-        count = len(report.deleted)
-        print(f"  {verb} {count} entr{'y' if count == 1 else 'ies'}{unused}: {format_bytes(report.bytes)}"
+        print(f"  {verb} {count_entries(len(report.deleted))}{unused}: {format_bytes(report.bytes)}"
               + ("" if dry else " freed"))
 
 

@@ -316,8 +316,13 @@ def cache_note(root: str | Path, kind: str = "decoded", unless_bytes: int | None
     total = sum(e.bytes for e in entries)
     if total == unless_bytes:
         return None
-    return (f"the {NAMES[kind]} in {root} holds {format_bytes(total)} in {len(entries)} "
-            f"entr{'y' if len(entries) == 1 else 'ies'} (vision-tl cache clear --help to prune it)")
+    return (f"the {NAMES[kind]} in {root} holds {format_bytes(total)} in {count_entries(len(entries))} "
+            "(vision-tl cache clear --help to prune it)")
+
+
+def count_entries(n: int) -> str:
+    """``1 entry``, ``3 entries``."""
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
 
 
 def format_bytes(n: int) -> str:
