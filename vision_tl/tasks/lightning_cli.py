@@ -541,7 +541,7 @@ class VisionTLCLI(LightningCLI):
         if not saved:
             return
         given = data.get("classes")
-        if given and list(given) != list(saved):  # e.g. the config.yaml of a predict with another checkpoint
+        if given and not same_classes(list(given), list(saved)):  # e.g. a predict config.yaml of another checkpoint
             warnings.warn(f"data.classes {list(given)} is not the class list of {ckpt} ({list(saved)}): the "
                           "checkpoint's classes are used, as its outputs are those", stacklevel=2)
         data.classes = list(saved)
