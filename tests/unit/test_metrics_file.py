@@ -114,8 +114,21 @@ def test_report_refuses_a_damaged_metrics_json_naming_it_and_what_to_do(tmp_path
 @pytest.mark.parametrize(("text", "problem"), [(DAMAGED["a list"], "is a JSON list"),
                                                ('{"report": "x"}', "its 'report' entry is a JSON str"),
                                                ('{"val": [0.5]}', "its 'val' entry is a JSON list"),
-                                               ('{"report": {"val": {"summary": 1}}}', "report section for val")],
-                         ids=["a list", "report a string", "val a list", "report without summary"])
+                                               ('{"report": {"val": {"summary": 1}}}', "report section for val"),
+                                               ('{"val": {"acc": "0.9"}}', "its val acc is '0.9', not a number"),
+                                               ('{"val": {"acc": 0.9, "balanced_acc": true}}',
+                                                "its val balanced_acc is True"),
+                                               ('{"val": {"acc": 0.9, "recall_per_class": [0.9]}}',
+                                                "its val recall_per_class is a JSON list"),
+                                               ('{"val": {"acc": 0.9, "recall_per_class": {"ok": "all"}}}',
+                                                "its val recall of 'ok' is 'all'"),
+                                               ('{"report": {"val": {"summary": {}, "per_class": [1]}}}',
+                                                "report section for val"),
+                                               ('{"report": {"val": {"summary": {"ece": [0.1]}, "per_class": []}}}',
+                                                "its val ece is [0.1]")],
+                         ids=["a list", "report a string", "val a list", "report without summary", "a string value",
+                              "a boolean value", "recall a list", "a recall string", "per_class not objects",
+                              "a report value a list"])
 def test_compare_names_a_damaged_metrics_json_instead_of_a_traceback(tmp_path, text, problem):
     from vision_tl.reports.compare import summarise_run
 

@@ -89,7 +89,9 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
                           f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
     report = _section(metrics, "report", path).get(split)
     if report is not None and not (isinstance(report, dict) and isinstance(report.get("summary"), dict)
-                                   and isinstance(report.get("per_class"), list)):
+                                   and isinstance(report.get("per_class"), list)
+                                   and all(isinstance(r, dict) and "class" in r for r in report["per_class"])
+                                   and isinstance(report.get("good_vs_defect", {}), dict)):
         raise ReportError(f"{path}: its report section for {split} is not one vision-tl report writes; run "
                           f"`vision-tl report {run}` again to rewrite it")
     if split in metrics:
@@ -101,15 +103,21 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
         values = dict(report["summary"])
         values.update({k: report.get("good_vs_defect", {}).get(k)
                        for k in ("escape_rate", "false_reject_rate", "threshold")})
-        recall = {r["class"]: r["recall"] for r in report["per_class"]}
+        recall = {r["class"]: r.get("recall") for r in report["per_class"]}
     elif split in metrics:
         values = dict(metrics[split])
-        recall = dict(metrics[split].get("recall_per_class", {}))
+        recall = metrics[split].get("recall_per_class", {})
+        if not isinstance(recall, dict):
+            raise ReportError(f"{path}: its {split} recall_per_class is a JSON {type(recall).__name__}, not the "
+                              "object (class -> recall) vision-tl fit writes; repair it or run `vision-tl report "
+                              f"{run}` to write a report section, which compare reads first")
+        recall = dict(recall)
     else:
         raise ReportError(f"{path} has no {split} metrics; run `vision-tl report {run}"
                           + ("` first" if split == "val" else
                              f" --split {split}` first (when its data has a {split}/ folder), or compare the run "
                              f"directory `vision-tl test` wrote, which holds the {split} metrics"))
+    _check_numbers(path, split, {k: values.get(k) for k, _ in COLUMNS}, recall)
     config = read_run_config(run)
     model = config.get("model") or {}
     hashes = None
@@ -129,6 +137,17 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None,
                       checkpoint=(report or {}).get("checkpoint"), stale_report=stale)
+
+
+def _check_numbers(path: Path, split: str, values: dict, recall: dict) -> None:
+    """Refuse a value compare would print or rank that is not a number or null (a hand edit,
+    another tool's file), naming it, rather than failing inside the table's formatting."""
+    named = [(k, v) for k, v in values.items()] + [(f"recall of {c!r}", v) for c, v in recall.items()]
+    for key, value in named:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ReportError(f"{path}: its {split} {key} is {value!r}, not a number or null as vision-tl fit "
+                              f"and vision-tl report write it; run `vision-tl report {path.parent}` again to "
+                              "rewrite the report section")
 
 
 def _predates_checkpoint(metrics: dict, report: dict, split: str) -> bool:
