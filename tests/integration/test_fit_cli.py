@@ -383,6 +383,7 @@ def test_fit_draws_its_progress_bar_by_time(inspection_folder, tmp_path, monkeyp
         return original(self, *args)
 
     monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
+    monkeypatch.setattr("vision_tl.tasks.lightning_cli.interactive", lambda stream: True)  # a terminal
     capsys.readouterr()
     _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1")
     assert seen and set(seen) == {0.5}
@@ -413,9 +414,31 @@ def test_fit_throttles_the_rich_default_bar_too(inspection_folder, tmp_path, mon
         return original(self, *args)
 
     monkeypatch.setattr(ThrottledProgressBar, "on_train_batch_end", spy)
+    monkeypatch.setattr("vision_tl.tasks.lightning_cli.interactive", lambda stream: True)  # a terminal
     _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "1",
          "--trainer.enable_model_summary", "false")  # its rich variant would need rich
     assert seen and set(seen) == {ThrottledProgressBar}
+
+
+def test_fit_into_a_log_file_prints_a_line_per_epoch_instead_of_redrawing_a_bar(inspection_folder, tmp_path,
+                                                                               monkeypatch, capfd):
+    """Standard output to a file or a pipe (a batch job's log, `| tee`): a bar's carriage-return
+    redraws piled up hundreds of half-lines there. Now a line per finished epoch, with its
+    scores, and lines inside a long epoch (every 30 s; here every batch)."""
+    from vision_tl.tasks import callbacks
+
+    monkeypatch.setattr(callbacks.LogLineProgress.__init__, "__defaults__", (0.0,))
+    capfd.readouterr()
+    _fit(tmp_path, inspection_folder, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "2",
+         "--data.batch_size", "8")
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    done = [line for line in lines if " done in " in line]
+    assert [line.split(" done in ")[0] for line in done] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train loss" in line and "val acc" in line and "balanced acc" in line for line in done)
+    assert any(line.startswith("epoch 1/2: batch 1/") for line in lines)
+    assert "\r" not in out and "\r" not in err
+    assert "vision_tl: best epoch" in out
 
 
 def test_fit_keeps_a_progress_bar_the_user_names(inspection_folder, tmp_path, monkeypatch):

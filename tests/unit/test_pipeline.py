@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import lightning as L
 import numpy as np
 import pytest
@@ -441,3 +443,38 @@ def test_both_caches_key_on_the_version_of_the_decoded_pixels(monkeypatch):
     before = dc._key(["a"], (8, 8), "bilinear")
     monkeypatch.setattr(dc, "PIXELS_VERSION", imaging.PIXELS_VERSION + 1)
     assert dc._key(["a"], (8, 8), "bilinear") != before
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_into_a_log_writes_lines_not_carriage_returns():
+    """The kit's own bars (feature extraction, the decoded cache, reports) write to a file or a
+    pipe as lines, at most every LOG_INTERVAL seconds; to a terminal they redraw as before."""
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    log = io.StringIO()
+    with progress_bar(total=50, desc="decoding", unit="img", file=log) as bar:
+        for _ in range(50):
+            bar.update(1)
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    assert text.splitlines()[0].startswith("decoding:   0%") and "50/50" in text.splitlines()[-1]
+    assert bar.mininterval == LOG_INTERVAL
+
+    terminal = _Terminal()
+    with progress_bar(total=3, desc="decoding", file=terminal, mininterval=0) as bar:
+        bar.update(3)
+    assert terminal.getvalue().startswith("\r") and bar.mininterval == 0
+
+
+def test_log_lines_join_a_redraw_split_over_writes():
+    from vision_tl.utils import LineStream
+
+    log = io.StringIO()
+    stream = LineStream(log)
+    for text in ["\r 10%|#   ", "", "\r 20%|##  ", " 2/10", "\r   \r", "\r100%|", "\n"]:
+        stream.write(text)
+    assert log.getvalue() == " 10%|#\n 20%|## 2/10\n100%|\n"

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, TQDMProgressBar
+from lightning.pytorch.callbacks import BaseFinetuning, ProgressBar, TQDMProgressBar
 
 from vision_tl.deploy.predictor import prediction_columns, probability_text
 from vision_tl.imaging import decode_error
 from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.tasks.resume import TIE_BREAK, RunCheckpoint, best_mode
-from vision_tl.utils import read_run_metrics, say
+from vision_tl.utils import LOG_INTERVAL, read_run_metrics, say
 from vision_tl.utils.files import atomic_write_text, path_lock, path_text
 
 
@@ -387,3 +387,117 @@ class ThrottledProgressBar(TQDMProgressBar):
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             items["train/loss"] = f"{loss.item():.3g}"  # read back here, at most every min_interval
         return items
+
+
+class LogLineProgress(ProgressBar):
+    """Progress as plain lines, for output that goes to a log file or a pipe (a batch job's log,
+    ``| tee``, a scheduled task) rather than a terminal: a line for every finished epoch with its
+    scores, and inside a long epoch or evaluation a line every ``interval`` seconds with the
+    batches done and the time left. A bar's redraws would pile hundreds of carriage-return
+    half-lines into the log. ``vision-tl`` uses it where standard output is not a terminal or
+    a notebook."""
+
+    SCORES = (("train/epoch_loss", "train loss"), ("val/loss", "val loss"), ("val/acc", "val acc"),
+              ("val/balanced_acc", "balanced acc"), ("val/f1_macro", "macro F1"))
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        super().__init__()
+        self.interval = interval
+        self._enabled = True
+        self._epoch: int | None = None  # the epoch whose line is still to print
+        self._started = self._last = time.monotonic()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def print(self, *args, **kwargs) -> None:
+        if self._enabled:
+            print(*args, **{"flush": True, **kwargs})
+
+    @staticmethod
+    def _epoch_label(trainer, epoch: int) -> str:
+        """``3/15`` (1-based, as a person counts), ``3`` without an epoch limit."""
+        total = trainer.max_epochs
+        return f"{epoch + 1}/{total}" if total is not None and total > 0 else str(epoch + 1)
+
+    # -- finished epochs: printed when the next one starts or training ends, once the model has
+    # logged train/epoch_loss (its on_train_epoch_end runs after the callbacks')
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_line(trainer)
+        self._epoch, self._started = trainer.current_epoch, time.monotonic()
+        self._last, self._validated = self._started, False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._epoch_line(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+
+    def _epoch_line(self, trainer) -> None:
+        if self._epoch is None or not self._enabled:
+            return
+        metrics = trainer.callback_metrics
+        scores = [f"{label} {float(metrics[key]):.4f}" for key, label in self.SCORES
+                  if key in metrics and (self._validated or not key.startswith("val/"))]
+        self.print(f"epoch {self._epoch_label(trainer, self._epoch)} done in {_clock(time.monotonic() - self._started)}"
+                   + (": " + ", ".join(scores) if scores else ""))
+        self._epoch = None
+
+    # -- within a loop: a line every `interval` seconds
+
+    def _tick(self, what: str, done: int, total) -> None:
+        now = time.monotonic()
+        if not self._enabled or now - self._last < self.interval:
+            return
+        self._last = now
+        elapsed = now - self._started
+        known = total is not None and total != float("inf")
+        line = f"{what}: batch {done}" + (f"/{int(total)}" if known else "")
+        if known and done:
+            line += f", {_clock(elapsed)} so far, about {_clock(elapsed / done * (total - done))} left"
+        self.print(line)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._tick(f"epoch {self._epoch_label(trainer, trainer.current_epoch)}", batch_idx + 1, self.total_train_batches)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self.has_dataloader_changed(dataloader_idx)  # (what the totals below are of)
+            self._tick("validation", batch_idx + 1, self.total_val_batches_current_dataloader)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.has_dataloader_changed(dataloader_idx)
+        self._tick("test", batch_idx + 1, self.total_test_batches_current_dataloader)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.has_dataloader_changed(dataloader_idx)
+        self._tick("predict", batch_idx + 1, self.total_predict_batches_current_dataloader)
+
+    def _loop_start(self, trainer, pl_module) -> None:
+        self.reset_dataloader_idx_tracker()
+        if trainer.state.fn != "fit":  # (in fit, validation's lines count from the epoch's start)
+            self._started = self._last = time.monotonic()
+
+    on_validation_start = on_test_start = on_predict_start = _loop_start
+
+
+def _clock(seconds: float) -> str:
+    """``0.4 s``, ``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

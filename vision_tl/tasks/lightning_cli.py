@@ -26,7 +26,7 @@ from vision_tl.data.folder import (
     recorded_mismatches,
     same_classes,
 )
-from vision_tl.tasks.callbacks import RunArtifacts, ThrottledProgressBar
+from vision_tl.tasks.callbacks import LogLineProgress, RunArtifacts, ThrottledProgressBar
 from vision_tl.tasks.checkpoint import read_checkpoint
 from vision_tl.tasks.classifier import ImageClassifier
 from vision_tl.tasks.resume import (
@@ -37,7 +37,7 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
-from vision_tl.utils import launcher_int, read_run_config, say
+from vision_tl.utils import interactive, launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
 from vision_tl.utils.files import (
     atomic_path,
@@ -424,7 +424,8 @@ class VisionTLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with its default progress bar swapped for one that does not
-        make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`).
+        make the CPU wait for the GPU after every batch (:class:`ThrottledProgressBar`), or, where
+        standard output is a log file or a pipe, for lines (:class:`LogLineProgress`).
 
         Lightning's default is ``RichProgressBar`` where ``rich`` is installed (common on GPU
         machines) and ``TQDMProgressBar`` elsewhere; both redraw after every batch.
@@ -436,9 +437,11 @@ class VisionTLCLI(LightningCLI):
         trainer.callbacks[:] = own + [c for c in trainer.callbacks if not isinstance(c, SaveRunConfig)]
         if _user_progress_bar(self.config.get(self.subcommand, self.config)):
             return trainer
+        # a terminal or a notebook redraws a bar; a log file or a pipe gets lines (LogLineProgress)
+        bar = ThrottledProgressBar if interactive(sys.stdout) else LogLineProgress
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in (TQDMProgressBar, RichProgressBar):
-                trainer.callbacks[i] = ThrottledProgressBar()
+                trainer.callbacks[i] = bar()
         return trainer
 
     def before_instantiate_classes(self) -> None:

@@ -287,16 +287,66 @@ def callers_global_state() -> Iterator[None]:
                 os.environ[name] = value
 
 
+LOG_INTERVAL = 30.0  # seconds between progress lines where output goes to a log, not a terminal
+
+
+def interactive(stream) -> bool:
+    """Whether ``stream`` shows a progress bar redrawn in place: a terminal, or a Jupyter
+    notebook's output (not a terminal, but tqdm draws a widget there)."""
+    if type(stream).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+class LineStream:
+    """A stream for a tqdm bar whose output goes to a log file or a pipe (a batch job's log,
+    ``| tee``, a scheduled task): each redraw becomes a line of its own, trailing padding
+    dropped, instead of carriage returns that pile hundreds of half-lines onto one."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._open = False  # text written on the current line
+
+    def write(self, text: str) -> int:
+        out = []
+        for i, part in enumerate(text.replace("\n", "\r").split("\r")):
+            if i and self._open:  # a \r or \n before this part ended the open line
+                out.append("\n")
+                self._open = False
+            if part.strip():
+                out.append(part.rstrip())
+                self._open = True
+        if out:
+            self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, ... as the stream's
+        return getattr(self._stream, name)
+
+
 def progress_bar(**kwargs):
     """``tqdm.auto.tqdm(**kwargs)``, without fixing the process's multiprocessing start method.
 
     tqdm's first bar (even a disabled one) creates a lock from multiprocessing's default context,
     which fixes the start method: a notebook's later ``set_start_method("spawn")`` then failed
     with "context has already been set" after ``extract`` or ``report``. tqdm is handed a lock
-    from the start method's own context first, which fixes nothing."""
+    from the start method's own context first, which fixes nothing.
+
+    Where the bar's stream (standard error unless ``file`` names one) is not a terminal or a
+    notebook, the bar writes a line every :data:`LOG_INTERVAL` seconds (:class:`LineStream`)."""
     from tqdm.auto import tqdm
 
     keep_start_method_free()
+    stream = kwargs.get("file") or sys.stderr
+    if not kwargs.get("disable") and not interactive(stream):
+        kwargs.update(file=LineStream(stream), mininterval=max(kwargs.get("mininterval", 0), LOG_INTERVAL),
+                      dynamic_ncols=False)
     return tqdm(**kwargs)
 
 
