@@ -404,7 +404,7 @@ class LogLineProgress(ProgressBar):
         super().__init__()
         self.interval = interval
         self._enabled = True
-        self._epoch: int | None = None  # the epoch whose line is still to print
+        self._validated = False  # this epoch
         self._started = self._last = time.monotonic()
 
     def disable(self) -> None:
@@ -427,30 +427,27 @@ class LogLineProgress(ProgressBar):
         total = trainer.max_epochs
         return f"{epoch + 1}/{total}" if total is not None and total > 0 else str(epoch + 1)
 
-    # -- finished epochs: printed when the next one starts or training ends, once the model has
-    # logged train/epoch_loss (its on_train_epoch_end runs after the callbacks')
+    # -- a line per finished epoch, once validation has run (before checkpoints are written)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_line(trainer)
-        self._epoch, self._started = trainer.current_epoch, time.monotonic()
-        self._last, self._validated = self._started, False
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._epoch_line(trainer)
+        self._started = self._last = time.monotonic()
+        self._validated = False
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._validated = True
 
-    def _epoch_line(self, trainer) -> None:
-        if self._epoch is None or not self._enabled:
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._enabled:
             return
-        metrics = trainer.callback_metrics
+        metrics = dict(trainer.callback_metrics)
+        loss = getattr(pl_module, "epoch_train_loss", None)  # (logged only after this hook)
+        if loss is not None:
+            metrics["train/epoch_loss"] = loss
         scores = [f"{label} {float(metrics[key]):.4f}" for key, label in self.SCORES
                   if key in metrics and (self._validated or not key.startswith("val/"))]
-        self.print(f"epoch {self._epoch_label(trainer, self._epoch)} done in {_clock(time.monotonic() - self._started)}"
-                   + (": " + ", ".join(scores) if scores else ""))
-        self._epoch = None
+        self.print(f"epoch {self._epoch_label(trainer, trainer.current_epoch)} done in "
+                   f"{_clock(time.monotonic() - self._started)}" + (": " + ", ".join(scores) if scores else ""))
 
     # -- within a loop: a line every `interval` seconds
 

@@ -642,6 +642,14 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_loss_steps = None, 0
 
+    @property
+    def epoch_train_loss(self) -> float | None:
+        """The mean loss of this epoch's training steps so far, on this process (progress lines
+        read it; ``train/epoch_loss``, logged at the epoch's end, is the mean over every rank)."""
+        if not self._train_loss_steps or self._train_loss_sum is None:
+            return None
+        return float(self._train_loss_sum) / self._train_loss_steps
+
     def on_train_epoch_end(self) -> None:
         """Log ``train/epoch_loss``, the mean loss of the epoch's steps (averaged over ranks): the
         training curve of ``training_curves.png``, where ``train/loss`` is only every Nth step."""
