@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint notebooks clean
 
 $(BIN)/vision-tl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ test: $(BIN)/vision-tl
 	$(BIN)/pytest -q tests
 
 lint: $(BIN)/vision-tl
-	$(BIN)/ruff check vision_tl tests benchmarks
+	$(BIN)/ruff check vision_tl tests benchmarks notebooks
+
+# Run the notebooks at their defaults and store the outputs GitHub shows (about two minutes).
+notebooks: $(BIN)/vision-tl
+	$(BIN)/python notebooks/refresh_outputs.py
 
 clean:
 	rm -rf $(VENV) runs data/demo data/demo-*px-seed*

@@ -218,6 +218,20 @@ def test_split_root_relative_to_the_run_directory(tmp_path, monkeypatch):
     assert found.labels == [0, 1]
 
 
+def test_split_images_name_their_folders_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """The parity lines printed by export name the split and its images the short way (a
+    notebook's stored output must not show where the repository lives); from outside, in full."""
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "1.png").write_bytes(b"")
+    ckpt = _write_split(tmp_path / "runs" / "x", str(tmp_path / "data"), ["a/1.png"])
+    monkeypatch.chdir(tmp_path)
+    shown = Path("runs", "x", "split.json")
+    assert split_images(ckpt, "val", ["a", "b"]).source == f"val split of {shown} (files under data)"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert str(tmp_path / "runs" / "x" / "split.json") in split_images(ckpt, "val", ["a", "b"]).source
+
+
 @pytest.mark.parametrize("damage", ["changed", "missing"])
 def test_split_with_one_changed_or_missing_image_is_refused(tmp_path, damage):
     """Not only the first, middle and last files: any val image that changed since training

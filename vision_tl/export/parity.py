@@ -24,7 +24,7 @@ from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.reports.report import config_data_root
-from vision_tl.utils.files import refuse_empty_path
+from vision_tl.utils.files import refuse_empty_path, shown_path
 
 AUTO, NONE = "auto", "none"
 PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
@@ -78,7 +78,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
         if root is None or not (root / split).is_dir():
             return None
         found = folder_images(root / split, classes)
-        return ImageSet(found.paths, found.labels, f"{root / split}/ (the run's data root, {len(found.paths)} images)")
+        return ImageSet(found.paths, found.labels,
+                        f"{shown_path(root / split)}/ (the run's data root, {len(found.paths)} images)")
     try:
         payload = read_split(split_path)
     except DatasetError as exc:
@@ -102,7 +103,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     rel = [Path(e["path"]) for e in entries]
     names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
-    return ImageSet([root / p for p in rel], labels, f"{split} split of {split_path} (files under {root})")
+    return ImageSet([root / p for p in rel], labels,
+                    f"{split} split of {shown_path(split_path)} (files under {shown_path(root)})")
 
 
 def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -> Path | None:

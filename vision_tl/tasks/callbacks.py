@@ -19,7 +19,7 @@ from vision_tl.models.finetuning import unfreeze_stages
 from vision_tl.tasks.classifier import gather_shares
 from vision_tl.tasks.resume import TIE_BREAK, RunCheckpoint, best_mode
 from vision_tl.utils import LOG_INTERVAL, read_run_metrics, say
-from vision_tl.utils.files import atomic_write_text, path_lock, path_text
+from vision_tl.utils.files import atomic_write_text, path_lock, path_text, shown_path
 
 
 class RunArtifacts(L.Callback):
@@ -175,7 +175,7 @@ class RunArtifacts(L.Callback):
             self._write_metrics(trainer, pl_module, "val", best)
             self._write_training_curves(trainer)
             summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
-            say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {self.run_dir(trainer)}")
+            say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {shown_path(self.run_dir(trainer))}")
 
     def _write_training_curves(self, trainer: L.Trainer) -> None:
         """``training_curves.png`` from the files just written (metrics.json, and metrics.csv, which

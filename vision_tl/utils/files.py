@@ -287,6 +287,25 @@ def path_text(path: str | Path) -> str:
     return text
 
 
+def shown_path(path: str | Path) -> Path:
+    """``path`` as a message names it: relative to the working directory when it lies below it,
+    else unchanged. Runs keep their folders absolute (a resume or an export works from any
+    folder), but ``runs/frozen/version_0`` says as much in a message, and a notebook's stored
+    output does not show where the repository was checked out.
+
+    Example:
+        >>> shown_path(Path.cwd() / "runs" / "frozen") == Path("runs", "frozen")
+        True
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        return path
+    try:
+        return path.relative_to(Path.cwd())
+    except (ValueError, OSError):  # elsewhere (another drive), or the working directory is gone
+        return path
+
+
 def unwritable(folder: str | Path) -> str | None:
     """Why no file can be created in ``folder`` (read-only, permissions, a full disk: what the
     system says), or None where one can. Made and removed, the way outputs are written (a
