@@ -423,3 +423,40 @@ def test_cache_clear_without_file_locks_keeps_entries_in_use(tmp_path, windows_f
         assert "in use by a running process" in capsys.readouterr().out and data.is_file()
     assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
     assert not data.exists()
+
+
+def _aged(path: Path, hours: float, data: bytes = b"\0" * 64) -> Path:
+    import time
+
+    path.write_bytes(data)
+    when = time.time() - hours * 3600
+    os.utime(path, (when, when))
+    return path
+
+
+def test_temporary_files_of_killed_writers_are_swept_by_age_without_file_locks(tmp_path, windows_files, capsys):
+    """Without flock no lock tells a killed writer's temporary file from a live one's, and none was
+    ever removed: a killed extraction's shard or a killed build's pixel file (a cache's size) stayed
+    for good. One unchanged for a day goes; a younger one, this process's own and one held open stay."""
+    from vision_tl.caches.cli import main as cache
+    from vision_tl.features.store import ShardStore
+
+    store = tmp_path / "store"
+    store.mkdir()
+    killed = _aged(store / ".0123456789abcdef.feats.npy.otherpc-123.abcd1234.tmp", 30)
+    recent = _aged(store / ".0123456789abcdef.sum.json.otherpc-124.abcd1234.tmp", 2)  # perhaps at work
+    mine = _aged(store / f".fedcba9876543210.feats.npy.{files._HOST}-{os.getpid()}.abcd1234.tmp", 30)
+    held = _aged(store / ".1111111111111111.feats.npy.otherpc-125.abcd1234.tmp", 30)
+    with open(held, "rb"):  # its writer at work (Windows refuses to delete it)
+        ShardStore(store, {"format": 1, "backbone": "tiny_net", "num_features": 4})
+    assert not killed.exists() and recent.exists() and mine.exists() and held.exists()
+    orphan = _aged(tmp_path / ".labels.json.otherpc-126.abcd1234.tmp", 30)  # any atomic write's
+    atomic_write_text(tmp_path / "labels.json", "[]")
+    assert not orphan.exists()
+    decoded = tmp_path / "dec"
+    decoded.mkdir()
+    killed = _aged(decoded / ".0123456789abcdef01234567.npy.otherpc-127.abcd1234.tmp", 30)
+    recent = _aged(decoded / ".0123456789abcdef01234567.npy.otherpc-128.abcd1234.tmp", 2)
+    assert cache(["clear", "--decoded", str(decoded), "--older-than", "1", "--yes"]) == 0
+    assert "deleted 1 entry" in capsys.readouterr().out
+    assert not killed.exists() and recent.exists()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.utils import files as _files
-from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused
+from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused, orphan_age_s
 
 KINDS = ("features", "decoded")
 # (the environment variables and default folders of the feature cache and the decoded-image cache:
@@ -254,10 +254,11 @@ def _decoded_entry(root: Path, key: str, parts: dict[str, Path]) -> CacheEntry |
 
 
 def _temp_entry(path: Path, kind: str) -> CacheEntry:
-    """A temporary file of a writer: one at work holds it locked; a young one may not be locked yet."""
+    """A temporary file of a writer: one at work holds it locked; a young one may not be locked yet
+    (without locks, one that changed within a day may be at work: :func:`orphan_age_s`)."""
     st = path.lstat()
     return CacheEntry(kind, path, "temporary file of a killed run", {"temporary": True}, [path],
-                      _disk_bytes(st), st.st_mtime, in_use=time.time() - st.st_mtime < ORPHAN_AGE_S)
+                      _disk_bytes(st), st.st_mtime, in_use=time.time() - st.st_mtime < orphan_age_s())
 
 
 # ----------------------------------------------------------------------------------- helpers
