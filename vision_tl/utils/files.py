@@ -420,6 +420,19 @@ def refuse_empty_path(path: str | Path | None, what: str, error: type[Exception]
         raise error(f"{what}: {EMPTY_PATH}")
 
 
+def lock_folder() -> Path:
+    """This user's folder of lock files on this machine (``vision_tl-locks-UID`` in the temporary
+    folder), made if missing; OSError where it cannot be."""
+    folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def name_digest(path: str | Path) -> str:
+    """A short file name standing for the resolved path ``path`` (its lock's, its claims' folder)."""
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+
+
 @contextlib.contextmanager
 def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
     """An exclusive lock among this machine's processes on the name ``path`` (which need not
@@ -430,11 +443,8 @@ def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
     if fcntl is None:
         yield True
         return
-    folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
     try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24] + ".lock"),
-                     os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_folder() / (name_digest(path) + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:  # (no usable temporary folder: unlocked, as without flock)
         yield True
         return
