@@ -360,3 +360,28 @@ def test_a_shard_added_after_the_listing_goes_with_its_store(tmp_path):
     gc.collect()
     report = inventory.clear_entries(root, [entry], dry_run=False)
     assert report.deleted == [entry] and not store.exists() and _tree(tmp_path / "feat") == set()
+
+
+def test_what_an_unfinished_delete_left_is_named_and_cleared(tmp_path, images, capsys):
+    """An earlier version's clear, refused an open shard on Windows, left a store without its keys
+    files: listed as '0 images' (and its bytes), as if it were an empty store in use. A clear killed
+    between renaming an entry and deleting its files leaves names no run reads: they go too."""
+    half = _store(tmp_path / "feat", rows=3)
+    ShardStore(half, IDENTITY).append([f"{i:064x}" for i in range(3, 5)], np.ones((2, 4), np.float32))
+    for keys in half.glob("*.keys.npy"):
+        keys.unlink()
+    tomb = _store(tmp_path / "feat", rows=2, backbone="other_net")
+    tomb = tomb.rename(tomb.with_name(f"{tomb.name}.deleted-0123abcd"))
+    pixels = _decoded(tmp_path / "dec", images, 5, 8)
+    staged = pixels.with_name(f".{pixels.name}.deleted-0123abcd")
+    pixels.rename(staged)
+    roots = ["--features", str(tmp_path / "feat"), "--decoded", str(tmp_path / "dec")]
+    assert main(["list", *roots]) == 0
+    out = capsys.readouterr().out
+    assert "0 images (+2 shards without keys: a killed write's or an unfinished delete's)" in out
+    assert "store left by a cache clear that could not finish" in out
+    assert "file left by a cache clear that could not finish" in out
+    _age(_entry_files(half), 40)
+    assert main(["clear", "--older-than", "30", "--yes", *roots]) == 0  # leftovers go whatever their age
+    assert _tree(tmp_path / "feat") == set()
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == [pixels.with_suffix(".json").name]

@@ -38,6 +38,20 @@ def _open_here(path: str | os.PathLike) -> bool:
     return False
 
 
+def _open_under(folder: str | os.PathLike) -> bool:
+    """Whether this process holds a descriptor on a file inside the folder ``folder``."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    inside = os.path.realpath(folder) + os.sep
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith(inside):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _sharing_violation(path: str | os.PathLike) -> PermissionError:
     return PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
                                          "another process (simulated Windows)", str(path))
@@ -51,8 +65,8 @@ def windows_files(monkeypatch):
     real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "remove", "fsync")}
 
     def moving(name):
-        def call(src, dst, *args, **kwargs):
-            if _open_here(src) or _open_here(dst):
+        def call(src, dst, *args, **kwargs):  # (a folder with an open file in it cannot be renamed either)
+            if _open_here(src) or _open_here(dst) or _open_under(src):
                 raise _sharing_violation(src)
             return real[name](src, dst, *args, **kwargs)
         return call
@@ -81,14 +95,18 @@ def windows_files(monkeypatch):
 
 
 def test_the_simulation_refuses_what_windows_refuses(tmp_path, windows_files):
-    path = tmp_path / "a.txt"
+    path = tmp_path / "folder" / "a.txt"
+    path.parent.mkdir()
     path.write_text("x", encoding="utf-8")
     with open(path, "rb") as fh:
         with pytest.raises(PermissionError):
             os.replace(path, tmp_path / "b.txt")
         with pytest.raises(OSError):
             os.fsync(fh.fileno())
+        with pytest.raises(PermissionError):
+            os.rename(path.parent, tmp_path / "other")
     os.replace(path, tmp_path / "b.txt")
+    os.rename(path.parent, tmp_path / "other")
 
 
 def test_atomic_writes_work_under_windows_file_rules(tmp_path, windows_files):
@@ -423,3 +441,108 @@ def test_cache_clear_without_file_locks_keeps_entries_in_use(tmp_path, windows_f
         assert "in use by a running process" in capsys.readouterr().out and data.is_file()
     assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
     assert not data.exists()
+
+
+def _aged(path: Path, hours: float, data: bytes = b"\0" * 64) -> Path:
+    import time
+
+    path.write_bytes(data)
+    when = time.time() - hours * 3600
+    os.utime(path, (when, when))
+    return path
+
+
+def test_temporary_files_of_killed_writers_are_swept_by_age_without_file_locks(tmp_path, windows_files, capsys):
+    """Without flock no lock tells a killed writer's temporary file from a live one's, and none was
+    ever removed: a killed extraction's shard or a killed build's pixel file (a cache's size) stayed
+    for good. One unchanged for a day goes; a younger one, this process's own and one held open stay."""
+    from vision_tl.caches.cli import main as cache
+    from vision_tl.features.store import ShardStore
+
+    store = tmp_path / "store"
+    store.mkdir()
+    killed = _aged(store / ".0123456789abcdef.feats.npy.otherpc-123.abcd1234.tmp", 30)
+    recent = _aged(store / ".0123456789abcdef.sum.json.otherpc-124.abcd1234.tmp", 2)  # perhaps at work
+    mine = _aged(store / f".fedcba9876543210.feats.npy.{files._HOST}-{os.getpid()}.abcd1234.tmp", 30)
+    held = _aged(store / ".1111111111111111.feats.npy.otherpc-125.abcd1234.tmp", 30)
+    with open(held, "rb"):  # its writer at work (Windows refuses to delete it)
+        ShardStore(store, {"format": 1, "backbone": "tiny_net", "num_features": 4})
+    assert not killed.exists() and recent.exists() and mine.exists() and held.exists()
+    orphan = _aged(tmp_path / ".labels.json.otherpc-126.abcd1234.tmp", 30)  # any atomic write's
+    atomic_write_text(tmp_path / "labels.json", "[]")
+    assert not orphan.exists()
+    decoded = tmp_path / "dec"
+    decoded.mkdir()
+    killed = _aged(decoded / ".0123456789abcdef01234567.npy.otherpc-127.abcd1234.tmp", 30)
+    recent = _aged(decoded / ".0123456789abcdef01234567.npy.otherpc-128.abcd1234.tmp", 2)
+    assert cache(["clear", "--decoded", str(decoded), "--older-than", "1", "--yes"]) == 0
+    assert "deleted 1 entry" in capsys.readouterr().out
+    assert not killed.exists() and recent.exists()
+
+
+STORE_IDENTITY = {"format": 1, "backbone": "tiny_net", "weights": "random", "state_digest": "0", "num_features": 4,
+                  "preprocessing": {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                    "interpolation": "bilinear"}, "stages": ["pooled"]}
+
+
+def _age_tree(folder: Path, days: float) -> None:
+    import time
+
+    when = time.time() - days * 86400
+    for path in folder.rglob("*"):
+        os.utime(path, (when, when))
+
+
+def test_cache_clear_without_file_locks_deletes_a_store_whole_or_not_at_all(tmp_path, windows_files, capsys):
+    """A run reading a store holds its shards open (memory maps), which Windows refuses to delete.
+    clear deleted the keys files (the commit markers) first and stopped at the first open shard:
+    a store with every row lost, listed as 0 images, reported as in use. Now it stays whole, and
+    goes whole once the run is done."""
+    import gc
+
+    from vision_tl.caches.cli import main as cache
+    from vision_tl.features.cache import FeatureCache
+    from vision_tl.features.store import ShardStore
+
+    path = tmp_path / "feat" / "tiny_net" / FeatureCache.key(STORE_IDENTITY)
+    writer = ShardStore(path, STORE_IDENTITY)
+    first, second = [f"{i:064x}" for i in range(3)], [f"{i:064x}" for i in range(3, 6)]
+    writer.append(first, np.ones((3, 4), np.float32))
+    writer.append(second, np.ones((3, 4), np.float32))
+    del writer
+    reader = ShardStore(path, STORE_IDENTITY)
+    reader.read(second[:1])  # maps the second shard only
+    _age_tree(path, 2)
+    before = sorted(p.name for p in path.iterdir())
+    root = ["--features", str(tmp_path / "feat")]
+    assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
+    assert "in use by a running process" in capsys.readouterr().out
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert len(ShardStore(path, STORE_IDENTITY)) == 6
+    del reader
+    gc.collect()
+    _age_tree(path, 2)
+    assert cache(["clear", *root, "--older-than", "1", "--yes"]) == 0
+    assert "deleted 1 entry" in capsys.readouterr().out
+    assert list((tmp_path / "feat").rglob("*")) == []
+
+
+def test_cache_clear_without_file_locks_deletes_a_decoded_entry_whole_or_not_at_all(tmp_path, windows_files,
+                                                                                  capsys):
+    """The pixel file went first, then the .json, held open (a run reading it, an indexer), was
+    refused: a pixel-less half. Now neither goes while either is open."""
+    from vision_tl.caches.cli import main as cache
+
+    dec = tmp_path / "dec"
+    dec.mkdir()
+    data = dec / "0123456789abcdef01234567.npy"
+    np.save(data, np.zeros((2, 4, 4, 3), np.uint8))
+    meta = data.with_suffix(".json")
+    meta.write_text('{"format": 1, "count": 2, "size": [4, 4], "bad": []}', encoding="utf-8")
+    _age_tree(dec, 2)
+    with open(meta, "rb"):
+        assert cache(["clear", "--decoded", str(dec), "--older-than", "1", "--yes"]) == 0
+        assert "in use by a running process" in capsys.readouterr().out
+    assert sorted(p.name for p in dec.iterdir()) == [meta.name, data.name]
+    assert cache(["clear", "--decoded", str(dec), "--older-than", "1", "--yes"]) == 0
+    assert list(dec.iterdir()) == []

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.utils import files as _files
-from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused
+from vision_tl.utils.files import ORPHAN_AGE_S, exclusive_if_unused, orphan_age_s
 
 KINDS = ("features", "decoded")
 # (the environment variables and default folders of the feature cache and the decoded-image cache:
@@ -44,9 +45,13 @@ OPTIONS = {"features": "--features", "decoded": "--decoded"}
 _STORE_KEY = re.compile(r"[0-9a-f]{20}")
 _STORE_FILE = re.compile(r"(?:meta\.json|stats\.json|[0-9a-f]{16}\.(?:feats\.npy|sum\.json|keys\.npy))")
 _DECODED_FILE = re.compile(r"([0-9a-f]{24})\.(npy|json)")
-_TEMP = r"\.(?:{names})\.[A-Za-z0-9_]+-\d+\.[A-Za-z0-9_]{{8}}\.tmp"  # as vision_tl.utils.files names them
+# temporary files (as vision_tl.utils.files names them), and files a clear renamed to delete them
+# (see _remove) that are still there: a clear killed in between, or one that could not finish
+_TEMP = r"\.(?:{names})\.(?:[A-Za-z0-9_]+-\d+\.[A-Za-z0-9_]{{8}}\.tmp|deleted-[0-9a-f]{{8}})"
 _STORE_TEMP = re.compile(_TEMP.format(names=_STORE_FILE.pattern))
 _DECODED_TEMP = re.compile(_TEMP.format(names=r"[0-9a-f]{24}\.(?:npy|json)"))
+# a store folder a clear renamed to delete it (one step: the store is gone for every run at once)
+_DELETED_STORE = re.compile(r"[0-9a-f]{20}\.deleted-[0-9a-f]{8}")
 _MAX_DEPTH = 4  # <root>/<backbone, which may hold a '/'>/<key>: how deep stores are looked for
 
 
@@ -155,6 +160,9 @@ def _feature_entries(root: Path) -> list[CacheEntry]:
     while stack:
         folder, depth = stack.pop()
         for sub in _subfolders(folder):
+            if _DELETED_STORE.fullmatch(sub.name) and depth >= 1:
+                entries.append(_deleted_store_entry(sub))
+                continue
             if _STORE_KEY.fullmatch(sub.name) and depth >= 1:
                 entry = _store_entry(sub)
                 if entry is not None and sub.parent.relative_to(root).as_posix() == entry.details["backbone"]:
@@ -180,14 +188,8 @@ def _store_entry(folder: Path, pinned: bool = False) -> CacheEntry | None:
         return None
     if not pinned and store_key(identity) != folder.name:
         return None
-    files, bytes_, last, images = [], 0, 0.0, 0
-    for path in _own_files(folder, _STORE_FILE, _STORE_TEMP):
-        st = path.lstat()
-        files.append(path)
-        bytes_ += _disk_bytes(st)
-        last = max(last, st.st_mtime)
-        if path.name.endswith(".keys.npy"):
-            images += _npy_rows(path)
+    files, bytes_, last = _store_files(folder)
+    images = sum(_npy_rows(p) for p in files if p.name.endswith(".keys.npy"))
     files.sort(key=lambda p: (not p.name.endswith(".keys.npy"), p.name == "meta.json"))  # commit markers first
     prep = identity.get("preprocessing") if isinstance(identity.get("preprocessing"), dict) else {}
     size = prep.get("input_size") or ["?", "?"]
@@ -197,7 +199,29 @@ def _store_entry(folder: Path, pinned: bool = False) -> CacheEntry | None:
     details = {"backbone": str(identity["backbone"]), "input_size": list(size), "stages": stages,
                "num_features": identity["num_features"], "images": images}
     what = f"{identity['backbone']} {size[0]}x{size[1]} {stages}{extra}{view}: {images:,} images"
+    committed = {p.name.split(".", 1)[0] for p in files if p.name.endswith(".keys.npy")}
+    # features without their keys file (the commit marker): a killed run's last shard, or what an
+    # earlier version's clear left of a store whose shards a reader held open (it deleted keys first)
+    uncommitted = {p.name.split(".", 1)[0] for p in files if p.name.endswith(".feats.npy")} - committed
+    if uncommitted:
+        what += f" (+{len(uncommitted)} shards without keys: a killed write's or an unfinished delete's)"
+        details["uncommitted_shards"] = len(uncommitted)
     return CacheEntry("features", folder, what, details, files, bytes_, last, removable_folder=not pinned)
+
+
+def _store_files(folder: Path) -> tuple[list[Path], int, float]:
+    """A store folder's own files, the bytes they take and their newest modification time."""
+    files = _own_files(folder, _STORE_FILE, _STORE_TEMP)
+    stats = [p.lstat() for p in files]
+    return files, sum(_disk_bytes(st) for st in stats), max((st.st_mtime for st in stats), default=0.0)
+
+
+def _deleted_store_entry(folder: Path) -> CacheEntry:
+    """A store folder a clear renamed to delete it and could not empty (killed, or a file that
+    could not be deleted): no run reads it any more, so it always goes, as temporary files do."""
+    files, bytes_, last = _store_files(folder)
+    return CacheEntry("features", folder, "store left by a cache clear that could not finish",
+                      {"temporary": True}, files, bytes_, last or folder.lstat().st_mtime, removable_folder=True)
 
 
 def _own_files(folder: Path, names: re.Pattern, temps: re.Pattern) -> list[Path]:
@@ -247,17 +271,22 @@ def _decoded_entry(root: Path, key: str, parts: dict[str, Path]) -> CacheEntry |
         # a build writes the .json just after renaming the .npy into place: a young half is being written
         newest = max(max(st.st_mtime, st.st_ctime) for st in stats)
         in_use = time.time() - newest < ORPHAN_AGE_S
-        what += ", unfinished (no .json)" if ours_npy else ", its .npy is missing"
+        what += (", no .json: a killed build's, or an unfinished delete's" if ours_npy
+                 else ", its .npy is missing")
     path = parts["npy"] if ours_npy else parts["json"]
     return CacheEntry("decoded", path, what, details, files, sum(_disk_bytes(st) for st in stats),
                       max(st.st_mtime for st in stats), in_use=in_use)
 
 
 def _temp_entry(path: Path, kind: str) -> CacheEntry:
-    """A temporary file of a writer: one at work holds it locked; a young one may not be locked yet."""
+    """A temporary file of a writer: one at work holds it locked; a young one may not be locked yet
+    (without locks, one that changed within a day may be at work: :func:`orphan_age_s`)."""
     st = path.lstat()
+    if ".deleted-" in path.name:  # (renamed by a clear to delete it: no run writes it)
+        return CacheEntry(kind, path, "file left by a cache clear that could not finish", {"temporary": True},
+                          [path], _disk_bytes(st), st.st_mtime)
     return CacheEntry(kind, path, "temporary file of a killed run", {"temporary": True}, [path],
-                      _disk_bytes(st), st.st_mtime, in_use=time.time() - st.st_mtime < ORPHAN_AGE_S)
+                      _disk_bytes(st), st.st_mtime, in_use=time.time() - st.st_mtime < orphan_age_s())
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -393,6 +422,49 @@ def clear_entries(root: CacheRoot, entries: list[CacheEntry], days: float | None
     return report
 
 
+def _remove_store_folder(entry: CacheEntry) -> None:
+    """:func:`_remove` for a store folder (see there)."""
+    folder = entry.path
+    tomb = folder.with_name(f"{folder.name}.deleted-{secrets.token_hex(4)}")
+    os.rename(folder, tomb)  # (Windows: PermissionError while a file in it is open; nothing changed)
+    try:
+        for path in _own_files(tomb, _STORE_FILE, _STORE_TEMP):  # (shards a run added since the listing too)
+            path.unlink(missing_ok=True)
+    except OSError:  # (a file opened this very instant, permissions): what is left gets its name back
+        with contextlib.suppress(OSError):
+            os.rename(tomb, folder)
+        raise
+    try:
+        tomb.rmdir()
+    except OSError:  # files that are not the cache's: they stay, under the folder's own name
+        with contextlib.suppress(OSError):
+            os.rename(tomb, folder)
+
+
+def _unlink_whole(paths: list[Path]) -> None:
+    """Delete ``paths`` in order; where an open file cannot be deleted (no locks: Windows), all
+    or none: each is renamed first, and a refusal renames those back before it is raised."""
+    if _files.fcntl is not None:  # POSIX deletes open files; runs in use were skipped under the lock
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return
+    tag = secrets.token_hex(4)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path in paths:
+            if os.path.lexists(path):
+                staged.append((path, path.with_name(f".{path.name}.deleted-{tag}")))
+                os.rename(*staged[-1])
+    except OSError:
+        staged.pop()  # (the one refused)
+        for path, tomb in reversed(staged):
+            with contextlib.suppress(OSError):
+                os.rename(tomb, path)
+        raise
+    for _, tomb in staged:
+        tomb.unlink(missing_ok=True)
+
+
 def _newest(entry: CacheEntry) -> float:
     times = []
     for path in entry.files:
@@ -402,15 +474,19 @@ def _newest(entry: CacheEntry) -> float:
 
 
 def _remove(root: CacheRoot, entry: CacheEntry) -> None:
-    """The entry's own files (metadata and commit markers first, so a reader never takes what is
-    left for an entry), then its folder and the backbone folders above it once empty."""
-    order = entry.files
-    if _files.fcntl is None and entry.kind == "decoded":
-        # no locks (Windows): the pixel file first, which a reader holding it open keeps from
-        # being deleted (PermissionError), so that the entry stays whole for that reader
-        order = sorted(order, key=lambda p: p.suffix != ".npy")
-    for path in order:
-        path.unlink(missing_ok=True)
+    """Delete the entry whole, or leave it whole (the error raised then says why).
+
+    A store folder is first renamed (``<key>.deleted-<tag>``): one step that takes the whole
+    store from every run at once, and one that Windows refuses while any file in the folder is
+    open (a run reading its shards), before anything is deleted. Its files are deleted after.
+    Other entries' files go metadata and commit markers first (a reader never takes what is left
+    for an entry); where an open file cannot be deleted (Windows) each is first renamed, and a
+    refusal puts back those renamed. Names left by a clear killed in between are listed, and
+    deleted by the next clear, as leftovers."""
+    if entry.kind == "features" and entry.removable_folder and _STORE_KEY.fullmatch(entry.path.name):
+        _remove_store_folder(entry)
+    else:
+        _unlink_whole(entry.files)
     if not entry.removable_folder:
         return
     for folder in (entry.path, *entry.path.parents):
@@ -418,6 +494,8 @@ def _remove(root: CacheRoot, entry: CacheEntry) -> None:
             break
         try:
             folder.rmdir()
+        except FileNotFoundError:  # (the store folder, removed under its new name)
+            continue
         except OSError:  # other files in it (not ours: kept)
             if folder == entry.path:
                 entry.note = "its folder stays: it holds files that are not the cache's"

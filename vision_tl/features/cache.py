@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 
 from vision_tl.caches.inventory import ENV, default_root, store_key
 from vision_tl.data.folder import content_hash
+from vision_tl.features.claims import claimed, wait_for
 from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
 from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
 from vision_tl.utils.files import atomic_write_text, unwritable
@@ -120,7 +122,9 @@ class FeatureCache:
     def ensure(self, extractor: FeatureExtractor, paths: Sequence[Path], hashes: Sequence[str],
                batch_size: int = 8, num_workers: int | None = 0, device=None,
                progress: bool | str = True) -> CacheReport:
-        """Compute and store the features of every image whose hash is not cached yet."""
+        """Compute and store the features of every image whose hash is not cached yet (images
+        another process is embedding into the same store meanwhile are waited for and read, not
+        embedded twice: :mod:`vision_tl.features.claims`)."""
         if len(paths) != len(hashes):
             raise ValueError(f"{len(paths)} paths but {len(hashes)} hashes")
         store = self.store(extractor)
@@ -131,40 +135,26 @@ class FeatureCache:
             if key not in store:
                 copies.setdefault(key, []).append(Path(path))
                 todo.setdefault(key, Path(path))
-        keys, files = list(todo), list(todo.values())
         if todo:
             self._check_writable(store, len(todo))
+        key_of = {path: key for key, path in todo.items()}
         failed: list[tuple[Path, str]] = []
-        pending_keys: list[str] = []
-        pending: list[np.ndarray] = []
-        start, first = time.perf_counter(), None
-        # closed at once if a check below raises: its decoding threads stop there, not at the next GC
-        embedded = iter_embeddings(extractor, files, batch_size, num_workers, device, progress)
-        with contextlib.closing(embedded):
-            for batch in embedded:
-                if first is None:
-                    first = time.perf_counter() - start
-                _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
-                # A file rewritten between the scan and its decoding (a line folder being written to)
-                # holds other content than its key names: its features would be stored under another
-                # image's hash for good. Such an image is a failure, never a cache entry.
-                kept = []
-                for k, i in enumerate(batch.positions):
-                    if content_hash(files[i]) == keys[i]:
-                        kept.append(k)
-                    else:
-                        failed.append((files[i], _CHANGED.format(path=files[i])))
-                pending_keys += [keys[batch.positions[k]] for k in kept]
-                pending.append(batch.features[kept])
-                failed += [(files[i], why) for i, why in batch.failures]
-                if len(pending_keys) >= SHARD_ROWS:
-                    store.append(pending_keys, np.concatenate(pending))
-                    pending_keys, pending = [], []
-        store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
-        failed_keys = len(failed)
-        failed = _with_copies(failed, copies, {path: key for key, path in todo.items()})
-        report = CacheReport(len(paths), len(keys) - failed_keys, failed, time.perf_counter() - start,
-                             float("nan") if first is None else first)
+        computed, start, first = 0, time.perf_counter(), float("nan")
+        while todo:
+            with claimed(store, list(todo)) as claim:
+                if claim.mine:
+                    files = [todo[k] for k in claim.mine]
+                    first_batch, failures = _embed_into(store, extractor, claim.mine, files, batch_size,
+                                                        num_workers, device, progress)
+                    first = first_batch if math.isnan(first) else first  # (the first pass's)
+                    computed += len(files) - len(failures)
+                    failed += failures
+            wait_for(claim)
+            store.refresh()
+            # what another writer claimed and did not store (killed; an image it could not decode): ours now
+            todo = {k: todo[k] for k in claim.theirs if k not in store}
+        failed = _with_copies(failed, copies, key_of)
+        report = CacheReport(len(paths), computed, failed, time.perf_counter() - start, first)
         if report.computed and report.computed >= self._stats(store).get("images", 0):
             # the largest run is the one whose rate says most about the backbone (a run that
             # embedded one new image measured mostly its start-up)
@@ -199,6 +189,41 @@ class FeatureCache:
         if report.failed:
             raise ValueError(f"{len(report.failed)} image(s) could not be decoded:\n{failure_listing(report.failed)}")
         return self.read(extractor, hashes)
+
+
+def _embed_into(store: ShardStore, extractor: FeatureExtractor, keys: list[str], files: list[Path],
+                batch_size: int, num_workers: int | None, device, progress: bool | str
+                ) -> tuple[float, list[tuple[Path, str]]]:
+    """Embed ``files`` (whose content hashes are ``keys``) into ``store``, a shard at a time;
+    the seconds until the first batch was back, and the files that failed, with why."""
+    failed: list[tuple[Path, str]] = []
+    pending_keys: list[str] = []
+    pending: list[np.ndarray] = []
+    start, first = time.perf_counter(), float("nan")
+    # closed at once if a check below raises: its decoding threads stop there, not at the next GC
+    embedded = iter_embeddings(extractor, files, batch_size, num_workers, device, progress)
+    with contextlib.closing(embedded):
+        for batch in embedded:
+            if math.isnan(first):
+                first = time.perf_counter() - start
+            _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
+            # A file rewritten between the scan and its decoding (a line folder being written to)
+            # holds other content than its key names: its features would be stored under another
+            # image's hash for good. Such an image is a failure, never a cache entry.
+            kept = []
+            for k, i in enumerate(batch.positions):
+                if content_hash(files[i]) == keys[i]:
+                    kept.append(k)
+                else:
+                    failed.append((files[i], _CHANGED.format(path=files[i])))
+            pending_keys += [keys[batch.positions[k]] for k in kept]
+            pending.append(batch.features[kept])
+            failed += [(files[i], why) for i, why in batch.failures]
+            if len(pending_keys) >= SHARD_ROWS:
+                store.append(pending_keys, np.concatenate(pending))
+                pending_keys, pending = [], []
+    store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
+    return first, failed
 
 
 def _with_copies(failed: list[tuple[Path, str]], copies: dict[str, list[Path]],

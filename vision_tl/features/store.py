@@ -53,6 +53,7 @@ from vision_tl.utils.files import (
     atomic_write_text,
     file_crc32,
     hold_in_use,
+    path_lock,
     path_text,
     remove_orphaned_temps_in,
     unwritable,
@@ -91,6 +92,7 @@ class ShardStore:
         self._index: dict[str, tuple[str, int]] | None = None
         self._mmaps: dict[str, np.ndarray] = {}
         self._rows: dict[str, int] = {}  # rows per indexed shard, for the warnings
+        self._dropped: set[str] = set()  # shards found damaged (not indexed again)
         if self.path not in _SWEPT:
             _SWEPT.add(self.path)
             self._remove_leftovers()
@@ -111,8 +113,17 @@ class ShardStore:
 
     def shard_ids(self) -> list[str]:
         """Finished shards (keys file present), oldest first."""
-        keys = sorted(self.path.glob("*.keys.npy"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return [p.name[: -len(".keys.npy")] for p in keys if p.with_name(p.name.replace(".keys", ".feats")).exists()]
+        return self.shard_ids_of(list(self.path.glob("*.keys.npy")))
+
+    @staticmethod
+    def shard_ids_of(keys_files: list[Path]) -> list[str]:
+        """The finished shards among those of ``keys_files`` (features present), oldest first."""
+        found = []
+        for path in keys_files:
+            with contextlib.suppress(FileNotFoundError):  # (deleted meanwhile: a damaged shard, a clear)
+                found.append((path.stat().st_mtime_ns, path.name, path))
+        return [p.name[: -len(".keys.npy")] for _, _, p in sorted(found)
+                if p.with_name(p.name.replace(".keys", ".feats")).exists()]
 
     def index(self) -> dict[str, tuple[str, int]]:
         """Content hash -> (shard id, row) over every finished shard whose files are consistent.
@@ -133,6 +144,31 @@ class ShardStore:
                     self._index.setdefault(key, (shard, row))
         return self._index
 
+    def refresh(self) -> None:
+        """Index the shards other processes finished since this store was indexed (its other
+        writers: torchrun's ranks, another extraction or fit sharing the cache)."""
+        if self._index is None:
+            self.index()
+            return
+        known = self._rows.keys() | self._dropped
+        # (a listing of names, and a stat only for new shards: called before every append)
+        new = [p for p in self.path.glob("*.keys.npy") if p.name[: -len(".keys.npy")] not in known]
+        for shard in self.shard_ids_of(new):
+            try:
+                keys = self._load_keys(shard)
+            except _DamagedShard as exc:
+                self.discard(shard, str(exc))
+                continue
+            self._rows[shard] = len(keys)
+            for row, key in enumerate(keys):
+                self._index.setdefault(key, (shard, row))
+
+    def writers_lock(self):
+        """The lock under which a writer adds rows, or decides which it will compute (see
+        :mod:`vision_tl.features.claims`): held for milliseconds, never while embedding. Its own
+        name: an extraction without the cache holds the lock of its partial folder throughout."""
+        return path_lock(self.path / ".writers")
+
     def __contains__(self, key: str) -> bool:
         return key in self.index()
 
@@ -140,11 +176,23 @@ class ShardStore:
         return len(self.index())
 
     def append(self, keys: list[str], features: np.ndarray) -> None:
-        """Write one shard atomically: features, then their checksums, keys last (the commit marker)."""
+        """Write one shard atomically: features, then their checksums, keys last (the commit marker).
+
+        Rows whose key another process stored meanwhile are left out (one row per image on disk,
+        also where two writers computed it: see :mod:`vision_tl.features.claims`)."""
         if len(keys) != len(features):
             raise ValueError(f"{len(keys)} keys for {len(features)} feature rows")
         if not keys:
             return
+        with self.writers_lock():
+            self.refresh()
+            new = [i for i, key in enumerate(keys) if key not in self.index()]
+            if len(new) < len(keys):
+                keys, features = [keys[i] for i in new], np.asarray(features)[new]
+            if keys:
+                self._write_shard(keys, features)
+
+    def _write_shard(self, keys: list[str], features: np.ndarray) -> None:
         shard = f"{uuid.uuid4().hex[:16]}"
         features = np.ascontiguousarray(features, dtype=np.float32)
         feats_bytes, keys_bytes = _npy_bytes(features), _npy_bytes(np.asarray(keys, dtype="U64"))
@@ -222,6 +270,7 @@ class ShardStore:
             done = (f"could not delete it ({exc.strerror or exc}), so it is ignored; delete {self.path}/"
                     f"{shard}.* to get rid of it")
         self._mmaps.pop(shard, None)
+        self._dropped.add(shard)
         warnings.warn(f"feature cache shard {feats} is damaged ({why}); {done}", stacklevel=3)
 
     # ------------------------------------------------------------------ checks

@@ -3,7 +3,8 @@
 A killed or failing writer, or a power cut, therefore never leaves a partial file under the
 final name. The writer holds its temporary file (``.<name>.<host>-<pid>.<random>.tmp``) locked
 while it works, so one that a killed process left behind (a checkpoint's or a decoded cache's
-size) is told apart and removed by the next write of the same file.
+size) is told apart and removed by the next write of the same file. Where there are no such locks
+(Windows), one unchanged for a day is removed instead (see ``UNLOCKED_ORPHAN_AGE_S``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,23 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 # A temporary file younger than this is never taken for an orphan: its writer may have created it
 # an instant ago and not yet locked it.
 ORPHAN_AGE_S = 60.0
+# Without flock (Windows) no lock tells a writer at work from a killed one, so the rule is age: a
+# temporary file is an orphan once unchanged for a day (no write of the kit takes that long, and
+# writing moves a file's time), unless this process made it; a writer that holds its file open is
+# safe besides, as Windows refuses to delete an open file. (``os.kill(pid, 0)``, which asks
+# whether a writer still runs on POSIX, would terminate that process on Windows: never used there.)
+UNLOCKED_ORPHAN_AGE_S = 86400.0
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks here, so nothing is swept
+except ImportError:  # Windows: no advisory locks here; temporary files are swept by age
     fcntl = None
+
+
+def orphan_age_s() -> float:
+    """How old an unlocked temporary file must be to be taken for a killed writer's: a minute
+    where locks tell the writers at work (they hold theirs), a day where there are none."""
+    return ORPHAN_AGE_S if fcntl is not None else UNLOCKED_ORPHAN_AGE_S
 
 
 def lock_dir(folder: Path) -> bool:
@@ -103,7 +116,8 @@ def remove_orphaned_temps(path: Path) -> list[Path]:
     """Remove the temporary files of ``path`` whose writer is gone (killed: SIGKILL, power cut),
     i.e. that no process holds locked and whose process is known to be gone (this machine's,
     by its number) or that are over a minute old; returns them. Another writer's temporary
-    file, on this machine or another, is left alone while it works."""
+    file, on this machine or another, is left alone while it works. Without locks (Windows),
+    those unchanged for a day, not this process's own (``UNLOCKED_ORPHAN_AGE_S``)."""
     return _remove_orphans(glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*-*.tmp"))
 
 
@@ -117,15 +131,19 @@ def remove_orphaned_temps_in(folder: Path, names: str = r".+") -> list[Path]:
                             if own.fullmatch(Path(found).name)])
 
 
+def _writer_of(name: str) -> tuple[str, int | None]:
+    """The machine and process named in a temporary file's name (``.<file>.<host>-<pid>.<x>.tmp``)."""
+    host, _, pid = name.rsplit(".", 2)[0].rpartition("-")
+    return host.rsplit(".", 1)[-1], int(pid) if pid.isdigit() else None
+
+
 def _writer_gone(name: str) -> bool:
-    """Whether the process named in a temporary file's name (``.<file>.<host>-<pid>.<x>.tmp``)
-    ran on this machine and no longer runs."""
-    stem = name.rsplit(".", 2)[0]
-    host, _, pid = stem.rpartition("-")
-    if host.rsplit(".", 1)[-1] != _HOST or not pid.isdigit():
+    """Whether the process named in a temporary file's name ran on this machine and no longer runs."""
+    host, pid = _writer_of(name)
+    if host != _HOST or pid is None:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:  # there, but another user's
@@ -135,7 +153,7 @@ def _writer_gone(name: str) -> bool:
 
 def _remove_orphans(candidates: list[str]) -> list[Path]:
     if fcntl is None:
-        return []
+        return _remove_old_orphans(candidates)
     removed = []
     now = time.time()
     for found in candidates:
@@ -157,6 +175,23 @@ def _remove_orphans(candidates: list[str]) -> list[Path]:
                 removed.append(Path(found))
         finally:
             os.close(fd)
+    return removed
+
+
+def _remove_old_orphans(candidates: list[str]) -> list[Path]:
+    """:func:`_remove_orphans` without locks: by age (see ``UNLOCKED_ORPHAN_AGE_S``)."""
+    removed = []
+    now = time.time()
+    for found in candidates:
+        if _writer_of(Path(found).name) == (_HOST, os.getpid()):  # this process's own: perhaps at work
+            continue
+        try:
+            if now - os.stat(found).st_mtime < UNLOCKED_ORPHAN_AGE_S:
+                continue
+            os.unlink(found)
+        except OSError:  # gone meanwhile, or held open by its writer (Windows refuses to delete it)
+            continue
+        removed.append(Path(found))
     return removed
 
 
@@ -404,6 +439,19 @@ def refuse_empty_path(path: str | Path | None, what: str, error: type[Exception]
         raise error(f"{what}: {EMPTY_PATH}")
 
 
+def lock_folder() -> Path:
+    """This user's folder of lock files on this machine (``vision_tl-locks-UID`` in the temporary
+    folder), made if missing; OSError where it cannot be."""
+    folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def name_digest(path: str | Path) -> str:
+    """A short file name standing for the resolved path ``path`` (its lock's, its claims' folder)."""
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+
+
 @contextlib.contextmanager
 def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
     """An exclusive lock among this machine's processes on the name ``path`` (which need not
@@ -414,11 +462,8 @@ def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
     if fcntl is None:
         yield True
         return
-    folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
     try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24] + ".lock"),
-                     os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_folder() / (name_digest(path) + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:  # (no usable temporary folder: unlocked, as without flock)
         yield True
         return

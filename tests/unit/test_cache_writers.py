@@ -1,0 +1,146 @@
+"""Several writers into one feature-cache entry: two extractions into different outputs sharing a
+cache, a fit beside an extraction, torchrun's ranks. Each image is embedded once and stored once.
+
+The backbone is replaced by a stand-in that records what it embeds and takes a moment per batch,
+so that the writers really overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_tl.data.folder import content_hash
+from vision_tl.features import cache as cache_mod
+from vision_tl.features.cache import FeatureCache
+from vision_tl.features.claims import claimed
+from vision_tl.features.extractor import BatchResult
+from vision_tl.features.store import ShardStore
+from vision_tl.utils.files import lock_folder, name_digest
+
+IDENTITY = {"format": 1, "backbone": "tiny_net", "weights": "random", "state_digest": "0", "num_features": 4,
+            "preprocessing": {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+                              "interpolation": "bilinear"}, "stages": ["pooled"]}
+EXTRACTOR = SimpleNamespace(backbone="tiny_net", identity=lambda: IDENTITY)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> tuple[list[Path], list[str]]:
+    paths = []
+    for i in range(30):
+        paths.append(tmp_path / "images" / f"{i}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(paths[-1])
+    return paths, [content_hash(p) for p in paths]
+
+
+@pytest.fixture
+def embedded(monkeypatch) -> list[Path]:
+    """Every image the stand-in backbone embeds, in order (0.02 s a batch)."""
+    seen: list[Path] = []
+
+    def iter_embeddings(extractor, files, batch_size=8, *args, **kwargs):
+        for start in range(0, len(files), batch_size):
+            time.sleep(0.02)
+            batch = files[start:start + batch_size]
+            seen.extend(batch)
+            yield BatchResult(list(range(start, start + len(batch))), np.ones((len(batch), 4), np.float32), [])
+
+    monkeypatch.setattr(cache_mod, "iter_embeddings", iter_embeddings)
+    return seen
+
+
+def _rows(root: Path) -> int:
+    return sum(len(np.load(p)) for p in root.rglob("*.keys.npy"))
+
+
+def test_two_writers_sharing_images_embed_each_once(tmp_path, images, embedded):
+    """Both found the shared images missing, both embedded them and both stored them: every row
+    twice on disk, the work twice. Now the second waits for the first's and reads them."""
+    paths, hashes = images
+    shares = [slice(0, 20), slice(10, 30)]  # images 10-19 in both
+    ready = threading.Barrier(2)
+    reports, errors = {}, []
+
+    def writer(n: int) -> None:
+        try:
+            ready.wait()
+            reports[n] = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths[shares[n]], hashes[shares[n]],
+                                                                 batch_size=4, progress=False)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [] and len(reports) == 2
+    assert sorted(embedded) == sorted(paths)  # each image once
+    assert _rows(tmp_path / "cache") == len(paths)
+    assert sum(r.computed for r in reports.values()) == len(paths)
+    assert all(not r.failed for r in reports.values())
+    assert FeatureCache(tmp_path / "cache").read(EXTRACTOR, hashes).shape == (30, 4)
+
+
+def test_images_a_killed_writer_claimed_are_embedded_by_the_one_waiting(tmp_path, images, embedded):
+    """The writer that claimed them is killed before storing them: its lock goes with it, and the
+    one waiting for them embeds them itself, not waiting for good and not leaving them out."""
+    paths, hashes = images
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    script = ("import sys, time\nfrom vision_tl.features.claims import claimed\n"
+              "from vision_tl.features.store import ShardStore\n"
+              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
+              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        done = []
+        waiting = threading.Thread(target=lambda: done.append(FeatureCache(tmp_path / "cache").ensure(
+            EXTRACTOR, paths, hashes, batch_size=4, progress=False)))
+        waiting.start()
+        deadline = time.monotonic() + 20
+        while len(embedded) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert sorted(embedded) == sorted(paths[10:])  # its own share, then it waits for the claimed ten
+        assert waiting.is_alive()
+        other.kill()
+        waiting.join(timeout=30)
+    finally:
+        other.kill()
+        other.wait()
+    assert done and done[0].computed == len(paths) and sorted(embedded) == sorted(paths)
+    assert _rows(tmp_path / "cache") == len(paths)
+
+
+def test_a_claim_left_by_a_killed_process_is_ignored_and_removed(tmp_path, images, embedded):
+    paths, hashes = images
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    with claimed(store, hashes[:5]):
+        (mine,) = lock_folder().glob(f"claims-{name_digest(store.path)}/{os.getpid()}-*.claim")
+        left = mine.with_name("999999-0123abcd.claim")  # the same list, nobody holding it
+        left.write_bytes(mine.read_bytes())
+    report = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=4, progress=False)
+    assert report.computed == len(paths) and not left.exists()
+
+
+def test_a_writer_without_claims_stores_no_row_another_stored_meanwhile(tmp_path):
+    """Without locks (Windows), or between users sharing a cache, nothing is claimed: the rows
+    another writer stored since this one indexed the store are left out of its shard."""
+    first, second = ShardStore(tmp_path / "s", IDENTITY), ShardStore(tmp_path / "s", IDENTITY)
+    keys = [f"{i:064x}" for i in range(6)]
+    assert len(first) == len(second) == 0  # both indexed the empty store
+    first.append(keys[:4], np.ones((4, 4), np.float32))
+    second.append(keys[2:], np.full((4, 4), 2, np.float32))
+    assert _rows(tmp_path / "s") == 6 and len(second) == 6
+    assert ShardStore(tmp_path / "s", IDENTITY).read(keys)[:, 0].tolist() == [1, 1, 1, 1, 2, 2]

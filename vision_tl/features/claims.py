@@ -1,0 +1,145 @@
+"""Which images another process is embedding into the same feature store right now.
+
+Two extractions into different outputs (or a fit and an extraction) that share a cache and
+some images each found them missing, embedded them and stored them: the work done twice. So
+before embedding, a writer *claims* the images it is missing that no other live writer claims:
+a file listing their keys, held locked (``flock``) while it works, in this user's lock folder
+(:func:`vision_tl.utils.files.lock_folder`). Images another writer claims are waited for (its
+lock goes when it is done, or dies: the kernel drops a killed process's locks) and then read
+from the store; any it did not store (killed, or an image it could not decode) are embedded then.
+
+Claims are decided one writer at a time (:meth:`ShardStore.writers_lock`, held for
+milliseconds), and a writer waits only once its own claim is released, holding no lock: no
+wait can close a cycle. Disjoint work (torchrun's ranks, two folders without shared images)
+never waits. Where there is no ``flock`` (Windows), or between users or machines sharing a
+cache, nothing is claimed: :meth:`ShardStore.append` then leaves out rows another writer
+stored meanwhile, so only the work can be doubled, not the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vision_tl.features.store import ShardStore
+from vision_tl.utils import files, say
+from vision_tl.utils.files import lock_folder, name_digest
+
+_CLAIM = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}\.claim")
+
+
+@dataclass
+class Claim:
+    """What one writer is to do: ``mine`` (keys it claimed and embeds) and ``theirs`` (keys
+    another live writer claimed, with those writers' claim files, to wait for)."""
+
+    mine: list[str]
+    theirs: set[str] = field(default_factory=set)
+    others: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def claimed(store: ShardStore, keys: list[str]) -> Iterator[Claim]:
+    """Claim the ``keys`` the store lacks and no other writer claims, for the block.
+
+    Example:
+        >>> with claimed(store, missing) as claim:
+        ...     embed_and_append(claim.mine)
+        >>> wait_for(claim)  # then read claim.theirs from the store (store.refresh())
+    """
+    folder = _claims_folder(store)
+    if folder is None:  # no locks here: every missing key is this writer's
+        yield Claim([k for k in keys if k not in store])
+        return
+    fd = None
+    with store.writers_lock():
+        store.refresh()
+        keys = [k for k in keys if k not in store]
+        wanted = set(keys)
+        claim = Claim([])
+        for other in sorted(folder.glob("*.claim")):
+            held = _live_keys(other)
+            if held is not None and not held.isdisjoint(wanted):
+                claim.theirs |= held & wanted
+                claim.others.append(other)
+        claim.mine = [k for k in keys if k not in claim.theirs]
+        if claim.mine:
+            mine = folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.claim"
+            fd = _hold_claim(mine, claim.mine)
+    try:
+        yield claim
+    finally:
+        if fd is not None:  # the file first: a waiter that then finds it gone knows it is done
+            with contextlib.suppress(OSError):
+                os.unlink(mine)
+            os.close(fd)
+
+
+def wait_for(claim: Claim) -> None:
+    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so."""
+    if not claim.others:
+        return
+    pids = ", ".join(sorted({m["pid"] for p in claim.others if (m := _CLAIM.fullmatch(p.name))}))
+    say(f"vision_tl: {len(claim.theirs)} of these images are being embedded into the same feature cache by "
+        f"another process (pid {pids}); waiting for it, then reading them from the cache")
+    for other in claim.others:
+        try:
+            fd = os.open(other, os.O_RDONLY)
+        except FileNotFoundError:  # done already
+            continue
+        try:
+            files.fcntl.flock(fd, files.fcntl.LOCK_SH)  # (released when that writer is done or killed)
+        finally:
+            os.close(fd)
+
+
+def _hold_claim(path: Path, keys: list[str]) -> int | None:
+    """Create the claim file ``path`` listing ``keys``, locked; its descriptor (None where the
+    lock cannot be had: the keys are then embedded unclaimed, as without locks)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        files.fcntl.flock(fd, files.fcntl.LOCK_EX | files.fcntl.LOCK_NB)  # (a new file: nobody else holds it)
+        os.write(fd, "\n".join(keys).encode())
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return None
+    return fd
+
+
+def _claims_folder(store: ShardStore) -> Path | None:
+    """This store's claims folder, or None where claims cannot be held (no ``flock``)."""
+    if files.fcntl is None:
+        return None
+    try:
+        folder = lock_folder() / f"claims-{name_digest(store.path)}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+def _live_keys(path: Path) -> set[str] | None:
+    """The keys a live writer's claim file lists; None for one whose writer is gone (a killed
+    process's claim, which nobody holds locked: removed here) or that is gone already."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            files.fcntl.flock(fd, files.fcntl.LOCK_SH | files.fcntl.LOCK_NB)
+        except BlockingIOError:  # its writer holds it: at work
+            with open(fd, "rb", closefd=False) as fh:
+                return set(fh.read().decode().split())
+        except OSError:
+            return None
+        path.unlink(missing_ok=True)  # a killed writer's (claims are made and read under the writers' lock)
+        return None
+    finally:
+        os.close(fd)
