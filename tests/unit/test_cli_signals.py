@@ -129,6 +129,8 @@ def test_a_command_that_meets_a_missing_full_kit_module_says_which_install_it_ne
     assert cli.main(["report", "runs/x"]) == 2
     err = capsys.readouterr().err
     assert "vision-tl report needs the full kit" in err and f"no module {missing!r}" in err
+    # the kit is not on PyPI: a `pip install vision-tl` there would fetch someone else's package
+    assert "pip install REPO" in err and "not on PyPI" in err and "pip install vision-tl" not in err
 
 
 def test_a_resume_from_inside_an_epoch_says_it_will_not_match_exactly(capsys):

@@ -589,7 +589,7 @@ def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Pa
                           check=False, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "wheel ok" in proc.stdout
-    assert "needs the full kit" in proc.stderr and "pip install vision-tl" in proc.stderr
+    assert "needs the full kit" in proc.stderr and "not on PyPI" in proc.stderr
 
 
 # ------------------------------------------------------- robustness (A-G)
