@@ -214,3 +214,9 @@ def test_fit_help_describes_the_checkpoint_options_as_the_kit_reads_them(capsys)
     assert info == 0
     assert "--checkpoint.mode MODE auto (default): min for a loss, max for an accuracy" in text
     assert "--checkpoint.save_top_k SAVE_TOP_K only 1: the kit keeps one best.ckpt" in text
+    # fixed by the kit (fit refuses other values): Lightning's own text said the opposite
+    assert "--checkpoint.dirpath DIRPATH fixed: RUN/checkpoints" in text
+    assert "--checkpoint.filename FILENAME fixed: best" in text
+    assert "val/balanced_acc, val/acc, val/f1_macro, val/loss" in text
+    assert "do not save anything to disk" not in text and "'{epoch}-{step}'" not in text
+    assert ":data:`BALANCE_RATIO`" not in text and "at least 4 times" in text

@@ -623,6 +623,7 @@ def test_cli_help_documents_exit_statuses(capsys):
     for line in ("0    every image was predicted", "2    bad arguments",
                  "3    the output was written, but some images could not be read"):
         assert line in text
+    assert "an --out that could not\n       be replaced" in text  # predictions.unsaved.csv, also exit 2
 
 
 def test_predict_arrays_refuses_a_single_image(model: Path):
