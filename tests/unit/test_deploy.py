@@ -559,6 +559,7 @@ def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Pa
     from vision_tl.deploy.package import REQUIRES, build_deploy_wheel
 
     wheel = build_deploy_wheel(tmp_path / "dist")
+    assert wheel.stat().st_size < 100_000  # the size the README and --help give
     with pytest.raises(FileExistsError, match="overwrite"):
         build_deploy_wheel(tmp_path / "dist")
     target = tmp_path / "site"
