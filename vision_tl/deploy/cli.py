@@ -63,7 +63,8 @@ in the summary.
 
 exit status:
   0    every image was predicted
-  2    bad arguments, model or inputs (nothing written)
+  2    bad arguments, model or inputs (nothing written), or an --out that could not
+       be replaced (the message names the file that holds the predictions)
   3    the output was written, but some images could not be read (error rows)
   130  interrupted (nothing written)
 """

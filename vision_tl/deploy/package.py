@@ -84,7 +84,7 @@ def build_deploy_wheel(out_dir: str | Path, *, overwrite: bool = False) -> Path:
 
 
 _EPILOG = """\
-The wheel holds only vision_tl's predictor (about 40 kB): numpy, Pillow, onnxruntime and simplejpeg
+The wheel holds only vision_tl's predictor (under 100 kB): numpy, Pillow, onnxruntime and simplejpeg
 are not inside it. For a line PC without internet access, gather everything in one folder
 on a machine that has internet access and the line PC's OS and Python version:
 

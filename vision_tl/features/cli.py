@@ -39,7 +39,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=input_size_arg, default=None, metavar="H,W",
                         help="input size: one int for a square, or H,W (default: the backbone's pretrained_cfg)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
-                        help="images per forward pass (8: about 1.1 GB peak on a CPU, and no slower than 16)")
+                        help="images per forward pass (default: 8, about 1.1 GB peak on a CPU and no slower than 16)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="image decoders (default: one per core but one, up to 16; every core on 1-2 cores): "
                              "threads, or loader processes on Linux machines of 8 cores or more")

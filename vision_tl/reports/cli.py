@@ -26,8 +26,8 @@ REPORT_EPILOG = """examples:
 Writes into the run directory: report.html (self-contained), predictions.csv,
 confusion_matrix_val.png, per_class_val.png, roc_pr_val.png, reliability_val.png,
 error_gallery_val.png, threshold_val.png and operating_curve_val.png (with a good
-class), and a "report" / "figures" section in
-metrics.json (other keys are kept). --split test writes report_test.html etc.
+class), training_curves.png (redrawn from the run's history), and a "report" / "figures"
+section in metrics.json (other keys are kept). --split test writes report_test.html etc.
 
 Thresholds: an image is good iff P(good) >= threshold. --target-false-reject R
 keeps the fewest defects passing while rejecting at most R of the good validation

@@ -226,12 +226,12 @@ class ImageClassifier(L.LightningModule):
             feature cache's extraction pass.
         partial_cuda_graph: ``partial`` mode on a GPU: run the frozen stem and stages, which
             come first, as one CUDA graph (:class:`~vision_tl.backbones.GraphedChain`), unfolded
-            unless ``fold_batchnorm`` is true; the stages that train run as before. Opt-in until
+            unless ``fold_batchnorm`` is true; the stages that train run eagerly. Opt-in until
             measured on a GPU (benchmarks/RESULTS.md).
         feature_cache: ``frozen`` mode only: run the backbone once per image and train the
             head on cached features (:mod:`vision_tl.features`). ``"auto"`` uses
             ``$VISION_TL_CACHE`` or ``~/.cache/vision_tl/features``; a path picks the cache
-            directory; ``None`` runs the backbone on every batch as before. Features are
+            directory; ``None`` runs the backbone on every batch. Features are
             computed in the trainer's precision (bf16 under ``bf16-mixed`` on a GPU) and, with
             ``cuda_graphs``, through CUDA graphs.
         cached_views: ``frozen`` + cache: views per training image, view 0 clean and the

@@ -381,8 +381,12 @@ class VisionTLCLI(LightningCLI):
                          "that file of the run whose config.yaml is given with --config. fit: resume from it (into its "
                          "run directory when it is that run's); validate, test, predict: the weights to evaluate "
                          "(required)")
-        # RunCheckpoint's own meaning of two of ModelCheckpoint's options
+        # RunCheckpoint's own meaning of ModelCheckpoint's options (Lightning's text describes others)
         for option, text in (
+                ("--checkpoint.dirpath", "fixed: RUN/checkpoints (report, export, test and resume read it there)"),
+                ("--checkpoint.filename", "fixed: best (best.ckpt; last.ckpt beside it)"),
+                ("--checkpoint.monitor", "the validation metric whose best epoch is kept as best.ckpt: "
+                                         f"{', '.join(MONITORED)}"),
                 ("--checkpoint.mode", "auto (default): min for a loss, max for an accuracy; or min, max. Ties of "
                                       "the monitored value go to the epoch with the lower val/loss"),
                 ("--checkpoint.save_top_k", "only 1: the kit keeps one best.ckpt (the best epoch) and last.ckpt")):
