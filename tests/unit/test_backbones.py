@@ -115,6 +115,18 @@ def test_embedded_weights_path_and_stages():
     assert len(stages) >= 3
 
 
+@pytest.mark.parametrize(("name", "tail"), [("test_convnext", "head.norm"), ("mobilenetv3_small_050", "conv_head")])
+def test_layers_after_the_last_stage_join_it(name, tail):
+    # timm's matcher leaves ConvNeXt's final norm and MobileNetV3's head convolution out of its
+    # groups; as stages of their own, "the last 2 stages" trained one real stage and a norm layer
+    net = create_backbone(name, pretrained=False)
+    stages = backbone_stages(net)
+    last = {id(p) for m in stages[-1] for p in m.parameters()}
+    for module in (tail, net.feature_info[-1]["module"]):  # the tail and the deepest feature stage
+        assert all(id(p) in last for p in net.get_submodule(module).parameters()), module
+    assert all(any(p.ndim > 1 for m in stage for p in m.parameters()) for stage in stages)  # no norm-only stage
+
+
 VIT = "vit_tiny_patch16_224"  # a fixed-size ViT (dynamic_img_size=False), small enough to build here
 
 
