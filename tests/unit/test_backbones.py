@@ -94,6 +94,19 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
     assert torch.equal(torch.rand(1), after_load)
 
 
+def test_weights_of_a_model_with_two_heads_are_loaded(tmp_path):
+    # LeViT (like RepViT and distilled DeiT) names a tuple of classifiers in its pretrained_cfg
+    source = create_backbone("levit_128s", pretrained=False)  # num_classes=0: both heads empty
+    torch.save(source.state_dict(), tmp_path / "levit.pth")
+    loaded = create_backbone("levit_128s", weights=tmp_path / "levit.pth", num_classes=3)
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    imagenet = create_backbone("levit_128s", pretrained=False, num_classes=1000)  # a timm file's two heads
+    torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
+    assert torch.equal(create_backbone("levit_128s", weights=tmp_path / "imagenet.pth").stages[0].blocks[0]
+                       .attn.qkv.linear.weight, imagenet.stages[0].blocks[0].attn.qkv.linear.weight)
+
+
 def test_weights_for_another_architecture_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(create_backbone("resnet10t", pretrained=False).state_dict(), path)

@@ -178,11 +178,24 @@ def _cached_hub_file(name: str) -> Path | None:
     return None
 
 
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``("head.fc.",)``: where the classifier's weights sit in the state dict, for the
+    classifier ``pretrained_cfg`` names and for the modules ``get_classifier()`` returns, which
+    ``reset_classifier`` replaces. Distilled models (LeViT, RepViT) have two heads, and LeViT's
+    hold a BatchNorm beside the linear layer the config names."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    names = [names] if isinstance(names, str) else list(names)
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = {id(m) for m in (heads if isinstance(heads, (tuple, list)) else [heads]) if isinstance(m, nn.Module)}
+    names += [name for name, module in model.named_modules() if id(module) in heads and name]
+    return tuple(f"{name}." for name in dict.fromkeys(names))
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, except a classifier whose class count differs."""
     target = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") or ""
-    head_keys = {k for k in state if classifier and k.startswith(classifier + ".")}
+    heads = _classifier_prefixes(model)
+    head_keys = {k for k in state if heads and k.startswith(heads)}
     state = {k: v for k, v in state.items() if k not in head_keys or (
         k in target and target[k].shape == v.shape)}
     mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
@@ -193,7 +206,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
             f"tensor(s) have other shapes, e.g. {k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
         )
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
+    missing = [k for k in result.missing_keys if not (heads and k.startswith(heads))]
     if missing or result.unexpected_keys:
         raise BackboneWeightsError(
             f"{source} does not fit {model.pretrained_cfg.get('architecture')}: "
