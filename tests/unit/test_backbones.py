@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -152,6 +153,16 @@ def test_fixed_size_vit_is_built_for_the_image_size():
         assert create_backbone(VIT, pretrained=False, img_size=(48, 64))(torch.randn(1, 3, 48, 64)).shape == (1, 192)
         assert create_backbone("test_vit", pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2
         assert create_backbone(TINY, pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2  # a CNN
+
+
+@pytest.mark.parametrize(("name", "size"), [("maxvit_rmlp_pico_rw_256", 100), ("levit_128s", (48, 100))])
+def test_a_size_the_architecture_cannot_run_is_refused_with_sizes_that_work(name, size):
+    # MaxViT's windows and LeViT's attention-bias tables: timm builds the model, then its first
+    # forward fails deep inside (an AssertionError or a shape mismatch), i.e. at training's first batch
+    with pytest.raises(ValueError, match=rf"backbone {name} cannot run at image_size .*it runs at") as info:
+        create_backbone(name, pretrained=False, img_size=size)
+    suggested = tuple(map(int, re.search(r"it runs at (\d+)x(\d+)", str(info.value)).groups()))
+    assert create_backbone(name, pretrained=False, img_size=suggested)(torch.zeros(1, 3, *suggested)).ndim == 2
 
 
 def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):

@@ -234,6 +234,41 @@ def _create_model(name: str, img_size: tuple[int, int] | None, pretrained: bool,
     return timm.create_model(name, pretrained=pretrained, **kwargs), False
 
 
+def _runs_at(model: nn.Module, size: tuple[int, int]) -> str | None:
+    """None where ``model`` (built for ``size``) runs a blank image of that size; else timm's words."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *size))
+    except (AssertionError, RuntimeError, ValueError) as exc:  # timm's window and bias-table checks
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        model.train(training)
+    return None
+
+
+def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: dict) -> None:
+    """Refuse now, naming sizes that work, an input size that an architecture built for it
+    cannot run (MaxViT and CoAtNet windows, LeViT's attention biases need multiples of 32 or
+    so), instead of a traceback from timm at the first batch of training."""
+    why = _runs_at(model, size)
+    if why is None:
+        return
+    tried = []
+    for step in (32, 64):
+        for pick in (lambda n: n // step * step, lambda n: -(-n // step) * step):
+            near = tuple(max(step, pick(n)) for n in size)
+            if near not in tried and near != size:
+                tried.append(near)
+    with torch.random.fork_rng(devices=[]):
+        works = [t for t in tried if _runs_at(_create_model(name, t, False, kwargs)[0], t) is None]
+    native = tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:])
+    sizes = [f"{h}x{w}" for h, w in (works or [native])]
+    sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]} (its native size)"
+    raise ValueError(f"backbone {name} cannot run at image_size {size[0]}x{size[1]} ({why}); it runs at {sizes} "
+                     "(height x width): pass one as --model.image_size (extract and probe: --image-size)")
+
+
 def _locate_weights(name: str) -> tuple[Path, str]:
     """Find pretrained weights for ``name`` offline; returns (file, how it was found)."""
     embedded = embedded_weights_path(name)
@@ -308,6 +343,8 @@ def create_backbone(
     # weights from a file replace the random ones: drawing those must not move the caller's generator
     with torch.random.fork_rng(devices=[], enabled=weights is not None or pretrained):
         model, resized = _create_model(name, size, False, kwargs)
+    if resized:
+        _check_runs_at(model, name, size, kwargs)
     identity = "random-init"
     if weights is not None:
         refuse_empty_path(weights, "weights (--model.weights)")
