@@ -255,9 +255,8 @@ def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: d
     if why is None:
         return
     tried = []
-    for step in (32, 64):
-        for pick in (lambda n: n // step * step, lambda n: -(-n // step) * step):
-            near = tuple(max(step, pick(n)) for n in size)
+    for step in (32, 64):  # the multiples of 32, then of 64, below and above each side
+        for near in (tuple(max(step, n // step * step) for n in size), tuple(-(-n // step) * step for n in size)):
             if near not in tried and near != size:
                 tried.append(near)
     with torch.random.fork_rng(devices=[]):
