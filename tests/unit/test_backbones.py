@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -108,6 +109,19 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
     assert torch.equal(torch.rand(1), after_load)
 
 
+def test_weights_of_a_model_with_two_heads_are_loaded(tmp_path):
+    # LeViT (like RepViT and distilled DeiT) names a tuple of classifiers in its pretrained_cfg
+    source = create_backbone("levit_128s", pretrained=False)  # num_classes=0: both heads empty
+    torch.save(source.state_dict(), tmp_path / "levit.pth")
+    loaded = create_backbone("levit_128s", weights=tmp_path / "levit.pth", num_classes=3)
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    imagenet = create_backbone("levit_128s", pretrained=False, num_classes=1000)  # a timm file's two heads
+    torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
+    assert torch.equal(create_backbone("levit_128s", weights=tmp_path / "imagenet.pth").stages[0].blocks[0]
+                       .attn.qkv.linear.weight, imagenet.stages[0].blocks[0].attn.qkv.linear.weight)
+
+
 def test_weights_for_another_architecture_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(create_backbone("resnet10t", pretrained=False).state_dict(), path)
@@ -129,6 +143,18 @@ def test_embedded_weights_path_and_stages():
     assert len(stages) >= 3
 
 
+@pytest.mark.parametrize(("name", "tail"), [("test_convnext", "head.norm"), ("mobilenetv3_small_050", "conv_head")])
+def test_layers_after_the_last_stage_join_it(name, tail):
+    # timm's matcher leaves ConvNeXt's final norm and MobileNetV3's head convolution out of its
+    # groups; as stages of their own, "the last 2 stages" trained one real stage and a norm layer
+    net = create_backbone(name, pretrained=False)
+    stages = backbone_stages(net)
+    last = {id(p) for m in stages[-1] for p in m.parameters()}
+    for module in (tail, net.feature_info[-1]["module"]):  # the tail and the deepest feature stage
+        assert all(id(p) in last for p in net.get_submodule(module).parameters()), module
+    assert all(any(p.ndim > 1 for m in stage for p in m.parameters()) for stage in stages)  # no norm-only stage
+
+
 VIT = "vit_tiny_patch16_224"  # a fixed-size ViT (dynamic_img_size=False), small enough to build here
 
 
@@ -141,6 +167,16 @@ def test_fixed_size_vit_is_built_for_the_image_size():
         assert create_backbone(VIT, pretrained=False, img_size=(48, 64))(torch.randn(1, 3, 48, 64)).shape == (1, 192)
         assert create_backbone("test_vit", pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2
         assert create_backbone(TINY, pretrained=False, img_size=64)(torch.randn(1, 3, 64, 64)).ndim == 2  # a CNN
+
+
+@pytest.mark.parametrize(("name", "size"), [("maxvit_rmlp_pico_rw_256", 100), ("levit_128s", (48, 100))])
+def test_a_size_the_architecture_cannot_run_is_refused_with_sizes_that_work(name, size):
+    # MaxViT's windows and LeViT's attention-bias tables: timm builds the model, then its first
+    # forward fails deep inside (an AssertionError or a shape mismatch), i.e. at training's first batch
+    with pytest.raises(ValueError, match=rf"backbone {name} cannot run at image_size .*it runs at") as info:
+        create_backbone(name, pretrained=False, img_size=size)
+    suggested = tuple(map(int, re.search(r"it runs at (\d+)x(\d+)", str(info.value)).groups()))
+    assert create_backbone(name, pretrained=False, img_size=suggested)(torch.zeros(1, 3, *suggested)).ndim == 2
 
 
 def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):

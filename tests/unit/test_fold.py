@@ -82,6 +82,31 @@ def test_a_conv_output_used_twice_is_not_folded():
     assert fold_batchnorm(model, torch.randn(2, 3, 8, 8)) is None
 
 
+def test_a_conv_output_another_module_reads_too_stays_but_the_other_pairs_fold():
+    """MaxViT's and CoAtNet's layout: the stem's last convolution feeds a block's pre-norm and its
+    shortcut. Folding that norm changed the shortcut's input too, and the check then left the
+    whole model unfolded; now only that pair stays and the others fold."""
+
+    class PreNormBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.pre_norm, self.shortcut = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+            self.body = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = self.conv(torch.relu(self.stem_bn(self.stem(x))))
+            return self.shortcut(x) + self.body(self.pre_norm(x))
+
+    model = _trained_stats(PreNormBlock())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    folded = fold_batchnorm(model, x)
+    assert folded is not None and isinstance(folded.pre_norm, nn.BatchNorm2d) and _norms(folded) == 1
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
 def test_norm_before_conv_and_models_without_batchnorm_are_left_alone():
     pre = _trained_stats(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)))
     assert fold_batchnorm(pre, torch.randn(2, 3, 8, 8)) is None

@@ -178,11 +178,24 @@ def _cached_hub_file(name: str) -> Path | None:
     return None
 
 
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``("head.fc.",)``: where the classifier's weights sit in the state dict, for the
+    classifier ``pretrained_cfg`` names and for the modules ``get_classifier()`` returns, which
+    ``reset_classifier`` replaces. Distilled models (LeViT, RepViT) have two heads, and LeViT's
+    hold a BatchNorm beside the linear layer the config names."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    names = [names] if isinstance(names, str) else list(names)
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = {id(m) for m in (heads if isinstance(heads, (tuple, list)) else [heads]) if isinstance(m, nn.Module)}
+    names += [name for name, module in model.named_modules() if id(module) in heads and name]
+    return tuple(f"{name}." for name in dict.fromkeys(names))
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, except a classifier whose class count differs."""
     target = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") or ""
-    head_keys = {k for k in state if classifier and k.startswith(classifier + ".")}
+    heads = _classifier_prefixes(model)
+    head_keys = {k for k in state if heads and k.startswith(heads)}
     state = {k: v for k, v in state.items() if k not in head_keys or (
         k in target and target[k].shape == v.shape)}
     mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
@@ -193,7 +206,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
             f"tensor(s) have other shapes, e.g. {k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
         )
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
+    missing = [k for k in result.missing_keys if not (heads and k.startswith(heads))]
     if missing or result.unexpected_keys:
         raise BackboneWeightsError(
             f"{source} does not fit {model.pretrained_cfg.get('architecture')}: "
@@ -219,6 +232,40 @@ def _create_model(name: str, img_size: tuple[int, int] | None, pretrained: bool,
             if "img_size" not in str(exc):
                 raise
     return timm.create_model(name, pretrained=pretrained, **kwargs), False
+
+
+def _runs_at(model: nn.Module, size: tuple[int, int]) -> str | None:
+    """None where ``model`` (built for ``size``) runs a blank image of that size; else timm's words."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *size))
+    except (AssertionError, RuntimeError, ValueError) as exc:  # timm's window and bias-table checks
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        model.train(training)
+    return None
+
+
+def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: dict) -> None:
+    """Refuse now, naming sizes that work, an input size that an architecture built for it
+    cannot run (MaxViT and CoAtNet windows, LeViT's attention biases need multiples of 32 or
+    so), instead of a traceback from timm at the first batch of training."""
+    why = _runs_at(model, size)
+    if why is None:
+        return
+    tried = []
+    for step in (32, 64):  # the multiples of 32, then of 64, below and above each side
+        for near in (tuple(max(step, n // step * step) for n in size), tuple(-(-n // step) * step for n in size)):
+            if near not in tried and near != size:
+                tried.append(near)
+    with torch.random.fork_rng(devices=[]):
+        works = [t for t in tried if _runs_at(_create_model(name, t, False, kwargs)[0], t) is None]
+    native = tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:])
+    sizes = [f"{h}x{w}" for h, w in (works or [native])]
+    sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]} (its native size)"
+    raise ValueError(f"backbone {name} cannot run at image_size {size[0]}x{size[1]} ({why}); it runs at {sizes} "
+                     "(height x width): pass one as --model.image_size (extract and probe: --image-size)")
 
 
 def _locate_weights(name: str) -> tuple[Path, str]:
@@ -296,6 +343,8 @@ def create_backbone(
     # weights from a file replace the random ones: drawing those must not move the caller's generator
     with torch.random.fork_rng(devices=[], enabled=weights is not None or pretrained):
         model, resized = _create_model(name, size, False, kwargs)
+    if resized:
+        _check_runs_at(model, name, size, kwargs)
     identity = "random-init"
     if weights is not None:
         refuse_empty_path(weights, "weights (--model.weights)")

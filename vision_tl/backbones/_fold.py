@@ -48,7 +48,8 @@ def _norm_types() -> tuple[type, ...]:
 def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """``(conv name, norm name)`` for every norm whose input, in one forward of ``example``, is
     the very tensor a convolution returned. Modules reached under two names or called twice
-    are left out: folding them would change their other use."""
+    are left out: folding them would change their other use; so is a convolution whose output
+    another module reads too (MaxViT's stem feeds a block's pre-norm and its shortcut)."""
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     convs, norms = _conv_types(), _norm_types()
     produced: dict[int, str] = {}
@@ -70,6 +71,15 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
                 pairs.append((produced[id(args[0])], name))
         return hook
 
+    readers: dict[int, list[str]] = {}  # a traced output's id -> every module called with it
+
+    def on_any(name):
+        def hook(_module, args):
+            for arg in args:
+                if id(arg) in produced:
+                    readers.setdefault(id(arg), []).append(name)
+        return hook
+
     handles = []
     try:
         for name, module in model.named_modules():
@@ -77,12 +87,17 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
                 handles.append(module.register_forward_hook(on_conv(name)))
             elif type(module) in norms:
                 handles.append(module.register_forward_pre_hook(on_norm(name)))
+            if name:
+                handles.append(module.register_forward_pre_hook(on_any(name)))
         model(example)
     finally:
         for handle in handles:
             handle.remove()
+    produced_by = {name: key for key, name in produced.items()}
+    # the norm and the blocks that contain it receive the conv's output as the norm does
+    shared = {n for c, n in pairs if any(r != n and not n.startswith(r + ".") for r in readers[produced_by[c]])}
     return [(c, n) for c, n in pairs
-            if calls[c] == 1 and calls[n] == 1
+            if calls[c] == 1 and calls[n] == 1 and n not in shared
             and names[id(model.get_submodule(c))] == 1 and names[id(model.get_submodule(n))] == 1
             # without running statistics a norm normalises with each batch's own, also in eval mode
             and getattr(model.get_submodule(n), "running_mean", None) is not None
