@@ -423,9 +423,11 @@ class LogLineProgress(ProgressBar):
 
     @staticmethod
     def _epoch_label(trainer, epoch: int) -> str:
-        """``3/15`` (1-based, as a person counts), ``3`` without an epoch limit."""
+        """``2 (3 of 15)``: the epoch's number as the kit's other lines and files count it (from 0:
+        "best epoch 2", metrics.json, GradualUnfreezing's milestones), then how far the fit is;
+        ``2`` without an epoch limit."""
         total = trainer.max_epochs
-        return f"{epoch + 1}/{total}" if total is not None and total > 0 else str(epoch + 1)
+        return f"{epoch} ({epoch + 1} of {total})" if total is not None and total > 0 else str(epoch)
 
     # -- a line per finished epoch, once validation has run (before checkpoints are written)
 
