@@ -434,11 +434,13 @@ def test_fit_into_a_log_file_prints_a_line_per_epoch_instead_of_redrawing_a_bar(
     out, err = capfd.readouterr()
     lines = out.splitlines()
     done = [line for line in lines if " done in " in line]
-    assert [line.split(" done in ")[0] for line in done] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(" done in ")[0] for line in done] == ["epoch 0 (1 of 2)", "epoch 1 (2 of 2)"]
     assert all("train loss" in line and "val acc" in line and "balanced acc" in line for line in done)
-    assert any(line.startswith("epoch 1/2: batch 1/") for line in lines)
+    assert any(line.startswith("epoch 0 (1 of 2): batch 1/") for line in lines)
     assert "\r" not in out and "\r" not in err
-    assert "vision_tl: best epoch" in out
+    # the best epoch is named as its line names it (it read "best epoch 0" after "epoch 1/2" and "epoch 2/2")
+    (best,) = [line for line in lines if line.startswith("vision_tl: best epoch ")]
+    assert any(line.startswith(f"epoch {best.split()[3].rstrip(':')} (") for line in done)
 
 
 def test_fit_keeps_a_progress_bar_the_user_names(inspection_folder, tmp_path, monkeypatch):

@@ -144,3 +144,23 @@ def test_a_writer_without_claims_stores_no_row_another_stored_meanwhile(tmp_path
     second.append(keys[2:], np.full((4, 4), 2, np.float32))
     assert _rows(tmp_path / "s") == 6 and len(second) == 6
     assert ShardStore(tmp_path / "s", IDENTITY).read(keys)[:, 0].tolist() == [1, 1, 1, 1, 2, 2]
+
+
+def test_a_temporary_folder_without_locks_embeds_unclaimed_instead_of_failing(tmp_path, images, embedded,
+                                                                                 monkeypatch):
+    """A temporary folder whose file system refuses flock (ENOLCK: NFS without its lock daemon):
+    every lock of a run is then a courtesy it goes without. The writers' lock, now taken by every
+    append, raised there, so no extraction or fit could store a row."""
+    import errno
+    import fcntl
+
+    from vision_tl.utils import files
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files, "fcntl", SimpleNamespace(**{k: getattr(fcntl, k) for k in dir(fcntl)
+                                                          if k.startswith("LOCK_")}, flock=flock))
+    paths, hashes = images
+    report = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=4, progress=False)
+    assert report.computed == len(paths) and _rows(tmp_path / "cache") == len(paths)

@@ -406,6 +406,7 @@ class LogLineProgress(ProgressBar):
         self._enabled = True
         self._validated = False  # this epoch
         self._started = self._last = time.monotonic()
+        self._loop_started = self._started  # the running validation, test or predict loop's start
 
     def disable(self) -> None:
         self._enabled = False
@@ -423,9 +424,11 @@ class LogLineProgress(ProgressBar):
 
     @staticmethod
     def _epoch_label(trainer, epoch: int) -> str:
-        """``3/15`` (1-based, as a person counts), ``3`` without an epoch limit."""
+        """``2 (3 of 15)``: the epoch's number as the kit's other lines and files count it (from 0:
+        "best epoch 2", metrics.json, GradualUnfreezing's milestones), then how far the fit is;
+        ``2`` without an epoch limit."""
         total = trainer.max_epochs
-        return f"{epoch + 1}/{total}" if total is not None and total > 0 else str(epoch + 1)
+        return f"{epoch} ({epoch + 1} of {total})" if total is not None and total > 0 else str(epoch)
 
     # -- a line per finished epoch, once validation has run (before checkpoints are written)
 
@@ -451,12 +454,14 @@ class LogLineProgress(ProgressBar):
 
     # -- within a loop: a line every `interval` seconds
 
-    def _tick(self, what: str, done: int, total) -> None:
+    def _tick(self, what: str, done: int, total, since: float | None = None) -> None:
+        """A line on the loop ``what``, ``done`` batches of ``total`` in, begun at ``since`` (the
+        epoch's start by default), at most every ``interval`` seconds."""
         now = time.monotonic()
         if not self._enabled or now - self._last < self.interval:
             return
         self._last = now
-        elapsed = now - self._started
+        elapsed = now - (self._started if since is None else since)
         known = total is not None and total != float("inf")
         line = f"{what}: batch {done}" + (f"/{int(total)}" if known else "")
         if known and done:
@@ -470,20 +475,22 @@ class LogLineProgress(ProgressBar):
                                 dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
             self.has_dataloader_changed(dataloader_idx)  # (what the totals below are of)
-            self._tick("validation", batch_idx + 1, self.total_val_batches_current_dataloader)
+            # (its own time: in fit, the epoch's training so far would make its time left many times too long)
+            self._tick("validation", batch_idx + 1, self.total_val_batches_current_dataloader, self._loop_started)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.has_dataloader_changed(dataloader_idx)
-        self._tick("test", batch_idx + 1, self.total_test_batches_current_dataloader)
+        self._tick("test", batch_idx + 1, self.total_test_batches_current_dataloader, self._loop_started)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.has_dataloader_changed(dataloader_idx)
-        self._tick("predict", batch_idx + 1, self.total_predict_batches_current_dataloader)
+        self._tick("predict", batch_idx + 1, self.total_predict_batches_current_dataloader, self._loop_started)
 
     def _loop_start(self, trainer, pl_module) -> None:
         self.reset_dataloader_idx_tracker()
-        if trainer.state.fn != "fit":  # (in fit, validation's lines count from the epoch's start)
-            self._started = self._last = time.monotonic()
+        self._loop_started = time.monotonic()
+        if trainer.state.fn != "fit":  # (in fit, the epoch's line counts its validation in)
+            self._started = self._last = self._loop_started
 
     on_validation_start = on_test_start = on_predict_start = _loop_start
 

@@ -473,6 +473,9 @@ def path_lock(path: str | Path, wait: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a temporary folder on a file system without locks (ENOLCK): unlocked, as above
+            yield True
+            return
         yield True
     finally:
         os.close(fd)  # (releases the lock)

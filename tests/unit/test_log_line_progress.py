@@ -1,0 +1,67 @@
+"""Progress as plain lines (stdout to a log file or a pipe): what the lines say."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vision_tl.tasks import callbacks
+from vision_tl.tasks.callbacks import LogLineProgress
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> _Clock:
+    clock = _Clock()
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
+    return clock
+
+
+def _trainer(epoch: int = 0, max_epochs: int = 10) -> SimpleNamespace:
+    return SimpleNamespace(current_epoch=epoch, max_epochs=max_epochs, sanity_checking=False,
+                           state=SimpleNamespace(fn="fit"), num_training_batches=10, num_val_batches=[10],
+                           callback_metrics={"val/acc": 0.5}, is_global_zero=True)
+
+
+def test_an_epoch_is_numbered_as_the_best_epoch_line_and_metrics_json_number_it(clock, capsys):
+    """A resumed fit's sixth epoch (index 5): 'epoch 5 (6 of 10)'. The lines counted from 1 ('epoch 6/10')
+    while 'vision_tl: best epoch 5', metrics.json and the milestones count from 0: the best epoch
+    named the line before the one that held its scores."""
+    bar, trainer = LogLineProgress(interval=0.0), _trainer(epoch=5)
+    bar._trainer = trainer
+    bar.on_train_epoch_start(trainer, None)
+    clock.now = 12.0
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    bar.on_validation_start(trainer, None)
+    bar.on_validation_end(trainer, None)
+    bar.on_train_epoch_end(trainer, SimpleNamespace(epoch_train_loss=0.25))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("epoch 5 (6 of 10): batch 1/10")
+    assert lines[1] == "epoch 5 (6 of 10) done in 12 s: train loss 0.2500, val acc 0.5000"
+
+
+def test_the_time_left_of_a_validation_is_its_own_not_the_training_epochs(clock, capsys):
+    """Validation inside a fit counted its time from the epoch's start: after 100 s of training, one
+    validation batch of ten done 1 s in said 'about 15 min 09 s left' (909 s) instead of 9 s."""
+    bar, trainer = LogLineProgress(interval=0.0), _trainer()
+    bar._trainer = trainer
+    bar.on_train_epoch_start(trainer, None)
+    clock.now = 100.0
+    bar.on_train_batch_end(trainer, None, None, None, 9)
+    bar.on_validation_start(trainer, None)
+    clock.now = 101.0
+    bar.on_validation_batch_end(trainer, None, None, None, 0)
+    clock.now = 103.0
+    bar.on_validation_end(trainer, None)
+    bar.on_train_epoch_end(trainer, SimpleNamespace(epoch_train_loss=None))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "validation: batch 1/10, 1.0 s so far, about 9.0 s left"
+    assert lines[2].startswith("epoch 0 (1 of 10) done in 1 min 43 s")  # the epoch's time: training and validation
