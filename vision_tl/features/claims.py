@@ -84,9 +84,11 @@ def wait_for(claim: Claim) -> None:
     """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so."""
     if not claim.others:
         return
-    pids = ", ".join(sorted({m["pid"] for p in claim.others if (m := _CLAIM.fullmatch(p.name))}))
+    pids = sorted({m["pid"] for p in claim.others if (m := _CLAIM.fullmatch(p.name))}, key=int)
+    who = f"other processes (pids {', '.join(pids)}); waiting for them" if len(pids) > 1 else \
+        f"another process (pid {''.join(pids) or '?'}); waiting for it"
     say(f"vision_tl: {len(claim.theirs)} of these images are being embedded into the same feature cache by "
-        f"another process (pid {pids}); waiting for it, then reading them from the cache")
+        f"{who}, then reading them from the cache")
     for other in claim.others:
         try:
             fd = os.open(other, os.O_RDONLY)
