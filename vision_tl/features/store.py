@@ -133,16 +133,20 @@ class ShardStore:
         """
         if self._index is None:
             self._index = {}
-            for shard in self.shard_ids():
-                try:
-                    keys = self._load_keys(shard)
-                except _DamagedShard as exc:
-                    self.discard(shard, str(exc))
-                    continue
-                self._rows[shard] = len(keys)
-                for row, key in enumerate(keys):
-                    self._index.setdefault(key, (shard, row))
+            self._add_to_index(self.shard_ids())
         return self._index
+
+    def _add_to_index(self, shards: list[str]) -> None:
+        """Index ``shards``' rows (an image already indexed keeps its first row); a damaged one is discarded."""
+        for shard in shards:
+            try:
+                keys = self._load_keys(shard)
+            except _DamagedShard as exc:
+                self.discard(shard, str(exc))
+                continue
+            self._rows[shard] = len(keys)
+            for row, key in enumerate(keys):
+                self._index.setdefault(key, (shard, row))
 
     def refresh(self) -> None:
         """Index the shards other processes finished since this store was indexed (its other
@@ -153,15 +157,7 @@ class ShardStore:
         known = self._rows.keys() | self._dropped
         # (a listing of names, and a stat only for new shards: called before every append)
         new = [p for p in self.path.glob("*.keys.npy") if p.name[: -len(".keys.npy")] not in known]
-        for shard in self.shard_ids_of(new):
-            try:
-                keys = self._load_keys(shard)
-            except _DamagedShard as exc:
-                self.discard(shard, str(exc))
-                continue
-            self._rows[shard] = len(keys)
-            for row, key in enumerate(keys):
-                self._index.setdefault(key, (shard, row))
+        self._add_to_index(self.shard_ids_of(new))
 
     def writers_lock(self):
         """The lock under which a writer adds rows, or decides which it will compute (see
