@@ -516,3 +516,33 @@ def test_a_run_continued_into_a_new_folder_names_a_best_epoch_of_its_own(inspect
     run = tmp_path / "cont" / "version_0"
     best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 1 == json.loads((run / "metrics.json").read_text())["val"]["epoch"]
+
+
+@pytest.mark.slow
+def test_a_partial_run_from_before_the_last_stage_took_the_final_norm_resumes(inspection_folder, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A partial ConvNeXt run checkpointed while its final norm was a stage of its own (so
+    trainable_stages=2 trained one real stage and that norm) resumes training what it trained
+    (it failed with the optimizer's "parameter group that doesn't match the size"); where no
+    number of stages trains that (trainable_stages=1: the norm alone) the refusal says why."""
+    import vision_tl.backbones._stages as stages_module
+
+    def args(save_dir, stages):
+        return [*_args(inspection_folder, save_dir), "--model.backbone", "test_convnext", "--trainer.max_epochs", "1",
+                "--model.trainable_stages", str(stages), "--data.augment", "none"]
+
+    for stages in (2, 1):
+        with monkeypatch.context() as old_grouping:
+            old_grouping.setattr(stages_module, "_matched", lambda matcher, name: True)  # nothing left to merge
+            assert main(args(tmp_path / str(stages), stages)) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="trains the last 1 stage"):
+        info = main(["fit", "--config", str(tmp_path / "2" / "partial" / "version_0" / "config.yaml"),
+                     "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert info == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["fit", "--config", str(tmp_path / "1" / "partial" / "version_0" / "config.yaml"),
+                 "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "counts the stages of test_convnext differently" in err and "start a new run" in err
+    assert "doesn't match the size" not in err

@@ -31,6 +31,7 @@ from vision_tl.backbones import (
     FoldedInference,
     GraphedChain,
     GraphedInference,
+    backbone_stages,
     create_backbone,
     resolve_preprocessing,
     swapped_in,
@@ -826,13 +827,43 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.get("mode") != "partial" or not states:
             return
         outside = [p for p in outside_stages(self.net.backbone) if not p.requires_grad]
-        saved = sum(len(group.get("params", [])) for group in states[0].get("param_groups", []))
-        if outside and saved == sum(p.requires_grad for p in self.parameters()) + len(outside):
+        groups = states[0].get("param_groups", [])
+        saved = sum(len(group.get("params", [])) for group in groups)
+        trains = sum(p.requires_grad for p in self.parameters())
+        if outside and saved == trains + len(outside):
             for param in outside:
                 param.requires_grad = True
             warnings.warn(f"vision_tl: this checkpoint trained {len(outside)} parameter(s) of the backbone that belong "
                           "to no stage (a ViT's cls_token and pos_embed; vision_tl now freezes them with the stem in "
                           "partial mode); they keep training in this resumed run", stacklevel=2)
+        elif saved != trains and len(groups) <= 2:  # (more groups: GradualUnfreezing's, restored by name)
+            self._train_the_checkpoints_stages(saved, trains)
+
+    def _train_the_checkpoints_stages(self, saved: int, trains: int) -> None:
+        """A ``partial`` checkpoint from before the layers timm's group matcher leaves out (a
+        final norm, a head convolution) joined the last stage: there they were a stage of their
+        own, so ``trainable_stages=N`` trained one real stage fewer than it does now, and the
+        optimizer state fits none of this run's parameters. Train the stages the checkpoint
+        trained (its optimizer state fits them), or say what happened (not an optimizer error)."""
+        from vision_tl.tasks.checkpoint import CheckpointError
+
+        hp = self.hparams
+        stages = backbone_stages(self.net.backbone)
+        head = sum(p.requires_grad for p in self.net.head.parameters())
+        fits = [n for n in range(1, len(stages) + 1)  # (a stage may list a module and its children)
+                if head + len({id(p) for stage in stages[-n:] for m in stage for p in m.parameters()}) == saved]
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+        what = (f"checkpoint {source or ''} trained {saved} parameter tensors in partial mode with trainable_stages="
+                f"{hp.trainable_stages}, but this version of vision_tl trains {trains} with that setting: it counts the "
+                f"stages of {hp.backbone} differently (layers timm's group matcher leaves out, such as a final norm or "
+                "head convolution, now belong to the last stage instead of forming a stage of their own)")
+        if not fits:
+            raise CheckpointError(f"{what}; no number of stages trains what the checkpoint trained, so it cannot "
+                                  "resume: start a new run (without --ckpt_path), e.g. from its weights with "
+                                  "--model.weights CHECKPOINT")
+        apply_mode(self.net, "partial", fits[0], bool(hp.get("freeze_bn")))
+        warnings.warn(f"vision_tl: {what}; this resumed run trains the last {fits[0]} stage(s), as the checkpoint "
+                      f"did (a new run would give --model.trainable_stages {fits[0]} for the same)", stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export and deployment need, in plain types (loadable with weights_only=True).
