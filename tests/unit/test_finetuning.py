@@ -496,3 +496,18 @@ def test_a_threshold_target_takes_its_good_class_from_the_data_module(inspection
         alone.setup("fit")
     with pytest.raises(ValueError, match=r"got a tensor of shape 3x32x32; for one image pass x\[None\]"):
         model(torch.zeros(3, 32, 32))
+
+
+def test_partial_runs_that_trained_all_stages_as_counted_before_the_final_norm_joined_the_last_still_load():
+    """ConvNeXt had 6 stages while its final norm was one of its own (now 5): a run made then with
+    trainable_stages=6 trained all of them; it must still build (load_classifier, resume), as all."""
+    def model(stages):
+        return ImageClassifier(["a", "b"], backbone="test_convnext", pretrained=False, image_size=32,
+                               mode="partial", trainable_stages=stages, class_counts=[2, 2])
+
+    assert len(backbone_stages(model(1).net.backbone)) == 5
+    everything = model(5)
+    assert count_trainable(model(6)) == count_trainable(everything)
+    assert not everything.net.frozen_modules
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        model(7)

@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 
-def backbone_stages(model: nn.Module) -> list[list[nn.Module]]:
+def backbone_stages(model: nn.Module, merge_unmatched: bool = True) -> list[list[nn.Module]]:
     """Split a timm model into its stages (stem first, last stage + final conv or norm last).
 
     Uses the model's ``group_matcher(coarse=True)``, the same grouping timm uses
@@ -17,7 +17,8 @@ def backbone_stages(model: nn.Module) -> list[list[nn.Module]]:
     last, as "neck, head": ConvNeXt's and Swin's final norm, DenseNet's ``norm5``, MobileNetV3's
     head convolution) join the last stage, as EfficientNet's matcher itself puts its head
     convolution there: as a stage of their own, ``trainable_stages=2`` would train one real
-    stage and a norm layer.
+    stage and a norm layer. ``merge_unmatched=False``: they stay a stage of their own, as
+    vision_tl grouped them before (to read settings of runs made then).
     """
     from timm.models import group_modules
 
@@ -36,7 +37,7 @@ def backbone_stages(model: nn.Module) -> list[list[nn.Module]]:
         if names:
             stages.append([model.get_submodule(n) for n in names])
             unmatched.append(not any(_matched(matcher, n) for n in names))
-    if len(stages) > 2 and unmatched[-1]:
+    if merge_unmatched and len(stages) > 2 and unmatched[-1]:
         stages[-2:] = [stages[-2] + stages[-1]]
     return stages
 

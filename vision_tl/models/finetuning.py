@@ -38,6 +38,10 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
     stages = backbone_stages(net.backbone) if mode == "partial" else []
+    if mode == "partial" and len(stages) < trainable_stages == len(backbone_stages(net.backbone, False)):
+        # all stages, counted as before a final norm (or head conv) joined the last one: runs made
+        # then (their checkpoints and configs) still load and resume, training what they trained
+        trainable_stages = len(stages)
     if mode == "partial" and not 1 <= trainable_stages <= len(stages):
         raise ValueError(
             f"trainable_stages must be between 1 and {len(stages)} for {type(net.backbone).__name__}, "
