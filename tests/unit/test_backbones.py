@@ -179,6 +179,23 @@ def test_a_size_the_architecture_cannot_run_is_refused_with_sizes_that_work(name
     assert create_backbone(name, pretrained=False, img_size=suggested)(torch.zeros(1, 3, *suggested)).ndim == 2
 
 
+
+def test_the_size_check_runs_a_model_of_other_channels_and_refuses_only_sizes(monkeypatch):
+    """The check that a resized model runs feeds it images of its own channel count (a
+    one-channel ViT was refused at every size), and a failure that is not the size's (it fails
+    at the native size too, e.g. out of memory) comes out as itself, not as "cannot run at"."""
+    with torch.no_grad():
+        net = create_backbone("test_vit", pretrained=False, img_size=64, in_chans=1)
+        assert net(torch.zeros(1, 1, 64, 64)).ndim == 2
+    import timm.models.vision_transformer as vit
+
+    def broken(self, x):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(vit.VisionTransformer, "forward", broken)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        create_backbone("test_vit", pretrained=False, img_size=64)
+
 def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):
     import timm
 

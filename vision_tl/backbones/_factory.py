@@ -234,14 +234,16 @@ def _create_model(name: str, img_size: tuple[int, int] | None, pretrained: bool,
     return timm.create_model(name, pretrained=pretrained, **kwargs), False
 
 
-def _runs_at(model: nn.Module, size: tuple[int, int]) -> str | None:
-    """None where ``model`` (built for ``size``) runs a blank image of that size; else timm's words."""
+def _runs_at(model: nn.Module, size: tuple[int, int], chans: int = 3) -> Exception | None:
+    """None where ``model`` (built for ``size``) runs a blank image of that size; else timm's error."""
     training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *size))
+            model.eval()(torch.zeros(1, chans, *size))
+    except torch.OutOfMemoryError:
+        raise
     except (AssertionError, RuntimeError, ValueError) as exc:  # timm's window and bias-table checks
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return exc
     finally:
         model.train(training)
     return None
@@ -251,8 +253,9 @@ def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: d
     """Refuse now, naming sizes that work, an input size that an architecture built for it
     cannot run (MaxViT and CoAtNet windows, LeViT's attention biases need multiples of 32 or
     so), instead of a traceback from timm at the first batch of training."""
-    why = _runs_at(model, size)
-    if why is None:
+    chans = int(kwargs.get("in_chans", 3))  # (a model made for in_chans=1 takes 1-channel images)
+    error = _runs_at(model, size, chans)
+    if error is None:
         return
     tried = []
     for step in (32, 64):  # the multiples of 32, then of 64, below and above each side
@@ -260,8 +263,12 @@ def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: d
             if near not in tried and near != size:
                 tried.append(near)
     with torch.random.fork_rng(devices=[]):
-        works = [t for t in tried if _runs_at(_create_model(name, t, False, kwargs)[0], t) is None]
-    native = tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:])
+        works = [t for t in tried if _runs_at(_create_model(name, t, False, kwargs)[0], t, chans) is None]
+        native = tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224))[-2:])
+        if not works and _runs_at(_create_model(name, None, False, kwargs)[0], native, chans) is not None:
+            raise error  # not the size: it fails at its native size too (out of memory, a bad argument)
+    text = str(error).strip()
+    why = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     sizes = [f"{h}x{w}" for h, w in (works or [native])]
     sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]} (its native size)"
     raise ValueError(f"backbone {name} cannot run at image_size {size[0]}x{size[1]} ({why}); it runs at {sizes} "
