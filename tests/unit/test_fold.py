@@ -107,6 +107,28 @@ def test_a_conv_output_another_module_reads_too_stays_but_the_other_pairs_fold()
         assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
+
+def test_a_convolution_called_twice_stays_and_the_other_pairs_fold():
+    """A convolution run twice (weights shared), its second output read by no module: looking
+    for that output's other readers raised a KeyError, and the whole model ran unfolded."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = torch.relu(self.stem_bn(self.stem(x)))
+            return self.conv(self.bn(self.conv(x))).mean((2, 3))
+
+    model = _trained_stats(Shared())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    folded = fold_batchnorm(model, x)
+    assert folded is not None and isinstance(folded.bn, nn.BatchNorm2d) and _norms(folded) == 1
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
 def test_norm_before_conv_and_models_without_batchnorm_are_left_alone():
     pre = _trained_stats(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)))
     assert fold_batchnorm(pre, torch.randn(2, 3, 8, 8)) is None

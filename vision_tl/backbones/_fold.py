@@ -56,6 +56,7 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     keep: list[torch.Tensor] = []  # holds every traced output, so no id is reused mid-trace
     calls: Counter[str] = Counter()
     pairs: list[tuple[str, str]] = []
+    read: dict[tuple[str, str], int] = {}  # a pair -> the id of the conv output its norm read
 
     def on_conv(name):
         def hook(_module, _args, out):
@@ -69,6 +70,7 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
             calls[name] += 1
             if args and id(args[0]) in produced:
                 pairs.append((produced[id(args[0])], name))
+                read[pairs[-1]] = id(args[0])
         return hook
 
     readers: dict[int, list[str]] = {}  # a traced output's id -> every module called with it
@@ -93,9 +95,10 @@ def _traced_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     finally:
         for handle in handles:
             handle.remove()
-    produced_by = {name: key for key, name in produced.items()}
-    # the norm and the blocks that contain it receive the conv's output as the norm does
-    shared = {n for c, n in pairs if any(r != n and not n.startswith(r + ".") for r in readers[produced_by[c]])}
+    # the norm and the blocks that contain it receive the conv's output as the norm does (the
+    # very output it read: a convolution called twice has another, maybe read by no module)
+    shared = {n for c, n in pairs
+              if any(r != n and not n.startswith(r + ".") for r in readers.get(read[c, n], ()))}
     return [(c, n) for c, n in pairs
             if calls[c] == 1 and calls[n] == 1 and n not in shared
             and names[id(model.get_submodule(c))] == 1 and names[id(model.get_submodule(n))] == 1
