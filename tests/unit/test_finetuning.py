@@ -511,3 +511,37 @@ def test_partial_runs_that_trained_all_stages_as_counted_before_the_final_norm_j
     assert not everything.net.frozen_modules
     with pytest.raises(ValueError, match="between 1 and 5"):
         model(7)
+
+
+def test_a_gradual_unfreezing_run_from_before_the_final_norm_joined_the_last_stage_resumes_training_what_it_did(
+        tmp_path, monkeypatch):
+    """ConvNeXt's final norm was a stage of its own: milestone {1: 2} unfroze the last real stage
+    and that norm. Resumed after the milestone, the new count unfroze one more stage, which no
+    restored optimizer group holds: it never trained, and its BatchNorm statistics moved."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import vision_tl.backbones._stages as stages_module
+    from vision_tl.tasks.callbacks import GradualUnfreezing
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
+
+    def fit(epochs: int, ckpt_path=None) -> ImageClassifier:
+        model = ImageClassifier(["a", "b", "c"], backbone="test_convnext", pretrained=False, image_size=32,
+                                mode="frozen", class_counts=[4, 4, 4])
+        trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            callbacks=[GradualUnfreezing({1: 2}), ModelCheckpoint(tmp_path, save_last=True)])
+        trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return model
+
+    with monkeypatch.context() as old_grouping:
+        old_grouping.setattr(stages_module, "_matched", lambda matcher, name: True)  # the norm a stage apart
+        fit(2)
+    with pytest.warns(UserWarning, match="counts the stages"):
+        resumed = fit(3, ckpt_path=tmp_path / "last.ckpt")
+    held = {id(p) for group in resumed.trainer.optimizers[0].param_groups for p in group["params"]}
+    trains = {id(p) for p in resumed.parameters() if p.requires_grad}
+    assert trains == held
+    stages = backbone_stages(resumed.net.backbone)
+    assert all(not m.training for m in stages[-2]) and any(m.training for m in stages[-1])

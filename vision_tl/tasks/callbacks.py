@@ -280,6 +280,37 @@ def _batches(trainer: L.Trainer) -> str:
     return "one batch" if n == 1 else f"{n} batches"
 
 
+def _train_what_the_optimizer_holds(pl_module: L.LightningModule, optimizer) -> None:
+    """A resumed run checkpointed before the layers timm's group matcher leaves out (a final
+    norm, a head convolution) joined the last stage: each milestone then unfroze one real stage
+    fewer than it counts now, and the restored parameter groups hold what it unfroze then. A
+    stage no group holds would never train while its BatchNorm statistics moved: train the last
+    stages the optimizer holds, as the run did before it stopped."""
+    from vision_tl.backbones import backbone_stages
+    from vision_tl.models.finetuning import apply_mode
+
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    net = pl_module.net
+    if all(id(p) in held for p in net.parameters() if p.requires_grad):
+        return
+    stages = backbone_stages(net.backbone)
+    n = 0
+    while n < len(stages) and all(id(p) in held for m in stages[-n - 1] for p in m.parameters()):
+        n += 1
+    if n == 0 or n == len(stages):
+        raise ValueError("GradualUnfreezing: the resumed optimizer does not hold the backbone stages this run "
+                         "trains (a checkpoint of an older vision_tl, which counted stages otherwise); start a new "
+                         "run (without --ckpt_path)")
+    apply_mode(net, "partial", n, pl_module.hparams.freeze_bn)
+    for param in net.parameters():  # what trained before (a ViT's tokens) keeps training
+        if id(param) in held:
+            param.requires_grad = True
+    warnings.warn(f"vision_tl: this checkpoint's optimizer holds the last {n} backbone stage(s) as this version "
+                  f"counts the stages of {type(net.backbone).__name__} (a final norm or head convolution, once a "
+                  "stage of its own, now belongs to the last stage); the resumed run trains those, as it did "
+                  "before it stopped", stacklevel=2)
+
+
 class GradualUnfreezing(BaseFinetuning):
     """Unfreeze more backbone stages at epoch milestones, e.g. ``{3: 2, 6: 4}``.
 
@@ -339,6 +370,7 @@ class GradualUnfreezing(BaseFinetuning):
             done = [n for milestone, n in self.milestones.items() if milestone < epoch]
             if done:
                 unfreeze_stages(pl_module.net, max(done), pl_module.hparams.freeze_bn)
+                _train_what_the_optimizer_holds(pl_module, optimizer)
         if epoch not in self.milestones:
             return
         params = unfreeze_stages(pl_module.net, self.milestones[epoch], pl_module.hparams.freeze_bn)
