@@ -192,9 +192,28 @@ def test_the_size_check_runs_a_model_of_other_channels_and_refuses_only_sizes(mo
     def broken(self, x):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
+    from vision_tl.backbones import _factory
+
+    monkeypatch.setattr(_factory, "_RUNS_AT", set())  # (not what an earlier build found)
     monkeypatch.setattr(vit.VisionTransformer, "forward", broken)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         create_backbone("test_vit", pretrained=False, img_size=64)
+
+
+def test_the_size_check_runs_once_per_backbone_size_and_arguments(monkeypatch):
+    """Export, predict and every report build the model again: one check per process is enough."""
+    import timm.models.vision_transformer as vit
+
+    from vision_tl.backbones import _factory
+
+    monkeypatch.setattr(_factory, "_RUNS_AT", set())
+    calls = []
+    forward = vit.VisionTransformer.forward
+    monkeypatch.setattr(vit.VisionTransformer, "forward", lambda self, x: calls.append(x.shape) or forward(self, x))
+    for _ in range(3):
+        create_backbone("test_vit", pretrained=False, img_size=64)
+    create_backbone("test_vit", pretrained=False, img_size=96)
+    assert calls == [(1, 3, 64, 64), (1, 3, 96, 96)]
 
 def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):
     import timm

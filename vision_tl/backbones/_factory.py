@@ -249,13 +249,20 @@ def _runs_at(model: nn.Module, size: tuple[int, int], chans: int = 3) -> Excepti
     return None
 
 
+_RUNS_AT: set[tuple] = set()  # (backbone, size, build arguments) found to run in this process
+
+
 def _check_runs_at(model: nn.Module, name: str, size: tuple[int, int], kwargs: dict) -> None:
     """Refuse now, naming sizes that work, an input size that an architecture built for it
     cannot run (MaxViT and CoAtNet windows, LeViT's attention biases need multiples of 32 or
     so), instead of a traceback from timm at the first batch of training."""
     chans = int(kwargs.get("in_chans", 3))  # (a model made for in_chans=1 takes 1-channel images)
+    key = (name, tuple(size), repr(sorted(kwargs.items())))
+    if key in _RUNS_AT:  # once per process: export, predict and each report build the model again
+        return
     error = _runs_at(model, size, chans)
     if error is None:
+        _RUNS_AT.add(key)
         return
     tried = []
     for step in (32, 64):  # the multiples of 32, then of 64, below and above each side
