@@ -407,8 +407,6 @@ def clear_entries(root: CacheRoot, entries: list[CacheEntry], days: float | None
             elif dry_run:
                 report.deleted.append(entry)
             else:
-                if entry.kind == "features" and entry.removable_folder:  # shards a run added since the listing
-                    entry.files = getattr(_store_entry(entry.path), "files", entry.files)
                 try:
                     _remove(root, entry)
                     report.deleted.append(entry)
