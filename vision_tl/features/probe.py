@@ -264,11 +264,8 @@ def pca_scatter(features: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     ax.set_title(title)
-    if many:
-        ax.legend(markerscale=1.5, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="class (images)",
-                  title_fontsize=8)
-    else:
-        ax.legend(markerscale=1.5, fontsize=8, loc="best", title="class (images)", title_fontsize=8)
+    place = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {"loc": "best"}
+    ax.legend(markerscale=1.5, fontsize=8, title="class (images)", title_fontsize=8, **place)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
