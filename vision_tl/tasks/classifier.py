@@ -656,13 +656,18 @@ class ImageClassifier(L.LightningModule):
         training curve of ``training_curves.png``, where ``train/loss`` is only every Nth step."""
         steps, total = self._train_loss_steps, self._train_loss_sum
         self._train_loss_sum, self._train_loss_steps = None, 0
-        if self._trainer is not None and self.trainer.world_size > 1:  # every rank joins the reduce
-            pair = torch.stack([total.float() if total is not None else torch.zeros((), device=self.device),
-                                torch.tensor(float(steps), device=self.device)])
-            total, steps = self.trainer.strategy.reduce(pair, reduce_op="sum").unbind()
-            steps = float(steps)
-        if steps:
-            self.log("train/epoch_loss", total.float() / steps)
+        sums = None if total is None else torch.stack([total.float(), torch.tensor(float(steps), device=total.device)])
+        mean = self._mean_over_ranks(sums)
+        if mean is not None:
+            self.log("train/epoch_loss", mean)
+
+    def _mean_over_ranks(self, sums: torch.Tensor | None) -> torch.Tensor | None:
+        """``sums[0] / sums[1]`` of ``[total, count]`` added up over every rank (each rank joins the
+        reduce, one with nothing counted too); None where nothing was counted."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(torch.zeros(2, device=self.device) if sums is None else sums,
+                                                reduce_op="sum")
+        return sums[0] / sums[1] if sums is not None and float(sums[1]) > 0 else None
 
     def _step_metrics_due(self, batch_idx: int) -> bool:
         """Whether Lightning hands this step's metrics to the logger (every ``log_every_n_steps``)
@@ -717,12 +722,9 @@ class ImageClassifier(L.LightningModule):
             values["balanced_acc"] = (matrix.diag()[rows > 0] / rows[rows > 0]).float().mean()
         for name in ("acc", "balanced_acc", "f1_macro"):
             self.log(f"{stage}/{name}", values[name], prog_bar=name != "f1_macro")
-        sums = self._loss_sums.pop(stage, None)
-        if self._trainer is not None and self.trainer.world_size > 1:  # every rank's images (a rank may have none)
-            sums = self.trainer.strategy.reduce(torch.zeros(2, device=self.device) if sums is None else sums,
-                                                reduce_op="sum")
-        if sums is not None and float(sums[1]) > 0:
-            self.log(f"{stage}/loss", sums[0] / sums[1])
+        loss = self._mean_over_ranks(self._loss_sums.pop(stage, None))  # (every rank's images; a rank may have none)
+        if loss is not None:
+            self.log(f"{stage}/loss", loss)
         predicted, present = matrix.sum(0).tolist(), rows.tolist()
         # None, as in `vision-tl report`, where the ratio is undefined (torchmetrics says 0):
         # precision of a class never predicted, recall of a class with no images here
