@@ -179,7 +179,6 @@ def test_a_size_the_architecture_cannot_run_is_refused_with_sizes_that_work(name
     assert create_backbone(name, pretrained=False, img_size=suggested)(torch.zeros(1, 3, *suggested)).ndim == 2
 
 
-
 def test_the_size_check_runs_a_model_of_other_channels_and_refuses_only_sizes(monkeypatch):
     """The check that a resized model runs feeds it images of its own channel count (a
     one-channel ViT was refused at every size), and a failure that is not the size's (it fails
@@ -214,6 +213,7 @@ def test_the_size_check_runs_once_per_backbone_size_and_arguments(monkeypatch):
         create_backbone("test_vit", pretrained=False, img_size=64)
     create_backbone("test_vit", pretrained=False, img_size=96)
     assert calls == [(1, 3, 64, 64), (1, 3, 96, 96)]
+
 
 def test_pretrained_vit_weights_are_resampled_to_the_image_size(tmp_path, monkeypatch):
     import timm
