@@ -506,6 +506,18 @@ def test_cli_progress_falls_back_without_tqdm(tmp_path: Path, model: Path,
     assert (tmp_path / "p.csv").exists()
 
 
+def test_cli_progress_in_a_log_is_whole_lines(tmp_path: Path, model: Path, images: list[Path],
+                                               monkeypatch, capsys):
+    """A scheduled predict-onnx whose stderr goes to a log gets progress lines (here at every
+    image: the interval is set to 0), not a bar's carriage-return redraws, nor nothing."""
+    import vision_tl.utils
+
+    monkeypatch.setattr(vision_tl.utils, "LOG_INTERVAL", 0.0)
+    assert main([str(model), str(images[0].parent), "--out", str(tmp_path / "p.csv"), "--batch-size", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and f"{len(images)}/{len(images)}" in err.splitlines()[-1]
+
+
 def test_cli_help_has_an_example(capsys):
     assert main(["--help"]) == 0
     assert "vision-tl predict-onnx model.onnx" in capsys.readouterr().out

@@ -65,3 +65,32 @@ def test_the_time_left_of_a_validation_is_its_own_not_the_training_epochs(clock,
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "validation: batch 1/10, 1.0 s so far, about 9.0 s left"
     assert lines[2].startswith("epoch 0 (1 of 10) done in 1 min 43 s")  # the epoch's time: training and validation
+
+
+def test_the_kits_own_bars_leave_a_short_job_out_of_a_log(monkeypatch):
+    """extract, the decoded cache, report and predict-onnx draw tqdm bars: in a log file a job
+    shorter than the interval writes nothing (no "0%" and "100%" pair per call), a longer one
+    a whole line every interval, never carriage-return redraws."""
+    import io
+
+    import tqdm.std
+
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    log = io.StringIO()
+    with progress_bar(total=4, desc="short", file=log) as bar:
+        for _ in range(4):
+            clock.now += 1.0
+            bar.update(1)
+    assert log.getvalue() == ""
+
+    with progress_bar(total=4, desc="long", file=log) as bar:
+        for _ in range(4):
+            clock.now += LOG_INTERVAL
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
+    assert len(lines) == 4 and all(line.startswith("long:") for line in lines)  # closing repeats none
+    assert [line.split("|")[2].split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]

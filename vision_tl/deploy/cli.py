@@ -220,17 +220,17 @@ def _one_line_warnings() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress(total: int) -> Iterator[Callable[[int], object] | None]:
-    """A tqdm bar on an interactive stderr; nothing when piped or when tqdm is absent."""
+    """A tqdm bar on stderr: redrawn in a terminal, a line every 30 s in a log (none for a
+    shorter job); nothing where tqdm is absent (it is optional in the torch-free install)."""
     bar = None
-    if sys.stderr.isatty():
-        try:
-            import tqdm  # noqa: F401 (optional in the torch-free install)
-        except ImportError:
-            pass
-        else:
-            from vision_tl.utils import progress_bar
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from vision_tl.utils import progress_bar
 
-            bar = progress_bar(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
     try:
         yield bar.update if bar is not None else None
     finally:

@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -352,7 +351,7 @@ def predict_probabilities(model, paths: list[Path], batch_size: int = 32) -> np.
     model = model.to("cpu").eval()
     chunks = []
     starts = range(0, len(paths), batch_size)
-    bar = progress_bar(total=len(paths), desc="predicting", unit="img", disable=not sys.stderr.isatty() or len(starts) < 2)
+    bar = progress_bar(total=len(paths), desc="predicting", unit="img", disable=len(starts) < 2)
     with torch.inference_mode(), bar:
         for start in starts:
             batch = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]])

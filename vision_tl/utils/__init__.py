@@ -304,11 +304,13 @@ def interactive(stream) -> bool:
 class LineStream:
     """A stream for a tqdm bar whose output goes to a log file or a pipe (a batch job's log,
     ``| tee``, a scheduled task): each redraw becomes a line of its own, trailing padding
-    dropped, instead of carriage returns that pile hundreds of half-lines onto one."""
+    dropped, instead of carriage returns that pile hundreds of half-lines onto one. A redraw
+    that repeats the line before it (tqdm's last one, on closing) is left out."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
         self._open = False  # text written on the current line
+        self._last = ""  # the text the last line started with
 
     def write(self, text: str) -> int:
         out = []
@@ -316,8 +318,11 @@ class LineStream:
             if i and self._open:  # a \r or \n before this part ended the open line
                 out.append("\n")
                 self._open = False
-            if part.strip():
-                out.append(part.rstrip())
+            part = part.rstrip()
+            if part.strip() and (self._open or part != self._last):
+                if not self._open:
+                    self._last = part
+                out.append(part)
                 self._open = True
         if out:
             self._stream.write("".join(out))
@@ -339,14 +344,15 @@ def progress_bar(**kwargs):
     from the start method's own context first, which fixes nothing.
 
     Where the bar's stream (standard error unless ``file`` names one) is not a terminal or a
-    notebook, the bar writes a line every :data:`LOG_INTERVAL` seconds (:class:`LineStream`)."""
+    notebook, the bar writes a line every :data:`LOG_INTERVAL` seconds (:class:`LineStream`),
+    the first after that long: a job shorter than that leaves no progress lines in a log."""
     from tqdm.auto import tqdm
 
     keep_start_method_free()
     stream = kwargs.get("file") or sys.stderr
     if not kwargs.get("disable") and not interactive(stream):
         kwargs.update(file=LineStream(stream), mininterval=max(kwargs.get("mininterval", 0), LOG_INTERVAL),
-                      dynamic_ncols=False)
+                      delay=max(kwargs.get("delay", 0), LOG_INTERVAL), dynamic_ncols=False)
     return tqdm(**kwargs)
 
 
