@@ -470,9 +470,11 @@ def test_a_partial_vit_checkpoint_that_trained_its_tokens_keeps_training_them_wh
     model = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
     trainable = sum(p.requires_grad for p in model.parameters())
     older = {"optimizer_states": [{"param_groups": [{"params": list(range(trainable + 2))}]}]}
-    with pytest.warns(UserWarning, match="keep training in this resumed run"):
+    with pytest.warns(UserWarning, match="keep training in this resumed run") as caught:
         model._train_what_the_checkpoint_trained(older)
     assert model.net.backbone.cls_token.requires_grad and model.net.backbone.pos_embed.requires_grad
+    now = sum(p.numel() for p in model.parameters() if p.requires_grad)  # setup's line counted before
+    assert f"({now:,} of " in str(caught[0].message)
     again = ImageClassifier(["a", "b"], backbone="test_vit", mode="partial", pretrained=False, trainable_stages=2)
     again._train_what_the_checkpoint_trained({"optimizer_states": [{"param_groups": [{"params": list(range(trainable))}]}]})
     assert not again.net.backbone.cls_token.requires_grad  # a checkpoint of this version: as it is

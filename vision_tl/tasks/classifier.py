@@ -532,9 +532,8 @@ class ImageClassifier(L.LightningModule):
             # dynamic=False: one graph per batch size. By default a smaller last batch makes Dynamo
             # recompile for any size, and the full batches after it run those shape-generic kernels too.
             self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False)
-        trainable, total = count_trainable(self.net)
         if stage == "fit":
-            say(f"vision_tl: mode={self.hparams.mode}, {trainable:,} of {total:,} parameters train")
+            say(f"vision_tl: mode={self.hparams.mode}, {self._trainable_line()}")
             self._use_feature_cache(datamodule)
 
     def _check_datamodule(self, datamodule) -> None:
@@ -837,7 +836,8 @@ class ImageClassifier(L.LightningModule):
                 param.requires_grad = True
             warnings.warn(f"vision_tl: this checkpoint trained {len(outside)} parameter(s) of the backbone that belong "
                           "to no stage (a ViT's cls_token and pos_embed; vision_tl now freezes them with the stem in "
-                          "partial mode); they keep training in this resumed run", stacklevel=2)
+                          f"partial mode); they keep training in this resumed run ({self._trainable_line()})",
+                          stacklevel=2)
         elif saved != trains and len(groups) <= 2:  # (more groups: GradualUnfreezing's, restored by name)
             self._train_the_checkpoints_stages(saved, trains)
 
@@ -865,7 +865,14 @@ class ImageClassifier(L.LightningModule):
                                   "--model.weights CHECKPOINT")
         apply_mode(self.net, "partial", fits[0], bool(hp.get("freeze_bn")))
         warnings.warn(f"vision_tl: {what}; this resumed run trains the last {fits[0]} stage(s), as the checkpoint "
-                      f"did (a new run would give --model.trainable_stages {fits[0]} for the same)", stacklevel=2)
+                      f"did ({self._trainable_line()}; a new run would give --model.trainable_stages {fits[0]} for the "
+                      "same)", stacklevel=2)
+
+    def _trainable_line(self) -> str:
+        """``"1,234 of 5,678 parameters train"``: setup prints it before a resumed checkpoint can
+        change what trains, so a change says it again."""
+        trainable, total = count_trainable(self.net)
+        return f"{trainable:,} of {total:,} parameters train"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export and deployment need, in plain types (loadable with weights_only=True).
