@@ -14,7 +14,9 @@
    ``vision-tl extract`` over the JPEGs (bf16, no feature cache; a new process, as a user
    runs it) against the inference bound, and its engine in steady state (after its first
    batches); both again with ``--decode device`` (JPEGs decoded by nvJPEG on the GPU).
-4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md.
+4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md. A check
+   or row that fails, and the time limit (SIGTERM, e.g. from ``timeout``), are listed under the
+   table; the rows measured before and after them are kept.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 ``--device cpu --images 256 --size 64 --batch 32 --backbone test_efficientnet [--pipeline device]``.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -134,16 +137,37 @@ def checks(args, root: Path) -> None:
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
     modes = {m.strip() for m in args.modes.split(",")}
-    graph_checks = [graph_check(args)]  # the frozen backbone's graph: frozen, variants, the feature cache
+    graph_checks = [attempt(args, "check: frozen backbone as a CUDA graph", graph_check, args)]
     if modes & {"extract", "cached"}:
-        graph_checks.append(extract_graph_check(args, root))
+        graph_checks.append(attempt(args, "check: extract through CUDA graphs", extract_graph_check, args, root))
     if "partial-variants" in modes:
-        graph_checks.append(partial_graph_check(args))
-    args.graph_check = "; ".join(graph_checks)
+        graph_checks.append(attempt(args, "check: partial's frozen stages as one CUDA graph", partial_graph_check, args))
+    args.graph_check = "; ".join(c for c in graph_checks if c)
     print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
           f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}\n{args.decode_check}", flush=True)
+
+
+class Stopped(Exception):
+    """The run's time limit came (SIGTERM from ``timeout``): what was measured is still reported."""
+
+
+def attempt(args, what: str, fn, *fn_args):
+    """``fn(*fn_args)``, or None where it fails: the failure (a check that finds other numbers, a
+    ``fit`` that exits with an error) is printed and listed under the table, and the other rows
+    are still measured. A GPU run is scarce; one failing row must not cost the rest."""
+    import traceback
+
+    try:
+        return fn(*fn_args)
+    except Stopped:
+        raise
+    except (Exception, SystemExit) as exc:  # (the checks and kit_rate exit with their reason)
+        traceback.print_exc()
+        args.problems.append(f"{what} failed: {str(exc).strip() or type(exc).__name__}")
+        print(f"{what} FAILED: {exc}", flush=True)
+        return None
 
 
 def graph_check(args) -> str:
@@ -466,14 +490,19 @@ def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> Non
     to import the kit and start the device), its engine in steady state with simplejpeg, eager
     and with Pillow decoding (median of :data:`ROUNDS` alternating runs each), and with ``--decode device``."""
     for decode, label in (("cpu", "extract"), ("device", "extract --decode device")):
-        rate, seconds, first, wall = extract_rate(args, root, decode)
+        measured = attempt(args, f"vision-tl {label}", extract_rate, args, root, decode)
+        if measured is None:
+            continue
+        rate, seconds, first, wall = measured
         # its GPU memory: another process's; its timings go with the row, for the report
         kit[f"{label} (vision-tl extract, new process)"] = (rate, float("nan"), {"times": (seconds, first, wall)})
         print(f"{label}: {rate:,.0f} img/s (ratio {rate / bound['frozen']:.2f}) over {seconds:.2f} s of extraction, "
               f"the first batch's features back after {first:.2f} s; the process took {wall:.1f} s", flush=True)
-        if decode == "device":
-            kit[f"{label}, steady state"] = (*extract_steady_rate(args, root, decode=decode), {})
-            print(f"{label}, steady state: {kit[f'{label}, steady state'][0]:,.0f} img/s", flush=True)
+        steady = attempt(args, f"{label}, steady state", extract_steady_rate, args, root, 3, decode) \
+            if decode == "device" else None
+        if steady is not None:
+            kit[f"{label}, steady state"] = (*steady, {})
+            print(f"{label}, steady state: {steady[0]:,.0f} img/s", flush=True)
     # CPU decoding in steady state: the default (CUDA graph), eager (the backbone's kernels
     # launched one by one, BatchNorm folded: the path before graphs) and Pillow decoding,
     # alternating (the first of a set ran slower in an earlier run): the median of ROUNDS of each
@@ -482,18 +511,25 @@ def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> Non
     if jpeg_decoder() != "Pillow":
         variants["extract, steady state, Pillow decoding"] = (False, True)
     rates: dict[str, list] = {label: [] for label in variants}
-    for _ in range(ROUNDS):
-        for label, (fast_jpeg, graphs) in variants.items():
-            imaging._fast_jpeg = fast_jpeg  # loaders inherit this process's choice
-            rates[label].append(extract_steady_rate(args, root, cuda_graphs=graphs))
-    imaging._fast_jpeg = None
+    try:
+        for _ in range(ROUNDS):
+            for label, (fast_jpeg, graphs) in variants.items():
+                imaging._fast_jpeg = fast_jpeg  # loaders inherit this process's choice
+                rate = attempt(args, label, extract_steady_rate, args, root, 3, "cpu", graphs)
+                if rate is not None:
+                    rates[label].append(rate)
+    finally:
+        imaging._fast_jpeg = None
     for label, runs in rates.items():
+        if not runs:
+            continue
         kit[label] = (float(np.median([r for r, _ in runs])), max(peak for _, peak in runs), {})
         print(f"{label}: {kit[label][0]:,.0f} img/s (median of {ROUNDS}: "
               f"{', '.join(f'{r:,.0f}' for r, _ in runs)})", flush=True)
-    start_up = process_start_seconds(args)
-    args.start_up = start_up
-    print(f"a new process that imports the kit and starts {args.device}: {start_up:.1f} s", flush=True)
+    start_up = attempt(args, "a new process's start-up", process_start_seconds, args)
+    if start_up is not None:
+        args.start_up = start_up
+        print(f"a new process that imports the kit and starts {args.device}: {start_up:.1f} s", flush=True)
 
 
 def process_start_seconds(args) -> float:
@@ -515,7 +551,7 @@ def jpeg_decoder() -> str:
 
 
 def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple[float, float, dict]],
-           augment: float) -> str:
+           augment: float | None) -> str:
     lines = [f"### GPU pipeline throughput ({device_name})", "",
              f"`python benchmarks/gpu_throughput.py --images {args.images} --batch {args.batch} "
              f"--epochs {args.epochs}{' --compile' if args.compile else ''}"
@@ -535,8 +571,10 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     threads = args.workers if args.workers is not None else default_decode_threads()
     decoders = "loader processes" if decode_in_processes(threads) else "threads"
     lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding {decoders} "
-              "(extract, the decoded cache's build).", "", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
-              f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
+              "(extract, the decoded cache's build)."]
+    if augment is not None:
+        lines += ["", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
+                  f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
     if CACHED in kit:
         lines += ["", f"`{CACHED}`: `configs/frozen.yaml` as users run it, with its feature cache (new and empty): "
                   f"every epoch's training images ({args.epochs} epochs) over the whole fit, from setup to the end "
@@ -562,6 +600,8 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
     sites = {site: n for _, _, syncs in kit.values() for site, n in (syncs or {}).get("sites", {}).items()}
     if sites:
         lines += ["", "Where the CPU waited: " + "; ".join(f"{site} ({n}x)" for site, n in sites.items())]
+    if getattr(args, "problems", None):  # after a failed check, the rows above are of a path that errs
+        lines += ["", "**Not as planned** (the log has the tracebacks):", ""] + [f"- {p}" for p in args.problems]
     return "\n".join(lines) + "\n"
 
 
@@ -590,9 +630,24 @@ def main() -> None:
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
     args.pipeline = args.pipeline or ("device" if args.device == "cuda" else "cpu")
+    args.problems = []
+
+    def stop(signum, frame):
+        del signum, frame
+        raise Stopped("stopped by the time limit (SIGTERM) before this")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        measure(args, modes)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def measure(args, modes: list[str]) -> None:
+    """Everything after parsing: data, checks, bounds, the kit's rows, the table."""
     start = time.perf_counter()
     root = prepare(args.data, args.images, args.size)
-    checks(args, root)
+    attempt(args, "checks", checks, args, root)
     torch.backends.cudnn.benchmark = True  # the bound at its best; the kit's fit sets it from configs/gpu.yaml
     bound = bounds(args, num_classes=4)
     torch.backends.cudnn.benchmark = False  # what a new process starts with
@@ -610,16 +665,25 @@ def main() -> None:
         runs.append(("partial, frozen stages unfolded", "partial", ("--model.fold_batchnorm", "false")))
     if "cached" in modes:
         runs.append((CACHED, "frozen", ()))
-    for label, mode, extra in runs:
-        kit[label] = kit_rate(args, root, mode, extra, feature_cache=label == CACHED)
-        print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
-              f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
-              f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
-    torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
-    if "extract" in modes:
-        measure_extract(args, root, bound, kit)
-    augment = augment_ms(args)
-    print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
+    augment = None
+    try:
+        for label, mode, extra in runs:
+            measured = attempt(args, f"kit {label}", kit_rate, args, root, mode, extra, label == CACHED)
+            if measured is None:
+                continue
+            kit[label] = measured
+            print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
+                  f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
+                  f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
+        torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
+        if "extract" in modes:
+            measure_extract(args, root, bound, kit)
+        augment = attempt(args, "augmentation on the device", augment_ms, args)
+        if augment is not None:
+            print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
+    except Stopped as stopped:
+        args.problems.append(f"{stopped} ({time.perf_counter() - start:.0f} s in): rows missing above were not measured")
+        print(args.problems[-1], flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = report(args, name, bound, kit, augment)
     print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")
