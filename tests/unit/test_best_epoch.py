@@ -200,3 +200,17 @@ def test_equal_balanced_accuracies_are_logged_equal_so_the_loss_breaks_the_tie()
     two_of_six = [0] + [1] * 4 + [0] * 2 + [2] * 12
     first, second = _logged_balanced_acc(model, labels, one_and_two), _logged_balanced_acc(model, labels, two_of_six)
     assert first == second == pytest.approx(8 / 9)
+
+
+def test_fits_last_line_names_the_threshold_the_kept_epoch_carries():
+    """With --model.threshold_target the kept checkpoint carries a threshold into export, but fit's
+    last line gave only accuracy, balanced accuracy and F1: the threshold and its rates were in
+    metrics.json alone."""
+    from vision_tl.tasks.callbacks import best_summary
+
+    best = {"epoch": 3, "acc": 0.97, "balanced_acc": 0.9, "f1_macro": 0.8, "threshold": 0.6510336,
+            "escape_rate": 0.5, "false_reject_rate": 0.0}
+    assert best_summary(best) == ("acc=0.9700, balanced_acc=0.9000, f1_macro=0.8000; threshold 0.6510 "
+                                  "(escape rate 0.5000, false-reject rate 0.0000 on val)")
+    plain = {k: v for k, v in best.items() if k not in ("threshold", "escape_rate", "false_reject_rate")}
+    assert best_summary(plain) == "acc=0.9700, balanced_acc=0.9000, f1_macro=0.8000"
