@@ -622,3 +622,21 @@ def test_report_draws_the_training_curves_from_the_runs_history(run, tmp_path):
     page = (copy / "report.html").read_text()
     assert page.index("Most confident mistakes") < page.index('alt="training_curves" src="data:image/png;base64,')
     assert json.loads((copy / "metrics.json").read_text())["figures"]["training_curves_val"] == "training_curves.png"
+
+
+def test_compare_does_not_ask_for_a_report_for_escape_rates_it_shows(tmp_path, capsys):
+    """A run fitted with --model.threshold_target has its threshold and escape rates in metrics.json,
+    and compare shows them; its note still said that escape rates needed `vision-tl report`."""
+    from vision_tl.reports.compare import compare_runs, format_table
+
+    run = tmp_path / "partial" / "version_0"
+    run.mkdir(parents=True)
+    val = {"epoch": 3, "acc": 0.97, "balanced_acc": 0.9, "f1_macro": 0.8, "recall_per_class": {"ok": 1.0, "pit": 0.5},
+           "threshold": 0.65, "escape_rate": 0.5, "false_reject_rate": 0.0}
+    (run / "metrics.json").write_text(json.dumps({"classes": ["ok", "pit"], "val": val}))
+    table = format_table(compare_runs([run]))
+    assert "0.650" in table and "0.500" in table
+    assert "AUC and ECE need `vision-tl report RUN`" in table and "escape rates need" not in table
+    del val["threshold"], val["escape_rate"], val["false_reject_rate"]
+    (run / "metrics.json").write_text(json.dumps({"classes": ["ok", "pit"], "val": val}))
+    assert "AUC, ECE and escape rates need" in format_table(compare_runs([run]))

@@ -177,3 +177,40 @@ def test_with_several_validations_per_epoch_the_final_best_is_the_one_saved(tmp_
     best = torch.load(tmp_path / "best.ckpt", weights_only=True, map_location="cpu")
     assert best["global_step"] == 1  # the first validation of epoch 0
     assert artifacts.best_epoch(trainer) == artifacts.history[0]  # its metrics, not epoch 0's later ones
+
+
+def _logged_balanced_acc(model, labels: list[int], predicted: list[int]) -> float:
+    model.val_metrics.update(torch.nn.functional.one_hot(torch.tensor(predicted), 3).float(), torch.tensor(labels))
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model._eval_epoch_end(model.val_metrics, "val")
+    return float(logged["val/balanced_acc"])
+
+
+def test_equal_balanced_accuracies_are_logged_equal_so_the_loss_breaks_the_tie():
+    """Val images 1 / 6 / 12 per class: missing 1 of the 6 and 2 of the 12, or 2 of the 6, both
+    average the recalls to 8/9. A float32 mean of them in class order came out one step apart
+    (0.88888884 and 0.88888890), so the checkpoint took the later epoch as better, whatever its
+    validation loss, instead of a tie decided by the loss."""
+    from vision_tl.tasks.classifier import ImageClassifier
+
+    model = ImageClassifier(["a", "b", "c"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    labels = [0] + [1] * 6 + [2] * 12
+    one_and_two = [0] + [1] * 5 + [0] + [2] * 10 + [0] * 2
+    two_of_six = [0] + [1] * 4 + [0] * 2 + [2] * 12
+    first, second = _logged_balanced_acc(model, labels, one_and_two), _logged_balanced_acc(model, labels, two_of_six)
+    assert first == second == pytest.approx(8 / 9)
+
+
+def test_fits_last_line_names_the_threshold_the_kept_epoch_carries():
+    """With --model.threshold_target the kept checkpoint carries a threshold into export, but fit's
+    last line gave only accuracy, balanced accuracy and F1: the threshold and its rates were in
+    metrics.json alone."""
+    from vision_tl.tasks.callbacks import best_summary
+
+    best = {"epoch": 3, "acc": 0.97, "balanced_acc": 0.9, "f1_macro": 0.8, "threshold": 0.6510336,
+            "escape_rate": 0.5, "false_reject_rate": 0.0}
+    assert best_summary(best) == ("acc=0.9700, balanced_acc=0.9000, f1_macro=0.8000; threshold 0.6510 "
+                                  "(escape rate 0.5000, false-reject rate 0.0000 on val)")
+    plain = {k: v for k, v in best.items() if k not in ("threshold", "escape_rate", "false_reject_rate")}
+    assert best_summary(plain) == "acc=0.9700, balanced_acc=0.9000, f1_macro=0.8000"

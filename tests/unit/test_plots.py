@@ -282,12 +282,35 @@ def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     headline = page[page.index('<p class="headline">'):page.index("</p>", page.index('<p class="headline">'))]
     assert page.index('class="headline"') < page.index('id="per-class"')
     assert "held-out test images" in headline and "balanced accuracy" in headline
-    assert "lowest recall <b>spot</b> 0.500 (2 of 4)" in headline
+    assert "lowest recall <b>spot</b> 0.500 (2 of 4, 95 % interval 0.15–0.85)" in headline
     assert "threshold 0.500 on P(good)" in headline and "escape rate" in headline
     assert "false-reject rate <b>0.0%</b> (0 of 4 good images rejected)" in headline
     cards = page[page.index('<div class="cards">'):]
     assert cards.index("balanced accuracy") < cards.index("escape rate") < cards.index(">accuracy<")
     assert "kit_version" not in page and "None" not in page and "nan" not in page.lower()
+
+
+def test_html_report_shows_how_little_a_rare_class_or_a_few_defects_pin_down(tmp_path) -> None:
+    """One val image of a class gave recall 1.000 and one defective image an escape rate of
+    0.0%, in the same type as the rates of 40 images: each now carries its 95 % interval."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([0] + [1] * 40 + [2] * 2)  # crack: 1 image, good: 40, spot: 2
+    probs = np.full((43, 3), 0.1)
+    probs[np.arange(43), labels] = 0.8
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    crack = next(r for r in result["per_class"] if r["class"] == "crack")
+    assert crack["recall"] == 1.0 and crack["recall_interval"] == [pytest.approx(0.2065, abs=1e-4), 1.0]
+    gvd = result["good_vs_defect"]
+    assert (gvd["escapes"], gvd["defect_images"]) == (0, 3)
+    assert gvd["escape_rate_interval"] == [0.0, pytest.approx(0.5615, abs=1e-4)]
+    assert gvd["false_reject_rate_interval"] == [0.0, pytest.approx(0.0876, abs=1e-4)]
+    page = render_report(result, {}, split="val", info={}, errors=[])
+    table = page[page.index('id="per-class"'):page.index("</table>", page.index('id="per-class"'))]
+    assert "recall 95 % interval" in table and "<td>0.21–1.00</td>" in table
+    rates = page[page.index('id="good-vs-defect"'):]
+    assert "<td>0 of 3</td><td>0%–56%</td>" in rates and "<td>0 of 40</td><td>0%–9%</td>" in rates
+    assert "0 of 3 defective images; 95 % interval 0%–56%" in page  # the card
 
 
 def test_comparison_says_which_split_it_compares(tmp_path) -> None:

@@ -152,8 +152,9 @@ def _report(args: argparse.Namespace) -> None:
                 "by the most probable class (no threshold set; choose one with --target-false-reject R "
                 "or --target-escape E)")
         print(f"good vs defect {rule}: escape rate {_f(gvd['escape_rate'])} "
-              f"({gvd['escapes']}/{gvd['defect_images']}), false-reject rate {_f(gvd['false_reject_rate'])} "
-              f"({gvd['false_rejects']}/{gvd['good_images']})")
+              f"({gvd['escapes']}/{gvd['defect_images']}{_within(gvd.get('escape_rate_interval'))}), false-reject "
+              f"rate {_f(gvd['false_reject_rate'])} ({gvd['false_rejects']}/{gvd['good_images']}"
+              f"{_within(gvd.get('false_reject_rate_interval'))})")
     if result.checkpoint is not None:
         how = "rewrote" if args.in_place else "wrote"
         print(f"threshold {result.threshold['threshold']:.6f} ({result.threshold['target']}): {how} {result.checkpoint}")
@@ -162,6 +163,11 @@ def _report(args: argparse.Namespace) -> None:
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.html}")
+
+
+def _within(bounds: list[float] | None) -> str:
+    """``, 95% 0.0000-0.7935``: where the rate may lie, from its counts (Wilson); nothing without one."""
+    return f", 95% {bounds[0]:.4f}-{bounds[1]:.4f}" if bounds else ""
 
 
 def _f(value: float | None) -> str:

@@ -210,9 +210,11 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     if stale:
         notes.append(f"{', '.join(stale)}: the report is older than the checkpoint it evaluated (trained on since), "
                      f"so fit's {split} metrics are shown; run `vision-tl report RUN` again")
-    missing = [s.name for s in summaries if not s.has_report and not s.stale_report]
-    if missing:
-        notes.append(f"no report yet for {', '.join(missing)}: AUC, ECE and escape rates need "
+    missing = [s for s in summaries if not s.has_report and not s.stale_report]
+    if missing:  # (a fit with --model.threshold_target has measured the escape rates already)
+        needed = ("AUC, ECE and escape rates" if any(s.values.get("escape_rate") is None for s in missing)
+                  else "AUC and ECE")
+        notes.append(f"no report yet for {', '.join(s.name for s in missing)}: {needed} need "
                      "`vision-tl report RUN`")
     return Comparison(summaries, notes, split)
 

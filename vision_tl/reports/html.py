@@ -53,6 +53,14 @@ def _num(value: float | None, reason: str | None = None, pct: bool = False) -> s
     return f"<td>{value:.1%}</td>" if pct else f"<td>{value:.3f}</td>"
 
 
+def _interval(bounds: list[float] | None, pct: bool = False) -> str:
+    """``0.21–1.00`` (or ``0–79 %``): a 95 % interval as text; ``n/a`` without one."""
+    if not bounds:
+        return "n/a"
+    low, high = bounds
+    return f"{low:.0%}–{high:.0%}" if pct else f"{low:.2f}–{high:.2f}"
+
+
 def png_data_uri(path: str | Path) -> str:
     """``data:image/png;base64,...`` for a PNG file."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -87,12 +95,18 @@ def _cards(summary: dict, gvd: dict | None) -> str:
     cells = [card("balanced accuracy", summary["balanced_acc"])]
     if gvd is not None:
         cells += [card("escape rate (defects passed)", gvd["escape_rate"], True,
-                       f"{gvd['escapes']} of {gvd['defect_images']} defective images"),
+                       f"{gvd['escapes']} of {gvd['defect_images']} defective images"
+                       + _card_interval(gvd.get("escape_rate_interval"))),
                   card("false-reject rate (good rejected)", gvd["false_reject_rate"], True,
-                       f"{gvd['false_rejects']} of {gvd['good_images']} {gvd['good_class']} images")]
+                       f"{gvd['false_rejects']} of {gvd['good_images']} {gvd['good_class']} images"
+                       + _card_interval(gvd.get("false_reject_rate_interval")))]
     cells += [card("accuracy", summary["acc"]), card("macro F1", summary["f1_macro"]),
               card("macro ROC AUC", summary["roc_auc_macro"]), card("ECE (lower is better)", summary["ece"])]
     return f'<div class="cards">{"".join(cells)}</div>'
+
+
+def _card_interval(bounds: list[float] | None) -> str:
+    return f"; 95 % interval {_interval(bounds, pct=True)}" if bounds else ""
 
 
 def _headline(result: dict, split: str) -> str:
@@ -106,7 +120,9 @@ def _headline(result: dict, split: str) -> str:
     if measured:
         worst = min(measured, key=lambda r: r["recall"])
         parts.append(f"lowest recall <b>{_esc(worst['class'])}</b> {worst['recall']:.3f} "
-                     f"({round(worst['recall'] * worst['support'])} of {worst['support']})")
+                     f"({round(worst['recall'] * worst['support'])} of {worst['support']}"
+                     + (f", 95 % interval {_interval(worst['recall_interval'])}" if worst.get("recall_interval")
+                        else "") + ")")
     if gvd is not None:
         at = ("the most probable class (no threshold set)" if gvd["threshold"] is None
               else f"threshold {gvd['threshold']:.3f} on P({_esc(gvd['good_class'])})")
@@ -123,14 +139,22 @@ def _pct(value: float | None) -> str:
 
 def _per_class_table(rows: list[dict]) -> str:
     head = ("<tr><th class=l>class</th><th>images</th><th>predicted</th><th>precision</th><th>recall</th>"
-            "<th>F1</th><th>ROC AUC</th><th>avg. precision</th></tr>")
+            '<th title="95 % Wilson score interval of the recall: how far it may move on other images">'
+            "recall 95 % interval</th><th>F1</th><th>ROC AUC</th><th>avg. precision</th></tr>")
     body = []
     for r in rows:
         why = r["undefined"]
         body.append(f'<tr><td class="l">{_esc(r["class"])}</td><td>{r["support"]}</td><td>{r["predicted"]}</td>'
-                    + "".join(_num(r[k], why.get(k)) for k in
-                              ("precision", "recall", "f1", "roc_auc", "average_precision")) + "</tr>")
+                    + "".join(_num(r[k], why.get(k)) for k in ("precision", "recall"))
+                    + _interval_cell(r.get("recall_interval"), why.get("recall"))
+                    + "".join(_num(r[k], why.get(k)) for k in ("f1", "roc_auc", "average_precision")) + "</tr>")
     return f'<table id="per-class">{head}{"".join(body)}</table>'
+
+
+def _interval_cell(bounds: list[float] | None, reason: str | None = None, pct: bool = False) -> str:
+    if not bounds:
+        return f'<td class="na" title="{_esc(reason or "undefined")}">n/a</td>'
+    return f"<td>{_interval(bounds, pct)}</td>"
 
 
 def _undefined_notes(result: dict) -> str:
@@ -152,13 +176,17 @@ def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
     why = gvd["undefined"]
     return (f"<h2>Good vs defect</h2><p>An image passes as <b>{_esc(gvd['good_class'])}</b> iff "
             f"P({_esc(gvd['good_class'])}) ≥ threshold. Threshold: <b>{thr}</b>{how}.</p>"
-            '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th></tr>'
+            '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th>'
+            "<th>95 % interval</th></tr>"
             f'<tr><td class="l">escape rate (defective images passed as good)</td>'
             f'{_num(gvd["escape_rate"], why.get("escape_rate"), pct=True)}'
-            f'<td>{gvd["escapes"]} of {gvd["defect_images"]}</td></tr>'
+            f'<td>{gvd["escapes"]} of {gvd["defect_images"]}</td>'
+            f'{_interval_cell(gvd.get("escape_rate_interval"), why.get("escape_rate"), pct=True)}</tr>'
             f'<tr><td class="l">false-reject rate (good images rejected)</td>'
             f'{_num(gvd["false_reject_rate"], why.get("false_reject_rate"), pct=True)}'
-            f'<td>{gvd["false_rejects"]} of {gvd["good_images"]}</td></tr></table>')
+            f'<td>{gvd["false_rejects"]} of {gvd["good_images"]}</td>'
+            f'{_interval_cell(gvd.get("false_reject_rate_interval"), why.get("false_reject_rate"), pct=True)}</tr>'
+            "</table>")
 
 
 def _errors_table(errors: list[dict]) -> str:
@@ -201,7 +229,8 @@ def render_report(result: dict, figures: dict[str, Path], *, split: str, info: d
 {_errors_table(errors)}
 {training}
 <p class="small">ECE: expected calibration error of the top-1 confidence over 10 equal-width bins.
-Escape and false-reject rates are measured on these images only; expect them to move on new data.</p>
+Escape and false-reject rates are measured on these images only; expect them to move on new data (the 95 %
+Wilson intervals say how far, from the counts alone).</p>
 </main></body></html>
 """
 

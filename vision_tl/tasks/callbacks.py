@@ -174,8 +174,8 @@ class RunArtifacts(L.Callback):
         if trainer.is_global_zero and best is not None:
             self._write_metrics(trainer, pl_module, "val", best)
             self._write_training_curves(trainer)
-            summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
-            say(f"vision_tl: best epoch {best['epoch']}: {summary}; run directory {shown_path(self.run_dir(trainer))}")
+            say(f"vision_tl: best epoch {best['epoch']}: {best_summary(best)}; run directory "
+                f"{shown_path(self.run_dir(trainer))}")
 
     def _write_training_curves(self, trainer: L.Trainer) -> None:
         """``training_curves.png`` from the files just written (metrics.json, and metrics.csv, which
@@ -272,6 +272,19 @@ class RunArtifacts(L.Callback):
         say(f"vision_tl: wrote {len(table)} prediction(s) to {path}"
                         + (f" ({failed} image(s) could not be read: see the error column; exit status 3)"
                            if failed else ""))
+
+
+def best_summary(best: dict) -> str:
+    """The kept epoch's scores for fit's last line, with the good/defect threshold chosen for it
+    (``--model.threshold_target``) and that threshold's rates on val: the numbers the checkpoint
+    carries into ``export``, otherwise only found in metrics.json."""
+    summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("acc", "balanced_acc", "f1_macro"))
+    if best.get("threshold") is not None:
+        rates = [f"{name} {best[key]:.4f}" for key, name in (("escape_rate", "escape rate"),
+                                                              ("false_reject_rate", "false-reject rate"))
+                 if best.get(key) is not None]
+        summary += f"; threshold {best['threshold']:.4f}" + (f" ({', '.join(rates)} on val)" if rates else "")
+    return summary
 
 
 def _batches(trainer: L.Trainer) -> str:
