@@ -156,6 +156,20 @@ def test_val_loss_with_class_weights_does_not_depend_on_the_batch_size(label_smo
     assert losses == pytest.approx([float(whole)] * 3, rel=1e-5)
 
 
+def test_fit_says_which_loss_weights_the_classes_get(capsys):
+    """Without the balanced sampler (an imbalance under 4x, or --data.sampler none) the default
+    sqrt weights favour a rare class: fit says so with the weights, as it says when it draws
+    classes evenly instead; classes about equally large get no line."""
+    model = ImageClassifier(["ok", "dent", "scratch"], backbone=TINY, pretrained=False, image_size=32, mode="frozen",
+                            class_counts=[90, 30, 10], feature_cache=None)
+    model.setup("fit")
+    line = next(text for text in capsys.readouterr().out.splitlines() if "loss weights" in text)
+    assert "class_weights sqrt" in line and "ok 0.52, dent 0.91, scratch 1.57" in line
+    assert "--model.class_weights none" in line
+    _model("frozen", feature_cache=None).setup("fit")  # (4, 4, 4)
+    assert "loss weights" not in capsys.readouterr().out
+
+
 def test_compile_is_opt_in_runs_and_keeps_checkpoint_keys(monkeypatch, tmp_path):
     """A real torch.compile wrapper (eager backend: no C++ build in the test) runs the
     forward pass and the checkpoint keys stay those of the plain network."""

@@ -524,6 +524,11 @@ class ImageClassifier(L.LightningModule):
                     "not applied on top (pass --model.class_weights none to silence this)")
             scheme = "none"
         weights = class_weights_from_counts(counts, scheme) if counts else None
+        if stage == "fit" and weights is not None and float(weights.max()) > 1.5 * float(weights.min()):
+            # (the balanced sampler says what it does in the data summary; the loss weights, here)
+            shown = ", ".join(f"{c} {w:.2f}" for c, w in zip(self.classes, weights.tolist()))
+            say(f"vision_tl: loss weights per class (class_weights {scheme}, from the training counts): {shown} "
+                "(--model.class_weights none for equal weights, --data.sampler balanced to draw classes evenly instead)")
         self.loss_weights = (torch.ones(len(self.classes)) if weights is None else weights).to(self.loss_weights.device)
         if self._channels_last():
             self.net.to(memory_format=torch.channels_last)
