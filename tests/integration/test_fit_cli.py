@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import shutil
@@ -249,9 +250,10 @@ def test_sigterm_stops_predict_at_the_next_batch_without_a_csv(trained_run, tmp_
     assert not list(tmp_path.rglob("predictions.csv"))
 
 
-def test_predict_new_images_from_a_folder_without_classes(trained_run, inspection_folder, tmp_path):
+def test_predict_new_images_from_a_folder_without_classes(trained_run, inspection_folder, tmp_path, capsys):
     """`--data.predict_root` predicts any folder (nested, unlabelled); an unreadable image gets a
-    row with its error, every other row keeps its own file's prediction."""
+    row with its error, every other row keeps its own file's prediction; the counts per predicted
+    class are printed (as predict-onnx prints them)."""
     new = tmp_path / "line3" / "today"
     new.mkdir(parents=True)
     originals = sorted(inspection_folder.glob("*/*.png"))[::6]
@@ -267,13 +269,15 @@ def test_predict_new_images_from_a_folder_without_classes(trained_run, inspectio
     (csv_path,) = (tmp_path / "runs").glob("partial/version_*/predictions.csv")
     rows = list(csv.DictReader(csv_path.open()))
     assert [Path(r["path"]).name for r in rows] == [f"part_{i:02d}.png" for i in range(len(originals))] + ["part_99.png"]
+    counts = collections.Counter(r["predicted"] for r in rows)
+    classes = json.loads((trained_run / "labels.json").read_text())
+    assert "vision_tl: predicted " + ", ".join(f"{c} {counts[c]}" for c in classes) in capsys.readouterr().out
     assert rows[-1]["error"] and rows[-1]["predicted"] == ""
     # an image the loader processes skip gets the reason too, not just "could not be decoded"
     from vision_tl.imaging import decode_error
 
     assert decode_error(new / "part_99.png").startswith(f"{new / 'part_99.png'}: ")
     model, _ = load_classifier(trained_run / "checkpoints" / "best.ckpt")
-    classes = json.loads((trained_run / "labels.json").read_text())
     for row, src in zip(rows, originals):  # each row is its own image's prediction
         assert row["true"] == "" and row["error"] == ""
         with torch.no_grad():

@@ -214,3 +214,18 @@ def test_fits_last_line_names_the_threshold_the_kept_epoch_carries():
                                   "(escape rate 0.5000, false-reject rate 0.0000 on val)")
     plain = {k: v for k, v in best.items() if k not in ("threshold", "escape_rate", "false_reject_rate")}
     assert best_summary(plain) == "acc=0.9700, balanced_acc=0.9000, f1_macro=0.8000"
+
+
+def test_predict_sums_up_its_csv_rows_as_predict_onnx_does():
+    """`vision-tl predict` prints the count per predicted class (every class, zeros too) and, with a
+    good class and threshold, how many readable images are defects; unreadable rows count in neither."""
+    from vision_tl.tasks.callbacks import _predicted_counts
+
+    classes = ["ok", "dent", "scratch"]
+    rows = [["", "ok", "0.9", "0.9", "0.05", "0.05", "false", ""],
+            ["", "ok", "0.6", "0.6", "0.3", "0.1", "true", ""],  # ok, yet below the threshold: a defect
+            ["", "dent", "0.8", "0.1", "0.8", "0.1", "true", ""],
+            ["", "", "", "", "", "", "", "broken.png: cannot identify image file"]]
+    assert _predicted_counts(rows, classes, None, None) == "vision_tl: predicted ok 2, dent 1, scratch 0"
+    assert _predicted_counts(rows, classes, "ok", 0.7) == ("vision_tl: predicted ok 2, dent 1, scratch 0; "
+                                                          "defects (P(ok) < 0.7): 2 of 3")
