@@ -164,3 +164,30 @@ def test_a_temporary_folder_without_locks_embeds_unclaimed_instead_of_failing(tm
     paths, hashes = images
     report = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=4, progress=False)
     assert report.computed == len(paths) and _rows(tmp_path / "cache") == len(paths)
+
+
+def test_a_writer_that_stopped_storing_what_it_claimed_is_waited_for_no_longer(tmp_path, images, embedded,
+                                                                               monkeypatch, capsys):
+    """A live writer that holds its claim but stores nothing (stopped with Ctrl-Z, hung on a
+    network drive) kept the other waiting for good; after the stall time the waiting one embeds
+    those images itself, once, and says why."""
+    from vision_tl.features import claims
+
+    paths, hashes = images
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    monkeypatch.setattr(claims, "STALL_S", 1.0)
+    script = ("import sys, time\nfrom vision_tl.features.claims import claimed\n"
+              "from vision_tl.features.store import ShardStore\n"
+              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
+              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    time.sleep(120)\n")
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        report = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=4, progress=False)
+        assert other.poll() is None  # still holding its claim
+    finally:
+        other.kill()
+        other.wait()
+    assert report.computed == len(paths) and sorted(embedded) == sorted(paths)
+    assert _rows(tmp_path / "cache") == len(paths)
+    assert f"pid {other.pid} stored none of the images it claimed for 1 s" in capsys.readouterr().out

@@ -140,8 +140,9 @@ class FeatureCache:
         key_of = {path: key for key, path in todo.items()}
         failed: list[tuple[Path, str]] = []
         computed, start, first = 0, time.perf_counter(), float("nan")
+        stalled: set[str] = set()  # claimed by a writer that stopped storing them: embedded here
         while todo:
-            with claimed(store, list(todo)) as claim:
+            with claimed(store, list(todo), take_over=stalled) as claim:
                 if claim.mine:
                     files = [todo[k] for k in claim.mine]
                     first_batch, failures = _embed_into(store, extractor, claim.mine, files, batch_size,
@@ -149,7 +150,8 @@ class FeatureCache:
                     first = first_batch if math.isnan(first) else first  # (the first pass's)
                     computed += len(files) - len(failures)
                     failed += failures
-            wait_for(claim)
+            if not wait_for(claim, store):
+                stalled |= claim.theirs
             store.refresh()
             # what another writer claimed and did not store (killed; an image it could not decode): ours now
             todo = {k: todo[k] for k in claim.theirs if k not in store}

@@ -7,6 +7,8 @@ a file listing their keys, held locked (``flock``) while it works, in this user'
 (:func:`vision_tl.utils.files.lock_folder`). Images another writer claims are waited for (its
 lock goes when it is done, or dies: the kernel drops a killed process's locks) and then read
 from the store; any it did not store (killed, or an image it could not decode) are embedded then.
+A writer that stores none of the images it claimed for five minutes (stopped with Ctrl-Z, hung on
+a network drive) is waited for no longer: the waiting one embeds them itself.
 
 Claims are decided one writer at a time (:meth:`ShardStore.writers_lock`, held for
 milliseconds), and a writer waits only once its own claim is released, holding no lock: no
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +34,12 @@ from vision_tl.utils import files, say
 from vision_tl.utils.files import lock_folder, name_digest
 
 _CLAIM = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}\.claim")
+# A waiting writer embeds the images another claimed itself once none of them reached the store
+# for this long (one shard takes seconds even on a small CPU); the store is looked at every
+# STORE_CHECK_S, the claims every POLL_S.
+STALL_S = 300.0
+STORE_CHECK_S = 10.0
+POLL_S = 0.2
 
 
 @dataclass
@@ -44,8 +53,9 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claimed(store: ShardStore, keys: list[str]) -> Iterator[Claim]:
-    """Claim the ``keys`` the store lacks and no other writer claims, for the block.
+def claimed(store: ShardStore, keys: list[str], take_over: set[str] | frozenset[str] = frozenset()) -> Iterator[Claim]:
+    """Claim the ``keys`` the store lacks and no other writer claims (or that are in
+    ``take_over``: those a writer that stalled claims, see :func:`wait_for`), for the block.
 
     Example:
         >>> with claimed(store, missing) as claim:
@@ -64,8 +74,8 @@ def claimed(store: ShardStore, keys: list[str]) -> Iterator[Claim]:
         claim = Claim([])
         for other in sorted(folder.glob("*.claim")):
             held = _live_keys(other)
-            if held is not None and not held.isdisjoint(wanted):
-                claim.theirs |= held & wanted
+            if held is not None and not held.isdisjoint(wanted - take_over):
+                claim.theirs |= held & (wanted - take_over)
                 claim.others.append(other)
         claim.mine = [k for k in keys if k not in claim.theirs]
         if claim.mine:
@@ -80,24 +90,55 @@ def claimed(store: ShardStore, keys: list[str]) -> Iterator[Claim]:
             os.close(fd)
 
 
-def wait_for(claim: Claim) -> None:
-    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so."""
+def wait_for(claim: Claim, store: ShardStore | None = None, stall_s: float | None = None) -> bool:
+    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so. True then;
+    False where, for ``stall_s`` seconds (:data:`STALL_S`), none of those images reached
+    ``store``: a writer stopped (Ctrl-Z), hung on a network drive, or embedding slower than
+    this process would alone. The caller then embeds what is left itself (pass those keys as
+    ``take_over`` to :func:`claimed`); rows the other writer stores later are dropped on append."""
     if not claim.others:
-        return
+        return True
+    stall_s = STALL_S if stall_s is None else stall_s
     pids = sorted({m["pid"] for p in claim.others if (m := _CLAIM.fullmatch(p.name))}, key=int)
     who = f"other processes (pids {', '.join(pids)}); waiting for them" if len(pids) > 1 else \
         f"another process (pid {''.join(pids) or '?'}); waiting for it"
     say(f"vision_tl: {len(claim.theirs)} of these images are being embedded into the same feature cache by "
         f"{who}, then reading them from the cache")
-    for other in claim.others:
-        try:
-            fd = os.open(other, os.O_RDONLY)
-        except FileNotFoundError:  # done already
-            continue
-        try:
-            files.fcntl.flock(fd, files.fcntl.LOCK_SH)  # (released when that writer is done or killed)
-        finally:
-            os.close(fd)
+    pending, stored = list(claim.others), -1
+    progress_at = checked_at = time.monotonic()
+    while True:
+        pending = [other for other in pending if _held(other)]
+        if not pending:
+            return True
+        now = time.monotonic()
+        if store is not None and now - checked_at >= min(STORE_CHECK_S, stall_s / 2):
+            checked_at = now
+            store.refresh()
+            done = sum(key in store for key in claim.theirs)
+            if done > stored:
+                stored, progress_at = done, now
+        if now - progress_at >= stall_s:
+            say(f"vision_tl: pid {', '.join(pids) or '?'} stored none of the images it claimed for {stall_s:.0f} s "
+                "(stopped or hung?); embedding the rest of them here")
+            return False
+        time.sleep(POLL_S)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live writer still holds the claim file ``path`` (False once it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # done already
+        return False
+    try:
+        files.fcntl.flock(fd, files.fcntl.LOCK_SH | files.fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # (no longer lockable: nothing to wait for)
+        return False
+    finally:
+        os.close(fd)  # (releases a lock just taken)
+    return False
 
 
 def _hold_claim(path: Path, keys: list[str]) -> int | None:
