@@ -355,6 +355,19 @@ def test_int8_keeps_the_pads_a_graph_computes_from_its_input_shape(tmp_path):
     assert np.abs(Predictor(int8).predict_arrays(pixels) - reference).max() < 0.05
 
 
+def test_numpy_numbers_in_the_options_reach_the_reports_as_json():
+    """Options given as numpy scalars (accepted) went into the variant's parity report as they
+    were: json.dumps failed after the copy was written under its final name, without its report."""
+    options = ExportOptions(threads=np.int32(2), max_accuracy_drop=np.float32(1.5), max_decision_changes=np.int64(2),
+                            int8_config=Int8Config(calibration_images=np.int64(32), batch_size=np.int64(8),
+                                                   percentile=np.float32(99.99)))
+    json.dumps({"threads": options.threads, "max_accuracy_drop": options.max_accuracy_drop,
+                "max_decision_changes": options.max_decision_changes, **options.int8_config.to_dict()})
+    assert (options.threads, options.max_accuracy_drop, options.max_decision_changes) == (2, 1.5, 2.0)
+    with pytest.raises(ExportError, match="threads must be a positive integer"):
+        ExportOptions(threads=np.float64(2))
+
+
 def test_auto_without_split_explains_the_python_options_too(tmp_path):
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir()

@@ -73,6 +73,9 @@ class Int8Config:
             raise ExportError(f"calibration batch_size must be a positive integer, got {self.batch_size!r}")
         if not 90.0 < self.percentile <= 100.0:
             raise ExportError(f"percentile must be in (90, 100], got {self.percentile}")
+        # numpy scalars as Python numbers: the settings go into the JSON report
+        self.calibration_images, self.batch_size = int(self.calibration_images), int(self.batch_size)
+        self.percentile = float(self.percentile)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
