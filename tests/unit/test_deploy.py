@@ -727,6 +727,19 @@ def test_predict_paths_accepts_iterables_and_numpy_ints(model: Path, images: lis
         predictor.predict_paths([images[0], b"x.png"])
 
 
+def test_threads_accepts_numpy_integers_as_the_export_does(model: Path, images: list[Path]):
+    """ExportOptions(threads=np.int32(2)) is accepted, and its speed measurement opens sessions
+    with that value: refused there, it rejected every INT8/FP16 copy."""
+    from vision_tl.deploy.speed import onnx_speed
+
+    assert len(Predictor(model, threads=np.int64(2)).predict_paths(images[:1])) == 1
+    assert set(onnx_speed(model, read_metadata(model), threads=np.int32(1), batch=2, repeats=1)) == {
+        "latency_b1_ms", "throughput_b2_ips"}
+    for bad in (True, np.bool_(True), 0, 2.0, np.float64(2), "4"):
+        with pytest.raises(DeployError, match="threads must be a positive integer"):
+            Predictor(model, threads=bad)
+
+
 def test_deploy_wheel_help_is_plain_text(capsys):
     from vision_tl.deploy.package import main as wheel_main
 

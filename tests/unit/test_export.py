@@ -311,6 +311,63 @@ def test_float_nodes_keep_normalisation_stem_and_head():
     assert isinstance(onnx.helper.printable_graph(model.graph), str)
 
 
+class SamePaddedNet(torch.nn.Module):
+    """Two stride-2 convolutions with TensorFlow-style "same" padding (as in timm's tf_* models,
+    Lite0 included), whose pads the graph computes from the input's shape, and a linear layer
+    on every position of their output (other pads give it another number of inputs)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        from timm.layers import create_conv2d
+
+        self.convs = torch.nn.Sequential(create_conv2d(3, 4, 5, stride=2, padding="same"), torch.nn.ReLU(),
+                                         create_conv2d(4, 4, 5, stride=2, padding="same"), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(4 * -(-size[0] // 4) * -(-size[1] // 4), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x).flatten(1))
+
+
+def test_int8_keeps_the_pads_a_graph_computes_from_its_input_shape(tmp_path):
+    """The pads of "same" convolutions are computed in float; quantised with the activations, 2
+    came out as 1 (a 48x80 Lite0 copy stopped with 'Invalid input shape', a 64 px one ran on
+    shifted feature maps and lost 19 points): they are left in float, exact."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.export.quantize import quantize_int8, shape_nodes
+
+    torch.manual_seed(0)
+    size = (48, 80)
+    ckpt = LoadedCheckpoint(tmp_path / "x.ckpt", SamePaddedNet(size).eval(), ["a", "b", "c"], size, MEAN, STD, "bicubic")
+    meta = ModelMetadata(classes=ckpt.classes, input_size=size, mean=MEAN, std=STD)
+    fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    write_onnx(ckpt, fp32, meta)
+    assert {"Shape", "Div", "Ceil", "Concat"} <= {n.op_type for n in onnx.load(str(fp32)).graph.node
+                                                 if n.name in shape_nodes(onnx.load(str(fp32)))}
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(8):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images[-1])
+    quantize_int8(fp32, int8, images, meta, Int8Config(calibration_images=8, batch_size=4, keep_float="none"))
+    pixels = rng.integers(0, 256, (4, *size, 3), dtype=np.uint8)
+    reference = Predictor(fp32).predict_arrays(pixels)
+    assert np.abs(Predictor(int8).predict_arrays(pixels) - reference).max() < 0.05
+
+
+def test_numpy_numbers_in_the_options_reach_the_reports_as_json():
+    """Options given as numpy scalars (accepted) went into the variant's parity report as they
+    were: json.dumps failed after the copy was written under its final name, without its report."""
+    options = ExportOptions(threads=np.int32(2), max_accuracy_drop=np.float32(1.5), max_decision_changes=np.int64(2),
+                            int8_config=Int8Config(calibration_images=np.int64(32), batch_size=np.int64(8),
+                                                   percentile=np.float32(99.99)))
+    json.dumps({"threads": options.threads, "max_accuracy_drop": options.max_accuracy_drop,
+                "max_decision_changes": options.max_decision_changes, **options.int8_config.to_dict()})
+    assert (options.threads, options.max_accuracy_drop, options.max_decision_changes) == (2, 1.5, 2.0)
+    with pytest.raises(ExportError, match="threads must be a positive integer"):
+        ExportOptions(threads=np.float64(2))
+
+
 def test_auto_without_split_explains_the_python_options_too(tmp_path):
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,8 +206,8 @@ def open_session(path: str | Path, *, threads: int | None = None,
         raise DeployError(f"{path}: model file not found")
     if data is None and not path.is_file():
         raise DeployError(f"{path}: is a directory, expected an .onnx model file")
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    if threads is not None and (  # (numpy integers too, as ExportOptions and batch_size take them)
+        isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
     ):
         raise DeployError(f"threads must be a positive integer, got {threads!r}")
     try:

@@ -84,6 +84,13 @@ class ExportOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
                                          or self.threads < 1):
             raise ExportError(f"threads must be a positive integer or None, got {self.threads!r}")
+        # numpy scalars as Python numbers: they go into the JSON reports, which cannot hold them
+        if self.threads is not None:
+            self.threads = int(self.threads)
+        for name in ("max_accuracy_drop", "max_decision_changes"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, float(value))
 
 
 @dataclass

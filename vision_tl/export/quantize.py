@@ -73,6 +73,9 @@ class Int8Config:
             raise ExportError(f"calibration batch_size must be a positive integer, got {self.batch_size!r}")
         if not 90.0 < self.percentile <= 100.0:
             raise ExportError(f"percentile must be in (90, 100], got {self.percentile}")
+        # numpy scalars as Python numbers: the settings go into the JSON report
+        self.calibration_images, self.batch_size = int(self.calibration_images), int(self.batch_size)
+        self.percentile = float(self.percentile)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +157,27 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
     return list(dict.fromkeys(names))  # (once each)
 
 
+def shape_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute sizes rather than pixels: ``Shape`` / ``Size`` and every
+    node fed only by their results and constants. TensorFlow-style "same" padding (timm's ``tf_*``
+    models, Lite0 included) computes each convolution's pads this way, in float arithmetic: once
+    quantised, a pad of 2 comes out a little under 2, which the cast to int64 makes 1, so the
+    feature maps shift (or a graph no longer runs at some input sizes). They stay in float."""
+    constant = {t.name for t in model.graph.initializer}
+    sizes: set[str] = set()
+    names = []
+    for node in model.graph.node:  # (in topological order)
+        if node.op_type == "Constant":
+            constant.update(node.output)
+            continue
+        used = [name for name in node.input if name]
+        if node.op_type in ("Shape", "Size") or (
+                any(name in sizes for name in used) and all(name in sizes or name in constant for name in used)):
+            sizes.update(node.output)
+            names.append(node.name)
+    return names
+
+
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """Keep onnxruntime's quantiser notes (a ViT gives one 'Axis 1 is out-of-range' per LayerNorm
@@ -213,12 +237,13 @@ def quantize_int8(fp32_model: str | Path, out: str | Path, calibration: Sequence
             model = _named(onnx.load(str(prepared)))
             onnx.save(model, str(prepared))
             keep = float_nodes(model, config.keep_float)
+            sizes = [name for name in shape_nodes(model) if name not in keep]
             try:
                 quantize_static(
                     str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
                     per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=methods[config.method],
-                    nodes_to_exclude=keep,
+                    nodes_to_exclude=keep + sizes,
                     # One batch per collection step: the histogram calibrators otherwise keep
                     # every activation of every image (~55 MB per 224 px Lite0 image) in memory.
                     extra_options={"CalibPercentile": config.percentile,
@@ -229,7 +254,8 @@ def quantize_int8(fp32_model: str | Path, out: str | Path, calibration: Sequence
                 raise ExportError(f"{fp32_model}: INT8 quantization failed: {exc}") from exc
     _finish(out, metadata, "int8")
     return {"config": config.to_dict(), "calibration_images_used": reader.count,
-            "calibration_images_skipped": reader.skipped[:20], "float_nodes": keep}
+            "calibration_images_skipped": reader.skipped[:20], "float_nodes": keep,
+            "size_nodes_in_float": len(sizes)}
 
 
 def convert_fp16(fp32_model: str | Path, out: str | Path, metadata: ModelMetadata) -> dict[str, Any]:
