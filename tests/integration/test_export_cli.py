@@ -16,7 +16,7 @@ import torch
 from vision_tl import __version__
 from vision_tl.cli import main as vision_tl
 from vision_tl.deploy import Predictor, read_metadata
-from vision_tl.export import export_onnx
+from vision_tl.export import ExportOptions, export_onnx
 from vision_tl.export import parity as parity_module
 from vision_tl.export.cli import main as export_main
 from vision_tl.export.parity import split_images
@@ -439,3 +439,22 @@ def test_calibration_percentile_is_never_silently_replaced(argv, message, traine
     out = tmp_path / "m.onnx"
     assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_copy_whose_record_cannot_be_written_is_not_left_under_its_name(trained_run, tmp_path, monkeypatch, capsys):
+    """The FP16 copy was moved to its final name before its .parity.json was written: a failure
+    there (a full disk) left a copy that Predictor would run with no check on record."""
+    from vision_tl.export import pipeline
+
+    real = pipeline.write_json_atomic
+
+    def disk_full_for_the_copy(path, *args, **kwargs):
+        if Path(path).name.startswith("m.fp16."):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_json_atomic", disk_full_for_the_copy)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(trained_run / "checkpoints" / "best.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True),
+                    log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.parity.json"]

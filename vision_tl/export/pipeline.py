@@ -185,7 +185,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             report.model = str(out)
             report.model_sha256 = file_sha256(tmp)
             _judge(report, out, log)
-    _save_report(report, out)
+        _save_report(report, out)  # before the model takes its name: never a model without its record
     log(f"wrote {out}")
     for path in stale + replaced:
         path.unlink(missing_ok=True)
@@ -233,7 +233,10 @@ def _judge(report: ParityReport, model_path: Path, log: Callable[[str], None]) -
 
 
 def _save_report(report: ParityReport | None, model_path: Path) -> None:
-    """After ``model_path`` was replaced: its report, and no report about an earlier model."""
+    """Just before ``model_path`` is replaced: its report, and no report about an earlier model.
+    Where this fails (a full disk), the model is not replaced; where the replacing fails after
+    it, the earlier model no longer matches the report's sha256, and ``Predictor`` refuses it
+    rather than running a model whose check is not on record."""
     passed, failed = _reports_of(model_path)
     failed.unlink(missing_ok=True)
     if report is None:
@@ -287,7 +290,7 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                                       exc.report) from exc
         else:
             log(f"WARNING: {target.name} was not checked (no parity images)")
-    _save_report(report, target)
+        _save_report(report, target)  # (as for the fp32 model: the record first)
     log(f"wrote {target}")
     return target, report
 
