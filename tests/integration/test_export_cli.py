@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,22 @@ def test_int8_and_fp16_variants_report_accuracy_and_speed(trained_run, tmp_path,
     int8 = onnx.load(str(tmp_path / "m.int8.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
     details = json.loads((tmp_path / "m.int8.parity.json").read_text())["details"]
-    assert details["calibration_images_used"] == 16 and "train split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert details["calibration_images_used"] == 16 and "train split" in err
+    assert "are among its" not in err  # train and val share no image
+
+
+def test_calibrating_on_the_images_the_copy_is_checked_on_is_warned_about(trained_run, inspection_folder, tmp_path,
+                                                                         capsys):
+    """--calibration-dir given the whole labelled folder (val images too): the INT8 check then
+    measures the copy on images it was calibrated on, which flatters it."""
+    rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "m.onnx"), "--int8",
+                      "--calibration-dir", str(inspection_folder), "--threads", "1", "--max-accuracy-drop", "100"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    shared = re.search(r"WARNING: (\d+) of the (\d+) images the INT8 copy is checked on are among its", err)
+    assert shared and shared[1] == shared[2]  # (every val image: the folder holds them all)
+    assert "calibrate on training images only" in err
 
 
 def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):

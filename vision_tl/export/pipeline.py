@@ -173,6 +173,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     metadata = build_metadata(ckpt, opts.normalize_in_graph)
     images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes)
     calibration = _calibration_images(ckpt, opts) if opts.int8 else None
+    if calibration is not None and images is not None:
+        _warn_shared_images(calibration, images, log)
     if images is None:
         log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
     report, decoded, fp32_probs = None, None, None
@@ -258,6 +260,24 @@ def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet
             "datamodule.save_split(RUN_DIR/'split.json') (RUN_DIR holds checkpoints/)"
         )
     return found.subsample(opts.int8_config.calibration_images)
+
+
+def _warn_shared_images(calibration: ImageSet, checked: ImageSet, log: Callable[[str], None]) -> None:
+    """Calibrating on images the INT8 copy is then checked on (a --calibration-dir holding the
+    validation images too) makes the check's accuracy optimistic: say so (by content, so copies
+    of a file count)."""
+    def hashes(paths: list[Path]) -> set[str]:
+        found = set()
+        for path in paths:
+            with contextlib.suppress(OSError):  # (an unreadable file is the check's to report)
+                found.add(file_sha256(path))
+        return found
+
+    shared = len(hashes(calibration.paths) & hashes(checked.paths))
+    if shared:
+        log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
+            f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
+            "calibrate on training images only (--calibration-dir with no validation or test images)")
 
 
 def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
