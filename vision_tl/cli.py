@@ -137,7 +137,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"error: vision-tl {command} needs the full kit, which is not installed here "
               f"(no module {exc.name!r}): pip install REPO, a copy of the kit's repository (it is "
               "not on PyPI; uninstall vision-tl-deploy first). This install runs "
-              "vision-tl predict-onnx.", file=sys.stderr)
+              "vision-tl predict-onnx and vision-tl deploy-wheel.", file=sys.stderr)
         return 2
 
 

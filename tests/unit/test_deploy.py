@@ -808,6 +808,8 @@ def test_mean_std_of_a_float_input_vision_tl_model_are_not_replaced(tmp_path: Pa
     model = build_model(tmp_path / "f.onnx", uint8=False, meta=meta)
     with pytest.raises(DeployError, match=r"records the normalisation .*mean \[.*--mean / --std"):
         Predictor(model, mean=(0.1, 0.1, 0.1), std=(0.9, 0.9, 0.9))
+    with pytest.raises(DeployError, match=r"leave out mean= \(on the command line --mean\)$"):
+        Predictor(model, mean=(0.1, 0.1, 0.1), std=STD)  # the std given is the recorded one: only mean is wrong
     assert Predictor(model, mean=MEAN, std=STD).metadata.mean == tuple(MEAN)
 
 

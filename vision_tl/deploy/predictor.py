@@ -420,8 +420,9 @@ class Predictor:
             recorded = "; ".join(f"{name} {stored[name]}" for name in differ)
             raise DeployError(
                 f"{self.model_path}: its metadata records the normalisation it was trained and checked with "
-                f"({recorded}); other values would change every prediction; leave out {args} "
-                f"(on the command line {flags})")
+                f"({recorded}); other values would change every prediction; leave out "
+                f"{' and '.join(f'{name}=' for name in differ)} (on the command line "
+                f"{' / '.join(f'--{name}' for name in differ)})")
         if (self.has_vision_tl_metadata and stored_interpolation is not None
                 and meta.interpolation != stored_interpolation):
             warnings.warn(
