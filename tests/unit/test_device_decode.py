@@ -217,3 +217,26 @@ def test_extract_says_device_decoding_on_a_cpu_is_the_slow_choice(tmp_path) -> N
         features = extract(folder, "test_efficientnet", pretrained=False, image_size=SIZE[0], device="cpu",
                            decode="device", use_cache=False, progress=False, unlabelled=True)
     assert features.features.shape[0] == 8 and features.metadata["decode"] == "device:cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA GPU")
+def test_on_a_gpu_batches_hold_each_image_in_place_and_stay_valid_while_later_ones_decode(tmp_path) -> None:
+    """nvJPEG on the GPU (decoded on a side stream, used on the compute stream): every batch is
+    kept on the device until the pass ends, so memory handed to a later batch while an earlier
+    one was still to be read would show as other pixels."""
+    paths = _images(tmp_path) * 3
+    want, want_errors = _on_cpu_threads(paths)
+    batches = list(device_batches(paths, SIZE, "bicubic", 4, "cuda", 2))
+    got, errors = {}, {}
+    for positions, x, failures in batches:
+        errors.update(failures)
+        if x is None:
+            continue
+        assert x.is_cuda and x.dtype == torch.uint8 and x.shape == (len(positions), 3, *SIZE)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        got.update((p, x[k].permute(1, 2, 0).cpu().numpy()) for k, p in enumerate(positions))
+    assert errors == want_errors and sorted(got) == sorted(want)
+    difference = np.stack([np.abs(got[i].astype(int) - want[i]) for i in sorted(want)])
+    assert difference.mean() < device_decode.TOLERANCE
+    for i in (2, 8, 12, 18):  # the grey JPEGs stay grey
+        np.testing.assert_array_equal(got[i][..., 0], got[i][..., 2])

@@ -417,3 +417,35 @@ def test_the_chain_is_freed_once_no_stage_stays_frozen():
     unfreeze_stages(model.net, 99)  # the whole backbone trains now (full fine-tuning)
     model(x)
     assert "_graphed_chain" not in model.__dict__
+
+
+def test_the_chain_replays_in_a_training_step_where_only_its_containers_are_in_train_mode():
+    """partial mode freezes the layers that hold weights; the blocks around them and their
+    activations keep the train flag, which changes nothing they compute: the chain still goes to
+    its graphs (on a GPU), and runs eagerly only where a layer would act as in training."""
+    from vision_tl.backbones import GraphedChain
+
+    model = _partial().train()
+    x = torch.randn(2, 3, 32, 32)
+    stages = model._folded_stages(x, fold=False)
+    chain = GraphedChain(list(stages.values()))
+    assert any(m.training for m in chain.chain.modules() if m is not chain.chain)  # the blocks' flags
+    replayed = []
+
+    def graphs(module, inputs, version=None):
+        replayed.append(inputs.shape)
+        return module(inputs)
+
+    chain.graphs = graphs
+    chain(x)
+    assert replayed == [x.shape]
+    for acting in (nn.Dropout(0.2), nn.BatchNorm2d(3)):  # would draw, would update its statistics
+        replayed.clear()
+        odd = GraphedChain([acting.train()])
+        odd.graphs = graphs
+        odd(torch.randn(2, 3, 4, 4))
+        assert not replayed
+    quiet = GraphedChain([nn.Sequential(nn.ReLU(), nn.Dropout(0.0)).train()])
+    quiet.graphs = graphs
+    quiet(torch.randn(2, 3, 4, 4))
+    assert replayed

@@ -193,9 +193,13 @@ class GraphedChain(nn.Module):
     call). Swapped into a model in place of the first module, with :class:`torch.nn.Identity`
     in place of the others, it runs the whole chain where the first one ran.
 
-    Its modules must not train (no parameter that needs a gradient, eval mode); where one is in
-    train mode the chain runs eagerly. Set :attr:`version` to something that moves whenever
-    their weights or hooks may have changed (see :class:`GraphedInference`).
+    Its modules must not train (no parameter that needs a gradient, eval mode); where one would
+    act as in training (a module with parameters or buffers of its own, such as a BatchNorm that
+    would update its statistics, or a dropout that draws) is in train mode, the chain runs
+    eagerly. Containers and stateless layers (activations, identities) keep the model's train
+    flag in ``partial`` mode, which only freezes the layers that hold weights: their flag changes
+    nothing. Set :attr:`version` to something that moves whenever their weights or hooks may
+    have changed (see :class:`GraphedInference`).
     """
 
     def __init__(self, modules: list[nn.Module], record_after: int = 1) -> None:
@@ -208,6 +212,20 @@ class GraphedChain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if any(m.training for m in self.chain.modules() if m is not self.chain):
+            if any(_acts_as_in_training(m) for m in self.chain.modules() if m is not self.chain):
                 return self.chain(x)
             return self.graphs(self.chain, x, self.version)
+
+
+def _acts_as_in_training(module: nn.Module) -> bool:
+    """Whether ``module`` in its current mode computes other than in eval mode: in train mode
+    with state of its own (BatchNorm updates its running statistics) or a dropout probability
+    (``Dropout``, timm's ``DropPath``/``DropBlock``). A container or an activation in train mode
+    computes as in eval mode."""
+    if not module.training:
+        return False
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        return True
+    p = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else None
+    p = p if p is not None else getattr(module, "drop_prob", None)
+    return bool(p)
