@@ -351,7 +351,10 @@ def progress_bar(**kwargs):
     keep_start_method_free()
     stream = kwargs.get("file") or sys.stderr
     if not kwargs.get("disable") and not interactive(stream):
+        # (maxinterval too: tqdm's monitor thread redraws a fast loop's bar once that long has passed
+        # since its last line, 10 s by default, which put a line in the log every 10 to 20 s)
         kwargs.update(file=LineStream(stream), mininterval=max(kwargs.get("mininterval", 0), LOG_INTERVAL),
+                      maxinterval=max(kwargs.get("maxinterval", 10.0), LOG_INTERVAL),  # (10: tqdm's default)
                       delay=max(kwargs.get("delay", 0), LOG_INTERVAL), dynamic_ncols=False)
     return tqdm(**kwargs)
 
