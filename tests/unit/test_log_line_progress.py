@@ -116,3 +116,25 @@ def test_a_fast_loops_bar_in_a_log_is_not_redrawn_by_tqdms_monitor_between_inter
         clock.now = bar.last_print_t + LOG_INTERVAL / 2
         # what tqdm's monitor checks (tqdm._monitor.TMonitor.run) before it redraws a bar
         assert not (bar.miniters > 1 and clock.now - bar.last_print_t >= bar.maxinterval)
+
+
+def test_a_warning_between_two_lines_of_a_bar_in_a_log_is_a_line_of_its_own(monkeypatch):
+    """The bar's line was left open until its next redraw: a warning written to the same stream
+    meanwhile (a dim image, a failed decode) was glued to the end of the progress line, and the
+    next redraw left an empty line after it."""
+    import io
+
+    import tqdm.std
+
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    log = io.StringIO()
+    with progress_bar(total=3, desc="bar", file=log) as bar:
+        for _ in range(3):
+            clock.now += LOG_INTERVAL
+            bar.update(1)
+            log.write("x.py:1: UserWarning: a warning\n")
+    lines = log.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["bar", "x.py", "bar", "x.py", "bar", "x.py"]
