@@ -149,7 +149,7 @@ class FeatureCache:
                     first = first_batch if math.isnan(first) else first  # (the first pass's)
                     computed += len(files) - len(failures)
                     failed += failures
-            wait_for(claim)
+            wait_for(claim, store)
             store.refresh()
             # what another writer claimed and did not store (killed; an image it could not decode): ours now
             todo = {k: todo[k] for k in claim.theirs if k not in store}

@@ -5,8 +5,9 @@ some images each found them missing, embedded them and stored them: the work don
 before embedding, a writer *claims* the images it is missing that no other live writer claims:
 a file listing their keys, held locked (``flock``) while it works, in this user's lock folder
 (:func:`vision_tl.utils.files.lock_folder`). Images another writer claims are waited for (its
-lock goes when it is done, or dies: the kernel drops a killed process's locks) and then read
-from the store; any it did not store (killed, or an image it could not decode) are embedded then.
+lock goes when it is done, or dies: the kernel drops a killed process's locks; or, before that,
+the store holds them all: it stores them a shard at a time) and then read from the store; any it
+did not store (killed, or an image it could not decode) are embedded then.
 
 Claims are decided one writer at a time (:meth:`ShardStore.writers_lock`, held for
 milliseconds), and a writer waits only once its own claim is released, holding no lock: no
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from vision_tl.utils import files, say
 from vision_tl.utils.files import lock_folder, name_digest
 
 _CLAIM = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}\.claim")
+WAIT_POLL_S = 1.0  # how often a waiting writer looks whether the images it waits for are stored
 
 
 @dataclass
@@ -80,8 +83,10 @@ def claimed(store: ShardStore, keys: list[str]) -> Iterator[Claim]:
             os.close(fd)
 
 
-def wait_for(claim: Claim) -> None:
-    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so."""
+def wait_for(claim: Claim, store: ShardStore | None = None) -> None:
+    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so; given the
+    ``store``, only until it holds every one of those images: a writer stores its images a shard
+    at a time as it goes, and may have hours of others to embed after them, or hang."""
     if not claim.others:
         return
     pids = sorted({m["pid"] for p in claim.others if (m := _CLAIM.fullmatch(p.name))}, key=int)
@@ -95,9 +100,22 @@ def wait_for(claim: Claim) -> None:
         except FileNotFoundError:  # done already
             continue
         try:
-            files.fcntl.flock(fd, files.fcntl.LOCK_SH)  # (released when that writer is done or killed)
+            while True:
+                try:  # (released when that writer is done or killed)
+                    files.fcntl.flock(fd, files.fcntl.LOCK_SH | files.fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if store is not None and _stored(store, claim.theirs):
+                        return
+                    time.sleep(WAIT_POLL_S)
         finally:
             os.close(fd)
+
+
+def _stored(store: ShardStore, keys: set[str]) -> bool:
+    """Whether ``store`` holds every one of ``keys`` (shards other writers finished meanwhile included)."""
+    store.refresh()
+    return all(key in store for key in keys)
 
 
 def _hold_claim(path: Path, keys: list[str]) -> int | None:
