@@ -190,4 +190,36 @@ def test_a_writer_that_stopped_storing_what_it_claimed_is_waited_for_no_longer(t
         other.wait()
     assert report.computed == len(paths) and sorted(embedded) == sorted(paths)
     assert _rows(tmp_path / "cache") == len(paths)
-    assert f"pid {other.pid} stored none of the images it claimed for 1 s" in capsys.readouterr().out
+    assert f"none of the images waited for reached the cache from pid {other.pid} in 1 s" in capsys.readouterr().out
+
+
+def test_a_writer_waits_only_until_the_images_it_waits_for_are_stored(tmp_path, images, embedded):
+    """The writer holding the claim stores its images a shard at a time, and may have hours of
+    others to embed after them, or hang: the one waiting blocked until that writer's claim was
+    released, although every image it waited for was in the store."""
+    paths, hashes = images
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    script = ("import sys, time\nimport numpy as np\nfrom vision_tl.features.claims import claimed\n"
+              "from vision_tl.features.store import ShardStore\n"
+              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
+              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    sys.stdin.readline()\n"
+              f"    store.append({hashes[:10]!r}, np.full((10, 4), 2, np.float32))\n    time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        done = []
+        waiting = threading.Thread(target=lambda: done.append(FeatureCache(tmp_path / "cache").ensure(
+            EXTRACTOR, paths, hashes, batch_size=4, progress=False)), daemon=True)
+        waiting.start()
+        deadline = time.monotonic() + 20
+        while len(embedded) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        other.stdin.write("store\n")
+        other.stdin.flush()
+        waiting.join(timeout=30)
+        assert not waiting.is_alive() and other.poll() is None  # back while the other still holds its claim
+    finally:
+        other.kill()
+        other.wait()
+    assert done and done[0].computed == 20 and sorted(embedded) == sorted(paths[10:])
+    assert FeatureCache(tmp_path / "cache").read(EXTRACTOR, hashes)[:, 0].tolist() == [2.0] * 10 + [1.0] * 20

@@ -385,3 +385,22 @@ def test_what_an_unfinished_delete_left_is_named_and_cleared(tmp_path, images, c
     assert main(["clear", "--older-than", "30", "--yes", *roots]) == 0  # leftovers go whatever their age
     assert _tree(tmp_path / "feat") == set()
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == [pixels.with_suffix(".json").name]
+
+
+def test_a_writers_temporary_file_renamed_during_the_listing_does_not_fail_it(tmp_path, images, monkeypatch, capsys):
+    """A running extraction or build renames its temporary files into place within milliseconds:
+    one listed by the folder's scan and gone by the time its size was read failed ``cache list``
+    (and ``clear``) with FileNotFoundError."""
+    store = _store(tmp_path / "feat", rows=3)
+    pixels = _decoded(tmp_path / "dec", images, 5, 8)
+    own_files = inventory._own_files
+
+    def scanned_before_a_rename(folder, names, temps):  # the scan saw the writer's temporary file
+        name = f".{'0' * 16}.keys.npy" if folder == store else f".{pixels.name}"
+        gone = folder / f"{name}.pc-1.abcd1234.tmp"
+        return [*own_files(folder, names, temps), gone]
+
+    monkeypatch.setattr(inventory, "_own_files", scanned_before_a_rename)
+    assert main(["list", "--features", str(tmp_path / "feat"), "--decoded", str(tmp_path / "dec")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_net 32x32 pooled: 3 images" in out and "5 images at 8x8" in out

@@ -94,3 +94,47 @@ def test_the_kits_own_bars_leave_a_short_job_out_of_a_log(monkeypatch):
     assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
     assert len(lines) == 4 and all(line.startswith("long:") for line in lines)  # closing repeats none
     assert [line.split("|")[2].split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+
+
+def test_a_fast_loops_bar_in_a_log_is_not_redrawn_by_tqdms_monitor_between_intervals(monkeypatch):
+    """A loop of many iterations a second raises the bar's ``miniters``; tqdm's monitor thread then
+    redraws the bar once ``maxinterval`` (10 s by default) has passed since its last line: a log got
+    lines at 30, 40, 60 and 70 s instead of one every interval."""
+    import io
+
+    import tqdm.std
+
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    with progress_bar(total=10**6, desc="fast", file=io.StringIO()) as bar:
+        for _ in range(int(LOG_INTERVAL) * 200 + 200):  # 200 iterations a second, past the first line
+            clock.now += 0.005
+            bar.update(1)
+        assert bar.miniters > 1 and bar.last_print_t > 0
+        clock.now = bar.last_print_t + LOG_INTERVAL / 2
+        # what tqdm's monitor checks (tqdm._monitor.TMonitor.run) before it redraws a bar
+        assert not (bar.miniters > 1 and clock.now - bar.last_print_t >= bar.maxinterval)
+
+
+def test_a_warning_between_two_lines_of_a_bar_in_a_log_is_a_line_of_its_own(monkeypatch):
+    """The bar's line was left open until its next redraw: a warning written to the same stream
+    meanwhile (a dim image, a failed decode) was glued to the end of the progress line, and the
+    next redraw left an empty line after it."""
+    import io
+
+    import tqdm.std
+
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    log = io.StringIO()
+    with progress_bar(total=3, desc="bar", file=log) as bar:
+        for _ in range(3):
+            clock.now += LOG_INTERVAL
+            bar.update(1)
+            log.write("x.py:1: UserWarning: a warning\n")
+    lines = log.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["bar", "x.py", "bar", "x.py", "bar", "x.py"]

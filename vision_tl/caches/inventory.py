@@ -210,9 +210,13 @@ def _store_entry(folder: Path, pinned: bool = False) -> CacheEntry | None:
 
 
 def _store_files(folder: Path) -> tuple[list[Path], int, float]:
-    """A store folder's own files, the bytes they take and their newest modification time."""
-    files = _own_files(folder, _STORE_FILE, _STORE_TEMP)
-    stats = [p.lstat() for p in files]
+    """A store folder's own files, the bytes they take and their newest modification time. A file
+    gone since the folder was read (a writer's temporary file, renamed into place) is left out."""
+    files, stats = [], []
+    for path in _own_files(folder, _STORE_FILE, _STORE_TEMP):
+        with contextlib.suppress(FileNotFoundError):
+            stats.append(path.lstat())
+            files.append(path)
     return files, sum(_disk_bytes(st) for st in stats), max((st.st_mtime for st in stats), default=0.0)
 
 
@@ -249,7 +253,10 @@ def _decoded_entries(root: Path) -> list[CacheEntry]:
         else:
             temps.append(path)
     entries = [e for e in (_decoded_entry(root, key, parts) for key, parts in keys.items()) if e is not None]
-    return entries + [_temp_entry(path, "decoded") for path in temps]
+    for path in temps:
+        with contextlib.suppress(FileNotFoundError):  # (a build's temporary file, renamed into place since)
+            entries.append(_temp_entry(path, "decoded"))
+    return entries
 
 
 def _decoded_entry(root: Path, key: str, parts: dict[str, Path]) -> CacheEntry | None:

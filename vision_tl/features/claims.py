@@ -5,10 +5,11 @@ some images each found them missing, embedded them and stored them: the work don
 before embedding, a writer *claims* the images it is missing that no other live writer claims:
 a file listing their keys, held locked (``flock``) while it works, in this user's lock folder
 (:func:`vision_tl.utils.files.lock_folder`). Images another writer claims are waited for (its
-lock goes when it is done, or dies: the kernel drops a killed process's locks) and then read
-from the store; any it did not store (killed, or an image it could not decode) are embedded then.
-A writer that stores none of the images it claimed for five minutes (stopped with Ctrl-Z, hung on
-a network drive) is waited for no longer: the waiting one embeds them itself.
+lock goes when it is done, or dies: the kernel drops a killed process's locks; or, before that,
+the store holds them all: it stores them a shard at a time) and then read from the store; any it
+did not store (killed, or an image it could not decode) are embedded then. Where none of them
+reaches the store for five minutes (that writer is busy with others, stopped with Ctrl-Z, hung on
+a network drive), the waiting one embeds them itself.
 
 Claims are decided one writer at a time (:meth:`ShardStore.writers_lock`, held for
 milliseconds), and a writer waits only once its own claim is released, holding no lock: no
@@ -34,11 +35,11 @@ from vision_tl.utils import files, say
 from vision_tl.utils.files import lock_folder, name_digest
 
 _CLAIM = re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}\.claim")
-# A waiting writer embeds the images another claimed itself once none of them reached the store
-# for this long (one shard takes seconds even on a small CPU); the store is looked at every
-# STORE_CHECK_S, the claims every POLL_S.
+# A waiting writer looks every STORE_CHECK_S whether the store holds the images it waits for
+# (then it is done waiting), and embeds them itself once none of them reached the store for
+# STALL_S (one shard takes seconds even on a small CPU); claims are looked at every POLL_S.
 STALL_S = 300.0
-STORE_CHECK_S = 10.0
+STORE_CHECK_S = 1.0
 POLL_S = 0.2
 
 
@@ -91,11 +92,13 @@ def claimed(store: ShardStore, keys: list[str], take_over: set[str] | frozenset[
 
 
 def wait_for(claim: Claim, store: ShardStore | None = None, stall_s: float | None = None) -> bool:
-    """Wait until the writers holding ``claim.theirs`` are done (or dead), saying so. True then;
-    False where, for ``stall_s`` seconds (:data:`STALL_S`), none of those images reached
-    ``store``: a writer stopped (Ctrl-Z), hung on a network drive, or embedding slower than
-    this process would alone. The caller then embeds what is left itself (pass those keys as
-    ``take_over`` to :func:`claimed`); rows the other writer stores later are dropped on append."""
+    """Wait until the writers holding ``claim.theirs`` are done (or dead), or, given the
+    ``store``, until it holds every one of those images (a writer stores its images a shard at a
+    time, and may have hours of others to embed after them), saying so. True then; False where,
+    for ``stall_s`` seconds (:data:`STALL_S`), none of those images reached ``store``: a writer
+    stopped (Ctrl-Z), hung on a network drive, or embedding slower than this process would alone.
+    The caller then embeds what is left itself (pass those keys as ``take_over`` to
+    :func:`claimed`); rows the other writer stores later are dropped on append."""
     if not claim.others:
         return True
     stall_s = STALL_S if stall_s is None else stall_s
@@ -115,11 +118,13 @@ def wait_for(claim: Claim, store: ShardStore | None = None, stall_s: float | Non
             checked_at = now
             store.refresh()
             done = sum(key in store for key in claim.theirs)
+            if done == len(claim.theirs):
+                return True
             if done > stored:
                 stored, progress_at = done, now
         if now - progress_at >= stall_s:
-            say(f"vision_tl: pid {', '.join(pids) or '?'} stored none of the images it claimed for {stall_s:.0f} s "
-                "(stopped or hung?); embedding the rest of them here")
+            say(f"vision_tl: none of the images waited for reached the cache from pid {', '.join(pids) or '?'} "
+                f"in {stall_s:.0f} s (busy with others, stopped or hung); embedding the rest of them here")
             return False
         time.sleep(POLL_S)
 

@@ -305,25 +305,21 @@ class LineStream:
     """A stream for a tqdm bar whose output goes to a log file or a pipe (a batch job's log,
     ``| tee``, a scheduled task): each redraw becomes a line of its own, trailing padding
     dropped, instead of carriage returns that pile hundreds of half-lines onto one. A redraw
-    that repeats the line before it (tqdm's last one, on closing) is left out."""
+    that repeats the line before it (tqdm's last one, on closing) is left out. Each line is
+    ended as it is written (tqdm writes a redraw in one call): a warning written to the same
+    stream between two redraws then starts a line of its own, not the end of the bar's."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
-        self._open = False  # text written on the current line
-        self._last = ""  # the text the last line started with
+        self._last = ""  # the last line written
 
     def write(self, text: str) -> int:
         out = []
-        for i, part in enumerate(text.replace("\n", "\r").split("\r")):
-            if i and self._open:  # a \r or \n before this part ended the open line
-                out.append("\n")
-                self._open = False
+        for part in text.replace("\n", "\r").split("\r"):
             part = part.rstrip()
-            if part.strip() and (self._open or part != self._last):
-                if not self._open:
-                    self._last = part
-                out.append(part)
-                self._open = True
+            if part.strip() and part != self._last:
+                self._last = part
+                out.append(part + "\n")
         if out:
             self._stream.write("".join(out))
         return len(text)
@@ -351,7 +347,10 @@ def progress_bar(**kwargs):
     keep_start_method_free()
     stream = kwargs.get("file") or sys.stderr
     if not kwargs.get("disable") and not interactive(stream):
+        # (maxinterval too: tqdm's monitor thread redraws a fast loop's bar once that long has passed
+        # since its last line, 10 s by default, which put a line in the log every 10 to 20 s)
         kwargs.update(file=LineStream(stream), mininterval=max(kwargs.get("mininterval", 0), LOG_INTERVAL),
+                      maxinterval=max(kwargs.get("maxinterval", 10.0), LOG_INTERVAL),  # (10: tqdm's default)
                       delay=max(kwargs.get("delay", 0), LOG_INTERVAL), dynamic_ncols=False)
     return tqdm(**kwargs)
 
