@@ -67,6 +67,19 @@ def test_the_time_left_of_a_validation_is_its_own_not_the_training_epochs(clock,
     assert lines[2].startswith("epoch 0 (1 of 10) done in 1 min 43 s")  # the epoch's time: training and validation
 
 
+def test_the_time_left_of_an_epoch_resumed_midway_counts_only_this_processs_batches(clock, capsys):
+    """Resumed from a checkpoint taken at batch 6 of 10, the epoch's first batch here is index 6:
+    2 batches in 20 s leave 2 more, about 20 s, not the 5 s that 8 batches in 20 s would give."""
+    bar, trainer = LogLineProgress(interval=0.0), _trainer()
+    bar._trainer = trainer
+    bar.on_train_epoch_start(trainer, None)
+    clock.now = 10.0
+    bar.on_train_batch_end(trainer, None, None, None, 6)
+    clock.now = 20.0
+    bar.on_train_batch_end(trainer, None, None, None, 7)
+    assert capsys.readouterr().out.splitlines()[-1] == "epoch 0 (1 of 10): batch 8/10, 20 s so far, about 20 s left"
+
+
 def test_the_kits_own_bars_leave_a_short_job_out_of_a_log(monkeypatch):
     """extract, the decoded cache, report and predict-onnx draw tqdm bars: in a log file a job
     shorter than the interval writes nothing (no "0%" and "100%" pair per call), a longer one

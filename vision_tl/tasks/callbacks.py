@@ -465,6 +465,7 @@ class LogLineProgress(ProgressBar):
         self._validated = False  # this epoch
         self._started = self._last = time.monotonic()
         self._loop_started = self._started  # the running validation, test or predict loop's start
+        self._skipped: int | None = None  # batches of this epoch done before this process (a mid-epoch resume)
 
     def disable(self) -> None:
         self._enabled = False
@@ -493,6 +494,7 @@ class LogLineProgress(ProgressBar):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._started = self._last = time.monotonic()
         self._validated = False
+        self._skipped = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -512,9 +514,10 @@ class LogLineProgress(ProgressBar):
 
     # -- within a loop: a line every `interval` seconds
 
-    def _tick(self, what: str, done: int, total, since: float | None = None) -> None:
+    def _tick(self, what: str, done: int, total, since: float | None = None, skipped: int = 0) -> None:
         """A line on the loop ``what``, ``done`` batches of ``total`` in, begun at ``since`` (the
-        epoch's start by default), at most every ``interval`` seconds."""
+        epoch's start by default) after ``skipped`` batches done before it (a resumed epoch's), at
+        most every ``interval`` seconds."""
         now = time.monotonic()
         if not self._enabled or now - self._last < self.interval:
             return
@@ -522,12 +525,15 @@ class LogLineProgress(ProgressBar):
         elapsed = now - (self._started if since is None else since)
         known = total is not None and total != float("inf")
         line = f"{what}: batch {done}" + (f"/{int(total)}" if known else "")
-        if known and done:
-            line += f", {_clock(elapsed)} so far, about {_clock(elapsed / done * (total - done))} left"
+        if known and done > skipped:
+            line += f", {_clock(elapsed)} so far, about {_clock(elapsed / (done - skipped) * (total - done))} left"
         self.print(line)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._tick(f"epoch {self._epoch_label(trainer, trainer.current_epoch)}", batch_idx + 1, self.total_train_batches)
+        if self._skipped is None:
+            self._skipped = batch_idx  # (0, unless resumed from a mid-epoch checkpoint)
+        self._tick(f"epoch {self._epoch_label(trainer, trainer.current_epoch)}", batch_idx + 1, self.total_train_batches,
+                   skipped=self._skipped)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
