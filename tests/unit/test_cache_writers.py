@@ -7,6 +7,7 @@ so that the writers really overlap.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,6 +122,10 @@ def test_images_a_killed_writer_claimed_are_embedded_by_the_one_waiting(tmp_path
         other.wait()
     assert done and done[0].computed == len(paths) and sorted(embedded) == sorted(paths)
     assert _rows(tmp_path / "cache") == len(paths)
+    # the waiting is not embedding: the rate stats.json keeps is the backbone's
+    assert done[0].waited_seconds > 0
+    stats = json.loads((FeatureCache(tmp_path / "cache").store(EXTRACTOR).path / "stats.json").read_text())
+    assert stats["images_per_second"] == pytest.approx(len(paths) / done[0].seconds)
 
 
 def test_a_claim_left_by_a_killed_process_is_ignored_and_removed(tmp_path, images, embedded):

@@ -308,7 +308,7 @@ def _merge_reports(reports: list[CacheReport]) -> CacheReport:
         return reports[0]
     return CacheReport(sum(r.requested for r in reports), sum(r.computed for r in reports),
                        [f for r in reports for f in r.failed], max(r.seconds for r in reports),
-                       max(r.first_batch_seconds for r in reports))
+                       max(r.first_batch_seconds for r in reports), max(r.waited_seconds for r in reports))
 
 
 def handle_failures(images: ImageList, report: CacheReport, skip_bad: bool) -> None:

@@ -59,8 +59,9 @@ class CacheReport:
     requested: int
     computed: int
     failed: list[tuple[Path, str]]
-    seconds: float
+    seconds: float  # embedding, not waiting for another writer's images (``waited_seconds``)
     first_batch_seconds: float = float("nan")  # until the first batch's features were back
+    waited_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -139,7 +140,7 @@ class FeatureCache:
             self._check_writable(store, len(todo))
         key_of = {path: key for key, path in todo.items()}
         failed: list[tuple[Path, str]] = []
-        computed, start, first = 0, time.perf_counter(), float("nan")
+        computed, start, first, waited = 0, time.perf_counter(), float("nan"), 0.0
         stalled: set[str] = set()  # claimed by a writer that stopped storing them: embedded here
         while todo:
             with claimed(store, list(todo), take_over=stalled) as claim:
@@ -150,13 +151,17 @@ class FeatureCache:
                     first = first_batch if math.isnan(first) else first  # (the first pass's)
                     computed += len(files) - len(failures)
                     failed += failures
+            wait_start = time.perf_counter()
             if not wait_for(claim, store):
                 stalled |= claim.theirs
+            waited += time.perf_counter() - wait_start
             store.refresh()
             # what another writer claimed and did not store (killed; an image it could not decode): ours now
             todo = {k: todo[k] for k in claim.theirs if k not in store}
         failed = _with_copies(failed, copies, key_of)
-        report = CacheReport(len(paths), computed, failed, time.perf_counter() - start, first)
+        # (the rate in stats.json and extract's output is the backbone's: time spent waiting for
+        # another writer's images is left out of it)
+        report = CacheReport(len(paths), computed, failed, time.perf_counter() - start - waited, first, waited)
         if report.computed and report.computed >= self._stats(store).get("images", 0):
             # the largest run is the one whose rate says most about the backbone (a run that
             # embedded one new image measured mostly its start-up)
