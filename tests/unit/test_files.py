@@ -129,3 +129,29 @@ def test_the_held_check_returns_at_once_for_a_named_pipe(tmp_path):
         os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
         check.join(5)
     assert not waited and answers == [False]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX owners and modes")
+def test_a_lock_folder_someone_else_could_control_is_not_used(tmp_path, monkeypatch):
+    """The lock folder's name in the shared temporary folder is predictable: a link or a folder
+    others can write, put there first, would let its owner hold every lock (stalling every
+    writer of a shared cache). Such a folder is refused and the locks run without it."""
+    from vision_tl.utils import files
+
+    monkeypatch.setattr(files.tempfile, "gettempdir", lambda: str(tmp_path))
+    name = tmp_path / f"vision_tl-locks-{os.getuid()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    name.symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="only this user owns and can write"):
+        files.lock_folder()
+    with files.path_lock(tmp_path / "run") as held:
+        assert held  # unlocked, as without flock, rather than failing or locking in the link's target
+    assert list(elsewhere.iterdir()) == []
+    name.unlink()
+    name.mkdir()
+    name.chmod(0o777)
+    with pytest.raises(PermissionError):
+        files.lock_folder()
+    name.chmod(0o700)
+    assert files.lock_folder() == name

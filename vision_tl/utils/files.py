@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 import zlib
@@ -441,9 +442,15 @@ def refuse_empty_path(path: str | Path | None, what: str, error: type[Exception]
 
 def lock_folder() -> Path:
     """This user's folder of lock files on this machine (``vision_tl-locks-UID`` in the temporary
-    folder), made if missing; OSError where it cannot be."""
+    folder), made if missing; OSError where it cannot be, or where what holds that name is not
+    a folder of this user's that only this user can write (made by another user of the shared
+    temporary folder, or a link: whoever controls it could hold every lock; the callers then
+    run unlocked, as without ``flock``)."""
     folder = Path(tempfile.gettempdir()) / f"vision_tl-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, "not a folder that only this user owns and can write", str(folder))
     return folder
 
 
