@@ -16,7 +16,8 @@ milliseconds), and a writer waits only once its own claim is released, holding n
 wait can close a cycle. Disjoint work (torchrun's ranks, two folders without shared images)
 never waits. Where there is no ``flock`` (Windows), or between users or machines sharing a
 cache, nothing is claimed: :meth:`ShardStore.append` then leaves out rows another writer
-stored meanwhile, so only the work can be doubled, not the rows.
+stored meanwhile, so the work is doubled and the rows only where two appends of the same images
+meet within milliseconds (the index keeps the first copy; nothing breaks).
 """
 
 from __future__ import annotations
