@@ -63,12 +63,13 @@ def test_export_writes_a_checked_model_with_metadata(exported, trained_run):
     assert m.backbone == TINY and m.kit_version == __version__
     assert m.metrics == meta["metrics"]
     session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), (out, scores) = session.get_inputs(), session.get_outputs()  # (the second: unfamiliarity)
+    assert scores.name == "unfamiliarity" and scores.shape == [out.shape[0]]
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [32, 32, 3])
     assert isinstance(inp.shape[0], str) and out.name == "probabilities"
     for batch in (1, 5):  # dynamic batch axis
         x = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-        probs = session.run(None, {"image": x})[0]
+        probs = session.run(["probabilities"], {"image": x})[0]
         assert probs.shape == (batch, 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -474,3 +475,84 @@ def test_a_copy_whose_record_cannot_be_written_is_not_left_under_its_name(traine
         export_onnx(trained_run / "checkpoints" / "best.ckpt", tmp_path / "m.onnx", ExportOptions(fp16=True),
                     log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.parity.json"]
+
+
+# ------------------------------------------------------------------ unfamiliar images
+
+
+def test_the_export_scores_unfamiliarity_with_a_threshold_from_the_validation_images(exported, trained_run,
+                                                                                      tmp_path, capsys):
+    """The threshold is the highest score of the check's validation images (none of them in the
+    bank of training images), so none of them is flagged; the report compares the score with
+    PyTorch's."""
+    from vision_tl.export.parity import decode
+
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    meta = read_metadata(exported)
+    train, val = (split_images(ckpt, split, meta.classes) for split in ("train", "val"))
+    assert (meta.unfamiliar_bank_images, meta.unfamiliar_val_images) == (len(train.paths), len(val.paths)) == (40, 8)
+    predictor = Predictor(exported)
+    scores = predictor.unfamiliarity_arrays(decode(val, meta).pixels)
+    assert meta.unfamiliar_threshold == float(scores.max()) > 0
+    assert predictor.unfamiliarity_arrays(decode(train, meta).pixels).max() < 1e-4  # the bank's own images
+    report = json.loads(exported.with_name("model.parity.json").read_text())
+    assert report["unfamiliarity_max_abs_diff"] <= 1e-4 and report["criteria"]["max_unfamiliarity_diff"] == 1e-4
+    assert report["details"]["unfamiliar"]["threshold"] == meta.unfamiliar_threshold
+    out = tmp_path / "p.csv"
+    assert vision_tl(["predict-onnx", str(exported), *map(str, val.paths), "--out", str(out)]) == 0
+    assert "unfamiliar (unlike every training image: check camera, lighting, product): 0 of 8" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [r["unfamiliar"] for r in rows] == ["false"] * 8 and all(float(r["unfamiliarity"]) >= 0 for r in rows)
+
+
+def test_an_onnx_unfamiliarity_unlike_pytorchs_fails_the_check(trained_run, tmp_path, monkeypatch, capsys):
+    real = parity_module.onnx_unfamiliarity
+
+    def shifted(path, pixels, batch_size=32):
+        return real(path, pixels, batch_size) + np.float32(1e-3)
+
+    monkeypatch.setattr(parity_module, "onnx_unfamiliarity", shifted)
+    assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "max |Δunfamiliarity| 1.00e-03 > 0.0001" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parity-failed.json"]
+
+
+def test_no_unfamiliar_and_exports_without_the_images_for_it_leave_it_out(trained_run, tmp_path, capsys):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    assert export_main([str(ckpt), "--out", str(tmp_path / "off.onnx"), "--no-unfamiliar"]) == 0
+    assert "unfamiliarity" not in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", str(tmp_path / "none.onnx"), "--parity-images", "none"]) == 0
+    assert "note: no 'unfamiliarity' output" in capsys.readouterr().err
+    run = tmp_path / "run"  # a run whose split.json lists no training images
+    shutil.copytree(trained_run, run)
+    split = json.loads((run / "split.json").read_text())
+    split["train"] = []
+    (run / "split.json").write_text(json.dumps(split))
+    assert export_main([str(run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "untrained.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "note: no 'unfamiliarity' output" in err and "datamodule.save_split(" in err
+    for name in ("off", "none", "untrained"):
+        model = tmp_path / f"{name}.onnx"
+        assert [o.name for o in onnx.load(str(model)).graph.output] == ["probabilities"]
+        assert read_metadata(model).unfamiliar_threshold is None
+    out = tmp_path / "p.csv"
+    val = split_images(ckpt, "val", read_metadata(tmp_path / "off.onnx").classes)
+    assert vision_tl(["predict-onnx", str(tmp_path / "off.onnx"), *map(str, val.paths), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "path,predicted,probability,p_crack,p_good,p_scratch,p_spot,is_defect,error"
+    assert "unfamiliar (" not in capsys.readouterr().out
+
+
+def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_moved(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--int8",
+                      "--calibration-images", "16", "--threads", "1", "--max-accuracy-drop", "100"])
+    assert rc == 0, capsys.readouterr().err
+    fp32, int8 = read_metadata(out), read_metadata(tmp_path / "m.int8.onnx")
+    report = json.loads((tmp_path / "m.int8.parity.json").read_text())
+    assert report["reference_unfamiliar_threshold"] == fp32.unfamiliar_threshold
+    assert report["unfamiliar_threshold"] == int8.unfamiliar_threshold
+    assert int8.unfamiliar_threshold <= 1.5 * fp32.unfamiliar_threshold
+    assert report["criteria"]["max_unfamiliar_threshold_ratio"] == 1.5
+    assert 0 < report["unfamiliarity_max_abs_diff"] < 0.1 * fp32.unfamiliar_threshold + 0.05
+    assert int8.unfamiliar_val_images == fp32.unfamiliar_val_images == 8
+    assert "its own threshold" in capsys.readouterr().err

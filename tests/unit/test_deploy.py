@@ -110,6 +110,40 @@ def reference(image: np.ndarray, normalize: bool = True, softmax: bool = True) -
     return e / e.sum()
 
 
+BANK = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], np.float32)  # unit rows
+
+
+def build_scored_model(path: Path, meta: ModelMetadata | None, *, bank: np.ndarray = BANK) -> Path:
+    """:func:`build_model` with the second output ``unfamiliarity`` on its features (the per-channel
+    means of the normalised image): 1 - the best cosine similarity to a row of ``bank``."""
+    build_model(path, meta=meta)
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(bank.T), "bank_t"),
+                              numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    graph.node.extend([
+        helper.make_node("ReduceL2", ["feat"], ["norm"], axes=[1], keepdims=1),
+        helper.make_node("Div", ["feat", "norm"], ["unit"]),
+        helper.make_node("MatMul", ["unit", "bank_t"], ["sim"]),
+        helper.make_node("ReduceMax", ["sim"], ["best"], axes=[1], keepdims=0),
+        helper.make_node("Sub", ["one", "best"], ["unfamiliarity"]),
+    ])
+    graph.output.append(helper.make_tensor_value_info("unfamiliarity", TensorProto.FLOAT, ["N"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def reference_unfamiliarity(image: np.ndarray) -> float:
+    x = resize(image, SIZE, "bicubic").astype(np.float32)
+    feat = ((x / np.float32(255.0) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)).mean(axis=(0, 1))
+    return float(1.0 - np.max(BANK @ (feat / np.linalg.norm(feat))))
+
+
+def scored_metadata(unfamiliar_threshold: float, **changes) -> ModelMetadata:
+    return make_metadata(unfamiliar_threshold=unfamiliar_threshold, unfamiliar_bank_images=3, unfamiliar_val_images=19, **changes)
+
+
 def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
@@ -136,7 +170,8 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def test_metadata_round_trip():
-    meta = make_metadata(good_class="good", threshold=0.7)
+    meta = make_metadata(good_class="good", threshold=0.7, unfamiliar_threshold=0.25, unfamiliar_bank_images=40,
+                         unfamiliar_val_images=12)
     props = meta.to_props()
     assert all(isinstance(v, str) for v in props.values())
     assert all(k.startswith(PREFIX) for k in props)
@@ -151,6 +186,7 @@ def test_metadata_round_trip():
     plain = make_metadata().to_props()
     assert "vision_tl.good_class" not in plain and "vision_tl.threshold" not in plain
     assert ModelMetadata.from_props(plain, "x.onnx").threshold is None
+    assert not any("unfamiliar" in key for key in plain) and not make_metadata().flags_unfamiliar
 
 
 def test_read_metadata_from_onnx(model: Path):
@@ -928,3 +964,96 @@ def test_a_float_input_graph_gets_trainings_normalised_pixels_to_the_last_bit(tm
     for path in images:
         image = load_rgb(path)
         assert np.array_equal(predictor.preprocess(image), transform(image).numpy()), path.name
+
+
+# ------------------------------------------------------- unfamiliar images
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"vision_tl.unfamiliar_threshold": "nan"}, "unfamiliar_threshold: expected a number from 0 to 2"),
+    ({"vision_tl.unfamiliar_threshold": "-0.1"}, "unfamiliar_threshold: expected a number from 0 to 2"),
+    ({"vision_tl.unfamiliar_threshold": "2.5"}, "unfamiliar_threshold: expected a number from 0 to 2"),
+    ({"vision_tl.unfamiliar_threshold": "high"}, "unfamiliar_threshold: expected a number"),
+    ({"vision_tl.unfamiliar_bank_images": "0"}, "unfamiliar_bank_images: expected a positive whole number"),
+    ({"vision_tl.unfamiliar_val_images": "12.5"}, "unfamiliar_val_images: expected a positive whole number"),
+    ({"vision_tl.unfamiliar_val_images": None}, "comes only with vision_tl.unfamiliar_val_images"),
+])
+def test_unfamiliar_metadata_is_validated_and_names_the_file(changes, needle):
+    props = scored_metadata(0.3).to_props()
+    assert ModelMetadata.from_props(props, "m.onnx") == scored_metadata(0.3)  # round trip
+    for key, value in changes.items():
+        if value is None:
+            del props[key]
+        else:
+            props[key] = value
+    with pytest.raises(MetadataError, match=needle) as info:
+        ModelMetadata.from_props(props, "line3/m.onnx")
+    assert "line3/m.onnx" in str(info.value)
+    with pytest.raises(MetadataError):  # nor can an exporter write it
+        scored_metadata(float("nan")).to_props()
+
+
+def test_predictions_of_a_model_with_the_unfamiliarity_output(tmp_path: Path, images: list[Path], capsys):
+    scores = [reference_unfamiliarity(load_rgb(p)) for p in images]
+    threshold = float(np.median(scores))  # half the images above it
+    model = build_scored_model(tmp_path / "s.onnx", scored_metadata(threshold, good_class="good", threshold=0.5))
+    predictor = Predictor(model)
+    assert predictor.scores_unfamiliarity
+    results = predictor.predict_paths(images, batch_size=3)
+    assert [r.unfamiliarity for r in results] == pytest.approx(scores, abs=1e-5)
+    assert [r.unfamiliar for r in results] == [s > threshold for s in scores]
+    assert sum(r.unfamiliar for r in results) == 2
+    arrays = [load_rgb(p) for p in images]
+    assert predictor.predict_arrays(arrays).shape == (4, 3)  # probabilities only, as before
+    assert predictor.unfamiliarity_arrays(arrays, batch_size=3) == pytest.approx(scores, abs=1e-5)
+    # predict-onnx: two more columns before error; JSON keys; the summary counts the flagged images
+    (images[0].parent / "broken.png").write_bytes(b"garbage")
+    assert main([str(model), str(images[0].parent), "--out", str(tmp_path / "p.csv")]) == 3
+    out = capsys.readouterr().out
+    assert "  unfamiliar (unlike every training image: check camera, lighting, product): 2 of 4" in out
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "predicted", "probability", "p_good", "p_scratch", "p_dent", "is_defect",
+                             "unfamiliarity", "unfamiliar", "error"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.png"]["unfamiliarity"] == by_name["broken.png"]["unfamiliar"] == ""
+    for path, score in zip(images, scores):
+        row = by_name[path.name]
+        assert float(row["unfamiliarity"]) == pytest.approx(score, abs=1e-5)
+        assert row["unfamiliar"] == str(score > threshold).lower()
+    assert main([str(model), *map(str, images), "--out", str(tmp_path / "p.json")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [d["unfamiliar"] for d in data] == [s > threshold for s in scores]
+    assert set(data[0]) == {"path", "predicted", "probability", "probabilities", "is_defect", "error",
+                            "unfamiliarity", "unfamiliar"}
+
+
+def test_a_model_without_the_output_predicts_as_before(model: Path, images: list[Path], tmp_path: Path, capsys):
+    predictor = Predictor(model)
+    assert not predictor.scores_unfamiliarity
+    result = predictor.predict_paths(images[:1])[0]
+    assert result.unfamiliarity is None and result.unfamiliar is None
+    assert "unfamiliar" not in result.to_dict(unfamiliar=False)
+    with pytest.raises(DeployError, match="has no 'unfamiliarity' output"):
+        predictor.unfamiliarity_arrays([load_rgb(images[0])])
+    assert main([str(model), *map(str, images), "--out", str(tmp_path / "p.csv")]) == 0
+    assert "unfamiliar" not in capsys.readouterr().out
+    assert "unfamiliar" not in (tmp_path / "p.csv").read_text().splitlines()[0]
+
+
+def test_a_threshold_without_the_output_is_refused(tmp_path: Path, images: list[Path]):
+    """Metadata that promises the flag on a graph that cannot give it: every image would pass
+    unflagged, silently."""
+    damaged = build_model(tmp_path / "m.onnx", meta=scored_metadata(0.2))
+    with pytest.raises(DeployError, match=r"m\.onnx: its metadata gives an unfamiliar_threshold, but the graph has "
+                                          r"no 'unfamiliarity' output .*export the model again"):
+        Predictor(damaged)
+    # a graph that has it but whose metadata gives no threshold: scores, no flag
+    unjudged = Predictor(build_scored_model(tmp_path / "u.onnx", make_metadata())).predict_paths(images[:1])[0]
+    assert unjudged.unfamiliarity is not None and unjudged.unfamiliar is None
+
+
+def test_nan_unfamiliarity_is_refused_not_passed_as_familiar(tmp_path: Path, images: list[Path]):
+    model = build_scored_model(tmp_path / "m.onnx", scored_metadata(0.2), bank=np.full((3, 3), np.nan, np.float32))
+    with pytest.raises(DeployError, match="NaN or infinite unfamiliarity scores for 4 of 4 images"):
+        Predictor(model).predict_paths(images)

@@ -480,3 +480,115 @@ def test_a_decision_flipped_in_the_fp32_check_names_no_option_the_check_refuses(
     copy = report()
     assert not copy.judge(max_decision_changes=0.0)
     assert "raise --max-decision-changes" in copy.failures[0]
+
+
+# ------------------------------------------------------------------ unfamiliar images
+
+
+def _tiny_classifier(num_classes: int = 3):
+    import timm
+
+    from vision_tl.models.classifier import ClassifierNet
+
+    torch.manual_seed(0)
+    return ClassifierNet(timm.create_model("test_efficientnet", pretrained=False, num_classes=0), num_classes).eval()
+
+
+def test_the_graph_scores_unfamiliarity_against_its_bank(tmp_path):
+    """The second output is 1 - the best cosine similarity of the pooled features to the bank,
+    computed in the ONNX graph (normalise, MatMul, ReduceMax, 1 - x) as PyTorch does."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.export.parity import torch_features, torch_outputs
+    from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity
+
+    net = _tiny_classifier()
+    size = (32, 32)
+    meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (6, *size, 3), dtype=np.uint8)
+    bank = torch_features(net, meta, train)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    wrapper = DeployableClassifier(net, MEAN, STD, bank=torch.from_numpy(bank))
+    assert wrapper.output_names == ["probabilities", "unfamiliarity"]
+    out = wrapper(torch.from_numpy(train[:2]))
+    assert isinstance(out, ClassifierWithUnfamiliarity) and torch.allclose(out.unfamiliarity, torch.zeros(2), atol=1e-6)
+    path = tmp_path / "m.onnx"
+    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), path, meta,
+               bank=bank)
+    model = onnx.load(str(path))
+    assert [o.name for o in model.graph.output] == ["probabilities", "unfamiliarity"]
+    ops = [n.op_type for n in model.graph.node if n.name.startswith("/unfamiliarity_score/")]
+    assert {"MatMul", "ReduceMax", "Sub"} <= set(ops)
+    new = rng.integers(0, 256, (5, *size, 3), dtype=np.uint8)
+    probs, scores = torch_outputs(net, meta, new, bank=bank)
+    predictor = Predictor(path)
+    assert np.abs(predictor.unfamiliarity_arrays(new) - scores).max() < 1e-5
+    assert np.abs(predictor.predict_arrays(new) - probs).max() < 1e-5
+    assert (scores > 1e-3).all() and predictor.unfamiliarity_arrays(train).max() < 1e-5  # its own images: 0
+    # without a bank: one output, as before
+    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"),
+               tmp_path / "plain.onnx", meta)
+    assert [o.name for o in onnx.load(str(tmp_path / "plain.onnx")).graph.output] == ["probabilities"]
+    with pytest.raises(ExportError, match="no forward_features"):
+        DeployableClassifier(MeanPoolNet(), MEAN, STD, bank=torch.ones(2, 3))
+
+
+def test_parity_fails_on_an_unfamiliarity_that_differs_and_says_by_how_much():
+    report = compare(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), _decoded([0, 1, 2]),
+                     model="m.onnx", reference_name="ref", source="src")
+    from vision_tl.export.parity import UNFAMILIARITY_TOLERANCE, compare_unfamiliarity
+
+    compare_unfamiliarity(report, np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.31]), None)
+    assert not report.judge(max_abs_diff=1e-4, max_unfamiliarity_diff=UNFAMILIARITY_TOLERANCE)
+    assert report.failures == ["max |Δunfamiliarity| 1.00e-02 > 0.0001"]
+    assert "unfamiliarity: max |Δ| 1.00e-02" in report.summary()
+    compare_unfamiliarity(report, np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.3 + 1e-7]), None)
+    assert report.judge(max_abs_diff=1e-4, max_unfamiliarity_diff=UNFAMILIARITY_TOLERANCE)
+    # a copy with its own threshold: refused where it is far above the reference's
+    compare_unfamiliarity(report, np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.5]), 0.3)
+    report.unfamiliar_threshold, report.reference_unfamiliar_threshold = 0.5, 0.3
+    assert report.unfamiliar_flag_changes == 1
+    assert not report.judge(max_threshold_ratio=1.5) and "unfamiliar threshold 0.5 > 1.5 x" in report.failures[0]
+    report.unfamiliar_threshold = 0.4
+    assert report.judge(max_threshold_ratio=1.5)
+    assert json.dumps(report.to_dict())  # (the report's fields stay JSON)
+
+
+def test_copies_keep_the_unfamiliarity_score_in_float(tmp_path):
+    """INT8: the score's nodes are left out of quantisation (the MatMul with the bank reads float
+    features and a float bank, not dequantised ones); either copy's scores stay close to the fp32
+    model's."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.export.parity import torch_features
+    from vision_tl.export.quantize import convert_fp16, quantize_int8, unfamiliarity_nodes
+
+    net = _tiny_classifier()
+    size = (32, 32)
+    meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (16, *size, 3), dtype=np.uint8)
+    bank = torch_features(net, meta, train)
+    fp32, int8, fp16 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx", tmp_path / "m.fp16.onnx"
+    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), fp32, meta,
+               bank=bank / np.linalg.norm(bank, axis=1, keepdims=True))
+    assert set(unfamiliarity_nodes(onnx.load(str(fp32)))) <= set(float_nodes(onnx.load(str(fp32)), "none"))
+    images = []
+    for i, image in enumerate(train):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(images[-1])
+    quantize_int8(fp32, int8, images, meta, Int8Config(calibration_images=16, batch_size=8))
+    convert_fp16(fp32, fp16, meta)
+    graph = onnx.load(str(int8)).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    (matmul,) = [n for n in graph.node if n.name == "/unfamiliarity_score/MatMul"]
+    assert [made_by.get(name) for name in matmul.input] == ["Div", None]  # float features, the bank itself
+    (bank_t,) = [t for t in graph.initializer if t.name == matmul.input[1]]
+    assert bank_t.data_type == TensorProto.FLOAT
+    assert not any(n.op_type == "DequantizeLinear" and "unfamiliarity_score" in n.output[0] for n in graph.node)
+    new = rng.integers(0, 256, (8, *size, 3), dtype=np.uint8)
+    reference = Predictor(fp32).unfamiliarity_arrays(new)
+    assert np.abs(Predictor(fp16).unfamiliarity_arrays(new) - reference).max() < 1e-2
+    assert np.abs(Predictor(int8).unfamiliarity_arrays(new) - reference).max() < 0.1
+    assert ExportOptions().unfamiliar is True

@@ -56,7 +56,9 @@ examples:
 
 The CSV has the columns path, predicted, probability, is_defect, error and one
 p_<class> column per class; is_defect is filled only when the model carries a
-good class and a threshold. Unreadable images (corrupt files, broken symbolic
+good class and a threshold. A model exported with its training images also has
+unfamiliarity and unfamiliar (true: unlike every training image; check the
+camera, lighting and product) before error. Unreadable images (corrupt files, broken symbolic
 links) become rows with an error instead of stopping the run. Files in the
 folders that are not supported images (.gif, .txt ...) are ignored and counted
 in the summary.
@@ -151,7 +153,9 @@ def _predict(args: argparse.Namespace) -> int:
         predictions = predictor.predict_paths(images, args.batch_size, on_progress=update)
     elapsed = time.perf_counter() - start
     writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
-    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes), args.overwrite, args.csv_encoding)
+    scored = predictor.scores_unfamiliarity
+    _write_atomic(out, lambda fh: writer(fh, predictions, predictor.classes, scored), args.overwrite,
+                  args.csv_encoding)
     _print_summary(predictions, predictor, elapsed, out, ignored)
     failed = sum(1 for p in predictions if p.error is not None)
     if failed:
@@ -275,19 +279,24 @@ def _write_atomic(out: Path, write: Callable[[IO[str]], None], overwrite: bool, 
         raise DeployError(f"{out}: cannot write the predictions ({exc})") from exc
 
 
-def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:
+def _write_csv(fh: IO[str], predictions: list[Prediction], classes: list[str], unfamiliar: bool = False) -> None:
     writer = csv.writer(fh)
-    writer.writerow(prediction_columns(classes, true=False))
+    writer.writerow(prediction_columns(classes, true=False, unfamiliar=unfamiliar))
     for p in predictions:
-        flag = "" if p.is_defect is None else str(p.is_defect).lower()
+        scored = [_fmt(p.unfamiliarity), _flag(p.unfamiliar)] if unfamiliar else []
         writer.writerow([path_text(p.path), p.predicted or "", _fmt(p.probability),
-                         *[_fmt(p.probabilities.get(name)) for name in classes], flag, p.error or ""])
+                         *[_fmt(p.probabilities.get(name)) for name in classes], _flag(p.is_defect), *scored,
+                         p.error or ""])
 
 
-def _write_json(fh: IO[str], predictions: list[Prediction], classes: list[str]) -> None:
+def _write_json(fh: IO[str], predictions: list[Prediction], classes: list[str], unfamiliar: bool = False) -> None:
     del classes  # each object carries its own probabilities mapping
-    json.dump([p.to_dict() for p in predictions], fh, indent=2)
+    json.dump([p.to_dict(unfamiliar=unfamiliar) for p in predictions], fh, indent=2)
     fh.write("\n")
+
+
+def _flag(value: bool | None) -> str:
+    return "" if value is None else str(value).lower()
 
 
 def _plural(count: int, noun: str) -> str:
@@ -315,6 +324,10 @@ def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed:
         unjudged = f" ({len(errors)} unreadable, not judged)" if errors else ""
         print(f"  defects (P({meta.good_class}) < {meta.threshold:g}): {defects} of "
               f"{predicted} predicted{unjudged}")
+    if meta.flags_unfamiliar and predictor.scores_unfamiliarity:
+        unfamiliar = sum(1 for p in predictions if p.unfamiliar)
+        print(f"  unfamiliar (unlike every training image: check camera, lighting, product): {unfamiliar} of "
+              f"{predicted}")
     if ignored:
         names = ", ".join(str(p) for p in ignored[:3]) + (", ..." if len(ignored) > 3 else "")
         print(f"ignored {_plural(len(ignored), 'non-image file')} in the input folders "

@@ -18,6 +18,11 @@ structured, and every key carries the ``vision_tl.`` prefix:
 - ``threshold`` (optional): float; the image is a defect when ``P(good_class) < threshold``.
 - ``backbone``, ``kit_version`` (optional, informational): strings.
 - ``metrics`` (optional, informational): JSON object of validation metrics.
+- ``unfamiliar_threshold``, ``unfamiliar_bank_images``, ``unfamiliar_val_images`` (optional,
+  all three or none): the model has a second output ``unfamiliarity`` (1 - the best cosine
+  similarity of the image's features to those of ``unfamiliar_bank_images`` training images);
+  an image is unlike every training image when its score is above ``unfamiliar_threshold`` (a
+  float from 0 to 2), the highest score of ``unfamiliar_val_images`` validation images.
 
 This module imports only the standard library, vision_tl.imaging and, lazily, onnxruntime.
 """
@@ -43,7 +48,9 @@ REQUIRED_KEYS = (
     "format_version", "classes", "input_size", "layout", "input_dtype",
     "normalize_in_graph", "mean", "std", "interpolation", "resize",
 )
-OPTIONAL_KEYS = ("good_class", "threshold", "backbone", "kit_version", "metrics")
+UNFAMILIAR_KEYS = ("unfamiliar_threshold", "unfamiliar_bank_images", "unfamiliar_val_images")
+OPTIONAL_KEYS = ("good_class", "threshold", "backbone", "kit_version", "metrics", *UNFAMILIAR_KEYS)
+MAX_UNFAMILIARITY = 2.0  # 1 - cosine similarity lies in [0, 2]
 KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 
 
@@ -101,7 +108,16 @@ class ModelMetadata:
     backbone: str = ""
     kit_version: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    unfamiliar_threshold: float | None = None
+    unfamiliar_bank_images: int | None = None
+    unfamiliar_val_images: int | None = None
     format_version: str = FORMAT_VERSION
+
+    @property
+    def flags_unfamiliar(self) -> bool:
+        """Whether the model scores how unlike its training images an image is (output
+        ``unfamiliarity``) and says above which score it is."""
+        return self.unfamiliar_threshold is not None
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
@@ -110,6 +126,11 @@ class ModelMetadata:
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.threshold is not None:
             self.threshold = float(self.threshold)
+        if self.unfamiliar_threshold is not None:  # (numpy numbers as Python ones: they go into JSON)
+            self.unfamiliar_threshold = float(self.unfamiliar_threshold)
+        for key in ("unfamiliar_bank_images", "unfamiliar_val_images"):
+            if isinstance(getattr(self, key), numbers.Integral) and not isinstance(getattr(self, key), bool):
+                setattr(self, key, int(getattr(self, key)))
 
     def to_props(self) -> dict[str, str]:
         """Serialise to ONNX ``metadata_props`` (prefixed keys, string values).
@@ -139,6 +160,10 @@ class ModelMetadata:
             props["good_class"] = self.good_class
         if self.threshold is not None:
             props["threshold"] = repr(float(self.threshold))
+        for key in UNFAMILIAR_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                props[key] = repr(float(value)) if key == "unfamiliar_threshold" else str(value)
         out = {PREFIX + key: value for key, value in props.items()}
         ModelMetadata.from_props(out, "ModelMetadata.to_props()")
         return out
@@ -358,6 +383,22 @@ def _parse_threshold(text: str) -> float:
     return value
 
 
+def _parse_unfamiliar_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise ValueError(f"expected a number from 0 to {MAX_UNFAMILIARITY:g}, got {text!r}") from exc
+    if not 0.0 <= value <= MAX_UNFAMILIARITY:  # nan too
+        raise ValueError(f"expected a number from 0 to {MAX_UNFAMILIARITY:g}, got {text!r}")
+    return value
+
+
+def _parse_count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"expected a positive whole number of images, got {text!r}")
+    return int(text)
+
+
 def _parse_metrics(text: str) -> dict[str, Any]:
     value = _json(text) if text.strip() else {}
     if not isinstance(value, dict):
@@ -387,6 +428,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "backbone": str,
     "kit_version": str,
     "metrics": _parse_metrics,
+    "unfamiliar_threshold": _parse_unfamiliar_threshold,
+    "unfamiliar_bank_images": _parse_count,
+    "unfamiliar_val_images": _parse_count,
 }
 
 
@@ -402,3 +446,7 @@ def _check_cross_fields(values: dict[str, Any], malformed: dict[str, str]) -> No
         malformed["good_class"] = f"{good!r} is not one of the classes {classes}"
     if "threshold" in values and "good_class" not in values and "good_class" not in malformed:
         malformed["threshold"] = "a threshold needs good_class (the class it applies to)"
+    given = [key for key in UNFAMILIAR_KEYS if key in values or key in malformed]
+    if given and len(given) < len(UNFAMILIAR_KEYS):
+        lacking = ", ".join(PREFIX + key for key in UNFAMILIAR_KEYS if key not in given)
+        malformed[given[0]] = f"comes only with {lacking} (the three describe one output)"

@@ -41,6 +41,7 @@ from vision_tl.imaging import (
 from vision_tl.utils.files import refuse_empty_path
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+UNFAMILIARITY_OUTPUT = "unfamiliarity"  # the graph's second output, where it has one
 # How a missing/invalid key can be supplied: (Python argument, command-line option).
 _ARG_HINTS = {
     "classes": ("classes=['good', 'scratch', ...]", "--classes good,scratch,..."),
@@ -63,19 +64,22 @@ def probability_text(value: float) -> str:
     return f"{float(value):.9g}"
 
 
-def prediction_columns(classes: Sequence[str], *, true: bool = True, error: bool = True) -> list[str]:
+def prediction_columns(classes: Sequence[str], *, true: bool = True, error: bool = True,
+                       unfamiliar: bool = False) -> list[str]:
     """The columns of every predictions CSV the kit writes, in one order: ``path``, ``true``
     (the labelled class; not in ``vision-tl predict-onnx``'s, which has no labels), ``predicted``,
     ``probability`` (of ``predicted``), ``p_<class>`` per class, ``is_defect`` (``true``/``false``;
-    empty without a good class and a threshold) and ``error`` (why an image could not be read;
-    not in a report's, which holds only the images it evaluated).
+    empty without a good class and a threshold), with ``unfamiliar`` (a model that scores how
+    unlike its training images an image is) ``unfamiliarity`` and ``unfamiliar``
+    (``true``/``false``), and ``error`` (why an image could not be read; not in a report's,
+    which holds only the images it evaluated).
 
     Example:
         >>> prediction_columns(["good", "dent"], true=False)
         ['path', 'predicted', 'probability', 'p_good', 'p_dent', 'is_defect', 'error']
     """
     return ["path", *(["true"] if true else []), "predicted", "probability", *[f"p_{c}" for c in classes],
-            "is_defect", *(["error"] if error else [])]
+            "is_defect", *(["unfamiliarity", "unfamiliar"] if unfamiliar else []), *(["error"] if error else [])]
 
 
 @dataclass
@@ -90,6 +94,11 @@ class Prediction:
         is_defect: ``P(good_class) < threshold`` when the model metadata has
             both ``good_class`` and ``threshold``; otherwise None.
         error: why the image could not be used (None when it was predicted).
+        unfamiliarity: for a model with the ``unfamiliarity`` output, how unlike every
+            training image the image is (1 - the best cosine similarity of their features);
+            otherwise None.
+        unfamiliar: ``unfamiliarity > unfamiliar_threshold`` (the model's metadata): the image
+            is unlike every training image (camera, lighting, product?); None without the output.
     """
 
     path: str
@@ -98,10 +107,16 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     is_defect: bool | None = None
     error: str | None = None
+    unfamiliarity: float | None = None
+    unfamiliar: bool | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
+    def to_dict(self, unfamiliar: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict; without ``unfamiliarity`` and ``unfamiliar`` when ``unfamiliar`` is
+        False (the keys of a model that does not score it)."""
+        out = asdict(self)
+        if not unfamiliar:
+            del out["unfamiliarity"], out["unfamiliar"]
+        return out
 
 
 @dataclass
@@ -234,6 +249,7 @@ class Predictor:
         self._check_overrides(mean, std, stored_interpolation, stored)
         self._max_batch = self._check_input()
         self._output_name = self._check_output()
+        self._unfamiliarity_name = self._check_unfamiliarity_output()
         self._warned_softmax = False
 
     # ------------------------------------------------------------ properties
@@ -242,6 +258,12 @@ class Predictor:
     def classes(self) -> list[str]:
         """Class names in output-column order."""
         return list(self.metadata.classes)
+
+    @property
+    def scores_unfamiliarity(self) -> bool:
+        """Whether the model has the ``unfamiliarity`` output (each :class:`Prediction` then
+        carries ``unfamiliarity`` and ``unfamiliar``)."""
+        return self._unfamiliarity_name is not None
 
     def __repr__(self) -> str:
         meta = self.metadata
@@ -310,14 +332,40 @@ class Predictor:
             DeployError: a single image instead of a collection, or an image of the
                 wrong dtype or shape (the message names its index).
         """
+        return self._run_arrays(images, batch_size)[0]
+
+    def unfamiliarity_arrays(self, images: Iterable[np.ndarray] | np.ndarray, *,
+                             batch_size: int = 32) -> np.ndarray:
+        """How unlike every training image each decoded image is (the ``unfamiliarity`` output);
+        images as for :meth:`predict_arrays`. Above ``metadata.unfamiliar_threshold``: unlike
+        them all.
+
+        Returns:
+            float32 array ``[len(images)]``.
+
+        Raises:
+            DeployError: the model has no ``unfamiliarity`` output, or a bad image.
+        """
+        if self._unfamiliarity_name is None:
+            raise DeployError(f"{self.model_path}: this model has no 'unfamiliarity' output; export it again "
+                              "with its training and validation images at hand (vision-tl export, without "
+                              "--no-unfamiliar)")
+        return self._run_arrays(images, batch_size)[1]
+
+    def _run_arrays(self, images: Iterable[np.ndarray] | np.ndarray,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         size = _check_batch_size(batch_size)
         items = _image_list(images)
         rows = [np.zeros((0, len(self.metadata.classes)), np.float32)]
+        scores = [np.zeros(0, np.float32)]
         for start in range(0, len(items), size):
             batch = np.stack([self._preprocess_at(i, items[i])
                               for i in range(start, min(start + size, len(items)))])
-            rows.append(self._run(batch))
-        return np.concatenate(rows, axis=0)
+            probabilities, unfamiliarity = self._run(batch)
+            rows.append(probabilities)
+            if unfamiliarity is not None:
+                scores.append(unfamiliarity)
+        return np.concatenate(rows, axis=0), (np.concatenate(scores) if self.scores_unfamiliarity else None)
 
     def predict_paths(
         self,
@@ -357,8 +405,10 @@ class Predictor:
                     continue
                 indices.append(i)
             if inputs:
-                for i, row in zip(indices, self._run(np.stack(inputs))):
-                    results[i] = self._prediction(str(paths[i]), row)
+                probabilities, unfamiliarity = self._run(np.stack(inputs))
+                for k, (i, row) in enumerate(zip(indices, probabilities)):
+                    results[i] = self._prediction(str(paths[i]), row,
+                                                  None if unfamiliarity is None else unfamiliarity[k])
             if on_progress is not None:
                 on_progress(min(size, len(paths) - start))
         return [r for r in results if r is not None]
@@ -433,27 +483,38 @@ class Predictor:
                 stacklevel=3,
             )
 
-    def _prediction(self, path: str, row: np.ndarray) -> Prediction:
+    def _prediction(self, path: str, row: np.ndarray, unfamiliarity: np.floating | None = None) -> Prediction:
         meta = self.metadata
         probabilities = {name: float(p) for name, p in zip(meta.classes, row)}
         best = int(np.argmax(row))
         is_defect = None
         if meta.good_class is not None and meta.threshold is not None:
             is_defect = bool(probabilities[meta.good_class] < meta.threshold)
-        return Prediction(path, meta.classes[best], float(row[best]), probabilities, is_defect)
+        prediction = Prediction(path, meta.classes[best], float(row[best]), probabilities, is_defect)
+        if unfamiliarity is not None:
+            prediction.unfamiliarity = float(unfamiliarity)
+            if meta.unfamiliar_threshold is not None:  # (the float32 score, exactly, against the stored one)
+                prediction.unfamiliar = bool(float(unfamiliarity) > meta.unfamiliar_threshold)
+        return prediction
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """Run a stacked batch, in pieces when the graph has a fixed batch size."""
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run a stacked batch, in pieces when the graph has a fixed batch size: probabilities
+        and, for a model with that output, unfamiliarity."""
         step = self._max_batch or len(batch)
         outs = [self._run_once(batch[i:i + step]) for i in range(0, len(batch), step)]
-        return np.concatenate(outs, axis=0)
+        probabilities = np.concatenate([o[0] for o in outs], axis=0)
+        if self._unfamiliarity_name is None:
+            return probabilities, None
+        return probabilities, np.concatenate([o[1] for o in outs], axis=0)
 
-    def _run_once(self, batch: np.ndarray) -> np.ndarray:
+    def _run_once(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self._max_batch is not None and len(batch) < self._max_batch:
             pad = np.repeat(batch[-1:], self._max_batch - len(batch), axis=0)
-            return self._run_once(np.concatenate([batch, pad]))[: len(batch)]
+            probabilities, unfamiliarity = self._run_once(np.concatenate([batch, pad]))
+            return probabilities[: len(batch)], None if unfamiliarity is None else unfamiliarity[: len(batch)]
+        names = [self._output_name] + ([self._unfamiliarity_name] if self._unfamiliarity_name else [])
         try:
-            out = self._session.run([self._output_name], {self._input.name: batch})[0]
+            out, *rest = self._session.run(names, {self._input.name: batch})
         except ort_errors() as exc:
             raise DeployError(
                 f"{self.model_path}: inference failed on input of shape {batch.shape} "
@@ -474,7 +535,19 @@ class Predictor:
                 "exported (its sha256 is in its .parity.json), or export it again")
         if not self.has_vision_tl_metadata and not _looks_like_probabilities(out):
             out = self._softmax_foreign(out)
-        return out
+        return out, (self._checked_unfamiliarity(rest[0], len(batch)) if rest else None)
+
+    def _checked_unfamiliarity(self, scores: Any, n: int) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.shape != (n,):
+            raise DeployError(f"{self.model_path}: output {self._unfamiliarity_name!r} has shape {scores.shape}, "
+                              f"expected ({n},), one score per image")
+        if not np.isfinite(scores).all():  # (a NaN is never above a threshold: it would pass silently)
+            raise DeployError(
+                f"{self.model_path}: the model gave NaN or infinite unfamiliarity scores for "
+                f"{int((~np.isfinite(scores)).sum())} of {n} images; a sound model never does, so the file is most "
+                "likely damaged: copy it again from where it was exported, or export it again")
+        return scores
 
     def _softmax_foreign(self, logits: np.ndarray) -> np.ndarray:
         if not self._warned_softmax:
@@ -573,6 +646,24 @@ class Predictor:
                 f"names were given: {self.metadata.classes}"
             )
         return out.name
+
+    def _check_unfamiliarity_output(self) -> str | None:
+        """The ``unfamiliarity`` output's name, or None where the graph has none; a model whose
+        metadata gives its threshold must have it."""
+        named = [o for o in self._session.get_outputs() if o.name == UNFAMILIARITY_OUTPUT]
+        if not named:
+            if self.metadata.flags_unfamiliar:
+                raise DeployError(
+                    f"{self.model_path}: its metadata gives an unfamiliar_threshold, but the graph has no "
+                    f"{UNFAMILIARITY_OUTPUT!r} output (outputs: "
+                    f"{', '.join(o.name for o in self._session.get_outputs())}); export the model again from "
+                    "its checkpoint (vision-tl export CHECKPOINT --out MODEL.onnx)")
+            return None
+        shape = list(named[0].shape)
+        if len(shape) != 1:
+            raise DeployError(f"{self.model_path}: output {UNFAMILIARITY_OUTPUT!r} has shape {shape}; expected [N], "
+                              "one score per image")
+        return UNFAMILIARITY_OUTPUT
 
 
 # ------------------------------------------------------------------ helpers

@@ -34,12 +34,19 @@ Default export (``vision_tl.normalize_in_graph = "true"``):
   ``[N, C]``, softmax probabilities whose columns follow ``vision_tl.classes``.
   When the metadata has ``vision_tl.good_class`` and ``vision_tl.threshold``,
   an image is a defect when ``P(good_class) < threshold``.
+- Where the export had the run's training and validation images (default; not with
+  ``--no-unfamiliar``), a **second output** ``unfamiliarity``: ``float32`` ``[N]``,
+  1 - the best cosine similarity of the image's pooled features to those of up to
+  2,000 training images held in the graph. Above ``vision_tl.unfamiliar_threshold``
+  (the highest score of the validation images) the image is unlike every training
+  image. A model without ``unfamiliar_threshold`` has only ``probabilities``.
 
 With ``--no-normalize-in-graph`` the input is instead ``float32``
 ``[N, 3, H, W]`` (``NCHW``), already normalised as ``(x/255 - mean) / std``;
 the metadata says so (``layout``, ``input_dtype``, ``normalize_in_graph``).
 INT8 (``model.int8.onnx``) and FP16 (``model.fp16.onnx``) variants keep the
-same input and output; only their insides change.
+same input and outputs; only their insides change, and their ``unfamiliar_threshold``
+is set from their own scores on the same validation images.
 
 Every key of the ``vision_tl.*`` metadata is listed in
 :mod:`vision_tl.deploy.metadata`; :class:`vision_tl.deploy.Predictor` reads it

@@ -44,6 +44,13 @@ training size; normalisation is inside the graph. The output 'probabilities' is
 float32 [N, classes]. Class names, input size, mean/std, interpolation, threshold,
 backbone, kit version and training metrics are stored in the ONNX metadata_props.
 
+Unfamiliar images: with the run's training and validation images at hand, the model
+also outputs 'unfamiliarity' [N], 1 - the best cosine similarity of an image's
+features to those of up to 2,000 training images (embedded in the model); above the
+highest score of the validation images (metadata unfamiliar_threshold) an image is
+unlike every training image: moved camera, changed lighting, another product.
+--no-unfamiliar leaves it out.
+
 Parity: by default the run's validation images (split.json beside the checkpoint's
 run directory) are predicted by PyTorch and onnxruntime; max |Δprob| must be
 <= 1e-4 and top-1 agreement 100 %. The report is printed and saved as
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default), a folder (labels from class sub-folders), or 'none' to skip")
     p.add_argument("--no-normalize-in-graph", dest="normalize_in_graph", action="store_false",
                    help="take normalised float32 NCHW input instead of uint8 NHWC pixels")
+    p.add_argument("--no-unfamiliar", dest="unfamiliar", action="store_false",
+                   help="leave out the output 'unfamiliarity' (how unlike every training image an image is; "
+                        "by default added when the run's training and validation images are at hand)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     q = p.add_argument_group("smaller variants (INT8: faster on CPUs)")
     q.add_argument("--int8", action="store_true",
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
             int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
             max_accuracy_drop=args.max_accuracy_drop, max_decision_changes=args.max_decision_changes,
-            threads=args.threads,
+            threads=args.threads, unfamiliar=args.unfamiliar,
             int8_config=Int8Config(
                 method=args.calibration_method or Int8Config.method,
                 percentile=Int8Config.percentile if args.calibration_percentile is None else args.calibration_percentile,

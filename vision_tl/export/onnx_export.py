@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -25,11 +26,15 @@ from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
 from vision_tl.imaging import normalisation_constants
 from vision_tl.models.classifier import ClassifierOutput
+from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity, UnfamiliarityScore
 from vision_tl.utils.files import already_there, atomic_path, refuse_empty_path, unwritable
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 13, 20  # 13: per-channel QDQ; 20: the TorchScript exporter's newest
 INPUT_NAME = "image"
+# the module that scores unfamiliarity in the wrapper: its graph nodes are named "/<this>/...",
+# which the INT8 copy keeps in float
+UNFAMILIARITY_MODULE = "unfamiliarity_score"
 
 
 class ExportError(ValueError):
@@ -58,10 +63,15 @@ class DeployableClassifier(nn.Module):
     normalised float32 ``[N, 3, H, W]`` batch. The output is the softmax of the
     network's logits, returned as :class:`ClassifierOutput` (its field names
     become the ONNX output names).
+
+    With a ``bank`` (``[M, D]`` pooled features of training images, from
+    ``net.forward_features``), the output is :class:`ClassifierWithUnfamiliarity`: also
+    ``unfamiliarity`` ``[N]``, 1 - the best cosine similarity of the image's features to
+    the bank (:class:`~vision_tl.models.unfamiliar.UnfamiliarityScore`).
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 normalize_in_graph: bool = True) -> None:
+                 normalize_in_graph: bool = True, bank: torch.Tensor | None = None) -> None:
         super().__init__()
         self.net = net
         self.normalize_in_graph = normalize_in_graph
@@ -71,12 +81,27 @@ class DeployableClassifier(nn.Module):
         # NHWC broadcasting, so normalisation happens before the transpose (as in training).
         self.register_buffer("mean255", mean255.view(1, 1, 1, 3), persistent=False)
         self.register_buffer("inv_std255", inv_std255.view(1, 1, 1, 3), persistent=False)
+        if bank is not None and not all(hasattr(net, f) for f in ("forward_features", "forward_head")):
+            raise ExportError(f"{type(net).__name__} has no forward_features/forward_head: the unfamiliarity "
+                              "score needs the pooled features the head takes")
+        # (named UNFAMILIARITY_MODULE: the INT8 copy finds its nodes by that name)
+        self.unfamiliarity_score = None if bank is None else UnfamiliarityScore(bank)
 
-    def forward(self, image: torch.Tensor) -> ClassifierOutput:
+    @property
+    def output_names(self) -> list[str]:
+        """The ONNX output names, in order."""
+        kind = ClassifierOutput if self.unfamiliarity_score is None else ClassifierWithUnfamiliarity
+        return list(kind._fields)
+
+    def forward(self, image: torch.Tensor) -> ClassifierOutput | ClassifierWithUnfamiliarity:
         if self.normalize_in_graph:
             x = (image.to(torch.float32) - self.mean255) * self.inv_std255
             image = x.permute(0, 3, 1, 2)
-        return ClassifierOutput(torch.softmax(self.net(image), dim=1))
+        if self.unfamiliarity_score is None:
+            return ClassifierOutput(torch.softmax(self.net(image), dim=1))
+        features = self.net.forward_features(image)
+        probabilities = torch.softmax(self.net.forward_head(features), dim=1)
+        return ClassifierWithUnfamiliarity(probabilities, self.unfamiliarity_score(features))
 
 
 @dataclass
@@ -172,23 +197,26 @@ def build_metadata(ckpt: LoadedCheckpoint, normalize_in_graph: bool = True) -> M
 
 
 def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata,
-               opset: int = DEFAULT_OPSET, shown: str | Path | None = None) -> None:
+               opset: int = DEFAULT_OPSET, shown: str | Path | None = None,
+               bank: np.ndarray | None = None) -> None:
     """Trace the deployable graph to ``path`` (overwritten), add metadata, run ``onnx.checker``.
 
     Not atomic by itself: :func:`vision_tl.export.export_onnx` calls it on a
-    temporary file.
+    temporary file. With ``bank`` (``[M, D]`` float32 training-image features), the graph
+    has the second output ``unfamiliarity`` (see :class:`DeployableClassifier`).
 
     Raises:
         ExportError: an unsupported opset, a trace failure or a checker failure.
     """
     check_opset(opset)
     h, w = ckpt.input_size
-    wrapper = DeployableClassifier(ckpt.net, ckpt.mean, ckpt.std, metadata.normalize_in_graph).eval()
+    wrapper = DeployableClassifier(ckpt.net, ckpt.mean, ckpt.std, metadata.normalize_in_graph,
+                                   None if bank is None else torch.from_numpy(np.asarray(bank, np.float32))).eval()
     if metadata.normalize_in_graph:
         example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
     else:
         example = torch.zeros((2, 3, h, w), dtype=torch.float32)
-    outputs = list(ClassifierOutput._fields)
+    outputs = wrapper.output_names
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -200,6 +228,17 @@ def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata
         raise ExportError(f"{ckpt.path}: torch.onnx.export failed at opset {opset}: {exc}") from exc
     model = onnx.load(str(path))
     set_metadata(model, metadata)
+    onnx.save(model, str(path))
+    check_model(path, shown)
+
+
+def rewrite_metadata(path: str | Path, metadata: ModelMetadata, shown: str | Path | None = None) -> None:
+    """Replace the ``vision_tl.*`` metadata of the ONNX file ``path`` (the graph stays as it is)
+    and run ``onnx.checker`` again. Not atomic by itself: callers use a temporary file."""
+    model = onnx.load(str(path))
+    tag = model.doc_string.split("] ", 1)[0] + "] " if model.doc_string.startswith("[") else ""  # "[int8] "
+    set_metadata(model, metadata)
+    model.doc_string = tag + model.doc_string
     onnx.save(model, str(path))
     check_model(path, shown)
 
@@ -220,6 +259,9 @@ def set_metadata(model: onnx.ModelProto, metadata: ModelMetadata) -> None:
            f"float32 [N, 3, {metadata.input_size[0]}, {metadata.input_size[1]}] normalised")
         + f"; output 'probabilities': float32 [N, {len(metadata.classes)}] softmax in the order "
         + json.dumps(metadata.classes)
+        + ("; output 'unfamiliarity': float32 [N], 1 - the best cosine similarity to "
+           f"{metadata.unfamiliar_bank_images} training images' features (unlike all of them above "
+           f"{metadata.unfamiliar_threshold:.6g})" if metadata.flags_unfamiliar else "")
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ from vision_tl.utils.files import refuse_empty_path, shown_path
 
 AUTO, NONE = "auto", "none"
 PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
+# fp32: max |unfamiliarity difference| between PyTorch and ONNX (scores lie in [0, 2]; float
+# rounding alone gives about 1e-7)
+UNFAMILIARITY_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -254,6 +257,42 @@ def decode(images: ImageSet, metadata: ModelMetadata, scratch: str | Path | None
 def torch_probabilities(net: Any, metadata: ModelMetadata, pixels: Sequence[np.ndarray],
                         batch_size: int = 32) -> np.ndarray:
     """Softmax of ``net`` on training's eval transform of already resized uint8 images."""
+    return torch_outputs(net, metadata, pixels, batch_size)[0]
+
+
+def torch_outputs(net: Any, metadata: ModelMetadata, pixels: Sequence[np.ndarray], batch_size: int = 32,
+                  bank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax of ``net`` on training's eval transform of already resized uint8 images, and with
+    a ``bank`` the unfamiliarity of each image (one pass of the backbone for both)."""
+    import torch
+
+    from vision_tl.models.unfamiliar import UnfamiliarityScore
+
+    score = None if bank is None else UnfamiliarityScore(torch.from_numpy(np.asarray(bank, np.float32)))
+    rows, scores = [], []
+    with torch.inference_mode():
+        for x in _eval_batches(metadata, pixels, batch_size):
+            if score is None:
+                rows.append(torch.softmax(net(x).float(), dim=1).numpy())
+                continue
+            features = net.forward_features(x)
+            rows.append(torch.softmax(net.forward_head(features).float(), dim=1).numpy())
+            scores.append(score(features).numpy())
+    return np.concatenate(rows, axis=0), (None if score is None else np.concatenate(scores))
+
+
+def torch_features(net: Any, metadata: ModelMetadata, pixels: Sequence[np.ndarray],
+                   batch_size: int = 32) -> np.ndarray:
+    """``net.forward_features`` (the pooled features the head takes), float32 ``[N, D]``, on
+    training's eval transform of already resized uint8 images."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([net.forward_features(x).float().numpy()
+                               for x in _eval_batches(metadata, pixels, batch_size)], axis=0)
+
+
+def _eval_batches(metadata: ModelMetadata, pixels: Sequence[np.ndarray], batch_size: int) -> Iterator[Any]:
     import torch
 
     from vision_tl.backbones import Preprocessing
@@ -261,18 +300,20 @@ def torch_probabilities(net: Any, metadata: ModelMetadata, pixels: Sequence[np.n
 
     transform = eval_transform(Preprocessing(metadata.input_size, metadata.mean, metadata.std,
                                              metadata.interpolation))
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            x = torch.stack([transform(p) for p in pixels[start:start + batch_size]])
-            rows.append(torch.softmax(net(x).float(), dim=1).numpy())
-    return np.concatenate(rows, axis=0)
+    for start in range(0, len(pixels), batch_size):
+        yield torch.stack([transform(p) for p in pixels[start:start + batch_size]])
 
 
 def onnx_probabilities(model_path: str | Path, pixels: Sequence[np.ndarray],
                        batch_size: int = 32) -> np.ndarray:
     """Probabilities from onnxruntime through the deploy :class:`Predictor` (the line's path)."""
     return Predictor(model_path).predict_arrays(list(pixels), batch_size=batch_size)
+
+
+def onnx_unfamiliarity(model_path: str | Path, pixels: Sequence[np.ndarray],
+                       batch_size: int = 32) -> np.ndarray:
+    """The ``unfamiliarity`` output from onnxruntime through the deploy :class:`Predictor`."""
+    return Predictor(model_path).unfamiliarity_arrays(list(pixels), batch_size=batch_size)
 
 
 @dataclass
@@ -298,6 +339,15 @@ class ParityReport:
     # Variants of a model with a good/defect threshold: images whose pass/reject decision changed.
     decision_changes: int | None = None
     decision_rule: str | None = None
+    # A model with the unfamiliarity output: how far its scores are from the reference's, and on
+    # how many images the unfamiliar flag (score > threshold; known once the fp32 check set it) differs.
+    unfamiliarity_max_abs_diff: float | None = None
+    unfamiliarity_mean_abs_diff: float | None = None
+    unfamiliar_flag_changes: int | None = None
+    # An INT8/FP16 copy's own unfamiliar threshold (the highest of its scores on the check images),
+    # and the fp32 model's
+    unfamiliar_threshold: float | None = None
+    reference_unfamiliar_threshold: float | None = None
     criteria: dict[str, float] = field(default_factory=dict)
     passed: bool | None = None
     failures: list[str] = field(default_factory=list)
@@ -314,17 +364,27 @@ class ParityReport:
 
     def judge(self, *, max_abs_diff: float | None = None, min_agreement: float | None = None,
               max_accuracy_drop: float | None = None, max_decision_changes: float | None = None,
-              exact: bool = False) -> bool:
+              exact: bool = False, max_unfamiliarity_diff: float | None = None,
+              max_threshold_ratio: float | None = None) -> bool:
         """Apply the criteria (``None`` = not checked), set ``passed`` and ``failures``.
         ``max_decision_changes`` (percent of the images) applies where ``decision_changes``
         was counted, i.e. for a copy of a model with a good/defect threshold. ``exact``: the
-        fp32 check, whose limits are fixed (a failure's advice names no option to loosen them)."""
+        fp32 check, whose limits are fixed (a failure's advice names no option to loosen them).
+        ``max_unfamiliarity_diff`` applies where the unfamiliarity was compared,
+        ``max_threshold_ratio`` (the copy's unfamiliar threshold over the fp32 model's) where a copy
+        got its own threshold."""
         if self.decision_changes is None:
             max_decision_changes = None
+        if self.unfamiliarity_max_abs_diff is None:
+            max_unfamiliarity_diff = None
+        if self.unfamiliar_threshold is None or self.reference_unfamiliar_threshold is None:
+            max_threshold_ratio = None
         self.criteria = {k: v for k, v in (("max_abs_diff", max_abs_diff),
                                            ("min_top1_agreement", min_agreement),
                                            ("max_accuracy_drop_points", max_accuracy_drop),
-                                           ("max_decision_changes_percent", max_decision_changes))
+                                           ("max_decision_changes_percent", max_decision_changes),
+                                           ("max_unfamiliarity_diff", max_unfamiliarity_diff),
+                                           ("max_unfamiliar_threshold_ratio", max_threshold_ratio))
                          if v is not None}
         self.failures = []
         if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
@@ -353,6 +413,15 @@ class ParityReport:
                        "midway between two images' scores)" if exact
                        else f" (one image is {one:.2f}% of these {self.n_images}: check on more with --parity-images "
                        "DIR, or raise --max-decision-changes)" if one > max_decision_changes else ""))
+        if max_unfamiliarity_diff is not None and not self.unfamiliarity_max_abs_diff <= max_unfamiliarity_diff:
+            self.failures.append(f"max |Δunfamiliarity| {self.unfamiliarity_max_abs_diff:.2e} > "
+                                 f"{max_unfamiliarity_diff:.2g}")
+        if max_threshold_ratio is not None and not (
+                self.unfamiliar_threshold <= max_threshold_ratio * self.reference_unfamiliar_threshold):
+            self.failures.append(
+                f"unfamiliar threshold {self.unfamiliar_threshold:.4g} > {max_threshold_ratio:g} x the reference's "
+                f"{self.reference_unfamiliar_threshold:.4g} (its scores moved so far that it would miss much of what "
+                "the reference flags; export without this copy, or with --no-unfamiliar)")
         self.passed = not self.failures
         return self.passed
 
@@ -390,6 +459,13 @@ class ParityReport:
             lines.append(f"  {'WARNING: ' if self.decision_changes else ''}good/defect decision "
                          f"({self.decision_rule}) changed on {self.decision_changes} of {self.n_images} images"
                          + advice)
+        if self.unfamiliarity_max_abs_diff is not None:
+            lines.append(f"  unfamiliarity: max |Δ| {self.unfamiliarity_max_abs_diff:.2e}, mean "
+                         f"{self.unfamiliarity_mean_abs_diff:.2e}"
+                         + ("" if self.unfamiliar_threshold is None else
+                            f"; its own threshold {self.unfamiliar_threshold:.4g} (the reference's "
+                            f"{self.reference_unfamiliar_threshold:.4g}, with which it would flag "
+                            f"{self.unfamiliar_flag_changes} of these {self.n_images} images)"))
         if self.speed:
             base, new = self.speed["fp32"], self.speed["variant"]
             lines.append("  speed (fp32 -> this model, " + str(self.speed["threads"]) + " threads): "
@@ -423,26 +499,50 @@ def compare(reference: np.ndarray, candidate: np.ndarray, decoded: DecodedImages
 
 def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, images: ImageSet,
                  *, tolerance: float = PROB_TOLERANCE, batch_size: int = 32,
-                 scratch: str | Path | None = None) -> tuple[ParityReport, DecodedImages, np.ndarray]:
+                 scratch: str | Path | None = None,
+                 bank: np.ndarray | None = None
+                 ) -> tuple[ParityReport, DecodedImages, np.ndarray, np.ndarray | None]:
     """PyTorch ``net`` vs the ONNX file on ``images``; fp32 criteria applied. ``scratch``: a
     folder for the decoded pixels (see :func:`decode`; the export passes its output folder).
+    With ``bank`` (the model was written with it), the ``unfamiliarity`` output is compared
+    too (:func:`compare_unfamiliarity`).
 
     Returns:
-        The judged report, the decoded images and the ONNX probabilities (reused
-        as the reference for INT8/FP16 variants).
+        The judged report, the decoded images, the ONNX probabilities (reused as the reference
+        for INT8/FP16 variants) and, with a bank, the ONNX unfamiliarity scores (else None).
     """
     start = time.perf_counter()
     decoded = decode(images, metadata, scratch=scratch)
-    reference = torch_probabilities(net, metadata, decoded.pixels, batch_size)
+    if bank is None:
+        reference, reference_scores = torch_probabilities(net, metadata, decoded.pixels, batch_size), None
+    else:
+        reference, reference_scores = torch_outputs(net, metadata, decoded.pixels, batch_size, bank)
     candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
     report = compare(reference, candidate, decoded, model=str(model_path),
                      reference_name="PyTorch checkpoint", source=images.source)
     count_decision_changes(report, reference, candidate, metadata)
+    scores = None
+    if reference_scores is not None:
+        scores = onnx_unfamiliarity(model_path, decoded.pixels, batch_size)
+        compare_unfamiliarity(report, reference_scores, scores, None)
     # the line acts on the good/defect decision: the ONNX model may not flip it on any image
     # (a threshold between two scores 1e-7 apart is crossed by float rounding alone)
-    report.judge(max_abs_diff=tolerance, min_agreement=1.0, max_decision_changes=0.0, exact=True)
+    report.judge(max_abs_diff=tolerance, min_agreement=1.0, max_decision_changes=0.0, exact=True,
+                 max_unfamiliarity_diff=UNFAMILIARITY_TOLERANCE)
     report.seconds = round(time.perf_counter() - start, 2)
-    return report, decoded, candidate
+    return report, decoded, candidate, scores
+
+
+def compare_unfamiliarity(report: ParityReport, before: np.ndarray, after: np.ndarray,
+                          threshold: float | None) -> None:
+    """Set the report's unfamiliarity differences, and with a ``threshold`` the number of
+    images whose unfamiliar flag (score > threshold) differs between ``before`` and ``after``."""
+    diff = np.abs(np.asarray(before, np.float64) - np.asarray(after, np.float64))
+    report.unfamiliarity_max_abs_diff = float(diff.max()) if diff.size else 0.0
+    report.unfamiliarity_mean_abs_diff = float(diff.mean()) if diff.size else 0.0
+    if threshold is not None:
+        report.unfamiliar_flag_changes = int(np.sum((np.asarray(before, np.float64) > threshold)
+                                                    != (np.asarray(after, np.float64) > threshold)))
 
 
 def count_decision_changes(report: ParityReport, before: np.ndarray, after: np.ndarray,

@@ -25,6 +25,7 @@ from vision_tl.export.onnx_export import (
     check_opset,
     check_output_path,
     load_checkpoint,
+    rewrite_metadata,
     write_json_atomic,
     write_onnx,
 )
@@ -34,18 +35,31 @@ from vision_tl.export.parity import (
     ParityReport,
     check_parity,
     compare,
+    compare_unfamiliarity,
     count_decision_changes,
     folder_images,
     onnx_probabilities,
+    onnx_unfamiliarity,
     resolve_parity_images,
     split_images,
 )
 from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
+from vision_tl.export.unfamiliar import (
+    BankPlan,
+    build_bank,
+    plan_bank,
+    threshold_images,
+    threshold_note,
+    with_threshold,
+)
 from vision_tl.imaging import check_settings
 from vision_tl.utils.files import atomic_path, file_sha256
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
 DEFAULT_MAX_DECISION_CHANGES = 0.5  # percent of the check images whose good/defect decision a copy may flip
+# a copy whose unfamiliarity threshold is this many times the fp32 model's would miss much of what
+# the fp32 model flags: it is refused
+VARIANT_MAX_THRESHOLD_RATIO = 1.5
 
 
 @dataclass
@@ -66,6 +80,9 @@ class ExportOptions:
         max_decision_changes: INT8/FP16 of a model with a good/defect threshold fail when they
             flip the decision on more of the check images (percent); ``None``: not checked.
         threads: onnxruntime threads for the latency/throughput numbers.
+        unfamiliar: add the output ``unfamiliarity`` (how unlike every training image an
+            image is, with its threshold in the metadata) where the run's training and
+            validation images are at hand.
     """
 
     opset: int = DEFAULT_OPSET
@@ -79,6 +96,7 @@ class ExportOptions:
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     max_decision_changes: float | None = DEFAULT_MAX_DECISION_CHANGES
     threads: int | None = None
+    unfamiliar: bool = True
 
     def __post_init__(self) -> None:  # before anything is written, not after the float model
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
@@ -177,16 +195,26 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         _warn_shared_images(calibration, images, log)
     if images is None:
         log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
-    report, decoded, fp32_probs = None, None, None
+    plan = _bank_plan(ckpt, opts, images, log) if opts.unfamiliar else None
+    bank = None if plan is None else build_bank(ckpt.net, metadata, plan, out.parent, log)
+    report, decoded, fp32_probs, fp32_scores, keep = None, None, None, None, None
     with atomic_path(out, overwrite=opts.overwrite) as tmp:
-        write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
+        write_onnx(ckpt, tmp, metadata, opts.opset, shown=out, bank=bank)
         log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
         if images is not None:  # (a minute or more for thousands of images: say what runs)
             log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
-            report, decoded, fp32_probs = check_parity(ckpt.net, tmp, metadata, images, scratch=out.parent)
+            report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
+                                                                    scratch=out.parent, bank=bank)
+            if fp32_scores is not None:
+                keep = threshold_images(decoded, plan)
+                metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
+                rewrite_metadata(tmp, metadata, out)  # (the graph stays as checked)
+                report.details["unfamiliar"] = _unfamiliar_details(metadata, plan)
             report.model = str(out)
             report.model_sha256 = file_sha256(tmp)
             _judge(report, out, log)
+            if fp32_scores is not None:
+                log(threshold_note(metadata, plan))
         _save_report(report, out)  # before the model takes its name: never a model without its record
     log(f"wrote {out}")
     for path in stale + replaced:
@@ -199,7 +227,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         if getattr(opts, variant):
             try:
                 result.variants[variant] = _write_variant(
-                    variant, out, metadata, opts, calibration, decoded, fp32_probs, log)
+                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log)
             except VariantRejected as exc:  # the other variant may still pass
                 rejected.append(exc)
     if rejected:
@@ -247,6 +275,27 @@ def _save_report(report: ParityReport | None, model_path: Path) -> None:
         write_json_atomic(passed, report.to_dict())
 
 
+def _bank_plan(ckpt: LoadedCheckpoint, opts: ExportOptions, checked: ImageSet | None,
+               log: Callable[[str], None]) -> BankPlan | None:
+    """The training images for the unfamiliarity bank (the source INT8 calibration uses), or None
+    with a note: a run whose training images are gone still exports, without the output."""
+    training, reason = None, None
+    try:
+        if opts.calibration_dir is not None:
+            training = folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir")
+        else:
+            training = split_images(ckpt.path, "train", ckpt.classes)
+    except ExportError as exc:
+        reason = str(exc)
+    return plan_bank(training, checked, reason, log)
+
+
+def _unfamiliar_details(metadata, plan: BankPlan) -> dict[str, object]:
+    return {"threshold": metadata.unfamiliar_threshold, "bank_images": metadata.unfamiliar_bank_images,
+            "val_images": metadata.unfamiliar_val_images, "check_images_in_bank_left_out": len(plan.in_bank),
+            "bank_source": plan.images.source}
+
+
 def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet:
     if opts.calibration_dir is not None:
         found = folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir")
@@ -282,9 +331,12 @@ def _warn_shared_images(calibration: ImageSet, checked: ImageSet, log: Callable[
 
 def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                    calibration: ImageSet | None, decoded: DecodedImages | None,
-                   fp32_probs: np.ndarray | None, log: Callable[[str], None]):
-    """Write one INT8/FP16 variant atomically, judge it against the fp32 model, time both."""
+                   fp32: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
+                   log: Callable[[str], None]):
+    """Write one INT8/FP16 variant atomically, judge it against the fp32 model (``fp32``: its
+    probabilities, unfamiliarity scores and which check images set its threshold), time both."""
     target = sibling(out, variant)
+    fp32_probs, fp32_scores, keep = fp32
     with atomic_path(target, overwrite=opts.overwrite) as tmp, _named_as(target, tmp, out, variant):
         if variant == "int8":
             log(f"quantizing to INT8 with {len(calibration.paths)} calibration images from "
@@ -299,7 +351,10 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)
-            report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
+            if fp32_scores is not None:
+                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), decoded.pixels)
+            report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes,
+                         max_threshold_ratio=VARIANT_MAX_THRESHOLD_RATIO)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
             report.model_sha256 = file_sha256(tmp)
@@ -327,6 +382,21 @@ def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None
         message = str(exc).replace(str(tmp), str(target))
         raise VariantRejected(f"{target}: the {variant.upper()} copy could not be made or run ({message}). "
                               f"The fp32 model {out} passed its check and was written") from exc
+
+
+def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
+                    fp32: tuple[np.ndarray, np.ndarray], pixels: np.ndarray) -> None:
+    """Compare the copy's unfamiliarity with the fp32 model's and give the copy its own threshold
+    (the highest of its scores on the same check images) in its metadata. Quantised features move
+    the scores (on NEU's INT8 copy by up to 0.12, with a threshold of 0.32): with the fp32 model's
+    threshold the copy would flag some of the very images that set it."""
+    fp32_scores, keep = fp32
+    scores = onnx_unfamiliarity(tmp, pixels)
+    compare_unfamiliarity(report, fp32_scores, scores, metadata.unfamiliar_threshold)
+    own = with_threshold(metadata, scores, keep, metadata.unfamiliar_bank_images)
+    rewrite_metadata(tmp, own, target)
+    report.unfamiliar_threshold = own.unfamiliar_threshold
+    report.reference_unfamiliar_threshold = metadata.unfamiliar_threshold
 
 
 def opts_source(decoded: DecodedImages) -> str:

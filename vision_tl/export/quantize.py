@@ -22,7 +22,12 @@ import numpy as np
 import onnx
 
 from vision_tl.deploy import ModelMetadata, Predictor
-from vision_tl.export.onnx_export import ExportError, check_model, set_metadata
+from vision_tl.export.onnx_export import (
+    UNFAMILIARITY_MODULE,
+    ExportError,
+    check_model,
+    set_metadata,
+)
 from vision_tl.imaging import ImageLoadError, load_rgb
 
 CALIBRATION_METHODS = ("percentile", "minmax", "entropy", "distribution")
@@ -128,7 +133,8 @@ class ImageCalibrationReader:
 
 
 def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
-    """Names of nodes to leave in fp32: the input normalisation, softmax, and ``keep_float``.
+    """Names of nodes to leave in fp32: the input normalisation, softmax, the unfamiliarity score
+    (:func:`unfamiliarity_nodes`) and ``keep_float``.
 
     The normalisation is everything before the first Conv (Cast, Sub, Mul,
     Transpose on the raw uint8 image); ``stem`` is that first Conv; ``head``
@@ -144,6 +150,7 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
     first, last = convs[0], convs[-1]
     names = [n.name for n in nodes[:first]]
     names += [n.name for n in nodes[last + 1:] if n.op_type == "Softmax"]
+    names += unfamiliarity_nodes(model)
     if "stem" in keep_float:
         names.append(nodes[first].name)
     if "head" in keep_float:
@@ -155,6 +162,16 @@ def float_nodes(model: onnx.ModelProto, keep_float: str) -> list[str]:
         if not module and linear and linear[0].op_type == "MatMul":  # a Linear on tokens: its bias is an Add
             names += [n.name for n in nodes if n.op_type == "Add" and linear[0].output[0] in n.input]
     return list(dict.fromkeys(names))  # (once each)
+
+
+def unfamiliarity_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of the unfamiliarity score (normalise, MatMul with the bank, ReduceMax,
+    1 - x), which the INT8 copy keeps in float, as it keeps the softmax: it is a few thousand
+    multiply-adds per image, and a bank and similarities in 8 bits would be one more source of
+    error. (On NEU the copy's scores moved as much either way, up to 0.1: the quantised
+    backbone's features move them; hence the copy's own threshold, see the export pipeline.)"""
+    scope = f"/{UNFAMILIARITY_MODULE}/"
+    return [n.name for n in model.graph.node if scope in n.name]
 
 
 def shape_nodes(model: onnx.ModelProto) -> list[str]:
@@ -259,7 +276,9 @@ def quantize_int8(fp32_model: str | Path, out: str | Path, calibration: Sequence
 
 
 def convert_fp16(fp32_model: str | Path, out: str | Path, metadata: ModelMetadata) -> dict[str, Any]:
-    """Write an FP16 copy (weights and activations); input and output types stay as they were."""
+    """Write an FP16 copy (weights and activations); input and output types stay as they were.
+    (The unfamiliarity score is converted too: kept in float32, its scores on NEU moved as much,
+    3e-3 at most, since the half-precision features move them.)"""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(fp32_model))
