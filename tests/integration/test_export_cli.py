@@ -542,7 +542,11 @@ def test_no_unfamiliar_and_exports_without_the_images_for_it_leave_it_out(traine
     assert "unfamiliar (" not in capsys.readouterr().out
 
 
-def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_moved(trained_run, tmp_path, capsys):
+def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_moved(trained_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from vision_tl.export import pipeline
+
+    monkeypatch.setattr(pipeline, "VARIANT_WARN_THRESHOLD_RATIO", 0.0)  # any copy's threshold is "far" above
     out = tmp_path / "m.onnx"
     rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--int8",
                       "--calibration-images", "16", "--threads", "1", "--max-accuracy-drop", "100"])
@@ -551,8 +555,9 @@ def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_move
     report = json.loads((tmp_path / "m.int8.parity.json").read_text())
     assert report["reference_unfamiliar_threshold"] == fp32.unfamiliar_threshold
     assert report["unfamiliar_threshold"] == int8.unfamiliar_threshold
-    assert int8.unfamiliar_threshold <= 1.5 * fp32.unfamiliar_threshold
-    assert report["criteria"]["max_unfamiliar_threshold_ratio"] == 1.5
+    assert "max_unfamiliar_threshold_ratio" not in report["criteria"]  # (a warning, never a refusal)
     assert 0 < report["unfamiliarity_max_abs_diff"] < 0.1 * fp32.unfamiliar_threshold + 0.05
     assert int8.unfamiliar_val_images == fp32.unfamiliar_val_images == 8
-    assert "its own threshold" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "its own threshold" in err
+    assert "WARNING: m.int8.onnx: its unfamiliarity threshold" in err and "deploy the fp32 model" in err

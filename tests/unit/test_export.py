@@ -545,13 +545,9 @@ def test_parity_fails_on_an_unfamiliarity_that_differs_and_says_by_how_much():
     assert "unfamiliarity: max |Δ| 1.00e-02" in report.summary()
     compare_unfamiliarity(report, np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.3 + 1e-7]), None)
     assert report.judge(max_abs_diff=1e-4, max_unfamiliarity_diff=UNFAMILIARITY_TOLERANCE)
-    # a copy with its own threshold: refused where it is far above the reference's
+    # a copy with its own threshold: how many check images the reference's would flag is counted
     compare_unfamiliarity(report, np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.5]), 0.3)
-    report.unfamiliar_threshold, report.reference_unfamiliar_threshold = 0.5, 0.3
     assert report.unfamiliar_flag_changes == 1
-    assert not report.judge(max_threshold_ratio=1.5) and "unfamiliar threshold 0.5 > 1.5 x" in report.failures[0]
-    report.unfamiliar_threshold = 0.4
-    assert report.judge(max_threshold_ratio=1.5)
     assert json.dumps(report.to_dict())  # (the report's fields stay JSON)
 
 

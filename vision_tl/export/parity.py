@@ -364,27 +364,21 @@ class ParityReport:
 
     def judge(self, *, max_abs_diff: float | None = None, min_agreement: float | None = None,
               max_accuracy_drop: float | None = None, max_decision_changes: float | None = None,
-              exact: bool = False, max_unfamiliarity_diff: float | None = None,
-              max_threshold_ratio: float | None = None) -> bool:
+              exact: bool = False, max_unfamiliarity_diff: float | None = None) -> bool:
         """Apply the criteria (``None`` = not checked), set ``passed`` and ``failures``.
         ``max_decision_changes`` (percent of the images) applies where ``decision_changes``
         was counted, i.e. for a copy of a model with a good/defect threshold. ``exact``: the
         fp32 check, whose limits are fixed (a failure's advice names no option to loosen them).
-        ``max_unfamiliarity_diff`` applies where the unfamiliarity was compared,
-        ``max_threshold_ratio`` (the copy's unfamiliar threshold over the fp32 model's) where a copy
-        got its own threshold."""
+        ``max_unfamiliarity_diff`` applies where the unfamiliarity was compared."""
         if self.decision_changes is None:
             max_decision_changes = None
         if self.unfamiliarity_max_abs_diff is None:
             max_unfamiliarity_diff = None
-        if self.unfamiliar_threshold is None or self.reference_unfamiliar_threshold is None:
-            max_threshold_ratio = None
         self.criteria = {k: v for k, v in (("max_abs_diff", max_abs_diff),
                                            ("min_top1_agreement", min_agreement),
                                            ("max_accuracy_drop_points", max_accuracy_drop),
                                            ("max_decision_changes_percent", max_decision_changes),
-                                           ("max_unfamiliarity_diff", max_unfamiliarity_diff),
-                                           ("max_unfamiliar_threshold_ratio", max_threshold_ratio))
+                                           ("max_unfamiliarity_diff", max_unfamiliarity_diff))
                          if v is not None}
         self.failures = []
         if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
@@ -416,12 +410,6 @@ class ParityReport:
         if max_unfamiliarity_diff is not None and not self.unfamiliarity_max_abs_diff <= max_unfamiliarity_diff:
             self.failures.append(f"max |Δunfamiliarity| {self.unfamiliarity_max_abs_diff:.2e} > "
                                  f"{max_unfamiliarity_diff:.2g}")
-        if max_threshold_ratio is not None and not (
-                self.unfamiliar_threshold <= max_threshold_ratio * self.reference_unfamiliar_threshold):
-            self.failures.append(
-                f"unfamiliar threshold {self.unfamiliar_threshold:.4g} > {max_threshold_ratio:g} x the reference's "
-                f"{self.reference_unfamiliar_threshold:.4g} (its scores moved so far that it would miss much of what "
-                "the reference flags; export without this copy, or with --no-unfamiliar)")
         self.passed = not self.failures
         return self.passed
 
