@@ -546,3 +546,25 @@ def test_a_partial_run_from_before_the_last_stage_took_the_final_norm_resumes(in
     err = capsys.readouterr().err
     assert "counts the stages of test_convnext differently" in err and "start a new run" in err
     assert "doesn't match the size" not in err
+
+
+def test_a_run_started_from_relative_weights_resumes_from_another_directory(inspection_folder, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`--model.weights FILE` given relative to the working directory is recorded absolute, as the data
+    root is: `fit --config RUN/config.yaml --ckpt_path last` typed elsewhere continues the run instead
+    of stopping at 'weights file ... does not exist'."""
+    import timm
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    torch.save(timm.create_model("test_efficientnet").state_dict(), "start.pth")
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--model.pretrained", "true",
+                 "--model.weights", "start.pth", "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == str(tmp_path / "here" / "start.pth")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1

@@ -474,6 +474,12 @@ class VisionTLCLI(LightningCLI):
         if self.subcommand == "fit":
             _check_fit_settings(self.config.fit)
         self._resume_into_run()
+        model = self.config[self.subcommand].get("model")
+        if self.subcommand == "fit" and model is not None and model.get("weights"):
+            # absolute, as data.root: the run's config.yaml and checkpoints then start (or resume) the same
+            # way from any working directory. (After the resume's check, which compares the checkpoint's
+            # spelling: a run from before this recorded the path as given.)
+            model.weights = str(Path(str(model.weights)).expanduser().resolve())
         self._require_checkpoint()
         self._use_the_checkpoints_classes()
         self._use_the_runs_split()
