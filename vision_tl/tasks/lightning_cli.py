@@ -270,10 +270,14 @@ class _Parser(LightningArgumentParser):
                              f"(it has {key!r}), not of a training run{_trained_by(source)}\n{helps}\n")
             self.exit(2)
         keys = sorted({d for d in dests if "." in d and not d.startswith("__")})
+        # a linked key (data.image_size, set from model.image_size) cannot be given: name its source instead
+        sources = {a.dest: a.source[0][0] for a in parser._actions
+                   if type(a).__name__ == "ActionLink" and getattr(a, "source", None)}
         section = key.split(".")[0] + "."
-        in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
+        in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1 and k not in sources]
         alias = _ALIASES.get(key.split(".")[-1])
-        hint = [alias] if alias else difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = [alias] if alias else list(dict.fromkeys(sources.get(k, k) for k in close))
         lines = [f"error: unknown option or config key {key!r}" + (f" in {source}" if source else "")
                  + (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")]
         if in_section:
