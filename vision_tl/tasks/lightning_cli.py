@@ -656,6 +656,11 @@ class VisionTLCLI(LightningCLI):
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
             else:
                 ckpt = str(find_last_checkpoint(init.save_dir, init.name))
+        elif ckpt in ("best", "hpc", "registry") and not Path(ckpt).exists():  # Lightning's names, not the kit's
+            run = _config_run(cfg, "checkpoints")
+            example = run / "checkpoints" / "best.ckpt" if run is not None else "RUN/checkpoints/best.ckpt"
+            raise ValueError(f"--ckpt_path {ckpt}: fit resumes from 'last' (the last checkpoint of the run whose "
+                             f"config.yaml is given) or from a checkpoint file, e.g. --ckpt_path {example}")
         path = Path(ckpt)
         state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
