@@ -190,6 +190,19 @@ def test_print_config_names_the_file_holding_an_unknown_key(tmp_path, capsys):
     assert err.rstrip().endswith(" fit --help")  # the subcommand's options, not the root's
 
 
+@pytest.mark.parametrize("command", ["fit", "predict"])
+def test_a_missing_data_root_names_the_option_to_give(command, capsys):
+    """Without --data.root (no --config), the error names the option as it is typed, not the
+    parser's key `predict.data.root` under the usage of every command."""
+    from vision_tl.cli import main
+
+    info = main([command])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info == 2 and len(err) == 2
+    assert err[0].startswith("error: --data.root is required") and "RUN/config.yaml" in err[0]
+    assert err[1].endswith(f" {command} --help")
+
+
 def test_a_mistyped_key_is_pointed_at_the_option_a_linked_key_is_set_from(capsys):
     """data.image_size follows model.image_size (and data.backbone model.backbone): a typo near
     one is pointed at the option to give, and the keys listed as valid are those that can be given."""

@@ -238,6 +238,17 @@ class _Parser(LightningArgumentParser):
             print(f"error: {target} is set from {source}; pass --{source} instead of --{target}", file=sys.stderr)
             raise SystemExit(2)
         helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
+        required = re.search(r"the following arguments are required: (.+)", message)
+        if required and self.exit_on_error:  # `predict.data.root` (the root parser's key): the option to type
+            command = _Parser._subcommand
+            keys = [k.strip() for k in required.group(1).split(",")]
+            keys = [k[len(command) + 1:] if command and k.startswith(command + ".") else k for k in keys]
+            if command:
+                helps = f"all options: {parser.prog.replace(' [options]', '')} {command} --help"
+            run = (" (the training image folder; a run's --config RUN/config.yaml gives it)"
+                   if keys == ["data.root"] else "")
+            sys.stderr.write(f"error: {', '.join('--' + k for k in keys)} is required{run}\n{helps}\n")
+            self.exit(2)
         value = re.search(r'Parser key "([\w.]+)":\s*(.+)', message, re.S)
         if value and self.exit_on_error:  # a value of the wrong type: the key and why, not the usage text
             why = " ".join(value.group(2).split())
