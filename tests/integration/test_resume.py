@@ -422,6 +422,22 @@ def test_resume_of_a_run_started_with_a_relative_runs_folder_updates_best_and_la
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
+def test_fit_ckpt_path_best_names_the_runs_best_checkpoint_file(inspection_folder, tmp_path, capsys):
+    """`best` means a file of the run for validate/test/predict only: fit says what it takes and
+    which file to give, instead of 'checkpoint best does not exist'."""
+    assert main([*_args(inspection_folder, tmp_path), "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "partial" / "version_0"
+    before = _snapshot(run)
+    capsys.readouterr()
+    info = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "best", "--trainer.max_epochs", "2"])
+    err = capsys.readouterr().err
+    assert info == 2
+    assert "fit resumes from 'last'" in err and f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}" in err
+    assert _snapshot(run) == before
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                 "--trainer.max_epochs", "2"]) == 0  # the file it names resumes
+
+
 def test_resume_survives_a_damaged_metrics_json_and_names_best_without_last(inspection_folder, tmp_path, capsys):
     """A cut-off metrics.json must not fail a resume after an epoch of training: it is set aside
     and rewritten from the checkpoint's history. A run killed while writing its first last.ckpt
@@ -546,3 +562,25 @@ def test_a_partial_run_from_before_the_last_stage_took_the_final_norm_resumes(in
     err = capsys.readouterr().err
     assert "counts the stages of test_convnext differently" in err and "start a new run" in err
     assert "doesn't match the size" not in err
+
+
+def test_a_run_started_from_relative_weights_resumes_from_another_directory(inspection_folder, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`--model.weights FILE` given relative to the working directory is recorded absolute, as the data
+    root is: `fit --config RUN/config.yaml --ckpt_path last` typed elsewhere continues the run instead
+    of stopping at 'weights file ... does not exist'."""
+    import timm
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    torch.save(timm.create_model("test_efficientnet").state_dict(), "start.pth")
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--model.pretrained", "true",
+                 "--model.weights", "start.pth", "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == str(tmp_path / "here" / "start.pth")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1

@@ -190,6 +190,36 @@ def test_print_config_names_the_file_holding_an_unknown_key(tmp_path, capsys):
     assert err.rstrip().endswith(" fit --help")  # the subcommand's options, not the root's
 
 
+@pytest.mark.parametrize("command", ["fit", "predict"])
+def test_a_missing_data_root_names_the_option_to_give(command, capsys):
+    """Without --data.root (no --config), the error names the option as it is typed, not the
+    parser's key `predict.data.root` under the usage of every command."""
+    from vision_tl.cli import main
+
+    info = main([command])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info == 2 and len(err) == 2
+    assert err[0].startswith("error: --data.root is required") and "RUN/config.yaml" in err[0]
+    assert err[1].endswith(f" {command} --help")
+
+
+def test_a_mistyped_key_is_pointed_at_the_option_a_linked_key_is_set_from(capsys):
+    """data.image_size follows model.image_size (and data.backbone model.backbone): a typo near
+    one is pointed at the option to give, and the keys listed as valid are those that can be given."""
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    info = main(["fit", "--config", str(config), "--data.image_sz", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info == 2
+    assert err[0].startswith("error: unknown option or config key 'data.image_sz'; did you mean 'model.image_size'")
+    assert "'data.image_size'" not in err[0]
+    valid = err[1].split(": ", 1)[1].split(", ")
+    assert "root" in valid and "image_size" not in valid and "backbone" not in valid
+
+
 @pytest.mark.parametrize("extra", [[], ["--print_config"]])
 def test_a_dashed_key_in_a_config_file_is_told_its_underscore_spelling(tmp_path, capsys, extra):
     from pathlib import Path

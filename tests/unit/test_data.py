@@ -706,3 +706,14 @@ def test_the_eval_transform_names_an_array_it_cannot_take_and_how_to_read_one(sh
 
     with pytest.raises(ValueError, match=rf"H x W x 3 uint8.*{np.dtype(dtype).name}.*{re.escape(str(shape))}.*load_rgb"):
         transform(np.zeros(shape, dtype))
+
+
+def test_a_preset_extended_with_augment_plus_says_to_give_the_whole_list():
+    """`--data.augment+ {...}` over the default preset makes ['inspection', {...}]: the message says
+    why, and the preset's transforms it shows build as a list of their own."""
+    import json
+
+    with pytest.raises(ValueError, match="'inspection' is a preset, which a list cannot extend") as info:
+        build_augmentation(["inspection", {"name": "Transpose", "p": 0.5}])
+    shown = json.loads(str(info.value).rsplit("'inspection' is ", 1)[1])
+    assert len(build_augmentation([*shown, {"name": "Transpose", "p": 0.5}]).transforms) == 8

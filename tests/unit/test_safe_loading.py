@@ -85,3 +85,15 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_not_loaded_as_other_weights
     assert torch.load(path, weights_only=True)["state_dict"]["w"].shape == (4096,)  # torch does not notice
     with pytest.raises(CheckpointError, match=r"best\.ckpt is damaged: its part .*data/0 no longer matches"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("given", ["run", "run/checkpoints"])
+def test_a_folder_given_as_checkpoint_is_told_the_file_inside_it(tmp_path, given):
+    """`--ckpt_path RUN/checkpoints` is pointed at RUN/checkpoints/best.ckpt, not at a
+    checkpoints/checkpoints/ path that does not exist; a run directory at its checkpoints/best.ckpt."""
+    from vision_tl.tasks.checkpoint import read_checkpoint
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path / given)
+    assert str(info.value).endswith(f"(e.g. {tmp_path / 'run' / 'checkpoints' / 'best.ckpt'})")

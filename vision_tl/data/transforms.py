@@ -9,6 +9,7 @@ deploy time.
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from collections.abc import Callable
@@ -55,6 +56,10 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
         spec = PRESETS[spec]
     steps = []
     for item in spec:
+        if isinstance(item, str) and item in PRESETS:  # `--data.augment+ {...}` over a preset makes [preset, {...}]
+            raise ValueError(f"augment list item {item!r} is a preset, which a list cannot extend (--data.augment+ "
+                             f"adds to a list, not to a preset); give the whole list instead, such as {item!r}'s "
+                             f"transforms followed by yours; {item!r} is {json.dumps(PRESETS[item])}")
         if not isinstance(item, dict):
             raise ValueError(f"augment list item {item!r} is not a transform; each item is a mapping such as "
                              "{name: HorizontalFlip, p: 0.5} (in YAML: '- {name: HorizontalFlip, p: 0.5}')")

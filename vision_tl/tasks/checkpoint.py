@@ -21,7 +21,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; expected a .ckpt file (e.g. {path}/checkpoints/best.ckpt)")
+        # a run's checkpoints/ folder holds the files; a run directory holds that folder
+        inside = path.name == "checkpoints" or (path / "best.ckpt").is_file()
+        example = path / "best.ckpt" if inside else path / "checkpoints" / "best.ckpt"
+        raise CheckpointError(f"checkpoint {path} is a directory; expected a .ckpt file (e.g. {example})")
     if not file_head(path).startswith(TORCH_SAVE_MAGIC):
         kind = "an ONNX model; " if path.suffix.lower() == ".onnx" else ""
         raise CheckpointError(

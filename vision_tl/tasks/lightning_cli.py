@@ -238,6 +238,17 @@ class _Parser(LightningArgumentParser):
             print(f"error: {target} is set from {source}; pass --{source} instead of --{target}", file=sys.stderr)
             raise SystemExit(2)
         helps = f"all options: {parser.prog.replace(' [options]', '')} --help"
+        required = re.search(r"the following arguments are required: (.+)", message)
+        if required and self.exit_on_error:  # `predict.data.root` (the root parser's key): the option to type
+            command = _Parser._subcommand
+            keys = [k.strip() for k in required.group(1).split(",")]
+            keys = [k[len(command) + 1:] if command and k.startswith(command + ".") else k for k in keys]
+            if command:
+                helps = f"all options: {parser.prog.replace(' [options]', '')} {command} --help"
+            run = (" (the training image folder; a run's --config RUN/config.yaml gives it)"
+                   if keys == ["data.root"] else "")
+            sys.stderr.write(f"error: {', '.join('--' + k for k in keys)} is required{run}\n{helps}\n")
+            self.exit(2)
         value = re.search(r'Parser key "([\w.]+)":\s*(.+)', message, re.S)
         if value and self.exit_on_error:  # a value of the wrong type: the key and why, not the usage text
             why = " ".join(value.group(2).split())
@@ -270,10 +281,14 @@ class _Parser(LightningArgumentParser):
                              f"(it has {key!r}), not of a training run{_trained_by(source)}\n{helps}\n")
             self.exit(2)
         keys = sorted({d for d in dests if "." in d and not d.startswith("__")})
+        # a linked key (data.image_size, set from model.image_size) cannot be given: name its source instead
+        sources = {a.dest: a.source[0][0] for a in parser._actions
+                   if type(a).__name__ == "ActionLink" and getattr(a, "source", None)}
         section = key.split(".")[0] + "."
-        in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1]
+        in_section = [k for k in keys if k.startswith(section) and k.count(".") == 1 and k not in sources]
         alias = _ALIASES.get(key.split(".")[-1])
-        hint = [alias] if alias else difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = [alias] if alias else list(dict.fromkeys(sources.get(k, k) for k in close))
         lines = [f"error: unknown option or config key {key!r}" + (f" in {source}" if source else "")
                  + (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")]
         if in_section:
@@ -474,6 +489,12 @@ class VisionTLCLI(LightningCLI):
         if self.subcommand == "fit":
             _check_fit_settings(self.config.fit)
         self._resume_into_run()
+        model = self.config[self.subcommand].get("model")
+        if self.subcommand == "fit" and model is not None and model.get("weights"):
+            # absolute, as data.root: the run's config.yaml and checkpoints then start (or resume) the same
+            # way from any working directory. (After the resume's check, which compares the checkpoint's
+            # spelling: a run from before this recorded the path as given.)
+            model.weights = str(Path(str(model.weights)).expanduser().resolve())
         self._require_checkpoint()
         self._use_the_checkpoints_classes()
         self._use_the_runs_split()
@@ -646,6 +667,11 @@ class VisionTLCLI(LightningCLI):
                 raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
             else:
                 ckpt = str(find_last_checkpoint(init.save_dir, init.name))
+        elif ckpt in ("best", "hpc", "registry") and not Path(ckpt).exists():  # Lightning's names, not the kit's
+            run = _config_run(cfg, "checkpoints")
+            example = run / "checkpoints" / "best.ckpt" if run is not None else "RUN/checkpoints/best.ckpt"
+            raise ValueError(f"--ckpt_path {ckpt}: fit resumes from 'last' (the last checkpoint of the run whose "
+                             f"config.yaml is given) or from a checkpoint file, e.g. --ckpt_path {example}")
         path = Path(ckpt)
         state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
