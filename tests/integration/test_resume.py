@@ -584,3 +584,23 @@ def test_a_run_started_from_relative_weights_resumes_from_another_directory(insp
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
     assert f"resuming {run}" in capsys.readouterr().out
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_cache_folders_given_relative_are_recorded_absolute(inspection_folder, tmp_path, monkeypatch):
+    """`--model.feature_cache DIR` / `--data.decoded_cache DIR` typed relative were saved as typed: a
+    resume from another folder then started a new, empty cache there without a word. Switch words
+    (auto, true) stay as they are, for the model and data module to read."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv("VISION_TL_CACHE", str(tmp_path / "default-features"))  # (auto, true: not the user's)
+    monkeypatch.setenv("VISION_TL_DECODED_CACHE", str(tmp_path / "default-decoded"))
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--trainer.max_epochs", "1", "--model.mode", "frozen",
+                 "--model.feature_cache", "feats", "--data.decoded_cache", "pixels"]) == 0
+    config = yaml.safe_load((tmp_path / "runs" / "partial" / "version_0" / "config.yaml").read_text())
+    assert config["model"]["feature_cache"] == str(tmp_path / "here" / "feats")
+    assert config["data"]["decoded_cache"] == str(tmp_path / "here" / "pixels")
+    assert main([*_args(inspection_folder, tmp_path / "runs2"), "--trainer.max_epochs", "1", "--model.mode", "frozen",
+                 "--model.feature_cache", "auto", "--data.decoded_cache", "true"]) == 0
+    config = yaml.safe_load((tmp_path / "runs2" / "partial" / "version_0" / "config.yaml").read_text())
+    assert config["model"]["feature_cache"] == "auto" and config["data"]["decoded_cache"] is True
+    assert (tmp_path / "default-features").is_dir() and (tmp_path / "default-decoded").is_dir()

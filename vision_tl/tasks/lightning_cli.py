@@ -69,6 +69,14 @@ warnings.filterwarnings("ignore", message=r".*Previous log files in this directo
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
+def _names_a_folder(value) -> bool:
+    """Whether a cache setting is a folder path (not ``auto``, ``true``, ``none`` and the like,
+    which the model and data module check themselves)."""
+    from vision_tl.data.datamodule import _NOT_FOLDERS
+
+    return isinstance(value, str) and value.strip().lower() not in _NOT_FOLDERS | {"true", "false"}
+
+
 def _user_progress_bar(config) -> bool:
     """Whether the run's config names a progress bar among ``trainer.callbacks`` (kept as given)."""
     trainer = config.get("trainer") if hasattr(config, "get") else None
@@ -484,6 +492,13 @@ class VisionTLCLI(LightningCLI):
             data.split_file = str(Path(str(data.split_file)).expanduser().resolve())
         if data is not None and data.get("predict_root"):  # as in predictions.csv and the run's config.yaml
             data.predict_root = str(Path(str(data.predict_root)).expanduser().absolute())
+        # cache folders named by a path, absolute too: a resume from another folder would otherwise start a
+        # new, empty cache there without a word ("auto"/true: the default place; none/false: no cache)
+        if data is not None and _names_a_folder(data.get("decoded_cache")):
+            data.decoded_cache = str(Path(data.decoded_cache).expanduser().resolve())
+        model = self.config[self.subcommand].get("model")
+        if model is not None and _names_a_folder(model.get("feature_cache")):
+            model.feature_cache = str(Path(model.feature_cache).expanduser().resolve())
         self._check_gpu()
         self._check_launcher()
         if self.subcommand == "fit":
