@@ -604,3 +604,22 @@ def test_cache_folders_given_relative_are_recorded_absolute(inspection_folder, t
     config = yaml.safe_load((tmp_path / "runs2" / "partial" / "version_0" / "config.yaml").read_text())
     assert config["model"]["feature_cache"] == "auto" and config["data"]["decoded_cache"] is True
     assert (tmp_path / "default-features").is_dir()  # (the decoded cache: unused by a cached frozen fit)
+
+
+def test_a_resume_that_fails_before_training_leaves_the_runs_step_log_in_place(inspection_folder, tmp_path,
+                                                                              monkeypatch, capsys):
+    """A resume renames metrics.csv aside (Lightning's logger would delete it) before the model is
+    built; one that then failed (its weights file gone) left the run with the file renamed."""
+    import timm
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), "start.pth")
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--model.pretrained", "true",
+                 "--model.weights", "start.pth", "--trainer.max_epochs", "1", "--model.mode", "frozen"]) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    log = (run / "metrics.csv").read_bytes()
+    (tmp_path / "start.pth").unlink()
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) != 0
+    assert "start.pth" in capsys.readouterr().err
+    assert (run / "metrics.csv").read_bytes() == log and not list(run.glob("metrics.before_resume_*"))

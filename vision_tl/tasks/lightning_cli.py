@@ -963,11 +963,23 @@ def _keep_metrics_csv(run: Path) -> None:
         while (run / f"metrics.before_resume_{n}.csv").exists():
             n += 1
         csv.rename(run / f"metrics.before_resume_{n}.csv")
+        _KEPT_CSVS.append((csv, run / f"metrics.before_resume_{n}.csv"))
         say(f"vision_tl: kept the step log from before this resume as {run / f'metrics.before_resume_{n}.csv'}")
+
+
+def _restore_metrics_csvs() -> None:
+    """A resume that fails before it logs anything (a weights file gone, a bad setting found when the
+    model is built) gives the run its ``metrics.csv`` back: it leaves the run as it found it."""
+    for csv, kept in _KEPT_CSVS:
+        if not csv.exists() and kept.exists():
+            with contextlib.suppress(OSError):
+                kept.rename(csv)
+    _KEPT_CSVS.clear()
 
 
 # (runs folder, version directories in it before this command), for _remove_empty_new_runs
 _WATCHED_RUNS: list[tuple[Path, set[str]]] = []
+_KEPT_CSVS: list[tuple[Path, Path]] = []  # (metrics.csv, the name a resume kept it under), see _keep_metrics_csv
 # The run directory this command's trainer writes to (SaveRunConfig.setup), and its loggers, which
 # make that directory before any setup (a failing data module's included): only it may be removed.
 _OWN_RUNS: list[Path] = []
@@ -991,6 +1003,7 @@ def first_process() -> bool:
 
 def _forget_runs() -> None:
     release_dir_locks()  # the command is over: its runs are free for the next one
+    _KEPT_CSVS.clear()
     _WATCHED_RUNS.clear()
     _OWN_RUNS.clear()
     _OWN_LOGGERS.clear()
@@ -1004,7 +1017,9 @@ _BOOKKEEPING = {"config.yaml", "hparams.yaml", "labels.json", "split.json", "met
 def _remove_empty_new_runs() -> None:
     """A command that failed before any result leaves no ``version_N`` behind. Only the directory
     this command's trainer wrote to is removed, if it was new and holds nothing but start-up
-    bookkeeping: never another command's (another fit may be starting beside this one)."""
+    bookkeeping: never another command's (another fit may be starting beside this one). A resumed
+    run that logged nothing gets its ``metrics.csv`` back."""
+    _restore_metrics_csvs()
     new = {(parent, name) for parent, before in _WATCHED_RUNS for name in
            ({p.name for p in parent.glob("version_*")} - before)}
     for run in _own_runs():
