@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
+
+from vision_tl.utils import env_on
 
 
 @contextlib.contextmanager
@@ -25,13 +26,13 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     try:
         yield
     except expected as exc:
-        if os.environ.get("VISION_TL_DEBUG") == "1":
+        if env_on("VISION_TL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     except RuntimeError as exc:  # torch's words for an input smaller than a layer's window
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if os.environ.get("VISION_TL_DEBUG") == "1" or not any(p in first for p in _TOO_SMALL):
+        if env_on("VISION_TL_DEBUG") or not any(p in first for p in _TOO_SMALL):
             raise
         print(f"error: the images are too small for this backbone's layers ({first}); give a larger "
               "--model.image_size (or --image-size): most CNNs need 32 px or more", file=sys.stderr)

@@ -155,3 +155,17 @@ def test_a_lock_folder_someone_else_could_control_is_not_used(tmp_path, monkeypa
         files.lock_folder()
     name.chmod(0o700)
     assert files.lock_folder() == name
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("Yes", True), (" on ", True),
+                                           ("0", False), ("false", False), ("", False)])
+def test_debug_and_download_switches_take_the_usual_spellings(value, on, monkeypatch):
+    """VISION_TL_DEBUG=true (or VISION_TL_ALLOW_DOWNLOAD=yes) was ignored without a word: only "1" counted."""
+    from vision_tl.errors import user_errors
+    from vision_tl.utils import env_on
+
+    monkeypatch.setenv("VISION_TL_DEBUG", value)
+    assert env_on("VISION_TL_DEBUG") is on
+    with pytest.raises(ValueError if on else SystemExit):  # the traceback, or one line and exit 2
+        with user_errors():
+            raise ValueError("bad input")

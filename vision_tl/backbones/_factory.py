@@ -18,6 +18,7 @@ from vision_tl.backbones._embedded import (
     embedded_weights_path,
     map_state_dict_by_order,
 )
+from vision_tl.utils import env_on
 from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head, file_sha256, refuse_empty_path
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -313,7 +314,7 @@ def check_pretrained_weights(name: str) -> None:
         BackboneWeightsError: the message says where weights could come from.
     """
     _check_name(name)
-    if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
+    if not env_on(ALLOW_DOWNLOAD_ENV):
         _locate_weights(name)
 
 
@@ -373,7 +374,7 @@ def create_backbone(
         try:
             path, how = _locate_weights(name)
         except BackboneWeightsError:
-            if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
+            if not env_on(ALLOW_DOWNLOAD_ENV):
                 raise
             model, _ = _create_model(name, size, True, kwargs)
             path, how = None, "download"

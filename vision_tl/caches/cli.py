@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
@@ -28,7 +27,7 @@ from vision_tl.caches.inventory import (
     list_entries,
     unused_for,
 )
-from vision_tl.utils import files
+from vision_tl.utils import env_on, files
 from vision_tl.utils.files import path_arg
 
 EXAMPLES = """examples:
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         roots = _roots(args)
         return _list(roots, args.json) if args.action == "list" else _clear(roots, args)
     except (CacheAdminError, OSError) as exc:
-        if isinstance(exc, BrokenPipeError) or os.environ.get("VISION_TL_DEBUG") == "1":
+        if isinstance(exc, BrokenPipeError) or env_on("VISION_TL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

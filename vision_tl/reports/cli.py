@@ -8,11 +8,11 @@ the exit status: 0 ok, 2 bad input (``error: ...`` on stderr, no traceback;
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
 from vision_tl.deploy.cli import positive_int
+from vision_tl.utils import env_on
 from vision_tl.utils.files import path_arg
 
 FMT = argparse.RawDescriptionHelpFormatter
@@ -122,7 +122,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, action: Callab
     try:
         action(args)
     except (ValueError, OSError, BackboneWeightsError) as exc:
-        if os.environ.get("VISION_TL_DEBUG") == "1":
+        if env_on("VISION_TL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from vision_tl.tasks.resume import (
     find_last_checkpoint,
     run_dir_of,
 )
-from vision_tl.utils import interactive, launcher_int, read_run_config, say
+from vision_tl.utils import env_on, interactive, launcher_int, read_run_config, say
 from vision_tl.utils.distributed import peer_stopped
 from vision_tl.utils.files import (
     atomic_path,
@@ -1056,7 +1056,7 @@ def run_lightning_cli(argv: list[str]) -> int:
         # with a lost connection in their next collective; they say so in one line too.
         message = peer_stopped(exc)
         _remove_empty_new_runs()
-        if message is None or os.environ.get("VISION_TL_DEBUG") == "1":
+        if message is None or env_on("VISION_TL_DEBUG"):
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2

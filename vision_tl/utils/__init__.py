@@ -16,6 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def env_on(name: str) -> bool:
+    """Whether the switch ``name`` (``VISION_TL_DEBUG``, ``VISION_TL_ALLOW_DOWNLOAD``) is set on:
+    ``1``, ``true``, ``yes`` or ``on`` in any case (``true`` was ignored without a word)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def launcher_int(name: str, default: int = 0) -> int:
     """An integer a launcher (torchrun, srun, Lightning's DDP) sets in the environment, such as
     ``WORLD_SIZE`` or ``LOCAL_RANK``; ``default`` when unset.
