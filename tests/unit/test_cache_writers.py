@@ -64,6 +64,18 @@ def _rows(root: Path) -> int:
     return sum(len(np.load(p)) for p in root.rglob("*.keys.npy"))
 
 
+def _writer_holding_a_claim(store: ShardStore, keys: list[str], then: str = "    time.sleep(60)\n") -> subprocess.Popen:
+    """Another process that claims ``keys`` in ``store``, prints 'claimed', then runs ``then``
+    (indented code, in the claim's block) and holds the claim until it ends or is killed."""
+    script = ("import sys, time\nimport numpy as np\nfrom vision_tl.features.claims import claimed\n"
+              "from vision_tl.features.store import ShardStore\n"
+              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
+              f"with claimed(store, {keys!r}):\n    print('claimed', flush=True)\n" + then)
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "claimed"
+    return other
+
+
 def test_two_writers_sharing_images_embed_each_once(tmp_path, images, embedded):
     """Both found the shared images missing, both embedded them and both stored them: every row
     twice on disk, the work twice. Now the second waits for the first's and reads them."""
@@ -98,13 +110,8 @@ def test_images_a_killed_writer_claimed_are_embedded_by_the_one_waiting(tmp_path
     one waiting for them embeds them itself, not waiting for good and not leaving them out."""
     paths, hashes = images
     store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
-    script = ("import sys, time\nfrom vision_tl.features.claims import claimed\n"
-              "from vision_tl.features.store import ShardStore\n"
-              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
-              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    time.sleep(60)\n")
-    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    other = _writer_holding_a_claim(store, hashes[:10])
     try:
-        assert other.stdout.readline().strip() == "claimed"
         done = []
         waiting = threading.Thread(target=lambda: done.append(FeatureCache(tmp_path / "cache").ensure(
             EXTRACTOR, paths, hashes, batch_size=4, progress=False)))
@@ -181,13 +188,8 @@ def test_a_writer_that_stopped_storing_what_it_claimed_is_waited_for_no_longer(t
     paths, hashes = images
     store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
     monkeypatch.setattr(claims, "STALL_S", 1.0)
-    script = ("import sys, time\nfrom vision_tl.features.claims import claimed\n"
-              "from vision_tl.features.store import ShardStore\n"
-              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
-              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    time.sleep(120)\n")
-    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    other = _writer_holding_a_claim(store, hashes[:10], "    time.sleep(120)\n")
     try:
-        assert other.stdout.readline().strip() == "claimed"
         report = FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=4, progress=False)
         assert other.poll() is None  # still holding its claim
     finally:
@@ -204,14 +206,10 @@ def test_a_writer_waits_only_until_the_images_it_waits_for_are_stored(tmp_path, 
     released, although every image it waited for was in the store."""
     paths, hashes = images
     store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
-    script = ("import sys, time\nimport numpy as np\nfrom vision_tl.features.claims import claimed\n"
-              "from vision_tl.features.store import ShardStore\n"
-              f"store = ShardStore({str(store.path)!r}, {IDENTITY!r})\n"
-              f"with claimed(store, {hashes[:10]!r}):\n    print('claimed', flush=True)\n    sys.stdin.readline()\n"
-              f"    store.append({hashes[:10]!r}, np.full((10, 4), 2, np.float32))\n    time.sleep(60)\n")
-    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = _writer_holding_a_claim(store, hashes[:10], "    sys.stdin.readline()\n"
+                                    f"    store.append({hashes[:10]!r}, np.full((10, 4), 2, np.float32))\n"
+                                    "    time.sleep(60)\n")
     try:
-        assert other.stdout.readline().strip() == "claimed"
         done = []
         waiting = threading.Thread(target=lambda: done.append(FeatureCache(tmp_path / "cache").ensure(
             EXTRACTOR, paths, hashes, batch_size=4, progress=False)), daemon=True)

@@ -494,41 +494,49 @@ def _tiny_classifier(num_classes: int = 3):
     return ClassifierNet(timm.create_model("test_efficientnet", pretrained=False, num_classes=0), num_classes).eval()
 
 
-def test_the_graph_scores_unfamiliarity_against_its_bank(tmp_path):
-    """The second output is 1 - the best cosine similarity of the pooled features to the bank,
-    computed in the ONNX graph (normalise, MatMul, ReduceMax, 1 - x) as PyTorch does."""
-    from vision_tl.deploy import ModelMetadata, Predictor
-    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
-    from vision_tl.export.parity import torch_features, torch_outputs
-    from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity
+def _tiny_model_and_bank(tmp_path, seed: int, images: int):
+    """A tiny classifier, its metadata at 32 px, ``images`` random training images, their
+    L2-normalised pooled features (the bank) and the checkpoint stand-in ``write_onnx`` takes."""
+    from vision_tl.deploy import ModelMetadata
+    from vision_tl.export.onnx_export import LoadedCheckpoint
+    from vision_tl.export.parity import torch_features
 
     net = _tiny_classifier()
     size = (32, 32)
     meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, 256, (6, *size, 3), dtype=np.uint8)
+    train = np.random.default_rng(seed).integers(0, 256, (images, *size, 3), dtype=np.uint8)
     bank = torch_features(net, meta, train)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    return net, meta, train, bank, LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic")
+
+
+def test_the_graph_scores_unfamiliarity_against_its_bank(tmp_path):
+    """The second output is 1 - the best cosine similarity of the pooled features to the bank,
+    computed in the ONNX graph (normalise, MatMul, ReduceMax, 1 - x) as PyTorch does."""
+    from vision_tl.deploy import Predictor
+    from vision_tl.export.onnx_export import write_onnx
+    from vision_tl.export.parity import torch_outputs
+    from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity
+
+    net, meta, train, bank, ckpt = _tiny_model_and_bank(tmp_path, seed=0, images=6)
     wrapper = DeployableClassifier(net, MEAN, STD, bank=torch.from_numpy(bank))
     assert wrapper.output_names == ["probabilities", "unfamiliarity"]
     out = wrapper(torch.from_numpy(train[:2]))
     assert isinstance(out, ClassifierWithUnfamiliarity) and torch.allclose(out.unfamiliarity, torch.zeros(2), atol=1e-6)
     path = tmp_path / "m.onnx"
-    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), path, meta,
-               bank=bank)
+    write_onnx(ckpt, path, meta, bank=bank)
     model = onnx.load(str(path))
     assert [o.name for o in model.graph.output] == ["probabilities", "unfamiliarity"]
     ops = [n.op_type for n in model.graph.node if n.name.startswith("/unfamiliarity_score/")]
     assert {"MatMul", "ReduceMax", "Sub"} <= set(ops)
-    new = rng.integers(0, 256, (5, *size, 3), dtype=np.uint8)
+    new = np.random.default_rng(10).integers(0, 256, (5, *meta.input_size, 3), dtype=np.uint8)
     probs, scores = torch_outputs(net, meta, new, bank=bank)
     predictor = Predictor(path)
     assert np.abs(predictor.unfamiliarity_arrays(new) - scores).max() < 1e-5
     assert np.abs(predictor.predict_arrays(new) - probs).max() < 1e-5
     assert (scores > 1e-3).all() and predictor.unfamiliarity_arrays(train).max() < 1e-5  # its own images: 0
     # without a bank: one output, as before
-    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"),
-               tmp_path / "plain.onnx", meta)
+    write_onnx(ckpt, tmp_path / "plain.onnx", meta)
     assert [o.name for o in onnx.load(str(tmp_path / "plain.onnx")).graph.output] == ["probabilities"]
     with pytest.raises(ExportError, match="no forward_features"):
         DeployableClassifier(MeanPoolNet(), MEAN, STD, bank=torch.ones(2, 3))
@@ -555,20 +563,13 @@ def test_copies_keep_the_unfamiliarity_score_in_float(tmp_path):
     """INT8: the score's nodes are left out of quantisation (the MatMul with the bank reads float
     features and a float bank, not dequantised ones); either copy's scores stay close to the fp32
     model's."""
-    from vision_tl.deploy import ModelMetadata, Predictor
-    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
-    from vision_tl.export.parity import torch_features
+    from vision_tl.deploy import Predictor
+    from vision_tl.export.onnx_export import write_onnx
     from vision_tl.export.quantize import convert_fp16, quantize_int8, unfamiliarity_nodes
 
-    net = _tiny_classifier()
-    size = (32, 32)
-    meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
-    rng = np.random.default_rng(1)
-    train = rng.integers(0, 256, (16, *size, 3), dtype=np.uint8)
-    bank = torch_features(net, meta, train)
+    net, meta, train, bank, ckpt = _tiny_model_and_bank(tmp_path, seed=1, images=16)
     fp32, int8, fp16 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx", tmp_path / "m.fp16.onnx"
-    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), fp32, meta,
-               bank=bank / np.linalg.norm(bank, axis=1, keepdims=True))
+    write_onnx(ckpt, fp32, meta, bank=bank)
     assert set(unfamiliarity_nodes(onnx.load(str(fp32)))) <= set(float_nodes(onnx.load(str(fp32)), "none"))
     images = []
     for i, image in enumerate(train):
@@ -583,7 +584,7 @@ def test_copies_keep_the_unfamiliarity_score_in_float(tmp_path):
     (bank_t,) = [t for t in graph.initializer if t.name == matmul.input[1]]
     assert bank_t.data_type == TensorProto.FLOAT
     assert not any(n.op_type == "DequantizeLinear" and "unfamiliarity_score" in n.output[0] for n in graph.node)
-    new = rng.integers(0, 256, (8, *size, 3), dtype=np.uint8)
+    new = np.random.default_rng(11).integers(0, 256, (8, *meta.input_size, 3), dtype=np.uint8)
     reference = Predictor(fp32).unfamiliarity_arrays(new)
     assert np.abs(Predictor(fp16).unfamiliarity_arrays(new) - reference).max() < 1e-2
     assert np.abs(Predictor(int8).unfamiliarity_arrays(new) - reference).max() < 0.1
