@@ -194,6 +194,23 @@ def test_eighteen_long_class_names_fit_the_report_and_stay_inside_the_figure(tmp
         assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers the curves"
 
 
+def test_roc_pr_legends_of_many_classes_with_longer_names_stay_inside_the_figure(tmp_path, saved_figures) -> None:
+    """Two legend columns of 35-character names were wider than their panel: the left legend ran
+    off the figure's edge, the two legends overlapped in the middle and the curves shrank to slivers."""
+    classes = [f"{name}_on_painted_surface_left_side" for name in ("scratch", "dent", "pit", "stain", "burr",
+                                                                   "chip", "crack", "smear", "blister", "rust")]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(classes)), 3)
+    result = M.evaluate(rng.dirichlet(np.ones(len(classes)), len(labels)), labels, classes)
+    plots.plot_roc_pr(result["curves"], tmp_path / "roc.png", title="val")
+    fig = saved_figures[0]
+    assert _texts_outside(fig) == []
+    renderer = fig.canvas.get_renderer()
+    roc, pr = (ax.get_legend().get_window_extent(renderer) for ax in fig.axes)
+    assert not roc.overlaps(pr)
+    assert all(ax.get_window_extent(renderer).width > 0.3 * fig.bbox.width for ax in fig.axes)
+
+
 def test_a_few_classes_keep_their_layout_inside_the_figure(tmp_path, saved_figures) -> None:
     result = M.evaluate(np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.8 + 0.2 / 3, np.array([0, 1, 2, 0, 1, 1]),
                         ["rolled-in_scale", "pitted_surface", "ok"], good_class="ok", threshold=0.5)

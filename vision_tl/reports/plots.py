@@ -113,16 +113,20 @@ def _save(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path
 def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest") -> Path:
     """ROC (left) and precision-recall (right) curves per class, AUC / AP in the legend."""
     many = len(curves) > 6  # the legend would cover the curves: it goes below them, two columns
-    rows = -(-len(curves) // 2)
+    labels = [f"{c['class']}: n/a ({c['undefined']['roc_auc']})" if c["roc_auc"] is None else
+              f"{c['class']}: AUC {c['roc_auc']:.3f}" for c in curves]
+    # ... or one, where two columns of the longest entry are wider than a panel
+    ncols = 2 if max(map(len, labels), default=0) <= 33 else 1
+    rows = -(-len(curves) // ncols)
     fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6 + (0.17 * rows + 0.3 if many else 0)), constrained_layout=True)
     roc.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     styles = ("-", "--", "-.", (0, (1, 1)))  # identical curves stay visible
     for i, c in enumerate(curves):
         style = {"lw": 1.8, "ls": styles[i % len(styles)], "alpha": 0.9}
         if c["roc_auc"] is None:
-            roc.plot([], [], " ", label=f"{c['class']}: n/a ({c['undefined']['roc_auc']})")
+            roc.plot([], [], " ", label=labels[i])
             continue
-        line, = roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], **style, label=f"{c['class']}: AUC {c['roc_auc']:.3f}")
+        line, = roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], **style, label=labels[i])
         pr.step(c["pr"]["recall"], c["pr"]["precision"], where="pre", **style, color=line.get_color(),
                 label=f"{c['class']}: AP {c['average_precision']:.3f}")
     for ax, (x, y), name in ((roc, ("false positive rate", "true positive rate"), "ROC"),
@@ -130,7 +134,7 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=x, ylabel=y, title=f"{title}: {name}")
         ax.grid(alpha=0.3)
         if many:
-            _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, fontsize=7)
+            _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=ncols, fontsize=7)
         else:
             _legend(ax, loc="lower right" if ax is roc else "lower left", fontsize=8)
     return _save(fig, path)
