@@ -285,6 +285,28 @@ def test_grad_cam_overlay_leaves_cold_regions_untinted(tmp_path, monkeypatch) ->
     assert overlay.shape[2] == 4 and overlay[..., 3].min() == 0.0 and overlay[..., 3].max() > 0.5
 
 
+def test_explain_writes_each_heat_map_before_decoding_the_next_image(tmp_path, monkeypatch) -> None:
+    """A folder was explained whole before the first PNG was written: every decoded image stayed in
+    memory until the last one was done (about 36 MB per 12-megapixel image, gigabytes for a folder)."""
+    from vision_tl import imaging
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    events = []
+    real_load, real_save = imaging.load_rgb, explain.save_explanation
+    monkeypatch.setattr(imaging, "load_rgb", lambda path, *a, **k: events.append(("load", Path(path).name))
+                        or real_load(path, *a, **k))
+    monkeypatch.setattr(explain, "save_explanation", lambda item, path, **k: events.append(("save", item.path.name))
+                        or real_save(item, path, **k))
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / name)
+    written = [path.name for _, path in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "out")]
+    assert written == ["a.gradcam.png", "b.gradcam.png"]
+    assert events == [("load", "a.png"), ("save", "a.png"), ("load", "b.png"), ("save", "b.png")]
+
+
 def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
     or what it was counted on; the weakest class had to be found in the table."""

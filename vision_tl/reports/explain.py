@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,12 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
         paths: image files.
         class_name: the class to explain; ``None`` explains the predicted class.
     """
+    return list(iter_explanations(model, paths, class_name))
+
+
+def iter_explanations(model, paths: list[str | Path], class_name: str | None = None) -> Iterator[Explanation]:
+    """:func:`explain_images` one image at a time: each image is decoded only when the one before
+    it has been used (a folder of large images is never in memory at once)."""
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -156,7 +163,6 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
     wanted = _class_index(classes, class_name)
     net = model.net.to("cpu").eval()
     transform = eval_transform(model.preprocessing)
-    results = []
     layer = target_layer(net.backbone, tuple(model.preprocessing.input_size))
     reshape = feature_map_transform(net.backbone, layer, tuple(model.preprocessing.input_size))
     if reshape is not None and isinstance(getattr(layer, "norm1", None), torch.nn.Module):
@@ -172,9 +178,8 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
                 probs = net(x).float().softmax(-1)[0].numpy()
             k = int(probs.argmax()) if wanted is None else wanted
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
-            results.append(Explanation(Path(path), image, np.nan_to_num(heat), classes[int(probs.argmax())],
-                                       float(probs.max()), classes[k], float(probs[k])))
-    return results
+            yield Explanation(Path(path), image, np.nan_to_num(heat), classes[int(probs.argmax())],
+                              float(probs.max()), classes[k], float(probs[k]))
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -252,11 +257,16 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                       class_name: str | None = None, overwrite: bool = False) -> list[tuple[Explanation, Path]]:
+                       class_name: str | None = None, overwrite: bool = False) -> Iterator[tuple[Explanation, Path]]:
     """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files.
 
+    Returns:
+        ``(explanation, png)`` per image, yielded as each file is written (iterate to write them
+        all): one image is in memory at a time, not a whole folder of them.
+
     Raises:
-        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work).
+        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work,
+            as are the images, ``out_dir`` and the class, when this is called).
     """
     from vision_tl.tasks.checkpoint import load_classifier
 
@@ -283,5 +293,5 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     model, _ = load_classifier(checkpoint)
     _class_index(list(model.classes), class_name)  # fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [(item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
-            for item in explain_images(model, paths, class_name)]
+    return ((item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
+            for item in iter_explanations(model, paths, class_name))
