@@ -265,6 +265,26 @@ def test_error_gallery_keeps_a_long_part_long(tmp_path, monkeypatch) -> None:
     assert shown[0][1] == pytest.approx(4 * shown[0][0], abs=1)
 
 
+def test_error_gallery_titles_of_long_class_names_stay_apart_and_inside(tmp_path, saved_figures) -> None:
+    """Titles ran into their neighbours' (and off the figure's edge) once a class name was longer
+    than about 30 characters; the file name below them was shortened, the class names not."""
+    from matplotlib.text import Text
+
+    image = tmp_path / "part_0001.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    long = ["scratch_on_painted_surface_left_side", "dent_near_the_mounting_hole_of_bracket"]
+    errors = [{"path": str(image), "true": long[i % 2], "predicted": long[(i + 1) % 2], "probability": 0.9}
+              for i in range(8)]
+    plots.plot_error_gallery(errors, tmp_path / "g.png")
+    fig = saved_figures[0]
+    assert _texts_outside(fig) == []
+    renderer = fig.canvas.get_renderer()
+    titles = [t.get_window_extent(renderer) for ax in fig.axes for t in ax.findobj(Text)
+              if t is ax.title and t.get_text()]
+    assert len(titles) == 8
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+
+
 def test_grad_cam_overlay_leaves_cold_regions_untinted(tmp_path, monkeypatch) -> None:
     """The overlay laid the 'jet' map at alpha 0.45 over every pixel: the whole surface turned blue
     and the defect under a hot spot was hard to see. Now the tint follows the relevance."""

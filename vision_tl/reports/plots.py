@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +321,9 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
             ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
         name = Path(err["path"]).name
         name = name if len(name) <= 32 else f"{name[:14]}…{name[-17:]}"
-        ax.set_title(f"true {err['true']}\npred {err['predicted']} ({err['probability']:.2f})\n{name}",
+        # a long class name wraps within its panel (about 32 characters wide), not into the next one
+        lines = [f"true {err['true']}", f"pred {err['predicted']} ({err['probability']:.2f})"]
+        ax.set_title("\n".join([*(part for line in lines for part in textwrap.wrap(line, 32)), name]),
                      fontsize=8.5, color=DEFECT_COLOUR)
     fig.suptitle("Most confident mistakes", fontsize=11)
     return _save(fig, path)
