@@ -223,6 +223,27 @@ def test_a_few_classes_keep_their_layout_inside_the_figure(tmp_path, saved_figur
     assert _texts_outside(fig_cm) == [] and _texts_outside(fig_pc) == []
 
 
+def _tick_labels_overlapping(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels drawn on top of each other on one axis of ``fig``."""
+    renderer = fig.canvas.get_renderer()
+    pairs = []
+    for ax in fig.axes:
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks if t.get_text().strip()]
+            pairs += [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+    return pairs
+
+
+def test_per_class_bars_of_a_few_long_class_names_keep_the_names_apart(tmp_path, saved_figures) -> None:
+    """With up to 8 classes the names stood side by side under their bars, 1.2 inches apart: names
+    longer than about 15 characters ran into each other and could not be read."""
+    classes = ["ok", "edge_crack_longitudinal", "burr_on_edge_of_part", "discolouration_heat_tint"]
+    result = M.evaluate(np.eye(4)[[0, 1, 2, 3, 0, 1]] * 0.7 + 0.3 / 4, np.array([0, 1, 2, 3, 0, 2]), classes)
+    plots.plot_per_class(result["per_class"], tmp_path / "per_class.png")
+    fig = saved_figures[0]
+    assert _tick_labels_overlapping(fig) == [] and _texts_outside(fig) == []
+
+
 def _threshold_case():
     rng = np.random.default_rng(1)
     is_good = np.r_[np.ones(10, bool), np.zeros(40, bool)]

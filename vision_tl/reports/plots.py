@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -165,16 +166,30 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
     return _save(fig, path)
 
 
+def _text_inches(texts: list[str], fontsize: float | str = "medium") -> float:
+    """The width of the widest of ``texts`` in inches, as matplotlib draws it (tick labels: medium)."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    renderer, font = RendererAgg(1, 1, 72), FontProperties(size=fontsize)  # (72 dpi: pixels are points)
+    with warnings.catch_warnings():  # (a glyph the font lacks is warned about where it is drawn)
+        warnings.simplefilter("ignore")
+        return max((renderer.get_text_width_height_descent(t, font, ismath=False)[0] / 72 for t in texts),
+                   default=0.0)
+
+
 SCORE_COLOURS = (("precision", "#0072B2"), ("recall", "#E69F00"), ("f1", "#009E73"))  # Okabe & Ito
 
 
 @literal_text
 def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per class") -> Path:
     """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'. Beyond
-    a few classes the bars lie down, one row per class, so long names need neither turning nor
-    a figure wider than a page."""
+    a few classes, or where the names are too long to stand side by side, the bars lie down, one
+    row per class, so long names need neither turning nor a figure wider than a page."""
     names = [f"{r['class']} (n={r['support']})" for r in per_class]
-    lying = len(names) > SIDE_BY_SIDE_CLASSES
+    # standing, each class has about (width - 1) / n inches for its name under its bars
+    room = (max(5.5, 1.2 * len(names) + 2) - 1) / max(1, len(names))
+    lying = len(names) > SIDE_BY_SIDE_CLASSES or _text_inches([str(r["class"]) for r in per_class]) > 0.9 * room
     x = np.arange(len(names))
     figsize = (9, 1.2 + 0.5 * len(names)) if lying else (max(5.5, 1.2 * len(names) + 2), 4)
     fig, ax = _subplots(figsize=figsize, constrained_layout=True)
