@@ -244,6 +244,21 @@ def test_per_class_bars_of_a_few_long_class_names_keep_the_names_apart(tmp_path,
     assert _tick_labels_overlapping(fig) == [] and _texts_outside(fig) == []
 
 
+def test_confusion_matrix_of_two_or_three_long_class_names_keeps_the_names_apart(tmp_path, saved_figures) -> None:
+    """Up to 3 classes the predicted-class names stood level under their columns, a cell apart:
+    names of 20 characters or more ran into each other."""
+    classes = ["ok", "edge_crack_longitudinal", "discolouration_heat_tint"]
+    for n in (2, 3):
+        plots.plot_confusion_matrix(np.eye(n, dtype=int) * 3, classes[-n:], tmp_path / f"cm{n}.png", title="val")
+    for fig in saved_figures:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[::2]:  # (the matrices, not their colour bars)
+            labels = [t for t in ax.get_xticklabels() if t.get_text()]
+            level = [t.get_window_extent(renderer) for t in labels if t.get_rotation() == 0]
+            assert not any(a.overlaps(b) for i, a in enumerate(level) for b in level[i + 1:])
+        assert _texts_outside(fig) == []
+
+
 def _threshold_case():
     rng = np.random.default_rng(1)
     is_good = np.r_[np.ones(10, bool), np.zeros(40, bool)]

@@ -80,10 +80,12 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
                           figsize=(side, 2 * side - 0.6) if stacked else (2 * side, side - 0.5),
                           constrained_layout=True)
     fontsize = 8 if n <= 12 else 6.5 if n <= 20 else 5
+    # names turn beyond 3 classes, or where one is wider than a column (they would run together)
+    turn = n > 3 or _text_inches(list(map(str, classes)), min(9, fontsize + 1)) > 0.9 * max(2.5, cell * n) / max(1, n)
     for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "counts"),
                                  (axes[1], normalised, "{:.2f}", "share of true class (recall on the diagonal)")):
         im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else None)
-        ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center",
+        ax.set_xticks(range(n), classes, rotation=45 if turn else 0, ha="right" if turn else "center",
                       rotation_mode="anchor", fontsize=min(9, fontsize + 1))
         ax.set_yticks(range(n), classes, fontsize=min(9, fontsize + 1))
         ax.set_xlabel("predicted class")
