@@ -385,6 +385,20 @@ def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     assert "kit_version" not in page and "None" not in page and "nan" not in page.lower()
 
 
+def test_html_report_without_a_threshold_states_the_rule_that_decided(tmp_path) -> None:
+    """Without a threshold the good-vs-defect section still said an image passes iff P(good) is at
+    least the threshold, next to 'argmax decision': the rates were counted by the most probable class."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.45, 0.3, 0.25], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
+    result = M.evaluate(probs, labels, ["good", "dent", "pit"], good_class="good")
+    page = render_report(result, {}, split="val", info={}, errors=[])
+    section = page[page.index("<h2>Good vs defect</h2>"):page.index('<table id="good-vs-defect"')]
+    assert "≥ threshold" not in section
+    assert "most probable class" in section
+
+
 def test_html_report_shows_how_little_a_rare_class_or_a_few_defects_pin_down(tmp_path) -> None:
     """One val image of a class gave recall 1.000 and one defective image an escape rate of
     0.0%, in the same type as the rates of 40 images: each now carries its 95 % interval."""

@@ -171,11 +171,13 @@ def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
     if gvd is None:
         return ('<h2>Good vs defect</h2><p class="small">No good class set for this run; train with '
                 "<code>--data.good_class NAME</code> to get escape and false-reject rates.</p>")
-    thr = "argmax decision (no threshold set)" if gvd["threshold"] is None else f"{gvd['threshold']:.4f}"
     how = f" — chosen for target <b>{_esc(choice['target'])}</b>" if choice and choice.get("target") else ""
+    good = _esc(gvd["good_class"])
+    rule = (f"iff P({good}) ≥ threshold. Threshold: <b>{gvd['threshold']:.4f}</b>{how}." if gvd["threshold"] is not None
+            else f"iff {good} is its most probable class: no threshold is set (choose one with "
+                 "<code>vision-tl report RUN --target-false-reject R</code> or <code>--target-escape E</code>).")
     why = gvd["undefined"]
-    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{_esc(gvd['good_class'])}</b> iff "
-            f"P({_esc(gvd['good_class'])}) ≥ threshold. Threshold: <b>{thr}</b>{how}.</p>"
+    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{good}</b> {rule}</p>"
             '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th>'
             "<th>95 % interval</th></tr>"
             f'<tr><td class="l">escape rate (defective images passed as good)</td>'
