@@ -435,6 +435,19 @@ def test_comparison_says_which_split_it_compares(tmp_path) -> None:
     assert 'title="no report of this run yet' in page
 
 
+def test_comparison_of_runs_sharing_no_class_says_so_instead_of_an_empty_recall_table(tmp_path) -> None:
+    from vision_tl.reports.compare import COLUMNS, Comparison, RunSummary
+    from vision_tl.reports.html import render_comparison
+
+    runs = [RunSummary(f"{name}/version_0", tmp_path, "resnet10t", "frozen", classes, {k: None for k, _ in COLUMNS},
+                       dict.fromkeys(classes, 1.0), None, has_report=False)
+            for name, classes in (("steel", ["crazing", "pitted"]), ("wood", ["knot", "ok"]))]
+    png = plots.plot_comparison(["a", "b"], {"acc": [0.9, 0.8]}, tmp_path / "c.png")
+    page = render_comparison(Comparison(runs, []).to_dict(), COLUMNS, [], png)
+    recall = page[page.index("<h2>Recall per class</h2>"):page.index('<img class="fig"')]
+    assert 'id="recall"' not in recall and "no class in common" in recall
+
+
 # --- training curves ------------------------------------------------------------------------
 
 def _history(n: int, **holes) -> list[dict]:

@@ -257,6 +257,8 @@ def render_comparison(data: dict, columns: tuple, shared_classes: list[str], fig
     recall_rows = "".join(f'<tr><td class="l">{_esc(r["name"])}</td>'
                           + "".join(_num(r["recall"].get(c), "class absent") for c in shared_classes) + "</tr>"
                           for r in data["runs"])
+    recall = (f'<table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>' if shared_classes
+              else '<p class="small">The runs have no class in common, so no recall can be set side by side.</p>')
     notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in data["notes"])
     split = _esc(data.get("split", "val"))
     return f"""<!DOCTYPE html>
@@ -264,7 +266,7 @@ def render_comparison(data: dict, columns: tuple, shared_classes: list[str], fig
 <title>vision_tl: runs compared ({split})</title><style>{CSS}</style></head>
 <body><main><h1>Runs compared on their {split} images</h1>{notes}
 <table id="compare"><tr><th class=l>run</th><th class=l>backbone</th><th class=l>mode</th>{head}</tr>{rows}</table>
-<h2>Recall per class</h2><table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>
+<h2>Recall per class</h2>{recall}
 <img class="fig" alt="comparison" src="{png_data_uri(figure)}">
 </main></body></html>
 """
