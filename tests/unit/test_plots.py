@@ -363,6 +363,22 @@ def test_explain_writes_each_heat_map_before_decoding_the_next_image(tmp_path, m
     assert events == [("load", "a.png"), ("save", "a.png"), ("load", "b.png"), ("save", "b.png")]
 
 
+def test_explain_of_a_folder_leaves_out_the_heat_maps_an_earlier_run_wrote_into_it(tmp_path, monkeypatch) -> None:
+    """`vision-tl explain CKPT . --overwrite` (the default --out, ./explain, inside the folder) explained
+    the heat maps the first run had written there: x.gradcam.gradcam.png beside x.gradcam.png."""
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    first = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain")]
+    again = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain",
+                                                           overwrite=True)]
+    assert first == again == ["a.gradcam.png"]
+    assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["a.gradcam.png"]
+
+
 def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
     or what it was counted on; the weakest class had to be found in the table."""

@@ -227,8 +227,9 @@ def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True
     return _save(fig, path, overwrite=overwrite)
 
 
-def expand_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files from files and folders (folders searched recursively)."""
+def expand_images(inputs: list[str | Path], skip: str | Path | None = None) -> list[Path]:
+    """Image files from files and folders (folders searched recursively); a folder's files under
+    ``skip`` (explain's output folder: the heat maps of an earlier run) are left out."""
     from vision_tl.data.folder import warn_ignored
     from vision_tl.imaging import IMAGE_EXTENSIONS, image_files
     from vision_tl.utils.files import name_key, refuse_empty_path
@@ -241,9 +242,14 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
         if item.is_dir():
             found, ignored = image_files(item)  # the walk of fit, predict and predict-onnx
             warn_ignored(ignored, item, stacklevel=3)
+            walked = len(found)
+            if skip is not None:
+                outputs = Path(os.path.abspath(skip))
+                found = [path for path in found if not Path(os.path.abspath(path)).is_relative_to(outputs)]
             if not found:
                 raise ExplainError(f"folder {item} holds no images (searched recursively for "
-                                   f"{', '.join(IMAGE_EXTENSIONS)})")
+                                   f"{', '.join(IMAGE_EXTENSIONS)})" + (f" but the heat maps in --out {skip}"
+                                                                        if walked else ""))
         elif item.is_file():
             found = [item]
         else:
@@ -270,7 +276,7 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     """
     from vision_tl.tasks.checkpoint import load_classifier
 
-    paths = expand_images(images)
+    paths = expand_images(images, skip=out_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExplainError(f"--out {out_dir} is a file; --out is the folder that receives the .gradcam.png files")
