@@ -464,6 +464,24 @@ def test_comparison_of_runs_sharing_no_class_says_so_instead_of_an_empty_recall_
     assert 'id="recall"' not in recall and "no class in common" in recall
 
 
+def test_comparison_of_ten_runs_keeps_its_legend_and_scores_off_the_bars(tmp_path, saved_figures) -> None:
+    """`vision-tl compare runs/*/version_*` of 10 runs: the legend (4 rows inside the plot) covered the
+    bars of two metrics near 0.9 and their scores, and the scores of neighbouring bars ran together."""
+    runs = [f"partial_lite{i % 3}/version_{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    metrics = {m: list(rng.uniform(0.85, 0.99, len(runs))) for m in ("accuracy", "balanced acc.", "macro F1",
+                                                                      "macro AUC")}
+    plots.plot_comparison(runs, metrics, tmp_path / "c.png")
+    fig = saved_figures[0]
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    scores = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(scores) == 40
+    assert not any(a.overlaps(b) for i, a in enumerate(scores) for b in scores[i + 1:])
+    assert _texts_outside(fig) == []
+
+
 # --- training curves ------------------------------------------------------------------------
 
 def _history(n: int, **holes) -> list[dict]:

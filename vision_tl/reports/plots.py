@@ -276,16 +276,27 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
     names = list(metrics)
     x = np.arange(len(names))
     width = 0.8 / max(1, len(runs))
-    fig, ax = _subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4), constrained_layout=True)
+    # a legend of several rows (beyond 3 runs, or long names one a row: runs told apart by their
+    # paths) would cover the bars: it goes below them; beyond 6 runs, the scores of the narrower bars
+    # stand upright so that neighbours do not run together
+    ncols = min(3, len(runs)) if max(map(len, runs), default=0) <= 30 else 1
+    rows = -(-len(runs) // max(1, ncols))
+    below, upright = rows > 1 or ncols == 1, len(runs) > 6
+    fig, ax = _subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4 + (0.2 * rows if below else 0)),
+                        constrained_layout=True)
     for i, run in enumerate(runs):
         values = [metrics[m][i] for m in names]
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, [v or 0.0 for v in values], width=width * 0.95, label=run)
         for p, v in zip(pos, values):
-            ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7,
+                    rotation=90 if upright else 0)
     ax.set_xticks(x, names)
     ax.set(ylim=(0, 1.15), ylabel="score", title=title)
-    _legend(ax, fontsize=8, loc="upper right", ncols=min(3, len(runs)))
+    if below:
+        _legend(ax, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=ncols)
+    else:
+        _legend(ax, fontsize=8, loc="upper right", ncols=ncols)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
