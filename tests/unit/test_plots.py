@@ -259,6 +259,16 @@ def test_confusion_matrix_of_two_or_three_long_class_names_keeps_the_names_apart
         assert _texts_outside(fig) == []
 
 
+def test_confusion_matrix_counts_scale_shows_whole_images(tmp_path, saved_figures) -> None:
+    """The counts' colour bar of a small val split read 0.25, 0.5, 0.75 ... images."""
+    plots.plot_confusion_matrix([[2, 1], [0, 3]], ["ok", "dent"], tmp_path / "cm.png", title="val")
+    fig = saved_figures[0]
+    fig.canvas.draw()
+    counts_bar = fig.axes[2]  # (the two matrices, then their colour bars)
+    ticks = [t for t in counts_bar.get_yticks() if 0 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def _threshold_case():
     rng = np.random.default_rng(1)
     is_good = np.r_[np.ones(10, bool), np.zeros(40, bool)]

@@ -84,7 +84,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
     turn = n > 3 or _text_inches(list(map(str, classes)), min(9, fontsize + 1)) > 0.9 * max(2.5, cell * n) / max(1, n)
     for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "counts"),
                                  (axes[1], normalised, "{:.2f}", "share of true class (recall on the diagonal)")):
-        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else None)
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else max(1, data.max(initial=0)))
         ax.set_xticks(range(n), classes, rotation=45 if turn else 0, ha="right" if turn else "center",
                       rotation_mode="anchor", fontsize=min(9, fontsize + 1))
         ax.set_yticks(range(n), classes, fontsize=min(9, fontsize + 1))
@@ -95,7 +95,11 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
         for (i, j), v in np.ndenumerate(data):
             ax.text(j, i, _cell_text(counts[i, j], normalised[i, j], i == j, fmt), ha="center", va="center",
                     color="white" if top and v > top / 2 else "black", fontsize=fontsize)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="images" if data is counts else "share of the row")
+        bar = fig.colorbar(im, ax=ax, shrink=0.8, label="images" if data is counts else "share of the row")
+        if data is counts:  # whole images, not 0.25 of one
+            from matplotlib.ticker import MaxNLocator
+
+            bar.locator = MaxNLocator(integer=True)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
