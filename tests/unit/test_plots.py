@@ -101,6 +101,18 @@ def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, m
     assert Image.open(tmp_path / "cm.png").size[0] > 100
 
 
+def test_confusion_matrix_share_short_of_one_is_not_written_as_one(tmp_path, monkeypatch):
+    """200 of 201 'ok' images right: the diagonal read 1.00, as if none were missed (the one missed
+    beside it read <0.01)."""
+    from matplotlib.axes import Axes
+
+    written = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: written.append(s) or real(self, x, y, s, *a, **k))
+    plots.plot_confusion_matrix([[200, 1], [0, 30]], ["ok", "dent"], tmp_path / "cm.png")
+    assert written[4:] == [">0.99", "<0.01", "", "1.00"]
+
+
 def test_precision_recall_curve_drawn_encloses_the_average_precision_in_its_legend(tmp_path, monkeypatch):
     """AP sums each recall step times the precision reached at its end; the staircase drawn
     must hold that precision over the step, or the curve sits below the AP it is labelled with."""

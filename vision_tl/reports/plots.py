@@ -57,6 +57,8 @@ def _cell_text(count: float, share: float, diagonal: bool, fmt: str) -> str:
         return "n/a"
     if count == 0 and not diagonal:
         return ""
+    if 0.995 <= share < 1:
+        return ">0.99"  # 1.00 would read as all
     return "<0.01" if 0 < share < 0.005 else fmt.format(share)  # 0.00 would read as none
 
 
