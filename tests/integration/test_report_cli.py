@@ -244,6 +244,8 @@ def test_compare_leaves_out_a_run_stopped_before_its_first_validation(run, tmp_p
     (["report", "{tmp}/nope"], "does not exist"),
     (["report", "{run}", "--in-place"], "--in-place only applies"),
     (["report", "{run}", "--split", "test", "--target-escape", "0.1"], "thresholds are chosen on validation images"),
+    # a bare file name is looked for in the working folder: the message gives the path to pass
+    (["report", "{run}", "--checkpoint", "last.ckpt"], "--checkpoint {run}/checkpoints/last.ckpt"),
     (["compare", "{tmp}"], "no metrics.json"),
     (["explain", "{run}/checkpoints/best.ckpt", "{tmp}/missing.png"], "does not exist"),
     (["explain", "{run}/checkpoints/best.ckpt", "{run}/report.html", "--class", "nope"], "crack, good"),
@@ -252,6 +254,7 @@ def test_bad_input_is_one_error_line_and_exit_2(run, tmp_path, capsys, argv, mes
     # In-process (a subprocess costs ~10 s of imports): an escaping exception would fail the test.
     assert main([a.format(run=run, tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
+    message = message.format(run=run)
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
 
 
