@@ -247,6 +247,7 @@ def test_compare_leaves_out_a_run_stopped_before_its_first_validation(run, tmp_p
     # a bare file name is looked for in the working folder: the message gives the path to pass
     (["report", "{run}", "--checkpoint", "last.ckpt"], "--checkpoint {run}/checkpoints/last.ckpt"),
     (["compare", "{tmp}"], "no metrics.json"),
+    (["compare", "{tmp}/*/version_*"], "matches no run directory"),
     (["explain", "{run}/checkpoints/best.ckpt", "{tmp}/missing.png"], "does not exist"),
     (["explain", "{run}/checkpoints/best.ckpt", "{run}/report.html", "--class", "nope"], "crack, good"),
 ])
@@ -414,6 +415,16 @@ def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, 
     assert main(["compare", str(run), str(output)]) == 0
     out = capsys.readouterr().out
     assert f"left out {tmp_path.name}/version_9: no checkpoints/" in out and "partial/version_0" in out
+
+
+def test_compare_expands_a_pattern_no_shell_expanded(run, tmp_path, capsys):
+    """Windows' shells pass `runs/*/version_*` (the README's example) on as it is written, as does a
+    quoted pattern: compare took it for one run directory and found no metrics.json in it."""
+    for n in (2, 10):
+        shutil.copytree(run, tmp_path / "partial" / f"version_{n}")
+    assert main(["compare", str(tmp_path / "*" / "version_*")]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if not line.startswith("note")]
+    assert rows == ["partial/version_2", "partial/version_10"]
 
 
 def test_compare_of_test_results_keeps_the_test_outputs_and_names_twins_apart(run, tmp_path, capsys):
