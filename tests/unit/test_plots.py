@@ -308,6 +308,19 @@ def test_the_chosen_threshold_is_labelled_with_the_rates_it_gives(tmp_path, save
     assert _texts_outside(threshold_fig) == [] and _texts_outside(operating_fig) == []
 
 
+def test_threshold_figures_of_a_long_good_class_name_stay_inside(tmp_path, saved_figures) -> None:
+    """Titles and axis labels that name the good class ran off the figure for a name of 40+ characters."""
+    good = "good_part_without_any_visible_surface_defect"
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 5)
+    probs = rng.dirichlet([1, 1], 10)
+    result = M.evaluate(probs, labels, [good, "dent"], good_class=good, threshold=0.4)
+    sweep = result["good_vs_defect"]["sweep"]
+    plots.plot_threshold(probs[:, 0], labels == 0, sweep, tmp_path / "t.png", threshold=0.4, good_class=good)
+    plots.plot_operating_curve(sweep, tmp_path / "o.png", threshold=0.4, good_class=good)
+    assert [_texts_outside(fig) for fig in saved_figures] == [[], []]
+
+
 def test_error_gallery_keeps_a_long_part_long(tmp_path, monkeypatch) -> None:
     """Thumbnails were squeezed to squares: a 1:4 strip was shown 4x too tall."""
     from matplotlib.axes import Axes

@@ -227,6 +227,11 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per cl
     return _save(fig, path)
 
 
+def _wrap(text: str, width: int) -> str:
+    """``text`` in lines of at most ``width`` characters: a long good-class name stays in its panel."""
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def _rates_at(sweep: dict, threshold: float) -> tuple[int, float | None, float | None]:
     """The sweep's index at ``threshold`` (the sweep holds the threshold itself) and both rates there."""
     k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
@@ -252,13 +257,13 @@ def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: s
         if len(values):
             hist.hist(values, bins=edges, weights=np.full(len(values), 1 / len(values)), alpha=0.6, color=color,
                       edgecolor=color, label=f"{name} (n={len(values)})")
-    hist.set(xlabel=f"P({good_class})", ylabel="share of the group's images", xlim=(0, 1),
-             title=f"P({good_class}) by true condition")
+    hist.set(xlabel=_wrap(f"P({good_class})", 60), ylabel="share of the group's images", xlim=(0, 1),
+             title=_wrap(f"P({good_class}) by true condition", 44))
     for name, values, color in (("escape rate (defects passed)", sweep["escape_rate"], DEFECT_COLOUR),
                                 ("false-reject rate (good rejected)", sweep["false_reject_rate"], GOOD_COLOUR)):
         if values is not None:
             rates.plot(sweep["threshold"], values, color=color, lw=2, label=name)
-    rates.set(xlabel=f"threshold on P({good_class})", ylabel="rate", xlim=(0, 1), ylim=(-0.02, 1.02),
+    rates.set(xlabel=_wrap(f"threshold on P({good_class})", 60), ylabel="rate", xlim=(0, 1), ylim=(-0.02, 1.02),
               title="error rates vs threshold (good iff P ≥ threshold)" if threshold is not None else
               "error rates vs threshold (none set: argmax decides)")
     if threshold is not None:
@@ -326,7 +331,7 @@ def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None 
                         (fr[k], esc[k]), xytext=(0.45, 0.6), textcoords="axes fraction", fontsize=9,
                         arrowprops={"arrowstyle": "->", "color": "black", "lw": 1},
                         bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
-    ax.set(xlabel=f"false-reject rate ({good_class} images rejected)", ylabel="escape rate (defects passed)",
+    ax.set(xlabel=_wrap(f"false-reject rate ({good_class} images rejected)", 60), ylabel="escape rate (defects passed)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
