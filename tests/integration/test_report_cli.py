@@ -244,7 +244,10 @@ def test_compare_leaves_out_a_run_stopped_before_its_first_validation(run, tmp_p
     (["report", "{tmp}/nope"], "does not exist"),
     (["report", "{run}", "--in-place"], "--in-place only applies"),
     (["report", "{run}", "--split", "test", "--target-escape", "0.1"], "thresholds are chosen on validation images"),
+    # a bare file name is looked for in the working folder: the message gives the path to pass
+    (["report", "{run}", "--checkpoint", "last.ckpt"], "--checkpoint {run}/checkpoints/last.ckpt"),
     (["compare", "{tmp}"], "no metrics.json"),
+    (["compare", "{tmp}/*/version_*"], "matches no run directory"),
     (["explain", "{run}/checkpoints/best.ckpt", "{tmp}/missing.png"], "does not exist"),
     (["explain", "{run}/checkpoints/best.ckpt", "{run}/report.html", "--class", "nope"], "crack, good"),
 ])
@@ -252,6 +255,7 @@ def test_bad_input_is_one_error_line_and_exit_2(run, tmp_path, capsys, argv, mes
     # In-process (a subprocess costs ~10 s of imports): an escaping exception would fail the test.
     assert main([a.format(run=run, tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
+    message = message.format(run=run)
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
 
 
@@ -411,6 +415,16 @@ def test_compare_over_a_glob_leaves_out_test_and_predict_outputs(run, tmp_path, 
     assert main(["compare", str(run), str(output)]) == 0
     out = capsys.readouterr().out
     assert f"left out {tmp_path.name}/version_9: no checkpoints/" in out and "partial/version_0" in out
+
+
+def test_compare_expands_a_pattern_no_shell_expanded(run, tmp_path, capsys):
+    """Windows' shells pass `runs/*/version_*` (the README's example) on as it is written, as does a
+    quoted pattern: compare took it for one run directory and found no metrics.json in it."""
+    for n in (2, 10):
+        shutil.copytree(run, tmp_path / "partial" / f"version_{n}")
+    assert main(["compare", str(tmp_path / "*" / "version_*")]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if not line.startswith("note")]
+    assert rows == ["partial/version_2", "partial/version_10"]
 
 
 def test_compare_of_test_results_keeps_the_test_outputs_and_names_twins_apart(run, tmp_path, capsys):

@@ -101,6 +101,18 @@ def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, m
     assert Image.open(tmp_path / "cm.png").size[0] > 100
 
 
+def test_confusion_matrix_share_short_of_one_is_not_written_as_one(tmp_path, monkeypatch):
+    """200 of 201 'ok' images right: the diagonal read 1.00, as if none were missed (the one missed
+    beside it read <0.01)."""
+    from matplotlib.axes import Axes
+
+    written = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: written.append(s) or real(self, x, y, s, *a, **k))
+    plots.plot_confusion_matrix([[200, 1], [0, 30]], ["ok", "dent"], tmp_path / "cm.png")
+    assert written[4:] == [">0.99", "<0.01", "", "1.00"]
+
+
 def test_precision_recall_curve_drawn_encloses_the_average_precision_in_its_legend(tmp_path, monkeypatch):
     """AP sums each recall step times the precision reached at its end; the staircase drawn
     must hold that precision over the step, or the curve sits below the AP it is labelled with."""
@@ -194,6 +206,23 @@ def test_eighteen_long_class_names_fit_the_report_and_stay_inside_the_figure(tmp
         assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers the curves"
 
 
+def test_roc_pr_legends_of_many_classes_with_longer_names_stay_inside_the_figure(tmp_path, saved_figures) -> None:
+    """Two legend columns of 35-character names were wider than their panel: the left legend ran
+    off the figure's edge, the two legends overlapped in the middle and the curves shrank to slivers."""
+    classes = [f"{name}_on_painted_surface_left_side" for name in ("scratch", "dent", "pit", "stain", "burr",
+                                                                   "chip", "crack", "smear", "blister", "rust")]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(classes)), 3)
+    result = M.evaluate(rng.dirichlet(np.ones(len(classes)), len(labels)), labels, classes)
+    plots.plot_roc_pr(result["curves"], tmp_path / "roc.png", title="val")
+    fig = saved_figures[0]
+    assert _texts_outside(fig) == []
+    renderer = fig.canvas.get_renderer()
+    roc, pr = (ax.get_legend().get_window_extent(renderer) for ax in fig.axes)
+    assert not roc.overlaps(pr)
+    assert all(ax.get_window_extent(renderer).width > 0.3 * fig.bbox.width for ax in fig.axes)
+
+
 def test_a_few_classes_keep_their_layout_inside_the_figure(tmp_path, saved_figures) -> None:
     result = M.evaluate(np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.8 + 0.2 / 3, np.array([0, 1, 2, 0, 1, 1]),
                         ["rolled-in_scale", "pitted_surface", "ok"], good_class="ok", threshold=0.5)
@@ -204,6 +233,52 @@ def test_a_few_classes_keep_their_layout_inside_the_figure(tmp_path, saved_figur
     assert [ax.get_title() for ax in fig_cm.axes[:2]] == [  # not "val (epoch 3) (count)"
         "val (epoch 3): counts", "val (epoch 3): share of true class (recall on the diagonal)"]
     assert _texts_outside(fig_cm) == [] and _texts_outside(fig_pc) == []
+
+
+def _tick_labels_overlapping(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels drawn on top of each other on one axis of ``fig``."""
+    renderer = fig.canvas.get_renderer()
+    pairs = []
+    for ax in fig.axes:
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks if t.get_text().strip()]
+            pairs += [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+    return pairs
+
+
+def test_per_class_bars_of_a_few_long_class_names_keep_the_names_apart(tmp_path, saved_figures) -> None:
+    """With up to 8 classes the names stood side by side under their bars, 1.2 inches apart: names
+    longer than about 15 characters ran into each other and could not be read."""
+    classes = ["ok", "edge_crack_longitudinal", "burr_on_edge_of_part", "discolouration_heat_tint"]
+    result = M.evaluate(np.eye(4)[[0, 1, 2, 3, 0, 1]] * 0.7 + 0.3 / 4, np.array([0, 1, 2, 3, 0, 2]), classes)
+    plots.plot_per_class(result["per_class"], tmp_path / "per_class.png")
+    fig = saved_figures[0]
+    assert _tick_labels_overlapping(fig) == [] and _texts_outside(fig) == []
+
+
+def test_confusion_matrix_of_two_or_three_long_class_names_keeps_the_names_apart(tmp_path, saved_figures) -> None:
+    """Up to 3 classes the predicted-class names stood level under their columns, a cell apart:
+    names of 20 characters or more ran into each other."""
+    classes = ["ok", "edge_crack_longitudinal", "discolouration_heat_tint"]
+    for n in (2, 3):
+        plots.plot_confusion_matrix(np.eye(n, dtype=int) * 3, classes[-n:], tmp_path / f"cm{n}.png", title="val")
+    for fig in saved_figures:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[::2]:  # (the matrices, not their colour bars)
+            labels = [t for t in ax.get_xticklabels() if t.get_text()]
+            level = [t.get_window_extent(renderer) for t in labels if t.get_rotation() == 0]
+            assert not any(a.overlaps(b) for i, a in enumerate(level) for b in level[i + 1:])
+        assert _texts_outside(fig) == []
+
+
+def test_confusion_matrix_counts_scale_shows_whole_images(tmp_path, saved_figures) -> None:
+    """The counts' colour bar of a small val split read 0.25, 0.5, 0.75 ... images."""
+    plots.plot_confusion_matrix([[2, 1], [0, 3]], ["ok", "dent"], tmp_path / "cm.png", title="val")
+    fig = saved_figures[0]
+    fig.canvas.draw()
+    counts_bar = fig.axes[2]  # (the two matrices, then their colour bars)
+    ticks = [t for t in counts_bar.get_yticks() if 0 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def _threshold_case():
@@ -233,6 +308,19 @@ def test_the_chosen_threshold_is_labelled_with_the_rates_it_gives(tmp_path, save
     assert _texts_outside(threshold_fig) == [] and _texts_outside(operating_fig) == []
 
 
+def test_threshold_figures_of_a_long_good_class_name_stay_inside(tmp_path, saved_figures) -> None:
+    """Titles and axis labels that name the good class ran off the figure for a name of 40+ characters."""
+    good = "good_part_without_any_visible_surface_defect"
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 5)
+    probs = rng.dirichlet([1, 1], 10)
+    result = M.evaluate(probs, labels, [good, "dent"], good_class=good, threshold=0.4)
+    sweep = result["good_vs_defect"]["sweep"]
+    plots.plot_threshold(probs[:, 0], labels == 0, sweep, tmp_path / "t.png", threshold=0.4, good_class=good)
+    plots.plot_operating_curve(sweep, tmp_path / "o.png", threshold=0.4, good_class=good)
+    assert [_texts_outside(fig) for fig in saved_figures] == [[], []]
+
+
 def test_error_gallery_keeps_a_long_part_long(tmp_path, monkeypatch) -> None:
     """Thumbnails were squeezed to squares: a 1:4 strip was shown 4x too tall."""
     from matplotlib.axes import Axes
@@ -246,6 +334,26 @@ def test_error_gallery_keeps_a_long_part_long(tmp_path, monkeypatch) -> None:
     plots.plot_error_gallery([{"path": str(image), "true": "ok", "predicted": "dent", "probability": 0.9}],
                              tmp_path / "g.png")
     assert shown[0][1] == pytest.approx(4 * shown[0][0], abs=1)
+
+
+def test_error_gallery_titles_of_long_class_names_stay_apart_and_inside(tmp_path, saved_figures) -> None:
+    """Titles ran into their neighbours' (and off the figure's edge) once a class name was longer
+    than about 30 characters; the file name below them was shortened, the class names not."""
+    from matplotlib.text import Text
+
+    image = tmp_path / "part_0001.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    long = ["scratch_on_painted_surface_left_side", "dent_near_the_mounting_hole_of_bracket"]
+    errors = [{"path": str(image), "true": long[i % 2], "predicted": long[(i + 1) % 2], "probability": 0.9}
+              for i in range(8)]
+    plots.plot_error_gallery(errors, tmp_path / "g.png")
+    fig = saved_figures[0]
+    assert _texts_outside(fig) == []
+    renderer = fig.canvas.get_renderer()
+    titles = [t.get_window_extent(renderer) for ax in fig.axes for t in ax.findobj(Text)
+              if t is ax.title and t.get_text()]
+    assert len(titles) == 8
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
 
 
 def test_grad_cam_overlay_leaves_cold_regions_untinted(tmp_path, monkeypatch) -> None:
@@ -268,6 +376,44 @@ def test_grad_cam_overlay_leaves_cold_regions_untinted(tmp_path, monkeypatch) ->
     assert overlay.shape[2] == 4 and overlay[..., 3].min() == 0.0 and overlay[..., 3].max() > 0.5
 
 
+def test_explain_writes_each_heat_map_before_decoding_the_next_image(tmp_path, monkeypatch) -> None:
+    """A folder was explained whole before the first PNG was written: every decoded image stayed in
+    memory until the last one was done (about 36 MB per 12-megapixel image, gigabytes for a folder)."""
+    from vision_tl import imaging
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    events = []
+    real_load, real_save = imaging.load_rgb, explain.save_explanation
+    monkeypatch.setattr(imaging, "load_rgb", lambda path, *a, **k: events.append(("load", Path(path).name))
+                        or real_load(path, *a, **k))
+    monkeypatch.setattr(explain, "save_explanation", lambda item, path, **k: events.append(("save", item.path.name))
+                        or real_save(item, path, **k))
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / name)
+    written = [path.name for _, path in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "out")]
+    assert written == ["a.gradcam.png", "b.gradcam.png"]
+    assert events == [("load", "a.png"), ("save", "a.png"), ("load", "b.png"), ("save", "b.png")]
+
+
+def test_explain_of_a_folder_leaves_out_the_heat_maps_an_earlier_run_wrote_into_it(tmp_path, monkeypatch) -> None:
+    """`vision-tl explain CKPT . --overwrite` (the default --out, ./explain, inside the folder) explained
+    the heat maps the first run had written there: x.gradcam.gradcam.png beside x.gradcam.png."""
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    first = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain")]
+    again = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain",
+                                                           overwrite=True)]
+    assert first == again == ["a.gradcam.png"]
+    assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["a.gradcam.png"]
+
+
 def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
     or what it was counted on; the weakest class had to be found in the table."""
@@ -288,6 +434,20 @@ def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     cards = page[page.index('<div class="cards">'):]
     assert cards.index("balanced accuracy") < cards.index("escape rate") < cards.index(">accuracy<")
     assert "kit_version" not in page and "None" not in page and "nan" not in page.lower()
+
+
+def test_html_report_without_a_threshold_states_the_rule_that_decided(tmp_path) -> None:
+    """Without a threshold the good-vs-defect section still said an image passes iff P(good) is at
+    least the threshold, next to 'argmax decision': the rates were counted by the most probable class."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.45, 0.3, 0.25], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
+    result = M.evaluate(probs, labels, ["good", "dent", "pit"], good_class="good")
+    page = render_report(result, {}, split="val", info={}, errors=[])
+    section = page[page.index("<h2>Good vs defect</h2>"):page.index('<table id="good-vs-defect"')]
+    assert "≥ threshold" not in section
+    assert "most probable class" in section
 
 
 def test_html_report_shows_how_little_a_rare_class_or_a_few_defects_pin_down(tmp_path) -> None:
@@ -324,6 +484,37 @@ def test_comparison_says_which_split_it_compares(tmp_path) -> None:
     page = render_comparison(data, COLUMNS, ["good"], png)
     assert data["split"] == "test" and "<h1>Runs compared on their test images</h1>" in page
     assert 'title="no report of this run yet' in page
+
+
+def test_comparison_of_runs_sharing_no_class_says_so_instead_of_an_empty_recall_table(tmp_path) -> None:
+    from vision_tl.reports.compare import COLUMNS, Comparison, RunSummary
+    from vision_tl.reports.html import render_comparison
+
+    runs = [RunSummary(f"{name}/version_0", tmp_path, "resnet10t", "frozen", classes, {k: None for k, _ in COLUMNS},
+                       dict.fromkeys(classes, 1.0), None, has_report=False)
+            for name, classes in (("steel", ["crazing", "pitted"]), ("wood", ["knot", "ok"]))]
+    png = plots.plot_comparison(["a", "b"], {"acc": [0.9, 0.8]}, tmp_path / "c.png")
+    page = render_comparison(Comparison(runs, []).to_dict(), COLUMNS, [], png)
+    recall = page[page.index("<h2>Recall per class</h2>"):page.index('<img class="fig"')]
+    assert 'id="recall"' not in recall and "no class in common" in recall
+
+
+def test_comparison_of_ten_runs_keeps_its_legend_and_scores_off_the_bars(tmp_path, saved_figures) -> None:
+    """`vision-tl compare runs/*/version_*` of 10 runs: the legend (4 rows inside the plot) covered the
+    bars of two metrics near 0.9 and their scores, and the scores of neighbouring bars ran together."""
+    runs = [f"partial_lite{i % 3}/version_{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    metrics = {m: list(rng.uniform(0.85, 0.99, len(runs))) for m in ("accuracy", "balanced acc.", "macro F1",
+                                                                      "macro AUC")}
+    plots.plot_comparison(runs, metrics, tmp_path / "c.png")
+    fig = saved_figures[0]
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    scores = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(scores) == 40
+    assert not any(a.overlaps(b) for i, a in enumerate(scores) for b in scores[i + 1:])
+    assert _texts_outside(fig) == []
 
 
 # --- training curves ------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def report_parser() -> argparse.ArgumentParser:
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tl compare", formatter_class=FMT, epilog=COMPARE_EPILOG,
                                 description="Compare runs side by side from their metrics.json.")
-    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR",
+                   help="run directories, or patterns such as 'runs/*/version_*' (expanded here where no shell did)")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which metrics (default: val)")
     p.add_argument("--out", type=path_arg, metavar="DIR", help="also write compare.html, compare.json and compare.png here")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")

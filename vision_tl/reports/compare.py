@@ -6,8 +6,10 @@ good/defect rates too; otherwise only the validation metrics written by ``fit``.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,12 +163,30 @@ def _predates_checkpoint(metrics: dict, report: dict, split: str) -> bool:
     return named == "best.ckpt" and isinstance(evaluated, int) and isinstance(best, int) and evaluated != best
 
 
+def _expand(run: str | Path) -> list[str | Path]:
+    """``run``, or the directories a pattern such as ``runs/*/version_*`` matches where no shell
+    expanded it (Windows' shells, a quoted argument); a pattern that matches none is refused."""
+    text = os.path.expanduser(str(run))
+    if os.path.exists(text) or not any(c in text for c in "*?["):
+        return [run]
+    found = sorted((path for path in glob.glob(text) if os.path.isdir(path)), key=_version_order)
+    if not found:
+        raise ReportError(f"{run} matches no run directory")
+    return found
+
+
+def _version_order(path: str) -> tuple:
+    """Natural order: ``version_2`` before ``version_10`` (which sorts first by name)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path))
+
+
 def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     """Summaries of several runs, with notes when they are not strictly comparable."""
     if len(runs) < 1:
         raise ReportError("give at least one run directory")
     for run in runs:
         refuse_empty_path(run, "run directory")
+    runs = [found for run in runs for found in _expand(run)]
     notes = []
     if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
         # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the

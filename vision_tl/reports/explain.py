@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,12 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
         paths: image files.
         class_name: the class to explain; ``None`` explains the predicted class.
     """
+    return list(iter_explanations(model, paths, class_name))
+
+
+def iter_explanations(model, paths: list[str | Path], class_name: str | None = None) -> Iterator[Explanation]:
+    """:func:`explain_images` one image at a time: each image is decoded only when the one before
+    it has been used (a folder of large images is never in memory at once)."""
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -156,7 +163,6 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
     wanted = _class_index(classes, class_name)
     net = model.net.to("cpu").eval()
     transform = eval_transform(model.preprocessing)
-    results = []
     layer = target_layer(net.backbone, tuple(model.preprocessing.input_size))
     reshape = feature_map_transform(net.backbone, layer, tuple(model.preprocessing.input_size))
     if reshape is not None and isinstance(getattr(layer, "norm1", None), torch.nn.Module):
@@ -172,9 +178,8 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
                 probs = net(x).float().softmax(-1)[0].numpy()
             k = int(probs.argmax()) if wanted is None else wanted
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
-            results.append(Explanation(Path(path), image, np.nan_to_num(heat), classes[int(probs.argmax())],
-                                       float(probs.max()), classes[k], float(probs[k])))
-    return results
+            yield Explanation(Path(path), image, np.nan_to_num(heat), classes[int(probs.argmax())],
+                              float(probs.max()), classes[k], float(probs[k]))
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -222,8 +227,9 @@ def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True
     return _save(fig, path, overwrite=overwrite)
 
 
-def expand_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files from files and folders (folders searched recursively)."""
+def expand_images(inputs: list[str | Path], skip: str | Path | None = None) -> list[Path]:
+    """Image files from files and folders (folders searched recursively); a folder's files under
+    ``skip`` (explain's output folder: the heat maps of an earlier run) are left out."""
     from vision_tl.data.folder import warn_ignored
     from vision_tl.imaging import IMAGE_EXTENSIONS, image_files
     from vision_tl.utils.files import name_key, refuse_empty_path
@@ -236,9 +242,14 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
         if item.is_dir():
             found, ignored = image_files(item)  # the walk of fit, predict and predict-onnx
             warn_ignored(ignored, item, stacklevel=3)
+            walked = len(found)
+            if skip is not None:
+                outputs = Path(os.path.abspath(skip))
+                found = [path for path in found if not Path(os.path.abspath(path)).is_relative_to(outputs)]
             if not found:
                 raise ExplainError(f"folder {item} holds no images (searched recursively for "
-                                   f"{', '.join(IMAGE_EXTENSIONS)})")
+                                   f"{', '.join(IMAGE_EXTENSIONS)})" + (f" but the heat maps in --out {skip}"
+                                                                        if walked else ""))
         elif item.is_file():
             found = [item]
         else:
@@ -252,15 +263,20 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                       class_name: str | None = None, overwrite: bool = False) -> list[tuple[Explanation, Path]]:
+                       class_name: str | None = None, overwrite: bool = False) -> Iterator[tuple[Explanation, Path]]:
     """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files.
 
+    Returns:
+        ``(explanation, png)`` per image, yielded as each file is written (iterate to write them
+        all): one image is in memory at a time, not a whole folder of them.
+
     Raises:
-        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work).
+        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work,
+            as are the images, ``out_dir`` and the class, when this is called).
     """
     from vision_tl.tasks.checkpoint import load_classifier
 
-    paths = expand_images(images)
+    paths = expand_images(images, skip=out_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExplainError(f"--out {out_dir} is a file; --out is the folder that receives the .gradcam.png files")
@@ -283,5 +299,5 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
     model, _ = load_classifier(checkpoint)
     _class_index(list(model.classes), class_name)  # fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [(item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
-            for item in explain_images(model, paths, class_name)]
+    return ((item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
+            for item in iter_explanations(model, paths, class_name))

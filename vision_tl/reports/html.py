@@ -171,11 +171,13 @@ def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
     if gvd is None:
         return ('<h2>Good vs defect</h2><p class="small">No good class set for this run; train with '
                 "<code>--data.good_class NAME</code> to get escape and false-reject rates.</p>")
-    thr = "argmax decision (no threshold set)" if gvd["threshold"] is None else f"{gvd['threshold']:.4f}"
     how = f" — chosen for target <b>{_esc(choice['target'])}</b>" if choice and choice.get("target") else ""
+    good = _esc(gvd["good_class"])
+    rule = (f"iff P({good}) ≥ threshold. Threshold: <b>{gvd['threshold']:.4f}</b>{how}." if gvd["threshold"] is not None
+            else f"iff {good} is its most probable class: no threshold is set (choose one with "
+                 "<code>vision-tl report RUN --target-false-reject R</code> or <code>--target-escape E</code>).")
     why = gvd["undefined"]
-    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{_esc(gvd['good_class'])}</b> iff "
-            f"P({_esc(gvd['good_class'])}) ≥ threshold. Threshold: <b>{thr}</b>{how}.</p>"
+    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{good}</b> {rule}</p>"
             '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th>'
             "<th>95 % interval</th></tr>"
             f'<tr><td class="l">escape rate (defective images passed as good)</td>'
@@ -255,6 +257,8 @@ def render_comparison(data: dict, columns: tuple, shared_classes: list[str], fig
     recall_rows = "".join(f'<tr><td class="l">{_esc(r["name"])}</td>'
                           + "".join(_num(r["recall"].get(c), "class absent") for c in shared_classes) + "</tr>"
                           for r in data["runs"])
+    recall = (f'<table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>' if shared_classes
+              else '<p class="small">The runs have no class in common, so no recall can be set side by side.</p>')
     notes = "".join(f'<div class="note">{_esc(n)}</div>' for n in data["notes"])
     split = _esc(data.get("split", "val"))
     return f"""<!DOCTYPE html>
@@ -262,7 +266,7 @@ def render_comparison(data: dict, columns: tuple, shared_classes: list[str], fig
 <title>vision_tl: runs compared ({split})</title><style>{CSS}</style></head>
 <body><main><h1>Runs compared on their {split} images</h1>{notes}
 <table id="compare"><tr><th class=l>run</th><th class=l>backbone</th><th class=l>mode</th>{head}</tr>{rows}</table>
-<h2>Recall per class</h2><table id="recall"><tr><th class=l>run</th>{recall_head}</tr>{recall_rows}</table>
+<h2>Recall per class</h2>{recall}
 <img class="fig" alt="comparison" src="{png_data_uri(figure)}">
 </main></body></html>
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,8 @@ def _cell_text(count: float, share: float, diagonal: bool, fmt: str) -> str:
         return "n/a"
     if count == 0 and not diagonal:
         return ""
+    if 0.995 <= share < 1:
+        return ">0.99"  # 1.00 would read as all
     return "<0.01" if 0 < share < 0.005 else fmt.format(share)  # 0.00 would read as none
 
 
@@ -78,10 +82,12 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
                           figsize=(side, 2 * side - 0.6) if stacked else (2 * side, side - 0.5),
                           constrained_layout=True)
     fontsize = 8 if n <= 12 else 6.5 if n <= 20 else 5
+    # names turn beyond 3 classes, or where one is wider than a column (they would run together)
+    turn = n > 3 or _text_inches(list(map(str, classes)), min(9, fontsize + 1)) > 0.9 * max(2.5, cell * n) / max(1, n)
     for ax, data, fmt, label in ((axes[0], counts, "{:.0f}", "counts"),
                                  (axes[1], normalised, "{:.2f}", "share of true class (recall on the diagonal)")):
-        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else None)
-        ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center",
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is normalised else max(1, data.max(initial=0)))
+        ax.set_xticks(range(n), classes, rotation=45 if turn else 0, ha="right" if turn else "center",
                       rotation_mode="anchor", fontsize=min(9, fontsize + 1))
         ax.set_yticks(range(n), classes, fontsize=min(9, fontsize + 1))
         ax.set_xlabel("predicted class")
@@ -91,7 +97,11 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: str
         for (i, j), v in np.ndenumerate(data):
             ax.text(j, i, _cell_text(counts[i, j], normalised[i, j], i == j, fmt), ha="center", va="center",
                     color="white" if top and v > top / 2 else "black", fontsize=fontsize)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="images" if data is counts else "share of the row")
+        bar = fig.colorbar(im, ax=ax, shrink=0.8, label="images" if data is counts else "share of the row")
+        if data is counts:  # whole images, not 0.25 of one
+            from matplotlib.ticker import MaxNLocator
+
+            bar.locator = MaxNLocator(integer=True)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -113,16 +123,20 @@ def _save(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path
 def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest") -> Path:
     """ROC (left) and precision-recall (right) curves per class, AUC / AP in the legend."""
     many = len(curves) > 6  # the legend would cover the curves: it goes below them, two columns
-    rows = -(-len(curves) // 2)
+    labels = [f"{c['class']}: n/a ({c['undefined']['roc_auc']})" if c["roc_auc"] is None else
+              f"{c['class']}: AUC {c['roc_auc']:.3f}" for c in curves]
+    # ... or one, where two columns of the longest entry are wider than a panel
+    ncols = 2 if max(map(len, labels), default=0) <= 33 else 1
+    rows = -(-len(curves) // ncols)
     fig, (roc, pr) = _subplots(1, 2, figsize=(10, 4.6 + (0.17 * rows + 0.3 if many else 0)), constrained_layout=True)
     roc.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     styles = ("-", "--", "-.", (0, (1, 1)))  # identical curves stay visible
     for i, c in enumerate(curves):
         style = {"lw": 1.8, "ls": styles[i % len(styles)], "alpha": 0.9}
         if c["roc_auc"] is None:
-            roc.plot([], [], " ", label=f"{c['class']}: n/a ({c['undefined']['roc_auc']})")
+            roc.plot([], [], " ", label=labels[i])
             continue
-        line, = roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], **style, label=f"{c['class']}: AUC {c['roc_auc']:.3f}")
+        line, = roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], **style, label=labels[i])
         pr.step(c["pr"]["recall"], c["pr"]["precision"], where="pre", **style, color=line.get_color(),
                 label=f"{c['class']}: AP {c['average_precision']:.3f}")
     for ax, (x, y), name in ((roc, ("false positive rate", "true positive rate"), "ROC"),
@@ -130,7 +144,7 @@ def plot_roc_pr(curves: list[dict], path: str | Path, title: str = "One-vs-rest"
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=x, ylabel=y, title=f"{title}: {name}")
         ax.grid(alpha=0.3)
         if many:
-            _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, fontsize=7)
+            _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=ncols, fontsize=7)
         else:
             _legend(ax, loc="lower right" if ax is roc else "lower left", fontsize=8)
     return _save(fig, path)
@@ -160,16 +174,30 @@ def plot_reliability(calibration: dict, path: str | Path, title: str = "Calibrat
     return _save(fig, path)
 
 
+def _text_inches(texts: list[str], fontsize: float | str = "medium") -> float:
+    """The width of the widest of ``texts`` in inches, as matplotlib draws it (tick labels: medium)."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    renderer, font = RendererAgg(1, 1, 72), FontProperties(size=fontsize)  # (72 dpi: pixels are points)
+    with warnings.catch_warnings():  # (a glyph the font lacks is warned about where it is drawn)
+        warnings.simplefilter("ignore")
+        return max((renderer.get_text_width_height_descent(t, font, ismath=False)[0] / 72 for t in texts),
+                   default=0.0)
+
+
 SCORE_COLOURS = (("precision", "#0072B2"), ("recall", "#E69F00"), ("f1", "#009E73"))  # Okabe & Ito
 
 
 @literal_text
 def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per class") -> Path:
     """Grouped bars of precision, recall and F1 per class; undefined values marked 'n/a'. Beyond
-    a few classes the bars lie down, one row per class, so long names need neither turning nor
-    a figure wider than a page."""
+    a few classes, or where the names are too long to stand side by side, the bars lie down, one
+    row per class, so long names need neither turning nor a figure wider than a page."""
     names = [f"{r['class']} (n={r['support']})" for r in per_class]
-    lying = len(names) > SIDE_BY_SIDE_CLASSES
+    # standing, each class has about (width - 1) / n inches for its name under its bars
+    room = (max(5.5, 1.2 * len(names) + 2) - 1) / max(1, len(names))
+    lying = len(names) > SIDE_BY_SIDE_CLASSES or _text_inches([str(r["class"]) for r in per_class]) > 0.9 * room
     x = np.arange(len(names))
     figsize = (9, 1.2 + 0.5 * len(names)) if lying else (max(5.5, 1.2 * len(names) + 2), 4)
     fig, ax = _subplots(figsize=figsize, constrained_layout=True)
@@ -199,6 +227,11 @@ def plot_per_class(per_class: list[dict], path: str | Path, title: str = "Per cl
     return _save(fig, path)
 
 
+def _wrap(text: str, width: int) -> str:
+    """``text`` in lines of at most ``width`` characters: a long good-class name stays in its panel."""
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def _rates_at(sweep: dict, threshold: float) -> tuple[int, float | None, float | None]:
     """The sweep's index at ``threshold`` (the sweep holds the threshold itself) and both rates there."""
     k = int(np.argmin(np.abs(np.asarray(sweep["threshold"]) - threshold)))
@@ -224,13 +257,13 @@ def plot_threshold(p_good: np.ndarray, is_good: np.ndarray, sweep: dict, path: s
         if len(values):
             hist.hist(values, bins=edges, weights=np.full(len(values), 1 / len(values)), alpha=0.6, color=color,
                       edgecolor=color, label=f"{name} (n={len(values)})")
-    hist.set(xlabel=f"P({good_class})", ylabel="share of the group's images", xlim=(0, 1),
-             title=f"P({good_class}) by true condition")
+    hist.set(xlabel=_wrap(f"P({good_class})", 60), ylabel="share of the group's images", xlim=(0, 1),
+             title=_wrap(f"P({good_class}) by true condition", 44))
     for name, values, color in (("escape rate (defects passed)", sweep["escape_rate"], DEFECT_COLOUR),
                                 ("false-reject rate (good rejected)", sweep["false_reject_rate"], GOOD_COLOUR)):
         if values is not None:
             rates.plot(sweep["threshold"], values, color=color, lw=2, label=name)
-    rates.set(xlabel=f"threshold on P({good_class})", ylabel="rate", xlim=(0, 1), ylim=(-0.02, 1.02),
+    rates.set(xlabel=_wrap(f"threshold on P({good_class})", 60), ylabel="rate", xlim=(0, 1), ylim=(-0.02, 1.02),
               title="error rates vs threshold (good iff P ≥ threshold)" if threshold is not None else
               "error rates vs threshold (none set: argmax decides)")
     if threshold is not None:
@@ -254,16 +287,27 @@ def plot_comparison(runs: list[str], metrics: dict[str, list[float | None]], pat
     names = list(metrics)
     x = np.arange(len(names))
     width = 0.8 / max(1, len(runs))
-    fig, ax = _subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4), constrained_layout=True)
+    # a legend of several rows (beyond 3 runs, or long names one a row: runs told apart by their
+    # paths) would cover the bars: it goes below them; beyond 6 runs, the scores of the narrower bars
+    # stand upright so that neighbours do not run together
+    ncols = min(3, len(runs)) if max(map(len, runs), default=0) <= 30 else 1
+    rows = -(-len(runs) // max(1, ncols))
+    below, upright = rows > 1 or ncols == 1, len(runs) > 6
+    fig, ax = _subplots(figsize=(max(6, 1.6 * len(names) + 0.4 * len(runs)), 4 + (0.2 * rows if below else 0)),
+                        constrained_layout=True)
     for i, run in enumerate(runs):
         values = [metrics[m][i] for m in names]
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, [v or 0.0 for v in values], width=width * 0.95, label=run)
         for p, v in zip(pos, values):
-            ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(p, (v or 0.0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=7,
+                    rotation=90 if upright else 0)
     ax.set_xticks(x, names)
     ax.set(ylim=(0, 1.15), ylabel="score", title=title)
-    _legend(ax, fontsize=8, loc="upper right", ncols=min(3, len(runs)))
+    if below:
+        _legend(ax, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=ncols)
+    else:
+        _legend(ax, fontsize=8, loc="upper right", ncols=ncols)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -287,7 +331,7 @@ def plot_operating_curve(sweep: dict, path: str | Path, threshold: float | None 
                         (fr[k], esc[k]), xytext=(0.45, 0.6), textcoords="axes fraction", fontsize=9,
                         arrowprops={"arrowstyle": "->", "color": "black", "lw": 1},
                         bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
-    ax.set(xlabel=f"false-reject rate ({good_class} images rejected)", ylabel="escape rate (defects passed)",
+    ax.set(xlabel=_wrap(f"false-reject rate ({good_class} images rejected)", 60), ylabel="escape rate (defects passed)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -316,7 +360,9 @@ def plot_error_gallery(errors: list[dict], path: str | Path, columns: int = 4, t
             ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
         name = Path(err["path"]).name
         name = name if len(name) <= 32 else f"{name[:14]}…{name[-17:]}"
-        ax.set_title(f"true {err['true']}\npred {err['predicted']} ({err['probability']:.2f})\n{name}",
+        # a long class name wraps within its panel (about 32 characters wide), not into the next one
+        lines = [f"true {err['true']}", f"pred {err['predicted']} ({err['probability']:.2f})"]
+        ax.set_title("\n".join([*(part for line in lines for part in textwrap.wrap(line, 32)), name]),
                      fontsize=8.5, color=DEFECT_COLOUR)
     fig.suptitle("Most confident mistakes", fontsize=11)
     return _save(fig, path)

@@ -418,8 +418,9 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
     if not path.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
         if found:
-            raise ReportError(f"checkpoint {path} not found; the run has: {', '.join(found)} (pick one with "
-                              "--checkpoint)")
+            named = path.name if checkpoint and path.name in found else found[0]
+            raise ReportError(f"checkpoint {path} not found; the run has: {', '.join(found)} (pick one by its path, "
+                              f"e.g. --checkpoint {run_dir / 'checkpoints' / named})")
         evaluated = _evaluated_checkpoint(run_dir)
         if checkpoint is None and evaluated:
             raise ReportError(f"{run_dir} holds the output of `vision-tl validate`, `test` or `predict` (of {evaluated}), "
