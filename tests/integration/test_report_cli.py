@@ -171,6 +171,12 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
         inputs.append(shutil.copy(image, tmp_path / folder / "good" / "x.png"))
     assert main(["explain", str(run / "checkpoints/best.ckpt"), *map(str, inputs), "--out", str(tmp_path / "o")]) == 0
     assert len(list((tmp_path / "o").glob("*.gradcam.png"))) == 3
+    # from Python, one call writes them all (not a generator left unread) and names the files
+    from vision_tl.reports.explain import explain_checkpoint
+
+    written = explain_checkpoint(run / "checkpoints/best.ckpt", inputs, tmp_path / "py")
+    assert isinstance(written, list) and sorted(written) == sorted((tmp_path / "py").glob("*.gradcam.png"))
+    assert len(written) == 3
 
 
 def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path):

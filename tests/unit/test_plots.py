@@ -393,7 +393,7 @@ def test_explain_writes_each_heat_map_before_decoding_the_next_image(tmp_path, m
                         or real_save(item, path, **k))
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / name)
-    written = [path.name for _, path in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "out")]
+    written = [path.name for _, path in explain.iter_explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "out")]
     assert written == ["a.gradcam.png", "b.gradcam.png"]
     assert events == [("load", "a.png"), ("save", "a.png"), ("load", "b.png"), ("save", "b.png")]
 
@@ -407,9 +407,8 @@ def test_explain_of_a_folder_leaves_out_the_heat_maps_an_earlier_run_wrote_into_
     model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
     monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
     Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
-    first = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain")]
-    again = [p.name for _, p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain",
-                                                           overwrite=True)]
+    first = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain")]
+    again = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path / "explain", overwrite=True)]
     assert first == again == ["a.gradcam.png"]
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["a.gradcam.png"]
 

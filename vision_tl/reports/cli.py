@@ -192,10 +192,10 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from vision_tl.reports.explain import explain_checkpoint
+    from vision_tl.reports.explain import iter_explain_checkpoint
 
-    for item, path in explain_checkpoint(args.checkpoint, args.images, args.out, args.class_name,
-                                          args.overwrite):
+    for item, path in iter_explain_checkpoint(args.checkpoint, args.images, args.out, args.class_name,
+                                               args.overwrite):
         print(f"{item.path}: predicted {item.predicted} ({item.probability:.3f}); "
               f"Grad-CAM of {item.explained} -> {path}")
 

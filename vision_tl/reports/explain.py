@@ -263,12 +263,23 @@ def expand_images(inputs: list[str | Path], skip: str | Path | None = None) -> l
 
 
 def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                       class_name: str | None = None, overwrite: bool = False) -> Iterator[tuple[Explanation, Path]]:
-    """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files.
+                       class_name: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Load a checkpoint, explain every image and write ``<out_dir>/<stem>.gradcam.png`` files;
+    the files written, in the images' order. One image is in memory at a time (see
+    :func:`iter_explain_checkpoint`, which yields each explanation as its file is written).
 
-    Returns:
-        ``(explanation, png)`` per image, yielded as each file is written (iterate to write them
-        all): one image is in memory at a time, not a whole folder of them.
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is False (checked before any work).
+    """
+    return [png for _, png in iter_explain_checkpoint(checkpoint, images, out_dir, class_name, overwrite)]
+
+
+def iter_explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
+                            class_name: str | None = None,
+                            overwrite: bool = False) -> Iterator[tuple[Explanation, Path]]:
+    """:func:`explain_checkpoint` as it goes: ``(explanation, png)`` per image, yielded as each
+    file is written (iterate to write them all): one image is in memory at a time, not a whole
+    folder of them.
 
     Raises:
         FileExistsError: an output file exists and ``overwrite`` is False (checked before any work,
