@@ -76,6 +76,14 @@ def test_multi_stage_width_and_values(tiny_net) -> None:
         _extractor(tiny_net, stages="9")
 
 
+def test_a_stage_counted_from_the_end_shares_the_cache_entry_of_its_number(tiny_net) -> None:
+    """--stages -1 and --stages 4 (of 5) are the same features: they were keyed apart, so the cache
+    computed and stored them twice."""
+    last = len(tiny_net.feature_info) - 1
+    assert _extractor(tiny_net, stages="-1,pooled").identity() == _extractor(tiny_net, stages=f"{last},pooled").identity()
+    assert _extractor(tiny_net, stages="-1").identity() != _extractor(tiny_net, stages=f"{last - 1}").identity()
+
+
 def test_uint8_batches_are_normalised_on_the_device_exactly_as_on_the_workers(tiny_net) -> None:
     """Workers send uint8 (4x less to move); ``embed`` normalises it bit-identically to the
     float path, so features and cache entries do not depend on where normalisation ran."""

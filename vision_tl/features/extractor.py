@@ -140,6 +140,7 @@ class FeatureExtractor:
                 raise ValueError(f"stages {','.join(self.stages)} name stage {k % len(info)} twice ({k} counts from "
                                  f"the end of {backbone}'s {len(info)} stages); list each stage once")
             self._indices.append(k % len(info))
+        self._stage_widths = info
         widths = {str(k): info[k % len(info)] for k in self._indices} if info else {}
         self.widths = [pooled_width(model) if s == POOLED else widths[str(int(s) % len(info))]
                        for s in self.stages]
@@ -169,7 +170,8 @@ class FeatureExtractor:
                 "weights": weights_identity(self.model),
                 "state_digest": "",  # below, from the weights as they are now
                 "preprocessing": self.preprocessing.to_dict(),
-                "stages": list(self.stages),
+                # counted from the start: --stages -1 and --stages 4 of a 5-stage model share a store
+                "stages": [s if s == POOLED else str(int(s) % len(self._stage_widths)) for s in self.stages],
                 "num_features": self.num_features,
                 "augment": json.loads(json.dumps(self.augment)),
                 "view": self.view,
