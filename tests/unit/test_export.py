@@ -588,3 +588,17 @@ def test_copies_keep_the_unfamiliarity_score_in_float(tmp_path):
     assert np.abs(Predictor(fp16).unfamiliarity_arrays(new) - reference).max() < 1e-2
     assert np.abs(Predictor(int8).unfamiliarity_arrays(new) - reference).max() < 0.1
     assert ExportOptions().unfamiliar is True
+
+
+def test_a_threshold_below_zero_from_float_rounding_is_stored_as_zero():
+    """Copies of training images in other bytes (not left out by their sha256) score 0 give or
+    take rounding, e.g. -3.6e-7: where they alone set the threshold, the export stores 0 rather
+    than failing on metadata it wrote itself."""
+    from vision_tl.deploy import ModelMetadata
+    from vision_tl.export.unfamiliar import with_threshold
+
+    meta = ModelMetadata(classes=["a", "b"], input_size=(8, 8), mean=MEAN, std=STD)
+    scores = np.array([-3.6e-7, -5.9e-7, 0.9], np.float32)
+    out = with_threshold(meta, scores, np.array([True, True, False]), bank_size=5)
+    assert (out.unfamiliar_threshold, out.unfamiliar_val_images, out.unfamiliar_bank_images) == (0.0, 2, 5)
+    assert ModelMetadata.from_props(out.to_props(), "test").unfamiliar_threshold == 0.0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.deploy import ModelMetadata
+from vision_tl.deploy.metadata import MAX_UNFAMILIARITY
 from vision_tl.export.parity import DecodedImages, ImageSet, decode, torch_features
 from vision_tl.utils.files import file_sha256
 
@@ -88,8 +89,14 @@ def with_threshold(metadata: ModelMetadata, scores: np.ndarray, keep: np.ndarray
     check images (so none of them is flagged, and the model on the line gives exactly these
     scores to these pixels). An INT8/FP16 copy gets its own, from its own scores: the argument
     holds for whichever model scores the images, and the copy's features differ (see
-    benchmarks/RESULTS.md)."""
-    return dataclasses.replace(metadata, unfamiliar_threshold=float(np.max(np.asarray(scores)[keep])),
+    benchmarks/RESULTS.md).
+
+    The score of an image whose features equal a bank image's is 0 give or take float rounding
+    (-6e-7 seen): a highest score below 0 (every kept image a copy of a training image in other
+    bytes) is stored as 0, the lowest threshold the metadata holds; the bound still holds, since
+    a higher threshold flags fewer images."""
+    highest = float(np.max(np.asarray(scores)[keep]))
+    return dataclasses.replace(metadata, unfamiliar_threshold=min(max(highest, 0.0), MAX_UNFAMILIARITY),
                                unfamiliar_bank_images=int(bank_size), unfamiliar_val_images=int(keep.sum()))
 
 
