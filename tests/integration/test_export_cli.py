@@ -561,3 +561,25 @@ def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_move
     err = capsys.readouterr().err
     assert "its own threshold" in err
     assert "WARNING: m.int8.onnx: its unfamiliarity threshold" in err and "deploy the fp32 model" in err
+
+
+def test_check_images_all_in_the_bank_but_an_unreadable_one_give_no_output_rather_than_a_crash(
+        trained_run, tmp_path, capsys):
+    """Each readable check image is a training image (its sha256 is a bank image's) and the one
+    that is not cannot be read: no image can set the threshold. The model is written without
+    the output, with a line saying why, as when every check image is a bank image."""
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    train = split_images(ckpt, "train", json.loads((trained_run / "labels.json").read_text()))
+    check = tmp_path / "check" / "good"
+    check.mkdir(parents=True)
+    for path in train.paths[:3]:
+        shutil.copy(path, check / path.name)
+    (check / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "m.onnx"
+    assert export_main([str(ckpt), "--out", str(out), "--parity-images", str(tmp_path / "check")]) == 0
+    err = capsys.readouterr().err
+    assert "note: no 'unfamiliarity' output: the 3 check images that could be read are all training images" in err
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities"]
+    assert read_metadata(out).unfamiliar_threshold is None
+    report = json.loads((tmp_path / "m.parity.json").read_text())
+    assert report["passed"] and report["unfamiliarity_max_abs_diff"] is None and "unfamiliar" not in report["details"]

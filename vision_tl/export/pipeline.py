@@ -47,6 +47,7 @@ from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
 from vision_tl.export.unfamiliar import (
     BankPlan,
     build_bank,
+    no_threshold_note,
     plan_bank,
     threshold_images,
     threshold_note,
@@ -206,6 +207,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
             report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
                                                                     scratch=out.parent, bank=bank)
+            if fp32_scores is not None and not threshold_images(decoded, plan).any():
+                # every readable check image is a bank image (the others could not be read): no
+                # threshold, so the model is written and checked again without the output
+                log(no_threshold_note(decoded, plan))
+                bank = plan = None
+                write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
+                report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
+                                                                        scratch=out.parent)
             if fp32_scores is not None:
                 keep = threshold_images(decoded, plan)
                 metadata = with_threshold(metadata, fp32_scores, keep, len(bank))

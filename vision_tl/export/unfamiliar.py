@@ -84,6 +84,14 @@ def threshold_images(decoded: DecodedImages, plan: BankPlan) -> np.ndarray:
     return np.asarray([p not in plan.in_bank for p in decoded.paths], bool)
 
 
+def no_threshold_note(decoded: DecodedImages, plan: BankPlan) -> str:
+    """Why a model whose readable check images are all bank images gets no unfamiliarity output."""
+    return (f"note: no 'unfamiliarity' output: the {len(decoded.paths)} check images that could be read are all "
+            f"training images it would be compared with ({plan.images.source}), and the other "
+            f"{len(decoded.unreadable)} could not be read, so none can set its threshold; {HOW_TO_GET_IT}, the "
+            "check images not among the training images (--parity-images DIR)")
+
+
 def with_threshold(metadata: ModelMetadata, scores: np.ndarray, keep: np.ndarray, bank_size: int) -> ModelMetadata:
     """The metadata with ``unfamiliar_threshold``: the highest ONNX score among the ``keep``
     check images (so none of them is flagged, and the model on the line gives exactly these
