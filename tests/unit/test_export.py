@@ -602,3 +602,22 @@ def test_a_threshold_below_zero_from_float_rounding_is_stored_as_zero():
     out = with_threshold(meta, scores, np.array([True, True, False]), bank_size=5)
     assert (out.unfamiliar_threshold, out.unfamiliar_val_images, out.unfamiliar_bank_images) == (0.0, 2, 5)
     assert ModelMetadata.from_props(out.to_props(), "test").unfamiliar_threshold == 0.0
+
+
+def test_check_images_that_are_training_images_outside_the_bank_do_not_set_the_threshold(tmp_path, monkeypatch):
+    """A training set over BANK_IMAGES is subsampled for the bank; a check image that is one of the
+    training images left out of it was still trained on, no validation image: it is left out of
+    the threshold too (by content), not only the bank's own images."""
+    from vision_tl.export import unfamiliar
+
+    monkeypatch.setattr(unfamiliar, "BANK_IMAGES", 2)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"train_{i}.png")
+        paths[-1].write_bytes(b"image %d" % i)
+    new = tmp_path / "new.png"
+    new.write_bytes(b"image 9")  # the same size as the training files, another content
+    training = ImageSet(paths, [0] * 6, "train")
+    plan = unfamiliar.plan_bank(training, ImageSet(paths + [new], [0] * 7, "check"), None, lambda _: None)
+    assert len(plan.images.paths) == 2
+    assert plan.in_bank == set(paths)
