@@ -621,3 +621,35 @@ def test_check_images_that_are_training_images_outside_the_bank_do_not_set_the_t
     plan = unfamiliar.plan_bank(training, ImageSet(paths + [new], [0] * 7, "check"), None, lambda _: None)
     assert len(plan.images.paths) == 2
     assert plan.in_bank == set(paths)
+
+
+def test_the_check_runs_the_model_once_for_both_outputs(tmp_path, monkeypatch):
+    """The probabilities and the unfamiliarity come from the same pass of onnxruntime over the
+    check images, not one pass each (a check set of thousands of images took twice as long)."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.export.parity import check_parity, torch_features
+
+    net = _tiny_classifier()
+    size = (32, 32)
+    meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
+    rng = np.random.default_rng(0)
+    bank = torch_features(net, meta, rng.integers(0, 256, (4, *size, 3), dtype=np.uint8))
+    path = tmp_path / "m.onnx"
+    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), path, meta,
+               bank=bank)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    seen = []
+    real = Predictor._run_once
+
+    def counting(self, batch):
+        seen.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(Predictor, "_run_once", counting)
+    report, _, probabilities, scores = check_parity(net, path, meta, ImageSet(paths, [None] * 5, "test"), bank=bank)
+    assert report.passed and probabilities.shape == (5, 3) and scores.shape == (5,)
+    assert sum(seen) == 5

@@ -352,6 +352,12 @@ class Predictor:
                               "--no-unfamiliar)")
         return self._run_arrays(images, batch_size)[1]
 
+    def outputs_arrays(self, images: Iterable[np.ndarray] | np.ndarray, *,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_arrays` and, for a model with the ``unfamiliarity`` output,
+        :meth:`unfamiliarity_arrays` (else None) from one pass of the model over the images."""
+        return self._run_arrays(images, batch_size)
+
     def _run_arrays(self, images: Iterable[np.ndarray] | np.ndarray,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         size = _check_batch_size(batch_size)

@@ -310,6 +310,13 @@ def onnx_probabilities(model_path: str | Path, pixels: Sequence[np.ndarray],
     return Predictor(model_path).predict_arrays(list(pixels), batch_size=batch_size)
 
 
+def onnx_outputs(model_path: str | Path, pixels: Sequence[np.ndarray],
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and, for a model with that output, unfamiliarity from one onnxruntime pass
+    through the deploy :class:`Predictor` (else None)."""
+    return Predictor(model_path).outputs_arrays(list(pixels), batch_size=batch_size)
+
+
 def onnx_unfamiliarity(model_path: str | Path, pixels: Sequence[np.ndarray],
                        batch_size: int = 32) -> np.ndarray:
     """The ``unfamiliarity`` output from onnxruntime through the deploy :class:`Predictor`."""
@@ -505,13 +512,14 @@ def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, imag
         reference, reference_scores = torch_probabilities(net, metadata, decoded.pixels, batch_size), None
     else:
         reference, reference_scores = torch_outputs(net, metadata, decoded.pixels, batch_size, bank)
-    candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
+    if bank is None:
+        candidate, scores = onnx_probabilities(model_path, decoded.pixels, batch_size), None
+    else:  # (one pass of the model for both outputs)
+        candidate, scores = onnx_outputs(model_path, decoded.pixels, batch_size)
     report = compare(reference, candidate, decoded, model=str(model_path),
                      reference_name="PyTorch checkpoint", source=images.source)
     count_decision_changes(report, reference, candidate, metadata)
-    scores = None
     if reference_scores is not None:
-        scores = onnx_unfamiliarity(model_path, decoded.pixels, batch_size)
         compare_unfamiliarity(report, reference_scores, scores, None)
     # the line acts on the good/defect decision: the ONNX model may not flip it on any image
     # (a threshold between two scores 1e-7 apart is crossed by float rounding alone)

@@ -38,8 +38,8 @@ from vision_tl.export.parity import (
     compare_unfamiliarity,
     count_decision_changes,
     folder_images,
+    onnx_outputs,
     onnx_probabilities,
-    onnx_unfamiliarity,
     resolve_parity_images,
     split_images,
 )
@@ -357,12 +357,13 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             details = convert_fp16(out, tmp, metadata)
         report = None
         if decoded is not None:
-            probs = onnx_probabilities(tmp, decoded.pixels)
+            probs, scores = (onnx_outputs(tmp, decoded.pixels) if fp32_scores is not None  # (one pass for both)
+                             else (onnx_probabilities(tmp, decoded.pixels), None))
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)
             if fp32_scores is not None:
-                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), decoded.pixels, log)
+                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
             report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
@@ -394,13 +395,13 @@ def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None
 
 
 def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
-                    fp32: tuple[np.ndarray, np.ndarray], pixels: np.ndarray, log: Callable[[str], None]) -> None:
-    """Compare the copy's unfamiliarity with the fp32 model's and give the copy its own threshold
-    (the highest of its scores on the same check images) in its metadata. Quantised features move
+                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray, log: Callable[[str], None]) -> None:
+    """Compare the copy's unfamiliarity (``scores``, on the check images) with the fp32 model's and
+    give the copy its own threshold (the highest of its scores on the same check images) in its
+    metadata. Quantised features move
     the scores (on NEU's INT8 copy by up to 0.12, with a threshold of 0.32): with the fp32 model's
     threshold the copy would flag some of the very images that set it."""
     fp32_scores, keep = fp32
-    scores = onnx_unfamiliarity(tmp, pixels)
     compare_unfamiliarity(report, fp32_scores, scores, metadata.unfamiliar_threshold)
     own = with_threshold(metadata, scores, keep, metadata.unfamiliar_bank_images)
     rewrite_metadata(tmp, own, target)
