@@ -654,8 +654,10 @@ class Predictor:
         return out.name
 
     def _check_unfamiliarity_output(self) -> str | None:
-        """The ``unfamiliarity`` output's name, or None where the graph has none; a model whose
-        metadata gives its threshold must have it."""
+        """The ``unfamiliarity`` output's name, or None where the graph has none (or, without a
+        threshold in the metadata, one of another shape than ``[N]``: some other model's output
+        of that name, which predicted before this output existed); a model whose metadata gives
+        its threshold must have it, as ``[N]``."""
         named = [o for o in self._session.get_outputs() if o.name == UNFAMILIARITY_OUTPUT]
         if not named:
             if self.metadata.flags_unfamiliar:
@@ -666,6 +668,8 @@ class Predictor:
                     "its checkpoint (vision-tl export CHECKPOINT --out MODEL.onnx)")
             return None
         shape = list(named[0].shape)
+        if len(shape) != 1 and not self.metadata.flags_unfamiliar:
+            return None  # another model's output of that name (no threshold claims it): not read
         if len(shape) != 1:
             raise DeployError(f"{self.model_path}: output {UNFAMILIARITY_OUTPUT!r} has shape {shape}; expected [N], "
                               "one score per image")
