@@ -653,3 +653,25 @@ def test_the_check_runs_the_model_once_for_both_outputs(tmp_path, monkeypatch):
     report, _, probabilities, scores = check_parity(net, path, meta, ImageSet(paths, [None] * 5, "test"), bank=bank)
     assert report.passed and probabilities.shape == (5, 3) and scores.shape == (5,)
     assert sum(seen) == 5
+
+
+def test_the_training_images_sha256_recorded_in_the_split_are_not_computed_again(tmp_path, monkeypatch):
+    """A split.json records each training image's sha256 (checked as its images are listed): the
+    bank plan compares the check images with those, reading no training image again (a training
+    set of uncompressed images, all of one size, would otherwise be read in full)."""
+    import hashlib
+
+    from vision_tl.export import unfamiliar
+
+    check = []
+    for i in range(3):
+        check.append(tmp_path / f"check_{i}.bmp")
+        check[-1].write_bytes(b"pixels %d" % i)
+    recorded = [hashlib.sha256(b"pixels %d" % i).hexdigest() for i in (0, 1, 7)]
+    training = ImageSet([tmp_path / "train" / f"{i}.bmp" for i in range(3)], [0] * 3, "train", recorded)
+    read = []
+    real = unfamiliar._hash
+    monkeypatch.setattr(unfamiliar, "_hash", lambda path: read.append(path) or real(path))
+    plan = unfamiliar.plan_bank(training, ImageSet(check, [0] * 3, "check"), None, lambda _: None)
+    assert plan.in_bank == set(check[:2])
+    assert sorted(read) == sorted(check)  # the check images only

@@ -35,11 +35,13 @@ UNFAMILIARITY_TOLERANCE = 1e-4
 
 @dataclass
 class ImageSet:
-    """Image paths with optional integer labels (index into the model's classes)."""
+    """Image paths with optional integer labels (index into the model's classes), and the files'
+    sha256 where a split.json recorded them (checked when the set was read)."""
 
     paths: list[Path]
     labels: list[int | None]
     source: str
+    sha256: list[str] | None = None
 
     def subsample(self, limit: int | None) -> ImageSet:
         """At most ``limit`` images, evenly spread (deterministic, keeps every class present)."""
@@ -47,7 +49,8 @@ class ImageSet:
             return self
         keep = np.linspace(0, len(self.paths) - 1, num=limit).round().astype(int)
         return ImageSet([self.paths[i] for i in keep], [self.labels[i] for i in keep],
-                        f"{self.source} (every {len(self.paths) / limit:.1f}th, {limit} images)")
+                        f"{self.source} (every {len(self.paths) / limit:.1f}th, {limit} images)",
+                        None if self.sha256 is None else [self.sha256[i] for i in keep])
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -107,7 +110,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
     return ImageSet([root / p for p in rel], labels,
-                    f"{split} split of {shown_path(split_path)} (files under {shown_path(root)})")
+                    f"{split} split of {shown_path(split_path)} (files under {shown_path(root)})",
+                    [e["sha256"] for e in entries])
 
 
 def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -> Path | None:

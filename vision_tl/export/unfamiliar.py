@@ -57,7 +57,9 @@ def plan_bank(training: ImageSet | None, checked: ImageSet | None, reason: str |
     chosen = training.subsample(BANK_IMAGES)
     # every training image, not only the bank's: one the network was trained on is no
     # validation image either, though the bank left it out (a training set over BANK_IMAGES)
-    trained = _hashes(_same_sizes(training.paths, checked.paths))
+    # (a split.json's sha256, checked as its images were listed, or those of the files that can match)
+    trained = (set(training.sha256) if training.sha256 is not None
+               else _hashes(_same_sizes(training.paths, checked.paths)))
     in_bank = {p for p in checked.paths if _hash(p) in trained}
     if in_bank and len(in_bank) == len(checked.paths):
         log(f"note: no 'unfamiliarity' output: every one of the {len(checked.paths)} check images is also a training "
