@@ -142,13 +142,13 @@ def test_calibrating_on_the_images_the_copy_is_checked_on_is_warned_about(traine
 
 
 def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
-    real = parity_module.onnx_probabilities
+    real = parity_module.onnx_outputs
 
     def skewed(path, pixels, batch_size=32):
-        probs = real(path, pixels, batch_size)
-        return probs[:, ::-1].copy()  # what a channel-order or class-order bug would look like
+        probs, scores = real(path, pixels, batch_size)
+        return probs[:, ::-1].copy(), scores  # what a channel-order or class-order bug would look like
 
-    monkeypatch.setattr(parity_module, "onnx_probabilities", skewed)
+    monkeypatch.setattr(parity_module, "onnx_outputs", skewed)
     out = tmp_path / "bad.onnx"
     assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -393,14 +393,14 @@ def test_variant_report_counts_changed_good_defect_decisions(trained_run, tmp_pa
     args = [str(run / "checkpoints" / "best.ckpt"), "--fp16", "--max-accuracy-drop", "100"]
     assert export_main([*args, "--out", str(tmp_path / "a.onnx")]) == 0
     assert json.loads((tmp_path / "a.fp16.parity.json").read_text())["decision_changes"] == 0
-    real = pipeline.onnx_probabilities
+    real = pipeline.onnx_outputs
 
     def shifted(path, pixels, batch_size=32):  # P(good) moved across the threshold
-        probs = real(path, pixels, batch_size)
+        probs, scores = real(path, pixels, batch_size)
         probs[:, 1] = np.where(probs[:, 1] >= 0.25, 0.0, 1.0)
-        return probs
+        return probs, scores
 
-    monkeypatch.setattr(pipeline, "onnx_probabilities", shifted)
+    monkeypatch.setattr(pipeline, "onnx_outputs", shifted)
     capsys.readouterr()
     # by default a copy that flips more than 0.5 % of the decisions is refused (exit 3, the fp32 model stays)
     assert export_main([*args, "--out", str(tmp_path / "b.onnx")]) == 3
@@ -428,14 +428,14 @@ def test_an_int8_copy_onnxruntime_cannot_run_exits_3_named_by_its_final_name_and
     from vision_tl.deploy import DeployError
     from vision_tl.export import pipeline
 
-    real = pipeline.onnx_probabilities
+    real = pipeline.onnx_outputs
 
     def refuses_int8(model, pixels):
         if ".int8." in Path(model).name:
             raise DeployError(f"{model}: inference failed (QLinearConv: Invalid input shape)")
         return real(model, pixels)
 
-    monkeypatch.setattr(pipeline, "onnx_probabilities", refuses_int8)
+    monkeypatch.setattr(pipeline, "onnx_outputs", refuses_int8)
     out = tmp_path / "m.onnx"
     rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--int8", "--fp16",
                       "--calibration-images", "8", "--max-accuracy-drop", "100"])
@@ -506,12 +506,13 @@ def test_the_export_scores_unfamiliarity_with_a_threshold_from_the_validation_im
 
 
 def test_an_onnx_unfamiliarity_unlike_pytorchs_fails_the_check(trained_run, tmp_path, monkeypatch, capsys):
-    real = parity_module.onnx_unfamiliarity
+    real = parity_module.onnx_outputs
 
     def shifted(path, pixels, batch_size=32):
-        return real(path, pixels, batch_size) + np.float32(1e-3)
+        probs, scores = real(path, pixels, batch_size)
+        return probs, scores + np.float32(1e-3)
 
-    monkeypatch.setattr(parity_module, "onnx_unfamiliarity", shifted)
+    monkeypatch.setattr(parity_module, "onnx_outputs", shifted)
     assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 1
     assert "max |Δunfamiliarity| 1.00e-03 > 0.0001" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parity-failed.json"]
@@ -561,3 +562,25 @@ def test_an_int8_copy_gets_its_own_threshold_and_reports_how_far_its_scores_move
     err = capsys.readouterr().err
     assert "its own threshold" in err
     assert "WARNING: m.int8.onnx: its unfamiliarity threshold" in err and "deploy the fp32 model" in err
+
+
+def test_check_images_all_in_the_bank_but_an_unreadable_one_give_no_output_rather_than_a_crash(
+        trained_run, tmp_path, capsys):
+    """Each readable check image is a training image (its sha256 is a bank image's) and the one
+    that is not cannot be read: no image can set the threshold. The model is written without
+    the output, with a line saying why, as when every check image is a bank image."""
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    train = split_images(ckpt, "train", json.loads((trained_run / "labels.json").read_text()))
+    check = tmp_path / "check" / "good"
+    check.mkdir(parents=True)
+    for path in train.paths[:3]:
+        shutil.copy(path, check / path.name)
+    (check / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "m.onnx"
+    assert export_main([str(ckpt), "--out", str(out), "--parity-images", str(tmp_path / "check")]) == 0
+    err = capsys.readouterr().err
+    assert "note: no 'unfamiliarity' output: the 3 check images that could be read are all training images" in err
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities"]
+    assert read_metadata(out).unfamiliar_threshold is None
+    report = json.loads((tmp_path / "m.parity.json").read_text())
+    assert report["passed"] and report["unfamiliarity_max_abs_diff"] is None and "unfamiliar" not in report["details"]

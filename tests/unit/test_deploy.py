@@ -1057,3 +1057,23 @@ def test_nan_unfamiliarity_is_refused_not_passed_as_familiar(tmp_path: Path, ima
     model = build_scored_model(tmp_path / "m.onnx", scored_metadata(0.2), bank=np.full((3, 3), np.nan, np.float32))
     with pytest.raises(DeployError, match="NaN or infinite unfamiliarity scores for 4 of 4 images"):
         Predictor(model).predict_paths(images)
+
+
+def test_another_models_output_named_unfamiliarity_of_another_shape_is_not_read(tmp_path: Path, images: list[Path]):
+    """A model not exported with the score (no unfamiliar_threshold) whose second output happens
+    to be called 'unfamiliarity' but is not [N] predicts as it did before that output existed;
+    one whose metadata gives the threshold is still refused."""
+    path = build_model(tmp_path / "m.onnx", meta=make_metadata())
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("Identity", ["feat"], ["unfamiliarity"]))
+    model.graph.output.append(helper.make_tensor_value_info("unfamiliarity", TensorProto.FLOAT, ["N", 3]))
+    onnx.save(model, str(path))
+    predictor = Predictor(path)
+    assert not predictor.scores_unfamiliarity
+    result = predictor.predict_paths(images[:1])[0]
+    assert result.probabilities == pytest.approx(dict(zip(CLASSES, reference(load_rgb(images[0])))), abs=1e-5)
+    helper.set_model_props(model, make_metadata(unfamiliar_threshold=0.5, unfamiliar_bank_images=3,
+                                                unfamiliar_val_images=9).to_props())
+    onnx.save(model, str(path))
+    with pytest.raises(DeployError, match=r"output 'unfamiliarity' has shape \['N', 3\]; expected \[N\]"):
+        Predictor(path)

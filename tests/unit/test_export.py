@@ -589,3 +589,90 @@ def test_copies_keep_the_unfamiliarity_score_in_float(tmp_path):
     assert np.abs(Predictor(fp16).unfamiliarity_arrays(new) - reference).max() < 1e-2
     assert np.abs(Predictor(int8).unfamiliarity_arrays(new) - reference).max() < 0.1
     assert ExportOptions().unfamiliar is True
+
+
+def test_a_threshold_below_zero_from_float_rounding_is_stored_as_zero():
+    """Copies of training images in other bytes (not left out by their sha256) score 0 give or
+    take rounding, e.g. -3.6e-7: where they alone set the threshold, the export stores 0 rather
+    than failing on metadata it wrote itself."""
+    from vision_tl.deploy import ModelMetadata
+    from vision_tl.export.unfamiliar import with_threshold
+
+    meta = ModelMetadata(classes=["a", "b"], input_size=(8, 8), mean=MEAN, std=STD)
+    scores = np.array([-3.6e-7, -5.9e-7, 0.9], np.float32)
+    out = with_threshold(meta, scores, np.array([True, True, False]), bank_size=5)
+    assert (out.unfamiliar_threshold, out.unfamiliar_val_images, out.unfamiliar_bank_images) == (0.0, 2, 5)
+    assert ModelMetadata.from_props(out.to_props(), "test").unfamiliar_threshold == 0.0
+
+
+def test_check_images_that_are_training_images_outside_the_bank_do_not_set_the_threshold(tmp_path, monkeypatch):
+    """A training set over BANK_IMAGES is subsampled for the bank; a check image that is one of the
+    training images left out of it was still trained on, no validation image: it is left out of
+    the threshold too (by content), not only the bank's own images."""
+    from vision_tl.export import unfamiliar
+
+    monkeypatch.setattr(unfamiliar, "BANK_IMAGES", 2)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"train_{i}.png")
+        paths[-1].write_bytes(b"image %d" % i)
+    new = tmp_path / "new.png"
+    new.write_bytes(b"image 9")  # the same size as the training files, another content
+    training = ImageSet(paths, [0] * 6, "train")
+    plan = unfamiliar.plan_bank(training, ImageSet(paths + [new], [0] * 7, "check"), None, lambda _: None)
+    assert len(plan.images.paths) == 2
+    assert plan.in_bank == set(paths)
+
+
+def test_the_check_runs_the_model_once_for_both_outputs(tmp_path, monkeypatch):
+    """The probabilities and the unfamiliarity come from the same pass of onnxruntime over the
+    check images, not one pass each (a check set of thousands of images took twice as long)."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.export.parity import check_parity, torch_features
+
+    net = _tiny_classifier()
+    size = (32, 32)
+    meta = ModelMetadata(classes=["a", "b", "c"], input_size=size, mean=MEAN, std=STD)
+    rng = np.random.default_rng(0)
+    bank = torch_features(net, meta, rng.integers(0, 256, (4, *size, 3), dtype=np.uint8))
+    path = tmp_path / "m.onnx"
+    write_onnx(LoadedCheckpoint(tmp_path / "x.ckpt", net, meta.classes, size, MEAN, STD, "bicubic"), path, meta,
+               bank=bank)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    seen = []
+    real = Predictor._run_once
+
+    def counting(self, batch):
+        seen.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(Predictor, "_run_once", counting)
+    report, _, probabilities, scores = check_parity(net, path, meta, ImageSet(paths, [None] * 5, "test"), bank=bank)
+    assert report.passed and probabilities.shape == (5, 3) and scores.shape == (5,)
+    assert sum(seen) == 5
+
+
+def test_the_training_images_sha256_recorded_in_the_split_are_not_computed_again(tmp_path, monkeypatch):
+    """A split.json records each training image's sha256 (checked as its images are listed): the
+    bank plan compares the check images with those, reading no training image again (a training
+    set of uncompressed images, all of one size, would otherwise be read in full)."""
+    import hashlib
+
+    from vision_tl.export import unfamiliar
+
+    check = []
+    for i in range(3):
+        check.append(tmp_path / f"check_{i}.bmp")
+        check[-1].write_bytes(b"pixels %d" % i)
+    recorded = [hashlib.sha256(b"pixels %d" % i).hexdigest() for i in (0, 1, 7)]
+    training = ImageSet([tmp_path / "train" / f"{i}.bmp" for i in range(3)], [0] * 3, "train", recorded)
+    read = []
+    real = unfamiliar._hash
+    monkeypatch.setattr(unfamiliar, "_hash", lambda path: read.append(path) or real(path))
+    plan = unfamiliar.plan_bank(training, ImageSet(check, [0] * 3, "check"), None, lambda _: None)
+    assert plan.in_bank == set(check[:2])
+    assert sorted(read) == sorted(check)  # the check images only

@@ -352,6 +352,12 @@ class Predictor:
                               "--no-unfamiliar)")
         return self._run_arrays(images, batch_size)[1]
 
+    def outputs_arrays(self, images: Iterable[np.ndarray] | np.ndarray, *,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_arrays` and, for a model with the ``unfamiliarity`` output,
+        :meth:`unfamiliarity_arrays` (else None) from one pass of the model over the images."""
+        return self._run_arrays(images, batch_size)
+
     def _run_arrays(self, images: Iterable[np.ndarray] | np.ndarray,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         size = _check_batch_size(batch_size)
@@ -648,8 +654,10 @@ class Predictor:
         return out.name
 
     def _check_unfamiliarity_output(self) -> str | None:
-        """The ``unfamiliarity`` output's name, or None where the graph has none; a model whose
-        metadata gives its threshold must have it."""
+        """The ``unfamiliarity`` output's name, or None where the graph has none (or, without a
+        threshold in the metadata, one of another shape than ``[N]``: some other model's output
+        of that name, which predicted before this output existed); a model whose metadata gives
+        its threshold must have it, as ``[N]``."""
         named = [o for o in self._session.get_outputs() if o.name == UNFAMILIARITY_OUTPUT]
         if not named:
             if self.metadata.flags_unfamiliar:
@@ -660,6 +668,8 @@ class Predictor:
                     "its checkpoint (vision-tl export CHECKPOINT --out MODEL.onnx)")
             return None
         shape = list(named[0].shape)
+        if len(shape) != 1 and not self.metadata.flags_unfamiliar:
+            return None  # another model's output of that name (no threshold claims it): not read
         if len(shape) != 1:
             raise DeployError(f"{self.model_path}: output {UNFAMILIARITY_OUTPUT!r} has shape {shape}; expected [N], "
                               "one score per image")

@@ -35,11 +35,13 @@ UNFAMILIARITY_TOLERANCE = 1e-4
 
 @dataclass
 class ImageSet:
-    """Image paths with optional integer labels (index into the model's classes)."""
+    """Image paths with optional integer labels (index into the model's classes), and the files'
+    sha256 where a split.json recorded them (checked when the set was read)."""
 
     paths: list[Path]
     labels: list[int | None]
     source: str
+    sha256: list[str] | None = None
 
     def subsample(self, limit: int | None) -> ImageSet:
         """At most ``limit`` images, evenly spread (deterministic, keeps every class present)."""
@@ -47,7 +49,8 @@ class ImageSet:
             return self
         keep = np.linspace(0, len(self.paths) - 1, num=limit).round().astype(int)
         return ImageSet([self.paths[i] for i in keep], [self.labels[i] for i in keep],
-                        f"{self.source} (every {len(self.paths) / limit:.1f}th, {limit} images)")
+                        f"{self.source} (every {len(self.paths) / limit:.1f}th, {limit} images)",
+                        None if self.sha256 is None else [self.sha256[i] for i in keep])
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -107,7 +110,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     names = [e["label"] for e in entries]
     labels = [classes.index(n) if n in classes else None for n in names]
     return ImageSet([root / p for p in rel], labels,
-                    f"{split} split of {shown_path(split_path)} (files under {shown_path(root)})")
+                    f"{split} split of {shown_path(split_path)} (files under {shown_path(root)})",
+                    [e["sha256"] for e in entries])
 
 
 def _find_root(root: Path, entries: list[dict], split_path: Path, option: str) -> Path | None:
@@ -310,6 +314,13 @@ def onnx_probabilities(model_path: str | Path, pixels: Sequence[np.ndarray],
     return Predictor(model_path).predict_arrays(list(pixels), batch_size=batch_size)
 
 
+def onnx_outputs(model_path: str | Path, pixels: Sequence[np.ndarray],
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and, for a model with that output, unfamiliarity from one onnxruntime pass
+    through the deploy :class:`Predictor` (else None)."""
+    return Predictor(model_path).outputs_arrays(list(pixels), batch_size=batch_size)
+
+
 def onnx_unfamiliarity(model_path: str | Path, pixels: Sequence[np.ndarray],
                        batch_size: int = 32) -> np.ndarray:
     """The ``unfamiliarity`` output from onnxruntime through the deploy :class:`Predictor`."""
@@ -505,13 +516,14 @@ def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, imag
         reference, reference_scores = torch_probabilities(net, metadata, decoded.pixels, batch_size), None
     else:
         reference, reference_scores = torch_outputs(net, metadata, decoded.pixels, batch_size, bank)
-    candidate = onnx_probabilities(model_path, decoded.pixels, batch_size)
+    if bank is None:
+        candidate, scores = onnx_probabilities(model_path, decoded.pixels, batch_size), None
+    else:  # (one pass of the model for both outputs)
+        candidate, scores = onnx_outputs(model_path, decoded.pixels, batch_size)
     report = compare(reference, candidate, decoded, model=str(model_path),
                      reference_name="PyTorch checkpoint", source=images.source)
     count_decision_changes(report, reference, candidate, metadata)
-    scores = None
     if reference_scores is not None:
-        scores = onnx_unfamiliarity(model_path, decoded.pixels, batch_size)
         compare_unfamiliarity(report, reference_scores, scores, None)
     # the line acts on the good/defect decision: the ONNX model may not flip it on any image
     # (a threshold between two scores 1e-7 apart is crossed by float rounding alone)

@@ -38,8 +38,8 @@ from vision_tl.export.parity import (
     compare_unfamiliarity,
     count_decision_changes,
     folder_images,
+    onnx_outputs,
     onnx_probabilities,
-    onnx_unfamiliarity,
     resolve_parity_images,
     split_images,
 )
@@ -47,6 +47,7 @@ from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
 from vision_tl.export.unfamiliar import (
     BankPlan,
     build_bank,
+    no_threshold_note,
     plan_bank,
     threshold_images,
     threshold_note,
@@ -206,6 +207,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
             report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
                                                                     scratch=out.parent, bank=bank)
+            if fp32_scores is not None and not threshold_images(decoded, plan).any():
+                # every readable check image is a bank image (the others could not be read): no
+                # threshold, so the model is written and checked again without the output
+                log(no_threshold_note(decoded, plan))
+                bank = plan = None
+                write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
+                report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
+                                                                        scratch=out.parent)
             if fp32_scores is not None:
                 keep = threshold_images(decoded, plan)
                 metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
@@ -348,12 +357,13 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             details = convert_fp16(out, tmp, metadata)
         report = None
         if decoded is not None:
-            probs = onnx_probabilities(tmp, decoded.pixels)
+            probs, scores = (onnx_outputs(tmp, decoded.pixels) if fp32_scores is not None  # (one pass for both)
+                             else (onnx_probabilities(tmp, decoded.pixels), None))
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)
             if fp32_scores is not None:
-                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), decoded.pixels, log)
+                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
             report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
             report.details = details
@@ -385,13 +395,13 @@ def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None
 
 
 def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
-                    fp32: tuple[np.ndarray, np.ndarray], pixels: np.ndarray, log: Callable[[str], None]) -> None:
-    """Compare the copy's unfamiliarity with the fp32 model's and give the copy its own threshold
-    (the highest of its scores on the same check images) in its metadata. Quantised features move
+                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray, log: Callable[[str], None]) -> None:
+    """Compare the copy's unfamiliarity (``scores``, on the check images) with the fp32 model's and
+    give the copy its own threshold (the highest of its scores on the same check images) in its
+    metadata. Quantised features move
     the scores (on NEU's INT8 copy by up to 0.12, with a threshold of 0.32): with the fp32 model's
     threshold the copy would flag some of the very images that set it."""
     fp32_scores, keep = fp32
-    scores = onnx_unfamiliarity(tmp, pixels)
     compare_unfamiliarity(report, fp32_scores, scores, metadata.unfamiliar_threshold)
     own = with_threshold(metadata, scores, keep, metadata.unfamiliar_bank_images)
     rewrite_metadata(tmp, own, target)

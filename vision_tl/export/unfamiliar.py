@@ -3,7 +3,7 @@
 The bank is up to :data:`BANK_IMAGES` of the run's training images (evenly subsampled), embedded
 with the trained network's pooled features on the pixels the ONNX graph sees, L2-normalised. The
 threshold is the highest score among the validation images of the parity check (none of them
-in the bank): a new image from the same distribution as those scores above it with probability
+a training image): a new image from the same distribution as those scores above it with probability
 at most ``1 / (n_val + 1)`` (the images are exchangeable, so the new one is the highest of the
 ``n_val + 1`` with at most that chance).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_tl.deploy import ModelMetadata
+from vision_tl.deploy.metadata import MAX_UNFAMILIARITY
 from vision_tl.export.parity import DecodedImages, ImageSet, decode, torch_features
 from vision_tl.utils.files import file_sha256
 
@@ -30,7 +32,7 @@ HOW_TO_GET_IT = ("export with the run's training images (its split.json or ROOT/
 @dataclass
 class BankPlan:
     """The training images to embed, and the check images the threshold must leave out (the same
-    content as a bank image: their score says nothing about new images)."""
+    content as a training image, in the bank or not: their score says nothing about new images)."""
 
     images: ImageSet
     in_bank: set[Path] = field(default_factory=set)
@@ -53,11 +55,15 @@ def plan_bank(training: ImageSet | None, checked: ImageSet | None, reason: str |
               "or pass them with --int8 --calibration-dir DIR (Python: ExportOptions(calibration_dir=DIR))")
         return None
     chosen = training.subsample(BANK_IMAGES)
-    bank_hashes = _hashes(chosen.paths)
-    in_bank = {p for p in checked.paths if _hash(p) in bank_hashes}
+    # every training image, not only the bank's: one the network was trained on is no
+    # validation image either, though the bank left it out (a training set over BANK_IMAGES)
+    # (a split.json's sha256, checked as its images were listed, or those of the files that can match)
+    trained = (set(training.sha256) if training.sha256 is not None
+               else _hashes(_same_sizes(training.paths, checked.paths)))
+    in_bank = {p for p in checked.paths if _hash(p) in trained}
     if in_bank and len(in_bank) == len(checked.paths):
         log(f"note: no 'unfamiliarity' output: every one of the {len(checked.paths)} check images is also a training "
-            f"image it would be compared with ({chosen.source}), so they cannot set its threshold; {HOW_TO_GET_IT}, "
+            f"image ({training.source}), so they cannot set its threshold; {HOW_TO_GET_IT}, "
             "the check images not among the training images (--parity-images DIR)")
         return None
     return BankPlan(chosen, in_bank)
@@ -79,8 +85,16 @@ def build_bank(net, metadata: ModelMetadata, plan: BankPlan, scratch: str | Path
 
 
 def threshold_images(decoded: DecodedImages, plan: BankPlan) -> np.ndarray:
-    """Which of the decoded check images may set the threshold (those not in the bank)."""
+    """Which of the decoded check images may set the threshold (those not among the training images)."""
     return np.asarray([p not in plan.in_bank for p in decoded.paths], bool)
+
+
+def no_threshold_note(decoded: DecodedImages, plan: BankPlan) -> str:
+    """Why a model whose readable check images are all training images gets no unfamiliarity output."""
+    return (f"note: no 'unfamiliarity' output: the {len(decoded.paths)} check images that could be read are all "
+            f"training images ({plan.images.source}), and the other "
+            f"{len(decoded.unreadable)} could not be read, so none can set its threshold; {HOW_TO_GET_IT}, the "
+            "check images not among the training images (--parity-images DIR)")
 
 
 def with_threshold(metadata: ModelMetadata, scores: np.ndarray, keep: np.ndarray, bank_size: int) -> ModelMetadata:
@@ -88,14 +102,20 @@ def with_threshold(metadata: ModelMetadata, scores: np.ndarray, keep: np.ndarray
     check images (so none of them is flagged, and the model on the line gives exactly these
     scores to these pixels). An INT8/FP16 copy gets its own, from its own scores: the argument
     holds for whichever model scores the images, and the copy's features differ (see
-    benchmarks/RESULTS.md)."""
-    return dataclasses.replace(metadata, unfamiliar_threshold=float(np.max(np.asarray(scores)[keep])),
+    benchmarks/RESULTS.md).
+
+    The score of an image whose features equal a bank image's is 0 give or take float rounding
+    (-6e-7 seen): a highest score below 0 (every kept image a copy of a training image in other
+    bytes) is stored as 0, the lowest threshold the metadata holds; the bound still holds, since
+    a higher threshold flags fewer images."""
+    highest = float(np.max(np.asarray(scores)[keep]))
+    return dataclasses.replace(metadata, unfamiliar_threshold=min(max(highest, 0.0), MAX_UNFAMILIARITY),
                                unfamiliar_bank_images=int(bank_size), unfamiliar_val_images=int(keep.sum()))
 
 
 def threshold_note(metadata: ModelMetadata, plan: BankPlan) -> str:
     n = metadata.unfamiliar_val_images
-    left_out = (f"; {len(plan.in_bank)} check images that are also bank images were left out" if plan.in_bank
+    left_out = (f"; {len(plan.in_bank)} check images that are also training images were left out" if plan.in_bank
                 else "")
     few = " (a tighter bound needs more validation images: --parity-images DIR)" if n < 99 else ""
     return (f"unfamiliarity: bank of {metadata.unfamiliar_bank_images} training images; threshold "
@@ -111,3 +131,15 @@ def _hash(path: Path) -> str | None:
 
 def _hashes(paths: list[Path]) -> set[str]:
     return {h for h in map(_hash, paths) if h is not None}
+
+
+def _same_sizes(paths: list[Path], others: list[Path]) -> list[Path]:
+    """Those of ``paths`` whose file size is one of ``others``' (only they can have the same
+    content: a training set of 50,000 images is then not read for a check of 200)."""
+    def size(path: Path) -> int | None:
+        with contextlib.suppress(OSError):
+            return os.stat(path).st_size
+        return None
+
+    sizes = {size(p) for p in others} - {None}
+    return [p for p in paths if size(p) in sizes]
