@@ -78,6 +78,24 @@ def test_parity_report_beside_the_model(exported):
     assert report["passed"] is True and report["max_abs_diff"] <= 1e-4
     assert report["top1_agreement"] == 1.0 and report["n_images"] == 8
     assert "val split" in report["images"]
+    # the model's threshold at the top, as a copy's report has its own
+    assert report["unfamiliar_threshold"] == read_metadata(exported).unfamiliar_threshold is not None
+
+
+def test_calibration_dir_gives_the_unfamiliarity_bank_without_int8(trained_run, inspection_folder, tmp_path, capsys):
+    """The note of a run whose training images are gone said to pass --int8 --calibration-dir, and
+    --calibration-dir alone was refused: the output could not be had without an INT8 copy."""
+    ckpt = str(trained_run / "checkpoints" / "best.ckpt")
+    train = tmp_path / "train"
+    for image in sorted(inspection_folder.glob("*/*.png"))[::3]:
+        (train / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, train / image.parent.name / image.name)
+    assert export_main([ckpt, "--out", str(tmp_path / "m.onnx"), "--calibration-dir", str(train)]) == 0
+    assert read_metadata(tmp_path / "m.onnx").unfamiliar_bank_images == len(list(train.glob("*/*.png")))
+    capsys.readouterr()
+    assert export_main([ckpt, "--out", str(tmp_path / "n.onnx"), "--calibration-dir", str(train),
+                        "--no-unfamiliar"]) == 2
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_predict_onnx_round_trip_matches_pytorch(exported, trained_run, tmp_path):

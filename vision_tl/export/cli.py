@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", choices=KEEP_FLOAT_CHOICES, default=None,
                    help=f"layers left in fp32 (default: {Int8Config.keep_float})")
     q.add_argument("--calibration-dir", type=path_arg, metavar="DIR", default=None,
-                   help="calibration images (training images only; default: the run's training images "
-                        "from its split.json)")
+                   help="training images (only): INT8 calibration and the unfamiliarity bank (default: the run's "
+                        "training images from its split.json or ROOT/train/)")
     q.add_argument("--fp16", action="store_true",
                    help="also write <name>.fp16.onnx (half the size; faster on GPUs, usually slower on CPUs)")
     q.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -120,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     int8_only = {"--calibration-images": args.calibration_images, "--keep-float": args.keep_float,
                  "--calibration-method": args.calibration_method,
-                 "--calibration-percentile": args.calibration_percentile,
-                 "--calibration-dir": args.calibration_dir}
+                 "--calibration-percentile": args.calibration_percentile}
     given = [name for name, value in int8_only.items() if value is not None]
     if given and not args.int8:
         print(f"error: {', '.join(given)} apply only with --int8", file=sys.stderr)
+        return 2
+    if args.calibration_dir is not None and not (args.int8 or args.unfamiliar):
+        print("error: --calibration-dir gives training images for --int8 and the unfamiliarity output; with "
+              "neither (--no-unfamiliar, no --int8) it has nothing to do", file=sys.stderr)
         return 2
     if args.calibration_percentile is not None and (args.calibration_method or Int8Config.method) != "percentile":
         print(f"error: --calibration-percentile applies only with --calibration-method percentile, not "

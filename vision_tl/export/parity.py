@@ -461,7 +461,7 @@ class ParityReport:
         if self.unfamiliarity_max_abs_diff is not None:
             lines.append(f"  unfamiliarity: max |Δ| {self.unfamiliarity_max_abs_diff:.2e}, mean "
                          f"{self.unfamiliarity_mean_abs_diff:.2e}"
-                         + ("" if self.unfamiliar_threshold is None else
+                         + ("" if self.unfamiliar_threshold is None or self.reference_unfamiliar_threshold is None else
                             f"; its own threshold {self.unfamiliar_threshold:.4g} (the reference's "
                             f"{self.reference_unfamiliar_threshold:.4g}, with which it would flag "
                             f"{self.unfamiliar_flag_changes} of these {self.n_images} images)"))

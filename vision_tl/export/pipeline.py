@@ -220,6 +220,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
                 metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
                 rewrite_metadata(tmp, metadata, out)  # (the graph stays as checked)
                 report.details["unfamiliar"] = _unfamiliar_details(metadata, plan)
+                report.unfamiliar_threshold = metadata.unfamiliar_threshold  # (as a copy's report has it)
             report.model = str(out)
             report.model_sha256 = file_sha256(tmp)
             _judge(report, out, log)

@@ -52,7 +52,7 @@ def plan_bank(training: ImageSet | None, checked: ImageSet | None, reason: str |
             + (reason or "the run's training images are not found (no split.json with a train list, no ROOT/train/ "
                          "under the data root in its config.yaml)")
             + "; to get it, write the split at training with datamodule.save_split(RUN_DIR/'split.json'), "
-              "or pass them with --int8 --calibration-dir DIR (Python: ExportOptions(calibration_dir=DIR))")
+              "or pass them with --calibration-dir DIR (Python: ExportOptions(calibration_dir=DIR))")
         return None
     chosen = training.subsample(BANK_IMAGES)
     # every training image, not only the bank's: one the network was trained on is no
