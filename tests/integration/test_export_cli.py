@@ -602,3 +602,30 @@ def test_check_images_all_in_the_bank_but_an_unreadable_one_give_no_output_rathe
     assert read_metadata(out).unfamiliar_threshold is None
     report = json.loads((tmp_path / "m.parity.json").read_text())
     assert report["passed"] and report["unfamiliarity_max_abs_diff"] is None and "unfamiliar" not in report["details"]
+
+
+def test_check_images_that_copy_training_pixels_in_other_bytes_do_not_set_the_threshold(trained_run, tmp_path,
+                                                                                         capsys):
+    """Training images saved again (other bytes, the same pixels) passed as validation images: their
+    scores of 0 set a threshold of 0 and nearly every new image would have been flagged."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    classes = json.loads((trained_run / "labels.json").read_text())
+    train = split_images(ckpt, "train", classes)
+    val = split_images(ckpt, "val", classes)
+    check = tmp_path / "check"
+    for path in train.paths[:3]:  # pixel copies with a text chunk: another sha256
+        (check / path.parent.name).mkdir(parents=True, exist_ok=True)
+        info = PngInfo()
+        info.add_text("note", "saved again")
+        Image.open(path).save(check / path.parent.name / f"copy_{path.name}", pnginfo=info)
+    for path in val.paths[:2]:
+        (check / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, check / path.parent.name / path.name)
+    out = tmp_path / "m.onnx"
+    assert export_main([str(ckpt), "--out", str(out), "--parity-images", str(check)]) == 0
+    meta = read_metadata(out)
+    assert meta.unfamiliar_val_images == 2 and meta.unfamiliar_threshold > 1e-3
+    assert "3 check images that are training images or copies of their pixels were left out" in capsys.readouterr().err

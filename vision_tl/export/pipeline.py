@@ -207,7 +207,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
             report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
                                                                     scratch=out.parent, bank=bank)
-            if fp32_scores is not None and not threshold_images(decoded, plan).any():
+            if fp32_scores is not None and not threshold_images(decoded, plan, fp32_scores).any():
                 # every readable check image is a bank image (the others could not be read): no
                 # threshold, so the model is written and checked again without the output
                 log(no_threshold_note(decoded, plan))
@@ -216,7 +216,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
                 report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
                                                                         scratch=out.parent)
             if fp32_scores is not None:
-                keep = threshold_images(decoded, plan)
+                keep = threshold_images(decoded, plan, fp32_scores)
                 metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
                 rewrite_metadata(tmp, metadata, out)  # (the graph stays as checked)
                 report.details["unfamiliar"] = _unfamiliar_details(metadata, plan)
@@ -225,7 +225,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             report.model_sha256 = file_sha256(tmp)
             _judge(report, out, log)
             if fp32_scores is not None:
-                log(threshold_note(metadata, plan))
+                log(threshold_note(metadata, len(decoded.paths)))
         _save_report(report, out)  # before the model takes its name: never a model without its record
     log(f"wrote {out}")
     for path in stale + replaced:

@@ -24,6 +24,7 @@ from vision_tl.deploy.metadata import MAX_UNFAMILIARITY
 from vision_tl.export.parity import DecodedImages, ImageSet, decode, torch_features
 from vision_tl.utils.files import file_sha256
 
+COPY_SCORE = 1e-5  # at most this (float rounding of 0), a check image's pixels are a bank image's
 BANK_IMAGES = 2000  # 2,000 x 1,280 features (Lite0) are 10 MB of float32 in the model file
 HOW_TO_GET_IT = ("export with the run's training images (its split.json or ROOT/train/) and validation images "
                  "(the parity check) at hand")
@@ -84,9 +85,15 @@ def build_bank(net, metadata: ModelMetadata, plan: BankPlan, scratch: str | Path
     return (features / norms).astype(np.float32)
 
 
-def threshold_images(decoded: DecodedImages, plan: BankPlan) -> np.ndarray:
-    """Which of the decoded check images may set the threshold (those not among the training images)."""
-    return np.asarray([p not in plan.in_bank for p in decoded.paths], bool)
+def threshold_images(decoded: DecodedImages, plan: BankPlan, scores: np.ndarray | None = None) -> np.ndarray:
+    """Which of the decoded check images may set the threshold: those not among the training
+    images, by content, nor (given their ``scores``) copies of a bank image's pixels saved in
+    other bytes (a score of 0 but for float rounding): such a copy says nothing about new images,
+    and a threshold of 0 from copies alone would flag nearly every one."""
+    keep = np.asarray([p not in plan.in_bank for p in decoded.paths], bool)
+    if scores is not None:
+        keep &= np.asarray(scores) > COPY_SCORE
+    return keep
 
 
 def no_threshold_note(decoded: DecodedImages, plan: BankPlan) -> str:
@@ -113,10 +120,11 @@ def with_threshold(metadata: ModelMetadata, scores: np.ndarray, keep: np.ndarray
                                unfamiliar_bank_images=int(bank_size), unfamiliar_val_images=int(keep.sum()))
 
 
-def threshold_note(metadata: ModelMetadata, plan: BankPlan) -> str:
+def threshold_note(metadata: ModelMetadata, checked: int) -> str:
+    """The line export prints on the threshold; ``checked``: the check images read."""
     n = metadata.unfamiliar_val_images
-    left_out = (f"; {len(plan.in_bank)} check images that are also training images were left out" if plan.in_bank
-                else "")
+    left_out = (f"; {checked - n} check images that are training images or copies of their pixels were left out"
+                if checked > n else "")
     few = " (a tighter bound needs more validation images: --parity-images DIR)" if n < 99 else ""
     return (f"unfamiliarity: bank of {metadata.unfamiliar_bank_images} training images; threshold "
             f"{metadata.unfamiliar_threshold:.4g}, the highest score of {n} validation images{left_out}: images like "
