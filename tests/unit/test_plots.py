@@ -637,3 +637,14 @@ def test_html_report_shows_the_training_curves_after_the_mistakes(tmp_path) -> N
     assert 'alt="training_curves"' in page
     assert page.index('id="per-class"') < page.index("Most confident mistakes") < page.index('alt="training_curves"')
     assert "Training: loss and validation scores per epoch" in page
+
+
+def test_html_numbers_never_round_to_the_end_of_their_scale() -> None:
+    """A recall of 1999 of 2000 showed as "1.000", one escape in 20,000 as "0.0%": a reader takes
+    them for all and none. The exact value is the cell's tooltip."""
+    from vision_tl.reports.html import _num
+
+    assert "&gt;0.999<" in _num(1999 / 2000) and 'title="0.9995"' in _num(1999 / 2000)
+    assert "<td title=\"1\">1.000</td>" == _num(1.0) and ">0.950<" in _num(0.95)
+    assert "&lt;0.1%" in _num(1 / 20000, pct=True) and ">0.0%<" in _num(0.0, pct=True)
+    assert "&gt;99.9%" in _num(0.9996, pct=True) and ">12.5%<" in _num(0.125, pct=True)

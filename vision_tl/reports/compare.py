@@ -81,6 +81,10 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     """Read a run directory's metrics (report section first) and its backbone / mode."""
     run = Path(run).expanduser()
     path = run / "metrics.json"
+    if not os.path.lexists(run):  # (a mistyped run: say so, not that a folder lacks a file)
+        siblings = sorted(p.name for p in run.parent.glob("version_*")) if run.parent.is_dir() else []
+        raise ReportError(f"run directory {run} does not exist" + (f" (in {run.parent}: {', '.join(siblings[:8])})"
+                                                                     if siblings else ""))
     if not path.is_file():
         raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
                           "(runs/<name>/version_N)")

@@ -47,10 +47,16 @@ def _esc(value) -> str:
 
 
 def _num(value: float | None, reason: str | None = None, pct: bool = False) -> str:
-    """A table cell: the number, or 'n/a' with the reason as tooltip."""
+    """A table cell: the number, or 'n/a' with the reason as tooltip. A value that rounds to the
+    end of the scale without being there reads ``>0.999`` / ``<0.1%`` (as the confusion matrix's
+    ``>0.99``): 1 error in 2,000 is not "1.000", 1 escape in 20,000 not "0.0%"."""
     if value is None:
         return f'<td class="na" title="{_esc(reason or "undefined")}">n/a</td>'
-    return f"<td>{value:.1%}</td>" if pct else f"<td>{value:.3f}</td>"
+    if pct:
+        text = "<0.1%" if 0 < value < 0.0005 else ">99.9%" if 0.9995 <= value < 1 else f"{value:.1%}"
+    else:
+        text = ">0.999" if 0.9995 <= value < 1 else "<0.001" if 0 < value < 0.0005 else f"{value:.3f}"
+    return f'<td title="{value:.6g}">{_esc(text)}</td>'
 
 
 def _interval(bounds: list[float] | None, pct: bool = False) -> str:
