@@ -127,7 +127,12 @@ def test_float_input_variant(trained_run, tmp_path):
     assert Predictor(out).predict_arrays([np.zeros((40, 50, 3), np.uint8)]).shape == (1, 4)
 
 
-def test_int8_and_fp16_variants_report_accuracy_and_speed(trained_run, tmp_path, capsys):
+def test_int8_and_fp16_variants_report_accuracy_and_speed(trained_run, tmp_path, capsys, monkeypatch):
+    from vision_tl.export import pipeline
+
+    listed = []  # the training images (each file's sha256 checked) serve calibration and the bank: read once
+    real = pipeline.split_images
+    monkeypatch.setattr(pipeline, "split_images", lambda *a, **k: listed.append(a[1]) or real(*a, **k))
     out = tmp_path / "m.onnx"
     rc = export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out),
                       "--int8", "--fp16", "--calibration-images", "16", "--threads", "1",
@@ -143,6 +148,7 @@ def test_int8_and_fp16_variants_report_accuracy_and_speed(trained_run, tmp_path,
     details = json.loads((tmp_path / "m.int8.parity.json").read_text())["details"]
     err = capsys.readouterr().err
     assert details["calibration_images_used"] == 16 and "train split" in err
+    assert listed.count("train") == 1
     assert "are among its" not in err  # train and val share no image
 
 

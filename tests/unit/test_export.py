@@ -453,8 +453,8 @@ def test_the_float_model_may_not_flip_a_good_defect_decision_even_by_rounding(mo
     reference = np.array([[0.1, 0.30000003, 0.59999997], [0.8, 0.1, 0.1]], np.float64)  # top-1 the same
     candidate = np.array([[0.1, 0.29999998, 0.60000002], [0.8, 0.1, 0.1]], np.float64)
     monkeypatch.setattr(parity, "decode", lambda images, metadata, scratch=None: decoded)
-    monkeypatch.setattr(parity, "torch_probabilities", lambda *a, **k: reference)
-    monkeypatch.setattr(parity, "onnx_probabilities", lambda *a, **k: candidate)
+    monkeypatch.setattr(parity, "torch_outputs", lambda *a, **k: (reference, None))
+    monkeypatch.setattr(parity, "onnx_outputs", lambda *a, **k: (candidate, None))
     images = SimpleNamespace(source="test")
     reports = {}
     for threshold in (0.3, None):
@@ -671,8 +671,8 @@ def test_the_training_images_sha256_recorded_in_the_split_are_not_computed_again
     recorded = [hashlib.sha256(b"pixels %d" % i).hexdigest() for i in (0, 1, 7)]
     training = ImageSet([tmp_path / "train" / f"{i}.bmp" for i in range(3)], [0] * 3, "train", recorded)
     read = []
-    real = unfamiliar._hash
-    monkeypatch.setattr(unfamiliar, "_hash", lambda path: read.append(path) or real(path))
+    real = unfamiliar.file_hash
+    monkeypatch.setattr(unfamiliar, "file_hash", lambda path: read.append(path) or real(path))
     plan = unfamiliar.plan_bank(training, ImageSet(check, [0] * 3, "check"), None, lambda _: None)
     assert plan.in_bank == set(check[:2])
     assert sorted(read) == sorted(check)  # the check images only

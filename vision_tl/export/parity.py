@@ -9,6 +9,7 @@ uint8 pixels through :class:`vision_tl.deploy.Predictor`, exactly as on the line
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -24,7 +25,7 @@ from vision_tl.deploy import DeployError, ModelMetadata, Predictor, list_images
 from vision_tl.export.onnx_export import ExportError
 from vision_tl.imaging import ImageLoadError, load_rgb, resize
 from vision_tl.reports.report import config_data_root
-from vision_tl.utils.files import refuse_empty_path, shown_path
+from vision_tl.utils.files import file_sha256, refuse_empty_path, shown_path
 
 AUTO, NONE = "auto", "none"
 PROB_TOLERANCE = 1e-4  # fp32: max |probability difference| allowed between PyTorch and ONNX
@@ -42,6 +43,13 @@ class ImageSet:
     labels: list[int | None]
     source: str
     sha256: list[str] | None = None
+
+    def content_hashes(self) -> set[str]:
+        """The files' sha256: as the split.json recorded them, else read (an unreadable file is
+        left out: the check that reads it reports it)."""
+        if self.sha256 is not None:
+            return set(self.sha256)
+        return file_hashes(self.paths)
 
     def subsample(self, limit: int | None) -> ImageSet:
         """At most ``limit`` images, evenly spread (deterministic, keeps every class present)."""
@@ -308,10 +316,16 @@ def _eval_batches(metadata: ModelMetadata, pixels: Sequence[np.ndarray], batch_s
         yield torch.stack([transform(p) for p in pixels[start:start + batch_size]])
 
 
-def onnx_probabilities(model_path: str | Path, pixels: Sequence[np.ndarray],
-                       batch_size: int = 32) -> np.ndarray:
-    """Probabilities from onnxruntime through the deploy :class:`Predictor` (the line's path)."""
-    return Predictor(model_path).predict_arrays(list(pixels), batch_size=batch_size)
+def file_hash(path: Path) -> str | None:
+    """The file's sha256, or None where it cannot be read (the check that reads it reports it)."""
+    with contextlib.suppress(OSError):
+        return file_sha256(path)
+    return None
+
+
+def file_hashes(paths: Sequence[Path]) -> set[str]:
+    """The sha256 of each readable file of ``paths``."""
+    return {h for h in map(file_hash, paths) if h is not None}
 
 
 def onnx_outputs(model_path: str | Path, pixels: Sequence[np.ndarray],
@@ -319,12 +333,6 @@ def onnx_outputs(model_path: str | Path, pixels: Sequence[np.ndarray],
     """Probabilities and, for a model with that output, unfamiliarity from one onnxruntime pass
     through the deploy :class:`Predictor` (else None)."""
     return Predictor(model_path).outputs_arrays(list(pixels), batch_size=batch_size)
-
-
-def onnx_unfamiliarity(model_path: str | Path, pixels: Sequence[np.ndarray],
-                       batch_size: int = 32) -> np.ndarray:
-    """The ``unfamiliarity`` output from onnxruntime through the deploy :class:`Predictor`."""
-    return Predictor(model_path).unfamiliarity_arrays(list(pixels), batch_size=batch_size)
 
 
 @dataclass
@@ -512,14 +520,8 @@ def check_parity(net: Any, model_path: str | Path, metadata: ModelMetadata, imag
     """
     start = time.perf_counter()
     decoded = decode(images, metadata, scratch=scratch)
-    if bank is None:
-        reference, reference_scores = torch_probabilities(net, metadata, decoded.pixels, batch_size), None
-    else:
-        reference, reference_scores = torch_outputs(net, metadata, decoded.pixels, batch_size, bank)
-    if bank is None:
-        candidate, scores = onnx_probabilities(model_path, decoded.pixels, batch_size), None
-    else:  # (one pass of the model for both outputs)
-        candidate, scores = onnx_outputs(model_path, decoded.pixels, batch_size)
+    reference, reference_scores = torch_outputs(net, metadata, decoded.pixels, batch_size, bank)
+    candidate, scores = onnx_outputs(model_path, decoded.pixels, batch_size)  # (one pass for both outputs)
     report = compare(reference, candidate, decoded, model=str(model_path),
                      reference_name="PyTorch checkpoint", source=images.source)
     count_decision_changes(report, reference, candidate, metadata)

@@ -39,7 +39,6 @@ from vision_tl.export.parity import (
     count_decision_changes,
     folder_images,
     onnx_outputs,
-    onnx_probabilities,
     resolve_parity_images,
     split_images,
 )
@@ -192,12 +191,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         log(f"note: {note}")
     metadata = build_metadata(ckpt, opts.normalize_in_graph)
     images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes)
-    calibration = _calibration_images(ckpt, opts) if opts.int8 else None
+    training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
+    calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
     if calibration is not None and images is not None:
         _warn_shared_images(calibration, images, log)
     if images is None:
         log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
-    plan = _bank_plan(ckpt, opts, images, log) if opts.unfamiliar else None
+    plan = plan_bank(training, images, reason, log) if opts.unfamiliar else None
     bank = None if plan is None else build_bank(ckpt.net, metadata, plan, out.parent, log)
     report, decoded, fp32_probs, fp32_scores, keep = None, None, None, None, None
     with atomic_path(out, overwrite=opts.overwrite) as tmp:
@@ -286,19 +286,20 @@ def _save_report(report: ParityReport | None, model_path: Path) -> None:
         write_json_atomic(passed, report.to_dict())
 
 
-def _bank_plan(ckpt: LoadedCheckpoint, opts: ExportOptions, checked: ImageSet | None,
-               log: Callable[[str], None]) -> BankPlan | None:
-    """The training images for the unfamiliarity bank (the source INT8 calibration uses), or None
-    with a note: a run whose training images are gone still exports, without the output."""
-    training, reason = None, None
+def _training_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> tuple[ImageSet | None, str | None]:
+    """The run's training images (``--calibration-dir``, else its split.json's train list or
+    ROOT/train/), for INT8 calibration and the unfamiliarity bank, or None with why (for
+    ``--int8`` that is an error, raised here; without it the model is exported without the bank)."""
+    if not (opts.int8 or opts.unfamiliar):
+        return None, None
     try:
         if opts.calibration_dir is not None:
-            training = folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir")
-        else:
-            training = split_images(ckpt.path, "train", ckpt.classes)
+            return folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir"), None
+        return split_images(ckpt.path, "train", ckpt.classes), None
     except ExportError as exc:
-        reason = str(exc)
-    return plan_bank(training, checked, reason, log)
+        if opts.int8:
+            raise
+        return None, str(exc)
 
 
 def _unfamiliar_details(metadata, plan: BankPlan) -> dict[str, object]:
@@ -307,11 +308,7 @@ def _unfamiliar_details(metadata, plan: BankPlan) -> dict[str, object]:
             "bank_source": plan.images.source}
 
 
-def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> ImageSet:
-    if opts.calibration_dir is not None:
-        found = folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir")
-    else:
-        found = split_images(ckpt.path, "train", ckpt.classes)
+def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions, found: ImageSet | None) -> ImageSet:
     if found is None:
         raise ExportError(
             f"{ckpt.path}: --int8 needs calibration images from the training data, but the run has "
@@ -326,14 +323,7 @@ def _warn_shared_images(calibration: ImageSet, checked: ImageSet, log: Callable[
     """Calibrating on images the INT8 copy is then checked on (a --calibration-dir holding the
     validation images too) makes the check's accuracy optimistic: say so (by content, so copies
     of a file count)."""
-    def hashes(paths: list[Path]) -> set[str]:
-        found = set()
-        for path in paths:
-            with contextlib.suppress(OSError):  # (an unreadable file is the check's to report)
-                found.add(file_sha256(path))
-        return found
-
-    shared = len(hashes(calibration.paths) & hashes(checked.paths))
+    shared = len(calibration.content_hashes() & checked.content_hashes())
     if shared:
         log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
             f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
@@ -358,8 +348,7 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             details = convert_fp16(out, tmp, metadata)
         report = None
         if decoded is not None:
-            probs, scores = (onnx_outputs(tmp, decoded.pixels) if fp32_scores is not None  # (one pass for both)
-                             else (onnx_probabilities(tmp, decoded.pixels), None))
+            probs, scores = onnx_outputs(tmp, decoded.pixels)  # (scores: None for a model without them)
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)

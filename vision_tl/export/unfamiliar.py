@@ -21,8 +21,14 @@ import numpy as np
 
 from vision_tl.deploy import ModelMetadata
 from vision_tl.deploy.metadata import MAX_UNFAMILIARITY
-from vision_tl.export.parity import DecodedImages, ImageSet, decode, torch_features
-from vision_tl.utils.files import file_sha256
+from vision_tl.export.parity import (
+    DecodedImages,
+    ImageSet,
+    decode,
+    file_hash,
+    file_hashes,
+    torch_features,
+)
 
 COPY_SCORE = 1e-5  # at most this (float rounding of 0), a check image's pixels are a bank image's
 BANK_IMAGES = 2000  # 2,000 x 1,280 features (Lite0) are 10 MB of float32 in the model file
@@ -60,8 +66,8 @@ def plan_bank(training: ImageSet | None, checked: ImageSet | None, reason: str |
     # validation image either, though the bank left it out (a training set over BANK_IMAGES)
     # (a split.json's sha256, checked as its images were listed, or those of the files that can match)
     trained = (set(training.sha256) if training.sha256 is not None
-               else _hashes(_same_sizes(training.paths, checked.paths)))
-    in_bank = {p for p in checked.paths if _hash(p) in trained}
+               else file_hashes(_same_sizes(training.paths, checked.paths)))
+    in_bank = {p for p in checked.paths if file_hash(p) in trained}
     if in_bank and len(in_bank) == len(checked.paths):
         log(f"note: no 'unfamiliarity' output: every one of the {len(checked.paths)} check images is also a training "
             f"image ({training.source}), so they cannot set its threshold; {HOW_TO_GET_IT}, "
@@ -129,16 +135,6 @@ def threshold_note(metadata: ModelMetadata, checked: int) -> str:
     return (f"unfamiliarity: bank of {metadata.unfamiliar_bank_images} training images; threshold "
             f"{metadata.unfamiliar_threshold:.4g}, the highest score of {n} validation images{left_out}: images like "
             f"those are flagged unfamiliar at most 1 time in {n + 1}{few}")
-
-
-def _hash(path: Path) -> str | None:
-    with contextlib.suppress(OSError):  # (an unreadable file is the check's to report)
-        return file_sha256(path)
-    return None
-
-
-def _hashes(paths: list[Path]) -> set[str]:
-    return {h for h in map(_hash, paths) if h is not None}
 
 
 def _same_sizes(paths: list[Path], others: list[Path]) -> list[Path]:
