@@ -24,6 +24,7 @@ from torch import nn
 
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
+from vision_tl.export.padding import fold_pads_into_convs, static_same_padding
 from vision_tl.imaging import normalisation_constants
 from vision_tl.models.classifier import ClassifierOutput
 from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity, UnfamiliarityScore
@@ -219,7 +220,9 @@ def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata
     outputs = wrapper.output_names
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        # (the graph's one input size lets TF-style "same" padding be constants: see export.padding)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+                static_same_padding(wrapper, example):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=axes,
@@ -227,6 +230,7 @@ def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata
     except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
         raise ExportError(f"{ckpt.path}: torch.onnx.export failed at opset {opset}: {exc}") from exc
     model = onnx.load(str(path))
+    fold_pads_into_convs(model)
     set_metadata(model, metadata)
     onnx.save(model, str(path))
     check_model(path, shown)
