@@ -641,3 +641,21 @@ def test_start_up_lines_are_shown_with_the_progress_bar_on(inspection_folder, tm
     out = capsys.readouterr().out
     assert "vision_tl: mode=frozen" in out and "vision_tl: training the head on cached features" in out
     assert "--data.decoded_cache is not used for training (the features are cached)" in out
+
+
+def test_gpu_overlay_given_before_the_recipe_is_warned_about(inspection_folder, tmp_path):
+    """`--config gpu.yaml --config frozen.yaml`: the recipe, read last, set accelerator auto and
+    precision 32-true back, and the run trained (on the CPU, without a GPU) as if gpu.yaml was
+    not given; its config.yaml still said pipeline: device."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["fit", "--config", str(CONFIGS / "gpu.yaml"), "--config", str(CONFIGS / "frozen.yaml"),
+                     "--data.root", str(inspection_folder), *TINY_ARGS, "--trainer.max_epochs", "1",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert code == 0
+    said = [str(w.message) for w in caught if "comes after" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert "frozen.yaml comes after" in said[0] and "trainer.precision 32-true" in said[0]
+    assert said[0].endswith("gpu.yaml last, after the recipe")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -83,6 +84,50 @@ def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path) -> None:
         Text.draw = real_draw
     assert all(_is_png(p) for p in written)
     assert "dent $^$ x" in drawn and "cost $5 vs $10" in drawn
+
+
+@pytest.fixture
+def fresh_font_warnings(monkeypatch):
+    """Each test starts with no name warned about yet (the warning is once per process)."""
+    monkeypatch.setattr(plots, "_UNDRAWABLE_WARNED", set(), raising=False)
+
+
+def test_names_no_font_has_are_warned_about_once_not_per_glyph(tmp_path, monkeypatch, fresh_font_warnings):
+    """Class folders named in Japanese: every figure warned once per missing character (dozens
+    of 'Glyph ... missing from font(s) DejaVu Sans'); one warning names the classes instead."""
+    # as on a machine without CJK fonts: no installed font has the characters
+    monkeypatch.setattr(plots, "_fallbacks_for", lambda missing: ((), missing), raising=False)
+    classes = ["good", "傷", "キズ"]
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 6)
+    probs = rng.dirichlet((1, 1, 1), len(labels))
+    result = M.evaluate(probs, labels, classes, good_class="good", threshold=0.5)
+    with pytest.warns(UserWarning) as caught:
+        written = list(_figures(result, probs, labels, classes, tmp_path, "val").values())
+        written.append(pca_scatter(rng.normal(size=(18, 5)), labels, classes, tmp_path / "pca.png"))
+    assert all(_is_png(p) for p in written)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "'傷', 'キズ'" in messages[0] and "boxes" in messages[0] and "predictions.csv" in messages[0]
+
+
+def test_names_an_installed_font_has_are_drawn_with_it(tmp_path, fresh_font_warnings):
+    """A character DejaVu Sans lacks but STIX (shipped with matplotlib) has is drawn with STIX,
+    as a CJK name is with Noto Sans CJK where that is installed: no glyph goes missing."""
+    @plots.literal_text
+    def draw_class(name: str, path: Path) -> list[str]:
+        fig, ax = plots._subplots(figsize=(2, 1))
+        ax.set_title(name)
+        with warnings.catch_warnings(record=True) as caught:  # matplotlib's own warnings, as drawn
+            warnings.simplefilter("always")
+            plots._save(fig, path)
+        return [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a warning of ours: the font has the character
+        missing = draw_class("dent \u1d81", tmp_path / "t.png")
+    assert missing == []
+    assert plots.font_fallbacks(["dent \u1d81"])  # STIX here; another font that has it elsewhere
 
 
 def test_confusion_matrix_shows_no_recall_for_a_class_without_images(tmp_path, monkeypatch):

@@ -280,3 +280,32 @@ def test_a_threshold_beyond_every_score_keeps_a_margin_the_exported_model_does_n
 def test_select_threshold_refuses_inputs_it_would_misread(p_good, is_good, message):
     with pytest.raises(M.ThresholdError, match=message):
         M.select_threshold(np.array(p_good), np.array(is_good), "false_reject:0.1")
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_predictions_csv_is_defect_counts_the_escapes_the_report_counts(threshold):
+    """Without a threshold the report counted escapes by the most probable class while the CSV's
+    is_defect was empty: a reader could not find the escaped images in it."""
+    import csv
+    import io
+
+    from vision_tl.reports.report import _predictions_csv
+
+    gvd = M.good_vs_defect(PROBS, LABELS, CLASSES, "good", threshold)
+    rows = list(csv.DictReader(io.StringIO(_predictions_csv(PROBS, LABELS, CLASSES, None, "good", threshold))))
+    defect = [row["is_defect"] for row in rows]
+    assert set(defect) == {"true", "false"}
+    assert sum(d == "false" and row["true"] != "good" for d, row in zip(defect, rows)) == gvd["escapes"] == 1
+    assert sum(d == "true" and row["true"] == "good" for d, row in zip(defect, rows)) == gvd["false_rejects"]
+    if threshold is None:
+        assert defect == ["false", "false", "true", "true", "false", "true"]  # predicted class other than good
+
+
+def test_predictions_csv_leaves_is_defect_empty_without_a_good_class():
+    import csv
+    import io
+
+    from vision_tl.reports.report import _predictions_csv
+
+    rows = list(csv.DictReader(io.StringIO(_predictions_csv(PROBS, LABELS, CLASSES, None, None, None))))
+    assert len(rows) == len(LABELS) and all(row["is_defect"] == "" for row in rows)

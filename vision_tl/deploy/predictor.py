@@ -68,8 +68,9 @@ def prediction_columns(classes: Sequence[str], *, true: bool = True, error: bool
                        unfamiliar: bool = False) -> list[str]:
     """The columns of every predictions CSV the kit writes, in one order: ``path``, ``true``
     (the labelled class; not in ``vision-tl predict-onnx``'s, which has no labels), ``predicted``,
-    ``probability`` (of ``predicted``), ``p_<class>`` per class, ``is_defect`` (``true``/``false``;
-    empty without a good class and a threshold), with ``unfamiliar`` (a model that scores how
+    ``probability`` (of ``predicted``), ``p_<class>`` per class, ``is_defect`` (``true``/``false``:
+    ``P(good) < threshold``; empty without a good class, and without a threshold except in a
+    report's, where the most probable class decides, as in its escape counts), with ``unfamiliar`` (a model that scores how
     unlike its training images an image is) ``unfamiliarity`` and ``unfamiliar``
     (``true``/``false``), and ``error`` (why an image could not be read; not in a report's,
     which holds only the images it evaluated).

@@ -131,7 +131,12 @@ def wait_for(claim: Claim, store: ShardStore | None = None, stall_s: float | Non
 
 
 def _held(path: Path) -> bool:
-    """Whether a live writer still holds the claim file ``path`` (False once it is gone)."""
+    """Whether a live writer still holds the claim file ``path`` (False once it is gone).
+
+    The same lock probe as :func:`_live_keys`, kept apart because it runs where that one may not:
+    :func:`wait_for` polls it every :data:`POLL_S` without the writers' lock, so it only looks and
+    changes nothing (it neither reads the keys, known since :func:`claimed`, nor removes a claim
+    nobody holds: the next :func:`claimed` sweeps that, under the lock)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # done already
@@ -175,7 +180,12 @@ def _claims_folder(store: ShardStore) -> Path | None:
 
 def _live_keys(path: Path) -> set[str] | None:
     """The keys a live writer's claim file lists; None for one whose writer is gone (a killed
-    process's claim, which nobody holds locked: removed here) or that is gone already."""
+    process's claim, which nobody holds locked: removed here) or that is gone already.
+
+    Only under :meth:`ShardStore.writers_lock`, as :func:`claimed` calls it: :func:`_hold_claim`
+    creates a claim file before it locks it and writes the keys, so outside that lock a new claim
+    could be read half written, or taken for a killed writer's and removed (:func:`_held` is
+    the probe for outside it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -183,7 +183,8 @@ def _good_vs_defect(gvd: dict | None, choice: dict | None) -> str:
             else f"iff {good} is its most probable class: no threshold is set (choose one with "
                  "<code>vision-tl report RUN --target-false-reject R</code> or <code>--target-escape E</code>).")
     why = gvd["undefined"]
-    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{good}</b> {rule}</p>"
+    return (f"<h2>Good vs defect</h2><p>An image passes as <b>{good}</b> {rule} The <code>is_defect</code> "
+            "column of the predictions CSV follows the same rule.</p>"
             '<table id="good-vs-defect"><tr><th class=l>rate</th><th>value</th><th>count</th>'
             "<th>95 % interval</th></tr>"
             f'<tr><td class="l">escape rate (defective images passed as good)</td>'

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import textwrap
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +20,115 @@ def _legend(ax, **kwargs) -> None:
 
 def literal_text(plot):
     """Draw ``plot``'s text as written: matplotlib reads ``$...$`` as a formula by default, so a
-    class named ``cost $5 vs $10`` came out garbled and ``dent $^$`` stopped fit with a parse error."""
+    class named ``cost $5 vs $10`` came out garbled and ``dent $^$`` stopped fit with a parse error.
+
+    Names with characters the default font lacks (a class folder named ``傷`` or ``キズ``) are drawn
+    with an installed font that has them (see :func:`font_fallbacks`); where none has, one warning
+    names them instead of matplotlib's warning per character, figure and draw."""
     @functools.wraps(plot)
     def draw(*args, **kwargs):
         import matplotlib
 
-        with matplotlib.rc_context({"text.parse_math": False}):
+        families = list(matplotlib.rcParams["font.family"])
+        families += font_fallbacks(_texts((args, kwargs)), tuple(families))
+        with matplotlib.rc_context({"text.parse_math": False, "font.family": families}), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")  # warned above
             return plot(*args, **kwargs)
     return draw
+
+
+# Fonts tried first, in this order, for characters the default font (DejaVu Sans) lacks: class
+# names in Chinese, Japanese or Korean mostly. Any other installed font that has them comes after.
+PREFERRED_FALLBACKS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+                       "Source Han Sans", "Droid Sans Fallback", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+                       "IPAexGothic", "IPAGothic", "Noto Sans JP", "Noto Sans SC", "Yu Gothic", "Meiryo",
+                       "MS Gothic", "Microsoft YaHei", "SimHei", "Malgun Gothic", "Hiragino Sans",
+                       "PingFang SC", "Apple SD Gothic Neo", "Arial Unicode MS")
+_UNDRAWABLE_WARNED: set[str] = set()  # names already warned about: once per process, not per figure
+
+
+def _texts(value, depth: int = 4) -> Iterator[str]:
+    """The non-ASCII strings in a plot's arguments (class names, titles, file names), the ones a
+    font may lack; arrays and numbers are not looked into."""
+    if isinstance(value, str):
+        if not value.isascii():
+            yield value
+    elif isinstance(value, Path):
+        yield from _texts(value.name, depth)
+    elif depth and isinstance(value, dict):
+        for v in value.values():
+            yield from _texts(v, depth - 1)
+    elif depth and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _texts(v, depth - 1)
+    elif depth and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _texts(getattr(value, f.name), depth - 1)
+
+
+@functools.cache
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(path).get_charmap())
+
+
+def _installed_fonts() -> list[tuple[str, str]]:
+    """(family, file) of each font matplotlib knows, the preferred fallbacks first. matplotlib's
+    own Last Resort font is left out: it has every character, each drawn as a box."""
+    from matplotlib import font_manager
+
+    fonts = {f.name: f.fname for f in font_manager.fontManager.ttflist if not f.name.startswith("Last Resort")}
+    rank = {name: i for i, name in enumerate(PREFERRED_FALLBACKS)}
+    return sorted(fonts.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+@functools.cache
+def _fallbacks_for(missing: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The installed families that together have the ``missing`` characters, and those none has."""
+    chosen, left = [], set(missing)
+    for name, path in _installed_fonts():
+        try:
+            has = {c for c in left if ord(c) in _charmap(path)}
+        except (OSError, RuntimeError):  # a font file matplotlib listed but FreeType cannot open
+            continue
+        if has:
+            chosen.append(name)
+            left -= has
+        if not left:
+            break
+    return tuple(chosen), frozenset(left)
+
+
+def font_fallbacks(texts: Iterable[str], families: tuple[str, ...] = ("sans-serif",)) -> list[str]:
+    """The installed font families to draw after ``families`` so that ``texts`` come out as
+    written (matplotlib falls back from one family to the next per character). Names that no font
+    here can draw are warned about once: the figures show them as boxes, while predictions.csv and
+    the HTML report, which are text, keep them as they are.
+
+    Example:
+        >>> font_fallbacks(["scratch"])
+        []
+    """
+    from matplotlib import font_manager
+
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        return []
+    drawn = frozenset().union(*(_charmap(font_manager.findfont(font_manager.FontProperties(family=[f])))
+                                for f in families))
+    missing = frozenset(c for t in texts for c in t if ord(c) not in drawn and c.isprintable())
+    if not missing:
+        return []
+    chosen, none_has = _fallbacks_for(missing)
+    boxes = [t for t in texts if none_has.intersection(t) and t not in _UNDRAWABLE_WARNED]
+    if boxes:
+        _UNDRAWABLE_WARNED.update(boxes)
+        warnings.warn(f"no font here has all the characters of {', '.join(map(repr, boxes))}: the figures "
+                      "draw those as empty boxes (predictions.csv and the HTML report keep the names as "
+                      "written); install a font that has them, such as Noto Sans CJK, to draw them", stacklevel=3)
+    return list(chosen)
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], constrained_layout: bool = False,

@@ -75,13 +75,17 @@ def output_name(stem: str, split: str, suffix: str) -> str:
 
 def _predictions_csv(probs: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str] | None,
                      good_class: str | None, threshold: float | None) -> str:
+    """The report's predictions.csv. ``is_defect`` follows the rule the report's escape and
+    false-reject counts use: ``P(good) < threshold``, or without a threshold the most probable
+    class not being the good one (it was left empty, while the report counted escapes by argmax);
+    empty without a good class."""
     out = io.StringIO()
     writer = csv.writer(out)
-    decide = good_class is not None and threshold is not None
+    good = None if good_class is None else classes.index(good_class)
     writer.writerow(prediction_columns(classes, error=False))
     for i, (p, y) in enumerate(zip(probs, labels)):
         k = int(p.argmax())
-        defect = str(bool(p[classes.index(good_class)] < threshold)).lower() if decide else ""
+        defect = ("" if good is None else str(bool(k != good if threshold is None else p[good] < threshold)).lower())
         writer.writerow([path_text(paths[i]) if paths else "", classes[y], classes[k], probability_text(p[k]),
                          *map(probability_text, p), defect])
     return out.getvalue()

@@ -223,8 +223,10 @@ class _Parser(LightningArgumentParser):
         return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
     @staticmethod
-    def _config_holding(key: str) -> str | None:
-        """The ``--config`` file (of the parsed command line) in which ``key`` is written."""
+    def _config_values(key: str) -> list[tuple[str, object]]:
+        """(file, value) for each ``--config`` file (of the parsed command line) in which ``key``
+        is written, in the order given: the last one wins unless a flag sets ``key``."""
+        found = []
         for name in _Parser._config_files():
             try:
                 node = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
@@ -234,8 +236,13 @@ class _Parser(LightningArgumentParser):
             for part in parents:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict) and leaf in node:
-                return name
-        return None
+                found.append((name, node[leaf]))
+        return found
+
+    @staticmethod
+    def _config_holding(key: str) -> str | None:
+        """The first ``--config`` file (of the parsed command line) in which ``key`` is written."""
+        return next((name for name, _ in _Parser._config_values(key)), None)
 
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -500,6 +507,7 @@ class VisionTLCLI(LightningCLI):
         if model is not None and _names_a_folder(model.get("feature_cache")):
             model.feature_cache = str(Path(model.feature_cache).expanduser().resolve())
         self._check_gpu()
+        self._check_gpu_config_order()
         self._check_launcher()
         if self.subcommand == "fit":
             _check_fit_settings(self.config.fit)
@@ -624,6 +632,31 @@ class VisionTLCLI(LightningCLI):
                 f"({build}) sees none; on this machine leave out configs/gpu.yaml or pass "
                 "--trainer.accelerator auto (uses a GPU when there is one) or cpu"
             )
+
+    def _check_gpu_config_order(self) -> None:
+        """``--config configs/gpu.yaml --config configs/frozen.yaml``: the recipe, given last, sets
+        ``accelerator: auto`` and ``precision: 32-true`` back, so the run trains in full precision
+        (on the CPU, where there is no GPU) without a word, and its config.yaml still reads
+        ``pipeline: device``. Warn, naming the files; a flag given after them is taken as meant."""
+        import torch
+
+        trainer = self.config[self.subcommand].get("trainer")
+        asked = [name for name, value in _Parser._config_values("trainer.accelerator") if value in ("gpu", "cuda")]
+        if trainer is None or not asked:
+            return
+        gpu_file, undone, later = asked[-1], [], []
+        for key in ("accelerator", "precision"):
+            written = _Parser._config_values(f"trainer.{key}")
+            wanted = [value for name, value in written if name == gpu_file]
+            last, value = written[-1] if written else (gpu_file, None)
+            if wanted and last != gpu_file and str(value) != str(wanted[-1]) and str(trainer.get(key)) == str(value):
+                undone.append(f"trainer.{key} {value}")
+                later += [last] if last not in later else []
+        if undone:
+            where = " on the CPU (no GPU here)" if not torch.cuda.is_available() else ""
+            warnings.warn(f"--config {', '.join(later)} comes after {gpu_file} and sets {' and '.join(undone)} "
+                          f"back (the last file wins), so this run trains{where} without its GPU settings; give "
+                          f"{gpu_file} last, after the recipe", stacklevel=2)
 
     def _check_launcher(self) -> None:
         """torchrun (or srun) started several processes, but the trainer was told of one device
