@@ -413,6 +413,21 @@ def test_explain_of_a_folder_leaves_out_the_heat_maps_an_earlier_run_wrote_into_
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["a.gradcam.png"]
 
 
+def test_explain_writes_the_heat_maps_beside_the_images_when_out_is_their_folder(tmp_path, monkeypatch) -> None:
+    """`vision-tl explain CKPT photos --out photos` left out every image under --out, not only the
+    heat maps there: "folder photos holds no images" instead of a heat map beside each photo."""
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    first = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path)]
+    again = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path, overwrite=True)]
+    assert first == again == ["a.gradcam.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gradcam.png", "a.png"]
+
+
 def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
     or what it was counted on; the weakest class had to be found in the table."""
