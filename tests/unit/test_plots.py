@@ -487,6 +487,23 @@ def test_html_report_shows_how_little_a_rare_class_or_a_few_defects_pin_down(tmp
     assert "0 of 3 defective images; 95 % interval 0%–56%" in page  # the card
 
 
+def test_html_report_interval_of_a_rare_error_rate_does_not_read_zero_to_zero(tmp_path) -> None:
+    """2 false rejects among 2,000 good images and no escape among 1,000 defective ones: their
+    95 % intervals rounded to whole percents read "0%–0%", as if the rates were pinned at zero."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([1] * 2000 + [0] * 1000)
+    probs = np.full((3000, 3), 0.1)
+    probs[np.arange(3000), labels] = 0.8
+    probs[:2] = [0.8, 0.1, 0.1]  # two good images rejected
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    rates = render_report(result, {}, split="val", info={}, errors=[])
+    rates = rates[rates.index('id="good-vs-defect"'):]
+    assert "<td>0 of 1000</td><td>0%–0.38%</td>" in rates
+    assert "<td>2 of 2000</td><td>0.027%–0.36%</td>" in rates
+    assert "0%–0%" not in rates
+
+
 def test_comparison_says_which_split_it_compares(tmp_path) -> None:
     from vision_tl.reports.compare import COLUMNS, Comparison, RunSummary
     from vision_tl.reports.html import render_comparison
