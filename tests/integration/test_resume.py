@@ -623,3 +623,27 @@ def test_a_resume_that_fails_before_training_leaves_the_runs_step_log_in_place(i
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) != 0
     assert "start.pth" in capsys.readouterr().err
     assert (run / "metrics.csv").read_bytes() == log and not list(run.glob("metrics.before_resume_*"))
+
+
+def test_a_run_that_recorded_its_feature_cache_relative_still_resumes(inspection_folder, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A run from before cache folders were recorded absolute holds `feature_cache: feats` in its
+    config.yaml and checkpoints; made absolute before the resume's settings check, the path no longer
+    matched the checkpoint's and `fit --config RUN/config.yaml --ckpt_path last` stopped with 'the model
+    settings differ: feature_cache ...', an option the user never gave."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([*_args(inspection_folder, tmp_path / "runs"), "--trainer.max_epochs", "1", "--model.mode", "frozen",
+                 "--model.feature_cache", "feats"]) == 0
+    run = tmp_path / "runs" / "partial" / "version_0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["feature_cache"] = "feats"  # as the run's files spelled it then
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state["hyper_parameters"]["feature_cache"] = "feats"
+        torch.save(state, ckpt)
+    capsys.readouterr()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"]) == 0
+    assert f"resuming {run}" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1

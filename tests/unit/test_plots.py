@@ -458,6 +458,21 @@ def test_explain_of_a_folder_leaves_out_the_heat_maps_an_earlier_run_wrote_into_
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["a.gradcam.png"]
 
 
+def test_explain_writes_the_heat_maps_beside_the_images_when_out_is_their_folder(tmp_path, monkeypatch) -> None:
+    """`vision-tl explain CKPT photos --out photos` left out every image under --out, not only the
+    heat maps there: "folder photos holds no images" instead of a heat map beside each photo."""
+    from vision_tl.reports import explain
+    from vision_tl.tasks import ImageClassifier, checkpoint
+
+    model = ImageClassifier(["ok", "dent"], backbone="test_efficientnet", pretrained=False, image_size=32)
+    monkeypatch.setattr(checkpoint, "load_classifier", lambda path: (model, {}))
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    first = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path)]
+    again = [p.name for p in explain.explain_checkpoint("best.ckpt", [tmp_path], tmp_path, overwrite=True)]
+    assert first == again == ["a.gradcam.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gradcam.png", "a.png"]
+
+
 def test_html_report_opens_with_the_verdict_on_named_images(tmp_path) -> None:
     """The report opened with plain accuracy and the escape rate as 0.008, without its threshold
     or what it was counted on; the weakest class had to be found in the table."""
@@ -515,6 +530,23 @@ def test_html_report_shows_how_little_a_rare_class_or_a_few_defects_pin_down(tmp
     rates = page[page.index('id="good-vs-defect"'):]
     assert "<td>0 of 3</td><td>0%–56%</td>" in rates and "<td>0 of 40</td><td>0%–9%</td>" in rates
     assert "0 of 3 defective images; 95 % interval 0%–56%" in page  # the card
+
+
+def test_html_report_interval_of_a_rare_error_rate_does_not_read_zero_to_zero(tmp_path) -> None:
+    """2 false rejects among 2,000 good images and no escape among 1,000 defective ones: their
+    95 % intervals rounded to whole percents read "0%–0%", as if the rates were pinned at zero."""
+    from vision_tl.reports.html import render_report
+
+    labels = np.array([1] * 2000 + [0] * 1000)
+    probs = np.full((3000, 3), 0.1)
+    probs[np.arange(3000), labels] = 0.8
+    probs[:2] = [0.8, 0.1, 0.1]  # two good images rejected
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    rates = render_report(result, {}, split="val", info={}, errors=[])
+    rates = rates[rates.index('id="good-vs-defect"'):]
+    assert "<td>0 of 1000</td><td>0%–0.38%</td>" in rates
+    assert "<td>2 of 2000</td><td>0.027%–0.36%</td>" in rates
+    assert "0%–0%" not in rates
 
 
 def test_comparison_says_which_split_it_compares(tmp_path) -> None:

@@ -228,8 +228,9 @@ def save_explanation(item: Explanation, path: str | Path, overwrite: bool = True
 
 
 def expand_images(inputs: list[str | Path], skip: str | Path | None = None) -> list[Path]:
-    """Image files from files and folders (folders searched recursively); a folder's files under
-    ``skip`` (explain's output folder: the heat maps of an earlier run) are left out."""
+    """Image files from files and folders (folders searched recursively); a folder's heat maps
+    (``*.gradcam.png``) under ``skip`` (explain's output folder: an earlier run's) are left out,
+    its other images not (``--out`` may be the images' own folder)."""
     from vision_tl.data.folder import warn_ignored
     from vision_tl.imaging import IMAGE_EXTENSIONS, image_files
     from vision_tl.utils.files import name_key, refuse_empty_path
@@ -245,7 +246,8 @@ def expand_images(inputs: list[str | Path], skip: str | Path | None = None) -> l
             walked = len(found)
             if skip is not None:
                 outputs = Path(os.path.abspath(skip))
-                found = [path for path in found if not Path(os.path.abspath(path)).is_relative_to(outputs)]
+                found = [path for path in found if not (path.name.casefold().endswith(".gradcam.png")
+                                                        and Path(os.path.abspath(path)).is_relative_to(outputs))]
             if not found:
                 raise ExplainError(f"folder {item} holds no images (searched recursively for "
                                    f"{', '.join(IMAGE_EXTENSIONS)})" + (f" but the heat maps in --out {skip}"

@@ -503,9 +503,6 @@ class VisionTLCLI(LightningCLI):
         # new, empty cache there without a word ("auto"/true: the default place; none/false: no cache)
         if data is not None and _names_a_folder(data.get("decoded_cache")):
             data.decoded_cache = str(Path(data.decoded_cache).expanduser().resolve())
-        model = self.config[self.subcommand].get("model")
-        if model is not None and _names_a_folder(model.get("feature_cache")):
-            model.feature_cache = str(Path(model.feature_cache).expanduser().resolve())
         self._check_gpu()
         self._check_gpu_config_order()
         self._check_launcher()
@@ -518,6 +515,8 @@ class VisionTLCLI(LightningCLI):
             # way from any working directory. (After the resume's check, which compares the checkpoint's
             # spelling: a run from before this recorded the path as given.)
             model.weights = str(Path(str(model.weights)).expanduser().resolve())
+        if model is not None and _names_a_folder(model.get("feature_cache")):  # (a model setting too: after the check)
+            model.feature_cache = str(Path(model.feature_cache).expanduser().resolve())
         self._require_checkpoint()
         self._use_the_checkpoints_classes()
         self._use_the_runs_split()
