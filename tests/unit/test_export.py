@@ -387,6 +387,31 @@ def test_same_padding_is_exported_as_constant_pads_of_the_convolutions(tmp_path)
     assert type(net.convs[0]).forward is not None and "forward" not in vars(net.convs[0])  # as trained again
 
 
+class SharedSamePaddedConv(torch.nn.Module):
+    """One "same" conv called at two sizes: its pads differ per call, so no constant is right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import create_conv2d
+
+        self.conv = create_conv2d(3, 3, 3, stride=2, padding="same")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.conv(x)).mean((2, 3))
+
+
+def test_a_same_padded_layer_called_at_two_sizes_keeps_computing_its_pads():
+    from vision_tl.export.padding import static_same_padding
+
+    torch.manual_seed(0)
+    net, x = SharedSamePaddedConv().eval(), torch.randn(2, 3, 22, 22)  # pads 1, then 2 at 11x11
+    with torch.no_grad():
+        expected = net(x)
+        with static_same_padding(net, x) as changed:
+            torch.testing.assert_close(net(x), expected)
+    assert changed == 0
+
+
 def _pad_then_conv(value: float = 0.0, second_user: bool = False) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]

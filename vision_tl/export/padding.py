@@ -49,10 +49,10 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> Iterator[int
     from timm.layers.padding import pad_same_arg
 
     layers = [m for m in model.modules() if isinstance(m, _same_padded_types())]
-    sizes: dict[nn.Module, tuple[int, int]] = {}
+    sizes: dict[nn.Module, set[tuple[int, int]]] = {}
 
     def remember(module: nn.Module, args: tuple) -> None:
-        sizes[module] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+        sizes.setdefault(module, set()).add((int(args[0].shape[-2]), int(args[0].shape[-1])))
 
     hooks = [m.register_forward_pre_hook(remember) for m in layers]
     try:
@@ -61,9 +61,10 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> Iterator[int
     finally:
         for hook in hooks:
             hook.remove()
-    changed = [m for m in layers if m in sizes]  # (a layer the forward skips keeps its own)
+    # (a layer the forward skips, or one it calls at two sizes, keeps computing its pads)
+    changed = [m for m in layers if len(sizes.get(m, ())) == 1]
     for m in changed:
-        pads = pad_same_arg(sizes[m], list(m.weight.shape[-2:]), list(m.stride), list(m.dilation))
+        pads = pad_same_arg(next(iter(sizes[m])), list(m.weight.shape[-2:]), list(m.stride), list(m.dilation))
         m.forward = functools.partial(_padded_conv, m, [int(p) for p in pads])
     try:
         yield len(changed)
