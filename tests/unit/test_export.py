@@ -191,6 +191,35 @@ def test_unlabelled_drop_counts_disagreements():
     assert not report.judge(max_accuracy_drop=0.5)
 
 
+@pytest.mark.parametrize(("calibration_dir", "parity_images", "advice"), [
+    ("train_and_val", "auto", "calibrate on training images only (--calibration-dir with no validation"),
+    (None, "val_and_train", "check on images the model was neither trained nor calibrated on (--parity-images with"),
+    ("train_and_val", "val_and_train", "keep the two folders apart"),
+    (None, None, "the run's train and val splits hold the same images"),
+])
+def test_calibration_images_among_the_check_images_are_blamed_on_the_set_that_holds_them(
+        tmp_path, calibration_dir, parity_images, advice):
+    """The warning told to give --calibration-dir no validation images even where the calibration
+    images were the run's own training split and the folder given to --parity-images held
+    training images: the advice names the set that was given (or the data, where neither was)."""
+    from vision_tl.export.pipeline import _warn_shared_images
+
+    for name in ("train.png", "val.png", "copy.png"):
+        (tmp_path / name).write_bytes(name.encode() if name != "copy.png" else b"train.png")
+    calibration = ImageSet([tmp_path / "train.png"], [0], "train")
+    checked = ImageSet([tmp_path / "val.png", tmp_path / "copy.png"], [0, 0], "val")
+    said = []
+    options = ExportOptions(int8=True, calibration_dir=calibration_dir, parity_images=parity_images)
+    _warn_shared_images(calibration, checked, options, said.append)
+    (warning,) = said
+    assert warning.startswith("WARNING: 1 of the 2 images the INT8 copy is checked on are among its 1 calibration")
+    assert advice in warning
+    assert ("--calibration-dir with no validation" in warning) == (advice.startswith("calibrate"))
+    said.clear()
+    _warn_shared_images(calibration, ImageSet([tmp_path / "val.png"], [0], "val"), options, said.append)
+    assert said == []  # no image in common: no warning
+
+
 def test_subsample_is_even_and_deterministic():
     images = ImageSet([Path(str(i)) for i in range(100)], list(range(100)), "x")
     picked = images.subsample(10)

@@ -30,6 +30,7 @@ from vision_tl.export.onnx_export import (
     write_onnx,
 )
 from vision_tl.export.parity import (
+    AUTO,
     DecodedImages,
     ImageSet,
     ParityReport,
@@ -194,7 +195,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
     calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
     if calibration is not None and images is not None:
-        _warn_shared_images(calibration, images, log)
+        _warn_shared_images(calibration, images, opts, log)
     if images is None:
         log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
     plan = plan_bank(training, images, reason, log) if opts.unfamiliar else None
@@ -319,15 +320,32 @@ def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions, found: Imag
     return found.subsample(opts.int8_config.calibration_images)
 
 
-def _warn_shared_images(calibration: ImageSet, checked: ImageSet, log: Callable[[str], None]) -> None:
-    """Calibrating on images the INT8 copy is then checked on (a --calibration-dir holding the
-    validation images too) makes the check's accuracy optimistic: say so (by content, so copies
-    of a file count)."""
+def _warn_shared_images(calibration: ImageSet, checked: ImageSet, opts: ExportOptions,
+                        log: Callable[[str], None]) -> None:
+    """Calibrating on images the INT8 copy is then checked on makes the check's accuracy
+    optimistic: say so (by content, so copies of a file count), and which set to change: the one
+    the user gave (``--calibration-dir`` holding validation images, ``--parity-images`` holding
+    training images), or, where the run gave both, its data, whose train and val splits share
+    images (copies of a file under another name)."""
     shared = len(calibration.content_hashes() & checked.content_hashes())
-    if shared:
-        log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
-            f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
-            "calibrate on training images only (--calibration-dir with no validation or test images)")
+    if not shared:
+        return
+    own_calibration = opts.calibration_dir is not None
+    own_check = opts.parity_images is not None and str(opts.parity_images).lower() != AUTO  # (None: auto)
+    if own_calibration and own_check:
+        advice = ("keep the two folders apart: --calibration-dir with training images only, --parity-images with "
+                  "images the model was neither trained nor calibrated on")
+    elif own_calibration:
+        advice = "calibrate on training images only (--calibration-dir with no validation or test images)"
+    elif own_check:
+        advice = ("check on images the model was neither trained nor calibrated on (--parity-images with no "
+                  "training images)")
+    else:
+        advice = ("the run's train and val splits hold the same images (copies of a file under other names): "
+                  "remove the copies from the data and train again, or check on other images (--parity-images DIR)")
+    log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
+        f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
+        f"{advice}")
 
 
 def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
