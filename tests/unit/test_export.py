@@ -768,3 +768,32 @@ def test_the_training_images_sha256_recorded_in_the_split_are_not_computed_again
     plan = unfamiliar.plan_bank(training, ImageSet(check, [0] * 3, "check"), None, lambda _: None)
     assert plan.in_bank == set(check[:2])
     assert sorted(read) == sorted(check)  # the check images only
+
+
+def test_a_copys_report_keeps_the_unfamiliarity_block_beside_the_quantisers_details(tmp_path, monkeypatch):
+    """The INT8/FP16 reports' ``details`` were the quantiser's alone: the ``unfamiliar`` block the
+    fp32 report has (bank, threshold, check images) was overwritten. Both are kept, with the copy's
+    own threshold."""
+    from vision_tl.deploy import read_metadata
+    from vision_tl.export import pipeline
+
+    net, meta, train, _, ckpt = _tiny_model_and_bank(tmp_path, seed=2, images=8)
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda path: ckpt)
+    rng = np.random.default_rng(3)
+    for folder, images in (("train", train), ("val", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))):
+        for i, image in enumerate(images):
+            (tmp_path / folder / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / folder / "a" / f"{i}.png")
+    options = ExportOptions(int8=True, fp16=True, calibration_dir=tmp_path / "train", parity_images=tmp_path / "val",
+                            int8_config=Int8Config(calibration_images=8, batch_size=4), threads=1,
+                            max_accuracy_drop=100.0, max_decision_changes=None)
+    pipeline.export_onnx(ckpt.path, tmp_path / "m.onnx", options, log=lambda _: None)
+    fp32 = json.loads((tmp_path / "m.parity.json").read_text())["details"]["unfamiliar"]
+    assert fp32["bank_images"] == 8 and fp32["val_images"] == 6
+    for variant, own in (("int8", "calibration_images_used"), ("fp16", "keep_io_types")):
+        details = json.loads((tmp_path / f"m.{variant}.parity.json").read_text())["details"]
+        assert own in details  # the quantiser's
+        unfamiliar = details["unfamiliar"]
+        assert unfamiliar["threshold"] == read_metadata(tmp_path / f"m.{variant}.onnx").unfamiliar_threshold
+        assert {k: v for k, v in unfamiliar.items() if k != "threshold"} == {
+            k: v for k, v in fp32.items() if k != "threshold"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_tl.deploy import DeployError
+from vision_tl.deploy import DeployError, ModelMetadata
 from vision_tl.deploy.metadata import sibling
 from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
@@ -239,7 +239,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         if getattr(opts, variant):
             try:
                 result.variants[variant] = _write_variant(
-                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log)
+                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log,
+                    plan=plan)
             except VariantRejected as exc:  # the other variant may still pass
                 rejected.append(exc)
     if rejected:
@@ -351,9 +352,10 @@ def _warn_shared_images(calibration: ImageSet, checked: ImageSet, opts: ExportOp
 def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                    calibration: ImageSet | None, decoded: DecodedImages | None,
                    fp32: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
-                   log: Callable[[str], None]):
+                   log: Callable[[str], None], *, plan: BankPlan | None):
     """Write one INT8/FP16 variant atomically, judge it against the fp32 model (``fp32``: its
-    probabilities, unfamiliarity scores and which check images set its threshold), time both."""
+    probabilities, unfamiliarity scores and which check images set its threshold; ``plan``: its
+    bank's), time both."""
     target = sibling(out, variant)
     fp32_probs, fp32_scores, keep = fp32
     with atomic_path(target, overwrite=opts.overwrite) as tmp, _named_as(target, tmp, out, variant):
@@ -370,11 +372,12 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)
-            if fp32_scores is not None:
-                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
+            report.details = details
+            if fp32_scores is not None:  # beside the quantiser's details, as the fp32 model's report has it
+                own = _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
+                report.details["unfamiliar"] = _unfamiliar_details(own, plan)
             report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
-            report.details = details
             report.model_sha256 = file_sha256(tmp)
             try:
                 _judge(report, target, log)
@@ -403,10 +406,11 @@ def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None
 
 
 def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
-                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray, log: Callable[[str], None]) -> None:
+                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray,
+                    log: Callable[[str], None]) -> ModelMetadata:
     """Compare the copy's unfamiliarity (``scores``, on the check images) with the fp32 model's and
     give the copy its own threshold (the highest of its scores on the same check images) in its
-    metadata. Quantised features move
+    metadata, which is returned. Quantised features move
     the scores (on NEU's INT8 copy by up to 0.12, with a threshold of 0.32): with the fp32 model's
     threshold the copy would flag some of the very images that set it."""
     fp32_scores, keep = fp32
@@ -420,6 +424,7 @@ def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
             f"{VARIANT_WARN_THRESHOLD_RATIO:g} times the fp32 model's {metadata.unfamiliar_threshold:.4g}: its features "
             "moved the scores so far that it flags much less of what the fp32 model flags; where that flag matters, "
             "deploy the fp32 model")
+    return own
 
 
 def opts_source(decoded: DecodedImages) -> str:
