@@ -16,7 +16,9 @@
    batches); both again with ``--decode device`` (JPEGs decoded by nvJPEG on the GPU).
 4. Appends the table, with the device name and this command, to benchmarks/RESULTS.md. A check
    or row that fails, and the time limit (SIGTERM, e.g. from ``timeout``), are listed under the
-   table; the rows measured before and after them are kept.
+   table; the rows measured before and after them are kept. The time limit may come in any phase
+   (preparing the JPEGs, the checks, the bounds, between the rounds of a row): the table is written
+   with what was measured until then, and says in which phase it stopped.
 
 Must finish in under 5 minutes on an H100/H200. Smoke-test on a CPU with
 ``--device cpu --images 256 --size 64 --batch 32 --backbone test_efficientnet [--pipeline device]``.
@@ -82,7 +84,11 @@ def prepare(root: Path, images: int, size: int) -> Path:
     jobs = [(kind, i, size, str(root)) for kind in CLASSES for i in range(per_class)]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(_render, jobs, chunksize=64))
+        try:
+            list(pool.map(_render, jobs, chunksize=64))
+        except Stopped:  # the time limit: leaving the pool waits for the images being made, not the queued ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     marker.touch()
     print(f"prepared {len(jobs)} JPEGs at {size} px in {time.perf_counter() - start:.0f} s", flush=True)
     return root
@@ -136,29 +142,35 @@ def checks(args, root: Path) -> None:
     args.decode_check = (f"JPEGs decoded on the device (`--decode device`): pixels differ from Pillow's by {mean:.2f} "
                          f"on average (largest {largest}) on the check's JPEGs; embeddings of {len(paths)} images vs "
                          f"decoding on the CPU: min cosine {cosine['decode']:.5f}.")
-    modes = {m.strip() for m in args.modes.split(",")}
-    graph_checks = [attempt(args, "check: frozen backbone as a CUDA graph", graph_check, args)]
-    if modes & {"extract", "cached"}:
-        graph_checks.append(attempt(args, "check: extract through CUDA graphs", extract_graph_check, args, root))
-    if "partial-variants" in modes:
-        graph_checks.append(attempt(args, "check: partial's frozen stages as one CUDA graph", partial_graph_check, args))
-    args.graph_check = "; ".join(c for c in graph_checks if c)
-    print(args.graph_check, flush=True)
     print(f"checks passed: device pipeline = CPU pipeline (max error {pixel_error:.1e}); "
           f"extract on {args.device} vs CPU: min cosine {cosine[args.device]:.6f}; "
           f"host waits in copy + augmentation: {len(syncs)} {syncs[:2]}\n{args.decode_check}", flush=True)
+    modes = {m.strip() for m in args.modes.split(",")}
+    graph_checks = [("check: frozen backbone as a CUDA graph", graph_check, (args,))]
+    if modes & {"extract", "cached"}:
+        graph_checks.append(("check: extract through CUDA graphs", extract_graph_check, (args, root)))
+    if "partial-variants" in modes:
+        graph_checks.append(("check: partial's frozen stages as one CUDA graph", partial_graph_check, (args,)))
+    passed = []
+    for what, fn, fn_args in graph_checks:  # kept as each passes: the time limit may come in the next
+        passed.append(attempt(args, what, fn, *fn_args))
+        args.graph_check = "; ".join(c for c in passed if c)
+    print(args.graph_check, flush=True)
 
 
 class Stopped(Exception):
-    """The run's time limit came (SIGTERM from ``timeout``): what was measured is still reported."""
+    """The run's time limit came (SIGTERM from ``timeout``): what was measured is still reported.
+    Raised by the SIGTERM handler :func:`main` installs, with the phase it came in (``args.phase``)."""
 
 
 def attempt(args, what: str, fn, *fn_args):
     """``fn(*fn_args)``, or None where it fails: the failure (a check that finds other numbers, a
     ``fit`` that exits with an error) is printed and listed under the table, and the other rows
-    are still measured. A GPU run is scarce; one failing row must not cost the rest."""
+    are still measured. A GPU run is scarce; one failing row must not cost the rest. While it
+    runs, ``what`` is the phase a time limit names."""
     import traceback
 
+    outer, args.phase = args.phase, what
     try:
         return fn(*fn_args)
     except Stopped:
@@ -168,6 +180,8 @@ def attempt(args, what: str, fn, *fn_args):
         args.problems.append(f"{what} failed: {str(exc).strip() or type(exc).__name__}")
         print(f"{what} FAILED: {exc}", flush=True)
         return None
+    finally:
+        args.phase = outer
 
 
 def graph_check(args) -> str:
@@ -310,19 +324,19 @@ def host_syncs(dm, batch, device: torch.device) -> list[str]:
     return [str(w.message).splitlines()[0] for w in caught]
 
 
-def bounds(args, num_classes: int) -> dict[str, float]:
+def bounds(args, num_classes: int, out: dict[str, float]) -> None:
+    """The plain-loop bounds (images/s) into ``out``, each as it is measured: those measured
+    before a time limit are kept."""
     amp = torch.bfloat16 if args.device == "cuda" else None
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(args.batch, 3, args.size, args.size, generator=g).to(args.device)
           .contiguous(memory_format=torch.channels_last) for _ in range(4)]
     ys = [torch.randint(0, num_classes, (args.batch,), generator=g).to(args.device) for _ in range(4)]
-    out = {}
     for mode in ("partial", "full"):
         net = plain_net(args.backbone, num_classes, mode, args.device, channels_last=True)
         out[mode] = plain_train_rate(net, list(zip(xs, ys)), args.steps, amp)
     net = plain_net(args.backbone, num_classes, "frozen", args.device, channels_last=True)
     out["frozen"] = plain_inference_rate(net, xs, args.steps, amp)
-    return out
 
 
 def kit_rate(args, root: Path, mode: str, extra: tuple[str, ...] = (),
@@ -518,14 +532,14 @@ def measure_extract(args, root: Path, bound: dict[str, float], kit: dict) -> Non
                 rate = attempt(args, label, extract_steady_rate, args, root, 3, "cpu", graphs)
                 if rate is not None:
                     rates[label].append(rate)
-    finally:
+    finally:  # the time limit too: the rounds measured before it are rows
         imaging._fast_jpeg = None
-    for label, runs in rates.items():
-        if not runs:
-            continue
-        kit[label] = (float(np.median([r for r, _ in runs])), max(peak for _, peak in runs), {})
-        print(f"{label}: {kit[label][0]:,.0f} img/s (median of {ROUNDS}: "
-              f"{', '.join(f'{r:,.0f}' for r, _ in runs)})", flush=True)
+        for label, runs in rates.items():
+            if not runs:
+                continue
+            kit[label] = (float(np.median([r for r, _ in runs])), max(peak for _, peak in runs), {})
+            print(f"{label}: {kit[label][0]:,.0f} img/s (median of {len(runs)}: "
+                  f"{', '.join(f'{r:,.0f}' for r, _ in runs)})", flush=True)
     start_up = attempt(args, "a new process's start-up", process_start_seconds, args)
     if start_up is not None:
         args.start_up = start_up
@@ -566,15 +580,20 @@ def report(args, device_name: str, bound: dict[str, float], kit: dict[str, tuple
         bound_rate = bound["frozen" if mode.startswith("extract") else mode.split(",")[0]]
         lines.append(f"| {mode} | {bound_rate:,.0f} ({kind}) | {rate:,.0f} | {rate / bound_rate:.2f} | {peak:.1f} "
                      f"| {waits_per_step(syncs)} | {gpu_busy(syncs)} |")
-    step = 1000 * args.batch / bound["frozen"]
     workers = args.workers if args.workers is not None else default_num_workers(gpu=args.device == "cuda")
     threads = args.workers if args.workers is not None else default_decode_threads()
     decoders = "loader processes" if decode_in_processes(threads) else "threads"
     lines += ["", f"JPEG decoding: {jpeg_decoder()}; {workers} loader processes (fit), {threads} decoding {decoders} "
               "(extract, the decoded cache's build)."]
-    if augment is not None:
+    if augment is not None:  # (measured after the bounds)
         lines += ["", f"Augmentation (inspection preset, normalisation included) on the device: {augment:.2f} ms per "
-                  f"batch of {args.batch}, against {step:.1f} ms for the frozen bound's inference step."]
+                  f"batch of {args.batch}, against {1000 * args.batch / bound['frozen']:.1f} ms for the frozen "
+                  "bound's inference step."]
+    shown = {"frozen" if mode.startswith("extract") else mode.split(",")[0] for mode in kit}
+    alone = [f"{mode} {rate:,.0f} ({'inference' if mode == 'frozen' else 'train'})"
+             for mode, rate in bound.items() if mode not in shown]
+    if alone:  # rows not asked for (--modes), or the time limit came before them
+        lines += ["", "Plain-loop bounds without a row above (img/s): " + ", ".join(alone) + "."]
     if CACHED in kit:
         lines += ["", f"`{CACHED}`: `configs/frozen.yaml` as users run it, with its feature cache (new and empty): "
                   f"every epoch's training images ({args.epochs} epochs) over the whole fit, from setup to the end "
@@ -630,11 +649,12 @@ def main() -> None:
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
     args.pipeline = args.pipeline or ("device" if args.device == "cuda" else "cpu")
-    args.problems = []
+    args.problems, args.phase = [], "start-up"
 
     def stop(signum, frame):
         del signum, frame
-        raise Stopped("stopped by the time limit (SIGTERM) before this")
+        if args.phase is not None:  # None: measuring is over, the table is being written (milliseconds)
+            raise Stopped(f"stopped by the time limit during {args.phase}")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -644,15 +664,40 @@ def main() -> None:
 
 
 def measure(args, modes: list[str]) -> None:
-    """Everything after parsing: data, checks, bounds, the kit's rows, the table."""
+    """Everything after parsing: data, checks, bounds, the kit's rows, the table. The time limit
+    may come in any of them: the table then holds what was measured before it."""
     start = time.perf_counter()
-    root = prepare(args.data, args.images, args.size)
-    attempt(args, "checks", checks, args, root)
-    torch.backends.cudnn.benchmark = True  # the bound at its best; the kit's fit sets it from configs/gpu.yaml
-    bound = bounds(args, num_classes=4)
-    torch.backends.cudnn.benchmark = False  # what a new process starts with
-    print("plain-loop bounds:", {k: round(v) for k, v in bound.items()}, flush=True)
-    kit = {}
+    bound: dict[str, float] = {}
+    kit: dict[str, tuple[float, float, dict]] = {}
+    augment = None
+    try:
+        args.phase = "prepare"  # (the synthetic JPEGs)
+        root = prepare(args.data, args.images, args.size)
+        attempt(args, "checks", checks, args, root)
+        args.phase = "bounds"
+        torch.backends.cudnn.benchmark = True  # the bound at its best; the kit's fit sets it from configs/gpu.yaml
+        bounds(args, 4, bound)
+        torch.backends.cudnn.benchmark = False  # what a new process starts with
+        print("plain-loop bounds:", {k: round(v) for k, v in bound.items()}, flush=True)
+        args.phase = "the kit's rows"
+        augment = measure_kit(args, root, modes, bound, kit)
+    except Stopped as stopped:
+        args.phase = None  # (a second SIGTERM must not cost the table either)
+        args.problems.append(f"{stopped} (SIGTERM, {time.perf_counter() - start:.0f} s in): rows missing above were "
+                             "not measured")
+        print(args.problems[-1], flush=True)
+    args.phase = None  # from here on a SIGTERM waits for the table
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    table = report(args, name, bound, kit, augment)
+    print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")
+    if not args.no_write and args.device == "cuda":
+        with open(RESULTS, "a", encoding="utf-8") as fh:
+            fh.write("\n" + table)
+
+
+def measure_kit(args, root: Path, modes: list[str], bound: dict[str, float], kit: dict) -> float | None:
+    """The kit's rows into ``kit``, each as it is measured; returns the augmentation's ms per batch
+    (None where it failed)."""
     runs = [(mode, mode, ()) for mode in ("frozen", "partial", "full") if mode in modes]
     if args.pipeline == "device" and "loaders" in modes:
         runs.append(("partial, loader processes", "partial", ("--data.pixels_on_device", "false")))
@@ -665,31 +710,21 @@ def measure(args, modes: list[str]) -> None:
         runs.append(("partial, frozen stages unfolded", "partial", ("--model.fold_batchnorm", "false")))
     if "cached" in modes:
         runs.append((CACHED, "frozen", ()))
-    augment = None
-    try:
-        for label, mode, extra in runs:
-            measured = attempt(args, f"kit {label}", kit_rate, args, root, mode, extra, label == CACHED)
-            if measured is None:
-                continue
-            kit[label] = measured
-            print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
-                  f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
-                  f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
-        torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
-        if "extract" in modes:
-            measure_extract(args, root, bound, kit)
-        augment = attempt(args, "augmentation on the device", augment_ms, args)
-        if augment is not None:
-            print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
-    except Stopped as stopped:
-        args.problems.append(f"{stopped} ({time.perf_counter() - start:.0f} s in): rows missing above were not measured")
-        print(args.problems[-1], flush=True)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    table = report(args, name, bound, kit, augment)
-    print("\n" + table + f"\ntotal {time.perf_counter() - start:.0f} s")
-    if not args.no_write and args.device == "cuda":
-        with open(RESULTS, "a", encoding="utf-8") as fh:
-            fh.write("\n" + table)
+    for label, mode, extra in runs:
+        measured = attempt(args, f"kit {label}", kit_rate, args, root, mode, extra, label == CACHED)
+        if measured is None:
+            continue
+        kit[label] = measured
+        print(f"kit {label}: {kit[label][0]:,.0f} img/s (ratio {kit[label][0] / bound[mode]:.2f}), "
+              f"waits per step: {waits_per_step(kit[label][2])} {kit[label][2].get('sites', '')}, "
+              f"GPU busy: {gpu_busy(kit[label][2])}", flush=True)
+    torch.backends.cudnn.benchmark = False  # Lightning set it for fit; extract runs with the default
+    if "extract" in modes:
+        measure_extract(args, root, bound, kit)
+    augment = attempt(args, "augmentation on the device", augment_ms, args)
+    if augment is not None:
+        print(f"augmentation on the device: {augment:.2f} ms per batch", flush=True)
+    return augment
 
 
 if __name__ == "__main__":

@@ -191,6 +191,35 @@ def test_unlabelled_drop_counts_disagreements():
     assert not report.judge(max_accuracy_drop=0.5)
 
 
+@pytest.mark.parametrize(("calibration_dir", "parity_images", "advice"), [
+    ("train_and_val", "auto", "calibrate on training images only (--calibration-dir with no validation"),
+    (None, "val_and_train", "check on images the model was neither trained nor calibrated on (--parity-images with"),
+    ("train_and_val", "val_and_train", "keep the two folders apart"),
+    (None, None, "the run's train and val splits hold the same images"),
+])
+def test_calibration_images_among_the_check_images_are_blamed_on_the_set_that_holds_them(
+        tmp_path, calibration_dir, parity_images, advice):
+    """The warning told to give --calibration-dir no validation images even where the calibration
+    images were the run's own training split and the folder given to --parity-images held
+    training images: the advice names the set that was given (or the data, where neither was)."""
+    from vision_tl.export.pipeline import _warn_shared_images
+
+    for name in ("train.png", "val.png", "copy.png"):
+        (tmp_path / name).write_bytes(name.encode() if name != "copy.png" else b"train.png")
+    calibration = ImageSet([tmp_path / "train.png"], [0], "train")
+    checked = ImageSet([tmp_path / "val.png", tmp_path / "copy.png"], [0, 0], "val")
+    said = []
+    options = ExportOptions(int8=True, calibration_dir=calibration_dir, parity_images=parity_images)
+    _warn_shared_images(calibration, checked, options, said.append)
+    (warning,) = said
+    assert warning.startswith("WARNING: 1 of the 2 images the INT8 copy is checked on are among its 1 calibration")
+    assert advice in warning
+    assert ("--calibration-dir with no validation" in warning) == (advice.startswith("calibrate"))
+    said.clear()
+    _warn_shared_images(calibration, ImageSet([tmp_path / "val.png"], [0], "val"), options, said.append)
+    assert said == []  # no image in common: no warning
+
+
 def test_subsample_is_even_and_deterministic():
     images = ImageSet([Path(str(i)) for i in range(100)], list(range(100)), "x")
     picked = images.subsample(10)
@@ -764,3 +793,32 @@ def test_the_training_images_sha256_recorded_in_the_split_are_not_computed_again
     plan = unfamiliar.plan_bank(training, ImageSet(check, [0] * 3, "check"), None, lambda _: None)
     assert plan.in_bank == set(check[:2])
     assert sorted(read) == sorted(check)  # the check images only
+
+
+def test_a_copys_report_keeps_the_unfamiliarity_block_beside_the_quantisers_details(tmp_path, monkeypatch):
+    """The INT8/FP16 reports' ``details`` were the quantiser's alone: the ``unfamiliar`` block the
+    fp32 report has (bank, threshold, check images) was overwritten. Both are kept, with the copy's
+    own threshold."""
+    from vision_tl.deploy import read_metadata
+    from vision_tl.export import pipeline
+
+    net, meta, train, _, ckpt = _tiny_model_and_bank(tmp_path, seed=2, images=8)
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda path: ckpt)
+    rng = np.random.default_rng(3)
+    for folder, images in (("train", train), ("val", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))):
+        for i, image in enumerate(images):
+            (tmp_path / folder / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / folder / "a" / f"{i}.png")
+    options = ExportOptions(int8=True, fp16=True, calibration_dir=tmp_path / "train", parity_images=tmp_path / "val",
+                            int8_config=Int8Config(calibration_images=8, batch_size=4), threads=1,
+                            max_accuracy_drop=100.0, max_decision_changes=None)
+    pipeline.export_onnx(ckpt.path, tmp_path / "m.onnx", options, log=lambda _: None)
+    fp32 = json.loads((tmp_path / "m.parity.json").read_text())["details"]["unfamiliar"]
+    assert fp32["bank_images"] == 8 and fp32["val_images"] == 6
+    for variant, own in (("int8", "calibration_images_used"), ("fp16", "keep_io_types")):
+        details = json.loads((tmp_path / f"m.{variant}.parity.json").read_text())["details"]
+        assert own in details  # the quantiser's
+        unfamiliar = details["unfamiliar"]
+        assert unfamiliar["threshold"] == read_metadata(tmp_path / f"m.{variant}.onnx").unfamiliar_threshold
+        assert {k: v for k, v in unfamiliar.items() if k != "threshold"} == {
+            k: v for k, v in fp32.items() if k != "threshold"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_tl.deploy import DeployError
+from vision_tl.deploy import DeployError, ModelMetadata
 from vision_tl.deploy.metadata import sibling
 from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
@@ -30,6 +30,7 @@ from vision_tl.export.onnx_export import (
     write_onnx,
 )
 from vision_tl.export.parity import (
+    AUTO,
     DecodedImages,
     ImageSet,
     ParityReport,
@@ -194,7 +195,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
     calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
     if calibration is not None and images is not None:
-        _warn_shared_images(calibration, images, log)
+        _warn_shared_images(calibration, images, opts, log)
     if images is None:
         log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
     plan = plan_bank(training, images, reason, log) if opts.unfamiliar else None
@@ -238,7 +239,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
         if getattr(opts, variant):
             try:
                 result.variants[variant] = _write_variant(
-                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log)
+                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log,
+                    plan=plan)
             except VariantRejected as exc:  # the other variant may still pass
                 rejected.append(exc)
     if rejected:
@@ -319,23 +321,41 @@ def _calibration_images(ckpt: LoadedCheckpoint, opts: ExportOptions, found: Imag
     return found.subsample(opts.int8_config.calibration_images)
 
 
-def _warn_shared_images(calibration: ImageSet, checked: ImageSet, log: Callable[[str], None]) -> None:
-    """Calibrating on images the INT8 copy is then checked on (a --calibration-dir holding the
-    validation images too) makes the check's accuracy optimistic: say so (by content, so copies
-    of a file count)."""
+def _warn_shared_images(calibration: ImageSet, checked: ImageSet, opts: ExportOptions,
+                        log: Callable[[str], None]) -> None:
+    """Calibrating on images the INT8 copy is then checked on makes the check's accuracy
+    optimistic: say so (by content, so copies of a file count), and which set to change: the one
+    the user gave (``--calibration-dir`` holding validation images, ``--parity-images`` holding
+    training images), or, where the run gave both, its data, whose train and val splits share
+    images (copies of a file under another name)."""
     shared = len(calibration.content_hashes() & checked.content_hashes())
-    if shared:
-        log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
-            f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
-            "calibrate on training images only (--calibration-dir with no validation or test images)")
+    if not shared:
+        return
+    own_calibration = opts.calibration_dir is not None
+    own_check = opts.parity_images is not None and str(opts.parity_images).lower() != AUTO  # (None: auto)
+    if own_calibration and own_check:
+        advice = ("keep the two folders apart: --calibration-dir with training images only, --parity-images with "
+                  "images the model was neither trained nor calibrated on")
+    elif own_calibration:
+        advice = "calibrate on training images only (--calibration-dir with no validation or test images)"
+    elif own_check:
+        advice = ("check on images the model was neither trained nor calibrated on (--parity-images with no "
+                  "training images)")
+    else:
+        advice = ("the run's train and val splits hold the same images (copies of a file under other names): "
+                  "remove the copies from the data and train again, or check on other images (--parity-images DIR)")
+    log(f"WARNING: {shared} of the {len(checked.paths)} images the INT8 copy is checked on are among its "
+        f"{len(calibration.paths)} calibration images ({calibration.source}): its accuracy there is optimistic; "
+        f"{advice}")
 
 
 def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                    calibration: ImageSet | None, decoded: DecodedImages | None,
                    fp32: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
-                   log: Callable[[str], None]):
+                   log: Callable[[str], None], *, plan: BankPlan | None):
     """Write one INT8/FP16 variant atomically, judge it against the fp32 model (``fp32``: its
-    probabilities, unfamiliarity scores and which check images set its threshold), time both."""
+    probabilities, unfamiliarity scores and which check images set its threshold; ``plan``: its
+    bank's), time both."""
     target = sibling(out, variant)
     fp32_probs, fp32_scores, keep = fp32
     with atomic_path(target, overwrite=opts.overwrite) as tmp, _named_as(target, tmp, out, variant):
@@ -352,11 +372,12 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
             report = compare(fp32_probs, probs, decoded, model=str(target),
                              reference_name=f"fp32 ONNX {out.name}", source=opts_source(decoded))
             count_decision_changes(report, fp32_probs, probs, metadata)
-            if fp32_scores is not None:
-                _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
+            report.details = details
+            if fp32_scores is not None:  # beside the quantiser's details, as the fp32 model's report has it
+                own = _copy_threshold(report, tmp, target, metadata, (fp32_scores, keep), scores, log)
+                report.details["unfamiliar"] = _unfamiliar_details(own, plan)
             report.judge(max_accuracy_drop=opts.max_accuracy_drop, max_decision_changes=opts.max_decision_changes)
             report.speed = _speeds(out, tmp, metadata, opts.threads)
-            report.details = details
             report.model_sha256 = file_sha256(tmp)
             try:
                 _judge(report, target, log)
@@ -385,10 +406,11 @@ def _named_as(target: Path, tmp: Path, out: Path, variant: str) -> Iterator[None
 
 
 def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
-                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray, log: Callable[[str], None]) -> None:
+                    fp32: tuple[np.ndarray, np.ndarray], scores: np.ndarray,
+                    log: Callable[[str], None]) -> ModelMetadata:
     """Compare the copy's unfamiliarity (``scores``, on the check images) with the fp32 model's and
     give the copy its own threshold (the highest of its scores on the same check images) in its
-    metadata. Quantised features move
+    metadata, which is returned. Quantised features move
     the scores (on NEU's INT8 copy by up to 0.12, with a threshold of 0.32): with the fp32 model's
     threshold the copy would flag some of the very images that set it."""
     fp32_scores, keep = fp32
@@ -402,6 +424,7 @@ def _copy_threshold(report: ParityReport, tmp: Path, target: Path, metadata,
             f"{VARIANT_WARN_THRESHOLD_RATIO:g} times the fp32 model's {metadata.unfamiliar_threshold:.4g}: its features "
             "moved the scores so far that it flags much less of what the fp32 model flags; where that flag matters, "
             "deploy the fp32 model")
+    return own
 
 
 def opts_source(decoded: DecodedImages) -> str:
