@@ -507,8 +507,50 @@ def test_cli_refuses_overwrite_and_missing_folder(tmp_path: Path, model: Path,
     assert ".csv" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_decoding_on_threads_gives_the_same_rows_in_the_same_order(tmp_path: Path, model: Path,
+                                                                   images: list[Path], threads: int):
+    bad = tmp_path / "imgs" / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    paths = [images[0], bad, *images[1:], images[0]]
+    expected = [r.to_dict() for r in Predictor(model).predict_paths(paths, batch_size=2, decode_threads=0)]
+    assert [r.to_dict() for r in Predictor(model).predict_paths(paths, batch_size=2, decode_threads=threads)] == expected
+    assert expected[1]["error"] and [e["path"] for e in expected] == [str(p) for p in paths]
+
+
+def test_the_next_batch_is_decoded_while_the_model_runs(model: Path, images: list[Path], monkeypatch):
+    """On the line the images are often megapixels and decoding them takes as long as the model:
+    the next batch decodes on the threads meanwhile, not after it."""
+    import threading
+
+    import vision_tl.deploy.predictor as predictor_module
+
+    decoded, next_batch_ready, seen = [], threading.Event(), []
+
+    def load(path):
+        decoded.append(path)
+        if len(decoded) >= 4:  # the first batch of 2 and the next one
+            next_batch_ready.set()
+        return load_rgb(path)
+
+    monkeypatch.setattr(predictor_module, "load_rgb", load)
+    predictor = Predictor(model)
+    run = predictor._run
+
+    def slow_run(batch):
+        seen.append(next_batch_ready.wait(timeout=5 if not seen else 0))
+        return run(batch)
+
+    monkeypatch.setattr(predictor, "_run", slow_run)
+    results = predictor.predict_paths(images, batch_size=2, decode_threads=2)
+    assert seen[0] and all(r.error is None for r in results)
+    with pytest.raises(DeployError, match="decode_threads must be a whole number"):
+        predictor.predict_paths(images, decode_threads=-1)
+
+
 @pytest.mark.parametrize("extra", [["--batch-size", "0"], ["--input-size", "a,b"],
-                                   ["--mean", "1,2"], ["--interpolation", "area"]])
+                                   ["--mean", "1,2"], ["--interpolation", "area"],
+                                   ["--decode-threads", "-1"]])
 def test_cli_bad_arguments_exit_2(tmp_path: Path, model: Path, images: list[Path],
                                   extra: list[str], capsys):
     args = [str(model), str(images[0]), "--out", str(tmp_path / "p.csv"), *extra]

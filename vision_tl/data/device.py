@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import torch
 
+from vision_tl.utils import usable_cores
+
 Batch = TypeVar("Batch")
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -53,11 +55,6 @@ def _cuda_tensors(batch) -> Iterator[torch.Tensor]:
     elif isinstance(batch, dict):
         for item in batch.values():
             yield from _cuda_tensors(item)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 SHM = "/dev/shm"

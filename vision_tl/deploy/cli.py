@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per inference batch (default: 32)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument("--decode-threads", type=_at_least_zero, default=None, metavar="N",
+                        help="threads decoding and resizing images, the next batch while the model runs "
+                             "(default: one per core, at most 8; 0: decode between batches)")
     parser.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
                         help="class names in output order, for a model exported by another tool (a vision_tl "
                              "model carries its own and refuses others)")
@@ -150,7 +153,8 @@ def _predict(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     with _progress(len(images)) as update:
-        predictions = predictor.predict_paths(images, args.batch_size, on_progress=update)
+        predictions = predictor.predict_paths(images, args.batch_size, on_progress=update,
+                                              decode_threads=args.decode_threads)
     elapsed = time.perf_counter() - start
     writer = _write_csv if out.suffix.lower() == ".csv" else _write_json
     scored = predictor.scores_unfamiliarity
@@ -350,6 +354,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return value
 
 

@@ -13,7 +13,9 @@ import numbers
 import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from vision_tl.imaging import (
     normalisation_constants,
     resize,
 )
+from vision_tl.utils import usable_cores
 from vision_tl.utils.files import refuse_empty_path
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
@@ -380,8 +383,13 @@ class Predictor:
         batch_size: int = 32,
         *,
         on_progress: Callable[[int], None] | None = None,
+        decode_threads: int | None = None,
     ) -> list[Prediction]:
         """Predict image files; an unreadable image becomes an error row, never a crash.
+
+        Images are decoded and resized on ``decode_threads`` threads, the next batch while the
+        model runs the current one (JPEG decoding and Pillow's resize release the GIL; the pixels
+        are the same as on one thread).
 
         Args:
             paths: one folder or file (``str`` or ``pathlib.Path``; a folder is expanded
@@ -390,34 +398,54 @@ class Predictor:
             batch_size: images decoded and run together (any positive integer,
                 numpy integers included).
             on_progress: called with the number of images done after each batch.
+            decode_threads: threads that decode (default :func:`default_decode_threads`);
+                0 decodes on the calling thread, between batches.
 
         Returns:
             One :class:`Prediction` per path, in input order.
 
         Raises:
-            DeployError: ``paths`` or ``batch_size`` is of the wrong kind, the folder holds
-                no image, or ``$VISION_TL_MAX_IMAGE_PIXELS`` or ``$VISION_TL_JPEG_DECODER`` is invalid.
+            DeployError: ``paths``, ``batch_size`` or ``decode_threads`` is of the wrong kind, the
+                folder holds no image, or ``$VISION_TL_MAX_IMAGE_PIXELS`` or
+                ``$VISION_TL_JPEG_DECODER`` is invalid.
         """
         size = _check_batch_size(batch_size)
+        threads = default_decode_threads() if decode_threads is None else _check_decode_threads(decode_threads)
         paths = _path_list(paths)
         check_image_settings()  # a bad environment variable: one clear error, not one per row
         results: list[Prediction | None] = [None] * len(paths)
-        for start in range(0, len(paths), size):
-            indices, inputs = [], []
-            for i in range(start, min(start + size, len(paths))):
-                try:
-                    inputs.append(self.preprocess(load_rgb(paths[i])))
-                except ImageLoadError as exc:
-                    results[i] = Prediction(path=str(paths[i]), error=str(exc))
-                    continue
-                indices.append(i)
-            if inputs:
-                probabilities, unfamiliarity = self._run(np.stack(inputs))
-                for k, (i, row) in enumerate(zip(indices, probabilities)):
-                    results[i] = self._prediction(str(paths[i]), row,
-                                                  None if unfamiliarity is None else unfamiliarity[k])
-            if on_progress is not None:
-                on_progress(min(size, len(paths) - start))
+
+        def decoded(i: int) -> np.ndarray | ImageLoadError:
+            try:
+                return self.preprocess(load_rgb(paths[i]))
+            except ImageLoadError as exc:
+                return exc
+
+        batches = [range(start, min(start + size, len(paths))) for start in range(0, len(paths), size)]
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="vision_tl-decode") if threads else None
+        ahead: deque[list[Future]] = deque()
+        try:
+            for b, batch in enumerate(batches):
+                for later in batches[b + len(ahead): b + 2] if pool else ():  # this batch and the next
+                    ahead.append([pool.submit(decoded, i) for i in later])
+                images = [f.result() for f in ahead.popleft()] if pool else [decoded(i) for i in batch]
+                indices, inputs = [], []
+                for i, image in zip(batch, images):
+                    if isinstance(image, ImageLoadError):
+                        results[i] = Prediction(path=str(paths[i]), error=str(image))
+                    else:
+                        indices.append(i)
+                        inputs.append(image)
+                if inputs:
+                    probabilities, unfamiliarity = self._run(np.stack(inputs))
+                    for k, (i, row) in enumerate(zip(indices, probabilities)):
+                        results[i] = self._prediction(str(paths[i]), row,
+                                                      None if unfamiliarity is None else unfamiliarity[k])
+                if on_progress is not None:
+                    on_progress(len(batch))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return [r for r in results if r is not None]
 
     # ------------------------------------------------------------- internals
@@ -740,6 +768,19 @@ def _check_batch_size(batch_size: int) -> int:
             or batch_size < 1):
         raise DeployError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
+
+
+def default_decode_threads() -> int:
+    """Decoding threads :meth:`Predictor.predict_paths` uses by default: one per core this
+    process may use, at most 8 (``--decode-threads``)."""
+    return max(1, min(8, usable_cores()))
+
+
+def _check_decode_threads(threads: Any) -> int:
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise DeployError(f"decode_threads must be a whole number of at least 0 (0: decode between batches), "
+                          f"got {threads!r}")
+    return int(threads)
 
 
 def _path_list(paths: Any) -> list[str | Path]:

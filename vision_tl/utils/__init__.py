@@ -143,6 +143,11 @@ def _set_metrics_aside(path: Path, problem: str) -> dict | None:
     return {}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def local_rank() -> int:
     """This process's rank on its machine in a DDP or torchrun job (``LOCAL_RANK``, which both
     set), 0 outside one. Messages every rank would repeat are printed by local rank 0 only."""
