@@ -179,6 +179,28 @@ def test_explain_writes_a_gradcam_png(run, inspection_folder, tmp_path, capsys):
     assert len(written) == 3
 
 
+def test_explain_of_a_folder_with_a_corrupt_image_explains_the_others(run, inspection_folder, tmp_path, capsys):
+    """One damaged file in a folder stopped explain half-way: heat maps for the images before it,
+    none for those after, and a second run then refused without --overwrite. It is named and
+    skipped instead, with exit status 3 (as predict-onnx), so a script still notices."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted((inspection_folder / "scratch").iterdir())[:2]
+    shutil.copy(good[0], folder / "a.png")
+    (folder / "b.png").write_bytes(good[1].read_bytes()[:60])  # truncated
+    shutil.copy(good[1], folder / "c.png")
+    code = main(["explain", str(run / "checkpoints/best.ckpt"), str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.gradcam.png", "c.gradcam.png"]
+    assert f"skipped: {folder / 'b.png'}" in err and "1 image(s) could not be read" in err
+    from vision_tl.imaging import ImageLoadError
+    from vision_tl.reports.explain import explain_checkpoint
+
+    with pytest.raises(ImageLoadError, match="b.png"):  # from Python, as before: the caller decides
+        explain_checkpoint(run / "checkpoints/best.ckpt", [folder / "b.png"], tmp_path / "py")
+
+
 def test_explain_reads_vit_tokens_and_explains_a_file_given_twice_once(tmp_path):
     """A ViT's last stage outputs patch tokens, not a map: Grad-CAM lays them on the patch grid
     (a heat map of the input's size, not grad-cam's 'Invalid grads shape')."""

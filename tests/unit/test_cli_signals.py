@@ -203,6 +203,23 @@ def test_a_missing_data_root_names_the_option_to_give(command, capsys):
     assert err[1].endswith(f" {command} --help")
 
 
+def test_a_recipe_without_data_root_says_its_default_is_the_demo_set(tmp_path, monkeypatch, capsys):
+    """`fit --config configs/frozen.yaml` without --data.root reads the recipe's data/demo: where
+    no demo ran, the error says where that folder came from and what to pass, not only that a
+    folder the user never named does not exist."""
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    configs = Path(__file__).parents[2] / "configs"
+    monkeypatch.chdir(tmp_path)
+    info = main(["fit", "--config", str(configs / "frozen.yaml"), "--trainer.logger.init_args.save_dir", "runs"])
+    err = capsys.readouterr().err
+    assert info == 2
+    assert "data root data/demo does not exist" in err and "recipes' default" in err and "--data.root DIR" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_mistyped_key_is_pointed_at_the_option_a_linked_key_is_set_from(capsys):
     """data.image_size follows model.image_size (and data.backbone model.backbone): a typo near
     one is pointed at the option to give, and the keys listed as valid are those that can be given."""

@@ -285,6 +285,42 @@ def test_split_with_a_vanished_root_says_how_to_give_images(tmp_path):
         split_images(ckpt, "val", ["a", "b"])
 
 
+def test_a_moved_data_folder_is_given_with_data_root(tmp_path):
+    """The run records its data root as an absolute path: after the folder moved (another disk,
+    another machine), --data ROOT reads the split's own images there, as `report --data` does,
+    instead of a folder of all its images for --parity-images (training images among them)."""
+    files = ["a/1.png", "b/2.png"]
+    for name in files:
+        (tmp_path / "moved" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "moved" / name).write_bytes(b"")
+    ckpt = _write_split(tmp_path / "run", str(tmp_path / "data"), files)  # trained on data/, now moved/
+    with pytest.raises(ExportError, match=r"if the folder moved, pass where it is now with --data ROOT"):
+        split_images(ckpt, "val", ["a", "b"])
+    for split in ("val", "train"):
+        found = split_images(ckpt, split, ["a", "b"], data_root=tmp_path / "moved")
+        assert found.paths == [tmp_path / "moved" / name for name in files] and found.labels == [0, 1]
+    assert resolve_parity_images(ckpt, "auto", ["a", "b"], tmp_path / "moved").paths[0].parent.name == "a"
+    with pytest.raises(ExportError, match=r"--data .*elsewhere: no such folder"):
+        split_images(ckpt, "val", ["a", "b"], data_root=tmp_path / "elsewhere")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ExportError, match=r"--data .*other does not hold the run's val images \(e.g. a/1.png\)"):
+        split_images(ckpt, "val", ["a", "b"], data_root=tmp_path / "other")
+
+
+def test_no_bank_note_says_once_how_to_give_the_training_images():
+    """Where listing the training images failed, its error already says what to pass; the note
+    adds no second, contrary piece of advice (save a split.json the run already has)."""
+    from vision_tl.export import unfamiliar
+
+    notes: list[str] = []
+    reason = "split.json: its data root '/d' is not found; pass the images with --calibration-dir DIR"
+    assert unfamiliar.plan_bank(None, ImageSet([Path("x.png")], [0], "check"), reason, notes.append) is None
+    assert notes[0].count("--calibration-dir") == 1 and "save_split" not in notes[0]
+    notes.clear()
+    unfamiliar.plan_bank(None, ImageSet([Path("x.png")], [0], "check"), None, notes.append)
+    assert "save_split" in notes[0] and "--calibration-dir" in notes[0]
+
+
 def test_auto_without_split_explains_the_options(tmp_path):
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"")

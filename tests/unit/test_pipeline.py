@@ -45,7 +45,8 @@ def test_decoded_cache_is_built_once_and_keyed_by_content(tmp_path, capsys):
     assert pixels.shape == (3, 8, 8, 3) and bad == [] and int(pixels[2].mean()) == 80
     files = sorted(cache.glob("*.npy"))
     stamp = files[0].stat().st_mtime_ns
-    assert f"decoded-image cache: wrote {files[0]} (3 images, 0.00 GiB)" in capsys.readouterr().out
+    # the size in a unit that shows it (576 bytes, not "0.00 GiB"), as the cache note after it
+    assert f"decoded-image cache: wrote {files[0]} (3 images, 576 B)" in capsys.readouterr().out
     dc.decoded_images(paths, shas, (8, 8), "bilinear", cache)
     assert files[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert f"decoded-image cache: reusing {files[0]}" in capsys.readouterr().out  # and said so

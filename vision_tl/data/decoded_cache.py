@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vision_tl.caches.inventory import ENV, cache_note, default_root
+from vision_tl.caches.inventory import ENV, cache_note, default_root, format_bytes
 from vision_tl.data.decode_threads import (
     decode_batches,
     decode_batches_in_processes,
@@ -190,7 +190,7 @@ def _in_use_while(pixels: np.ndarray | None, held: int | None | bool) -> None:
 
 
 def _extent(pixels: np.ndarray) -> str:
-    return f"{len(pixels):,} images, {pixels.nbytes / 2**30:.2f} GiB"
+    return f"{len(pixels):,} images, {format_bytes(pixels.nbytes)}"
 
 
 class _Damaged(Exception):

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", type=path_arg, default="auto", metavar="DIR|auto|none",
                    help="images for the PyTorch-vs-ONNX check: 'auto' = the run's val split "
                         "(default), a folder (labels from class sub-folders), or 'none' to skip")
+    p.add_argument("--data", type=path_arg, default=None, metavar="ROOT",
+                   help="the run's image folder (--data.root of its fit), if it moved since training: its "
+                        "split's validation and training images are read there")
     p.add_argument("--no-normalize-in-graph", dest="normalize_in_graph", action="store_false",
                    help="take normalised float32 NCHW input instead of uint8 NHWC pixels")
     p.add_argument("--no-unfamiliar", dest="unfamiliar", action="store_false",
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = ExportOptions(
-            opset=args.opset, parity_images=args.parity_images,
+            opset=args.opset, parity_images=args.parity_images, data_root=args.data,
             normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
             int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
             max_accuracy_drop=args.max_accuracy_drop, max_decision_changes=args.max_decision_changes,

@@ -71,7 +71,8 @@ _OPTION_FOR_SPLIT = {"val": "--parity-images DIR (Python: ExportOptions(parity_i
                      "train": "--calibration-dir DIR (training images; Python: ExportOptions(calibration_dir=DIR))"}
 
 
-def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> ImageSet | None:
+def split_images(checkpoint: str | Path, split: str, classes: Sequence[str],
+                 data_root: str | Path | None = None) -> ImageSet | None:
     """The run's ``split`` images ("val" or "train"), or None when the run does not say which.
 
     From the run's ``split.json`` when it made its own split: paths there are relative to
@@ -79,7 +80,8 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     parents (a root counts only if a sample of its files has the recorded sha256), and then
     every listed file must still have its recorded sha256. A run
     trained on a ``train/`` + ``val/`` layout has no ``split.json``: then ``ROOT/<split>/``
-    of the ``data.root`` in the run's ``config.yaml``.
+    of the ``data.root`` in the run's ``config.yaml``. ``data_root`` (``export --data``) is
+    where that folder is now, when it moved since training: the same files are looked up there.
 
     Raises:
         ExportError: ``split.json`` exists but is unreadable, or its images are gone or differ.
@@ -87,8 +89,12 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     run_dir = run_dir_of(checkpoint)
     split_path = run_dir / "split.json"
     option = _OPTION_FOR_SPLIT.get(split, _OPTION_FOR_SPLIT["val"])
+    moved = None if data_root is None else Path(data_root).expanduser().resolve()
+    if moved is not None and not moved.is_dir():
+        raise ExportError(f"--data {data_root}: no such folder; give the folder the run was trained on "
+                          "(--data.root of its fit), where it is now")
     if not split_path.is_file():
-        root = config_data_root(run_dir)
+        root = moved or config_data_root(run_dir)
         if root is None or not (root / split).is_dir():
             return None
         found = folder_images(root / split, classes)
@@ -101,11 +107,16 @@ def split_images(checkpoint: str | Path, split: str, classes: Sequence[str]) -> 
     entries = payload.get(split, [])
     if not entries:
         return None
-    root = _find_root(Path(payload["root"]), entries, split_path, option)
+    root = _find_root(moved or Path(payload["root"]), entries, split_path, option)
     if root is None:
+        if moved is not None:
+            raise ExportError(f"{split_path}: --data {data_root} does not hold the run's {split} images "
+                              f"(e.g. {entries[0]['path']}); give the folder the run was trained on, or pass the "
+                              f"images with {option}")
         raise ExportError(
             f"{split_path}: its data root {payload['root']!r} is not found (looked from {Path.cwd()} and "
-            f"the run directory); pass the images with {option}"
+            f"the run directory); if the folder moved, pass where it is now with --data ROOT (Python: "
+            f"ExportOptions(data_root=ROOT)), or pass the images with {option}"
         )
     missing, changed = recorded_mismatches(root, entries)  # the sample found the root; now every file
     if missing or changed:
@@ -175,8 +186,9 @@ def _folders_between(root: Path, path: Path) -> tuple[str, ...]:
 
 
 def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
-                          classes: Sequence[str]) -> ImageSet | None:
-    """Images for the parity check: ``"auto"`` (the run's val split), a folder, or ``"none"``.
+                          classes: Sequence[str], data_root: str | Path | None = None) -> ImageSet | None:
+    """Images for the parity check: ``"auto"`` (the run's val split, under ``data_root`` where
+    the run's folder moved: :func:`split_images`), a folder, or ``"none"``.
 
     Returns:
         The image set, or None for ``"none"`` (the caller warns loudly).
@@ -190,7 +202,7 @@ def resolve_parity_images(checkpoint: str | Path, spec: str | Path | None,
         return None
     if spec.lower() != AUTO:
         return folder_images(spec, classes)
-    found = split_images(checkpoint, "val", classes)
+    found = split_images(checkpoint, "val", classes, data_root)
     if found is None:
         raise ExportError(
             f"{checkpoint}: no validation images to check the export with: there is no "

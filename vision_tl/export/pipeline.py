@@ -77,6 +77,8 @@ class ExportOptions:
         int8: also write ``<name>.int8.onnx`` (static QDQ quantization).
         int8_config: calibration settings.
         calibration_dir: calibration images when the run has no ``split.json``.
+        data_root: where the run's image folder (its ``data.root``) is now, if it moved
+            since training: its split's images are read there (``vision-tl export --data``).
         fp16: also write ``<name>.fp16.onnx``.
         max_accuracy_drop: INT8/FP16 fail when they lose more (percentage points).
         max_decision_changes: INT8/FP16 of a model with a good/defect threshold fail when they
@@ -94,6 +96,7 @@ class ExportOptions:
     int8: bool = False
     int8_config: Int8Config = field(default_factory=Int8Config)
     calibration_dir: str | Path | None = None
+    data_root: str | Path | None = None
     fp16: bool = False
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     max_decision_changes: float | None = DEFAULT_MAX_DECISION_CHANGES
@@ -191,7 +194,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     for note in ckpt.notes:
         log(f"note: {note}")
     metadata = build_metadata(ckpt, opts.normalize_in_graph)
-    images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes)
+    images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes, opts.data_root)
     training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
     calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
     if calibration is not None and images is not None:
@@ -297,7 +300,7 @@ def _training_images(ckpt: LoadedCheckpoint, opts: ExportOptions) -> tuple[Image
     try:
         if opts.calibration_dir is not None:
             return folder_images(opts.calibration_dir, ckpt.classes, "--calibration-dir"), None
-        return split_images(ckpt.path, "train", ckpt.classes), None
+        return split_images(ckpt.path, "train", ckpt.classes, opts.data_root), None
     except ExportError as exc:
         if opts.int8:
             raise

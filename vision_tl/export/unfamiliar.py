@@ -55,11 +55,13 @@ def plan_bank(training: ImageSet | None, checked: ImageSet | None, reason: str |
             "export with the check to get it")
         return None
     if training is None:
+        # (a reason is the error that listing the run's training images raised, which says itself
+        # how to give them: the run has a split.json, so saving one is no advice)
         log("note: no 'unfamiliarity' output (it flags images unlike every training image): "
             + (reason or "the run's training images are not found (no split.json with a train list, no ROOT/train/ "
-                         "under the data root in its config.yaml)")
-            + "; to get it, write the split at training with datamodule.save_split(RUN_DIR/'split.json'), "
-              "or pass them with --calibration-dir DIR (Python: ExportOptions(calibration_dir=DIR))")
+                         "under the data root in its config.yaml); to get it, write the split at training with "
+                         "datamodule.save_split(RUN_DIR/'split.json'), or pass them with --calibration-dir DIR "
+                         "(Python: ExportOptions(calibration_dir=DIR))"))
         return None
     chosen = training.subsample(BANK_IMAGES)
     # every training image, not only the bank's: one the network was trained on is no

@@ -55,6 +55,8 @@ Writes <out>/<image name>.gradcam.png: the image, the Grad-CAM heat map of the
 class (default: the predicted one) and the overlay. The layer explained is the
 backbone's deepest feature stage (timm feature_info) with at least 8 cells on the
 shorter side at the model's input size (e.g. Lite0 at 128 px: the stride-16 stage).
+An image that cannot be read (corrupt file, broken link) is named and skipped, the
+others are explained, and the exit status is 3.
 """
 
 
@@ -121,13 +123,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, action: Callab
     from vision_tl.backbones import BackboneWeightsError  # imports torch: after --help, not before
 
     try:
-        action(args)
+        return action(args) or 0
     except (ValueError, OSError, BackboneWeightsError) as exc:
         if env_on("VISION_TL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -191,13 +192,22 @@ def _compare(args: argparse.Namespace) -> None:
         print(f"wrote {write_comparison(comparison, args.out, args.overwrite)['html']}")
 
 
-def _explain(args: argparse.Namespace) -> None:
+def _explain(args: argparse.Namespace) -> int:
     from vision_tl.reports.explain import iter_explain_checkpoint
 
+    # one corrupt file in a folder does not stop the heat maps of the others (which a second run
+    # would then refuse without --overwrite); it is named, and the exit status says so, as in predict-onnx
+    unreadable: list[str] = []
     for item, path in iter_explain_checkpoint(args.checkpoint, args.images, args.out, args.class_name,
-                                               args.overwrite):
+                                               args.overwrite, unreadable):
         print(f"{item.path}: predicted {item.predicted} ({item.probability:.3f}); "
               f"Grad-CAM of {item.explained} -> {path}")
+    for message in unreadable:
+        print(f"skipped: {message}", file=sys.stderr)
+    if unreadable:
+        print(f"{len(unreadable)} image(s) could not be read and have no heat map (exit status 3)", file=sys.stderr)
+        return 3
+    return 0
 
 
 def report_main(argv: list[str] | None = None) -> int:

@@ -149,15 +149,19 @@ def explain_images(model, paths: list[str | Path], class_name: str | None = None
     return list(iter_explanations(model, paths, class_name))
 
 
-def iter_explanations(model, paths: list[str | Path], class_name: str | None = None) -> Iterator[Explanation]:
+def iter_explanations(model, paths: list[str | Path], class_name: str | None = None,
+                      unreadable: list[str] | None = None) -> Iterator[Explanation]:
     """:func:`explain_images` one image at a time: each image is decoded only when the one before
-    it has been used (a folder of large images is never in memory at once)."""
+    it has been used (a folder of large images is never in memory at once).
+
+    An image that cannot be decoded raises :class:`~vision_tl.imaging.ImageLoadError`; given an
+    ``unreadable`` list, its message goes there instead and the other images are explained."""
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from vision_tl.data.transforms import eval_transform
-    from vision_tl.imaging import load_rgb
+    from vision_tl.imaging import ImageLoadError, load_rgb
 
     classes = list(model.classes)
     wanted = _class_index(classes, class_name)
@@ -172,7 +176,13 @@ def iter_explanations(model, paths: list[str | Path], class_name: str | None = N
         layer = layer.norm1
     with GradCAM(model=net, target_layers=[layer], reshape_transform=reshape) as cam:
         for path in paths:
-            image = load_rgb(path)
+            try:
+                image = load_rgb(path)
+            except ImageLoadError as exc:
+                if unreadable is None:
+                    raise
+                unreadable.append(str(exc))
+                continue
             x = transform(image)[None].requires_grad_(True)  # gradients reach frozen stages too
             with torch.no_grad():
                 probs = net(x).float().softmax(-1)[0].numpy()
@@ -277,11 +287,11 @@ def explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir
 
 
 def iter_explain_checkpoint(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path,
-                            class_name: str | None = None,
-                            overwrite: bool = False) -> Iterator[tuple[Explanation, Path]]:
+                            class_name: str | None = None, overwrite: bool = False,
+                            unreadable: list[str] | None = None) -> Iterator[tuple[Explanation, Path]]:
     """:func:`explain_checkpoint` as it goes: ``(explanation, png)`` per image, yielded as each
     file is written (iterate to write them all): one image is in memory at a time, not a whole
-    folder of them.
+    folder of them. ``unreadable``: as in :func:`iter_explanations`.
 
     Raises:
         FileExistsError: an output file exists and ``overwrite`` is False (checked before any work,
@@ -313,4 +323,4 @@ def iter_explain_checkpoint(checkpoint: str | Path, images: list[str | Path], ou
     _class_index(list(model.classes), class_name)  # fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     return ((item, save_explanation(item, out_dir / names[item.path], overwrite=overwrite))
-            for item in iter_explanations(model, paths, class_name))
+            for item in iter_explanations(model, paths, class_name, unreadable))

@@ -507,6 +507,7 @@ class VisionTLCLI(LightningCLI):
         self._check_gpu_config_order()
         self._check_launcher()
         if self.subcommand == "fit":
+            _check_recipe_root(self.config.fit)
             _check_fit_settings(self.config.fit)
         self._resume_into_run()
         model = self.config[self.subcommand].get("model")
@@ -817,6 +818,21 @@ class VisionTLCLI(LightningCLI):
         if changed:
             say("vision_tl: the checkpoint's model settings replace the config's: "
                  + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+# The data.root of configs/*.yaml: the synthetic set `vision-tl demo` writes, what a fit trains on
+# when --data.root is left out.
+RECIPE_ROOT = "data/demo"
+
+
+def _check_recipe_root(cfg) -> None:
+    """A fit without --data.root trains on the recipe's demo set; where there is none, the error
+    says so, not only that a folder the user never named does not exist."""
+    root = (cfg.get("data") or {}).get("root")
+    if root is not None and Path(str(root)).as_posix() == RECIPE_ROOT and not Path(root).exists():
+        raise DatasetError(f"data root {root} does not exist in {Path.cwd()}: it is the recipes' default "
+                           "(configs/*.yaml), the synthetic set `vision-tl demo` writes there; give your image "
+                           "folder with --data.root DIR, or run `vision-tl demo` first")
 
 
 # What ImageClassifier logs per validation epoch: the metrics --checkpoint.monitor may name.
