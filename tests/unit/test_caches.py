@@ -258,6 +258,25 @@ def test_extract_says_how_big_the_feature_cache_is_when_it_grew(tmp_path, images
     assert "feature cache in" not in capsys.readouterr().out
 
 
+def test_extract_names_the_entry_it_wrote_with_the_size_cache_list_shows(tmp_path, images, capsys):
+    """Two settings over one folder: two entries of the same size. The second extract's line gave
+    the total (twice the first's), which read as if the new entry were twice as big as the listing
+    showed; it now names its own entry with that entry's size, as the table shows it, and the total."""
+    argv = ["extract", str(tmp_path / "images"), "--backbone", "test_efficientnet", "--random-init",
+            "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert vision_tl_main([*argv, "--image-size", "32", "--out", str(tmp_path / "a.npz")]) == 0
+    capsys.readouterr()
+    assert vision_tl_main([*argv, "--image-size", "48", "--out", str(tmp_path / "b.npz")]) == 0
+    second = capsys.readouterr().out
+    (listed,) = _json(capsys, "list", "--features", str(tmp_path / "c"))["caches"]
+    new = next(e for e in listed["entries"] if e["input_size"] == [48, 48])
+    assert len(listed["entries"]) == 2 and new["bytes"] == _disk(_entry_files(Path(new["path"])))
+    assert f"holds {inventory.format_bytes(listed['bytes'])} in 2 entries" in second
+    assert f"this run's entry {new['name']} takes {inventory.format_bytes(new['bytes'])}" in second
+    older = next(e["name"] for e in listed["entries"] if e is not new)
+    assert older not in second
+
+
 @pytest.mark.parametrize("argv, words", [
     (["list", "--features", "{tmp}/missing"], ["{tmp}/missing", "does not exist", "leave --features out"]),
     (["list", "--decoded", "{tmp}/file.txt"], ["{tmp}/file.txt", "is a file, not a folder"]),

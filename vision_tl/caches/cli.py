@@ -23,6 +23,7 @@ from vision_tl.caches.inventory import (
     cache_root,
     clear_entries,
     count_entries,
+    entry_name,
     format_bytes,
     list_entries,
     unused_for,
@@ -114,10 +115,7 @@ def _when(seconds: float, now: float) -> str:
 
 
 def _name(root: CacheRoot, entry: CacheEntry) -> str:
-    try:
-        return entry.path.relative_to(root.path).as_posix() or "."
-    except ValueError:
-        return str(entry.path)
+    return entry_name(root.path, entry.path)
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -333,27 +333,39 @@ def _disk_bytes(st: os.stat_result) -> int:
     return blocks * 512 if blocks is not None else st.st_size
 
 
-def cache_bytes(root: str | Path, kind: str = "features") -> int:
-    """Bytes the recognised entries under ``root`` take (0 where there is no such folder)."""
+def entry_bytes(root: str | Path, kind: str = "features") -> dict[Path, int]:
+    """Bytes each recognised entry under ``root`` takes, by its path ({} where there is no such folder)."""
     try:
-        return sum(e.bytes for e in list_entries(CacheRoot(kind, Path(root), ""), check_use=False))
+        return {e.path: e.bytes for e in list_entries(CacheRoot(kind, Path(root), ""), check_use=False)}
     except Exception:  # noqa: BLE001 (a size note is never worth failing a run over)
-        return 0
+        return {}
 
 
-def cache_note(root: str | Path, kind: str = "decoded", unless_bytes: int | None = None) -> str | None:
+def cache_note(root: str | Path, kind: str = "decoded", before: dict[Path, int] | None = None) -> str | None:
     """One line on a cache's size, for a command that has just added to it (a scan of its
-    folder: a stat per file); None where it still holds ``unless_bytes`` (nothing was added).
-    Never raises: a note is not worth failing a run over."""
+    folder: a stat per file). With ``before`` (:func:`entry_bytes` taken before the run) the
+    entries that grew since are named with their own size, as ``vision-tl cache list`` shows
+    them (the total alone reads like the size of the entry just written), and None is returned
+    where none grew. Never raises: a note is not worth failing a run over."""
     try:
         entries = list_entries(CacheRoot(kind, Path(root), ""), check_use=False)
     except Exception:  # noqa: BLE001 (anything: the run's own work is done and must not fail here)
-        return None if unless_bytes is not None else "see vision-tl cache clear --help to prune it"
-    total = sum(e.bytes for e in entries)
-    if total == unless_bytes:
+        return None if before is not None else "see vision-tl cache clear --help to prune it"
+    grown = [e for e in entries if before is not None and before.get(e.path) != e.bytes]
+    if before is not None and not grown:
         return None
-    return (f"the {NAMES[kind]} in {root} holds {format_bytes(total)} in {count_entries(len(entries))} "
+    total = sum(e.bytes for e in entries)
+    own = "".join(f"; this run's entry {entry_name(Path(root), e.path)} takes {format_bytes(e.bytes)}" for e in grown)
+    return (f"the {NAMES[kind]} in {root} holds {format_bytes(total)} in {count_entries(len(entries))}{own} "
             "(vision-tl cache clear --help to prune it)")
+
+
+def entry_name(root: Path, path: Path) -> str:
+    """An entry's name in ``vision-tl cache list``: its path below the root (``.`` for the root itself)."""
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
 
 
 def count_entries(n: int) -> str:

@@ -104,13 +104,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _run_extract(args: argparse.Namespace) -> None:
-    from vision_tl.caches.inventory import cache_bytes, cache_note, default_root
+    from vision_tl.caches.inventory import cache_note, default_root, entry_bytes
     from vision_tl.features.api import extract
     from vision_tl.utils import launcher_int
 
     cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else default_root("features")
     speaks = launcher_int("RANK") == 0  # under torchrun every rank gets here; rank 0 writes the file
-    before = cache_bytes(cache) if cache is not None and speaks else None
+    before = entry_bytes(cache) if cache is not None and speaks else None
     extract(args.root, args.backbone, args.out, weights=args.weights, pretrained=not args.random_init,
             stages=args.stages, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -119,7 +119,7 @@ def _run_extract(args: argparse.Namespace) -> None:
             return_features=False, unlabelled=args.unlabelled)
     if speaks:
         print(f"vision_tl: wrote {args.out}")
-        note = cache_note(cache, "features", unless_bytes=before) if cache is not None else None
+        note = cache_note(cache, "features", before=before) if cache is not None else None
         if note:  # it grew: its size, and how to prune it
             print(f"vision_tl: {note}")
 
