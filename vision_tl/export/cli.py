@@ -36,7 +36,7 @@ from vision_tl.utils.files import path_arg
 _EPILOG = """\
 examples:
   vision-tl export runs/frozen/version_0/checkpoints/best.ckpt --out model.onnx
-  vision-tl export best.ckpt --out model.onnx --parity-images data/neu_val/
+  vision-tl export best.ckpt --out model.onnx --parity-images line_images/
   vision-tl export best.ckpt --out model.onnx --int8 --fp16 --threads 2
 
 The model's input is 'image', uint8 [N, H, W, 3] RGB after a plain resize to the

@@ -3,7 +3,7 @@
 Imports are lazy so that ``import vision_tl.features`` stays fast (no torch until used)::
 
     from vision_tl.features import extract, FeatureCache, probe
-    fs = extract("data/neu", "tf_efficientnet_lite0", "neu.parquet")
+    fs = extract("images/", "tf_efficientnet_lite0", "emb.parquet")
 
 ``vision_tl.features.probe`` is the ``probe`` function, also once its submodule is imported;
 that module's other names come with ``from vision_tl.features.probe import ...``.

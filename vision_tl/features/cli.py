@@ -14,18 +14,18 @@ from vision_tl.deploy.cli import input_size_arg, positive_int
 from vision_tl.utils.files import path_arg
 
 EXTRACT_EXAMPLES = """examples:
-  vision-tl extract data/neu --backbone tf_efficientnet_lite0 --out neu_lite0.parquet
-  vision-tl extract data/neu --backbone resnet50 --weights resnet50.safetensors --out r50.npz
-  vision-tl extract data/neu --backbone tf_efficientnet_lite0 --stages 3,4,pooled --out multi.npz
+  vision-tl extract images/ --backbone tf_efficientnet_lite0 --out emb.parquet
+  vision-tl extract images/ --backbone resnet50 --weights resnet50.safetensors --out r50.npz
+  vision-tl extract images/ --backbone tf_efficientnet_lite0 --stages 3,4,pooled --out multi.npz
 
 A killed or interrupted run resumes: images whose content hash is already in the
 feature cache ($VISION_TL_CACHE or ~/.cache/vision_tl/features) are skipped.
 """
 
 PROBE_EXAMPLES = """examples:
-  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --backbone tf_efficientnet_lite2
-  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --shots 1 5 10 --draws 10
-  vision-tl probe data/neu --backbone tf_efficientnet_lite0 --plot-dir runs/probe
+  vision-tl probe images/ --backbone tf_efficientnet_lite0 --backbone tf_efficientnet_lite2
+  vision-tl probe images/ --backbone tf_efficientnet_lite0 --shots 1 5 10 --draws 10
+  vision-tl probe images/ --backbone tf_efficientnet_lite0 --plot-dir runs/probe
 
 Features come from the feature cache, so a second probe of the same folder takes seconds.
 """
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``extract ...`` or ``probe ...`` (``argv[0]`` is the command name).
 
     Example:
-        >>> main(["extract", "data/neu", "--backbone", "tf_efficientnet_lite0", "--out", "neu.npz"])
+        >>> main(["extract", "images/", "--backbone", "tf_efficientnet_lite0", "--out", "emb.npz"])
         0
     """
     from vision_tl.errors import user_errors
