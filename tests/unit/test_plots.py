@@ -549,6 +549,27 @@ def test_html_report_interval_of_a_rare_error_rate_does_not_read_zero_to_zero(tm
     assert "0%–0%" not in rates
 
 
+def test_html_report_interval_near_one_does_not_read_a_hundred_percent(tmp_path) -> None:
+    """1,999 of 2,000 good images recognised and 1,999 of 2,000 defective ones passed: the ends of
+    their 95 % intervals below 1 rounded to "1.00–1.00" and "100%–100%", as if certain; each now
+    keeps two significant digits of what it lacks of 1, as an end near 0 keeps two of its own."""
+    from vision_tl.reports.html import _interval, render_report
+
+    assert _interval([0.9, 0.9987], pct=True) == "90%–99.87%"
+    assert _interval([0.21, 0.9987]) == "0.21–0.9987" and _interval([0.21, 1.0]) == "0.21–1.00"
+    labels = np.array([1] * 2000 + [0] * 2000)
+    probs = np.tile([0.1, 0.8, 0.1], (4000, 1))  # every image passed as good...
+    probs[[0, 2000]] = [0.8, 0.1, 0.1]  # ...but one good image rejected and one crack caught
+    result = M.evaluate(probs, labels, CLASSES, good_class="good", threshold=0.5)
+    good = next(r for r in result["per_class"] if r["class"] == "good")
+    assert good["recall_interval"] == [pytest.approx(0.99717, abs=1e-5), pytest.approx(0.999912, abs=1e-6)]
+    assert result["good_vs_defect"]["escape_rate_interval"] == good["recall_interval"]
+    page = render_report(result, {}, split="val", info={}, errors=[])
+    assert "<td>0.9972–0.999912</td>" in page  # the good class's recall
+    assert "<td>1999 of 2000</td><td>99.72%–99.9912%</td>" in page  # the escape rate
+    assert "1.00–1.00" not in page and "100%–100%" not in page
+
+
 def test_comparison_says_which_split_it_compares(tmp_path) -> None:
     from vision_tl.reports.compare import COLUMNS, Comparison, RunSummary
     from vision_tl.reports.html import render_comparison

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from pathlib import Path
 
 CSS = """
@@ -69,9 +70,16 @@ def _interval(bounds: list[float] | None, pct: bool = False) -> str:
 
 def _bound(value: float, pct: bool) -> str:
     """One end of an interval; one above 0 that would round to 0 keeps two significant digits
-    (2 false rejects in 2,000 good images lie in 0.027%–0.36%, not "0%–0%")."""
+    (2 false rejects in 2,000 good images lie in 0.027%–0.36%, not "0%–0%"), and one below 1 that
+    would round to 1 keeps two of what it lacks of 1 (99.87%, not "100%": not a certainty either)."""
     if 0 < value < 0.005:  # (0% or 0.00 once rounded)
         return f"{value * 100:.2g}%" if pct else f"{value:.2g}"
+    if 0.995 <= value < 1:  # (100% or 1.00 once rounded)
+        scale = 100 if pct else 1
+        gap = (1 - value) * scale
+        decimals = 1 - math.floor(math.log10(gap))  # down to the gap's second significant digit
+        text = f"{scale - gap:.{decimals}f}".rstrip("0")  # (as the low end: 99.6%, not 99.60%)
+        return f"{text}%" if pct else text
     return f"{value:.0%}" if pct else f"{value:.2f}"
 
 
