@@ -286,6 +286,24 @@ def test_predict_new_images_from_a_folder_without_classes(trained_run, inspectio
         assert float(row[f"p_{classes[0]}"]) == pytest.approx(float(expected[0]), abs=1e-4)
 
 
+def test_predict_refuses_a_missing_predict_root_before_loading_the_checkpoint(trained_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A --data.predict_root that is not there was refused only at set-up, after the checkpoint had
+    loaded (a long wait with a large model); it is refused up front, as a missing data.root is, with
+    the message set-up gives, and no run directory is made."""
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    missing = tmp_path / "line3"
+    code = main(["predict", "--config", str(trained_run / "config.yaml"), "--ckpt_path",
+                 str(trained_run / "checkpoints" / "best.ckpt"), "--data.predict_root", str(missing),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"image folder {missing} does not exist; give a folder of images (any nesting) or one image" in err
+    assert loads == [] and not (tmp_path / "runs").exists()
+
+
 def test_predicting_new_images_needs_no_training_folder_and_names_the_checkpoints_classes(inspection_folder,
                                                                                           tmp_path, capsys):
     """On a line PC only the run is there: predict with --data.predict_root failed with 'data root

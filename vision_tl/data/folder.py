@@ -412,19 +412,26 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, skip_bad: bo
     return index
 
 
+def check_unlabelled_root(root: str | Path) -> Path:
+    """``root`` as :func:`scan_unlabelled` reads it: a folder or one image file. Raises
+    :class:`DatasetError` where it is neither, so a command can refuse it before any work."""
+    root = Path(root).expanduser()
+    if not root.is_file() and not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; give a folder of images (any nesting) or one image")
+    return root
+
+
 def scan_unlabelled(root: str | Path, skip_bad: bool = False) -> FolderIndex:
     """Index every image under ``root`` (any nesting, no classes) with label ``-1``, for prediction.
 
     ``root`` may also be one image file. Unreadable images raise :class:`DatasetError`
     naming them unless ``skip_bad``, which keeps them in ``bad_files``.
     """
-    root = Path(root).expanduser()
+    root = check_unlabelled_root(root)
     index = FolderIndex(root=root, classes=[])
     if root.is_file():
         _add_images(index, [root], -1)
         return _finish_scan(index, [], skip_bad, "Pass --data.skip_bad_images true to predict the rest.")
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist; give a folder of images (any nesting) or one image")
     images, others = image_files(root)
     if not images:
         raise DatasetError(f"{root} holds no images (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")

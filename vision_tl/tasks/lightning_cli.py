@@ -20,6 +20,7 @@ from vision_tl.backbones import run_backbone_state
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.data.folder import (
     DatasetError,
+    check_unlabelled_root,
     class_folders,
     detect_layout,
     read_split,
@@ -773,8 +774,11 @@ class VisionTLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
         2.x, private hook); a truncated or foreign checkpoint must fail first, with its path
-        named, instead of with a traceback from ``torch.load``."""
+        named, instead of with a traceback from ``torch.load``. A predict's ``--data.predict_root``
+        that is not there is refused before either reads the checkpoint."""
         subcommand = self.config.get("subcommand")
+        if subcommand == "predict":
+            _check_predict_root(self.config.predict)
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         named = _named_checkpoint(self.config[subcommand], ckpt) if subcommand in ("validate", "test", "predict") else None
         if named is not None:  # the run's file now, so that its settings win over the command line's as a path's do
@@ -833,6 +837,14 @@ def _check_recipe_root(cfg) -> None:
         raise DatasetError(f"data root {root} does not exist in {Path.cwd()}: it is the recipes' default "
                            "(configs/*.yaml), the synthetic set `vision-tl demo` writes there; give your image "
                            "folder with --data.root DIR, or run `vision-tl demo` first")
+
+
+def _check_predict_root(cfg) -> None:
+    """``predict --data.predict_root DIR`` where DIR is not there: refused before the checkpoint is
+    read (a large one takes a while to load), with the message the data module's set-up gives."""
+    root = (cfg.get("data") or {}).get("predict_root")
+    if root:
+        check_unlabelled_root(Path(str(root)).expanduser().absolute())
 
 
 # What ImageClassifier logs per validation epoch: the metrics --checkpoint.monitor may name.
