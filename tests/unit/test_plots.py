@@ -556,6 +556,7 @@ def test_html_report_interval_near_one_does_not_read_a_hundred_percent(tmp_path)
     from vision_tl.reports.html import _interval, render_report
 
     assert _interval([0.9, 0.9987], pct=True) == "90%–99.87%"
+    assert _interval([0.000088, 0.3]) == "0.000088–0.30"  # (not "8.8e-05")
     assert _interval([0.21, 0.9987]) == "0.21–0.9987" and _interval([0.21, 1.0]) == "0.21–1.00"
     labels = np.array([1] * 2000 + [0] * 2000)
     probs = np.tile([0.1, 0.8, 0.1], (4000, 1))  # every image passed as good...

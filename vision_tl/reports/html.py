@@ -73,7 +73,10 @@ def _bound(value: float, pct: bool) -> str:
     (2 false rejects in 2,000 good images lie in 0.027%–0.36%, not "0%–0%"), and one below 1 that
     would round to 1 keeps two of what it lacks of 1 (99.87%, not "100%": not a certainty either)."""
     if 0 < value < 0.005:  # (0% or 0.00 once rounded)
-        return f"{value * 100:.2g}%" if pct else f"{value:.2g}"
+        shown = value * 100 if pct else value
+        decimals = 1 - math.floor(math.log10(shown))  # down to its second significant digit, no "e-05"
+        text = f"{shown:.{decimals}f}".rstrip("0")
+        return f"{text}%" if pct else text
     if 0.995 <= value < 1:  # (100% or 1.00 once rounded)
         scale = 100 if pct else 1
         gap = (1 - value) * scale
