@@ -348,22 +348,20 @@ def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (also used by the export and report commands)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _int_from(text, 1, "a positive integer")
 
 
 def _at_least_zero(text: str) -> int:
+    return _int_from(text, 0, "a whole number of at least 0")
+
+
+def _int_from(text: str, least: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from exc
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
