@@ -561,3 +561,11 @@ def test_a_gradual_unfreezing_run_from_before_the_final_norm_joined_the_last_sta
     assert trains == held
     stages = backbone_stages(resumed.net.backbone)
     assert all(not m.training for m in stages[-2]) and any(m.training for m in stages[-1])
+
+
+@pytest.mark.parametrize(("name", "value"), [("lr", "1e-3"), ("weight_decay", None), ("warmup_fraction", "0.1")])
+def test_a_classifier_number_given_as_a_string_or_none_is_named(name, value):
+    """lr='1e-3' (a YAML 1e-3 without a dot reads as a string) failed with "'<=' not supported
+    between instances of 'str' and 'int'", naming no argument."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a number, got {value!r}"):
+        ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, **{name: value})

@@ -7,6 +7,7 @@ freezing logic live in :mod:`vision_tl.models`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from fractions import Fraction
@@ -49,6 +50,31 @@ CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 # Frozen backbone stages are kept in eval mode on purpose (their BatchNorm statistics must not
 # move), so Lightning's "Found N module(s) in eval mode at the start of training" is noise here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def _real_numbers(**given) -> list[float]:
+    """The ``given`` numbers as Python floats: a numpy number would reach the optimizer's state in
+    the checkpoint, which ``weights_only=True`` then refuses; a string or None is named here
+    rather than failing a comparison with a TypeError."""
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            hint = " (a string: pass the number itself, e.g. 1e-3, not '1e-3')" if isinstance(value, str) else ""
+            raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    return [float(value) for value in given.values()]
+
+
+def _plain(value):
+    """``value`` with paths as strings and numpy numbers and arrays as Python ones, at any depth."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
 
 
 def gather_shares(module: L.LightningModule, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -288,6 +314,9 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"good_class {good_class!r} is not one of the classes {list(classes)}; name the "
                                  "defect-free class as its folder is named")
             good_class = classes[names.index(same_name(good_class))]  # the classes' own spelling: looked up by it
+        lr, backbone_lr_factor, weight_decay, warmup_fraction, label_smoothing, dropout = _real_numbers(
+            lr=lr, backbone_lr_factor=backbone_lr_factor, weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, dropout=dropout)
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
             raise ValueError(
                 f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "
@@ -884,6 +913,11 @@ class ImageClassifier(L.LightningModule):
         return f"{trainable:,} of {total:,} parameters train"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Arguments given from Python as a Path or a numpy number (root=Path(...), lr=np.float32(...))
+        # would make the checkpoint one that weights_only=True refuses to load: stored as plain types.
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {name: _plain(value) for name, value in checkpoint[key].items()}
         # Everything export and deployment need, in plain types (loadable with weights_only=True).
         checkpoint["vision_tl"] = {
             "kit_version": __version__,
