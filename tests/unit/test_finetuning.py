@@ -569,3 +569,12 @@ def test_a_classifier_number_given_as_a_string_or_none_is_named(name, value):
     between instances of 'str' and 'int'", naming no argument."""
     with pytest.raises(ValueError, match=rf"^{name} must be a number, got {value!r}"):
         ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, **{name: value})
+
+
+@pytest.mark.parametrize("switch", [True, "true", "yes"])
+def test_a_feature_cache_switch_is_refused_with_what_it_takes(switch):
+    """feature_cache=True (decoded_cache takes true) failed in pathlib once training had begun;
+    "true" made a cache folder named true in the working directory."""
+    with pytest.raises(ValueError, match=r"feature_cache .*: give 'auto' \(the default cache folder\), a folder"):
+        ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache=switch)
+    ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache="auto")

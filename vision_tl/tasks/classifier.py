@@ -52,6 +52,16 @@ CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
+def _not_a_cache_folder(value) -> bool:
+    """A switch (True, "true", "yes"...) where ``feature_cache`` takes "auto" or a folder: True
+    failed deep in pathlib once training started, "true" made a cache folder of that name."""
+    from vision_tl.data.datamodule import _NOT_FOLDERS
+
+    if not isinstance(value, (str, os.PathLike)):
+        return True
+    return value != "auto" and os.fspath(value).strip().lower() in _NOT_FOLDERS | {"true", "false"}
+
+
 def _real_numbers(**given) -> list[float]:
     """The ``given`` numbers as Python floats: a numpy number would reach the optimizer's state in
     the checkpoint, which ``weights_only=True`` then refuses; a string or None is named here
@@ -330,6 +340,9 @@ class ImageClassifier(L.LightningModule):
         if class_counts is not None and (len(class_counts) != len(classes) or any(c < 0 for c in class_counts)):
             raise ValueError(f"class_counts {list(class_counts)} must give one count >= 0 per class, in the order "
                              f"{list(classes)} ({len(classes)} numbers); leave it out to count the training images")
+        if feature_cache is not None and _not_a_cache_folder(feature_cache):
+            raise ValueError(f"feature_cache {feature_cache!r}: give 'auto' (the default cache folder), a folder "
+                             "path, or None to run the backbone on every batch")
         if threshold_target is not None:
             parse_threshold_target(threshold_target)  # (its good_class may come from the data module: setup)
         self.save_hyperparameters()
