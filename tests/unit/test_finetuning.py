@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -578,3 +579,16 @@ def test_a_feature_cache_switch_is_refused_with_what_it_takes(switch):
     with pytest.raises(ValueError, match=r"feature_cache .*: give 'auto' \(the default cache folder\), a folder"):
         ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache=switch)
     ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache="auto")
+
+
+def test_a_data_module_given_as_classes_says_to_pass_its_classes(inspection_folder):
+    """ImageClassifier(data, ...) failed with "'ImageFolderDataModule' object is not iterable"."""
+    from vision_tl.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0)
+    with pytest.raises(ValueError, match=r"classes must be a list of class names.*ImageClassifier\(datamodule.classes"):
+        ImageClassifier(data, backbone=TINY, pretrained=False)
+    with pytest.raises(ValueError, match=r"classes must be a list of class names"):
+        ImageClassifier((c for c in data.classes), backbone=TINY, pretrained=False)
+    model = ImageClassifier(np.array(data.classes), backbone=TINY, pretrained=False)  # e.g. a column's unique()
+    assert model.classes == data.classes and all(type(c) is str for c in model.hparams.classes)

@@ -312,9 +312,11 @@ class ImageClassifier(L.LightningModule):
         partial_cuda_graph: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
+        # (a data module passed as classes is not iterable; a generator cannot be saved as a hyperparameter)
+        if not isinstance(classes, (list, tuple, np.ndarray)) or not all(isinstance(c, str) and c for c in classes):
             raise ValueError(f"classes must be a list of class names, e.g. ['good', 'scratch'], got {classes!r} "
                              "(ImageClassifier(datamodule.classes, ...) passes the folder's)")
+        classes = [str(c) for c in classes]  # (numpy's str_ would make the checkpoint one weights_only refuses)
         names = [same_name(c) for c in classes]  # accents typed either way name one class
         twice = sorted({c for c, n in zip(classes, names) if names.count(n) > 1})
         if twice:
