@@ -717,3 +717,17 @@ def test_a_preset_extended_with_augment_plus_says_to_give_the_whole_list():
         build_augmentation(["inspection", {"name": "Transpose", "p": 0.5}])
     shown = json.loads(str(info.value).rsplit("'inspection' is ", 1)[1])
     assert len(build_augmentation([*shown, {"name": "Transpose", "p": 0.5}]).transforms) == 8
+
+
+@pytest.mark.parametrize("spec", [None, False])
+def test_augment_none_says_to_name_the_none_preset(inspection_folder, spec):
+    """augment=None, meant as "no augmentation", failed with "'NoneType' object is not iterable"."""
+    with pytest.raises(ValueError, match=rf"augment {spec} is neither a preset .*; for no augmentation give 'none'"):
+        ImageFolderDataModule(str(inspection_folder), backbone=TINY, augment=spec)
+
+
+def test_the_data_module_prints_its_folder_classes_and_settings(inspection_folder):
+    """It printed as <...ImageFolderDataModule object at 0x...>, which says nothing in a notebook."""
+    data = _dm(inspection_folder, batch_size=8, augment="light", good_class="good")
+    assert repr(data) == (f"ImageFolderDataModule({str(inspection_folder.absolute())!r}, classes={data.classes}, "
+                          f"backbone='{TINY}', input_size=(32, 32), batch_size=8, augment='light', good_class='good')")

@@ -16,7 +16,7 @@ from vision_tl.features.api import extract, partial_dir, scan_images
 from vision_tl.features.cache import FeatureCache, FeatureCacheError
 from vision_tl.features.extractor import FeatureExtractor, parse_stages
 from vision_tl.features.probe import cross_validate, few_shot, format_table, pca_scatter, probe
-from vision_tl.features.store import FeatureStoreError, ShardStore, read_features
+from vision_tl.features.store import FeatureSet, FeatureStoreError, ShardStore, read_features
 
 TINY = "test_efficientnet"
 SIZE = 32
@@ -225,6 +225,15 @@ def test_extract_writes_rows_and_metadata(tmp_path, folder, suffix) -> None:
                     stages="3,pooled", cache_dir=tmp_path / "cache", progress=False)
     assert again.metadata["images_per_second"] is None and again.metadata["seconds"] < meta["seconds"]
     assert read_features(tmp_path / f"again{suffix}").metadata["seconds_to_first_batch"] is None
+
+
+def test_a_feature_set_prints_its_size_and_origin_not_its_arrays() -> None:
+    """In a notebook the dataclass's repr printed the feature matrix and every path and hash."""
+    fs = FeatureSet(np.zeros((1800, 1280), np.float32), [f"crack/{i}.png" for i in range(1800)],
+                    np.zeros(1800, np.int64), ["crack", "good"], ["0" * 64] * 1800,
+                    {"backbone": "tf_efficientnet_lite0", "stages": ["pooled"]})
+    assert repr(fs) == ("FeatureSet(1800 images x 1280 features, classes=['crack', 'good'], "
+                        "backbone='tf_efficientnet_lite0', stages=['pooled'])")
 
 
 def test_extract_refuses_bad_outputs(tmp_path, folder) -> None:

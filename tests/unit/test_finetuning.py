@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -561,3 +562,33 @@ def test_a_gradual_unfreezing_run_from_before_the_final_norm_joined_the_last_sta
     assert trains == held
     stages = backbone_stages(resumed.net.backbone)
     assert all(not m.training for m in stages[-2]) and any(m.training for m in stages[-1])
+
+
+@pytest.mark.parametrize(("name", "value"), [("lr", "1e-3"), ("weight_decay", None), ("warmup_fraction", "0.1")])
+def test_a_classifier_number_given_as_a_string_or_none_is_named(name, value):
+    """lr='1e-3' (a YAML 1e-3 without a dot reads as a string) failed with "'<=' not supported
+    between instances of 'str' and 'int'", naming no argument."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a number, got {value!r}"):
+        ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, **{name: value})
+
+
+@pytest.mark.parametrize("switch", [True, "true", "yes"])
+def test_a_feature_cache_switch_is_refused_with_what_it_takes(switch):
+    """feature_cache=True (decoded_cache takes true) failed in pathlib once training had begun;
+    "true" made a cache folder named true in the working directory."""
+    with pytest.raises(ValueError, match=r"feature_cache .*: give 'auto' \(the default cache folder\), a folder"):
+        ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache=switch)
+    ImageClassifier(["good", "scratch"], backbone=TINY, pretrained=False, mode="frozen", feature_cache="auto")
+
+
+def test_a_data_module_given_as_classes_says_to_pass_its_classes(inspection_folder):
+    """ImageClassifier(data, ...) failed with "'ImageFolderDataModule' object is not iterable"."""
+    from vision_tl.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(str(inspection_folder), backbone=TINY, image_size=32, num_workers=0)
+    with pytest.raises(ValueError, match=r"classes must be a list of class names.*ImageClassifier\(datamodule.classes"):
+        ImageClassifier(data, backbone=TINY, pretrained=False)
+    with pytest.raises(ValueError, match=r"classes must be a list of class names"):
+        ImageClassifier((c for c in data.classes), backbone=TINY, pretrained=False)
+    model = ImageClassifier(np.array(data.classes), backbone=TINY, pretrained=False)  # e.g. a column's unique()
+    assert model.classes == data.classes and all(type(c) is str for c in model.hparams.classes)

@@ -97,3 +97,30 @@ def test_a_folder_given_as_checkpoint_is_told_the_file_inside_it(tmp_path, given
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(tmp_path / given)
     assert str(info.value).endswith(f"(e.g. {tmp_path / 'run' / 'checkpoints' / 'best.ckpt'})")
+
+
+def test_a_run_given_paths_and_numpy_numbers_from_python_saves_a_checkpoint_that_loads(tmp_path, inspection_folder):
+    """A notebook passes root=Path(...) and numbers from numpy: saved as they are, they made a
+    checkpoint that weights_only=True refused as unsafe, so it could be neither loaded nor exported."""
+    from pathlib import Path
+
+    import lightning as L
+    import numpy as np
+
+    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.tasks import ImageClassifier
+
+    data = ImageFolderDataModule(Path(inspection_folder), backbone="test_efficientnet", image_size=32,
+                                 batch_size=np.int64(8), num_workers=0, augment="none")
+    model = ImageClassifier(data.classes, backbone="test_efficientnet", pretrained=False, image_size=32,
+                            mode="frozen", lr=np.float64(1e-3), feature_cache=tmp_path / "features")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    loaded, meta = load_classifier(tmp_path / "run.ckpt")
+    assert meta["classes"] == data.classes
+    assert loaded.hparams.feature_cache == str(tmp_path / "features")
+    assert torch.load(tmp_path / "run.ckpt", weights_only=True)["datamodule_hyper_parameters"]["root"] == str(
+        inspection_folder)

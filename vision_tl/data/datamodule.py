@@ -295,6 +295,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise ValueError(f"good_class {good_class!r} is not a class; classes are {self._classes}")
             self.hparams.good_class = named[0]  # the folder's spelling (accents may be encoded differently)
 
+    def __repr__(self) -> str:  # (Lightning's data module has none: a notebook showed only the object's address)
+        hp = self.hparams
+        return (f"ImageFolderDataModule({str(self.root)!r}, classes={self.classes}, backbone={hp.backbone!r}, "
+                f"input_size={self.preprocessing.input_size}, batch_size={hp.batch_size}, augment={hp.augment!r}, "
+                f"good_class={hp.good_class!r})")
+
     @property
     def classes(self) -> list[str]:
         """Class names in index order (sorted folder names, or the ``classes`` given)."""

@@ -54,6 +54,9 @@ def build_augmentation(spec: AugmentSpec) -> A.Compose:
         if spec not in PRESETS:
             raise ValueError(f"unknown augmentation preset {spec!r}; expected one of: {', '.join(PRESETS)}")
         spec = PRESETS[spec]
+    elif not isinstance(spec, (list, tuple)):  # (None or False, meant as "no augmentation", failed as not iterable)
+        raise ValueError(f"augment {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a list of transforms; "
+                         "for no augmentation give 'none'")
     steps = []
     for item in spec:
         if isinstance(item, str) and item in PRESETS:  # `--data.augment+ {...}` over a preset makes [preset, {...}]

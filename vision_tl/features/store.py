@@ -430,6 +430,12 @@ class FeatureSet:
     sha256: list[str]
     metadata: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # (the dataclass's own repr printed the whole feature array and every path and hash)
+        rows, width = self.features.shape[0], self.features.shape[-1] if self.features.ndim > 1 else 0
+        return (f"FeatureSet({rows} images x {width} features, classes={self.classes}, "
+                f"backbone={self.metadata.get('backbone')!r}, stages={self.metadata.get('stages')})")
+
 
 def check_output_path(path: str | Path, overwrite: bool) -> Path:
     """Validate an output path before any work: known suffix, parent exists, no clobbering."""

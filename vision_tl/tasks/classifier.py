@@ -7,6 +7,7 @@ freezing logic live in :mod:`vision_tl.models`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from fractions import Fraction
@@ -49,6 +50,41 @@ CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 # Frozen backbone stages are kept in eval mode on purpose (their BatchNorm statistics must not
 # move), so Lightning's "Found N module(s) in eval mode at the start of training" is noise here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def _not_a_cache_folder(value) -> bool:
+    """A switch (True, "true", "yes"...) where ``feature_cache`` takes "auto" or a folder: True
+    failed deep in pathlib once training started, "true" made a cache folder of that name."""
+    from vision_tl.data.datamodule import _NOT_FOLDERS
+
+    if not isinstance(value, (str, os.PathLike)):
+        return True
+    return value != "auto" and os.fspath(value).strip().lower() in _NOT_FOLDERS | {"true", "false"}
+
+
+def _real_numbers(**given) -> list[float]:
+    """The ``given`` numbers as Python floats: a numpy number would reach the optimizer's state in
+    the checkpoint, which ``weights_only=True`` then refuses; a string or None is named here
+    rather than failing a comparison with a TypeError."""
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            hint = " (a string: pass the number itself, e.g. 1e-3, not '1e-3')" if isinstance(value, str) else ""
+            raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    return [float(value) for value in given.values()]
+
+
+def _plain(value):
+    """``value`` with paths as strings and numpy numbers and arrays as Python ones, at any depth."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
 
 
 def gather_shares(module: L.LightningModule, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -276,9 +312,11 @@ class ImageClassifier(L.LightningModule):
         partial_cuda_graph: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
+        # (a data module passed as classes is not iterable; a generator cannot be saved as a hyperparameter)
+        if not isinstance(classes, (list, tuple, np.ndarray)) or not all(isinstance(c, str) and c for c in classes):
             raise ValueError(f"classes must be a list of class names, e.g. ['good', 'scratch'], got {classes!r} "
                              "(ImageClassifier(datamodule.classes, ...) passes the folder's)")
+        classes = [str(c) for c in classes]  # (numpy's str_ would make the checkpoint one weights_only refuses)
         names = [same_name(c) for c in classes]  # accents typed either way name one class
         twice = sorted({c for c, n in zip(classes, names) if names.count(n) > 1})
         if twice:
@@ -288,6 +326,9 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"good_class {good_class!r} is not one of the classes {list(classes)}; name the "
                                  "defect-free class as its folder is named")
             good_class = classes[names.index(same_name(good_class))]  # the classes' own spelling: looked up by it
+        lr, backbone_lr_factor, weight_decay, warmup_fraction, label_smoothing, dropout = _real_numbers(
+            lr=lr, backbone_lr_factor=backbone_lr_factor, weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, dropout=dropout)
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
             raise ValueError(
                 f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "
@@ -301,6 +342,9 @@ class ImageClassifier(L.LightningModule):
         if class_counts is not None and (len(class_counts) != len(classes) or any(c < 0 for c in class_counts)):
             raise ValueError(f"class_counts {list(class_counts)} must give one count >= 0 per class, in the order "
                              f"{list(classes)} ({len(classes)} numbers); leave it out to count the training images")
+        if feature_cache is not None and _not_a_cache_folder(feature_cache):
+            raise ValueError(f"feature_cache {feature_cache!r}: give 'auto' (the default cache folder), a folder "
+                             "path, or None to run the backbone on every batch")
         if threshold_target is not None:
             parse_threshold_target(threshold_target)  # (its good_class may come from the data module: setup)
         self.save_hyperparameters()
@@ -884,6 +928,11 @@ class ImageClassifier(L.LightningModule):
         return f"{trainable:,} of {total:,} parameters train"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Arguments given from Python as a Path or a numpy number (root=Path(...), lr=np.float32(...))
+        # would make the checkpoint one that weights_only=True refuses to load: stored as plain types.
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {name: _plain(value) for name, value in checkpoint[key].items()}
         # Everything export and deployment need, in plain types (loadable with weights_only=True).
         checkpoint["vision_tl"] = {
             "kit_version": __version__,
