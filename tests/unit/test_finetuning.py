@@ -592,3 +592,41 @@ def test_a_data_module_given_as_classes_says_to_pass_its_classes(inspection_fold
         ImageClassifier((c for c in data.classes), backbone=TINY, pretrained=False)
     model = ImageClassifier(np.array(data.classes), backbone=TINY, pretrained=False)  # e.g. a column's unique()
     assert model.classes == data.classes and all(type(c) is str for c in model.hparams.classes)
+
+
+def test_the_eval_mode_warning_is_silenced_for_the_kits_model_only(tmp_path):
+    """Frozen stages stay in eval mode on purpose, so Lightning's "Found N module(s) in eval mode"
+    is noise for the kit's model; it was silenced by a warnings filter that importing the kit put
+    in place for the whole process, which hid it for a user's own models in the same notebook."""
+    import warnings
+
+    import vision_tl.tasks.lightning_cli  # noqa: F401 - (importing the command line too adds nothing)
+
+    message = "Found 3 module(s) in eval mode at the start of training."
+    assert not any(action == "ignore" and pattern is not None and pattern.match(message)
+                   for action, pattern, *_ in warnings.filters)
+
+    class Users(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.frozen = nn.Linear(3, 3), nn.BatchNorm1d(3).eval()
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def eval_mode_warnings(model) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if isinstance(model, ImageClassifier):
+                _fit_one_epoch(model, tmp_path)
+            else:
+                L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path).fit(
+                    model, DataLoader(TensorDataset(torch.randn(4, 3)), batch_size=2))
+        return [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+
+    assert not eval_mode_warnings(_model("partial", trainable_stages=1))
+    assert eval_mode_warnings(Users())

@@ -47,9 +47,6 @@ from vision_tl.utils.distributed import first_builds
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
 
-# Frozen backbone stages are kept in eval mode on purpose (their BatchNorm statistics must not
-# move), so Lightning's "Found N module(s) in eval mode at the start of training" is noise here.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _not_a_cache_folder(value) -> bool:
@@ -544,6 +541,14 @@ class ImageClassifier(L.LightningModule):
         return True if flag is None else bool(flag)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            # Frozen backbone stages are kept in eval mode on purpose (their BatchNorm statistics must
+            # not move), so Lightning's "Found N module(s) in eval mode at the start of training" is
+            # noise for this model: silenced on this trainer's loop alone, not by a warnings filter
+            # for the whole process (which would hide it for a user's own models too).
+            loop = self.trainer.fit_loop
+            if hasattr(loop, "_warn_if_modules_in_eval_mode"):
+                loop._warn_if_modules_in_eval_mode = lambda: None
         counts = self.hparams.class_counts
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         self._check_datamodule(datamodule)  # (takes the data module's good_class)
