@@ -34,6 +34,16 @@ def _dm(root, **kwargs) -> ImageFolderDataModule:
     return ImageFolderDataModule(str(root), backbone=TINY, image_size=32, num_workers=0, **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["0.2", 2, 0, True, None])
+def test_val_fraction_is_checked_when_the_data_module_is_built(tmp_path, bad):
+    """A string gave a bare '<' TypeError at set-up, and 2 was only refused there, after the model
+    was built; the data module now names the setting at once."""
+    root = _folder(tmp_path / "d", {"ok": 4, "dent": 4})
+    with pytest.raises(ValueError, match=r"val_fraction \(--data.val_fraction\) must be a number between 0 and 1"):
+        _dm(root, val_fraction=bad)
+    assert type(_dm(root, val_fraction=np.float64(0.25)).hparams.val_fraction) is float
+
+
 def test_split_is_stratified_seeded_and_recorded(tmp_path):
     root = _folder(tmp_path / "d", {"ok": 30, "dent": 10})
     dm = _dm(root, val_fraction=0.2, seed=3)

@@ -238,7 +238,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         if num_workers is not None and (not _whole(num_workers) or num_workers < 0):
             raise ValueError(f"num_workers must be a whole number, 0 (load in the main process) or more, got "
                              f"{num_workers!r}; leave it unset to choose from the machine's cores")
-        batch_size = int(batch_size)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) \
+                or not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction (--data.val_fraction) must be a number between 0 and 1 (exclusive), "
+                             f"such as 0.2, got {val_fraction!r}")
+        batch_size, val_fraction = int(batch_size), float(val_fraction)
         num_workers = None if num_workers is None else int(num_workers)
         for name, value in (("root", root), ("predict_root", predict_root), ("split_file", split_file)):
             refuse_empty_path(value, f"{name} (--data.{name})")

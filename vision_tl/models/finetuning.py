@@ -8,6 +8,8 @@ stages are frozen and held in eval mode (their BatchNorm statistics never move).
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from vision_tl.backbones import backbone_stages
@@ -37,6 +39,8 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+    if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, numbers.Integral):
+        raise ValueError(f"trainable_stages must be a whole number of stages, got {trainable_stages!r}")
     stages = backbone_stages(net.backbone) if mode == "partial" else []
     if mode == "partial" and len(stages) < trainable_stages == len(backbone_stages(net.backbone, False)):
         # all stages, counted as before a final norm (or head conv) joined the last one: runs made
