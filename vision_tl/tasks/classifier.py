@@ -546,7 +546,7 @@ class ImageClassifier(L.LightningModule):
             # not move), so Lightning's "Found N module(s) in eval mode at the start of training" is
             # noise for this model: silenced on this trainer's loop alone, not by a warnings filter
             # for the whole process (which would hide it for a user's own models too).
-            loop = self.trainer.fit_loop
+            loop = getattr(self.trainer, "fit_loop", None)
             if hasattr(loop, "_warn_if_modules_in_eval_mode"):
                 loop._warn_if_modules_in_eval_mode = lambda: None
         counts = self.hparams.class_counts
