@@ -117,6 +117,8 @@ def test_invalid_mode_and_settings_list_valid_choices():
         _model("half")
     with pytest.raises(ValueError, match="trainable_stages must be between 1 and"):
         _model("partial", trainable_stages=99)
+    with pytest.raises(ValueError, match="cached_views must be a whole number of at least 1"):
+        _model("frozen", cached_views=0)  # (was refused only when fit started)
     with pytest.raises(ValueError, match="trainable_stages must be a whole number of stages, got 1.5"):
         _model("partial", trainable_stages=1.5)  # (was "slice indices must be integers" deep inside)
     with pytest.raises(ValueError, match="lr must be > 0"):

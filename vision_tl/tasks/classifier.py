@@ -326,6 +326,9 @@ class ImageClassifier(L.LightningModule):
         lr, backbone_lr_factor, weight_decay, warmup_fraction, label_smoothing, dropout = _real_numbers(
             lr=lr, backbone_lr_factor=backbone_lr_factor, weight_decay=weight_decay,
             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, dropout=dropout)
+        if isinstance(cached_views, bool) or not isinstance(cached_views, numbers.Integral) or cached_views < 1:
+            raise ValueError(f"cached_views must be a whole number of at least 1 (1: the clean view only), "
+                             f"got {cached_views!r}")
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:
             raise ValueError(
                 f"lr must be > 0 and backbone_lr_factor, weight_decay >= 0; got lr={lr}, "
