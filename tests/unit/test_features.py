@@ -883,3 +883,23 @@ def test_extract_leaves_the_multiprocessing_start_method_free(folder, tmp_path) 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None"]
+
+
+def test_an_empty_class_folder_in_val_is_read_as_fit_reads_it(tmp_path) -> None:
+    """val/ with an empty class folder (a rare defect with no held-out image yet): fit trains on such
+    a root, so extract and probe read it too, rather than stopping at the empty folder; an empty
+    class folder of train/ (or of a root without splits) is still refused."""
+    root = tmp_path / "held_out"
+    for split in ("train", "val"):
+        for k, name in enumerate(("crack", "good")):
+            for i in range(2):
+                _write_image(root / split / name / f"{name}_{i}.png", seed=10 * k + i + len(split), tint=k)
+    (root / "val" / "rare").mkdir()
+    (root / "train" / "rare").mkdir()
+    _write_image(root / "train" / "rare" / "rare_0.png", seed=99, tint=2)
+    (root / "test" / "good").mkdir(parents=True)
+    images = scan_images(root)
+    assert images.classes == ["crack", "good", "rare"] and len(images.paths) == 9
+    (root / "train" / "rare" / "rare_0.png").unlink()
+    with pytest.raises(DatasetError, match=r"train/rare has no images"):
+        scan_images(root)
