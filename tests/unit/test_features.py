@@ -903,3 +903,20 @@ def test_an_empty_class_folder_in_val_is_read_as_fit_reads_it(tmp_path) -> None:
     (root / "train" / "rare" / "rare_0.png").unlink()
     with pytest.raises(DatasetError, match=r"train/rare has no images"):
         scan_images(root)
+
+
+def test_probe_with_skip_bad_names_a_class_left_without_images(tmp_path) -> None:
+    """--skip-bad leaving one class only (the other's every image unreadable): a message naming the
+    empty class, before any image is embedded, not scikit-learn's 'needs samples of at least 2 classes'."""
+    root = tmp_path / "one_left"
+    for i in range(3):
+        _write_image(root / "good" / f"good_{i}.png", seed=i, tint=0)
+        (root / "crack" / f"crack_{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (root / "crack" / f"crack_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    with pytest.warns(UserWarning, match="unreadable"), \
+            pytest.raises(ValueError, match=r"at least two classes, found images of good only; no readable images in: crack"):
+        probe(root, TINY, folds=2, skip_bad=True, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+              progress=False)
+    assert not (tmp_path / "c").exists()  # refused before the backbone ran
+    with pytest.raises(ValueError, match="at least two classes"):
+        cross_validate(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), folds=2)
