@@ -892,3 +892,40 @@ def test_extract_leaves_the_multiprocessing_start_method_free(folder, tmp_path) 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None"]
+
+
+def test_an_empty_class_folder_in_val_is_read_as_fit_reads_it(tmp_path) -> None:
+    """val/ with an empty class folder (a rare defect with no held-out image yet): fit trains on such
+    a root, so extract and probe read it too, rather than stopping at the empty folder; an empty
+    class folder of train/ (or of a root without splits) is still refused."""
+    root = tmp_path / "held_out"
+    for split in ("train", "val"):
+        for k, name in enumerate(("crack", "good")):
+            for i in range(2):
+                _write_image(root / split / name / f"{name}_{i}.png", seed=10 * k + i + len(split), tint=k)
+    (root / "val" / "rare").mkdir()
+    (root / "train" / "rare").mkdir()
+    _write_image(root / "train" / "rare" / "rare_0.png", seed=99, tint=2)
+    (root / "test" / "good").mkdir(parents=True)
+    images = scan_images(root)
+    assert images.classes == ["crack", "good", "rare"] and len(images.paths) == 9
+    (root / "train" / "rare" / "rare_0.png").unlink()
+    with pytest.raises(DatasetError, match=r"train/rare has no images"):
+        scan_images(root)
+
+
+def test_probe_with_skip_bad_names_a_class_left_without_images(tmp_path) -> None:
+    """--skip-bad leaving one class only (the other's every image unreadable): a message naming the
+    empty class, before any image is embedded, not scikit-learn's 'needs samples of at least 2 classes'."""
+    root = tmp_path / "one_left"
+    for i in range(3):
+        _write_image(root / "good" / f"good_{i}.png", seed=i, tint=0)
+        (root / "crack" / f"crack_{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (root / "crack" / f"crack_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    with pytest.warns(UserWarning, match="unreadable"), \
+            pytest.raises(ValueError, match=r"at least two classes, found images of good only; no readable images in: crack"):
+        probe(root, TINY, folds=2, skip_bad=True, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+              progress=False)
+    assert not (tmp_path / "c").exists()  # refused before the backbone ran
+    with pytest.raises(ValueError, match="at least two classes"):
+        cross_validate(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), folds=2)

@@ -103,9 +103,12 @@ def scan_images(root: str | Path, skip_bad: bool = False, unlabelled: bool = Fal
             raise DatasetError(f"{first[0]} has no class folders; expected <class>/ sub-folders")
         label_of = {same_name(name): k for k, name in enumerate(images.classes)}
         for folder in folders:
+            # a class folder of val/ or test/ may be empty (a rare defect with no held-out image), as fit reads them
+            held_out = folder != root and folder.name != "train"
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="skipped .* unreadable")
-                index = scan_folder(folder, present[folder], skip_bad=True, every_class=False)  # listed below
+                index = scan_folder(folder, present[folder], skip_bad=True, partial=held_out,
+                                    every_class=False)  # listed below
             _add_index(images, index, [label_of[same_name(name)] for name in present[folder]])
     if images.bad and not skip_bad:
         raise DatasetError(f"{len(images.bad)} unreadable image(s) under {root}:\n{failure_listing(images.bad)}\n"

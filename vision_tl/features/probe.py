@@ -112,8 +112,15 @@ def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: 
     """Raise ValueError (naming the option and the classes short of images) when a class has too
     few distinct images for ``folds``-fold cross-validation or for a ``shots``-shot draw with an
     image left to test, or when one image (byte-identical copies: the same ``groups`` value) is
-    labelled with two classes. ``classes`` and ``paths`` name them in the message."""
+    labelled with two classes, or when fewer than two classes have images (every image of the
+    others left out as unreadable). ``classes`` and ``paths`` name them in the message."""
     _check_copies_agree(labels, groups, classes, paths)
+    present = np.unique(labels)
+    if len(present) < 2:  # no head can be fitted to one class
+        named = ", ".join(classes[c] if classes is not None else str(c) for c in present) or "none"
+        empty = ", ".join(name for k, name in enumerate(classes or []) if k not in present)
+        raise ValueError(f"probing needs images of at least two classes, found images of {named} only"
+                         + (f"; no readable images in: {empty}" if empty else ""))
     counts = distinct_per_class(labels, groups)
     smallest = int(counts.min()) if counts.size else 0
     copies = " (byte-identical copies count once)" if _has_copies(groups) else ""
