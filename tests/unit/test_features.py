@@ -929,3 +929,18 @@ def test_probe_with_skip_bad_names_a_class_left_without_images(tmp_path) -> None
     assert not (tmp_path / "c").exists()  # refused before the backbone ran
     with pytest.raises(ValueError, match="at least two classes"):
         cross_validate(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), folds=2)
+
+
+def test_probe_says_which_class_it_scores_without(tmp_path) -> None:
+    """--skip-bad leaving a class without a readable image but two others: the probe scored the two
+    without a word beyond the generic 'left out N unreadable image(s)', so its balanced accuracy
+    silently covered fewer classes than the folder has."""
+    root = tmp_path / "two_left"
+    for i in range(3):
+        _write_image(root / "good" / f"good_{i}.png", seed=i, tint=0)
+        _write_image(root / "dent" / f"dent_{i}.png", seed=10 + i, tint=1)
+        (root / "crack" / f"crack_{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (root / "crack" / f"crack_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    with pytest.warns(UserWarning, match=r"no readable image in class 'crack': the probe scores the other 2 classes"):
+        probe(root, TINY, folds=2, skip_bad=True, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+              progress=False)

@@ -9,6 +9,7 @@ this package's lines than a hand-written LBFGS. Features come from the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,16 @@ def distinct_per_class(labels: np.ndarray, groups: np.ndarray | None) -> np.ndar
         pairs = {(int(y), g) for y, g in zip(labels, np.asarray(groups))}
         counts = np.bincount([y for y, _ in pairs], minlength=int(labels.max(initial=-1)) + 1)
     return counts[counts > 0]
+
+
+def _warn_classes_left_without_images(labels: np.ndarray, classes: Sequence[str]) -> None:
+    """A class whose every image was left out as unreadable (``--skip-bad``) is not scored: say
+    so by name, since the accuracies then cover the other classes only."""
+    gone = [name for k, name in enumerate(classes) if not np.any(labels == k)]
+    if gone:
+        warnings.warn(f"no readable image in class {', '.join(map(repr, gone))}: the probe scores the other "
+                      f"{len(classes) - len(gone)} classes only (their accuracy and balanced accuracy leave "
+                      f"{'it' if len(gone) == 1 else 'them'} out)", stacklevel=3)
 
 
 def check_folds_and_shots(labels: np.ndarray, groups: np.ndarray | None, folds: int, shots=(),
@@ -399,6 +410,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
     labels = np.asarray(images.labels)
     groups = np.asarray(images.hashes)  # byte-identical copies never sit on both sides of a fold
     check_folds_and_shots(labels, groups, folds, shots, images.classes, images.paths)  # before the slow part
+    _warn_classes_left_without_images(labels, images.classes)
     results = []
     for backbone in backbones:
         before = len(images.paths)
@@ -406,6 +418,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
         if len(images.paths) < before:  # undecodable images left out (skip_bad): the folds again
             labels, groups = np.asarray(images.labels), np.asarray(images.hashes)
             check_folds_and_shots(labels, groups, folds, shots, images.classes, images.paths)
+            _warn_classes_left_without_images(labels, images.classes)
             if results:  # the earlier backbones' rows were scored on images since left out
                 raise ValueError(f"{before - len(images.paths)} image(s) failed to decode only with {backbone}; "
                                  "probe it on its own, or remove the files named above")
