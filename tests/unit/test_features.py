@@ -944,3 +944,14 @@ def test_probe_says_which_class_it_scores_without(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"no readable image in class 'crack': the probe scores the other 2 classes"):
         probe(root, TINY, folds=2, skip_bad=True, pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
               progress=False)
+
+
+def test_the_output_names_its_image_folder_absolute(tmp_path, folder, monkeypatch) -> None:
+    """The rows' paths are relative to the recorded root; a root stored as typed ('images') could
+    not be found again from another working directory."""
+    monkeypatch.chdir(folder.parent)
+    extract(folder.name, TINY, tmp_path / "f.npz", pretrained=False, image_size=SIZE, cache_dir=tmp_path / "c",
+            progress=False)
+    monkeypatch.chdir(tmp_path)
+    root = Path(read_features(tmp_path / "f.npz").metadata["root"])
+    assert root.is_absolute() and (root / "crack" / "crack_0.png").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -192,7 +193,9 @@ def _metadata(extractor: FeatureExtractor, images: ImageList, report: CacheRepor
     timings = {"images_per_second": report.images_per_second, "seconds": report.seconds,
                "seconds_to_first_batch": report.first_batch_seconds}
     # null, not NaN (which is not JSON), when every feature came from the cache
-    return {**extractor.identity(), "root": str(images.root), "classes": images.classes, "rows": len(images.paths),
+    # the root absolute: the rows' paths are relative to it, and the file may be read from elsewhere
+    return {**extractor.identity(), "root": os.path.abspath(images.root), "classes": images.classes,
+            "rows": len(images.paths),
             **{k: v if math.isfinite(v) else None for k, v in timings.items()}}
 
 
