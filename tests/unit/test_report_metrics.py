@@ -45,6 +45,15 @@ def test_one_vs_rest_auc_and_average_precision():
     assert good["roc"]["fpr"][0] == 0.0 and good["roc"]["tpr"][-1] == 1.0
 
 
+@pytest.mark.parametrize(("positives", "negatives"), [(2, 30), (3, 7), (24, 1), (30, 2)])
+def test_a_perfect_ranking_scores_exactly_one(positives, negatives):
+    # summed over the rates (k / n) these came to 0.9999999999999999, which the report shows as ">0.999"
+    scores = np.r_[np.linspace(0.6, 0.99, positives), np.linspace(0.01, 0.4, negatives)]
+    labels = np.r_[np.zeros(positives, int), np.ones(negatives, int)]
+    for curve in M.one_vs_rest_curves(np.c_[scores, 1 - scores], labels, ["good", "dent"]):
+        assert curve["roc_auc"] == 1.0 and curve["average_precision"] == 1.0
+
+
 def test_expected_calibration_error():
     cal = M.calibration(PROBS, LABELS, bins=10)
     # bins: .55 (acc 0), .65 x2 (acc .5), .75 x2 (acc 1), .85 (acc 1)

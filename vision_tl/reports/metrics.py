@@ -129,7 +129,9 @@ def binary_pr(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
     tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
     precision, recall = tps / (tps + fps), tps / max(1, tps[-1])
-    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))  # step-wise, as in sklearn
+    # step-wise, as in sklearn, but over the hit counts and divided once: the steps of recall
+    # (k / n) summed to 0.9999999999999999 for a class ranked perfectly, which the report shows as >0.999
+    ap = float(np.sum(np.diff(np.r_[0, tps]) * precision) / max(1, tps[-1]))
     return np.r_[1.0, precision], np.r_[0.0, recall], ap
 
 
@@ -148,7 +150,11 @@ def one_vs_rest_curves(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
             continue
         fpr, tpr, _ = binary_roc(probs[:, k], positive)
         precision, recall, ap = binary_pr(probs[:, k], positive)
-        entry.update(roc_auc=float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)), average_precision=ap,
+        # trapezoids over the counts (integers, exact), divided once: summed over the rates
+        # (k / n) a perfect ranking came to 0.9999999999999999, shown as >0.999 instead of 1.000
+        fps, tps = np.rint(fpr * n_neg), np.rint(tpr * n_pos)
+        auc = float(np.sum(np.diff(fps) * (tps[1:] + tps[:-1])) / (2 * n_pos * n_neg))
+        entry.update(roc_auc=auc, average_precision=ap,
                      roc={"fpr": fpr.tolist(), "tpr": tpr.tolist()},
                      pr={"precision": precision.tolist(), "recall": recall.tolist()})
         out.append(entry)
