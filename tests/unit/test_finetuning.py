@@ -634,3 +634,21 @@ def test_the_eval_mode_warning_is_silenced_for_the_kits_model_only(tmp_path):
 
     assert not eval_mode_warnings(_model("partial", trainable_stages=1))
     assert eval_mode_warnings(Users())
+
+
+def test_validating_a_checkpoint_records_the_checkpoints_epoch(tmp_path):
+    """`vision-tl validate` / `test` of a checkpoint from epoch 1 recorded "epoch": 0 in
+    metrics.json (their trainer counts from 0 again), so compare and the figures named the wrong epoch."""
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)),
+                      batch_size=4)
+    model = _model("frozen")
+    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).fit(model, data, data)
+    assert model.eval_results["val"]["epoch"] == 1
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    fresh = _model("frozen")
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).validate(fresh, data, ckpt_path=ckpt)
+    assert fresh.eval_results["val"]["epoch"] == 1

@@ -768,6 +768,13 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
+    def _weights_epoch(self) -> int:
+        """The epoch whose weights are evaluated: the trainer's while fitting; for ``validate`` /
+        ``test`` of a checkpoint, the checkpoint's (their trainer counts from 0 again)."""
+        fitting = self._trainer is not None and getattr(self.trainer.state, "fn", None) == "fit"
+        saved = getattr(self, "checkpoint_epoch", None)
+        return int(saved) if not fitting and isinstance(saved, int) else self.current_epoch
+
     def _eval_epoch_end(self, metrics: MetricCollection, stage: str) -> None:
         values = metrics.compute()
         metrics.reset()
@@ -789,7 +796,7 @@ class ImageClassifier(L.LightningModule):
         # None, as in `vision-tl report`, where the ratio is undefined (torchmetrics says 0):
         # precision of a class never predicted, recall of a class with no images here
         self.eval_results[stage] = {
-            "epoch": self.current_epoch,
+            "epoch": self._weights_epoch(),
             **{k: float(values[k]) for k in ("acc", "balanced_acc", "f1_macro")},
             "precision_per_class": {c: v if n else None for c, v, n in
                                     zip(self.classes, values["precision_per_class"].tolist(), predicted)},
@@ -878,6 +885,7 @@ class ImageClassifier(L.LightningModule):
             )
         # `vision-tl test --ckpt_path` and resumed fits keep the chosen good/defect threshold.
         self.threshold = meta.get("threshold")
+        self.checkpoint_epoch = checkpoint.get("epoch")  # (as load_classifier records it)
         self._train_what_the_checkpoint_trained(checkpoint)
 
     def _train_what_the_checkpoint_trained(self, checkpoint: dict) -> None:
