@@ -229,3 +229,7 @@ def test_predict_sums_up_its_csv_rows_as_predict_onnx_does():
     assert _predicted_counts(rows, classes, None, None) == "vision_tl: predicted ok 2, dent 1, scratch 0"
     assert _predicted_counts(rows, classes, "ok", 0.7) == ("vision_tl: predicted ok 2, dent 1, scratch 0; "
                                                           "defects (P(ok) < 0.7): 2 of 3")
+    # the threshold as stored, not rounded to 6 digits: "reject everything" (one step above 1) read "< 1"
+    import math
+    assert "defects (P(ok) < 1.0000000000000002): " in _predicted_counts(
+        rows, classes, "ok", math.nextafter(1.0, 2.0))

@@ -326,7 +326,7 @@ def _print_summary(predictions: list[Prediction], predictor: Predictor, elapsed:
     if meta.good_class is not None and meta.threshold is not None:
         defects = sum(1 for p in predictions if p.is_defect)
         unjudged = f" ({len(errors)} unreadable, not judged)" if errors else ""
-        print(f"  defects (P({meta.good_class}) < {meta.threshold:g}): {defects} of "
+        print(f"  defects (P({meta.good_class}) < {float(meta.threshold)!r}): {defects} of "
               f"{predicted} predicted{unjudged}")
     if meta.flags_unfamiliar and predictor.scores_unfamiliarity:
         unfamiliar = sum(1 for p in predictions if p.unfamiliar)

@@ -283,7 +283,7 @@ def _predicted_counts(rows: list[list[str]], classes: list[str], good: str | Non
     line = "vision_tl: predicted " + ", ".join(f"{name} {counts[name]}" for name in classes)
     if good is not None:
         judged = [row[-2] for row in rows if row[-2]]
-        line += f"; defects (P({good}) < {threshold:g}): {judged.count('true')} of {len(judged)}"
+        line += f"; defects (P({good}) < {float(threshold)!r}): {judged.count('true')} of {len(judged)}"
     return line
 
 
