@@ -508,6 +508,27 @@ def test_only_zero_pads_with_one_conv_after_them_are_folded():
         assert fold_pads_into_convs(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
 
 
+def test_pads_computed_from_a_shape_deep_in_a_network_are_left_in_place():
+    """Asked whether such pads were constants, the fold followed the Shape's input up the whole
+    network, one Python call per node: dm_nfnet_f1's export stopped with a RecursionError."""
+    from vision_tl.export.padding import fold_pads_into_convs
+
+    depth = 1500  # nodes between the input and the Pad (beyond Python's default recursion limit)
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"r{i - 1}"], [f"r{i}"]) for i in range(depth)]
+    nodes += [helper.make_node("Shape", [f"r{depth - 1}"], ["shape"]),
+              helper.make_node("Mul", ["shape", "zeros"], ["half"]),
+              helper.make_node("Concat", ["half", "half"], ["pads"], axis=0),
+              helper.make_node("Pad", [f"r{depth - 1}", "pads"], ["p"]),
+              helper.make_node("Conv", ["p", "w"], ["y"])]
+    inits = [helper.make_tensor("zeros", TensorProto.INT64, [4], [0] * 4),
+             helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], [1.0] * 9)]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 18)])
+    assert fold_pads_into_convs(model) == 0 and "Pad" in [n.op_type for n in model.graph.node]
+
+
 def test_numpy_numbers_in_the_options_reach_the_reports_as_json():
     """Options given as numpy scalars (accepted) went into the variant's parity report as they
     were: json.dumps failed after the copy was written under its final name, without its report."""

@@ -129,7 +129,14 @@ class _Constants:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self._values: dict[str, np.ndarray | None] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._producer = {name: node for node in graph.node for name in node.output}
-        self._inputs = {i.name for i in graph.input} - set(self._values)
+        # what depends on a graph input, found in one pass over the (topologically sorted) nodes: asked
+        # for pads computed from a Shape, the evaluation would otherwise recurse up the whole network
+        # (past Python's recursion limit in a deep one, dm_nfnet_f1's)
+        variable = {i.name for i in graph.input} - set(self._values)
+        for node in graph.node:
+            if any(name in variable for name in node.input):
+                variable.update(node.output)
+        self._values.update(dict.fromkeys(variable))
 
     def __call__(self, name: str) -> np.ndarray | None:
         if name not in self._values:
@@ -138,7 +145,7 @@ class _Constants:
 
     def _evaluate(self, name: str) -> np.ndarray | None:
         node = self._producer.get(name)
-        if node is None or name in self._inputs or node.op_type in ("If", "Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+        if node is None or node.op_type in ("If", "Loop", "Scan") or node.domain not in ("", "ai.onnx"):
             return None
         inputs = {i: self(i) for i in node.input if i}
         if any(v is None for v in inputs.values()):
