@@ -504,7 +504,10 @@ def test_only_zero_pads_with_one_conv_after_them_are_folded():
     assert [n.op_type for n in model.graph.node] == ["Conv"] and {t.name for t in model.graph.initializer} == {"w"}
     assert list(helper.get_attribute_value(model.graph.node[0].attribute[0])) == [1, 2, 3, 2]
     np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], before)
-    for kept in (_pad_then_conv(value=1.0), _pad_then_conv(second_user=True)):
+    padded_weight = _pad_then_conv()
+    conv = padded_weight.graph.node[1]
+    conv.input[0], conv.input[1] = "x", "p"  # the Pad feeds the weight, not the image
+    for kept in (_pad_then_conv(value=1.0), _pad_then_conv(second_user=True), padded_weight):
         assert fold_pads_into_convs(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
 
 

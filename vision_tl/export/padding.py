@@ -90,7 +90,9 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         if pad.op_type != "Pad" or pad.output[0] in graph_outputs:
             continue
         users = consumers.get(pad.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Conv":
+        # (the Conv's data input only: a padded weight or bias is not a padded image)
+        if len(users) != 1 or users[0].op_type != "Conv" or list(users[0].input).count(pad.output[0]) != 1 \
+                or users[0].input[0] != pad.output[0]:
             continue
         conv = users[0]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pad.attribute}
