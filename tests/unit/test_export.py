@@ -511,6 +511,44 @@ def test_only_zero_pads_with_one_conv_after_them_are_folded():
         assert fold_pads_into_convs(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
 
 
+def _pad_conv_and_if(read_in_branch: str) -> onnx.ModelProto:
+    """A foldable Pad before a Conv, and an If whose then-branch multiplies ``read_in_branch`` (a
+    tensor of the outer graph) by ``k``, an initializer only the branch reads."""
+    shape = [1, 1, 4, 4]
+    inits = [helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 0, 1, 0, 0, 2, 1]),
+             helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], [1.0] * 9),
+             helper.make_tensor("k", TensorProto.FLOAT, [], [2.0])]
+    then_branch = helper.make_graph([helper.make_node("Mul", [read_in_branch, "k"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["r"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"]),
+             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("If", ["c"], ["z"], then_branch=then_branch, else_branch=else_branch)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(
+        "z", TensorProto.FLOAT, None)], inits), opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("read_in_branch", ["r", "p"])
+def test_tensors_only_a_subgraph_reads_are_kept(read_in_branch):
+    """An If's branches read the outer graph's tensors by name, not through its inputs: the Conv
+    and Relu computing the one they read and the initializer only they use were removed as unused
+    (onnxruntime then refused the graph), and a Pad whose output a branch reads was folded away."""
+    import onnxruntime as ort
+
+    from vision_tl.export.padding import fold_pads_into_convs
+
+    model = _pad_conv_and_if(read_in_branch)
+    for cond in (True, False):
+        feed = {"x": np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32), "c": np.array(cond)}
+        before = ort.InferenceSession(_pad_conv_and_if(read_in_branch).SerializeToString()).run(None, feed)[0]
+        fold_pads_into_convs(model)
+        np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, feed)[0], before)
+    assert ("Pad" in [n.op_type for n in model.graph.node]) == (read_in_branch == "p")
+
+
 def test_pads_computed_from_a_shape_deep_in_a_network_are_left_in_place():
     """Asked whether such pads were constants, the fold followed the Shape's input up the whole
     network, one Python call per node: dm_nfnet_f1's export stopped with a RecursionError."""

@@ -82,7 +82,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
     constant = _Constants(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in [*node.input, *_subgraph_names(node)]:  # (an If's branch reads a Pad's output too)
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
     folded = []
@@ -164,7 +164,8 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     """Remove the nodes and initializers nothing reads any more (what computed the folded Pads'
     pads), until none is left."""
     while True:
-        used = ({name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        used = ({name for node in graph.node for name in [*node.input, *_subgraph_names(node)]}
+                | {o.name for o in graph.output}
                 | {i.name for i in graph.input})  # (an initializer listed as an input is a default value)
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
         for node in dead:
@@ -173,3 +174,17 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
             break
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """The names the subgraphs of ``node`` (an ``If``'s branches, a ``Loop``'s body ...) read, at any
+    depth: they read the outer graph's tensors by name, not through the node's inputs."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                    attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+            names.update(o.name for o in sub.output)
+            for inner in sub.node:
+                names.update(name for name in inner.input if name)
+                names.update(_subgraph_names(inner))
+    return names
