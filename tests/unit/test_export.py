@@ -477,6 +477,24 @@ def test_a_same_padded_layer_called_at_two_sizes_keeps_computing_its_pads():
     assert changed == 0
 
 
+def test_finding_the_pads_leaves_a_model_in_training_mode_as_it_was():
+    """The run that finds each layer's input size ran the model in whatever mode it was in: in
+    training mode it updated the batch-norm statistics with that one image."""
+    from timm.layers import create_conv2d
+
+    from vision_tl.export.padding import static_same_padding
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(create_conv2d(3, 4, 3, stride=2, padding="same"), torch.nn.BatchNorm2d(4),
+                              torch.nn.Dropout()).train()
+    net[2].eval()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    with static_same_padding(net, torch.randn(2, 3, 9, 9)) as changed:
+        pass
+    assert changed == 1 and [m.training for m in net.modules()] == [True, True, True, False]
+    assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
+
+
 def _pad_then_conv(value: float = 0.0, second_user: bool = False) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]

@@ -55,12 +55,15 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> Iterator[int
         sizes.setdefault(module, set()).add((int(args[0].shape[-2]), int(args[0].shape[-1])))
 
     hooks = [m.register_forward_pre_hook(remember) for m in layers]
+    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad():
-            model(example[:1])
+        with torch.no_grad():  # (in eval mode, as the export traces: a model in training mode would
+            model.eval()(example[:1])  # update its batch-norm statistics with this image's)
     finally:
         for hook in hooks:
             hook.remove()
+        for m, training in modes.items():
+            m.training = training
     # (a layer the forward skips, or one it calls at two sizes, keeps computing its pads)
     changed = [m for m in layers if len(sizes.get(m, ())) == 1]
     for m in changed:
