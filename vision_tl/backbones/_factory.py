@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from vision_tl.backbones._embedded import (
     embedded_weights_path,
     map_state_dict_by_order,
 )
-from vision_tl.utils import env_on
+from vision_tl.utils import env_on, whole_number
 from vision_tl.utils.files import TORCH_SAVE_MAGIC, file_head, file_sha256, refuse_empty_path
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -63,10 +62,6 @@ def _pretrained_cfg(name: str) -> dict:
     return dict(timm.create_model(name, pretrained=False).pretrained_cfg)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = None) -> Preprocessing:
     """Preprocessing from the backbone's ``pretrained_cfg``; ``image_size`` overrides the size.
 
@@ -77,9 +72,9 @@ def resolve_preprocessing(name: str, image_size: int | tuple[int, int] | None = 
     cfg = _pretrained_cfg(name)
     if image_size is None:
         size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
-    elif _is_int(image_size):
+    elif whole_number(image_size):
         size = (int(image_size), int(image_size))
-    elif isinstance(image_size, (tuple, list)) and all(_is_int(v) for v in image_size):
+    elif isinstance(image_size, (tuple, list)) and all(whole_number(v) for v in image_size):
         size = tuple(int(v) for v in image_size)
     else:
         size = ()  # a float, a string...: the error below

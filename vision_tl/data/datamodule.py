@@ -50,7 +50,7 @@ from vision_tl.data.transforms import (
     stack_images,
 )
 from vision_tl.imaging import IMAGE_EXTENSIONS, ImageLoadError, decode_error, load_rgb
-from vision_tl.utils import ignoring_warnings
+from vision_tl.utils import ignoring_warnings, whole_number
 from vision_tl.utils.distributed import first_builds
 from vision_tl.utils.files import refuse_empty_path
 
@@ -116,11 +116,6 @@ class Draw(int):
 
     def __reduce__(self):  # crosses to loader workers with its seed
         return Draw, (int(self), self.seed)
-
-
-def _whole(value) -> bool:
-    """An integer (numpy's too), not a bool or a string."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class EpochSampler(Sampler[int]):
@@ -231,11 +226,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"unknown pipeline {pipeline!r}; expected one of: {', '.join(PIPELINES)}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        if not _whole(batch_size) or batch_size < 1:
+        if not whole_number(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        if not _whole(seed) or not 0 <= seed < 2**32:
+        if not whole_number(seed) or not 0 <= seed < 2**32:
             raise ValueError(f"seed (--data.seed) must be a whole number from 0 to 2**32 - 1, got {seed!r}")
-        if num_workers is not None and (not _whole(num_workers) or num_workers < 0):
+        if num_workers is not None and (not whole_number(num_workers) or num_workers < 0):
             raise ValueError(f"num_workers must be a whole number, 0 (load in the main process) or more, got "
                              f"{num_workers!r}; leave it unset to choose from the machine's cores")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) \

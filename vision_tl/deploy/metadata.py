@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vision_tl.imaging import INTERPOLATIONS
+from vision_tl.utils import whole_number
 
 PREFIX = "vision_tl."
 FORMAT_VERSION = "1"
@@ -231,9 +232,7 @@ def open_session(path: str | Path, *, threads: int | None = None,
         raise DeployError(f"{path}: model file not found")
     if data is None and not path.is_file():
         raise DeployError(f"{path}: is a directory, expected an .onnx model file")
-    if threads is not None and (  # (numpy integers too, as ExportOptions and batch_size take them)
-        isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
-    ):
+    if threads is not None and (not whole_number(threads) or threads < 1):  # (numpy integers too)
         raise DeployError(f"threads must be a positive integer, got {threads!r}")
     try:
         import onnxruntime as ort

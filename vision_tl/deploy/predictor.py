@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import time
 import warnings
@@ -40,7 +39,7 @@ from vision_tl.imaging import (
     normalisation_constants,
     resize,
 )
-from vision_tl.utils import usable_cores
+from vision_tl.utils import usable_cores, whole_number
 from vision_tl.utils.files import refuse_empty_path
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
@@ -764,8 +763,7 @@ def _check_parity_record(model: Path, tries: int = 3, pause_s: float = 0.5) -> b
 
 def _check_batch_size(batch_size: int) -> int:
     """``batch_size`` as an int: any integral number (numpy integers too) of at least 1."""
-    if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral)
-            or batch_size < 1):
+    if not whole_number(batch_size) or batch_size < 1:
         raise DeployError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
 
@@ -777,7 +775,7 @@ def default_decode_threads() -> int:
 
 
 def _check_decode_threads(threads: Any) -> int:
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
+    if not whole_number(threads) or threads < 0:
         raise DeployError(f"decode_threads must be a whole number of at least 0 (0: decode between batches), "
                           f"got {threads!r}")
     return int(threads)

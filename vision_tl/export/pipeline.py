@@ -54,6 +54,7 @@ from vision_tl.export.unfamiliar import (
     with_threshold,
 )
 from vision_tl.imaging import check_settings
+from vision_tl.utils import whole_number
 from vision_tl.utils.files import atomic_path, file_sha256
 
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
@@ -104,8 +105,7 @@ class ExportOptions:
     unfamiliar: bool = True
 
     def __post_init__(self) -> None:  # before anything is written, not after the float model
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
-                                         or self.threads < 1):
+        if self.threads is not None and (not whole_number(self.threads) or self.threads < 1):
             raise ExportError(f"threads must be a positive integer or None, got {self.threads!r}")
         # numpy scalars as Python numbers: they go into the JSON reports, which cannot hold them
         if self.threads is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import numbers
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from vision_tl.export.onnx_export import (
     set_metadata,
 )
 from vision_tl.imaging import ImageLoadError, load_rgb
+from vision_tl.utils import whole_number
 
 CALIBRATION_METHODS = ("percentile", "minmax", "entropy", "distribution")
 KEEP_FLOAT_CHOICES = ("none", "stem", "head", "stem+head")
@@ -87,7 +87,7 @@ class Int8Config:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return whole_number(value) and value >= 1
 
 
 class ImageCalibrationReader:

@@ -8,12 +8,11 @@ stages are frozen and held in eval mode (their BatchNorm statistics never move).
 
 from __future__ import annotations
 
-import numbers
-
 from torch import nn
 
 from vision_tl.backbones import backbone_stages
 from vision_tl.models.classifier import ClassifierNet
+from vision_tl.utils import whole_number
 
 MODES = ("frozen", "partial", "full")
 
@@ -39,7 +38,7 @@ def apply_mode(net: ClassifierNet, mode: str, trainable_stages: int = 2, freeze_
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
-    if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, numbers.Integral):
+    if not whole_number(trainable_stages):
         raise ValueError(f"trainable_stages must be a whole number of stages, got {trainable_stages!r}")
     stages = backbone_stages(net.backbone) if mode == "partial" else []
     if mode == "partial" and len(stages) < trainable_stages == len(backbone_stages(net.backbone, False)):

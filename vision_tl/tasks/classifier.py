@@ -42,11 +42,10 @@ from vision_tl.backbones import (
 from vision_tl.data.folder import same_name
 from vision_tl.models import ClassifierNet, apply_mode, count_trainable, outside_stages
 from vision_tl.reports.metrics import ThresholdError, parse_threshold_target, select_threshold
-from vision_tl.utils import say
+from vision_tl.utils import say, whole_number
 from vision_tl.utils.distributed import first_builds
 
 CLASS_WEIGHTS = ("none", "sqrt", "inverse")
-
 
 
 def _not_a_cache_folder(value) -> bool:
@@ -326,7 +325,7 @@ class ImageClassifier(L.LightningModule):
         lr, backbone_lr_factor, weight_decay, warmup_fraction, label_smoothing, dropout = _real_numbers(
             lr=lr, backbone_lr_factor=backbone_lr_factor, weight_decay=weight_decay,
             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, dropout=dropout)
-        if isinstance(cached_views, bool) or not isinstance(cached_views, numbers.Integral) or cached_views < 1:
+        if not whole_number(cached_views) or cached_views < 1:
             raise ValueError(f"cached_views must be a whole number of at least 1 (1: the clean view only), "
                              f"got {cached_views!r}")
         if lr <= 0 or backbone_lr_factor < 0 or weight_decay < 0:

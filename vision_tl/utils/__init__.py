@@ -7,6 +7,7 @@ wait in utils.distributed."""
 
 import contextlib
 import json
+import numbers
 import os
 import signal
 import sys
@@ -141,6 +142,12 @@ def _set_metrics_aside(path: Path, problem: str) -> dict | None:
     warnings.warn(f"{path} is {problem}; writing it anew from the run's history (the damaged file is kept as "
                   f"{kept}: sections other commands added, such as a report's, are only there)", stacklevel=3)
     return {}
+
+
+def whole_number(value) -> bool:
+    """An integer, numpy's too, but not a bool (``True`` is an ``int`` in Python) nor a string:
+    what a count, a size or a thread number given from Python may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def usable_cores() -> int:
