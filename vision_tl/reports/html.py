@@ -72,16 +72,11 @@ def _bound(value: float, pct: bool) -> str:
     """One end of an interval; one above 0 that would round to 0 keeps two significant digits
     (2 false rejects in 2,000 good images lie in 0.027%–0.36%, not "0%–0%"), and one below 1 that
     would round to 1 keeps two of what it lacks of 1 (99.87%, not "100%": not a certainty either)."""
-    if 0 < value < 0.005:  # (0% or 0.00 once rounded)
-        shown = value * 100 if pct else value
-        decimals = 1 - math.floor(math.log10(shown))  # down to its second significant digit, no "e-05"
-        text = f"{shown:.{decimals}f}".rstrip("0")
-        return f"{text}%" if pct else text
-    if 0.995 <= value < 1:  # (100% or 1.00 once rounded)
-        scale = 100 if pct else 1
-        gap = (1 - value) * scale
-        decimals = 1 - math.floor(math.log10(gap))  # down to the gap's second significant digit
-        text = f"{scale - gap:.{decimals}f}".rstrip("0")  # (as the low end: 99.6%, not 99.60%)
+    scale = 100 if pct else 1
+    if 0 < value < 0.005 or 0.995 <= value < 1:  # (0% / 0.00 or 100% / 1.00 once rounded)
+        small = min(value, 1 - value) * scale  # what is shown to its second significant digit
+        decimals = 1 - math.floor(math.log10(small))  # (as decimals: no "8.8e-05")
+        text = f"{value * scale:.{decimals}f}".rstrip("0")  # (99.6%, not 99.60%)
         return f"{text}%" if pct else text
     return f"{value:.0%}" if pct else f"{value:.2f}"
 
