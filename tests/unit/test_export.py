@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -452,24 +453,127 @@ def test_same_padding_is_exported_as_constant_pads_of_the_convolutions(tmp_path)
     assert type(net.convs[0]).forward is not None and "forward" not in vars(net.convs[0])  # as trained again
 
 
-class SharedSamePaddedConv(torch.nn.Module):
-    """One "same" conv called at two sizes: its pads differ per call, so no constant is right."""
+class SamePaddedLayersNet(torch.nn.Module):
+    """timm's other layers that work their "same" pads out from the input size at run time (ViT
+    hybrids, NFNets, NesT, NASNet, TF MaxViT): a max pool first, on the normalised image (negative
+    at the border, where a zero pad instead of -inf would win), then each kind once, all strided,
+    and a linear layer on every position (other pads give it another number of inputs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: tuple[int, int]) -> None:
         super().__init__()
-        from timm.layers import create_conv2d
+        from timm.layers import AvgPool2dSame, ScaledStdConv2dSame, StdConv2dSame
+        from timm.layers.pool2d_same import MaxPool2dSame
 
-        self.conv = create_conv2d(3, 3, 3, stride=2, padding="same")
+        self.layers = torch.nn.Sequential(
+            MaxPool2dSame(3, stride=2), StdConv2dSame(3, 4, 4, stride=2), torch.nn.ReLU(),
+            ScaledStdConv2dSame(4, 4, 3, stride=2), AvgPool2dSame(3, stride=2, count_include_pad=False))
+        self.fc = torch.nn.Linear(4 * -(-size[0] // 16) * -(-size[1] // 16), 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.conv(x)).mean((2, 3))
+        return self.fc(self.layers(x).flatten(1))
 
 
-def test_a_same_padded_layer_called_at_two_sizes_keeps_computing_its_pads():
+def test_same_padding_of_std_convs_and_pools_is_exported_as_their_own_constant_pads(tmp_path):
+    """As for Conv2dSame: each of these layers left Shape / Gather / arithmetic / Pad nodes in the
+    graph. Now their constant pads are part of the Conv's, the MaxPool's (ONNX leaves its pads out
+    of the max: a -inf pad) and the AveragePool's (counting them, as timm's zeros are counted)."""
+    from vision_tl.deploy import ModelMetadata, Predictor
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+
+    torch.manual_seed(0)
+    size = (37, 50)
+    net = SamePaddedLayersNet(size).eval()
+    ckpt = LoadedCheckpoint(tmp_path / "x.ckpt", net, ["a", "b", "c"], size, MEAN, STD, "bicubic")
+    meta = ModelMetadata(classes=ckpt.classes, input_size=size, mean=MEAN, std=STD)
+    write_onnx(ckpt, tmp_path / "m.onnx", meta)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not {"Shape", "Gather", "Pad", "Ceil"} & {n.op_type for n in graph.node}
+    pads = [(n.op_type, list(helper.get_attribute_value(a))) for n in graph.node
+            if n.op_type in ("MaxPool", "Conv", "AveragePool") for a in n.attribute if a.name == "pads"]
+    # ONNX pads: [top, left, bottom, right]; 37x50 -> 19x25 -> 10x13 -> 5x7 -> 3x4, each pad total
+    # (out - 1) * stride + kernel - in, its smaller half before
+    assert pads == [("MaxPool", [1, 0, 1, 1]), ("Conv", [1, 1, 2, 2]), ("Conv", [0, 1, 1, 1]),
+                    ("AveragePool", [1, 1, 1, 1])]
+    counted = [helper.get_attribute_value(a) for n in graph.node if n.op_type == "AveragePool"
+               for a in n.attribute if a.name == "count_include_pad"]
+    assert counted == [1]
+    pixels = np.random.default_rng(1).integers(0, 256, (3, *size, 3), dtype=np.uint8)
+    x = (torch.from_numpy(pixels).float() - torch.tensor(MEAN) * 255) / (torch.tensor(STD) * 255)
+    with torch.no_grad():
+        expected = torch.softmax(net(x.permute(0, 3, 1, 2)), 1).numpy()
+    np.testing.assert_allclose(Predictor(tmp_path / "m.onnx").predict_arrays(pixels), expected, atol=1e-5)
+    assert all("forward" not in vars(m) for m in net.modules())
+    assert net.layers[1].same_pad and net.layers[3].same_pad  # as trained again
+
+
+def _same_padded_layer(kind: str) -> torch.nn.Module:
+    """One of timm's layers that work TF-style "same" pads out from the input size on each call,
+    3 channels in."""
+    from timm.layers import AvgPool2dSame, Conv2dSame, ScaledStdConv2dSame, StdConv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    return {"Conv2dSame": lambda: Conv2dSame(3, 4, 4, stride=2),
+            "StdConv2dSame": lambda: StdConv2dSame(3, 4, 3, stride=2),
+            "ScaledStdConv2dSame": lambda: ScaledStdConv2dSame(3, 4, 2, stride=1),  # (even kernel)
+            "MaxPool2dSame": lambda: MaxPool2dSame(3, stride=2),
+            "AvgPool2dSame": lambda: AvgPool2dSame(3, stride=2, count_include_pad=False)}[kind]()
+
+
+SAME_PADDED_KINDS = ["Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame", "MaxPool2dSame", "AvgPool2dSame"]
+
+
+@pytest.mark.parametrize("kind", SAME_PADDED_KINDS)
+def test_each_layer_that_pads_same_at_run_time_is_traced_with_constant_pads(kind):
+    """Within the block the trace has no size arithmetic and no Pad left once folded, onnxruntime
+    gives PyTorch's numbers, and the layer's forward and padding flag are its own again after."""
+    import io
+
+    import onnxruntime as ort
+
+    from vision_tl.export.padding import fold_pads, static_same_padding
+
+    torch.manual_seed(0)
+    net, x = _same_padded_layer(kind).eval(), torch.randn(2, 3, 11, 14)  # odd and even: pads differ
+    with torch.no_grad():
+        expected = net(x)
+        with static_same_padding(net, x) as changed:
+            torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=18, input_names=["x"])
+    assert changed == 1
+    model = onnx.load_from_string(buffer.getvalue())
+    assert fold_pads(model) == 1
+    assert not {"Pad", "Ceil", "Div", "Clip"} & {n.op_type for n in model.graph.node}
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out[0], expected.numpy(), rtol=0, atol=1e-5)
+    layer = next(m for m in net.modules() if type(m).__name__ == kind)
+    assert "forward" not in vars(layer) and getattr(layer, "same_pad", True)
+
+
+class SharedSamePaddedLayer(torch.nn.Module):
+    """One "same" layer called at two sizes: its pads differ per call, so no constant is right."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.layer(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("kind", ["Conv2dSame", "StdConv2dSame", "MaxPool2dSame"])
+def test_a_same_padded_layer_called_at_two_sizes_keeps_computing_its_pads(kind):
+    from timm.layers import Conv2dSame, StdConv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
     from vision_tl.export.padding import static_same_padding
 
     torch.manual_seed(0)
-    net, x = SharedSamePaddedConv().eval(), torch.randn(2, 3, 22, 22)  # pads 1, then 2 at 11x11
+    layer = {"Conv2dSame": lambda: Conv2dSame(3, 3, 3, stride=2), "StdConv2dSame": lambda: StdConv2dSame(3, 3, 3, stride=2),
+             "MaxPool2dSame": lambda: MaxPool2dSame(3, stride=2)}[kind]()
+    net, x = SharedSamePaddedLayer(layer).eval(), torch.randn(2, 3, 22, 22)  # pads 1, then 2 at 11x11
     with torch.no_grad():
         expected = net(x)
         with static_same_padding(net, x) as changed:
@@ -513,12 +617,12 @@ def _pad_then_conv(value: float = 0.0, second_user: bool = False) -> onnx.ModelP
 def test_only_zero_pads_with_one_conv_after_them_are_folded():
     import onnxruntime as ort
 
-    from vision_tl.export.padding import fold_pads_into_convs
+    from vision_tl.export.padding import fold_pads
 
     x = np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32)
     model = _pad_then_conv()
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    assert fold_pads_into_convs(model) == 1
+    assert fold_pads(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Conv"] and {t.name for t in model.graph.initializer} == {"w"}
     assert list(helper.get_attribute_value(model.graph.node[0].attribute[0])) == [1, 2, 3, 2]
     np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], before)
@@ -526,7 +630,42 @@ def test_only_zero_pads_with_one_conv_after_them_are_folded():
     conv = padded_weight.graph.node[1]
     conv.input[0], conv.input[1] = "x", "p"  # the Pad feeds the weight, not the image
     for kept in (_pad_then_conv(value=1.0), _pad_then_conv(second_user=True), padded_weight):
-        assert fold_pads_into_convs(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
+        assert fold_pads(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
+
+
+def _pad_then_pool(op: str, value: float, padded: tuple[int, ...] = (0, 1, 2, 1), **attrs) -> onnx.ModelProto:
+    """A Pad of ``value`` (``padded``: top, left, bottom, right) before a 3x3 stride-2 ``op``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 8])
+    top, left, bottom, right = padded
+    inits = [helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, top, left, 0, 0, bottom, right]),
+             helper.make_tensor("value", TensorProto.FLOAT, [], [value])]
+    nodes = [helper.make_node("Pad", ["x", "pads", "value"], ["p"]),
+             helper.make_node(op, ["p"], ["y"], kernel_shape=[3, 3], strides=[2, 2], **attrs)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                               inits), opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_pads_fold_into_a_pool_only_where_its_own_padding_gives_the_same_numbers():
+    """ONNX's MaxPool leaves its pads out of the max, as a -inf pad does while every window holds
+    an input element; its AveragePool counts them as zeros with count_include_pad. Anything else
+    (a zero pad before a max, windows all padding, ceil_mode's extra windows, pads of its own
+    it does not count) keeps its Pad."""
+    import onnxruntime as ort
+
+    from vision_tl.export.padding import fold_pads
+
+    x = -np.abs(np.random.default_rng(0).normal(size=(1, 2, 7, 8))).astype(np.float32)  # (a 0 pad would win)
+    for model in (_pad_then_pool("MaxPool", -np.inf), _pad_then_pool("AveragePool", 0.0, count_include_pad=0)):
+        before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        assert fold_pads(model) == 1 and len(model.graph.node) == 1
+        attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+        assert list(attrs["pads"]) == [0, 1, 2, 1] and attrs.get("count_include_pad", 1) == 1
+        np.testing.assert_array_equal(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], before)
+    for kept in (_pad_then_pool("MaxPool", 0.0), _pad_then_pool("MaxPool", -np.inf, (0, 3, 0, 0)),
+                 _pad_then_pool("MaxPool", -np.inf, ceil_mode=1), _pad_then_pool("AveragePool", -np.inf),
+                 _pad_then_pool("AveragePool", 0.0, ceil_mode=1),
+                 _pad_then_pool("AveragePool", 0.0, pads=[1, 1, 1, 1], count_include_pad=0)):
+        assert fold_pads(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
 
 
 def _pad_conv_and_if(read_in_branch: str) -> onnx.ModelProto:
@@ -556,13 +695,13 @@ def test_tensors_only_a_subgraph_reads_are_kept(read_in_branch):
     (onnxruntime then refused the graph), and a Pad whose output a branch reads was folded away."""
     import onnxruntime as ort
 
-    from vision_tl.export.padding import fold_pads_into_convs
+    from vision_tl.export.padding import fold_pads
 
     model = _pad_conv_and_if(read_in_branch)
     for cond in (True, False):
         feed = {"x": np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32), "c": np.array(cond)}
         before = ort.InferenceSession(_pad_conv_and_if(read_in_branch).SerializeToString()).run(None, feed)[0]
-        fold_pads_into_convs(model)
+        fold_pads(model)
         np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, feed)[0], before)
     assert ("Pad" in [n.op_type for n in model.graph.node]) == (read_in_branch == "p")
 
@@ -570,7 +709,7 @@ def test_tensors_only_a_subgraph_reads_are_kept(read_in_branch):
 def test_pads_computed_from_a_shape_deep_in_a_network_are_left_in_place():
     """Asked whether such pads were constants, the fold followed the Shape's input up the whole
     network, one Python call per node: dm_nfnet_f1's export stopped with a RecursionError."""
-    from vision_tl.export.padding import fold_pads_into_convs
+    from vision_tl.export.padding import fold_pads
 
     depth = 1500  # nodes between the input and the Pad (beyond Python's default recursion limit)
     nodes = [helper.make_node("Relu", ["x" if i == 0 else f"r{i - 1}"], [f"r{i}"]) for i in range(depth)]
@@ -585,7 +724,7 @@ def test_pads_computed_from_a_shape_deep_in_a_network_are_left_in_place():
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
         opset_imports=[helper.make_opsetid("", 18)])
-    assert fold_pads_into_convs(model) == 0 and "Pad" in [n.op_type for n in model.graph.node]
+    assert fold_pads(model) == 0 and "Pad" in [n.op_type for n in model.graph.node]
 
 
 def test_numpy_numbers_in_the_options_reach_the_reports_as_json():

@@ -24,7 +24,7 @@ from torch import nn
 
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
-from vision_tl.export.padding import fold_pads_into_convs, static_same_padding
+from vision_tl.export.padding import fold_pads, static_same_padding
 from vision_tl.imaging import normalisation_constants
 from vision_tl.models.classifier import ClassifierOutput
 from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity, UnfamiliarityScore
@@ -230,7 +230,7 @@ def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata
     except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
         raise ExportError(f"{ckpt.path}: torch.onnx.export failed at opset {opset}: {exc}") from exc
     model = onnx.load(str(path))
-    fold_pads_into_convs(model)
+    fold_pads(model)
     set_metadata(model, metadata)
     onnx.save(model, str(path))
     check_model(path, shown)
