@@ -1,18 +1,23 @@
 """TensorFlow-style "same" padding, made static for the export's fixed input size.
 
-timm's ``tf_*`` models (Lite0, the default backbone, among them) pad each strided
-convolution by an amount worked out from the input size at run time. Traced, that is a
-chain of Shape / Gather / Div / Ceil / Clip nodes feeding a Pad before the convolution.
-The exported graph has one input size, so the pads are known at export time:
+Some timm layers pad by an amount worked out from the input size at run time: ``Conv2dSame``
+(the ``tf_*`` EfficientNets and MobileNets, Lite0, the default backbone, among them; TF MaxViT,
+NASNet, PNASNet), ``StdConv2dSame`` (the ViT-ResNet hybrids ``vit_*_r*``),
+``ScaledStdConv2dSame`` (``dm_nfnet_*``), ``MaxPool2dSame`` (the hybrids' stem, NesT's ``*_jx``,
+NASNet, PNASNet) and ``AvgPool2dSame`` (TF MaxViT, NASNet; ResNets with an ``output_stride``).
+Traced, that is a chain of Shape / Gather / Div / Ceil / Clip nodes feeding a Pad before the
+layer. The exported graph has one input size, so the pads are known at export time:
 
-- :func:`static_same_padding` pads with those numbers while the graph is traced, so the
-  graph holds a Pad with constant pads and no size arithmetic;
-- :func:`fold_pads_into_convs` then moves each such zero Pad into the Conv after it (ONNX
-  ``Conv`` takes separate begin and end pads, which PyTorch's ``Conv2d`` does not).
+- :func:`static_same_padding` pads with those numbers while the graph is traced (-inf before
+  a max pool, zeros elsewhere, as timm does), so the graph holds a Pad with constant pads and
+  no size arithmetic;
+- :func:`fold_pads` then moves each such Pad into the node after it where that node's own
+  padding computes the same: zeros into a Conv or an AveragePool (ONNX takes separate begin
+  and end pads, which PyTorch's layers do not), -inf into a MaxPool.
 
-Same arithmetic, fewer nodes: on 2 CPU cores the five Pads and their arithmetic took 12 %
+Same arithmetic, fewer nodes: on 2 CPU cores Lite0's five Pads and their arithmetic took 12 %
 of the fp32 model's onnxruntime time and, with the float islands they force around them,
-about half of the INT8 model's (``benchmarks/RESULTS.md``).
+about half of the INT8 model's (``benchmarks/RESULTS.md``, which also has ``dm_nfnet_f0``).
 """
 
 from __future__ import annotations

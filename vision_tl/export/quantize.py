@@ -177,9 +177,9 @@ def unfamiliarity_nodes(model: onnx.ModelProto) -> list[str]:
 def shape_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that compute sizes rather than pixels: ``Shape`` / ``Size`` and every
     node fed only by their results and constants. TensorFlow-style "same" padding (timm's ``tf_*``
-    models, Lite0 included) computed each convolution's pads this way, in float arithmetic: once
-    quantised, a pad of 2 came out a little under 2, which the cast to int64 made 1, so the
-    feature maps shifted (or a graph no longer ran at some input sizes). The export now writes
+    models, Lite0 included, NFNets, ViT hybrids ...) computed each layer's pads this way, in float
+    arithmetic: once quantised, a pad of 2 came out a little under 2, which the cast to int64 made
+    1, so the feature maps shifted (or a graph no longer ran at some input sizes). The export now writes
     those pads as constants (:mod:`vision_tl.export.padding`); a graph exported before that, or
     a layer it does not know, still computes sizes, and they stay in float."""
     constant = {t.name for t in model.graph.initializer}
