@@ -12,9 +12,12 @@ The parent asks the workers in turn, one at a time with a short pause between
 them, over several rounds and reports the median of the rounds, so a
 neighbour's load on a shared machine hits every side alike.
 
+``--also LABEL=FILE`` (repeatable) times another ONNX file of the same model in the same
+rounds, e.g. an earlier export as the baseline of a change to the export.
+
 Usage:
     python benchmarks/onnx_latency.py RUN/checkpoints/best.ckpt --fp32 model.onnx \
-        [--int8 model.int8.onnx] [--fp16 model.fp16.onnx] [--threads 2] [--rounds 5]
+        [--int8 model.int8.onnx] [--fp16 model.fp16.onnx] [--also old=old.onnx] [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import multiprocessing as mp
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -101,16 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", required=True)
     parser.add_argument("--int8", default=None)
     parser.add_argument("--fp16", default=None)
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=FILE",
+                        help="another ONNX file of the same model to time beside the others")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
 
+    variants = {k: v for k, v in (("int8", args.int8), ("fp16", args.fp16)) if v}
+    for also in args.also:
+        label, sep, path = also.partition("=")
+        if not sep or not label or not path or label in ("fp32", *variants):
+            parser.error(f"--also {also!r}: expected LABEL=FILE with a label not taken yet (taken: "
+                         f"{', '.join(['fp32', *variants])})")
+        if not Path(path).is_file():
+            parser.error(f"--also {also!r}: {path} is not a file")
+        variants[label] = path
+
     from vision_tl.deploy import read_metadata
 
     meta = read_metadata(args.fp32)
     ctx = mp.get_context("spawn")
-    variants = {k: v for k, v in (("int8", args.int8), ("fp16", args.fp16)) if v}
     workers = {"pytorch eager": _Worker(ctx, "torch", args.checkpoint, args),
                "onnx fp32": _Worker(ctx, "onnx", args.fp32, args)}
     workers.update({f"onnx {k}": _Worker(ctx, "onnx", p, args) for k, p in variants.items()})
