@@ -4,9 +4,9 @@ Some timm layers pad by an amount worked out from the input size at run time: ``
 (the ``tf_*`` EfficientNets and MobileNets, Lite0, the default backbone, among them; TF MaxViT,
 NASNet, PNASNet), ``StdConv2dSame`` (the ViT-ResNet hybrids ``vit_*_r*``),
 ``ScaledStdConv2dSame`` (``dm_nfnet_*``), ``MaxPool2dSame`` (the hybrids' stem, NesT's ``*_jx``,
-NASNet, PNASNet) and ``AvgPool2dSame`` (TF MaxViT, NASNet; ResNets with an ``output_stride``).
-Traced, that is a chain of Shape / Gather / Div / Ceil / Clip nodes feeding a Pad before the
-layer. The exported graph has one input size, so the pads are known at export time:
+NASNet, PNASNet) and ``AvgPool2dSame`` (TF MaxViT, NASNet; ResNets with average-pool shortcuts
+and an ``output_stride``). Traced, that is a chain of Shape / Gather / Div / Ceil / Clip nodes
+feeding a Pad before the layer. The exported graph has one input size, so the pads are known at export time:
 
 - :func:`static_same_padding` pads with those numbers while the graph is traced (-inf before
   a max pool, zeros elsewhere, as timm does), so the graph holds a Pad with constant pads and
@@ -17,7 +17,8 @@ layer. The exported graph has one input size, so the pads are known at export ti
 
 Same arithmetic, fewer nodes: on 2 CPU cores Lite0's five Pads and their arithmetic took 12 %
 of the fp32 model's onnxruntime time and, with the float islands they force around them,
-about half of the INT8 model's (``benchmarks/RESULTS.md``, which also has ``dm_nfnet_f0``).
+about half of the INT8 model's; ``dm_nfnet_f0``'s INT8 copy runs 7-14 % faster without them,
+its fp32 model (all convolution time) about the same (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
