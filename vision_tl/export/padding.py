@@ -82,7 +82,7 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> Iterator[int
     from timm.layers import to_2tuple
     from timm.layers.padding import pad_same_arg
 
-    layers = {m: body for m in model.modules() if (body := _padded_body(m)) is not None}
+    layers = {m: padding for m in model.modules() if (padding := _padded_body(m)) is not None}
     sizes: dict[nn.Module, set[tuple[int, int]]] = {}
 
     def remember(module: nn.Module, args: tuple) -> None:
