@@ -65,6 +65,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # A resume reopens its run's log folder; the kit has kept the old metrics.csv aside by then
 # (see _keep_metrics_csv), so Lightning's "previous log files will be deleted" only alarms.
 warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+# Likewise its checkpoints/ folder: --checkpoint.dirpath is fixed to RUN/checkpoints and a new run
+# never reuses a run directory, so "Checkpoint directory ... exists and is not empty" means a resume.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Small folders have fewer batches per epoch than log_every_n_steps: the step losses are still
 # logged (every N steps across epochs) and the epoch metrics always; the warning is only noise.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
