@@ -133,6 +133,10 @@ def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, ca
     assert "the val split (the folder has no test/ split) chose the best checkpoint" in page
     # its heading named them "held-out test images", the very claim the note takes back
     assert "held-out" not in page and "Evaluation report: val split" in page and "validation images:" in page
+    from vision_tl.reports.compare import compare_runs
+
+    notes = compare_runs([test_dir], split="test").notes
+    assert any("the test metrics are of the val images (no test/ split)" in note for note in notes), notes
     metrics = json.loads((test_dir / "metrics.json").read_text())
     threshold = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
     assert metrics["report"]["test"]["good_vs_defect"]["threshold"] == pytest.approx(threshold)

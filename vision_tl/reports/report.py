@@ -215,7 +215,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
     extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threshold_choice": threshold_choice, "predictions": predictions.name,
              "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)
-             "checkpoint_epoch": (info or {}).get("checkpoint epoch")}  # its epoch: a later resume changes it
+             "checkpoint_epoch": (info or {}).get("checkpoint epoch"),  # its epoch: a later resume changes it
+             **({"images_split": images_split} if images_split else {})}  # (compare says so)
     _update_metrics_json(out_dir, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
     atomic_write_text(html, render_report(result, figures, split=images_split or split, info=info or {},
