@@ -142,7 +142,10 @@ def test_probe_cli_prints_table_and_scatter(tmp_path, folder, capsys) -> None:
 def test_help_has_examples(capsys) -> None:
     for command in ("extract", "probe"):
         assert main([command, "--help"]) == 0
-        assert "examples:" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "examples:" in out
+        if command == "extract":  # (probe needs --backbone)
+            assert "timm model name (default: tf_efficientnet_lite0)" in " ".join(out.split())
 
 
 @pytest.mark.realdata

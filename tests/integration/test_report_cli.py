@@ -129,7 +129,14 @@ def test_test_command_writes_a_report_from_its_own_predictions(run, tmp_path, ca
     assert "has no test/ folder, so `test` evaluates the val split" in capsys.readouterr().err
     test_dir = tmp_path / "partial" / "version_0"
     assert (test_dir / "report_test.html").is_file() and (test_dir / "threshold_test.png").is_file()
-    assert "the val split (the folder has no test/ split)" in (test_dir / "report_test.html").read_text()
+    page = (test_dir / "report_test.html").read_text()
+    assert "the val split (the folder has no test/ split) chose the best checkpoint" in page
+    # its heading named them "held-out test images", the very claim the note takes back
+    assert "held-out" not in page and "Evaluation report: val split" in page and "validation images:" in page
+    from vision_tl.reports.compare import compare_runs
+
+    notes = compare_runs([test_dir], split="test").notes
+    assert any("the test metrics are of the val images (no test/ split)" in note for note in notes), notes
     metrics = json.loads((test_dir / "metrics.json").read_text())
     threshold = read_checkpoint(run / "checkpoints" / "best.ckpt")["vision_tl"]["threshold"]
     assert metrics["report"]["test"]["good_vs_defect"]["threshold"] == pytest.approx(threshold)

@@ -226,3 +226,20 @@ def test_a_writer_waits_only_until_the_images_it_waits_for_are_stored(tmp_path, 
         other.wait()
     assert done and done[0].computed == 20 and sorted(embedded) == sorted(paths[10:])
     assert FeatureCache(tmp_path / "cache").read(EXTRACTOR, hashes)[:, 0].tolist() == [2.0] * 10 + [1.0] * 20
+
+
+def test_an_interrupted_writer_keeps_the_rows_it_embedded(tmp_path, images, monkeypatch):
+    """Ctrl-C (or SIGTERM, taken as one) before a shard filled up threw away every image embedded
+    so far: the next run embedded them all again. Now they are stored on the way out."""
+    paths, hashes = images
+
+    def iter_embeddings(extractor, files, batch_size=8, *args, **kwargs):
+        for start in range(0, 16, batch_size):
+            yield BatchResult(list(range(start, start + batch_size)), np.ones((batch_size, 4), np.float32), [])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "iter_embeddings", iter_embeddings)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=8, progress=False)
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    assert [key in store for key in hashes] == [True] * 16 + [False] * 14

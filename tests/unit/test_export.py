@@ -322,6 +322,17 @@ def test_no_bank_note_says_once_how_to_give_the_training_images():
     assert "save_split" in notes[0] and "--calibration-dir" in notes[0]
 
 
+def test_threshold_note_names_the_option_in_both_apis():
+    """export_onnx prints the same notes from Python, where a command-line flag alone is no help."""
+    from vision_tl.deploy import ModelMetadata
+    from vision_tl.export.unfamiliar import threshold_note
+
+    meta = ModelMetadata(classes=["a", "b"], input_size=(8, 8), mean=MEAN, std=STD, unfamiliar_threshold=0.3,
+                         unfamiliar_bank_images=20, unfamiliar_val_images=10)
+    note = threshold_note(meta, 10)
+    assert "at most 1 time in 11" in note and "ExportOptions(parity_images=DIR)" in note
+
+
 def test_auto_without_split_explains_the_options(tmp_path):
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"")

@@ -133,7 +133,8 @@ def threshold_note(metadata: ModelMetadata, checked: int) -> str:
     n = metadata.unfamiliar_val_images
     left_out = (f"; {checked - n} check images that are training images or copies of their pixels were left out"
                 if checked > n else "")
-    few = " (a tighter bound needs more validation images: --parity-images DIR)" if n < 99 else ""
+    few = (" (a tighter bound needs more validation images: --parity-images DIR; Python: "
+           "ExportOptions(parity_images=DIR))" if n < 99 else "")
     return (f"unfamiliarity: bank of {metadata.unfamiliar_bank_images} training images; threshold "
             f"{metadata.unfamiliar_threshold:.4g}, the highest score of {n} validation images{left_out}: images like "
             f"those are flagged unfamiliar at most 1 time in {n + 1}{few}")

@@ -37,7 +37,7 @@ from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
 from vision_tl.utils.files import atomic_write_text, unwritable
 
 CACHE_ENV = ENV["features"]
-SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images
+SHARD_ROWS = 256  # rows per shard: a killed run redoes at most this many images (Ctrl-C, SIGTERM: none)
 WHERE_ELSE = ("point it at a writable folder with --cache-dir DIR (vision-tl extract, probe) or "
               "--model.feature_cache DIR (vision-tl fit), or set $VISION_TL_CACHE; vision-tl extract "
               "can also run with --no-cache")
@@ -210,25 +210,30 @@ def _embed_into(store: ShardStore, extractor: FeatureExtractor, keys: list[str],
     # closed at once if a check below raises: its decoding threads stop there, not at the next GC
     embedded = iter_embeddings(extractor, files, batch_size, num_workers, device, progress)
     with contextlib.closing(embedded):
-        for batch in embedded:
-            if math.isnan(first):
-                first = time.perf_counter() - start
-            _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
-            # A file rewritten between the scan and its decoding (a line folder being written to)
-            # holds other content than its key names: its features would be stored under another
-            # image's hash for good. Such an image is a failure, never a cache entry.
-            kept = []
-            for k, i in enumerate(batch.positions):
-                if content_hash(files[i]) == keys[i]:
-                    kept.append(k)
-                else:
-                    failed.append((files[i], _CHANGED.format(path=files[i])))
-            pending_keys += [keys[batch.positions[k]] for k in kept]
-            pending.append(batch.features[kept])
-            failed += [(files[i], why) for i, why in batch.failures]
-            if len(pending_keys) >= SHARD_ROWS:
+        try:
+            for batch in embedded:
+                if math.isnan(first):
+                    first = time.perf_counter() - start
+                _check_finite(extractor, batch.features, [files[i] for i in batch.positions])
+                # A file rewritten between the scan and its decoding (a line folder being written to)
+                # holds other content than its key names: its features would be stored under another
+                # image's hash for good. Such an image is a failure, never a cache entry.
+                kept = []
+                for k, i in enumerate(batch.positions):
+                    if content_hash(files[i]) == keys[i]:
+                        kept.append(k)
+                    else:
+                        failed.append((files[i], _CHANGED.format(path=files[i])))
+                pending_keys += [keys[batch.positions[k]] for k in kept]
+                pending.append(batch.features[kept])
+                failed += [(files[i], why) for i, why in batch.failures]
+                if len(pending_keys) >= SHARD_ROWS:
+                    store.append(pending_keys, np.concatenate(pending))
+                    pending_keys, pending = [], []
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM taken as one: the next run starts after these
+            if pending_keys:
                 store.append(pending_keys, np.concatenate(pending))
-                pending_keys, pending = [], []
+            raise
     store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
     return first, failed
 

@@ -62,7 +62,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="Write one embedding per image (relative path, label, sha256, features) "
                         "to .npz or .parquet, with the backbone, weights identity and preprocessing.")
         _common(parser)
-        parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
+        parser.add_argument("--backbone", default="tf_efficientnet_lite0",
+                            help="timm model name (default: %(default)s)")
         parser.add_argument("--weights", type=path_arg, default=None, help="local .safetensors/.pth backbone weights")
         parser.add_argument("--out", type=path_arg, required=True, help="output file, .npz or .parquet")
         parser.add_argument("--precision", choices=("32", "bf16"), default="32",

@@ -33,9 +33,9 @@ Thresholds: an image is good iff P(good) >= threshold. --target-false-reject R
 keeps the fewest defects passing while rejecting at most R of the good validation
 images; --target-escape E rejects the fewest good images while passing at most E of
 the defective ones. The threshold sits midway between two observed scores, so no
-validation image lies on it. It is
-saved to checkpoints/best.thresholded.ckpt (the original is kept), or into
-best.ckpt itself with --in-place; `vision-tl export` then carries it into ONNX.
+validation image lies on it. It is saved to checkpoints/best.thresholded.ckpt (the
+original is kept), or into best.ckpt itself with --in-place; `vision-tl export` then
+carries it into ONNX.
 """
 
 COMPARE_EPILOG = """examples:

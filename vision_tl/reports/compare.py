@@ -37,6 +37,7 @@ class RunSummary:
     has_report: bool
     checkpoint: str | None = None  # the file the report evaluated (None: fit's own metrics)
     stale_report: bool = False  # a report older than its checkpoint was set aside for fit's metrics
+    images_split: str | None = None  # where its report's images are of another split (test of val)
 
 
 @dataclass
@@ -142,7 +143,8 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None,
-                      checkpoint=(report or {}).get("checkpoint"), stale_report=stale)
+                      checkpoint=(report or {}).get("checkpoint"), stale_report=stale,
+                      images_split=(report or {}).get("images_split"))
 
 
 def _check_numbers(path: Path, split: str, values: dict, recall: dict) -> None:
@@ -230,6 +232,10 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
              if s.checkpoint and Path(s.checkpoint).name != "best.ckpt"]
     if other:
         notes.append(f"not the best checkpoint: {', '.join(other)} (its report evaluated that file)")
+    of_val = [s.name for s in summaries if s.images_split not in (None, split)]
+    if of_val:  # `vision-tl test` of a folder without test/
+        notes.append(f"{', '.join(of_val)}: the {split} metrics are of the val images (no test/ split), which chose "
+                     "the checkpoint: optimistic, not an independent estimate")
     stale = [s.name for s in summaries if s.stale_report]
     if stale:
         notes.append(f"{', '.join(stale)}: the report is older than the checkpoint it evaluated (trained on since), "

@@ -172,7 +172,7 @@ def _read_metrics_json(out_dir: Path) -> dict:
 def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], *,
                  paths: list[str] | None = None, good_class: str | None = None,
                  threshold: float | None = None, split: str = "val", info: dict | None = None,
-                 threshold_choice: dict | None = None) -> ReportResult:
+                 threshold_choice: dict | None = None, images_split: str | None = None) -> ReportResult:
     """Write predictions, figures, ``metrics.json`` (``report`` section) and the HTML report.
 
     Args:
@@ -185,6 +185,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
         split: ``val`` or ``test``; names the outputs.
         info: header facts for the HTML (checkpoint, backbone ...).
         threshold_choice: how ``threshold`` was chosen (shown and stored).
+        images_split: the split the images are of, where it is not ``split`` (``vision-tl test``
+            of a folder without ``test/`` evaluates the val images): the report's heading says it.
     """
     from vision_tl.reports.html import render_report
 
@@ -213,11 +215,12 @@ def write_report(out_dir: str | Path, probs: np.ndarray, labels: np.ndarray, cla
     extra = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "threshold_choice": threshold_choice, "predictions": predictions.name,
              "checkpoint": (info or {}).get("checkpoint"),  # which one was evaluated (compare says so)
-             "checkpoint_epoch": (info or {}).get("checkpoint epoch")}  # its epoch: a later resume changes it
+             "checkpoint_epoch": (info or {}).get("checkpoint epoch"),  # its epoch: a later resume changes it
+             **({"images_split": images_split} if images_split else {})}  # (compare says so)
     _update_metrics_json(out_dir, split, _compact(result), figures, extra)
     html = out_dir / output_name("report", split, ".html")
-    atomic_write_text(html, render_report(result, figures, split=split, info=info or {}, errors=errors,
-                                          threshold_choice=threshold_choice))
+    atomic_write_text(html, render_report(result, figures, split=images_split or split, info=info or {},
+                                          errors=errors, threshold_choice=threshold_choice))
     return ReportResult(html=html, predictions=predictions, figures=figures, metrics=_compact(result),
                         threshold=threshold_choice)
 

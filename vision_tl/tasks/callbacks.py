@@ -209,20 +209,23 @@ class RunArtifacts(L.Callback):
         samples = getattr(trainer.test_dataloaders, "dataset", None)
         samples = getattr(samples, "samples", None)
         paths = [str(s.path) for s in samples] if samples and len(samples) == len(outputs["labels"]) else None
+        info = {"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone")}
+        on_val = self._tests_the_val_split(trainer)
+        if on_val:  # (a note at the top, as `vision-tl report` gives its val images)
+            info["notes"] = ["the val split (the folder has no test/ split) chose the best checkpoint, so these "
+                             "scores are optimistic, not an independent estimate: hold out ROOT/test/<class>/ "
+                             "for one"]
         result = write_report(self.run_dir(trainer), outputs["probabilities"], outputs["labels"], pl_module.classes,
                               paths=paths, good_class=pl_module.hparams.get("good_class"),
                               threshold=getattr(pl_module, "threshold", None), split="test",
-                              info={"checkpoint": trainer.ckpt_path, "backbone": pl_module.hparams.get("backbone"),
-                                    **self._test_images_note(trainer)})
+                              images_split="val" if on_val else None, info=info)
         say(f"vision_tl: test report {result.html}")
 
     @staticmethod
-    def _test_images_note(trainer: L.Trainer) -> dict[str, str]:
+    def _tests_the_val_split(trainer: L.Trainer) -> bool:
+        """Whether `test` evaluated the val split, the folder having no test/ split."""
         datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "has_test_split") or datamodule.has_test_split():
-            return {}
-        return {"images": "the val split (the folder has no test/ split); it chose the best checkpoint, "
-                          "so this score is optimistic"}
+        return hasattr(datamodule, "has_test_split") and not datamodule.has_test_split()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.received_sigterm:  # Lightning's predict loop never looks (fit's and evaluation's do)

@@ -60,14 +60,31 @@ class _NoCloudTip(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoCloudTip())
-# Lightning 2.6 calls a torch pytree API that newer torch deprecates: nothing a user can act on.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# A resume reopens its run's log folder; the kit has kept the old metrics.csv aside by then
-# (see _keep_metrics_csv), so Lightning's "previous log files will be deleted" only alarms.
-warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
-# Small folders have fewer batches per epoch than log_every_n_steps: the step losses are still
-# logged (every N steps across epochs) and the epoch metrics always; the warning is only noise.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+
+# Lightning's warnings that only alarm in the kit's commands. Ignored while a command runs (see
+# run_lightning_cli), not from import on: a filter added at import is lost where the import
+# happened inside a caller's warnings.catch_warnings block (a notebook helper, a test).
+_LIGHTNING_NOISE = (
+    # Lightning 2.6 calls a torch pytree API that newer torch deprecates: nothing a user can act on.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # A resume reopens its run's log folder; the kit has kept the old metrics.csv aside by then
+    # (see _keep_metrics_csv), so Lightning's "previous log files will be deleted" only alarms.
+    r".*Previous log files in this directory will be deleted",
+    # Likewise its checkpoints/ folder: --checkpoint.dirpath is fixed to RUN/checkpoints and a new
+    # run never reuses a run directory, so "Checkpoint directory ... exists and is not empty" means a resume.
+    r"Checkpoint directory .* exists and is not empty",
+    # Small folders have fewer batches per epoch than log_every_n_steps: the step losses are still
+    # logged (every N steps across epochs) and the epoch metrics always; the warning is only noise.
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
+
+@contextlib.contextmanager
+def _without_lightning_noise():
+    with warnings.catch_warnings():
+        for message in _LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def _names_a_folder(value) -> bool:
@@ -1104,7 +1121,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     TERMINATED.clear()  # an earlier command's SIGTERM (several fits in one Python session)
     # Lightning reports bad trainer settings (--trainer.max_epochs -3) as MisconfigurationException.
     try:
-        with user_errors(extra=(MisconfigurationException,)):
+        with user_errors(extra=(MisconfigurationException,)), _without_lightning_noise():
             unreadable = _run_cli(argv)
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. status 0: a run
