@@ -269,7 +269,7 @@ def test_bad_input_exits_2_with_a_message_naming_it(case, expected, trained_run,
     assert not out.exists() or out.read_bytes() == b"keep me"
 
 
-def test_overwrite_replaces_the_old_reports_and_the_report_names_its_model(trained_run, tmp_path):
+def test_overwrite_replaces_the_old_reports_and_the_report_names_its_model(trained_run, tmp_path, capsys):
     from vision_tl.utils.files import file_sha256
 
     out = tmp_path / "m.onnx"
@@ -280,10 +280,14 @@ def test_overwrite_replaces_the_old_reports_and_the_report_names_its_model(train
     assert not (tmp_path / "m.parity-failed.json").exists()
     report = json.loads((tmp_path / "m.parity.json").read_text())
     assert report["model_sha256"] == file_sha256(out)
+    said = capsys.readouterr()
+    assert f"removed {tmp_path / 'm.parity-failed.json'} (the check report of an earlier export)" in said.out + said.err
     # Replaced again without a check: no report at all rather than one about another model.
     assert export_main([str(trained_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--overwrite",
                         "--parity-images", "none"]) == 0
     assert not (tmp_path / "m.parity.json").exists()
+    said = capsys.readouterr()
+    assert f"removed {tmp_path / 'm.parity.json'} (the check report of an earlier export)" in said.out + said.err
 
 
 def test_an_earlier_exports_variant_is_not_left_beside_a_new_model(trained_run, tmp_path, capsys):

@@ -230,7 +230,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             _judge(report, out, log)
             if fp32_scores is not None:
                 log(threshold_note(metadata, len(decoded.paths)))
-        _save_report(report, out)  # before the model takes its name: never a model without its record
+        _save_report(report, out, log)  # before the model takes its name: never a model without its record
     log(f"wrote {out}")
     for path in stale + replaced:
         path.unlink(missing_ok=True)
@@ -278,16 +278,17 @@ def _judge(report: ParityReport, model_path: Path, log: Callable[[str], None]) -
             f"nothing was written under {model_path.name}. Report: {failed}", report)
 
 
-def _save_report(report: ParityReport | None, model_path: Path) -> None:
-    """Just before ``model_path`` is replaced: its report, and no report about an earlier model.
-    Where this fails (a full disk), the model is not replaced; where the replacing fails after
-    it, the earlier model no longer matches the report's sha256, and ``Predictor`` refuses it
-    rather than running a model whose check is not on record."""
+def _save_report(report: ParityReport | None, model_path: Path, log: Callable[[str], None]) -> None:
+    """Just before ``model_path`` is replaced: its report, and no report about an earlier model
+    (each one removed is logged). Where this fails (a full disk), the model is not replaced; where
+    the replacing fails after it, the earlier model no longer matches the report's sha256, and
+    ``Predictor`` refuses it rather than running a model whose check is not on record."""
     passed, failed = _reports_of(model_path)
-    failed.unlink(missing_ok=True)
-    if report is None:
-        passed.unlink(missing_ok=True)
-    else:
+    for earlier in (failed, passed) if report is None else (failed,):
+        if os.path.lexists(earlier):
+            earlier.unlink()
+            log(f"removed {earlier} (the check report of an earlier export)")
+    if report is not None:
         write_json_atomic(passed, report.to_dict())
 
 
@@ -389,7 +390,7 @@ def _write_variant(variant: str, out: Path, metadata, opts: ExportOptions,
                                       exc.report) from exc
         else:
             log(f"WARNING: {target.name} was not checked (no parity images)")
-        _save_report(report, target)  # (as for the fp32 model: the record first)
+        _save_report(report, target, log)  # (as for the fp32 model: the record first)
     log(f"wrote {target}")
     return target, report
 
