@@ -176,6 +176,22 @@ def test_an_image_rewritten_after_the_scan_is_never_cached_under_its_old_hash(tm
     assert hashes[0] not in store and all(h in store for h in hashes[1:])
 
 
+def test_progress_bar_says_why_it_counts_fewer_images_than_files(tmp_path, folder, tiny_net, monkeypatch) -> None:
+    """Byte-identical files are embedded once: a bar of 14 after "15 images" needs its reason."""
+    import shutil
+
+    from vision_tl.features import extractor as extractor_mod
+
+    shutil.copy(folder / "good" / "good_0.png", folder / "good" / "good_copy.png")
+    paths, hashes = _index(folder)
+    bars = []
+    real = extractor_mod.progress_bar
+    monkeypatch.setattr(extractor_mod, "progress_bar", lambda **kw: bars.append(kw) or real(**kw))
+    report = FeatureCache(tmp_path / "c").ensure(_extractor(tiny_net), paths, hashes, progress="features train")
+    assert report.computed == 15 and len(paths) == 16
+    assert bars[0]["total"] == 15 and bars[0]["desc"] == "features train (1 byte-identical copy embedded once)"
+
+
 def test_cache_keyed_by_input_size_weights_and_stages(tmp_path, folder, tiny_net) -> None:
     cache = FeatureCache(tmp_path / "cache")
     paths, hashes = _index(folder)

@@ -138,6 +138,10 @@ class FeatureCache:
                 todo.setdefault(key, Path(path))
         if todo:
             self._check_writable(store, len(todo))
+        if progress and len(todo) < sum(map(len, copies.values())):  # (a bar of 191 for 192 files, unexplained)
+            extra = sum(map(len, copies.values())) - len(todo)
+            progress = (f"{progress if isinstance(progress, str) else 'extract ' + extractor.backbone}"
+                        f" ({extra} byte-identical {'copy' if extra == 1 else 'copies'} embedded once)")
         key_of = {path: key for key, path in todo.items()}
         failed: list[tuple[Path, str]] = []
         computed, start, first, waited = 0, time.perf_counter(), float("nan"), 0.0
