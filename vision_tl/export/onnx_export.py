@@ -68,7 +68,7 @@ class DeployableClassifier(nn.Module):
     With ``width`` (the graph's one input width), the normalisation constants are ``[1, 1,
     width, 3]`` rows of the same values: onnxruntime broadcasts a ``[1, 1, 1, 3]`` constant over
     an NHWC image three numbers at a time, and the Sub and Mul took 10 % each of the INT8 model's
-    time (5 % of the fp32 one's); with a whole row per step they are 1-2 % (the values are the same,
+    time (5 % of the fp32 one's); with a whole row per step they are 1-3 % (the values are the same,
     to the last bit; ``benchmarks/RESULTS.md``).
 
     With a ``bank`` (``[M, D]`` pooled features of training images, from
