@@ -65,6 +65,12 @@ class DeployableClassifier(nn.Module):
     network's logits, returned as :class:`ClassifierOutput` (its field names
     become the ONNX output names).
 
+    With ``width`` (the graph's one input width), the normalisation constants are ``[1, 1,
+    width, 3]`` rows of the same values: onnxruntime broadcasts a ``[1, 1, 1, 3]`` constant over
+    an NHWC image three numbers at a time, and the Sub and Mul took 10 % each of the INT8 model's
+    time (5 % of the fp32 one's); with a whole row per step they are 1-3 % (the values are the same,
+    to the last bit; ``benchmarks/RESULTS.md``).
+
     With a ``bank`` (``[M, D]`` pooled features of training images, from
     ``net.forward_features``), the output is :class:`ClassifierWithUnfamiliarity`: also
     ``unfamiliarity`` ``[N]``, 1 - the best cosine similarity of the image's features to
@@ -72,7 +78,8 @@ class DeployableClassifier(nn.Module):
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 normalize_in_graph: bool = True, bank: torch.Tensor | None = None) -> None:
+                 normalize_in_graph: bool = True, bank: torch.Tensor | None = None,
+                 width: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.normalize_in_graph = normalize_in_graph
@@ -80,8 +87,9 @@ class DeployableClassifier(nn.Module):
         # and then rounded differs in the last bit for some values, e.g. ImageNet's std 0.224)
         mean255, inv_std255 = (torch.from_numpy(a) for a in normalisation_constants(mean, std))
         # NHWC broadcasting, so normalisation happens before the transpose (as in training).
-        self.register_buffer("mean255", mean255.view(1, 1, 1, 3), persistent=False)
-        self.register_buffer("inv_std255", inv_std255.view(1, 1, 1, 3), persistent=False)
+        row = (1, 1, width or 1, 3)
+        self.register_buffer("mean255", mean255.view(1, 1, 1, 3).expand(row).contiguous(), persistent=False)
+        self.register_buffer("inv_std255", inv_std255.view(1, 1, 1, 3).expand(row).contiguous(), persistent=False)
         if bank is not None and not all(hasattr(net, f) for f in ("forward_features", "forward_head")):
             raise ExportError(f"{type(net).__name__} has no forward_features/forward_head: the unfamiliarity "
                               "score needs the pooled features the head takes")
@@ -212,7 +220,8 @@ def write_onnx(ckpt: LoadedCheckpoint, path: str | Path, metadata: ModelMetadata
     check_opset(opset)
     h, w = ckpt.input_size
     wrapper = DeployableClassifier(ckpt.net, ckpt.mean, ckpt.std, metadata.normalize_in_graph,
-                                   None if bank is None else torch.from_numpy(np.asarray(bank, np.float32))).eval()
+                                   None if bank is None else torch.from_numpy(np.asarray(bank, np.float32)),
+                                   width=w).eval()
     if metadata.normalize_in_graph:
         example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
     else:
