@@ -741,3 +741,28 @@ def test_the_data_module_prints_its_folder_classes_and_settings(inspection_folde
     data = _dm(inspection_folder, batch_size=8, augment="light", good_class="good")
     assert repr(data) == (f"ImageFolderDataModule({str(inspection_folder.absolute())!r}, classes={data.classes}, "
                           f"backbone='{TINY}', input_size=(32, 32), batch_size=8, augment='light', good_class='good')")
+
+
+def test_folder_scans_and_the_evaluation_transform_do_without_albumentations(tmp_path):
+    """Scanning a folder imports neither torch nor albumentations, and the evaluation transform
+    (extract, reports, export's checks) works without albumentations, which costs about a second
+    to import (benchmarks/startup.py); augmenting still uses it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        sys.modules["albumentations"] = None  # unimportable: importing it raises ImportError
+        from vision_tl.data import scan_folder
+        assert "torch" not in sys.modules, "scanning a folder imported torch"
+        from vision_tl.backbones import Preprocessing
+        from vision_tl.data import eval_transform
+        x = eval_transform(Preprocessing((8, 8), (0.5,) * 3, (0.5,) * 3, "bilinear"))(np.zeros((4, 6, 3), np.uint8))
+        assert tuple(x.shape) == (3, 8, 8) and float(x.min()) == -1.0
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout

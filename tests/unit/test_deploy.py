@@ -628,6 +628,10 @@ def test_deploy_never_imports_torch(tmp_path: Path, model: Path, images: list[Pa
         assert result.error is None and result.predicted, result
         assert main([{str(model)!r}, {str(images[1])!r}, "--out", {str(tmp_path / "s.csv")!r}]) == 0
         assert onnx_speed({str(model)!r}, read_metadata({str(model)!r}), threads=1, batch=2, repeats=1)
+        # the command as a user starts it (`vision-tl predict-onnx ...`: the dispatcher, its signal handling)
+        from vision_tl.cli import console_main
+        sys.argv = ["vision-tl", "predict-onnx", {str(model)!r}, {str(images[1])!r}, "--out", {str(tmp_path / "c.csv")!r}]
+        assert console_main() == 0
         heavy = [m for m in ("torch", "torchvision", "lightning", "pytorch_lightning", "timm",
                              "onnx") if m in sys.modules]
         assert not heavy, heavy

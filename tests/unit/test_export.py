@@ -1112,3 +1112,24 @@ def test_a_copys_report_keeps_the_unfamiliarity_block_beside_the_quantisers_deta
         assert unfamiliar["threshold"] == read_metadata(tmp_path / f"m.{variant}.onnx").unfamiliar_threshold
         assert {k: v for k, v in unfamiliar.items() if k != "threshold"} == {
             k: v for k, v in fp32.items() if k != "threshold"}
+
+
+def test_export_help_and_usage_errors_answer_without_torch():
+    """``vision-tl export --help`` and a usage error are answered before torch, timm and onnx are
+    imported: those cost seconds on a 2-core machine (benchmarks/startup.py)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        for name in ("torch", "timm", "onnx", "lightning", "albumentations"):
+            sys.modules[name] = None  # unimportable: importing it raises ImportError
+        from vision_tl.cli import main
+        assert main(["export", "--help"]) == 0
+        assert main(["export", "best.ckpt"]) == 2  # --out missing
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--calibration-method" in proc.stdout and "default: 18" in proc.stdout
+    assert "the following arguments are required: --out" in proc.stderr and "full kit" not in proc.stderr

@@ -1,11 +1,12 @@
 """Data: image folders, splits, augmentation presets and the LightningDataModule.
 
-The data module (and with it Lightning) is imported on first use, so commands that only
-scan folders and decode images (``vision-tl extract``, ``probe``) start without it.
+Only the folder scanning is imported with the package: the transforms (torch, timm,
+albumentations) and the data module (Lightning) are imported on first use, so commands that
+only scan folders (``vision-tl report``'s and ``export``'s checks of a run's split) or only
+decode images (``vision-tl extract``, ``probe``) start without what they do not need.
 """
 
 from vision_tl.data.folder import DatasetError, FolderIndex, scan_folder, stratified_split
-from vision_tl.data.transforms import PRESETS, ImageTransform, build_augmentation, eval_transform
 
 __all__ = [
     "PRESETS",
@@ -20,10 +21,13 @@ __all__ = [
     "stratified_split",
 ]
 
+_LAZY = {"ImageDataset": "datamodule", "ImageFolderDataModule": "datamodule", "PRESETS": "transforms",
+         "ImageTransform": "transforms", "build_augmentation": "transforms", "eval_transform": "transforms"}
+
 
 def __getattr__(name: str):
-    if name in ("ImageDataset", "ImageFolderDataModule"):
-        from vision_tl.data import datamodule
+    if name in _LAZY:
+        import importlib
 
-        return getattr(datamodule, name)
+        return getattr(importlib.import_module(f"vision_tl.data.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

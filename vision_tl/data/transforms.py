@@ -13,9 +13,8 @@ import json
 import random
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
@@ -23,6 +22,9 @@ from torch.utils.data import get_worker_info
 from vision_tl.backbones import Preprocessing
 from vision_tl.imaging import normalisation_constants, resize
 from vision_tl.utils import ignoring_warnings
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "none": [],
@@ -50,6 +52,10 @@ AugmentSpec = str | list[Any]
 
 def build_augmentation(spec: AugmentSpec) -> A.Compose:
     """An albumentations pipeline from a preset name or a list of transform dicts."""
+    # (imported here: with scipy, OpenCV and pydantic it costs about a second, which evaluation,
+    # extract and export, whose transforms never augment, need not pay; see ImageTransform)
+    import albumentations as A
+
     if isinstance(spec, str):
         if spec not in PRESETS:
             raise ValueError(f"unknown augmentation preset {spec!r}; expected one of: {', '.join(PRESETS)}")
@@ -142,9 +148,15 @@ class ImageTransform:
 
     def __init__(self, preprocessing: Preprocessing, augment: AugmentSpec = "none", normalize: bool = True) -> None:
         self.preprocessing = preprocessing
-        self.augment = build_augmentation(augment)
+        # None: no augmentation ("none", the evaluation transform), built without albumentations
+        self.augment = None if augment == "none" else build_augmentation(augment)
         self.normalize = normalize
         self._mean, self._inv_std = normalisation(preprocessing)
+
+    @property
+    def augments(self) -> bool:
+        """Whether images are augmented: a pipeline with at least one step."""
+        return self.augment is not None and bool(self.augment.transforms)
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         """``seed`` fixes this image's augmentation; albumentations ignores the global seeds.
@@ -160,7 +172,7 @@ class ImageTransform:
                              "scaled), as training and the ONNX export do")
         p = self.preprocessing
         image = resize(image, p.input_size, p.interpolation)
-        if self.augment.transforms:
+        if self.augments:
             if seed is not None:
                 # One generator pair, shared by every step, so the steps draw one after another.
                 # (Compose.set_random_seed would give each step its own generator with the same

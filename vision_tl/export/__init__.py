@@ -58,20 +58,14 @@ uint8 contract above), max ``|Δprob|`` <= 1e-4 and 100 % top-1 agreement, or
 the export fails and nothing is written under the model's name.
 """
 
-from vision_tl.deploy.speed import onnx_speed
-from vision_tl.export.onnx_export import (
+from vision_tl.export.options import (
     DEFAULT_OPSET,
-    DeployableClassifier,
     ExportError,
+    ExportOptions,
+    Int8Config,
     ParityError,
     VariantRejected,
-    build_metadata,
-    load_checkpoint,
-    write_onnx,
 )
-from vision_tl.export.parity import ImageSet, ParityReport, check_parity, resolve_parity_images
-from vision_tl.export.pipeline import ExportOptions, ExportResult, export_onnx
-from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -94,3 +88,29 @@ __all__ = [
     "resolve_parity_images",
     "write_onnx",
 ]
+
+# Imported on first use (they import torch and onnx), so that ``vision-tl export --help``, which
+# imports this package on its way to vision_tl.export.cli, answers without them.
+_LAZY = {
+    "onnx_speed": "vision_tl.deploy.speed",
+    "DeployableClassifier": "vision_tl.export.onnx_export",
+    "build_metadata": "vision_tl.export.onnx_export",
+    "load_checkpoint": "vision_tl.export.onnx_export",
+    "write_onnx": "vision_tl.export.onnx_export",
+    "ImageSet": "vision_tl.export.parity",
+    "ParityReport": "vision_tl.export.parity",
+    "check_parity": "vision_tl.export.parity",
+    "resolve_parity_images": "vision_tl.export.parity",
+    "ExportResult": "vision_tl.export.pipeline",
+    "export_onnx": "vision_tl.export.pipeline",
+    "convert_fp16": "vision_tl.export.quantize",
+    "quantize_int8": "vision_tl.export.quantize",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

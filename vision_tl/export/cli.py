@@ -11,25 +11,20 @@ import sys
 
 from vision_tl.deploy import DeployError
 from vision_tl.deploy.cli import positive_int
-from vision_tl.export.onnx_export import (
+from vision_tl.export.options import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MAX_ACCURACY_DROP,
+    DEFAULT_MAX_DECISION_CHANGES,
     DEFAULT_OPSET,
+    KEEP_FLOAT_CHOICES,
     MAX_OPSET,
     MIN_OPSET,
     ExportError,
+    ExportOptions,
+    Int8Config,
     ParityError,
     VariantRejected,
-)
-from vision_tl.export.pipeline import (
-    DEFAULT_MAX_ACCURACY_DROP,
-    DEFAULT_MAX_DECISION_CHANGES,
-    ExportOptions,
-    export_onnx,
-)
-from vision_tl.export.quantize import (
-    CALIBRATION_METHODS,
-    DEFAULT_CALIBRATION_IMAGES,
-    KEEP_FLOAT_CHOICES,
-    Int8Config,
 )
 from vision_tl.utils.files import path_arg
 
@@ -160,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
         if message.startswith(("wrote ", "removed ")):
             written.append(message)
+
+    # (imports torch, timm and onnx: here, so that --help and a usage error answer without them)
+    from vision_tl.export.pipeline import export_onnx
 
     try:
         options = ExportOptions(

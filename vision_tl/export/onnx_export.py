@@ -24,34 +24,17 @@ from torch import nn
 
 from vision_tl import __version__
 from vision_tl.deploy.metadata import MetadataError, ModelMetadata
+from vision_tl.export.options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from vision_tl.export.padding import fold_pads, static_same_padding
 from vision_tl.imaging import normalisation_constants
 from vision_tl.models.classifier import ClassifierOutput
 from vision_tl.models.unfamiliar import ClassifierWithUnfamiliarity, UnfamiliarityScore
 from vision_tl.utils.files import already_there, atomic_path, refuse_empty_path, unwritable
 
-DEFAULT_OPSET = 18
-MIN_OPSET, MAX_OPSET = 13, 20  # 13: per-channel QDQ; 20: the TorchScript exporter's newest
 INPUT_NAME = "image"
 # the module that scores unfamiliarity in the wrapper: its graph nodes are named "/<this>/...",
 # which the INT8 copy keeps in float
 UNFAMILIARITY_MODULE = "unfamiliarity_score"
-
-
-class ExportError(ValueError):
-    """A checkpoint, output path, option or image set the exporter cannot use; says why."""
-
-
-class ParityError(ExportError):
-    """The ONNX model does not reproduce the PyTorch predictions; carries the report."""
-
-    def __init__(self, message: str, report: Any = None):
-        super().__init__(message)
-        self.report = report
-
-
-class VariantRejected(ParityError):
-    """The fp32 model passed and was written, but an INT8/FP16 variant failed its check."""
 
 
 class DeployableClassifier(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -16,11 +15,7 @@ from vision_tl.deploy import DeployError, ModelMetadata
 from vision_tl.deploy.metadata import sibling
 from vision_tl.deploy.speed import onnx_speed
 from vision_tl.export.onnx_export import (
-    DEFAULT_OPSET,
-    ExportError,
     LoadedCheckpoint,
-    ParityError,
-    VariantRejected,
     build_metadata,
     check_opset,
     check_output_path,
@@ -29,6 +24,7 @@ from vision_tl.export.onnx_export import (
     write_json_atomic,
     write_onnx,
 )
+from vision_tl.export.options import ExportError, ExportOptions, ParityError, VariantRejected
 from vision_tl.export.parity import (
     AUTO,
     DecodedImages,
@@ -43,7 +39,7 @@ from vision_tl.export.parity import (
     resolve_parity_images,
     split_images,
 )
-from vision_tl.export.quantize import Int8Config, convert_fp16, quantize_int8
+from vision_tl.export.quantize import convert_fp16, quantize_int8
 from vision_tl.export.unfamiliar import (
     BankPlan,
     build_bank,
@@ -54,66 +50,12 @@ from vision_tl.export.unfamiliar import (
     with_threshold,
 )
 from vision_tl.imaging import check_settings
-from vision_tl.utils import whole_number
 from vision_tl.utils.files import atomic_path, file_sha256
 
-DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8/FP16 vs fp32 on validation
-DEFAULT_MAX_DECISION_CHANGES = 0.5  # percent of the check images whose good/defect decision a copy may flip
 # a copy whose unfamiliarity threshold is this many times the fp32 model's misses much of what the
 # fp32 model flags: said with a warning (the copy is not refused for it: its classes passed their
 # check, and its own threshold keeps the false-flag bound; NEU's INT8 copy at 224 px: 1.45)
 VARIANT_WARN_THRESHOLD_RATIO = 1.5
-
-
-@dataclass
-class ExportOptions:
-    """Everything :func:`export_onnx` can be told, with the CLI's defaults.
-
-    Attributes:
-        opset: ONNX opset (13..20).
-        parity_images: ``"auto"`` (the run's val split), a folder, or ``"none"``.
-        normalize_in_graph: uint8 NHWC input with normalisation in the graph
-            (default), or normalised float32 NCHW input.
-        overwrite: replace existing output files.
-        int8: also write ``<name>.int8.onnx`` (static QDQ quantization).
-        int8_config: calibration settings.
-        calibration_dir: calibration images when the run has no ``split.json``.
-        data_root: where the run's image folder (its ``data.root``) is now, if it moved
-            since training: its split's images are read there (``vision-tl export --data``).
-        fp16: also write ``<name>.fp16.onnx``.
-        max_accuracy_drop: INT8/FP16 fail when they lose more (percentage points).
-        max_decision_changes: INT8/FP16 of a model with a good/defect threshold fail when they
-            flip the decision on more of the check images (percent); ``None``: not checked.
-        threads: onnxruntime threads for the latency/throughput numbers.
-        unfamiliar: add the output ``unfamiliarity`` (how unlike every training image an
-            image is, with its threshold in the metadata) where the run's training and
-            validation images are at hand.
-    """
-
-    opset: int = DEFAULT_OPSET
-    parity_images: str | Path = "auto"
-    normalize_in_graph: bool = True
-    overwrite: bool = False
-    int8: bool = False
-    int8_config: Int8Config = field(default_factory=Int8Config)
-    calibration_dir: str | Path | None = None
-    data_root: str | Path | None = None
-    fp16: bool = False
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
-    max_decision_changes: float | None = DEFAULT_MAX_DECISION_CHANGES
-    threads: int | None = None
-    unfamiliar: bool = True
-
-    def __post_init__(self) -> None:  # before anything is written, not after the float model
-        if self.threads is not None and (not whole_number(self.threads) or self.threads < 1):
-            raise ExportError(f"threads must be a positive integer or None, got {self.threads!r}")
-        # numpy scalars as Python numbers: they go into the JSON reports, which cannot hold them
-        if self.threads is not None:
-            self.threads = int(self.threads)
-        for name in ("max_accuracy_drop", "max_decision_changes"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                setattr(self, name, float(value))
 
 
 @dataclass

@@ -13,7 +13,6 @@ import io
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,73 +20,9 @@ import numpy as np
 import onnx
 
 from vision_tl.deploy import ModelMetadata, Predictor
-from vision_tl.export.onnx_export import (
-    UNFAMILIARITY_MODULE,
-    ExportError,
-    check_model,
-    set_metadata,
-)
+from vision_tl.export.onnx_export import UNFAMILIARITY_MODULE, check_model, set_metadata
+from vision_tl.export.options import ExportError, Int8Config
 from vision_tl.imaging import ImageLoadError, load_rgb
-from vision_tl.utils import whole_number
-
-CALIBRATION_METHODS = ("percentile", "minmax", "entropy", "distribution")
-KEEP_FLOAT_CHOICES = ("none", "stem", "head", "stem+head")
-DEFAULT_CALIBRATION_IMAGES = 400
-
-
-@dataclass
-class Int8Config:
-    """How to quantize; the defaults are the measured best on NEU (see benchmarks/RESULTS.md).
-
-    On NEU (frozen Lite0, 224 px, 360 val images) Percentile beat MinMax and Entropy
-    by one to one and a half points; on the fully trained model (99.72 %) percentile
-    99.999 and 99.99 lost 0.56 points, 99.9999 lost 0.28 (benchmarks/RESULTS.md); keeping the stem conv in float did not help, keeping
-    the classifier head in float cost nothing, so only the head stays in float;
-    400 calibration images agreed with fp32 on one image more than 100 or 200.
-    Calibration runs one batch at a time, so memory stays ~2 GB at 224 px.
-
-    Attributes:
-        method: calibration method, one of :data:`CALIBRATION_METHODS`.
-        percentile: activation range percentile for ``method="percentile"``.
-        calibration_images: images drawn (evenly) from the training split.
-        per_channel: per-output-channel weight scales (recommended for depthwise convs).
-        keep_float: layers left in fp32: ``stem`` (the first conv, which sees the raw
-            image), ``head`` (classifier Gemm/MatMul), both, or none. The input
-            normalisation and the softmax always stay in float.
-        batch_size: images per calibration batch.
-    """
-
-    method: str = "percentile"
-    percentile: float = 99.9999
-    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
-    per_channel: bool = True
-    keep_float: str = "head"
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.method not in CALIBRATION_METHODS:
-            raise ExportError(f"unknown calibration method {self.method!r}; expected one of: "
-                              f"{', '.join(CALIBRATION_METHODS)}")
-        if self.keep_float not in KEEP_FLOAT_CHOICES:
-            raise ExportError(f"unknown keep_float {self.keep_float!r}; expected one of: "
-                              f"{', '.join(KEEP_FLOAT_CHOICES)}")
-        if not _positive_int(self.calibration_images):
-            raise ExportError(f"calibration images must be a positive integer, got "
-                              f"{self.calibration_images!r}")
-        if not _positive_int(self.batch_size):
-            raise ExportError(f"calibration batch_size must be a positive integer, got {self.batch_size!r}")
-        if not 90.0 < self.percentile <= 100.0:
-            raise ExportError(f"percentile must be in (90, 100], got {self.percentile}")
-        # numpy scalars as Python numbers: the settings go into the JSON report
-        self.calibration_images, self.batch_size = int(self.calibration_images), int(self.batch_size)
-        self.percentile = float(self.percentile)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _positive_int(value: Any) -> bool:
-    return whole_number(value) and value >= 1
 
 
 class ImageCalibrationReader:

@@ -278,7 +278,7 @@ class _ImageFiles(Dataset):
         self.paths = paths
         self.transform = transform
         self.view = view
-        self.whole_batches = not transform.augment.transforms and not transform.normalize
+        self.whole_batches = not transform.augments and not transform.normalize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -286,7 +286,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             image = load_rgb(self.paths[i])
-            return i, self.transform(image, seed=self._seed(i) if self.transform.augment.transforms else None), None
+            return i, self.transform(image, seed=self._seed(i) if self.transform.augments else None), None
         except ImageLoadError as exc:
             return i, None, str(exc)
 
