@@ -296,6 +296,11 @@ class _Parser(LightningArgumentParser):
         key = next((".".join(m.groups()) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
+        self._unknown_key(key, parser, helps)
+
+    def _unknown_key(self, key: str, parser, helps: str) -> None:
+        """Exit with what the unknown option or config ``key`` should have been: underscores for
+        dashes, a run's config in place of an evaluation's, or the close and valid keys."""
         if parser is self and self._subcommands_action is not None:
             # --print_config checks the config on the root parser: name the subcommand's options
             parser = self._subcommands_action.choices.get(_Parser._subcommand, self)
