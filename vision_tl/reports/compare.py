@@ -82,18 +82,7 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     """Read a run directory's metrics (report section first) and its backbone / mode."""
     run = Path(run).expanduser()
     path = run / "metrics.json"
-    if not os.path.lexists(run):  # (a mistyped run: say so, not that a folder lacks a file)
-        siblings = sorted(p.name for p in run.parent.glob("version_*")) if run.parent.is_dir() else []
-        raise ReportError(f"run directory {run} does not exist" + (f" (in {run.parent}: {', '.join(siblings[:8])})"
-                                                                     if siblings else ""))
-    if not path.is_file():
-        raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
-                          "(runs/<name>/version_N)")
-    try:
-        metrics = read_run_metrics(path, on_damage="raise")
-    except DamagedMetricsError as exc:
-        raise ReportError(f"{exc}; compare reads the metrics vision-tl fit and vision-tl report write there: "
-                          f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
+    metrics = _run_metrics(run, path)
     report = _section(metrics, "report", path).get(split)
     if report is not None and not (isinstance(report, dict) and isinstance(report.get("summary"), dict)
                                    and isinstance(report.get("per_class"), list)
@@ -127,24 +116,47 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     _check_numbers(path, split, {k: values.get(k) for k, _ in COLUMNS}, recall)
     config = read_run_config(run)
     model = config.get("model") or {}
-    hashes = None
-    if (run / "split.json").is_file():
-        from vision_tl.data.folder import (  # imports torch: only when needed
-            DatasetError,
-            read_split,
-        )
-
-        try:
-            record = read_split(run / "split.json")
-        except DatasetError as exc:
-            raise ReportError(str(exc)) from exc
-        hashes = frozenset(item["sha256"] for item in record.get(split, []))
+    hashes = _split_hashes(run, split)
     return RunSummary(name=_label(run), path=run, backbone=model.get("backbone"),
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None,
                       checkpoint=(report or {}).get("checkpoint"), stale_report=stale,
                       images_split=(report or {}).get("images_split"))
+
+
+def _run_metrics(run: Path, path: Path) -> dict:
+    """The metrics.json (``path``) of the run directory ``run``, refused with what is wrong where
+    the run or its file is missing or damaged."""
+    if not os.path.lexists(run):  # (a mistyped run: say so, not that a folder lacks a file)
+        siblings = sorted(p.name for p in run.parent.glob("version_*")) if run.parent.is_dir() else []
+        raise ReportError(f"run directory {run} does not exist" + (f" (in {run.parent}: {', '.join(siblings[:8])})"
+                                                                     if siblings else ""))
+    if not path.is_file():
+        raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
+                          "(runs/<name>/version_N)")
+    try:
+        return read_run_metrics(path, on_damage="raise")
+    except DamagedMetricsError as exc:
+        raise ReportError(f"{exc}; compare reads the metrics vision-tl fit and vision-tl report write there: "
+                          f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
+
+
+def _split_hashes(run: Path, split: str) -> frozenset[str] | None:
+    """The content hashes of the run's ``split`` images, as its split.json lists them, or None
+    without one (a run that brought its own val/ folder)."""
+    if not (run / "split.json").is_file():
+        return None
+    from vision_tl.data.folder import (  # imports torch: only when needed
+        DatasetError,
+        read_split,
+    )
+
+    try:
+        record = read_split(run / "split.json")
+    except DatasetError as exc:
+        raise ReportError(str(exc)) from exc
+    return frozenset(item["sha256"] for item in record.get(split, []))
 
 
 def _check_numbers(path: Path, split: str, values: dict, recall: dict) -> None:
