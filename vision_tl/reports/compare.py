@@ -205,32 +205,47 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     for run in runs:
         refuse_empty_path(run, "run directory")
     runs = [found for run in runs for found in _expand(run)]
-    notes = []
-    if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
-        # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
-        # training runs without a test report are left out instead.
-        if split == "test":
-            outputs = [r for r in runs if not _has_split(r, split)]
-        else:
-            outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
-                       and (Path(r).expanduser() / "config.yaml").is_file()]
-        if outputs and len(outputs) < len(runs):
-            why = (f"no {split} metrics" if split == "test" else
-                   "no checkpoints/: the output of vision-tl test or predict, or a fit stopped before its first "
-                   "epoch ended")
-            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
-            runs = [r for r in runs if r not in outputs]
-        unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()
-                      and (Path(r).expanduser() / "config.yaml").is_file()]  # (not a run: an error below)
-        if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
-            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
-                         "(stopped before its first validation ended)")
-            runs = [r for r in runs if r not in unfinished]
+    runs, notes = _runs_to_compare(runs, split)
     summaries = [summarise_run(r, split) for r in runs]
     labels = [s.name for s in summaries]
     for s in summaries:  # runs of the same name in other folders: their paths tell them apart
         if labels.count(s.name) > 1:
             s.name = str(s.path)
+    notes += _comparability_notes(summaries, split)
+    return Comparison(summaries, notes, split)
+
+
+def _runs_to_compare(runs: list[str | Path], split: str) -> tuple[list[str | Path], list[str]]:
+    """Of several runs (``compare runs/partial/version_*`` also matches the folders test and
+    predict wrote), those with ``split`` metrics to compare, and a note on each left out."""
+    notes = []
+    if len(runs) < 2:
+        return runs, notes
+    # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
+    # training runs without a test report are left out instead.
+    if split == "test":
+        outputs = [r for r in runs if not _has_split(r, split)]
+    else:
+        outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
+                   and (Path(r).expanduser() / "config.yaml").is_file()]
+    if outputs and len(outputs) < len(runs):
+        why = (f"no {split} metrics" if split == "test" else
+               "no checkpoints/: the output of vision-tl test or predict, or a fit stopped before its first "
+               "epoch ended")
+        notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
+        runs = [r for r in runs if r not in outputs]
+    unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()
+                  and (Path(r).expanduser() / "config.yaml").is_file()]  # (not a run: an error below)
+    if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
+        notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
+                     "(stopped before its first validation ended)")
+        runs = [r for r in runs if r not in unfinished]
+    return runs, notes
+
+
+def _comparability_notes(summaries: list[RunSummary], split: str) -> list[str]:
+    """What keeps the runs' metrics from being strictly comparable, or incomplete."""
+    notes = []
     if len({tuple(s.classes) for s in summaries}) > 1:
         notes.append("the runs have different classes; per-class recall is shown for shared classes only")
     hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}
@@ -258,7 +273,7 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
                   else "AUC and ECE")
         notes.append(f"no report yet for {', '.join(s.name for s in missing)}: {needed} need "
                      "`vision-tl report RUN`")
-    return Comparison(summaries, notes, split)
+    return notes
 
 
 def _fmt(value: float | None) -> str:
