@@ -357,29 +357,43 @@ def create_backbone(
         _check_runs_at(model, name, size, kwargs)
     identity = "random-init"
     if weights is not None:
-        refuse_empty_path(weights, "weights (--model.weights)")
-        path = Path(weights).expanduser()
-        state, trained = _read_weights_file(path)
-        if trained and trained != name:
-            raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint of backbone {trained}, not "
-                                       f"{name}; pass --model.backbone {trained} (Python: backbone={trained!r})")
-        _load_into(model, _resample_for(model, state) if resized else state, str(path))
-        identity = f"file:{path.name}:{_file_digest(path)}"
+        identity = _load_weights_file(model, name, weights, resized)
     elif pretrained:
-        try:
-            path, how = _locate_weights(name)
-        except BackboneWeightsError:
-            if not env_on(ALLOW_DOWNLOAD_ENV):
-                raise
-            model, _ = _create_model(name, size, True, kwargs)
-            path, how = None, "download"
-        if path is not None:
-            state, _ = _read_weights_file(path)
-            if how == "embedded":
-                state = map_state_dict_by_order(state, model.state_dict(), str(path))
-            _load_into(model, _resample_for(model, state) if resized else state, str(path))
-        identity = f"{how}:{name}:{_file_digest(path) if path else 'timm'}"
+        model, identity = _load_pretrained(model, name, size, resized, kwargs)
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     model.vision_tl_weights = identity
     return model
+
+
+def _load_weights_file(model: nn.Module, name: str, weights: str | Path, resized: bool) -> str:
+    """Load a local state dict (or a vision_tl checkpoint of backbone ``name``) into ``model``;
+    returns where its weights came from, as ``model.vision_tl_weights`` records it."""
+    refuse_empty_path(weights, "weights (--model.weights)")
+    path = Path(weights).expanduser()
+    state, trained = _read_weights_file(path)
+    if trained and trained != name:
+        raise BackboneWeightsError(f"weights file {path} is a vision_tl checkpoint of backbone {trained}, not "
+                                   f"{name}; pass --model.backbone {trained} (Python: backbone={trained!r})")
+    _load_into(model, _resample_for(model, state) if resized else state, str(path))
+    return f"file:{path.name}:{_file_digest(path)}"
+
+
+def _load_pretrained(model: nn.Module, name: str, size: tuple[int, int] | None, resized: bool,
+                     kwargs: dict) -> tuple[nn.Module, str]:
+    """Load ``name``'s ImageNet weights found offline into ``model`` (or, where downloads are
+    allowed and none is found, build it again with timm's download); returns the model and
+    where its weights came from."""
+    try:
+        path, how = _locate_weights(name)
+    except BackboneWeightsError:
+        if not env_on(ALLOW_DOWNLOAD_ENV):
+            raise
+        model, _ = _create_model(name, size, True, kwargs)
+        path, how = None, "download"
+    if path is not None:
+        state, _ = _read_weights_file(path)
+        if how == "embedded":
+            state = map_state_dict_by_order(state, model.state_dict(), str(path))
+        _load_into(model, _resample_for(model, state) if resized else state, str(path))
+    return model, f"{how}:{name}:{_file_digest(path) if path else 'timm'}"

@@ -412,7 +412,7 @@ class Predictor:
         threads = default_decode_threads() if decode_threads is None else _check_decode_threads(decode_threads)
         paths = _path_list(paths)
         check_image_settings()  # a bad environment variable: one clear error, not one per row
-        results: list[Prediction | None] = [None] * len(paths)
+        results: list[Prediction] = []
 
         def decoded(i: int) -> np.ndarray | ImageLoadError:
             try:
@@ -428,24 +428,29 @@ class Predictor:
                 for later in batches[b + len(ahead): b + 2] if pool else ():  # this batch and the next
                     ahead.append([pool.submit(decoded, i) for i in later])
                 images = [f.result() for f in ahead.popleft()] if pool else [decoded(i) for i in batch]
-                indices, inputs = [], []
-                for i, image in zip(batch, images):
-                    if isinstance(image, ImageLoadError):
-                        results[i] = Prediction(path=str(paths[i]), error=str(image))
-                    else:
-                        indices.append(i)
-                        inputs.append(image)
-                if inputs:
-                    probabilities, unfamiliarity = self._run(np.stack(inputs))
-                    for k, (i, row) in enumerate(zip(indices, probabilities)):
-                        results[i] = self._prediction(str(paths[i]), row,
-                                                      None if unfamiliarity is None else unfamiliarity[k])
+                results += self._batch_predictions([str(paths[i]) for i in batch], images)
                 if on_progress is not None:
                     on_progress(len(batch))
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return [r for r in results if r is not None]
+        return results
+
+    def _batch_predictions(self, names: list[str], images: list[np.ndarray | ImageLoadError]) -> list[Prediction]:
+        """One batch's predictions, in order: an image that could not be decoded is an error row."""
+        predictions: list[Prediction | None] = [None] * len(names)
+        indices, inputs = [], []
+        for k, image in enumerate(images):
+            if isinstance(image, ImageLoadError):
+                predictions[k] = Prediction(path=names[k], error=str(image))
+            else:
+                indices.append(k)
+                inputs.append(image)
+        if inputs:
+            probabilities, unfamiliarity = self._run(np.stack(inputs))
+            for j, (k, row) in enumerate(zip(indices, probabilities)):
+                predictions[k] = self._prediction(names[k], row, None if unfamiliarity is None else unfamiliarity[j])
+        return predictions
 
     # ------------------------------------------------------------- internals
 

@@ -116,38 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    int8_only = {"--calibration-images": args.calibration_images, "--keep-float": args.keep_float,
-                 "--calibration-method": args.calibration_method,
-                 "--calibration-percentile": args.calibration_percentile}
-    given = [name for name, value in int8_only.items() if value is not None]
-    if given and not args.int8:
-        print(f"error: {', '.join(given)} apply only with --int8", file=sys.stderr)
-        return 2
-    if args.calibration_dir is not None and not (args.int8 or args.unfamiliar):
-        print("error: --calibration-dir gives training images for --int8 and the unfamiliarity output; with "
-              "neither (--no-unfamiliar, no --int8) it has nothing to do", file=sys.stderr)
-        return 2
-    if args.calibration_percentile is not None and (args.calibration_method or Int8Config.method) != "percentile":
-        print(f"error: --calibration-percentile applies only with --calibration-method percentile, not "
-              f"{args.calibration_method}", file=sys.stderr)
-        return 2
-    if args.max_accuracy_drop is not None and not (args.int8 or args.fp16):
-        print("error: --max-accuracy-drop applies only with --int8 or --fp16", file=sys.stderr)
-        return 2
-    if args.max_decision_changes is not None and not (args.int8 or args.fp16):
-        print("error: --max-decision-changes applies only with --int8 or --fp16", file=sys.stderr)
-        return 2
-    if args.max_accuracy_drop is None:
-        args.max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
-    if args.max_decision_changes is None:
-        args.max_decision_changes = DEFAULT_MAX_DECISION_CHANGES
-    if not 0 <= args.max_accuracy_drop < float("inf"):  # nan too: it would pass every copy
-        print(f"error: --max-accuracy-drop must be a number >= 0 of percentage points, got {args.max_accuracy_drop}",
-              file=sys.stderr)
-        return 2
-    if not 0 <= args.max_decision_changes <= 100:  # nan too
-        print(f"error: --max-decision-changes must be a percentage of the check images (0 to 100), got "
-              f"{args.max_decision_changes}", file=sys.stderr)
+    problem = _option_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     written: list[str] = []  # for the message after an interruption
 
@@ -160,19 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from vision_tl.export.pipeline import export_onnx
 
     try:
-        options = ExportOptions(
-            opset=args.opset, parity_images=args.parity_images, data_root=args.data,
-            normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
-            int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
-            max_accuracy_drop=args.max_accuracy_drop, max_decision_changes=args.max_decision_changes,
-            threads=args.threads, unfamiliar=args.unfamiliar,
-            int8_config=Int8Config(
-                method=args.calibration_method or Int8Config.method,
-                percentile=Int8Config.percentile if args.calibration_percentile is None else args.calibration_percentile,
-                calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
-                keep_float=args.keep_float or Int8Config.keep_float),
-        )
-        export_onnx(args.checkpoint, args.out, options, log=log)
+        export_onnx(args.checkpoint, args.out, _export_options(args), log=log)
     except VariantRejected as exc:
         print(f"error: variant rejected: {exc}", file=sys.stderr)
         return 3
@@ -190,6 +149,53 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted; nothing written under the final names", file=sys.stderr)
         return 130
     return 0
+
+
+def _option_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the parsed options (an option that does nothing with the others, a bound
+    out of range), or None."""
+    int8_only = {"--calibration-images": args.calibration_images, "--keep-float": args.keep_float,
+                 "--calibration-method": args.calibration_method,
+                 "--calibration-percentile": args.calibration_percentile}
+    given = [name for name, value in int8_only.items() if value is not None]
+    if given and not args.int8:
+        return f"{', '.join(given)} apply only with --int8"
+    if args.calibration_dir is not None and not (args.int8 or args.unfamiliar):
+        return ("--calibration-dir gives training images for --int8 and the unfamiliarity output; with "
+                "neither (--no-unfamiliar, no --int8) it has nothing to do")
+    if args.calibration_percentile is not None and (args.calibration_method or Int8Config.method) != "percentile":
+        return (f"--calibration-percentile applies only with --calibration-method percentile, not "
+                f"{args.calibration_method}")
+    if args.max_accuracy_drop is not None and not (args.int8 or args.fp16):
+        return "--max-accuracy-drop applies only with --int8 or --fp16"
+    if args.max_decision_changes is not None and not (args.int8 or args.fp16):
+        return "--max-decision-changes applies only with --int8 or --fp16"
+    # (not given: the defaults, which are in range)
+    if args.max_accuracy_drop is not None and not 0 <= args.max_accuracy_drop < float("inf"):
+        # nan too: it would pass every copy
+        return f"--max-accuracy-drop must be a number >= 0 of percentage points, got {args.max_accuracy_drop}"
+    if args.max_decision_changes is not None and not 0 <= args.max_decision_changes <= 100:  # nan too
+        return (f"--max-decision-changes must be a percentage of the check images (0 to 100), got "
+                f"{args.max_decision_changes}")
+    return None
+
+
+def _export_options(args: argparse.Namespace) -> ExportOptions:
+    """The parsed options as :class:`ExportOptions`, with the defaults of those not given."""
+    return ExportOptions(
+        opset=args.opset, parity_images=args.parity_images, data_root=args.data,
+        normalize_in_graph=args.normalize_in_graph, overwrite=args.overwrite,
+        int8=args.int8, calibration_dir=args.calibration_dir, fp16=args.fp16,
+        max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP if args.max_accuracy_drop is None else args.max_accuracy_drop,
+        max_decision_changes=(DEFAULT_MAX_DECISION_CHANGES if args.max_decision_changes is None
+                              else args.max_decision_changes),
+        threads=args.threads, unfamiliar=args.unfamiliar,
+        int8_config=Int8Config(
+            method=args.calibration_method or Int8Config.method,
+            percentile=Int8Config.percentile if args.calibration_percentile is None else args.calibration_percentile,
+            calibration_images=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
+            keep_float=args.keep_float or Int8Config.keep_float),
+    )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,40 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
             check, or could not be made or run; nothing was written under that variant's name
             (the other variant was still made: its file and report are written).
     """
+    opts = _checked_options(options)
+    out, earlier = _check_outputs(out, opts)
+    ckpt = load_checkpoint(checkpoint)
+    for note in ckpt.notes:
+        log(f"note: {note}")
+    metadata = build_metadata(ckpt, opts.normalize_in_graph)
+    images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes, opts.data_root)
+    training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
+    calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
+    if calibration is not None and images is not None:
+        _warn_shared_images(calibration, images, opts, log)
+    if images is None:
+        log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
+    plan = plan_bank(training, images, reason, log) if opts.unfamiliar else None
+    bank = None if plan is None else build_bank(ckpt.net, metadata, plan, out.parent, log)
+    report, decoded, fp32 = None, None, (None, None, None)
+    with atomic_path(out, overwrite=opts.overwrite) as tmp:
+        write_onnx(ckpt, tmp, metadata, opts.opset, shown=out, bank=bank)
+        log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
+        if images is not None:
+            report, decoded, fp32, metadata, plan = _check_fp32(ckpt, tmp, out, metadata, images, plan, bank,
+                                                                 opts.opset, log)
+        _save_report(report, out, log)  # before the model takes its name: never a model without its record
+    log(f"wrote {out}")
+    for path in earlier:
+        path.unlink(missing_ok=True)
+        log(f"removed {path} (from an earlier export)")
+    # The fp32 model is committed once it passed; each variant is a separate, atomic file.
+    return ExportResult(out, report, _write_variants(out, metadata, opts, calibration, decoded, fp32, log,
+                                                     plan=plan))
+
+
+def _checked_options(options: ExportOptions | dict | None) -> ExportOptions:
+    """The options (a dict: the same names), refused before anything is read or written."""
     if isinstance(options, dict):  # ExportOptions(**options): the same names
         options = ExportOptions(**options)
     opts = options or ExportOptions()
@@ -112,6 +146,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
     if opts.fp16 and not opts.normalize_in_graph:
         raise ExportError("--fp16 needs the default uint8 input: with --no-normalize-in-graph the float32 input "
                           "would have to be cast in the graph; drop one of the two options")
+    return opts
+
+
+def _check_outputs(out: str | Path, opts: ExportOptions) -> tuple[Path, list[Path]]:
+    """The checked output path, and the files of an earlier export beside it that go once the
+    new model is in place (refused without ``--overwrite``)."""
     out = check_output_path(out, opts.overwrite)
     models = [out] + [sibling(out, v) for v in ("int8", "fp16") if getattr(opts, v)]
     for model in models:
@@ -132,65 +172,61 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: ExportOptions 
                           f"{out}, from an earlier export "
                           "of possibly another model; pass --overwrite to replace the export and remove them, or "
                           "choose another --out")
-    ckpt = load_checkpoint(checkpoint)
-    for note in ckpt.notes:
-        log(f"note: {note}")
-    metadata = build_metadata(ckpt, opts.normalize_in_graph)
-    images = resolve_parity_images(checkpoint, opts.parity_images, ckpt.classes, opts.data_root)
-    training, reason = _training_images(ckpt, opts)  # (listed and checked once, for both uses)
-    calibration = _calibration_images(ckpt, opts, training) if opts.int8 else None
-    if calibration is not None and images is not None:
-        _warn_shared_images(calibration, images, opts, log)
-    if images is None:
-        log("WARNING: --parity-images none (parity_images='none'): the ONNX model is NOT checked against PyTorch")
-    plan = plan_bank(training, images, reason, log) if opts.unfamiliar else None
-    bank = None if plan is None else build_bank(ckpt.net, metadata, plan, out.parent, log)
-    report, decoded, fp32_probs, fp32_scores, keep = None, None, None, None, None
-    with atomic_path(out, overwrite=opts.overwrite) as tmp:
-        write_onnx(ckpt, tmp, metadata, opts.opset, shown=out, bank=bank)
-        log(f"exported {ckpt.path} -> {out} (opset {opts.opset}, input {_input_text(metadata)})")
-        if images is not None:  # (a minute or more for thousands of images: say what runs)
-            log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
-            report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
-                                                                    scratch=out.parent, bank=bank)
-            if fp32_scores is not None and not threshold_images(decoded, plan, fp32_scores).any():
-                # every readable check image is a bank image (the others could not be read): no
-                # threshold, so the model is written and checked again without the output
-                log(no_threshold_note(decoded, plan))
-                bank = plan = None
-                write_onnx(ckpt, tmp, metadata, opts.opset, shown=out)
-                report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
-                                                                        scratch=out.parent)
-            if fp32_scores is not None:
-                keep = threshold_images(decoded, plan, fp32_scores)
-                metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
-                rewrite_metadata(tmp, metadata, out)  # (the graph stays as checked)
-                report.details["unfamiliar"] = _unfamiliar_details(metadata, plan)
-                report.unfamiliar_threshold = metadata.unfamiliar_threshold  # (as a copy's report has it)
-            report.model = str(out)
-            report.model_sha256 = file_sha256(tmp)
-            _judge(report, out, log)
-            if fp32_scores is not None:
-                log(threshold_note(metadata, len(decoded.paths)))
-        _save_report(report, out, log)  # before the model takes its name: never a model without its record
-    log(f"wrote {out}")
-    for path in stale + replaced:
-        path.unlink(missing_ok=True)
-        log(f"removed {path} (from an earlier export)")
-    # The fp32 model is committed once it passed; each variant is a separate, atomic file.
-    result = ExportResult(out, report)
+    return out, stale + replaced
+
+
+def _check_fp32(ckpt: LoadedCheckpoint, tmp: Path, out: Path, metadata, images: ImageSet,
+                plan: BankPlan | None, bank, opset: int, log: Callable[[str], None]):
+    """Check the fp32 model written at ``tmp`` against PyTorch, give it its unfamiliarity
+    threshold, and judge it (:class:`ParityError` when it fails). Returns its report, the
+    decoded check images, ``(probabilities, unfamiliarity scores, which check images set the
+    threshold)`` for the copies' checks, and the metadata and bank plan it was written with."""
+    # (a minute or more for thousands of images: say what runs)
+    log(f"checking it against PyTorch on {len(images.paths)} images, {images.source} ...")
+    report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
+                                                            scratch=out.parent, bank=bank)
+    if fp32_scores is not None and not threshold_images(decoded, plan, fp32_scores).any():
+        # every readable check image is a bank image (the others could not be read): no
+        # threshold, so the model is written and checked again without the output
+        log(no_threshold_note(decoded, plan))
+        bank = plan = None
+        write_onnx(ckpt, tmp, metadata, opset, shown=out)
+        report, decoded, fp32_probs, fp32_scores = check_parity(ckpt.net, tmp, metadata, images,
+                                                                scratch=out.parent)
+    keep = None
+    if fp32_scores is not None:
+        keep = threshold_images(decoded, plan, fp32_scores)
+        metadata = with_threshold(metadata, fp32_scores, keep, len(bank))
+        rewrite_metadata(tmp, metadata, out)  # (the graph stays as checked)
+        report.details["unfamiliar"] = _unfamiliar_details(metadata, plan)
+        report.unfamiliar_threshold = metadata.unfamiliar_threshold  # (as a copy's report has it)
+    report.model = str(out)
+    report.model_sha256 = file_sha256(tmp)
+    _judge(report, out, log)
+    if fp32_scores is not None:
+        log(threshold_note(metadata, len(decoded.paths)))
+    return report, decoded, (fp32_probs, fp32_scores, keep), metadata, plan
+
+
+def _write_variants(out: Path, metadata, opts: ExportOptions, calibration: ImageSet | None,
+                    decoded: DecodedImages | None,
+                    fp32: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
+                    log: Callable[[str], None], *,
+                    plan: BankPlan | None) -> dict[str, tuple[Path, ParityReport | None]]:
+    """Write the INT8/FP16 variants asked for; raise :class:`VariantRejected` for those that
+    failed once the others are written."""
+    variants: dict[str, tuple[Path, ParityReport | None]] = {}
     rejected: list[VariantRejected] = []
     for variant in ("int8", "fp16"):
         if getattr(opts, variant):
             try:
-                result.variants[variant] = _write_variant(
-                    variant, out, metadata, opts, calibration, decoded, (fp32_probs, fp32_scores, keep), log,
-                    plan=plan)
+                variants[variant] = _write_variant(variant, out, metadata, opts, calibration, decoded, fp32, log,
+                                                   plan=plan)
             except VariantRejected as exc:  # the other variant may still pass
                 rejected.append(exc)
     if rejected:
         raise VariantRejected(" | ".join(map(str, rejected)), rejected[0].report)
-    return result
+    return variants
 
 
 def _input_text(metadata) -> str:

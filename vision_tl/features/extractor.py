@@ -329,21 +329,6 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
     desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
     extractor._folded.invalidate()  # weights written through .data since the last pass move no version counter
 
-    def launch(x: torch.Tensor | None):
-        """Start a batch on the device; on a GPU nothing here waits for it to finish."""
-        if x is None:
-            return np.zeros((0, extractor.num_features), np.float32), None
-        if not cuda:
-            return extractor.embed(x.to(device)).numpy(), None
-        if not x.is_cuda:  # with --decode device the batch was decoded there already
-            x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
-        feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
-        done = torch.cuda.Event()
-        # on the stream of the GPU that ran it: the current stream of the current GPU (cuda:0 unless
-        # set) would be idle on a run on cuda:1, and the features read before they arrived
-        done.record(torch.cuda.current_stream(device))
-        return feats, done
-
     pending = batches = None  # on a GPU, batch k+1 is queued before batch k's features are read back
     graphs = extractor.cuda_graphs
     # a pass of one batch runs eagerly: recording costs about three forward passes and a wait
@@ -356,7 +341,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
                     warm_up(extractor, min(batch_size, len(paths)), device)
             for positions, x, bad in batches:
                 with no_cudnn_benchmark():
-                    started = (positions, *launch(x), bad)
+                    started = (positions, *_launch(extractor, x, device), bad)
                 if not cuda:
                     yield _finish(started, bar)
                     continue
@@ -372,6 +357,23 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
         # refers to itself, so dropping it would free them only at the next garbage collection
         extractor.cuda_graphs = graphs
         extractor.release_graphs()
+
+
+def _launch(extractor: FeatureExtractor, x: torch.Tensor | None, device: torch.device):
+    """Start a batch on ``device``: ``(features, None)``, or on a GPU ``(features on their way to
+    pinned memory, the event that says they arrived)``: nothing here waits for it to finish."""
+    if x is None:
+        return np.zeros((0, extractor.num_features), np.float32), None
+    if device.type != "cuda":
+        return extractor.embed(x.to(device)).numpy(), None
+    if not x.is_cuda:  # with --decode device the batch was decoded there already
+        x = copy_on_side_stream(lambda: x.to(device, non_blocking=True), device)
+    feats = extractor.embed(x).to("cpu", non_blocking=True)  # into pinned memory
+    done = torch.cuda.Event()
+    # on the stream of the GPU that ran it: the current stream of the current GPU (cuda:0 unless
+    # set) would be idle on a run on cuda:1, and the features read before they arrived
+    done.record(torch.cuda.current_stream(device))
+    return feats, done
 
 
 def _decoded_batches(extractor: FeatureExtractor, paths: list[Path], batch_size: int, workers: int,

@@ -382,24 +382,7 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
     """
     from vision_tl.features.api import scan_images
 
-    backbones = [backbones] if isinstance(backbones, str) else list(backbones)  # one name, not its letters
-    heads = list(dict.fromkeys([heads] if isinstance(heads, str) else heads))  # each head once
-    if not heads:
-        raise ValueError("--heads is empty; give one or more of logreg, knn, logreg-l2 (comma-separated)")
-    for head in heads:
-        make_head(head)  # validate names before the slow part
-    if feature_kwargs.get("pretrained", True) and feature_kwargs.get("weights") is None:
-        from vision_tl.backbones import check_pretrained_weights
-
-        for backbone in backbones:  # every one before the first is embedded, not after
-            check_pretrained_weights(backbone)
-    if not folds and not shots:
-        raise ValueError("nothing to evaluate: --folds 0 skips cross-validation and no --shots were given; "
-                         "leave --folds at its default (5) or pass --shots N")
-    if shots and draws < 1:
-        raise ValueError(f"--draws {draws}: each few-shot setting needs at least 1 random draw (default 10)")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"--seed {seed}: give a whole number from 0 to 2**32 - 1")
+    backbones, heads = _checked_arguments(backbones, heads, folds, shots, draws, seed, feature_kwargs)
     if plot_dir is not None:
         if Path(plot_dir).exists() and not Path(plot_dir).is_dir():
             raise ValueError(f"plot directory {plot_dir} is a file; give a directory for the PCA plots")
@@ -431,3 +414,29 @@ def probe(root: str | Path, backbones: str | Sequence[str], *, heads: str | Sequ
             pca_scatter(feats, labels, images.classes, Path(plot_dir) / f"pca_{backbone}.png",
                         title=f"{backbone} ({stages}) on {Path(root).name}")
     return results
+
+
+def _checked_arguments(backbones: str | Sequence[str], heads: str | Sequence[str], folds: int,
+                       shots: Sequence[int], draws: int, seed: int,
+                       feature_kwargs: dict) -> tuple[list[str], list[str]]:
+    """:func:`probe`'s backbones and heads as lists (each head once), refused with what would be
+    valid before any image is read."""
+    backbones = [backbones] if isinstance(backbones, str) else list(backbones)  # one name, not its letters
+    heads = list(dict.fromkeys([heads] if isinstance(heads, str) else heads))  # each head once
+    if not heads:
+        raise ValueError("--heads is empty; give one or more of logreg, knn, logreg-l2 (comma-separated)")
+    for head in heads:
+        make_head(head)  # validate names before the slow part
+    if feature_kwargs.get("pretrained", True) and feature_kwargs.get("weights") is None:
+        from vision_tl.backbones import check_pretrained_weights
+
+        for backbone in backbones:  # every one before the first is embedded, not after
+            check_pretrained_weights(backbone)
+    if not folds and not shots:
+        raise ValueError("nothing to evaluate: --folds 0 skips cross-validation and no --shots were given; "
+                         "leave --folds at its default (5) or pass --shots N")
+    if shots and draws < 1:
+        raise ValueError(f"--draws {draws}: each few-shot setting needs at least 1 random draw (default 10)")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed}: give a whole number from 0 to 2**32 - 1")
+    return backbones, heads

@@ -82,18 +82,7 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     """Read a run directory's metrics (report section first) and its backbone / mode."""
     run = Path(run).expanduser()
     path = run / "metrics.json"
-    if not os.path.lexists(run):  # (a mistyped run: say so, not that a folder lacks a file)
-        siblings = sorted(p.name for p in run.parent.glob("version_*")) if run.parent.is_dir() else []
-        raise ReportError(f"run directory {run} does not exist" + (f" (in {run.parent}: {', '.join(siblings[:8])})"
-                                                                     if siblings else ""))
-    if not path.is_file():
-        raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
-                          "(runs/<name>/version_N)")
-    try:
-        metrics = read_run_metrics(path, on_damage="raise")
-    except DamagedMetricsError as exc:
-        raise ReportError(f"{exc}; compare reads the metrics vision-tl fit and vision-tl report write there: "
-                          f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
+    metrics = _run_metrics(run, path)
     report = _section(metrics, "report", path).get(split)
     if report is not None and not (isinstance(report, dict) and isinstance(report.get("summary"), dict)
                                    and isinstance(report.get("per_class"), list)
@@ -127,24 +116,47 @@ def summarise_run(run: str | Path, split: str = "val") -> RunSummary:
     _check_numbers(path, split, {k: values.get(k) for k, _ in COLUMNS}, recall)
     config = read_run_config(run)
     model = config.get("model") or {}
-    hashes = None
-    if (run / "split.json").is_file():
-        from vision_tl.data.folder import (  # imports torch: only when needed
-            DatasetError,
-            read_split,
-        )
-
-        try:
-            record = read_split(run / "split.json")
-        except DatasetError as exc:
-            raise ReportError(str(exc)) from exc
-        hashes = frozenset(item["sha256"] for item in record.get(split, []))
+    hashes = _split_hashes(run, split)
     return RunSummary(name=_label(run), path=run, backbone=model.get("backbone"),
                       mode=model.get("mode"), classes=list(metrics.get("classes", [])),
                       values={k: values.get(k) for k, _ in COLUMNS}, recall=recall,
                       val_hashes=hashes or None, has_report=report is not None,
                       checkpoint=(report or {}).get("checkpoint"), stale_report=stale,
                       images_split=(report or {}).get("images_split"))
+
+
+def _run_metrics(run: Path, path: Path) -> dict:
+    """The metrics.json (``path``) of the run directory ``run``, refused with what is wrong where
+    the run or its file is missing or damaged."""
+    if not os.path.lexists(run):  # (a mistyped run: say so, not that a folder lacks a file)
+        siblings = sorted(p.name for p in run.parent.glob("version_*")) if run.parent.is_dir() else []
+        raise ReportError(f"run directory {run} does not exist" + (f" (in {run.parent}: {', '.join(siblings[:8])})"
+                                                                     if siblings else ""))
+    if not path.is_file():
+        raise ReportError(f"{run} has no metrics.json; expected a run directory written by vision-tl fit "
+                          "(runs/<name>/version_N)")
+    try:
+        return read_run_metrics(path, on_damage="raise")
+    except DamagedMetricsError as exc:
+        raise ReportError(f"{exc}; compare reads the metrics vision-tl fit and vision-tl report write there: "
+                          f"run `vision-tl report {run}` again once it is repaired or moved aside") from exc
+
+
+def _split_hashes(run: Path, split: str) -> frozenset[str] | None:
+    """The content hashes of the run's ``split`` images, as its split.json lists them, or None
+    without one (a run that brought its own val/ folder)."""
+    if not (run / "split.json").is_file():
+        return None
+    from vision_tl.data.folder import (  # imports torch: only when needed
+        DatasetError,
+        read_split,
+    )
+
+    try:
+        record = read_split(run / "split.json")
+    except DatasetError as exc:
+        raise ReportError(str(exc)) from exc
+    return frozenset(item["sha256"] for item in record.get(split, []))
 
 
 def _check_numbers(path: Path, split: str, values: dict, recall: dict) -> None:
@@ -193,32 +205,47 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
     for run in runs:
         refuse_empty_path(run, "run directory")
     runs = [found for run in runs for found in _expand(run)]
-    notes = []
-    if len(runs) > 1:  # `compare runs/partial/version_*` also matches the folders test and predict wrote
-        # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
-        # training runs without a test report are left out instead.
-        if split == "test":
-            outputs = [r for r in runs if not _has_split(r, split)]
-        else:
-            outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
-                       and (Path(r).expanduser() / "config.yaml").is_file()]
-        if outputs and len(outputs) < len(runs):
-            why = (f"no {split} metrics" if split == "test" else
-                   "no checkpoints/: the output of vision-tl test or predict, or a fit stopped before its first "
-                   "epoch ended")
-            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
-            runs = [r for r in runs if r not in outputs]
-        unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()
-                      and (Path(r).expanduser() / "config.yaml").is_file()]  # (not a run: an error below)
-        if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
-            notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
-                         "(stopped before its first validation ended)")
-            runs = [r for r in runs if r not in unfinished]
+    runs, notes = _runs_to_compare(runs, split)
     summaries = [summarise_run(r, split) for r in runs]
     labels = [s.name for s in summaries]
     for s in summaries:  # runs of the same name in other folders: their paths tell them apart
         if labels.count(s.name) > 1:
             s.name = str(s.path)
+    notes += _comparability_notes(summaries, split)
+    return Comparison(summaries, notes, split)
+
+
+def _runs_to_compare(runs: list[str | Path], split: str) -> tuple[list[str | Path], list[str]]:
+    """Of several runs (``compare runs/partial/version_*`` also matches the folders test and
+    predict wrote), those with ``split`` metrics to compare, and a note on each left out."""
+    notes = []
+    if len(runs) < 2:
+        return runs, notes
+    # With --split test, those of `vision-tl test` are the ones that hold test metrics, and the
+    # training runs without a test report are left out instead.
+    if split == "test":
+        outputs = [r for r in runs if not _has_split(r, split)]
+    else:
+        outputs = [r for r in runs if not (Path(r).expanduser() / "checkpoints").is_dir()
+                   and (Path(r).expanduser() / "config.yaml").is_file()]
+    if outputs and len(outputs) < len(runs):
+        why = (f"no {split} metrics" if split == "test" else
+               "no checkpoints/: the output of vision-tl test or predict, or a fit stopped before its first "
+               "epoch ended")
+        notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in outputs)}: {why}")
+        runs = [r for r in runs if r not in outputs]
+    unfinished = [r for r in runs if not (Path(r).expanduser() / "metrics.json").is_file()
+                  and (Path(r).expanduser() / "config.yaml").is_file()]  # (not a run: an error below)
+    if unfinished and len(unfinished) < len(runs):  # e.g. a fit killed during its first epoch
+        notes.append(f"left out {', '.join(_label(Path(r).expanduser()) for r in unfinished)}: no metrics.json "
+                     "(stopped before its first validation ended)")
+        runs = [r for r in runs if r not in unfinished]
+    return runs, notes
+
+
+def _comparability_notes(summaries: list[RunSummary], split: str) -> list[str]:
+    """What keeps the runs' metrics from being strictly comparable, or incomplete."""
+    notes = []
     if len({tuple(s.classes) for s in summaries}) > 1:
         notes.append("the runs have different classes; per-class recall is shown for shared classes only")
     hashes = {s.val_hashes for s in summaries if s.val_hashes is not None}
@@ -246,7 +273,7 @@ def compare_runs(runs: list[str | Path], split: str = "val") -> Comparison:
                   else "AUC and ECE")
         notes.append(f"no report yet for {', '.join(s.name for s in missing)}: {needed} need "
                      "`vision-tl report RUN`")
-    return Comparison(summaries, notes, split)
+    return notes
 
 
 def _fmt(value: float | None) -> str:

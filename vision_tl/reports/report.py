@@ -581,23 +581,8 @@ def _report_run(run_dir: Path, split: str, checkpoint: str | Path | None, data_r
         raise ReportError(f"cannot write the report into {run_dir} ({reason}); make the run directory writable, "
                           "or copy the run elsewhere and report on the copy")
     paths, labels, notes = split_images(run_dir, classes, split, data_root)
-    chose = _what_val_chose(ckpt_path, meta, target) if split == "val" else None
-    if chose:
-        notes = [*notes, f"these val images chose {chose}, so their scores are not an independent estimate (the "
-                         "best of several tries on them; with one or two images of a class, also a noisy one): hold "
-                         "out ROOT/test/<class>/ and run `vision-tl report RUN --split test` for one"]
-    if target is None and meta.get("threshold") is None and thresholded.exists():
-        notes = [*notes, f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
-                         f"chose; to evaluate with it: --checkpoint {thresholded}"]
-    # an earlier report's files (its HTML may state the threshold a thresholded checkpoint carries);
-    # fit's own confusion matrix of the same checkpoint is drawn again without asking
-    earlier = [run_dir / name for name in (output_name("report", split, ".html"),
-                                           output_name("predictions", split, ".csv"),
-                                           *(f"{figure}_{split}.png" for figure in REPORT_FIGURES))]
-    earlier = [path for path in earlier if os.path.lexists(path)]
-    if earlier and not overwrite:
-        raise ReportError(f"{earlier[0]} already exists (an earlier report of this run); pass --overwrite "
-                          "(Python: overwrite=True) to replace it and its predictions and figures, or move it away first")
+    notes = [*notes, *_checkpoint_notes(ckpt_path, thresholded, meta, split, target)]
+    _refuse_earlier_report(run_dir, split, overwrite)
     probs = predict_probabilities(model, paths, batch_size)
     labels = np.asarray(labels, np.int64)
     choice = _choose_threshold(probs, labels, meta, split, target)
@@ -617,3 +602,31 @@ def _report_run(run_dir: Path, split: str, checkpoint: str | Path | None, data_r
                               info=info, threshold_choice=choice or _stored_choice(meta))
     result.checkpoint, result.notes = saved, notes
     return result
+
+
+def _checkpoint_notes(ckpt_path: Path, thresholded: Path, meta: dict, split: str, target: str | None) -> list[str]:
+    """What the report should say of the checkpoint it evaluates: that the val images chose it,
+    or that an earlier report's thresholded copy of it is at hand."""
+    notes = []
+    chose = _what_val_chose(ckpt_path, meta, target) if split == "val" else None
+    if chose:
+        notes.append(f"these val images chose {chose}, so their scores are not an independent estimate (the "
+                     "best of several tries on them; with one or two images of a class, also a noisy one): hold "
+                     "out ROOT/test/<class>/ and run `vision-tl report RUN --split test` for one")
+    if target is None and meta.get("threshold") is None and thresholded.exists():
+        notes.append(f"{ckpt_path.name} has no threshold, but {thresholded} carries the one an earlier report "
+                     f"chose; to evaluate with it: --checkpoint {thresholded}")
+    return notes
+
+
+def _refuse_earlier_report(run_dir: Path, split: str, overwrite: bool) -> None:
+    """An earlier report's files (its HTML may state the threshold a thresholded checkpoint
+    carries) are replaced only with ``overwrite``; fit's own confusion matrix of the same
+    checkpoint is drawn again without asking."""
+    earlier = [run_dir / name for name in (output_name("report", split, ".html"),
+                                           output_name("predictions", split, ".csv"),
+                                           *(f"{figure}_{split}.png" for figure in REPORT_FIGURES))]
+    earlier = [path for path in earlier if os.path.lexists(path)]
+    if earlier and not overwrite:
+        raise ReportError(f"{earlier[0]} already exists (an earlier report of this run); pass --overwrite "
+                          "(Python: overwrite=True) to replace it and its predictions and figures, or move it away first")

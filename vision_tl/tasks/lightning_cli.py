@@ -296,6 +296,11 @@ class _Parser(LightningArgumentParser):
         key = next((".".join(m.groups()) for pattern in _UNKNOWN_KEY if (m := pattern.search(message))), None)
         if key is None or not self.exit_on_error:
             return super().error(message, ex)
+        self._unknown_key(key, parser, helps)
+
+    def _unknown_key(self, key: str, parser, helps: str) -> None:
+        """Exit with what the unknown option or config ``key`` should have been: underscores for
+        dashes, a run's config in place of an evaluation's, or the close and valid keys."""
         if parser is self and self._subcommands_action is not None:
             # --print_config checks the config on the root parser: name the subcommand's options
             parser = self._subcommands_action.choices.get(_Parser._subcommand, self)
@@ -712,36 +717,26 @@ class VisionTLCLI(LightningCLI):
                              "of the settings and writes nothing, a resume continues a run and writes into it; leave "
                              "out --ckpt_path to smoke-test the settings, or --trainer.fast_dev_run to resume")
         init = _logger_init(cfg)
-        ckpt = cfg.ckpt_path
-        if ckpt == "last":
-            # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
-            # even when a newer run has been started since.
-            run = _config_run(cfg, "labels.json")
-            if run is not None and not (run / "checkpoints" / "last.ckpt").is_file():
-                best = run / "checkpoints" / "best.ckpt"
-                if best.is_file():  # killed while writing its first last.ckpt, after best.ckpt
-                    raise FileNotFoundError(
-                        f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it was stopped while writing "
-                        f"it), but it has {best.name}: resume from that epoch with --ckpt_path {best}")
-                raise FileNotFoundError(
-                    f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it stopped before its first "
-                    f"epoch ended), so there is nothing to resume; start it again without --ckpt_path: "
-                    f"vision-tl fit --config {run / 'config.yaml'} (a new run directory)")
-            if run is not None:
-                ckpt = str(run / "checkpoints" / "last.ckpt")
-            elif init is None:
-                raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
-            else:
-                ckpt = str(find_last_checkpoint(init.save_dir, init.name))
-        elif ckpt in ("best", "hpc", "registry") and not Path(ckpt).exists():  # Lightning's names, not the kit's
-            run = _config_run(cfg, "checkpoints")
-            example = run / "checkpoints" / "best.ckpt" if run is not None else "RUN/checkpoints/best.ckpt"
-            raise ValueError(f"--ckpt_path {ckpt}: fit resumes from 'last' (the last checkpoint of the run whose "
-                             f"config.yaml is given) or from a checkpoint file, e.g. --ckpt_path {example}")
+        ckpt = _resume_checkpoint(cfg, init)
         path = Path(ckpt)
         state = read_checkpoint(path)  # a truncated file or another tool's checkpoint: one clear line
         cfg.ckpt_path = str(path)
         self._resumed_weights = state["state_dict"]  # (for before_fit: read once)
+        self._check_resumable(ckpt, path, state)
+        run = run_dir_of(path)
+        if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
+            self._continue_in_run(run, path, state, init)
+        else:
+            # its run's settings, or (a checkpoint moved out of its run) the data settings it stored
+            source = run if run is not None else path
+            _check_resumed_steps(source, _trained_settings(run, state), cfg)
+            say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
+                 "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
+        _note_mid_epoch(state, path)
+
+    def _check_resumable(self, ckpt: str, path: Path, state: dict) -> None:
+        """Refuse a resume of ``path`` (``--ckpt_path ckpt``) with other model settings, or one
+        that would train nothing, before anything in its run is renamed."""
         # `last`, resolved only here, missed the check a file gets at parsing (_parse_ckpt_path): the
         # model must be the checkpoint's, or the run would mix e.g. two input sizes in one history
         saved = state.get("hyper_parameters") or {}
@@ -751,42 +746,38 @@ class VisionTLCLI(LightningCLI):
             raise ValueError(
                 f"--ckpt_path {ckpt}: a resume continues the model in {path}, but the model settings differ: {shown}; "
                 "drop those options to resume, or start a new run (without --ckpt_path) to train with them")
-        done, limit = int(state.get("epoch", -1)) + 1, cfg.trainer.get("max_epochs")
+        done, limit = int(state.get("epoch", -1)) + 1, self.config.fit.trainer.get("max_epochs")
         if limit is not None and 0 < limit <= done:  # before anything in the run is renamed
             raise ValueError(
                 f"--ckpt_path {ckpt}: {path} has trained {done} epoch(s) and --trainer.max_epochs is {limit}, so "
                 f"a resume would train nothing; pass a larger --trainer.max_epochs (e.g. {done + 10}) to train on")
-        run = run_dir_of(path)
-        if run is not None and init is not None and Path(init.save_dir).resolve() / init.name == run.parent:
-            if first_process() and not lock_dir(run):  # (DDP: the first process holds it for all)
-                raise ValueError(
-                    f"resuming {run}: another process is training that run right now (it holds the run's lock); "
-                    "let it finish, or stop it, then resume with the same command (its last.ckpt is then the "
-                    "newest); nothing in the run was changed")
-            reason = unwritable(run)
-            if reason:  # (it stopped at renaming metrics.csv, with the bare system error)
-                raise ValueError(f"resuming {run}: cannot write in it ({reason}); make the run directory writable, "
-                                 "or copy the run elsewhere and resume the copy")
-            if (run / "labels.json").is_file():  # before anything in the run is touched
-                data = cfg.data
-                check_resumed_data(run, ImageFolderDataModule(  # the run's own split (its split_file, if any)
-                    data.root, val_fraction=data.val_fraction, seed=data.seed,
-                    skip_bad_images=data.skip_bad_images, num_workers=0, split_file=data.get("split_file")))
-                _check_resumed_steps(run, _trained_settings(run, state), cfg)
-            init.version = run.name  # continue in the same run directory
-            self.save_config_kwargs["overwrite"] = True
-            _keep_metrics_csv(run)
-            say(f"vision_tl: resuming {run} from {path.name}")
-            if any(run.glob("report*.html")):
-                say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
-                     f"run `vision-tl report {run}` again when training ends")
-        else:
-            # its run's settings, or (a checkpoint moved out of its run) the data settings it stored
-            source = run if run is not None else path
-            _check_resumed_steps(source, _trained_settings(run, state), cfg)
-            say(f"vision_tl: continuing the training in {path} (its epoch count, optimizer state, history and model "
-                 "settings) in a new run directory; to train afresh from ImageNet weights, leave out --ckpt_path")
-        _note_mid_epoch(state, path)
+
+    def _continue_in_run(self, run: Path, path: Path, state: dict, init) -> None:
+        """Resume into ``run``, the directory ``path`` was saved in: refused while another process
+        trains it, when it cannot be written or its data changed, before anything in it is touched."""
+        cfg = self.config.fit
+        if first_process() and not lock_dir(run):  # (DDP: the first process holds it for all)
+            raise ValueError(
+                f"resuming {run}: another process is training that run right now (it holds the run's lock); "
+                "let it finish, or stop it, then resume with the same command (its last.ckpt is then the "
+                "newest); nothing in the run was changed")
+        reason = unwritable(run)
+        if reason:  # (it stopped at renaming metrics.csv, with the bare system error)
+            raise ValueError(f"resuming {run}: cannot write in it ({reason}); make the run directory writable, "
+                             "or copy the run elsewhere and resume the copy")
+        if (run / "labels.json").is_file():  # before anything in the run is touched
+            data = cfg.data
+            check_resumed_data(run, ImageFolderDataModule(  # the run's own split (its split_file, if any)
+                data.root, val_fraction=data.val_fraction, seed=data.seed,
+                skip_bad_images=data.skip_bad_images, num_workers=0, split_file=data.get("split_file")))
+            _check_resumed_steps(run, _trained_settings(run, state), cfg)
+        init.version = run.name  # continue in the same run directory
+        self.save_config_kwargs["overwrite"] = True
+        _keep_metrics_csv(run)
+        say(f"vision_tl: resuming {run} from {path.name}")
+        if any(run.glob("report*.html")):
+            say(f"vision_tl: note: the report in {run} describes the checkpoint from before this resume; "
+                 f"run `vision-tl report {run}` again when training ends")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads hyperparameters from ``--ckpt_path`` right after parsing (Lightning
@@ -951,6 +942,38 @@ def _check_resumed_steps(source: Path, saved: dict, cfg) -> None:
                 f"resuming {source}: it trained with {option} {was}, and this command gives {now}; a resume goes "
                 f"on step by step (learning-rate schedule, data order), so keep {option} {was}, or start a new run "
                 "(without --ckpt_path) to train with the other value")
+
+
+def _resume_checkpoint(cfg, init) -> str:
+    """``fit``'s ``--ckpt_path`` as a file: ``last`` is the last checkpoint of the run whose
+    config.yaml is given (else the logger's newest run); Lightning's other names are refused."""
+    ckpt = cfg.ckpt_path
+    if ckpt == "last":
+        # `--config RUN/config.yaml --ckpt_path last` means that run's last checkpoint,
+        # even when a newer run has been started since.
+        run = _config_run(cfg, "labels.json")
+        if run is not None and not (run / "checkpoints" / "last.ckpt").is_file():
+            best = run / "checkpoints" / "best.ckpt"
+            if best.is_file():  # killed while writing its first last.ckpt, after best.ckpt
+                raise FileNotFoundError(
+                    f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it was stopped while writing "
+                    f"it), but it has {best.name}: resume from that epoch with --ckpt_path {best}")
+            raise FileNotFoundError(
+                f"--ckpt_path last: run {run} has no checkpoints/last.ckpt (it stopped before its first "
+                f"epoch ended), so there is nothing to resume; start it again without --ckpt_path: "
+                f"vision-tl fit --config {run / 'config.yaml'} (a new run directory)")
+        if run is not None:
+            ckpt = str(run / "checkpoints" / "last.ckpt")
+        elif init is None:
+            raise ValueError("--ckpt_path last needs a logger with save_dir and name (as in configs/*.yaml)")
+        else:
+            ckpt = str(find_last_checkpoint(init.save_dir, init.name))
+    elif ckpt in ("best", "hpc", "registry") and not Path(ckpt).exists():  # Lightning's names, not the kit's
+        run = _config_run(cfg, "checkpoints")
+        example = run / "checkpoints" / "best.ckpt" if run is not None else "RUN/checkpoints/best.ckpt"
+        raise ValueError(f"--ckpt_path {ckpt}: fit resumes from 'last' (the last checkpoint of the run whose "
+                         f"config.yaml is given) or from a checkpoint file, e.g. --ckpt_path {example}")
+    return ckpt
 
 
 def _named_checkpoint(cfg, ckpt) -> str | None:
