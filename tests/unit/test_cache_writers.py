@@ -243,3 +243,27 @@ def test_an_interrupted_writer_keeps_the_rows_it_embedded(tmp_path, images, monk
         FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=8, progress=False)
     store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
     assert [key in store for key in hashes] == [True] * 16 + [False] * 14
+
+
+def test_an_interrupt_between_a_batchs_keys_and_its_rows_stays_an_interrupt(tmp_path, images, monkeypatch):
+    """Ctrl-C after a batch's keys were queued but before its rows were: the rows embedded before
+    it are stored and the interrupt goes on up (it once became "16 keys for 8 feature rows")."""
+    paths, hashes = images
+
+    interrupts = [KeyboardInterrupt()]
+
+    class Interrupted(np.ndarray):
+        def __getitem__(self, item):  # (the rows of the kept images are taken after their keys)
+            if interrupts:
+                raise interrupts.pop()
+            return np.asarray(self)[item]
+
+    def iter_embeddings(extractor, files, batch_size=8, *args, **kwargs):
+        yield BatchResult(list(range(8)), np.ones((8, 4), np.float32), [])
+        yield BatchResult(list(range(8, 16)), np.ones((8, 4), np.float32).view(Interrupted), [])
+
+    monkeypatch.setattr(cache_mod, "iter_embeddings", iter_embeddings)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path / "cache").ensure(EXTRACTOR, paths, hashes, batch_size=8, progress=False)
+    store = FeatureCache(tmp_path / "cache").store(EXTRACTOR)
+    assert [key in store for key in hashes] == [True] * 8 + [False] * 22

@@ -235,8 +235,11 @@ def _embed_into(store: ShardStore, extractor: FeatureExtractor, keys: list[str],
                     store.append(pending_keys, np.concatenate(pending))
                     pending_keys, pending = [], []
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM taken as one: the next run starts after these
-            if pending_keys:
-                store.append(pending_keys, np.concatenate(pending))
+            # (an interrupt between extending the keys and the rows leaves the last batch's keys
+            # without rows: store only the keys that have theirs)
+            rows = np.concatenate(pending) if pending else np.zeros((0, 0))
+            if len(rows):
+                store.append(pending_keys[:len(rows)], rows)
             raise
     store.append(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0)))
     return first, failed
