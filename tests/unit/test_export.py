@@ -1133,3 +1133,13 @@ def test_export_help_and_usage_errors_answer_without_torch():
     assert proc.returncode == 0, proc.stderr
     assert "--calibration-method" in proc.stdout and "default: 18" in proc.stdout
     assert "the following arguments are required: --out" in proc.stderr and "full kit" not in proc.stderr
+
+
+@pytest.mark.parametrize("package", ["vision_tl.export", "vision_tl.data"])
+def test_every_public_name_of_a_lazy_package_is_listed_and_importable(package):
+    """Names imported on first use are still in dir() (completion, help()) and all resolve."""
+    import importlib
+
+    module = importlib.import_module(package)
+    assert sorted(set(module.__all__) - set(dir(module))) == []
+    assert all(getattr(module, name) is not None for name in module.__all__)

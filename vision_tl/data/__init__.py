@@ -31,3 +31,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(f"vision_tl.data.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # (the names not imported yet too, as before they were lazy)
+    return sorted(set(globals()) | set(__all__))
