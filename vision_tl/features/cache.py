@@ -32,7 +32,7 @@ import numpy as np
 from vision_tl.caches.inventory import ENV, default_root, store_key
 from vision_tl.data.folder import content_hash
 from vision_tl.features.claims import claimed, wait_for
-from vision_tl.features.extractor import FeatureExtractor, iter_embeddings
+from vision_tl.features.extractor import FeatureExtractor, iter_embeddings, progress_label
 from vision_tl.features.store import FeatureStoreError, ShardStore, read_json
 from vision_tl.utils.files import atomic_write_text, unwritable
 
@@ -140,7 +140,7 @@ class FeatureCache:
             self._check_writable(store, len(todo))
         if progress and len(todo) < sum(map(len, copies.values())):  # (a bar of 191 for 192 files, unexplained)
             extra = sum(map(len, copies.values())) - len(todo)
-            progress = (f"{progress if isinstance(progress, str) else 'extract ' + extractor.backbone}"
+            progress = (f"{progress_label(extractor, progress)}"
                         f" ({extra} byte-identical {'copy' if extra == 1 else 'copies'} embedded once)")
         key_of = {path: key for key, path in todo.items()}
         failed: list[tuple[Path, str]] = []

@@ -309,6 +309,11 @@ class BatchResult:
     failures: list[tuple[int, str]]
 
 
+def progress_label(extractor: FeatureExtractor, progress: bool | str) -> str:
+    """The progress bar's label: ``progress`` where it is one, else ``extract <backbone>``."""
+    return progress if isinstance(progress, str) else f"extract {extractor.backbone}"
+
+
 def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: int = 8,
                     num_workers: int | None = 0, device: torch.device | str | None = None,
                     progress: bool | str = True) -> Iterator[BatchResult]:
@@ -326,7 +331,7 @@ def iter_embeddings(extractor: FeatureExtractor, paths: list[Path], batch_size: 
         num_workers = default_decode_threads()
     if num_workers < 0:
         raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {num_workers}")
-    desc = progress if isinstance(progress, str) else f"extract {extractor.backbone}"
+    desc = progress_label(extractor, progress)
     extractor._folded.invalidate()  # weights written through .data since the last pass move no version counter
 
     pending = batches = None  # on a GPU, batch k+1 is queued before batch k's features are read back
