@@ -263,7 +263,7 @@ def _save_report(report: ParityReport | None, model_path: Path, log: Callable[[s
     ``Predictor`` refuses it rather than running a model whose check is not on record."""
     passed, failed = _reports_of(model_path)
     for earlier in (failed, passed) if report is None else (failed,):
-        if os.path.lexists(earlier):
+        with contextlib.suppress(FileNotFoundError):  # (gone meanwhile: nothing to say)
             earlier.unlink()
             log(f"removed {earlier} (the check report of an earlier export)")
     if report is not None:
