@@ -681,6 +681,16 @@ def test_a_flag_given_before_the_recipe_is_warned_about(tmp_path, monkeypatch):
     assert "sets trainer.max_epochs 12" in said[1] and "this run uses 12" in said[1]
 
 
+def test_default_root_dir_places_a_recipes_runs(inspection_folder, tmp_path, monkeypatch):
+    """`fit --config configs/frozen.yaml --trainer.default_root_dir DIR` wrote runs/frozen/ under
+    the working directory: the recipe's logger (save_dir: runs) ignored DIR, as Lightning's does not."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(CONFIGS / "frozen.yaml"), "--data.root", str(inspection_folder),
+                 *TINY_ARGS, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "chosen"]) == 0
+    assert (tmp_path / "chosen" / "frozen" / "version_0" / "checkpoints" / "best.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gpu_overlay_given_before_the_recipe_is_warned_about(inspection_folder, tmp_path):
     """`--config gpu.yaml --config frozen.yaml`: the recipe, read last, set accelerator auto and
     precision 32-true back, and the run trained (on the CPU, without a GPU) as if gpu.yaml was

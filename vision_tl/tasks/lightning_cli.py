@@ -544,9 +544,9 @@ class VisionTLCLI(LightningCLI):
         init = _logger_init(self.config[self.subcommand])
         trainer = self.config[self.subcommand].get("trainer")
         root = trainer.get("default_root_dir") if trainer is not None else None
-        if (init is not None and root and str(root) != _DEFAULT_ROOT and init.get("save_dir") == _DEFAULT_ROOT
-                and init.get("name") == _DEFAULT_NAME):
-            init.save_dir = str(root)  # the default logger writes where --trainer.default_root_dir says
+        if init is not None and root and str(root) != _DEFAULT_ROOT and init.get("save_dir") == _DEFAULT_ROOT:
+            # the default logger, and the recipes' (runs/<recipe>), write where --trainer.default_root_dir says
+            init.save_dir = str(root)
         if init is not None and init.get("save_dir"):
             # Absolute from the start, so checkpoints record the folder the way a resume from
             # any working directory (or the saved config.yaml) spells it.
