@@ -1240,6 +1240,12 @@ _DESCRIPTIONS = {
 _DEFAULT_ROOT, _DEFAULT_NAME = "runs", "lightning_logs"  # where a run without a config's logger goes
 
 
+def _prog() -> str:
+    """The command as typed, for usage lines and "all options: ... --help" hints: ``vision-tl``, or
+    ``python -m vision_tl.cli`` (as under torchrun), which argparse would call ``cli.py``."""
+    return "python -m vision_tl.cli" if Path(sys.argv[0]).name == "cli.py" else "vision-tl"
+
+
 def _run_cli(argv: list[str]) -> int:
     """Run the command; returns how many images `predict` wrote as error rows."""
     cli = VisionTLCLI(
@@ -1255,7 +1261,7 @@ def _run_cli(argv: list[str]) -> int:
         trainer_defaults={"default_root_dir": _DEFAULT_ROOT, "logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": _DEFAULT_ROOT, "name": _DEFAULT_NAME}}},
-        parser_kwargs={"default_env": False, **{name: {"default_env": False, "description": text}
+        parser_kwargs={"default_env": False, "prog": _prog(), **{name: {"default_env": False, "description": text}
                                                 for name, text in _DESCRIPTIONS.items()}},
         parser_class=_Parser,
         auto_configure_optimizers=False,
