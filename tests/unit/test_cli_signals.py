@@ -175,6 +175,21 @@ def test_a_bad_value_or_an_ambiguous_flag_is_two_lines_not_the_usage_text(flag, 
     assert info == 2 and err[0] == expected and len(err) == 2
 
 
+def test_the_help_hint_names_the_command_as_typed_under_python_m(monkeypatch, capsys):
+    """`python -m vision_tl.cli` (as under torchrun) said "all options: cli.py fit --help", not a command."""
+    from pathlib import Path
+
+    from vision_tl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "frozen.yaml"
+    monkeypatch.setattr("sys.argv", [str(Path(cli.__file__)), "fit"])
+    assert main(["fit", "--config", str(config), "--model.mdoe", "frozen"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("all options: python -m vision_tl.cli fit --help")
+    monkeypatch.setattr("sys.argv", ["/usr/bin/vision-tl", "fit"])
+    assert main(["fit", "--config", str(config), "--model.mdoe", "frozen"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("all options: vision-tl fit --help")
+
+
 def test_print_config_names_the_file_holding_an_unknown_key(tmp_path, capsys):
     from pathlib import Path
 

@@ -169,3 +169,27 @@ def test_debug_and_download_switches_take_the_usual_spellings(value, on, monkeyp
     with pytest.raises(ValueError if on else SystemExit):  # the traceback, or one line and exit 2
         with user_errors():
             raise ValueError("bad input")
+
+
+def test_a_user_error_is_one_write_so_ddp_ranks_print_a_line_each(monkeypatch):
+    """Two DDP processes refusing the same setting printed "...on one processerror: ..." on one line:
+    print wrote the message and its newline apart, and the other process wrote in between."""
+    import sys
+
+    from vision_tl.errors import user_errors
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.delenv("VISION_TL_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit):
+        with user_errors():
+            raise ValueError("bad input")
+    assert writes == ["error: bad input\n"]

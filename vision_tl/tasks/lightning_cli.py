@@ -246,16 +246,55 @@ class _Parser(LightningArgumentParser):
         is written, in the order given: the last one wins unless a flag sets ``key``."""
         found = []
         for name in _Parser._config_files():
-            try:
-                node = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                continue
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict) and leaf in node:
-                found.append((name, node[leaf]))
+            written, value = _Parser._file_value(name, key)
+            if written:
+                found.append((name, value))
         return found
+
+    @staticmethod
+    def _file_value(name: str, key: str) -> tuple[bool, object]:
+        """(whether config file ``name`` writes the dotted ``key``, its value there)."""
+        try:
+            node = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return False, None
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        return (True, node[leaf]) if isinstance(node, dict) and leaf in node else (False, None)
+
+    @staticmethod
+    def _flags_undone() -> list[tuple[str, str, str, object]]:
+        """``--data.root DIR --config configs/partial.yaml``: the command line is read in order, so a
+        ``--config`` file after a flag sets the flag's key back (here to data/demo). For each such
+        key: (key, the flag's value, the file that wins, its value there)."""
+        argv, settings = _Parser._argv, []  # (key, value, file or None for a flag), in order
+        for i, arg in enumerate(argv):
+            if arg in ("-c", "--config") and i + 1 < len(argv):
+                settings.append(("--config", argv[i + 1], argv[i + 1]))
+            elif arg.startswith("--config="):
+                settings.append(("--config", arg.split("=", 1)[1], arg.split("=", 1)[1]))
+            elif arg.startswith("--") and arg[2:].split("=", 1)[0] not in ("help", "print_config"):
+                key, given_inline, value = arg[2:].partition("=")
+                if not given_inline and i + 1 < len(argv) and not argv[i + 1].startswith("--") \
+                        and argv[i + 1] not in ("-c", "-h"):  # (a value may be negative: -1)
+                    value = argv[i + 1]
+                settings.append((key, value, None))
+        undone = []
+        for i, (key, value, file) in enumerate(settings):
+            if file is not None or key.endswith("+"):
+                continue
+            winner = None
+            for later_key, _value, later_file in settings[i + 1:]:
+                if later_file is None and later_key == key:
+                    winner = None  # set again by a later flag: that one is taken as meant
+                elif later_file is not None and _Parser._file_value(later_file, key)[0]:
+                    winner = later_file
+            if winner is not None:
+                written = _Parser._file_value(winner, key)[1]
+                if not isinstance(written, dict) and str(written) != str(value):  # (a group is merged)
+                    undone.append((key, value, winner, written))
+        return undone
 
     @staticmethod
     def _config_holding(key: str) -> str | None:
@@ -505,9 +544,9 @@ class VisionTLCLI(LightningCLI):
         init = _logger_init(self.config[self.subcommand])
         trainer = self.config[self.subcommand].get("trainer")
         root = trainer.get("default_root_dir") if trainer is not None else None
-        if (init is not None and root and str(root) != _DEFAULT_ROOT and init.get("save_dir") == _DEFAULT_ROOT
-                and init.get("name") == _DEFAULT_NAME):
-            init.save_dir = str(root)  # the default logger writes where --trainer.default_root_dir says
+        if init is not None and root and str(root) != _DEFAULT_ROOT and init.get("save_dir") == _DEFAULT_ROOT:
+            # the default logger, and the recipes' (runs/<recipe>), write where --trainer.default_root_dir says
+            init.save_dir = str(root)
         if init is not None and init.get("save_dir"):
             # Absolute from the start, so checkpoints record the folder the way a resume from
             # any working directory (or the saved config.yaml) spells it.
@@ -528,6 +567,7 @@ class VisionTLCLI(LightningCLI):
             data.decoded_cache = str(Path(data.decoded_cache).expanduser().resolve())
         self._check_gpu()
         self._check_gpu_config_order()
+        self._check_flag_order()
         self._check_launcher()
         if self.subcommand == "fit":
             _check_recipe_root(self.config.fit)
@@ -680,6 +720,14 @@ class VisionTLCLI(LightningCLI):
             warnings.warn(f"--config {', '.join(later)} comes after {gpu_file} and sets {' and '.join(undone)} "
                           f"back (the last file wins), so this run trains{where} without its GPU settings; give "
                           f"{gpu_file} last, after the recipe", stacklevel=2)
+
+    def _check_flag_order(self) -> None:
+        """A flag given before a ``--config`` file that writes the same key: the file wins, and the
+        run would train on the recipe's folder or for its number of epochs without a word."""
+        for key, value, file, written in _Parser._flags_undone():
+            warnings.warn(f"--{key} {value} comes before --config {file}, which sets {key} {written} (the "
+                          f"command line is read in order, the last one wins), so this run uses {written}; "
+                          f"give --{key} after --config", stacklevel=2)
 
     def _check_launcher(self) -> None:
         """torchrun (or srun) started several processes, but the trainer was told of one device
@@ -1192,6 +1240,12 @@ _DESCRIPTIONS = {
 _DEFAULT_ROOT, _DEFAULT_NAME = "runs", "lightning_logs"  # where a run without a config's logger goes
 
 
+def _prog() -> str:
+    """The command as typed, for usage lines and "all options: ... --help" hints: ``vision-tl``, or
+    ``python -m vision_tl.cli`` (as under torchrun), which argparse would call ``cli.py``."""
+    return "python -m vision_tl.cli" if Path(sys.argv[0]).name == "cli.py" else "vision-tl"
+
+
 def _run_cli(argv: list[str]) -> int:
     """Run the command; returns how many images `predict` wrote as error rows."""
     cli = VisionTLCLI(
@@ -1207,7 +1261,7 @@ def _run_cli(argv: list[str]) -> int:
         trainer_defaults={"default_root_dir": _DEFAULT_ROOT, "logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": _DEFAULT_ROOT, "name": _DEFAULT_NAME}}},
-        parser_kwargs={"default_env": False, **{name: {"default_env": False, "description": text}
+        parser_kwargs={"default_env": False, "prog": _prog(), **{name: {"default_env": False, "description": text}
                                                 for name, text in _DESCRIPTIONS.items()}},
         parser_class=_Parser,
         auto_configure_optimizers=False,
