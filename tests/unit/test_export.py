@@ -461,21 +461,27 @@ def test_int8_keeps_the_pads_a_graph_computes_from_its_input_shape(tmp_path, mon
     assert np.abs(Predictor(int8).predict_arrays(pixels) - reference).max() < 0.05
 
 
+def _exported_graph(net: torch.nn.Module, size: tuple[int, int], path: Path) -> onnx.GraphProto:
+    """``net`` (3 classes) exported by ``write_onnx`` to ``path`` at ``size``; the written graph."""
+    from vision_tl.deploy import ModelMetadata
+    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+
+    ckpt = LoadedCheckpoint(path.with_suffix(".ckpt"), net, ["a", "b", "c"], size, MEAN, STD, "bicubic")
+    write_onnx(ckpt, path, ModelMetadata(classes=ckpt.classes, input_size=size, mean=MEAN, std=STD))
+    return onnx.load(str(path)).graph
+
+
 def test_same_padding_is_exported_as_constant_pads_of_the_convolutions(tmp_path):
     """timm's TF-style "same" padding worked its pads out from the input size in the graph: a
     Pad and size arithmetic before each strided conv, which cost 12 % of the fp32 model's time
     on a CPU and about half of the INT8 one's. At the export's one input size they are
     constants, folded into the Conv (begin and end pads differ), and the outputs stay the same."""
-    from vision_tl.deploy import ModelMetadata, Predictor
-    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.deploy import Predictor
 
     torch.manual_seed(0)
     size = (48, 80)
     net = SamePaddedNet(size).eval()
-    ckpt = LoadedCheckpoint(tmp_path / "x.ckpt", net, ["a", "b", "c"], size, MEAN, STD, "bicubic")
-    meta = ModelMetadata(classes=ckpt.classes, input_size=size, mean=MEAN, std=STD)
-    write_onnx(ckpt, tmp_path / "m.onnx", meta)
-    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    graph = _exported_graph(net, size, tmp_path / "m.onnx")
     assert not {"Shape", "Pad", "Ceil"} & {n.op_type for n in graph.node}
     pads = [list(helper.get_attribute_value(a)) for n in graph.node if n.op_type == "Conv"
             for a in n.attribute if a.name == "pads"]
@@ -512,16 +518,12 @@ def test_same_padding_of_std_convs_and_pools_is_exported_as_their_own_constant_p
     """As for Conv2dSame: each of these layers left Shape / Gather / arithmetic / Pad nodes in the
     graph. Now their constant pads are part of the Conv's, the MaxPool's (ONNX leaves its pads out
     of the max: a -inf pad) and the AveragePool's (counting them, as timm's zeros are counted)."""
-    from vision_tl.deploy import ModelMetadata, Predictor
-    from vision_tl.export.onnx_export import LoadedCheckpoint, write_onnx
+    from vision_tl.deploy import Predictor
 
     torch.manual_seed(0)
     size = (37, 50)
     net = SamePaddedLayersNet(size).eval()
-    ckpt = LoadedCheckpoint(tmp_path / "x.ckpt", net, ["a", "b", "c"], size, MEAN, STD, "bicubic")
-    meta = ModelMetadata(classes=ckpt.classes, input_size=size, mean=MEAN, std=STD)
-    write_onnx(ckpt, tmp_path / "m.onnx", meta)
-    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    graph = _exported_graph(net, size, tmp_path / "m.onnx")
     assert not {"Shape", "Gather", "Pad", "Ceil"} & {n.op_type for n in graph.node}
     pads = [(n.op_type, list(helper.get_attribute_value(a))) for n in graph.node
             if n.op_type in ("MaxPool", "Conv", "AveragePool") for a in n.attribute if a.name == "pads"]
