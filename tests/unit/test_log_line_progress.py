@@ -109,6 +109,36 @@ def test_the_kits_own_bars_leave_a_short_job_out_of_a_log(monkeypatch):
     assert [line.split("|")[2].split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
 
 
+def test_a_finished_bar_in_a_log_is_one_line_though_its_closing_rate_differs(monkeypatch):
+    """tqdm redraws a bar on closing with the run's average rate instead of its smoothed one: a
+    log showed "100% 239/239" twice, at 4.19 and 3.83 img/s. A bar still counting keeps its line
+    every interval, however little it moved."""
+    import io
+
+    import tqdm.std
+
+    from vision_tl.utils import LOG_INTERVAL, progress_bar
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    log = io.StringIO()
+    with progress_bar(total=4, desc="uneven", file=log) as bar:
+        for step in (1, 1, 4, 1):  # (uneven steps: the smoothed rate is not the average)
+            clock.now += step * LOG_INTERVAL
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert [line.split("|")[2].split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    log = io.StringIO()
+    with progress_bar(total=4, desc="stalled", file=log) as bar:
+        clock.now += LOG_INTERVAL
+        bar.update(1)
+        for _ in range(2):  # nothing done: the line again, a later time on it
+            clock.now += LOG_INTERVAL
+            bar.refresh()
+    # (and the unfinished bar's closing line)
+    assert [line.split("|")[2].split()[0] for line in log.getvalue().splitlines()] == ["1/4"] * 4
+
+
 def test_a_fast_loops_bar_in_a_log_is_not_redrawn_by_tqdms_monitor_between_intervals(monkeypatch):
     """A loop of many iterations a second raises the bar's ``miniters``; tqdm's monitor thread then
     redraws the bar once ``maxinterval`` (10 s by default) has passed since its last line: a log got

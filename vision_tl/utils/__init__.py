@@ -9,6 +9,7 @@ import contextlib
 import json
 import numbers
 import os
+import re
 import signal
 import sys
 import threading
@@ -323,7 +324,8 @@ class LineStream:
     """A stream for a tqdm bar whose output goes to a log file or a pipe (a batch job's log,
     ``| tee``, a scheduled task): each redraw becomes a line of its own, trailing padding
     dropped, instead of carriage returns that pile hundreds of half-lines onto one. A redraw
-    that repeats the line before it (tqdm's last one, on closing) is left out. Each line is
+    that repeats the line before it (tqdm's last one, on closing, where only a finished bar's
+    rate may differ) is left out. Each line is
     ended as it is written (tqdm writes a redraw in one call): a warning written to the same
     stream between two redraws then starts a line of its own, not the end of the bar's."""
 
@@ -335,12 +337,21 @@ class LineStream:
         out = []
         for part in text.replace("\n", "\r").split("\r"):
             part = part.rstrip()
-            if part.strip() and part != self._last:
+            if part.strip() and not self._repeats_last(part):
                 self._last = part
                 out.append(part + "\n")
         if out:
             self._stream.write("".join(out))
         return len(text)
+
+    def _repeats_last(self, line: str) -> bool:
+        """The line before again, or a finished bar's closing redraw after its last line: the same
+        count, only its rate changed (tqdm's smoothed rate, then the whole run's average)."""
+        if line == self._last:
+            return True
+        bar = line.rsplit(" [", 1)[0]
+        done = re.search(r"\|\s*(\S+)/(\S+)$", bar)
+        return bool(done) and done[1] == done[2] and bar == self._last.rsplit(" [", 1)[0]
 
     def flush(self) -> None:
         self._stream.flush()
