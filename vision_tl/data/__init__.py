@@ -7,6 +7,7 @@ decode images (``vision-tl extract``, ``probe``) start without what they do not 
 """
 
 from vision_tl.data.folder import DatasetError, FolderIndex, scan_folder, stratified_split
+from vision_tl.utils import lazy_attributes
 
 __all__ = [
     "PRESETS",
@@ -21,17 +22,7 @@ __all__ = [
     "stratified_split",
 ]
 
-_LAZY = {"ImageDataset": "datamodule", "ImageFolderDataModule": "datamodule", "PRESETS": "transforms",
-         "ImageTransform": "transforms", "build_augmentation": "transforms", "eval_transform": "transforms"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"vision_tl.data.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:  # (the names not imported yet too, as before they were lazy)
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "ImageDataset": "vision_tl.data.datamodule", "ImageFolderDataModule": "vision_tl.data.datamodule",
+    "PRESETS": "vision_tl.data.transforms", "ImageTransform": "vision_tl.data.transforms",
+    "build_augmentation": "vision_tl.data.transforms", "eval_transform": "vision_tl.data.transforms"}, __all__)

@@ -66,6 +66,7 @@ from vision_tl.export.options import (
     ParityError,
     VariantRejected,
 )
+from vision_tl.utils import lazy_attributes
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -91,7 +92,7 @@ __all__ = [
 
 # Imported on first use (they import torch and onnx), so that ``vision-tl export --help``, which
 # imports this package on its way to vision_tl.export.cli, answers without them.
-_LAZY = {
+__getattr__, __dir__ = lazy_attributes(__name__, {
     "onnx_speed": "vision_tl.deploy.speed",
     "DeployableClassifier": "vision_tl.export.onnx_export",
     "build_metadata": "vision_tl.export.onnx_export",
@@ -105,16 +106,4 @@ _LAZY = {
     "export_onnx": "vision_tl.export.pipeline",
     "convert_fp16": "vision_tl.export.quantize",
     "quantize_int8": "vision_tl.export.quantize",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:  # (the names not imported yet too, as before they were lazy)
-    return sorted(set(globals()) | set(__all__))
+}, __all__)

@@ -320,6 +320,27 @@ def interactive(stream) -> bool:
         return False
 
 
+def lazy_attributes(package: str, modules: dict[str, str], public: list[str]):
+    """A package's ``__getattr__`` and ``__dir__`` for names imported from their module
+    (``modules``: name -> module) on first use, so that importing the package does not import
+    what they need (torch, Lightning); ``dir()`` lists ``public`` as before they were lazy.
+
+    Example (in a package's ``__init__.py``):
+        >>> __getattr__, __dir__ = lazy_attributes(__name__, {"export_onnx": "vision_tl.export.pipeline"}, __all__)  # doctest: +SKIP
+    """
+    import importlib
+
+    def __getattr__(name: str):
+        if name in modules:
+            return getattr(importlib.import_module(modules[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(public))
+
+    return __getattr__, __dir__
+
+
 class LineStream:
     """A stream for a tqdm bar whose output goes to a log file or a pipe (a batch job's log,
     ``| tee``, a scheduled task): each redraw becomes a line of its own, trailing padding
